@@ -1,0 +1,67 @@
+# edgefleet: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv binaries test test-unit lint demo cluster-up cluster-down cluster-status \
+        bench crds clean
+
+help:
+	@echo "make demo          set up and run a local edge fleet (control plane, nodes, examples)"
+	@echo "make test          set up and run the whole test suite"
+	@echo "make cluster-up    build (once, cached) and start the local control plane"
+	@echo "make cluster-down  stop it and remove its state"
+	@echo "make lint          ruff and mypy"
+	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
+	@echo "make crds          regenerate crds/ from operator/crdgen.py"
+
+# The virtual environment, rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@echo "== setting up $(VENV) (torch is large: the first install takes a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar off --upgrade pip
+	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Kubernetes binaries from their Go modules, cached by version under ~/.cache/edgefleet.
+binaries:
+	bash scripts/k8s-build.sh
+
+setup: venv binaries
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy -p edgefleet_operator -p node_agent
+
+cluster-up: setup
+	$(PY) -m e2e.cluster up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) -m e2e.cluster down; else echo "no environment; nothing to stop"; fi
+
+cluster-status: venv
+	$(PY) -m e2e.cluster status
+
+demo: setup
+	$(PY) -m e2e.demo
+
+bench: venv
+	$(PY) -m bench
+
+crds: venv
+	$(PY) -m edgefleet_operator.crdgen crds
+
+clean: cluster-down
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""Model backends: TorchScript (CPU and CUDA) and TensorRT (NVIDIA GPUs)."""

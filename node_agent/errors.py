@@ -1,0 +1,50 @@
+"""The agent's error vocabulary. Domain code raises these; one place (the API layer)
+maps them to HTTP status codes. Running out of capacity inside a policy is a return
+value, not an exception; these are what a caller is finally told.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error a request's caller may receive."""
+
+
+class ModelNotFound(AgentError):
+    """No such model or version in the repository."""
+
+
+class InvalidModel(AgentError):
+    """A model folder or model.yaml is malformed, or its artifact is missing."""
+
+
+class DigestMismatch(InvalidModel):
+    """The artifact's sha256 is not the one model.yaml (or the EdgeNode spec) declares."""
+
+
+class InvalidInput(AgentError):
+    """A request's tensors do not match the model's inputs (name, dtype, shape, size)."""
+
+
+class InsufficientMemory(AgentError):
+    """The model cannot fit in the memory budget even after evicting everything evictable."""
+
+
+class Overloaded(AgentError):
+    """Admission control refused the request; try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(AgentError):
+    """The request's deadline passed before it could run; it was dropped, not run."""
+
+
+class InferenceFailed(AgentError):
+    """The model raised while running the batch this request was in."""
+
+
+class ShuttingDown(AgentError):
+    """The component is stopping and takes no new work."""

@@ -1,0 +1,3 @@
+"""edgefleet operator: placement, node-agent pods, status and canary rollouts (kopf)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""Names of the edgefleet API: group, versions, kinds, and the labels and annotations we own.
+
+Everything that talks to the API server (operator, agent, tests, scripts) takes
+these names from here, so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+GROUP = "edgefleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+INFERENCE_SERVICE_KIND = "InferenceService"
+INFERENCE_SERVICE_PLURAL = "inferenceservices"
+EDGE_NODE_KIND = "EdgeNode"
+EDGE_NODE_PLURAL = "edgenodes"
+
+CATEGORY = "edgefleet"
+
+# Labels and annotations (all under our group's domain).
+LABEL_FLEET = f"{GROUP}/fleet"
+"""Node label that puts a Node into the fleet (value "true"); the fleet selector's default."""
+LABEL_NODE = f"{GROUP}/node"
+"""On EdgeNodes and agent Pods: the name of the Node they belong to."""
+LABEL_DEVICE_CLASS = f"{GROUP}/device-class"
+"""Node label: jetson-orin, jetson-nano, edge-server, ... (placement and the fleet view use it)."""
+LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
+"""GPU feature discovery's label for the GPU model; we read it, never write it."""
+ANNOTATION_ROLLOUT_ACTION = f"{GROUP}/rollout-action"
+"""On an InferenceService: promote | abort | pause | resume (consumed by the operator)."""
+
+GPU_RESOURCE = "nvidia.com/gpu"

@@ -1,0 +1,280 @@
+"""The API against a real kube-apiserver: CRDs install, examples validate, bad
+objects are rejected with messages that name the field, printer columns show."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from edgefleet_operator import api
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
+DIGEST = "sha256:" + "ab" * 32
+
+
+def valid_service(name: str = "svc") -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.INFERENCE_SERVICE_KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "models": [{
+                "name": "classifier",
+                "version": "1",
+                "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
+                "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 64, 64]}],
+                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
+            }],
+            "batching": {"maxBatchSize": 8},
+            "sla": {"p95LatencyMs": 20, "p99LatencyMs": 40},
+            "rollout": {"waves": [{"percent": 10}, {"percent": 50}, {"percent": 100}], "analysis": {}},
+        },
+    }
+
+
+def custom(kube: Any) -> Any:
+    from kubernetes import client
+
+    return client.CustomObjectsApi(kube)
+
+
+def create(kube: Any, namespace: str, body: dict[str, Any], dry_run: bool = True) -> dict[str, Any]:
+    kwargs = {"dry_run": "All"} if dry_run else {}
+    return custom(kube).create_namespaced_custom_object(  # type: ignore[no-any-return]
+        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, body,
+        field_validation="Strict", **kwargs,
+    )
+
+
+def test_crds_are_established(control_plane: Any, kube: Any) -> None:
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(kube)
+    for plural in (api.INFERENCE_SERVICE_PLURAL, api.EDGE_NODE_PLURAL):
+        crd = ext.read_custom_resource_definition(f"{plural}.{api.GROUP}")
+        conditions = {c.type: c.status for c in crd.status.conditions}
+        assert conditions.get("Established") == "True", conditions
+        assert conditions.get("NamesAccepted") == "True", conditions
+        assert api.CATEGORY in crd.spec.names.categories
+        assert "isvc" not in (crd.spec.names.short_names or [])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_passes_server_side_dry_run(kubectl: Any, path: Path) -> None:
+    out = kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(path))
+    assert "(server dry run)" in out.stdout
+
+
+def test_there_are_the_four_kinds_of_example() -> None:
+    specs = [yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]
+    assert len(EXAMPLES) >= 4
+    assert any(len(s["models"]) > 1 for s in specs), "a multi-model example"
+    assert any(m.get("task") == "generate" for s in specs for m in s["models"]), "an LLM example"
+    assert any("waves" in s.get("rollout", {}) for s in specs), "a canary example"
+    assert any(m["inputs"][0]["shape"] == [3, 64, 64] for s in specs for m in s["models"]), "an image one"
+
+
+def test_valid_service_gets_defaults(kube: Any, namespace: str) -> None:
+    created = create(kube, namespace, valid_service(), dry_run=False)
+    model = created["spec"]["models"][0]
+    assert model["priority"] == "normal"
+    assert model["format"] == "torchscript"
+    assert model["pinned"] is False
+    assert created["spec"]["batching"]["adaptive"] is True
+    assert created["spec"]["batching"]["maxQueueDelayMs"] == 5
+    rollout = created["spec"]["rollout"]
+    assert rollout["strategy"] == "Canary"
+    assert [w["trafficWeight"] for w in rollout["waves"]] == [100, 100, 100]
+    assert rollout["analysis"]["intervalSeconds"] == 60
+    assert rollout["analysis"]["minSamples"] == 100
+
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def set_path(path: str, value: Any) -> Mutation:
+    """spec.a.b[0].c = value, creating dicts on the way."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        cur: Any = obj
+        parts = path.replace("]", "").replace("[", ".").split(".")
+        for part in parts[:-1]:
+            key: Any = int(part) if part.isdigit() else part
+            if isinstance(cur, dict) and key not in cur:
+                cur[key] = {}
+            cur = cur[key]
+        last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+        cur[last] = value
+
+    return mutate
+
+
+def drop_path(path: str) -> Mutation:
+    def mutate(obj: dict[str, Any]) -> None:
+        cur: Any = obj
+        parts = path.replace("]", "").replace("[", ".").split(".")
+        for part in parts[:-1]:
+            cur = cur[int(part) if part.isdigit() else part]
+        del cur[parts[-1]]
+
+    return mutate
+
+
+def duplicate_model(obj: dict[str, Any]) -> None:
+    obj["spec"]["models"].append(copy.deepcopy(obj["spec"]["models"][0]))
+
+
+def waves(*ws: dict[str, Any]) -> Mutation:
+    return set_path("spec.rollout.waves", list(ws))
+
+
+# (id, mutation, substrings the apiserver's message must contain: the field, and why)
+INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
+    ("bad-digest", set_path("spec.models[0].artifact.digest", "sha256:abc"),
+     ("spec.models[0].artifact.digest",)),
+    ("digest-uppercase-hex", set_path("spec.models[0].artifact.digest", "sha256:" + "AB" * 32),
+     ("spec.models[0].artifact.digest",)),
+    ("negative-batch-size", set_path("spec.batching.maxBatchSize", -1),
+     ("spec.batching.maxBatchSize", "greater than or equal to 1")),
+    ("p95-above-p99", set_path("spec.sla.p95LatencyMs", 50),
+     ("spec.sla.p95LatencyMs", "must not exceed p99LatencyMs")),
+    ("duplicate-model-names", duplicate_model, ("spec.models[1]", "Duplicate value")),
+    ("unknown-rollout-field", set_path("spec.rollout.canaryz", 5),
+     ('unknown field "spec.rollout.canaryz"',)),
+    ("unknown-spec-field", set_path("spec.modelz", []), ('unknown field "spec.modelz"',)),
+    ("weight-above-100", waves({"percent": 10, "trafficWeight": 150}),
+     ("spec.rollout.waves[0].trafficWeight", "less than or equal to 100")),
+    ("waves-not-rising", waves({"percent": 50}, {"percent": 25}),
+     ("spec.rollout.waves", "wave percents must rise strictly")),
+    ("wave-percent-zero", waves({"percent": 0}), ("spec.rollout.waves[0].percent",)),
+    ("wave-percent-and-count", waves({"percent": 10, "count": 2}),
+     ("spec.rollout.waves[0]", "exactly one of percent or count")),
+    ("waves-mixed-units", waves({"count": 2}, {"percent": 50}),
+     ("spec.rollout.waves", "all use percent or all use count")),
+    ("weights-falling", waves({"percent": 10, "trafficWeight": 50}, {"percent": 50, "trafficWeight": 20}),
+     ("spec.rollout.waves", "trafficWeights must not fall")),
+    ("replicas-and-fraction", set_path("spec.placement", {"replicas": 2, "nodeFraction": 0.5}),
+     ("spec.placement.nodeFraction", "mutually exclusive")),
+    ("fraction-zero", set_path("spec.placement.nodeFraction", 0), ("spec.placement.nodeFraction",)),
+    ("no-models", set_path("spec.models", []), ("spec.models",)),
+    ("uppercase-model-name", set_path("spec.models[0].name", "Classifier"), ("spec.models[0].name",)),
+    ("unknown-format", set_path("spec.models[0].format", "pickle"),
+     ("spec.models[0].format", "Unsupported value")),
+    ("unknown-priority", set_path("spec.models[0].priority", "urgent"), ("spec.models[0].priority",)),
+    ("bad-datatype", set_path("spec.models[0].inputs[0].datatype", "FLOAT"),
+     ("spec.models[0].inputs[0].datatype",)),
+    ("shape-below-minus-one", set_path("spec.models[0].inputs[0].shape", [-2, 64]),
+     ("spec.models[0].inputs[0].shape[0]",)),
+    ("shape-zero", set_path("spec.models[0].inputs[0].shape", [0]),
+     ("spec.models[0].inputs[0].shape", "-1 (dynamic) or positive")),
+    ("missing-artifact-uri", drop_path("spec.models[0].artifact.uri"),
+     ("spec.models[0].artifact.uri", "Required")),
+    ("bad-uri-scheme", set_path("spec.models[0].artifact.uri", "ftp://host/model.pt"),
+     ("spec.models[0].artifact.uri",)),
+    ("error-rate-above-one", set_path("spec.sla.maxErrorRate", 1.5), ("spec.sla.maxErrorRate",)),
+    ("min-samples-zero", set_path("spec.rollout.analysis.minSamples", 0),
+     ("spec.rollout.analysis.minSamples",)),
+    ("negative-queue-delay", set_path("spec.batching.maxQueueDelayMs", -1),
+     ("spec.batching.maxQueueDelayMs",)),
+    ("bad-memory-estimate", set_path("spec.models[0].memoryEstimate", "lots"),
+     ("spec.models[0].memoryEstimate",)),
+    ("toleration-exists-with-value",
+     set_path("spec.placement.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
+     ("spec.placement.tolerations[0].value", "must be empty")),
+    ("unknown-strategy", set_path("spec.rollout.strategy", "BlueGreen"), ("spec.rollout.strategy",)),
+    ("analysis-p95-above-p99",
+     set_path("spec.rollout.analysis", {"maxP95LatencyMs": 90, "maxP99LatencyMs": 60}),
+     ("spec.rollout.analysis.maxP95LatencyMs", "must not exceed")),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "expected"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_service_is_rejected_naming_the_field(
+    kube: Any, namespace: str, case: str, mutate: Mutation, expected: tuple[str, ...]
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    body = valid_service(f"bad-{case}")
+    mutate(body)
+    with pytest.raises(ApiException) as err:
+        create(kube, namespace, body)
+    assert err.value.status in (400, 422), err.value.body
+    for text in expected:
+        assert text in err.value.body, f"{text!r} not in {err.value.body}"
+
+
+def test_kubectl_get_shows_printer_columns(kube: Any, namespace: str, kubectl: Any) -> None:
+    create(kube, namespace, valid_service("shown"), dry_run=False)
+    custom(kube).patch_namespaced_custom_object_status(
+        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "shown",
+        {"status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "AllNodesReady",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "nodesSummary": "3/4", "servingVersion": "1", "sla": {"p95LatencyMs": 12.5},
+            "rollout": {"step": "wave 2/3 (50%)", "phase": "Progressing"},
+        }},
+    )
+    out = kubectl("get", "efis", "shown").stdout
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "READY", "NODES", "VERSION", "P95-MS", "ROLLOUT", "AGE"]
+    assert row.split()[:5] == ["shown", "True", "3/4", "1", "12.5"]
+    assert "wave 2/3 (50%)" in row
+    # The category lists it with everything else of ours.
+    assert "inferenceservice.edgefleet.io/shown" in kubectl("get", "edgefleet", "-o", "name").stdout
+
+
+def test_status_is_a_subresource(kube: Any, namespace: str) -> None:
+    created = create(kube, namespace, valid_service("sub"), dry_run=False)
+    created["status"] = {"servingVersion": "9"}
+    updated = custom(kube).replace_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "sub", created)
+    assert "servingVersion" not in updated.get("status", {}), "status must only change via /status"
+
+
+def test_kubectl_explain_describes_fields(kubectl: Any) -> None:
+    out = kubectl("explain", "inferenceservices.spec.rollout").stdout
+    assert "Manual control" in out and "paused" in out and "waves" in out
+    out = kubectl("explain", "edgenodes.status.gpu").stdout
+    assert "memoryFreeBytes" in out
+
+
+def edge_node(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION, "kind": api.EDGE_NODE_KIND, "metadata": {"name": name},
+        "spec": {"nodeName": name, "models": [{
+            "service": "default/svc", "model": "classifier", "version": "1",
+            "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
+            "trafficWeight": 100,
+        }]},
+    }
+
+
+def test_edge_node_is_cluster_scoped_and_node_name_immutable(kube: Any) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    co = custom(kube)
+    name = "en-immutable-test"
+    co.create_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, edge_node(name),
+                                    field_validation="Strict")
+    try:
+        obj = co.get_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+        assert obj["spec"]["models"][0]["preload"] is True
+        with pytest.raises(ApiException) as err:
+            co.patch_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
+                                           {"spec": {"nodeName": "elsewhere"}})
+        assert "spec.nodeName" in err.value.body and "immutable" in err.value.body
+        # The agent's status write validates too: a bad digest is refused.
+        with pytest.raises(ApiException) as err:
+            co.patch_cluster_custom_object_status(
+                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
+                {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}})
+        assert "status.models[0].digest" in err.value.body
+    finally:
+        co.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
