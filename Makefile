@@ -17,7 +17,7 @@ help:
 	@echo "make cluster-down  stop it and remove its state"
 	@echo "make lint          ruff and mypy"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
-	@echo "make crds          regenerate crds/ from operator/crdgen.py"
+	@echo "make crds          regenerate crds/ and the chart's CRDs from operator/crdgen.py"
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -43,7 +43,9 @@ test-unit: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy -p edgefleet_operator -p node_agent
+	@# mypy resolves packages by folder name; operator/ is imported as edgefleet_operator.
+	mkdir -p build/mypy && ln -sfn ../../operator build/mypy/edgefleet_operator && ln -sfn ../../node_agent build/mypy/node_agent
+	MYPYPATH=build/mypy $(VENV)/bin/mypy -p edgefleet_operator -p node_agent
 
 cluster-up: setup
 	$(PY) -m e2e.cluster up
@@ -61,7 +63,7 @@ bench: venv
 	$(PY) -m bench
 
 crds: venv
-	$(PY) -m edgefleet_operator.crdgen crds
+	$(PY) -m edgefleet_operator.crdgen
 
 clean: cluster-down
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -273,10 +273,11 @@ def up(install_crds: bool = True, quiet: bool = False) -> ClusterState:
 
 def kubectl(state: ClusterState, *args: str, check: bool = True, input_: str | None = None,
             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [f"{state.bin_dir}/kubectl", f"--kubeconfig={state.kubeconfig}", *args],
-        check=check, capture_output=True, text=True, input=input_,
-    )
+    argv = [f"{state.bin_dir}/kubectl", f"--kubeconfig={state.kubeconfig}", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, input=input_)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed ({out.returncode}):\n{out.stderr.strip()}")
+    return out
 
 
 def apply_crds(state: ClusterState) -> None:

@@ -5,7 +5,7 @@ them in sync. Writing the schema in code lets the parts both resources share
 (SLA, batching, artifacts, conditions) be written once, the way kubebuilder
 generates CRDs from Go types.
 
-    python -m edgefleet_operator.crdgen crds/      # rewrite the YAML files
+    python -m edgefleet_operator.crdgen      # rewrite crds/ and helm/edgefleet/crds/
 
 Every field is typed and described (`kubectl explain` shows the descriptions);
 cross-field rules are CEL `x-kubernetes-validations` with a `fieldPath`, so a
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from edgefleet_operator import api
 
 Schema = dict[str, Any]
@@ -46,10 +47,19 @@ DATATYPES = [
 # --- small schema builders -------------------------------------------------
 
 
-def obj(description: str, properties: Schema, required: list[str] | None = None, **extra: Any) -> Schema:
+def obj(
+    description: str,
+    properties: Schema,
+    required: list[str] | None = None,
+    rules: list[Schema] | None = None,
+    **extra: Any,
+) -> Schema:
+    """An object schema; `rules` are its CEL x-kubernetes-validations."""
     schema: Schema = {"type": "object", "description": description, "properties": properties}
     if required:
         schema["required"] = required
+    if rules:
+        schema["x-kubernetes-validations"] = rules
     schema.update(extra)
     return schema
 
@@ -94,8 +104,16 @@ def boolean(description: str, default: bool | None = None) -> Schema:
     return schema
 
 
-def array(description: str, items: Schema, **extra: Any) -> Schema:
-    return {"type": "array", "description": description, "items": items, **extra}
+def array(description: str, items: Schema, rules: list[Schema] | None = None, **extra: Any) -> Schema:
+    schema: Schema = {"type": "array", "description": description, "items": items, **extra}
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    return schema
+
+
+def list_map(*keys: str) -> dict[str, Any]:
+    """Array extensions for a list of objects keyed (and made unique) by `keys`."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
 
 
 def string_map(description: str) -> Schema:
@@ -119,7 +137,8 @@ def quantity(description: str) -> Schema:
     return {
         "description": description,
         "x-kubernetes-int-or-string": True,
-        "anyOf": [{"type": "integer"}, {"type": "string", "pattern": QUANTITY_PATTERN}],
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": QUANTITY_PATTERN,
     }
 
 
@@ -136,9 +155,9 @@ def tensor_spec() -> Schema:
                 "Dimensions without the batch dimension; -1 marks a dynamic dimension.",
                 integer("A dimension: -1 (dynamic) or a positive size.", minimum=-1, maximum=1 << 20),
                 maxItems=8,
-                **{"x-kubernetes-validations": [
+                rules=[
                     rule("self.all(d, d != 0)", "dimensions must be -1 (dynamic) or positive")
-                ]},
+                ],
             ),
         },
         required=["name", "datatype", "shape"],
@@ -150,7 +169,7 @@ def tensor_list(what: str) -> Schema:
         f"The model's {what} tensors.",
         tensor_spec(),
         maxItems=32,
-        **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        **list_map("name"),
     )
 
 
@@ -187,11 +206,11 @@ def sla() -> Schema:
             "windowSeconds": integer("Sliding window the SLA is judged over, seconds.",
                                      minimum=5, maximum=3600, default=60),
         },
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("!has(self.p95LatencyMs) || !has(self.p99LatencyMs) || "
                  "self.p95LatencyMs <= self.p99LatencyMs",
                  "p95LatencyMs must not exceed p99LatencyMs", field_path=".p95LatencyMs"),
-        ]},
+        ],
     )
 
 
@@ -253,10 +272,10 @@ def toleration() -> Schema:
             "effect": enum("Taint effect to tolerate; empty tolerates all.",
                            ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]),
         },
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("self.operator != 'Exists' || !has(self.value) || self.value == ''",
                  "value must be empty when operator is Exists", field_path=".value"),
-        ]},
+        ],
     )
 
 
@@ -280,10 +299,10 @@ def placement() -> Schema:
                 },
             ),
         },
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("!(has(self.replicas) && has(self.nodeFraction))",
                  "replicas and nodeFraction are mutually exclusive", field_path=".nodeFraction"),
-        ]},
+        ],
     )
 
 
@@ -301,30 +320,32 @@ def wave() -> Schema:
             "analysisSeconds": integer("Analysis window of this wave, seconds; defaults to "
                                        "analysis.intervalSeconds.", minimum=1, maximum=86400),
         },
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("has(self.percent) != has(self.count)", "give exactly one of percent or count"),
-        ]},
+        ],
+    )
+
+
+def rising(field_name: str, strict: bool = True) -> str:
+    """CEL: the waves' `field_name` values rise (strictly or not) from each wave to the next.
+
+    Written out per index up to MAX_WAVES (this CEL has no index ranges); CEL's `||`
+    absorbs the out-of-range error of a pair past the end.
+    """
+    op = "<" if strict else "<="
+    return " && ".join(
+        f"(size(self) <= {i + 1} || self[{i}].{field_name} {op} self[{i + 1}].{field_name})"
+        for i in range(MAX_WAVES - 1)
     )
 
 
 def waves_rules() -> list[Schema]:
-    rising = " && ".join(
-        f"(size(self) <= {i + 1} || v[{i}] < v[{i + 1}])" for i in range(MAX_WAVES - 1)
-    )
-    # `v` is bound with cel.bind so each rule reads the list once.
     return [
         rule("self.all(w, has(w.percent)) || self.all(w, has(w.count))",
              "waves must all use percent or all use count"),
-        rule("!self.all(w, has(w.percent)) || "
-             f"cel.bind(v, self.map(w, w.percent), {rising})",
-             "wave percents must rise strictly"),
-        rule("!self.all(w, has(w.count)) || "
-             f"cel.bind(v, self.map(w, w.count), {rising})",
-             "wave counts must rise strictly"),
-        rule("cel.bind(v, self.map(w, w.trafficWeight), "
-             + " && ".join(f"(size(self) <= {i + 1} || v[{i}] <= v[{i + 1}])" for i in range(MAX_WAVES - 1))
-             + ")",
-             "wave trafficWeights must not fall"),
+        rule(f"!self.all(w, has(w.percent)) || ({rising('percent')})", "wave percents must rise strictly"),
+        rule(f"!self.all(w, has(w.count)) || ({rising('count')})", "wave counts must rise strictly"),
+        rule(rising("trafficWeight", strict=False), "wave trafficWeights must not fall"),
     ]
 
 
@@ -353,11 +374,11 @@ def analysis() -> Schema:
             "maxTemperatureIncreaseC": number("Fail when canary nodes run this many degrees Celsius hotter "
                                               "than stable ones.", minimum=0, maximum=100),
         },
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("!has(self.maxP95LatencyMs) || !has(self.maxP99LatencyMs) || "
                  "self.maxP95LatencyMs <= self.maxP99LatencyMs",
                  "maxP95LatencyMs must not exceed maxP99LatencyMs", field_path=".maxP95LatencyMs"),
-        ]},
+        ],
     )
 
 
@@ -374,7 +395,7 @@ def rollout() -> Schema:
                 wave(),
                 minItems=1,
                 maxItems=MAX_WAVES,
-                **{"x-kubernetes-validations": waves_rules()},
+                rules=waves_rules(),
             ),
             "analysis": analysis(),
             "paused": boolean("Hold the rollout at its current wave.", default=False),
@@ -399,7 +420,7 @@ def condition() -> Schema:
 
 def conditions(description: str) -> Schema:
     return array(description, condition(),
-                 **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+                 **list_map("type"))
 
 
 def sla_window() -> Schema:
@@ -429,7 +450,7 @@ def inference_service_spec() -> Schema:
                 model_spec(),
                 minItems=1,
                 maxItems=16,
-                **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+                **list_map("name"),
             ),
             "batching": batching(),
             "sla": sla(),
@@ -553,15 +574,14 @@ def edge_node_spec() -> Schema:
                 "Model versions to hold, with traffic weights and budgets.",
                 assignment,
                 maxItems=256,
-                **{"x-kubernetes-list-type": "map",
-                   "x-kubernetes-list-map-keys": ["service", "model", "version"]},
+                **list_map("service", "model", "version"),
             ),
             "drain": boolean("Stop taking new requests and unload everything.", default=False),
         },
         required=["nodeName"],
-        **{"x-kubernetes-validations": [
+        rules=[
             rule("self.nodeName == oldSelf.nodeName", "nodeName is immutable", field_path=".nodeName"),
-        ]},
+        ],
     )
 
 
@@ -731,12 +751,14 @@ def render(obj_: Schema) -> str:
     return HEADER + yaml.safe_dump(obj_, sort_keys=False, width=100)
 
 
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT_DIRS = (REPO / "crds", REPO / "helm" / "edgefleet" / "crds")
+"""Where the generated CRDs live: the plain install and the chart (a test keeps both in sync)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 1:
-        print("usage: python -m edgefleet_operator.crdgen OUTDIR [OUTDIR ...]", file=sys.stderr)
-        return 2
-    for out in args:
+    for out in args or [str(d) for d in OUTPUT_DIRS]:
         outdir = Path(out)
         outdir.mkdir(parents=True, exist_ok=True)
         for name, crd_obj in all_crds().items():

@@ -4,12 +4,15 @@ objects are rejected with messages that name the field, printer columns show."""
 from __future__ import annotations
 
 import copy
+import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
 from edgefleet_operator import api
 
 pytestmark = pytest.mark.cluster
@@ -37,6 +40,17 @@ def valid_service(name: str = "svc") -> dict[str, Any]:
             "rollout": {"waves": [{"percent": 10}, {"percent": 50}, {"percent": 100}], "analysis": {}},
         },
     }
+
+
+@pytest.fixture(scope="module")
+def dry_run_namespace(kube: Any) -> Any:
+    """One namespace for the dry-run tests of this module (nothing is stored in it)."""
+    from kubernetes import client
+
+    name = f"t-crds-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api(kube).create_namespace({"metadata": {"name": name}})
+    yield name
+    client.CoreV1Api(kube).delete_namespace(name)
 
 
 def custom(kube: Any) -> Any:
@@ -67,8 +81,11 @@ def test_crds_are_established(control_plane: Any, kube: Any) -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_passes_server_side_dry_run(kubectl: Any, path: Path) -> None:
-    out = kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(path))
+def test_example_passes_server_side_dry_run(control_plane: Any, dry_run_namespace: str, path: Path) -> None:
+    from e2e.cluster import kubectl
+
+    out = kubectl(control_plane, "apply", "-n", dry_run_namespace, "--dry-run=server", "--validate=strict",
+                  "-f", str(path))
     assert "(server dry run)" in out.stdout
 
 
@@ -197,17 +214,18 @@ INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
 
 @pytest.mark.parametrize(("case", "mutate", "expected"), INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_service_is_rejected_naming_the_field(
-    kube: Any, namespace: str, case: str, mutate: Mutation, expected: tuple[str, ...]
+    kube: Any, dry_run_namespace: str, case: str, mutate: Mutation, expected: tuple[str, ...]
 ) -> None:
     from kubernetes.client.exceptions import ApiException
 
     body = valid_service(f"bad-{case}")
     mutate(body)
     with pytest.raises(ApiException) as err:
-        create(kube, namespace, body)
+        create(kube, dry_run_namespace, body)
     assert err.value.status in (400, 422), err.value.body
+    message = json.loads(err.value.body)["message"]
     for text in expected:
-        assert text in err.value.body, f"{text!r} not in {err.value.body}"
+        assert text in message, f"{text!r} not in {message}"
 
 
 def test_kubectl_get_shows_printer_columns(kube: Any, namespace: str, kubectl: Any) -> None:
@@ -269,12 +287,13 @@ def test_edge_node_is_cluster_scoped_and_node_name_immutable(kube: Any) -> None:
         with pytest.raises(ApiException) as err:
             co.patch_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
                                            {"spec": {"nodeName": "elsewhere"}})
-        assert "spec.nodeName" in err.value.body and "immutable" in err.value.body
+        message = json.loads(err.value.body)["message"]
+        assert "spec.nodeName" in message and "immutable" in message
         # The agent's status write validates too: a bad digest is refused.
         with pytest.raises(ApiException) as err:
             co.patch_cluster_custom_object_status(
                 api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
                 {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}})
-        assert "status.models[0].digest" in err.value.body
+        assert "status.models[0].digest" in json.loads(err.value.body)["message"]
     finally:
         co.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
