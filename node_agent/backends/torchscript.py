@@ -1,0 +1,239 @@
+"""TorchScript backend: a `torch.jit.load`ed archive on CPU or one CUDA device.
+
+Calling convention of the scripted module: `forward` takes the inputs positionally, in
+model.yaml's `inputs` order, each batched on dim 0; it returns one Tensor (the single
+output), a tuple/list of Tensors (in `outputs` order) or a Dict[str, Tensor] (by name).
+
+Errors from `run`: wrong input names -> `InvalidInput`; anything the model raises ->
+`InferenceFailed` (the original exception is its `__cause__`), except CUDA out-of-memory
+(`torch.cuda.OutOfMemoryError`), which propagates unchanged so the caller can treat it
+as a capacity problem; after `unload` -> `ShuttingDown`.
+
+Measured memory (`memory_bytes`), taken once at load:
+- CUDA: the caching allocator's peak `torch.cuda.max_memory_allocated(device)` during
+  load plus one warm-up batch at `max_batch_size`, minus `memory_allocated` before the load;
+  i.e. weights + the activations of a full batch. (It resets the device's peak statistic;
+  a concurrent allocation by another thread on the same device would be counted too.)
+- CPU: bytes of the module's parameters and buffers (deduplicated by storage) plus the
+  growth of the process's resident set size (/proc/self/statm) across one warm-up batch at
+  `max_batch_size`, measured while its outputs are still alive. The RSS part is a lower
+  bound of the activation memory (the C allocator reuses freed memory) and is noisy when
+  other threads allocate meanwhile; the parameter part is exact.
+A warm-up batch that raises (a model that fails by design) does not fail the load; it is
+logged and kept in `warmup_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import resource
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from node_agent.backends.base import Backend
+from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
+
+if TYPE_CHECKING:
+    from node_agent.types import ModelConfig, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_V2_TO_TORCH: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "UINT8": torch.uint8, "UINT16": torch.uint16, "UINT32": torch.uint32,
+    "UINT64": torch.uint64, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32,
+    "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+}  # fmt: skip
+
+
+def torch_dtype(datatype: str) -> torch.dtype:
+    """The torch dtype of a KServe v2 datatype; `InvalidModel` for BYTES (no tensor form)."""
+    try:
+        return _V2_TO_TORCH[datatype]
+    except KeyError:
+        raise InvalidModel(f"datatype {datatype!r} has no torch tensor type") from None
+
+
+def example_batch(specs: tuple[TensorSpec, ...], batch: int, device: torch.device,
+                  ) -> dict[str, torch.Tensor]:
+    """Zeros for each input at batch size `batch`; dynamic dims (-1) become 1."""
+    return {
+        s.name: torch.zeros((batch, *(d if d > 0 else 1 for d in s.shape)),
+                            dtype=torch_dtype(s.datatype), device=device)
+        for s in specs
+    }
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storages counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc), else its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class TorchScriptBackend(Backend):
+    """One TorchScript model on one device. `run` is safe to call from several threads."""
+
+    def __init__(self, config: ModelConfig, module: torch.jit.ScriptModule,
+                 device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self._module: torch.jit.ScriptModule | None = module
+        self._input_names = tuple(s.name for s in config.inputs)
+        self._output_names = tuple(s.name for s in config.outputs)
+        self._lock = threading.Lock()
+        self.param_bytes = tensor_bytes([*module.parameters(), *module.buffers()])
+        """Exact bytes of parameters and buffers."""
+        self.warmup_bytes = 0
+        """Measured memory of one warm-up batch at max_batch_size (see module docstring)."""
+        self.warmup_error: str | None = None
+        self._memory_bytes = self.param_bytes
+
+    @classmethod
+    def load(cls, config: ModelConfig, version_dir: Path, device: str) -> TorchScriptBackend:
+        """Load `version_dir/config.artifact` onto `device` and measure its memory."""
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} requested but CUDA is not available")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.type != "cpu":
+            raise ValueError(f"device {device!r}: the TorchScript backend runs on cpu or cuda")
+        path = Path(version_dir) / config.artifact
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+                module = torch.jit.load(str(path), map_location=dev)
+        except FileNotFoundError:
+            raise InvalidModel(f"{config.id}: artifact {path} is missing") from None
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidModel(f"{config.id}: {path} is not a TorchScript archive: {first}") from e
+        module.eval()
+        backend = cls(config, module, dev)
+        if dev.type == "cuda":
+            backend._warm_up()
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev) - before
+            backend.warmup_bytes = max(0, peak - backend.param_bytes)
+            backend._memory_bytes = max(peak, backend.param_bytes)
+        else:
+            rss_before = rss_bytes()
+            outputs = backend._warm_up()
+            backend.warmup_bytes = max(0, rss_bytes() - rss_before)
+            del outputs
+            backend._memory_bytes = backend.param_bytes + backend.warmup_bytes
+        log.debug("loaded %s on %s: %d bytes (params %d, warm-up %d)", config.id, dev,
+                  backend._memory_bytes, backend.param_bytes, backend.warmup_bytes)
+        return backend
+
+    def _warm_up(self) -> dict[str, torch.Tensor] | None:
+        batch = example_batch(self.config.inputs, self.config.max_batch_size, self.device)
+        try:
+            return self.run(batch)
+        except InferenceFailed as e:
+            self.warmup_error = str(e)
+            log.warning("%s: warm-up batch failed (the model loaded, but may fail at "
+                        "inference): %s", self.config.id, e)
+            return None
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory_bytes
+
+    def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None,
+            ) -> dict[str, torch.Tensor]:
+        """Run one batch; returns when the outputs are ready (the stream is synchronized)."""
+        module = self._module
+        if module is None:
+            raise ShuttingDown(f"{self.config.id} is unloaded")
+        if inputs.keys() != set(self._input_names):
+            missing = sorted(set(self._input_names) - inputs.keys())
+            unexpected = sorted(inputs.keys() - set(self._input_names))
+            raise InvalidInput(f"{self.config.id}: inputs must be {list(self._input_names)}; "
+                               f"missing {missing}, unexpected {unexpected}")
+        cuda = self.device.type == "cuda"
+        if stream is not None and not isinstance(stream, torch.cuda.Stream):
+            raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
+        ctx = torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext()
+        with ctx, torch.inference_mode():
+            if cuda and stream is not None:
+                # inputs may have been produced on the default stream
+                stream.wait_stream(torch.cuda.default_stream(self.device))
+            args = [inputs[n].to(self.device, non_blocking=True) for n in self._input_names]
+            try:
+                result = module(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                raise InferenceFailed(
+                    f"{self.config.id}: the model raised {short_message(e)}"
+                ) from e
+            outputs = self._name_outputs(result)
+            if cuda:
+                (stream or torch.cuda.current_stream(self.device)).synchronize()
+        return outputs
+
+    def _name_outputs(self, result: object) -> dict[str, torch.Tensor]:
+        names = self._output_names
+        if isinstance(result, torch.Tensor):
+            values: list[object] = [result]
+        elif isinstance(result, tuple | list):
+            values = list(result)
+        elif isinstance(result, dict):
+            if set(result) != set(names):
+                raise InferenceFailed(f"{self.config.id}: the model returned outputs "
+                                      f"{sorted(result)}, model.yaml declares {list(names)}")
+            values = [result[n] for n in names]
+        else:
+            raise InferenceFailed(f"{self.config.id}: the model returned a "
+                                  f"{type(result).__name__}, not tensors")
+        if len(values) != len(names) or not all(isinstance(v, torch.Tensor) for v in values):
+            raise InferenceFailed(f"{self.config.id}: the model returned {len(values)} value(s), "
+                                  f"model.yaml declares {len(names)} output tensor(s)")
+        return dict(zip(names, values, strict=True))  # type: ignore[arg-type]
+
+    def unload(self) -> None:
+        with self._lock:
+            if self._module is None:
+                return
+            self._module = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        log.debug("unloaded %s", self.config.id)
+
+
+def short_message(e: BaseException) -> str:
+    """'<ExceptionType>: <message>' on one line. For errors raised inside TorchScript
+    (torch.jit.Error, whose text is an interpreter traceback) it is the original Python
+    exception's type and message, e.g. 'RuntimeError: ...'."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"^(?:builtins\.)?([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", ln)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -1,0 +1,22 @@
+"""Fixtures shared by the node agent's tests.
+
+`example_repo` is a model repository written once per session by
+`node_agent.examples.make_examples` (real, small TorchScript models, fixed seeds).
+Tests must treat it as read-only; copy it (`shutil.copytree`) before tampering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a ready model repository: classifier/{1,2,2-slow,2-failing}, mlp/1."""
+    from node_agent.examples import make_examples
+
+    root = tmp_path_factory.mktemp("model-repo")
+    make_examples(root)
+    return root
