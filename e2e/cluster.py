@@ -46,7 +46,9 @@ def bin_dir() -> Path:
     """Where scripts/k8s-build.sh puts the binaries (asks the script, so versions live in one place)."""
     out = subprocess.run(
         ["bash", "-c", f'source "{REPO}/scripts/k8s-versions.sh"; echo "$K8S_BIN"'],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return Path(out.stdout.strip())
 
@@ -138,12 +140,19 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, user: str = "edgefleet-a
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "edgefleet-local", "cluster": {
-            "server": server, "certificate-authority": str(pki.ca_cert)}}],
-        "users": [{"name": user, "user": {
-            "client-certificate": str(pki.admin_cert), "client-key": str(pki.admin_key)}}],
-        "contexts": [{"name": "edgefleet-local", "context": {
-            "cluster": "edgefleet-local", "user": user}}],
+        "clusters": [
+            {
+                "name": "edgefleet-local",
+                "cluster": {"server": server, "certificate-authority": str(pki.ca_cert)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate": str(pki.admin_cert), "client-key": str(pki.admin_key)},
+            }
+        ],
+        "contexts": [{"name": "edgefleet-local", "context": {"cluster": "edgefleet-local", "user": user}}],
         "current-context": "edgefleet-local",
     }
     path.write_text(yaml.safe_dump(config))
@@ -152,8 +161,9 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, user: str = "edgefleet-a
 
 def start(name: str, argv: list[str], directory: Path) -> int:
     logf = open(directory / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     logf.close()
     return proc.pid
 
@@ -201,78 +211,135 @@ def up(install_crds: bool = True, quiet: bool = False) -> ClusterState:
     (directory / "logs").mkdir(exist_ok=True)
     pki = write_pki(directory / "pki")
     state = ClusterState(
-        dir=str(directory), bin_dir=str(bins),
-        etcd_port=free_port(), etcd_peer_port=free_port(), apiserver_port=free_port(),
-        controller_manager_port=free_port(), scheduler_port=free_port(), kwok_port=free_port(),
+        dir=str(directory),
+        bin_dir=str(bins),
+        etcd_port=free_port(),
+        etcd_peer_port=free_port(),
+        apiserver_port=free_port(),
+        controller_manager_port=free_port(),
+        scheduler_port=free_port(),
+        kwok_port=free_port(),
     )
     write_kubeconfig(state.kubeconfig, state.server, pki)
     b = str(bins)
 
     etcd_url = f"http://127.0.0.1:{state.etcd_port}"
     peer_url = f"http://127.0.0.1:{state.etcd_peer_port}"
-    state.pids["etcd"] = start("etcd", [
-        f"{b}/etcd", "--name=default", f"--data-dir={directory}/etcd",
-        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-        f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync=true",
-        "--quota-backend-bytes=4294967296", "--log-level=warn",
-    ], directory)
+    state.pids["etcd"] = start(
+        "etcd",
+        [
+            f"{b}/etcd",
+            "--name=default",
+            f"--data-dir={directory}/etcd",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=default={peer_url}",
+            "--unsafe-no-fsync=true",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
+        ],
+        directory,
+    )
     state.save()
 
-    state.pids["kube-apiserver"] = start("kube-apiserver", [
-        f"{b}/kube-apiserver", f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-        f"--secure-port={state.apiserver_port}", f"--cert-dir={directory}/pki",
-        f"--tls-cert-file={pki.serving_cert}", f"--tls-private-key-file={pki.serving_key}",
-        f"--client-ca-file={pki.ca_cert}",
-        "--authorization-mode=Node,RBAC",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki.sa_pub}",
-        f"--service-account-signing-key-file={pki.sa_key}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--allow-privileged=true", "--profiling=false", "--v=1",
-    ], directory)
+    state.pids["kube-apiserver"] = start(
+        "kube-apiserver",
+        [
+            f"{b}/kube-apiserver",
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={state.apiserver_port}",
+            f"--cert-dir={directory}/pki",
+            f"--tls-cert-file={pki.serving_cert}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ],
+        directory,
+    )
     state.save()
     wait_for("kube-apiserver /readyz", lambda: readyz(state, 2.0), 120, state)
     log(f"kube-apiserver ready at {state.server} ({time.monotonic() - t0:.1f}s)")
 
     kc = str(state.kubeconfig)
-    state.pids["kube-controller-manager"] = start("kube-controller-manager", [
-        f"{b}/kube-controller-manager", f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-        "--leader-elect=false", "--bind-address=127.0.0.1",
-        f"--secure-port={state.controller_manager_port}",
-        f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_cert}",
-        f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
-        "--use-service-account-credentials=true",
-        f"--node-monitor-grace-period={NODE_MONITOR_GRACE_S}s", "--node-monitor-period=2s",
-        f"--service-cluster-ip-range={SERVICE_CIDR}", "--v=1",
-    ], directory)
-    state.pids["kube-scheduler"] = start("kube-scheduler", [
-        f"{b}/kube-scheduler", f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-        "--leader-elect=false", "--bind-address=127.0.0.1",
-        f"--secure-port={state.scheduler_port}", "--v=1",
-    ], directory)
-    state.pids["kwok"] = start("kwok", [
-        f"{b}/kwok", f"--kubeconfig={kc}",
-        "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        f"--server-address=127.0.0.1:{state.kwok_port}",
-        "--node-ip=127.0.0.1", "--cidr=10.244.0.1/16",
-    ], directory)
+    state.pids["kube-controller-manager"] = start(
+        "kube-controller-manager",
+        [
+            f"{b}/kube-controller-manager",
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={state.controller_manager_port}",
+            f"--service-account-private-key-file={pki.sa_key}",
+            f"--root-ca-file={pki.ca_cert}",
+            f"--cluster-signing-cert-file={pki.ca_cert}",
+            f"--cluster-signing-key-file={pki.ca_key}",
+            "--use-service-account-credentials=true",
+            f"--node-monitor-grace-period={NODE_MONITOR_GRACE_S}s",
+            "--node-monitor-period=2s",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--v=1",
+        ],
+        directory,
+    )
+    state.pids["kube-scheduler"] = start(
+        "kube-scheduler",
+        [
+            f"{b}/kube-scheduler",
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={state.scheduler_port}",
+            "--v=1",
+        ],
+        directory,
+    )
+    state.pids["kwok"] = start(
+        "kwok",
+        [
+            f"{b}/kwok",
+            f"--kubeconfig={kc}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--server-address=127.0.0.1:{state.kwok_port}",
+            "--node-ip=127.0.0.1",
+            "--cidr=10.244.0.1/16",
+        ],
+        directory,
+    )
     state.save()
     if install_crds:
         apply_crds(state)
-    wait_for("default service account",
-             lambda: kubectl(state, "get", "serviceaccount", "default", check=False).returncode == 0,
-             60, state)
+    wait_for(
+        "default service account",
+        lambda: kubectl(state, "get", "serviceaccount", "default", check=False).returncode == 0,
+        60,
+        state,
+    )
     log(f"control plane up in {time.monotonic() - t0:.1f}s; state in {directory}")
     return state
 
 
-def kubectl(state: ClusterState, *args: str, check: bool = True, input_: str | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    state: ClusterState,
+    *args: str,
+    check: bool = True,
+    input_: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     argv = [f"{state.bin_dir}/kubectl", f"--kubeconfig={state.kubeconfig}", *args]
     out = subprocess.run(argv, capture_output=True, text=True, input=input_)
     if check and out.returncode != 0:
@@ -282,8 +349,15 @@ def kubectl(state: ClusterState, *args: str, check: bool = True, input_: str | N
 
 def apply_crds(state: ClusterState) -> None:
     kubectl(state, "apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    kubectl(state, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/inferenceservices.edgefleet.io", "crd/edgenodes.edgefleet.io")
+    kubectl(
+        state,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/inferenceservices.edgefleet.io",
+        "crd/edgenodes.edgefleet.io",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
 
 
 def down(quiet: bool = False) -> None:
@@ -321,8 +395,11 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m e2e.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="build (once) and start the control plane, install CRDs")
     sub.add_parser("down", help="stop it and remove its state")
@@ -331,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "up":
         state = up()
-        print(f"\nUse it:\n  export KUBECONFIG={state.kubeconfig}\n  export PATH={state.bin_dir}:$PATH\n"
-              "  kubectl get nodes,edgenodes,inferenceservices -A\nStop it: make cluster-down")
+        print(
+            f"\nUse it:\n  export KUBECONFIG={state.kubeconfig}\n  export PATH={state.bin_dir}:$PATH\n"
+            "  kubectl get nodes,edgenodes,inferenceservices -A\nStop it: make cluster-down"
+        )
         return 0
     if args.cmd == "down":
         down()

@@ -32,17 +32,23 @@ def main() -> int:
     print(f"[demo] {len(names)} simulated edge nodes: {', '.join(names)}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        ready = [n.metadata.name for n in core.list_node().items
-                 if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])]
+        ready = [
+            n.metadata.name
+            for n in core.list_node().items
+            if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+        ]
         if set(names) <= set(ready):
             break
         time.sleep(1)
     localcluster.kubectl(state, "create", "namespace", DEMO_NAMESPACE, check=False)
-    out = localcluster.kubectl(state, "apply", "-n", DEMO_NAMESPACE, "-f",
-                               str(REPO / "manifests" / "examples"))
+    out = localcluster.kubectl(
+        state, "apply", "-n", DEMO_NAMESPACE, "-f", str(REPO / "manifests" / "examples")
+    )
     print(out.stdout, end="")
-    for args in (["get", "nodes", "-L", "edgefleet.io/device-class,topology.kubernetes.io/zone"],
-                 ["get", "inferenceservices", "-n", DEMO_NAMESPACE]):
+    for args in (
+        ["get", "nodes", "-L", "edgefleet.io/device-class,topology.kubernetes.io/zone"],
+        ["get", "inferenceservices", "-n", DEMO_NAMESPACE],
+    ):
         print(f"\n$ kubectl {' '.join(args)}")
         print(localcluster.kubectl(state, *args).stdout, end="")
     print(f"""

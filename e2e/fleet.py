@@ -35,8 +35,13 @@ DEVICE_CLASSES = {
 MIXED = ("jetson-orin", "edge-server", "jetson-nano")
 
 
-def node_manifest(name: str, device_class: str = "jetson-orin", zone: str = "zone-a",
-                  gpus: int = 1, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def node_manifest(
+    name: str,
+    device_class: str = "jetson-orin",
+    zone: str = "zone-a",
+    gpus: int = 1,
+    extra_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A Node kwok will manage, labelled as a fleet member of `device_class`."""
     dc = DEVICE_CLASSES[device_class]
     labels = {
@@ -56,13 +61,19 @@ def node_manifest(name: str, device_class: str = "jetson-orin", zone: str = "zon
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name, "labels": labels, "annotations": dict(KWOK_ANNOTATION)},
-        "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
+        "spec": {},
         "status": {"capacity": capacity, "allocatable": capacity},
     }
 
 
-def create_nodes(core_v1: Any, count: int, device_class: str | None = None, prefix: str = "edge",
-                 zones: tuple[str, ...] = ("zone-a", "zone-b")) -> list[str]:
+def create_nodes(
+    core_v1: Any,
+    count: int,
+    device_class: str | None = None,
+    prefix: str = "edge",
+    zones: tuple[str, ...] = ("zone-a", "zone-b"),
+    labels: dict[str, str] | None = None,
+) -> list[str]:
     """Create `count` simulated edge nodes (idempotent by name); returns their names.
 
     Without `device_class` the fleet mixes the classes in MIXED round-robin.
@@ -73,7 +84,7 @@ def create_nodes(core_v1: Any, count: int, device_class: str | None = None, pref
     for i in range(count):
         dc = device_class or MIXED[i % len(MIXED)]
         name = f"{prefix}-{i:03d}"
-        body = node_manifest(name, dc, zone=zones[i % len(zones)])
+        body = node_manifest(name, dc, zone=zones[i % len(zones)], extra_labels=labels)
         try:
             core_v1.create_node(body)
         except ApiException as e:

@@ -104,9 +104,15 @@ def _sign(
     if is_ca:
         builder = builder.add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -136,17 +142,26 @@ def write_pki(directory: Path, service_ip: str = "10.0.0.1") -> Pki:
 
     serving_key = _key()
     serving = _sign(
-        _name("kube-apiserver"), serving_key.public_key(), ca_cert, ca_key,
-        server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                      "kubernetes.default.svc.cluster.local"),
+        _name("kube-apiserver"),
+        serving_key.public_key(),
+        ca_cert,
+        ca_key,
+        server_names=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
         server_ips=("127.0.0.1", service_ip),
     )
     _write_key(pki.serving_key, serving_key)
     _write_cert(pki.serving_cert, serving)
 
     admin_key = _key()
-    admin = _sign(_name("edgefleet-admin", "system:masters"), admin_key.public_key(), ca_cert, ca_key,
-                  client=True)
+    admin = _sign(
+        _name("edgefleet-admin", "system:masters"), admin_key.public_key(), ca_cert, ca_key, client=True
+    )
     _write_key(pki.admin_key, admin_key)
     _write_cert(pki.admin_cert, admin)
 

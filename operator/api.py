@@ -29,4 +29,17 @@ LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
 ANNOTATION_ROLLOUT_ACTION = f"{GROUP}/rollout-action"
 """On an InferenceService: promote | abort | pause | resume (consumed by the operator)."""
 
+ANNOTATION_WORK_SINCE = f"{GROUP}/work-since"
+"""On an EdgeNode: when the operator first gave it work (bounds how long its agent may take to start)."""
+FINALIZER = f"{GROUP}/cleanup"
+
+AGENT_APP = "edgefleet-agent"
+"""app.kubernetes.io/name of agent Pods; also the prefix of their names and Leases."""
+MANAGED_BY = "edgefleet-operator"
+
 GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def agent_name(node: str) -> str:
+    """Name of the agent Pod and Lease of a node."""
+    return f"{AGENT_APP}-{node}"

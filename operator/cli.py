@@ -14,6 +14,49 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensure_peering(name: str) -> None:
+    """Create the ClusterKopfPeering object the replicas coordinate through (idempotent)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    from edgefleet_operator.handlers import kube_client
+
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        CustomObjectsApi(kube_client()).create_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", body
+        )
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the operator until interrupted."""
+    import asyncio
+    import logging
+
+    import kopf
+
+    from edgefleet_operator import handlers
+
+    kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        # One line per watch event ("Handler ... succeeded") is noise at fleet scale.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if not args.standalone:
+        ensure_peering(handlers.PEERING_NAME)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=args.standalone,
+            peering_name=None if args.standalone else handlers.PEERING_NAME,
+            liveness_endpoint=args.liveness or None,
+        )
+    )
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(__version__)
     return 0
@@ -26,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         "node agents, and rolls new versions out in SLA-gated canary waves.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run the operator (kopf, with peering: one active instance)")
+    run.add_argument("--standalone", action="store_true", help="no peering (a single instance for sure)")
+    run.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="liveness endpoint URL, tied to watch and reconcile health ('' to disable)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_run)
     sub.add_parser("crds", help="print the CRDs as YAML").set_defaults(func=cmd_crds)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     return parser

@@ -155,9 +155,7 @@ def tensor_spec() -> Schema:
                 "Dimensions without the batch dimension; -1 marks a dynamic dimension.",
                 integer("A dimension: -1 (dynamic) or a positive size.", minimum=-1, maximum=1 << 20),
                 maxItems=8,
-                rules=[
-                    rule("self.all(d, d != 0)", "dimensions must be -1 (dynamic) or positive")
-                ],
+                rules=[rule("self.all(d, d != 0)", "dimensions must be -1 (dynamic) or positive")],
             ),
         },
         required=["name", "datatype", "shape"],
@@ -184,8 +182,10 @@ def artifact() -> Schema:
                 pattern=URI_PATTERN,
                 maxLength=2048,
             ),
-            "digest": string("sha256 digest of the artifact: 'sha256:' and 64 lowercase hex characters.",
-                             pattern=DIGEST_PATTERN),
+            "digest": string(
+                "sha256 digest of the artifact: 'sha256:' and 64 lowercase hex characters.",
+                pattern=DIGEST_PATTERN,
+            ),
         },
         required=["uri", "digest"],
     )
@@ -196,20 +196,27 @@ def sla() -> Schema:
         "Service-level objectives. Agents measure against them over a sliding window; violations "
         "trigger mitigation (smaller batches, shedding low priority) and are reported.",
         {
-            "p95LatencyMs": number("95th percentile end-to-end latency target, milliseconds.",
-                                   minimum=0.1, maximum=600000),
-            "p99LatencyMs": number("99th percentile end-to-end latency target, milliseconds.",
-                                   minimum=0.1, maximum=600000),
-            "minThroughputRps": number("Minimum sustained throughput, requests per second.",
-                                       minimum=0, maximum=1e7),
+            "p95LatencyMs": number(
+                "95th percentile end-to-end latency target, milliseconds.", minimum=0.1, maximum=600000
+            ),
+            "p99LatencyMs": number(
+                "99th percentile end-to-end latency target, milliseconds.", minimum=0.1, maximum=600000
+            ),
+            "minThroughputRps": number(
+                "Minimum sustained throughput, requests per second.", minimum=0, maximum=1e7
+            ),
             "maxErrorRate": number("Maximum fraction of failed requests, 0 to 1.", minimum=0, maximum=1),
-            "windowSeconds": integer("Sliding window the SLA is judged over, seconds.",
-                                     minimum=5, maximum=3600, default=60),
+            "windowSeconds": integer(
+                "Sliding window the SLA is judged over, seconds.", minimum=5, maximum=3600, default=60
+            ),
         },
         rules=[
-            rule("!has(self.p95LatencyMs) || !has(self.p99LatencyMs) || "
-                 "self.p95LatencyMs <= self.p99LatencyMs",
-                 "p95LatencyMs must not exceed p99LatencyMs", field_path=".p95LatencyMs"),
+            rule(
+                "!has(self.p95LatencyMs) || !has(self.p99LatencyMs) || "
+                "self.p95LatencyMs <= self.p99LatencyMs",
+                "p95LatencyMs must not exceed p99LatencyMs",
+                field_path=".p95LatencyMs",
+            ),
         ],
     )
 
@@ -220,8 +227,12 @@ def batching() -> Schema:
         "whichever comes first; with adaptive on it tunes both to meet the SLA.",
         {
             "maxBatchSize": integer("Largest batch the model runs.", minimum=1, maximum=1024, default=8),
-            "maxQueueDelayMs": number("Longest a request waits for a batch to fill, milliseconds.",
-                                      minimum=0, maximum=10000, default=5),
+            "maxQueueDelayMs": number(
+                "Longest a request waits for a batch to fill, milliseconds.",
+                minimum=0,
+                maximum=10000,
+                default=5,
+            ),
             "adaptive": boolean("Adapt batch size and delay to the SLA's latency target.", default=True),
         },
     )
@@ -231,30 +242,48 @@ def model_spec() -> Schema:
     return obj(
         "One model of the service.",
         {
-            "name": string("Model name (DNS label); unique within the service; the v2 API's model name.",
-                           pattern=DNS_LABEL_PATTERN, maxLength=63),
+            "name": string(
+                "Model name (DNS label); unique within the service; the v2 API's model name.",
+                pattern=DNS_LABEL_PATTERN,
+                maxLength=63,
+            ),
             "version": string("Version label; changing it starts a rollout.", pattern=VERSION_PATTERN),
             "artifact": artifact(),
             "format": enum("Artifact format, which picks the backend.", FORMATS, default="torchscript"),
-            "task": enum("predict: tensor in, tensor out (v2 infer). generate: token generation "
-                         "with a paged KV cache (v2 generate).", ["predict", "generate"], default="predict"),
+            "task": enum(
+                "predict: tensor in, tensor out (v2 infer). generate: token generation "
+                "with a paged KV cache (v2 generate).",
+                ["predict", "generate"],
+                default="predict",
+            ),
             "inputs": tensor_list("input"),
             "outputs": tensor_list("output"),
             "memoryEstimate": quantity(
                 "Expected device memory (e.g. 512Mi). Guides placement until the model has been "
-                "measured on some node; measured memory wins after that."),
-            "priority": enum("Scheduling and eviction priority. A critical service may displace a low "
-                             "one, never the reverse.", PRIORITIES, default="normal"),
+                "measured on some node; measured memory wins after that."
+            ),
+            "priority": enum(
+                "Scheduling and eviction priority. A critical service may displace a low "
+                "one, never the reverse.",
+                PRIORITIES,
+                default="normal",
+            ),
             "pinned": boolean("Never evict this model from a node's memory.", default=False),
             "generation": obj(
                 "Settings for task: generate.",
                 {
-                    "maxTokens": integer("Default and upper bound of new tokens per request.",
-                                         minimum=1, maximum=32768, default=256),
-                    "maxSequences": integer("Sequences decoded at once per node.", minimum=1, maximum=1024,
-                                            default=64),
-                    "kvBlockTokens": integer("Tokens per KV-cache block.", minimum=1, maximum=256,
-                                             default=16),
+                    "maxTokens": integer(
+                        "Default and upper bound of new tokens per request.",
+                        minimum=1,
+                        maximum=32768,
+                        default=256,
+                    ),
+                    "maxSequences": integer(
+                        "Sequences decoded at once per node.", minimum=1, maximum=1024, default=64
+                    ),
+                    "kvBlockTokens": integer(
+                        "Tokens per KV-cache block.", minimum=1, maximum=256, default=16
+                    ),
                 },
             ),
         },
@@ -269,12 +298,22 @@ def toleration() -> Schema:
             "key": string("Taint key; empty with operator Exists matches every taint.", maxLength=253),
             "operator": enum("How key and value are matched.", ["Exists", "Equal"], default="Equal"),
             "value": string("Taint value, for operator Equal.", maxLength=63),
-            "effect": enum("Taint effect to tolerate; empty tolerates all.",
-                           ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]),
+            "effect": enum(
+                "Taint effect to tolerate; empty tolerates all.",
+                ["", "NoSchedule", "PreferNoSchedule", "NoExecute"],
+            ),
         },
         rules=[
-            rule("self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                 "value must be empty when operator is Exists", field_path=".value"),
+            rule(
+                "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+                "key is required unless operator is Exists",
+                field_path=".key",
+            ),
+            rule(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+                field_path=".value",
+            ),
         ],
     )
 
@@ -285,23 +324,34 @@ def placement() -> Schema:
         "eligible node.",
         {
             "replicas": integer("Number of nodes to serve on.", minimum=0, maximum=100000),
-            "nodeFraction": number("Fraction of eligible nodes to serve on, above 0 and at most 1.",
-                                   minimum=0, maximum=1, exclusiveMinimum=True),
+            "nodeFraction": number(
+                "Fraction of eligible nodes to serve on, above 0 and at most 1.",
+                minimum=0,
+                maximum=1,
+                exclusiveMinimum=True,
+            ),
             "nodeSelector": string_map("Node labels a node must have."),
             "tolerations": array("Taints the service tolerates.", toleration(), maxItems=32),
             "spread": obj(
                 "Spread across a topology (zones, sites).",
                 {
-                    "topologyKey": string("Node label that names the domain.", maxLength=253,
-                                          default="topology.kubernetes.io/zone"),
-                    "maxSkew": integer("Most the node count may differ between domains.", minimum=1,
-                                       maximum=1000, default=1),
+                    "topologyKey": string(
+                        "Node label that names the domain.",
+                        maxLength=253,
+                        default="topology.kubernetes.io/zone",
+                    ),
+                    "maxSkew": integer(
+                        "Most the node count may differ between domains.", minimum=1, maximum=1000, default=1
+                    ),
                 },
             ),
         },
         rules=[
-            rule("!(has(self.replicas) && has(self.nodeFraction))",
-                 "replicas and nodeFraction are mutually exclusive", field_path=".nodeFraction"),
+            rule(
+                "!(has(self.replicas) && has(self.nodeFraction))",
+                "replicas and nodeFraction are mutually exclusive",
+                field_path=".nodeFraction",
+            ),
         ],
     )
 
@@ -311,14 +361,22 @@ def wave() -> Schema:
         "One canary wave: how many nodes run the new version (percent or count), and optionally "
         "the traffic weight the new version gets on those nodes.",
         {
-            "percent": integer("Share of the service's nodes on the new version, 1 to 100.",
-                               minimum=1, maximum=100),
+            "percent": integer(
+                "Share of the service's nodes on the new version, 1 to 100.", minimum=1, maximum=100
+            ),
             "count": integer("Number of the service's nodes on the new version.", minimum=1, maximum=100000),
             "trafficWeight": integer(
                 "Percent of a canary node's traffic sent to the new version, the stable version "
-                "serving the rest side by side; 100 replaces it.", minimum=0, maximum=100, default=100),
-            "analysisSeconds": integer("Analysis window of this wave, seconds; defaults to "
-                                       "analysis.intervalSeconds.", minimum=1, maximum=86400),
+                "serving the rest side by side; 100 replaces it.",
+                minimum=0,
+                maximum=100,
+                default=100,
+            ),
+            "analysisSeconds": integer(
+                "Analysis window of this wave, seconds; defaults to analysis.intervalSeconds.",
+                minimum=1,
+                maximum=86400,
+            ),
         },
         rules=[
             rule("has(self.percent) != has(self.count)", "give exactly one of percent or count"),
@@ -341,8 +399,10 @@ def rising(field_name: str, strict: bool = True) -> str:
 
 def waves_rules() -> list[Schema]:
     return [
-        rule("self.all(w, has(w.percent)) || self.all(w, has(w.count))",
-             "waves must all use percent or all use count"),
+        rule(
+            "self.all(w, has(w.percent)) || self.all(w, has(w.count))",
+            "waves must all use percent or all use count",
+        ),
         rule(f"!self.all(w, has(w.percent)) || ({rising('percent')})", "wave percents must rise strictly"),
         rule(f"!self.all(w, has(w.count)) || ({rising('count')})", "wave counts must rise strictly"),
         rule(rising("trafficWeight", strict=False), "wave trafficWeights must not fall"),
@@ -354,30 +414,48 @@ def analysis() -> Schema:
         "How each wave is judged. Absolute thresholds apply to the new version; regression limits "
         "compare it with the stable version on comparable nodes.",
         {
-            "intervalSeconds": integer("Analysis window per wave, seconds.", minimum=1, maximum=86400,
-                                       default=60),
-            "minSamples": integer("Requests the new version must have served in the window before it "
-                                  "can be judged; fewer is inconclusive and the wave holds.",
-                                  minimum=1, maximum=10000000, default=100),
-            "failureLimit": integer("Failed checks that trigger a rollback.", minimum=1, maximum=100,
-                                    default=1),
+            "intervalSeconds": integer(
+                "Analysis window per wave, seconds.", minimum=1, maximum=86400, default=60
+            ),
+            "minSamples": integer(
+                "Requests the new version must have served in the window before it "
+                "can be judged; fewer is inconclusive and the wave holds.",
+                minimum=1,
+                maximum=10000000,
+                default=100,
+            ),
+            "failureLimit": integer(
+                "Failed checks that trigger a rollback.", minimum=1, maximum=100, default=1
+            ),
             "maxP95LatencyMs": number("Fail when p95 latency exceeds this, milliseconds.", minimum=0.1),
             "maxP99LatencyMs": number("Fail when p99 latency exceeds this, milliseconds.", minimum=0.1),
             "maxErrorRate": number("Fail when the error rate exceeds this fraction.", minimum=0, maximum=1),
-            "minThroughputRps": number("Fail when throughput falls below this, requests per second.",
-                                       minimum=0),
+            "minThroughputRps": number(
+                "Fail when throughput falls below this, requests per second.", minimum=0
+            ),
             "maxLatencyRegressionPercent": number(
                 "Fail when p95 or p99 is this many percent above the stable version's.",
-                minimum=0, maximum=10000),
-            "maxErrorRateIncrease": number("Fail when the error rate exceeds the stable version's by this "
-                                           "much (absolute fraction).", minimum=0, maximum=1),
-            "maxTemperatureIncreaseC": number("Fail when canary nodes run this many degrees Celsius hotter "
-                                              "than stable ones.", minimum=0, maximum=100),
+                minimum=0,
+                maximum=10000,
+            ),
+            "maxErrorRateIncrease": number(
+                "Fail when the error rate exceeds the stable version's by this much (absolute fraction).",
+                minimum=0,
+                maximum=1,
+            ),
+            "maxTemperatureIncreaseC": number(
+                "Fail when canary nodes run this many degrees Celsius hotter than stable ones.",
+                minimum=0,
+                maximum=100,
+            ),
         },
         rules=[
-            rule("!has(self.maxP95LatencyMs) || !has(self.maxP99LatencyMs) || "
-                 "self.maxP95LatencyMs <= self.maxP99LatencyMs",
-                 "maxP95LatencyMs must not exceed maxP99LatencyMs", field_path=".maxP95LatencyMs"),
+            rule(
+                "!has(self.maxP95LatencyMs) || !has(self.maxP99LatencyMs) || "
+                "self.maxP95LatencyMs <= self.maxP99LatencyMs",
+                "maxP95LatencyMs must not exceed maxP99LatencyMs",
+                field_path=".maxP95LatencyMs",
+            ),
         ],
     )
 
@@ -388,8 +466,12 @@ def rollout() -> Schema:
         f"{api.ANNOTATION_ROLLOUT_ACTION}=promote to finish now or =abort to go back to stable; "
         "re-applying the stable version is a fast rollback.",
         {
-            "strategy": enum("Canary: SLA-gated waves with automatic rollback. AllAtOnce: every node "
-                             "at once, no analysis.", ["Canary", "AllAtOnce"], default="Canary"),
+            "strategy": enum(
+                "Canary: SLA-gated waves with automatic rollback. AllAtOnce: every node "
+                "at once, no analysis.",
+                ["Canary", "AllAtOnce"],
+                default="Canary",
+            ),
             "waves": array(
                 "Canary waves, rising; after the last one the new version is promoted everywhere.",
                 wave(),
@@ -419,8 +501,7 @@ def condition() -> Schema:
 
 
 def conditions(description: str) -> Schema:
-    return array(description, condition(),
-                 **list_map("type"))
+    return array(description, condition(), **list_map("type"))
 
 
 def sla_window() -> Schema:
@@ -434,6 +515,7 @@ def sla_window() -> Schema:
             "errorRate": number("Fraction of failed requests."),
             "requests": integer("Requests in the window.", minimum=0),
             "windowSeconds": integer("Window length, seconds.", minimum=0),
+            "met": boolean("The window met the SLA (absent: not enough requests to judge)."),
         },
     )
 
@@ -505,8 +587,9 @@ def inference_service_status() -> Schema:
         "Where the rollout stands. The operator keeps its whole state here, so a restart resumes "
         "exactly where it was.",
         {
-            "phase": enum("Rollout phase.", ["Idle", "Progressing", "Paused", "Promoted", "RolledBack",
-                                             "Aborted"]),
+            "phase": enum(
+                "Rollout phase.", ["Idle", "Progressing", "Paused", "Promoted", "RolledBack", "Aborted"]
+            ),
             "stableVersion": string("Last version that was fully promoted."),
             "canaryVersion": string("Version being rolled out."),
             "currentWave": integer("Index of the current wave, from 0.", minimum=0),
@@ -553,8 +636,12 @@ def edge_node_spec() -> Schema:
             "artifact": artifact(),
             "format": enum("Artifact format.", FORMATS, default="torchscript"),
             "task": enum("predict or generate.", ["predict", "generate"], default="predict"),
-            "trafficWeight": integer("Percent of this model's traffic on this node served by this "
-                                     "version.", minimum=0, maximum=100, default=100),
+            "trafficWeight": integer(
+                "Percent of this model's traffic on this node served by this version.",
+                minimum=0,
+                maximum=100,
+                default=100,
+            ),
             "memoryBudgetBytes": integer("Device memory granted to this model.", minimum=0),
             "priority": enum("Priority.", PRIORITIES, default="normal"),
             "pinned": boolean("Never evict.", default=False),
@@ -662,24 +749,28 @@ def crd(
                 "shortNames": short_names,
                 "categories": [api.CATEGORY],
             },
-            "versions": [{
-                "name": api.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": obj(
-                    description,
-                    {
-                        "apiVersion": string("API version of this object."),
-                        "kind": string("Kind of this object."),
-                        "metadata": {"type": "object"},
-                        "spec": spec,
-                        "status": status,
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": obj(
+                            description,
+                            {
+                                "apiVersion": string("API version of this object."),
+                                "kind": string("Kind of this object."),
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            required=["spec"],
+                        )
                     },
-                    required=["spec"],
-                )},
-            }],
+                }
+            ],
         },
     }
 
@@ -700,8 +791,12 @@ AGE = column("Age", ".metadata.creationTimestamp", "date")
 
 def inference_service_crd() -> Schema:
     return crd(
-        api.INFERENCE_SERVICE_KIND, api.INFERENCE_SERVICE_PLURAL, "Namespaced", ["efis", "edgeisvc"],
-        inference_service_spec(), inference_service_status(),
+        api.INFERENCE_SERVICE_KIND,
+        api.INFERENCE_SERVICE_PLURAL,
+        "Namespaced",
+        ["efis", "edgeisvc"],
+        inference_service_spec(),
+        inference_service_status(),
         [
             column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             column("Nodes", ".status.nodesSummary", description="ready/desired nodes"),
@@ -719,8 +814,12 @@ def inference_service_crd() -> Schema:
 
 def edge_node_crd() -> Schema:
     return crd(
-        api.EDGE_NODE_KIND, api.EDGE_NODE_PLURAL, "Cluster", ["edn", "efnode"],
-        edge_node_spec(), edge_node_status(),
+        api.EDGE_NODE_KIND,
+        api.EDGE_NODE_PLURAL,
+        "Cluster",
+        ["edn", "efnode"],
+        edge_node_spec(),
+        edge_node_status(),
         [
             column("Node", ".spec.nodeName"),
             column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
@@ -744,6 +843,48 @@ def all_crds() -> dict[str, Schema]:
     }
 
 
+def kopf_peering_crd() -> Schema:
+    """kopf's ClusterKopfPeering: how operator replicas agree which one acts (kopf's schema, not ours)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "clusterkopfpeerings.kopf.dev",
+            "labels": {"app.kubernetes.io/part-of": "edgefleet"},
+        },
+        "spec": {
+            "scope": "Cluster",
+            "group": "kopf.dev",
+            "names": {
+                "kind": "ClusterKopfPeering",
+                "plural": "clusterkopfpeerings",
+                "singular": "clusterkopfpeering",
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Peering of kopf operator replicas (each heartbeats into status).",
+                            "properties": {
+                                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def support_crds() -> dict[str, Schema]:
+    """CRDs of our dependencies that the install must include."""
+    return {"kopf.dev_clusterkopfpeerings.yaml": kopf_peering_crd()}
+
+
 HEADER = "# Generated by `python -m edgefleet_operator.crdgen`; edit operator/crdgen.py, not this file.\n"
 
 
@@ -761,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in args or [str(d) for d in OUTPUT_DIRS]:
         outdir = Path(out)
         outdir.mkdir(parents=True, exist_ok=True)
-        for name, crd_obj in all_crds().items():
+        for name, crd_obj in {**all_crds(), **support_crds()}.items():
             (outdir / name).write_text(render(crd_obj))
             print(f"wrote {outdir / name}")
     return 0

@@ -28,15 +28,19 @@ def valid_service(name: str = "svc") -> dict[str, Any]:
         "kind": api.INFERENCE_SERVICE_KIND,
         "metadata": {"name": name},
         "spec": {
-            "models": [{
-                "name": "classifier",
-                "version": "1",
-                "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
-                "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 64, 64]}],
-                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
-            }],
+            "models": [
+                {
+                    "name": "classifier",
+                    "version": "1",
+                    "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
+                    "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 64, 64]}],
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
+                }
+            ],
             "batching": {"maxBatchSize": 8},
             "sla": {"p95LatencyMs": 20, "p99LatencyMs": 40},
+            # Matches no node: an operator running in other tests must not place these.
+            "placement": {"nodeSelector": {"edgefleet.io/test": "api-only"}},
             "rollout": {"waves": [{"percent": 10}, {"percent": 50}, {"percent": 100}], "analysis": {}},
         },
     }
@@ -62,8 +66,13 @@ def custom(kube: Any) -> Any:
 def create(kube: Any, namespace: str, body: dict[str, Any], dry_run: bool = True) -> dict[str, Any]:
     kwargs = {"dry_run": "All"} if dry_run else {}
     return custom(kube).create_namespaced_custom_object(  # type: ignore[no-any-return]
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, body,
-        field_validation="Strict", **kwargs,
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        api.INFERENCE_SERVICE_PLURAL,
+        body,
+        field_validation="Strict",
+        **kwargs,
     )
 
 
@@ -84,8 +93,16 @@ def test_crds_are_established(control_plane: Any, kube: Any) -> None:
 def test_example_passes_server_side_dry_run(control_plane: Any, dry_run_namespace: str, path: Path) -> None:
     from e2e.cluster import kubectl
 
-    out = kubectl(control_plane, "apply", "-n", dry_run_namespace, "--dry-run=server", "--validate=strict",
-                  "-f", str(path))
+    out = kubectl(
+        control_plane,
+        "apply",
+        "-n",
+        dry_run_namespace,
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+        str(path),
+    )
     assert "(server dry run)" in out.stdout
 
 
@@ -154,61 +171,126 @@ def waves(*ws: dict[str, Any]) -> Mutation:
 
 # (id, mutation, substrings the apiserver's message must contain: the field, and why)
 INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
-    ("bad-digest", set_path("spec.models[0].artifact.digest", "sha256:abc"),
-     ("spec.models[0].artifact.digest",)),
-    ("digest-uppercase-hex", set_path("spec.models[0].artifact.digest", "sha256:" + "AB" * 32),
-     ("spec.models[0].artifact.digest",)),
-    ("negative-batch-size", set_path("spec.batching.maxBatchSize", -1),
-     ("spec.batching.maxBatchSize", "greater than or equal to 1")),
-    ("p95-above-p99", set_path("spec.sla.p95LatencyMs", 50),
-     ("spec.sla.p95LatencyMs", "must not exceed p99LatencyMs")),
+    (
+        "bad-digest",
+        set_path("spec.models[0].artifact.digest", "sha256:abc"),
+        ("spec.models[0].artifact.digest",),
+    ),
+    (
+        "digest-uppercase-hex",
+        set_path("spec.models[0].artifact.digest", "sha256:" + "AB" * 32),
+        ("spec.models[0].artifact.digest",),
+    ),
+    (
+        "negative-batch-size",
+        set_path("spec.batching.maxBatchSize", -1),
+        ("spec.batching.maxBatchSize", "greater than or equal to 1"),
+    ),
+    (
+        "p95-above-p99",
+        set_path("spec.sla.p95LatencyMs", 50),
+        ("spec.sla.p95LatencyMs", "must not exceed p99LatencyMs"),
+    ),
     ("duplicate-model-names", duplicate_model, ("spec.models[1]", "Duplicate value")),
-    ("unknown-rollout-field", set_path("spec.rollout.canaryz", 5),
-     ('unknown field "spec.rollout.canaryz"',)),
+    ("unknown-rollout-field", set_path("spec.rollout.canaryz", 5), ('unknown field "spec.rollout.canaryz"',)),
     ("unknown-spec-field", set_path("spec.modelz", []), ('unknown field "spec.modelz"',)),
-    ("weight-above-100", waves({"percent": 10, "trafficWeight": 150}),
-     ("spec.rollout.waves[0].trafficWeight", "less than or equal to 100")),
-    ("waves-not-rising", waves({"percent": 50}, {"percent": 25}),
-     ("spec.rollout.waves", "wave percents must rise strictly")),
+    (
+        "weight-above-100",
+        waves({"percent": 10, "trafficWeight": 150}),
+        ("spec.rollout.waves[0].trafficWeight", "less than or equal to 100"),
+    ),
+    (
+        "waves-not-rising",
+        waves({"percent": 50}, {"percent": 25}),
+        ("spec.rollout.waves", "wave percents must rise strictly"),
+    ),
     ("wave-percent-zero", waves({"percent": 0}), ("spec.rollout.waves[0].percent",)),
-    ("wave-percent-and-count", waves({"percent": 10, "count": 2}),
-     ("spec.rollout.waves[0]", "exactly one of percent or count")),
-    ("waves-mixed-units", waves({"count": 2}, {"percent": 50}),
-     ("spec.rollout.waves", "all use percent or all use count")),
-    ("weights-falling", waves({"percent": 10, "trafficWeight": 50}, {"percent": 50, "trafficWeight": 20}),
-     ("spec.rollout.waves", "trafficWeights must not fall")),
-    ("replicas-and-fraction", set_path("spec.placement", {"replicas": 2, "nodeFraction": 0.5}),
-     ("spec.placement.nodeFraction", "mutually exclusive")),
+    (
+        "wave-percent-and-count",
+        waves({"percent": 10, "count": 2}),
+        ("spec.rollout.waves[0]", "exactly one of percent or count"),
+    ),
+    (
+        "waves-mixed-units",
+        waves({"count": 2}, {"percent": 50}),
+        ("spec.rollout.waves", "all use percent or all use count"),
+    ),
+    (
+        "weights-falling",
+        waves({"percent": 10, "trafficWeight": 50}, {"percent": 50, "trafficWeight": 20}),
+        ("spec.rollout.waves", "trafficWeights must not fall"),
+    ),
+    (
+        "replicas-and-fraction",
+        set_path("spec.placement", {"replicas": 2, "nodeFraction": 0.5}),
+        ("spec.placement.nodeFraction", "mutually exclusive"),
+    ),
     ("fraction-zero", set_path("spec.placement.nodeFraction", 0), ("spec.placement.nodeFraction",)),
     ("no-models", set_path("spec.models", []), ("spec.models",)),
     ("uppercase-model-name", set_path("spec.models[0].name", "Classifier"), ("spec.models[0].name",)),
-    ("unknown-format", set_path("spec.models[0].format", "pickle"),
-     ("spec.models[0].format", "Unsupported value")),
+    (
+        "unknown-format",
+        set_path("spec.models[0].format", "pickle"),
+        ("spec.models[0].format", "Unsupported value"),
+    ),
     ("unknown-priority", set_path("spec.models[0].priority", "urgent"), ("spec.models[0].priority",)),
-    ("bad-datatype", set_path("spec.models[0].inputs[0].datatype", "FLOAT"),
-     ("spec.models[0].inputs[0].datatype",)),
-    ("shape-below-minus-one", set_path("spec.models[0].inputs[0].shape", [-2, 64]),
-     ("spec.models[0].inputs[0].shape[0]",)),
-    ("shape-zero", set_path("spec.models[0].inputs[0].shape", [0]),
-     ("spec.models[0].inputs[0].shape", "-1 (dynamic) or positive")),
-    ("missing-artifact-uri", drop_path("spec.models[0].artifact.uri"),
-     ("spec.models[0].artifact.uri", "Required")),
-    ("bad-uri-scheme", set_path("spec.models[0].artifact.uri", "ftp://host/model.pt"),
-     ("spec.models[0].artifact.uri",)),
+    (
+        "bad-datatype",
+        set_path("spec.models[0].inputs[0].datatype", "FLOAT"),
+        ("spec.models[0].inputs[0].datatype",),
+    ),
+    (
+        "shape-below-minus-one",
+        set_path("spec.models[0].inputs[0].shape", [-2, 64]),
+        ("spec.models[0].inputs[0].shape[0]",),
+    ),
+    (
+        "shape-zero",
+        set_path("spec.models[0].inputs[0].shape", [0]),
+        ("spec.models[0].inputs[0].shape", "-1 (dynamic) or positive"),
+    ),
+    (
+        "missing-artifact-uri",
+        drop_path("spec.models[0].artifact.uri"),
+        ("spec.models[0].artifact.uri", "Required"),
+    ),
+    (
+        "bad-uri-scheme",
+        set_path("spec.models[0].artifact.uri", "ftp://host/model.pt"),
+        ("spec.models[0].artifact.uri",),
+    ),
     ("error-rate-above-one", set_path("spec.sla.maxErrorRate", 1.5), ("spec.sla.maxErrorRate",)),
-    ("min-samples-zero", set_path("spec.rollout.analysis.minSamples", 0),
-     ("spec.rollout.analysis.minSamples",)),
-    ("negative-queue-delay", set_path("spec.batching.maxQueueDelayMs", -1),
-     ("spec.batching.maxQueueDelayMs",)),
-    ("bad-memory-estimate", set_path("spec.models[0].memoryEstimate", "lots"),
-     ("spec.models[0].memoryEstimate",)),
-    ("toleration-exists-with-value",
-     set_path("spec.placement.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
-     ("spec.placement.tolerations[0].value", "must be empty")),
+    (
+        "min-samples-zero",
+        set_path("spec.rollout.analysis.minSamples", 0),
+        ("spec.rollout.analysis.minSamples",),
+    ),
+    (
+        "negative-queue-delay",
+        set_path("spec.batching.maxQueueDelayMs", -1),
+        ("spec.batching.maxQueueDelayMs",),
+    ),
+    (
+        "bad-memory-estimate",
+        set_path("spec.models[0].memoryEstimate", "lots"),
+        ("spec.models[0].memoryEstimate",),
+    ),
+    (
+        "toleration-exists-with-value",
+        set_path("spec.placement.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
+        ("spec.placement.tolerations[0].value", "must be empty"),
+    ),
+    (
+        "toleration-equal-without-key",
+        set_path("spec.placement.tolerations", [{"operator": "Equal", "value": "v"}]),
+        ("spec.placement.tolerations[0].key", "key is required"),
+    ),
     ("unknown-strategy", set_path("spec.rollout.strategy", "BlueGreen"), ("spec.rollout.strategy",)),
-    ("analysis-p95-above-p99",
-     set_path("spec.rollout.analysis", {"maxP95LatencyMs": 90, "maxP99LatencyMs": 60}),
-     ("spec.rollout.analysis.maxP95LatencyMs", "must not exceed")),
+    (
+        "analysis-p95-above-p99",
+        set_path("spec.rollout.analysis", {"maxP95LatencyMs": 90, "maxP99LatencyMs": 60}),
+        ("spec.rollout.analysis.maxP95LatencyMs", "must not exceed"),
+    ),
 ]
 
 
@@ -231,13 +313,27 @@ def test_invalid_service_is_rejected_naming_the_field(
 def test_kubectl_get_shows_printer_columns(kube: Any, namespace: str, kubectl: Any) -> None:
     create(kube, namespace, valid_service("shown"), dry_run=False)
     custom(kube).patch_namespaced_custom_object_status(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "shown",
-        {"status": {
-            "conditions": [{"type": "Ready", "status": "True", "reason": "AllNodesReady",
-                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-            "nodesSummary": "3/4", "servingVersion": "1", "sla": {"p95LatencyMs": 12.5},
-            "rollout": {"step": "wave 2/3 (50%)", "phase": "Progressing"},
-        }},
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        api.INFERENCE_SERVICE_PLURAL,
+        "shown",
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "AllNodesReady",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    }
+                ],
+                "nodesSummary": "3/4",
+                "servingVersion": "1",
+                "sla": {"p95LatencyMs": 12.5},
+                "rollout": {"step": "wave 2/3 (50%)", "phase": "Progressing"},
+            }
+        },
     )
     out = kubectl("get", "efis", "shown").stdout
     header, row = out.splitlines()[:2]
@@ -252,7 +348,8 @@ def test_status_is_a_subresource(kube: Any, namespace: str) -> None:
     created = create(kube, namespace, valid_service("sub"), dry_run=False)
     created["status"] = {"servingVersion": "9"}
     updated = custom(kube).replace_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "sub", created)
+        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "sub", created
+    )
     assert "servingVersion" not in updated.get("status", {}), "status must only change via /status"
 
 
@@ -265,12 +362,21 @@ def test_kubectl_explain_describes_fields(kubectl: Any) -> None:
 
 def edge_node(name: str) -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION, "kind": api.EDGE_NODE_KIND, "metadata": {"name": name},
-        "spec": {"nodeName": name, "models": [{
-            "service": "default/svc", "model": "classifier", "version": "1",
-            "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
-            "trafficWeight": 100,
-        }]},
+        "apiVersion": api.API_VERSION,
+        "kind": api.EDGE_NODE_KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": name,
+            "models": [
+                {
+                    "service": "default/svc",
+                    "model": "classifier",
+                    "version": "1",
+                    "artifact": {"uri": "repo://classifier/1/model.pt", "digest": DIGEST},
+                    "trafficWeight": 100,
+                }
+            ],
+        },
     }
 
 
@@ -279,21 +385,27 @@ def test_edge_node_is_cluster_scoped_and_node_name_immutable(kube: Any) -> None:
 
     co = custom(kube)
     name = "en-immutable-test"
-    co.create_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, edge_node(name),
-                                    field_validation="Strict")
+    co.create_cluster_custom_object(
+        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, edge_node(name), field_validation="Strict"
+    )
     try:
         obj = co.get_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
         assert obj["spec"]["models"][0]["preload"] is True
         with pytest.raises(ApiException) as err:
-            co.patch_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
-                                           {"spec": {"nodeName": "elsewhere"}})
+            co.patch_cluster_custom_object(
+                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name, {"spec": {"nodeName": "elsewhere"}}
+            )
         message = json.loads(err.value.body)["message"]
         assert "spec.nodeName" in message and "immutable" in message
         # The agent's status write validates too: a bad digest is refused.
         with pytest.raises(ApiException) as err:
             co.patch_cluster_custom_object_status(
-                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name,
-                {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}})
+                api.GROUP,
+                api.VERSION,
+                api.EDGE_NODE_PLURAL,
+                name,
+                {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}},
+            )
         assert "status.models[0].digest" in json.loads(err.value.body)["message"]
     finally:
         co.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)

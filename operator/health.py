@@ -1,0 +1,87 @@
+"""Node health as placement needs it: a pure judgement over the Node's Ready condition,
+the agent's Lease, and how long each has been so.
+
+Two failures are told apart: a NotReady Node (kubelet or link gone) and an agent
+that stopped renewing its Lease while its Node is still Ready (the agent crashed
+or hung). Either keeps its work for a grace period (Suspect) and loses it after
+(NotReady / AgentSilent). A node that lost its work must then stay healthy for a
+damping period before it gets new work, so a flapping node does not make models
+bounce.
+
+Times are wall-clock seconds (epoch): they come from the API server's
+timestamps, which are the only clock the operator and the agents share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgefleet_operator.fleet_types import Health
+from edgefleet_operator.settings import FleetSettings
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSignals:
+    """What the API server says about one fleet node."""
+
+    name: str
+    ready: bool
+    """The Node's Ready condition is True (False or Unknown -> not ready)."""
+    ready_transition_s: float
+    """When the Ready condition last changed (epoch seconds)."""
+    lease_renew_s: float | None
+    """When the agent last renewed its Lease; None when the node has no agent (yet)."""
+    has_work: bool
+    """The node's EdgeNode spec holds models (an agent is expected)."""
+    work_since_s: float | None = None
+    """When the node got its first work; bounds how long an agent may take to start."""
+
+
+@dataclass
+class HealthTracker:
+    """Remembers, per node, when it last lost its work, for flap damping.
+
+    The only state kept between reconciles; after an operator restart it is empty, which
+    errs towards treating recovered nodes as healthy (their Ready transition time still
+    damps NotReady flaps).
+    """
+
+    settings: FleetSettings
+    agent_start_allowance_s: float = 120.0
+    """How long a node with work may go without a Lease before its agent counts as silent
+    (pulling an image on an edge link is slow)."""
+    lost_work_at: dict[str, float] = field(default_factory=dict)
+
+    def judge(self, s: NodeSignals, now_s: float) -> Health:
+        health = self._raw(s, now_s)
+        if health in (Health.NOT_READY, Health.AGENT_SILENT):
+            self.lost_work_at[s.name] = now_s
+            return health
+        lost = self.lost_work_at.get(s.name)
+        if lost is not None:
+            if now_s - lost < self.settings.flap_damping_s:
+                return Health.SUSPECT
+            del self.lost_work_at[s.name]
+        return health
+
+    def _raw(self, s: NodeSignals, now_s: float) -> Health:
+        cfg = self.settings
+        if not s.ready:
+            down_s = now_s - s.ready_transition_s
+            return Health.NOT_READY if down_s >= cfg.not_ready_grace_s else Health.SUSPECT
+        if s.lease_renew_s is None:
+            if not s.has_work or s.work_since_s is None:
+                return Health.HEALTHY
+            waited = now_s - s.work_since_s
+            return Health.AGENT_SILENT if waited >= self.agent_start_allowance_s else Health.HEALTHY
+        silent_s = now_s - s.lease_renew_s
+        if silent_s >= cfg.agent_grace_s:
+            return Health.AGENT_SILENT
+        if silent_s >= cfg.agent_grace_s / 2:
+            return Health.SUSPECT
+        return Health.HEALTHY
+
+    def forget(self, names: set[str]) -> None:
+        """Drop memory of nodes that left the fleet."""
+        for name in names & self.lost_work_at.keys():
+            del self.lost_work_at[name]

@@ -1,0 +1,445 @@
+"""The fleet reconcile: read the fleet, place, write what changed.
+
+One pass reads Nodes, EdgeNodes, agent Leases and Pods, and InferenceServices;
+runs placement (a pure function); then writes only the differences: EdgeNode
+specs, agent Pods (created where a node has work, deleted where it has none),
+each service's Service and EndpointSlice, its status, and events. Every write is
+idempotent and derived from what is read, so a pass interrupted anywhere (an
+operator killed mid-way) is completed by the next one with no duplicates:
+object names are deterministic and a create that finds the object is a no-op.
+
+Passes run one at a time in a worker thread (the kubernetes client is
+synchronous); handlers only ask for a pass (`FleetLoop.request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet_operator import api, fleet_state, manifests, placement, service_status
+from edgefleet_operator.fleet_types import Health, PlacementResult
+from edgefleet_operator.health import HealthTracker
+from edgefleet_operator.metrics import OperatorMetrics
+from edgefleet_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+WRITE_THREADS = 8
+"""Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
+our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
+
+
+@dataclass
+class PassReport:
+    """What one pass saw and did (for logs, metrics and tests)."""
+
+    nodes: int = 0
+    services: int = 0
+    unplaced: int = 0
+    writes: dict[str, int] = field(default_factory=dict)
+    health: dict[str, str] = field(default_factory=dict)
+    result: PlacementResult | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def wrote(self, what: str) -> None:
+        with self._lock:  # writes run on several threads
+            self.writes[what] = self.writes.get(what, 0) + 1
+
+
+class FleetReconciler:
+    """Reads the fleet and writes the decisions. Synchronous; one pass at a time."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from kubernetes import client
+
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        # Typed as Any: the client takes plain dicts (the API's JSON) where its stubs name models.
+        self.core: Any = client.CoreV1Api(api_client)
+        self.custom: Any = client.CustomObjectsApi(api_client)
+        self.coordination: Any = client.CoordinationV1Api(api_client)
+        self.discovery: Any = client.DiscoveryV1Api(api_client)
+        self.tracker = HealthTracker(settings.fleet)
+        self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+
+    def _each(self, fn: Callable[..., None], items: Iterable[Any]) -> None:
+        """Run fn(*item) for every item on the writer threads; re-raise the first error."""
+        for future in [self.writers.submit(fn, *item) for item in items]:
+            future.result()
+
+    # --- reading -------------------------------------------------------------
+
+    def _read(self) -> tuple[list[Obj], dict[str, Obj], dict[str, Obj], list[Obj], dict[str, Obj]]:
+        fleet_selector = ",".join(f"{k}={v}" for k, v in self.settings.fleet.node_selector.items())
+        ns = self.settings.agent.namespace
+        to_dict = self.core.api_client.sanitize_for_serialization
+        nodes = [to_dict(n) for n in self.core.list_node(label_selector=fleet_selector).items]
+        edge_nodes = {
+            e["metadata"]["name"]: e
+            for e in self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)[
+                "items"
+            ]
+        }
+        leases = {
+            item.metadata.name: to_dict(item)
+            for item in self.coordination.list_namespaced_lease(
+                ns, label_selector=f"app.kubernetes.io/name={api.AGENT_APP}"
+            ).items
+        }
+        services = self.custom.list_cluster_custom_object(
+            api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL
+        )["items"]
+        pods = {
+            p.metadata.name: to_dict(p)
+            for p in self.core.list_namespaced_pod(
+                ns, label_selector=f"app.kubernetes.io/name={api.AGENT_APP}"
+            ).items
+        }
+        return nodes, edge_nodes, leases, services, pods
+
+    # --- one pass ------------------------------------------------------------
+
+    def reconcile_once(self) -> PassReport:
+        t0 = time.monotonic()
+        report = PassReport()
+        try:
+            nodes, edge_nodes, leases, services, pods = self._read()
+            now = self.clock()
+            self._sync_edge_nodes(nodes, edge_nodes, report)
+            live = [s for s in services if not s["metadata"].get("deletionTimestamp")]
+            states = []
+            for node in nodes:
+                name = node["metadata"]["name"]
+                en = edge_nodes.get(name)
+                health = self.tracker.judge(
+                    fleet_state.node_signals(node, en, leases.get(api.agent_name(name))), now
+                )
+                report.health[name] = health.value
+                states.append(
+                    fleet_state.node_state(node, en, health, self.settings.fleet.memory_reserve_fraction)
+                )
+            self.tracker.forget(set(self.tracker.lost_work_at) - {n["metadata"]["name"] for n in nodes})
+            measured = fleet_state.measured_bytes(edge_nodes.values())
+            demands = []
+            for s in list(live):
+                try:
+                    demands.append(fleet_state.service_demand(s, measured))
+                except ValueError as e:  # the CRD's validation should make this unreachable
+                    log.warning("skipping %s: %s", fleet_state.service_key(s), e)
+                    live.remove(s)
+            previous = fleet_state.previous_assignment(e for n, e in edge_nodes.items() if n in report.health)
+            result = placement.place(demands, states, previous)
+            report.result = result
+            templates = {fleet_state.service_key(s): fleet_state.model_templates(s) for s in live}
+            self._write_edge_node_specs(result, templates, edge_nodes, states, report)
+            self._sync_pods(result, edge_nodes, pods, report)
+            self._write_services(live, result, edge_nodes, pods, report)
+            report.nodes, report.services = len(nodes), len(live)
+            report.unplaced = sum(1 for p in result.services.values() if not p.complete)
+            self.metrics.observe_pass(report, time.monotonic() - t0, ok=True)
+            return report
+        except Exception:
+            self.metrics.observe_pass(report, time.monotonic() - t0, ok=False)
+            raise
+
+    # --- writing -------------------------------------------------------------
+
+    def _sync_edge_nodes(self, nodes: list[Obj], edge_nodes: dict[str, Obj], report: PassReport) -> None:
+        """One EdgeNode per fleet Node; EdgeNodes of Nodes that left the fleet are deleted."""
+        from kubernetes.client.exceptions import ApiException
+
+        names = {n["metadata"]["name"] for n in nodes}
+        for node in nodes:
+            name = node["metadata"]["name"]
+            if name not in edge_nodes:
+                try:
+                    edge_nodes[name] = self.custom.create_cluster_custom_object(
+                        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, manifests.edge_node(node)
+                    )
+                    report.wrote("edgenode.create")
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+                    edge_nodes[name] = self.custom.get_cluster_custom_object(
+                        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name
+                    )
+        for name in sorted(set(edge_nodes) - names):
+            try:
+                self.custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+                report.wrote("edgenode.delete")
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+            del edge_nodes[name]
+
+    def _write_edge_node_specs(
+        self,
+        result: PlacementResult,
+        templates: dict[str, Any],
+        edge_nodes: dict[str, Obj],
+        states: list[Any],
+        report: PassReport,
+    ) -> None:
+        capacity = {s.name: s.capacity_bytes for s in states}
+
+        def write(node: str, placed: Any) -> None:
+            en = edge_nodes[node]
+            models = fleet_state.edge_node_models(placed, templates)
+            spec = en.get("spec", {})
+            if spec.get("models", []) == models and spec.get("memoryBudgetBytes") == capacity[node]:
+                return
+            annotations = dict(en["metadata"].get("annotations") or {})
+            patch: Obj = {"spec": {"models": models, "memoryBudgetBytes": capacity[node]}}
+            if models and api.ANNOTATION_WORK_SINCE not in annotations:
+                patch["metadata"] = {"annotations": {api.ANNOTATION_WORK_SINCE: service_status.now_rfc3339()}}
+            elif not models and api.ANNOTATION_WORK_SINCE in annotations:
+                patch["metadata"] = {"annotations": {api.ANNOTATION_WORK_SINCE: None}}
+            edge_nodes[node] = self.custom.patch_cluster_custom_object(
+                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node, patch
+            )
+            report.wrote("edgenode.patch")
+
+        self._each(write, sorted(result.assignment.by_node.items()))
+
+    def _sync_pods(
+        self, result: PlacementResult, edge_nodes: dict[str, Obj], pods: dict[str, Obj], report: PassReport
+    ) -> None:
+        """An agent Pod on every node with work, none on nodes without; failed Pods are replaced."""
+        from kubernetes.client.exceptions import ApiException
+
+        ns = self.settings.agent.namespace
+
+        def sync(node: str, placed: Any) -> None:
+            name = api.agent_name(node)
+            pod = pods.get(name)
+            if pod and (not placed or pod.get("status", {}).get("phase") in ("Failed", "Succeeded")):
+                try:
+                    self.core.delete_namespaced_pod(name, ns)
+                    report.wrote("pod.delete")
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+                return
+            if placed and not pod:
+                try:
+                    self.core.create_namespaced_pod(
+                        ns, manifests.agent_pod(edge_nodes[node], self.settings.agent)
+                    )
+                    report.wrote("pod.create")
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+
+        self._each(sync, sorted(result.assignment.by_node.items()))
+
+    def _write_services(
+        self,
+        services: list[Obj],
+        result: PlacementResult,
+        edge_nodes: dict[str, Obj],
+        pods: dict[str, Obj],
+        report: PassReport,
+    ) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        def write(isvc: Obj) -> None:
+            try:
+                self._write_service(isvc, result, edge_nodes, pods, report)
+            except ApiException as e:
+                # One service's trouble (its namespace terminating, a deleted object) must not stop
+                # the others; the next pass retries it.
+                log.warning("could not update %s: %s %s", fleet_state.service_key(isvc), e.status, e.reason)
+                report.wrote("service.error")
+
+        self._each(write, ((s,) for s in services))
+
+    def _write_service(
+        self,
+        isvc: Obj,
+        result: PlacementResult,
+        edge_nodes: dict[str, Obj],
+        pods: dict[str, Obj],
+        report: PassReport,
+    ) -> None:
+        port = self.settings.agent.port
+        key = fleet_state.service_key(isvc)
+        sp = result.services.get(key)
+        holding = sp.nodes if sp else ()
+        statuses = {n: edge_nodes[n].get("status") or {} for n in holding}
+        endpoints = {n: st["endpoint"] for n, st in statuses.items() if st.get("endpoint")}
+        status = service_status.service_status(
+            isvc, key, sp, statuses, manifests.service_url(isvc), endpoints
+        )
+        self._patch_status(isvc, status, report)
+        self._ensure_service(isvc, report)
+        agents = []
+        for n in holding:
+            pod = pods.get(api.agent_name(n)) or {}
+            ip = pod.get("status", {}).get("podIP")
+            if ip:
+                agents.append((n, ip, any(e["node"] == n and e["ready"] for e in status["nodes"])))
+        self._ensure_endpoint_slice(isvc, agents, port, report)
+        old_message = (isvc.get("status") or {}).get("message", "")
+        for event in (e for e in result.events if e.service == key):
+            if event.reason == "FailedPlacement" and event.message == old_message:
+                continue  # said already; repeating it every pass is noise
+            self._event(
+                isvc,
+                event.reason,
+                event.message,
+                "Warning" if event.reason in ("FailedPlacement", "Evicted") else "Normal",
+                report,
+            )
+
+    def _patch_status(self, isvc: Obj, status: Obj, report: PassReport) -> None:
+        old = isvc.get("status") or {}
+        comparable = {k: v for k, v in status.items() if k != "conditions"}
+        if {k: old.get(k) for k in comparable} == comparable and service_status.conditions_equal(
+            old.get("conditions") or [], status["conditions"]
+        ):
+            return
+        meta = isvc["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            api.GROUP,
+            api.VERSION,
+            meta["namespace"],
+            api.INFERENCE_SERVICE_PLURAL,
+            meta["name"],
+            {"status": status},
+        )
+        report.wrote("inferenceservice.status")
+
+    def _ensure_service(self, isvc: Obj, report: PassReport) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.create_namespaced_service(isvc["metadata"]["namespace"], manifests.service(isvc))
+            report.wrote("service.create")
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+    def _ensure_endpoint_slice(
+        self, isvc: Obj, agents: list[tuple[str, str, bool]], port: int, report: PassReport
+    ) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        body = manifests.endpoint_slice(isvc, agents, port)
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            current = self.discovery.read_namespaced_endpoint_slice(name, ns)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            self.discovery.create_namespaced_endpoint_slice(ns, body)
+            report.wrote("endpointslice.create")
+            return
+        have = self.core.api_client.sanitize_for_serialization(current).get("endpoints") or []
+        want = body["endpoints"]
+        if [(e["addresses"], e.get("nodeName"), e.get("conditions", {}).get("ready")) for e in have] != [
+            (e["addresses"], e["nodeName"], e["conditions"]["ready"]) for e in want
+        ]:
+            self.discovery.patch_namespaced_endpoint_slice(name, ns, {"endpoints": want})
+            report.wrote("endpointslice.patch")
+
+    def _event(self, isvc: Obj, reason: str, message: str, type_: str, report: PassReport) -> None:
+        meta = isvc["metadata"]
+        now = service_status.now_rfc3339()
+        self.core.create_namespaced_event(
+            meta["namespace"],
+            {
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.INFERENCE_SERVICE_KIND,
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                },
+                "reason": reason,
+                "message": message[:1024],
+                "type": type_,
+                "source": {"component": api.MANAGED_BY},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            },
+        )
+        report.wrote("event.create")
+        log.info("%s %s/%s: %s", reason, meta["namespace"], meta["name"], message)
+
+    def holders_of(self, service: str) -> list[str]:
+        """EdgeNodes whose spec still holds `service` (namespace/name)."""
+        items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+        return [
+            e["metadata"]["name"]
+            for e in items
+            if any(m.get("service") == service for m in e.get("spec", {}).get("models") or [])
+        ]
+
+
+class FleetLoop:
+    """Runs reconcile passes in a worker thread: on request (debounced) and every resync interval.
+
+    `request()` is cheap and may be called from any handler; a burst of requests within the
+    debounce window costs one pass. `wait_pass()` waits for the next pass that starts after it
+    is called.
+    """
+
+    def __init__(self, reconciler: FleetReconciler, settings: OperatorSettings) -> None:
+        self.reconciler = reconciler
+        self.settings = settings
+        self._wake = asyncio.Event()
+        self._passes = 0
+        self._done = asyncio.Condition()
+        self.last_ok_s: float = time.monotonic()
+        self.last_report: PassReport | None = None
+
+    def request(self) -> None:
+        self._wake.set()
+
+    async def wait_pass(self, timeout_s: float = 30.0) -> None:
+        target = self._passes + 2  # the pass in progress (if any) may have read stale state
+        self.request()
+        async with self._done:
+            await asyncio.wait_for(self._done.wait_for(lambda: self._passes >= target), timeout_s)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.resync_interval_s)
+            await asyncio.sleep(self.settings.reconcile_debounce_s)
+            self._wake.clear()
+            try:
+                self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
+                self.last_ok_s = time.monotonic()
+                silent = [n for n, h in self.last_report.health.items() if h != Health.HEALTHY.value]
+                log.debug(
+                    "pass: %d nodes, %d services, writes %s, not healthy %s",
+                    self.last_report.nodes,
+                    self.last_report.services,
+                    self.last_report.writes,
+                    silent,
+                )
+            except Exception:
+                log.exception("fleet reconcile failed; retrying")
+                self._wake.set()
+                await asyncio.sleep(1.0)
+            async with self._done:
+                self._passes += 1
+                self._done.notify_all()

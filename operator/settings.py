@@ -1,0 +1,97 @@
+"""Operator settings: grouped dataclasses with reasoned defaults, read once from the
+environment (the Helm chart sets them) and validated there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from edgefleet_operator import api
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Which Nodes are edge nodes, and how their health is judged."""
+
+    node_selector: dict[str, str] = field(default_factory=lambda: {api.LABEL_FLEET: "true"})
+    """Labels a Node must carry to join the fleet."""
+    agent_grace_s: float = 30.0
+    """An agent silent (no Lease renewal) this long while its Node is Ready is AgentSilent: its work
+    moves. 30 s is three missed 10 s heartbeats, long enough to ride out an API server blip."""
+    not_ready_grace_s: float = 30.0
+    """A NotReady Node keeps its work this long before it moves (edge links flap)."""
+    flap_damping_s: float = 120.0
+    """A node that lost its work must stay healthy this long before it gets new work, so a flapping
+    node does not make models bounce."""
+    memory_reserve_fraction: float = 0.10
+    """Share of a GPU's memory kept free of models (allocator slack, CUDA context, other tenants)."""
+
+
+@dataclass(frozen=True)
+class AgentPodSettings:
+    """The node-agent Pod the operator runs on every node with work."""
+
+    image: str = "ghcr.io/edgefleet/agent:0.1.0"
+    namespace: str = "edgefleet-system"
+    service_account: str = "edgefleet-agent"
+    gpu_resource: str = api.GPU_RESOURCE
+    port: int = 8000
+    cpu_request: str = "250m"
+    memory_request: str = "512Mi"
+    memory_limit: str = "4Gi"
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},
+    )
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    agent: AgentPodSettings = field(default_factory=AgentPodSettings)
+    reconcile_debounce_s: float = 0.5
+    """Events within this window are folded into one fleet reconcile (a burst of 200 applies costs
+    a handful of placements, not 200)."""
+    resync_interval_s: float = 10.0
+    """Full reconcile even without events: catches missed watch events and ages node health (Lease
+    renewals are not watched: at 1,000 agents they would be 100 events a second)."""
+    metrics_port: int = 8080
+
+
+def _selector(text: str) -> dict[str, str]:
+    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}; a bare key means value 'true'."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if not key:
+            raise ValueError(f"bad fleet selector {text!r}: empty label key")
+        out[key] = value or "true"
+    return out
+
+
+def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
+    """Settings from EDGEFLEET_* variables; unset ones keep their defaults."""
+    e = dict(os.environ if env is None else env)
+    fleet = FleetSettings(
+        node_selector=_selector(e["EDGEFLEET_FLEET_SELECTOR"])
+        if "EDGEFLEET_FLEET_SELECTOR" in e
+        else FleetSettings().node_selector,
+        agent_grace_s=float(e.get("EDGEFLEET_AGENT_GRACE_S", FleetSettings.agent_grace_s)),
+        not_ready_grace_s=float(e.get("EDGEFLEET_NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s)),
+        flap_damping_s=float(e.get("EDGEFLEET_FLAP_DAMPING_S", FleetSettings.flap_damping_s)),
+    )
+    agent = AgentPodSettings(
+        image=e.get("EDGEFLEET_AGENT_IMAGE", AgentPodSettings.image),
+        namespace=e.get("EDGEFLEET_AGENT_NAMESPACE", AgentPodSettings.namespace),
+    )
+    for name, value in (("agent grace", fleet.agent_grace_s), ("not-ready grace", fleet.not_ready_grace_s)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+    return OperatorSettings(
+        fleet=fleet,
+        agent=agent,
+        reconcile_debounce_s=float(e.get("EDGEFLEET_DEBOUNCE_S", OperatorSettings.reconcile_debounce_s)),
+        resync_interval_s=float(e.get("EDGEFLEET_RESYNC_S", OperatorSettings.resync_interval_s)),
+        metrics_port=int(e.get("EDGEFLEET_METRICS_PORT", OperatorSettings.metrics_port)),
+    )
