@@ -29,9 +29,7 @@ def write_section(name: str, title: str, body_markdown: str, path: Path = DOC) -
     """Replace (or append) the section `name` with `title` and `body_markdown`."""
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"{begin}\n## {title}\n\n_Run {stamp} on {machine()}._\n\n{body_markdown.strip()}\n{end}"
-    )
+    section = f"{begin}\n## {title}\n\n_Run {stamp} on {machine()}._\n\n{body_markdown.strip()}\n{end}"
     text = path.read_text() if path.exists() else PREAMBLE
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):

@@ -65,8 +65,12 @@ class Kubectl:
         self.state = state
         self.namespace = namespace
 
-    def __call__(self, *args: str, check: bool = True, input_: str | None = None,
-                 ) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self,
+        *args: str,
+        check: bool = True,
+        input_: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         ns = ["-n", self.namespace] if self.namespace else []
         return localcluster.kubectl(self.state, *ns, *args, check=check, input_=input_)
 

@@ -38,10 +38,13 @@ def test_simulated_edge_nodes_become_ready_with_gpu_labels(core: Any) -> None:
     prefix = f"n{uuid.uuid4().hex[:5]}"
     names = fleet.create_nodes(core, 3, prefix=prefix)
     try:
+
         def all_ready() -> bool:
             nodes = [core.read_node(n) for n in names]
-            return all(any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
-                       for n in nodes)
+            return all(
+                any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+                for n in nodes
+            )
 
         eventually(all_ready, what="kwok to mark the nodes Ready")
         node = core.read_node(names[1])
@@ -58,15 +61,25 @@ def test_scheduler_binds_a_gpu_pod_to_a_kwok_node_and_it_runs(core: Any, namespa
     prefix = f"s{uuid.uuid4().hex[:5]}"
     names = fleet.create_nodes(core, 1, device_class="jetson-orin", prefix=prefix)
     try:
-        core.create_namespaced_pod(namespace, {
-            "metadata": {"name": "gpu-pod"},
-            "spec": {
-                "nodeSelector": {"kubernetes.io/hostname": names[0]},
-                "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-                "containers": [{"name": "c", "image": "example.invalid/agent:0",
-                                "resources": {"limits": {api.GPU_RESOURCE: "1"}}}],
+        core.create_namespaced_pod(
+            namespace,
+            {
+                "metadata": {"name": "gpu-pod"},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": names[0]},
+                    "tolerations": [
+                        {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+                    ],
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "example.invalid/agent:0",
+                            "resources": {"limits": {api.GPU_RESOURCE: "1"}},
+                        }
+                    ],
+                },
             },
-        })
+        )
         pod = eventually(
             lambda: (p := core.read_namespaced_pod("gpu-pod", namespace)).status.phase == "Running" and p,
             what="the pod to be scheduled and Running",
@@ -78,11 +91,17 @@ def test_scheduler_binds_a_gpu_pod_to_a_kwok_node_and_it_runs(core: Any, namespa
 
 def test_controller_manager_collects_garbage(core: Any, namespace: str) -> None:
     owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
-    core.create_namespaced_config_map(namespace, {"metadata": {
-        "name": "dependent",
-        "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-                             "uid": owner.metadata.uid}],
-    }})
+    core.create_namespaced_config_map(
+        namespace,
+        {
+            "metadata": {
+                "name": "dependent",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+                ],
+            }
+        },
+    )
     core.delete_namespaced_config_map("owner", namespace)
     names = lambda: {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}  # noqa: E731
     eventually(lambda: "dependent" not in names(), what="garbage collection of the dependent")
