@@ -100,7 +100,8 @@ def main() -> None:
             e["metadata"]["name"]
             for e in custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
         }
-        wait(lambda: set(nodes) <= edge_names(), 120, "EdgeNodes for every node")
+        print(f"[bench] {N} nodes created; waiting for the operator's EdgeNodes", flush=True)
+        wait(lambda: set(nodes) <= edge_names(), 300, "EdgeNodes for every node")
         time.sleep(2)  # let the startup passes settle
         writes_before = writes(op.metrics_port)
 
@@ -123,7 +124,9 @@ def main() -> None:
             )
         )
         t_applied = time.monotonic()
+        print(f"[bench] {N} services applied in {t_applied - t0:.1f}s; waiting for placement", flush=True)
         t_placed = wait(lambda: placed() >= N, 300, "all services placed")
+        print(f"[bench] placed after {t_placed - t0:.1f}s", flush=True)
         ops_s = t_placed - t0
         # The pass that wrote the last spec goes on to create Pods, Services, statuses: count them all,
         # once two more passes have completed after it.
@@ -147,11 +150,25 @@ def main() -> None:
         t_bound = wait(lambda: bound() >= N, 300, "all pods bound")
         sched_s = t_bound - t1
     finally:
-        op.stop()
-        pool.shutdown()
+        # Delete the services while the operator still runs: it releases their finalizers.
         for ns in (ns_ops, ns_pods):
             core.delete_namespace(ns)
-        fleet.delete_nodes(core, nodes)
+        try:
+            wait(
+                lambda: (
+                    not custom.list_namespaced_custom_object(
+                        api.GROUP, api.VERSION, ns_ops, api.INFERENCE_SERVICE_PLURAL
+                    )["items"]
+                ),
+                300,
+                "the services' deletion",
+            )
+        except TimeoutError as e:
+            print(f"cleanup: {e}")
+        finally:
+            op.stop()
+            pool.shutdown()
+            fleet.delete_nodes(core, nodes)
 
     rows = [
         ["edgefleet operator: InferenceServices placed (EdgeNode specs written)", N, t_applied - t0, ops_s],

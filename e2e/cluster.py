@@ -195,6 +195,12 @@ def up(install_crds: bool = True, quiet: bool = False) -> ClusterState:
     """Start the control plane, or reuse a healthy one. Returns its state."""
     directory = state_dir()
     existing = ClusterState.load(directory)
+    if existing and all(pid_alive(p) for p in existing.pids.values()):
+        # Running: a slow /readyz (a loaded machine) is no reason to tear down a cluster that other
+        # processes are using; wait for it instead.
+        deadline = time.monotonic() + 120
+        while not readyz(existing, timeout_s=5.0) and time.monotonic() < deadline:
+            time.sleep(1)
     if existing and healthy(existing):
         if not quiet:
             log(f"already running: {existing.server}")

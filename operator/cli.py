@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgefleet_operator import __version__, crdgen
+from edgefleet_operator import __version__, api, crdgen
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -57,6 +57,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_fleet() -> str:
+    """The fleet view of the cluster in the current kubeconfig."""
+    from kubernetes import client
+
+    from edgefleet_operator import fleet_view
+    from edgefleet_operator.handlers import kube_client
+
+    api_client = kube_client()
+    custom = client.CustomObjectsApi(api_client)
+    edge_nodes = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+    services = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)[
+        "items"
+    ]
+    labels = {
+        n.metadata.name: n.metadata.labels or {} for n in client.CoreV1Api(api_client).list_node().items
+    }
+    return fleet_view.render(edge_nodes, labels, services)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Print the fleet view once, or every --watch seconds until interrupted."""
+    import time
+
+    while True:
+        text = read_fleet()
+        if not args.watch:
+            print(text)
+            return 0
+        print("\033[2J\033[H" + time.strftime("%H:%M:%S") + "\n" + text, flush=True)
+        time.sleep(args.watch)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(__version__)
     return 0
@@ -78,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
+    fleet = sub.add_parser("fleet", help="show nodes, models, memory, temperature, p95 and rollouts")
+    fleet.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS")
+    fleet.set_defaults(func=cmd_fleet)
     sub.add_parser("crds", help="print the CRDs as YAML").set_defaults(func=cmd_crds)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     return parser

@@ -7,6 +7,7 @@ Each test labels its own nodes and selects them, so tests do not see each other'
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,24 @@ def operator(
     ensure_agent_namespace(kube)
     proc = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator") / "operator.log")
     yield proc
+    # Services of the last tests' namespaces are being deleted: let the operator release them.
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube)
+    with contextlib.suppress(AssertionError):
+        eventually(
+            lambda: (
+                not [
+                    s
+                    for s in custom.list_cluster_custom_object(
+                        api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL
+                    )["items"]
+                    if s["metadata"].get("deletionTimestamp")
+                ]
+            ),
+            timeout_s=30,
+            what="deleted services released",
+        )
     alive = proc.alive()
     proc.stop()
     assert alive, f"the operator died during the tests:\n{proc.tail()}"

@@ -67,3 +67,27 @@ def test_killed_mid_reconcile_resumes_without_duplicates(
             second.stop()
     finally:
         group.cleanup()
+
+
+def test_a_pass_over_an_unchanged_fleet_writes_nothing(control_plane: Any, kube: Any, namespace: str) -> None:
+    """Idempotence, in-process: after convergence a pass reads, decides the same, and writes nothing
+    (status churn is the API server's load at fleet scale)."""
+    from edgefleet_operator import settings as settings_mod
+    from edgefleet_operator.metrics import OperatorMetrics
+    from edgefleet_operator.reconciler import FleetReconciler
+
+    ensure_agent_namespace(kube)
+    group = Group(kube)
+    try:
+        group.nodes(3, "jetson-orin")
+        apply(kube, namespace, service("idem", group.id, replicas=2))
+        reconciler = FleetReconciler(kube, settings_mod.from_env({}), OperatorMetrics())
+        reports = []
+        for _ in range(6):
+            group.agents.step()
+            reports.append(reconciler.reconcile_once())
+        assert reports[0].writes, "the first pass places the service"
+        assert reports[-1].writes == {}, reports[-1].writes
+        assert len(group.holders(f"{namespace}/idem")) == 2
+    finally:
+        group.cleanup()
