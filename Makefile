@@ -64,6 +64,7 @@ bench: venv
 
 crds: venv
 	$(PY) -m edgefleet_operator.crdgen
+	bash scripts/render-install.sh
 
 clean: cluster-down
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -14,7 +14,7 @@ from e2e.cluster import ClusterState, free_port
 REPO = Path(__file__).resolve().parent.parent
 AGENT_NAMESPACE = "edgefleet-system"
 FAST_SETTINGS = {
-    "EDGEFLEET_AGENT_GRACE_S": "6",
+    "EDGEFLEET_AGENT_GRACE_S": "10",
     "EDGEFLEET_NOT_READY_GRACE_S": "2",
     "EDGEFLEET_FLAP_DAMPING_S": "30",
     "EDGEFLEET_RESYNC_S": "1",

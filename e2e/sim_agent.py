@@ -36,6 +36,8 @@ class SimNode:
     """GPU memory used by something that is not one of our models."""
     model_bytes: int = 64 << 20
     """Measured size reported for every model."""
+    sla_by_version: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Overrides of `sla` for one model version (a canary that errs or is slow)."""
     sla: dict[str, Any] = field(
         default_factory=lambda: {
             "p50LatencyMs": 4.0,
@@ -106,7 +108,7 @@ class SimulatedAgents:
                     "state": "Ready",
                     "memoryBytes": node.model_bytes,
                     "trafficWeight": m.get("trafficWeight", 100),
-                    "sla": dict(node.sla),
+                    "sla": {**node.sla, **node.sla_by_version.get(str(m["version"]), {})},
                 }
                 for m in models
             ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from edgefleet_operator import __version__, api, crdgen
 
@@ -65,14 +66,13 @@ def read_fleet() -> str:
     from edgefleet_operator.handlers import kube_client
 
     api_client = kube_client()
-    custom = client.CustomObjectsApi(api_client)
+    custom: Any = client.CustomObjectsApi(api_client)
     edge_nodes = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
     services = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)[
         "items"
     ]
-    labels = {
-        n.metadata.name: n.metadata.labels or {} for n in client.CoreV1Api(api_client).list_node().items
-    }
+    core: Any = client.CoreV1Api(api_client)
+    labels = {n.metadata.name: n.metadata.labels or {} for n in core.list_node().items}
     return fleet_view.render(edge_nodes, labels, services)
 
 

@@ -583,6 +583,11 @@ def inference_service_status() -> Schema:
             "message": string("Why it ended."),
         },
     )
+    recorded_model = {
+        "type": "object",
+        "description": "A model entry as spec.models had it (validated there; stored as is).",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
     rollout_status = obj(
         "Where the rollout stands. The operator keeps its whole state here, so a restart resumes "
         "exactly where it was.",
@@ -601,6 +606,17 @@ def inference_service_status() -> Schema:
             "analysis": array("Analyses so far in this rollout.", analysis_result, maxItems=64),
             "history": array("The last rollouts, newest first.", history_entry, maxItems=10),
             "message": string("Detail of the current phase."),
+            "stableModels": array(
+                "The stable revision's model entries (kept here: the spec may have moved on).",
+                recorded_model,
+                maxItems=16,
+            ),
+            "canaryModels": array("The canary revision's model entries.", recorded_model, maxItems=16),
+            "startTime": timestamp("When the current (or last) rollout started."),
+            "manuallyPaused": boolean("Paused by the pause action (until the resume action)."),
+            "rollbackReason": string(
+                "The failed checks and their values that rolled the canary back (while it is stopped)."
+            ),
         },
     )
     return obj(

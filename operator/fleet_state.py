@@ -6,7 +6,7 @@ tested without a cluster. The reconciler reads the objects and writes the result
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from edgefleet_operator import api
@@ -154,7 +154,7 @@ def service_demand(isvc: Obj, measured: Mapping[tuple[str, str, str], tuple[int,
             parse_quantity(m.get("memoryEstimate")),
             measured.get((key, m["name"], str(m["version"])), ()),
         )
-        for m in spec["models"]
+        for m in [*spec["models"], *rollout_extra_models(isvc)]
     )
     priority = min(Priority.parse(m.get("priority", "normal")) for m in spec["models"])
     placement = spec.get("placement") or {}
@@ -196,39 +196,61 @@ def previous_assignment(edge_nodes: Iterable[Obj]) -> Assignment:
     return Assignment(by_node)
 
 
-def model_templates(isvc: Obj) -> dict[tuple[str, str], dict[str, Any]]:
-    """(model, version) -> EdgeNode spec entry without budget and weight."""
-    spec = isvc["spec"]
-    key = service_key(isvc)
-    out = {}
-    for m in spec["models"]:
-        entry: dict[str, Any] = {
-            "service": key,
-            "model": m["name"],
-            "version": str(m["version"]),
-            "artifact": dict(m["artifact"]),
-            "format": m.get("format", "torchscript"),
-            "task": m.get("task", "predict"),
-            "priority": m.get("priority", "normal"),
-            "pinned": bool(m.get("pinned", False)),
-            "preload": True,
-        }
-        if spec.get("batching"):
-            entry["batching"] = dict(spec["batching"])
-        if spec.get("sla"):
-            entry["sla"] = dict(spec["sla"])
-        out[(m["name"], str(m["version"]))] = entry
-    return out
+def edge_entry(service: str, model: Obj, isvc_spec: Obj) -> dict[str, Any]:
+    """An EdgeNode spec entry (without budget and weight) for one model version of a service."""
+    entry: dict[str, Any] = {
+        "service": service,
+        "model": model["name"],
+        "version": str(model["version"]),
+        "artifact": dict(model["artifact"]),
+        "format": model.get("format", "torchscript"),
+        "task": model.get("task", "predict"),
+        "priority": model.get("priority", "normal"),
+        "pinned": bool(model.get("pinned", False)),
+        "preload": True,
+    }
+    if isvc_spec.get("batching"):
+        entry["batching"] = dict(isvc_spec["batching"])
+    if isvc_spec.get("sla"):
+        entry["sla"] = dict(isvc_spec["sla"])
+    return entry
+
+
+def rollout_extra_models(isvc: Obj) -> list[Obj]:
+    """Stable model versions a rollout in progress still runs beside the spec's (new) ones.
+
+    Placement budgets memory for both on every node of the service while a rollout runs: canary
+    nodes hold both side by side, and a rollback must find room for the stable version.
+    """
+    rollout = (isvc.get("status") or {}).get("rollout") or {}
+    if rollout.get("phase") not in ("Progressing", "Paused"):
+        return []
+    spec_refs = {(m["name"], str(m["version"])) for m in isvc["spec"]["models"]}
+    return [m for m in rollout.get("stableModels") or [] if (m["name"], str(m["version"])) not in spec_refs]
 
 
 def edge_node_models(
-    placed: Iterable[PlacedModel], templates: Mapping[str, Mapping[tuple[str, str], dict[str, Any]]]
+    node: str,
+    placed: Iterable[PlacedModel],
+    targets: Mapping[str, Any],
+    specs: Mapping[str, Obj],
+    current: Sequence[Obj] = (),
 ) -> list[dict[str, Any]]:
-    """EdgeNode.spec.models for one node, sorted by (service, model, version)."""
-    out = []
-    for p in sorted(placed):
-        entry = dict(templates[p.service][(p.model, p.version)])
-        entry["memoryBudgetBytes"] = p.memory_budget_bytes
-        entry["trafficWeight"] = p.traffic_weight
-        out.append(entry)
-    return out
+    """EdgeNode.spec.models for one node, sorted by (service, model, version).
+
+    `targets`: service -> its rollout Decision (which revision(s) this node runs, with weights);
+    budgets come from placement, per model name. A service without a decision this pass (its
+    status could not be written) keeps the node's `current` entries for it.
+    """
+    budgets = {(p.service, p.model): p.memory_budget_bytes for p in placed}
+    out: list[dict[str, Any]] = []
+    for service in sorted({p.service for p in placed}):
+        if service not in targets:
+            out += [dict(e) for e in current if e.get("service") == service]
+            continue
+        for model, weight in targets[service].placed(node):
+            entry = edge_entry(service, model, specs[service])
+            entry["memoryBudgetBytes"] = budgets.get((service, model["name"]), 0)
+            entry["trafficWeight"] = weight
+            out.append(entry)
+    return sorted(out, key=lambda e: (e["service"], e["model"], e["version"]))

@@ -295,9 +295,7 @@ class _Fleet:
             down = self.out[NOT_READY] | self.out[AGENT_SILENT]
             match = self.selector_match(demand.node_selector)
             live_match = len(match) - sum(n in match for n in down)
-            untolerated = sum(
-                n in match and n not in down for n in self.untolerated(demand.tolerations)
-            )
+            untolerated = sum(n in match and n not in down for n in self.untolerated(demand.tolerations))
             eligible = len(self.eligible(demand))
             counts = {
                 NOT_READY: len(self.out[NOT_READY]),
@@ -313,9 +311,7 @@ class _Fleet:
         """node -> its value of `label`, for the nodes that have it."""
         key = ("domain", label)
         if key not in self._cache:
-            self._cache[key] = {
-                n: nd.labels[label] for n, nd in self.nodes.items() if label in nd.labels
-            }
+            self._cache[key] = {n: nd.labels[label] for n, nd in self.nodes.items() if label in nd.labels}
         return self._cache[key]
 
     def domains(self, demand: ServiceDemand) -> list[str]:
@@ -456,11 +452,7 @@ class _Fleet:
         free, placeable, key = self.free, self.placeable, self.rank_key(svc)
         special = self.soft_penalty(svc.demand.tolerations).keys() | self.sla.get(svc.name, {})
         ranked = sorted(
-            (
-                n
-                for n in special
-                if n in eligible and n in placeable and n not in holders and free[n] >= need
-            ),
+            (n for n in special if n in eligible and n in placeable and n not in holders and free[n] >= need),
             key=key,
         )
         plain = (0, 1)  # no soft-taint penalty, no SLA record
@@ -481,9 +473,7 @@ class _Fleet:
                     yield n
         yield from (n for n in ranked if key(n)[:2] > plain)
 
-    def _sorted_plain(
-        self, svc: _Svc, special: Set[str], start: tuple[int, str] | None
-    ) -> Iterator[str]:
+    def _sorted_plain(self, svc: _Svc, special: Set[str], start: tuple[int, str] | None) -> Iterator[str]:
         """Fitting candidates without a special rank, by (-free, name), from `start` on."""
         free, placeable, holders = self.free, self.placeable, svc.nodes
         pool = svc.eligible - holders if holders else svc.eligible
@@ -497,9 +487,7 @@ class _Fleet:
         """The least urgent, fewest lower-priority services to evict so `svc` fits, or None."""
         order = self._eviction_order.get(node)
         if order is None:
-            order = sorted(
-                self.residents[node].values(), key=lambda v: (-v.priority, -v.need, v.name)
-            )
+            order = sorted(self.residents[node].values(), key=lambda v: (-v.priority, -v.need, v.name))
             self._eviction_order[node] = order
         free, chosen = self.free[node], []
         for v in order:
@@ -548,9 +536,7 @@ def _previous_pairs(previous: Assignment | None) -> dict[str, list[str]]:
 # --- phases ------------------------------------------------------------------------------------
 
 
-def _prepare(
-    services: Iterable[ServiceDemand], fleet: _Fleet, settings: PlacementSettings
-) -> list[_Svc]:
+def _prepare(services: Iterable[ServiceDemand], fleet: _Fleet, settings: PlacementSettings) -> list[_Svc]:
     """Services in processing order (priority, then name), with eligible nodes and targets."""
     demands: dict[str, ServiceDemand] = {}
     for demand in services:
@@ -654,9 +640,7 @@ def _room_by_displacement(svc: _Svc, fleet: _Fleet) -> dict[Priority, list[str]]
         return {}
     need, free, holders = svc.need, fleet.free, svc.nodes
     room = fleet.room_for(svc.priority)  # placeable nodes only
-    rest = [
-        n for n in svc.eligible if room.get(n, -1) >= need and free[n] < need and n not in holders
-    ]
+    rest = [n for n in svc.eligible if room.get(n, -1) >= need and free[n] < need and n not in holders]
     found = {}
     for p in reversed(_LESS_URGENT[svc.priority]):  # least urgent first
         # Evicting priority p and everything less urgent frees the room of the next more urgent.
@@ -870,9 +854,7 @@ def check_invariants(
         if sp.message:  # every node counted once, under one reason
             counted = re.search(r"nodes available(?:: (.*))?$", sp.message)
             assert counted is not None, sp.message
-            total = sum(
-                int(part.split(" ", 1)[0]) for part in (counted[1] or "").split(", ") if part
-            )
+            total = sum(int(part.split(" ", 1)[0]) for part in (counted[1] or "").split(", ") if part)
             assert total == len(by_name), f"{service}: {sp.message}"
         if d.spread is None and len(sp.nodes) < sp.target:
             _assert_no_room_left(service, d, by_name, demands, assignment, settings)
@@ -900,9 +882,7 @@ def _assert_no_room_left(
         if not _allows(d, node) or any(m.service == service for m in models):
             continue
         free = node.capacity_bytes - sum(m.memory_budget_bytes for m in models)
-        lower = sum(
-            m.memory_budget_bytes for m in models if demands[m.service].priority > d.priority
-        )
+        lower = sum(m.memory_budget_bytes for m in models if demands[m.service].priority > d.priority)
         assert free + lower < d.memory_bytes, f"{service} is short but would fit on {name}"
 
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet_operator import api, fleet_state, manifests, placement, service_status
+from edgefleet_operator import api, fleet_state, manifests, placement, rollout, service_status
 from edgefleet_operator.fleet_types import Health, PlacementResult
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
@@ -145,10 +145,12 @@ class FleetReconciler:
             previous = fleet_state.previous_assignment(e for n, e in edge_nodes.items() if n in report.health)
             result = placement.place(demands, states, previous)
             report.result = result
-            templates = {fleet_state.service_key(s): fleet_state.model_templates(s) for s in live}
-            self._write_edge_node_specs(result, templates, edge_nodes, states, report)
+            node_labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
+            decisions = self._rollouts(live, result, edge_nodes, node_labels, now, report)
+            specs = {fleet_state.service_key(s): s["spec"] for s in live}
+            self._write_edge_node_specs(result, decisions, specs, edge_nodes, states, report)
             self._sync_pods(result, edge_nodes, pods, report)
-            self._write_services(live, result, edge_nodes, pods, report)
+            self._write_services(live, result, decisions, edge_nodes, pods, report)
             report.nodes, report.services = len(nodes), len(live)
             report.unplaced = sum(1 for p in result.services.values() if not p.complete)
             self.metrics.observe_pass(report, time.monotonic() - t0, ok=True)
@@ -187,10 +189,88 @@ class FleetReconciler:
                     raise
             del edge_nodes[name]
 
+    def _rollouts(
+        self,
+        services: list[Obj],
+        result: PlacementResult,
+        edge_nodes: dict[str, Obj],
+        node_labels: dict[str, Any],
+        now: float,
+        report: PassReport,
+    ) -> dict[str, rollout.Decision]:
+        """Each service's rollout step. Its status.rollout is written here, BEFORE any EdgeNode spec
+        built from it: a crash in between leaves no node on a revision status does not record."""
+        decisions = {}
+
+        def decide(isvc: Obj) -> None:
+            key = fleet_state.service_key(isvc)
+            meta = isvc["metadata"]
+            annotation = (meta.get("annotations") or {}).get(api.ANNOTATION_ROLLOUT_ACTION)
+            try:
+                action = rollout.parse_action(annotation)
+            except ValueError as e:
+                action = None
+                self._event(isvc, "InvalidRolloutAction", str(e), "Warning", report)
+            nodes = result.services[key].nodes if key in result.services else ()
+            observations = {
+                n: rollout.observe(
+                    key,
+                    edge_nodes[n].get("status") or {},
+                    node_labels.get(n, {}).get(api.LABEL_DEVICE_CLASS, ""),
+                )
+                for n in nodes
+            }
+            previous = (isvc.get("status") or {}).get("rollout")
+            decision = rollout.step(
+                rollout.parse_spec(isvc["spec"]), previous, nodes, observations, now, action, key
+            )
+            if decision.status != previous:
+                self.custom.patch_namespaced_custom_object_status(
+                    api.GROUP,
+                    api.VERSION,
+                    meta["namespace"],
+                    api.INFERENCE_SERVICE_PLURAL,
+                    meta["name"],
+                    {"status": {"rollout": decision.status}},
+                )
+                isvc.setdefault("status", {})["rollout"] = decision.status
+                report.wrote("inferenceservice.rollout")
+            if annotation is not None:
+                self.custom.patch_namespaced_custom_object(
+                    api.GROUP,
+                    api.VERSION,
+                    meta["namespace"],
+                    api.INFERENCE_SERVICE_PLURAL,
+                    meta["name"],
+                    {"metadata": {"annotations": {api.ANNOTATION_ROLLOUT_ACTION: None}}},
+                )
+                report.wrote("inferenceservice.annotation")
+            for event in decision.events:
+                self._event(
+                    isvc, event.reason, event.message, "Warning" if event.warning else "Normal", report
+                )
+            decisions[key] = decision
+
+        from kubernetes.client.exceptions import ApiException
+
+        def decide_safely(isvc: Obj) -> None:
+            try:
+                decide(isvc)
+            except ApiException as e:
+                # Status not written: this service's EdgeNode entries stay as they are this pass.
+                log.warning(
+                    "rollout of %s not advanced: %s %s", fleet_state.service_key(isvc), e.status, e.reason
+                )
+                report.wrote("rollout.error")
+
+        self._each(decide_safely, ((s,) for s in services))
+        return decisions
+
     def _write_edge_node_specs(
         self,
         result: PlacementResult,
-        templates: dict[str, Any],
+        decisions: dict[str, rollout.Decision],
+        specs: dict[str, Obj],
         edge_nodes: dict[str, Obj],
         states: list[Any],
         report: PassReport,
@@ -199,8 +279,8 @@ class FleetReconciler:
 
         def write(node: str, placed: Any) -> None:
             en = edge_nodes[node]
-            models = fleet_state.edge_node_models(placed, templates)
             spec = en.get("spec", {})
+            models = fleet_state.edge_node_models(node, placed, decisions, specs, spec.get("models") or [])
             if spec.get("models", []) == models and spec.get("memoryBudgetBytes") == capacity[node]:
                 return
             annotations = dict(en["metadata"].get("annotations") or {})
@@ -251,6 +331,7 @@ class FleetReconciler:
         self,
         services: list[Obj],
         result: PlacementResult,
+        decisions: dict[str, rollout.Decision],
         edge_nodes: dict[str, Obj],
         pods: dict[str, Obj],
         report: PassReport,
@@ -259,7 +340,9 @@ class FleetReconciler:
 
         def write(isvc: Obj) -> None:
             try:
-                self._write_service(isvc, result, edge_nodes, pods, report)
+                self._write_service(
+                    isvc, result, decisions[fleet_state.service_key(isvc)], edge_nodes, pods, report
+                )
             except ApiException as e:
                 # One service's trouble (its namespace terminating, a deleted object) must not stop
                 # the others; the next pass retries it.
@@ -272,6 +355,7 @@ class FleetReconciler:
         self,
         isvc: Obj,
         result: PlacementResult,
+        decision: rollout.Decision,
         edge_nodes: dict[str, Obj],
         pods: dict[str, Obj],
         report: PassReport,
@@ -282,8 +366,21 @@ class FleetReconciler:
         holding = sp.nodes if sp else ()
         statuses = {n: edge_nodes[n].get("status") or {} for n in holding}
         endpoints = {n: st["endpoint"] for n, st in statuses.items() if st.get("endpoint")}
+        node_models = {
+            n: [(m["name"], str(m["version"]), m["artifact"]["digest"]) for m, _ in decision.placed(n)]
+            for n in holding
+        }
         status = service_status.service_status(
-            isvc, key, sp, statuses, manifests.service_url(isvc), endpoints
+            isvc,
+            key,
+            sp,
+            statuses,
+            manifests.service_url(isvc),
+            endpoints,
+            node_versions=decision.node_versions(),
+            node_models=node_models,
+            degraded=decision.degraded,
+            rollout_status=decision.status,
         )
         self._patch_status(isvc, status, report)
         self._ensure_service(isvc, report)
@@ -360,26 +457,32 @@ class FleetReconciler:
     def _event(self, isvc: Obj, reason: str, message: str, type_: str, report: PassReport) -> None:
         meta = isvc["metadata"]
         now = service_status.now_rfc3339()
-        self.core.create_namespaced_event(
-            meta["namespace"],
-            {
-                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-                "involvedObject": {
-                    "apiVersion": api.API_VERSION,
-                    "kind": api.INFERENCE_SERVICE_KIND,
-                    "name": meta["name"],
-                    "namespace": meta["namespace"],
-                    "uid": meta["uid"],
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.create_namespaced_event(
+                meta["namespace"],
+                {
+                    "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                    "involvedObject": {
+                        "apiVersion": api.API_VERSION,
+                        "kind": api.INFERENCE_SERVICE_KIND,
+                        "name": meta["name"],
+                        "namespace": meta["namespace"],
+                        "uid": meta["uid"],
+                    },
+                    "reason": reason,
+                    "message": message[:1024],
+                    "type": type_,
+                    "source": {"component": api.MANAGED_BY},
+                    "firstTimestamp": now,
+                    "lastTimestamp": now,
+                    "count": 1,
                 },
-                "reason": reason,
-                "message": message[:1024],
-                "type": type_,
-                "source": {"component": api.MANAGED_BY},
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            },
-        )
+            )
+        except ApiException as e:  # events are best effort: a terminating namespace refuses them
+            log.debug("event %s on %s/%s not posted: %s", reason, meta["namespace"], meta["name"], e.status)
+            return
         report.wrote("event.create")
         log.info("%s %s/%s: %s", reason, meta["namespace"], meta["name"], message)
 

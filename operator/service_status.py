@@ -89,11 +89,17 @@ def service_status(
     url: str,
     endpoints: Mapping[str, str],
     node_versions: Mapping[str, str] | None = None,
+    node_models: Mapping[str, Sequence[tuple[str, str, str]]] | None = None,
+    degraded: tuple[str, str] | None = None,
+    rollout_status: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole status (except the rollout part) of one InferenceService.
 
     `edge_node_status`: node name -> EdgeNode.status, for the nodes holding it.
     `node_versions`: node -> the version label it should serve (rollouts); by default the spec's.
+    `node_models`: node -> the (model, version, digest) it must hold (a canary node holds the new
+    revision, others the stable one); by default the spec's models. `degraded`: a failed rollout's
+    (reason, message). `rollout_status`: status.rollout, carried as is.
     """
     meta, spec = isvc["metadata"], isvc["spec"]
     generation = int(meta.get("generation", 1))
@@ -111,9 +117,10 @@ def service_status(
         st = edge_node_status.get(node) or {}
         version = (node_versions or {}).get(node, spec_version)
         versions[version] += 1
-        ready = all(
-            model_ready_on(st, service, m["name"], str(m["version"]), m["artifact"]["digest"]) for m in models
-        )
+        wanted = (node_models or {}).get(node) or [
+            (m["name"], str(m["version"]), m["artifact"]["digest"]) for m in models
+        ]
+        ready = all(model_ready_on(st, service, name, version, digest) for name, version, digest in wanted)
         if ready:
             ready_nodes.append(node)
             ready_versions[version] += 1
@@ -145,7 +152,7 @@ def service_status(
     else:
         ready_reason = "NodesNotReady"
         ready_msg = f"{len(ready_nodes)}/{target} nodes ready" + (f"; {message}" if message else "")
-    degraded_why = []
+    degraded_why = [degraded] if degraded else []
     if message:
         degraded_why.append(("Unplaceable", message))
     if failures:
@@ -193,6 +200,8 @@ def service_status(
         "endpoints": sorted(endpoints[n] for n in ready_nodes if n in endpoints),
         "message": message,
     }
+    if rollout_status is not None:
+        status["rollout"] = dict(rollout_status)
     return status
 
 

@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1.7
+# The edgefleet node agent, CPU only (torch CPU build): development, CI, and nodes without a GPU.
+#
+#   docker build -f docker/agent-cpu.Dockerfile -t ghcr.io/edgefleet/agent:0.1.0-cpu .
+#
+# Base images are pinned by exact version tag; digests could not be verified from the build
+# host (no registry access) - pin them with `docker buildx imagetools inspect` before release.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/edgefleet \
+    && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+COPY node_agent ./node_agent
+# torch is already satisfied by the CPU build above, so pip keeps it.
+RUN /opt/edgefleet/bin/pip install . \
+    && /opt/edgefleet/bin/python -m compileall -q /opt/edgefleet
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="edgefleet-agent" \
+      org.opencontainers.image.description="edgefleet node agent (CPU)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Read-only root filesystem: models and state live on /var/lib/edgefleet (a volume), scratch on
+# /tmp (an emptyDir); no bytecode writes.
+ENV PATH=/opt/edgefleet/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
+COPY --from=build /opt/edgefleet /opt/edgefleet
+RUN install -d -o 65532 -g 65532 /var/lib/edgefleet
+VOLUME ["/var/lib/edgefleet"]
+USER 65532:65532
+EXPOSE 8000
+ENTRYPOINT ["edgefleet-agent"]
+CMD ["serve", "--model-repository", "/var/lib/edgefleet/models"]

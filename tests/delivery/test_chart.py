@@ -1,0 +1,369 @@
+"""The Helm chart and the install bundle against the real local control plane: lint, a server-side
+dry run, the values schema, RBAC without wildcards, and a real `helm install` / `helm uninstall`
+in which the agent admission policy is exercised with a token bound to an agent Pod."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e import cluster as localcluster
+from e2e import fleet
+from edgefleet_operator import api, manifests
+from edgefleet_operator.settings import AgentPodSettings
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "edgefleet"
+KUBE_VERSION = "1.30.0"
+RBAC_KINDS = {"ClusterRole", "Role"}
+
+
+class Helm:
+    def __init__(self, state: localcluster.ClusterState) -> None:
+        self.state = state
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [f"{self.state.bin_dir}/helm", f"--kubeconfig={self.state.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
+        return out
+
+    def template(self, *args: str, namespace: str = "edgefleet-system") -> list[dict[str, Any]]:
+        text = self("template", "edgefleet", str(CHART), "--namespace", namespace,
+                    "--kube-version", KUBE_VERSION, *args).stdout
+        return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def helm(control_plane: localcluster.ClusterState) -> Helm:
+    return Helm(control_plane)
+
+
+def kubectl(state: localcluster.ClusterState, *args: str, check: bool = True,
+            input_: str | None = None) -> subprocess.CompletedProcess[str]:
+    return localcluster.kubectl(state, *args, check=check, input_=input_)
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.3)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"{kind} *{name_suffix}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs, over all rules of a Role or ClusterRole."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+# --- static: lint, schema, rendering ---------------------------------------------------------
+
+
+def test_helm_lint_strict(helm: Helm) -> None:
+    out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART))
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_lint_with_every_option_on(helm: Helm) -> None:
+    helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), "--set",
+         "namespace.create=true,serviceMonitor.enabled=true,grafanaDashboard.enabled=true,"
+         "operator.verbose=true,agent.thermal.softLimitC=70")
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("operator.replicas=2", "replicas"),
+        ("fleet.memoryReserveFraction=1.5", "memoryReserveFraction"),
+        ("fleet.agentGraceSeconds=-1", "agentGraceSeconds"),
+        ("agent.gpuResource=not a resource", "gpuResource"),
+        ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
+        ("namespace.podSecurity=lax", "podSecurity"),
+    ],
+)
+def test_schema_rejects_bad_values(helm: Helm, setting: str, complaint: str) -> None:
+    out = helm("template", "edgefleet", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting,
+               check=False)
+    assert out.returncode != 0, f"--set {setting} was accepted"
+    assert "values don't meet the specifications of the schema" in out.stderr
+    assert complaint in out.stderr
+
+
+def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
+    docs = helm.template("--set", "fleet.selector.site=berlin,agent.thermal.softLimitC=72")
+    dep = one(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {"name": "healthz", "containerPort": 8081} in container["ports"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # The variables operator/settings.py reads, with the values' meaning.
+    assert set(env["EDGEFLEET_FLEET_SELECTOR"].split(",")) == {"edgefleet.io/fleet=true", "site=berlin"}
+    assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-system"
+    assert env["EDGEFLEET_AGENT_IMAGE"] == "ghcr.io/edgefleet/agent:0.1.0"
+    assert env["EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C"] == "72"
+    assert json.loads(env["EDGEFLEET_AGENT_TOLERATIONS"])[0]["key"] == "node-role.kubernetes.io/edge"
+    for name in ("EDGEFLEET_AGENT_GRACE_S", "EDGEFLEET_NOT_READY_GRACE_S", "EDGEFLEET_FLAP_DAMPING_S",
+                 "EDGEFLEET_DEBOUNCE_S", "EDGEFLEET_RESYNC_S", "EDGEFLEET_MEMORY_RESERVE_FRACTION"):
+        float(env[name])
+    assert container["image"] == "ghcr.io/edgefleet/operator:0.1.0"
+
+
+def test_optional_monitoring_objects(helm: Helm) -> None:
+    assert not by_kind(helm.template(), "ServiceMonitor")
+    assert not by_kind(helm.template(), "ConfigMap")
+    docs = helm.template("--set", "serviceMonitor.enabled=true,grafanaDashboard.enabled=true")
+    monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service", "-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    dashboard = json.loads(one(docs, "ConfigMap")["data"]["edgefleet.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert "edgefleet_operator_fleet_nodes" in exprs and "edgefleet_gpu_temperature_celsius" in exprs
+
+
+def test_namespace_carries_pod_security_restricted(helm: Helm) -> None:
+    assert not by_kind(helm.template(), "Namespace"), "Helm's --create-namespace owns it by default"
+    ns = one(helm.template("--set", "namespace.create=true"), "Namespace")
+    assert ns["metadata"]["name"] == "edgefleet-system"
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
+    docs = helm.template("--set", "namespace.create=true,serviceMonitor.enabled=true")
+    roles = [d for d in docs if d["kind"] in RBAC_KINDS]
+    assert len(roles) == 4
+    for role in roles:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(key, []), f"{role['metadata']['name']}: wildcard in {key}"
+            assert set(rule) <= {"apiGroups", "resources", "verbs"}
+            assert rule["verbs"] and rule["resources"]
+        assert ("", "secrets") not in grants(role), "no Secret access"
+    agent_cluster = grants(one(docs, "ClusterRole", "-agent"))
+    assert agent_cluster == {
+        ("edgefleet.io", "edgenodes"): {"get", "list", "watch"},
+        ("edgefleet.io", "edgenodes/status"): {"get", "patch"},
+    }
+    agent_ns = one(docs, "Role", "-agent")
+    assert agent_ns["metadata"]["namespace"] == "edgefleet-system"
+    assert grants(agent_ns) == {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
+    operator_cluster = grants(one(docs, "ClusterRole", "-operator"))
+    assert operator_cluster[("", "pods")] == {"list", "watch"}, "pod writes only in the agent namespace"
+    assert operator_cluster[("", "nodes")] == {"get", "list", "watch"}
+    assert operator_cluster[("edgefleet.io", "inferenceservices")] == {"get", "list", "watch", "patch"}
+    assert "delete" not in operator_cluster[("edgefleet.io", "inferenceservices")]
+    assert ("coordination.k8s.io", "leases") not in operator_cluster
+    operator_ns = grants(one(docs, "Role", "-operator"))
+    assert operator_ns[("", "pods")] >= {"create", "delete"}
+    assert operator_ns[("coordination.k8s.io", "leases")] == {"get", "list", "watch"}
+
+
+def test_install_bundle_is_in_sync(control_plane: localcluster.ClusterState) -> None:
+    env = {**os.environ, "PATH": f"{control_plane.bin_dir}:{os.environ['PATH']}"}
+    out = subprocess.run([str(REPO / "scripts" / "render-install.sh"), "--check"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, f"manifests/install.yaml is stale:\n{out.stdout[-3000:]}{out.stderr}"
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.index("Namespace") < kinds.index("ServiceAccount") < kinds.index("Deployment")
+    for role in (d for d in docs if d["kind"] in RBAC_KINDS):
+        assert all("*" not in rule[k] for rule in role["rules"] for k in ("apiGroups", "resources", "verbs"))
+
+
+# --- against the API server ------------------------------------------------------------------
+
+
+def test_rendered_chart_passes_server_side_dry_run(
+    helm: Helm, control_plane: localcluster.ClusterState, namespace: str
+) -> None:
+    text = helm("template", "edgefleet", str(CHART), "--namespace", namespace, "--include-crds",
+                "--kube-version", KUBE_VERSION, "--set", f"agent.namespace={namespace}").stdout
+    out = kubectl(control_plane, "apply", "--dry-run=server", "-f", "-", input_=text)
+    for kind in (
+        "deployment.apps/edgefleet-operator",
+        "clusterrole.rbac.authorization.k8s.io/edgefleet-agent",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/edgefleet-agent-own-node",
+        "role.rbac.authorization.k8s.io/edgefleet-operator",
+    ):
+        assert kind in out.stdout
+    assert out.stdout.count("(server dry run)") == len([d for d in yaml.safe_load_all(text) if d])
+
+
+@pytest.fixture
+def release(helm: Helm, control_plane: localcluster.ClusterState, namespace: str) -> Iterator[dict[str, str]]:
+    """A fresh release in a fresh namespace; its agents get a namespace of their own from the chart."""
+    name = f"ef{uuid.uuid4().hex[:6]}"
+    agent_ns = f"{namespace[:50]}-agents"
+    # Enforce "restricted" on the release namespace too: the operator Pod must pass it.
+    kubectl(control_plane, "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    # The peering object has one fixed name per cluster; a test operator may have made it already.
+    peering = kubectl(control_plane, "get", "clusterkopfpeering", "edgefleet", check=False)
+    have_peering = peering.returncode == 0
+    settings = (f"agent.namespace={agent_ns},namespace.create=true,"
+                f"peering.create={str(not have_peering).lower()}")
+    info = {"name": name, "namespace": namespace, "agent_ns": agent_ns, "fullname": f"{name}-edgefleet",
+            "peering": str(not have_peering)}
+    try:
+        helm("install", name, str(CHART), "--namespace", namespace, "--set", settings, "--wait=false")
+        yield info
+    finally:
+        helm("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
+
+
+def agent_kubeconfig(state: localcluster.ClusterState, token: str, tmp_path: Path) -> Path:
+    """The admin kubeconfig with its user replaced by a bearer token."""
+    config = yaml.safe_load(state.kubeconfig.read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = tmp_path / "agent.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_helm_install_and_uninstall(
+    helm: Helm, control_plane: localcluster.ClusterState, kube: Any, release: dict[str, str], tmp_path: Path
+) -> None:
+    from kubernetes import client
+
+    ns, agent_ns, full = release["namespace"], release["agent_ns"], release["fullname"]
+    op = f"{full}-operator"
+    st = control_plane
+    status = json.loads(helm("status", release["name"], "-n", ns, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+
+    # What the chart created.
+    kubectl(st, "-n", ns, "get", f"deployment/{op}", f"serviceaccount/{op}", f"service/{op}-metrics")
+    kubectl(st, "-n", agent_ns, "get", "serviceaccount/edgefleet-agent", f"role/{op}", f"role/{full}-agent",
+            f"rolebinding/{op}", f"rolebinding/{full}-agent")
+    kubectl(st, "get", f"clusterrole/{op}", f"clusterrole/{full}-agent", f"clusterrolebinding/{op}",
+            f"clusterrolebinding/{full}-agent")
+    kubectl(st, "get", f"validatingadmissionpolicy/{full}-agent-own-node",
+            f"validatingadmissionpolicybinding/{full}-agent-own-node")
+    labels = json.loads(kubectl(st, "get", "namespace", agent_ns, "-o", "json").stdout)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    if release["peering"] == "True":
+        kubectl(st, "get", "clusterkopfpeering", "edgefleet")
+    # The operator Pod passes Pod Security "restricted" (the ReplicaSet could create it).
+    eventually(
+        lambda: kubectl(st, "-n", ns, "get", "pods", "-l", "app.kubernetes.io/name=edgefleet-operator",
+                        "-o", "name").stdout.strip(),
+        what="the operator Pod to be admitted under restricted Pod Security",
+    )
+
+    # The admission policy: an agent Pod on node A, with a token bound to it, may write EdgeNode A
+    # and Lease edgefleet-agent-A, and nothing of node B.
+    core = client.CoreV1Api(kube)
+    custom = client.CustomObjectsApi(kube)
+    prefix = f"vap{uuid.uuid4().hex[:5]}"
+    node_a, node_b = fleet.create_nodes(core, 2, device_class="edge-server", prefix=prefix)
+    try:
+        edge_nodes = {}
+        for node in (node_a, node_b):
+            try:
+                edge_nodes[node] = custom.create_cluster_custom_object(
+                    api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL,
+                    manifests.edge_node(core.api_client.sanitize_for_serialization(core.read_node(node))),
+                )
+            except client.exceptions.ApiException as e:
+                if e.status != 409:
+                    raise
+                edge_nodes[node] = custom.get_cluster_custom_object(api.GROUP, api.VERSION,
+                                                                    api.EDGE_NODE_PLURAL, node)
+        # The operator's own agent Pod spec, in the chart's restricted namespace.
+        pod = manifests.agent_pod(edge_nodes[node_a], AgentPodSettings(namespace=agent_ns))
+        core.create_namespaced_pod(agent_ns, pod)
+        pod_name = pod["metadata"]["name"]
+        eventually(lambda: core.read_namespaced_pod(pod_name, agent_ns).spec.node_name == node_a,
+                   what="the agent Pod to be bound to its node")
+        token = kubectl(st, "-n", agent_ns, "create", "token", "edgefleet-agent", "--bound-object-kind",
+                        "Pod", "--bound-object-name", pod_name, "--duration", "10m").stdout.strip()
+        as_agent = agent_kubeconfig(st, token, tmp_path)
+
+        def agent(*args: str, input_: str | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([f"{st.bin_dir}/kubectl", f"--kubeconfig={as_agent}", *args],
+                                  capture_output=True, text=True, input=input_, timeout=60)
+
+        def patch_status(node: str) -> subprocess.CompletedProcess[str]:
+            return agent("patch", "edgenode", node, "--subresource=status", "--type=merge",
+                         "-p", json.dumps({"status": {"agentVersion": "policy-test"}}))
+
+        def create_lease(name: str) -> subprocess.CompletedProcess[str]:
+            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": name, "namespace": agent_ns},
+                     "spec": {"holderIdentity": node_a, "leaseDurationSeconds": 30}}
+            return agent("create", "-f", "-", input_=json.dumps(lease))
+
+        own = patch_status(node_a)
+        assert own.returncode == 0, own.stderr
+        other = patch_status(node_b)
+        assert other.returncode != 0
+        assert f"may write only EdgeNode {node_a}, not {node_b}" in other.stderr
+        own_lease = create_lease(api.agent_name(node_a))
+        assert own_lease.returncode == 0, own_lease.stderr
+        other_lease = create_lease(api.agent_name(node_b))
+        assert other_lease.returncode != 0
+        assert f"may write only Lease {api.agent_name(node_a)}" in other_lease.stderr
+        # RBAC: the agent reads EdgeNodes but cannot change their spec or touch Pods.
+        assert agent("auth", "can-i", "patch", "edgenodes").stdout.strip() == "no"
+        assert agent("auth", "can-i", "create", "pods", "-n", agent_ns).stdout.strip() == "no"
+        assert agent("get", "edgenode", node_a).returncode == 0
+        core.delete_namespaced_pod(pod_name, agent_ns, grace_period_seconds=0)
+    finally:
+        for node in (node_a, node_b):
+            custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node)
+        fleet.delete_nodes(core, [node_a, node_b])
+
+    # Uninstall removes everything the chart made (the CRDs stay, as Helm keeps them).
+    helm("uninstall", release["name"], "--namespace", ns, "--wait", "--timeout", "60s")
+    for args in (("-n", ns, "get", "deployment", op), ("get", "clusterrole", op),
+                 ("get", "clusterrole", f"{full}-agent"), ("get", "validatingadmissionpolicy",
+                                                           f"{full}-agent-own-node")):
+        out = kubectl(st, *args, check=False)
+        assert out.returncode != 0 and "NotFound" in out.stderr, args
+    gone = kubectl(st, "get", "namespace", agent_ns, "-o", "json", check=False)
+    assert gone.returncode != 0 or json.loads(gone.stdout)["metadata"].get("deletionTimestamp")
+    kubectl(st, "get", "crd", "inferenceservices.edgefleet.io")

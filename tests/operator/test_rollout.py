@@ -1,0 +1,734 @@
+"""Canary rollouts (pure): exact scenarios, then properties over random sequences (hypothesis).
+
+The "world" here is a small simulation of the fleet: each node loads what the last decision
+targeted (or keeps what it had, when told to lag) and reports an SLA window per model version it
+holds, scaled by the traffic weight it gives that version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgefleet_operator import crdgen
+from edgefleet_operator.rollout import (
+    ACTIVE,
+    Action,
+    AnalysisSpec,
+    Decision,
+    ModelRef,
+    NodeObservation,
+    NodeTarget,
+    Outcome,
+    Phase,
+    Revision,
+    RolloutState,
+    SlaWindow,
+    Strategy,
+    Wave,
+    analyse,
+    canary_order,
+    observe,
+    parse_action,
+    parse_spec,
+    step,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = "default/camera"
+T0 = 1_800_000_000.0
+
+
+# --- factories ---------------------------------------------------------------------------------
+
+
+def digest(tag: str) -> str:
+    return "sha256:" + (tag * 64)[:64]
+
+
+def model(version: str, tag: str | None = None, name: str = "classifier") -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": version,
+        "artifact": {"uri": f"repo://{name}/{version}/model.pt", "digest": digest(tag or version)},
+        "format": "torchscript",
+    }
+
+
+def isvc_spec(
+    *models: dict[str, Any],
+    waves: Sequence[dict[str, Any]] | None = ({"percent": 25}, {"percent": 50}, {"percent": 100}),
+    analysis: dict[str, Any] | None = None,
+    strategy: str = "Canary",
+    paused: bool = False,
+    sla: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    rollout: dict[str, Any] = {"strategy": strategy, "paused": paused}
+    if waves is not None:
+        rollout["waves"] = [dict(w) for w in waves]
+    rollout["analysis"] = {"intervalSeconds": 60, "minSamples": 100, "maxP99LatencyMs": 50.0} | (
+        analysis or {}
+    )
+    spec: dict[str, Any] = {"models": list(models or [model("1")]), "rollout": rollout}
+    if sla:
+        spec["sla"] = sla
+    return spec
+
+
+NODES = tuple(f"node-{i:02d}" for i in range(8))
+
+
+def rev(d: Decision, key: str) -> Revision | None:
+    models = d.status.get(key)
+    return Revision.of(models) if models else None
+
+
+def world(
+    d: Decision,
+    nodes: Collection[str] = NODES,
+    *,
+    lagging: Collection[str] = (),
+    before: Mapping[str, NodeObservation] | None = None,
+    requests: int = 1000,
+    canary_p99: float = 20.0,
+    stable_p99: float = 20.0,
+    canary_err: float = 0.0,
+    temps: Mapping[str, float] | None = None,
+) -> dict[str, NodeObservation]:
+    """Observations after the nodes acted on decision `d` (lagging ones show `before`)."""
+    canary = rev(d, "canaryModels")
+    out = {}
+    for n in nodes:
+        if n in lagging:
+            out[n] = (before or {}).get(n, NodeObservation())
+            continue
+        loaded, windows = set(), {}
+        for t in d.targets.get(n, ()):
+            is_canary = t.revision == canary
+            for ref in t.revision.refs:
+                loaded.add(ref)
+                served = requests * t.traffic_weight // 100
+                p99 = canary_p99 if is_canary else stable_p99
+                windows[ref] = SlaWindow(
+                    served, p99 * 0.8, p99, canary_err if is_canary else 0.0, served / 60
+                )
+        out[n] = NodeObservation(frozenset(loaded), windows, (temps or {}).get(n))
+    return out
+
+
+class Runner:
+    """Drives `step` like the reconciler: status in, status out, with the world following."""
+
+    def __init__(self, spec: dict[str, Any], nodes: Sequence[str] = NODES) -> None:
+        self.spec = parse_spec(spec)
+        self.nodes = tuple(nodes)
+        self.status: dict[str, Any] | None = None
+        self.now = T0
+        self.obs: dict[str, NodeObservation] = {}
+        self.last: Decision | None = None
+
+    def tick(self, dt: float = 0.0, action: Action | None = None, **world_kw: Any) -> Decision:
+        self.now += dt
+        d = step(self.spec, self.status, self.nodes, self.obs, self.now, action, SERVICE)
+        self.status, self.last = d.status, d
+        self.obs = world(d, self.nodes, before=self.obs, **world_kw)
+        return d
+
+    def set_spec(self, spec: dict[str, Any]) -> None:
+        self.spec = parse_spec(spec)
+
+
+def phase(d: Decision) -> str:
+    return str(d.status["phase"])
+
+
+def canary_nodes(d: Decision) -> list[str]:
+    return list(d.status["canaryNodes"])
+
+
+def reasons(d: Decision) -> list[str]:
+    return [e.reason for e in d.events]
+
+
+def on_revision(d: Decision, r: Revision | None) -> set[str]:
+    return {n for n, ts in d.targets.items() if any(t.revision == r for t in ts)}
+
+
+# --- spec parsing ------------------------------------------------------------------------------
+
+
+def test_parse_spec_of_the_canary_example() -> None:
+    doc = yaml.safe_load((REPO / "manifests/examples/canary-rollout.yaml").read_text())
+    spec = parse_spec(doc["spec"])
+    assert spec.strategy is Strategy.CANARY
+    assert [(w.percent, w.traffic_weight) for w in spec.waves] == [(5, 50), (25, 50), (50, 100), (100, 100)]
+    a = spec.analysis
+    assert (a.interval_s, a.min_samples, a.failure_limit) == (120, 200, 1)
+    assert (a.max_p99_ms, a.max_error_rate, a.max_latency_regression_pct) == (60, 0.01, 20)
+    assert a.max_p95_ms == 30  # from spec.sla.p95LatencyMs: the SLA is the default threshold
+    assert spec.revision.refs == (ModelRef("classifier", "2", "sha256:" + "0" * 63 + "4"),)
+
+
+def test_parse_spec_defaults() -> None:
+    no_rollout = parse_spec({"models": [model("1")]})
+    assert no_rollout.strategy is Strategy.ALL_AT_ONCE and not no_rollout.analysis.has_checks
+    no_waves = parse_spec(isvc_spec(model("1"), waves=None))
+    assert [(w.percent, w.count) for w in no_waves.waves] == [(100, None)]
+    all_at_once = parse_spec(isvc_spec(model("1"), strategy="AllAtOnce"))
+    assert [(w.percent, w.count) for w in all_at_once.waves] == [(100, None)]
+
+
+def test_wave_node_counts() -> None:
+    assert [Wave(percent=p).nodes(20) for p in (5, 25, 50, 100)] == [1, 5, 10, 20]
+    assert [Wave(percent=p).nodes(3) for p in (5, 25, 50, 100)] == [1, 1, 2, 3]
+    assert Wave(count=7).nodes(4) == 4 and Wave(count=2).nodes(4) == 2 and Wave(percent=10).nodes(0) == 0
+    with pytest.raises(ValueError):
+        Wave(percent=10, count=1)
+    with pytest.raises(ValueError):
+        Wave()
+
+
+def test_revision_is_every_models_version_and_digest() -> None:
+    a = Revision.of([model("1", name="det"), model("1", name="cls")])
+    assert [r.name for r in a.refs] == ["cls", "det"] and a.label == "1,1"
+    assert Revision.of([model("1", name="cls"), model("1", name="det")]) == a  # order-free
+    assert Revision.of([model("1", "x", name="cls"), model("1", name="det")]) != a  # digest only
+
+
+def test_parse_action() -> None:
+    assert parse_action("promote") is Action.PROMOTE and parse_action(" Abort ") is Action.ABORT
+    assert parse_action(None) is None and parse_action("") is None
+    with pytest.raises(ValueError, match="unknown rollout action"):
+        parse_action("yolo")
+
+
+def test_observe_reads_the_edge_node_status() -> None:
+    status = {
+        "gpu": {"temperatureC": 61.5},
+        "models": [
+            {"service": SERVICE, "model": "classifier", "version": "2", "digest": digest("2"),
+             "state": "Ready", "sla": {"requests": 300, "p95LatencyMs": 12.0, "p99LatencyMs": 20.0,
+                                       "errorRate": 0.01, "throughputRps": 5.0}},
+            {"service": SERVICE, "model": "classifier", "version": "3", "digest": digest("3"),
+             "state": "Loading"},
+            {"service": SERVICE, "model": "classifier", "version": "4", "state": "Ready"},  # no digest
+            {"service": "other/svc", "model": "classifier", "version": "1", "digest": digest("1"),
+             "state": "Ready"},
+        ],
+    }  # fmt: skip
+    o = observe(SERVICE, status, "jetson")
+    ref = ModelRef("classifier", "2", digest("2"))
+    assert o.loaded == {ref} and o.temperature_c == 61.5 and o.node_class == "jetson"
+    assert o.windows[ref] == SlaWindow(300, 12.0, 20.0, 0.01, 5.0)
+    assert o.confirms(Revision.of([model("2")])) and not o.confirms(Revision.of([model("4")]))
+
+
+# --- first deployment, happy path ----------------------------------------------------------------
+
+
+def test_first_deployment_becomes_stable_once_every_node_confirms() -> None:
+    r = Runner(isvc_spec(model("1")))
+    d = r.tick(lagging={"node-03"})
+    v1 = Revision.of([model("1")])
+    assert phase(d) == "Progressing" and d.status["step"] == "initial deploy"
+    assert on_revision(d, v1) == set(NODES) and canary_nodes(d) == []
+    d = r.tick(5, lagging={"node-03"})  # node-03 still has nothing
+    assert phase(d) == "Progressing" and "1/8" in d.status["message"]
+    d = r.tick(5)
+    assert phase(d) == "Progressing"  # the world confirms after this decision
+    d = r.tick(5)
+    assert phase(d) == "Idle" and d.status["stableVersion"] == "1" and "Deployed" in reasons(d)
+    assert d.status["history"] == [] and "canaryVersion" not in d.status
+
+
+def test_canary_waves_advance_and_promote() -> None:
+    r = Runner(isvc_spec(model("1"), waves=[{"percent": 25, "trafficWeight": 50}, {"percent": 50},
+                                             {"percent": 100}]))  # fmt: skip
+    r.tick()
+    r.tick()
+    assert phase(r.last) == "Idle"
+    r.set_spec(isvc_spec(model("2"), waves=[{"percent": 25, "trafficWeight": 50}, {"percent": 50},
+                                             {"percent": 100}]))  # fmt: skip
+    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    d = r.tick(1)
+    assert (
+        phase(d) == "Progressing" and d.status["step"] == "wave 1/3 (25%)" and "RolloutStarted" in reasons(d)
+    )
+    first = canary_nodes(d)
+    assert len(first) == 2 and first == canary_order(SERVICE, NODES)[:2]
+    for n in first:  # side by side: stable keeps half of the traffic
+        assert [(t.revision, t.traffic_weight) for t in d.targets[n]] == [(v1, 50), (v2, 50)]
+    assert on_revision(d, v2) == set(first) and on_revision(d, v1) == set(NODES)
+    assert set(d.node_versions().values()) == {"1"}  # 50/50: stable still serves as much
+    assert "waveStartTime" not in d.status  # the window starts when the nodes confirm
+    d = r.tick(1)
+    assert d.status["waveStartTime"] and d.status["currentWave"] == 0
+    d = r.tick(59)
+    assert d.status["currentWave"] == 0 and "1s of the window left" in d.status["message"]
+    d = r.tick(1)
+    assert d.status["currentWave"] == 1 and d.status["analysis"][-1]["result"] == "Passed"
+    assert "p99LatencyMs 20 ok, limit 50" in d.status["analysis"][-1]["message"]
+    second = canary_nodes(d)
+    assert second[:2] == first and len(second) == 4  # a growing prefix
+    assert all(d.targets[n] == d.targets[second[0]] for n in second)
+    assert {n for n, v in d.node_versions().items() if v == "2"} == set(second)
+    assert [t.traffic_weight for t in d.targets[second[0]]] == [100]
+    d = r.tick(1)
+    d = r.tick(60)
+    assert d.status["currentWave"] == 2 and len(canary_nodes(d)) == 8
+    d = r.tick(1)
+    d = r.tick(60)
+    assert phase(d) == "Promoted" and d.status["stableVersion"] == "2" and canary_nodes(d) == []
+    assert on_revision(d, v2) == set(NODES) and "RolloutPromoted" in reasons(d)
+    h = d.status["history"][0]
+    assert (h["fromVersion"], h["toVersion"], h["result"]) == ("1", "2", "Promoted")
+    assert [a["result"] for a in d.status["analysis"]] == ["Passed"] * 3
+    assert d.degraded is None
+
+
+def promoted_runner(**kw: Any) -> Runner:
+    """v1 stable on NODES, spec now at v2 (first decision of the rollout made)."""
+    r = Runner(isvc_spec(model("1"), **kw))
+    r.tick()
+    r.tick()
+    assert r.status and r.status["phase"] == "Idle"
+    r.set_spec(isvc_spec(model("2"), **kw))
+    r.tick(1)
+    return r
+
+
+def test_a_wave_holds_until_every_node_confirms_the_digest() -> None:
+    r = promoted_runner()
+    wave_nodes = canary_nodes(r.last)
+    # One canary node reports version 2 loaded, but with another digest: not confirmed.
+    wrong = ModelRef("classifier", "2", digest("f"))
+    for _ in range(5):
+        r.tick(60)
+        r.obs[wave_nodes[0]] = NodeObservation(frozenset({wrong}), {wrong: SlaWindow(5000, 1, 1)})
+    assert r.status and r.status["currentWave"] == 0 and "waveStartTime" not in r.status
+    assert "waiting for 1/2 node(s) to load 2" in r.status["message"]
+    d = r.tick(60)  # the world now confirms
+    d = r.tick(1)
+    assert "waveStartTime" in d.status and d.status["currentWave"] == 0
+    assert r.tick(60).status["currentWave"] == 1
+
+
+def test_too_little_traffic_is_inconclusive_and_holds() -> None:
+    r = promoted_runner()
+    r.tick(1, requests=40)  # 2 canary nodes x 40 requests < minSamples 100
+    d = r.tick(60, requests=40)
+    assert d.status["currentWave"] == 0 and phase(d) == "Progressing"
+    assert d.status["analysis"][-1]["result"] == "Inconclusive"
+    assert "80 requests" in d.status["analysis"][-1]["message"] and "holding" in d.status["message"]
+    assert "AnalysisInconclusive" in reasons(d)
+    d = r.tick(60, requests=40)
+    assert "AnalysisInconclusive" not in reasons(d)  # said once per wave
+    assert len(d.status["analysis"]) == 1 and d.status["currentWave"] == 0
+    d = r.tick(60)  # traffic arrives (the world reports it after this decision)
+    d = r.tick(1)
+    assert d.status["currentWave"] == 1 and [a["result"] for a in d.status["analysis"]] == ["Passed"]
+
+
+def test_failed_check_rolls_every_canary_back_and_stops() -> None:
+    r = promoted_runner()
+    v1 = Revision.of([model("1")])
+    r.tick(1, canary_p99=80.0)
+    d = r.tick(60, canary_p99=80.0)
+    assert phase(d) == "RolledBack" and canary_nodes(d) == []
+    assert on_revision(d, v1) == set(NODES) and all(len(ts) == 1 for ts in d.targets.values())
+    assert d.degraded is not None
+    reason, message = d.degraded
+    assert reason == "RolloutFailed" and "p99LatencyMs 80 > 50" in message and "wave 1" in message
+    warnings = {e.reason for e in d.events if e.warning}
+    assert {"AnalysisFailed", "RolledBack"} <= warnings
+    assert d.status["history"][0]["result"] == "RolledBack" and d.status["failedChecks"] == 1
+    assert d.status["rollbackReason"] == message
+    # Stopped until the spec changes: time and good numbers change nothing.
+    for _ in range(3):
+        d = r.tick(600)
+        assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES) and d.events == ()
+    # Re-applying stable clears Degraded; a new revision starts a new rollout.
+    r.set_spec(isvc_spec(model("1")))
+    d = r.tick(1)
+    assert d.degraded is None and phase(d) == "RolledBack" and "canaryVersion" not in d.status
+    r.set_spec(isvc_spec(model("3")))
+    d = r.tick(1)
+    assert phase(d) == "Progressing" and d.status["canaryVersion"] == "3" and d.status["failedChecks"] == 0
+
+
+def test_failure_limit_counts_failed_checks_across_windows() -> None:
+    r = promoted_runner(analysis={"failureLimit": 2})
+    r.tick(1, canary_p99=80.0)
+    d = r.tick(60, canary_p99=80.0)
+    assert phase(d) == "Progressing" and d.status["failedChecks"] == 1 and d.status["currentWave"] == 0
+    assert d.degraded is None and "AnalysisFailed" in reasons(d)
+    d = r.tick(30, canary_p99=80.0)  # a new window started at the failure
+    assert phase(d) == "Progressing"
+    d = r.tick(30, canary_p99=80.0)
+    assert phase(d) == "RolledBack" and d.status["failedChecks"] == 2
+    assert [a["result"] for a in d.status["analysis"]] == ["Failed", "Failed"]
+
+
+def test_regression_against_stable_on_comparable_nodes() -> None:
+    spec = AnalysisSpec(min_samples=100, max_latency_regression_pct=20, max_error_rate_increase=0.01)
+    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    a, b = v1.refs[0], v2.refs[0]
+
+    def node(ref: ModelRef, p99: float, cls: str, err: float = 0.0) -> NodeObservation:
+        return NodeObservation(frozenset({ref}), {ref: SlaWindow(500, 5.0, p99, err, 8.0)}, None, cls)
+
+    obs = {"c": node(b, 13.0, "orin"), "s1": node(a, 10.0, "orin"), "s2": node(a, 2.0, "nano")}
+    result = analyse(spec, v1, v2, ["c"], obs)
+    # Compared only with the orin node: 13 > 10 * 1.2 (the fast nano node is not comparable).
+    assert result.outcome is Outcome.FAILED
+    assert [c.name for c in result.failed] == ["p99Regression"]
+    assert "p99Regression 13 > 12" in result.message
+    obs["c"] = node(b, 11.0, "orin", err=0.05)
+    result = analyse(spec, v1, v2, ["c"], obs)
+    assert [c.name for c in result.failed] == ["errorRateIncrease"]
+    # Without a baseline (too little stable traffic) the relative checks are skipped, not failed.
+    obs = {"c": node(b, 13.0, "orin")}
+    result = analyse(spec, v1, v2, ["c"], obs)
+    assert result.outcome is Outcome.PASSED and all(c.passed is None for c in result.checks)
+    assert "skipped" in result.message
+
+
+def test_absolute_checks_throughput_and_temperature() -> None:
+    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    a, b = v1.refs[0], v2.refs[0]
+    obs = {
+        "c1": NodeObservation(frozenset({b}), {b: SlaWindow(200, 10.0, 25.0, 0.0, 4.0)}, 70.0),
+        "c2": NodeObservation(frozenset({b}), {b: SlaWindow(200, 30.0, 45.0, 0.0, 4.0)}, 74.0),
+        "s": NodeObservation(frozenset({a}), {a: SlaWindow(200, 10.0, 20.0, 0.0, 8.0)}, 60.0),
+    }
+    spec = AnalysisSpec(min_samples=100, max_p95_ms=25, min_throughput_rps=6, max_temperature_increase_c=15)
+    result = analyse(spec, v1, v2, ["c1", "c2"], obs, traffic_weight=50)
+    by_name = {c.name: c for c in result.checks}
+    assert by_name["p95LatencyMs"].value == 30.0 and by_name["p95LatencyMs"].passed is False  # worst node
+    assert by_name["throughputRps"].limit == 3.0 and by_name["throughputRps"].passed  # 6 rps x 50%
+    assert by_name["temperatureC"].value == 72.0 and by_name["temperatureC"].passed
+    hot = AnalysisSpec(min_samples=100, max_temperature_increase_c=5)
+    assert [c.name for c in analyse(hot, v1, v2, ["c1", "c2"], obs).failed] == ["temperatureC"]
+
+
+def test_temperature_regression_rolls_back_in_a_rollout() -> None:
+    analysis = {"maxTemperatureIncreaseC": 5.0}
+    r = promoted_runner(analysis=analysis)
+    hot = {n: 80.0 for n in canary_nodes(r.last)}
+    temps = {n: hot.get(n, 60.0) for n in NODES}
+    r.tick(1, temps=temps)
+    d = r.tick(60, temps=temps)
+    assert phase(d) == "RolledBack" and d.degraded and "temperatureC 80 > 65" in d.degraded[1]
+
+
+# --- manual control -----------------------------------------------------------------------------
+
+
+def test_pause_in_spec_holds_and_resume_restarts_the_window() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    r.tick(30)
+    r.set_spec(isvc_spec(model("2"), paused=True))
+    d = r.tick(1)
+    assert phase(d) == "Paused" and d.status["step"] == "paused at wave 1/3 (25%)"
+    assert "RolloutPaused" in reasons(d) and "waveStartTime" not in d.status
+    for _ in range(3):
+        d = r.tick(600)
+        assert phase(d) == "Paused" and d.status["currentWave"] == 0 and len(canary_nodes(d)) == 2
+    r.set_spec(isvc_spec(model("2")))
+    d = r.tick(1)
+    assert phase(d) == "Progressing" and "RolloutResumed" in reasons(d)
+    start = d.status["waveStartTime"]
+    assert r.tick(59).status["currentWave"] == 0  # a full window after the resume
+    d = r.tick(1)
+    assert d.status["currentWave"] == 1 and start
+
+
+def test_pause_and_resume_actions() -> None:
+    r = promoted_runner()
+    d = r.tick(1, action=Action.PAUSE)
+    assert phase(d) == "Paused" and d.status["manuallyPaused"] and "pause action" in d.status["message"]
+    d = r.tick(600)
+    assert phase(d) == "Paused"  # the caller cleared the annotation; the pause persists in status
+    d = r.tick(1, action=Action.RESUME)
+    assert phase(d) == "Progressing" and not d.status["manuallyPaused"]
+
+
+def test_promote_now() -> None:
+    r = promoted_runner()
+    d = r.tick(1, action=Action.PROMOTE)
+    v2 = Revision.of([model("2")])
+    assert phase(d) == "Promoted" and d.status["stableVersion"] == "2"
+    assert on_revision(d, v2) == set(NODES) and d.status["history"][0]["message"] == "promoted manually"
+
+
+def test_abort_goes_back_to_stable_and_stops() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    d = r.tick(1, action=Action.ABORT)
+    v1 = Revision.of([model("1")])
+    assert phase(d) == "Aborted" and on_revision(d, v1) == set(NODES) and canary_nodes(d) == []
+    assert d.status["history"][0]["result"] == "Aborted" and d.degraded is None
+    d = r.tick(600)
+    assert phase(d) == "Aborted" and d.status["canaryVersion"] == "2"
+    d = r.tick(1, action=Action.PROMOTE)  # nothing in progress to promote
+    assert phase(d) == "Aborted" and reasons(d) == ["RolloutActionIgnored"] and d.events[0].warning
+
+
+def test_reapplying_stable_is_a_fast_rollback() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    r.set_spec(isvc_spec(model("1")))
+    d = r.tick(1)
+    v1 = Revision.of([model("1")])
+    assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES) and d.degraded is None
+    assert d.status["history"][0]["message"] == "stable version re-applied"
+    assert "canaryVersion" not in d.status and canary_nodes(d) == []
+
+
+def test_a_new_revision_supersedes_the_rollout() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    d = r.tick(60)
+    assert d.status["currentWave"] == 1
+    before = canary_nodes(d)
+    r.set_spec(isvc_spec(model("3")))
+    d = r.tick(1)
+    v1, v3 = Revision.of([model("1")]), Revision.of([model("3")])
+    assert d.status["history"][0]["result"] == "Superseded" and d.status["canaryVersion"] == "3"
+    assert d.status["currentWave"] == 0 and d.status["analysis"] == []
+    assert canary_nodes(d) == before[:2]  # the same order: wave 1 of the new rollout
+    assert on_revision(d, v3) == set(canary_nodes(d)) and on_revision(d, v1) == set(NODES) - set(before[:2])
+
+
+def test_all_at_once() -> None:
+    r = Runner(isvc_spec(model("1"), strategy="AllAtOnce"))
+    r.tick()
+    r.tick()
+    r.set_spec(isvc_spec(model("2"), strategy="AllAtOnce"))
+    d = r.tick(1)
+    v2 = Revision.of([model("2")])
+    assert phase(d) == "Progressing" and on_revision(d, v2) == set(NODES)
+    assert all(len(ts) == 1 for ts in d.targets.values())
+    d = r.tick(1)
+    assert (
+        phase(d) == "Promoted"
+        and d.status["analysis"] == []
+        and d.status["history"][0]["result"] == "Promoted"
+    )
+
+
+def test_multi_model_revision_and_shared_models() -> None:
+    det1, cls1 = model("1", name="det"), model("1", name="cls")
+    cls1b = model("1", "b", name="cls")  # same version label, new artifact
+    waves = [{"percent": 50, "trafficWeight": 30}, {"percent": 100}]
+    r = Runner(isvc_spec(det1, cls1, waves=waves))
+    r.tick()
+    r.tick()
+    r.set_spec(isvc_spec(det1, cls1b, waves=waves))
+    d = r.tick(1)
+    assert phase(d) == "Progressing"  # a digest change alone is a new revision
+    n = canary_nodes(d)[0]
+    placed = {(m["name"], m["artifact"]["digest"]): w for m, w in d.placed(n)}
+    # det is in both revisions: listed once with all the traffic; cls split 70/30.
+    assert placed == {("cls", digest("1")): 70, ("cls", digest("b")): 30, ("det", digest("1")): 100}
+    other = next(x for x in NODES if x not in canary_nodes(d))
+    assert {(m["name"], w) for m, w in d.placed(other)} == {("cls", 100), ("det", 100)}
+
+
+def test_the_stable_models_survive_in_status_when_the_spec_moves_on() -> None:
+    r = promoted_runner()
+    d = r.last
+    assert d is not None
+    v1 = Revision.of([model("1")])
+    n = next(x for x in NODES if x not in canary_nodes(d))
+    ((entry, weight),) = d.placed(n)
+    assert entry["artifact"]["uri"] == "repo://classifier/1/model.pt" and weight == 100
+    assert d.models[v1] == tuple(d.status["stableModels"])
+
+
+def test_a_replaced_canary_node_must_confirm_before_the_wave_is_judged() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    before = canary_nodes(r.tick(30))
+    assert r.status and r.status["waveStartTime"]
+    r.nodes = (*(n for n in NODES if n != before[0]), "node-99")  # placement moved a canary
+    r.obs["node-99"] = NodeObservation()
+    new = next(n for n in canary_order(SERVICE, r.nodes) if n not in before)
+    for _ in range(3):  # the replacement is slow to load: the wave is not judged
+        d = r.tick(60, lagging={new})
+        assert canary_nodes(d) == [before[1], new] and "waveStartTime" not in d.status
+        assert d.status["currentWave"] == 0 and "waiting for 1/2" in d.status["message"]
+    d = r.tick(60)  # the replacement loads after this pass
+    assert "waveStartTime" not in d.status
+    d = r.tick(1)
+    assert d.status["currentWave"] == 0 and d.status["waveStartTime"]  # the window starts now
+    assert r.tick(59).status["currentWave"] == 0
+    d = r.tick(60)
+    assert d.status["currentWave"] == 1
+
+
+def test_canary_order_is_deterministic_and_per_service() -> None:
+    nodes = [f"n{i}" for i in range(50)]
+    assert canary_order("a/x", nodes) == canary_order("a/x", list(reversed(nodes)))
+    assert canary_order("a/x", nodes)[:5] != canary_order("a/y", nodes)[:5]
+
+
+def test_status_round_trip_and_schema() -> None:
+    r = promoted_runner(analysis={"failureLimit": 2})
+    r.tick(1, canary_p99=80.0)
+    during = r.tick(60, canary_p99=80.0).status
+    assert during["waveStartTime"] and during["failedChecks"] == 1
+    after = r.tick(60, canary_p99=80.0).status
+    assert after["phase"] == "RolledBack" and after["history"] and after["analysis"]
+    schema = crdgen.inference_service_status()["properties"]["rollout"]
+    for status in (during, after):
+        state = RolloutState.from_status(status)
+        assert state.to_status() == status
+        assert RolloutState.from_status(json.loads(json.dumps(status))) == state
+        assert set(status) <= set(schema["properties"])
+        assert status["phase"] in schema["properties"]["phase"]["enum"]
+    for key in ("analysis", "history"):
+        assert set(after[key][0]) <= set(schema["properties"][key]["items"]["properties"])
+        assert after[key][0]["result"] in schema["properties"][key]["items"]["properties"]["result"]["enum"]
+
+
+def test_same_inputs_twice_change_nothing_and_say_nothing() -> None:
+    r = promoted_runner()
+    r.tick(1)
+    d1 = r.tick(10)
+    d2 = step(r.spec, d1.status, r.nodes, r.obs, r.now, None, SERVICE)
+    assert d2.status == d1.status and d2.events == () and d2.targets == d1.targets
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+QUALITIES: dict[str, dict[str, Any]] = {"good": {}, "slow": {"canary_p99": 90.0}, "quiet": {"requests": 10}}
+"""World settings: good numbers; a p99 over the limit; too few requests to judge."""
+QUALITY = st.sampled_from(sorted(QUALITIES))
+TICK = st.tuples(
+    st.integers(0, 90),  # seconds since the last pass
+    st.sets(st.integers(0, 7), max_size=8),  # nodes that lag (do not act on the last decision)
+    QUALITY,
+    st.booleans(),  # the operator crashed: this pass's status is never written
+)
+
+
+def fleet_spec(waves: list[int], limit: int, weight: int) -> dict[str, Any]:
+    return {
+        "waves": [{"percent": p, "trafficWeight": weight if p < 100 else 100} for p in waves],
+        "analysis": {"failureLimit": limit, "intervalSeconds": 30, "minSamples": 100},
+    }
+
+
+WAVES = st.lists(st.integers(1, 100), min_size=1, max_size=4, unique=True).map(sorted)
+
+
+def drive(
+    spec_kw: dict[str, Any], nodes: Sequence[str], ticks: Sequence[tuple[int, set[int], str, bool]]
+) -> tuple[Runner, list[tuple[dict[str, Any] | None, Decision, dict[str, NodeObservation]]]]:
+    """Run a v1 -> v2 rollout through `ticks`; returns the runner and (status in, decision, obs in)."""
+    r = Runner(isvc_spec(model("1"), **spec_kw), nodes)
+    r.tick()
+    r.tick()
+    assert r.status and r.status["phase"] == "Idle"
+    r.set_spec(isvc_spec(model("2"), **spec_kw))
+    trace: list[tuple[dict[str, Any] | None, Decision, dict[str, NodeObservation]]] = []
+    for dt, lag, quality, crashed in ticks:
+        before_status, before_obs, before_now = r.status, r.obs, r.now
+        kw: dict[str, Any] = QUALITIES[quality]
+        d = r.tick(dt, lagging={nodes[i] for i in lag if i < len(nodes)}, **kw)
+        trace.append((before_status, d, before_obs))
+        if crashed:  # the status write was lost: the next pass starts from the old one
+            r.status = before_status
+        # A restarted operator (status through JSON) decides exactly the same.
+        again = step(
+            r.spec, json.loads(json.dumps(before_status)), nodes, before_obs, before_now + dt, None, SERVICE
+        )
+        assert again.status == d.status and again.targets == d.targets and again.events == d.events
+    return r, trace
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    waves=WAVES,
+    limit=st.integers(1, 3),
+    weight=st.sampled_from([20, 50, 100]),
+    n_nodes=st.integers(1, 8),
+    ticks=st.lists(TICK, max_size=30),
+    stuck=st.sets(st.integers(0, 7), max_size=3),
+    stuck_until=st.integers(0, 30),
+)
+def test_rollout_invariants_over_random_sequences(
+    waves: list[int],
+    limit: int,
+    weight: int,
+    n_nodes: int,
+    ticks: list[Any],
+    stuck: set[int],
+    stuck_until: int,
+) -> None:
+    nodes = NODES[:n_nodes]
+    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    # Some nodes are stuck (act on no decision) for a while, on top of each pass's random laggards.
+    ticks = [(dt, lag | stuck if i < stuck_until else lag, q, c) for i, (dt, lag, q, c) in enumerate(ticks)]
+    tail: list[tuple[int, set[int], str, bool]] = [(30, set(), "good", False)] * (
+        2 * len(waves) + 2
+    )  # then it goes well: can it end well?
+    _, trace = drive(fleet_spec(waves, limit, weight), nodes, [*ticks, *tail])
+    for before, d, obs in trace:
+        old = RolloutState.from_status(before)
+        new = RolloutState.from_status(d.status)
+        # Every node targets only recorded revisions; a node off stable is a recorded canary.
+        recorded = {r for r in (new.stable, new.canary) if r is not None}
+        assert all(t.revision in recorded for ts in d.targets.values() for t in ts)
+        assert all(sum(t.traffic_weight for t in ts) == 100 for ts in d.targets.values())
+        off_stable = {n for n, ts in d.targets.items() if ts != (NodeTarget(new.stable, 100),)}
+        assert off_stable <= set(new.canary_nodes) if new.phase in ACTIVE else not off_stable
+        # Within a rollout the canary set is a growing prefix.
+        if old.phase in ACTIVE and new.phase in ACTIVE and old.canary == new.canary:
+            assert new.canary_nodes[: len(old.canary_nodes)] == old.canary_nodes
+        # Never skips a wave; advances only past a wave whose nodes all confirmed the digest.
+        if old.phase in (Phase.PROGRESSING,) and new.phase in (Phase.PROGRESSING, Phase.PROMOTED):
+            assert new.wave in (old.wave, old.wave + 1) or new.phase is Phase.PROMOTED
+            if new.wave == old.wave + 1 or (new.phase is Phase.PROMOTED and old.phase is Phase.PROGRESSING):
+                assert old.canary_nodes and all(obs[n].confirms(v2) for n in old.canary_nodes)
+        # Never promotes once the failed checks reached the limit.
+        if old.failed_checks >= limit:
+            assert new.phase is not Phase.PROMOTED or old.phase is Phase.PROMOTED
+        if new.phase is Phase.PROMOTED and old.phase is not Phase.PROMOTED:
+            assert new.stable == v2 and old.failed_checks < limit
+        if new.phase is Phase.ROLLED_BACK:
+            assert new.stable == v1 and not off_stable
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    waves=WAVES,
+    limit=st.integers(1, 3),
+    n_nodes=st.integers(1, 8),
+    ticks=st.lists(TICK, max_size=15),
+    final=st.sampled_from(["good", "slow"]),
+)
+def test_rollout_terminates_once_the_fleet_confirms(
+    waves: list[int], limit: int, n_nodes: int, ticks: list[Any], final: str
+) -> None:
+    nodes = NODES[:n_nodes]
+    # Whatever happened before, once every node acts and traffic is steady the rollout ends.
+    tail: list[tuple[int, set[int], str, bool]] = [(30, set(), final, False)] * (
+        2 * len(waves) * (limit + 1) + 4
+    )
+    r, _ = drive(fleet_spec(waves, limit, 50), nodes, [*ticks, *tail])
+    assert r.status is not None
+    assert r.status["phase"] in ("Promoted", "RolledBack")
+    if r.status["phase"] == "Promoted":
+        assert r.status["stableVersion"] == "2"
+    else:
+        assert r.status["stableVersion"] == "1" and r.status["failedChecks"] >= limit
