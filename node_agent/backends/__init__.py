@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "torchscript": ("node_agent.backends.torchscript", "TorchScriptBackend", "model.pt"),
     "tensorrt": ("node_agent.backends.tensorrt", "TensorRTBackend", "model.plan"),
+    "tinylm-npz": ("node_agent.transformer", "TinyLMBackend", "model.npz"),
 }
 FORMATS: tuple[str, ...] = tuple(_BACKENDS)
 """Formats the agent can load (the CRD also names 'onnx', which no backend serves yet)."""

@@ -51,7 +51,7 @@ def loaded(repo: ModelRepository) -> Iterator[dict[str, TorchScriptBackend]]:
 
 def test_backend_for_formats() -> None:
     assert backend_for("torchscript") is TorchScriptBackend
-    assert set(FORMATS) == {"torchscript", "tensorrt"}
+    assert set(FORMATS) == {"torchscript", "tensorrt", "tinylm-npz"}
     with pytest.raises(ValueError, match="no backend for format 'onnx'"):
         backend_for("onnx")
 

@@ -1,0 +1,441 @@
+"""A small decoder-only transformer whose attention reads K/V through paged block tables.
+
+- `TinyLM`: GPT-style (learned positions, pre-LayerNorm, GELU MLP).
+  `forward(tokens)` is the plain causal model (the reference); `forward_paged(batch, pool)`
+  runs a flat batch of prefill and decode tokens of many sequences, writes each new token's
+  K/V into the paged pool at its slot, then attends by gathering every context token's K/V
+  back through the sequence's block table. Both give the same logits (tests check it).
+- `PagedKVPool`: K and V tensors shaped [num_blocks, block_size, layers, heads, head_dim];
+  the `KVCacheManager` decides which block ids a sequence owns, the pool holds the values.
+- `ByteTokenizer`: UTF-8 bytes are tokens 0-255, then BOS, EOS, PAD.
+- Weights are stored without pickle: one `.npz` (written with fixed zip timestamps, so the
+  same seed gives the same bytes) holding every parameter plus the JSON config;
+  `write_tiny_lm(root)` writes the example `tiny-lm/1`, `load_tiny_lm(path)` reads it.
+- `TinyLMBackend`: the model as a predict backend (input_ids -> logits) for format
+  `TINY_LM_FORMAT`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import math
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node_agent.backends.base import Backend
+from node_agent.errors import InvalidInput, InvalidModel
+from node_agent.repository import sha256_file, write_model_config
+from node_agent.types import ModelConfig, Priority, TensorSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "BOS",
+    "EOS",
+    "PAD",
+    "TINY_LM_FORMAT",
+    "ByteTokenizer",
+    "PagedBatch",
+    "PagedKVPool",
+    "TinyLM",
+    "TinyLMBackend",
+    "TinyLMConfig",
+    "load_tiny_lm",
+    "save_tiny_lm",
+    "write_tiny_lm",
+]
+
+BOS, EOS, PAD = 256, 257, 258
+VOCAB_SIZE = 259
+TINY_LM_FORMAT = "tinylm-npz"
+"""model.yaml `format` of a TinyLM artifact (register it in `node_agent.backends`)."""
+ARTIFACT = "model.npz"
+_CONFIG_KEY = "__config__"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TinyLMConfig:
+    """Shape of a TinyLM; `d_model` must divide into `n_heads` heads."""
+
+    vocab_size: int = VOCAB_SIZE
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    max_seq_len: int = 512
+    """Context length: learned positions exist for positions below it."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class ByteTokenizer:
+    """Bytes of the UTF-8 text are tokens 0-255; BOS/EOS/PAD follow. Lossless for text."""
+
+    bos, eos, pad = BOS, EOS, PAD
+    vocab_size = VOCAB_SIZE
+
+    @staticmethod
+    def encode(text: str, *, add_bos: bool = True) -> list[int]:
+        return ([BOS] if add_bos else []) + list(text.encode("utf-8"))
+
+    @staticmethod
+    def decode(token_ids: Sequence[int]) -> str:
+        """Text of the byte tokens (specials dropped; invalid UTF-8 becomes U+FFFD)."""
+        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def incremental_decoder() -> IncrementalDecoder:
+        return IncrementalDecoder()
+
+
+class IncrementalDecoder:
+    """Text for one token at a time: a multi-byte character comes out whole, when its last
+    byte arrives; concatenated pieces equal `ByteTokenizer.decode` of all the tokens."""
+
+    def __init__(self) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._dec.decode(bytes((token_id,))) if token_id < 256 else ""
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class PagedKVPool:
+    """Paged K/V storage: `k`, `v` shaped [num_blocks, block_size, layers, heads, head_dim].
+    A token's slot is `block * block_size + offset` (as `KVCacheManager.slot_mapping`)."""
+
+    def __init__(
+        self,
+        config: TinyLMConfig,
+        num_blocks: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (num_blocks, block_size, config.n_layers, config.n_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # Flat views [slots, layers, heads, head_dim] share storage with k and v.
+        self.k_slots = self.k.view(num_blocks * block_size, *shape[2:])
+        self.v_slots = self.v.view(num_blocks * block_size, *shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy every layer's K and V of block `src` into block `dst`, for each (src, dst)."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.k.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.k.device)
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
+
+@dataclass(slots=True)
+class PagedBatch:
+    """One forward pass over several sequences, their new tokens concatenated.
+
+    Sequence i owns flat rows [query_start[i], query_start[i] + query_len[i]); those are
+    its tokens at positions context_len[i] - query_len[i] .. context_len[i] - 1, and its
+    K/V for positions [0, context_len[i]) lives at `block_tables[i]` (earlier positions
+    were written by earlier passes or are shared prefix blocks).
+    """
+
+    input_ids: list[int]
+    query_start: list[int]
+    query_len: list[int]
+    context_len: list[int]
+    block_tables: list[Sequence[int]]
+
+    @classmethod
+    def build(cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]]) -> PagedBatch:
+        """From (new token ids, context length after them, block table) per sequence."""
+        ids: list[int] = []
+        starts, lens, ctx, tables = [], [], [], []
+        for tokens, context_len, table in seqs:
+            if not 1 <= len(tokens) <= context_len:
+                raise ValueError(f"{len(tokens)} new tokens for a context of {context_len}")
+            starts.append(len(ids))
+            lens.append(len(tokens))
+            ctx.append(context_len)
+            tables.append(table)
+            ids.extend(tokens)
+        return cls(ids, starts, lens, ctx, tables)
+
+    def last_rows(self) -> list[int]:
+        """The flat row of each sequence's last token (whose logits predict the next)."""
+        return [s + n - 1 for s, n in zip(self.query_start, self.query_len, strict=True)]
+
+
+class _Block(nn.Module):
+    def __init__(self, c: TinyLMConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.d_model)
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
+        self.proj = nn.Linear(c.d_model, c.d_model)
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.fc1 = nn.Linear(c.d_model, c.d_ff)
+        self.fc2 = nn.Linear(c.d_ff, c.d_model)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class _Plan:
+    """Index tensors for one `PagedBatch`, built once and used by every layer."""
+
+    def __init__(self, batch: PagedBatch, block_size: int, device: torch.device) -> None:
+        positions: list[int] = []
+        slots: list[int] = []
+        self.decode_rows: list[int] = []
+        decode_ctx: list[list[int]] = []
+        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        for start, n, ctx, table in zip(batch.query_start, batch.query_len, batch.context_len,
+                                        batch.block_tables, strict=True):  # fmt: skip
+            if -(-ctx // block_size) > len(table):
+                raise ValueError(f"context of {ctx} tokens needs more than {len(table)} blocks")
+            ctx_slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
+            positions.extend(range(ctx - n, ctx))
+            slots.extend(ctx_slots[ctx - n :])
+            if n == 1:
+                self.decode_rows.append(start)
+                decode_ctx.append(ctx_slots)
+            else:
+                q_pos = torch.arange(ctx - n, ctx, device=device)
+                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]  # [n, ctx]
+                self.prefills.append((start, n, torch.tensor(ctx_slots, device=device), mask))
+        self.positions = torch.tensor(positions, device=device)
+        self.slots = torch.tensor(slots, device=device)
+        if decode_ctx:
+            width = max(len(s) for s in decode_ctx)
+            padded = [s + [0] * (width - len(s)) for s in decode_ctx]
+            lens = torch.tensor([len(s) for s in decode_ctx], device=device)
+            self.decode_slots = torch.tensor(padded, device=device)  # [S, width]
+            self.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]
+            self.decode_index = torch.tensor(self.decode_rows, device=device)
+
+
+class TinyLM(nn.Module):
+    """Decoder-only transformer; see the module docstring."""
+
+    def __init__(self, config: TinyLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    @classmethod
+    def random(cls, config: TinyLMConfig, seed: int) -> TinyLM:
+        """Fixed-seed random weights, in eval mode. Scales chosen so that untrained
+        outputs depend on the context and sampling has a spread (neither one token nor
+        uniform): embeddings 0.1, LM head 0.2, other matrices 0.05, LayerNorm 1, biases 0."""
+        gen = torch.Generator().manual_seed(seed)
+        model = cls(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "ln" in name:
+                    p.fill_(1.0)
+                else:
+                    std = 0.1 if "emb" in name else 0.2 if "lm_head" in name else 0.05
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model.eval()
+
+    def _layers(self) -> list[_Block]:
+        return [cast(_Block, b) for b in self.blocks]
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:-1], self.config.n_heads, self.config.head_dim)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unpaged reference: tokens [B, T] (T <= max_seq_len) -> logits [B, T, vocab]."""
+        b, t = tokens.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"{t} tokens exceed the context of {self.config.max_seq_len}")
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device))
+        for blk in self._layers():
+            q, k, v = (self._heads(y) for y in blk.qkv(blk.ln1(x)).chunk(3, dim=-1))
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            )
+            x = x + blk.proj(a.transpose(1, 2).reshape(b, t, -1))
+            x = x + blk.mlp(x)
+        return self._logits(x)
+
+    def forward_paged(
+        self, batch: PagedBatch, pool: PagedKVPool, *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run `batch` against `pool`: logits of each sequence's last token [S, vocab]
+        (or of every row [N, vocab] with `all_logits`). Writes the new tokens' K/V into
+        their slots first, then every query reads its context through the block table."""
+        dev = pool.k.device
+        plan = _Plan(batch, pool.block_size, dev)
+        if int(plan.positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"a position passes the context of {self.config.max_seq_len}")
+        ids = torch.tensor(batch.input_ids, device=dev)
+        x = self.tok_emb(ids) + self.pos_emb(plan.positions)  # [N, d]
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        for layer, blk in enumerate(self._layers()):
+            q, k, v = (self._heads(y) for y in blk.qkv(blk.ln1(x)).chunk(3, dim=-1))  # [N,H,D]
+            pool.k_slots[plan.slots, layer] = k.to(pool.k.dtype)
+            pool.v_slots[plan.slots, layer] = v.to(pool.v.dtype)
+            out = torch.empty_like(q)
+            if plan.decode_rows:
+                kc = pool.k_slots[plan.decode_slots, layer].to(q.dtype)  # [S, W, H, D]
+                vc = pool.v_slots[plan.decode_slots, layer].to(q.dtype)
+                qd = q[plan.decode_index].unsqueeze(2)  # [S, H, 1, D]
+                a = F.scaled_dot_product_attention(
+                    qd, kc.transpose(1, 2), vc.transpose(1, 2),
+                    attn_mask=plan.decode_mask[:, None, None, :], scale=scale,
+                )  # fmt: skip
+                out[plan.decode_index] = a.squeeze(2)
+            for start, n, ctx_slots, mask in plan.prefills:
+                kc = pool.k_slots[ctx_slots, layer].to(q.dtype)  # [L, H, D]
+                vc = pool.v_slots[ctx_slots, layer].to(q.dtype)
+                a = F.scaled_dot_product_attention(
+                    q[start : start + n].transpose(0, 1),
+                    kc.transpose(0, 1),
+                    vc.transpose(0, 1),
+                    attn_mask=mask,
+                    scale=scale,
+                )  # [H, n, D]
+                out[start : start + n] = a.transpose(0, 1)
+            x = x + blk.proj(out.reshape(out.shape[0], -1))
+            x = x + blk.mlp(x)
+        if not all_logits:
+            x = x[torch.tensor(batch.last_rows(), device=dev)]
+        return self._logits(x)
+
+
+# -- weights on disk (no pickle) --------------------------------------------------------------
+
+
+def save_tiny_lm(model: TinyLM, path: Path | str) -> None:
+    """Write every parameter and the JSON config into one `.npz`, byte-identical for the
+    same weights (fixed zip timestamps, sorted names); written to a temp file, then renamed."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {
+        name: t.detach().cpu().contiguous().numpy() for name, t in model.state_dict().items()
+    }
+    arrays[_CONFIG_KEY] = np.array(json.dumps(asdict(model.config), sort_keys=True))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arrays[name], allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(name + ".npy", _ZIP_EPOCH), member.getvalue())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def load_tiny_lm(path: Path | str, device: str | torch.device = "cpu") -> TinyLM:
+    """Read a `save_tiny_lm` file (never unpickles); InvalidModel if it is malformed."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            config = TinyLMConfig(**json.loads(str(data[_CONFIG_KEY])))
+            state = {k: torch.from_numpy(data[k].copy()) for k in data.files if k != _CONFIG_KEY}
+        model = TinyLM(config)
+        model.load_state_dict(state, strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise InvalidModel(f"{path}: not a TinyLM weights file: {e}") from e
+    return model.to(device).eval()
+
+
+TINY_LM_EXAMPLE = TinyLMConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=512)
+TINY_LM_SEED = 7
+
+
+def write_tiny_lm(root: Path | str, name: str = "tiny-lm", version: str = "1") -> ModelConfig:
+    """Write the example `tiny-lm/1` (fixed seed) under `root` with its model.yaml."""
+    version_dir = Path(root) / name / version
+    version_dir.mkdir(parents=True, exist_ok=True)
+    model = TinyLM.random(TINY_LM_EXAMPLE, TINY_LM_SEED)
+    artifact = version_dir / ARTIFACT
+    save_tiny_lm(model, artifact)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = ModelConfig(
+        name=name,
+        version=version,
+        format=TINY_LM_FORMAT,
+        inputs=(TensorSpec("input_ids", "INT64", (-1,)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, VOCAB_SIZE)),),
+        artifact=ARTIFACT,
+        digest=sha256_file(artifact),
+        max_batch_size=8,
+        priority=Priority.NORMAL,
+        memory_estimate_bytes=params,
+        task="generate",
+        parameters={
+            "description": "tiny byte-level decoder-only transformer (random weights)",
+            "seed": str(TINY_LM_SEED),
+        },
+    )
+    write_model_config(version_dir, config)
+    return config
+
+
+class TinyLMBackend(Backend):
+    """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig, model: TinyLM, memory_bytes: int) -> None:
+        self.config = config
+        self.model: TinyLM | None = model
+        self._memory_bytes = memory_bytes
+
+    @classmethod
+    def load(cls, config: ModelConfig, version_dir: Path, device: str) -> TinyLMBackend:
+        model = load_tiny_lm(Path(version_dir) / config.artifact, device)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return cls(config, model, size)
+
+    def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            raise InvalidModel(f"{self.config.id} is unloaded")
+        ids = inputs.get("input_ids")
+        if ids is None or ids.dim() != 2 or ids.dtype != torch.int64:
+            raise InvalidInput("expected input_ids INT64 [batch, tokens]")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.model.config.vocab_size):
+            raise InvalidInput(f"token ids must be in [0, {self.model.config.vocab_size})")
+        with torch.inference_mode():
+            return {"logits": self.model(ids.to(self.model.tok_emb.weight.device))}
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory_bytes
+
+    def unload(self) -> None:
+        self.model = None
