@@ -180,7 +180,15 @@ class FleetReconciler:
                     edge_nodes[name] = self.custom.get_cluster_custom_object(
                         api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name
                     )
+        ours = {
+            n
+            for n, e in edge_nodes.items()
+            if (e["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == api.MANAGED_BY
+        }
         for name in sorted(set(edge_nodes) - names):
+            if name not in ours:
+                del edge_nodes[name]  # someone else's EdgeNode: neither ours to delete nor to place on
+                continue
             try:
                 self.custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
                 report.wrote("edgenode.delete")
