@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import yaml
 
 from e2e import cluster as localcluster
 from e2e import fleet
+from e2e.waiting import eventually
 from edgefleet_operator import api, manifests
 from edgefleet_operator.settings import AgentPodSettings
 
@@ -58,17 +58,6 @@ def helm(control_plane: localcluster.ClusterState) -> Helm:
 def kubectl(state: localcluster.ClusterState, *args: str, check: bool = True,
             input_: str | None = None) -> subprocess.CompletedProcess[str]:
     return localcluster.kubectl(state, *args, check=check, input_=input_)
-
-
-def eventually(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.3)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

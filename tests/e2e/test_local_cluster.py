@@ -3,28 +3,16 @@ pods to them, the controller-manager garbage-collects dependents."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from e2e import fleet
+from e2e.waiting import eventually
 from edgefleet_operator import api
 
 pytestmark = pytest.mark.cluster
-
-
-def eventually(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.3)
 
 
 @pytest.fixture

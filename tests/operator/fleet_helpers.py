@@ -3,12 +3,11 @@ and polling. Shared by test_operator.py and test_operator_restart.py."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from e2e import fleet
+from e2e import fleet, waiting
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess
 from e2e.sim_agent import SimNode, SimulatedAgents
 from edgefleet_operator import api
@@ -78,17 +77,9 @@ def eventually(
     step: Callable[[], None] | None = None,
     operator: OperatorProcess | None = None,
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if step:
-            step()
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\noperator log:\n{operator.tail()}" if operator else ""
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{extra}")
-        time.sleep(0.3)
+    """e2e.waiting.eventually, with the operator's log tail when it times out."""
+    context = (lambda: f"operator log:\n{operator.tail()}") if operator else None
+    return waiting.eventually(check, timeout_s, what, step, context)
 
 
 def service(name: str, group_id: str, memory: str = "64Mi", **placement: Any) -> dict[str, Any]:
