@@ -78,7 +78,9 @@ def main() -> None:
     group = uuid.uuid4().hex[:6]
     ns = f"bench-roll-{group}"
     core.create_namespace({"metadata": {"name": ns}})
-    nodes = fleet.create_nodes(core, N, device_class="edge-server", prefix=f"r{group}", labels={"bench-group": group})
+    nodes = fleet.create_nodes(
+        core, N, device_class="edge-server", prefix=f"r{group}", labels={"bench-group": group}
+    )
     agents = SimulatedAgents(kube, AGENT_NAMESPACE)
     for n in nodes:
         agents.add(SimNode(n, "edge-server", sla_by_version={"3": {"errorRate": 0.5, "met": False}}))
@@ -87,7 +89,9 @@ def main() -> None:
     beat.thread.start()
 
     def rollout() -> dict[str, Any]:
-        obj = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, "svc")
+        obj = custom.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, "svc"
+        )
         return (obj.get("status") or {}).get("rollout") or {}
 
     def versions() -> set[str]:
@@ -113,7 +117,11 @@ def main() -> None:
         )
 
     try:
-        body = {"apiVersion": api.API_VERSION, "kind": api.INFERENCE_SERVICE_KIND, "metadata": {"name": "svc"}}
+        body = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.INFERENCE_SERVICE_KIND,
+            "metadata": {"name": "svc"},
+        }
         custom.create_namespaced_custom_object(
             api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, {**body, "spec": spec("1", group)}
         )
@@ -127,7 +135,9 @@ def main() -> None:
         print(f"[bench] v2 promoted everywhere after {promote_s:.1f}s", flush=True)
 
         patch_version("3")
-        wait(lambda: bool(rollout().get("failedChecks")) or rollout().get("phase") == "RolledBack", 600, "fail")
+        wait(
+            lambda: bool(rollout().get("failedChecks")) or rollout().get("phase") == "RolledBack", 600, "fail"
+        )
         t_fail = time.monotonic()
         t_back = wait(lambda: versions() == {"2"} and rollout().get("phase") == "RolledBack", 300, "rollback")
         rollback_s = t_back - t_fail

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from node_agent import __version__
 from node_agent.errors import AgentError
@@ -27,12 +29,132 @@ def _make_examples_args(parser: argparse.ArgumentParser) -> None:
 def _make_examples(args: argparse.Namespace) -> int:
     from node_agent.examples import make_examples
     from node_agent.repository import CONFIG_FILE
+    from node_agent.transformer import write_tiny_lm
 
     root: Path = args.dir
-    for config in make_examples(root):
+    for config in [*make_examples(root), write_tiny_lm(root)]:
         print(f"{config.name}/{config.version}: {config.format} {config.digest} "
               f"(estimate {config.memory_estimate_bytes} bytes) "
               f"-> {root / config.name / config.version / CONFIG_FILE}")
+    return 0
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    from node_agent.http_api import LOOPBACK_NETWORKS
+
+    parser.add_argument("--model-repository", type=Path, required=True, metavar="DIR",
+                        help="model repository root (<model>/<version>/model.yaml)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free)")
+    parser.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                        help="require 'Authorization: Bearer <token>' (the file's content) on every "
+                             "endpoint but the health probes and /metrics")
+    parser.add_argument("--memory-budget", metavar="BYTES",
+                        help="memory for models, e.g. 2Gi (default: GPU total minus 512Mi; 2Gi on CPU)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="stream pool workers (default: 1 on CPU, 2 on CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--preload", default="", metavar="M1,M2",
+                        help="models to load before reporting ready: name or name:version, comma-separated")
+    parser.add_argument("--max-request-size", default="64Mi", metavar="BYTES",
+                        help="largest request body (default 64Mi; larger ones get 413)")
+    parser.add_argument("--allow-repository-control-from", action="append", metavar="CIDR",
+                        help="networks whose clients may load/unload models (repeatable; default "
+                             f"{' and '.join(LOOPBACK_NETWORKS)}; 0.0.0.0/0 allows any IPv4 client)")
+    parser.add_argument("--drain-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="on SIGTERM, keep serving this long while reporting not ready (default 0)")
+    parser.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
+                        help="longest wait for requests in progress when stopping (default 20)")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    _edge_node_args(parser.add_argument_group(
+        "EdgeNode mode", "follow an EdgeNode's spec from the cluster and report its status (operator_link)"))
+
+
+def _edge_node_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--edge-node", metavar="NAME",
+                       help="serve what EdgeNode NAME assigns (its models, versions, traffic weights)")
+    group.add_argument("--kubeconfig", type=Path, metavar="FILE", default=os.environ.get("KUBECONFIG"),
+                       help="kubeconfig (default $KUBECONFIG; without one: the in-cluster service account)")
+    group.add_argument("--namespace", metavar="NS",
+                       help="namespace of the agent's Lease (default $EDGEFLEET_NAMESPACE, the service "
+                            "account's namespace, or 'default')")
+    group.add_argument("--state-dir", type=Path, metavar="DIR",
+                       help="where the last assignment is kept for offline restarts "
+                            "(default <model-repository>/.edgefleet)")
+    group.add_argument("--endpoint", metavar="URL",
+                       help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)")
+
+
+def _edge_node_mode(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """(extensions, overlay) for `Agent` when --edge-node is given, else ([], None)."""
+    if not args.edge_node:
+        return [], None
+    from node_agent.operator_link import EdgeNodeMode, LinkSettings
+
+    namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
+    sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if not namespace and sa_namespace.is_file():
+        namespace = sa_namespace.read_text(encoding="utf-8").strip()
+    endpoint = args.endpoint
+    if endpoint is None and os.environ.get("EDGEFLEET_POD_IP"):
+        endpoint = f"http://{os.environ['EDGEFLEET_POD_IP']}:{args.port}"
+    link = LinkSettings(
+        edge_node=args.edge_node,
+        namespace=namespace or "default",
+        state_dir=args.state_dir or args.model_repository / ".edgefleet",
+        endpoint=endpoint,
+    )
+    mode = EdgeNodeMode(link, args.kubeconfig)
+    return [mode], mode.configs
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from node_agent.agent import Agent, AgentSettings, serve
+    from node_agent.http_api import LOOPBACK_NETWORKS, HttpSettings
+    from node_agent.repository import parse_quantity
+
+    try:
+        token = None
+        if args.auth_token_file is not None:
+            token = args.auth_token_file.read_text(encoding="utf-8").strip()
+            if not token:
+                raise ValueError(f"auth token file {args.auth_token_file} is empty")
+        http = HttpSettings(
+            host=args.host,
+            port=args.port,
+            auth_token=token,
+            max_request_bytes=parse_quantity(args.max_request_size),
+            max_inflight_request_bytes=max(4 * parse_quantity(args.max_request_size), 256 * 2**20),
+            repository_control_from=tuple(args.allow_repository_control_from or LOOPBACK_NETWORKS),
+            access_log=args.access_log,
+        )
+        settings = AgentSettings(
+            model_repository=args.model_repository,
+            device=args.device,
+            memory_budget_bytes=parse_quantity(args.memory_budget) if args.memory_budget else None,
+            workers=args.workers,
+            preload=tuple(p.strip() for p in args.preload.split(",") if p.strip()),
+            drain_delay_s=args.drain_delay,
+            drain_timeout_s=args.drain_timeout,
+            http=http,
+        )
+        extensions, overlay = _edge_node_mode(args)
+    except ValueError as e:
+        print(f"edgefleet-agent serve: {e}", file=sys.stderr)
+        return 2
+
+    def listening(agent: Agent) -> None:
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+        print(f"edgefleet-agent: serving {settings.model_repository} on http://{host}:{agent.port}",
+              flush=True)
+
+    try:
+        asyncio.run(serve(Agent(settings, extensions=extensions, overlay=overlay), on_listening=listening))
+    except ValueError as e:
+        print(f"edgefleet-agent serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -41,6 +163,11 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
         "write a model repository of small example models (fixed seeds, stable digests)",
         _make_examples_args,
         _make_examples,
+    ),
+    "serve": (
+        "serve a model repository over HTTP (KServe v2 / Triton protocol), with no cluster",
+        _serve_args,
+        _serve,
     ),
 }
 """Subcommand name -> (one-line help, add its arguments, run it)."""

@@ -1,0 +1,161 @@
+"""Overload: 2x capacity, 20% high-priority traffic, every request with a deadline.
+
+`classifier/1` (CPU, one pool worker) with a p99 SLO is served by the engine, whose
+batcher orders by priority then deadline, drops work that cannot meet its deadline
+before running it, refuses arrivals past an SLO-derived queue bound (Overloaded,
+with Retry-After) and lets high-priority arrivals displace queued normal work.
+Measured in one run, on one Poisson trace shape:
+
+- capacity C: closed-loop saturation throughput of that same engine (measured before
+  and after the overload runs; their mean is used);
+- light load (0.3 C) and overload (2 C) with the engine: goodput = requests completed
+  within their deadline, per second; high-priority p99 at each load;
+- the same 2 C trace through a FIFO queue without admission control: the same batcher
+  with every request at one priority, no deadlines and an unbounded queue (static
+  batches of the size the adaptive batcher used at saturation, no delay).
+
+Goals (issue "Node agent runtime"): goodput at 2x >= 0.90 C while FIFO falls far
+below; high-priority p99 at 2x <= 1.1x its p99 at light load.
+
+    python -m bench.overload            # full run (~1.5 min)
+    BENCH_QUICK=1 python -m bench.overload
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from bench.adaptive_batching import closed_loop_capacity
+from bench.common import ReplayResult, example_repo, fmt_ms, poisson_trace, quick, replay
+from bench.report import table, write_section
+from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
+from node_agent.engine import Engine
+from node_agent.repository import ModelRepository
+from node_agent.scheduler import ModelScheduler
+from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelConfig, Priority
+
+MODEL = "classifier"
+SLO_S = 0.15
+DEADLINE_S = 0.15
+HIGH_SHARE = 0.2
+WARMUP_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    model: str = MODEL
+    input_name: str = "image"
+    row_shape: tuple[int, ...] = (3, 64, 64)
+
+
+class SlaRepository:
+    def __init__(self, repo: ModelRepository) -> None:
+        self.repo = repo
+
+    def config(self, name: str, version: str | None = None) -> ModelConfig:
+        config = self.repo.config(name, version)
+        return dataclasses.replace(config, p99_latency_s=SLO_S) if name == MODEL else config
+
+
+async def run_trace(
+    engine: Engine, rate: float, seconds: float, seed: int, *, priorities: bool,
+    deadlines: bool,
+) -> ReplayResult:  # fmt: skip
+    arrivals = poisson_trace(rate, WARMUP_S + seconds, seed)
+    rng = np.random.default_rng(seed + 1)
+    tags = ["high" if rng.random() < HIGH_SHARE else "normal" for _ in arrivals]
+    payloads = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in arrivals]
+
+    async def call(i: int) -> Any:
+        prio = Priority.HIGH if priorities and tags[i] == "high" else Priority.NORMAL
+        timeout = DEADLINE_S if deadlines else None
+        return await engine.infer(MODEL, "1", {"image": payloads[i]}, prio, timeout)
+
+    result = await replay(arrivals, call, tags)
+    kept = []
+    for o in result.outcomes:
+        if o.arrival_s < WARMUP_S:
+            continue
+        if o.error is None and o.latency_s > DEADLINE_S:
+            o = dataclasses.replace(o, error="late")  # completed, but after its deadline
+        kept.append(o)
+    return ReplayResult(kept, seconds)
+
+
+async def main() -> None:
+    q = quick()
+    seconds = 0.8 if q else 3.0
+    cal_s = 0.6 if q else 3.0
+    repo = SlaRepository(ModelRepository(example_repo()))
+    pool = StreamPool(PoolSettings(num_workers=1)).start()
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.repo.load(cfg, "cpu"))
+    config = repo.config(MODEL, "1")
+
+    def engine_with(policy: BatchingPolicy) -> Engine:
+        return Engine(repo, scheduler, pool, policy_factory=lambda cfg: policy)
+
+    async def capacity() -> tuple[float, int]:
+        policy = policy_for(config, workers=pool.num_workers)
+        engine = engine_with(policy)
+        cap = await closed_loop_capacity(engine, _Case(), cal_s)  # type: ignore[arg-type]
+        await engine.stop()
+        return cap, policy.decision().batch_size
+
+    await capacity()  # load and warm up
+    cap_before, batch_at_saturation = await capacity()
+
+    ours = engine_with(policy_for(config, workers=pool.num_workers))
+    light = await run_trace(ours, 0.3 * cap_before, seconds, 1, priorities=True, deadlines=True)
+    over = await run_trace(ours, 2.0 * cap_before, seconds, 2, priorities=True, deadlines=True)
+    await ours.stop()
+
+    fifo_engine = engine_with(StaticPolicy(batch_at_saturation, 0.0, 1 << 30))
+    fifo = await run_trace(fifo_engine, 2.0 * cap_before, seconds, 2, priorities=False,
+                           deadlines=False)  # fmt: skip
+    await fifo_engine.stop()
+    cap_after, _ = await capacity()
+    await scheduler.close()
+    pool.stop()
+
+    cap = (cap_before + cap_after) / 2
+    rows = []
+    for name, r in (("engine, light 0.3x", light), ("engine, overload 2x", over),
+                    ("FIFO, no admission control, 2x", fifo)):  # fmt: skip
+        goodput = len(r.ok()) / r.duration_s
+        rows.append([
+            name, f"{goodput:.0f}", f"{goodput / cap:.2f}", fmt_ms(r.p(99, "high")),
+            fmt_ms(r.p(99, "normal")), r.errors("Overloaded"), r.errors("DeadlineExceeded"),
+            r.errors("late"), len(r.outcomes),
+        ])  # fmt: skip
+    good_over = len(over.ok()) / over.duration_s / cap
+    good_fifo = len(fifo.ok()) / fifo.duration_s / cap
+    high_ratio = over.p(99, "high") / light.p(99, "high")
+    body = (
+        f"`{MODEL}/1` on CPU (1 pool worker), p99 SLO {fmt_ms(SLO_S)}, every request with a "
+        f"{fmt_ms(DEADLINE_S)} deadline, {HIGH_SHARE:.0%} high priority; Poisson arrivals for "
+        f"{seconds:.0f} s after a {WARMUP_S:.0f} s warm-up. Capacity C = {cap:.0f} req/s "
+        f"(closed loop, {cap_before:.0f} before and {cap_after:.0f} after the runs; the "
+        f"adaptive batcher ran batches of {batch_at_saturation} at saturation). Goodput = "
+        "requests completed within their deadline per second; refused = `Overloaded`; "
+        "dropped = `DeadlineExceeded` (never run); late = completed after the deadline.\n\n"
+        + table(
+            ["run", "goodput req/s", "goodput / C", "high p99", "normal p99", "refused",
+             "dropped", "late", "requests"],
+            rows,
+        )
+        + f"\n\nGoodput at 2x: **{good_over:.2f} C** (goal >= 0.90); FIFO without admission "
+        f"control: **{good_fifo:.2f} C**. High-priority p99, 2x overload / light load: "
+        f"**{high_ratio:.2f}x** (goal <= 1.1x).\n"
+    )
+    print(body)
+    if not q:
+        write_section("overload", "Overload: admission control and priorities at 2x", body)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,136 @@
+"""Served throughput / bare-model throughput: what the engine path costs a real model.
+
+The example CNN `classifier/1` (TorchScript, CPU) runs
+- bare: the loaded backend's `run` called in a loop on ready 16-row batches;
+- served: `Engine.infer` with one-image requests from enough concurrent clients to
+  keep every batch full (16 rows, the model's max_batch_size), through validation,
+  the batcher, the scheduler's lease per batch and the stream pool.
+Both at the same batch size and the same torch thread count, measured alternately in
+short rounds (on a shared machine the load of other processes changes by the second;
+alternating lets it hit both alike); reported: the ratio of total rows/s and the median
+of per-round ratios, per thread setting. Goal (issue "Node agent runtime"): >= 0.95.
+
+    python -m bench.served_throughput       # full run (~1.5 min)
+    BENCH_QUICK=1 python -m bench.served_throughput
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+
+import torch
+
+from bench.common import example_repo, images, quick
+from bench.report import table, write_section
+from node_agent.engine import Engine
+from node_agent.repository import ModelRepository
+from node_agent.scheduler import ModelScheduler
+from node_agent.stream_pool import PoolSettings, StreamPool
+
+BATCH = 16
+CLIENTS = 64
+
+
+def bare_rows_per_s(backend: object, seconds: float) -> float:
+    x = {"image": torch.from_numpy(images(BATCH, seed=1))}
+    backend.run(x)  # type: ignore[attr-defined]
+    rows, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        backend.run(x)  # type: ignore[attr-defined]
+        rows += BATCH
+    return rows / (time.perf_counter() - t0)
+
+
+async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, float]:
+    """Rows/s and mean batch size over `seconds` of closed-loop load."""
+    xs = [images(1, seed=i) for i in range(CLIENTS)]
+    stop_at = time.perf_counter() + seconds
+    done = [0]
+
+    async def client(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            out = await engine.infer("classifier", "1", {"image": xs[i]})
+            assert out["logits"].shape == (1, 10)
+            done[0] += 1
+
+    batcher = engine.batcher("classifier", "1")
+    b0, r0 = batcher.batches, batcher.rows_run
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(i) for i in range(CLIENTS)])
+    elapsed = time.perf_counter() - t0
+    mean_batch = (batcher.rows_run - r0) / max(1, batcher.batches - b0)
+    return done[0] / elapsed, mean_batch
+
+
+async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object]:
+    root = example_repo()
+    repo = ModelRepository(root)
+    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=threads)).start()
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
+    engine = Engine(repo, scheduler, pool)
+    await engine.infer("classifier", "1", {"image": images(1, 0)})  # load and warm up
+    lease = await scheduler.acquire(repo.config("classifier", "1"))
+    backend = lease.backend
+    await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
+    bare, served, batches = [], [], []
+    for _ in range(rounds):  # alternating rounds
+        # the bare loop runs on a pool-like thread setting: same torch.get_num_threads()
+        bare.append(await asyncio.to_thread(bare_rows_per_s, backend, seconds))
+        rows_s, mean_batch = await served_rows_per_s(engine, seconds)
+        served.append(rows_s)
+        batches.append(mean_batch)
+    lease.release()
+    await engine.stop()
+    await scheduler.close()
+    pool.stop()
+    ratios = [s / b for s, b in zip(served, bare, strict=True)]
+    return {
+        "threads": threads,
+        "bare": statistics.mean(bare),
+        "served": statistics.mean(served),
+        "ratio": sum(served) / sum(bare),
+        "median": statistics.median(ratios),
+        "ratios": ratios,
+        "batch": statistics.mean(batches),
+    }
+
+
+async def main() -> None:
+    q = quick()
+    rounds, seconds = (1, 1.0) if q else (20, 1.2)
+    cores = os.cpu_count() or 1
+    settings = [1] if q else sorted({1, cores})
+    rows = []
+    for threads in settings:
+        r = await measure(threads, rounds, seconds)
+        ratios = r["ratios"]
+        assert isinstance(ratios, list)
+        rows.append([
+            r["threads"], f"{r['batch']:.1f}", f"{r['bare']:.0f}", f"{r['served']:.0f}",
+            f"**{r['ratio']:.3f}**", f"{r['median']:.3f}", ">= 0.95",
+            "yes" if r["ratio"] >= 0.95 else "no",  # type: ignore[operator]
+            ", ".join(f"{x:.2f}" for x in ratios),
+        ])  # fmt: skip
+    body = (
+        f"`classifier/1` (small CNN, 3x64x64 -> 10) on CPU, batches of {BATCH} rows. Bare: the\n"
+        "loaded backend's `run` in a loop on a ready batch (on a worker thread, like the pool).\n"
+        f"Served: `Engine.infer` with 1-image requests from {CLIENTS} closed-loop clients, one\n"
+        f"pool worker. Bare and served alternate in {rounds} rounds of {seconds} s each.\n\n"
+        + table(
+            ["torch threads", "mean served batch", "bare rows/s", "served rows/s",
+             "served / bare (totals)", "median round ratio", "goal", "met",
+             "per-round ratios"],
+            rows,
+        )
+        + "\n"
+    )
+    print(body)
+    if not q:
+        write_section("served_throughput", "Served throughput vs bare model", body)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

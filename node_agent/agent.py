@@ -1,0 +1,461 @@
+"""A standalone agent: model repository + scheduler + stream pool + engine + HTTP API.
+
+`Agent(settings).start()` brings the parts up in dependency order and `stop()` takes them
+down in reverse, draining first:
+
+    start: repository -> scheduler -> stream pool -> engine -> HTTP (live, not ready)
+           -> extensions -> preloads -> ready
+    stop:  not ready -> drain delay -> extensions -> HTTP (stops listening, waits for the
+           requests in progress, bounded) -> engine -> scheduler -> stream pool
+
+HTTP starts before the preloads so the liveness probe answers while models load (a slow load
+must not get the agent restarted); readiness turns on once they are loaded. `serve(settings)`
+runs an agent until SIGTERM or SIGINT, then drains it: `edgefleet-agent serve`.
+
+`Serving` is what the HTTP layer serves: the engine behind the agent's readiness and the
+repository extension's load/unload. Models load on demand (the scheduler), so every valid
+model in the repository is servable; `unload` takes a model out of service (and out of
+memory) until `load` puts it back. An `AgentExtension` (e.g. the operator link's EdgeNode
+mode) is started after the core and stopped before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from node_agent.engine import ConfigSource, Engine, EngineSettings
+from node_agent.errors import InvalidModel, ModelNotFound
+from node_agent.http_api import HttpSettings, IndexEntry, MetricsHook, build_app
+from node_agent.repository import ModelRepository, validate_name, validate_version
+from node_agent.scheduler import ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelConfig, ModelId, Priority
+
+if TYPE_CHECKING:
+    from node_agent.backends.base import Backend
+    from node_agent.metrics import AgentCollector, ApiMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """A standalone agent's settings; validated at construction."""
+
+    model_repository: Path
+    """Root of the model repository (`<model>/<version>/model.yaml`)."""
+    device: str = "cpu"
+    """'cpu' or 'cuda[:n]'."""
+    memory_budget_bytes: int | None = None
+    """Bytes models may take; None: the device's total minus a reserve on CUDA, 2 GiB on CPU
+    (see `scheduler.device_budget_bytes`)."""
+    workers: int | None = None
+    """Stream pool workers (one CUDA stream each); None: 1 on CPU (torch already uses every
+    core inside an op), 2 on CUDA (one stream computes while the other copies)."""
+    preload: tuple[str, ...] = ()
+    """Models loaded before the agent reports ready: 'name' (newest version) or 'name:version'."""
+    drain_delay_s: float = 0.0
+    """After SIGTERM, seconds to keep serving while reporting not ready, so load balancers
+    (Kubernetes endpoints) stop sending before the listener closes; 0 standalone, a few
+    seconds in a cluster."""
+    drain_timeout_s: float = 20.0
+    """Longest wait for requests in progress when stopping; below Kubernetes' default 30 s
+    termination grace period, so the agent exits on its own before it is killed."""
+    unload_wait_s: float = 10.0
+    """How long a repository unload waits for in-flight batches to release the model."""
+    http: HttpSettings = field(default_factory=HttpSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+        for value in (self.drain_delay_s, self.drain_timeout_s, self.unload_wait_s):
+            if not value >= 0:
+                raise ValueError("drain_delay_s, drain_timeout_s and unload_wait_s must be >= 0")
+        for entry in self.preload:
+            parse_model_ref(entry)
+
+    @property
+    def num_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.device == "cpu" else 2
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """'name' or 'name:version' -> (name, version or None); ValueError when malformed."""
+    name, sep, version = ref.strip().partition(":")
+    try:
+        validate_name(name)
+        if sep:
+            validate_version(version)
+    except InvalidModel as e:
+        raise ValueError(f"model {ref!r}: {e}") from None
+    return name, version if sep else None
+
+
+class Serving:
+    """The HTTP layer's view of the agent (`http_api.ServingApi`); loop thread only.
+
+    Invariants: a model name in `_unloaded` gets ModelNotFound from `config`/`infer` and is
+    reported UNAVAILABLE; load/unload run one at a time.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        scheduler: ModelScheduler,
+        engine: Engine,
+        *,
+        unload_wait_s: float = 10.0,
+    ) -> None:
+        self.repository = repository
+        self.scheduler = scheduler
+        self.engine = engine
+        self.unload_wait_s = unload_wait_s
+        self._not_ready: str | None = "starting"
+        self._unloaded: set[str] = set()
+        self._control = asyncio.Lock()
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    def set_ready(self) -> None:
+        self._not_ready = None
+
+    def set_not_ready(self, reason: str) -> None:
+        self._not_ready = reason
+
+    def not_ready_reason(self) -> str | None:
+        return self._not_ready
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def config(self, name: str, version: str | None) -> ModelConfig:
+        self._check_loaded(name)
+        return self.engine.config(name, version)
+
+    def versions(self, name: str) -> list[str]:
+        return self.repository.versions(name)
+
+    def model_not_ready_reason(self, name: str, version: str | None) -> str | None:
+        if name in self._unloaded:
+            return "unloaded through the repository API"
+        try:
+            self.engine.config(name, version)
+        except InvalidModel as e:
+            return str(e)
+        return self._not_ready
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        priority: Priority,
+        timeout_s: float | None,
+    ) -> Mapping[str, np.ndarray]:
+        self._check_loaded(name)
+        return await self.engine.infer(name, version, inputs, priority, timeout_s)
+
+    def _check_loaded(self, name: str) -> None:
+        if name in self._unloaded:
+            raise ModelNotFound(
+                f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load serves it again"
+            )
+
+    # -- repository extension ----------------------------------------------------------------
+
+    def index(self) -> list[IndexEntry]:
+        scan = self.repository.scan()
+        entries = [
+            IndexEntry(c.name, c.version, "UNAVAILABLE", "unloaded")
+            if c.name in self._unloaded
+            else IndexEntry(c.name, c.version, "READY")
+            for c in scan.models
+        ]
+        for path, why in scan.broken.items():
+            if path != self.repository.root:
+                entries.append(IndexEntry(path.parent.name, path.name, "UNAVAILABLE", why))
+        entries.sort(key=lambda e: (e.name, e.version))
+        return entries
+
+    async def load(self, name: str) -> None:
+        """Put `name` (back) into service and load its newest version into memory."""
+        async with self._control:
+            self._check_inside(name)
+            self.engine.invalidate(name)
+            config = self.repository.config(name)
+            await self.scheduler.preload(config)
+            self._unloaded.discard(name)
+            log.info("repository: loaded %s", config.id)
+
+    async def unload(self, name: str) -> None:
+        """Take `name` out of service; unload its resident versions once their in-flight
+        batches are done (waiting at most `unload_wait_s`; after that the scheduler may evict
+        it like any idle model)."""
+        async with self._control:
+            resident = [r.model_id for r in self.scheduler.resident() if r.model_id.name == name]
+            if not resident:
+                self.repository.versions(name)  # ModelNotFound for an unknown model
+            self._unloaded.add(name)
+            self.engine.invalidate(name)
+            deadline = time.monotonic() + self.unload_wait_s
+            for model_id in resident:
+                await self._unload_when_idle(model_id, deadline)
+            log.info("repository: unloaded %s", name)
+
+    async def _unload_when_idle(self, model_id: ModelId, deadline_s: float) -> None:
+        while True:
+            outcome = await self.scheduler.unload(model_id)
+            if outcome in (UnloadOutcome.UNLOADED, UnloadOutcome.NOT_LOADED):
+                return
+            if time.monotonic() >= deadline_s:
+                log.warning("repository: %s still %s; left to eviction", model_id, outcome.value)
+                return
+            await asyncio.sleep(0.005)  # poll: the scheduler offers no 'released' event
+
+    def _check_inside(self, name: str) -> None:
+        root = self.repository.root
+        resolved = (root / name).resolve()
+        if not resolved.is_relative_to(root) or resolved == root:
+            raise ModelNotFound(f"model {name!r} resolves outside the repository {root}; not loading it")
+
+
+class AgentExtension(Protocol):
+    """Something started with the agent (after its core) and stopped before it."""
+
+    async def start(self, agent: Agent) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class ConfigOverlay(Protocol):
+    """Where the engine takes model configs from instead of the repository, and a gate on the
+    scheduler's loads (EdgeNode mode: `operator_link.AssignedConfigs`, assigned versions only)."""
+
+    def config(self, name: str, version: str | None = None) -> ModelConfig: ...
+
+    def loader(self, load: Callable[[ModelConfig], Backend]) -> Callable[[ModelConfig], Backend]: ...
+
+
+class Agent:
+    """The composition (see the module docstring). Start and stop explicitly, on one loop."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        extensions: Sequence[AgentExtension] = (),
+        metrics: MetricsHook | None = None,
+        overlay: ConfigOverlay | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.extensions = tuple(extensions)
+        self.overlay = overlay
+        """Config source and load gate for the engine (None: the repository, every model)."""
+        self.registry = registry if registry is not None else CollectorRegistry()
+        """Where the agent's metrics live (its own, never prometheus_client's global one)."""
+        self.metrics = metrics
+        """GET /metrics body and content type; None: the exposition of `registry`."""
+        self.collector: AgentCollector | None = None
+        """The scrape-time collector (set at start); others may attach components to it
+        later (`collector.sla`, `collector.thermal`)."""
+        self.api_metrics: ApiMetrics | None = None
+        self.repository: ModelRepository | None = None
+        self.scheduler: ModelScheduler | None = None
+        self.pool: StreamPool | None = None
+        self.engine: Engine | None = None
+        self.serving: Serving | None = None
+        self._runner: web.AppRunner | None = None
+        self._started_extensions: list[AgentExtension] = []
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        """The TCP port the HTTP API listens on (useful with port 0)."""
+        assert self._runner is not None, "the agent is not started"
+        address = self._runner.addresses[0]
+        return int(address[1])
+
+    async def start(self) -> None:
+        """Start every part; returns once the agent is ready (preloads done). On failure,
+        whatever was started is stopped again and the error propagates."""
+        await self.listen()
+        await self.become_ready()
+
+    async def listen(self) -> None:
+        """First half of `start`: the core and the HTTP API (live, not yet ready)."""
+        try:
+            await self._start_core()
+            await self._start_http()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def become_ready(self) -> None:
+        """Second half of `start`: extensions, then preloads, then ready."""
+        assert self.serving is not None and self.scheduler is not None and self.repository is not None
+        try:
+            for extension in self.extensions:
+                await extension.start(self)
+                self._started_extensions.append(extension)
+            for ref in self.settings.preload:
+                name, version = parse_model_ref(ref)
+                config = self.repository.config(name, version)
+                self.serving.set_not_ready(f"loading {config.id}")
+                await self.scheduler.preload(config)
+                log.info("preloaded %s", config.id)
+        except BaseException:
+            await self.stop()
+            raise
+        self.serving.set_ready()
+        s = self.settings
+        log.info(
+            "agent ready: repository %s, device %s, %d worker(s), budget %d bytes, port %d",
+            self.repository.root, s.device, s.num_workers, self.scheduler.budget_bytes, self.port,
+        )  # fmt: skip
+
+    async def _start_core(self) -> None:
+        s = self.settings
+        root = Path(s.model_repository)
+        if not root.is_dir():
+            raise NotADirectoryError(f"model repository {root} is not a directory")
+        if s.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {s.device} requested but CUDA is not available")
+        repository = self.repository = ModelRepository(root)
+        budget = s.memory_budget_bytes
+        if budget is None:
+            budget = device_budget_bytes(s.device)
+
+        def load(config: ModelConfig) -> Backend:
+            return repository.load(config, s.device)
+
+        source: ConfigSource = repository
+        loader: Callable[[ModelConfig], Backend] = load
+        if self.overlay is not None:  # EdgeNode mode: assigned versions only
+            source, loader = self.overlay, self.overlay.loader(load)
+        self.scheduler = ModelScheduler(budget, loader)
+        self.pool = StreamPool(PoolSettings(num_workers=s.num_workers, device=s.device)).start()
+        self.engine = Engine(source, self.scheduler, self.pool, s.engine)
+        self.serving = Serving(repository, self.scheduler, self.engine, unload_wait_s=s.unload_wait_s)
+        self._register_metrics()
+
+    def _register_metrics(self) -> None:
+        """The agent's collector and the HTTP layer's per-request metrics, on `registry`."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from node_agent.metrics import ApiMetrics, engine_batchers, register_agent_metrics, torch_gpu_memory
+
+        scheduler, device = self.scheduler, self.settings.device
+        assert scheduler is not None and self.engine is not None
+        self.collector = register_agent_metrics(
+            self.registry,
+            batchers=engine_batchers(self.engine, lambda: [r.model_id for r in scheduler.resident()]),
+            pool=self.pool,
+            scheduler=scheduler,
+            gpu_memory=torch_gpu_memory(device) if device.startswith("cuda") else None,
+        )
+        self.api_metrics = ApiMetrics(self.registry)
+        if self.metrics is None:
+            registry = self.registry
+            self.metrics = lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    async def _start_http(self) -> None:
+        assert self.serving is not None
+        h = self.settings.http
+        app = build_app(self.serving, h, self.metrics, self.api_metrics)
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=logging.getLogger("node_agent.access") if h.access_log else None,
+            shutdown_timeout=self.settings.drain_timeout_s,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, h.host, h.port, reuse_address=True)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Drain and stop (idempotent): requests in progress finish (bounded by
+        `drain_timeout_s`); queued work that cannot is failed with ShuttingDown."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.serving is not None:
+            self.serving.set_not_ready("draining")
+            if self.settings.drain_delay_s and self._runner is not None:
+                await asyncio.sleep(self.settings.drain_delay_s)  # endpoints drop the agent meanwhile
+        for extension in reversed(self._started_extensions):
+            try:
+                await extension.stop()
+            except Exception:
+                log.exception("stopping extension %r", extension)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.stop)
+        log.info("agent stopped")
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(agent: Agent, on_listening: Callable[[Agent], None] | None = None) -> None:
+    """Run `agent` until SIGTERM or SIGINT, then drain and stop it. A signal during startup
+    (preloading) stops it too. `on_listening` runs once the HTTP API is up."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def start() -> None:
+        await agent.listen()
+        if on_listening is not None:
+            on_listening(agent)
+        await agent.become_ready()
+
+    starting = asyncio.ensure_future(start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start raises here
+            await stopping
+            log.info("signal received: draining")
+        else:
+            log.info("signal received while starting: stopping")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        stopping.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await agent.stop()

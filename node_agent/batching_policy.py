@@ -1,0 +1,430 @@
+"""Batching policy: observations in, (batch size, queue delay, queue bound) out.
+
+Pure: no I/O, no clock reads (callers pass monotonic time in), no tensors.
+
+`AdaptivePolicy` plans against the model's latency SLO (p99 and/or p95):
+- a `ServiceModel` fits batch service time as s(b) = fixed + per_row * b, by least
+  squares over recent batches with exponentially decaying weights (half-life ~1 s),
+  so a model that slows down (thermal throttle) or speeds up is tracked within a
+  few seconds;
+- the latency budget is `fraction x SLO`; `fraction` is adjusted AIMD-style from
+  measured request latencies (multiplicative decrease when more than the allowed
+  share of requests missed the SLO in the last interval, additive increase when not);
+- the queue delay is at most 0.3 x budget (the textbook's "max wait ~ 0.3 x SLO"),
+  scaled by the share of fixed cost in a batch: waiting for more rows pays only by
+  amortising that fixed cost (a CNN on CPU, whose cost is per row, gets ~0 delay; a
+  model dominated by per-call overhead gets the full 0.3);
+- the batch size is the largest b with delay + 2 s(b) <= budget (a request may wait for
+  one running batch, then run in its own), but no larger than the throughput knee:
+  rows/s b / s(b) approaches 1 / per_row as b grows, and past the smallest b reaching 95%
+  of that, bigger batches add latency (to every request, and to urgent ones waiting for
+  a running batch) for under 5% more throughput. When not even b = 1 fits the budget:
+  no delay; if no small batch was seen lately, the batch is halved (s(1) is then only an
+  extrapolation), else batches go up to the knee while one batch alone fits the budget
+  (at least one row);
+- the queue bound admits only rows that can be served within the budget (admission
+  control instead of timeouts under overload).
+
+`StaticPolicy` keeps a fixed (batch size, delay, bound) and only fits the service model
+(used for deadline prediction and Retry-After).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from node_agent.types import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingDecision:
+    """What the batcher does next. 1 <= batch_size; batch_size <= queue_limit_rows."""
+
+    batch_size: int
+    """Rows per batch at most."""
+    delay_s: float
+    """How long a partial batch may wait for more rows, from when its window opened."""
+    queue_limit_rows: int
+    """Queued rows past which arrivals are refused (or displace less urgent work)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SloTarget:
+    """A latency objective: `quantile` of request latencies within `latency_s`."""
+
+    latency_s: float
+    quantile: float
+
+    def __post_init__(self) -> None:
+        if not self.latency_s > 0:
+            raise ValueError(f"latency_s must be > 0, got {self.latency_s!r}")
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
+
+
+def slo_targets(config: ModelConfig) -> tuple[SloTarget, ...]:
+    """The model's latency objectives from its SLA (empty when it has none)."""
+    out = []
+    if config.p99_latency_s is not None:
+        out.append(SloTarget(config.p99_latency_s, 0.99))
+    if config.p95_latency_s is not None:
+        out.append(SloTarget(config.p95_latency_s, 0.95))
+    return tuple(out)
+
+
+class ServiceModel:
+    """Batch service time s(b) = fixed_s + per_row_s * b, fitted with decaying weights.
+
+    Weighted least squares: an observation weighs its own duration (seconds of
+    evidence, so a few long batches after a slowdown count as much as the many short
+    ones before it), and weights halve every `halflife_s` of (passed-in) time. One
+    batch off the prediction by 4x or more, or two in a row off by 2x, mean the model
+    changed speed: older evidence is then mostly forgotten at once. With too little spread in
+    observed batch sizes to fit a slope, a tenth of the mean time is taken as fixed and
+    the rest as per-row cost: a cautious prior (larger batches are predicted nearly
+    proportionally slower, so an unexplored batch size is never assumed free) under
+    which the planner still moves the batch size, and the next batches supply the
+    spread that replaces the prior by a fit. Invariant: fixed_s >= 0, per_row_s >= 0.
+    """
+
+    __slots__ = ("_last_s", "_recent_rows", "_s0", "_surprises", "_sx", "_sxx", "_sxy", "_sy",
+                 "fixed_s", "halflife_s", "per_row_s")  # fmt: skip
+
+    SURPRISE_RATIO = 2.0
+    SHOCK_RATIO = 4.0
+    FORGET = 0.05
+    PRIOR_FIXED_SHARE = 0.1
+
+    def __init__(self, halflife_s: float = 1.0) -> None:
+        if not halflife_s > 0:
+            raise ValueError(f"halflife_s must be > 0, got {halflife_s!r}")
+        self.halflife_s = halflife_s
+        self._s0 = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._last_s: float | None = None
+        self._surprises = 0
+        self._recent_rows: collections.deque[int] = collections.deque(maxlen=16)
+        self.fixed_s = 0.0
+        self.per_row_s = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self._s0 > 0
+
+    def observe(self, now_s: float, rows: int, service_s: float) -> None:
+        assert rows >= 1 and service_s >= 0, (rows, service_s)
+        decay = 1.0
+        if self._last_s is not None and now_s > self._last_s:
+            decay = 0.5 ** ((now_s - self._last_s) / self.halflife_s)
+        if self._last_s is None or now_s > self._last_s:
+            self._last_s = now_s
+        if self.known:
+            predicted = self.predict(rows)
+            r, shock = self.SURPRISE_RATIO, self.SHOCK_RATIO
+            off = service_s > r * predicted or service_s * r < predicted
+            self._surprises = self._surprises + 1 if off else 0
+            shocked = service_s > shock * predicted or service_s * shock < predicted
+            if self._surprises >= 2 or shocked:
+                decay *= self.FORGET
+                self._surprises = 0
+        if decay != 1.0:
+            self._s0 *= decay
+            self._sx *= decay
+            self._sy *= decay
+            self._sxx *= decay
+            self._sxy *= decay
+        self._recent_rows.append(rows)
+        w = max(service_s, 1e-6)
+        b = float(rows)
+        self._s0 += w
+        self._sx += w * b
+        self._sy += w * service_s
+        self._sxx += w * b * b
+        self._sxy += w * b * service_s
+        self._fit()
+
+    def _fit(self) -> None:
+        mean_b = self._sx / self._s0
+        mean_t = self._sy / self._s0
+        var_b = self._sxx / self._s0 - mean_b * mean_b
+        if var_b >= 0.25:
+            slope = (self._sxy / self._s0 - mean_b * mean_t) / var_b
+            fixed = mean_t - slope * mean_b
+            if slope < 0:
+                slope, fixed = 0.0, mean_t
+            elif fixed < 0:
+                slope, fixed = self._sy / self._sx, 0.0
+        else:
+            fixed = self.PRIOR_FIXED_SHARE * mean_t
+            slope = (1.0 - self.PRIOR_FIXED_SHARE) * mean_t / mean_b
+        self.fixed_s, self.per_row_s = fixed, slope
+
+    @property
+    def smallest_recent_rows(self) -> int:
+        """The smallest batch among the last 16 observed (0 before any)."""
+        return min(self._recent_rows, default=0)
+
+    def predict(self, rows: int) -> float:
+        """Predicted service time of a batch of `rows` (0.0 before any observation)."""
+        return self.fixed_s + self.per_row_s * rows
+
+    def largest_batch_within(self, time_s: float, max_rows: int) -> int:
+        """The largest b in [1, max_rows] with s(b) <= time_s; 0 when not even b = 1 fits."""
+        if self.predict(1) > time_s:
+            return 0
+        if self.per_row_s <= 0:
+            return max_rows
+        fit = (time_s - self.fixed_s) / self.per_row_s
+        return max(1, min(max_rows, math.floor(fit * (1 + 1e-9))))  # (0.035-0.002)/0.001 = 32.99..
+
+
+class BatchingPolicy(Protocol):
+    """What the batcher needs from a policy. Not thread-safe: callers serialise `observe`;
+    `decision()` returns an immutable value, safe to read from any thread."""
+
+    def decision(self) -> BatchingDecision: ...
+
+    def observe(
+        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
+    ) -> None:
+        """One finished batch: its rows, its service time, its finished requests' latencies."""
+
+    def predict_service_s(self, rows: int) -> float: ...
+
+    def retry_after_s(self, queued_rows: float) -> float: ...
+
+
+class _ServiceMixin:
+    service: ServiceModel
+    workers: int
+
+    def decision(self) -> BatchingDecision:
+        raise NotImplementedError
+
+    def predict_service_s(self, rows: int) -> float:
+        return self.service.predict(rows)
+
+    def retry_after_s(self, queued_rows: float) -> float:
+        """Time for `queued_rows` to drain at the planned batch size (for Retry-After)."""
+        b = self.decision().batch_size
+        per_batch = self.service.predict(b)
+        return max(0.001, math.ceil(queued_rows / b) * per_batch / self.workers)
+
+
+class StaticPolicy(_ServiceMixin):
+    """A fixed decision; the service model is still fitted (deadlines, Retry-After)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        delay_s: float,
+        queue_limit_rows: int,
+        *,
+        workers: int = 1,
+        halflife_s: float = 1.0,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not delay_s >= 0:
+            raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
+        if queue_limit_rows < batch_size:
+            raise ValueError(
+                f"queue_limit_rows ({queue_limit_rows}) must be >= batch_size ({batch_size})"
+            )
+        self._decision = BatchingDecision(batch_size, delay_s, queue_limit_rows)
+        self.service = ServiceModel(halflife_s)
+        self.workers = workers
+
+    def decision(self) -> BatchingDecision:
+        return self._decision
+
+    def observe(
+        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
+    ) -> None:
+        self.service.observe(now_s, rows, service_s)
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveSettings:
+    """Knobs of `AdaptivePolicy`; the defaults follow the seeds and Clipper."""
+
+    max_batch_size: int
+    """Hard ceiling on rows per batch (the model's max_batch_size)."""
+    targets: tuple[SloTarget, ...]
+    """Latency objectives (at least one)."""
+    workers: int = 1
+    """Batches of this model that may run at once (stream-pool workers)."""
+    max_queue_rows: int = 4096
+    """Hard cap on queued rows (memory), whatever the SLO would allow."""
+    delay_fraction: float = 0.3
+    """Most of the latency budget a partial batch may wait ("max wait ~ 0.3 x SLO")."""
+    service_halflife_s: float = 1.0
+    """Half-life of service-time observations: reacts to a slowdown within ~2-3 s."""
+    adapt_interval_s: float = 0.5
+    """How often the budget fraction is re-evaluated from measured latencies."""
+    decrease: float = 0.85
+    """Multiplicative decrease of the budget fraction after an interval that missed the SLO."""
+    increase: float = 0.05
+    """Additive increase of the budget fraction after an interval that met it."""
+    throughput_knee: float = 0.95
+    """Batches stop growing once they reach this share of the model's asymptotic rows/s."""
+    min_fraction: float = 0.5
+    """Floor of the budget fraction. The plan already assumes the worst case (a full
+    running batch ahead); the fraction only absorbs service-time jitter, and a deep cut
+    would trade throughput (hence more queueing) for nothing after a transient backlog."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not self.targets:
+            raise ValueError("AdaptiveSettings needs at least one SloTarget")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers!r}")
+        if self.max_queue_rows < self.max_batch_size:
+            raise ValueError("max_queue_rows must be >= max_batch_size")
+        if not 0 < self.throughput_knee < 1:
+            raise ValueError(f"throughput_knee must be in (0, 1), got {self.throughput_knee!r}")
+        if not 0 <= self.delay_fraction < 0.5:
+            raise ValueError(f"delay_fraction must be in [0, 0.5), got {self.delay_fraction!r}")
+        if not (0 < self.decrease < 1 and self.increase > 0 and 0 < self.min_fraction <= 1):
+            raise ValueError("need 0 < decrease < 1, increase > 0, 0 < min_fraction <= 1")
+
+
+class AdaptivePolicy(_ServiceMixin):
+    """SLO-driven batch size, delay and queue bound (see the module docstring).
+
+    Invariants: min_fraction <= fraction <= 1; 1 <= batch_size <= max_batch_size;
+    batch_size <= queue_limit_rows <= max_queue_rows.
+    """
+
+    def __init__(self, settings: AdaptiveSettings) -> None:
+        self.settings = settings
+        self.service = ServiceModel(settings.service_halflife_s)
+        self.workers = settings.workers
+        self.fraction = 1.0
+        self._slo_s = min(t.latency_s for t in settings.targets)
+        self._window_start_s: float | None = None
+        self._window_n = 0
+        self._window_over = [0] * len(settings.targets)
+        self._decision = self._plan()
+
+    def decision(self) -> BatchingDecision:
+        return self._decision
+
+    def observe(
+        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
+    ) -> None:
+        self.service.observe(now_s, rows, service_s)
+        self._count(latencies_s)
+        if self._window_start_s is None:
+            self._window_start_s = now_s
+        elif now_s - self._window_start_s >= self.settings.adapt_interval_s:
+            self._adapt()
+            self._window_start_s = now_s
+        self._decision = self._plan()
+
+    def _count(self, latencies_s: Sequence[float]) -> None:
+        self._window_n += len(latencies_s)
+        for i, target in enumerate(self.settings.targets):
+            limit = target.latency_s
+            self._window_over[i] += sum(1 for x in latencies_s if x > limit)
+
+    def _adapt(self) -> None:
+        s = self.settings
+        n = self._window_n
+        violated = any(
+            over >= 2 and over > (1.0 - t.quantile) * n
+            for t, over in zip(s.targets, self._window_over, strict=True)
+        )
+        if violated:
+            self.fraction = max(s.min_fraction, self.fraction * s.decrease)
+        elif n:
+            self.fraction = min(1.0, self.fraction + s.increase)
+        self._window_n = 0
+        self._window_over = [0] * len(s.targets)
+
+    def _plan(self) -> BatchingDecision:
+        s = self.settings
+        svc = self.service
+        budget = self.fraction * self._slo_s
+        max_delay = s.delay_fraction * budget
+        if not svc.known:
+            b = s.max_batch_size
+            return BatchingDecision(b, max_delay, min(s.max_queue_rows, 2 * b * s.workers))
+        cap = min(s.max_batch_size, self._knee())
+        b = svc.largest_batch_within((budget - max_delay) / 2, cap)
+        if b == 0 and svc.smallest_recent_rows > 2:
+            # The fit says even one row misses the budget, but it has seen only larger
+            # batches: s(1) is an extrapolation (noise makes large intercepts). Look before
+            # concluding: halve the batch, and the next fits have small sizes to go on.
+            b = max(1, min(self._decision.batch_size, svc.smallest_recent_rows) // 2)
+            delay = 0.0
+        elif b == 0:
+            # Not even one row behind a running batch meets the budget. Do not wait, and
+            # batch (up to the knee) as far as one batch alone still fits the budget: a
+            # model dominated by per-call overhead keeps its full batches, any other runs
+            # single rows. (Growing past the budget on the fit's word would trust its
+            # intercept most exactly when noise makes it least trustworthy.)
+            b, delay = max(1, svc.largest_batch_within(budget, cap)), 0.0
+        else:
+            # Waiting buys throughput only through the fixed cost it amortises. A larger
+            # batch lowers that share and so the delay, which leaves room for a larger
+            # batch: iterate to the fixed point (b only grows, the delay only shrinks).
+            delay = max_delay
+            for _ in range(8):
+                delay = min(delay, max_delay * self._waiting_benefit(b))
+                grown = svc.largest_batch_within((budget - delay) / 2, cap)
+                if grown == b:
+                    break
+                b = grown
+        per_batch = max(svc.predict(b), 1e-6)
+        batches_ahead = math.floor((budget / per_batch - 1.0) * s.workers)
+        limit = min(s.max_queue_rows, max(b, batches_ahead * b))
+        return BatchingDecision(b, delay, limit)
+
+    def _knee(self) -> int:
+        """Smallest b with b / s(b) >= knee x 1 / per_row, i.e. b >= k/(1-k) x fixed/per_row."""
+        svc, k = self.service, self.settings.throughput_knee
+        if svc.per_row_s <= 0:
+            return self.settings.max_batch_size
+        return max(1, math.ceil(k / (1 - k) * svc.fixed_s / svc.per_row_s - 1e-9))
+
+    def _waiting_benefit(self, b: int) -> float:
+        """Share of a b-row batch's time that is fixed cost, in [0, 1]: 1 when batching
+        is free (per-call overhead, GPUs), 0 when every row costs the same alone."""
+        total = self.service.predict(b)
+        return self.service.fixed_s / total if total > 0 else 1.0
+
+    def check_invariants(self) -> None:
+        s, d = self.settings, self._decision
+        assert s.min_fraction <= self.fraction <= 1.0, self.fraction
+        assert 1 <= d.batch_size <= s.max_batch_size, d
+        assert d.batch_size <= d.queue_limit_rows <= s.max_queue_rows, d
+        assert d.delay_s >= 0, d
+
+
+def policy_for(
+    config: ModelConfig, *, workers: int = 1, max_queue_rows: int = 4096
+) -> StaticPolicy | AdaptivePolicy:
+    """The policy a model's config asks for: adaptive with an SLA, static without."""
+    max_batch = max(1, config.max_batch_size)
+    targets = slo_targets(config)
+    if targets:
+        return AdaptivePolicy(
+            AdaptiveSettings(
+                max_batch_size=max_batch,
+                targets=targets,
+                workers=workers,
+                max_queue_rows=max(max_queue_rows, max_batch),
+            )
+        )
+    return StaticPolicy(
+        max_batch,
+        config.max_queue_delay_s,
+        max(max_queue_rows, max_batch),
+        workers=workers,
+    )

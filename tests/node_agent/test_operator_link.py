@@ -1,0 +1,737 @@
+"""The agent's link to the operator against the REAL local kube-apiserver: it follows its
+EdgeNode's spec (loads, unloads, traffic weights), reports status and renews its Lease,
+keeps serving while the API server is out of reach (a TCP proxy the test stops), catches up
+when it returns, and serves its persisted assignment after a restart without the API server.
+Also `materialize` (artifact URIs into the model repository) on real files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+
+from edgefleet_operator import api
+from node_agent.assignment import DesiredModel, UnsupportedArtifact, decode_persisted
+from node_agent.engine import Engine, EngineSettings
+from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
+from node_agent.operator_link import AssignedConfigs, LinkSettings, OperatorLink, api_client, materialize
+from node_agent.repository import ModelRepository, parse_model_config, sha256_file
+from node_agent.scheduler import ModelScheduler
+from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelId
+
+pytestmark = pytest.mark.cluster
+
+T = TypeVar("T")
+C1, C2, MLP = ModelId("classifier", "1"), ModelId("classifier", "2"), ModelId("mlp", "1")
+SERVICE = "default/classify"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 that the test stops (closing every connection, so the
+    port refuses) and restarts on the same port: an edge link going down and coming back."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+class Cluster:
+    """Admin access to the local API server, run off the event loop."""
+
+    def __init__(self, kube: Any) -> None:
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(kube)
+        self.coordination = client.CoordinationV1Api(kube)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def edge_node(self, name: str) -> dict[str, Any]:
+        obj: Any = await self.call(
+            self.custom.get_cluster_custom_object, api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name
+        )
+        return dict(obj)
+
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> int:
+        obj: Any = await self.call(
+            self.custom.patch_cluster_custom_object,
+            api.GROUP,
+            api.VERSION,
+            api.EDGE_NODE_PLURAL,
+            name,
+            {"spec": spec},
+        )
+        return int(obj["metadata"]["generation"])
+
+    async def lease(self, name: str, namespace: str) -> Any:
+        return await self.call(self.coordination.read_namespaced_lease, name, namespace)
+
+
+def spec_entry(model: str, version: str, digest: str, uri: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {
+        "service": SERVICE,
+        "model": model,
+        "version": version,
+        "artifact": {"uri": uri or f"repo://{model}/{version}/model.pt", "digest": digest},
+        **kw,
+    }
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float = 15.0, what: str = "") -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def fast_settings(edge_node: str, namespace: str, state_dir: Path) -> LinkSettings:
+    return LinkSettings(
+        edge_node=edge_node,
+        namespace=namespace,
+        state_dir=state_dir,
+        endpoint="http://127.0.0.1:8000",
+        watch_timeout_s=5,
+        request_timeout_s=2.0,
+        lease_renew_s=0.5,
+        lease_duration_s=2,
+        status_tick_s=0.1,
+        status_min_interval_s=0.2,
+        status_metrics_interval_s=0.5,
+        status_max_interval_s=2.0,
+        reconcile_interval_s=0.3,
+        retry_failed_s=60.0,
+        backoff_initial_s=0.1,
+        backoff_max_s=0.5,
+        startup_timeout_s=3.0,
+    )
+
+
+class Agent:
+    """The runtime an agent composes in EdgeNode mode: repository, scheduler, stream pool,
+    an engine reading configs from the link, and the link."""
+
+    def __init__(self, repo_root: Path, settings: LinkSettings, client: Any) -> None:
+        self.repo = ModelRepository(repo_root)
+        self.configs = AssignedConfigs()
+        loader = self.configs.loader(lambda cfg: self.repo.load(cfg, "cpu"))
+        self.scheduler = ModelScheduler(1 << 30, loader)
+        self.pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        self.link = OperatorLink(settings, client, self.repo, self.scheduler, configs=self.configs)
+        self.engine = Engine(self.configs, self.scheduler, self.pool, EngineSettings(latest_ttl_s=0.0))
+
+    async def close(self) -> None:
+        await self.link.stop()
+        await self.engine.stop()
+        await self.scheduler.close()
+        self.pool.stop()
+
+
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    await agent.link.start()
+    try:
+        yield agent
+    finally:
+        await agent.close()
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
+
+
+def reference(root: Path, model: str, version: str, x: np.ndarray) -> np.ndarray:
+    module = torch.jit.load(str(root / model / version / "model.pt"))
+    with torch.inference_mode():
+        return np.asarray(module(torch.from_numpy(x)).numpy())
+
+
+def status_model(en: dict[str, Any], model: str, version: str) -> dict[str, Any] | None:
+    for m in (en.get("status") or {}).get("models") or []:
+        if (m["model"], m["version"]) == (model, version):
+            return dict(m)
+    return None
+
+
+def ready_condition(en: dict[str, Any]) -> str | None:
+    for c in (en.get("status") or {}).get("conditions") or []:
+        if c["type"] == "Ready":
+            return str(c["status"])
+    return None
+
+
+TEST_HOLD = "edgefleet.io/test-hold"
+"""A finalizer the test owns: an operator running against the same control plane (another
+test session) deletes EdgeNodes of no fleet Node; with it, such a delete only marks ours."""
+
+
+@pytest.fixture
+def edge_node_name(kube: Any) -> Any:
+    """A unique EdgeNode name; the EdgeNode (if the test made one) is deleted afterwards."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    name = f"link-{uuid.uuid4().hex[:8]}"
+    yield name
+    custom = client.CustomObjectsApi(kube)
+    with suppress(ApiException):
+        custom.patch_cluster_custom_object(
+            api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name, {"metadata": {"finalizers": None}}
+        )
+        custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+
+
+def create_edge_node(kube: Any, name: str, models: list[dict[str, Any]], **spec: Any) -> None:
+    from kubernetes import client
+
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.EDGE_NODE_KIND,
+        "metadata": {"name": name, "labels": {api.LABEL_NODE: name}, "finalizers": [TEST_HOLD]},
+        "spec": {"nodeName": name, "models": models, **spec},
+    }
+    client.CustomObjectsApi(kube).create_cluster_custom_object(
+        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, body
+    )
+
+
+def digest(root: Path, model: str, version: str) -> str:
+    return parse_model_config(root / model / version / "model.yaml").digest
+
+
+# --- following the spec ---------------------------------------------------------------------
+
+
+def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
+    control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo / "classifier", root / "classifier")  # mlp arrives by file://
+    d1, d2 = digest(example_repo, "classifier", "1"), digest(example_repo, "classifier", "2")
+    d_mlp = digest(example_repo, "mlp", "1")
+    create_edge_node(kube, name, [spec_entry("classifier", "1", d1)], memoryBudgetBytes=512 << 20)
+    cluster = Cluster(kube)
+    x = images(2, seed=1)
+
+    async def main() -> None:
+        client = admin_client(control_plane.kubeconfig)
+        async with running(Agent(root, fast_settings(name, namespace, tmp_path / "state"), client)) as agent:
+            # 1. one model: loaded, reported Ready with its digest and measured memory
+            async def c1_ready() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                m = status_model(en, "classifier", "1")
+                current = en.get("status", {}).get("observedGeneration") == en["metadata"]["generation"]
+                return (
+                    en if m and m["state"] == "Ready" and ready_condition(en) == "True" and current else None
+                )
+
+            en = await eventually(c1_ready, what="classifier:1 Ready in status, for the current generation")
+            st = en["status"]
+            m = status_model(en, "classifier", "1")
+            assert m is not None and m["digest"] == d1 and m["service"] == SERVICE
+            measured = agent.scheduler.measured_bytes(C1)
+            assert measured and m["memoryBytes"] == measured
+            assert st["loadedModels"] == 1
+            assert (
+                st["gpu"]["name"] == "cpu" and st["gpu"]["memoryTotalBytes"] == 512 << 20
+            )  # the spec's budget
+            assert agent.scheduler.budget_bytes == 512 << 20 and st["endpoint"] == "http://127.0.0.1:8000"
+            out = await agent.engine.infer("classifier", None, {"image": x})
+            np.testing.assert_allclose(
+                out["logits"], reference(root, "classifier", "1", x), rtol=1e-5, atol=1e-5
+            )
+
+            # the Lease: named after the node, labelled for the operator, renewed
+            lease_name = api.agent_name(name)
+            lease = await cluster.lease(lease_name, namespace)
+            assert lease.metadata.labels == {"app.kubernetes.io/name": api.AGENT_APP, api.LABEL_NODE: name}
+            assert lease.spec.lease_duration_seconds == 2 and lease.spec.holder_identity == lease_name
+            first_renewal = lease.spec.renew_time
+
+            async def renewed() -> bool:
+                return bool((await cluster.lease(lease_name, namespace)).spec.renew_time > first_renewal)
+
+            await eventually(renewed, timeout_s=5, what="a Lease renewal")
+
+            # 2. a second version at 10% and a model from a local file: loaded, weights applied
+            gen = await cluster.patch_spec(
+                name,
+                {
+                    "models": [
+                        spec_entry("classifier", "1", d1, trafficWeight=90),
+                        spec_entry("classifier", "2", d2, trafficWeight=10),
+                        spec_entry(
+                            "mlp", "1", d_mlp, uri=f"file://{example_repo / 'mlp' / '1' / 'model.pt'}"
+                        ),
+                        spec_entry("classifier", "2-slow", "sha256:" + "0" * 64),
+                        spec_entry("detector", "1", d1, uri="https://models.example.com/detector/1/model.pt"),
+                    ]
+                },
+            )
+
+            async def all_settled() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                states = {(m["model"], m["version"]): m["state"] for m in en["status"].get("models") or []}
+                want = {
+                    ("classifier", "1"): "Ready",
+                    ("classifier", "2"): "Ready",
+                    ("mlp", "1"): "Ready",
+                    ("classifier", "2-slow"): "Failed",
+                    ("detector", "1"): "Failed",
+                }
+                return en if states == want and en["status"]["observedGeneration"] >= gen else None
+
+            en = await eventually(all_settled, what="the new spec settled")
+            assert agent.scheduler.is_resident(C2) and agent.scheduler.is_resident(MLP)
+            assert agent.link.traffic.weights == {"classifier": {"1": 90, "2": 10}, "mlp": {"1": 100}}
+            by = {(m["model"], m["version"]): m for m in en["status"]["models"]}
+            assert by["classifier", "2"]["trafficWeight"] == 10 and by["classifier", "2"]["digest"] == d2
+            assert by["mlp", "1"]["memoryBytes"] == agent.scheduler.measured_bytes(MLP)
+            assert "refusing to load it" in by["classifier", "2-slow"]["message"]
+            assert "unsupported artifact scheme 'https'" in by["detector", "1"]["message"]
+            assert ready_condition(en) == "False"  # two entries failed
+            copied = root / "mlp" / "1" / "model.pt"
+            assert copied.is_file() and sha256_file(copied) == d_mlp  # file:// copied into the repository
+
+            ref1, ref2 = reference(root, "classifier", "1", x), reference(root, "classifier", "2", x)
+            served = {"1": 0, "2": 0}
+            for _ in range(50):  # requests naming no version follow the 90/10 split
+                out = await agent.engine.infer("classifier", None, {"image": x})
+                v = "1" if np.allclose(out["logits"], ref1, atol=1e-5) else "2"
+                assert np.allclose(out["logits"], ref1 if v == "1" else ref2, atol=1e-5)
+                served[v] += 1
+            assert 2 <= served["2"] <= 8, served
+
+            # 3. classifier:1 removed while a request holds it: reported Unloading, unloaded
+            # once released; then gone from status and no longer served
+            in_flight = await agent.scheduler.acquire(agent.configs.config("classifier", "1"))
+            gen = await cluster.patch_spec(
+                name,
+                {
+                    "models": [
+                        spec_entry("classifier", "2", d2, trafficWeight=100),
+                        spec_entry(
+                            "mlp", "1", d_mlp, uri=f"file://{example_repo / 'mlp' / '1' / 'model.pt'}"
+                        ),
+                    ]
+                },
+            )
+
+            async def c1_unloading() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                m = status_model(en, "classifier", "1")
+                return en if m and m["state"] == "Unloading" and m["service"] == SERVICE else None
+
+            await eventually(c1_unloading, what="classifier:1 Unloading while in flight")
+            await asyncio.sleep(0.5)  # passes retry the unload, and are refused meanwhile
+            assert agent.scheduler.is_resident(C1) and agent.link.traffic.weights["classifier"] == {"2": 100}
+            in_flight.release()
+
+            async def c1_gone() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                ok = (
+                    en["status"]["observedGeneration"] >= gen
+                    and status_model(en, "classifier", "1") is None
+                    and ready_condition(en) == "True"
+                )
+                return en if ok and not agent.scheduler.is_resident(C1) else None
+
+            en = await eventually(c1_gone, what="classifier:1 unloaded")
+            assert en["status"]["loadedModels"] == 2
+            assert agent.link.traffic.weights == {"classifier": {"2": 100}, "mlp": {"1": 100}}
+            with pytest.raises(ModelNotFound):
+                await agent.engine.infer("classifier", "1", {"image": x})
+            out = await agent.engine.infer("classifier", None, {"image": x})
+            np.testing.assert_allclose(
+                out["logits"], reference(root, "classifier", "2", x), rtol=1e-5, atol=1e-5
+            )
+
+            # the assignment on disk is the latest spec
+            saved = decode_persisted((tmp_path / "state" / f"assignment-{name}.json").read_text(), name)
+            assert saved["metadata"]["generation"] >= gen and len(saved["spec"]["models"]) == 2
+            assert agent.link.stats.status_writes < 60  # diff-based and paced, not one write per tick
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# --- offline --------------------------------------------------------------------------------
+
+
+def admin_client(kubeconfig: Path) -> Any:
+    return api_client(kubeconfig)
+
+
+def proxied_client(kubeconfig: Path, port: int) -> Any:
+    """A client whose every request goes through the test's proxy on `port`."""
+    client = admin_client(kubeconfig)
+    client.configuration.host = f"https://127.0.0.1:{port}"
+    return client
+
+
+def apiserver_address(kube: Any) -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    url = urlparse(kube.configuration.host)
+    assert url.hostname and url.port
+    return url.hostname, url.port
+
+
+def test_agent_keeps_serving_while_the_api_server_is_unreachable_and_catches_up(
+    control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    d1, d_mlp = digest(root, "classifier", "1"), digest(root, "mlp", "1")
+    create_edge_node(kube, name, [spec_entry("classifier", "1", d1)])
+    cluster = Cluster(kube)
+    x = images(3, seed=2)
+    lease_name = api.agent_name(name)
+
+    async def main() -> None:
+        proxy = TcpProxy(*apiserver_address(kube))
+        await proxy.start()
+        settings = fast_settings(name, namespace, tmp_path / "state")
+        async with running(
+            Agent(root, settings, proxied_client(control_plane.kubeconfig, proxy.port))
+        ) as agent:
+
+            async def ready(model: str) -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                m = status_model(en, model, "1")
+                return en if m and m["state"] == "Ready" else None
+
+            await eventually(lambda: ready("classifier"), what="classifier:1 Ready")
+            assert agent.link.connected
+
+            # the link goes down
+            await proxy.stop()
+
+            async def offline() -> bool:
+                return not agent.link.connected
+
+            await eventually(offline, timeout_s=10, what="the link to notice the outage")
+            before = (await cluster.lease(lease_name, namespace)).spec.renew_time
+            both = [spec_entry("classifier", "1", d1), spec_entry("mlp", "1", d_mlp)]
+            gen = await cluster.patch_spec(name, {"models": both})
+            for _ in range(5):  # it keeps serving its last assignment meanwhile
+                out = await agent.engine.infer("classifier", None, {"image": x})
+                np.testing.assert_allclose(out["logits"], reference(root, "classifier", "1", x), atol=1e-5)
+                await asyncio.sleep(0.2)
+            assert not agent.link.connected and agent.link.stats.api_errors > 0
+            assert not agent.scheduler.is_resident(MLP)  # it cannot know of the new spec yet
+            en = await cluster.edge_node(name)
+            assert status_model(en, "mlp", "1") is None
+            assert (await cluster.lease(lease_name, namespace)).spec.renew_time == before
+
+            # the link comes back: the new spec is applied, status and Lease catch up
+            await proxy.start()
+            en = await eventually(lambda: ready("mlp"), what="mlp:1 Ready after the link returned")
+            assert en["status"]["observedGeneration"] == en["metadata"]["generation"] >= gen
+            assert agent.link.connected and agent.scheduler.is_resident(MLP)
+            renewed = await eventually(
+                lambda: _renewed_after(cluster, lease_name, namespace, before),
+                timeout_s=5,
+                what="Lease renewed",
+            )
+            assert renewed
+        await proxy.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def _renewed_after(cluster: Cluster, lease: str, namespace: str, before: Any) -> bool:
+    return bool((await cluster.lease(lease, namespace)).spec.renew_time > before)
+
+
+def test_a_restart_without_the_api_server_serves_the_persisted_assignment(
+    control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    d2, d_mlp = digest(root, "classifier", "2"), digest(root, "mlp", "1")
+    models = [spec_entry("classifier", "2", d2, pinned=True), spec_entry("mlp", "1", d_mlp, preload=False)]
+    create_edge_node(kube, name, models)
+    cluster = Cluster(kube)
+    state = tmp_path / "state"
+    x = images(2, seed=3)
+
+    async def main() -> None:
+        proxy = TcpProxy(*apiserver_address(kube))
+        await proxy.start()
+        settings = fast_settings(name, namespace, state)
+        # a first life, online: the assignment is persisted
+        async with running(
+            Agent(root, settings, proxied_client(control_plane.kubeconfig, proxy.port))
+        ) as agent:
+
+            async def reported() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                return en if ready_condition(en) == "True" else None
+
+            await eventually(reported, what="the first life's status")
+            assert agent.link.source == "live" and agent.link.stats.persisted_writes >= 1
+        await proxy.stop()
+
+        # a second life, with the API server out of reach from the start
+        agent = Agent(root, settings, proxied_client(control_plane.kubeconfig, proxy.port))
+        async with running(agent):
+            assert agent.link.source == "persisted" and not agent.link.connected
+            assert await agent.link.wait_converged(15)
+            assert agent.scheduler.is_resident(C2)  # preloaded (and pinned), as the spec said
+            assert not agent.scheduler.is_resident(MLP)  # preload: false, it loads on demand
+            out = await agent.engine.infer("classifier", None, {"image": x})
+            np.testing.assert_allclose(out["logits"], reference(root, "classifier", "2", x), atol=1e-5)
+            feats = np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32)
+            scores = await agent.engine.infer("mlp", "1", {"features": feats})
+            assert scores["scores"].shape == (2, 4) and agent.scheduler.is_resident(MLP)
+
+            # the API server returns: the link confirms the assignment and reports
+            heartbeat_before = (await cluster.edge_node(name))["status"]["heartbeatTime"]
+            await proxy.start()
+
+            async def live() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                fresh = en["status"]["heartbeatTime"] != heartbeat_before
+                return en if agent.link.connected and agent.link.source == "live" and fresh else None
+
+            en = await eventually(live, what="the link back online")
+            states = {(m["model"], m["version"]): m["state"] for m in en["status"]["models"]}
+            assert states == {("classifier", "2"): "Ready", ("mlp", "1"): "Ready"}
+        await proxy.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_refused_call_is_not_an_outage(
+    control_plane: Any, kube: Any, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    """The API server answering 4xx (here: the Lease's namespace does not exist) is logged and
+    retried at the normal pace; the link stays up and the status is still written."""
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo / "mlp", root / "mlp")
+    create_edge_node(kube, name, [spec_entry("mlp", "1", digest(root, "mlp", "1"))])
+    cluster = Cluster(kube)
+
+    async def main() -> None:
+        settings = fast_settings(name, f"no-such-namespace-{uuid.uuid4().hex[:6]}", tmp_path / "state")
+        async with running(Agent(root, settings, admin_client(control_plane.kubeconfig))) as agent:
+
+            async def reported() -> dict[str, Any] | None:
+                en = await cluster.edge_node(name)
+                return en if ready_condition(en) == "True" else None
+
+            await eventually(reported, what="status despite the refused Lease")
+            await asyncio.sleep(1.2)  # a few renewal periods
+            stats = agent.link.stats
+            assert agent.link.connected and stats.offline_since_s is None
+            assert 2 <= stats.errors_by_call["lease"] <= 6 and "404" in stats.last_error
+            assert stats.lease_renewals == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a whole agent process: torch, kubernetes and aiohttp imports
+def test_serve_with_edge_node_runs_the_link(
+    control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    """`edgefleet-agent serve --edge-node NAME --kubeconfig PATH`: a real agent process loads
+    what its EdgeNode assigns, reports it, and serves only that over HTTP."""
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    create_edge_node(kube, name, [spec_entry("classifier", "2", digest(root, "classifier", "2"))])
+    command = [
+        sys.executable, "-m", "node_agent.cli", "serve", "--edge-node", name,
+        "--kubeconfig", str(control_plane.kubeconfig), "--namespace", namespace,
+        "--model-repository", str(root), "--host", "127.0.0.1", "--port", "0",
+        "--endpoint", "http://agent.test:8000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        cluster = Cluster(kube)
+
+        async def reported() -> dict[str, Any] | None:
+            en = await cluster.edge_node(name)
+            return en if ready_condition(en) == "True" else None
+
+        en = asyncio.run(
+            eventually(reported, timeout_s=40, what=f"the agent process's status; output: {lines}")
+        )
+        assert en["status"]["endpoint"] == "http://agent.test:8000"
+        assert status_model(en, "classifier", "2")["state"] == "Ready"  # type: ignore[index]
+        assert (tmp_path / "models" / ".edgefleet" / f"assignment-{name}.json").is_file()
+        port = next(int(m.group(1)) for line in lines if (m := re.search(r"http://127\.0\.0\.1:(\d+)", line)))
+        x = images(1, seed=5)
+        body = {
+            "inputs": [
+                {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+
+        def post(model: str) -> tuple[int, dict[str, Any]]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v2/models/{model}/infer",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read() or b"{}")
+
+        code, out = post("classifier")
+        assert code == 200, out
+        logits = np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(1, 10)
+        np.testing.assert_allclose(logits, reference(root, "classifier", "2", x), rtol=1e-4, atol=1e-4)
+        code, out = post("mlp")  # in the repository, but not assigned to this node
+        assert code == 404, out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, lines
+
+
+# --- artifacts into the repository (real files) ----------------------------------------------
+
+
+def desired(model: str, version: str, digest_: str, uri: str) -> DesiredModel:
+    return DesiredModel(SERVICE, model, version, uri, digest_)
+
+
+def test_materialize_uses_repo_artifacts_in_place(example_repo: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    repo = ModelRepository(root)
+    yaml_before = (root / "classifier" / "1" / "model.yaml").read_bytes()
+    d1 = digest(root, "classifier", "1")
+    for uri in ("repo://classifier/1/model.pt", "repo://classifier/1"):
+        config = materialize(repo, desired("classifier", "1", d1, uri))
+        assert (config.name, config.version, config.digest, config.artifact) == (
+            "classifier",
+            "1",
+            d1,
+            "model.pt",
+        )
+        assert config.inputs == repo.config("classifier", "1").inputs
+    assert (root / "classifier" / "1" / "model.yaml").read_bytes() == yaml_before  # left alone
+    repo.load(config, "cpu").unload()  # the repository's own digest check agrees
+
+
+def test_materialize_copies_file_and_foreign_repo_artifacts(example_repo: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(example_repo / "classifier", root / "classifier")
+    repo = ModelRepository(root)
+    d_mlp = digest(example_repo, "mlp", "1")
+    config = materialize(repo, desired("mlp", "1", d_mlp, f"file://{example_repo}/mlp/1/model.pt"))
+    assert sha256_file(root / "mlp" / "1" / "model.pt") == d_mlp
+    assert repo.config("mlp", "1") == config  # model.yaml written with the effective config
+    # repo:// naming another folder: copied under the spec's name and version
+    d2 = digest(root, "classifier", "2")
+    canary = materialize(repo, desired("classifier-canary", "7", d2, "repo://classifier/2/model.pt"))
+    assert (canary.name, canary.version) == ("classifier-canary", "7")
+    assert sha256_file(root / "classifier-canary" / "7" / "model.pt") == d2
+    assert repo.config("classifier-canary", "7").inputs == repo.config("classifier", "2").inputs
+
+
+def test_materialize_refuses_wrong_digests_unknown_schemes_and_missing_signatures(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(example_repo / "classifier", root / "classifier")
+    repo = ModelRepository(root)
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(DigestMismatch, match=r"requires sha256:0+; refusing"):
+        materialize(repo, desired("classifier", "1", wrong, "repo://classifier/1/model.pt"))
+    with pytest.raises(DigestMismatch):
+        materialize(repo, desired("mlp", "1", wrong, f"file://{example_repo}/mlp/1/model.pt"))
+    assert not (root / "mlp" / "1" / "model.pt").exists()  # bad bytes never land
+    assert not list((root / "mlp" / "1").glob(".*.tmp"))
+    with pytest.raises(UnsupportedArtifact, match="unsupported artifact scheme 's3'"):
+        materialize(repo, desired("mlp", "1", wrong, "s3://bucket/mlp/1/model.pt"))
+    lone = tmp_path / "lone" / "model.pt"
+    lone.parent.mkdir()
+    shutil.copy(example_repo / "mlp" / "1" / "model.pt", lone)
+    with pytest.raises(InvalidModel, match=r"no model\.yaml"):
+        materialize(repo, desired("lone", "1", sha256_file(lone), f"file://{lone}"))
+    with pytest.raises(InvalidModel, match="not found"):
+        materialize(repo, desired("mlp", "1", wrong, f"file://{tmp_path}/nowhere/model.pt"))
+    with pytest.raises(InvalidModel, match="outside"):
+        (root / "escape").symlink_to(tmp_path)
+        materialize(repo, desired("mlp", "1", wrong, "repo://escape/lone/model.pt"))
+
+
+def test_persisted_file_is_plain_json(tmp_path: Path) -> None:
+    from node_agent.operator_link import write_atomic
+
+    path = tmp_path / "state" / "a.json"
+    write_atomic(path, json.dumps({"a": 1}))
+    write_atomic(path, json.dumps({"a": 2}))
+    assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["a.json"]

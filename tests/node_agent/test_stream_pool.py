@@ -1,0 +1,365 @@
+"""Stream pool and its urgency queue: ordering, deadlines, admission, displacement."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_agent.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from node_agent.stream_pool import PoolSettings, Refusal, StreamPool, UrgencyQueue
+from node_agent.types import Priority
+
+P = Priority
+
+# --- UrgencyQueue (pure) ----------------------------------------------------
+
+
+def test_queue_orders_by_class_then_deadline_then_arrival() -> None:
+    q: UrgencyQueue[str] = UrgencyQueue(100)
+    q.offer(["low"], [1], P.LOW, None, 0.0)
+    q.offer(["n-late"], [1], P.NORMAL, 9.0, 0.0)
+    q.offer(["n-none-1"], [1], P.NORMAL, None, 0.0)
+    q.offer(["n-early"], [1], P.NORMAL, 5.0, 0.0)
+    q.offer(["crit"], [1], P.CRITICAL, None, 0.0)
+    q.offer(["n-none-2"], [1], P.NORMAL, None, 0.0)
+    q.offer(["high"], [1], P.HIGH, 50.0, 0.0)
+    q.check_invariants()
+    order = [q.pop() for _ in range(len(q))]
+    assert order == ["crit", "high", "n-early", "n-late", "n-none-1", "n-none-2", "low"]
+    assert q.pop() is None and q.cost == 0
+
+
+def test_queue_refuses_at_bound_and_displaces_least_urgent() -> None:
+    q: UrgencyQueue[str] = UrgencyQueue(3)
+    for name, prio in [("n1", P.NORMAL), ("l1", P.LOW), ("l2", P.LOW)]:
+        assert q.offer([name], [1], prio, None, 0.0).admitted
+    # same class as the least urgent queued item: refused, nothing displaced
+    o = q.offer(["l3"], [1], P.LOW, None, 0.0)
+    assert not o.admitted and list(o.displaced) == []
+    # a normal arrival displaces the newest low item
+    o = q.offer(["n2"], [1], P.NORMAL, None, 0.0)
+    assert o.admitted and list(o.displaced) == ["l2"]
+    # a critical arrival needing 2 units displaces the remaining low, then the newest normal
+    o = q.offer(["c1"], [2], P.CRITICAL, None, 0.0)
+    assert o.admitted and list(o.displaced) == ["l1", "n2"]
+    q.check_invariants()
+    assert [q.pop(), q.pop()] == ["c1", "n1"]
+
+
+def test_queue_admits_all_or_nothing_and_never_displaces_in_vain() -> None:
+    q: UrgencyQueue[str] = UrgencyQueue(4)
+    q.offer(["n1", "n2"], [1, 1], P.NORMAL, None, 0.0)
+    q.offer(["l1"], [1], P.LOW, None, 0.0)
+    # needs 3, only 1 free + 1 displaceable (low): refused and low stays
+    o = q.offer(["x1", "x2"], [2, 1], P.NORMAL, None, 0.0)
+    assert not o.admitted and list(o.displaced) == []
+    assert len(q) == 3 and q.cost == 3
+    # bigger than the bound: refused outright
+    assert not q.offer(["huge"], [5], P.CRITICAL, None, 0.0).admitted
+
+
+def test_queue_drops_expired_items_to_make_room() -> None:
+    q: UrgencyQueue[str] = UrgencyQueue(2)
+    q.offer(["soon"], [1], P.NORMAL, 1.0, 0.0)
+    q.offer(["later"], [1], P.NORMAL, 10.0, 0.0)
+    o = q.offer(["new"], [1], P.LOW, None, 2.0)
+    assert o.admitted and list(o.expired) == ["soon"] and list(o.displaced) == []
+    assert q.pop_expired(10.0) == ["later"]
+    assert q.earliest_deadline() is None
+
+
+def test_take_respects_cost_groups_and_liveness() -> None:
+    q: UrgencyQueue[tuple[str, int]] = UrgencyQueue(100, group_of=lambda it: it[1])
+    q.offer([("a", 1)], [3], P.HIGH, None, 0.0)
+    q.offer([("b", 2)], [1], P.NORMAL, None, 0.0)  # other group: keeps its place
+    q.offer([("dead", 1)], [2], P.NORMAL, None, 0.0)
+    q.offer([("c", 1)], [2], P.NORMAL, None, 0.0)
+    q.offer([("d", 1)], [4], P.LOW, None, 0.0)  # does not fit: taking stops
+    q.offer([("e", 1)], [1], P.LOW, None, 0.0)
+    taken = q.take(8, alive=lambda it: it[0] != "dead")
+    assert taken == [("a", 1), ("c", 1)]
+    q.check_invariants()
+    assert q.cost == 6  # b, d, e
+    assert q.take(1) == [("b", 2)]
+    # a refill: nothing costlier than the room left, only the batch's own group
+    q.offer([("f", 2)], [1], P.LOW, None, 0.0)
+    assert q.take(3, first_alone=False) == []  # d (cost 4) is first and does not fit
+    # a first item costlier than the batch goes alone
+    assert q.take(1) == [("d", 1)]
+    assert q.take(5, group=2) == [("f", 2)]
+    assert q.take(5) == [("e", 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(list(Priority)),
+            st.one_of(st.none(), st.integers(0, 20)),
+            st.integers(1, 3),
+        ),
+        max_size=40,
+    ),
+    st.integers(3, 12),
+)
+def test_queue_matches_reference_model(ops: list[tuple[Priority, int | None, int]], bound: int) -> None:
+    """Against a brute-force model: same admissions, same victims, same pop order."""
+    q: UrgencyQueue[int] = UrgencyQueue(bound)
+    ref: list[tuple[int, float, int, int]] = []  # (prio, deadline, seq, cost)
+    for seq, (prio, deadline, cost) in enumerate(ops):
+        d = math.inf if deadline is None else float(deadline)
+        o = q.offer([seq], [cost], prio, deadline, now_s=-1.0)
+        used = sum(e[3] for e in ref)
+        if used + cost <= bound:
+            expect_ok, expect_victims = True, []
+        else:
+            below = sorted((e for e in ref if e[0] > prio), key=lambda e: (e[0], e[1], e[2]))
+            freed, victims = 0, []
+            while below and used + cost - freed > bound:
+                victim = below.pop()
+                freed += victim[3]
+                victims.append(victim)
+            expect_ok = used + cost - freed <= bound
+            expect_victims = [v[2] for v in victims] if expect_ok else []
+        assert o.admitted == expect_ok
+        assert list(o.displaced) == expect_victims
+        ref = [e for e in ref if e[2] not in expect_victims]
+        if expect_ok:
+            ref.append((prio, d, seq, cost))
+        q.check_invariants()
+        assert q.cost <= bound
+    expected = [e[2] for e in sorted(ref, key=lambda e: (e[0], e[1], e[2]))]
+    assert [q.pop() for _ in range(len(ref))] == expected
+
+
+# --- StreamPool (threads, real torch work) ----------------------------------
+
+
+class Recorder:
+    """Collects on_done outcomes from worker threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: dict[str, tuple[Any, BaseException | None]] = {}
+        self.all_done = threading.Event()
+        self.expected = 0
+
+    def cb(self, name: str) -> Callable[[Any, BaseException | None], None]:
+        def on_done(result: Any, error: BaseException | None) -> None:
+            with self.lock:
+                assert name not in self.outcomes, f"{name} got two outcomes"
+                self.outcomes[name] = (result, error)
+                if len(self.outcomes) == self.expected:
+                    self.all_done.set()
+
+        return on_done
+
+
+@pytest.fixture
+def linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(16, 4).eval()
+
+
+def gate_job(started: threading.Event, release: threading.Event) -> Callable[[object], str]:
+    def fn(stream: object) -> str:
+        started.set()
+        assert release.wait(10)
+        return "gate"
+
+    return fn
+
+
+def test_pool_runs_jobs_in_priority_then_deadline_order(linear: torch.nn.Module) -> None:
+    ran: list[str] = []
+    x = torch.randn(2, 16)
+
+    def job(name: str) -> Callable[[object], torch.Tensor]:
+        def fn(stream: object) -> torch.Tensor:
+            ran.append(name)
+            with torch.no_grad():
+                return linear(x)
+
+        return fn
+
+    rec = Recorder()
+    started, release = threading.Event(), threading.Event()
+    with StreamPool(PoolSettings(num_workers=1, max_queued_jobs=16)) as pool:
+        rec.expected = 8
+        assert pool.submit(gate_job(started, release), rec.cb("gate")) is None
+        assert started.wait(5)
+        far = time.monotonic() + 60
+        plan = [
+            ("low", P.LOW, None),
+            ("normal-none", P.NORMAL, None),
+            ("normal-far", P.NORMAL, far + 10),
+            ("normal-near", P.NORMAL, far),
+            ("high", P.HIGH, None),
+            ("critical", P.CRITICAL, None),
+            ("normal-none-2", P.NORMAL, None),
+        ]
+        for name, prio, deadline in plan:
+            assert pool.submit(job(name), rec.cb(name), priority=prio, deadline_s=deadline) is None
+        release.set()
+        assert rec.all_done.wait(10)
+    assert ran == [
+        "critical", "high", "normal-near", "normal-far", "normal-none", "normal-none-2", "low"
+    ]  # fmt: skip
+    expected = linear(x).detach()
+    for name in ran:
+        result, error = rec.outcomes[name]
+        assert error is None and torch.equal(result, expected)
+
+
+def test_expired_job_is_never_run_and_caller_told(linear: torch.nn.Module) -> None:
+    calls: list[str] = []
+
+    def fn(stream: object) -> torch.Tensor:
+        calls.append("expired-job")
+        return linear(torch.ones(1, 16))
+
+    rec = Recorder()
+    rec.expected = 3
+    started, release = threading.Event(), threading.Event()
+    with StreamPool(PoolSettings(num_workers=1)) as pool:
+        pool.submit(gate_job(started, release), rec.cb("gate"))
+        assert started.wait(5)
+        deadline = time.monotonic() + 0.05
+        pool.submit(fn, rec.cb("expired"), deadline_s=deadline)
+        pool.submit(lambda s: linear(torch.ones(1, 16)), rec.cb("fine"))
+        while time.monotonic() <= deadline:  # let the deadline pass while the worker is busy
+            time.sleep(0.01)
+        release.set()
+        assert rec.all_done.wait(10)
+    assert calls == []
+    result, error = rec.outcomes["expired"]
+    assert result is None and isinstance(error, DeadlineExceeded)
+    assert rec.outcomes["fine"][1] is None
+    assert pool.expired == 1
+
+
+def test_admission_refuses_at_bound_and_displaced_caller_gets_overloaded() -> None:
+    rec = Recorder()
+    rec.expected = 4
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+    with StreamPool(PoolSettings(num_workers=1, max_queued_jobs=2)) as pool:
+        pool.submit(gate_job(started, release), rec.cb("gate"))
+        assert started.wait(5)
+        work = torch.arange(8.0)
+
+        def job(name: str) -> Callable[[object], float]:
+            def fn(stream: object) -> float:
+                ran.append(name)
+                return float(work.sum())
+
+            return fn
+
+        assert pool.submit(job("n1"), rec.cb("n1")) is None
+        assert pool.submit(job("n2"), rec.cb("n2")) is None
+        refusal = pool.submit(job("n3"), rec.cb("n3"))
+        assert isinstance(refusal, Refusal) and refusal.retry_after_s > 0
+        assert isinstance(refusal.error(), Overloaded)
+        assert "n3" not in rec.outcomes  # refused jobs get no callback: the caller has the refusal
+        # a high-priority arrival displaces the least urgent (newest normal) job
+        assert pool.submit(job("h1"), rec.cb("h1"), priority=P.HIGH) is None
+        assert isinstance(rec.outcomes["n2"][1], Overloaded)
+        release.set()
+        assert rec.all_done.wait(10)
+    assert ran == ["h1", "n1"]
+    assert rec.outcomes["h1"] == (28.0, None) and rec.outcomes["n1"] == (28.0, None)
+    assert pool.refused == 1 and pool.displaced == 1
+
+
+def test_errors_reach_their_caller_and_worker_survives() -> None:
+    rec = Recorder()
+    rec.expected = 2
+    with StreamPool(PoolSettings(num_workers=1)) as pool:
+        pool.submit(lambda s: torch.ones(2, 3) @ torch.ones(4, 5), rec.cb("bad"))
+        pool.submit(lambda s: torch.ones(2, 3) @ torch.ones(3, 5), rec.cb("good"))
+        assert rec.all_done.wait(10)
+    assert isinstance(rec.outcomes["bad"][1], RuntimeError)
+    result, error = rec.outcomes["good"]
+    assert error is None and torch.equal(result, torch.full((2, 5), 3.0))
+
+
+def test_stop_fails_queued_jobs_with_shutting_down_and_refuses_new() -> None:
+    rec = Recorder()
+    rec.expected = 3
+    started, release = threading.Event(), threading.Event()
+    pool = StreamPool(PoolSettings(num_workers=1)).start()
+    pool.submit(gate_job(started, release), rec.cb("gate"))
+    assert started.wait(5)
+    pool.submit(lambda s: torch.zeros(1), rec.cb("q1"))
+    pool.submit(lambda s: torch.zeros(1), rec.cb("q2"))
+    stopper = threading.Thread(target=pool.stop)
+    stopper.start()
+    deadline = time.monotonic() + 5
+    while ("q1" not in rec.outcomes) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    stopper.join(10)
+    assert rec.all_done.wait(5)
+    assert isinstance(rec.outcomes["q1"][1], ShuttingDown)
+    assert isinstance(rec.outcomes["q2"][1], ShuttingDown)
+    assert rec.outcomes["gate"] == ("gate", None)  # the running job finished
+    with pytest.raises(ShuttingDown):
+        pool.submit(lambda s: None, rec.cb("late"))
+
+
+def test_two_workers_run_jobs_concurrently() -> None:
+    """Both workers hold a job at once (each waits for the other to start)."""
+    both = threading.Barrier(2, timeout=10)
+    rec = Recorder()
+    rec.expected = 2
+
+    def fn(stream: object) -> float:
+        both.wait()
+        a = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+        return float((a @ a).trace())
+
+    with StreamPool(PoolSettings(num_workers=2, torch_threads=0)) as pool:
+        pool.submit(fn, rec.cb("a"))
+        pool.submit(fn, rec.cb("b"))
+        assert rec.all_done.wait(10)
+    assert rec.outcomes["a"][1] is None and rec.outcomes["a"][0] == rec.outcomes["b"][0]
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="num_workers"):
+        PoolSettings(num_workers=0)
+    with pytest.raises(ValueError, match="device"):
+        PoolSettings(device="tpu")
+    with pytest.raises(ValueError, match="bound"):
+        UrgencyQueue(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_jobs_run_on_their_workers_stream() -> None:
+    rec = Recorder()
+    rec.expected = 4
+    seen: list[int] = []
+    with StreamPool(PoolSettings(num_workers=2, device="cuda")) as pool:
+        stream_ids = {s.cuda_stream for s in pool.streams}
+        assert len(stream_ids) == 2
+
+        def fn(stream: Any) -> torch.Tensor:
+            seen.append(torch.cuda.current_stream().cuda_stream)
+            assert torch.cuda.current_stream() == stream
+            a = torch.randn(256, 256, device="cuda", generator=None)
+            return (a @ a.T).diagonal().min().cpu()  # synchronised by the pool
+
+        for i in range(4):
+            pool.submit(fn, rec.cb(str(i)))
+        assert rec.all_done.wait(30)
+    assert set(seen) <= stream_ids
+    assert all(err is None and res >= 0 for res, err in rec.outcomes.values())
