@@ -270,6 +270,16 @@ class FleetReconciler:
                     "rollout of %s not advanced: %s %s", fleet_state.service_key(isvc), e.status, e.reason
                 )
                 report.wrote("rollout.error")
+            except (AssertionError, ValueError, KeyError, TypeError) as e:
+                # A status.rollout this operator cannot follow (edited by hand, or from an older
+                # version): this one service holds; the fleet goes on. One line per pass, no traceback.
+                log.error(
+                    "rollout of %s holds: unusable status.rollout (%s: %s)",
+                    fleet_state.service_key(isvc),
+                    type(e).__name__,
+                    e,
+                )
+                report.wrote("rollout.invalid")
 
         self._each(decide_safely, ((s,) for s in services))
         return decisions

@@ -331,7 +331,7 @@ def test_kubectl_get_shows_printer_columns(kube: Any, namespace: str, kubectl: A
                 "nodesSummary": "3/4",
                 "servingVersion": "1",
                 "sla": {"p95LatencyMs": 12.5},
-                "rollout": {"step": "wave 2/3 (50%)", "phase": "Progressing"},
+                "rollout": {"step": "wave 2/3 (50%)"},
             }
         },
     )
