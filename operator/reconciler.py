@@ -293,6 +293,8 @@ class FleetReconciler:
         states: list[Any],
         report: PassReport,
     ) -> None:
+        from kubernetes.client.exceptions import ApiException
+
         capacity = {s.name: s.capacity_bytes for s in states}
 
         def write(node: str, placed: Any) -> None:
@@ -307,9 +309,14 @@ class FleetReconciler:
                 patch["metadata"] = {"annotations": {api.ANNOTATION_WORK_SINCE: service_status.now_rfc3339()}}
             elif not models and api.ANNOTATION_WORK_SINCE in annotations:
                 patch["metadata"] = {"annotations": {api.ANNOTATION_WORK_SINCE: None}}
-            edge_nodes[node] = self.custom.patch_cluster_custom_object(
-                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node, patch
-            )
+            try:
+                edge_nodes[node] = self.custom.patch_cluster_custom_object(
+                    api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node, patch
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                return  # the EdgeNode went with its Node since this pass read it; the next pass re-plans
             report.wrote("edgenode.patch")
 
         self._each(write, sorted(result.assignment.by_node.items()))
@@ -557,8 +564,13 @@ class FleetLoop:
                     self.last_report.writes,
                     silent,
                 )
-            except Exception:
-                log.exception("fleet reconcile failed; retrying")
+            except Exception as e:
+                from kubernetes.client.exceptions import ApiException
+
+                if isinstance(e, ApiException):  # the API server said no (or went away): one line
+                    log.warning("fleet reconcile failed (%s %s); retrying", e.status, e.reason)
+                else:
+                    log.exception("fleet reconcile failed; retrying")
                 self._wake.set()
                 await asyncio.sleep(1.0)
             async with self._done:
