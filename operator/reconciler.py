@@ -407,15 +407,6 @@ class FleetReconciler:
             degraded=decision.degraded,
             rollout_status=decision.status,
         )
-        self._patch_status(isvc, status, report)
-        self._ensure_service(isvc, report)
-        agents = []
-        for n in holding:
-            pod = pods.get(api.agent_name(n)) or {}
-            ip = pod.get("status", {}).get("podIP")
-            if ip:
-                agents.append((n, ip, any(e["node"] == n and e["ready"] for e in status["nodes"])))
-        self._ensure_endpoint_slice(isvc, agents, port, report)
         old_message = (isvc.get("status") or {}).get("message", "")
         for event in (e for e in result.events if e.service == key):
             if event.reason == "FailedPlacement" and event.message == old_message:
@@ -427,6 +418,15 @@ class FleetReconciler:
                 "Warning" if event.reason in ("FailedPlacement", "Evicted") else "Normal",
                 report,
             )
+        self._patch_status(isvc, status, report)
+        self._ensure_service(isvc, report)
+        agents = []
+        for n in holding:
+            pod = pods.get(api.agent_name(n)) or {}
+            ip = pod.get("status", {}).get("podIP")
+            if ip:
+                agents.append((n, ip, any(e["node"] == n and e["ready"] for e in status["nodes"])))
+        self._ensure_endpoint_slice(isvc, agents, port, report)
 
     def _patch_status(self, isvc: Obj, status: Obj, report: PassReport) -> None:
         old = isvc.get("status") or {}

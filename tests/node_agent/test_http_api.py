@@ -232,7 +232,7 @@ def test_priorities_reorder_queued_work_and_timeouts_drop_it(served: RunningAgen
                 assert time.monotonic() < give_up, f"the queue never built up ({order})"
                 await asyncio.sleep(0.002)
             critical = asyncio.ensure_future(infer(session, "critical", 1, priority=1))
-            late = asyncio.ensure_future(infer(session, "late", 1, priority=4, timeout=30_000))
+            late = asyncio.ensure_future(infer(session, "late", 1, priority=4, timeout=5_000))
             return await asyncio.gather(*lows), await critical, await late
 
     lows, critical, late = asyncio.run(main())

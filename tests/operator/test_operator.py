@@ -211,7 +211,8 @@ def test_a_not_ready_node_loses_its_work(
         operator=operator,
     )
     moved = eventually(
-        lambda: [m for r, m in events(kube, namespace, "nr") if r == "Moved"], what="a Moved event"
+        lambda: [m for r, m in events(kube, namespace, "nr") if r in ("Moved", "Removed") and first in m],
+        what="an event saying the work left the node",
     )
     assert "not ready" in moved[0], moved
 
