@@ -35,8 +35,6 @@ Clocks: monotonic (`time.monotonic`, the batcher's clock); tests pass a fake one
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import logging
 import math
@@ -49,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from node_agent.batching_policy import policy_for
 from node_agent.errors import InvalidModel
 from node_agent.mitigation import NO_LIMITS, Controls, LimitedPolicy, Limits
+from node_agent.periodic import Periodic
 from node_agent.sketch import DEFAULT_MAPPING, LogMapping
 from node_agent.sla_windows import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS_S, ModelStats, WindowStats
 from node_agent.types import ModelConfig, ModelId, Priority
@@ -383,7 +382,7 @@ class SlaMonitor:
         """The most recent violations (oldest first)."""
         self.violation_counts: Counter[tuple[ModelId, str]] = Counter()
         """(model, objective) -> violation episodes since start."""
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("sla-monitor", lambda: self.settings.interval_s, self.tick)
 
     # --- wiring -------------------------------------------------------------
 
@@ -536,28 +535,13 @@ class SlaMonitor:
 
     async def run(self) -> None:
         """Tick every `interval_s` until cancelled."""
-        interval = self.settings.interval_s
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            try:
-                self.tick()
-            except Exception:
-                log.exception("SLA monitor tick failed")
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        await self._periodic.run()
 
     def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("SlaMonitor.start() called twice")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="sla-monitor")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
 
 
 def _ms(value: float | None) -> str:

@@ -23,7 +23,6 @@ Sources (NVML, sysfs, simulated) live in `node_agent.thermal_sources`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node_agent.mitigation import Controls, Limits
+from node_agent.periodic import Periodic
 from node_agent.thermal_sources import ThermalReading, ThermalSource
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class ThermalMonitor:
         self.throttle_episodes = 0
         self.level_changes = 0
         self._was_throttled = False
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("thermal-monitor", lambda: self.settings.interval_s, self.tick)
 
     def step(self, now_s: float | None = None) -> ThermalStatus:
         """Read the source (blocking), decide, apply; the new status."""
@@ -261,26 +261,12 @@ class ThermalMonitor:
 
     async def run(self) -> None:
         """Sample every `interval_s` until cancelled."""
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("thermal monitor sample failed")
-            next_at += self.settings.interval_s
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        await self._periodic.run()
 
     def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("ThermalMonitor.start() called twice")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="thermal-monitor")
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop sampling and close the source."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
         self.source.close()
