@@ -127,7 +127,9 @@ def test_memory_pressure_and_a_hot_node_get_no_new_work(
         operator=operator,
     )
     status = eventually(
-        lambda: (s := get_status(kube, namespace, "big")).get("message") and s,
+        # A pass may briefly see a node's heartbeat as late (Suspect) on a loaded machine; the
+        # message settles on the real reasons while the agents keep reporting.
+        lambda: "near thermal limit" in (s := get_status(kube, namespace, "big")).get("message", "") and s,
         step=group.agents.step,
         what="the unplaceable message",
     )
