@@ -7,6 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
+# The repository root holds `operator/` (the edgefleet_operator package), which shadows the
+# standard library's `operator` for any Python that puts the working directory first on
+# sys.path (`python -m ...` run here). So every Python these recipes start uses a safe path,
+# and the venv reaches the repository's own top-level packages (e2e, bench, tests) through a
+# .pth file, which site appends after the standard library.
+export PYTHONSAFEPATH := 1
+
 .PHONY: help setup venv binaries test test-unit lint demo cluster-up cluster-down cluster-status \
         bench crds clean
 
@@ -25,6 +32,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off --upgrade pip
 	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/edgefleet-repo.pth"
 	touch $(STAMP)
 
 venv: $(STAMP)
