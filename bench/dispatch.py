@@ -7,10 +7,14 @@ wall time / requests under a closed loop of concurrent clients, minus the no-op 
 own time per request (measured in the same run). Goals (issue "Node agent runtime"):
 <= 50 us per request at batch 1, <= 10 us per request amortized at batch 32.
 
-For context the run also times one round trip at concurrency 1 (a request alone pays
-two thread hand-offs) and the bare hand-off primitive (an asyncio future resolved by a
-worker thread woken through a condition variable), which bounds that latency from below
-on this machine.
+A batch predicted to take less than a thread hand-off runs inline on the loop's thread
+(`StreamPool.run_inline`): the no-op model's batches do. Each configuration is also run
+with inline jobs off (`inline_max_s=0`), every batch then paying the worker hand-off,
+which is what any model slower than ~100 us per batch pays.
+
+For context the run also times one round trip at concurrency 1 and the bare hand-off
+primitive (an asyncio future resolved by a worker thread woken through a condition
+variable), which bounds a lone request's latency on the worker path from below.
 
     python -m bench.dispatch            # full run (~1 min)
     BENCH_QUICK=1 python -m bench.dispatch
@@ -79,10 +83,11 @@ def noop_config(max_batch: int) -> ModelConfig:
     )  # fmt: skip
 
 
-async def serve(max_batch: int, concurrency: int, requests: int) -> dict[str, float]:
+async def serve(max_batch: int, concurrency: int, requests: int, inline: bool = True) -> dict[str, float]:
     """Closed loop: `concurrency` clients send `requests` in all; per-request timings."""
     config = noop_config(max_batch)
-    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+    settings = PoolSettings(num_workers=1, torch_threads=1, inline_max_s=100e-6 if inline else 0.0)
+    pool = StreamPool(settings).start()
     scheduler = ModelScheduler(1 << 30, NoopBackend)
     engine = Engine(MemoryRepository(config), scheduler, pool)
     rng = np.random.default_rng(0)
@@ -103,10 +108,11 @@ async def serve(max_batch: int, concurrency: int, requests: int) -> dict[str, fl
     done = per_client * concurrency
     batches = batcher.batches - batches0
     mean_batch = (batcher.rows_run - rows0) / max(1, batches)
+    inline_share = pool.inline / max(1, pool.completed)
     await engine.stop()
     await scheduler.close()
     pool.stop()
-    return {"us": wall / done * 1e6, "cpu_us": cpu / done * 1e6, "batch": mean_batch}
+    return {"us": wall / done * 1e6, "cpu_us": cpu / done * 1e6, "batch": mean_batch, "inline": inline_share}
 
 
 def model_us_per_request(batch: int, reps: int) -> float:
@@ -203,36 +209,41 @@ async def main() -> None:
     n1, n32 = (2_000, 6_400) if q else (16_000, 64_000)
     reps = 3 if not q else 1
     rows = []
-    results: dict[tuple[int, int], list[dict[str, float]]] = {}
-    for _ in range(reps):  # interleaved repetitions: the machine's noise hits both alike
+    results: dict[tuple[int, int, bool], list[dict[str, float]]] = {}
+    for _ in range(reps):  # interleaved repetitions: the machine's noise hits all alike
         for batch, conc, n in ((1, 64, n1), (32, 256, n32)):
-            results.setdefault((batch, conc), []).append(await serve(batch, conc, n))
-    for (batch, conc), runs in results.items():
+            for inline in (True, False):
+                results.setdefault((batch, conc, inline), []).append(await serve(batch, conc, n, inline))
+    for (batch, conc, inline), runs in results.items():
         best = min(runs, key=lambda r: r["us"])
         model = model_us_per_request(batch, 2000)
         overhead = best["us"] - model
         goal = 50.0 if batch == 1 else 10.0
         rows.append([
-            batch, conc, f"{best['batch']:.1f}", f"{best['us']:.1f}", f"{model:.2f}",
-            f"{overhead:.1f}", f"{best['cpu_us']:.1f}", f"<= {goal:.0f}",
-            "yes" if overhead <= goal else "no",
+            batch, conc, "on" if inline else "off", f"{best['inline']:.0%}", f"{best['batch']:.1f}",
+            f"{best['us']:.1f}", f"{model:.2f}", f"{overhead:.1f}", f"{best['cpu_us']:.1f}",
+            f"<= {goal:.0f}", "yes" if overhead <= goal else "no",
             ", ".join(f"{r['us']:.1f}" for r in runs),
         ])  # fmt: skip
-    rt = await round_trip_us(300 if q else 3000)
+    rt = await round_trip_us(300 if q else 3000)  # inline: the no-op batch never leaves the loop
     floor = await handoff_floor_us(300 if q else 3000)
     aio = min([await asyncio_floor_us(20_000 if q else 100_000) for _ in range(reps)])
     body = (
         "No-op model (returns its input) served through `Engine.infer` (validation, adaptive\n"
-        "batcher, scheduler lease per batch, stream-pool worker, hand-back to the loop);\n"
-        "closed loop of concurrent clients, 1 worker, 1 torch thread. Overhead = wall time\n"
-        "per request - the no-op model's own time per request. Best of the interleaved\n"
-        "repetitions (all listed).\n\n"
+        "batcher, scheduler lease per batch, the batch run inline on the loop's thread or on\n"
+        "a stream-pool worker with the hand-back to the loop); closed loop of concurrent\n"
+        "clients, 1 worker, 1 torch thread. Overhead = wall time per request - the no-op\n"
+        "model's own time per request. Inline: jobs predicted under 100 us may run on the\n"
+        "loop's thread (on) or never (off: every batch is handed to the worker). Best of the\n"
+        "interleaved repetitions (all listed). Wall above CPU time is time the process\n"
+        "waited for a core (a shared machine) or for a thread wake-up.\n\n"
         + table(
-            ["max batch", "clients", "mean batch", "us/request", "model us/request",
-             "overhead us", "CPU us/request", "goal", "met", "all runs (us/request)"],
+            ["max batch", "clients", "inline", "batches inline", "mean batch", "us/request",
+             "model us/request", "overhead us", "CPU us/request", "goal", "met",
+             "all runs (us/request)"],
             rows,
         )
-        + "\n\nLatency of one request alone (concurrency 1, batch 1), median: "
+        + "\n\nLatency of one request alone (concurrency 1, batch 1, inline), median: "
         f"**{rt:.0f} us**; the bare loop -> thread -> loop hand-off primitive on this machine: "
         f"**{floor:.0f} us** (two thread wake-ups; the floor for a lone request's latency).\n"
         "For scale, the bare asyncio pattern each request pays (a coroutine awaiting a future\n"

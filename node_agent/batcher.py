@@ -332,6 +332,10 @@ class _Ticket:
         """Pool callback, on any thread: post this ticket to the batcher's mailbox."""
         self.batcher._post(self, error)
 
+    def on_done_inline(self, result: Any, error: BaseException | None) -> None:
+        """Pool callback of a ticket run inline, on the loop's thread."""
+        self.batcher._post(self, error, on_loop=True)
+
 
 def _to_torch(array: np.ndarray, bf16: bool) -> torch.Tensor:
     import torch
@@ -591,6 +595,10 @@ class Batcher:
 
     def _submit(self, ticket: _Ticket, priority: Priority, lease: Lease) -> None:
         ticket.lease = lease
+        policy = self.policy
+        predicted_s = policy.predict_service_s(policy.decision().batch_size)
+        if self.pool.run_inline(ticket.run, ticket.on_done_inline, predicted_s):
+            return  # cheaper than a hand-off to a worker and back (see stream_pool)
         try:
             refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority)
         except ShuttingDown as exc:
@@ -613,7 +621,7 @@ class Batcher:
         if self._out == 0:
             self._idle.set()
 
-    def _post(self, ticket: _Ticket, error: BaseException | None) -> None:
+    def _post(self, ticket: _Ticket, error: BaseException | None, on_loop: bool = False) -> None:
         """Any thread: queue a finished ticket for the loop. Only the first post after a
         drain wakes the loop (`call_soon_threadsafe` writes to its self-pipe, and under
         load the write and the GIL hand-off around it cost more than the batch)."""
@@ -622,6 +630,9 @@ class Batcher:
             if self._drain_armed:
                 return
             self._drain_armed = True
+        if on_loop:
+            self.loop.call_soon(self._drain)
+            return
         try:
             self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed: nobody is waiting any more

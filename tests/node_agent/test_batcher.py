@@ -609,3 +609,32 @@ def test_adaptive_batcher_shrinks_batches_when_the_model_slows_and_grows_back() 
     # the SLO; the bound is 2 x the SLO because the shared CPU's speed moves by several x.
     tail.sort()
     assert tail[len(tail) // 2] <= 2 * slo_s, (slo_s, tail[len(tail) // 2])
+
+
+# --- inline batches (cheaper than a hand-off) ----------------------------------------------
+
+
+def test_tiny_model_batches_run_inline_and_every_caller_gets_its_own_rows() -> None:
+    """Once measured under the pool's inline bound, batches run on the loop's thread; a
+    concurrent burst still gets exactly its own results (no loss, no duplicate), and the
+    first, unmeasured batch went to the worker."""
+    module = Tagged()
+
+    async def main() -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, inline_max_s=1.0)).start()
+        batcher = Batcher("tiny", pool, static_acquire(ModuleBackend(module)),
+                          StaticPolicy(4, 0.0, 1000), BatcherSettings(max_batch_size=4))  # fmt: skip
+        try:
+            xs = [rows_for(float(i + 1), n=1 + i % 3) for i in range(120)]
+            outs = await asyncio.gather(*[batcher.submit({"x": x}, len(x)) for x in xs])
+            return xs, [o["y"] for o in outs], pool.inline, pool.completed
+        finally:
+            await batcher.stop()
+            pool.stop()
+
+    xs, outs, inline, completed = run(main())
+    for x, y in zip(xs, outs, strict=True):
+        assert np.array_equal(y[:, 0], x[:, 0])  # its own tags, in order
+        np.testing.assert_allclose(y[:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
+    assert sorted(module.seen) == sorted(float(t) for x in xs for t in x[:, 0])
+    assert 0 < inline < completed

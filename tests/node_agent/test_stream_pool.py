@@ -333,6 +333,49 @@ def test_two_workers_run_jobs_concurrently() -> None:
     assert rec.outcomes["a"][1] is None and rec.outcomes["a"][0] == rec.outcomes["b"][0]
 
 
+def test_jobs_cheaper_than_a_hand_off_run_inline_only_when_nothing_waits() -> None:
+    """run_inline runs on the calling thread a job predicted under `inline_max_s`, and
+    refuses (the caller then submits) an unmeasured or slower job, or any job while another
+    waits in the queue (it would overtake it)."""
+    rec = Recorder()
+    rec.expected = 3
+    here = threading.get_ident()
+    ran_on: dict[str, int] = {}
+
+    def job(tag: str) -> Callable[[Any], str]:
+        def fn(stream: object) -> str:
+            ran_on[tag] = threading.get_ident()
+            return tag
+
+        return fn
+
+    with StreamPool(PoolSettings(num_workers=1, inline_max_s=1e-3)) as pool:
+        assert pool.run_inline(job("tiny"), rec.cb("tiny"), predicted_s=50e-6)
+        assert ran_on["tiny"] == here and rec.outcomes["tiny"] == ("tiny", None)
+        assert not pool.run_inline(job("unmeasured"), rec.cb("unmeasured"), predicted_s=0.0)
+        assert not pool.run_inline(job("slow"), rec.cb("slow"), predicted_s=5e-3)
+        started, release = threading.Event(), threading.Event()
+        pool.submit(gate_job(started, release), rec.cb("gate"))
+        assert started.wait(5)
+        pool.submit(job("queued"), rec.cb("queued"))
+        assert not pool.run_inline(job("overtaker"), rec.cb("overtaker"), predicted_s=50e-6)
+        release.set()
+        assert rec.all_done.wait(10)  # tiny, gate, queued
+        assert ran_on["queued"] != here
+        errors: list[BaseException | None] = []
+        assert pool.run_inline(lambda s: 1 / 0, lambda r, e: errors.append(e), predicted_s=50e-6)
+        assert len(errors) == 1 and isinstance(errors[0], ZeroDivisionError)
+        assert pool.inline == 2 and pool.completed == 4
+    assert set(ran_on) == {"tiny", "queued"}
+
+
+def test_inline_is_off_on_cuda_and_when_disabled() -> None:
+    with StreamPool(PoolSettings(num_workers=1, inline_max_s=0.0)) as pool:
+        assert not pool.run_inline(lambda s: None, lambda r, e: None, predicted_s=1e-9)
+    with pytest.raises(ValueError, match="inline_max_s"):
+        PoolSettings(inline_max_s=-1.0)
+
+
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="num_workers"):
         PoolSettings(num_workers=0)
