@@ -4,8 +4,10 @@ environment (the Helm chart sets them) and validated there.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgefleet_operator import api
 
@@ -44,6 +46,12 @@ class AgentPodSettings:
         {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"},
         {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},
     )
+    runtime_class: str | None = None
+    """RuntimeClass of the agent Pod (e.g. 'nvidia' on k3s with the NVIDIA container runtime)."""
+    thermal_soft_limit_c: float | None = None
+    """Where agents start lowering concurrency (None: below the hardware slowdown by the margin)."""
+    thermal_soft_margin_c: float | None = None
+    """Degrees below the hardware slowdown temperature (None: the agent's default, 8)."""
 
 
 @dataclass(frozen=True)
@@ -70,28 +78,65 @@ def _selector(text: str) -> dict[str, str]:
     return out
 
 
+def _number(e: dict[str, str], name: str, default: Any, kind: type = float) -> Any:
+    """EDGEFLEET_<name> as `kind`, `default` when unset or empty; ValueError naming it."""
+    raw = e.get(f"EDGEFLEET_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"EDGEFLEET_{name} must be {what}, got {raw!r}") from None
+
+
+def _tolerations(raw: str) -> tuple[dict[str, str], ...]:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"EDGEFLEET_AGENT_TOLERATIONS is not JSON: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError("EDGEFLEET_AGENT_TOLERATIONS must be a JSON list of toleration objects")
+    return tuple(value)
+
+
 def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
-    """Settings from EDGEFLEET_* variables; unset ones keep their defaults."""
+    """Settings from EDGEFLEET_* variables (the chart's operator Deployment sets them); unset
+    or empty ones keep their defaults; a malformed one is a ValueError naming it."""
     e = dict(os.environ if env is None else env)
     fleet = FleetSettings(
         node_selector=_selector(e["EDGEFLEET_FLEET_SELECTOR"])
         if "EDGEFLEET_FLEET_SELECTOR" in e
         else FleetSettings().node_selector,
-        agent_grace_s=float(e.get("EDGEFLEET_AGENT_GRACE_S", FleetSettings.agent_grace_s)),
-        not_ready_grace_s=float(e.get("EDGEFLEET_NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s)),
-        flap_damping_s=float(e.get("EDGEFLEET_FLAP_DAMPING_S", FleetSettings.flap_damping_s)),
+        agent_grace_s=_number(e, "AGENT_GRACE_S", FleetSettings.agent_grace_s),
+        not_ready_grace_s=_number(e, "NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s),
+        flap_damping_s=_number(e, "FLAP_DAMPING_S", FleetSettings.flap_damping_s),
+        memory_reserve_fraction=_number(e, "MEMORY_RESERVE_FRACTION", FleetSettings.memory_reserve_fraction),
     )
+    d = AgentPodSettings
+    raw_tolerations = e.get("EDGEFLEET_AGENT_TOLERATIONS", "").strip()
     agent = AgentPodSettings(
-        image=e.get("EDGEFLEET_AGENT_IMAGE", AgentPodSettings.image),
-        namespace=e.get("EDGEFLEET_AGENT_NAMESPACE", AgentPodSettings.namespace),
+        image=e.get("EDGEFLEET_AGENT_IMAGE") or d.image,
+        namespace=e.get("EDGEFLEET_AGENT_NAMESPACE") or d.namespace,
+        gpu_resource=e.get("EDGEFLEET_GPU_RESOURCE") or d.gpu_resource,
+        cpu_request=e.get("EDGEFLEET_AGENT_CPU_REQUEST") or d.cpu_request,
+        memory_request=e.get("EDGEFLEET_AGENT_MEMORY_REQUEST") or d.memory_request,
+        memory_limit=e.get("EDGEFLEET_AGENT_MEMORY_LIMIT") or d.memory_limit,
+        tolerations=_tolerations(raw_tolerations) if raw_tolerations else d.tolerations,
+        runtime_class=e.get("EDGEFLEET_AGENT_RUNTIME_CLASS") or None,
+        thermal_soft_limit_c=_number(e, "AGENT_THERMAL_SOFT_LIMIT_C", None),
+        thermal_soft_margin_c=_number(e, "AGENT_THERMAL_SOFT_MARGIN_C", None),
     )
     for name, value in (("agent grace", fleet.agent_grace_s), ("not-ready grace", fleet.not_ready_grace_s)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+    if not 0 <= fleet.memory_reserve_fraction < 1:
+        got = fleet.memory_reserve_fraction
+        raise ValueError(f"EDGEFLEET_MEMORY_RESERVE_FRACTION must be in [0, 1), got {got}")
     return OperatorSettings(
         fleet=fleet,
         agent=agent,
-        reconcile_debounce_s=float(e.get("EDGEFLEET_DEBOUNCE_S", OperatorSettings.reconcile_debounce_s)),
-        resync_interval_s=float(e.get("EDGEFLEET_RESYNC_S", OperatorSettings.resync_interval_s)),
-        metrics_port=int(e.get("EDGEFLEET_METRICS_PORT", OperatorSettings.metrics_port)),
+        reconcile_debounce_s=_number(e, "DEBOUNCE_S", OperatorSettings.reconcile_debounce_s),
+        resync_interval_s=_number(e, "RESYNC_S", OperatorSettings.resync_interval_s),
+        metrics_port=_number(e, "METRICS_PORT", OperatorSettings.metrics_port, int),
     )

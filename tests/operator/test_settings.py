@@ -1,0 +1,72 @@
+"""Operator settings from the environment the Helm chart's Deployment sets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from edgefleet_operator.settings import AgentPodSettings, FleetSettings, from_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_without_environment() -> None:
+    s = from_env({})
+    assert s.fleet == FleetSettings() and s.agent == AgentPodSettings()
+
+
+def test_every_chart_variable_is_read() -> None:
+    tolerations = [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    env = {
+        "EDGEFLEET_FLEET_SELECTOR": "edgefleet.io/fleet=a,tier",
+        "EDGEFLEET_AGENT_GRACE_S": "12", "EDGEFLEET_NOT_READY_GRACE_S": "40",
+        "EDGEFLEET_FLAP_DAMPING_S": "7.5", "EDGEFLEET_MEMORY_RESERVE_FRACTION": "0.2",
+        "EDGEFLEET_DEBOUNCE_S": "0.25", "EDGEFLEET_RESYNC_S": "30", "EDGEFLEET_METRICS_PORT": "9090",
+        "EDGEFLEET_AGENT_NAMESPACE": "fleet", "EDGEFLEET_AGENT_IMAGE": "registry.local/agent:1",
+        "EDGEFLEET_GPU_RESOURCE": "nvidia.com/gpu.shared", "EDGEFLEET_AGENT_RUNTIME_CLASS": "nvidia",
+        "EDGEFLEET_AGENT_TOLERATIONS": json.dumps(tolerations),
+        "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_REQUEST": "1Gi",
+        "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70",
+        "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5",
+    }  # fmt: skip
+    s = from_env(env)
+    assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
+    assert (s.fleet.agent_grace_s, s.fleet.not_ready_grace_s, s.fleet.flap_damping_s) == (12, 40, 7.5)
+    assert s.fleet.memory_reserve_fraction == 0.2
+    assert (s.reconcile_debounce_s, s.resync_interval_s, s.metrics_port) == (0.25, 30, 9090)
+    a = s.agent
+    assert (a.namespace, a.image, a.gpu_resource, a.runtime_class) == (
+        "fleet", "registry.local/agent:1", "nvidia.com/gpu.shared", "nvidia"
+    )  # fmt: skip
+    assert a.tolerations == tuple(tolerations)
+    assert (a.cpu_request, a.memory_request, a.memory_limit) == ("500m", "1Gi", "6Gi")
+    assert (a.thermal_soft_limit_c, a.thermal_soft_margin_c) == (70.0, 5.0)
+    # and these are exactly the variables the chart's operator Deployment sets
+    template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
+    assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
+
+
+def test_empty_values_keep_defaults() -> None:
+    s = from_env({"EDGEFLEET_AGENT_RUNTIME_CLASS": "", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "",
+                  "EDGEFLEET_AGENT_TOLERATIONS": ""})  # fmt: skip
+    assert s.agent.runtime_class is None and s.agent.thermal_soft_limit_c is None
+    assert s.agent.tolerations == AgentPodSettings.tolerations
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDGEFLEET_AGENT_GRACE_S": "soon"}, "EDGEFLEET_AGENT_GRACE_S must be a number, got 'soon'"),
+        ({"EDGEFLEET_METRICS_PORT": "80.5"}, "EDGEFLEET_METRICS_PORT must be an integer"),
+        ({"EDGEFLEET_MEMORY_RESERVE_FRACTION": "1.5"}, r"MEMORY_RESERVE_FRACTION must be in \[0, 1\)"),
+        ({"EDGEFLEET_AGENT_TOLERATIONS": "[{"}, "EDGEFLEET_AGENT_TOLERATIONS is not JSON"),
+        ({"EDGEFLEET_AGENT_TOLERATIONS": '{"key": "x"}'}, "must be a JSON list of toleration objects"),
+        ({"EDGEFLEET_NOT_READY_GRACE_S": "-1"}, "not-ready grace must be >= 0"),
+    ],
+)
+def test_malformed_values_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_env(env)
