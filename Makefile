@@ -67,6 +67,13 @@ cluster-status: venv
 demo: setup
 	$(PY) -m e2e.demo
 
+# The end-to-end suite on a kind cluster with the real images (needs docker, kind, kubectl, helm):
+# creates the cluster, builds and loads the images, runs tests/e2e/test_fleet_e2e.py (which installs
+# the chart), deletes the cluster. See scripts/e2e-kind.sh.
+.PHONY: e2e-kind
+e2e-kind: venv
+	PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/e2e-kind.sh
+
 bench: venv
 	$(PY) -m bench
 

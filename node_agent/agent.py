@@ -3,10 +3,18 @@
 `Agent(settings).start()` brings the parts up in dependency order and `stop()` takes them
 down in reverse, draining first:
 
-    start: repository -> scheduler -> stream pool -> engine -> HTTP (live, not ready)
-           -> extensions -> preloads -> ready
+    start: repository -> scheduler -> stream pool -> controls, SLA and thermal monitors
+           -> engine -> HTTP (live, not ready) -> extensions -> preloads -> ready
     stop:  not ready -> drain delay -> extensions -> HTTP (stops listening, waits for the
-           requests in progress, bounded) -> engine -> scheduler -> stream pool
+           requests in progress, bounded) -> generators -> monitors -> engine -> scheduler -> stream pool
+
+Load control (`node_agent.mitigation`): one `Controls` takes the limits of both monitors.
+The SLA monitor wraps every model version's batching policy (it measures each batch and
+caps batch size, delay and queue bound while a model mitigates) and the engine asks the
+controls before queueing a request, so a class the mitigation sheds is refused with 429
+and Retry-After. The thermal monitor reads a real sensor (NVML, a sysfs GPU zone) or, when
+asked, the simulated one heated by the concurrency gate's occupancy, and lowers the gate's
+concurrency and every model's batch size above its soft limit. Both tick on the event loop.
 
 HTTP starts before the preloads so the liveness probe answers while models load (a slow load
 must not get the agent restarted); readiness turns on once they are loaded. `serve(settings)`
@@ -36,16 +44,22 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from node_agent.engine import ConfigSource, Engine, EngineSettings
-from node_agent.errors import InvalidModel, ModelNotFound
+from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFound, ShuttingDown
 from node_agent.http_api import HttpSettings, IndexEntry, MetricsHook, build_app
+from node_agent.mitigation import Controls
 from node_agent.repository import ModelRepository, validate_name, validate_version
 from node_agent.scheduler import ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.sla_monitor import SlaMonitor, SlaSettings
 from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.thermal import ThermalMonitor, ThermalSettings
+from node_agent.thermal_sources import SOURCE_KINDS, ThermalSource, detect_source, select_source
 from node_agent.types import ModelConfig, ModelId, Priority
 
 if TYPE_CHECKING:
     from node_agent.backends.base import Backend
+    from node_agent.generation import AsyncGenerator, GenerationStats
     from node_agent.metrics import AgentCollector, ApiMetrics
+    from node_agent.scheduler import Lease
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +91,11 @@ class AgentSettings:
     """How long a repository unload waits for in-flight batches to release the model."""
     http: HttpSettings = field(default_factory=HttpSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    sla: SlaSettings = field(default_factory=SlaSettings)
+    thermal: ThermalSettings = field(default_factory=ThermalSettings)
+    thermal_source: str = "auto"
+    """'auto' (NVML, else a sysfs GPU zone, else no thermal monitor), 'nvml', 'sysfs',
+    'simulated' (a first-order model heated by the agent's own load: demos, tests) or 'off'."""
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -90,12 +109,26 @@ class AgentSettings:
                 raise ValueError("drain_delay_s, drain_timeout_s and unload_wait_s must be >= 0")
         for entry in self.preload:
             parse_model_ref(entry)
+        if self.thermal_source not in (*SOURCE_KINDS, "off"):
+            kinds = ", ".join((*SOURCE_KINDS, "off"))
+            raise ValueError(f"thermal_source must be one of {kinds}, got {self.thermal_source!r}")
 
     @property
     def num_workers(self) -> int:
         if self.workers is not None:
             return self.workers
         return 1 if self.device == "cpu" else 2
+
+    @property
+    def max_concurrency(self) -> int:
+        """Batches holding a model lease at once (the concurrency gate's ceiling): one per
+        worker plus one being prepared, so a worker never waits for the next batch."""
+        return self.num_workers + 1
+
+    @property
+    def gpu_index(self) -> int:
+        _, _, index = self.device.partition(":")
+        return int(index) if index.isdigit() else 0
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -114,7 +147,9 @@ class Serving:
     """The HTTP layer's view of the agent (`http_api.ServingApi`); loop thread only.
 
     Invariants: a model name in `_unloaded` gets ModelNotFound from `config`/`infer` and is
-    reported UNAVAILABLE; load/unload run one at a time.
+    reported UNAVAILABLE; load/unload run one at a time. With `assigned` (EdgeNode mode) the
+    servable versions are the assigned ones, not the repository's, and load/unload are
+    refused (409): the operator owns the assignment.
     """
 
     def __init__(
@@ -124,14 +159,19 @@ class Serving:
         engine: Engine,
         *,
         unload_wait_s: float = 10.0,
+        assigned: ConfigOverlay | None = None,
     ) -> None:
         self.repository = repository
+        self.assigned = assigned
         self.scheduler = scheduler
         self.engine = engine
         self.unload_wait_s = unload_wait_s
         self._not_ready: str | None = "starting"
         self._unloaded: set[str] = set()
         self._control = asyncio.Lock()
+        self._generators: dict[ModelId, tuple[AsyncGenerator, Lease]] = {}
+        self._generator_starts: dict[ModelId, asyncio.Future[AsyncGenerator]] = {}
+        self._generators_closed = False
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -151,7 +191,12 @@ class Serving:
         return self.engine.config(name, version)
 
     def versions(self, name: str) -> list[str]:
-        return self.repository.versions(name)
+        if self.assigned is None:
+            return self.repository.versions(name)
+        versions = self.assigned.versions(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not assigned to this node")
+        return versions
 
     def model_not_ready_reason(self, name: str, version: str | None) -> str | None:
         if name in self._unloaded:
@@ -182,6 +227,8 @@ class Serving:
     # -- repository extension ----------------------------------------------------------------
 
     def index(self) -> list[IndexEntry]:
+        if self.assigned is not None:
+            return [IndexEntry(c.name, c.version, "READY") for c in self.assigned.models()]
         scan = self.repository.scan()
         entries = [
             IndexEntry(c.name, c.version, "UNAVAILABLE", "unloaded")
@@ -197,6 +244,7 @@ class Serving:
 
     async def load(self, name: str) -> None:
         """Put `name` (back) into service and load its newest version into memory."""
+        self._check_unmanaged()
         async with self._control:
             self._check_inside(name)
             self.engine.invalidate(name)
@@ -209,11 +257,13 @@ class Serving:
         """Take `name` out of service; unload its resident versions once their in-flight
         batches are done (waiting at most `unload_wait_s`; after that the scheduler may evict
         it like any idle model)."""
+        self._check_unmanaged()
         async with self._control:
             resident = [r.model_id for r in self.scheduler.resident() if r.model_id.name == name]
             if not resident:
                 self.repository.versions(name)  # ModelNotFound for an unknown model
             self._unloaded.add(name)
+            await self.stop_generators(name)
             self.engine.invalidate(name)
             deadline = time.monotonic() + self.unload_wait_s
             for model_id in resident:
@@ -229,6 +279,86 @@ class Serving:
                 log.warning("repository: %s still %s; left to eviction", model_id, outcome.value)
                 return
             await asyncio.sleep(0.005)  # poll: the scheduler offers no 'released' event
+
+    def _check_unmanaged(self) -> None:
+        if self.assigned is not None:
+            raise Conflict(
+                "this agent serves the models its EdgeNode assigns; change the InferenceService "
+                "instead of loading or unloading models here"
+            )
+
+    # -- generation (the v2 generate extension, `generate_api`) -----------------------------
+
+    async def generator(self, name: str, version: str | None) -> AsyncGenerator:
+        """The running generator of a `task: generate` model version, started on first use
+        (single-flight). Its model loads through the scheduler (digest checked; weights and
+        KV pool counted in the budget) and stays leased, so resident, while the generator
+        runs: until `unload(name)` or `stop_generators()`. ModelNotFound (404) for an unknown
+        or unloaded model, InvalidInput (400) for one that does not generate."""
+        self._check_loaded(name)
+        config = self.engine.config(name, version)
+        if config.task != "generate":
+            raise InvalidInput(
+                f"model {config.id} has task {config.task!r}; it does not generate text (use /infer)"
+            )
+        running = self._generators.get(config.id)
+        if running is not None and running[0].running:
+            return running[0]
+        if self._generators_closed:
+            raise ShuttingDown("the agent is stopping")
+        start = self._generator_starts.get(config.id)
+        if start is None:
+            start = self._generator_starts[config.id] = asyncio.ensure_future(self._start_generator(config))
+        return await asyncio.shield(start)
+
+    async def _start_generator(self, config: ModelConfig) -> AsyncGenerator:
+        from node_agent.generation import AsyncGenerator, engine_for_backend
+        from node_agent.transformer import TinyLMBackend
+
+        try:
+            failed = self._generators.pop(config.id, None)  # its engine failed: start afresh
+            if failed is not None:
+                await self._stop_generator(config.id, *failed)
+            lease = await self.scheduler.acquire(config)
+            try:
+                backend = lease.backend
+                if not isinstance(backend, TinyLMBackend):
+                    raise InvalidModel(f"{config.id}: format {config.format!r} cannot generate text")
+                loop = asyncio.get_running_loop()  # allocating the KV pool may take a while:
+                engine = await loop.run_in_executor(None, engine_for_backend, backend)
+                generator = AsyncGenerator(engine, model_id=config.id)
+                await generator.start()
+            except BaseException:
+                lease.release()
+                raise
+            self._generators[config.id] = (generator, lease)
+        finally:
+            del self._generator_starts[config.id]
+        log.info("generation: started %s, %d KV blocks of %d tokens", config.id,
+                 engine.config.num_blocks, engine.config.block_size)  # fmt: skip
+        return generator
+
+    async def stop_generators(self, name: str | None = None) -> None:
+        """Stop the generators of model `name` (None: all, and start no more: the agent is
+        stopping). Their requests in progress fail with ShuttingDown (503); their KV pools
+        go and their models' leases are released, so the scheduler may unload them."""
+        if name is None:
+            self._generators_closed = True
+        starts = [f for m, f in self._generator_starts.items() if name is None or m.name == name]
+        await asyncio.gather(*starts, return_exceptions=True)
+        for model_id in [m for m in self._generators if name is None or m.name == name]:
+            await self._stop_generator(model_id, *self._generators.pop(model_id))
+
+    async def _stop_generator(self, model_id: ModelId, generator: AsyncGenerator, lease: Lease) -> None:
+        try:
+            await generator.stop()
+        finally:
+            lease.release()
+        log.info("generation: stopped %s", model_id)
+
+    def generation_stats(self) -> list[tuple[ModelId, GenerationStats]]:
+        """Each running generator's model version and latest stats (for /metrics)."""
+        return [(model_id, g.stats()) for model_id, (g, _lease) in self._generators.items()]
 
     def _check_inside(self, name: str) -> None:
         root = self.repository.root
@@ -250,6 +380,10 @@ class ConfigOverlay(Protocol):
     scheduler's loads (EdgeNode mode: `operator_link.AssignedConfigs`, assigned versions only)."""
 
     def config(self, name: str, version: str | None = None) -> ModelConfig: ...
+
+    def versions(self, name: str) -> list[str]: ...
+
+    def models(self) -> list[ModelConfig]: ...
 
     def loader(self, load: Callable[[ModelConfig], Backend]) -> Callable[[ModelConfig], Backend]: ...
 
@@ -283,6 +417,10 @@ class Agent:
         self.pool: StreamPool | None = None
         self.engine: Engine | None = None
         self.serving: Serving | None = None
+        self.controls: Controls | None = None
+        self.sla: SlaMonitor | None = None
+        self.thermal: ThermalMonitor | None = None
+        """None when no thermal source (see `AgentSettings.thermal_source`)."""
         self._runner: web.AppRunner | None = None
         self._started_extensions: list[AgentExtension] = []
         self._stopped = False
@@ -356,9 +494,35 @@ class Agent:
             source, loader = self.overlay, self.overlay.loader(load)
         self.scheduler = ModelScheduler(budget, loader)
         self.pool = StreamPool(PoolSettings(num_workers=s.num_workers, device=s.device)).start()
-        self.engine = Engine(source, self.scheduler, self.pool, s.engine)
-        self.serving = Serving(repository, self.scheduler, self.engine, unload_wait_s=s.unload_wait_s)
+        controls = self.controls = Controls(shed_retry_after_s=s.sla.interval_s)
+        gate = controls.gate_for(self.scheduler, s.max_concurrency)
+        sla = self.sla = SlaMonitor(controls, s.sla)
+        policies = sla.policy_factory(workers=s.num_workers, max_queue_rows=s.engine.max_queue_rows)
+        engine = self.engine = Engine(
+            source, gate, self.pool, s.engine, policy_factory=policies, admission=controls.check_admission
+        )
+        sla.attach(lambda m: engine.batcher(m.name, m.version), configs=source.config)
+        thermal_source = self._thermal_source(gate.meter())
+        if thermal_source is not None:
+            self.thermal = ThermalMonitor(thermal_source, controls, s.thermal)
+        self.serving = Serving(
+            repository, self.scheduler, self.engine, unload_wait_s=s.unload_wait_s, assigned=self.overlay
+        )
         self._register_metrics()
+        sla.start()
+        if self.thermal is not None:
+            self.thermal.start()
+
+    def _thermal_source(self, load: Callable[[], float]) -> ThermalSource | None:
+        kind, index = self.settings.thermal_source, self.settings.gpu_index
+        if kind == "off":
+            return None
+        if kind == "auto":
+            found = detect_source(index)
+            if found is None:
+                log.info("thermal: no sensor found; thermal monitor off (see --thermal-source)")
+            return found
+        return select_source(kind, gpu_index=index, load=load)
 
     def _register_metrics(self) -> None:
         """The agent's collector and the HTTP layer's per-request metrics, on `registry`."""
@@ -373,9 +537,16 @@ class Agent:
             batchers=engine_batchers(self.engine, lambda: [r.model_id for r in scheduler.resident()]),
             pool=self.pool,
             scheduler=scheduler,
+            sla=self.sla,
+            thermal=self.thermal,
+            controls=self.controls,
             gpu_memory=torch_gpu_memory(device) if device.startswith("cuda") else None,
         )
         self.api_metrics = ApiMetrics(self.registry)
+        if self.serving is not None:  # the generate extension's metrics
+            from node_agent.generation_metrics import register_generation_metrics
+
+            register_generation_metrics(self.registry, self.serving.generation_stats)
         if self.metrics is None:
             registry = self.registry
             self.metrics = lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
@@ -411,6 +582,11 @@ class Agent:
                 log.exception("stopping extension %r", extension)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.serving is not None:
+            await self.serving.stop_generators()  # after HTTP drained; the rest get ShuttingDown
+        for monitor in (self.thermal, self.sla):
+            if monitor is not None:
+                await monitor.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.scheduler is not None:

@@ -66,8 +66,31 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
                         help="longest wait for requests in progress when stopping (default 20)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--thermal-source", default=os.environ.get("EDGEFLEET_THERMAL_SOURCE", "auto"),
+                        choices=("auto", "nvml", "sysfs", "simulated", "off"),
+                        help="temperature source of the thermal monitor (default auto: NVML, else a "
+                             "sysfs GPU zone, else none; simulated: a model heated by the agent's load)")
+    parser.add_argument("--thermal-soft-limit", type=float, metavar="CELSIUS",
+                        default=_float_env("EDGEFLEET_THERMAL_SOFT_LIMIT_C"),
+                        help="temperature where the agent starts lowering concurrency and batch sizes "
+                             "(default: --thermal-soft-margin below the hardware slowdown the sensor "
+                             "reports, else 75)")
+    parser.add_argument("--thermal-soft-margin", type=float, metavar="CELSIUS",
+                        default=_float_env("EDGEFLEET_THERMAL_SOFT_MARGIN_C"),
+                        help="degrees below the hardware slowdown temperature where mitigation starts "
+                             "(default 8)")
     _edge_node_args(parser.add_argument_group(
         "EdgeNode mode", "follow an EdgeNode's spec from the cluster and report its status (operator_link)"))
+
+
+def _float_env(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"edgefleet-agent: ${name} is not a number: {raw!r}") from None
 
 
 def _edge_node_args(group: argparse._ArgumentGroup) -> None:
@@ -114,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node_agent.agent import Agent, AgentSettings, serve
     from node_agent.http_api import LOOPBACK_NETWORKS, HttpSettings
     from node_agent.repository import parse_quantity
+    from node_agent.thermal import ThermalSettings
 
     try:
         token = None
@@ -139,6 +163,11 @@ def _serve(args: argparse.Namespace) -> int:
             drain_delay_s=args.drain_delay,
             drain_timeout_s=args.drain_timeout,
             http=http,
+            thermal_source=args.thermal_source,
+            thermal=ThermalSettings(
+                soft_limit_c=args.thermal_soft_limit,
+                **({} if args.thermal_soft_margin is None else {"soft_margin_c": args.thermal_soft_margin}),
+            ),
         )
         extensions, overlay = _edge_node_mode(args)
     except ValueError as e:

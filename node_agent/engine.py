@@ -42,7 +42,7 @@ import numpy as np
 from node_agent.batcher import Batcher, BatcherSettings, Lease
 from node_agent.batching_policy import BatchingPolicy, policy_for
 from node_agent.errors import DeadlineExceeded, InvalidInput, ShuttingDown
-from node_agent.types import V2_TO_NUMPY, ModelConfig, Priority, TensorSpec
+from node_agent.types import V2_TO_NUMPY, ModelConfig, ModelId, Priority, TensorSpec
 
 if TYPE_CHECKING:
     from node_agent.stream_pool import StreamPool
@@ -65,6 +65,9 @@ class LeaseSource(Protocol):
 
 
 PolicyFactory = Callable[[ModelConfig], BatchingPolicy]
+AdmissionCheck = Callable[[ModelId, Priority], None]
+"""Raises `Overloaded` when a request of that class may not enter (e.g.
+`mitigation.Controls.check_admission`: classes an SLA mitigation sheds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +221,17 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         policy_factory: PolicyFactory | None = None,
+        admission: AdmissionCheck | None = None,
     ) -> None:
+        """`policy_factory`: each model version's batching policy (default `policy_for`);
+        `admission`: called with the resolved model version and the request's class before
+        a request is queued."""
         self.repository = repository
         self.scheduler = scheduler
         self.pool = pool
         self.settings = settings or EngineSettings()
         self._policy_factory = policy_factory
+        self._admission = admission
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._latest: dict[str, tuple[str, float]] = {}
         self._stopping = False
@@ -257,6 +265,8 @@ class Engine:
                 raise DeadlineExceeded(f"{model}: timeout_s={timeout_s} leaves no time to run")
             deadline_s = time.monotonic() + timeout_s
         entry = self._entry(model, version)
+        if self._admission is not None:
+            self._admission(entry.config.id, priority)
         arrays, rows = entry.validator.validate(inputs)
         return await entry.batcher.submit(arrays, rows, priority, deadline_s)
 

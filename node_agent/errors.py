@@ -46,5 +46,10 @@ class InferenceFailed(AgentError):
     """The model raised while running the batch this request was in."""
 
 
+class Conflict(AgentError):
+    """The request conflicts with who owns the state it would change (e.g. repository
+    load/unload on an agent whose models the operator assigns)."""
+
+
 class ShuttingDown(AgentError):
     """The component is stopping and takes no new work."""

@@ -111,10 +111,11 @@ class _GenerateHandlers:
             return _error(e)
         except web.HTTPRequestEntityTooLarge as e:
             return web.json_response({"error": e.text}, status=413)
+        version = gen.model_id.version if gen.model_id else request.match_info.get("version", "")
         return web.json_response(
             {
                 "model_name": request.match_info["model"],
-                "model_version": request.match_info.get("version", ""),
+                "model_version": version,
                 "text_output": result.text,
                 "token_ids": list(result.token_ids),
                 "finish_reason": result.finish_reason,

@@ -27,6 +27,7 @@ metrics module maps (time to first token, time per output token, queue and KV co
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import itertools
 import logging
@@ -41,17 +42,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from node_agent.errors import InferenceFailed, InvalidInput, Overloaded, ShuttingDown
+from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, Overloaded, ShuttingDown
 from node_agent.kv_cache import KVCacheConfig, KVCacheManager, SequenceTooLong, kv_bytes_per_token
-from node_agent.transformer import EOS, ByteTokenizer, PagedBatch, PagedKVPool, load_tiny_lm
+from node_agent.transformer import EOS, ByteTokenizer, PagedBatch, PagedKVPool, TinyLMBackend, load_tiny_lm
 from node_agent.types import Priority
 
 if TYPE_CHECKING:
     from node_agent.errors import AgentError
     from node_agent.transformer import TinyLM
-    from node_agent.types import ModelConfig
+    from node_agent.types import ModelConfig, ModelId
 
 __all__ = [
+    "TPOT_BUCKETS_S",
+    "TTFT_BUCKETS_S",
     "AsyncGenerator",
     "ContextTooLong",
     "EngineConfig",
@@ -63,11 +66,19 @@ __all__ = [
     "StepOutput",
     "TokenEvent",
     "TokenStream",
+    "engine_for_backend",
     "load_generator",
     "sample_token",
 ]
 
 log = logging.getLogger(__name__)
+
+TTFT_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds of the time-to-first-token histogram: a prefill on an edge device takes ms;
+a queue behind a full KV cache, seconds."""
+TPOT_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Upper bounds of the time-per-output-token histogram: one decode step, ms to 100s of ms
+(a step that recomputes a preempted sequence lands in the tail)."""
 
 
 class ContextTooLong(InvalidInput):
@@ -266,6 +277,12 @@ class GenerationStats:
     ttft_count: int
     tpot_s_sum: float
     tpot_count: int
+    ttft_bucket_counts: tuple[int, ...] = ()
+    """Observations per bucket of `ttft_buckets_s` (not cumulative), then those above the last."""
+    tpot_bucket_counts: tuple[int, ...] = ()
+    """Observations per bucket of `tpot_buckets_s` (not cumulative), then those above the last."""
+    ttft_buckets_s: tuple[float, ...] = TTFT_BUCKETS_S
+    tpot_buckets_s: tuple[float, ...] = TPOT_BUCKETS_S
 
     @property
     def mean_ttft_s(self) -> float:
@@ -314,6 +331,8 @@ class GenerationEngine:
         self.ttft_count = 0
         self.tpot_s_sum = 0.0
         self.tpot_count = 0
+        self._ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
+        self._tpot_counts = [0] * (len(TPOT_BUCKETS_S) + 1)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -470,10 +489,12 @@ class GenerationEngine:
                 seq.first_token_s = now
                 self.ttft_s_sum += now - seq.arrival_s
                 self.ttft_count += 1
+                self._ttft_counts[bisect.bisect_left(TTFT_BUCKETS_S, now - seq.arrival_s)] += 1
             else:
                 assert seq.last_token_s is not None
                 self.tpot_s_sum += now - seq.last_token_s
                 self.tpot_count += 1
+                self._tpot_counts[bisect.bisect_left(TPOT_BUCKETS_S, now - seq.last_token_s)] += 1
             seq.last_token_s = now
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -515,6 +536,7 @@ class GenerationEngine:
             requests_finished=self.requests_finished,
             ttft_s_sum=self.ttft_s_sum, ttft_count=self.ttft_count,
             tpot_s_sum=self.tpot_s_sum, tpot_count=self.tpot_count,
+            ttft_bucket_counts=tuple(self._ttft_counts), tpot_bucket_counts=tuple(self._tpot_counts),
         )  # fmt: skip
 
     def check_invariants(self) -> None:
@@ -602,8 +624,12 @@ class AsyncGenerator:
     aborts are handed to the engine between steps, on the loop, so the engine is only
     ever touched by one thread at a time. Every request gets exactly one outcome."""
 
-    def __init__(self, engine: GenerationEngine, *, max_waiting: int = 1024) -> None:
+    def __init__(
+        self, engine: GenerationEngine, *, max_waiting: int = 1024, model_id: ModelId | None = None
+    ) -> None:
         self.engine = engine
+        self.model_id = model_id
+        """The model version served, when known (responses name it)."""
         self.tokenizer = ByteTokenizer()
         """Text prompts are encoded with it; token id prompts are used as given."""
         self.max_waiting = max_waiting
@@ -626,6 +652,11 @@ class AsyncGenerator:
         if self._task is not None:
             await self._task
             self._task = None
+
+    @property
+    def running(self) -> bool:
+        """True from `start()` until `stop()` or a failure of the engine ends the loop."""
+        return self._task is not None and not self._task.done() and not self._stopping
 
     def stats(self) -> GenerationStats:
         """The engine's counters as of the last step (safe to call from the loop)."""
@@ -658,7 +689,7 @@ class AsyncGenerator:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def _submit(self, prompt: str | Sequence[int], params: SamplingParams) -> _Request:
-        if self._stopping or self._task is None:
+        if not self.running:
             raise ShuttingDown("the generator is not running")
         tokens = self.encode(prompt)
         self.engine.check_request(tokens, params)  # reads only constants
@@ -730,6 +761,22 @@ class AsyncGenerator:
             req.events.put_nowait(exc)
         self._live.clear()
         self._inbox.clear()
+
+
+def engine_for_backend(
+    backend: TinyLMBackend, *, block_size: int = 16, **engine_settings: Any
+) -> GenerationEngine:
+    """An engine over a loaded `task: generate` TinyLM backend (sharing its weights, on its
+    device) whose KV pool fills the backend's `kv_cache_bytes`, which its `memory_bytes`
+    already counts. `InvalidInput` for a model that does not generate."""
+    config = backend.config
+    if config.task != "generate":
+        raise InvalidInput(f"model {config.id} has task {config.task!r}; it does not generate text")
+    model = backend.model
+    if model is None:
+        raise InvalidModel(f"{config.id} is unloaded")
+    engine_config = EngineConfig.from_budget(model, backend.kv_cache_bytes, block_size, **engine_settings)
+    return GenerationEngine(model, engine_config, device=model.lm_head.weight.device)
 
 
 def load_generator(

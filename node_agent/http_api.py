@@ -10,6 +10,7 @@ included, so `tritonclient.http` works with its defaults):
 | GET | /v2/models/{m}[/versions/{v}] | model metadata |
 | GET | /v2/models/{m}[/versions/{v}]/ready, .../config | readiness; Triton's model config |
 | POST | /v2/models/{m}[/versions/{v}]/infer | inference |
+| POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`generate_api`) |
 | POST | /v2/repository/index | every model version and its state |
 | POST | /v2/repository/models/{m}/load, .../unload | repository control |
 | GET | /metrics | Prometheus text, when the agent was given a registry |
@@ -39,7 +40,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from aiohttp import hdrs, web
@@ -47,6 +48,7 @@ from aiohttp import hdrs, web
 from node_agent import __version__, v2_codec
 from node_agent.errors import (
     AgentError,
+    Conflict,
     DeadlineExceeded,
     InferenceFailed,
     InsufficientMemory,
@@ -58,6 +60,9 @@ from node_agent.errors import (
 )
 from node_agent.repository import NAME_MAX_LEN, NAME_RE
 from node_agent.types import ModelConfig, Priority
+
+if TYPE_CHECKING:
+    from node_agent.generation import AsyncGenerator
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ _MAX_MESSAGE_CHARS = 2000
 ERROR_STATUS: dict[type[AgentError], int] = {
     InvalidInput: 400,
     ModelNotFound: 404,
+    Conflict: 409,
     InvalidModel: 500,
     InferenceFailed: 500,
     InsufficientMemory: 503,
@@ -126,6 +132,10 @@ class ServingApi(Protocol):
     async def load(self, name: str) -> None: ...
 
     async def unload(self, name: str) -> None: ...
+
+    async def generator(self, name: str, version: str | None) -> AsyncGenerator:
+        """The running generator of a `task: generate` model (`generate_api.GeneratorProvider`)."""
+        ...
 
 
 MetricsHook = Callable[[], tuple[bytes, str]]
@@ -320,6 +330,9 @@ class V2Api:
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
         if self._metrics is not None:
             r.add_get("/metrics", self.metrics)
+        from node_agent.generate_api import add_generate_routes  # it imports this module
+
+        add_generate_routes(self.app, self.api.generator)
 
     # -- middleware -------------------------------------------------------------------------
 

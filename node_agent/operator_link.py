@@ -998,7 +998,9 @@ class OperatorLink:
             device = torch.device(self.device)
             free, total = torch.cuda.mem_get_info(device)
             return GpuReading(torch.cuda.get_device_name(device), int(total), int(total - free), int(free))
-        budget, used = self.scheduler.budget_bytes, self.scheduler.used_bytes
+        # The device's budget, not the scheduler's (capped by the spec's memoryBudgetBytes): the operator
+        # grants from memoryTotalBytes, and a total that echoed its grant would shrink every pass.
+        budget, used = self._device_budget, self.scheduler.used_bytes
         return GpuReading("cpu", budget, used, max(budget - used, 0))
 
     async def _status_task(self) -> None:
@@ -1156,7 +1158,9 @@ class EdgeNodeMode:
     engine serves assigned versions only: `Agent(settings, extensions=[mode], overlay=mode.configs)`.
 
     `start` returns once the first assignment (live or persisted) is in place, bounded by
-    `ready_timeout_s`, so the agent reports ready with its models loaded."""
+    `ready_timeout_s`, so the agent reports ready with its models loaded. Thermal and SLA
+    fields in the status come from `thermal`/`sla` when given, else from the agent's own
+    monitors (`agent.thermal`, `agent.sla`)."""
 
     def __init__(
         self,
@@ -1178,6 +1182,11 @@ class EdgeNodeMode:
     async def start(self, agent: Any) -> None:
         """`agent`: a started core (`node_agent.agent.Agent`: repository, scheduler, settings)."""
         assert agent.repository is not None and agent.scheduler is not None
+        thermal, sla = self.thermal, self.sla
+        if thermal is None and getattr(agent, "thermal", None) is not None:
+            thermal = thermal_fields(agent.thermal)
+        if sla is None and getattr(agent, "sla", None) is not None:
+            sla = sla_windows(agent.sla)
         self._client = await asyncio.to_thread(api_client, self.kubeconfig)
         self.link = OperatorLink(
             self.settings,
@@ -1186,8 +1195,8 @@ class EdgeNodeMode:
             agent.scheduler,
             device=agent.settings.device,
             configs=self.configs,
-            thermal=self.thermal,
-            sla=self.sla,
+            thermal=thermal,
+            sla=sla,
         )
         await self.link.start()
         if self.link.assignment is not None and not await self.link.wait_converged(self.ready_timeout_s):

@@ -355,6 +355,8 @@ class _Tracked:
 
 
 CountersSource = Callable[[ModelId], OutcomeCounters | None]
+ConfigLookup = Callable[[str, str], ModelConfig]
+"""(name, version) -> the model version's current config (the engine's config source)."""
 
 
 class SlaMonitor:
@@ -378,6 +380,7 @@ class SlaMonitor:
         self._clock = clock
         self._models: dict[ModelId, _Tracked] = {}
         self._counters: CountersSource | None = None
+        self._configs: ConfigLookup | None = None
         self.violations: deque[Violation] = deque(maxlen=self.settings.max_violations_kept)
         """The most recent violations (oldest first)."""
         self.violation_counts: Counter[tuple[ModelId, str]] = Counter()
@@ -407,9 +410,12 @@ class SlaMonitor:
 
         return factory
 
-    def attach(self, counters: CountersSource) -> None:
-        """Where ticks read each model's outcome counters (usually its batcher)."""
+    def attach(self, counters: CountersSource, configs: ConfigLookup | None = None) -> None:
+        """Where ticks read each model's outcome counters (usually its batcher) and, when
+        given, its current config: an SLA changed there (e.g. the InferenceService's, through
+        EdgeNode.spec) replaces the tracked one on the next tick."""
         self._counters = counters
+        self._configs = configs
 
     def track(self, config: ModelConfig, spec: SlaSpec | None = None) -> ModelStats:
         """Start measuring a model version (idempotent); its SLA from its config unless
@@ -472,9 +478,22 @@ class SlaMonitor:
         now = self._clock() if now_s is None else now_s
         out: dict[ModelId, ModelReport] = {}
         for model_id, tracked in list(self._models.items()):
+            self._refresh_spec(model_id, tracked)
             self._read_counters(model_id, tracked, now)
             out[model_id] = self._evaluate(model_id, tracked, now)
         return out
+
+    def _refresh_spec(self, model_id: ModelId, tracked: _Tracked) -> None:
+        if self._configs is None:
+            return
+        try:
+            spec = SlaSpec.from_config(self._configs(model_id.name, model_id.version))
+        except Exception as e:  # withdrawn or broken: keep measuring against the last SLA
+            log.debug("SLA %s: no current config: %s", model_id, e)
+            return
+        if spec != tracked.spec:
+            log.info("SLA %s: objectives changed to %s", model_id, spec)
+            self.set_spec(model_id, spec)
 
     def _read_counters(self, model_id: ModelId, tracked: _Tracked, now_s: float) -> None:
         if self._counters is None:

@@ -340,6 +340,19 @@ class SimulatedSource:
 SOURCE_KINDS = ("auto", "nvml", "sysfs", "simulated")
 
 
+def detect_source(gpu_index: int = 0, sysfs_root: Path = SYSFS_THERMAL) -> ThermalSource | None:
+    """A real sensor: NVML if it initialises, else a sysfs GPU zone, else None."""
+    try:
+        return NvmlSource(gpu_index)
+    except Exception as e:  # no driver, no library, no device: all mean "not NVML"
+        log.info("thermal: NVML unavailable (%s); trying sysfs", e)
+    zone = find_gpu_zone(sysfs_root)
+    if zone is not None:
+        return SysfsSource(zone)
+    log.info("thermal: no GPU thermal zone under %s", sysfs_root)
+    return None
+
+
 def select_source(
     kind: str = "auto",
     *,
@@ -349,8 +362,8 @@ def select_source(
     model: ThermalModel | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ThermalSource:
-    """The thermal source `kind` names; "auto": NVML if it initialises, else a sysfs GPU
-    zone, else the simulation (heated by `load`, idle without one)."""
+    """The thermal source `kind` names; "auto": a real sensor (`detect_source`), else the
+    simulation (heated by `load`, idle without one)."""
     if kind not in SOURCE_KINDS:
         raise ValueError(f"unknown thermal source {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
     if kind == "nvml":
@@ -358,12 +371,8 @@ def select_source(
     if kind == "sysfs":
         return SysfsSource(root=sysfs_root)
     if kind == "auto":
-        try:
-            return NvmlSource(gpu_index)
-        except Exception as e:  # no driver, no library, no device: all mean "not NVML"
-            log.info("thermal: NVML unavailable (%s); trying sysfs", e)
-        zone = find_gpu_zone(sysfs_root)
-        if zone is not None:
-            return SysfsSource(zone)
-        log.info("thermal: no GPU thermal zone under %s; using the simulated source", sysfs_root)
+        found = detect_source(gpu_index, sysfs_root)
+        if found is not None:
+            return found
+        log.info("thermal: using the simulated source")
     return SimulatedSource(load or (lambda: 0.0), model, clock)

@@ -12,7 +12,9 @@
   same seed gives the same bytes) holding every parameter plus the JSON config;
   `write_tiny_lm(root)` writes the example `tiny-lm/1`, `load_tiny_lm(path)` reads it.
 - `TinyLMBackend`: the model as a predict backend (input_ids -> logits) for format
-  `TINY_LM_FORMAT`.
+  `TINY_LM_FORMAT`; for a `task: generate` model its `memory_bytes` also counts the KV pool
+  the generation engine will allocate (`kv_cache_bytes_for`), so the scheduler's budget
+  covers both.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from torch import nn
 
 from node_agent.backends.base import Backend
 from node_agent.errors import InvalidInput, InvalidModel
-from node_agent.repository import sha256_file, write_model_config
+from node_agent.kv_cache import kv_bytes_per_token
+from node_agent.repository import parse_quantity, sha256_file, write_model_config
 from node_agent.types import ModelConfig, Priority, TensorSpec
 
 if TYPE_CHECKING:
@@ -41,7 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BOS",
+    "DEFAULT_KV_CONTEXTS",
     "EOS",
+    "KV_CACHE_PARAMETER",
     "PAD",
     "TINY_LM_FORMAT",
     "ByteTokenizer",
@@ -50,6 +55,7 @@ __all__ = [
     "TinyLM",
     "TinyLMBackend",
     "TinyLMConfig",
+    "kv_cache_bytes_for",
     "load_tiny_lm",
     "save_tiny_lm",
     "write_tiny_lm",
@@ -62,6 +68,15 @@ TINY_LM_FORMAT = "tinylm-npz"
 ARTIFACT = "model.npz"
 _CONFIG_KEY = "__config__"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+KV_CACHE_PARAMETER = "kv_cache_bytes"
+"""model.yaml `parameters` key: bytes of KV cache (a quantity such as 64Mi) for a
+`task: generate` model; the pool holds as many whole blocks as fit."""
+DEFAULT_KV_CONTEXTS = 32
+"""Without `kv_cache_bytes`, the KV pool holds this many full contexts. Paged, a session
+holds only the tokens it has (typically a fraction of the context), so 32 contexts hold
+the 50-100 sessions an edge box is asked for."""
+KV_DTYPE_BYTES = 4
+"""The paged K/V pool is float32 (`PagedKVPool`'s default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +402,13 @@ def write_tiny_lm(root: Path | str, name: str = "tiny-lm", version: str = "1") -
     artifact = version_dir / ARTIFACT
     save_tiny_lm(model, artifact)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = (
+        DEFAULT_KV_CONTEXTS
+        * TINY_LM_EXAMPLE.max_seq_len
+        * kv_bytes_per_token(
+            TINY_LM_EXAMPLE.n_layers, TINY_LM_EXAMPLE.n_heads, TINY_LM_EXAMPLE.head_dim, KV_DTYPE_BYTES
+        )
+    )
     config = ModelConfig(
         name=name,
         version=version,
@@ -397,30 +419,60 @@ def write_tiny_lm(root: Path | str, name: str = "tiny-lm", version: str = "1") -
         digest=sha256_file(artifact),
         max_batch_size=8,
         priority=Priority.NORMAL,
-        memory_estimate_bytes=params,
+        memory_estimate_bytes=params + kv_bytes,
         task="generate",
         parameters={
             "description": "tiny byte-level decoder-only transformer (random weights)",
             "seed": str(TINY_LM_SEED),
+            KV_CACHE_PARAMETER: str(kv_bytes),
         },
     )
     write_model_config(version_dir, config)
     return config
 
 
-class TinyLMBackend(Backend):
-    """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab]."""
+def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int = 16) -> int:
+    """Bytes of the KV pool a model's generation engine allocates: whole blocks of
+    `block_size` tokens within `parameters.kv_cache_bytes` (default `DEFAULT_KV_CONTEXTS`
+    full contexts); 0 for a model that does not generate. `InvalidModel` for a value that
+    is not a byte quantity or holds less than one block."""
+    if config.task != "generate":
+        return 0
+    block_bytes = kv_bytes_per_token(lm.n_layers, lm.n_heads, lm.head_dim, KV_DTYPE_BYTES) * block_size
+    raw = config.parameters.get(KV_CACHE_PARAMETER)
+    if raw is None:
+        budget = DEFAULT_KV_CONTEXTS * -(-lm.max_seq_len // block_size) * block_bytes
+    else:
+        try:
+            budget = parse_quantity(raw)
+        except ValueError as e:
+            raise InvalidModel(f"{config.id}: parameters.{KV_CACHE_PARAMETER}: {e}") from None
+    if budget < block_bytes:
+        raise InvalidModel(
+            f"{config.id}: parameters.{KV_CACHE_PARAMETER} is {budget} bytes, less than one KV "
+            f"block of {block_size} tokens ({block_bytes} bytes)"
+        )
+    return budget // block_bytes * block_bytes
 
-    def __init__(self, config: ModelConfig, model: TinyLM, memory_bytes: int) -> None:
+
+class TinyLMBackend(Backend):
+    """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab].
+    For a `task: generate` model, `memory_bytes` = weights + `kv_cache_bytes` (the pool an
+    engine built by `generation.engine_for_backend` allocates)."""
+
+    def __init__(
+        self, config: ModelConfig, model: TinyLM, memory_bytes: int, kv_cache_bytes: int = 0
+    ) -> None:
         self.config = config
         self.model: TinyLM | None = model
-        self._memory_bytes = memory_bytes
+        self.kv_cache_bytes = kv_cache_bytes
+        self._memory_bytes = memory_bytes + kv_cache_bytes
 
     @classmethod
     def load(cls, config: ModelConfig, version_dir: Path, device: str) -> TinyLMBackend:
         model = load_tiny_lm(Path(version_dir) / config.artifact, device)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return cls(config, model, size)
+        return cls(config, model, size, kv_cache_bytes_for(config, model.config))
 
     def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None) -> dict[str, torch.Tensor]:
         if self.model is None:

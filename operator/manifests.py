@@ -81,6 +81,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                 }
             },
             "tolerations": [dict(t) for t in settings.tolerations],
+            **({"runtimeClassName": settings.runtime_class} if settings.runtime_class else {}),
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": 65532,
@@ -111,6 +112,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                             "name": "EDGEFLEET_POD_IP",
                             "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
                         },
+                        *thermal_env(settings),
                     ],
                     "ports": [{"name": "http", "containerPort": settings.port}],
                     "resources": {
@@ -133,6 +135,15 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
             "volumes": [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
         },
     }
+
+
+def thermal_env(settings: AgentPodSettings) -> list[dict[str, str]]:
+    """The agent's thermal limits from the chart (`agent.thermal`), when set."""
+    values = (
+        ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", settings.thermal_soft_limit_c),
+        ("EDGEFLEET_THERMAL_SOFT_MARGIN_C", settings.thermal_soft_margin_c),
+    )
+    return [{"name": name, "value": f"{value:g}"} for name, value in values if value is not None]
 
 
 def service_name(isvc_name: str) -> str:

@@ -4,23 +4,35 @@ continuous batching, refusals, and the asyncio front (generate, stream, abort)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from node_agent.errors import InferenceFailed, InvalidInput, ShuttingDown
+from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
 from node_agent.generation import (
+    TPOT_BUCKETS_S,
+    TTFT_BUCKETS_S,
     AsyncGenerator,
     ContextTooLong,
     EngineConfig,
     GenerationEngine,
     SamplingParams,
     SequenceTooLong,
+    engine_for_backend,
     load_generator,
     sample_token,
 )
-from node_agent.transformer import ByteTokenizer, TinyLM, TinyLMConfig, load_tiny_lm, write_tiny_lm
+from node_agent.transformer import (
+    ByteTokenizer,
+    TinyLM,
+    TinyLMBackend,
+    TinyLMConfig,
+    kv_cache_bytes_for,
+    load_tiny_lm,
+    write_tiny_lm,
+)
 
 CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 PROMPTS = ["hello there", "the quick brown fox jumps", "hello there, general", "zzz"]
@@ -279,6 +291,63 @@ def test_a_model_failure_reaches_the_caller(model: TinyLM) -> None:
         await gen.stop()
 
     asyncio.run(main())
+
+
+def test_a_generator_whose_engine_broke_refuses_new_requests(model: TinyLM) -> None:
+    """An engine bug ends the loop: requests in progress fail, and later ones are refused
+    at once instead of waiting for a loop that is gone."""
+
+    async def main() -> None:
+        eng = engine(model)
+
+        def bug() -> list[object]:
+            raise AssertionError("engine invariant broken")
+
+        eng.step = bug  # type: ignore[assignment,method-assign]
+        gen = AsyncGenerator(eng)
+        await gen.start()
+        assert gen.running
+        with pytest.raises(InferenceFailed, match="invariant"):
+            await gen.generate("x", sampled(0))
+        assert not gen.running
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(gen.generate("y", sampled(0)), 5)
+        await gen.stop()
+
+    asyncio.run(main())
+
+
+def test_time_to_first_token_and_per_output_token_are_bucketed(model: TinyLM) -> None:
+    now = [0.0]
+    eng = GenerationEngine(model, EngineConfig(64, block_size=4), clock=lambda: now[0])
+    for i in range(2):
+        eng.add(ByteTokenizer.encode(PROMPTS[i]), sampled(i, n=5), arrival_s=0.0)
+    now[0] = 0.02  # both prefills sample their first token at 20 ms
+    eng.step()
+    for _ in range(4):
+        now[0] += 0.004  # then a token every 4 ms
+        eng.step()
+    s = eng.stats()
+    assert not eng.has_work() and (s.ttft_count, s.tpot_count) == (2, 8)
+    assert s.ttft_buckets_s == TTFT_BUCKETS_S and s.tpot_buckets_s == TPOT_BUCKETS_S
+    assert s.ttft_bucket_counts[TTFT_BUCKETS_S.index(0.025)] == 2 == sum(s.ttft_bucket_counts)
+    assert s.tpot_bucket_counts[TPOT_BUCKETS_S.index(0.005)] == 8 == sum(s.tpot_bucket_counts)
+    assert len(s.ttft_bucket_counts) == len(TTFT_BUCKETS_S) + 1
+    assert s.ttft_s_sum == pytest.approx(0.04) and s.tpot_s_sum == pytest.approx(0.032)
+
+
+def test_engine_for_backend_fills_the_backends_kv_budget(tmp_path: Path) -> None:
+    config = write_tiny_lm(tmp_path)
+    backend = TinyLMBackend.load(config, tmp_path / "tiny-lm" / "1", "cpu")
+    eng = engine_for_backend(backend, max_num_seqs=8)
+    assert backend.kv_cache_bytes == kv_cache_bytes_for(config, eng.model.config) > 0
+    assert eng.pool.nbytes == backend.kv_cache_bytes  # the pool the scheduler was told about
+    assert eng.model is backend.model and eng.config.max_num_seqs == 8
+    with pytest.raises(InvalidInput, match="does not generate"):
+        engine_for_backend(TinyLMBackend(dataclasses.replace(config, task="predict"), eng.model, 0))
+    backend.unload()
+    with pytest.raises(InvalidModel, match="unloaded"):
+        engine_for_backend(backend)
 
 
 def test_load_generator_serves_the_written_example(tmp_path: Path) -> None:

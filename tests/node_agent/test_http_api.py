@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +29,12 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
+from agent_runner import RunningAgent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from node_agent.agent import Agent, AgentSettings
+from node_agent.agent import AgentSettings
 from node_agent.batcher import Batcher
 from node_agent.examples import Dense
 from node_agent.http_api import HttpSettings, control_networks, peer_allowed
@@ -43,28 +44,6 @@ from node_agent.types import ModelConfig, TensorSpec
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token"
-
-
-class RunningAgent:
-    """A real agent listening on 127.0.0.1 (ephemeral port), on its own loop thread."""
-
-    def __init__(self, settings: AgentSettings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="agent-loop", daemon=True)
-        self.thread.start()
-        self.agent = Agent(settings)
-        self.call(self.agent.start())
-        self.port = self.agent.port
-        self.url = f"127.0.0.1:{self.port}"
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.call(self.agent.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def request(
@@ -548,16 +527,23 @@ def test_peer_rule() -> None:
 
 
 class Served:
-    """`edgefleet-agent serve` in a subprocess; `port` from its 'serving ... on' line."""
+    """`edgefleet-agent serve` in a subprocess; `port` from its 'serving ... on' line. Its
+    output is read all along (a full pipe would block the agent's writes, hence its loop)."""
 
     def __init__(self, *args: str) -> None:
         cmd = [sys.executable, "-m", "node_agent.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         assert self.proc.stdout is not None
+        self.output: list[str] = []
         line = self.proc.stdout.readline()
-        assert " on http://127.0.0.1:" in line, (line, self.proc.stderr.read() if self.proc.stderr else "")
+        while line and " on http://127.0.0.1:" not in line:
+            self.output.append(line)
+            line = self.proc.stdout.readline()
+        assert " on http://127.0.0.1:" in line, "".join(self.output)
         self.port = int(line.rsplit(":", 1)[1])
+        stdout = self.proc.stdout
+        threading.Thread(target=lambda: self.output.extend(iter(stdout.readline, "")), daemon=True).start()
 
     def rss_bytes(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -670,12 +656,14 @@ def test_serve_from_start_to_sigterm(example_repo: Path, tmp_path: Path) -> None
                 assert time.monotonic() < give_up
             assert ready[0] == 503 and "draining" in ready[2]["error"]
             assert request(port, "GET", "/v2/health/live")[0] == 200
-            while True:  # wait for the listener to close
+            while True:  # wait for the listener to close: bare connects, no request (a request
+                # on a connection accepted just as the listener closes waits out the shutdown)
                 assert time.monotonic() < give_up
                 try:
-                    request(port, "GET", "/v2/health/live")
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 except OSError:
                     break
+                time.sleep(0.01)
             in_progress = sum(not f.done() for f in pending)
             closed_after_s = time.monotonic() - sent_at
             results = [f.result(60) for f in pending]
@@ -683,7 +671,7 @@ def test_serve_from_start_to_sigterm(example_repo: Path, tmp_path: Path) -> None
         assert all(len(r[2]["outputs"][0]["data"]) == 4 for r in results)
         assert in_progress > 0, (
             f"no request was in progress when the listener closed ({closed_after_s:.1f} s after they were "
-            "sent, into a 6 s batch window); the test proves less"
+            "sent, into a 6 s batch window); the test proves less. Agent output:\n" + "".join(agent.output)
         )
         assert agent.proc.wait(30) == 0
     finally:

@@ -291,8 +291,8 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
             assert measured and m["memoryBytes"] == measured
             assert st["loadedModels"] == 1
             assert (
-                st["gpu"]["name"] == "cpu" and st["gpu"]["memoryTotalBytes"] == 512 << 20
-            )  # the spec's budget
+                st["gpu"]["name"] == "cpu" and st["gpu"]["memoryTotalBytes"] == 1 << 30
+            )  # the device's budget; the spec's caps the scheduler
             assert agent.scheduler.budget_bytes == 512 << 20 and st["endpoint"] == "http://127.0.0.1:8000"
             out = await agent.engine.infer("classifier", None, {"image": x})
             np.testing.assert_allclose(
@@ -599,7 +599,8 @@ def test_serve_with_edge_node_runs_the_link(
     control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
 ) -> None:
     """`edgefleet-agent serve --edge-node NAME --kubeconfig PATH`: a real agent process loads
-    what its EdgeNode assigns, reports it, and serves only that over HTTP."""
+    what its EdgeNode assigns, reports it (with its thermal monitor's reading), and serves
+    only that over HTTP."""
     name = edge_node_name
     root = tmp_path / "models"
     shutil.copytree(example_repo, root)
@@ -608,7 +609,7 @@ def test_serve_with_edge_node_runs_the_link(
         sys.executable, "-m", "node_agent.cli", "serve", "--edge-node", name,
         "--kubeconfig", str(control_plane.kubeconfig), "--namespace", namespace,
         "--model-repository", str(root), "--host", "127.0.0.1", "--port", "0",
-        "--endpoint", "http://agent.test:8000",
+        "--endpoint", "http://agent.test:8000", "--thermal-source", "simulated",
     ]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -619,12 +620,14 @@ def test_serve_with_edge_node_runs_the_link(
 
         async def reported() -> dict[str, Any] | None:
             en = await cluster.edge_node(name)
-            return en if ready_condition(en) == "True" else None
+            gpu = (en or {}).get("status", {}).get("gpu", {})
+            return en if ready_condition(en) == "True" and "temperatureC" in gpu else None
 
         en = asyncio.run(
             eventually(reported, timeout_s=40, what=f"the agent process's status; output: {lines}")
         )
         assert en["status"]["endpoint"] == "http://agent.test:8000"
+        assert en["status"]["gpu"]["softLimitC"] == 75.0  # the simulated 83 C slowdown - 8 K
         assert status_model(en, "classifier", "2")["state"] == "Ready"  # type: ignore[index]
         assert (tmp_path / "models" / ".edgefleet" / f"assignment-{name}.json").is_file()
         port = next(int(m.group(1)) for line in lines if (m := re.search(r"http://127\.0\.0\.1:(\d+)", line)))

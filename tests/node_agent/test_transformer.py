@@ -3,6 +3,7 @@ gives the logits of the plain model; weights round-trip without pickle."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from node_agent.kv_cache import KVCacheConfig, KVCacheManager
 from node_agent.repository import sha256_file
 from node_agent.transformer import (
     BOS,
+    DEFAULT_KV_CONTEXTS,
     EOS,
+    KV_CACHE_PARAMETER,
     TINY_LM_FORMAT,
     ByteTokenizer,
     PagedBatch,
@@ -24,10 +27,12 @@ from node_agent.transformer import (
     TinyLM,
     TinyLMBackend,
     TinyLMConfig,
+    kv_cache_bytes_for,
     load_tiny_lm,
     save_tiny_lm,
     write_tiny_lm,
 )
+from node_agent.types import ModelConfig
 
 CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 BS = 4
@@ -177,7 +182,14 @@ def test_write_tiny_lm_writes_a_generate_model_with_its_digest(tmp_path: Path) -
     assert torch.equal(logits, dense(load_tiny_lm(version_dir / config.artifact), ids[0].tolist())[None])
     with pytest.raises(InvalidInput):
         backend.run({"input_ids": torch.tensor([[300]])})
-    assert backend.memory_bytes > 0
+    lm = backend.model
+    assert lm is not None
+    weights = sum(p.numel() * p.element_size() for p in lm.parameters())
+    kv = DEFAULT_KV_CONTEXTS * 512 * 2 * 2 * 64 * 4  # contexts x tokens x K,V x layers x d_model x fp32
+    assert backend.kv_cache_bytes == kv == int(doc["parameters"][KV_CACHE_PARAMETER])
+    assert backend.memory_bytes == weights + kv == config.memory_estimate_bytes
+    predict = TinyLMBackend.load(dataclasses.replace(config, task="predict"), version_dir, "cpu")
+    assert (predict.kv_cache_bytes, predict.memory_bytes) == (0, weights)
     backend.unload()
     with pytest.raises(InvalidModel):
         backend.run({"input_ids": ids})
@@ -205,3 +217,24 @@ def test_paged_attention_on_cuda_matches_the_cpu_model(model: TinyLM) -> None:
     kv.append_slots("a", toks[10:])
     row = paged(gpu, PagedBatch.build([(toks[10:], 11, kv.block_table("a"))]), pool)[0]
     assert torch.allclose(row.cpu(), dense(model, toks)[-1], atol=1e-3)
+
+
+def test_kv_cache_bytes_come_from_the_model_parameters() -> None:
+    config = generate_config()
+    block = 16 * 2 * CFG.n_layers * CFG.d_model * 4  # 16 tokens of K and V, fp32
+    assert kv_cache_bytes_for(config, CFG) == DEFAULT_KV_CONTEXTS * (CFG.max_seq_len // 16) * block
+    assert kv_cache_bytes_for(with_kv(config, "64Ki"), CFG) == 65536 // block * block
+    assert kv_cache_bytes_for(with_kv(config, str(block * 3 + 5)), CFG) == 3 * block  # whole blocks
+    assert kv_cache_bytes_for(dataclasses.replace(config, task="predict"), CFG) == 0
+    with pytest.raises(InvalidModel, match=r"kv_cache_bytes.*byte quantity"):
+        kv_cache_bytes_for(with_kv(config, "lots"), CFG)
+    with pytest.raises(InvalidModel, match="less than one KV block"):
+        kv_cache_bytes_for(with_kv(config, str(block - 1)), CFG)
+
+
+def generate_config() -> ModelConfig:
+    return ModelConfig("lm", "1", TINY_LM_FORMAT, (), (), "model.npz", "sha256:" + "0" * 64, task="generate")
+
+
+def with_kv(config: ModelConfig, value: str) -> ModelConfig:
+    return dataclasses.replace(config, parameters={KV_CACHE_PARAMETER: value})

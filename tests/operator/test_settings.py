@@ -70,3 +70,34 @@ def test_empty_values_keep_defaults() -> None:
 def test_malformed_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_env(env)
+
+
+def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgefleet_operator.manifests import agent_pod
+    from node_agent.cli import build_parser
+
+    env = {
+        "EDGEFLEET_GPU_RESOURCE": "nvidia.com/gpu.shared", "EDGEFLEET_AGENT_RUNTIME_CLASS": "nvidia",
+        "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi",
+        "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70", "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5",
+        "EDGEFLEET_AGENT_TOLERATIONS": '[{"key": "edge", "operator": "Exists"}]',
+    }  # fmt: skip
+    en = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeNode", "metadata": {"name": "n1", "uid": "u1"},
+          "spec": {"nodeName": "n1"}}  # fmt: skip
+    pod = agent_pod(en, from_env(env).agent)
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["tolerations"] == [{"key": "edge", "operator": "Exists"}]
+    assert container["resources"]["limits"] == {"memory": "6Gi", "nvidia.com/gpu.shared": "1"}
+    assert container["resources"]["requests"]["cpu"] == "500m"
+    pod_env = {e["name"]: e.get("value") for e in container["env"]}
+    assert pod_env["EDGEFLEET_THERMAL_SOFT_LIMIT_C"] == "70"
+    assert pod_env["EDGEFLEET_THERMAL_SOFT_MARGIN_C"] == "5"
+    for name in ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", "EDGEFLEET_THERMAL_SOFT_MARGIN_C"):
+        monkeypatch.setenv(name, str(pod_env[name]))
+    args = build_parser().parse_args([*container["args"]])
+    assert (args.thermal_soft_limit, args.thermal_soft_margin) == (70.0, 5.0)
+    assert "runtimeClassName" not in agent_pod(en, from_env({}).agent)["spec"]
