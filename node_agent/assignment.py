@@ -17,8 +17,10 @@ these.
 - `build_status`, `merge_patch`, `StatusPacer`: EdgeNode.status, the diff sent, and when.
 
 Artifact URIs (`parse_artifact_uri`): `repo://<model>/<version>/<file>` lies inside the
-agent's model repository; `file:///<absolute path>` is copied into it. Any other scheme
-(https, s3, gs, oci, pvc) is `UnsupportedArtifact`: this build fetches nothing over a network.
+agent's model repository; `file:///<absolute path>` is copied into it; `https://` (or
+`http://`) is downloaded into it, with the model.yaml beside the artifact's URL (a model
+repository served over HTTP: a web server, an object store's static site). Any other scheme
+(s3, gs, oci, pvc) is `UnsupportedArtifact`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ MODEL_STATES = ("Pending", "Loading", "Ready", "Failed", "Unloading", "Evicted")
 """EdgeNode.status.models[].state, as the CRD enumerates them."""
 MAX_STATUS_MODELS = 256
 """The CRD's maxItems for status.models."""
-SUPPORTED_SCHEMES = ("repo", "file")
+SUPPORTED_SCHEMES = ("repo", "file", "https", "http")
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.DOTALL)
 
@@ -60,16 +62,16 @@ class UnsupportedArtifact(InvalidModel):
 
 @dataclass(frozen=True, slots=True)
 class ArtifactLocation:
-    """Where an artifact is: `repo` (path relative to the repository root, POSIX, no '..')
-    or `file` (an absolute local path)."""
+    """Where an artifact is: `repo` (path relative to the repository root, POSIX, no '..'),
+    `file` (an absolute local path) or `https`/`http` (`path`: the whole URL)."""
 
     scheme: str
     path: str
 
 
 def parse_artifact_uri(uri: str) -> ArtifactLocation:
-    """`repo://m/v/file` or `file:///abs/path` -> location; `UnsupportedArtifact` for other
-    schemes, `InvalidModel` for a malformed URI."""
+    """`repo://m/v/file`, `file:///abs/path` or `https://host/path/file` -> location;
+    `UnsupportedArtifact` for other schemes, `InvalidModel` for a malformed URI."""
     m = _SCHEME_RE.match(uri)
     if not m or not m.group(2):
         raise InvalidModel(f"artifact URI {uri!r} is not '<scheme>://<path>'")
@@ -77,10 +79,15 @@ def parse_artifact_uri(uri: str) -> ArtifactLocation:
     if scheme not in SUPPORTED_SCHEMES:
         raise UnsupportedArtifact(
             f"unsupported artifact scheme {scheme!r} in {uri!r}: this agent resolves repo:// (a path "
-            "in its model repository) and file:// (a local path) and fetches nothing over a network"
+            "in its model repository), file:// (a local path) and https:// or http:// (a download)"
         )
     if "\\" in rest or "\x00" in rest:
         raise InvalidModel(f"artifact URI {uri!r}: backslashes and NUL are not allowed")
+    if scheme in ("https", "http"):
+        host, _, path = m.group(2).partition("/")
+        if not host or not path or path.endswith("/") or any(c.isspace() for c in uri):
+            raise InvalidModel(f"artifact URI {uri!r}: expected {scheme}://<host>/<path of the artifact>")
+        return ArtifactLocation(scheme, uri)
     if scheme == "file":
         if not rest.startswith("/"):
             raise InvalidModel(f"artifact URI {uri!r}: file:// needs an absolute path (file:///path)")

@@ -50,12 +50,15 @@ import random
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 from edgefleet_operator import api
 from node_agent import __version__
@@ -231,13 +234,16 @@ def materialize(repository: ModelRepository, entry: DesiredModel) -> ModelConfig
     against the spec's digest, and return its effective config. Blocking (copies, hashes).
 
     repo:// inside the version's own folder is used in place (model.yaml is left alone);
-    anything else (file://, or repo:// naming another folder) is copied, through a temp file
-    hashed while it is written: bytes that do not match the digest never replace anything.
+    anything else (file://, https://, or repo:// naming another folder) is copied or
+    downloaded, through a temp file hashed while it is written: bytes that do not match the
+    digest never replace anything, and an artifact already there with the digest is kept.
     The signature comes from the model.yaml next to the source, else the one already in the
     target folder. Raises `UnsupportedArtifact`, `DigestMismatch`, `InvalidModel`, OSError.
     """
     where = parse_artifact_uri(entry.artifact_uri)
     target_dir = repository.version_dir(entry.id)
+    if where.scheme in ("https", "http"):
+        return _download(repository, entry, where.path, target_dir)
     if where.scheme == "repo":
         source = (repository.root / where.path).resolve()
         if not source.is_relative_to(repository.root):
@@ -265,6 +271,72 @@ def materialize(repository: ModelRepository, entry: DesiredModel) -> ModelConfig
         write_model_config(target_dir, config)
     repository.artifact_path(config)  # the artifact stays inside its version folder
     return config
+
+
+DOWNLOAD_TIMEOUT_S = 30.0
+"""Per read on a download's connection (not the whole transfer: artifacts may be large)."""
+
+
+def _download(repository: ModelRepository, entry: DesiredModel, url: str, target_dir: Path) -> ModelConfig:
+    """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
+    into `target_dir`; the artifact verified against the digest while it streams in."""
+    name = PurePosixPath(urlsplit(url).path).name
+    target = target_dir / name
+    if not (target.is_file() and sha256_file(target) == entry.digest):
+        _fetch_verified(url, target, entry)
+    config_file = target_dir / CONFIG_FILE
+    if not config_file.is_file():
+        text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
+        write_atomic(config_file, text)
+    try:
+        base = parse_model_config(config_file)
+    except InvalidModel as e:
+        config_file.unlink(missing_ok=True)  # fetched again next time
+        raise InvalidModel(f"{entry.id}: the {CONFIG_FILE} beside {url} is invalid: {e}") from None
+    config = effective_config(dataclasses.replace(base, artifact=name), entry)
+    write_model_config(target_dir, config)
+    repository.artifact_path(config)
+    return config
+
+
+def _open_url(url: str, entry: DesiredModel) -> Any:
+    request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
+    try:
+        return urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)  # http(s) only: parsed before
+    except urllib.error.HTTPError as e:
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: {reason}") from None
+
+
+def _fetch_text(url: str, entry: DesiredModel, limit_bytes: int = 1 << 20) -> str:
+    with _open_url(url, entry) as response:
+        data = response.read(limit_bytes + 1)
+    if len(data) > limit_bytes:
+        raise InvalidModel(f"{entry.id}: {url} is larger than {limit_bytes} bytes; not a {CONFIG_FILE}")
+    return data.decode("utf-8", errors="replace")
+
+
+def _fetch_verified(url: str, target: Path, entry: DesiredModel) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with _open_url(url, entry) as response, os.fdopen(fd, "wb") as out:
+            while chunk := response.read(_CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = "sha256:" + digest.hexdigest()
+        if actual != entry.digest:
+            raise DigestMismatch(_mismatch(entry, actual))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("downloaded %s -> %s", url, target)
 
 
 def _base_config(folders: tuple[Path, ...], entry: DesiredModel) -> ModelConfig:

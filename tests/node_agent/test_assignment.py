@@ -122,8 +122,16 @@ def test_repo_and_file_uris_resolve_to_locations() -> None:
     assert (loc.scheme, loc.path) == ("file", "/srv/models/a b/model.pt")
 
 
-@pytest.mark.parametrize("scheme", ["https", "http", "s3", "gs", "oci", "pvc"])
-def test_network_schemes_are_refused_with_a_clear_message(scheme: str) -> None:
+def test_http_uris_are_whole_urls_of_a_file() -> None:
+    loc = parse_artifact_uri("https://models.example.com/repo/classifier/1/model.pt")
+    assert (loc.scheme, loc.path) == ("https", "https://models.example.com/repo/classifier/1/model.pt")
+    for bad in ("https://models.example.com/", "https:///model.pt", "http://host/dir/", "https://h/a b.pt"):
+        with pytest.raises(InvalidModel, match="expected http"):
+            parse_artifact_uri(bad)
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs", "oci", "pvc"])
+def test_unfetchable_schemes_are_refused_with_a_clear_message(scheme: str) -> None:
     with pytest.raises(UnsupportedArtifact, match=f"unsupported artifact scheme '{scheme}'"):
         parse_artifact_uri(f"{scheme}://bucket/classifier/1/model.pt")
 

@@ -322,7 +322,7 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
                             "mlp", "1", d_mlp, uri=f"file://{example_repo / 'mlp' / '1' / 'model.pt'}"
                         ),
                         spec_entry("classifier", "2-slow", "sha256:" + "0" * 64),
-                        spec_entry("detector", "1", d1, uri="https://models.example.com/detector/1/model.pt"),
+                        spec_entry("detector", "1", d1, uri="s3://models/detector/1/model.pt"),
                     ]
                 },
             )
@@ -346,7 +346,7 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
             assert by["classifier", "2"]["trafficWeight"] == 10 and by["classifier", "2"]["digest"] == d2
             assert by["mlp", "1"]["memoryBytes"] == agent.scheduler.measured_bytes(MLP)
             assert "refusing to load it" in by["classifier", "2-slow"]["message"]
-            assert "unsupported artifact scheme 'https'" in by["detector", "1"]["message"]
+            assert "unsupported artifact scheme 's3'" in by["detector", "1"]["message"]
             assert ready_condition(en) == "False"  # two entries failed
             copied = root / "mlp" / "1" / "model.pt"
             assert copied.is_file() and sha256_file(copied) == d_mlp  # file:// copied into the repository
@@ -667,6 +667,65 @@ def test_serve_with_edge_node_runs_the_link(
 
 def desired(model: str, version: str, digest_: str, uri: str) -> DesiredModel:
     return DesiredModel(SERVICE, model, version, uri, digest_)
+
+
+class ModelServer:
+    """A model repository served over HTTP on 127.0.0.1 (http.server), counting requests."""
+
+    def __init__(self, root: Path) -> None:
+        import functools
+        import http.server
+
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:
+                paths.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_materialize_downloads_http_artifacts_verified(example_repo: Path, tmp_path: Path) -> None:
+    """https:// or http://: the artifact and the model.yaml beside it are downloaded into
+    the version folder, the artifact hashed as it streams in; a second pass downloads
+    nothing; wrong bytes, a missing file or a dead server fail with what went wrong, and leave
+    nothing behind."""
+    server = ModelServer(example_repo)
+    try:
+        repo = ModelRepository(tmp_path / "models")
+        d1 = digest(example_repo, "classifier", "1")
+        url = f"{server.base}/classifier/1/model.pt"
+        config = materialize(repo, desired("classifier", "1", d1, url))
+        assert (config.name, config.version, config.digest) == ("classifier", "1", d1)
+        assert config.artifact == "model.pt"
+        assert sha256_file(repo.artifact_path(config)) == d1
+        assert config.inputs == parse_model_config(example_repo / "classifier" / "1" / "model.yaml").inputs
+        assert sorted(server.paths) == ["/classifier/1/model.pt", "/classifier/1/model.yaml"]
+        materialize(repo, desired("classifier", "1", d1, url))
+        assert len(server.paths) == 2  # present with its digest: not fetched again
+
+        with pytest.raises(DigestMismatch, match="refusing to load it"):
+            materialize(repo, desired("mlp", "1", d1, f"{server.base}/mlp/1/model.pt"))
+        assert not any(p.suffix in (".pt", ".tmp") for p in (tmp_path / "models" / "mlp" / "1").glob("*"))
+        with pytest.raises(InvalidModel, match="HTTP 404"):
+            materialize(repo, desired("detector", "1", d1, f"{server.base}/detector/1/model.pt"))
+    finally:
+        server.close()
+    with pytest.raises(InvalidModel, match=r"fetching .* failed"):
+        materialize(repo, desired("classifier", "2", d1, f"{server.base}/classifier/2/model.pt"))
 
 
 def test_materialize_uses_repo_artifacts_in_place(example_repo: Path, tmp_path: Path) -> None:
