@@ -22,10 +22,11 @@ throughput with 2 intra-op threads against 0.93 with 1 (bench/served_throughput)
 applied with `torch.set_num_threads` at `start()`.
 
 Inline jobs (`run_inline`): on CPU, a job predicted to take less than a hand-off to a worker
-and back (two thread wake-ups and GIL switches: ~50 us on a quiet core, several times that
-under load) runs on the calling thread instead, when no job is queued, so nothing more
-urgent is overtaken. Tiny models (a few dense layers, a tabular model) then cost their
-compute and no hand-off; anything slower still runs on the workers.
+and back runs on the calling thread instead, when no job is queued, so nothing more urgent is
+overtaken. The hand-off (two thread wake-ups, GIL switches, the completion's trip back through
+the loop) measured 90-230 us of CPU per batch on this 2-core machine (bench/dispatch: worker
+path vs inline), hence the 250 us default bound. Tiny models (a few dense layers, a tabular
+model) then cost their compute and no hand-off; anything slower still runs on the workers.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ class PoolSettings:
     torch_threads: int | None = None
     """Intra-op threads for torch on CPU; None: max(1, (cores - 1) // num_workers), one core
     being left to the event loop; 0: leave torch's setting as it is."""
-    inline_max_s: float = 100e-6
+    inline_max_s: float = 250e-6
     """On CPU, jobs predicted to take at most this long may run on the submitting thread
     (`run_inline`); 0: never. Ignored on CUDA (a worker's stream keeps the GPU busy)."""
 
