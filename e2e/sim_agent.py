@@ -10,6 +10,8 @@ real models; this one exists where a real agent adds nothing to what is tested.
 from __future__ import annotations
 
 import datetime as dt
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,8 @@ class SimNode:
     """Measured size reported for every model."""
     sla_by_version: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Overrides of `sla` for one model version (a canary that errs or is slow)."""
+    loading_versions: set[str] = field(default_factory=set)
+    """Model versions reported Loading, not Ready (an agent still fetching the artifact)."""
     sla: dict[str, Any] = field(
         default_factory=lambda: {
             "p50LatencyMs": 4.0,
@@ -50,9 +54,18 @@ class SimNode:
             "met": True,
         }
     )
+    since: str = field(default_factory=lambda: micro_time().split(".")[0] + "Z")
+    """When the agent started (its Ready condition's lastTransitionTime)."""
 
 
 class SimulatedAgents:
+    """Simulated agents of many nodes, driven from the caller's thread (no process per node).
+
+    `step()` reports every node (a GET and two PATCHes each: simple, for tests of a few nodes);
+    `step_bulk()` costs the API server what a fleet of real agents does: one LIST per round, a status
+    write only where something changed or a heartbeat is due, Lease renewals only when due.
+    """
+
     def __init__(self, api_client: Any, namespace: str) -> None:
         from kubernetes import client
 
@@ -60,6 +73,10 @@ class SimulatedAgents:
         self.coordination: Any = client.CoordinationV1Api(api_client)
         self.namespace = namespace
         self.nodes: dict[str, SimNode] = {}
+        self._reported: dict[str, tuple[Any, float]] = {}
+        """node -> (status written last, minus its timestamps; monotonic time of the write)."""
+        self._renewed: dict[str, float] = {}
+        """node -> monotonic time of the last Lease renewal."""
 
     def add(self, node: SimNode) -> SimNode:
         self.nodes[node.name] = node
@@ -82,56 +99,58 @@ class SimulatedAgents:
             if e.status == 404:
                 return  # the operator has not created it yet
             raise
-        models = en.get("spec", {}).get("models") or []
-        total = DEVICE_CLASSES[node.device_class].gpu_memory_bytes
-        ours = node.model_bytes * len(models)
-        status = {
-            "observedGeneration": en["metadata"].get("generation", 1),
-            "heartbeatTime": micro_time().split(".")[0] + "Z",
-            "agentVersion": "sim",
-            "endpoint": f"http://{node.name}.sim:8000",
-            "gpu": {
-                "name": DEVICE_CLASSES[node.device_class].gpu_product,
-                "memoryTotalBytes": total,
-                "memoryUsedBytes": ours + node.other_used_bytes,
-                "memoryFreeBytes": max(0, total - ours - node.other_used_bytes),
-                "temperatureC": node.temperature_c,
-                "softLimitC": node.soft_limit_c,
-                "throttled": node.throttled,
-            },
-            "models": [
-                {
-                    "service": m["service"],
-                    "model": m["model"],
-                    "version": m["version"],
-                    "digest": m["artifact"]["digest"],
-                    "state": "Ready",
-                    "memoryBytes": node.model_bytes,
-                    "trafficWeight": m.get("trafficWeight", 100),
-                    "sla": {**node.sla, **node.sla_by_version.get(str(m["version"]), {})},
-                }
-                for m in models
-            ],
-            "loadedModels": len(models),
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "Serving",
-                    "message": "",
-                    "lastTransitionTime": micro_time().split(".")[0] + "Z",
-                }
-            ],
-        }
+        if self._write_status(node, status_for(node, en)):
+            self.renew_lease(node.name)
+
+    def step_bulk(
+        self,
+        pool: ThreadPoolExecutor,
+        heartbeat_s: float = 30.0,
+        lease_renew_s: float = 10.0,
+    ) -> int:
+        """One round of every non-silent agent; returns the API writes it made.
+
+        Reads all EdgeNodes with one LIST; writes a node's status when it differs from the last one
+        written (timestamps aside) or `heartbeat_s` has passed, and renews its Lease every
+        `lease_renew_s` (a real agent's 10 s). Writes run on `pool`.
+        """
+        items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+        found = {e["metadata"]["name"]: e for e in items if e["metadata"]["name"] in self.nodes}
+        now = time.monotonic()
+        status_writes, lease_writes = [], []
+        for name, en in found.items():
+            node = self.nodes[name]
+            if node.silent:
+                continue
+            status = status_for(node, en)
+            last = self._reported.get(name)
+            if last is None or last[0] != _essence(status) or now - last[1] >= heartbeat_s:
+                status_writes.append((node, status))
+            if now - self._renewed.get(name, -1e9) >= lease_renew_s:
+                lease_writes.append(name)
+        futures: list[Future[Any]] = [pool.submit(self._write_status, n, st) for n, st in status_writes]
+        futures += [pool.submit(self.renew_lease, n) for n in lease_writes]
+        return sum(1 for f in futures if f.result() is not False)
+
+    def _write_status(self, node: SimNode, status: dict[str, Any]) -> bool:
+        """PATCH the EdgeNode's status; False when the EdgeNode is gone."""
+        from kubernetes.client.exceptions import ApiException
+
         try:
             self.custom.patch_cluster_custom_object_status(
-                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node.name, {"status": status}
+                api.GROUP,
+                api.VERSION,
+                api.EDGE_NODE_PLURAL,
+                node.name,
+                {"status": status},
+                _preload_content=False,  # the answer is not read: decoding it is half the cost
             )
         except ApiException as e:
             if e.status == 404:
-                return  # deleted under us (its Node went)
+                return False  # deleted under us (its Node went)
             raise
-        self.renew_lease(node.name)
+        self._reported[node.name] = (_essence(status), time.monotonic())
+        return True
 
     def renew_lease(self, node: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -145,8 +164,66 @@ class SimulatedAgents:
             "spec": {"holderIdentity": name, "leaseDurationSeconds": 30, "renewTime": micro_time()},
         }
         try:
-            self.coordination.patch_namespaced_lease(name, self.namespace, {"spec": body["spec"]})
+            self.coordination.patch_namespaced_lease(
+                name, self.namespace, {"spec": body["spec"]}, _preload_content=False
+            )
         except ApiException as e:
             if e.status != 404:
                 raise
             self.coordination.create_namespaced_lease(self.namespace, body)
+        self._renewed[node] = time.monotonic()
+
+
+def _essence(status: dict[str, Any]) -> Any:
+    """A status without its heartbeat time: what a real agent compares before writing."""
+    return {k: v for k, v in status.items() if k != "heartbeatTime"}
+
+
+def status_for(node: SimNode, edge_node: dict[str, Any]) -> dict[str, Any]:
+    """The EdgeNode status `node`'s agent reports for the spec in `edge_node`: every assigned model
+    Ready (Loading for `loading_versions`) with the spec's digest, its measured size and SLA window."""
+    models: list[dict[str, Any]] = list(edge_node.get("spec", {}).get("models") or [])
+    total = DEVICE_CLASSES[node.device_class].gpu_memory_bytes
+    ours = node.model_bytes * len(models)
+
+    def entry(m: dict[str, Any]) -> dict[str, Any]:
+        version = str(m["version"])
+        out = {
+            "service": m["service"],
+            "model": m["model"],
+            "version": m["version"],
+            "digest": m["artifact"]["digest"],
+            "state": "Loading" if version in node.loading_versions else "Ready",
+            "memoryBytes": node.model_bytes,
+            "trafficWeight": m.get("trafficWeight", 100),
+        }
+        if version not in node.loading_versions:
+            out["sla"] = {**node.sla, **node.sla_by_version.get(version, {})}
+        return out
+
+    return {
+        "observedGeneration": edge_node["metadata"].get("generation", 1),
+        "heartbeatTime": micro_time().split(".")[0] + "Z",
+        "agentVersion": "sim",
+        "endpoint": f"http://{node.name}.sim:8000",
+        "gpu": {
+            "name": DEVICE_CLASSES[node.device_class].gpu_product,
+            "memoryTotalBytes": total,
+            "memoryUsedBytes": ours + node.other_used_bytes,
+            "memoryFreeBytes": max(0, total - ours - node.other_used_bytes),
+            "temperatureC": node.temperature_c,
+            "softLimitC": node.soft_limit_c,
+            "throttled": node.throttled,
+        },
+        "models": [entry(m) for m in models],
+        "loadedModels": sum(1 for m in models if str(m["version"]) not in node.loading_versions),
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Serving",
+                "message": "",
+                "lastTransitionTime": node.since,
+            }
+        ],
+    }

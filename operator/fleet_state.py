@@ -239,10 +239,20 @@ def edge_node_models(
     """EdgeNode.spec.models for one node, sorted by (service, model, version).
 
     `targets`: service -> its rollout Decision (which revision(s) this node runs, with weights);
-    budgets come from placement, per model name. A service without a decision this pass (its
-    status could not be written) keeps the node's `current` entries for it.
+    budgets come from placement, per model version (a rollout places stable and canary side by side);
+    a version placement did not budget this pass (the pass that starts a rollout places the new
+    version only) keeps the budget the node's `current` entry has, so that pass rewrites only the
+    canaries' specs, not every node's. A service without a decision this pass (its status could not be
+    written) keeps the node's `current` entries for it.
     """
-    budgets = {(p.service, p.model): p.memory_budget_bytes for p in placed}
+    budgets: dict[tuple[str, ...], int] = {(p.service, p.model): p.memory_budget_bytes for p in placed}
+    budgets |= {
+        (str(e.get("service")), str(e.get("model")), str(e.get("version"))): int(
+            e.get("memoryBudgetBytes") or 0
+        )
+        for e in current
+    }
+    budgets |= {(p.service, p.model, p.version): p.memory_budget_bytes for p in placed}
     out: list[dict[str, Any]] = []
     for service in sorted({p.service for p in placed}):
         if service not in targets:
@@ -250,7 +260,8 @@ def edge_node_models(
             continue
         for model, weight in targets[service].placed(node):
             entry = edge_entry(service, model, specs[service])
-            entry["memoryBudgetBytes"] = budgets.get((service, model["name"]), 0)
+            key = (service, model["name"])
+            entry["memoryBudgetBytes"] = budgets.get((*key, str(model["version"])), budgets.get(key, 0))
             entry["trafficWeight"] = weight
             out.append(entry)
     return sorted(out, key=lambda e: (e["service"], e["model"], e["version"]))
