@@ -595,10 +595,16 @@ class Batcher:
 
     def _submit(self, ticket: _Ticket, priority: Priority, lease: Lease) -> None:
         ticket.lease = lease
-        policy = self.policy
-        predicted_s = policy.predict_service_s(policy.decision().batch_size)
-        if self.pool.run_inline(ticket.run, ticket.on_done_inline, predicted_s):
-            return  # cheaper than a hand-off to a worker and back (see stream_pool)
+        # A full batch whose run costs less than a hand-off to a worker and back runs inline
+        # (see stream_pool). Only a full one: a worker takes its rows when it starts, and the
+        # rows that arrive meanwhile fill it; inline, a part batch would run as it is, and at
+        # high load every batch would stay as small as the queue at the moment it is issued.
+        size = self.policy.decision().batch_size
+        with self._lock:
+            full = self._queue.cost >= self._pending * size
+        predicted_s = self.policy.predict_service_s(size)
+        if full and self.pool.run_inline(ticket.run, ticket.on_done_inline, predicted_s):
+            return
         try:
             refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority)
         except ShuttingDown as exc:
