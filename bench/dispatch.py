@@ -10,7 +10,7 @@ own time per request (measured in the same run). Goals (issue "Node agent runtim
 A batch predicted to take less than a thread hand-off runs inline on the loop's thread
 (`StreamPool.run_inline`): the no-op model's batches do. Each configuration is also run
 with inline jobs off (`inline_max_s=0`), every batch then paying the worker hand-off,
-which is what any model slower than ~250 us per batch pays.
+which is what any model slower than ~50 us per batch pays.
 
 For context the run also times one round trip at concurrency 1 and the bare hand-off
 primitive (an asyncio future resolved by a worker thread woken through a condition
@@ -233,7 +233,7 @@ async def main() -> None:
         "batcher, scheduler lease per batch, the batch run inline on the loop's thread or on\n"
         "a stream-pool worker with the hand-back to the loop); closed loop of concurrent\n"
         "clients, 1 worker, 1 torch thread. Overhead = wall time per request - the no-op\n"
-        "model's own time per request. Inline: jobs predicted under 250 us may run on the\n"
+        "model's own time per request. Inline: jobs predicted under 50 us may run on the\n"
         "loop's thread (on) or never (off: every batch is handed to the worker). Best of the\n"
         "interleaved repetitions (all listed). Wall above CPU time is time the process\n"
         "waited for a core (a shared machine) or for a thread wake-up.\n\n"
