@@ -40,8 +40,15 @@ def wait(check: Any, timeout_s: float, what: str) -> float:
 
 def metric(port: int, pattern: str) -> float:
     """Sum of the samples whose name and labels match `pattern` on the operator's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(float(v) for v in re.findall(rf"^{pattern} (\S+)$", text, re.M))
+
+
+def services_gone(custom: Any, namespace: str) -> bool:
+    """No InferenceService left in `namespace` (the operator released their finalizers)."""
+    return not custom.list_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL
+    )["items"]
 
 
 def writes(port: int) -> float:
@@ -154,15 +161,7 @@ def main() -> None:
         for ns in (ns_ops, ns_pods):
             core.delete_namespace(ns)
         try:
-            wait(
-                lambda: (
-                    not custom.list_namespaced_custom_object(
-                        api.GROUP, api.VERSION, ns_ops, api.INFERENCE_SERVICE_PLURAL
-                    )["items"]
-                ),
-                300,
-                "the services' deletion",
-            )
+            wait(lambda: services_gone(custom, ns_ops), 300, "the services' deletion")
         except TimeoutError as e:
             print(f"cleanup: {e}")
         finally:

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.fleet_e2e import metric, services_gone
 from bench.report import table, write_section
 from e2e import cluster as localcluster
 from e2e import fleet
@@ -102,11 +103,6 @@ class Heartbeat:
             except Exception as e:  # a benchmark reports it; the agents keep beating
                 self.error = e
             self.stop.wait(max(0.0, ROUND_S - (time.monotonic() - t0)))
-
-
-def metric(port: int, pattern: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(rf"^{pattern} (\S+)$", text, re.M))
 
 
 def writes_by_kind(port: int) -> dict[str, float]:
@@ -292,15 +288,7 @@ def main() -> None:
         beat.stop.set()
         core.delete_namespace(ns)
         try:
-            wait(
-                lambda: (
-                    not custom.list_namespaced_custom_object(
-                        api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL
-                    )["items"]
-                ),
-                300,
-                "the service's deletion",
-            )
+            wait(lambda: services_gone(custom, ns), 300, "the service's deletion")
         except (TimeoutError, RuntimeError) as e:
             print(f"cleanup: {e}")
         op.stop()

@@ -595,15 +595,7 @@ class Batcher:
 
     def _submit(self, ticket: _Ticket, priority: Priority, lease: Lease) -> None:
         ticket.lease = lease
-        # A full batch whose run costs less than a hand-off to a worker and back runs inline
-        # (see stream_pool). Only a full one: a worker takes its rows when it starts, and the
-        # rows that arrive meanwhile fill it; inline, a part batch would run as it is, and at
-        # high load every batch would stay as small as the queue at the moment it is issued.
-        size = self.policy.decision().batch_size
-        with self._lock:
-            full = self._queue.cost >= self._pending * size
-        predicted_s = self.policy.predict_service_s(size)
-        if full and self.pool.run_inline(ticket.run, ticket.on_done_inline, predicted_s):
+        if self.pool.runs_inline and self._run_inline(ticket):
             return
         try:
             refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority)
@@ -615,6 +607,19 @@ class Batcher:
             self._abandon(ticket)
             if self._retry_timer is None and not self._stopping:
                 self._retry_timer = self.loop.call_later(refusal.retry_after_s, self._on_retry)
+
+    def _run_inline(self, ticket: _Ticket) -> bool:
+        """Run the ticket now, on the loop, if its batch is full and costs less than a
+        hand-off to a worker and back (see stream_pool). Only a full one: a worker takes its
+        rows when it starts, and the rows that arrive meanwhile fill it; inline, a part batch
+        would run as it is, and at high load every batch would stay as small as the queue at
+        the moment it is issued. True when it ran."""
+        size = self.policy.decision().batch_size
+        with self._lock:
+            full = self._queue.cost >= self._pending * size
+        if not full:
+            return False
+        return self.pool.run_inline(ticket.run, ticket.on_done_inline, self.policy.predict_service_s(size))
 
     def _abandon(self, ticket: _Ticket) -> None:
         """A ticket that never reached a worker: give its lease and slot back."""

@@ -26,6 +26,11 @@ class InvalidInput(AgentError):
     """A request's tensors do not match the model's inputs (name, dtype, shape, size)."""
 
 
+class RequestTooLarge(AgentError):
+    """The request itself is larger than the model can ever take (its context, its whole KV
+    pool), whatever the load: retrying it unchanged cannot succeed."""
+
+
 class InsufficientMemory(AgentError):
     """The model cannot fit in the memory budget even after evicting everything evictable."""
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from node_agent.errors import AgentError, InvalidInput
-from node_agent.generation import ContextTooLong, SamplingParams, SequenceTooLong
-from node_agent.http_api import public_message, status_for
+from node_agent.generation import SamplingParams
+from node_agent.http_api import HttpError, error_response, json_object, public_message, read_body, status_for
 
 if TYPE_CHECKING:
     from node_agent.generation import AsyncGenerator
@@ -55,19 +55,6 @@ def add_generate_routes(app: web.Application, generator_provider: GeneratorProvi
         app.router.add_post(base + "/generate_stream", handlers.generate_stream)
 
 
-def _status(exc: AgentError) -> int:
-    if isinstance(exc, SequenceTooLong | ContextTooLong):
-        return 413  # the request itself is too large for this model, whatever the load
-    return status_for(exc)
-
-
-def _error(exc: AgentError) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(getattr(exc, "retry_after_s", 1))))}
-    status = _status(exc)
-    return web.json_response({"error": public_message(exc)}, status=status,
-                             headers=headers if status == 503 else None)  # fmt: skip
-
-
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -77,22 +64,7 @@ class _GenerateHandlers:
         self.provider = provider
 
     async def _parse(self, request: web.Request) -> tuple[AsyncGenerator, str, SamplingParams]:
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await request.content.read(1 << 16):  # a chunked body has no length
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=size)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"the body is not JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput("the body must be a JSON object")
+        doc = json_object(await read_body(request, MAX_BODY_BYTES))
         text = doc.get("text_input")
         if not isinstance(text, str) or not text:
             raise InvalidInput("'text_input' must be a non-empty string")
@@ -107,10 +79,8 @@ class _GenerateHandlers:
         try:
             gen, text, params = await self._parse(request)
             result = await gen.generate(text, params)
-        except AgentError as e:
-            return _error(e)
-        except web.HTTPRequestEntityTooLarge as e:
-            return web.json_response({"error": e.text}, status=413)
+        except (AgentError, HttpError) as e:
+            return error_response(e)
         version = gen.model_id.version if gen.model_id else request.match_info.get("version", "")
         return web.json_response(
             {
@@ -131,10 +101,8 @@ class _GenerateHandlers:
             gen, text, params = await self._parse(request)
             prompt_tokens = len(gen.encode(text))
             events = gen.stream(text, params)  # refusals raise here, before any byte is sent
-        except AgentError as e:
-            return _error(e)
-        except web.HTTPRequestEntityTooLarge as e:
-            return web.json_response({"error": e.text}, status=413)
+        except (AgentError, HttpError) as e:
+            return error_response(e)
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -152,6 +120,6 @@ class _GenerateHandlers:
                     await response.write(_sse(payload))
             except AgentError as e:
                 log.debug("generate_stream %s failed after %d tokens: %s", model, n, e)
-                await response.write(_sse({"error": public_message(e), "status": _status(e)}))
+                await response.write(_sse({"error": public_message(e), "status": status_for(e)}))
         await response.write_eof()
         return response

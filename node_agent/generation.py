@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, Overloaded, ShuttingDown
+from node_agent.errors import (
+    InferenceFailed,
+    InvalidInput,
+    InvalidModel,
+    Overloaded,
+    RequestTooLarge,
+    ShuttingDown,
+)
 from node_agent.kv_cache import KVCacheConfig, KVCacheManager, SequenceTooLong, kv_bytes_per_token
 from node_agent.transformer import EOS, ByteTokenizer, PagedBatch, PagedKVPool, TinyLMBackend, load_tiny_lm
 from node_agent.types import Priority
@@ -81,7 +88,7 @@ TPOT_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.
 (a step that recomputes a preempted sequence lands in the tail)."""
 
 
-class ContextTooLong(InvalidInput):
+class ContextTooLong(RequestTooLarge, InvalidInput):
     """The prompt plus `max_tokens` is longer than the model's context."""
 
 

@@ -56,6 +56,7 @@ from node_agent.errors import (
     InvalidModel,
     ModelNotFound,
     Overloaded,
+    RequestTooLarge,
     ShuttingDown,
 )
 from node_agent.repository import NAME_MAX_LEN, NAME_RE
@@ -79,6 +80,7 @@ ERROR_STATUS: dict[type[AgentError], int] = {
     InvalidInput: 400,
     ModelNotFound: 404,
     Conflict: 409,
+    RequestTooLarge: 413,
     InvalidModel: 500,
     InferenceFailed: 500,
     InsufficientMemory: 503,
@@ -249,6 +251,35 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
     )
 
 
+def check_length(request: web.Request, limit: int) -> None:
+    """413 (`HttpError`) when the declared Content-Length is over `limit`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
+    check_length(request, limit)
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(buf) + len(chunk) > limit:
+            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+        buf += chunk
+    return buf
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise InvalidInput(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return doc
+
+
 def error_response(exc: BaseException) -> web.Response:
     """The one translation of errors into HTTP responses."""
     headers: dict[str, str] = {}
@@ -382,7 +413,7 @@ class V2Api:
         """`Expect: 100-continue`: refuse an oversized or unauthorised body before it is sent."""
         try:
             self._check_auth(request)
-            self._check_length(request, self.settings.max_request_bytes)
+            check_length(request, self.settings.max_request_bytes)
         except HttpError as e:
             return error_response(e)
         if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
@@ -392,33 +423,12 @@ class V2Api:
 
     # -- bodies -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_length(request: web.Request, limit: int) -> None:
-        length = request.content_length
-        if length is not None and length > limit:
-            raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-
-    async def _read_body(self, request: web.Request, limit: int) -> bytearray:
-        """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
-        self._check_length(request, limit)
-        buf = bytearray()
-        async for chunk in request.content.iter_any():
-            if len(buf) + len(chunk) > limit:
-                raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
-            buf += chunk
-        return buf
 
     async def _small_json(self, request: web.Request) -> dict[str, Any]:
-        body = await self._read_body(request, _SMALL_BODY_BYTES)
+        body = await read_body(request, _SMALL_BODY_BYTES)
         if not body.strip():
             return {}
-        try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise InvalidInput(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput("the request body must be a JSON object")
-        return doc
+        return json_object(body)
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -462,7 +472,7 @@ class V2Api:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model_path(request)
         limit = self.settings.max_request_bytes
-        self._check_length(request, limit)
+        check_length(request, limit)
         config = self.api.config(name, version)
         held = request.content_length if request.content_length is not None else limit
         if not self._bodies.reserve(held):
@@ -472,7 +482,7 @@ class V2Api:
                 retry_after_s=1.0,
             )
         try:
-            body = await self._read_body(request, limit)
+            body = await read_body(request, limit)
             decoded = v2_codec.decode_request(
                 body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))
             )

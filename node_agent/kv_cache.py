@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from node_agent.errors import InsufficientMemory
+from node_agent.errors import InsufficientMemory, RequestTooLarge
 from node_agent.kv_blocks import BlockHash, BlockPool, CopyOp, block_hash, chain_block_hashes
 from node_agent.types import Priority
 
@@ -58,7 +58,7 @@ SeqId = Hashable
 """A sequence's id: one per request, or per sample of a request with parallel samples."""
 
 
-class SequenceTooLong(InsufficientMemory, ValueError):
+class SequenceTooLong(RequestTooLarge, InsufficientMemory, ValueError):
     """The prompt plus `max_new_tokens` needs more blocks than the whole pool holds."""
 
 

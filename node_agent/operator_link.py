@@ -54,10 +54,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from edgefleet_operator import api
@@ -281,9 +281,7 @@ def _download(repository: ModelRepository, entry: DesiredModel, url: str, target
     """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
     into `target_dir`; the artifact verified against the digest while it streams in."""
     name = PurePosixPath(urlsplit(url).path).name
-    target = target_dir / name
-    if not (target.is_file() and sha256_file(target) == entry.digest):
-        _fetch_verified(url, target, entry)
+    _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
     config_file = target_dir / CONFIG_FILE
     if not config_file.is_file():
         text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
@@ -318,27 +316,6 @@ def _fetch_text(url: str, entry: DesiredModel, limit_bytes: int = 1 << 20) -> st
     return data.decode("utf-8", errors="replace")
 
 
-def _fetch_verified(url: str, target: Path, entry: DesiredModel) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with _open_url(url, entry) as response, os.fdopen(fd, "wb") as out:
-            while chunk := response.read(_CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        actual = "sha256:" + digest.hexdigest()
-        if actual != entry.digest:
-            raise DigestMismatch(_mismatch(entry, actual))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    log.info("downloaded %s -> %s", url, target)
-
-
 def _base_config(folders: tuple[Path, ...], entry: DesiredModel) -> ModelConfig:
     for folder in folders:
         if (folder / CONFIG_FILE).is_file():
@@ -359,13 +336,25 @@ def _mismatch(entry: DesiredModel, actual: str) -> str:
 def _copy_verified(source: Path, target: Path, entry: DesiredModel) -> None:
     if not source.is_file():
         raise InvalidModel(f"{entry.id}: artifact {source} is not a file")
+    _store_verified(lambda: source.open("rb"), target, entry, str(source))
+
+
+def _store_verified(
+    open_source: Callable[[], AbstractContextManager[BinaryIO]],
+    target: Path,
+    entry: DesiredModel,
+    source: str,
+) -> None:
+    """The bytes of `open_source()` into `target` through a temp file hashed as it is written:
+    bytes that do not match the entry's digest never replace anything. A `target` that
+    already has the digest is kept and the source not opened."""
     if target.is_file() and sha256_file(target) == entry.digest:
-        return  # copied before
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+        with open_source() as src, os.fdopen(fd, "wb") as out:
             while chunk := src.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
@@ -378,7 +367,7 @@ def _copy_verified(source: Path, target: Path, entry: DesiredModel) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("copied %s -> %s", source, target)
+    log.info("stored %s -> %s", source, target)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -408,6 +409,9 @@ class ModelRepository:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
+        self._parsed: dict[Path, tuple[tuple[int, int], ModelConfig]] = {}
+        """model.yaml path -> ((mtime_ns, size) when parsed, config): `config` re-reads a file
+        only when it changed (the engine and the SLA monitor ask every few seconds)."""
 
     def __repr__(self) -> str:
         return f"ModelRepository({str(self.root)!r})"
@@ -492,9 +496,19 @@ class ModelRepository:
         except InvalidModel as e:
             raise ModelNotFound(str(e)) from None
         path = vdir / CONFIG_FILE
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise ModelNotFound(f"no model {name}:{version} in {self.root} (no {path})")
-        config = parse_model_config(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == stamp:
+            config = cached[1]
+        else:
+            config = parse_model_config(path)
+            self._parsed[path] = (stamp, config)
         if (config.name, config.version) != (name, version):
             raise InvalidModel(
                 f"{path}: declares {config.name}:{config.version} but lies in the folder of "

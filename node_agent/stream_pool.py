@@ -476,11 +476,16 @@ class StreamPool:
             return None
         return Refusal(f"stream pool queue full ({self.settings.max_queued_jobs} jobs)", retry)
 
+    @property
+    def runs_inline(self) -> bool:
+        """Whether `run_inline` may ever run a job (CPU, a bound above 0)."""
+        return self.settings.inline_max_s > 0 and not self._streams
+
     def run_inline(self, fn: Callable[[Any], Any], on_done: Done, predicted_s: float) -> bool:
         """Run `fn(None)` now, on this thread, if that is cheaper than a hand-off: on CPU,
         `predicted_s` in (0, inline_max_s] (0 means not yet measured), no job queued. True
         when it ran (`on_done` was called here); False: `submit` it."""
-        if not 0 < predicted_s <= self.settings.inline_max_s or self._streams:
+        if not (self.runs_inline and 0 < predicted_s <= self.settings.inline_max_s):
             return False
         with self._lock:
             if self._queue or not self._running or self._stopping:

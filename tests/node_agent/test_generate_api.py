@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -22,9 +21,7 @@ CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 PARAMS = {"max_tokens": 16, "temperature": 0.8, "seed": 42, "ignore_eos": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,7 @@ CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 PROMPTS = ["hello there", "the quick brown fox jumps", "hello there, general", "zzz"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +50,11 @@ def engine(model: TinyLM, num_blocks: int = 128, **kw: object) -> GenerationEngi
     return GenerationEngine(model, EngineConfig(num_blocks, block_size=4, **kw))  # type: ignore[arg-type]
 
 
-def run_all(eng: GenerationEngine, prompts: list[str], params: list[SamplingParams]) -> list[list[int]]:
-    ids = [eng.add(ByteTokenizer.encode(p), sp) for p, sp in zip(prompts, params, strict=True)]
+def run_all(
+    eng: GenerationEngine, prompts: list[str], params: list[SamplingParams], **add: float
+) -> list[list[int]]:
+    """Add every prompt (`add`: e.g. arrival_s), step until done; each one's tokens."""
+    ids = [eng.add(ByteTokenizer.encode(p), sp, **add) for p, sp in zip(prompts, params, strict=True)]
     out: dict[int, list[int]] = {i: [] for i in ids}
     while eng.has_work():
         for o in eng.step():
@@ -131,19 +132,11 @@ def test_preemption_with_tied_arrivals_and_priorities_keeps_outputs_exact(model:
 
     def run(num_blocks: int) -> tuple[list[list[int]], int]:
         eng = engine(model, num_blocks=num_blocks)
-        ids = []
-        for i, (p, prio) in enumerate(zip(prompts, prios, strict=True)):
-            params = SamplingParams.from_mapping(
-                {"max_tokens": 20, "seed": i, "ignore_eos": True, "priority": prio}
-            )
-            ids.append(eng.add(ByteTokenizer.encode(p), params, arrival_s=0.0))
-        out: dict[int, list[int]] = {i: [] for i in ids}
-        while eng.has_work():
-            for o in eng.step():
-                assert o.token_id is not None
-                out[o.seq_id].append(o.token_id)
-            eng.check_invariants()
-        return [out[i] for i in ids], eng.preemptions
+        params = [
+            SamplingParams.from_mapping({"max_tokens": 20, "seed": i, "ignore_eos": True, "priority": prio})
+            for i, prio in enumerate(prios)
+        ]
+        return run_all(eng, prompts, params, arrival_s=0.0), eng.preemptions
 
     want, none = run(256)
     got, some = run(20)
