@@ -40,6 +40,8 @@ from node_agent.stream_pool import PoolSettings, StreamPool
 from node_agent.types import ModelConfig, TensorSpec
 
 FEATURES = 16
+INLINE_MAX_S = 50e-6
+"""`PoolSettings.inline_max_s` for the inline runs (inline is opt-in; off by default)."""
 
 
 class NoopBackend(Backend):
@@ -86,7 +88,7 @@ def noop_config(max_batch: int) -> ModelConfig:
 async def serve(max_batch: int, concurrency: int, requests: int, inline: bool = True) -> dict[str, float]:
     """Closed loop: `concurrency` clients send `requests` in all; per-request timings."""
     config = noop_config(max_batch)
-    settings = PoolSettings(num_workers=1, torch_threads=1, **({} if inline else {"inline_max_s": 0.0}))
+    settings = PoolSettings(num_workers=1, torch_threads=1, inline_max_s=INLINE_MAX_S if inline else 0.0)
     pool = StreamPool(settings).start()
     scheduler = ModelScheduler(1 << 30, NoopBackend)
     engine = Engine(MemoryRepository(config), scheduler, pool)
@@ -130,7 +132,7 @@ def model_us_per_request(batch: int, reps: int) -> float:
 async def round_trip_us(requests: int) -> float:
     """One request at a time (concurrency 1, batch 1): median latency in us."""
     config = noop_config(1)
-    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, inline_max_s=INLINE_MAX_S)).start()
     scheduler = ModelScheduler(1 << 30, NoopBackend)
     engine = Engine(MemoryRepository(config), scheduler, pool)
     x = np.zeros((1, FEATURES), np.float32)

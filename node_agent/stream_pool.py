@@ -25,11 +25,11 @@ Inline jobs (`run_inline`): on CPU, a job predicted to take less than a hand-off
 and back runs on the calling thread instead, when no job is queued, so nothing more urgent is
 overtaken. The hand-off (two thread wake-ups, GIL switches, the completion's trip back through
 the loop) measured 90-230 us of CPU per batch on this 2-core machine (bench/dispatch: worker
-path vs inline). The default bound is lower, 50 us: an inline batch also stops the loop from
-taking requests while it runs, and for a model that takes a few hundred us that serialises
-intake and compute, which a worker overlaps (under a closed loop the adaptive batcher then
-never sees a queue worth a bigger batch). Tiny models (a few dense layers, a tabular model)
-cost their compute and no hand-off; anything slower runs on the workers.
+path vs inline). It is off by default (`inline_max_s=0`): an inline batch also stops the
+loop from taking requests while it runs, which for models near the bound serialises intake
+and compute that a worker overlaps (the adaptive batcher's test saw batches stay at 1 under a
+closed loop, even with a 50 us bound). Turn it on for tiny models (a few dense layers, a
+tabular model) where the hand-off dominates.
 """
 
 from __future__ import annotations
@@ -345,9 +345,9 @@ class PoolSettings:
     torch_threads: int | None = None
     """Intra-op threads for torch on CPU; None: max(1, (cores - 1) // num_workers), one core
     being left to the event loop; 0: leave torch's setting as it is."""
-    inline_max_s: float = 50e-6
+    inline_max_s: float = 0.0
     """On CPU, jobs predicted to take at most this long may run on the submitting thread
-    (`run_inline`); 0: never. Ignored on CUDA (a worker's stream keeps the GPU busy)."""
+    (`run_inline`; e.g. 50e-6 for tiny models); 0 (default): never. Ignored on CUDA."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
