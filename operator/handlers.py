@@ -36,10 +36,11 @@ def kube_client() -> Any:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # kopf keeps its own bookkeeping in annotations: our status schema is strict.
+    # kopf keeps its own bookkeeping in annotations: our status schema is strict. Its handlers here only
+    # watch (no change-detecting handlers), so it writes nothing to our objects; the fleet pass keeps
+    # the services' finalizer (api.FINALIZER) itself.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
-    settings.persistence.finalizer = api.FINALIZER
     # A stalled watch must recover: the API server closes watches after server_timeout;
     # the client gives up a little later if nothing arrives at all.
     settings.watching.server_timeout = 60
@@ -68,10 +69,22 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
 
 
-def _request(memo: kopf.Memo) -> None:
+def _request(memo: kopf.Memo, urgent: bool = False) -> None:
     fleet = memo.get("fleet")
     if fleet is not None:
-        fleet.request()
+        fleet.request(urgent)
+
+
+def serving_change(event_type: str | None, body: Any) -> bool:
+    """Whether an InferenceService event asks for work on the serving path: the service is new,
+    its spec changed since the status was written (generation ahead of observedGeneration), or it
+    is being deleted. Our own status writes are none of these."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return (
+        event_type == "ADDED"
+        or bool(meta.get("deletionTimestamp"))
+        or meta.get("generation") != status.get("observedGeneration")
+    )
 
 
 @kopf.on.event("", "v1", "nodes", labels=dict(SETTINGS.fleet.node_selector))
@@ -90,20 +103,8 @@ def agent_pod_event(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)
-def service_event(memo: kopf.Memo, **_: Any) -> None:
-    _request(memo)
-
-
-@kopf.on.delete(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)
-async def service_deleted(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    """Hold the finalizer until no EdgeNode holds the service's models any more."""
-    fleet: FleetLoop | None = memo.get("fleet")
-    if fleet is None:
-        raise kopf.TemporaryError("operator still starting", delay=2)
-    await fleet.wait_pass()
-    holders = await asyncio.to_thread(fleet.reconciler.holders_of, f"{namespace}/{name}")
-    if holders:
-        raise kopf.TemporaryError(f"still unloading from {len(holders)} node(s)", delay=1)
+def service_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    _request(memo, urgent=serving_change(type, body))
 
 
 @kopf.on.probe(id="fleet_pass_age_seconds")

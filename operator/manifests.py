@@ -13,6 +13,8 @@ from edgefleet_operator.settings import AgentPodSettings
 Obj = Mapping[str, Any]
 SERVICE_SUFFIX = "-v2"
 """In-cluster Service of an InferenceService: `<name>-v2` (the v2 inference protocol)."""
+SLICE_MANAGER = f"{api.GROUP}-operator"
+"""The endpointslice.kubernetes.io/managed-by value of the EndpointSlices this operator keeps."""
 
 
 def owner_ref(obj: Obj, controller: bool = True) -> dict[str, Any]:
@@ -195,7 +197,7 @@ def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int
             "namespace": meta["namespace"],
             "labels": {
                 "kubernetes.io/service-name": svc,
-                "endpointslice.kubernetes.io/managed-by": f"{api.GROUP}-operator",
+                "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER,
             },
             "ownerReferences": [owner_ref(isvc)],
         },

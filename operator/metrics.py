@@ -46,6 +46,12 @@ class OperatorMetrics:
         self.placed_pairs = Gauge(
             "edgefleet_operator_placements", "(service, node) pairs in the current placement.", registry=r
         )
+        self.plans = Counter(
+            "edgefleet_operator_placement_plans_total",
+            "Placements computed, by kind: incremental (only what changed nodes reach) or full.",
+            ["kind"],
+            registry=r,
+        )
         self.fleet_nodes = Gauge(
             "edgefleet_operator_fleet_nodes", "Fleet nodes by health.", ["health"], registry=r
         )
@@ -60,6 +66,7 @@ class OperatorMetrics:
         self.services.set(report.services)
         self.unplaceable.set(report.unplaced)
         if report.result is not None:
+            self.plans.labels("incremental" if report.incremental_plan else "full").inc()
             self.placed_pairs.set(sum(1 for _ in report.result.assignment.pairs()))
         counts: dict[str, int] = {}
         for h in report.health.values():

@@ -36,7 +36,14 @@ constraint set; a service that may use much of the fleet walks one list of nodes
 sorted by free memory and stops at its k-th node (or where memory runs out), a
 selective one sorts only its own candidates; a failed-placement message is counted
 over small sets. At 1,000 nodes x 1,000 services a full plan takes a few hundred
-milliseconds and a re-plan tens (`python -m bench.placement`).
+milliseconds and a `place()` re-plan tens (`python -m bench.placement`).
+
+`Planner` is `place` for a loop that re-plans the same fleet: it keeps the last call's
+indexes and result and, when only some nodes' health, heat, capacity or SLA records
+changed and `previous` is its last result, re-plans only what that change reaches
+(a node failure at that scale: about 15 ms of CPU). Its results equal `place()`'s;
+any other change (labels, taints, nodes or services added, removed or edited,
+another `previous`) makes it plan from scratch.
 """
 
 from __future__ import annotations
@@ -119,13 +126,23 @@ def place(
     stay. A node absent from `nodes` has been deleted: its work moves. Raises
     ValueError if a service or node name is given twice.
     """
+    return _place(services, nodes, previous, settings)[0]
+
+
+def _place(
+    services: Iterable[ServiceDemand],
+    nodes: Iterable[NodeState],
+    previous: Assignment | None,
+    settings: PlacementSettings,
+) -> tuple[PlacementResult, _Fleet, list[_Svc]]:
+    """`place`, also returning its final state: the fleet and the services in rank order."""
     fleet = _Fleet(nodes, settings)
     svcs = _prepare(services, fleet, settings)
     _keep_stable(svcs, fleet, _previous_pairs(previous))
     fleet.build_order()
     for svc in svcs:
         _fill(svc, fleet)
-    return _report(svcs, fleet, settings)
+    return _report(svcs, fleet, settings), fleet, svcs
 
 
 def hot_reason(node: NodeState, margin_c: float) -> str | None:
@@ -155,6 +172,8 @@ class _Svc:
     eligible: frozenset[str]
     target: int
     entries: tuple[PlacedModel, ...]
+    eligible_key: tuple[object, ...]
+    """The fleet's cache key of `eligible` (shared by services with the same constraints)."""
     nodes: set[str] = field(default_factory=set)
     gained: list[str] = field(default_factory=list)
     lost: list[tuple[str, str]] = field(default_factory=list)
@@ -162,10 +181,16 @@ class _Svc:
     displaced: list[tuple[str, str]] = field(default_factory=list)
     """(node, by whom) for nodes lost to higher-priority services."""
     message: str = ""
+    roomless: bool = False
+    """Set when a fill leaves the service short: True if then no node it may newly use had room
+    for it, even by displacement (always, without spread; with spread, unless the skew held
+    back nodes with room)."""
 
 
 class _Fleet:
-    """Indexed nodes and the memory placed so far. Mutated only by `add` and `remove`."""
+    """Indexed nodes and the memory placed so far. Mutated only by `add`, `remove`, `keep` and
+    (between calls, by `Planner`) `restate`; after each, every index equals what a fresh
+    `_Fleet` over the same nodes and pairs would hold (`Planner.check_state` asserts it)."""
 
     def __init__(self, nodes: Iterable[NodeState], settings: PlacementSettings) -> None:
         self.settings = settings
@@ -199,12 +224,29 @@ class _Fleet:
         self._eviction_order: dict[str, list[_Svc]] = {}
         """node -> its residents, least urgent first (then largest, then name); dropped when
         the node changes."""
+        self.displaced: list[_Svc] = []
+        """Services displaced during fills, in order (one entry per lost node)."""
         for name in sorted(self.nodes):
             self._index(self.nodes[name])
 
     def _index(self, node: NodeState) -> None:
-        name, health = node.name, node.health
+        name = node.name
         self.residents[name] = {}
+        self._index_state(node)
+        index = self.label_index
+        for item in node.labels.items():
+            index[item].add(name)
+        if node.taints:
+            hard = tuple(t for t in node.taints if t.effect in _HARD_EFFECTS)
+            soft = tuple(t for t in node.taints if t.effect == PREFER_NO_SCHEDULE)
+            if hard:
+                self.hard_taints[name] = hard
+            if soft:
+                self.soft_taints[name] = soft
+
+    def _index_state(self, node: NodeState) -> None:
+        """Index what `restate` may change: health, thermal state, capacity, SLA records."""
+        name, health = node.name, node.health
         if health is Health.NOT_READY:
             self.out[NOT_READY].add(name)
         elif health is Health.AGENT_SILENT:
@@ -218,16 +260,6 @@ class _Fleet:
                 self.suspect.add(name)
             elif hot is None:
                 self.placeable.add(name)
-        index = self.label_index
-        for item in node.labels.items():
-            index[item].add(name)
-        if node.taints:
-            hard = tuple(t for t in node.taints if t.effect in _HARD_EFFECTS)
-            soft = tuple(t for t in node.taints if t.effect == PREFER_NO_SCHEDULE)
-            if hard:
-                self.hard_taints[name] = hard
-            if soft:
-                self.soft_taints[name] = soft
         sla = self.sla
         for (service, _model), score in node.sla_scores.items():
             per_node = sla.get(service)
@@ -275,14 +307,42 @@ class _Fleet:
 
     def eligible(self, demand: ServiceDemand) -> frozenset[str]:
         """Nodes that count for the service's target: constraints met, Healthy or Suspect."""
-        key = ("eligible", *_constraints(demand))
+        return self.eligible_by(("eligible", *_constraints(demand)))
+
+    def eligible_by(self, key: tuple[Any, ...]) -> frozenset[str]:
+        """`eligible` by its cache key: ("eligible", selector items, tolerations, spread label)."""
         if key not in self._cache:
-            label = demand.spread.topology_key if demand.spread else None
-            excluded = [self.untolerated(demand.tolerations), *self.out.values()]
-            nodes = self.selector_match(demand.node_selector).difference(*excluded)
+            _, items, tolerations, label = key
+            excluded = [self.untolerated(tolerations), *self.out.values()]
+            nodes = self.selector_match(dict(items)).difference(*excluded)
             if label is not None:
                 nodes &= self.labelled(label)
             self._cache[key] = nodes
+        return self._cache[key]
+
+    def _is_eligible(self, node: str, key: tuple[Any, ...]) -> bool:
+        """Whether `node` belongs in the set `eligible_by(key)`, checked on that node alone."""
+        _, items, tolerations, label = key
+        labels = self.nodes[node].labels
+        return (
+            not any(node in out for out in self.out.values())
+            and all(labels.get(k) == v for k, v in items)
+            and node not in self.untolerated(tolerations)
+            and (label is None or label in labels)
+        )
+
+    def no_new_work(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """(reason, nodes) for the live nodes that take no new work, each node under its first
+        reason: suspect, throttled, near the thermal limit."""
+        key = ("no new work",)
+        if key not in self._cache:
+            suspect, throttled = frozenset(self.suspect), frozenset(self.hot[THROTTLED])
+            near = frozenset(self.hot[NEAR_THERMAL_LIMIT] - suspect - throttled)
+            self._cache[key] = (
+                (SUSPECT, suspect),
+                (THROTTLED, throttled - suspect),
+                (NEAR_THERMAL_LIMIT, near),
+            )
         return self._cache[key]
 
     def ineligible_reasons(self, demand: ServiceDemand) -> dict[str, int]:
@@ -404,6 +464,57 @@ class _Fleet:
             if not at[node]:
                 del at[node]
         svc.nodes.remove(node)
+
+    def restate(self, node: NodeState) -> bool:
+        """Replace a node's state by one that differs from it only in what `_index_state` reads
+        (health, thermal state, capacity, SLA records). The node must hold nothing: `remove`
+        its residents first, `add` back those that stay. Returns whether its NotReady or
+        AgentSilent status changed; then call `refresh_eligible` before reading eligible sets."""
+        name = node.name
+        assert not self.residents[name], f"restate {name}: remove its residents first"
+        was_out = [name in out for out in self.out.values()]
+        if name in self.placeable:
+            if self._order_built:
+                i = bisect.bisect_left(self.order, (-self.free[name], name))
+                assert self.order[i] == (-self.free[name], name)
+                del self.order[i]
+            for room in self.room.values():
+                del room[name]
+            self.placeable.discard(name)
+        self.suspect.discard(name)
+        for nodes in (*self.out.values(), *self.hot.values()):
+            nodes.discard(name)
+        self.free.pop(name, None)
+        self._eviction_order.pop(name, None)
+        self._cache.pop(("no new work",), None)
+        for service, _model in self.nodes[name].sla_scores:
+            per_node = self.sla.get(service)
+            if per_node is not None:
+                per_node.pop(name, None)
+        self.nodes[name] = node
+        self._index_state(node)
+        if name in self.placeable:
+            if self._order_built:
+                bisect.insort(self.order, (-self.free[name], name))
+            for room in self.room.values():
+                room[name] = self.free[name]  # nothing placed there: room is the free memory
+        return was_out != [name in out for out in self.out.values()]
+
+    def refresh_eligible(self, nodes: Iterable[str]) -> list[tuple[Any, ...]]:
+        """After `restate` changed whether `nodes` are out of service: update the cached
+        eligible sets they enter or leave, drop the caches derived from them. Returns the
+        keys of the eligible sets that changed."""
+        nodes, changed = list(nodes), []
+        for key, value in list(self._cache.items()):
+            if key[0] == "eligible":
+                joined = {n for n in nodes if n not in value and self._is_eligible(n, key)}
+                left = {n for n in nodes if n in value and not self._is_eligible(n, key)}
+                if joined or left:
+                    self._cache[key] = (value - left) | joined
+                    changed.append(key)
+            elif key[0] in ("reasons", "domains"):
+                del self._cache[key]
+        return changed
 
     # -- ranking --
 
@@ -547,13 +658,14 @@ def _prepare(services: Iterable[ServiceDemand], fleet: _Fleet, settings: Placeme
     svcs = []
     weight = settings.traffic_weight
     for rank, d in enumerate(ordered):
-        eligible = fleet.eligible(d)
+        key = ("eligible", *_constraints(d))
+        eligible = fleet.eligible_by(key)
         entries = [PlacedModel(d.name, m.name, m.version, m.memory_bytes, weight) for m in d.models]
         if len(entries) > 1:
             entries.sort()
         need = sum(e.memory_budget_bytes for e in entries)
         target = d.target_nodes(len(eligible))
-        svcs.append(_Svc(d, d.name, d.priority, rank, need, eligible, target, tuple(entries)))
+        svcs.append(_Svc(d, d.name, d.priority, rank, need, eligible, target, tuple(entries), key))
     return svcs
 
 
@@ -630,6 +742,7 @@ def _fill(svc: _Svc, fleet: _Fleet) -> None:
                 _add_new(svc, node, victims, fleet)
     if len(svc.nodes) < svc.target:
         svc.message = _why_short(svc, fleet, blocked)
+        svc.roomless = not blocked  # spread: blocked holds every candidate with room
         log.debug("placement: %s short: %s", svc.name, svc.message)
 
 
@@ -687,6 +800,7 @@ def _add_new(svc: _Svc, node: str, victims: tuple[_Svc, ...], fleet: _Fleet) -> 
         assert victim.priority > svc.priority and victim.rank > svc.rank
         fleet.remove(victim, node)
         victim.displaced.append((node, f"{svc.priority.name.lower()} service {svc.name}"))
+        fleet.displaced.append(victim)
     fleet.add(svc, node)
     svc.gained.append(node)
 
@@ -747,22 +861,23 @@ def _fill_spread(svc: _Svc, fleet: _Fleet, short: int) -> frozenset[str]:
 
 
 def _why_short(svc: _Svc, fleet: _Fleet, spread_blocked: frozenset[str]) -> str:
-    """FailedScheduling-style: every node counted once, under the first constraint it fails."""
+    """FailedScheduling-style: every node counted once, under the first constraint it fails.
+    Counted by intersecting the eligible set with the small ones (suspect, hot, spread-blocked)."""
     counts = dict(fleet.ineligible_reasons(svc.demand))
-    rest = set(svc.eligible - svc.nodes)
-    for reason, nodes in (
-        (ALREADY_SERVING, svc.nodes),
-        (SUSPECT, fleet.suspect),
-        (THROTTLED, fleet.hot[THROTTLED]),
-        (NEAR_THERMAL_LIMIT, fleet.hot[NEAR_THERMAL_LIMIT]),
-        (SPREAD_BLOCKED, spread_blocked),
-    ):
-        hit = len(nodes) if reason == ALREADY_SERVING else len(rest.intersection(nodes))
+    eligible, held = svc.eligible, svc.nodes  # held <= eligible
+    if held:
+        counts[ALREADY_SERVING] = len(held)
+    rest = len(eligible) - len(held)
+    parts = fleet.no_new_work()
+    if spread_blocked:  # candidates, so in none of the parts
+        parts = (*parts, (SPREAD_BLOCKED, spread_blocked))
+    for reason, nodes in parts:
+        hit = len(eligible.intersection(nodes)) - (len(held.intersection(nodes)) if held else 0)
         if hit:
             counts[reason] = hit
-            rest.difference_update(nodes)
+            rest -= hit
     if rest:  # placeable, eligible, not serving it: no room even after displacement
-        counts[NO_MEMORY] = len(rest)
+        counts[NO_MEMORY] = rest
     assert sum(counts.values()) == len(fleet.names)
     head = f"placed on {len(svc.nodes)}/{svc.target} nodes"
     if svc.displaced:

@@ -1,7 +1,8 @@
 """The fleet reconcile: read the fleet, place, write what changed.
 
 One pass reads Nodes, EdgeNodes, agent Leases and Pods, and InferenceServices;
-runs placement (a pure function); then writes only the differences: EdgeNode
+runs placement (a pure function; a `Planner` kept between passes re-plans only what
+changed nodes reach); then writes only the differences: EdgeNode
 specs, agent Pods (created where a node has work, deleted where it has none),
 each service's Service and EndpointSlice, its status, and events. Every write is
 idempotent and derived from what is read, so a pass interrupted anywhere (an
@@ -10,6 +11,13 @@ object names are deterministic and a create that finds the object is a no-op.
 
 Passes run one at a time in a worker thread (the kubernetes client is
 synchronous); handlers only ask for a pass (`FleetLoop.request`).
+
+A pass writes the decisions first (rollout steps, EdgeNode specs), then agent Pods,
+then each service's bookkeeping (finalizer, status, Service, EndpointSlice, events).
+When urgent work arrives meanwhile (a service created, its spec changed, or deleted),
+the Pod syncs and bookkeeping not yet started are left to the next pass, which starts
+at once: a burst of new services is placed pass after pass without waiting for the
+earlier ones' Pods and bookkeeping (their placement events are carried over).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet_operator import api, fleet_state, manifests, placement, rollout, service_status
-from edgefleet_operator.fleet_types import Health, PlacementResult
+from edgefleet_operator import api, fleet_state, manifests, replanning, rollout, service_status
+from edgefleet_operator.fleet_types import Health, PlacementEvent, PlacementResult
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.settings import OperatorSettings
@@ -48,11 +56,34 @@ class PassReport:
     writes: dict[str, int] = field(default_factory=dict)
     health: dict[str, str] = field(default_factory=dict)
     result: PlacementResult | None = None
+    incremental_plan: bool = False
+    deferred: int = 0
+    seconds: float = 0.0
+    """Services whose bookkeeping this pass left to the next (urgent work arrived)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wrote(self, what: str) -> None:
         with self._lock:  # writes run on several threads
             self.writes[what] = self.writes.get(what, 0) + 1
+
+
+@dataclass
+class FleetRead:
+    """What one pass reads, one list call each: the fleet's Nodes, EdgeNodes, agent Leases and Pods,
+    the InferenceServices, and the Services and EndpointSlices this operator manages (keyed by
+    (namespace, name))."""
+
+    nodes: list[Obj]
+    edge_nodes: dict[str, Obj]
+    leases: dict[str, Obj]
+    services: list[Obj]
+    pods: dict[str, Obj]
+    kube_services: set[tuple[str, str]]
+    slices: dict[tuple[str, str], Obj]
+
+
+def _ns_name(obj: Obj) -> tuple[str, str]:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
 
 
 def _items(response: Any) -> list[Obj]:
@@ -98,7 +129,14 @@ class FleetReconciler:
         self.coordination: Any = client.CoordinationV1Api(api_client)
         self.discovery: Any = client.DiscoveryV1Api(api_client)
         self.tracker = HealthTracker(settings.fleet)
+        # Keeps the last pass's plan: a change in some nodes re-plans only what it reaches.
+        self.planner = replanning.Planner()
         self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+        self.urgent = threading.Event()
+        """Set (from any thread) when work on the serving path is waiting: the running pass stops
+        starting services' bookkeeping. Cleared as a pass begins (its read then sees that work)."""
+        self._carried: dict[str, list[PlacementEvent]] = {}
+        """Placement events of services whose bookkeeping a pass deferred, for the next pass."""
 
     def _each(self, fn: Callable[..., None], items: Iterable[Any]) -> None:
         """Run fn(*item) for every item on the writer threads; re-raise the first error."""
@@ -107,7 +145,7 @@ class FleetReconciler:
 
     # --- reading -------------------------------------------------------------
 
-    def _read(self) -> tuple[list[Obj], dict[str, Obj], dict[str, Obj], list[Obj], dict[str, Obj]]:
+    def _read(self) -> FleetRead:
         fleet_selector = ",".join(f"{k}={v}" for k, v in self.settings.fleet.node_selector.items())
         ns = self.settings.agent.namespace
         agents = f"app.kubernetes.io/name={api.AGENT_APP}"
@@ -131,15 +169,36 @@ class FleetReconciler:
             p["metadata"]["name"]: p
             for p in _items(self.core.list_namespaced_pod(ns, label_selector=agents, _preload_content=False))
         }
-        return nodes, edge_nodes, leases, services, pods
+        # One list each instead of a create or get per service per pass: at 200 services those were
+        # 400 requests a pass, most of them answered 409 or unchanged.
+        kube_services = {
+            _ns_name(s)
+            for s in _items(
+                self.core.list_service_for_all_namespaces(
+                    label_selector=f"app.kubernetes.io/managed-by={api.MANAGED_BY}", _preload_content=False
+                )
+            )
+        }
+        slices = {
+            _ns_name(s): s
+            for s in _items(
+                self.discovery.list_endpoint_slice_for_all_namespaces(
+                    label_selector=f"endpointslice.kubernetes.io/managed-by={manifests.SLICE_MANAGER}",
+                    _preload_content=False,
+                )
+            )
+        }
+        return FleetRead(nodes, edge_nodes, leases, services, pods, kube_services, slices)
 
     # --- one pass ------------------------------------------------------------
 
     def reconcile_once(self) -> PassReport:
         t0 = time.monotonic()
         report = PassReport()
+        self.urgent.clear()  # this pass's read sees what was urgent until now
         try:
-            nodes, edge_nodes, leases, services, pods = self._read()
+            read = self._read()
+            nodes, edge_nodes, services = read.nodes, read.edge_nodes, read.services
             now = self.clock()
             self._sync_edge_nodes(nodes, edge_nodes, report)
             live = [s for s in services if not s["metadata"].get("deletionTimestamp")]
@@ -148,7 +207,7 @@ class FleetReconciler:
                 name = node["metadata"]["name"]
                 en = edge_nodes.get(name)
                 health = self.tracker.judge(
-                    fleet_state.node_signals(node, en, leases.get(api.agent_name(name))), now
+                    fleet_state.node_signals(node, en, read.leases.get(api.agent_name(name))), now
                 )
                 report.health[name] = health.value
                 states.append(
@@ -164,17 +223,19 @@ class FleetReconciler:
                     log.warning("skipping %s: %s", fleet_state.service_key(s), e)
                     live.remove(s)
             previous = fleet_state.previous_assignment(e for n, e in edge_nodes.items() if n in report.health)
-            result = placement.place(demands, states, previous)
-            report.result = result
+            result = self.planner.plan(demands, states, previous)
+            report.result, report.incremental_plan = result, self.planner.incremental
             node_labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
             decisions = self._rollouts(live, result, edge_nodes, node_labels, now, report)
             specs = {fleet_state.service_key(s): s["spec"] for s in live}
             self._write_edge_node_specs(result, decisions, specs, edge_nodes, states, report)
-            self._sync_pods(result, edge_nodes, pods, report)
-            self._write_services(live, result, decisions, edge_nodes, pods, report)
+            self._sync_pods(result, edge_nodes, read.pods, report)
+            self._release_finalizers([s for s in services if s not in live], edge_nodes, report)
+            self._write_services(live, result, decisions, read, report)
             report.nodes, report.services = len(nodes), len(live)
             report.unplaced = sum(1 for p in result.services.values() if not p.complete)
-            self.metrics.observe_pass(report, time.monotonic() - t0, ok=True)
+            report.seconds = time.monotonic() - t0
+            self.metrics.observe_pass(report, report.seconds, ok=True)
             return report
         except Exception:
             self.metrics.observe_pass(report, time.monotonic() - t0, ok=False)
@@ -228,7 +289,12 @@ class FleetReconciler:
         report: PassReport,
     ) -> dict[str, rollout.Decision]:
         """Each service's rollout step. Its status.rollout is written here, BEFORE any EdgeNode spec
-        built from it: a crash in between leaves no node on a revision status does not record."""
+        built from it: a crash in between leaves no node on a revision status does not record.
+
+        Except a first deployment (no status.rollout yet, no stable version): its targets follow from the spec
+        alone, and a first deployment's revision replaces any earlier try, so the pass after a crash
+        recomputes them; its status.rollout goes out with the service's status after the specs, one
+        write instead of two on the path of a new service's placement."""
         decisions = {}
 
         def decide(isvc: Obj) -> None:
@@ -253,7 +319,8 @@ class FleetReconciler:
             decision = rollout.step(
                 rollout.parse_spec(isvc["spec"]), previous, nodes, observations, now, action, key
             )
-            if decision.status != previous:
+            first_deployment = previous is None and "stableVersion" not in decision.status
+            if decision.status != previous and not first_deployment:
                 self.custom.patch_namespaced_custom_object_status(
                     api.GROUP,
                     api.VERSION,
@@ -353,15 +420,21 @@ class FleetReconciler:
         def sync(node: str, placed: Any) -> None:
             name = api.agent_name(node)
             pod = pods.get(name)
-            if pod and (not placed or pod.get("status", {}).get("phase") in ("Failed", "Succeeded")):
+            phase = (pod or {}).get("status", {}).get("phase")
+            delete = bool(pod) and (not placed or phase in ("Failed", "Succeeded"))
+            create = bool(placed) and not pod
+            if (delete or create) and self.urgent.is_set():
+                with report._lock:
+                    report.deferred += 1
+                return
+            if delete:
                 try:
                     self.core.delete_namespaced_pod(name, ns)
                     report.wrote("pod.delete")
                 except ApiException as e:
                     if e.status != 404:
                         raise
-                return
-            if placed and not pod:
+            elif create:
                 try:
                     self.core.create_namespaced_pod(
                         ns, manifests.agent_pod(edge_nodes[node], self.settings.agent)
@@ -378,17 +451,27 @@ class FleetReconciler:
         services: list[Obj],
         result: PlacementResult,
         decisions: dict[str, rollout.Decision],
-        edge_nodes: dict[str, Obj],
-        pods: dict[str, Obj],
+        read: FleetRead,
         report: PassReport,
     ) -> None:
         from kubernetes.client.exceptions import ApiException
 
+        carried, self._carried = self._carried, {}
+        events: dict[str, list[PlacementEvent]] = {}
+        for event in result.events:
+            events.setdefault(event.service, []).append(event)
+
         def write(isvc: Obj) -> None:
+            key = fleet_state.service_key(isvc)
+            mine = [*carried.get(key, ()), *events.get(key, ())]
+            if self.urgent.is_set():
+                with report._lock:
+                    report.deferred += 1
+                    if mine:
+                        self._carried[key] = mine
+                return
             try:
-                self._write_service(
-                    isvc, result, decisions[fleet_state.service_key(isvc)], edge_nodes, pods, report
-                )
+                self._write_service(isvc, result, decisions[key], mine, read, report)
             except ApiException as e:
                 # One service's trouble (its namespace terminating, a deleted object) must not stop
                 # the others; the next pass retries it.
@@ -402,10 +485,12 @@ class FleetReconciler:
         isvc: Obj,
         result: PlacementResult,
         decision: rollout.Decision,
-        edge_nodes: dict[str, Obj],
-        pods: dict[str, Obj],
+        events: list[PlacementEvent],
+        read: FleetRead,
         report: PassReport,
     ) -> None:
+        """The service's bookkeeping: finalizer, placement `events`, status, Service, EndpointSlice."""
+        edge_nodes, pods = read.edge_nodes, read.pods
         port = self.settings.agent.port
         key = fleet_state.service_key(isvc)
         sp = result.services.get(key)
@@ -429,7 +514,7 @@ class FleetReconciler:
             rollout_status=decision.status,
         )
         old_message = (isvc.get("status") or {}).get("message", "")
-        for event in (e for e in result.events if e.service == key):
+        for event in events:
             if event.reason == "FailedPlacement" and event.message == old_message:
                 continue  # said already; repeating it every pass is noise
             self._event(
@@ -440,14 +525,21 @@ class FleetReconciler:
                 report,
             )
         self._patch_status(isvc, status, report)
-        self._ensure_service(isvc, report)
+        # After the status: the finalizer's watch event then carries the current observedGeneration,
+        # which `handlers.serving_change` does not count as urgent work.
+        if api.FINALIZER not in (isvc["metadata"].get("finalizers") or []):
+            self._set_finalizers(isvc, [*(isvc["metadata"].get("finalizers") or []), api.FINALIZER], report)
+        if (isvc["metadata"]["namespace"], manifests.service_name(isvc["metadata"]["name"])) not in (
+            read.kube_services
+        ):
+            self._create_service(isvc, report)
         agents = []
         for n in holding:
             pod = pods.get(api.agent_name(n)) or {}
             ip = pod.get("status", {}).get("podIP")
             if ip:
                 agents.append((n, ip, any(e["node"] == n and e["ready"] for e in status["nodes"])))
-        self._ensure_endpoint_slice(isvc, agents, port, report)
+        self._sync_endpoint_slice(isvc, agents, port, read.slices, report)
 
     def _patch_status(self, isvc: Obj, status: Obj, report: PassReport) -> None:
         old = isvc.get("status") or {}
@@ -457,7 +549,7 @@ class FleetReconciler:
         ):
             return
         meta = isvc["metadata"]
-        self.custom.patch_namespaced_custom_object_status(
+        updated = self.custom.patch_namespaced_custom_object_status(
             api.GROUP,
             api.VERSION,
             meta["namespace"],
@@ -465,35 +557,45 @@ class FleetReconciler:
             meta["name"],
             {"status": merge_patch(old, status)},
         )
+        meta["resourceVersion"] = updated["metadata"]["resourceVersion"]  # for a write that follows
         report.wrote("inferenceservice.status")
 
-    def _ensure_service(self, isvc: Obj, report: PassReport) -> None:
+    def _create_service(self, isvc: Obj, report: PassReport) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
             self.core.create_namespaced_service(isvc["metadata"]["namespace"], manifests.service(isvc))
             report.wrote("service.create")
         except ApiException as e:
-            if e.status != 409:
+            if e.status != 409:  # created since this pass listed them
                 raise
 
-    def _ensure_endpoint_slice(
-        self, isvc: Obj, agents: list[tuple[str, str, bool]], port: int, report: PassReport
+    def _sync_endpoint_slice(
+        self,
+        isvc: Obj,
+        agents: list[tuple[str, str, bool]],
+        port: int,
+        slices: dict[tuple[str, str], Obj],
+        report: PassReport,
     ) -> None:
+        """Create the service's EndpointSlice if the pass's list lacked it; patch its endpoints if they
+        differ from the agents serving it."""
         from kubernetes.client.exceptions import ApiException
 
         body = manifests.endpoint_slice(isvc, agents, port)
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        try:
+        current = slices.get((ns, name))
+        if current is None:
+            try:
+                self.discovery.create_namespaced_endpoint_slice(ns, body)
+                report.wrote("endpointslice.create")
+                return
+            except ApiException as e:
+                if e.status != 409:  # created since this pass listed them: compare with the server's
+                    raise
             current = json.loads(
                 self.discovery.read_namespaced_endpoint_slice(name, ns, _preload_content=False).data
             )
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            self.discovery.create_namespaced_endpoint_slice(ns, body)
-            report.wrote("endpointslice.create")
-            return
         have = current.get("endpoints") or []
         want = body["endpoints"]
         if [(e["addresses"], e.get("nodeName"), e.get("conditions", {}).get("ready")) for e in have] != [
@@ -534,22 +636,43 @@ class FleetReconciler:
         report.wrote("event.create")
         log.info("%s %s/%s: %s", reason, meta["namespace"], meta["name"], message)
 
-    def holders_of(self, service: str) -> list[str]:
-        """EdgeNodes whose spec still holds `service` (namespace/name)."""
-        items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
-        return [
-            e["metadata"]["name"]
-            for e in items
-            if any(m.get("service") == service for m in e.get("spec", {}).get("models") or [])
-        ]
+    def _release_finalizers(
+        self, deleting: list[Obj], edge_nodes: dict[str, Obj], report: PassReport
+    ) -> None:
+        """Drop our finalizer from each deleted service that no EdgeNode spec holds any more (this pass
+        wrote the specs without it): `kubectl delete` returns once its models are unplaced everywhere."""
+        held = {m.get("service") for e in edge_nodes.values() for m in e.get("spec", {}).get("models") or []}
+        for isvc in deleting:
+            finalizers = isvc["metadata"].get("finalizers") or []
+            if api.FINALIZER in finalizers and fleet_state.service_key(isvc) not in held:
+                self._set_finalizers(isvc, [f for f in finalizers if f != api.FINALIZER], report)
+
+    def _set_finalizers(self, isvc: Obj, finalizers: list[str], report: PassReport) -> None:
+        """Write the service's finalizer list, conditional on the resourceVersion this pass read so
+        that another controller's finalizer added meanwhile is never dropped (a conflict or a service
+        already gone is left to the next pass)."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = isvc["metadata"]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        try:
+            updated = self.custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, meta["namespace"], api.INFERENCE_SERVICE_PLURAL, meta["name"], patch
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+            log.debug("finalizers of %s not written (%s); next pass", fleet_state.service_key(isvc), e.status)
+            return
+        meta["finalizers"], meta["resourceVersion"] = finalizers, updated["metadata"]["resourceVersion"]
+        report.wrote("inferenceservice.finalizer")
 
 
 class FleetLoop:
     """Runs reconcile passes in a worker thread: on request (debounced) and every resync interval.
 
     `request()` is cheap and may be called from any handler; a burst of requests within the
-    debounce window costs one pass. `wait_pass()` waits for the next pass that starts after it
-    is called.
+    debounce window costs one pass.
     """
 
     def __init__(self, reconciler: FleetReconciler, settings: OperatorSettings) -> None:
@@ -561,14 +684,12 @@ class FleetLoop:
         self.last_ok_s: float = time.monotonic()
         self.last_report: PassReport | None = None
 
-    def request(self) -> None:
+    def request(self, urgent: bool = False) -> None:
+        """Ask for a pass; `urgent`: work on the serving path (see the module docstring) is waiting,
+        so the running pass, if any, leaves bookkeeping not yet started to this one."""
+        if urgent:
+            self.reconciler.urgent.set()
         self._wake.set()
-
-    async def wait_pass(self, timeout_s: float = 30.0) -> None:
-        target = self._passes + 2  # the pass in progress (if any) may have read stale state
-        self.request()
-        async with self._done:
-            await asyncio.wait_for(self._done.wait_for(lambda: self._passes >= target), timeout_s)
 
     async def run(self) -> None:
         while True:
@@ -580,11 +701,14 @@ class FleetLoop:
                 self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
                 self.last_ok_s = time.monotonic()
                 silent = [n for n, h in self.last_report.health.items() if h != Health.HEALTHY.value]
-                log.debug(
-                    "pass: %d nodes, %d services, writes %s, not healthy %s",
+                log.log(
+                    logging.INFO if self.last_report.writes else logging.DEBUG,
+                    "pass: %.2f s, %d nodes, %d services, writes %s, deferred %d, not healthy %s",
+                    self.last_report.seconds,
                     self.last_report.nodes,
                     self.last_report.services,
                     self.last_report.writes,
+                    self.last_report.deferred,
                     silent,
                 )
             except Exception as e:

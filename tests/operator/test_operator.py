@@ -129,11 +129,16 @@ def test_memory_pressure_and_a_hot_node_get_no_new_work(
     status = eventually(
         # A pass may briefly see a node's heartbeat as late (Suspect) on a loaded machine; the
         # message settles on the real reasons while the agents keep reporting.
-        lambda: "near thermal limit" in (s := get_status(kube, namespace, "big")).get("message", "") and s,
+        lambda: (
+            all(
+                reason in (s := get_status(kube, namespace, "big")).get("message", "")
+                for reason in ("1 insufficient memory", "1 near thermal limit")
+            )
+            and s
+        ),
         step=group.agents.step,
-        what="the unplaceable message",
+        what="the unplaceable message naming both reasons",
     )
-    assert "1 insufficient memory" in status["message"] and "1 near thermal limit" in status["message"]
     assert condition(status, "Degraded")["reason"] == "Unplaceable"
     assert status["nodesSummary"].endswith("/3")
     eventually(
@@ -269,6 +274,7 @@ def test_metrics_count_passes_and_writes(operator: OperatorProcess) -> None:
     assert "edgefleet_operator_reconcile_duration_seconds_bucket" in text
     assert "edgefleet_operator_api_writes_total" in text
     assert 'edgefleet_operator_fleet_nodes{health="Healthy"}' in text
+    assert "edgefleet_operator_placement_plans_total" in text
 
 
 def test_log_has_no_tracebacks(operator: OperatorProcess) -> None:

@@ -831,7 +831,9 @@ def test_same_input_in_any_order_and_either_ranking_path_gives_the_same_result(
 SCRIPT = """
 import hashlib, random
 from edgefleet_operator.fleet_types import *
+from dataclasses import replace
 from edgefleet_operator.placement import place
+from edgefleet_operator.replanning import Planner
 rnd = random.Random(7)
 G = 2**30
 nodes = [
@@ -852,8 +854,14 @@ services = [
     for j in range(40)
 ]
 first = place(services, nodes)
+planner = Planner()
+planner.plan(services, nodes)
+failed = [replace(n, health=Health.NOT_READY) if n.name in ("n7", "n9") else n for n in nodes]
+incremental = planner.plan(services, failed, first.assignment)
+assert planner.incremental
 nodes = [n for n in nodes if n.name not in ("n3", "n5")]
-print(hashlib.sha256(repr((first, place(services, nodes, first.assignment))).encode()).hexdigest())
+results = (first, place(services, nodes, first.assignment), incremental)
+print(hashlib.sha256(repr(results).encode()).hexdigest())
 """
 
 
