@@ -41,6 +41,9 @@ from edgefleet_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+URGENT_DEBOUNCE_S = 0.1
+"""The debounce before a pass for urgent work: a burst of new services is then placed pass after pass
+as it arrives (each pass leaves the earlier ones' bookkeeping to later), not after a full debounce."""
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
 our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
@@ -692,10 +695,12 @@ class FleetLoop:
         self._wake.set()
 
     async def run(self) -> None:
+        debounce = self.settings.reconcile_debounce_s
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.resync_interval_s)
-            await asyncio.sleep(self.settings.reconcile_debounce_s)
+            urgent = self.reconciler.urgent.is_set()
+            await asyncio.sleep(min(URGENT_DEBOUNCE_S, debounce) if urgent else debounce)
             self._wake.clear()
             try:
                 self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
