@@ -1,6 +1,6 @@
 """Generation on the paged KV cache: paged vs preallocating, continuous vs static batching.
 
-    python -m bench.generation                # full run (about 80 s of CPU, one core; 2.5 min)
+    python -m bench.generation                # full run (about 70 s of CPU, one core; 1.5 min)
     BENCH_QUICK=1 python -m bench.generation  # a few seconds, a smoke test
 
 A real TinyLM (random weights, fixed seed) generates on the CPU with one torch thread, for
@@ -33,31 +33,36 @@ import torch
 
 from bench.report import table, write_section
 from node_agent.generation import EngineConfig, GenerationEngine, SamplingParams
+from node_agent.kv_cache import block_size_for_context
 from node_agent.transformer import TinyLM, TinyLMConfig
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODEL = TinyLMConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=512)
-BLOCK = 16
+BLOCK = block_size_for_context(MODEL.max_seq_len)
+"""The engine's default block size for this model (4 tokens at a 512-token context)."""
 PREALLOC_SEQS = 4
 """KV memory of every run: room for this many sequences preallocated to the full context."""
-NUM_BLOCKS = PREALLOC_SEQS * MODEL.max_seq_len // BLOCK
+KV_SLOTS = PREALLOC_SEQS * MODEL.max_seq_len
+"""Token slots of KV memory in every run, whatever the block size."""
 N_REQUESTS = 6 if QUICK else 64
-ROUNDS = 1 if QUICK else 2
+ROUNDS = 1 if QUICK else 3
 """Each engine runs the trace this many times, interleaved with the others; the fastest run
 counts (other processes on a shared machine only ever slow a run down)."""
 PROMPT_MEDIAN, OUTPUT_MEDIAN, SIGMA = 24, 40, 0.9
 MAX_NUM_SEQS = 16
 """Decode batch size at most in the batching comparison: 16 gives the most tokens per CPU
 second on this model."""
-SMALL_BLOCKS = (8, 4)
-"""Block sizes besides BLOCK in the KV comparison (same memory): a held sequence leaves on
-average (block - 1) / 2 slots of its last block empty, which short sequences feel."""
+OTHER_BLOCKS = (8, 16)
+"""Block sizes besides BLOCK in the KV comparison (same memory; 16 is vLLM's default and was
+this engine's): a held sequence leaves on average (block - 1) / 2 slots of its last block
+empty, which short sequences feel."""
 KV_MAX_NUM_SEQS = 64
 """Running-sequence cap in the KV comparison (EngineConfig's default): above what the KV
 pool can hold for this trace, so the memory, not the cap, limits both engines."""
-ARRIVAL_RATES = (12.0, 30.0)
-"""Requests per second in the batching comparison: below the engines' capacity (about 16/s
-continuous), where tokens/s is the offered load and latency differs, and beyond it."""
+ARRIVAL_RATES = (36.0, 100.0)
+"""Requests per second in the batching comparison: below the engines' capacity (about 50/s
+continuous at 16 running sequences), where tokens/s is the offered load and latency differs,
+and beyond it."""
 SEED = 0
 
 
@@ -95,6 +100,8 @@ class RunResult:
     blocks, max_length a whole context per running sequence."""
     held_tokens: float
     """Mean tokens in the KV cache per held sequence, over those steps."""
+    computed: int
+    """Tokens run through the model (prefill, decode, and the recompute of preemptions)."""
 
 
 class VirtualClock:
@@ -110,11 +117,11 @@ class VirtualClock:
 def replay(model: TinyLM, trace: list[Request], **config: object) -> RunResult:
     """Feed `trace` (arrivals on the virtual clock) and run to the end. `config`: EngineConfig
     fields, and `block` (tokens per block, default BLOCK): every block size gets the same KV
-    memory (NUM_BLOCKS x BLOCK token slots)."""
+    memory (KV_SLOTS token slots)."""
     block = int(config.pop("block", BLOCK))  # type: ignore[call-overload]
     clock = VirtualClock()
     settings: dict[str, object] = {"max_num_seqs": MAX_NUM_SEQS, **config}
-    cfg = EngineConfig(NUM_BLOCKS * BLOCK // block, block, max_num_batched_tokens=2048,
+    cfg = EngineConfig(KV_SLOTS // block, block, max_num_batched_tokens=2048,
                        **settings)  # type: ignore[arg-type]  # fmt: skip
     eng = GenerationEngine(model, cfg, clock=clock)
     context_slots = eng.kv.blocks_needed(MODEL.max_seq_len) * block
@@ -151,11 +158,80 @@ def replay(model: TinyLM, trace: list[Request], **config: object) -> RunResult:
     wall = clock.now - min(r.arrival_s for r in trace)
     return RunResult(generated / wall, wall, float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99)),
                      float(np.mean(running)), eng.preemptions, generated, held / max(sat_steps, 1),
-                     stored / max(reserved, 1), stored / max(held, 1))  # fmt: skip
+                     stored / max(reserved, 1), stored / max(held, 1), eng.computed_tokens)  # fmt: skip
 
 
 def kv_row(label: str, r: RunResult) -> list[object]:
-    return [label, r.held, r.utilization, round(r.tokens_per_s), r.wall_s, r.mean_running, r.preemptions]
+    return [label, r.held, r.utilization, round(r.tokens_per_s), r.wall_s, r.mean_running, r.preemptions,
+            r.computed]  # fmt: skip
+
+
+def kv_section(runs: dict[str, RunResult]) -> str:
+    """The KV reservation table and what it shows."""
+    p, m, cap = runs["paged"], runs["max_length"], runs["paged@cap"]
+    other = {b: runs[f"paged/{b}"] for b in OTHER_BLOCKS}
+    p16 = other[16]
+    ratio = p.held / m.held
+    met = ratio >= 4 and p.utilization >= 0.96 and m.utilization <= 0.40
+    empty = {b: (b - 1) / 2 for b in (BLOCK, *OTHER_BLOCKS)}
+    return (
+        "**KV reservation** (same KV memory, all requests queued at t=0). *Held* and *KV "
+        "utilization* (tokens stored / token slots reserved) are means over the steps while "
+        "requests were waiting; *seqs per step* is over the whole run, the drain included; *tokens "
+        "computed* counts every token run through the model (prompts, decode, and the recompute "
+        "of preempted sequences).\n\n"
+        + table(
+            [
+                "engine",
+                "sequences held",
+                "KV utilization",
+                "tokens/s",
+                "time s",
+                "seqs per step",
+                "preemptions",
+                "tokens computed",
+            ],
+            [
+                kv_row(f"paged, {BLOCK}-token blocks (default)", p),
+                kv_row("preallocate to max length", m),
+                *[kv_row(f"paged, {b}-token blocks", r) for b, r in other.items()],
+                kv_row(f"paged, {BLOCK}-token blocks, max {MAX_NUM_SEQS} running", cap),
+            ],
+        )
+        + f"\n\nAt most {KV_MAX_NUM_SEQS} running sequences unless stated: more than the KV pool holds, "
+        f"so the memory is the limit. **Paged, with the default {BLOCK}-token blocks, holds "
+        f"{ratio:.2f}x the sequences** of preallocation (goal >= 4x), KV utilization **{p.utilization:.3f} "
+        f"vs {m.utilization:.3f}** (goals >= 0.96, <= 0.40): {'all three met' if met else 'missed'}"
+        f"; throughput {p.tokens_per_s / m.tokens_per_s:.2f}x preallocation's, and "
+        f"{p.tokens_per_s / p16.tokens_per_s:.2f}x that of 16-token blocks ({round(p.tokens_per_s)} vs "
+        f"{round(p16.tokens_per_s)} tokens/s). The ratio of sequences held is about the ratio of "
+        f"utilizations (both hold the oldest requests): a held sequence stores {p.held_tokens:.0f} tokens "
+        f"on average, in a whole {MODEL.max_seq_len}-token context when preallocated.\n\n"
+        f"*Why {BLOCK}-token blocks.* A held sequence leaves on average (block - 1) / 2 slots of its "
+        "last block empty: "
+        + ", ".join(
+            f"{empty[b]:.1f} at {b}-token blocks (utilization "
+            f"{(p if b == BLOCK else other[b]).utilization:.3f})"
+            for b in sorted(empty)
+        )
+        + f". So utilization >= 0.96 needs sequences holding about 12 x (block - 1) tokens or more "
+        f"({12 * (16 - 1)} at 16-token blocks, {12 * (BLOCK - 1)} at {BLOCK}), while >= 4x the "
+        f"sequences of preallocation needs them to hold at most 0.96 x {MODEL.max_seq_len} / 4 = "
+        f"{0.96 * MODEL.max_seq_len / 4:.0f}: at a {MODEL.max_seq_len}-token context only small blocks "
+        "meet both. The engine therefore sizes blocks from the model's context "
+        "(`kv_cache.block_size_for_context`): the largest power of two at most context / 128, within "
+        "[4, 16], so 4 at 512, 8 at 1024 and 16 (vLLM's size) from 2048 on, where sequences are long "
+        "enough that 16 wastes little (see the KV cache section's 2048-token simulation). "
+        "A model may set its own with `parameters.kv_block_size` in model.yaml. The block books cost "
+        "little: attention reads each layer's K/V with one gather over slot indices built once per "
+        "step from the block tables (`transformer._Plan`), so the block count changes only one pass "
+        f"over block ids per step. What {BLOCK}-token blocks do cost is the work of holding more "
+        f"sequences at once: {p.computed / p16.computed - 1:+.1%} tokens computed against 16-token "
+        f"blocks ({p.preemptions} preemptions recomputed against {p16.preemptions}: the pool is "
+        f"packed tighter), for {p.tokens_per_s / p16.tokens_per_s:.2f}x their tokens/s. Capped at "
+        f"{MAX_NUM_SEQS} running sequences (the batching runs' setting), "
+        f"paged holds {cap.held:.1f}: the cap, not the memory, is then the limit."
+    )
 
 
 def main() -> None:
@@ -168,9 +244,9 @@ def main() -> None:
     plan: dict[str, tuple[list[Request], dict[str, object]]] = {
         "paged": (offline, {"max_num_seqs": KV_MAX_NUM_SEQS}),
         "max_length": (offline, {"kv_reservation": "max_length", "max_num_seqs": KV_MAX_NUM_SEQS}),
-        "paged@16": (offline, {}),
+        "paged@cap": (offline, {}),
     }
-    for block in SMALL_BLOCKS:
+    for block in OTHER_BLOCKS:
         plan[f"paged/{block}"] = (offline, {"max_num_seqs": KV_MAX_NUM_SEQS, "block": block})
     for rate, trace in online.items():
         plan[f"continuous@{rate:g}"] = (trace, {})
@@ -186,58 +262,19 @@ def main() -> None:
             f"p99 {r.ttft_p99_s:.3f} s  seqs/step {r.mean_running:5.1f}  preemptions {r.preemptions}  "
             f"held {r.held:5.1f}  util {r.utilization:.3f}"
         )
-    p, m, p16 = runs["paged"], runs["max_length"], runs["paged@16"]
     out_lens = [r.max_tokens for r in offline]
     prompt_lens = [len(r.prompt) for r in offline]
     body = "\n\n".join(
         [
             f"TinyLM d_model {MODEL.d_model}, {MODEL.n_layers} layers, {MODEL.n_heads} heads, context "
             f"{MODEL.max_seq_len}, random weights; CPU, 1 torch thread, times in engine CPU seconds, "
-            f"fastest of {ROUNDS} interleaved runs per engine. "
-            f"KV pool {NUM_BLOCKS} blocks of "
-            f"{BLOCK} tokens (= {PREALLOC_SEQS} sequences at full context) in every run; "
-            f"max {MAX_NUM_SEQS} running sequences unless stated. Trace: {N_REQUESTS} requests, "
-            "prompt tokens "
+            f"fastest of {ROUNDS} interleaved runs per engine. KV memory {KV_SLOTS} token slots "
+            f"(= {PREALLOC_SEQS} sequences at full context) in every run, in blocks of {BLOCK} tokens "
+            f"(the engine's default for a {MODEL.max_seq_len}-token context) unless stated; max "
+            f"{MAX_NUM_SEQS} running sequences unless stated. Trace: {N_REQUESTS} requests, prompt tokens "
             f"median {int(np.median(prompt_lens))} / max {max(prompt_lens)}, output tokens median "
             f"{int(np.median(out_lens))} / max {max(out_lens)} (lognormal, sigma {SIGMA}).",
-            "**KV reservation** (same KV memory, all requests queued at t=0). *Held* and *KV "
-            "utilization* (tokens stored / token slots reserved) are means over the steps while "
-            "requests were waiting; *seqs per step* is over the whole run, the drain included.\n\n"
-            + table(
-                [
-                    "engine",
-                    "sequences held",
-                    "KV utilization",
-                    "tokens/s",
-                    "time s",
-                    "seqs per step",
-                    "preemptions",
-                ],
-                [
-                    kv_row(f"paged, {BLOCK}-token blocks", p),
-                    kv_row("preallocate to max length", m),
-                    *[kv_row(f"paged, {b}-token blocks", runs[f"paged/{b}"]) for b in SMALL_BLOCKS],
-                    kv_row(f"paged, {BLOCK}-token blocks, max {MAX_NUM_SEQS} running", p16),
-                ],
-            )
-            + f"\n\nAt most {KV_MAX_NUM_SEQS} running sequences unless stated: more than the KV "
-            f"pool holds, so the memory is the limit. **Paged holds {p.held / m.held:.2f}x the "
-            f"sequences** of preallocation (goal >= 4x), KV utilization **{p.utilization:.3f} vs "
-            f"{m.utilization:.3f}** (goals >= 0.96, <= 0.40); throughput "
-            f"{p.tokens_per_s / m.tokens_per_s:.2f}x. "
-            "The ratio of sequences held is about the ratio of utilizations (both hold the oldest "
-            f"requests): a held sequence stores {p.held_tokens:.0f} tokens on average, in a whole "
-            f"{MODEL.max_seq_len}-token context when preallocated. Paged utilization misses 0.96 "
-            f"because these sequences are short next to a {BLOCK}-token block: the partial last "
-            f"block leaves {(BLOCK - 1) / 2:.1f} slots empty on average, and smaller blocks close the "
-            "gap (rows 8 and 4). The two goals together need held sequences long enough for the "
-            f"blocks (about {(BLOCK - 1) / 2 * 0.96 / 0.04:.0f}+ tokens at {BLOCK}-token blocks) and "
-            "short enough "
-            f"for the context (at most 0.96 x {MODEL.max_seq_len} / 4 = {0.96 * MODEL.max_seq_len / 4:.0f} "
-            f"tokens): no trace meets both at a {MODEL.max_seq_len}-token context (the KV cache section "
-            f"shows the 2048-token case). Capped at {MAX_NUM_SEQS} running sequences (the batching runs' "
-            f"setting, and this benchmark's earlier one), paged holds {p16.held:.1f}: the cap, not "
-            "the memory, is then the limit.",
+            kv_section(runs),
             "**Batching** (Poisson arrivals, paged KV; the same trace at two rates):\n\n"
             + table(
                 ["requests/s", "batching", "tokens/s", "TTFT p50 s", "TTFT p99 s", "mean seqs per step"],

@@ -25,6 +25,10 @@ from node_agent.kv_cache import KVCacheConfig, KVCacheManager
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BLOCK = 16
+"""Tokens per block: the engine's default at this context (`block_size_for_context(2048)`)."""
+SMALL_BLOCK = 4
+"""The engine's default at a 512-token context (the generation benchmark's model): the
+block-cost table measures the manager at both sizes."""
 MAX_SEQ_LEN = 2048
 """Context length; preallocation reserves this much per sequence, like the seeds'
 `allocate_cache(session, max_sequence_length)`."""
@@ -345,19 +349,19 @@ def bench_block_cost() -> str:
     rng = np.random.default_rng(SEED + 2)
     prompts = [rng.integers(0, 32000, 256).tolist() for _ in range(reps // 20)]
 
-    def seq_cycles(caching: bool) -> Callable[[], int]:
+    def seq_cycles(caching: bool, block: int = BLOCK) -> Callable[[], int]:
         def run() -> int:  # a fresh pool each run, so repeats do not hit the prefix cache
-            m = KVCacheManager(KVCacheConfig(4096, BLOCK, enable_prefix_caching=caching))
+            m = KVCacheManager(KVCacheConfig(4096 * BLOCK // block, block, enable_prefix_caching=caching))
             for i, p in enumerate(prompts):
                 m.allocate(i, p, 0)
                 m.free(i)
-            return len(prompts) * (256 // BLOCK)
+            return len(prompts) * (256 // block)
 
         return run
 
-    def decode(caching: bool) -> Callable[[], int]:
+    def decode(caching: bool, block: int = BLOCK) -> Callable[[], int]:
         def run() -> int:
-            m = KVCacheManager(KVCacheConfig(4096, BLOCK, enable_prefix_caching=caching))
+            m = KVCacheManager(KVCacheConfig(4096 * BLOCK // block, block, enable_prefix_caching=caching))
             for i in range(64):
                 m.allocate(i, [i], 1000)
             for t in range(reps // 64):
@@ -368,28 +372,36 @@ def bench_block_cost() -> str:
         return run
 
     us = 1e6
+    prompt16, prompt4 = (_best_of(seq_cycles(True, b), repeats) * us for b in (BLOCK, SMALL_BLOCK))
+    decode16, decode4 = (_best_of(decode(True, b), repeats) * us for b in (BLOCK, SMALL_BLOCK))
     rows = [
         ["BlockPool.allocate(64) + release", "block", _best_of(pool_cycles(64), repeats) * us],
         ["BlockPool.allocate(1) + release", "block", _best_of(pool_cycles(1), repeats) * us],
         ["manager allocate(256-token prompt) + free, prefix caching off", "block",
          _best_of(seq_cycles(False), repeats) * us],
-        ["manager allocate(256-token prompt) + free, prefix caching on", "block",
-         _best_of(seq_cycles(True), repeats) * us],
+        ["manager allocate(256-token prompt) + free, prefix caching on", "block", prompt16],
         ["manager append_slots(1 token), prefix caching off", "token",
          _best_of(decode(False), repeats) * us],
-        ["manager append_slots(1 token), prefix caching on", "token",
-         _best_of(decode(True), repeats) * us],
+        ["manager append_slots(1 token), prefix caching on", "token", decode16],
+        [f"manager allocate(256-token prompt) + free, prefix caching on, {SMALL_BLOCK}-token blocks",
+         "block", prompt4],
+        [f"manager append_slots(1 token), prefix caching on, {SMALL_BLOCK}-token blocks", "token",
+         decode4],
     ]  # fmt: skip
     return (
         f"Best of {repeats} runs, CPU time of this process (`time.process_time`: the 2-core "
         "machine is shared, so wall time would charge other processes' work); a 4096-block "
-        "pool. The manager rows "
+        f"pool of {BLOCK}-token blocks (the same token slots in {SMALL_BLOCK}-token blocks). "
+        "The manager rows "
         "include building the block table, hashing full blocks (caching on), and the "
         "prefix lookup.\n\n"
         + table(["operation", "per", "us"], rows)
         + f"\n\n**Block allocate + free: {rows[0][2]:.3f} us per block** in the pool "
         f"(goal <= 2 us); {rows[2][2]:.3f} us per block for a whole sequence through the "
-        f"manager, {rows[3][2]:.3f} us with prefix hashing."
+        f"manager, {rows[3][2]:.3f} us with prefix hashing. With {SMALL_BLOCK}-token blocks (the "
+        f"engine's default at a 512-token context) a prompt costs {prompt4 / SMALL_BLOCK:.3f} us "
+        f"per token to admit and free with prefix hashing, against {prompt16 / BLOCK:.3f} us with "
+        f"{BLOCK}-token blocks; a decode token's append_slots {decode4:.3f} us against {decode16:.3f} us."
     )
 
 

@@ -34,14 +34,15 @@ BATCH = 16
 CLIENTS = 64
 
 
-def bare_rows_per_s(backend: object, seconds: float) -> float:
+def bare_rows_per_s(backend: object, seconds: float) -> tuple[float, float]:
+    """Rows per second of wall time, and per second of this thread's CPU time."""
     x = {"image": torch.from_numpy(images(BATCH, seed=1))}
     backend.run(x)  # type: ignore[attr-defined]
-    rows, t0 = 0, time.perf_counter()
+    rows, t0, cpu0 = 0, time.perf_counter(), time.thread_time()
     while time.perf_counter() - t0 < seconds:
         backend.run(x)  # type: ignore[attr-defined]
         rows += BATCH
-    return rows / (time.perf_counter() - t0)
+    return rows / (time.perf_counter() - t0), rows / (time.thread_time() - cpu0)
 
 
 async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, float]:
@@ -75,11 +76,16 @@ async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object
     lease = await scheduler.acquire(repo.config("classifier", "1"))
     backend = lease.backend
     await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
-    bare, served, batches = [], [], []
+    bare, served, batches, bare_cpu, served_cpu = [], [], [], [], []
     for _ in range(rounds):  # alternating rounds
         # the bare loop runs on a pool-like thread setting: same torch.get_num_threads()
-        bare.append(await asyncio.to_thread(bare_rows_per_s, backend, seconds))
+        rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, seconds)
+        bare.append(rows_s)
+        bare_cpu.append(rows_cpu_s)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         rows_s, mean_batch = await served_rows_per_s(engine, seconds)
+        # the whole process's CPU: the worker and the event loop (every request's Python)
+        served_cpu.append(rows_s * (time.perf_counter() - wall0) / (time.process_time() - cpu0))
         served.append(rows_s)
         batches.append(mean_batch)
     lease.release()
@@ -93,6 +99,7 @@ async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object
         "served": statistics.mean(served),
         "ratio": sum(served) / sum(bare),
         "median": statistics.median(ratios),
+        "cpu": statistics.median(served_cpu) / statistics.median(bare_cpu),
         "ratios": ratios,
         "batch": statistics.mean(batches),
     }
@@ -100,7 +107,7 @@ async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object
 
 async def main() -> None:
     q = quick()
-    rounds, seconds = (1, 1.0) if q else (20, 1.2)
+    rounds, seconds = (1, 1.0) if q else (40, 0.6)
     cores = os.cpu_count() or 1
     settings = [1] if q else sorted({1, cores})
     rows = []
@@ -110,7 +117,7 @@ async def main() -> None:
         assert isinstance(ratios, list)
         rows.append([
             r["threads"], f"{r['batch']:.1f}", f"{r['bare']:.0f}", f"{r['served']:.0f}",
-            f"**{r['ratio']:.3f}**", f"{r['median']:.3f}", ">= 0.95",
+            f"**{r['ratio']:.3f}**", f"{r['median']:.3f}", f"{r['cpu']:.3f}", ">= 0.95",
             "yes" if r["ratio"] >= 0.95 else "no",  # type: ignore[operator]
             ", ".join(f"{x:.2f}" for x in ratios),
         ])  # fmt: skip
@@ -118,10 +125,14 @@ async def main() -> None:
         f"`classifier/1` (small CNN, 3x64x64 -> 10) on CPU, batches of {BATCH} rows. Bare: the\n"
         "loaded backend's `run` in a loop on a ready batch (on a worker thread, like the pool).\n"
         f"Served: `Engine.infer` with 1-image requests from {CLIENTS} closed-loop clients, one\n"
-        f"pool worker. Bare and served alternate in {rounds} rounds of {seconds} s each.\n\n"
+        f"pool worker. Bare and served alternate in {rounds} rounds of {seconds} s each.\n"
+        "CPU ratio: rows per CPU-second served (the whole process: worker and event loop) /\n"
+        "rows per CPU-second bare (its thread), medians over the rounds: the engine's cost per\n"
+        "row, which other processes on a shared machine do not move; the goal is on the wall\n"
+        "totals.\n\n"
         + table(
             ["torch threads", "mean served batch", "bare rows/s", "served rows/s",
-             "served / bare (totals)", "median round ratio", "goal", "met",
+             "served / bare (totals)", "median round ratio", "CPU ratio", "goal", "met",
              "per-round ratios"],
             rows,
         )

@@ -20,22 +20,30 @@ Life of a request:
    the batch raises and has several members, each member is re-run alone so only the
    culprit fails (`InferenceFailed`).
 4. The worker feeds the policy (batch rows, service time, latencies), so the next
-   batch already uses the new decision, and hands every outcome back with one
-   `call_soon_threadsafe` per batch; the loop releases the lease, resolves the futures
-   (re-joining chunked requests), sheds queued work a shrunk bound no longer covers,
-   and issues the next ticket.
+   batch already uses the new decision, and posts the batch's outcomes to the loop (one
+   `call_soon_threadsafe` wakes it for every batch posted until it drains them). Then,
+   while another batch is due (step 2's rule), the lease allows it (`may_continue`: the
+   scheduler wants no memory back) and no job of another model waits at the pool
+   (`StreamPool.should_yield`), the same ticket takes and runs the next batch at once:
+   under load a worker goes from batch to batch without a thread hand-off or a lease per
+   batch (the hand-off cost 90-230 us of CPU per batch on a 2-core machine).
+5. On the loop, each posted batch's futures are resolved (chunked requests re-joined);
+   when a ticket ends its lease is released, queued work a shrunk bound no longer
+   covers is shed, and the next ticket is issued.
 
 Guarantee: every admitted request's future gets exactly one outcome (result or error),
 including on `stop()` (`ShuttingDown`) and when its deadline passes while it waits (an
 expiry timer fails it at its deadline).
 
 Deadlines are `time.monotonic()` timestamps (the default asyncio loop clock). Once a
-request has started it runs to completion and its caller gets the result.
+request has started it runs to completion and its caller gets the result (a caller who
+gave up after its batch was taken is not told: its rows may still run).
 
 Tensors at the boundary are numpy arrays, inside the worker torch tensors: a batch
 costs one `np.concatenate`, one `torch.from_numpy` per input, one `.numpy()` per output,
-and a numpy slice per member (measured: a torch view costs 1.5-3.5 us to create, a
-numpy slice 0.5 us, which is most of the per-request budget at batch 32). BF16, which
+and a numpy view per member (measured: a torch view costs 1.5-3.5 us to create, a
+numpy slice 0.5 us, iterating one-row views out of the output 0.1 us: much of the
+per-request budget at batch 32). BF16, which
 numpy lacks, travels as uint16 arrays holding the raw bits (`bf16_inputs`).
 
 Threads: the queue and the policy's `observe` are shared with pool workers under
@@ -84,7 +92,12 @@ class RunsBatches(Protocol):
 
 
 class Lease(Protocol):
-    """A model held for one batch; `release()` once when the batch is done."""
+    """A model held for a ticket's batches; `release()` once when the ticket is done.
+
+    A lease may also have `may_continue() -> bool` (any thread): whether its holder may run
+    another batch under it rather than release it and acquire again, because nothing waits
+    for what it holds (a slot, memory). A ticket runs batches back to back only on a lease
+    that has it and says so; on any other lease it runs one batch (a lease per batch)."""
 
     @property
     def backend(self) -> RunsBatches: ...
@@ -106,6 +119,9 @@ class StaticLease:
     def release(self) -> None:
         pass
 
+    def may_continue(self) -> bool:
+        return True
+
 
 def static_acquire(backend: RunsBatches) -> Acquire:
     """An `Acquire` that always hands out `backend`."""
@@ -126,8 +142,9 @@ class BatcherSettings:
     pipeline_depth: int | None = None
     """Batch tickets of this model queued at the pool or running; None: pool workers + 1.
     One more than the workers keeps each worker fed without waiting for the event loop
-    between batches; since tickets are filled when a worker starts them, a deeper
-    pipeline costs no priority inversion."""
+    between batches where a ticket runs one batch (its lease does not let it go on); since
+    tickets are filled when a worker starts them, a deeper pipeline costs no priority
+    inversion."""
     isolate_errors: bool = True
     """Re-run members one by one when a batch raises, so only the culprit fails."""
     dynamic_shapes: bool = False
@@ -215,44 +232,97 @@ def _resume(coro: Any, awaited: Any) -> Any:
         return stop.value
 
 
-class _Ticket:
-    """One batch: filled and run by a pool worker, completed on the loop."""
+class _Batch:
+    """One batch a ticket ran: filled on a worker, completed on the loop.
 
-    __slots__ = ("batcher", "expired", "lease", "outcomes", "pieces", "rows", "service_s",
-                 "started")  # fmt: skip
+    `pieces[i]`'s outcome is `outcomes[i]`: its outputs, an error, or `_SKIPPED`; `expired`
+    pieces were found past their deadline when the batch was taken (never run)."""
+
+    __slots__ = ("expired", "live", "outcomes", "pieces", "rows", "service_s")
+
+    def __init__(
+        self, pieces: list[_Piece], expired: list[_Piece], outcomes: list[Any], live: int
+    ) -> None:
+        self.pieces = pieces
+        self.expired = expired
+        self.outcomes = outcomes
+        self.live = live
+        """Members to run: `pieces[:live]`; the rest were doomed (their deadline)."""
+        self.rows = 0
+        """Rows that ran in one successful call of the model (0: none, or it raised)."""
+        self.service_s = 0.0
+
+
+class _Ticket:
+    """A pool job holding one lease: runs batches on a worker, back to back while a batch
+    is due, the lease allows it (`may_continue`) and no job of another model waits for the
+    worker (`StreamPool.should_yield`); each batch is posted to the loop as it ends (the
+    last one with the job's end, `on_done`). Another ticket of the same model waiting at the
+    pool (the pipeline) does not stop it: it serves the same queue in the same order.
+
+    A ticket run inline (on the loop) runs one batch. Taking a batch is late binding: the
+    most urgent pieces queued when the batch starts."""
+
+    __slots__ = ("batcher", "continues", "current", "lease", "started")
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
         self.started = False
+        self.continues = True
         self.lease: Lease | None = None
-        self.pieces: list[_Piece] = []
-        self.expired: list[_Piece] = []
-        self.outcomes: list[Any] = []
-        self.rows = 0
-        self.service_s = 0.0
+        self.current: _Batch | None = None
+        """The batch taken and not yet posted (its members' outcome if the job raises)."""
 
     # --- worker thread -----------------------------------------------------
 
-    def run(self, stream: Any) -> None:
-        """Take the most urgent pieces now, run the live ones; outcomes land on self.
-
-        Pieces whose deadline would pass before a batch of the planned size ends are
-        dropped (`DeadlineExceeded`, never run), and the batch is refilled from the queue
-        in their place, so doomed work costs no batch room."""
+    def run(self, stream: Any) -> _Batch | None:
+        """Run the first batch, then further due batches while the worker may stay. Each
+        batch is posted once the next is taken; the last is returned, and `on_done` posts
+        it with the job's end."""
         b = self.batcher
+        batch = self._take(first=True)
+        assert self.lease is not None
+        renewable = getattr(self.lease, "may_continue", None)
+        while True:
+            if batch is not None and batch.pieces:
+                self._run_batch(batch, stream)
+            if not self.continues or renewable is None or b._stopping:
+                return batch
+            if not renewable() or b.pool.should_yield(b):
+                return batch
+            nxt = self._take(first=False)  # (now `current`: the batch a raise would fail)
+            if nxt is None:  # the last: posted with the job's end, so its callers hear of
+                return batch  # their results no earlier than the lease is released
+            if batch is not None:
+                b._post(self, batch, None, ends=False)
+            batch = nxt
+
+    def _take(self, first: bool) -> _Batch | None:
+        """Take the most urgent pieces for a batch of the planned size (None: after the
+        first batch, no batch is due). Pieces whose deadline would pass before a batch of
+        that size ends are dropped (`DeadlineExceeded`, never run), and the batch is
+        refilled from the queue in their place, so doomed work costs no batch room."""
+        b = self.batcher
+        decision = b.policy.decision()
+        size = decision.batch_size
         start = time.monotonic()
-        size = b.policy.decision().batch_size
         latest_start = start + b.policy.predict_service_s(size)
         taken: list[_Piece] = []
         doomed: list[_Piece] = []
         rows = 0
         group: Hashable = ANY_GROUP
+        queue = b._queue
         with b._lock:
-            b._pending -= 1
-            self.started = True
-            self.expired = b._queue.pop_expired(start)
+            if first:
+                b._pending -= 1
+                self.started = True
+            elif not b._due_locked(start, size):
+                return None
+            else:  # the next batch's window opens as this one leaves (as on the loop)
+                b._window_close_s = start + decision.delay_s
+            expired = queue.pop_expired(start)
             while rows < size:
-                got = b._queue.take(size - rows, _alive, first_alone=not taken, group=group)
+                got = queue.take(size - rows, _alive, first_alone=not taken, group=group)
                 if not got:
                     break
                 for piece in got:
@@ -264,42 +334,52 @@ class _Ticket:
                         rows += piece.rows
                 if taken and b._dynamic:
                     group = taken[0].group
-        self.pieces = taken + doomed
-        if not self.pieces:
-            return
-        outcomes: list[Any] = [_SKIPPED] * len(taken)
-        outcomes += [
-            DeadlineExceeded(f"{b.name}: deadline would pass before the batch finished; not run")
-            for _ in doomed
-        ]
-        live = [i for i, piece in enumerate(taken) if not piece.request.future.done()]
-        self.outcomes = outcomes
-        if live:
-            self._run_live(live, stream)
-        end = time.monotonic()
-        # the whole batch, taking and splitting included: per-batch overhead is a fixed
-        # cost the planner must see (with it, batch 1 is rarely the throughput knee)
-        self.service_s = end - start
-        if self.rows:  # feed the policy here, so the very next batch already adapts
-            latencies = [
-                end - p.request.arrival_s
-                for p, o in zip(self.pieces, outcomes, strict=True)
-                if isinstance(o, dict)
+        live = len(taken)
+        outcomes: list[Any] = [_SKIPPED] * live
+        if doomed:
+            taken += doomed
+            outcomes += [
+                DeadlineExceeded(f"{b.name}: deadline would pass before the batch finished; not run")
+                for _ in doomed
             ]
-            with b._lock:
-                b.policy.observe(end, self.rows, self.service_s, latencies)
+        batch = _Batch(taken, expired, outcomes, live)
+        self.current = batch
+        return batch
 
-    def _run_live(self, live: list[int], stream: Any) -> None:
+    def _run_batch(self, batch: _Batch, stream: Any) -> None:
+        """Run the live pieces of `batch`; outcomes land on it; the policy is fed."""
+        b = self.batcher
+        start = time.monotonic()
+        pieces = batch.pieces
+        # the members to run: taken alive (callers without an outcome) a moment ago, under
+        # the lock; one whose caller gave up since still runs, and `_complete` skips it
+        live = batch.live
+        if live:
+            self._run_live(batch, live, stream)
+        end = time.monotonic()
+        # the whole batch, splitting included: per-batch overhead is a fixed cost the
+        # planner must see (with it, batch 1 is rarely the throughput knee)
+        batch.service_s = end - start
+        if batch.rows:  # feed the policy here, so the very next batch already adapts
+            # (rows > 0: the batch ran in one call, so every live member has its outputs)
+            latencies = [end - pieces[i].request.arrival_s for i in range(live)]
+            with b._lock:
+                b.policy.observe(end, batch.rows, batch.service_s, latencies)
+
+    def _run_live(self, batch: _Batch, n: int, stream: Any) -> None:
+        """Run the first `n` members (the live ones; the doomed follow them)."""
         assert self.lease is not None
         backend = self.lease.backend
         b = self.batcher
         bf16 = b.settings.bf16_inputs
-        outcomes = self.outcomes
-        pieces = [self.pieces[i] for i in live]
-        rows = sum(p.rows for p in pieces)
+        outcomes = batch.outcomes
+        pieces = batch.pieces[:n] if n < len(batch.pieces) else batch.pieces
+        live = range(n)
         if len(pieces) == 1:
+            rows = pieces[0].rows
             inputs = pieces[0].inputs
         else:
+            rows = sum(p.rows for p in pieces)
             inputs = {n: np.concatenate([p.inputs[n] for p in pieces]) for n in pieces[0].inputs}
         try:
             outputs = _call(backend, inputs, rows, b.device, stream, bf16)
@@ -318,29 +398,38 @@ class _Ticket:
                 for i in live:
                     outcomes[i] = err
             return
-        self.rows = rows
+        batch.rows = rows
         if len(pieces) == 1:
             outcomes[live[0]] = outputs
             return
+        if rows == len(pieces) and len(outputs) == 1:  # one row each, one output: the usual
+            # iterating a (rows, 1, ...) view yields each row's (1, ...) view at C speed,
+            # where a slice per member costs ~0.5 us of Python
+            ((name, out),) = outputs.items()
+            for i, row in zip(live, out[:, None], strict=True):
+                outcomes[i] = {name: row}
+            return
         offset = 0
+        items = list(outputs.items())
         for i, piece in zip(live, pieces, strict=True):
             end = offset + piece.rows
-            outcomes[i] = {n: t[offset:end] for n, t in outputs.items()}
+            outcomes[i] = {n: t[offset:end] for n, t in items}
             offset = end
 
-    def on_done(self, result: Any, error: BaseException | None) -> None:
-        """Pool callback, on any thread: post this ticket to the batcher's mailbox."""
-        self.batcher._post(self, error)
+    def on_done(self, result: _Batch | None, error: BaseException | None) -> None:
+        """Pool callback, on any thread: post the last batch and the job's end."""
+        self.batcher._post(self, result, error, ends=True)
 
-    def on_done_inline(self, result: Any, error: BaseException | None) -> None:
+    def on_done_inline(self, result: _Batch | None, error: BaseException | None) -> None:
         """Pool callback of a ticket run inline, on the loop's thread."""
-        self.batcher._post(self, error, on_loop=True)
+        self.batcher._post(self, result, error, ends=True, on_loop=True)
 
 
 def _to_torch(array: np.ndarray, bf16: bool) -> torch.Tensor:
     import torch
 
-    if not (array.flags.writeable and array.flags.c_contiguous):
+    flags = array.flags
+    if not (flags.writeable and flags.c_contiguous):
         array = np.array(array, order="C")  # torch.from_numpy needs a writable array
     if bf16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -348,9 +437,9 @@ def _to_torch(array: np.ndarray, bf16: bool) -> torch.Tensor:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Any tensor as a numpy array: detached, on the CPU, BF16 as uint16 bits."""
     import torch
 
-    # each torch call costs microseconds here (and may hand the GIL around): only the needed
     if t.requires_grad:
         t = t.detach()
     if not t.is_cpu:
@@ -368,17 +457,28 @@ def _call(
     stream: Any,
     bf16: frozenset[str],
 ) -> Arrays:
-    """Run one batch on `backend`; outputs as numpy arrays, each with `rows` rows."""
-    tensors = {n: _to_torch(a, n in bf16) for n, a in inputs.items()}
-    if device != "cpu":
-        tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+    """Run one batch on `backend`; outputs as numpy arrays, each with `rows` rows.
+
+    Each torch call costs a microsecond or more here, a large share of a small batch: the
+    common case (CPU, no BF16, outputs that `.numpy()` takes as they are) makes no others."""
+    if bf16 or device != "cpu":
+        tensors = {n: _to_torch(a, n in bf16) for n, a in inputs.items()}
+        if device != "cpu":
+            tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+    else:
+        tensors = {n: _to_torch(a, False) for n, a in inputs.items()}
     outputs = backend.run(tensors, stream)
-    if not isinstance(outputs, dict):
+    if type(outputs) is not dict and not isinstance(outputs, dict):
         raise TypeError(f"backend returned {type(outputs).__name__}, expected a dict of tensors")
-    arrays = {n: _to_numpy(t) for n, t in outputs.items()}
-    for name, a in arrays.items():
+    arrays: Arrays = {}
+    for name, t in outputs.items():
+        try:
+            a = t.numpy()  # raises for grad, device and BF16 tensors: _to_numpy handles those
+        except (RuntimeError, TypeError):
+            a = _to_numpy(t)
         if a.ndim == 0 or a.shape[0] != rows:
             raise ValueError(f"output {name!r} has shape {a.shape} for {rows} input rows")
+        arrays[name] = a
     return arrays
 
 
@@ -425,7 +525,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._done: list[tuple[_Ticket, BaseException | None]] = []  # under _lock
+        self._done: list[tuple[_Ticket, _Batch | None, BaseException | None, bool]] = []  # under _lock
         self._drain_armed = False  # under _lock: a _drain is scheduled on the loop
         # counters (tests, benchmarks, metrics); requests unless named otherwise
         self.submitted = 0
@@ -465,11 +565,11 @@ class Batcher:
         npieces = 1 if rows <= limit else -(-rows // limit)
         request = _Request(future, priority, deadline_s, now, npieces)
         group = tuple(tuple(t.shape[1:]) for t in inputs.values()) if self._dynamic else None
+        pieces: list[_Piece] = []
+        costs: list[float] = []
         if npieces == 1:
-            pieces = [_Piece(request, 0, inputs, rows, group)]
-            costs: list[float] = [rows]
+            piece = _Piece(request, 0, inputs, rows, group)
         else:
-            pieces, costs = [], []
             for k in range(npieces):
                 lo, hi = k * limit, min(rows, (k + 1) * limit)
                 pieces.append(_Piece(request, k, {n: t[lo:hi] for n, t in inputs.items()},
@@ -480,8 +580,13 @@ class Batcher:
         with self._lock:
             was_empty = queue.cost == 0
             queue.bound = decision.queue_limit_rows
-            offer = queue.offer(pieces, costs, priority, deadline_s, now)
+            if npieces == 1:
+                offer = queue.offer_one(piece, rows, priority, deadline_s, now)
+            else:
+                offer = queue.offer(pieces, costs, priority, deadline_s, now)
             queued = queue.cost
+            if offer.admitted and (was_empty or self._window_close_s is None):
+                self._window_close_s = now + decision.delay_s
         if offer.expired:
             self._fail_pieces(offer.expired, DeadlineExceeded, "deadline passed while queued")
         if offer.displaced:
@@ -493,11 +598,10 @@ class Batcher:
                 retry_after_s=self.policy.retry_after_s(queued),
             )
         self.submitted += 1
-        if was_empty or self._window_close_s is None:
-            self._window_close_s = now + decision.delay_s
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
-        self._dispatch()
+        if self._out < self._depth:  # (else a finishing ticket's drain dispatches)
+            self._dispatch()
         return future
 
     def queued_rows(self) -> float:
@@ -539,18 +643,31 @@ class Batcher:
             return
         while self._out < self._depth:
             decision = self.policy.decision()
-            with self._lock:
-                unclaimed = self._queue.cost - self._pending * decision.batch_size
-                top = self._queue.top_priority()
-            if unclaimed <= 0 or top is None:
-                return
             now = time.monotonic()
-            close = self._window_close_s
-            if unclaimed < decision.batch_size and close is not None and now < close:
-                self._arm_window(close)
+            with self._lock:
+                top = None
+                if self._due_locked(now, decision.batch_size):
+                    self._window_close_s = now + decision.delay_s
+                    top = self._queue.top_priority()
+                    assert top is not None, "a batch is due from an empty queue"
+                close = self._window_close_s
+                waiting = self._queue.cost > self._pending * decision.batch_size
+            if top is None:
+                if waiting and close is not None:  # rows wait for the window to close
+                    self._arm_window(close)
                 return
-            self._window_close_s = now + decision.delay_s
             self._issue(top)
+
+    def _due_locked(self, now: float, size: int) -> bool:
+        """Whether a batch is due (under `_lock`): rows not claimed by tickets waiting to
+        start fill a batch of `size`, or some are queued and the batch window has closed."""
+        unclaimed = self._queue.cost - self._pending * size
+        if unclaimed <= 0:
+            return False
+        if unclaimed >= size:
+            return True
+        close = self._window_close_s
+        return close is None or now >= close
 
     def _issue(self, priority: Priority) -> None:
         """Acquire the model and submit a ticket. The acquire coroutine's first step runs
@@ -598,7 +715,7 @@ class Batcher:
         if self.pool.runs_inline and self._run_inline(ticket):
             return
         try:
-            refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority)
+            refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority, owner=self)
         except ShuttingDown as exc:
             self._abandon(ticket)
             self._fail_queued(exc)
@@ -619,7 +736,11 @@ class Batcher:
             full = self._queue.cost >= self._pending * size
         if not full:
             return False
-        return self.pool.run_inline(ticket.run, ticket.on_done_inline, self.policy.predict_service_s(size))
+        ticket.continues = False  # one batch: the loop must get back to its intake
+        if self.pool.run_inline(ticket.run, ticket.on_done_inline, self.policy.predict_service_s(size)):
+            return True
+        ticket.continues = True
+        return False
 
     def _abandon(self, ticket: _Ticket) -> None:
         """A ticket that never reached a worker: give its lease and slot back."""
@@ -632,12 +753,21 @@ class Batcher:
         if self._out == 0:
             self._idle.set()
 
-    def _post(self, ticket: _Ticket, error: BaseException | None, on_loop: bool = False) -> None:
-        """Any thread: queue a finished ticket for the loop. Only the first post after a
-        drain wakes the loop (`call_soon_threadsafe` writes to its self-pipe, and under
-        load the write and the GIL hand-off around it cost more than the batch)."""
+    def _post(
+        self,
+        ticket: _Ticket,
+        batch: _Batch | None,
+        error: BaseException | None,
+        *,
+        ends: bool,
+        on_loop: bool = False,
+    ) -> None:
+        """Any thread: queue a finished batch (and, with `ends`, the ticket's end) for the
+        loop. Only the first post after a drain wakes the loop (`call_soon_threadsafe` writes
+        to its self-pipe, and under load the write and the GIL hand-off around it cost more
+        than the batch)."""
         with self._lock:
-            self._done.append((ticket, error))
+            self._done.append((ticket, batch, error, ends))
             if self._drain_armed:
                 return
             self._drain_armed = True
@@ -650,52 +780,71 @@ class Batcher:
             log.debug("batcher %s: loop closed before a batch completed", self.name)
 
     def _drain(self) -> None:
-        """On the loop: complete every posted ticket, then shed and dispatch once."""
+        """On the loop: complete every posted batch and ticket, then shed and dispatch once."""
         with self._lock:
             done, self._done = self._done, []
             self._drain_armed = False
         ran = False
-        for ticket, error in done:
-            ran = self._complete(ticket, error) or ran
+        for ticket, batch, error, ends in done:
+            if error is None and batch is not None:
+                ran = self._complete(batch) or ran
+            if ends:
+                self._end(ticket, error)
         if ran:
             self._shed_excess()
         if self._out == 0:
             self._idle.set()
         self._dispatch()
 
-    def _complete(self, ticket: _Ticket, error: BaseException | None) -> bool:
-        """Release the lease, deliver every member's outcome; True if rows ran."""
+    def _complete(self, batch: _Batch) -> bool:
+        """Deliver every member's outcome; True if rows ran."""
+        self.batches += bool(batch.pieces)
+        if batch.expired:
+            self._fail_pieces(batch.expired, DeadlineExceeded, "deadline passed while queued")
+        completed = 0
+        for piece, outcome in zip(batch.pieces, batch.outcomes, strict=True):
+            if type(outcome) is dict:
+                request = piece.request
+                if request.parts is None:  # a whole request (inlined _deliver: the hot path)
+                    if not request.future.done():
+                        request.future.set_result(outcome)
+                        completed += 1
+                elif self._deliver(piece, outcome):
+                    completed += 1
+            elif isinstance(outcome, BaseException):
+                self._fail(piece.request, outcome)
+            else:
+                assert outcome is _SKIPPED, outcome
+        self.completed += completed
+        self.rows_run += batch.rows
+        return batch.rows > 0
+
+    def _end(self, ticket: _Ticket, error: BaseException | None) -> None:
+        """A ticket's job ended: release its lease and slot; on an error, tell the members
+        of the batch it was running (a ticket that raised is a bug)."""
         if ticket.lease is not None:
             ticket.lease.release()
             ticket.lease = None
         self._out -= 1
-        self.batches += bool(ticket.pieces)
-        if ticket.expired:
-            self._fail_pieces(ticket.expired, DeadlineExceeded, "deadline passed while queued")
-        completed = 0
-        if error is not None:
-            if not ticket.started:  # dropped by the pool before it ran
-                with self._lock:
-                    self._pending -= 1
-                if isinstance(error, ShuttingDown):
-                    self._fail_queued(error)
-                elif self._retry_timer is None and not self._stopping:  # displaced: retry
-                    retry = getattr(error, "retry_after_s", 0.001)
-                    self._retry_timer = self.loop.call_later(retry, self._on_retry)
-            err = self.failure(error)  # a ticket that raised: a bug, its members are told
-            for piece in ticket.pieces:
+        if error is None:
+            return
+        if not ticket.started:  # dropped by the pool before it ran
+            with self._lock:
+                self._pending -= 1
+            if isinstance(error, ShuttingDown):
+                self._fail_queued(error)
+            elif self._retry_timer is None and not self._stopping:  # displaced: retry
+                retry = getattr(error, "retry_after_s", 0.001)
+                self._retry_timer = self.loop.call_later(retry, self._on_retry)
+        batch = ticket.current
+        if batch is not None:
+            ticket.current = None
+            self.batches += bool(batch.pieces)
+            if batch.expired:
+                self._fail_pieces(batch.expired, DeadlineExceeded, "deadline passed while queued")
+            err = self.failure(error)
+            for piece in batch.pieces:
                 self._fail(piece.request, err)
-        else:
-            for piece, outcome in zip(ticket.pieces, ticket.outcomes, strict=True):
-                if outcome is _SKIPPED:
-                    continue
-                if isinstance(outcome, BaseException):
-                    self._fail(piece.request, outcome)
-                elif self._deliver(piece, outcome):
-                    completed += 1
-        self.completed += completed
-        self.rows_run += ticket.rows
-        return ticket.rows > 0
 
     def _shed_excess(self) -> None:
         """After the bound shrank (the model slowed), queued work far past it would only

@@ -119,7 +119,7 @@ class InputValidator:
         )
 
     def validate(self, inputs: Mapping[str, Any]) -> tuple[Arrays, int]:
-        if not isinstance(inputs, Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):  # (an ABC check: slow)
             raise InvalidInput(f"{self._model}: inputs must be a mapping of name -> tensor")
         if len(inputs) != len(self._names) or inputs.keys() != self._names:
             self._names_error(inputs)
@@ -264,7 +264,9 @@ class Engine:
                     raise InvalidInput("timeout_s must be a positive number of seconds")
                 raise DeadlineExceeded(f"{model}: timeout_s={timeout_s} leaves no time to run")
             deadline_s = time.monotonic() + timeout_s
-        entry = self._entry(model, version)
+        entry = self._entries.get((model, version)) if version is not None else None
+        if entry is None:
+            entry = self._entry(model, version)
         if self._admission is not None:
             self._admission(entry.config.id, priority)
         arrays, rows = entry.validator.validate(inputs)

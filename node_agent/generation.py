@@ -31,6 +31,7 @@ import bisect
 import enum
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -50,8 +51,22 @@ from node_agent.errors import (
     RequestTooLarge,
     ShuttingDown,
 )
-from node_agent.kv_cache import KVCacheConfig, KVCacheManager, SequenceTooLong, kv_bytes_per_token
-from node_agent.transformer import EOS, ByteTokenizer, PagedBatch, PagedKVPool, TinyLMBackend, load_tiny_lm
+from node_agent.kv_cache import (
+    KVCacheConfig,
+    KVCacheManager,
+    SequenceTooLong,
+    block_size_for_context,
+    kv_bytes_per_token,
+)
+from node_agent.transformer import (
+    EOS,
+    ByteTokenizer,
+    PagedBatch,
+    PagedKVPool,
+    TinyLMBackend,
+    kv_block_size_for,
+    load_tiny_lm,
+)
 from node_agent.types import Priority
 
 if TYPE_CHECKING:
@@ -76,6 +91,7 @@ __all__ = [
     "engine_for_backend",
     "load_generator",
     "sample_token",
+    "sample_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,17 +188,40 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token from `logits` [vocab]: argmax at temperature 0, else a draw from the
     temperature-scaled, top-p-truncated distribution using exactly one uniform from
     `generator` (inverse CDF over tokens sorted by probability, ties by id)."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    return sample_tokens(logits[None], [params], [generator])[0]
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """`sample_token` for each row of `logits` [rows, vocab], batched: every operation works
+    row by row, so a row's token depends only on its logits, its params and its generator
+    (one uniform drawn per sampled row), never on the other rows of the batch."""
+    n = logits.shape[0]
+    if len(params) != n or len(generators) != n:
+        raise ValueError(f"{n} rows of logits, {len(params)} params, {len(generators)} generators")
+    greedy = torch.argmax(logits, dim=-1).tolist() if any(p.temperature == 0.0 for p in params) else []
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if not rows:
+        return [int(t) for t in greedy]
+    dev = logits.device
+    sub = logits if len(rows) == n else logits[torch.tensor(rows, device=dev)]
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)
+    probs = torch.softmax(sub.float() / temps[:, None], dim=-1)
     p, idx = torch.sort(probs, descending=True, stable=True)
-    if params.top_p < 1.0:
+    if any(params[i].top_p < 1.0 for i in rows):
+        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1.0 else math.inf for i in rows],
+                             dtype=torch.float32, device=dev)  # fmt: skip
         before = torch.cumsum(p, dim=-1) - p
-        p = torch.where(before < params.top_p, p, torch.zeros_like(p))
+        p = torch.where(before < top_p[:, None], p, torch.zeros_like(p))
     cdf = torch.cumsum(p, dim=-1)
-    u = torch.rand((), generator=generator) * cdf[-1]
-    i = min(int(torch.searchsorted(cdf, u, right=True)), p.numel() - 1)
-    return int(idx[i])
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=p.shape[-1] - 1)
+    drawn = idx.gather(-1, pick)[:, 0].tolist()
+    out = [int(t) for t in greedy] if greedy else [0] * n
+    for i, token in zip(rows, drawn, strict=True):
+        out[i] = int(token)
+    return out
 
 
 class SeqStatus(enum.Enum):
@@ -231,6 +270,9 @@ class EngineConfig:
     num_blocks: int
     """KV blocks in the pool (`from_budget` sizes it from bytes)."""
     block_size: int = 16
+    """Tokens per KV block. `from_budget` (and so the agent's engines) defaults to the
+    model's rule instead: `kv_cache.block_size_for_context` (4 at a 512-token context), or
+    the model's `parameters.kv_block_size`."""
     max_num_batched_tokens: int = 512
     """Token budget per step (decode tokens plus prefill tokens): bounds a step's latency,
     so running sequences keep a steady time per output token while prompts arrive."""
@@ -258,10 +300,13 @@ class EngineConfig:
 
     @classmethod
     def from_budget(
-        cls, model: TinyLM, kv_budget_bytes: int, block_size: int = 16, **kw: Any
+        cls, model: TinyLM, kv_budget_bytes: int, block_size: int | None = None, **kw: Any
     ) -> EngineConfig:
-        """A config whose K/V pool (float32) fills `kv_budget_bytes`."""
+        """A config whose K/V pool (float32) fills `kv_budget_bytes`, in blocks of
+        `block_size` tokens (default: `block_size_for_context` of the model's context)."""
         c = model.config
+        if block_size is None:
+            block_size = block_size_for_context(c.max_seq_len)
         per_token = kv_bytes_per_token(c.n_layers, c.n_heads, c.head_dim, 4)
         return cls(kv_budget_bytes // (per_token * block_size), block_size, **kw)
 
@@ -333,6 +378,9 @@ class GenerationEngine:
         self.steps = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.computed_tokens = 0
+        """Tokens run through the model (prefill, decode and the recompute of preempted
+        sequences; prefix-cache hits excluded)."""
         self.requests_finished = 0
         self.ttft_s_sum = 0.0
         self.ttft_count = 0
@@ -400,6 +448,7 @@ class GenerationEngine:
         if not scheduled:
             return []
         self.steps += 1
+        self.computed_tokens += sum(len(s.tokens) for s in scheduled)
         try:
             logits = self._execute(scheduled)
         except Exception as e:  # the model failed: every sequence of the step fails
@@ -486,10 +535,12 @@ class GenerationEngine:
     def _sample(self, scheduled: list[_Scheduled], logits: torch.Tensor) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         now = self.clock()
-        for s, row in zip(scheduled, logits, strict=True):
+        tokens = sample_tokens(
+            logits, [s.seq.params for s in scheduled], [s.seq.generator for s in scheduled]
+        )
+        for s, token in zip(scheduled, tokens, strict=True):
             seq = s.seq
             seq.num_computed = s.context_len
-            token = sample_token(row, seq.params, seq.generator)
             seq.output.append(token)
             self.generation_tokens += 1
             if seq.first_token_s is None:
@@ -771,17 +822,19 @@ class AsyncGenerator:
 
 
 def engine_for_backend(
-    backend: TinyLMBackend, *, block_size: int = 16, **engine_settings: Any
+    backend: TinyLMBackend, *, block_size: int | None = None, **engine_settings: Any
 ) -> GenerationEngine:
     """An engine over a loaded `task: generate` TinyLM backend (sharing its weights, on its
     device) whose KV pool fills the backend's `kv_cache_bytes`, which its `memory_bytes`
-    already counts. `InvalidInput` for a model that does not generate."""
+    already counts, in blocks of the backend's `kv_block_size` unless `block_size` is given.
+    `InvalidInput` for a model that does not generate."""
     config = backend.config
     if config.task != "generate":
         raise InvalidInput(f"model {config.id} has task {config.task!r}; it does not generate text")
     model = backend.model
     if model is None:
         raise InvalidModel(f"{config.id} is unloaded")
+    block_size = backend.kv_block_size if block_size is None else block_size
     engine_config = EngineConfig.from_budget(model, backend.kv_cache_bytes, block_size, **engine_settings)
     return GenerationEngine(model, engine_config, device=model.lm_head.weight.device)
 
@@ -792,13 +845,16 @@ def load_generator(
     kv_budget_bytes: int,
     *,
     device: str = "cpu",
-    block_size: int = 16,
+    block_size: int | None = None,
     **engine_settings: Any,
 ) -> AsyncGenerator:
     """An (unstarted) `AsyncGenerator` for a `task: generate` TinyLM version whose KV pool
-    fills `kv_budget_bytes`; `engine_settings` are further `EngineConfig` fields."""
+    fills `kv_budget_bytes`, in blocks of `block_size` tokens (default: the model's
+    `kv_block_size_for`); `engine_settings` are further `EngineConfig` fields."""
     if config.task != "generate":
         raise InvalidInput(f"model {config.id} has task {config.task!r}; it does not generate text")
     model = load_tiny_lm(Path(version_dir) / config.artifact, device)
+    if block_size is None:
+        block_size = kv_block_size_for(config, model.config)
     engine_config = EngineConfig.from_budget(model, kv_budget_bytes, block_size, **engine_settings)
     return AsyncGenerator(GenerationEngine(model, engine_config, device=device))

@@ -161,6 +161,19 @@ class Lease:
         self._released = True
         self._scheduler._release_from_any_thread(self._slot)
 
+    def may_continue(self) -> bool:
+        """Whether the holder may use the model for more work instead of releasing the lease
+        and acquiring it again (any thread): no load waits for memory, the budget is met and
+        the scheduler is open. A held lease keeps its model from eviction, so a holder that
+        goes on must ask: a False answer is the scheduler's turn to make room."""
+        s = self._scheduler
+        return not (
+            self._released
+            or s._closed
+            or s._memory_waiters
+            or s._resident_bytes + s._reserved_bytes > s._budget
+        )
+
     def __enter__(self) -> Lease:
         return self
 

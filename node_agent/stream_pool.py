@@ -12,6 +12,12 @@ Every submitted job gets exactly one call of its `on_done(result, error)`: from 
 worker thread after it ran (or was dropped), or from the thread that called
 `submit`/`stop` when it was displaced or refused at shutdown.
 
+Jobs that run in steps (a batcher's ticket runs batch after batch while its model has
+work) call `should_yield(owner)` between steps: it is true as soon as a job of another
+owner waits for a worker, so a stepping job holds its worker for one more step at most
+(scheduling among owners is per step, as if every step were a job of its own), and each
+step counts as one service time in the estimate behind Retry-After.
+
 CPU threads: torch's intra-op thread count is process-wide. With N workers each
 running torch ops, N x intra-op threads plus the event loop's thread (which runs the
 per-request Python while a batch computes) must not exceed the cores, or they
@@ -40,7 +46,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NUM_CLASSES = len(Priority)
+_INF = math.inf
 
 ANY_GROUP: Hashable = object()
 """`UrgencyQueue.take(group=ANY_GROUP)`: take the first item's group."""
@@ -132,32 +139,58 @@ class UrgencyQueue(Generic[T]):
         Room is made, in this order, by dropping expired items and by displacing
         queued items of less urgent classes than `priority`.
         """
-        assert len(items) == len(costs) and items, "offer needs one cost per item"
-        need = float(sum(costs)) if len(costs) > 1 else float(costs[0])
+        n = len(items)
+        assert n == len(costs) and n, "offer needs one cost per item"
+        need = float(costs[0]) if n == 1 else float(sum(costs))
+        if self.cost + need <= self.bound:  # the common case: room for it as things are
+            self._insert(items, costs, priority, deadline_s)
+            return _ADMITTED
         if need > self.bound:
             return _REFUSED
-        expired: tuple[T, ...] = ()
         displaced: tuple[T, ...] = ()
+        expired = tuple(self.pop_expired(now_s))
         if self.cost + need > self.bound:
-            expired = tuple(self.pop_expired(now_s))
-            if self.cost + need > self.bound:
-                victims = self._least_urgent_below(priority, self.cost + need - self.bound)
-                if victims is None:
-                    return Offer(False, (), expired)
-                displaced = tuple(victims)
-        deadline = math.inf if deadline_s is None else deadline_s
+            victims = self._least_urgent_below(priority, self.cost + need - self.bound)
+            if victims is None:
+                return Offer(False, (), expired)
+            displaced = tuple(victims)
+        self._insert(items, costs, priority, deadline_s)
+        if expired or displaced:
+            return Offer(True, displaced, expired)
+        return _ADMITTED
+
+    def offer_one(
+        self, item: T, cost: float, priority: Priority, deadline_s: float | None, now_s: float
+    ) -> Offer[T]:
+        """`offer` of a single item (the common case, without building sequences)."""
+        if self.cost + cost > self.bound:
+            return self.offer((item,), (cost,), priority, deadline_s, now_s)
+        deadline = _INF if deadline_s is None else deadline_s
         lst = self._classes[priority]
+        self._seq += 1
+        entry = (deadline, self._seq, float(cost), item)
+        if not lst or lst[-1][0] <= deadline:  # (seq only grows: it sorts last)
+            lst.append(entry)
+        else:
+            bisect.insort(lst, entry)
+        self.cost += cost
+        return _ADMITTED
+
+    def _insert(
+        self, items: Sequence[T], costs: Sequence[float], priority: Priority, deadline_s: float | None
+    ) -> None:
+        deadline = _INF if deadline_s is None else deadline_s
+        lst = self._classes[priority]
+        seq = self._seq
         for item, cost in zip(items, costs, strict=True):
-            self._seq += 1
-            entry = (deadline, self._seq, float(cost), item)
-            if not lst or lst[-1] < entry:
+            seq += 1
+            entry = (deadline, seq, float(cost), item)
+            if not lst or lst[-1][0] <= deadline:  # (seq only grows: it sorts last)
                 lst.append(entry)
             else:
                 bisect.insort(lst, entry)
             self.cost += cost
-        if expired or displaced:
-            return Offer(True, displaced, expired)
-        return _ADMITTED
+        self._seq = seq
 
     def _least_urgent_below(self, priority: Priority, excess: float) -> list[T] | None:
         """Remove least urgent items of classes below `priority` until `excess` is freed.
@@ -219,6 +252,8 @@ class UrgencyQueue(Generic[T]):
         Items for which `alive` is false are dropped silently (their callers already
         have an outcome).
         """
+        if self._group_of is None:
+            return self._take_any(max_cost, alive, first_alone)
         taken: list[T] = []
         total = 0.0
         stop = False
@@ -259,6 +294,34 @@ class UrgencyQueue(Generic[T]):
                 break
         return taken
 
+    def _take_any(
+        self, max_cost: float, alive: Callable[[T], bool] | None, first_alone: bool
+    ) -> list[T]:
+        """`take` without groups (the common case, with fewer checks per item)."""
+        taken: list[T] = []
+        total = 0.0
+        removed = 0.0
+        for lst in self._classes:
+            i, n = 0, len(lst)
+            while i < n:
+                _, _, cost, item = lst[i]
+                if alive is not None and not alive(item):
+                    removed += cost
+                    i += 1
+                    continue
+                if total + cost > max_cost and (taken or not first_alone):
+                    break
+                taken.append(item)
+                total += cost
+                i += 1
+                if total >= max_cost:
+                    break
+            del lst[:i]
+            if i < n:  # stopped inside this class: the rest stays first in line
+                break
+        self.cost -= total + removed
+        return taken
+
     def shed(self, max_cost: float) -> list[T]:
         """Remove the least urgent items until `cost <= max_cost`; returns them."""
         out: list[T] = []
@@ -283,6 +346,10 @@ class UrgencyQueue(Generic[T]):
                         keep.append(e)
                 lst[:] = keep
         return out
+
+    def items(self) -> Iterator[T]:
+        """The queued items, most urgent first (do not change the queue meanwhile)."""
+        return (e[3] for lst in self._classes for e in lst)
 
     def drain(self) -> list[T]:
         """Remove and return everything, most urgent first."""
@@ -319,15 +386,21 @@ Done = Callable[[Any, BaseException | None], None]
 
 
 class _Job:
-    __slots__ = ("deadline_s", "fn", "on_done", "priority")
+    __slots__ = ("deadline_s", "fn", "on_done", "owner", "priority")
 
     def __init__(
-        self, fn: Callable[[Any], Any], on_done: Done, priority: Priority, deadline_s: float | None
+        self,
+        fn: Callable[[Any], Any],
+        on_done: Done,
+        priority: Priority,
+        deadline_s: float | None,
+        owner: object = None,
     ) -> None:
         self.fn = fn
         self.on_done = on_done
         self.priority = priority
         self.deadline_s = deadline_s
+        self.owner = owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +459,8 @@ class StreamPool:
         self._running = False
         self._stopping = False
         self._service_ewma_s = 0.0
+        self._step = threading.local()
+        """Per running thread: `since`, when its job's current step began (pool clock)."""
         self.completed = 0
         self.inline = 0
         """Jobs of `completed` that ran on the submitting thread (`run_inline`)."""
@@ -446,14 +521,16 @@ class StreamPool:
         *,
         priority: Priority = Priority.NORMAL,
         deadline_s: float | None = None,
+        owner: object = None,
     ) -> Refusal | None:
         """Queue `fn(stream)`. Returns None when admitted, a `Refusal` when not.
 
         `deadline_s` is on this pool's clock (time.monotonic by default): a job not
         started by then is dropped and told `DeadlineExceeded`. Displaced jobs'
-        `on_done` run in the calling thread, after the lock is released.
+        `on_done` run in the calling thread, after the lock is released. `owner` (e.g. a
+        batcher): a running job of that owner need not yield to this one (`should_yield`).
         """
-        job = _Job(fn, on_done, priority, deadline_s)
+        job = _Job(fn, on_done, priority, deadline_s, owner)
         retry = 0.0
         with self._lock:
             if not self._running or self._stopping:
@@ -494,6 +571,25 @@ class StreamPool:
             self.inline += 1
         self._run(_Job(fn, on_done, Priority.NORMAL, None), None)
         return True
+
+    def should_yield(self, owner: object = None) -> bool:
+        """Called by a running job between two of its steps, on the thread running it: True
+        when a job of an owner other than `owner` waits for a worker (or the pool is
+        stopping), and the job should return rather than take its next step. Ends a step:
+        the time since the job started, or since its last call, counts as one job's service
+        time for Retry-After."""
+        now = self._clock()
+        step = self._step
+        since: float | None = getattr(step, "since", None)  # None: not on a job's thread
+        step.since = now
+        with self._lock:
+            if since is not None:
+                self._service_ewma_s += 0.2 * (now - since - self._service_ewma_s)
+            if self._stopping:
+                return True
+            if not self._queue:
+                return False
+            return owner is None or any(job.owner is not owner for job in self._queue.items())
 
     def retry_after_s(self) -> float:
         """Estimated time for the queue ahead to drain (for Retry-After)."""
@@ -543,7 +639,8 @@ class StreamPool:
                 self._run(job, stream)
 
     def _run(self, job: _Job, stream: torch.cuda.Stream | None) -> None:
-        start = self._clock()
+        step = self._step
+        step.since = self._clock()
         result: Any = None
         error: BaseException | None = None
         try:
@@ -557,7 +654,7 @@ class StreamPool:
                 stream.synchronize()
         except BaseException as exc:
             error = exc
-        took = self._clock() - start
+        took = self._clock() - step.since  # the whole job, or its last step
         with self._lock:
             self._busy -= 1
             self.completed += 1

@@ -5,8 +5,10 @@
   runs a flat batch of prefill and decode tokens of many sequences, writes each new token's
   K/V into the paged pool at its slot, then attends by gathering every context token's K/V
   back through the sequence's block table. Both give the same logits (tests check it).
-- `PagedKVPool`: K and V tensors shaped [num_blocks, block_size, layers, heads, head_dim];
+- `PagedKVPool`: K and V tensors shaped [layers, num_blocks, block_size, heads, head_dim];
   the `KVCacheManager` decides which block ids a sequence owns, the pool holds the values.
+  A step builds its slot indices once from the block tables (a few tensor operations, so
+  small blocks cost no more than large ones) and gathers each layer's context in one pass.
 - `ByteTokenizer`: UTF-8 bytes are tokens 0-255, then BOS, EOS, PAD.
 - Weights are stored without pickle: one `.npz` (written with fixed zip timestamps, so the
   same seed gives the same bytes) holding every parameter plus the JSON config;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import itertools
 import json
 import math
 import zipfile
@@ -35,7 +38,7 @@ from torch import nn
 
 from node_agent.backends.base import Backend
 from node_agent.errors import InvalidInput, InvalidModel
-from node_agent.kv_cache import kv_bytes_per_token
+from node_agent.kv_cache import block_size_for_context, kv_bytes_per_token
 from node_agent.repository import parse_quantity, sha256_file, write_model_config
 from node_agent.types import ModelConfig, Priority, TensorSpec
 
@@ -46,6 +49,7 @@ __all__ = [
     "BOS",
     "DEFAULT_KV_CONTEXTS",
     "EOS",
+    "KV_BLOCK_SIZE_PARAMETER",
     "KV_CACHE_PARAMETER",
     "PAD",
     "TINY_LM_FORMAT",
@@ -55,6 +59,7 @@ __all__ = [
     "TinyLM",
     "TinyLMBackend",
     "TinyLMConfig",
+    "kv_block_size_for",
     "kv_cache_bytes_for",
     "load_tiny_lm",
     "save_tiny_lm",
@@ -71,6 +76,10 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 KV_CACHE_PARAMETER = "kv_cache_bytes"
 """model.yaml `parameters` key: bytes of KV cache (a quantity such as 64Mi) for a
 `task: generate` model; the pool holds as many whole blocks as fit."""
+KV_BLOCK_SIZE_PARAMETER = "kv_block_size"
+"""model.yaml `parameters` key: tokens per KV block for a `task: generate` model (an integer
+from 1 to the context length); without it, `kv_cache.block_size_for_context` of the
+model's context (4 for the 512-token TinyLM)."""
 DEFAULT_KV_CONTEXTS = 32
 """Without `kv_cache_bytes`, the KV pool holds this many full contexts. Paged, a session
 holds only the tokens it has (typically a fraction of the context), so 32 contexts hold
@@ -138,8 +147,11 @@ class IncrementalDecoder:
 
 
 class PagedKVPool:
-    """Paged K/V storage: `k`, `v` shaped [num_blocks, block_size, layers, heads, head_dim].
-    A token's slot is `block * block_size + offset` (as `KVCacheManager.slot_mapping`)."""
+    """Paged K/V storage, one tensor per layer (as vLLM keeps it): `k[layer]` and `v[layer]`
+    shaped [num_blocks, block_size, heads, head_dim]. A token's slot is
+    `block * block_size + offset` (as `KVCacheManager.slot_mapping`); `k_slots[layer]` is the
+    same storage as [slots, heads, head_dim], contiguous, so a step reads a layer's context
+    with one `index_select` of whole rows."""
 
     def __init__(
         self,
@@ -149,14 +161,14 @@ class PagedKVPool:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (num_blocks, block_size, config.n_layers, config.n_heads, config.head_dim)
+        shape = (config.n_layers, num_blocks, block_size, config.n_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # Flat views [slots, layers, heads, head_dim] share storage with k and v.
-        self.k_slots = self.k.view(num_blocks * block_size, *shape[2:])
-        self.v_slots = self.v.view(num_blocks * block_size, *shape[2:])
+        # Flat views [layers, slots, heads, head_dim] share storage with k and v.
+        self.k_slots = self.k.view(shape[0], num_blocks * block_size, *shape[3:])
+        self.v_slots = self.v.view(shape[0], num_blocks * block_size, *shape[3:])
 
     @property
     def nbytes(self) -> int:
@@ -168,8 +180,8 @@ class PagedKVPool:
             return
         src = torch.tensor([p[0] for p in pairs], device=self.k.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.k.device)
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
 
 @dataclass(slots=True)
@@ -223,37 +235,67 @@ class _Block(nn.Module):
 
 
 class _Plan:
-    """Index tensors for one `PagedBatch`, built once and used by every layer."""
+    """Index tensors for one `PagedBatch`, built once and used by every layer.
+
+    Built with a handful of tensor operations whatever the block size: the block tables
+    are packed once into a padded [S, blocks] tensor (one Python pass over block ids, not
+    over tokens), and every slot is `table[seq, pos // block_size] * block_size +
+    pos % block_size`. Decode rows (one new token) share one padded gather and one
+    attention call; a prefill whose whole context is new attends to its own K/V
+    (causal), and one that continues cached blocks gathers its context.
+    """
 
     def __init__(self, batch: PagedBatch, block_size: int, device: torch.device) -> None:
-        positions: list[int] = []
-        slots: list[int] = []
-        self.decode_rows: list[int] = []
-        decode_ctx: list[list[int]] = []
-        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        for start, n, ctx, table in zip(batch.query_start, batch.query_len, batch.context_len,
-                                        batch.block_tables, strict=True):  # fmt: skip
-            if -(-ctx // block_size) > len(table):
-                raise ValueError(f"context of {ctx} tokens needs more than {len(table)} blocks")
-            ctx_slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
-            positions.extend(range(ctx - n, ctx))
-            slots.extend(ctx_slots[ctx - n :])
+        bs = block_size
+        ctx_list, qlen_list = batch.context_len, batch.query_len
+        nblk = [-(-c // bs) for c in ctx_list]
+        for c, n, blocks in zip(ctx_list, nblk, batch.block_tables, strict=True):
+            if n > len(blocks):
+                raise ValueError(f"context of {c} tokens needs more than {len(blocks)} blocks")
+        flat = list(itertools.chain.from_iterable(
+            t if len(t) == n else t[:n] for t, n in zip(batch.block_tables, nblk, strict=True)
+        ))  # fmt: skip
+        num_seqs, width = len(nblk), max(nblk)
+        nblk_t = torch.tensor(nblk)
+        table = torch.zeros(num_seqs, width, dtype=torch.long)
+        table[torch.arange(width)[None, :] < nblk_t[:, None]] = torch.tensor(flat, dtype=torch.long)
+        self.table = table.to(device)
+        self.block_size = bs
+        ctx = torch.tensor(ctx_list, device=device)
+        qlen = torch.tensor(qlen_list, device=device)
+        # The new tokens: row r belongs to sequence seq[r], at position positions[r].
+        seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlen)
+        starts = torch.tensor(batch.query_start, device=device)
+        rows = torch.arange(len(batch.input_ids), device=device)
+        self.positions = (ctx - qlen)[seq] + rows - starts[seq]
+        self.slots = self._slots(seq, self.positions)
+        decode = [i for i, n in enumerate(qlen_list) if n == 1]
+        self.decode_index: torch.Tensor | None = None
+        if decode:
+            d = torch.tensor(decode, device=device)
+            dctx = ctx[d]
+            w = max(ctx_list[i] for i in decode)
+            pos = torch.arange(w, device=device)
+            self.decode_shape = (len(decode), w)
+            self.decode_index = starts[d]
+            self.decode_all = len(decode) == len(batch.input_ids)
+            self.decode_slots = self._slots(d[:, None], pos[None, :]).reshape(-1)  # [S * W]
+            self.decode_mask = (pos[None, :] < dctx[:, None])[:, None, None, :]  # [S, 1, 1, W]
+        self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
+        for i, (start, n, c) in enumerate(zip(batch.query_start, qlen_list, ctx_list, strict=True)):
             if n == 1:
-                self.decode_rows.append(start)
-                decode_ctx.append(ctx_slots)
-            else:
-                q_pos = torch.arange(ctx - n, ctx, device=device)
-                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]  # [n, ctx]
-                self.prefills.append((start, n, torch.tensor(ctx_slots, device=device), mask))
-        self.positions = torch.tensor(positions, device=device)
-        self.slots = torch.tensor(slots, device=device)
-        if decode_ctx:
-            width = max(len(s) for s in decode_ctx)
-            padded = [s + [0] * (width - len(s)) for s in decode_ctx]
-            lens = torch.tensor([len(s) for s in decode_ctx], device=device)
-            self.decode_slots = torch.tensor(padded, device=device)  # [S, width]
-            self.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]
-            self.decode_index = torch.tensor(self.decode_rows, device=device)
+                continue
+            if n == c:  # nothing cached: causal attention over its own new K/V
+                self.prefills.append((start, n, None, None))
+                continue
+            pos = torch.arange(c, device=device)
+            mask = pos[None, :] <= pos[c - n :, None]  # [n, ctx]
+            self.prefills.append((start, n, self._slots(torch.tensor(i, device=device), pos), mask))
+
+    def _slots(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Slot of position `pos` of sequence `seq` (broadcast)."""
+        bs = self.block_size
+        return self.table[seq, torch.div(pos, bs, rounding_mode="floor")] * bs + pos % bs
 
 
 class TinyLM(nn.Module):
@@ -317,42 +359,57 @@ class TinyLM(nn.Module):
         (or of every row [N, vocab] with `all_logits`). Writes the new tokens' K/V into
         their slots first, then every query reads its context through the block table."""
         dev = pool.k.device
-        plan = _Plan(batch, pool.block_size, dev)
-        if int(plan.positions.max()) >= self.config.max_seq_len:
+        if max(batch.context_len) > self.config.max_seq_len:
             raise ValueError(f"a position passes the context of {self.config.max_seq_len}")
+        plan = _Plan(batch, pool.block_size, dev)
         ids = torch.tensor(batch.input_ids, device=dev)
         x = self.tok_emb(ids) + self.pos_emb(plan.positions)  # [N, d]
-        scale = 1.0 / math.sqrt(self.config.head_dim)
         for layer, blk in enumerate(self._layers()):
             q, k, v = (self._heads(y) for y in blk.qkv(blk.ln1(x)).chunk(3, dim=-1))  # [N,H,D]
-            pool.k_slots[plan.slots, layer] = k.to(pool.k.dtype)
-            pool.v_slots[plan.slots, layer] = v.to(pool.v.dtype)
-            out = torch.empty_like(q)
-            if plan.decode_rows:
-                kc = pool.k_slots[plan.decode_slots, layer].to(q.dtype)  # [S, W, H, D]
-                vc = pool.v_slots[plan.decode_slots, layer].to(q.dtype)
-                qd = q[plan.decode_index].unsqueeze(2)  # [S, H, 1, D]
-                a = F.scaled_dot_product_attention(
-                    qd, kc.transpose(1, 2), vc.transpose(1, 2),
-                    attn_mask=plan.decode_mask[:, None, None, :], scale=scale,
-                )  # fmt: skip
-                out[plan.decode_index] = a.squeeze(2)
-            for start, n, ctx_slots, mask in plan.prefills:
-                kc = pool.k_slots[ctx_slots, layer].to(q.dtype)  # [L, H, D]
-                vc = pool.v_slots[ctx_slots, layer].to(q.dtype)
-                a = F.scaled_dot_product_attention(
-                    q[start : start + n].transpose(0, 1),
-                    kc.transpose(0, 1),
-                    vc.transpose(0, 1),
-                    attn_mask=mask,
-                    scale=scale,
-                )  # [H, n, D]
-                out[start : start + n] = a.transpose(0, 1)
+            k_pool, v_pool = pool.k_slots[layer], pool.v_slots[layer]  # [slots, H, D]
+            k_pool.index_copy_(0, plan.slots, k.to(k_pool.dtype))
+            v_pool.index_copy_(0, plan.slots, v.to(v_pool.dtype))
+            out = self._attend(plan, q, k_pool, v_pool)
             x = x + blk.proj(out.reshape(out.shape[0], -1))
             x = x + blk.mlp(x)
         if not all_logits:
             x = x[torch.tensor(batch.last_rows(), device=dev)]
         return self._logits(x)
+
+    def _attend(
+        self, plan: _Plan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention output [N, H, D] of every row of `q` over its context in the pool."""
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        dtype = q.dtype
+        if plan.decode_index is not None:
+            s, w = plan.decode_shape
+            kc = k_pool.index_select(0, plan.decode_slots).view(s, w, *q.shape[1:]).to(dtype)
+            vc = v_pool.index_select(0, plan.decode_slots).view(s, w, *q.shape[1:]).to(dtype)
+            qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
+            a = F.scaled_dot_product_attention(
+                qd.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),
+                attn_mask=plan.decode_mask, scale=scale,
+            ).squeeze(2)  # [S, H, D]  # fmt: skip
+            if plan.decode_all:
+                return a
+            out = torch.empty_like(q)
+            out.index_copy_(0, plan.decode_index, a)
+        else:
+            out = torch.empty_like(q)
+        for start, n, ctx_slots, mask in plan.prefills:
+            rows = slice(start, start + n)
+            if ctx_slots is None:  # its whole context is new: read back what was just written
+                slots = plan.slots[rows]
+                kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
+            else:
+                kc, vc = k_pool.index_select(0, ctx_slots), v_pool.index_select(0, ctx_slots)
+            a = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1), kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1),
+                attn_mask=mask, is_causal=mask is None, scale=scale,
+            )  # [H, n, D]  # fmt: skip
+            out[rows] = a.transpose(0, 1)
+        return out
 
 
 # -- weights on disk (no pickle) --------------------------------------------------------------
@@ -431,13 +488,34 @@ def write_tiny_lm(root: Path | str, name: str = "tiny-lm", version: str = "1") -
     return config
 
 
-def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int = 16) -> int:
+def kv_block_size_for(config: ModelConfig, lm: TinyLMConfig) -> int:
+    """Tokens per KV block of a model: `parameters.kv_block_size` if set, else the default
+    for its context (`block_size_for_context`). `InvalidModel` for a value that is not an
+    integer in [1, context]."""
+    raw = config.parameters.get(KV_BLOCK_SIZE_PARAMETER)
+    if raw is None:
+        return block_size_for_context(lm.max_seq_len)
+    try:
+        block_size = int(raw)
+    except ValueError:
+        block_size = 0
+    if not 1 <= block_size <= lm.max_seq_len:
+        raise InvalidModel(
+            f"{config.id}: parameters.{KV_BLOCK_SIZE_PARAMETER} must be an integer from 1 to the "
+            f"context ({lm.max_seq_len}), got {raw!r}"
+        )
+    return block_size
+
+
+def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int | None = None) -> int:
     """Bytes of the KV pool a model's generation engine allocates: whole blocks of
-    `block_size` tokens within `parameters.kv_cache_bytes` (default `DEFAULT_KV_CONTEXTS`
-    full contexts); 0 for a model that does not generate. `InvalidModel` for a value that
-    is not a byte quantity or holds less than one block."""
+    `block_size` tokens (default `kv_block_size_for`) within `parameters.kv_cache_bytes`
+    (default `DEFAULT_KV_CONTEXTS` full contexts); 0 for a model that does not generate.
+    `InvalidModel` for a value that is not a byte quantity or holds less than one block."""
     if config.task != "generate":
         return 0
+    if block_size is None:
+        block_size = kv_block_size_for(config, lm)
     block_bytes = kv_bytes_per_token(lm.n_layers, lm.n_heads, lm.head_dim, KV_DTYPE_BYTES) * block_size
     raw = config.parameters.get(KV_CACHE_PARAMETER)
     if raw is None:
@@ -457,22 +535,29 @@ def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int = 
 
 class TinyLMBackend(Backend):
     """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab].
-    For a `task: generate` model, `memory_bytes` = weights + `kv_cache_bytes` (the pool an
-    engine built by `generation.engine_for_backend` allocates)."""
+    For a `task: generate` model, `memory_bytes` = weights + `kv_cache_bytes` (the pool of
+    `kv_block_size`-token blocks an engine built by `generation.engine_for_backend` allocates)."""
 
     def __init__(
-        self, config: ModelConfig, model: TinyLM, memory_bytes: int, kv_cache_bytes: int = 0
+        self,
+        config: ModelConfig,
+        model: TinyLM,
+        memory_bytes: int,
+        kv_cache_bytes: int = 0,
+        kv_block_size: int | None = None,
     ) -> None:
         self.config = config
         self.model: TinyLM | None = model
         self.kv_cache_bytes = kv_cache_bytes
+        self.kv_block_size = kv_block_size or block_size_for_context(model.config.max_seq_len)
         self._memory_bytes = memory_bytes + kv_cache_bytes
 
     @classmethod
     def load(cls, config: ModelConfig, version_dir: Path, device: str) -> TinyLMBackend:
         model = load_tiny_lm(Path(version_dir) / config.artifact, device)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return cls(config, model, size, kv_cache_bytes_for(config, model.config))
+        block_size = kv_block_size_for(config, model.config) if config.task == "generate" else None
+        return cls(config, model, size, kv_cache_bytes_for(config, model.config, block_size), block_size)
 
     def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None) -> dict[str, torch.Tensor]:
         if self.model is None:

@@ -61,8 +61,9 @@ class PassReport:
     result: PlacementResult | None = None
     incremental_plan: bool = False
     deferred: int = 0
+    """Agent Pod syncs (nodes with work) and bookkeeping (services) this pass left to the next because
+    urgent work arrived."""
     seconds: float = 0.0
-    """Services whose bookkeeping this pass left to the next (urgent work arrived)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wrote(self, what: str) -> None:
@@ -72,17 +73,17 @@ class PassReport:
 
 @dataclass
 class FleetRead:
-    """What one pass reads, one list call each: the fleet's Nodes, EdgeNodes, agent Leases and Pods,
-    the InferenceServices, and the Services and EndpointSlices this operator manages (keyed by
-    (namespace, name))."""
+    """What one pass reads, one list call each: the fleet's Nodes, EdgeNodes, agent Leases and the
+    InferenceServices first; the agent Pods, and the Services and EndpointSlices this operator manages
+    (keyed by (namespace, name)), only when the pass gets to the phases that need them."""
 
     nodes: list[Obj]
     edge_nodes: dict[str, Obj]
     leases: dict[str, Obj]
     services: list[Obj]
-    pods: dict[str, Obj]
-    kube_services: set[tuple[str, str]]
-    slices: dict[tuple[str, str], Obj]
+    pods: dict[str, Obj] = field(default_factory=dict)
+    kube_services: set[tuple[str, str]] = field(default_factory=set)
+    slices: dict[tuple[str, str], Obj] = field(default_factory=dict)
 
 
 def _ns_name(obj: Obj) -> tuple[str, str]:
@@ -168,13 +169,19 @@ class FleetReconciler:
         services = self.custom.list_cluster_custom_object(
             api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL
         )["items"]
-        pods = {
-            p["metadata"]["name"]: p
-            for p in _items(self.core.list_namespaced_pod(ns, label_selector=agents, _preload_content=False))
-        }
+        return FleetRead(nodes, edge_nodes, leases, services)
+
+    def _read_pods(self, read: FleetRead) -> None:
+        agents = f"app.kubernetes.io/name={api.AGENT_APP}"
+        pods = self.core.list_namespaced_pod(
+            self.settings.agent.namespace, label_selector=agents, _preload_content=False
+        )
+        read.pods = {p["metadata"]["name"]: p for p in _items(pods)}
+
+    def _read_bookkeeping(self, read: FleetRead) -> None:
         # One list each instead of a create or get per service per pass: at 200 services those were
         # 400 requests a pass, most of them answered 409 or unchanged.
-        kube_services = {
+        read.kube_services = {
             _ns_name(s)
             for s in _items(
                 self.core.list_service_for_all_namespaces(
@@ -182,7 +189,7 @@ class FleetReconciler:
                 )
             )
         }
-        slices = {
+        read.slices = {
             _ns_name(s): s
             for s in _items(
                 self.discovery.list_endpoint_slice_for_all_namespaces(
@@ -191,7 +198,6 @@ class FleetReconciler:
                 )
             )
         }
-        return FleetRead(nodes, edge_nodes, leases, services, pods, kube_services, slices)
 
     # --- one pass ------------------------------------------------------------
 
@@ -232,8 +238,8 @@ class FleetReconciler:
             decisions = self._rollouts(live, result, edge_nodes, node_labels, now, report)
             specs = {fleet_state.service_key(s): s["spec"] for s in live}
             self._write_edge_node_specs(result, decisions, specs, edge_nodes, states, report)
-            self._sync_pods(result, edge_nodes, read.pods, report)
             self._release_finalizers([s for s in services if s not in live], edge_nodes, report)
+            self._sync_pods(result, read, report)
             self._write_services(live, result, decisions, read, report)
             report.nodes, report.services = len(nodes), len(live)
             report.unplaced = sum(1 for p in result.services.values() if not p.complete)
@@ -412,13 +418,16 @@ class FleetReconciler:
 
         self._each(write, sorted(result.assignment.by_node.items()))
 
-    def _sync_pods(
-        self, result: PlacementResult, edge_nodes: dict[str, Obj], pods: dict[str, Obj], report: PassReport
-    ) -> None:
+    def _sync_pods(self, result: PlacementResult, read: FleetRead, report: PassReport) -> None:
         """An agent Pod on every node with work, none on nodes without; failed Pods are replaced."""
         from kubernetes.client.exceptions import ApiException
 
-        ns = self.settings.agent.namespace
+        if self.urgent.is_set():  # not even the read: the next pass starts at once
+            with report._lock:
+                report.deferred += sum(1 for placed in result.assignment.by_node.values() if placed)
+            return
+        self._read_pods(read)
+        ns, edge_nodes, pods = self.settings.agent.namespace, read.edge_nodes, read.pods
 
         def sync(node: str, placed: Any) -> None:
             name = api.agent_name(node)
@@ -463,6 +472,8 @@ class FleetReconciler:
         events: dict[str, list[PlacementEvent]] = {}
         for event in result.events:
             events.setdefault(event.service, []).append(event)
+        if not self.urgent.is_set():
+            self._read_bookkeeping(read)
 
         def write(isvc: Obj) -> None:
             key = fleet_state.service_key(isvc)

@@ -26,13 +26,15 @@ from node_agent.cli import main as agent_cli
 from node_agent.generation import EngineConfig, GenerationEngine, SamplingParams
 from node_agent.generation_metrics import GENERATION_METRICS, register_generation_metrics
 from node_agent.http_api import HttpSettings
+from node_agent.kv_cache import block_size_for_context
 from node_agent.repository import parse_model_config, write_model_config
 from node_agent.transformer import KV_CACHE_PARAMETER, ByteTokenizer, TinyLM, load_tiny_lm
 
 TOKEN = "gen-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SMALL = "tiny-lm-small"
-"""tiny-lm with a KV pool of 8 blocks of 16 tokens (128 token slots)."""
+"""tiny-lm with a KV pool of 128 token slots (32 blocks of 4 tokens: the default block size
+at its 512-token context, `block_size_for_context`)."""
 SAMPLED = {"max_tokens": 24, "temperature": 0.8, "top_p": 0.95, "seed": 42, "ignore_eos": True}
 
 
@@ -204,7 +206,7 @@ def test_preemption_keeps_outputs_exact_and_shows_in_the_metrics(served: Running
     buckets = [v for k, v in after.items() if k.startswith("time_per_output_token_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == after["time_per_output_token_seconds_count"]
     assert after["running_sequences"] == after["waiting_sequences"] == after["kv_used_blocks"] == 0
-    assert after["kv_free_blocks"] == 8
+    assert after["kv_free_blocks"] == 128 // block_size_for_context(lm.config.max_seq_len) == 32
 
 
 def test_unload_stops_the_generator_and_load_restarts_it(served: RunningAgent, lm: TinyLM) -> None:

@@ -556,7 +556,7 @@ def test_adaptive_batcher_shrinks_batches_when_the_model_slows_and_grows_back() 
         observed[0] += 1
         observe(*args)
 
-    policy.observe = counting_observe  # type: ignore[method-assign]
+    policy.observe = counting_observe  # type: ignore[method-assign,assignment]
 
     async def main() -> tuple[int, int, int, list[float]]:
         pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
@@ -611,22 +611,202 @@ def test_adaptive_batcher_shrinks_batches_when_the_model_slows_and_grows_back() 
     assert tail[len(tail) // 2] <= 2 * slo_s, (slo_s, tail[len(tail) // 2])
 
 
+# --- a ticket goes on from batch to batch ---------------------------------------------------
+
+
+class CountingAcquire:
+    """An `Acquire` counting acquisitions and releases of leases on `backend`; its leases
+    may continue (like the scheduler's when nothing waits), or, with `renewable=False`,
+    lack `may_continue` (a lease per batch)."""
+
+    def __init__(self, backend: ModuleBackend, renewable: bool = True) -> None:
+        self.backend = backend
+        self.renewable = renewable
+        self.acquired = 0
+        self.released = 0
+
+    async def __call__(self) -> Any:
+        self.acquired += 1
+        counter = self
+
+        class _Lease:
+            backend = counter.backend
+
+            def release(self) -> None:
+                counter.released += 1
+
+        if self.renewable:
+            _Lease.may_continue = lambda self: True  # type: ignore[attr-defined]
+        return _Lease()
+
+
+def first_batch_blocks(module: Tagged) -> tuple[threading.Event, threading.Event]:
+    """Make `module`'s first forward wait for the returned `release` (after `started`)."""
+    started, release = threading.Event(), threading.Event()
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not started.is_set():
+            started.set()
+            assert release.wait(10)
+        return original(x)
+
+    module.forward = forward  # type: ignore[method-assign]
+    return started, release
+
+
+def test_a_ticket_runs_due_batches_back_to_back_under_one_lease() -> None:
+    """With work queued, the worker goes on from batch to batch without the event loop, all
+    under one lease; each batch is still taken when it starts, so a high-priority request
+    that arrives while a batch runs goes into the very next one."""
+    module = Tagged()
+    started, release = first_batch_blocks(module)
+
+    async def main() -> CountingAcquire:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        acquire = CountingAcquire(ModuleBackend(module))
+        batcher = Batcher("b2b", pool, acquire, StaticPolicy(2, 0.0, 100),
+                          BatcherSettings(max_batch_size=2, pipeline_depth=1))  # fmt: skip
+        gate = await block_worker(pool)
+        normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5, 6)]
+        await settle()
+        gate.set()
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
+        release.set()
+        outs = await asyncio.gather(high, *normal)
+        assert [o["y"][0, 0] for o in outs] == [9, 1, 2, 3, 4, 5, 6]
+        assert batcher.batches == 4 and batcher.completed == 7
+        await batcher.stop()
+        pool.stop()
+        return acquire
+
+    acquire = run(main())
+    assert module.batches == [[1, 2], [9, 3], [4, 5], [6]]
+    assert acquire.acquired == acquire.released == 1
+
+
+def test_a_lease_without_may_continue_serves_one_batch() -> None:
+    """A lease that cannot say it may go on (a concurrency gate's, say) is released after
+    each batch: nothing waiting for it is held back by a busy model."""
+    module = Tagged()
+    started, release = first_batch_blocks(module)
+
+    async def main() -> CountingAcquire:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        acquire = CountingAcquire(ModuleBackend(module), renewable=False)
+        batcher = Batcher("one", pool, acquire, StaticPolicy(2, 0.0, 100), BatcherSettings(2))
+        gate = await block_worker(pool)
+        futures = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5, 6)]
+        await settle()
+        gate.set()
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        release.set()
+        await asyncio.gather(*futures)
+        await batcher.stop()
+        pool.stop()
+        return acquire
+
+    acquire = run(main())
+    assert module.batches == [[1, 2], [3, 4], [5, 6]]
+    assert acquire.acquired == acquire.released == 3
+
+
+def test_a_ticket_yields_the_worker_to_another_model_between_batches() -> None:
+    """Two models, one worker: a model with many batches queued does not keep the worker
+    from another model's job (of its class or more urgent) for more than the batch it is
+    running."""
+    log: list[str] = []
+    lock = threading.Lock()
+
+    class Logged(Tagged):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with lock:
+                log.append(self.name)
+            return super().forward(x)
+
+    busy, other = Logged("busy"), Logged("other")
+    started, release = first_batch_blocks(busy)
+
+    async def main() -> None:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        a = Batcher("busy", pool, static_acquire(ModuleBackend(busy)), StaticPolicy(1, 0.0, 100),
+                    BatcherSettings(1))  # fmt: skip
+        b = Batcher("other", pool, static_acquire(ModuleBackend(other)),
+                    StaticPolicy(1, 0.0, 100), BatcherSettings(1))  # fmt: skip
+        gate = await block_worker(pool)
+        queued = [a.submit({"x": rows_for(t)}, 1) for t in range(1, 7)]
+        await settle()
+        gate.set()
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        await settle()
+        late = b.submit({"x": rows_for(9)}, 1)
+        await settle()
+        release.set()
+        await asyncio.gather(late, *queued)
+        await a.stop()
+        await b.stop()
+        pool.stop()
+
+    run(main())
+    # the busy model's pipelined second ticket was queued before the other model's job
+    # (same class: arrival order), each yielded after one batch, then the other ran
+    assert log == ["busy", "busy", "other", "busy", "busy", "busy", "busy"], log
+
+
+def test_a_running_ticket_leaves_a_partial_batch_to_its_window() -> None:
+    """Going on from batch to batch respects the batch window: rows short of a batch wait
+    for it to close, as they would for a ticket from the loop."""
+    module = Tagged()
+
+    async def main() -> tuple[float, list[float]]:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        batcher = Batcher("win", pool, static_acquire(ModuleBackend(module)),
+                          StaticPolicy(4, 0.2, 100), BatcherSettings(4, pipeline_depth=1))  # fmt: skip
+        starts: list[float] = []
+        original = module.forward
+
+        def timed(x: torch.Tensor) -> torch.Tensor:
+            starts.append(time.monotonic())
+            return original(x)
+
+        module.forward = timed  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        await asyncio.gather(*[batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5)])
+        await batcher.stop()
+        pool.stop()
+        return t0, starts
+
+    t0, starts = run(main())
+    assert module.batches == [[1, 2, 3, 4], [5]]
+    assert starts[1] - t0 >= 0.19  # the window opened at t0 or later and lasts 0.2 s
+
+
 # --- inline batches (cheaper than a hand-off) ----------------------------------------------
 
 
 def test_tiny_model_batches_run_inline_and_every_caller_gets_its_own_rows() -> None:
-    """Once measured under the pool's inline bound, batches run on the loop's thread; a
-    concurrent burst still gets exactly its own results (no loss, no duplicate), and the
-    first, unmeasured batch went to the worker."""
+    """Once measured under the pool's inline bound, full batches run on the loop's thread; a
+    concurrent burst still gets exactly its own results (no loss, no duplicate). The first
+    batch, unmeasured, went to the worker (whose ticket then went on with the burst); the
+    second burst finds the model measured and the worker idle."""
     module = Tagged()
 
     async def main() -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
         pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, inline_max_s=1.0)).start()
         batcher = Batcher("tiny", pool, static_acquire(ModuleBackend(module)),
-                          StaticPolicy(4, 0.0, 1000), BatcherSettings(max_batch_size=4))  # fmt: skip
+                          StaticPolicy(4, 0.05, 1000), BatcherSettings(max_batch_size=4))  # fmt: skip
         try:
             xs = [rows_for(float(i + 1), n=1 + i % 3) for i in range(120)]
-            outs = await asyncio.gather(*[batcher.submit({"x": x}, len(x)) for x in xs])
+            outs = await asyncio.gather(*[batcher.submit({"x": x}, len(x)) for x in xs[:40]])
+            outs += await asyncio.gather(*[batcher.submit({"x": x}, len(x)) for x in xs[40:]])
             return xs, [o["y"] for o in outs], pool.inline, pool.completed
         finally:
             await batcher.stop()

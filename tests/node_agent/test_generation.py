@@ -23,8 +23,11 @@ from node_agent.generation import (
     engine_for_backend,
     load_generator,
     sample_token,
+    sample_tokens,
 )
+from node_agent.kv_cache import block_size_for_context
 from node_agent.transformer import (
+    KV_BLOCK_SIZE_PARAMETER,
     ByteTokenizer,
     TinyLM,
     TinyLMBackend,
@@ -92,6 +95,33 @@ def test_sample_token_greedy_top_p_and_seeds() -> None:
     assert a == [b[0]] * 3 and len(set(b)) > 1
 
 
+def test_batched_sampling_gives_each_row_what_it_gives_alone() -> None:
+    """A row's token depends on its own logits, params and generator only: the batch it is
+    sampled in does not change it, and only sampled rows draw from their generator."""
+    logits = torch.randn(6, 259, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7),
+              SamplingParams(top_p=0.5), SamplingParams(temperature=1.3, top_p=0.9),
+              SamplingParams(), SamplingParams(temperature=0.0)]  # fmt: skip
+    for trial in range(20):
+        alone = [sample_token(row, p, torch.Generator().manual_seed(trial * 10 + i))
+                 for i, (row, p) in enumerate(zip(logits, params, strict=True))]  # fmt: skip
+        gens = [torch.Generator().manual_seed(trial * 10 + i) for i in range(6)]
+        assert sample_tokens(logits, params, gens) == alone
+        # Greedy rows drew nothing; sampled rows drew exactly one uniform each.
+        fresh = [torch.Generator().manual_seed(trial * 10 + i) for i in range(6)]
+        for i, (g, f) in enumerate(zip(gens, fresh, strict=True)):
+            if params[i].temperature != 0.0:
+                torch.rand((), generator=f)
+            assert torch.equal(g.get_state(), f.get_state()), i
+    assert alone[0] == int(logits[0].argmax()) and alone[5] == int(logits[5].argmax())
+    # Odd rows alone in a smaller batch give the same tokens.
+    odd = [1, 3, 5]
+    gens = [torch.Generator().manual_seed(190 + i) for i in odd]
+    assert sample_tokens(logits[odd], [params[i] for i in odd], gens) == [alone[i] for i in odd]
+    with pytest.raises(ValueError):
+        sample_tokens(logits, params[:2], gens)
+
+
 def test_sampling_params_validation() -> None:
     p = SamplingParams.from_mapping({"max_tokens": 5, "temperature": 0, "seed": 1, "priority": "high"})
     assert (p.max_tokens, p.temperature, p.seed, int(p.priority)) == (5, 0.0, 1, 1)
@@ -120,6 +150,10 @@ def test_preemption_and_recompute_give_the_same_text_as_an_uninterrupted_run(mod
     got = run_all(tight, PROMPTS, params)
     assert tight.preemptions > 0
     assert got == want
+    # Recompute shows in the tokens run through the model; the roomy run computes each
+    # prompt (less prefix-cache hits) and feeds back 23 of each 24 outputs.
+    prompts = sum(len(ByteTokenizer.encode(p)) for p in PROMPTS)
+    assert roomy.computed_tokens <= prompts + 4 * 23 < tight.computed_tokens
     assert len({tuple(o) for o in got}) == len(PROMPTS)  # real samples, not one repeated token
     s = tight.stats()
     assert (s.running, s.waiting, s.kv_blocks_used, s.requests_finished) == (0, 0, 0, 4)
@@ -336,6 +370,11 @@ def test_engine_for_backend_fills_the_backends_kv_budget(tmp_path: Path) -> None
     assert backend.kv_cache_bytes == kv_cache_bytes_for(config, eng.model.config) > 0
     assert eng.pool.nbytes == backend.kv_cache_bytes  # the pool the scheduler was told about
     assert eng.model is backend.model and eng.config.max_num_seqs == 8
+    # The block size is the rule for its 512-token context, unless model.yaml sets one.
+    assert eng.config.block_size == backend.kv_block_size == block_size_for_context(512) == 4
+    sixteen = dataclasses.replace(config, parameters={**config.parameters, KV_BLOCK_SIZE_PARAMETER: "16"})
+    eng16 = engine_for_backend(TinyLMBackend.load(sixteen, tmp_path / "tiny-lm" / "1", "cpu"))
+    assert eng16.config.block_size == 16 and eng16.pool.nbytes == backend.kv_cache_bytes
     with pytest.raises(InvalidInput, match="does not generate"):
         engine_for_backend(TinyLMBackend(dataclasses.replace(config, task="predict"), eng.model, 0))
     backend.unload()
@@ -350,7 +389,7 @@ def test_load_generator_serves_the_written_example(tmp_path: Path) -> None:
 
     async def main() -> list[int]:
         gen = load_generator(version_dir, config, kv_budget_bytes=1 << 20, max_num_seqs=4)
-        assert gen.engine.config.max_num_seqs == 4
+        assert gen.engine.config.max_num_seqs == 4 and gen.engine.config.block_size == 4
         await gen.start()
         result = await gen.generate("hi", params)
         await gen.stop()

@@ -16,6 +16,7 @@ from node_agent.kv_cache import (
     KVCacheConfig,
     KVCacheManager,
     SequenceTooLong,
+    block_size_for_context,
     blocks_for_budget,
     kv_bytes_per_token,
 )
@@ -48,6 +49,14 @@ def test_bytes_per_token_and_blocks_from_budget() -> None:
         blocks_for_budget(100, 0)
     with pytest.raises(ValueError):
         KVCacheConfig(4, block_size=0)
+
+
+def test_default_block_size_follows_the_context() -> None:
+    """A block is at most 1/128 of the context, a power of two within [4, 16]."""
+    got = {ctx: block_size_for_context(ctx) for ctx in (1, 128, 511, 512, 1023, 1024, 2048, 4096, 1 << 20)}
+    assert got == {1: 4, 128: 4, 511: 4, 512: 4, 1023: 4, 1024: 8, 2048: 16, 4096: 16, 1 << 20: 16}
+    with pytest.raises(ValueError):
+        block_size_for_context(0)
 
 
 # -- allocation and append -------------------------------------------------------------

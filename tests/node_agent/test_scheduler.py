@@ -343,6 +343,36 @@ def test_measured_size_that_cannot_fit_unloads_the_new_model() -> None:
     run(main)
 
 
+def test_a_lease_may_continue_until_memory_is_wanted_or_the_scheduler_closes() -> None:
+    """A holder that goes on with more work under its lease (a batcher's ticket) asks
+    `may_continue`: it says no while a load waits for memory, while the budget is not met,
+    after release and after close, so the scheduler gets its turn to evict."""
+
+    async def main() -> None:
+        sched = ModelScheduler(200, FakeLoader(), memory_wait_s=10)
+        a = await sched.acquire(cfg("a"))
+        b = await sched.acquire(cfg("b"))
+        assert a.may_continue() and b.may_continue()
+        waiting = asyncio.create_task(sched.acquire(cfg("c")))  # needs a or b evicted
+        await settle()
+        assert not waiting.done()
+        assert not a.may_continue() and not b.may_continue()
+        b.release()
+        assert not b.may_continue()
+        c = await waiting
+        assert a.may_continue() and c.may_continue()
+        assert sched.set_budget(100) is False  # a and c leased: over budget until released
+        assert not a.may_continue()
+        c.release()
+        assert a.may_continue()  # within the budget again
+        await sched.close()
+        assert not a.may_continue()
+        a.release()
+        sched.check_invariants()
+
+    run(main)
+
+
 def test_budget_shrink_evicts_now_and_as_leases_are_released() -> None:
     async def main() -> None:
         sched = ModelScheduler(400, FakeLoader())

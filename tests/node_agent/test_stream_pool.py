@@ -333,6 +333,42 @@ def test_two_workers_run_jobs_concurrently() -> None:
     assert rec.outcomes["a"][1] is None and rec.outcomes["a"][0] == rec.outcomes["b"][0]
 
 
+def test_a_stepping_job_yields_only_to_jobs_of_other_owners() -> None:
+    """`should_yield(owner)` between steps: False while the queue is empty or holds only
+    the same owner's jobs (the job serves them itself), True once another owner's job
+    waits; each step is one service time for Retry-After."""
+    rec = Recorder()
+    rec.expected = 3
+    answers: list[bool] = []
+    steps = [threading.Event() for _ in range(3)]
+    answered = threading.Event()
+
+    with StreamPool(PoolSettings(num_workers=1)) as pool:
+        assert not pool.should_yield()  # no job waits (and not on a job's thread)
+
+        def stepping(stream: object) -> str:
+            for step in steps:
+                assert step.wait(5)
+                answers.append(pool.should_yield("me"))
+                answered.set()
+            return "stepped"
+
+        pool.submit(stepping, rec.cb("stepping"), owner="me")
+        steps[0].set()  # nothing waits
+        assert answered.wait(5)
+        answered.clear()
+        pool.submit(lambda s: "mine", rec.cb("mine"), owner="me")
+        steps[1].set()  # only its own owner's job waits
+        assert answered.wait(5)
+        answered.clear()
+        pool.submit(lambda s: "theirs", rec.cb("theirs"), owner="them", priority=P.LOW)
+        steps[2].set()
+        assert rec.all_done.wait(10)
+    assert answers == [False, False, True]
+    assert rec.outcomes["stepping"] == ("stepped", None)
+    assert pool.completed == 3
+
+
 def test_jobs_cheaper_than_a_hand_off_run_inline_only_when_nothing_waits() -> None:
     """run_inline runs on the calling thread a job predicted under `inline_max_s`, and
     refuses (the caller then submits) an unmeasured or slower job, or any job while another

@@ -13,12 +13,13 @@ import torch
 import yaml
 
 from node_agent.errors import InvalidInput, InvalidModel
-from node_agent.kv_cache import KVCacheConfig, KVCacheManager
+from node_agent.kv_cache import KVCacheConfig, KVCacheManager, block_size_for_context
 from node_agent.repository import sha256_file
 from node_agent.transformer import (
     BOS,
     DEFAULT_KV_CONTEXTS,
     EOS,
+    KV_BLOCK_SIZE_PARAMETER,
     KV_CACHE_PARAMETER,
     TINY_LM_FORMAT,
     ByteTokenizer,
@@ -27,6 +28,7 @@ from node_agent.transformer import (
     TinyLM,
     TinyLMBackend,
     TinyLMConfig,
+    kv_block_size_for,
     kv_cache_bytes_for,
     load_tiny_lm,
     save_tiny_lm,
@@ -77,9 +79,10 @@ def test_prefill_of_several_sequences_matches_the_plain_model(model: TinyLM) -> 
     assert kv.block_table("b") == (4,)
 
 
-def test_decode_steps_of_a_mixed_batch_match_the_plain_model(model: TinyLM) -> None:
-    kv = KVCacheManager(KVCacheConfig(64, BS, hash_seed=1))
-    pool = PagedKVPool(CFG, 64, BS)
+@pytest.mark.parametrize("block_size", [1, BS, 16])
+def test_decode_steps_of_a_mixed_batch_match_the_plain_model(model: TinyLM, block_size: int) -> None:
+    kv = KVCacheManager(KVCacheConfig(64, block_size, hash_seed=1))
+    pool = PagedKVPool(CFG, 64, block_size)
     full = {"a": rand_tokens(4, 20), "b": rand_tokens(5, 15), "c": rand_tokens(6, 9)}
     prompt = {"a": 9, "b": 3, "c": 9}
     done = dict.fromkeys(full, 0)
@@ -219,8 +222,9 @@ def test_paged_attention_on_cuda_matches_the_cpu_model(model: TinyLM) -> None:
 
 def test_kv_cache_bytes_come_from_the_model_parameters() -> None:
     config = generate_config()
-    block = 16 * 2 * CFG.n_layers * CFG.d_model * 4  # 16 tokens of K and V, fp32
-    assert kv_cache_bytes_for(config, CFG) == DEFAULT_KV_CONTEXTS * (CFG.max_seq_len // 16) * block
+    assert kv_block_size_for(config, CFG) == block_size_for_context(CFG.max_seq_len) == 4
+    block = 4 * 2 * CFG.n_layers * CFG.d_model * 4  # 4 tokens of K and V, fp32
+    assert kv_cache_bytes_for(config, CFG) == DEFAULT_KV_CONTEXTS * (CFG.max_seq_len // 4) * block
     assert kv_cache_bytes_for(with_kv(config, "64Ki"), CFG) == 65536 // block * block
     assert kv_cache_bytes_for(with_kv(config, str(block * 3 + 5)), CFG) == 3 * block  # whole blocks
     assert kv_cache_bytes_for(dataclasses.replace(config, task="predict"), CFG) == 0
@@ -228,6 +232,21 @@ def test_kv_cache_bytes_come_from_the_model_parameters() -> None:
         kv_cache_bytes_for(with_kv(config, "lots"), CFG)
     with pytest.raises(InvalidModel, match="less than one KV block"):
         kv_cache_bytes_for(with_kv(config, str(block - 1)), CFG)
+
+
+def test_kv_block_size_is_the_context_rule_unless_the_model_sets_it() -> None:
+    config = generate_config()
+    sixteen = dataclasses.replace(config, parameters={KV_BLOCK_SIZE_PARAMETER: "16"})
+    assert kv_block_size_for(sixteen, CFG) == 16
+    block16 = 16 * 2 * CFG.n_layers * CFG.d_model * 4
+    # The budget is whole blocks of the model's block size: 3.5 blocks of 16 keep 3.
+    budget = dataclasses.replace(
+        sixteen, parameters={**sixteen.parameters, KV_CACHE_PARAMETER: str(block16 * 7 // 2)}
+    )
+    assert kv_cache_bytes_for(budget, CFG) == 3 * block16
+    for bad in ("0", "-4", "four", "129"):  # 129 > the 128-token context
+        with pytest.raises(InvalidModel, match=KV_BLOCK_SIZE_PARAMETER):
+            kv_block_size_for(dataclasses.replace(config, parameters={KV_BLOCK_SIZE_PARAMETER: bad}), CFG)
 
 
 def generate_config() -> ModelConfig:
