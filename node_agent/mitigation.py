@@ -284,6 +284,14 @@ class _GatedLease:
         self.inner.release()
         self._gate._release_from_any_thread()
 
+    def may_continue(self) -> bool:
+        """Whether the holder may run more batches on this slot (any thread): nobody waits for a
+        slot, the gate's limit has not been lowered below what is in use (a thermal or SLA
+        mitigation takes effect at the next batch), and the scheduler's lease may continue."""
+        g = self._gate
+        inner = getattr(self.inner, "may_continue", None)  # a lease without it serves one batch
+        return not self._released and not g._waiting and g._in_use <= g._limit and bool(inner and inner())
+
 
 class ConcurrencyGate:
     """A `LeaseSource` letting at most `limit` leases be out at once (see the module docstring).
