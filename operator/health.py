@@ -55,7 +55,10 @@ class HealthTracker:
     def judge(self, s: NodeSignals, now_s: float) -> Health:
         health = self._raw(s, now_s)
         if health in (Health.NOT_READY, Health.AGENT_SILENT):
-            self.lost_work_at[s.name] = now_s
+            # Damping is for nodes that lose work: a node that holds none (a new Node that has not
+            # reported Ready yet) loses nothing, and is placeable as soon as it is ready.
+            if s.has_work or s.name in self.lost_work_at:
+                self.lost_work_at[s.name] = now_s
             return health
         lost = self.lost_work_at.get(s.name)
         if lost is not None:

@@ -145,8 +145,12 @@ def test_urgent_work_defers_pods_and_bookkeeping_to_the_next_pass(
     group = Group(kube)
     try:
         nodes = group.nodes(2, "jetson-orin")
-        apply(kube, namespace, service("urgent", group.id, replicas=2))
         reconciler = FleetReconciler(kube, settings_mod.from_env({}), OperatorMetrics())
+        eventually(  # both new nodes judged Healthy (kwok marks them Ready a moment after creation)
+            lambda: all(reconciler.reconcile_once().health.get(n) == "Healthy" for n in nodes),
+            what="the new nodes healthy",
+        )
+        apply(kube, namespace, service("urgent", group.id, replicas=2))
         write_specs = reconciler._write_edge_node_specs
 
         def then_urgent(*args: Any) -> None:
