@@ -271,10 +271,7 @@ async def read_body(request: web.Request, limit: int) -> bytearray:
 
 def json_object(body: bytes | bytearray) -> dict[str, Any]:
     """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise InvalidInput(f"the request body is not valid JSON: {e}") from None
+    doc = v2_codec.parse_json(body)
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object")
     return doc
@@ -422,7 +419,6 @@ class V2Api:
         return None
 
     # -- bodies -----------------------------------------------------------------------------
-
 
     async def _small_json(self, request: web.Request) -> dict[str, Any]:
         body = await read_body(request, _SMALL_BODY_BYTES)

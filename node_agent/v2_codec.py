@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from node_agent.errors import InferenceFailed, InvalidInput
 from node_agent.types import ModelConfig, Priority, TensorSpec
@@ -159,14 +160,14 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
     """Decode an infer request body (JSON, or JSON + binary tensor data when
     `header_length` is given). Arrays of binary inputs may be views of `body`."""
     if header_length is None:
-        doc = _parse_json(body)
+        doc = parse_json(body)
         binary = memoryview(b"")
     else:
         if header_length > len(body):
             raise InvalidInput(
                 f"Inference-Header-Content-Length is {header_length} but the body has only {len(body)} bytes"
             )
-        doc = _parse_json(body[:header_length])
+        doc = parse_json(body[:header_length])
         binary = memoryview(body)[header_length:]
     if not isinstance(doc, dict):
         raise InvalidInput(f"the request must be a JSON object, got {_kind(doc)}")
@@ -227,7 +228,15 @@ def check_request(request: InferRequest, config: ModelConfig) -> None:
                 )
 
 
-def _parse_json(data: bytes | bytearray) -> Any:
+def parse_json(data: bytes | bytearray) -> Any:
+    """A request body's JSON. orjson first: a 250 kB image tensor then costs about 0.5 ms of the
+    event loop (which every request shares) instead of the stdlib's 4.5. What orjson refuses (NaN
+    and Infinity literals, which Python and Triton clients send, integers beyond 64 bits, and
+    invalid JSON) goes to the stdlib parser, which accepts the former and words the errors."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(data)
     except RecursionError:
