@@ -265,12 +265,14 @@ class LeaseSource(Protocol):
 class _GatedLease:
     """A scheduler lease that also holds one of the gate's slots until `release()`."""
 
-    __slots__ = ("_gate", "_released", "inner")
+    __slots__ = ("_gate", "_inner_may_continue", "_released", "inner")
 
     def __init__(self, gate: ConcurrencyGate, inner: Lease) -> None:
         self._gate = gate
         self.inner = inner
         self._released = False
+        # looked up once (asked per batch); a lease without it serves one batch
+        self._inner_may_continue: Callable[[], bool] | None = getattr(inner, "may_continue", None)
 
     @property
     def backend(self) -> RunsBatches:
@@ -288,8 +290,7 @@ class _GatedLease:
         """Whether the holder may run more batches on this slot (any thread): nobody waits for a
         slot, the gate's limit has not been lowered below what is in use (a thermal or SLA
         mitigation takes effect at the next batch), and the scheduler's lease may continue."""
-        g = self._gate
-        inner = getattr(self.inner, "may_continue", None)  # a lease without it serves one batch
+        g, inner = self._gate, self._inner_may_continue
         return not self._released and not g._waiting and g._in_use <= g._limit and bool(inner and inner())
 
 

@@ -70,6 +70,10 @@ class PassReport:
         with self._lock:  # writes run on several threads
             self.writes[what] = self.writes.get(what, 0) + 1
 
+    def defer(self, n: int = 1) -> None:
+        with self._lock:
+            self.deferred += n
+
 
 @dataclass
 class FleetRead:
@@ -210,6 +214,7 @@ class FleetReconciler:
             nodes, edge_nodes, services = read.nodes, read.edge_nodes, read.services
             now = self.clock()
             self._sync_edge_nodes(nodes, edge_nodes, report)
+            deleting = [s for s in services if s["metadata"].get("deletionTimestamp")]
             live = [s for s in services if not s["metadata"].get("deletionTimestamp")]
             states = []
             for node in nodes:
@@ -238,7 +243,7 @@ class FleetReconciler:
             decisions = self._rollouts(live, result, edge_nodes, node_labels, now, report)
             specs = {fleet_state.service_key(s): s["spec"] for s in live}
             self._write_edge_node_specs(result, decisions, specs, edge_nodes, states, report)
-            self._release_finalizers([s for s in services if s not in live], edge_nodes, report)
+            self._release_finalizers(deleting, edge_nodes, report)
             self._sync_pods(result, read, report)
             self._write_services(live, result, decisions, read, report)
             report.nodes, report.services = len(nodes), len(live)
@@ -423,8 +428,7 @@ class FleetReconciler:
         from kubernetes.client.exceptions import ApiException
 
         if self.urgent.is_set():  # not even the read: the next pass starts at once
-            with report._lock:
-                report.deferred += sum(1 for placed in result.assignment.by_node.values() if placed)
+            report.defer(sum(1 for placed in result.assignment.by_node.values() if placed))
             return
         self._read_pods(read)
         ns, edge_nodes, pods = self.settings.agent.namespace, read.edge_nodes, read.pods
@@ -436,8 +440,7 @@ class FleetReconciler:
             delete = bool(pod) and (not placed or phase in ("Failed", "Succeeded"))
             create = bool(placed) and not pod
             if (delete or create) and self.urgent.is_set():
-                with report._lock:
-                    report.deferred += 1
+                report.defer()
                 return
             if delete:
                 try:
@@ -479,10 +482,9 @@ class FleetReconciler:
             key = fleet_state.service_key(isvc)
             mine = [*carried.get(key, ()), *events.get(key, ())]
             if self.urgent.is_set():
-                with report._lock:
-                    report.deferred += 1
-                    if mine:
-                        self._carried[key] = mine
+                report.defer()
+                if mine:
+                    self._carried[key] = mine  # one key per service: no two threads share one
                 return
             try:
                 self._write_service(isvc, result, decisions[key], mine, read, report)

@@ -221,6 +221,13 @@ def analysing(kube: Any, namespace: str, name: str, canaries: int) -> dict[str, 
     return r if ok else None
 
 
+def wait_promoted(kube: Any, namespace: str, name: str, what: str, group: Group, operator: Operator) -> Any:
+    """Wait for the service's rollout to reach Promoted; its status.rollout."""
+    return wait(
+        lambda: (r := ro(kube, namespace, name)).get("phase") == "Promoted" and r, what, group, operator
+    )
+
+
 def assert_recorded(kube: Any, namespace: str, name: str, group: Group, key: str) -> None:
     """No node is on a version status.rollout does not record, and only its canary nodes run the canary."""
     r = ro(kube, namespace, name)
@@ -333,12 +340,7 @@ def test_low_traffic_holds_as_inconclusive(
     # With enough traffic the same rollout goes on and promotes.
     for sim in group.agents.nodes.values():
         sim.sla_by_version = {}
-    r = wait(
-        lambda: (r := ro(kube, namespace, "quiet")).get("phase") == "Promoted" and r,
-        "the rollout to promote once traffic arrives",
-        group,
-        operator,
-    )
+    r = wait_promoted(kube, namespace, "quiet", "the promotion once traffic arrives", group, operator)
     # (A wave's Inconclusive record is replaced by its verdict, as the state machine's tests specify.)
     assert [(a["wave"], a["result"]) for a in r["analysis"]] == [(0, "Passed"), (1, "Passed")], r["analysis"]
 
@@ -388,12 +390,7 @@ def test_pause_holds_the_wave_and_resume_continues(
         assert annotation(kube, namespace, "hold") is None, "the action annotation is consumed"
         assert r["manuallyPaused"] is True
     pause(False)
-    r = wait(
-        lambda: (r := ro(kube, namespace, "hold")).get("phase") == "Promoted" and r,
-        "the resumed rollout to promote",
-        group,
-        operator,
-    )
+    r = wait_promoted(kube, namespace, "hold", "the resumed rollout to promote", group, operator)
     assert [(a["wave"], a["result"]) for a in r["analysis"]] == [(0, "Passed"), (1, "Passed")], r["analysis"]
     assert_windows_honoured(r["analysis"], FAST["intervalSeconds"])
     wait(lambda: on(group, key, "2") == sorted(group.names), "v2 everywhere", group, operator)
@@ -417,12 +414,7 @@ def test_promote_now_finishes_the_rollout(
 ) -> None:
     key = start_long_wave(kube, namespace, "prom", group, operator)
     annotate(kube, namespace, "prom", "promote")
-    r = wait(
-        lambda: (r := ro(kube, namespace, "prom")).get("phase") == "Promoted" and r,
-        "Promoted",
-        group,
-        operator,
-    )
+    r = wait_promoted(kube, namespace, "prom", "Promoted", group, operator)
     assert r["stableVersion"] == "2" and "canaryVersion" not in r, r
     assert r["history"][0]["result"] == "Promoted" and r["history"][0]["message"] == "promoted manually"
     assert [a["result"] for a in r["analysis"]] == [], "promoted without waiting for any analysis"
@@ -533,12 +525,7 @@ def test_operator_killed_mid_wave_resumes_at_the_same_wave(
         group.agents.nodes[order[wave]].loading_versions = set()  # let this wave pass
     for n in order:
         group.agents.nodes[n].loading_versions = set()
-    r = wait(
-        lambda: (r := ro(kube, namespace, "kill")).get("phase") == "Promoted" and r,
-        "the rollout to promote",
-        group,
-        operator,
-    )
+    r = wait_promoted(kube, namespace, "kill", "the rollout to promote", group, operator)
     # Every wave judged and passed exactly once, none skipped, none repeated.
     assert [a["wave"] for a in r["analysis"] if a["result"] == "Passed"] == [0, 1, 2, 3], r["analysis"]
     assert_windows_honoured(r["analysis"], FAST["intervalSeconds"])
