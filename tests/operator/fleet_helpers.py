@@ -76,10 +76,16 @@ def eventually(
     what: str = "condition",
     step: Callable[[], None] | None = None,
     operator: OperatorProcess | None = None,
+    seen: Callable[[], str] | None = None,
 ) -> Any:
-    """e2e.waiting.eventually, with the operator's log tail when it times out."""
-    context = (lambda: f"operator log:\n{operator.tail()}") if operator else None
-    return waiting.eventually(check, timeout_s, what, step, context)
+    """e2e.waiting.eventually; when it times out, the message adds `seen()` (what the check
+    saw) and the operator's log tail."""
+
+    def context() -> str:
+        parts = [seen()] if seen else []
+        return "\n".join(parts + ([f"operator log:\n{operator.tail()}"] if operator else []))
+
+    return waiting.eventually(check, timeout_s, what, step, context if seen or operator else None)
 
 
 def service(name: str, group_id: str, memory: str = "64Mi", **placement: Any) -> dict[str, Any]:
