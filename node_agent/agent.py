@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -78,6 +79,9 @@ class AgentSettings:
     workers: int | None = None
     """Stream pool workers (one CUDA stream each); None: 1 on CPU (torch already uses every
     core inside an op), 2 on CUDA (one stream computes while the other copies)."""
+    urgent_workers: int = 1
+    """Stream pool workers that run only critical and high-priority batches (the urgent lane,
+    at the highest stream priority on a GPU); 0: none."""
     preload: tuple[str, ...] = ()
     """Models loaded before the agent reports ready: 'name' (newest version) or 'name:version'."""
     drain_delay_s: float = 0.0
@@ -104,6 +108,8 @@ class AgentSettings:
             raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+        if not isinstance(self.urgent_workers, int) or self.urgent_workers < 0:
+            raise ValueError(f"urgent_workers must be an integer >= 0, got {self.urgent_workers!r}")
         for value in (self.drain_delay_s, self.drain_timeout_s, self.unload_wait_s):
             if not value >= 0:
                 raise ValueError("drain_delay_s, drain_timeout_s and unload_wait_s must be >= 0")
@@ -463,6 +469,11 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
+        # What exists now (torch, the preloaded models, the app) lives as long as the process:
+        # frozen out of the cyclic GC, full collections no longer walk it (walking a loaded
+        # process paused the event loop for 50-115 ms in bench.overload).
+        gc.collect()
+        gc.freeze()
         self.serving.set_ready()
         s = self.settings
         log.info(
@@ -493,7 +504,9 @@ class Agent:
         if self.overlay is not None:  # EdgeNode mode: assigned versions only
             source, loader = self.overlay, self.overlay.loader(load)
         self.scheduler = ModelScheduler(budget, loader)
-        self.pool = StreamPool(PoolSettings(num_workers=s.num_workers, device=s.device)).start()
+        self.pool = StreamPool(
+            PoolSettings(num_workers=s.num_workers, device=s.device, urgent_workers=s.urgent_workers)
+        ).start()
         controls = self.controls = Controls(shed_retry_after_s=s.sla.interval_s)
         gate = controls.gate_for(self.scheduler, s.max_concurrency)
         sla = self.sla = SlaMonitor(controls, s.sla)

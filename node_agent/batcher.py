@@ -31,6 +31,20 @@ Life of a request:
    when a ticket ends its lease is released, queued work a shrunk bound no longer
    covers is shed, and the next ticket is issued.
 
+Urgent requests (class HIGH or more urgent, `stream_pool.URGENT`), when the pool has an
+urgent lane: besides the pipeline's tickets, the batcher keeps one *urgent ticket* out
+while such requests are queued. It is issued as the request arrives (no batch window:
+urgent work does not wait to be batched with later arrivals), gets its lease from
+`acquire_urgent`, goes to the pool at the request's class (regular tickets then go at
+NORMAL: only urgent tickets may run on the lane), where an idle regular worker,
+or else an urgent-lane worker, takes it even while every regular worker is inside a normal
+batch, and runs batches of urgent pieces only, back to back while such pieces are queued
+(late binding as above). While it is out, regular tickets leave urgent pieces to it (a
+normal batch of 16 rows would hold them ten times longer), unless more are queued than
+its next batch takes: so a model whose traffic is all urgent still uses every worker. So
+an urgent request waits neither for the window nor for a normal batch that is already
+running.
+
 Guarantee: every admitted request's future gets exactly one outcome (result or error),
 including on `stop()` (`ShuttingDown`) and when its deadline passes while it waits (an
 expiry timer fails it at its deadline).
@@ -71,7 +85,7 @@ from node_agent.errors import (
     Overloaded,
     ShuttingDown,
 )
-from node_agent.stream_pool import ANY_GROUP, StreamPool, UrgencyQueue
+from node_agent.stream_pool import ANY_GROUP, URGENT, StreamPool, UrgencyQueue
 from node_agent.types import Priority
 
 if TYPE_CHECKING:
@@ -210,6 +224,11 @@ def _group_of(piece: _Piece) -> Hashable:
     return piece.group
 
 
+_ALL_CLASSES = (Priority.CRITICAL, Priority.LOW)
+_URGENT_CLASSES = (Priority.CRITICAL, URGENT)
+_LEAST_URGENT_REGULAR = Priority(URGENT + 1)
+_NON_URGENT_CLASSES = (_LEAST_URGENT_REGULAR, Priority.LOW)
+
 SHED_HYSTERESIS = 1.5
 """Queued rows may exceed a shrunk bound by this factor before the excess is shed."""
 
@@ -263,10 +282,12 @@ class _Ticket:
     A ticket run inline (on the loop) runs one batch. Taking a batch is late binding: the
     most urgent pieces queued when the batch starts."""
 
-    __slots__ = ("batcher", "continues", "current", "lease", "started")
+    __slots__ = ("batcher", "continues", "current", "lease", "started", "urgent")
 
-    def __init__(self, batcher: Batcher) -> None:
+    def __init__(self, batcher: Batcher, urgent: bool = False) -> None:
         self.batcher = batcher
+        self.urgent = urgent
+        """Takes urgent pieces only (see the module docstring)."""
         self.started = False
         self.continues = True
         self.lease: Lease | None = None
@@ -279,6 +300,15 @@ class _Ticket:
         """Run the first batch, then further due batches while the worker may stay. Each
         batch is posted once the next is taken; the last is returned, and `on_done` posts
         it with the job's end."""
+        if not self.urgent:
+            return self._run(stream)
+        try:
+            return self._run(stream)
+        finally:  # it takes no more: regular tickets may take urgent pieces until the next
+            with self.batcher._lock:
+                self.batcher._urgent_taking = False
+
+    def _run(self, stream: Any) -> _Batch | None:
         b = self.batcher
         batch = self._take(first=True)
         assert self.lease is not None
@@ -313,16 +343,26 @@ class _Ticket:
         group: Hashable = ANY_GROUP
         queue = b._queue
         with b._lock:
+            if self.urgent:
+                classes = _URGENT_CLASSES
+            elif b._urgent_taking and queue.cost_of(_URGENT_CLASSES) <= size:
+                classes = _NON_URGENT_CLASSES  # the urgent ticket's next batch takes them all
+            else:
+                classes = _ALL_CLASSES
             if first:
-                b._pending -= 1
+                if not self.urgent:
+                    b._pending -= 1
                 self.started = True
+            elif self.urgent:
+                if not b._urgent_queued_locked():
+                    return None
             elif not b._due_locked(start, size):
                 return None
             else:  # the next batch's window opens as this one leaves (as on the loop)
                 b._window_close_s = start + decision.delay_s
             expired = queue.pop_expired(start)
             while rows < size:
-                got = queue.take(size - rows, _alive, first_alone=not taken, group=group)
+                got = queue.take(size - rows, _alive, first_alone=not taken, group=group, classes=classes)
                 if not got:
                     break
                 for piece in got:
@@ -497,7 +537,11 @@ class Batcher:
         settings: BatcherSettings | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        acquire_urgent: Acquire | None = None,
     ) -> None:
+        """`acquire_urgent`: how urgent tickets get their lease (default `acquire`); the
+        engine passes one that bypasses the concurrency gate, whose slots are the regular
+        workers'."""
         self.name = name
         self.pool = pool
         self.device = pool.device
@@ -505,6 +549,8 @@ class Batcher:
         self.policy = policy
         self.loop = loop or asyncio.get_running_loop()
         self._acquire = acquire
+        self._acquire_urgent = acquire_urgent or acquire
+        self._urgent_lane = pool.urgent_workers > 0
         self._max_batch = self.settings.max_batch_size
         self._dynamic = self.settings.dynamic_shapes
         depth = self.settings.pipeline_depth
@@ -514,7 +560,11 @@ class Batcher:
             policy.decision().queue_limit_rows,
             _group_of if self.settings.dynamic_shapes else None,
         )
-        self._out = 0  # tickets issued and not completed (loop thread)
+        self._out = 0  # tickets issued and not completed, urgent ones included (loop thread)
+        self._urgent_out = 0  # urgent tickets issued and not completed (loop thread)
+        self._urgent_taking = False
+        """Under _lock: an urgent ticket is out and will take the urgent pieces (from its issue
+        until its run returns, or it is dropped); regular tickets leave them to it."""
         self._pending = 0  # tickets issued and not yet started by a worker (under _lock)
         self._window_close_s: float | None = None
         self._window_timer: asyncio.TimerHandle | None = None
@@ -600,7 +650,9 @@ class Batcher:
         self.submitted += 1
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
-        if self._out < self._depth:  # (else a finishing ticket's drain dispatches)
+        if priority <= URGENT and self._urgent_lane and not self._urgent_out and not self._stopping:
+            self._issue(priority, urgent=True)
+        if self._out - self._urgent_out < self._depth:  # (else a finishing ticket's drain dispatches)
             self._dispatch()
         return future
 
@@ -638,10 +690,16 @@ class Batcher:
     # --- batching ----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Issue tickets while the pipeline has room and a batch is due."""
+        """Issue tickets while the pipeline has room and a batch is due, and an urgent
+        ticket if urgent pieces wait and none is out."""
         if self._stopping:
             return
-        while self._out < self._depth:
+        if self._urgent_lane and not self._urgent_out:
+            with self._lock:
+                top = self._queue.top_priority()
+            if top is not None and top <= URGENT:
+                self._issue(top, urgent=True)
+        while self._out - self._urgent_out < self._depth:
             decision = self.policy.decision()
             now = time.monotonic()
             with self._lock:
@@ -656,7 +714,13 @@ class Batcher:
                 if waiting and close is not None:  # rows wait for the window to close
                     self._arm_window(close)
                 return
+            if self._urgent_lane and top <= URGENT:  # urgency travels with the urgent ticket:
+                top = _LEAST_URGENT_REGULAR  # a regular one on the lane would hold it for normal work
             self._issue(top)
+
+    def _urgent_queued_locked(self) -> bool:
+        top = self._queue.top_priority()
+        return top is not None and top <= URGENT
 
     def _due_locked(self, now: float, size: int) -> bool:
         """Whether a batch is due (under `_lock`): rows not claimed by tickets waiting to
@@ -669,16 +733,21 @@ class Batcher:
         close = self._window_close_s
         return close is None or now >= close
 
-    def _issue(self, priority: Priority) -> None:
+    def _issue(self, priority: Priority, urgent: bool = False) -> None:
         """Acquire the model and submit a ticket. The acquire coroutine's first step runs
         inline: when the model is resident the scheduler answers without awaiting, and
         the batch costs no Task; otherwise a Task finishes what the step started."""
-        ticket = _Ticket(self)
+        ticket = _Ticket(self, urgent)
         self._out += 1
+        if urgent:
+            self._urgent_out += 1
         with self._lock:
-            self._pending += 1
+            if urgent:
+                self._urgent_taking = True
+            else:
+                self._pending += 1
         self._idle.clear()
-        coro = self._acquire()
+        coro = self._acquire_urgent() if urgent else self._acquire()
         try:
             awaited = coro.send(None)  # type: ignore[attr-defined]
         except StopIteration as got:
@@ -712,7 +781,7 @@ class Batcher:
 
     def _submit(self, ticket: _Ticket, priority: Priority, lease: Lease) -> None:
         ticket.lease = lease
-        if self.pool.runs_inline and self._run_inline(ticket):
+        if self.pool.runs_inline and not ticket.urgent and self._run_inline(ticket):
             return
         try:
             refusal = self.pool.submit(ticket.run, ticket.on_done, priority=priority, owner=self)
@@ -748,7 +817,12 @@ class Batcher:
             ticket.lease.release()
             ticket.lease = None
         with self._lock:
-            self._pending -= 1
+            if ticket.urgent:
+                self._urgent_taking = False
+            else:
+                self._pending -= 1
+        if ticket.urgent:
+            self._urgent_out -= 1
         self._out -= 1
         if self._out == 0:
             self._idle.set()
@@ -826,11 +900,16 @@ class Batcher:
             ticket.lease.release()
             ticket.lease = None
         self._out -= 1
+        if ticket.urgent:
+            self._urgent_out -= 1
         if error is None:
             return
         if not ticket.started:  # dropped by the pool before it ran
             with self._lock:
-                self._pending -= 1
+                if ticket.urgent:
+                    self._urgent_taking = False
+                else:
+                    self._pending -= 1
             if isinstance(error, ShuttingDown):
                 self._fail_queued(error)
             elif self._retry_timer is None and not self._stopping:  # displaced: retry

@@ -53,6 +53,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                         help="memory for models, e.g. 2Gi (default: GPU total minus 512Mi; 2Gi on CPU)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="stream pool workers (default: 1 on CPU, 2 on CUDA)")
+    parser.add_argument("--urgent-workers", type=int, default=1, metavar="N",
+                        help="more workers that run only critical and high-priority batches, so they "
+                             "never wait for a normal batch (default 1; 0: none)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--preload", default="", metavar="M1,M2",
                         help="models to load before reporting ready: name or name:version, comma-separated")
@@ -159,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device,
             memory_budget_bytes=parse_quantity(args.memory_budget) if args.memory_budget else None,
             workers=args.workers,
+            urgent_workers=args.urgent_workers,
             preload=tuple(p.strip() for p in args.preload.split(",") if p.strip()),
             drain_delay_s=args.drain_delay,
             drain_timeout_s=args.drain_timeout,

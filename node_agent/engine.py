@@ -327,7 +327,12 @@ class Engine:
             bf16_inputs=frozenset(t.name for t in config.inputs if t.datatype == "BF16"),
         )
         acquire = functools.partial(self.scheduler.acquire, config)
-        batcher = Batcher(str(config.id), pool, acquire, policy, batcher_settings)
+        # a concurrency gate's slots are the regular workers': urgent tickets pass it by
+        urgent = getattr(self.scheduler, "acquire_urgent", None)
+        acquire_urgent = functools.partial(urgent, config) if urgent is not None else None
+        batcher = Batcher(
+            str(config.id), pool, acquire, policy, batcher_settings, acquire_urgent=acquire_urgent
+        )
         entry = _Entry(config, InputValidator(config), batcher)
         self._entries[(config.name, config.version)] = entry
         log.debug("engine: batcher for %s (max batch %d)", config.id, config.max_batch_size)

@@ -106,7 +106,13 @@ METRICS: dict[str, MetricSpec] = {
         ),
         MetricSpec("edgefleet_queue_depth_rows", "gauge", "Rows queued for a model now.", _M),
         # stream pool
-        MetricSpec("edgefleet_pool_workers", "gauge", "Stream pool worker threads (CUDA streams)."),
+        MetricSpec(
+            "edgefleet_pool_workers",
+            "gauge",
+            "Stream pool worker threads (CUDA streams), by lane: regular, or urgent (only critical "
+            "and high-priority batches).",
+            ("lane",),
+        ),
         MetricSpec("edgefleet_pool_queued_jobs", "gauge", "Batches waiting for a pool worker."),
         MetricSpec("edgefleet_pool_jobs_total", "counter", "Batches the pool ran."),
         MetricSpec(
@@ -255,6 +261,9 @@ class PoolView(Protocol):
     @property
     def num_workers(self) -> int: ...
 
+    @property
+    def urgent_workers(self) -> int: ...
+
     def queued(self) -> int: ...
 
 
@@ -381,7 +390,9 @@ class AgentCollector(Collector):
         p = self.pool
         if p is None:
             return
-        fam("edgefleet_pool_workers").add_metric([], p.num_workers)
+        workers = fam("edgefleet_pool_workers")
+        workers.add_metric(["regular"], p.num_workers)
+        workers.add_metric(["urgent"], p.urgent_workers)
         fam("edgefleet_pool_queued_jobs").add_metric([], p.queued())
         fam("edgefleet_pool_jobs_total").add_metric([], p.completed)
         refused = fam("edgefleet_pool_admissions_refused_total")

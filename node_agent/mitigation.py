@@ -367,6 +367,13 @@ class ConcurrencyGate:
             raise
         return _GatedLease(self, lease)
 
+    async def acquire_urgent(self, config: ModelConfig) -> Lease:
+        """The source's lease, without a slot: for a batcher's urgent ticket, which runs on
+        the stream pool's urgent lane (one per model at a time), not in a regular worker
+        whose share the slots ration. Lowering the limit (a mitigation) does not hold urgent
+        work back; shedding classes (`Controls.check_admission`) still applies to it."""
+        return await self._source.acquire(config)
+
     def busy_slot_seconds(self) -> float:
         """Integral of slots in use over time since creation (monotone; gate's clock)."""
         return self._busy_s + self._in_use * (self._clock() - self._mark_s)

@@ -27,6 +27,15 @@ throughput with 2 intra-op threads against 0.93 with 1 (bench/served_throughput)
 `PoolSettings.torch_threads` therefore defaults to max(1, (cores - 1) // workers),
 applied with `torch.set_num_threads` at `start()`.
 
+The urgent lane: `PoolSettings.urgent_workers` more workers (default 1) take only jobs of
+class HIGH or more urgent (`URGENT`), so urgent work never waits for a normal batch that is
+already running: the regular workers take every class, most urgent first, but a batch that
+has started runs to its end. On a GPU the urgent workers' streams have the device's highest
+stream priority, so their kernels are scheduled ahead of the other streams' (at kernel
+boundaries); on CPU the lane is a thread that is idle unless urgent work runs, and while it
+runs it shares the cores with the batch already running. Batchers issue a separate ticket for
+urgent requests (see batcher), which is what puts them on the lane.
+
 Inline jobs (`run_inline`): on CPU, a job predicted to take less than a hand-off to a worker
 and back runs on the calling thread instead, when no job is queued, so nothing more urgent is
 overtaken. The hand-off (two thread wake-ups, GIL switches, the completion's trip back through
@@ -62,6 +71,9 @@ T = TypeVar("T")
 
 _NUM_CLASSES = len(Priority)
 _INF = math.inf
+
+URGENT = Priority.HIGH
+"""The least urgent class the urgent lane serves: CRITICAL and HIGH."""
 
 ANY_GROUP: Hashable = object()
 """`UrgencyQueue.take(group=ANY_GROUP)`: take the first item's group."""
@@ -242,8 +254,10 @@ class UrgencyQueue(Generic[T]):
         *,
         first_alone: bool = True,
         group: Hashable = ANY_GROUP,
+        classes: tuple[Priority, Priority] = (Priority.CRITICAL, Priority.LOW),
     ) -> list[T]:
-        """Remove and return the most urgent items whose costs sum to at most `max_cost`.
+        """Remove and return the most urgent items whose costs sum to at most `max_cost`,
+        of the `classes` (most urgent, least urgent) range (all classes by default).
 
         Stops at the first item that does not fit, so urgency order is kept; with
         `first_alone` (the default) a first item costlier than `max_cost` goes alone, so
@@ -252,12 +266,14 @@ class UrgencyQueue(Generic[T]):
         Items for which `alive` is false are dropped silently (their callers already
         have an outcome).
         """
+        lo, hi = classes
+        lists = self._classes if lo == 0 and hi == _NUM_CLASSES - 1 else self._classes[lo : hi + 1]
         if self._group_of is None:
-            return self._take_any(max_cost, alive, first_alone)
+            return self._take_any(lists, max_cost, alive, first_alone)
         taken: list[T] = []
         total = 0.0
         stop = False
-        for lst in self._classes:
+        for lst in lists:
             keep: list[tuple[float, int, float, T]] | None = None
             i, n = 0, len(lst)
             while i < n:
@@ -295,13 +311,17 @@ class UrgencyQueue(Generic[T]):
         return taken
 
     def _take_any(
-        self, max_cost: float, alive: Callable[[T], bool] | None, first_alone: bool
+        self,
+        lists: list[list[tuple[float, int, float, T]]],
+        max_cost: float,
+        alive: Callable[[T], bool] | None,
+        first_alone: bool,
     ) -> list[T]:
         """`take` without groups (the common case, with fewer checks per item)."""
         taken: list[T] = []
         total = 0.0
         removed = 0.0
-        for lst in self._classes:
+        for lst in lists:
             i, n = 0, len(lst)
             while i < n:
                 _, _, cost, item = lst[i]
@@ -358,6 +378,12 @@ class UrgencyQueue(Generic[T]):
             lst.clear()
         self.cost = 0.0
         return out
+
+    def cost_of(self, classes: tuple[Priority, Priority]) -> float:
+        """The summed cost of the items of the `classes` range (most urgent, least urgent); O(n)
+        in those items."""
+        lo, hi = classes
+        return sum(e[2] for lst in self._classes[lo : hi + 1] for e in lst)
 
     def top_priority(self) -> Priority | None:
         """The most urgent class holding an item, None when empty."""
@@ -421,10 +447,15 @@ class PoolSettings:
     inline_max_s: float = 0.0
     """On CPU, jobs predicted to take at most this long may run on the submitting thread
     (`run_inline`; e.g. 50e-6 for tiny models); 0 (default): never. Ignored on CUDA."""
+    urgent_workers: int = 1
+    """Workers (streams, at the highest stream priority on a GPU) that take only jobs of class
+    `URGENT` or more urgent: the urgent lane (see the module docstring). 0: none."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if not isinstance(self.urgent_workers, int) or self.urgent_workers < 0:
+            raise ValueError(f"urgent_workers must be an integer >= 0, got {self.urgent_workers!r}")
         if not isinstance(self.max_queued_jobs, int) or self.max_queued_jobs < 1:
             raise ValueError(f"max_queued_jobs must be an integer >= 1, got {self.max_queued_jobs!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -436,7 +467,8 @@ class PoolSettings:
 
 
 class StreamPool:
-    """N worker threads running jobs in urgency order; one CUDA stream per worker on GPU.
+    """N worker threads running jobs in urgency order, and an urgent lane of workers that run
+    only CRITICAL and HIGH jobs; one CUDA stream per worker on GPU.
 
     `submit(fn, on_done, priority, deadline_s)` queues `fn(stream)`; a worker runs it
     under `torch.cuda.stream(stream)` and synchronises the stream before calling
@@ -451,10 +483,12 @@ class StreamPool:
         self._clock = clock
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
+        self._urgent_work = threading.Condition(self._lock)
         self._queue: UrgencyQueue[_Job] = UrgencyQueue(self.settings.max_queued_jobs)
         self._threads: list[threading.Thread] = []
         self._streams: list[Any] = []
         self._idle = 0
+        self._urgent_idle = 0
         self._busy = 0
         self._running = False
         self._stopping = False
@@ -470,7 +504,12 @@ class StreamPool:
 
     @property
     def num_workers(self) -> int:
+        """Regular workers (the urgent lane's are `urgent_workers`)."""
         return self.settings.num_workers
+
+    @property
+    def urgent_workers(self) -> int:
+        return self.settings.urgent_workers
 
     @property
     def device(self) -> str:
@@ -490,20 +529,23 @@ class StreamPool:
                 raise RuntimeError("StreamPool.start() called twice")
             self._running = True
         s = self.settings
+        lanes = [False] * s.num_workers + [True] * s.urgent_workers
         if s.device.startswith("cuda"):
             device = torch.device(s.device)
-            self._streams = [torch.cuda.Stream(device=device) for _ in range(s.num_workers)]
+            # a priority past the device's range maps to its highest (torch.cuda.Stream)
+            self._streams = [
+                torch.cuda.Stream(device=device, priority=-100 if urgent else 0) for urgent in lanes
+            ]
         else:
             threads = s.torch_threads
             if threads is None:
                 threads = max(1, ((os.cpu_count() or 1) - 1) // s.num_workers)
             if threads > 0:
                 torch.set_num_threads(threads)
-        for i in range(s.num_workers):
+        for i, urgent in enumerate(lanes):
             stream = self._streams[i] if self._streams else None
-            t = threading.Thread(
-                target=self._worker, args=(stream,), name=f"stream-pool-{i}", daemon=True
-            )
+            name = f"stream-pool-urgent-{i - s.num_workers}" if urgent else f"stream-pool-{i}"
+            t = threading.Thread(target=self._worker, args=(stream, urgent), name=name, daemon=True)
             self._threads.append(t)
             t.start()
         return self
@@ -536,9 +578,11 @@ class StreamPool:
             if not self._running or self._stopping:
                 raise ShuttingDown("stream pool is not running")
             offer = self._queue.offer((job,), (1.0,), priority, deadline_s, self._clock())
-            if offer.admitted:
+            if offer.admitted:  # an idle regular worker first: the lane is for when none is
                 if self._idle:
                     self._work.notify()
+                elif priority <= URGENT and self._urgent_idle:
+                    self._urgent_work.notify()
             else:
                 self.refused += 1
                 retry = self._retry_after_locked()
@@ -574,8 +618,9 @@ class StreamPool:
 
     def should_yield(self, owner: object = None) -> bool:
         """Called by a running job between two of its steps, on the thread running it: True
-        when a job of an owner other than `owner` waits for a worker (or the pool is
-        stopping), and the job should return rather than take its next step. Ends a step:
+        when a job of an owner other than `owner` waits for a worker, or an urgent job (class
+        `URGENT` or above) does and the urgent lane has no idle worker to take it, or the pool
+        is stopping: the job should return rather than take its next step. Ends a step:
         the time since the job started, or since its last call, counts as one job's service
         time for Retry-After."""
         now = self._clock()
@@ -589,7 +634,11 @@ class StreamPool:
                 return True
             if not self._queue:
                 return False
-            return owner is None or any(job.owner is not owner for job in self._queue.items())
+            lane_busy = self.settings.urgent_workers > 0 and not self._urgent_idle
+            return owner is None or any(
+                job.owner is not owner or (lane_busy and job.priority <= URGENT)
+                for job in self._queue.items()
+            )
 
     def retry_after_s(self) -> float:
         """Estimated time for the queue ahead to drain (for Retry-After)."""
@@ -612,6 +661,7 @@ class StreamPool:
             self._stopping = True
             pending = self._queue.drain()
             self._work.notify_all()
+            self._urgent_work.notify_all()
         self._fail(pending, ShuttingDown, "stream pool stopped")
         for t in self._threads:
             t.join(timeout_s)
@@ -620,23 +670,35 @@ class StreamPool:
 
     # --- worker side -------------------------------------------------------
 
-    def _worker(self, stream: torch.cuda.Stream | None) -> None:
+    def _worker(self, stream: torch.cuda.Stream | None, urgent: bool) -> None:
+        """A regular worker takes the most urgent job; an urgent one only CRITICAL and HIGH."""
+        queue = self._queue
         while True:
             with self._lock:
-                self._idle += 1
-                while not self._queue and not self._stopping:
-                    self._work.wait()
-                self._idle -= 1
+                if urgent:
+                    self._urgent_idle += 1
+                    while not self._stopping and not self._urgent_queued():
+                        self._urgent_work.wait()
+                    self._urgent_idle -= 1
+                else:
+                    self._idle += 1
+                    while not queue and not self._stopping:
+                        self._work.wait()
+                    self._idle -= 1
                 if self._stopping:
                     return
-                expired = self._queue.pop_expired(self._clock())
-                job = self._queue.pop()
+                expired = queue.pop_expired(self._clock())
+                job = queue.pop() if not urgent or self._urgent_queued() else None
                 self.expired += len(expired)
                 if job is not None:
                     self._busy += 1
             self._fail(expired, DeadlineExceeded, "job expired before a worker was free")
             if job is not None:
                 self._run(job, stream)
+
+    def _urgent_queued(self) -> bool:
+        top = self._queue.top_priority()
+        return top is not None and top <= URGENT
 
     def _run(self, job: _Job, stream: torch.cuda.Stream | None) -> None:
         step = self._step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Coroutine
@@ -98,10 +99,13 @@ def make(
     delay_s: float = 0.0,
     queue_rows: int = 1000,
     workers: int = 1,
+    urgent_workers: int = 1,
     policy: BatchingPolicy | None = None,
     **settings: Any,
 ) -> tuple[Batcher, StreamPool]:
-    pool = StreamPool(PoolSettings(num_workers=workers, torch_threads=1)).start()
+    pool = StreamPool(
+        PoolSettings(num_workers=workers, torch_threads=1, urgent_workers=urgent_workers)
+    ).start()
     batcher = Batcher(
         "test-model",
         pool,
@@ -113,14 +117,14 @@ def make(
 
 
 async def block_worker(pool: StreamPool) -> threading.Event:
-    """Occupy the pool's only worker until the returned event is set."""
+    """Occupy the pool's only regular worker until the returned event is set."""
     started, release = threading.Event(), threading.Event()
 
     def gate(stream: object) -> None:
         started.set()
         release.wait(20)
 
-    pool.submit(gate, lambda r, e: None, priority=Priority.CRITICAL)
+    pool.submit(gate, lambda r, e: None, priority=Priority.NORMAL)  # not the urgent lane
     while not started.is_set():
         await asyncio.sleep(0.001)
     return release
@@ -229,7 +233,7 @@ def test_batches_follow_priority_then_deadline_order() -> None:
     module = Tagged()
 
     async def main() -> None:
-        batcher, pool = make(module, batch=1)
+        batcher, pool = make(module, batch=1, urgent_workers=0)  # one lane: the order is the test
         release = await block_worker(pool)
         now = time.monotonic()
         plan = [  # (tag, priority, deadline)
@@ -658,12 +662,13 @@ def first_batch_blocks(module: Tagged) -> tuple[threading.Event, threading.Event
 def test_a_ticket_runs_due_batches_back_to_back_under_one_lease() -> None:
     """With work queued, the worker goes on from batch to batch without the event loop, all
     under one lease; each batch is still taken when it starts, so a high-priority request
-    that arrives while a batch runs goes into the very next one."""
+    that arrives while a batch runs goes into the very next one (without an urgent lane,
+    which would run it at once: see the urgent-lane tests)."""
     module = Tagged()
     started, release = first_batch_blocks(module)
 
     async def main() -> CountingAcquire:
-        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, urgent_workers=0)).start()
         acquire = CountingAcquire(ModuleBackend(module))
         batcher = Batcher("b2b", pool, acquire, StaticPolicy(2, 0.0, 100),
                           BatcherSettings(max_batch_size=2, pipeline_depth=1))  # fmt: skip
@@ -685,6 +690,97 @@ def test_a_ticket_runs_due_batches_back_to_back_under_one_lease() -> None:
     acquire = run(main())
     assert module.batches == [[1, 2], [9, 3], [4, 5], [6]]
     assert acquire.acquired == acquire.released == 1
+
+
+def test_an_urgent_request_runs_on_the_urgent_lane_while_a_normal_batch_runs() -> None:
+    """With the regular worker inside a normal batch, HIGH and CRITICAL requests run at once
+    on the urgent lane, in a batch of their own (no queued normal piece rides along), under a
+    lease from `acquire_urgent`; the normal requests keep their order."""
+    module = Tagged()
+    started, release = first_batch_blocks(module)
+
+    async def main() -> tuple[CountingAcquire, CountingAcquire]:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        acquire = CountingAcquire(ModuleBackend(module))
+        urgent_acquire = CountingAcquire(ModuleBackend(module))
+        batcher = Batcher("lane", pool, acquire, StaticPolicy(2, 0.0, 100), BatcherSettings(2),
+                          acquire_urgent=urgent_acquire)  # fmt: skip
+        normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5)]
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
+        out = await asyncio.wait_for(high, 5)  # while the first normal batch is still running
+        assert out["y"][0, 0] == 9 and not any(f.done() for f in normal)
+        critical = batcher.submit({"x": rows_for(8)}, 1, priority=P.CRITICAL)
+        assert (await asyncio.wait_for(critical, 5))["y"][0, 0] == 8
+        release.set()
+        outs = await asyncio.gather(*normal)
+        assert [o["y"][0, 0] for o in outs] == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose(out["y"][:, 1:], expected(module, rows_for(9)), rtol=1e-6)
+        await batcher.stop()
+        pool.stop()
+        return acquire, urgent_acquire
+
+    acquire, urgent_acquire = run(main())
+    # (a batch is recorded when its forward gets past the block: the first normal batch, [1]
+    # or [1, 2] as the worker started it, after the urgent ones)
+    assert module.batches[:2] == [[9], [8]] and module.seen[2:] == [1, 2, 3, 4, 5]
+    assert urgent_acquire.acquired == urgent_acquire.released == 2
+    assert acquire.acquired == acquire.released
+
+
+def test_the_urgent_lane_never_runs_a_regular_ticket() -> None:
+    """A regular ticket issued while an urgent piece heads the queue goes to the pool at normal
+    priority: the lane runs the urgent ticket, then is idle again while the normal request
+    waits for the (blocked) regular worker. (Were the regular ticket sent at the queue's top
+    class, the lane would take it and hold it for normal work, starving later urgent tickets.)"""
+    module = Tagged()
+
+    async def main() -> None:
+        batcher, pool = make(module, batch=4)
+        release = await block_worker(pool)
+        high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
+        normal = batcher.submit({"x": rows_for(1)}, 1)
+        assert (await asyncio.wait_for(high, 5))["y"][0, 0] == 9
+        while pool._urgent_idle == 0:  # the lane is back waiting for urgent work
+            await asyncio.sleep(0.001)
+        assert not normal.done() and pool.queued() == 1
+        release.set()
+        assert (await asyncio.wait_for(normal, 5))["y"][0, 0] == 1
+        await batcher.stop()
+        pool.stop()
+
+    run(main())
+    assert module.batches == [[9], [1]]
+
+
+def test_an_urgent_request_does_not_wait_for_the_batch_window() -> None:
+    """A normal request waits for its window to close (to batch with later arrivals); a HIGH
+    one that arrives meanwhile is run at once. Without an urgent lane it waits like the rest."""
+
+    async def main(lane: int) -> bool:
+        module = Tagged()
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, urgent_workers=lane)).start()
+        batcher = Batcher("window", pool, static_acquire(ModuleBackend(module)),
+                          StaticPolicy(4, 30.0, 100), BatcherSettings(4))  # fmt: skip
+        normal = batcher.submit({"x": rows_for(1)}, 1)
+        high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
+        try:
+            await asyncio.wait_for(asyncio.shield(high), 1.0)
+            ran_at_once = True
+        except TimeoutError:
+            ran_at_once = False
+        assert not normal.done()  # its window (30 s) is still open
+        await batcher.stop()
+        pool.stop()
+        with contextlib.suppress(ShuttingDown):
+            await high
+        with pytest.raises(ShuttingDown):
+            await normal
+        return ran_at_once
+
+    assert run(main(1)) is True
+    assert run(main(0)) is False
 
 
 def test_a_lease_without_may_continue_serves_one_batch() -> None:

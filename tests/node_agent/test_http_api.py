@@ -39,7 +39,7 @@ from node_agent.batcher import Batcher
 from node_agent.examples import Dense
 from node_agent.http_api import HttpSettings, control_networks, peer_allowed
 from node_agent.repository import parse_model_config, sha256_file, write_model_config
-from node_agent.types import ModelConfig, TensorSpec
+from node_agent.types import ModelConfig, Priority, TensorSpec
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -597,12 +597,13 @@ def big_model(root: Path, versions: tuple[str, ...]) -> None:
 
 
 def long_window(root: Path) -> str:
-    """`mlp/1-window`: mlp/1 batching with a 6 s window, so its requests stay in progress."""
+    """`mlp/1-window`: mlp/1 batching with a 6 s window, so its requests stay in progress (at
+    normal priority: mlp's own, high, would run them on the urgent lane without a window)."""
     src, vdir = root / "mlp" / "1", root / "mlp" / "1-window"
     vdir.mkdir()
     shutil.copyfile(src / "model.pt", vdir / "model.pt")
     config = dataclasses.replace(parse_model_config(src / "model.yaml"), version="1-window",
-                                 max_queue_delay_s=6.0)  # fmt: skip
+                                 max_queue_delay_s=6.0, priority=Priority.NORMAL)  # fmt: skip
     write_model_config(vdir, config)
     return "/v2/models/mlp/versions/1-window/infer"
 

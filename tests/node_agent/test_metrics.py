@@ -187,7 +187,8 @@ def test_scrape_after_real_activity(example_repo: Path) -> None:
     assert get(s, "edgefleet_model_memory_used_bytes") == got["used"]
     assert get(s, "edgefleet_model_memory_budget_bytes") == got["budget"]
     assert get(s, "edgefleet_pool_jobs_total") == got["pool"][0] > 0
-    assert get(s, "edgefleet_pool_workers") == 1
+    assert get(s, "edgefleet_pool_workers", lane="regular") == 1
+    assert get(s, "edgefleet_pool_workers", lane="urgent") == 1
 
     # SLA
     assert get(s, "edgefleet_sla_violations_total", **clf, objective="p95_latency") == 1

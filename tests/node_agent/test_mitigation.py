@@ -17,7 +17,7 @@ from node_agent.batching_policy import BatchingDecision, StaticPolicy
 from node_agent.engine import Engine
 from node_agent.mitigation import NO_LIMITS, ConcurrencyGate, Controls, LimitedPolicy, Limits
 from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
+from node_agent.scheduler import ModelScheduler, UnloadOutcome
 from node_agent.stream_pool import PoolSettings, StreamPool
 from node_agent.types import ModelId, Priority
 
@@ -143,6 +143,32 @@ def test_gate_bounds_leases_and_serves_waiters_most_urgent_first(example_repo: P
         assert gate.in_use == 1 and gate.waited == 3 and gate.peak_in_use == 2
         b.release()
         assert gate.in_use == 0
+        gate.check_invariants()
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_an_urgent_lease_passes_the_gate_but_holds_the_model(example_repo: Path) -> None:
+    """`acquire_urgent` (a batcher's urgent ticket, for the pool's urgent lane) takes no slot
+    and waits for none, even at a lowered limit; its scheduler lease keeps the model loaded."""
+
+    async def main() -> None:
+        repo, scheduler = scheduler_for(example_repo)
+        clf = repo.config("classifier", "1")
+        gate = ConcurrencyGate(scheduler, 2)
+        gate.set_limit(1)
+        held = await gate.acquire(clf)
+        waiter = asyncio.create_task(gate.acquire(clf))
+        await asyncio.sleep(0.01)
+        assert gate.waiting == 1
+        urgent = await asyncio.wait_for(gate.acquire_urgent(clf), 1)
+        assert gate.in_use == 1 and gate.waiting == 1 and gate.granted == 1
+        held.release()
+        (await waiter).release()
+        assert gate.in_use == 0
+        assert await scheduler.unload(clf.id) is UnloadOutcome.IN_FLIGHT  # the urgent lease holds it
+        urgent.release()
         gate.check_invariants()
         await scheduler.close()
 

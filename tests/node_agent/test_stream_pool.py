@@ -192,7 +192,7 @@ def test_pool_runs_jobs_in_priority_then_deadline_order(linear: torch.nn.Module)
 
     rec = Recorder()
     started, release = threading.Event(), threading.Event()
-    with StreamPool(PoolSettings(num_workers=1, max_queued_jobs=16)) as pool:
+    with StreamPool(PoolSettings(num_workers=1, max_queued_jobs=16, urgent_workers=0)) as pool:
         rec.expected = 8
         assert pool.submit(gate_job(started, release), rec.cb("gate")) is None
         assert started.wait(5)
@@ -369,6 +369,77 @@ def test_a_stepping_job_yields_only_to_jobs_of_other_owners() -> None:
     assert pool.completed == 3
 
 
+@pytest.mark.parametrize("lane", [1, 0])
+def test_the_urgent_lane_runs_critical_and_high_jobs_while_the_regular_worker_is_busy(lane: int) -> None:
+    """An urgent worker takes CRITICAL and HIGH jobs only: with the regular worker inside a
+    job, those run at once and a NORMAL one waits; without the lane, all wait."""
+    rec = Recorder()
+    rec.expected = 4
+    started, release = threading.Event(), threading.Event()
+    urgent_done = threading.Event()
+
+    def urgent(name: str) -> Callable[[Any, BaseException | None], None]:
+        cb = rec.cb(name)
+
+        def on_done(result: Any, error: BaseException | None) -> None:
+            cb(result, error)
+            if {"critical", "high"} <= rec.outcomes.keys():
+                urgent_done.set()
+
+        return on_done
+
+    with StreamPool(PoolSettings(num_workers=1, urgent_workers=lane)) as pool:
+        assert pool.submit(gate_job(started, release), rec.cb("gate")) is None
+        assert started.wait(5)
+        pool.submit(lambda s: "normal", rec.cb("normal"), priority=P.NORMAL)
+        pool.submit(lambda s: "high", urgent("high"), priority=P.HIGH)
+        pool.submit(lambda s: "critical", urgent("critical"), priority=P.CRITICAL)
+        assert urgent_done.wait(5 if lane else 0.3) == bool(lane)
+        assert "normal" not in rec.outcomes  # never on the urgent lane
+        release.set()
+        assert rec.all_done.wait(10)
+    assert {n: r for n, (r, _) in rec.outcomes.items()} == {
+        "gate": "gate", "normal": "normal", "high": "high", "critical": "critical"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("lane", "lane_busy", "want"), [(1, False, False), (1, True, True), (0, False, False)]
+)
+def test_a_stepping_job_yields_to_its_own_urgent_job_only_when_the_lane_is_busy(
+    lane: int, lane_busy: bool, want: bool
+) -> None:
+    """An urgent job of the same owner waits: the stepping job goes on if an urgent-lane worker
+    is idle to take it (it has taken it, or is about to), yields if the lane is busy, and goes
+    on without a lane (the owner's own order then, as for any job of the same owner)."""
+    rec = Recorder()
+    rec.expected = 2 + lane_busy
+    step, answered = threading.Event(), threading.Event()
+    answers: list[bool] = []
+    lane_started, lane_release = threading.Event(), threading.Event()
+    running = threading.Event()
+    with StreamPool(PoolSettings(num_workers=1, urgent_workers=lane)) as pool:
+
+        def stepping(stream: object) -> str:
+            running.set()
+            assert step.wait(5)
+            answers.append(pool.should_yield("me"))
+            answered.set()
+            return "stepped"
+
+        pool.submit(stepping, rec.cb("stepping"), owner="me")
+        assert running.wait(5)
+        if lane_busy:  # (the regular worker is busy: the lane takes it)
+            pool.submit(gate_job(lane_started, lane_release), rec.cb("lane"), priority=P.CRITICAL)
+            assert lane_started.wait(5)
+        pool.submit(lambda s: "urgent", rec.cb("urgent"), priority=P.HIGH, owner="me")
+        step.set()
+        assert answered.wait(5)
+        lane_release.set()
+        assert rec.all_done.wait(10)
+    assert answers == [want], (lane, lane_busy)
+
+
 def test_jobs_cheaper_than_a_hand_off_run_inline_only_when_nothing_waits() -> None:
     """run_inline runs on the calling thread a job predicted under `inline_max_s`, and
     refuses (the caller then submits) an unmeasured or slower job, or any job while another
@@ -429,7 +500,10 @@ def test_gpu_jobs_run_on_their_workers_stream() -> None:
     seen: list[int] = []
     with StreamPool(PoolSettings(num_workers=2, device="cuda")) as pool:
         stream_ids = {s.cuda_stream for s in pool.streams}
-        assert len(stream_ids) == 2
+        assert len(stream_ids) == 3  # two regular workers and the urgent lane
+        regular, urgent = pool.streams[:2], pool.streams[2]
+        highest = torch.cuda.Stream.priority_range()[1]  # (lowest, highest); lower is higher
+        assert urgent.priority == highest < regular[0].priority == regular[1].priority
 
         def fn(stream: Any) -> torch.Tensor:
             seen.append(torch.cuda.current_stream().cuda_stream)

@@ -135,7 +135,8 @@ def test_memory_pressure_and_a_hot_node_get_no_new_work(
         message = status.get("message", "")
         if not seen or seen[-1] != message:
             seen.append(message)
-        return status if all(r in message for r in ("1 insufficient memory", "1 near thermal limit")) else None
+        reasons = ("1 insufficient memory", "1 near thermal limit")
+        return status if all(r in message for r in reasons) else None
 
     # A pass may briefly see a node's heartbeat as late (Suspect) on a loaded machine; the
     # message settles on the real reasons while the agents keep reporting.
