@@ -11,6 +11,7 @@ serves the assigned versions only and leaves load/unload to the operator.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import time
@@ -244,7 +245,10 @@ def test_monitors_tick_while_the_agent_runs_and_stop_with_it(example_repo: Path)
         example_repo, workers=1, http=LOCAL, thermal_source="simulated",
         sla=SlaSettings(interval_s=0.05), thermal=ThermalSettings(interval_s=0.05),
     )  # fmt: skip
+    gc.unfreeze()
     running = RunningAgent(settings)
+    # ready: what the process holds is frozen out of the cyclic GC (no 100 ms full collections)
+    assert gc.get_freeze_count() > 0
     agent = running.agent
     assert agent.sla is not None and agent.thermal is not None
     until(lambda: agent.thermal is not None and agent.thermal.status is not None, "a thermal sample")
