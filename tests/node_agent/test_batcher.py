@@ -179,9 +179,7 @@ def test_request_bigger_than_max_batch_is_split_and_rejoined() -> None:
         x = rows_for(7, 11)
         x[:, 0] = np.arange(100, 111)  # distinct tags: row order is checked
         small = rows_for(3, 1)
-        out, out_small = await asyncio.gather(
-            batcher.submit({"x": x}, 11), batcher.submit({"x": small}, 1)
-        )
+        out, out_small = await asyncio.gather(batcher.submit({"x": x}, 11), batcher.submit({"x": small}, 1))
         assert np.array_equal(out["y"][:, 0], x[:, 0])
         np.testing.assert_allclose(out["y"][:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
         assert out_small["y"][0, 0] == 3
@@ -498,9 +496,7 @@ def test_hundreds_of_concurrent_requests_each_get_their_own_result() -> None:
             await asyncio.sleep(float(rng.random()) * 0.05)
             out = await batcher.submit({"x": xs[i]}, len(xs[i]))
             assert np.array_equal(out["y"][:, 0], xs[i][:, 0]), f"request {i} got other rows"
-            np.testing.assert_allclose(
-                out["y"][:, 1:], expected(module, xs[i]), rtol=1e-4, atol=1e-5
-            )
+            np.testing.assert_allclose(out["y"][:, 1:], expected(module, xs[i]), rtol=1e-4, atol=1e-5)
 
         await asyncio.gather(*[client(i) for i in range(len(xs))])
         seen = module.seen
@@ -548,11 +544,11 @@ def test_adaptive_batcher_shrinks_batches_when_the_model_slows_and_grows_back() 
             t0 = time.monotonic()
             module(one_row)
             times.append(time.monotonic() - t0)
-    slo_s = max(0.25, 4 * sorted(times)[1])  # 2 x s(32) is ~11 x s(1) for this module
+    # 2 x s(32) is ~11 x s(1) for this module. (A floor well above 4 x s(1), 0.25 s as it was,
+    # let a fast moment of the machine allow 17-row batches at k = 160: the test then failed.)
+    slo_s = max(0.05, 4 * sorted(times)[1])
     module.k = 2
-    policy = AdaptivePolicy(
-        AdaptiveSettings(max_batch_size=32, targets=(SloTarget(slo_s, 0.99),), workers=1)
-    )
+    policy = AdaptivePolicy(AdaptiveSettings(max_batch_size=32, targets=(SloTarget(slo_s, 0.99),), workers=1))
     observed = [0]
     observe = policy.observe
 
@@ -564,9 +560,7 @@ def test_adaptive_batcher_shrinks_batches_when_the_model_slows_and_grows_back() 
 
     async def main() -> tuple[int, int, int, list[float]]:
         pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
-        batcher = Batcher(
-            "chain", pool, static_acquire(ModuleBackend(module)), policy, BatcherSettings(32)
-        )
+        batcher = Batcher("chain", pool, static_acquire(ModuleBackend(module)), policy, BatcherSettings(32))
         x = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
         latencies: list[tuple[float, float]] = []
         done = [False]
