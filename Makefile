@@ -51,6 +51,7 @@ test-unit: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	@# mypy resolves packages by folder name; operator/ is imported as edgefleet_operator.
 	mkdir -p build/mypy && ln -sfn ../../operator build/mypy/edgefleet_operator && ln -sfn ../../node_agent build/mypy/node_agent
 	MYPYPATH=build/mypy $(VENV)/bin/mypy -p edgefleet_operator -p node_agent

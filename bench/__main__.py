@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark in turn; each writes its own section of docs/benchmarks.md.
 
-    python -m bench                 # all
-    python -m bench placement eviction
+python -m bench                 # all
+python -m bench placement eviction
 """
 
 from __future__ import annotations

@@ -70,9 +70,7 @@ class SlaRepository:
         config = self.repo.config(name, version)
         if name != self.case.model:
             return config
-        return dataclasses.replace(
-            config, p99_latency_s=self.case.slo_s, max_batch_size=self.case.max_batch
-        )
+        return dataclasses.replace(config, p99_latency_s=self.case.slo_s, max_batch_size=self.case.max_batch)
 
 
 async def closed_loop_capacity(engine: Engine, case: Case, seconds: float) -> float:
@@ -211,8 +209,17 @@ async def main() -> None:
         "after the warm-up; refused = `Overloaded` (admission control); late = completed\n"
         "after that. Same trace and payloads for every configuration of a model.\n\n"
         + table(
-            ["model", "batching", "throughput req/s", "p50", "p99", "p99 within SLO",
-             "refused", "late", "requests"],
+            [
+                "model",
+                "batching",
+                "throughput req/s",
+                "p50",
+                "p99",
+                "p99 within SLO",
+                "refused",
+                "late",
+                "requests",
+            ],
             rows,
         )
         + "\n\n"

@@ -244,9 +244,20 @@ async def main() -> None:
         "interleaved repetitions (all listed). Wall above CPU time is time the process\n"
         "waited for a core (a shared machine) or for a thread wake-up.\n\n"
         + table(
-            ["max batch", "clients", "inline", "batches inline", "mean batch", "us/request",
-             "model us/request", "overhead us", "CPU us/request", "goal", "met",
-             "all runs (us/request)"],
+            [
+                "max batch",
+                "clients",
+                "inline",
+                "batches inline",
+                "mean batch",
+                "us/request",
+                "model us/request",
+                "overhead us",
+                "CPU us/request",
+                "goal",
+                "met",
+                "all runs (us/request)",
+            ],
             rows,
         )
         + "\n\nLatency of one request alone (concurrency 1, batch 1, inline), median: "

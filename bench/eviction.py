@@ -84,8 +84,7 @@ def zipf_trace(s: float, n_requests: int, seed: int) -> Trace:
     return Trace(f"Zipf {s}", model_of_rank[ranks].tolist(), prob)
 
 
-def drifting_trace(s: float, n_requests: int, seed: int, every: int = 1000,
-                   swaps: int = 20) -> Trace:
+def drifting_trace(s: float, n_requests: int, seed: int, every: int = 1000, swaps: int = 20) -> Trace:
     """Zipf(s) whose rank -> model map changes by `swaps` random transpositions every
     `every` requests: popular models cool down, cold ones heat up."""
     rng = np.random.default_rng(seed)
@@ -94,15 +93,14 @@ def drifting_trace(s: float, n_requests: int, seed: int, every: int = 1000,
     ranks = rng.choice(MODELS, size=n_requests, p=p)
     out: list[int] = []
     for start in range(0, n_requests, every):
-        out.extend(model_of_rank[ranks[start:start + every]].tolist())
+        out.extend(model_of_rank[ranks[start : start + every]].tolist())
         for _ in range(swaps):
             i, j = rng.integers(0, MODELS, 2)
             model_of_rank[i], model_of_rank[j] = model_of_rank[j], model_of_rank[i]
     return Trace(f"Zipf {s}, drifting", out, np.full(MODELS, 1.0 / MODELS), stationary=False)
 
 
-def pareto_sizes(seed: int, alpha: float = 1.2, low: int = 10 * MB,
-                 high: int = 1000 * MB) -> list[int]:
+def pareto_sizes(seed: int, alpha: float = 1.2, low: int = 10 * MB, high: int = 1000 * MB) -> list[int]:
     """Bounded Pareto(alpha) on [low, high] by inverse transform."""
     u = np.random.default_rng(seed).random(MODELS)
     ratio = (low / high) ** alpha
@@ -125,8 +123,7 @@ class Result:
     load_seconds: float
 
 
-def simulate(policy: EvictionPolicy, trace: Trace, sizes: Sequence[int],
-             budget: int) -> Result:
+def simulate(policy: EvictionPolicy, trace: Trace, sizes: Sequence[int], budget: int) -> Result:
     """Replay `trace` through `policy` the way the scheduler drives it."""
     ids = [ModelId(f"m{i}", "1") for i in range(MODELS)]
     costs = [reload_seconds(s) for s in sizes]
@@ -157,8 +154,7 @@ def simulate(policy: EvictionPolicy, trace: Trace, sizes: Sequence[int],
     return Result(misses, loaded, seconds)
 
 
-def offline(trace: Trace, sizes: Sequence[int], budget: int,
-            weight: Callable[[int, int], float]) -> Result:
+def offline(trace: Trace, sizes: Sequence[int], budget: int, weight: Callable[[int, int], float]) -> Result:
     """Belady-style offline eviction: evict the resident model with the largest
     weight(next request index, model); next request = +inf when never requested again."""
     reqs = trace.requests
@@ -201,15 +197,15 @@ class StaticOracle(EvictionPolicy):
     def __init__(self, probability: np.ndarray, sizes: Sequence[int]) -> None:
         super().__init__()
         self._value = {
-            ModelId(f"m{i}", "1"): float(probability[i]) * reload_seconds(s) / s
-            for i, s in enumerate(sizes)
+            ModelId(f"m{i}", "1"): float(probability[i]) * reload_seconds(s) / s for i, s in enumerate(sizes)
         }
 
     def record_access(self, model_id: ModelId, now: float) -> None:
         pass
 
-    def _on_load(self, model_id: ModelId, size_bytes: int, load_seconds: float,
-                 priority: Priority, now: float) -> None:
+    def _on_load(
+        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority, now: float
+    ) -> None:
         pass
 
     def _eviction_order(self, now: float) -> Generator[ModelId, None, None]:
@@ -232,8 +228,9 @@ class GDSFPolicy(EvictionPolicy):
         if model_id in self._ratio:
             self._h[model_id] = self._inflation + self._freq[model_id] * self._ratio[model_id]
 
-    def _on_load(self, model_id: ModelId, size_bytes: int, load_seconds: float,
-                 priority: Priority, now: float) -> None:
+    def _on_load(
+        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority, now: float
+    ) -> None:
         self._ratio[model_id] = load_seconds / max(size_bytes, 1)
         self._h[model_id] = self._inflation + self._freq.get(model_id, 1) * self._ratio[model_id]
 
@@ -270,8 +267,7 @@ def equal_sizes(traces: list[Trace]) -> tuple[str, dict[str, float]]:
             if trace.stationary:
                 oracle = simulate(StaticOracle(trace.probability, sizes), trace, sizes, budget)
                 row[3] = _ratio_cell(oracle.misses, best)
-                worst["static oracle"] = max(worst.get("static oracle", 0.0),
-                                             oracle.misses / best)
+                worst["static oracle"] = max(worst.get("static oracle", 0.0), oracle.misses / best)
             for name, make in ONLINE.items():
                 misses = simulate(make(trace, sizes), trace, sizes, budget).misses
                 row.append(_ratio_cell(misses, best))
@@ -282,8 +278,10 @@ def equal_sizes(traces: list[Trace]) -> tuple[str, dict[str, float]]:
     return table(headers, rows), worst
 
 
-def variable_sizes(traces: list[Trace], sizes: list[int],
-                   ) -> tuple[str, dict[str, float], dict[str, float]]:
+def variable_sizes(
+    traces: list[Trace],
+    sizes: list[int],
+) -> tuple[str, dict[str, float], dict[str, float]]:
     """Bytes loaded with heavy-tailed sizes; ratio to LRU."""
     catalogue = sum(sizes)
     headers = ["trace", "budget", "metric", "Belady-size", "Belady", "static oracle", *ONLINE]
@@ -299,27 +297,56 @@ def variable_sizes(traces: list[Trace], sizes: list[int],
             }
             if trace.stationary:
                 results["static oracle"] = simulate(
-                    StaticOracle(trace.probability, sizes), trace, sizes, budget)
+                    StaticOracle(trace.probability, sizes), trace, sizes, budget
+                )
             for name, make in ONLINE.items():
                 results[name] = simulate(make(trace, sizes), trace, sizes, budget)
             lru = results["LRU"]
             label = f"{budget / 1e9:.1f} GB ({fraction:.0%})"
             columns = headers[3:]
-            rows.append([trace.name, label, "GB loaded (x LRU)", *(
-                f"{r.bytes_loaded / 1e9:,.0f} ({r.bytes_loaded / lru.bytes_loaded:.3f})"
-                if (r := results.get(c)) else "n/a" for c in columns)])
-            rows.append(["", "", "misses (x LRU)", *(
-                f"{r.misses} ({r.misses / lru.misses:.3f})" if (r := results.get(c)) else "n/a"
-                for c in columns)])
-            rows.append(["", "", "load time, s (x LRU)", *(
-                f"{r.load_seconds:,.0f} ({r.load_seconds / lru.load_seconds:.3f})"
-                if (r := results.get(c)) else "n/a" for c in columns)])
+            rows.append(
+                [
+                    trace.name,
+                    label,
+                    "GB loaded (x LRU)",
+                    *(
+                        f"{r.bytes_loaded / 1e9:,.0f} ({r.bytes_loaded / lru.bytes_loaded:.3f})"
+                        if (r := results.get(c))
+                        else "n/a"
+                        for c in columns
+                    ),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "",
+                    "misses (x LRU)",
+                    *(
+                        f"{r.misses} ({r.misses / lru.misses:.3f})" if (r := results.get(c)) else "n/a"
+                        for c in columns
+                    ),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "",
+                    "load time, s (x LRU)",
+                    *(
+                        f"{r.load_seconds:,.0f} ({r.load_seconds / lru.load_seconds:.3f})"
+                        if (r := results.get(c))
+                        else "n/a"
+                        for c in columns
+                    ),
+                ]
+            )
             if trace.name == "Zipf 1.1":
                 for name in ("ours (CostAware)", "seed weighted LRU", "GDSF"):
-                    savings[f"{name} @ {fraction:.0%}"] = 1 - (
-                        results[name].bytes_loaded / lru.bytes_loaded)
+                    savings[f"{name} @ {fraction:.0%}"] = 1 - (results[name].bytes_loaded / lru.bytes_loaded)
                     time_saved[f"{name} @ {fraction:.0%}"] = 1 - (
-                        results[name].load_seconds / lru.load_seconds)
+                        results[name].load_seconds / lru.load_seconds
+                    )
             print(" | ".join(str(c) for c in rows[-3]), flush=True)
     return table(headers, rows), savings, time_saved
 
@@ -352,8 +379,11 @@ def hot_path(iterations: int) -> str:
             return best * 1e6
 
         rows: list[list[object]] = []
-        for name, policy in (("ours (CostAware)", CostAwarePolicy()), ("LRU", LRUPolicy()),
-                             ("seed weighted LRU", WeightedLRUPolicy())):
+        for name, policy in (
+            ("ours (CostAware)", CostAwarePolicy()),
+            ("LRU", LRUPolicy()),
+            ("seed weighted LRU", WeightedLRUPolicy()),
+        ):
             micros = asyncio.run(measure(policy))
             rows.append([name, f"{micros:.2f}"])
             print(f"hot path {name}: {micros:.2f} us", flush=True)
@@ -383,41 +413,44 @@ def main() -> None:
         f"popularities, the best any online policy can do on these independent requests) "
         f"{worst['static oracle']:.3f}.",
         "- Heavy-tailed sizes, goal >= 10% fewer bytes loaded than LRU at Zipf 1.1: "
-        f"**{'met' if goal_bytes else 'not met'}**. Bytes saved vs LRU: " + ", ".join(
-            f"{k} {v:.1%}" for k, v in savings.items()) + ". Load time saved vs LRU (what "
-        "ours minimises: reload seconds, of which bytes are one part): " + ", ".join(
-            f"{k} {v:.1%}" for k, v in time_saved.items()) + ".",
+        f"**{'met' if goal_bytes else 'not met'}**. Bytes saved vs LRU: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in savings.items())
+        + ". Load time saved vs LRU (what "
+        "ours minimises: reload seconds, of which bytes are one part): "
+        + ", ".join(f"{k} {v:.1%}" for k, v in time_saved.items())
+        + ".",
     ]
-    body = "\n".join([
-        f"{REQUESTS:,} requests per trace over {MODELS} models ({distinct} distinct in the "
-        "first trace; every first request is a compulsory miss for every policy, Belady "
-        "included). Cells: count (ratio). Ran in "
-        f"{elapsed:.0f} s.",
-        "",
-        *summary,
-        "",
-        "### Equal sizes: misses (x Belady)",
-        "",
-        equal_md,
-        "",
-        "### Heavy-tailed sizes: bytes loaded, misses, load time",
-        "",
-        "Sizes: bounded Pareto(1.2), 10 MB - 1 GB, catalogue "
-        f"{sum(sizes) / 1e9:.1f} GB, largest {max(sizes) / 1e9:.2f} GB. Reload cost "
-        "0.05 s + size / (1 GB/s). Belady and Belady-size are heuristics here (the exact "
-        "optimum with variable sizes is NP-hard): Belady-size minimises misses, not bytes.",
-        "",
-        bytes_md,
-        "",
-        "### Scheduler hot path",
-        "",
-        "`await acquire(config)` + `lease.release()` on a resident model, asyncio loop, "
-        "one CPU thread.",
-        "",
-        hot_md,
-        "",
-        EXPLANATION,
-    ])
+    body = "\n".join(
+        [
+            f"{REQUESTS:,} requests per trace over {MODELS} models ({distinct} distinct in the "
+            "first trace; every first request is a compulsory miss for every policy, Belady "
+            "included). Cells: count (ratio). Ran in "
+            f"{elapsed:.0f} s.",
+            "",
+            *summary,
+            "",
+            "### Equal sizes: misses (x Belady)",
+            "",
+            equal_md,
+            "",
+            "### Heavy-tailed sizes: bytes loaded, misses, load time",
+            "",
+            "Sizes: bounded Pareto(1.2), 10 MB - 1 GB, catalogue "
+            f"{sum(sizes) / 1e9:.1f} GB, largest {max(sizes) / 1e9:.2f} GB. Reload cost "
+            "0.05 s + size / (1 GB/s). Belady and Belady-size are heuristics here (the exact "
+            "optimum with variable sizes is NP-hard): Belady-size minimises misses, not bytes.",
+            "",
+            bytes_md,
+            "",
+            "### Scheduler hot path",
+            "",
+            "`await acquire(config)` + `lease.release()` on a resident model, asyncio loop, one CPU thread.",
+            "",
+            hot_md,
+            "",
+            EXPLANATION,
+        ]
+    )
     print(body)
     if QUICK:
         print("BENCH_QUICK=1: docs/benchmarks.md left as it was")
@@ -450,7 +483,6 @@ the gap is the value of knowing the future, not a weakness of the policy. What c
 part of it in the agent: lookahead from the request queues (models with queued requests are
 about to be used; the scheduler already never evicts a model with requests in flight), and
 preloading the operator's assignment before traffic arrives."""
-
 
 
 if __name__ == "__main__":

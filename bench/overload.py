@@ -178,8 +178,18 @@ async def main() -> None:
         "requests completed within their deadline per second; refused = `Overloaded`; "
         "dropped = `DeadlineExceeded` (never run); late = completed after the deadline.\n\n"
         + table(
-            ["run", "goodput req/s", "goodput / C", "high p50", "high p99", "normal p99",
-             "refused", "dropped", "late", "requests"],
+            [
+                "run",
+                "goodput req/s",
+                "goodput / C",
+                "high p50",
+                "high p99",
+                "normal p99",
+                "refused",
+                "dropped",
+                "late",
+                "requests",
+            ],
             rows,
         )
         + f"\n\nGoodput at 2x: **{good_over:.2f} C** (goal >= 0.90); FIFO without admission "

@@ -131,9 +131,18 @@ async def main() -> None:
         "row, which other processes on a shared machine do not move; the goal is on the wall\n"
         "totals.\n\n"
         + table(
-            ["torch threads", "mean served batch", "bare rows/s", "served rows/s",
-             "served / bare (totals)", "median round ratio", "CPU ratio", "goal", "met",
-             "per-round ratios"],
+            [
+                "torch threads",
+                "mean served batch",
+                "bare rows/s",
+                "served rows/s",
+                "served / bare (totals)",
+                "median round ratio",
+                "CPU ratio",
+                "goal",
+                "met",
+                "per-round ratios",
+            ],
             rows,
         )
         + "\n"

@@ -202,9 +202,7 @@ class _Piece:
 
     __slots__ = ("group", "index", "inputs", "request", "rows")
 
-    def __init__(
-        self, request: _Request, index: int, inputs: Arrays, rows: int, group: Hashable
-    ) -> None:
+    def __init__(self, request: _Request, index: int, inputs: Arrays, rows: int, group: Hashable) -> None:
         self.request = request
         self.index = index
         self.inputs = inputs
@@ -259,9 +257,7 @@ class _Batch:
 
     __slots__ = ("expired", "live", "outcomes", "pieces", "rows", "service_s")
 
-    def __init__(
-        self, pieces: list[_Piece], expired: list[_Piece], outcomes: list[Any], live: int
-    ) -> None:
+    def __init__(self, pieces: list[_Piece], expired: list[_Piece], outcomes: list[Any], live: int) -> None:
         self.pieces = pieces
         self.expired = expired
         self.outcomes = outcomes
@@ -428,9 +424,7 @@ class _Ticket:
                 # rows stays 0: a batch that raised is no sample of the model's speed
                 for i, piece in zip(live, pieces, strict=True):
                     try:
-                        outcomes[i] = _call(
-                            backend, piece.inputs, piece.rows, b.device, stream, bf16
-                        )
+                        outcomes[i] = _call(backend, piece.inputs, piece.rows, b.device, stream, bf16)
                     except Exception as one:
                         outcomes[i] = b.failure(one)
             else:
@@ -966,9 +960,7 @@ class Batcher:
                 self.failed += 1
             request.future.set_exception(error)
 
-    def _fail_pieces(
-        self, pieces: Sequence[_Piece], kind: type[AgentError], why: str
-    ) -> None:
+    def _fail_pieces(self, pieces: Sequence[_Piece], kind: type[AgentError], why: str) -> None:
         for piece in pieces:
             if not piece.request.future.done():
                 self._fail(piece.request, kind(f"{self.name}: {why}"))
@@ -979,12 +971,8 @@ class Batcher:
         for piece in queued:
             self._fail(piece.request, error)
 
-    def _displace(
-        self, victims: Sequence[_Piece], why: str = "displaced by a more urgent request"
-    ) -> None:
-        err = Overloaded(
-            f"{self.name}: {why}", retry_after_s=self.policy.retry_after_s(self._queue.cost)
-        )
+    def _displace(self, victims: Sequence[_Piece], why: str = "displaced by a more urgent request") -> None:
+        err = Overloaded(f"{self.name}: {why}", retry_after_s=self.policy.retry_after_s(self._queue.cost))
         chunked = False
         for piece in victims:
             if not piece.request.future.done():

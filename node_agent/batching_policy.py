@@ -188,9 +188,7 @@ class BatchingPolicy(Protocol):
 
     def decision(self) -> BatchingDecision: ...
 
-    def observe(
-        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
-    ) -> None:
+    def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         """One finished batch: its rows, its service time, its finished requests' latencies."""
 
     def predict_service_s(self, rows: int) -> float: ...
@@ -232,9 +230,7 @@ class StaticPolicy(_ServiceMixin):
         if not delay_s >= 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
         if queue_limit_rows < batch_size:
-            raise ValueError(
-                f"queue_limit_rows ({queue_limit_rows}) must be >= batch_size ({batch_size})"
-            )
+            raise ValueError(f"queue_limit_rows ({queue_limit_rows}) must be >= batch_size ({batch_size})")
         self._decision = BatchingDecision(batch_size, delay_s, queue_limit_rows)
         self.service = ServiceModel(halflife_s)
         self.workers = workers
@@ -242,9 +238,7 @@ class StaticPolicy(_ServiceMixin):
     def decision(self) -> BatchingDecision:
         return self._decision
 
-    def observe(
-        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
-    ) -> None:
+    def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         self.service.observe(now_s, rows, service_s)
 
 
@@ -315,9 +309,7 @@ class AdaptivePolicy(_ServiceMixin):
     def decision(self) -> BatchingDecision:
         return self._decision
 
-    def observe(
-        self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]
-    ) -> None:
+    def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         self.service.observe(now_s, rows, service_s)
         self._count(latencies_s)
         if self._window_start_s is None:

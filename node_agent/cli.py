@@ -22,8 +22,9 @@ Run = Callable[[argparse.Namespace], int]
 
 
 def _make_examples_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, metavar="DIR",
-                        help="repository root to write into (created if missing)")
+    parser.add_argument(
+        "dir", type=Path, metavar="DIR", help="repository root to write into (created if missing)"
+    )
 
 
 def _make_examples(args: argparse.Namespace) -> int:
@@ -33,57 +34,113 @@ def _make_examples(args: argparse.Namespace) -> int:
 
     root: Path = args.dir
     for config in [*make_examples(root), write_tiny_lm(root)]:
-        print(f"{config.name}/{config.version}: {config.format} {config.digest} "
-              f"(estimate {config.memory_estimate_bytes} bytes) "
-              f"-> {root / config.name / config.version / CONFIG_FILE}")
+        print(
+            f"{config.name}/{config.version}: {config.format} {config.digest} "
+            f"(estimate {config.memory_estimate_bytes} bytes) "
+            f"-> {root / config.name / config.version / CONFIG_FILE}"
+        )
     return 0
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     from node_agent.http_api import LOOPBACK_NETWORKS
 
-    parser.add_argument("--model-repository", type=Path, required=True, metavar="DIR",
-                        help="model repository root (<model>/<version>/model.yaml)")
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="model repository root (<model>/<version>/model.yaml)",
+    )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free)")
-    parser.add_argument("--auth-token-file", type=Path, metavar="FILE",
-                        help="require 'Authorization: Bearer <token>' (the file's content) on every "
-                             "endpoint but the health probes and /metrics")
-    parser.add_argument("--memory-budget", metavar="BYTES",
-                        help="memory for models, e.g. 2Gi (default: GPU total minus 512Mi; 2Gi on CPU)")
-    parser.add_argument("--workers", type=int, metavar="N",
-                        help="stream pool workers (default: 1 on CPU, 2 on CUDA)")
-    parser.add_argument("--urgent-workers", type=int, default=1, metavar="N",
-                        help="more workers that run only critical and high-priority batches, so they "
-                             "never wait for a normal batch (default 1; 0: none)")
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'Authorization: Bearer <token>' (the file's content) on every "
+        "endpoint but the health probes and /metrics",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        help="memory for models, e.g. 2Gi (default: GPU total minus 512Mi; 2Gi on CPU)",
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="stream pool workers (default: 1 on CPU, 2 on CUDA)"
+    )
+    parser.add_argument(
+        "--urgent-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="more workers that run only critical and high-priority batches, so they "
+        "never wait for a normal batch (default 1; 0: none)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--preload", default="", metavar="M1,M2",
-                        help="models to load before reporting ready: name or name:version, comma-separated")
-    parser.add_argument("--max-request-size", default="64Mi", metavar="BYTES",
-                        help="largest request body (default 64Mi; larger ones get 413)")
-    parser.add_argument("--allow-repository-control-from", action="append", metavar="CIDR",
-                        help="networks whose clients may load/unload models (repeatable; default "
-                             f"{' and '.join(LOOPBACK_NETWORKS)}; 0.0.0.0/0 allows any IPv4 client)")
-    parser.add_argument("--drain-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="on SIGTERM, keep serving this long while reporting not ready (default 0)")
-    parser.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS",
-                        help="longest wait for requests in progress when stopping (default 20)")
+    parser.add_argument(
+        "--preload",
+        default="",
+        metavar="M1,M2",
+        help="models to load before reporting ready: name or name:version, comma-separated",
+    )
+    parser.add_argument(
+        "--max-request-size",
+        default="64Mi",
+        metavar="BYTES",
+        help="largest request body (default 64Mi; larger ones get 413)",
+    )
+    parser.add_argument(
+        "--allow-repository-control-from",
+        action="append",
+        metavar="CIDR",
+        help="networks whose clients may load/unload models (repeatable; default "
+        f"{' and '.join(LOOPBACK_NETWORKS)}; 0.0.0.0/0 allows any IPv4 client)",
+    )
+    parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep serving this long while reporting not ready (default 0)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="longest wait for requests in progress when stopping (default 20)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
-    parser.add_argument("--thermal-source", default=os.environ.get("EDGEFLEET_THERMAL_SOURCE", "auto"),
-                        choices=("auto", "nvml", "sysfs", "simulated", "off"),
-                        help="temperature source of the thermal monitor (default auto: NVML, else a "
-                             "sysfs GPU zone, else none; simulated: a model heated by the agent's load)")
-    parser.add_argument("--thermal-soft-limit", type=float, metavar="CELSIUS",
-                        default=_float_env("EDGEFLEET_THERMAL_SOFT_LIMIT_C"),
-                        help="temperature where the agent starts lowering concurrency and batch sizes "
-                             "(default: --thermal-soft-margin below the hardware slowdown the sensor "
-                             "reports, else 75)")
-    parser.add_argument("--thermal-soft-margin", type=float, metavar="CELSIUS",
-                        default=_float_env("EDGEFLEET_THERMAL_SOFT_MARGIN_C"),
-                        help="degrees below the hardware slowdown temperature where mitigation starts "
-                             "(default 8)")
-    _edge_node_args(parser.add_argument_group(
-        "EdgeNode mode", "follow an EdgeNode's spec from the cluster and report its status (operator_link)"))
+    parser.add_argument(
+        "--thermal-source",
+        default=os.environ.get("EDGEFLEET_THERMAL_SOURCE", "auto"),
+        choices=("auto", "nvml", "sysfs", "simulated", "off"),
+        help="temperature source of the thermal monitor (default auto: NVML, else a "
+        "sysfs GPU zone, else none; simulated: a model heated by the agent's load)",
+    )
+    parser.add_argument(
+        "--thermal-soft-limit",
+        type=float,
+        metavar="CELSIUS",
+        default=_float_env("EDGEFLEET_THERMAL_SOFT_LIMIT_C"),
+        help="temperature where the agent starts lowering concurrency and batch sizes "
+        "(default: --thermal-soft-margin below the hardware slowdown the sensor "
+        "reports, else 75)",
+    )
+    parser.add_argument(
+        "--thermal-soft-margin",
+        type=float,
+        metavar="CELSIUS",
+        default=_float_env("EDGEFLEET_THERMAL_SOFT_MARGIN_C"),
+        help="degrees below the hardware slowdown temperature where mitigation starts (default 8)",
+    )
+    _edge_node_args(
+        parser.add_argument_group(
+            "EdgeNode mode",
+            "follow an EdgeNode's spec from the cluster and report its status (operator_link)",
+        )
+    )
 
 
 def _float_env(name: str) -> float | None:
@@ -97,18 +154,35 @@ def _float_env(name: str) -> float | None:
 
 
 def _edge_node_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--edge-node", metavar="NAME",
-                       help="serve what EdgeNode NAME assigns (its models, versions, traffic weights)")
-    group.add_argument("--kubeconfig", type=Path, metavar="FILE", default=os.environ.get("KUBECONFIG"),
-                       help="kubeconfig (default $KUBECONFIG; without one: the in-cluster service account)")
-    group.add_argument("--namespace", metavar="NS",
-                       help="namespace of the agent's Lease (default $EDGEFLEET_NAMESPACE, the service "
-                            "account's namespace, or 'default')")
-    group.add_argument("--state-dir", type=Path, metavar="DIR",
-                       help="where the last assignment is kept for offline restarts "
-                            "(default <model-repository>/.edgefleet)")
-    group.add_argument("--endpoint", metavar="URL",
-                       help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)")
+    group.add_argument(
+        "--edge-node",
+        metavar="NAME",
+        help="serve what EdgeNode NAME assigns (its models, versions, traffic weights)",
+    )
+    group.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig (default $KUBECONFIG; without one: the in-cluster service account)",
+    )
+    group.add_argument(
+        "--namespace",
+        metavar="NS",
+        help="namespace of the agent's Lease (default $EDGEFLEET_NAMESPACE, the service "
+        "account's namespace, or 'default')",
+    )
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the last assignment is kept for offline restarts (default <model-repository>/.edgefleet)",
+    )
+    group.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)",
+    )
 
 
 def _edge_node_mode(args: argparse.Namespace) -> tuple[list[Any], Any]:
@@ -180,8 +254,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     def listening(agent: Agent) -> None:
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-        print(f"edgefleet-agent: serving {settings.model_repository} on http://{host}:{agent.port}",
-              flush=True)
+        print(
+            f"edgefleet-agent: serving {settings.model_repository} on http://{host}:{agent.port}", flush=True
+        )
 
     try:
         asyncio.run(serve(Agent(settings, extensions=extensions, overlay=overlay), on_listening=listening))
@@ -212,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="edgefleet node agent: the per-GPU model runtime and inference service.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))

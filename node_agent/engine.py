@@ -114,8 +114,7 @@ class InputValidator:
         self._names = frozenset(s.name for s in config.inputs)
         # per input: (name, carried dtype, fixed shape or None if it has -1 dims, spec)
         self._checks = tuple(
-            (s.name, _numpy_dtype(s.datatype), None if -1 in s.shape else s.shape, s)
-            for s in config.inputs
+            (s.name, _numpy_dtype(s.datatype), None if -1 in s.shape else s.shape, s) for s in config.inputs
         )
 
     def validate(self, inputs: Mapping[str, Any]) -> tuple[Arrays, int]:
@@ -151,8 +150,7 @@ class InputValidator:
                 "batcher cannot carry (numeric tensors only)"
             )
         raise InvalidInput(
-            f"{self._model}: input {spec.name!r} has dtype {value.dtype}, expected "
-            f"{spec.datatype} ({dtype})"
+            f"{self._model}: input {spec.name!r} has dtype {value.dtype}, expected {spec.datatype} ({dtype})"
         )
 
     def _check_shape(self, spec: TensorSpec, got: tuple[int, ...]) -> None:
@@ -165,9 +163,7 @@ class InputValidator:
                 f"{[-1, *shape]} (batch dimension first; -1: any size)"
             )
         if 0 in got:
-            raise InvalidInput(
-                f"{self._model}: input {spec.name!r} has an empty dimension: {list(got)}"
-            )
+            raise InvalidInput(f"{self._model}: input {spec.name!r} has an empty dimension: {list(got)}")
 
     def _names_error(self, inputs: Mapping[str, Any]) -> None:
         given = set(inputs)

@@ -158,7 +158,11 @@ class EvictionPolicy(abc.ABC):
 
     @abc.abstractmethod
     def _on_load(
-        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority,
+        self,
+        model_id: ModelId,
+        size_bytes: int,
+        load_seconds: float,
+        priority: Priority,
         now: float,
     ) -> None: ...
 
@@ -182,7 +186,11 @@ class LRUPolicy(EvictionPolicy):
             self._order.move_to_end(model_id)
 
     def _on_load(
-        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority,
+        self,
+        model_id: ModelId,
+        size_bytes: int,
+        load_seconds: float,
+        priority: Priority,
         now: float,
     ) -> None:
         self._order[model_id] = None
@@ -224,7 +232,11 @@ class WeightedLRUPolicy(EvictionPolicy):
         self._uses[model_id] = self._uses.get(model_id, 0) + 1
 
     def _on_load(
-        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority,
+        self,
+        model_id: ModelId,
+        size_bytes: int,
+        load_seconds: float,
+        priority: Priority,
         now: float,
     ) -> None:
         self._weight[model_id] = seed_weight(priority)
@@ -345,15 +357,21 @@ class CostAwarePolicy(EvictionPolicy):
         return 0.0 if key is None else 2.0 ** (key - self._tau)
 
     def _on_load(
-        self, model_id: ModelId, size_bytes: int, load_seconds: float, priority: Priority,
+        self,
+        model_id: ModelId,
+        size_bytes: int,
+        load_seconds: float,
+        priority: Priority,
         now: float,
     ) -> None:
         s = self.settings
         if model_id not in self._history:
             self._history[model_id] = self._tau
         previous = self._load_s.get(model_id)
-        load_s = load_seconds if previous is None else (
-            s.load_seconds_smoothing * load_seconds + (1 - s.load_seconds_smoothing) * previous
+        load_s = (
+            load_seconds
+            if previous is None
+            else (s.load_seconds_smoothing * load_seconds + (1 - s.load_seconds_smoothing) * previous)
         )
         self._load_s[model_id] = load_s
         static_key = (
@@ -415,8 +433,7 @@ class CostAwarePolicy(EvictionPolicy):
         assert all(m in self._history for m in self._res)
         live = {(m, gen) for _, gen, m in self._heap}
         assert all((m, r.gen) in live for m, r in self._res.items()), "resident missing from heap"
-        assert all(k <= self.key(m) for k, gen, m in self._heap
-                   if m in self._res and self._res[m].gen == gen)
+        assert all(k <= self.key(m) for k, gen, m in self._heap if m in self._res and self._res[m].gen == gen)
         assert self._step == 1.0 / self.half_life
 
 

@@ -168,16 +168,61 @@ _IMAGE_IN = (TensorSpec("image", "FP32", IMAGE_SHAPE),)
 _LOGITS_OUT = (TensorSpec("logits", "FP32", (NUM_CLASSES,)),)
 
 EXAMPLES: tuple[Example, ...] = (
-    Example("classifier", "1", ImageClassifier, 1, _IMAGE_IN, _LOGITS_OUT, 16, Priority.NORMAL,
-            "small CNN image classifier"),
-    Example("classifier", "2", ImageClassifier, 2, _IMAGE_IN, _LOGITS_OUT, 16, Priority.NORMAL,
-            "small CNN image classifier, retrained (other seed)"),
-    Example("classifier", "2-slow", SlowImageClassifier, 2, _IMAGE_IN, _LOGITS_OUT, 16,
-            Priority.NORMAL, "deliberately slow variant: 41x the multiply-adds of classifier/2"),
-    Example("classifier", "2-failing", FailingImageClassifier, 2, _IMAGE_IN, _LOGITS_OUT, 16,
-            Priority.NORMAL, "deliberately failing variant: raises RuntimeError on every batch"),
-    Example("mlp", "1", MLP, 3, (TensorSpec("features", "FP32", (FEATURES,)),),
-            (TensorSpec("scores", "FP32", (SCORES,)),), 64, Priority.HIGH, "small MLP scorer"),
+    Example(
+        "classifier",
+        "1",
+        ImageClassifier,
+        1,
+        _IMAGE_IN,
+        _LOGITS_OUT,
+        16,
+        Priority.NORMAL,
+        "small CNN image classifier",
+    ),
+    Example(
+        "classifier",
+        "2",
+        ImageClassifier,
+        2,
+        _IMAGE_IN,
+        _LOGITS_OUT,
+        16,
+        Priority.NORMAL,
+        "small CNN image classifier, retrained (other seed)",
+    ),
+    Example(
+        "classifier",
+        "2-slow",
+        SlowImageClassifier,
+        2,
+        _IMAGE_IN,
+        _LOGITS_OUT,
+        16,
+        Priority.NORMAL,
+        "deliberately slow variant: 41x the multiply-adds of classifier/2",
+    ),
+    Example(
+        "classifier",
+        "2-failing",
+        FailingImageClassifier,
+        2,
+        _IMAGE_IN,
+        _LOGITS_OUT,
+        16,
+        Priority.NORMAL,
+        "deliberately failing variant: raises RuntimeError on every batch",
+    ),
+    Example(
+        "mlp",
+        "1",
+        MLP,
+        3,
+        (TensorSpec("features", "FP32", (FEATURES,)),),
+        (TensorSpec("scores", "FP32", (SCORES,)),),
+        64,
+        Priority.HIGH,
+        "small MLP scorer",
+    ),
 )
 
 
@@ -187,8 +232,9 @@ def build_module(example: Example) -> nn.Module:
     return example.build().eval()
 
 
-def estimate_memory_bytes(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
-                          max_batch_size: int) -> int:
+def estimate_memory_bytes(
+    module: nn.Module, example_inputs: tuple[torch.Tensor, ...], max_batch_size: int
+) -> int:
     """Parameters and buffers, plus `max_batch_size` x (the inputs and every leaf module's
     output for one sample): an upper-bound guess used until the agent has measured."""
     params = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -220,9 +266,10 @@ def _stable_archive(scripted: torch.jit.ScriptModule) -> bytes:
     raw = io.BytesIO()
     torch.jit.save(scripted, raw)
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src, zipfile.ZipFile(
-        out, "w", zipfile.ZIP_STORED
-    ) as dst:
+    with (
+        zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst,
+    ):
         for info in src.infolist():
             if info.filename.endswith(_DROPPED_RECORDS):
                 continue
@@ -233,9 +280,7 @@ def _stable_archive(scripted: torch.jit.ScriptModule) -> bytes:
 def write_example(root: Path, example: Example) -> ModelConfig:
     """Script, save and describe one example under `root/<name>/<version>/`."""
     module = build_module(example)
-    sample = tuple(
-        torch.zeros((1, *spec.shape), dtype=torch.float32) for spec in example.inputs
-    )
+    sample = tuple(torch.zeros((1, *spec.shape), dtype=torch.float32) for spec in example.inputs)
     estimate = estimate_memory_bytes(module, sample, example.max_batch_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")

@@ -97,9 +97,7 @@ def version_sort_key(version: str) -> tuple[Any, ...]:
 
 
 def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple(
-        (0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.findall(r"\d+|\D+", text)
-    )
+    return tuple((0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.findall(r"\d+|\D+", text))
 
 
 def sha256_file(path: Path | str) -> str:
@@ -158,13 +156,12 @@ class _Fields:
         value = self.data.get(key, default)
         if value is None:
             return None
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
-            value
-        ):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise self.error(key, f"expected a number (seconds), got {value!r}")
         if value < 0 or (positive and value == 0):
-            raise self.error(key, f"expected a {'positive' if positive else 'non-negative'} "
-                             f"number, got {value!r}")
+            raise self.error(
+                key, f"expected a {'positive' if positive else 'non-negative'} number, got {value!r}"
+            )
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -198,7 +195,7 @@ def config_from_mapping(data: object, source: str) -> ModelConfig:
     if isinstance(raw_version, int) and not isinstance(raw_version, bool):
         raw_version = str(raw_version)  # `version: 2` is the common way to write it
     elif isinstance(raw_version, float):
-        raise f.error("version", f"{raw_version!r} is a number; quote it (version: \"1.10\")")
+        raise f.error("version", f'{raw_version!r} is a number; quote it (version: "1.10")')
     try:
         version = validate_version(raw_version)
     except InvalidModel as e:
@@ -272,8 +269,10 @@ def _tensors(f: _Fields, key: str) -> tuple[TensorSpec, ...]:
         dt_key = "datatype" if "datatype" in item else "dtype"
         datatype = t.string(dt_key) if dt_key in item else t.string("datatype")
         if datatype not in DATATYPES:
-            raise t.error(dt_key, f"{datatype!r} is not a KServe v2 datatype; expected one of "
-                          f"{', '.join(sorted(DATATYPES))}")
+            raise t.error(
+                dt_key,
+                f"{datatype!r} is not a KServe v2 datatype; expected one of {', '.join(sorted(DATATYPES))}",
+            )
         specs.append(TensorSpec(tname, datatype, _shape(t)))
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -289,8 +288,11 @@ def _shape(t: _Fields) -> tuple[int, ...]:
     for dim in shape:
         ok = isinstance(dim, int) and not isinstance(dim, bool)
         if not ok or not (dim == -1 or 1 <= dim <= MAX_DIM):
-            raise t.error("shape", f"dimension {dim!r} must be -1 (dynamic) or an integer in "
-                          f"[1, {MAX_DIM}] (shape excludes the batch dimension)")
+            raise t.error(
+                "shape",
+                f"dimension {dim!r} must be -1 (dynamic) or an integer in "
+                f"[1, {MAX_DIM}] (shape excludes the batch dimension)",
+            )
     return tuple(shape)
 
 
@@ -304,8 +306,10 @@ def _memory(f: _Fields) -> int | None:
         except ValueError as e:
             raise f.error("memory_estimate_bytes", str(e)) from None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise f.error("memory_estimate_bytes", f"expected bytes (an integer >= 0 or a quantity "
-                      f"such as 512Mi), got {value!r}")
+        raise f.error(
+            "memory_estimate_bytes",
+            f"expected bytes (an integer >= 0 or a quantity such as 512Mi), got {value!r}",
+        )
     return value
 
 

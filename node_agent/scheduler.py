@@ -365,10 +365,10 @@ class ModelScheduler:
     def resident(self) -> list[ResidentModel]:
         """Loaded models with their measured sizes, by name and version."""
         return [
-            ResidentModel(s.model_id, s.size_bytes, s.in_flight, s.config.pinned,
-                          s.config.priority, s.load_seconds)
-            for s in sorted(self._slots.values(), key=lambda s: (s.model_id.name,
-                                                                   s.model_id.version))
+            ResidentModel(
+                s.model_id, s.size_bytes, s.in_flight, s.config.pinned, s.config.priority, s.load_seconds
+            )
+            for s in sorted(self._slots.values(), key=lambda s: (s.model_id.name, s.model_id.version))
         ]
 
     def measured_bytes(self, model_id: ModelId) -> int | None:
@@ -477,8 +477,12 @@ class ModelScheduler:
         victims = self._plan(measured)
         if victims is None:
             self._spawn_unload(backend)
-            log.warning("%s measured %d bytes (estimated %d): does not fit; unloaded it",
-                        model_id, measured, pending.estimate_bytes)
+            log.warning(
+                "%s measured %d bytes (estimated %d): does not fit; unloaded it",
+                model_id,
+                measured,
+                pending.estimate_bytes,
+            )
             raise self._insufficient(model_id, measured)
         for victim in victims:
             self._evict(victim)
@@ -489,8 +493,15 @@ class ModelScheduler:
         self._stats.loads += 1
         self._stats.bytes_loaded += measured
         self._stats.load_seconds += load_seconds
-        log.info("loaded %s: %d bytes (estimated %d) in %.3f s; %d/%d bytes used", model_id,
-                 measured, pending.estimate_bytes, load_seconds, self.used_bytes, self._budget)
+        log.info(
+            "loaded %s: %d bytes (estimated %d) in %.3f s; %d/%d bytes used",
+            model_id,
+            measured,
+            pending.estimate_bytes,
+            load_seconds,
+            self.used_bytes,
+            self._budget,
+        )
         return slot
 
     # -- evicting ------------------------------------------------------------------------
@@ -555,8 +566,7 @@ class ModelScheduler:
 
     def _insufficient(self, model_id: ModelId, need_bytes: int) -> InsufficientMemory:
         pinned = sum(s.size_bytes for s in self._slots.values() if s.config.pinned)
-        leased = sum(s.size_bytes for s in self._slots.values()
-                     if s.in_flight and not s.config.pinned)
+        leased = sum(s.size_bytes for s in self._slots.values() if s.in_flight and not s.config.pinned)
         available = self._budget - pinned - leased - self._reserved_bytes
         return InsufficientMemory(
             f"{model_id} needs {need_bytes} bytes but at most {max(available, 0)} bytes of the "

@@ -70,8 +70,9 @@ def _torch_dtype_of(trt: Any, dtype: Any) -> torch.dtype:
 class TensorRTBackend(Backend):
     """One TensorRT engine on one CUDA device."""
 
-    def __init__(self, config: ModelConfig, trt: Any, engine: Any, context: Any,
-                 device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, trt: Any, engine: Any, context: Any, device: torch.device
+    ) -> None:
         self.config = config
         self.device = device
         self._trt = trt
@@ -110,8 +111,10 @@ class TensorRTBackend(Backend):
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = runtime.deserialize_cuda_engine(plan)
             if engine is None:
-                raise InvalidModel(f"{config.id}: {path} is not a TensorRT engine this "
-                                   f"TensorRT ({trt.__version__}) can deserialize")
+                raise InvalidModel(
+                    f"{config.id}: {path} is not a TensorRT engine this "
+                    f"TensorRT ({trt.__version__}) can deserialize"
+                )
             context = engine.create_execution_context()
             if context is None:
                 raise InvalidModel(f"{config.id}: could not create an execution context")
@@ -129,9 +132,15 @@ class TensorRTBackend(Backend):
         torch.cuda.reset_peak_memory_stats(dev)
         backend.run(example_batch(config.inputs, config.max_batch_size, dev))
         backend.io_bytes = max(0, torch.cuda.max_memory_allocated(dev) - before)
-        log.debug("loaded %s on %s: %d bytes (load %d, engine %d, io %d)", config.id, dev,
-                  backend.memory_bytes, backend.load_bytes, backend.engine_bytes,
-                  backend.io_bytes)
+        log.debug(
+            "loaded %s on %s: %d bytes (load %d, engine %d, io %d)",
+            config.id,
+            dev,
+            backend.memory_bytes,
+            backend.load_bytes,
+            backend.engine_bytes,
+            backend.io_bytes,
+        )
         return backend
 
     def _io_names(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -141,45 +150,54 @@ class TensorRTBackend(Backend):
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             mode = engine.get_tensor_mode(name)
-            (inputs if mode == trt.TensorIOMode.INPUT else outputs)[name] = (
-                engine.get_tensor_dtype(name)
-            )
+            (inputs if mode == trt.TensorIOMode.INPUT else outputs)[name] = engine.get_tensor_dtype(name)
         return inputs, outputs
 
     def _check_engine(self) -> None:
         cid, trt = self.config.id, self._trt
         inputs, outputs = self._io_names()
-        for kind, engine_side, declared in (("inputs", inputs, self._inputs),
-                                            ("outputs", outputs, self._outputs)):
+        for kind, engine_side, declared in (
+            ("inputs", inputs, self._inputs),
+            ("outputs", outputs, self._outputs),
+        ):
             if set(engine_side) != set(declared):
-                raise InvalidModel(f"{cid}: the engine's {kind} are {sorted(engine_side)}, "
-                                   f"model.yaml declares {sorted(declared)}")
+                raise InvalidModel(
+                    f"{cid}: the engine's {kind} are {sorted(engine_side)}, "
+                    f"model.yaml declares {sorted(declared)}"
+                )
             for name, trt_dtype in engine_side.items():
                 if _torch_dtype_of(trt, trt_dtype) != declared[name]:
-                    raise InvalidModel(f"{cid}: engine tensor {name!r} is {trt_dtype}, "
-                                       f"model.yaml declares {declared[name]}")
+                    raise InvalidModel(
+                        f"{cid}: engine tensor {name!r} is {trt_dtype}, model.yaml declares {declared[name]}"
+                    )
         for name in inputs:
             shape = tuple(self._engine.get_tensor_shape(name))
             if shape and shape[0] == -1:
                 _, _, max_shape = self._engine.get_tensor_profile_shape(name, 0)
                 if max_shape[0] < self.config.max_batch_size:
-                    raise InvalidModel(f"{cid}: the engine's profile admits batches up to "
-                                       f"{max_shape[0]} for {name!r}, max_batch_size is "
-                                       f"{self.config.max_batch_size}")
+                    raise InvalidModel(
+                        f"{cid}: the engine's profile admits batches up to "
+                        f"{max_shape[0]} for {name!r}, max_batch_size is "
+                        f"{self.config.max_batch_size}"
+                    )
             elif shape and shape[0] < self.config.max_batch_size:
-                raise InvalidModel(f"{cid}: input {name!r} has a fixed batch of {shape[0]}, "
-                                   f"max_batch_size is {self.config.max_batch_size}")
+                raise InvalidModel(
+                    f"{cid}: input {name!r} has a fixed batch of {shape[0]}, "
+                    f"max_batch_size is {self.config.max_batch_size}"
+                )
 
     @property
     def memory_bytes(self) -> int:
         return max(self.load_bytes, self.engine_bytes) + self.io_bytes
 
-    def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None,
-            ) -> dict[str, torch.Tensor]:
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        stream: object | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Run one batch on `stream` (default: the current stream); returns when done."""
         if inputs.keys() != self._inputs.keys():
-            raise InvalidInput(f"{self.config.id}: inputs must be {list(self._inputs)}, "
-                               f"got {sorted(inputs)}")
+            raise InvalidInput(f"{self.config.id}: inputs must be {list(self._inputs)}, got {sorted(inputs)}")
         if stream is not None and not isinstance(stream, torch.cuda.Stream):
             raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
         with self._lock:
@@ -193,25 +211,26 @@ class TensorRTBackend(Backend):
                 for name, dtype in self._inputs.items():
                     t = inputs[name].to(self.device, dtype, non_blocking=True).contiguous()
                     if not context.set_input_shape(name, tuple(t.shape)):
-                        raise InvalidInput(f"{self.config.id}: input {name!r} shape "
-                                           f"{tuple(t.shape)} is outside the engine's profile")
+                        raise InvalidInput(
+                            f"{self.config.id}: input {name!r} shape "
+                            f"{tuple(t.shape)} is outside the engine's profile"
+                        )
                     context.set_tensor_address(name, t.data_ptr())
                     bound[name] = t
                 outputs: dict[str, torch.Tensor] = {}
                 for name, dtype in self._outputs.items():
                     shape = tuple(context.get_tensor_shape(name))
                     if any(d < 0 for d in shape):
-                        raise InferenceFailed(f"{self.config.id}: output {name!r} shape "
-                                              f"{shape} is unresolved")
+                        raise InferenceFailed(
+                            f"{self.config.id}: output {name!r} shape {shape} is unresolved"
+                        )
                     out = torch.empty(shape, dtype=dtype, device=self.device)
                     context.set_tensor_address(name, out.data_ptr())
                     outputs[name] = out
                 try:
                     ok = context.execute_async_v3(cuda_stream.cuda_stream)
                 except Exception as e:
-                    raise InferenceFailed(
-                        f"{self.config.id}: TensorRT raised {short_message(e)}"
-                    ) from e
+                    raise InferenceFailed(f"{self.config.id}: TensorRT raised {short_message(e)}") from e
                 if not ok:
                     raise InferenceFailed(f"{self.config.id}: execute_async_v3 failed")
             cuda_stream.synchronize()

@@ -61,12 +61,16 @@ def torch_dtype(datatype: str) -> torch.dtype:
         raise InvalidModel(f"datatype {datatype!r} has no torch tensor type") from None
 
 
-def example_batch(specs: tuple[TensorSpec, ...], batch: int, device: torch.device,
-                  ) -> dict[str, torch.Tensor]:
+def example_batch(
+    specs: tuple[TensorSpec, ...],
+    batch: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
     """Zeros for each input at batch size `batch`; dynamic dims (-1) become 1."""
     return {
-        s.name: torch.zeros((batch, *(d if d > 0 else 1 for d in s.shape)),
-                            dtype=torch_dtype(s.datatype), device=device)
+        s.name: torch.zeros(
+            (batch, *(d if d > 0 else 1 for d in s.shape)), dtype=torch_dtype(s.datatype), device=device
+        )
         for s in specs
     }
 
@@ -92,8 +96,7 @@ def rss_bytes() -> int:
 class TorchScriptBackend(Backend):
     """One TorchScript model on one device. `run` is safe to call from several threads."""
 
-    def __init__(self, config: ModelConfig, module: torch.jit.ScriptModule,
-                 device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, module: torch.jit.ScriptModule, device: torch.device) -> None:
         self.config = config
         self.device = device
         self._module: torch.jit.ScriptModule | None = module
@@ -146,8 +149,14 @@ class TorchScriptBackend(Backend):
             backend.warmup_bytes = max(0, rss_bytes() - rss_before)
             del outputs
             backend._memory_bytes = backend.param_bytes + backend.warmup_bytes
-        log.debug("loaded %s on %s: %d bytes (params %d, warm-up %d)", config.id, dev,
-                  backend._memory_bytes, backend.param_bytes, backend.warmup_bytes)
+        log.debug(
+            "loaded %s on %s: %d bytes (params %d, warm-up %d)",
+            config.id,
+            dev,
+            backend._memory_bytes,
+            backend.param_bytes,
+            backend.warmup_bytes,
+        )
         return backend
 
     def _warm_up(self) -> dict[str, torch.Tensor] | None:
@@ -156,16 +165,22 @@ class TorchScriptBackend(Backend):
             return self.run(batch)
         except InferenceFailed as e:
             self.warmup_error = str(e)
-            log.warning("%s: warm-up batch failed (the model loaded, but may fail at "
-                        "inference): %s", self.config.id, e)
+            log.warning(
+                "%s: warm-up batch failed (the model loaded, but may fail at inference): %s",
+                self.config.id,
+                e,
+            )
             return None
 
     @property
     def memory_bytes(self) -> int:
         return self._memory_bytes
 
-    def run(self, inputs: dict[str, torch.Tensor], stream: object | None = None,
-            ) -> dict[str, torch.Tensor]:
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        stream: object | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Run one batch; returns when the outputs are ready (the stream is synchronized)."""
         module = self._module
         if module is None:
@@ -173,8 +188,10 @@ class TorchScriptBackend(Backend):
         if inputs.keys() != set(self._input_names):
             missing = sorted(set(self._input_names) - inputs.keys())
             unexpected = sorted(inputs.keys() - set(self._input_names))
-            raise InvalidInput(f"{self.config.id}: inputs must be {list(self._input_names)}; "
-                               f"missing {missing}, unexpected {unexpected}")
+            raise InvalidInput(
+                f"{self.config.id}: inputs must be {list(self._input_names)}; "
+                f"missing {missing}, unexpected {unexpected}"
+            )
         cuda = self.device.type == "cuda"
         if stream is not None and not isinstance(stream, torch.cuda.Stream):
             raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
@@ -189,9 +206,7 @@ class TorchScriptBackend(Backend):
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:
-                raise InferenceFailed(
-                    f"{self.config.id}: the model raised {short_message(e)}"
-                ) from e
+                raise InferenceFailed(f"{self.config.id}: the model raised {short_message(e)}") from e
             outputs = self._name_outputs(result)
             if cuda:
                 (stream or torch.cuda.current_stream(self.device)).synchronize()
@@ -205,15 +220,20 @@ class TorchScriptBackend(Backend):
             values = list(result)
         elif isinstance(result, dict):
             if set(result) != set(names):
-                raise InferenceFailed(f"{self.config.id}: the model returned outputs "
-                                      f"{sorted(result)}, model.yaml declares {list(names)}")
+                raise InferenceFailed(
+                    f"{self.config.id}: the model returned outputs "
+                    f"{sorted(result)}, model.yaml declares {list(names)}"
+                )
             values = [result[n] for n in names]
         else:
-            raise InferenceFailed(f"{self.config.id}: the model returned a "
-                                  f"{type(result).__name__}, not tensors")
+            raise InferenceFailed(
+                f"{self.config.id}: the model returned a {type(result).__name__}, not tensors"
+            )
         if len(values) != len(names) or not all(isinstance(v, torch.Tensor) for v in values):
-            raise InferenceFailed(f"{self.config.id}: the model returned {len(values)} value(s), "
-                                  f"model.yaml declares {len(names)} output tensor(s)")
+            raise InferenceFailed(
+                f"{self.config.id}: the model returned {len(values)} value(s), "
+                f"model.yaml declares {len(names)} output tensor(s)"
+            )
         return dict(zip(names, values, strict=True))  # type: ignore[arg-type]
 
     def unload(self) -> None:

@@ -45,8 +45,16 @@ class Helm:
         return out
 
     def template(self, *args: str, namespace: str = "edgefleet-system") -> list[dict[str, Any]]:
-        text = self("template", "edgefleet", str(CHART), "--namespace", namespace,
-                    "--kube-version", KUBE_VERSION, *args).stdout
+        text = self(
+            "template",
+            "edgefleet",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            KUBE_VERSION,
+            *args,
+        ).stdout
         return [d for d in yaml.safe_load_all(text) if d]
 
 
@@ -55,8 +63,9 @@ def helm(control_plane: localcluster.ClusterState) -> Helm:
     return Helm(control_plane)
 
 
-def kubectl(state: localcluster.ClusterState, *args: str, check: bool = True,
-            input_: str | None = None) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    state: localcluster.ClusterState, *args: str, check: bool = True, input_: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return localcluster.kubectl(state, *args, check=check, input_=input_)
 
 
@@ -89,9 +98,16 @@ def test_helm_lint_strict(helm: Helm) -> None:
 
 
 def test_lint_with_every_option_on(helm: Helm) -> None:
-    helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), "--set",
-         "namespace.create=true,serviceMonitor.enabled=true,grafanaDashboard.enabled=true,"
-         "operator.verbose=true,agent.thermal.softLimitC=70")
+    helm(
+        "lint",
+        "--strict",
+        "--kube-version",
+        KUBE_VERSION,
+        str(CHART),
+        "--set",
+        "namespace.create=true,serviceMonitor.enabled=true,grafanaDashboard.enabled=true,"
+        "operator.verbose=true,agent.thermal.softLimitC=70",
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,8 +122,9 @@ def test_lint_with_every_option_on(helm: Helm) -> None:
     ],
 )
 def test_schema_rejects_bad_values(helm: Helm, setting: str, complaint: str) -> None:
-    out = helm("template", "edgefleet", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting,
-               check=False)
+    out = helm(
+        "template", "edgefleet", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False
+    )
     assert out.returncode != 0, f"--set {setting} was accepted"
     assert "values don't meet the specifications of the schema" in out.stderr
     assert complaint in out.stderr
@@ -134,8 +151,14 @@ def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
     assert env["EDGEFLEET_AGENT_IMAGE"] == "ghcr.io/edgefleet/agent:0.1.0"
     assert env["EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C"] == "72"
     assert json.loads(env["EDGEFLEET_AGENT_TOLERATIONS"])[0]["key"] == "node-role.kubernetes.io/edge"
-    for name in ("EDGEFLEET_AGENT_GRACE_S", "EDGEFLEET_NOT_READY_GRACE_S", "EDGEFLEET_FLAP_DAMPING_S",
-                 "EDGEFLEET_DEBOUNCE_S", "EDGEFLEET_RESYNC_S", "EDGEFLEET_MEMORY_RESERVE_FRACTION"):
+    for name in (
+        "EDGEFLEET_AGENT_GRACE_S",
+        "EDGEFLEET_NOT_READY_GRACE_S",
+        "EDGEFLEET_FLAP_DAMPING_S",
+        "EDGEFLEET_DEBOUNCE_S",
+        "EDGEFLEET_RESYNC_S",
+        "EDGEFLEET_MEMORY_RESERVE_FRACTION",
+    ):
         float(env[name])
     assert container["image"] == "ghcr.io/edgefleet/operator:0.1.0"
 
@@ -192,8 +215,13 @@ def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
 
 def test_install_bundle_is_in_sync(control_plane: localcluster.ClusterState) -> None:
     env = {**os.environ, "PATH": f"{control_plane.bin_dir}:{os.environ['PATH']}"}
-    out = subprocess.run([str(REPO / "scripts" / "render-install.sh"), "--check"], capture_output=True,
-                         text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [str(REPO / "scripts" / "render-install.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, f"manifests/install.yaml is stale:\n{out.stdout[-3000:]}{out.stderr}"
     docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
     kinds = [d["kind"] for d in docs]
@@ -209,8 +237,18 @@ def test_install_bundle_is_in_sync(control_plane: localcluster.ClusterState) -> 
 def test_rendered_chart_passes_server_side_dry_run(
     helm: Helm, control_plane: localcluster.ClusterState, namespace: str
 ) -> None:
-    text = helm("template", "edgefleet", str(CHART), "--namespace", namespace, "--include-crds",
-                "--kube-version", KUBE_VERSION, "--set", f"agent.namespace={namespace}").stdout
+    text = helm(
+        "template",
+        "edgefleet",
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--include-crds",
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        f"agent.namespace={namespace}",
+    ).stdout
     out = kubectl(control_plane, "apply", "--dry-run=server", "-f", "-", input_=text)
     for kind in (
         "deployment.apps/edgefleet-operator",
@@ -232,10 +270,16 @@ def release(helm: Helm, control_plane: localcluster.ClusterState, namespace: str
     # The peering object has one fixed name per cluster; a test operator may have made it already.
     peering = kubectl(control_plane, "get", "clusterkopfpeering", "edgefleet", check=False)
     have_peering = peering.returncode == 0
-    settings = (f"agent.namespace={agent_ns},namespace.create=true,"
-                f"peering.create={str(not have_peering).lower()}")
-    info = {"name": name, "namespace": namespace, "agent_ns": agent_ns, "fullname": f"{name}-edgefleet",
-            "peering": str(not have_peering)}
+    settings = (
+        f"agent.namespace={agent_ns},namespace.create=true,peering.create={str(not have_peering).lower()}"
+    )
+    info = {
+        "name": name,
+        "namespace": namespace,
+        "agent_ns": agent_ns,
+        "fullname": f"{name}-edgefleet",
+        "peering": str(not have_peering),
+    }
     try:
         helm("install", name, str(CHART), "--namespace", namespace, "--set", settings, "--wait=false")
         yield info
@@ -266,20 +310,40 @@ def test_helm_install_and_uninstall(
 
     # What the chart created.
     kubectl(st, "-n", ns, "get", f"deployment/{op}", f"serviceaccount/{op}", f"service/{op}-metrics")
-    kubectl(st, "-n", agent_ns, "get", "serviceaccount/edgefleet-agent", f"role/{op}", f"role/{full}-agent",
-            f"rolebinding/{op}", f"rolebinding/{full}-agent")
-    kubectl(st, "get", f"clusterrole/{op}", f"clusterrole/{full}-agent", f"clusterrolebinding/{op}",
-            f"clusterrolebinding/{full}-agent")
-    kubectl(st, "get", f"validatingadmissionpolicy/{full}-agent-own-node",
-            f"validatingadmissionpolicybinding/{full}-agent-own-node")
+    kubectl(
+        st,
+        "-n",
+        agent_ns,
+        "get",
+        "serviceaccount/edgefleet-agent",
+        f"role/{op}",
+        f"role/{full}-agent",
+        f"rolebinding/{op}",
+        f"rolebinding/{full}-agent",
+    )
+    kubectl(
+        st,
+        "get",
+        f"clusterrole/{op}",
+        f"clusterrole/{full}-agent",
+        f"clusterrolebinding/{op}",
+        f"clusterrolebinding/{full}-agent",
+    )
+    kubectl(
+        st,
+        "get",
+        f"validatingadmissionpolicy/{full}-agent-own-node",
+        f"validatingadmissionpolicybinding/{full}-agent-own-node",
+    )
     labels = json.loads(kubectl(st, "get", "namespace", agent_ns, "-o", "json").stdout)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     if release["peering"] == "True":
         kubectl(st, "get", "clusterkopfpeering", "edgefleet")
     # The operator Pod passes Pod Security "restricted" (the ReplicaSet could create it).
     eventually(
-        lambda: kubectl(st, "-n", ns, "get", "pods", "-l", "app.kubernetes.io/name=edgefleet-operator",
-                        "-o", "name").stdout.strip(),
+        lambda: kubectl(
+            st, "-n", ns, "get", "pods", "-l", "app.kubernetes.io/name=edgefleet-operator", "-o", "name"
+        ).stdout.strip(),
         what="the operator Pod to be admitted under restricted Pod Security",
     )
 
@@ -294,36 +358,68 @@ def test_helm_install_and_uninstall(
         for node in (node_a, node_b):
             try:
                 edge_nodes[node] = custom.create_cluster_custom_object(
-                    api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL,
+                    api.GROUP,
+                    api.VERSION,
+                    api.EDGE_NODE_PLURAL,
                     manifests.edge_node(core.api_client.sanitize_for_serialization(core.read_node(node))),
                 )
             except client.exceptions.ApiException as e:
                 if e.status != 409:
                     raise
-                edge_nodes[node] = custom.get_cluster_custom_object(api.GROUP, api.VERSION,
-                                                                    api.EDGE_NODE_PLURAL, node)
+                edge_nodes[node] = custom.get_cluster_custom_object(
+                    api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node
+                )
         # The operator's own agent Pod spec, in the chart's restricted namespace.
         pod = manifests.agent_pod(edge_nodes[node_a], AgentPodSettings(namespace=agent_ns))
         core.create_namespaced_pod(agent_ns, pod)
         pod_name = pod["metadata"]["name"]
-        eventually(lambda: core.read_namespaced_pod(pod_name, agent_ns).spec.node_name == node_a,
-                   what="the agent Pod to be bound to its node")
-        token = kubectl(st, "-n", agent_ns, "create", "token", "edgefleet-agent", "--bound-object-kind",
-                        "Pod", "--bound-object-name", pod_name, "--duration", "10m").stdout.strip()
+        eventually(
+            lambda: core.read_namespaced_pod(pod_name, agent_ns).spec.node_name == node_a,
+            what="the agent Pod to be bound to its node",
+        )
+        token = kubectl(
+            st,
+            "-n",
+            agent_ns,
+            "create",
+            "token",
+            "edgefleet-agent",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            pod_name,
+            "--duration",
+            "10m",
+        ).stdout.strip()
         as_agent = agent_kubeconfig(st, token, tmp_path)
 
         def agent(*args: str, input_: str | None = None) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([f"{st.bin_dir}/kubectl", f"--kubeconfig={as_agent}", *args],
-                                  capture_output=True, text=True, input=input_, timeout=60)
+            return subprocess.run(
+                [f"{st.bin_dir}/kubectl", f"--kubeconfig={as_agent}", *args],
+                capture_output=True,
+                text=True,
+                input=input_,
+                timeout=60,
+            )
 
         def patch_status(node: str) -> subprocess.CompletedProcess[str]:
-            return agent("patch", "edgenode", node, "--subresource=status", "--type=merge",
-                         "-p", json.dumps({"status": {"agentVersion": "policy-test"}}))
+            return agent(
+                "patch",
+                "edgenode",
+                node,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                json.dumps({"status": {"agentVersion": "policy-test"}}),
+            )
 
         def create_lease(name: str) -> subprocess.CompletedProcess[str]:
-            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                     "metadata": {"name": name, "namespace": agent_ns},
-                     "spec": {"holderIdentity": node_a, "leaseDurationSeconds": 30}}
+            lease = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": agent_ns},
+                "spec": {"holderIdentity": node_a, "leaseDurationSeconds": 30},
+            }
             return agent("create", "-f", "-", input_=json.dumps(lease))
 
         own = patch_status(node_a)
@@ -348,9 +444,12 @@ def test_helm_install_and_uninstall(
 
     # Uninstall removes everything the chart made (the CRDs stay, as Helm keeps them).
     helm("uninstall", release["name"], "--namespace", ns, "--wait", "--timeout", "60s")
-    for args in (("-n", ns, "get", "deployment", op), ("get", "clusterrole", op),
-                 ("get", "clusterrole", f"{full}-agent"), ("get", "validatingadmissionpolicy",
-                                                           f"{full}-agent-own-node")):
+    for args in (
+        ("-n", ns, "get", "deployment", op),
+        ("get", "clusterrole", op),
+        ("get", "clusterrole", f"{full}-agent"),
+        ("get", "validatingadmissionpolicy", f"{full}-agent-own-node"),
+    ):
         out = kubectl(st, *args, check=False)
         assert out.returncode != 0 and "NotFound" in out.stderr, args
     gone = kubectl(st, "get", "namespace", agent_ns, "-o", "json", check=False)

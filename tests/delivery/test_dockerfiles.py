@@ -110,14 +110,17 @@ def test_image_shape(path: Path) -> None:
 
 
 def test_operator_image_leaves_torch_out() -> None:
-    code = [line for line in (REPO / "docker" / "operator.Dockerfile").read_text().splitlines()
-            if not line.lstrip().startswith("#")]
+    code = [
+        line
+        for line in (REPO / "docker" / "operator.Dockerfile").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
     assert not [line for line in code if "torch" in line or "numpy" in line]
     assert any("--no-deps ." in line for line in code)
 
 
 def test_parse_joins_continuations_and_resolves_args() -> None:
-    args, stages = parse('ARG B=img:1.2\nFROM ${B} AS b\nRUN a \\\n    b\nFROM ${B}\nUSER 1:1\n')
+    args, stages = parse("ARG B=img:1.2\nFROM ${B} AS b\nRUN a \\\n    b\nFROM ${B}\nUSER 1:1\n")
     assert args == {"B": "img:1.2"}
     assert [(s.base, s.name) for s in stages] == [("img:1.2", "b"), ("img:1.2", None)]
     assert stages[0].instructions == [("RUN", "a      b")]

@@ -94,8 +94,10 @@ def test_failing_example_loads_then_fails_every_batch(
     for batch, seed in ((1, 0), (5, 1)):
         with pytest.raises(InferenceFailed) as info:
             backend.run(_inputs(backend.config, batch, seed))
-        assert str(info.value) == ("classifier:2-failing: the model raised RuntimeError: "
-                                   "classifier/2-failing fails on every batch, by design")
+        assert str(info.value) == (
+            "classifier:2-failing: the model raised RuntimeError: "
+            "classifier/2-failing fails on every batch, by design"
+        )
         assert isinstance(info.value.__cause__, torch.jit.Error)
 
 
@@ -155,16 +157,24 @@ def test_unload_is_idempotent_and_final(repo: ModelRepository) -> None:
         backend.run({"features": torch.zeros(1, 32)})
 
 
-def _custom_model(tmp_path: Path, module: torch.nn.Module, outputs: tuple[TensorSpec, ...],
-                  ) -> tuple[ModelRepository, ModelConfig]:
+def _custom_model(
+    tmp_path: Path,
+    module: torch.nn.Module,
+    outputs: tuple[TensorSpec, ...],
+) -> tuple[ModelRepository, ModelConfig]:
     """Save a scripted `module` as custom/1 taking `x` FP32 [4]."""
     vdir = tmp_path / "custom" / "1"
     vdir.mkdir(parents=True)
     torch.jit.save(torch.jit.script(module), str(vdir / "model.pt"))
     config = ModelConfig(
-        name="custom", version="1", format="torchscript",
-        inputs=(TensorSpec("x", "FP32", (4,)),), outputs=outputs, artifact="model.pt",
-        digest=sha256_file(vdir / "model.pt"), max_batch_size=2,
+        name="custom",
+        version="1",
+        format="torchscript",
+        inputs=(TensorSpec("x", "FP32", (4,)),),
+        outputs=outputs,
+        artifact="model.pt",
+        digest=sha256_file(vdir / "model.pt"),
+        max_batch_size=2,
     )
     write_model_config(vdir, config)
     return ModelRepository(tmp_path), config
@@ -184,8 +194,7 @@ TWO = (TensorSpec("doubled", "FP32", (4,)), TensorSpec("total", "FP32", (1,)))
 
 
 @pytest.mark.parametrize("module", [_TwoOutputs(), _Pair()], ids=["dict", "tuple"])
-def test_outputs_are_named_from_dicts_and_tuples(tmp_path: Path,
-                                                 module: torch.nn.Module) -> None:
+def test_outputs_are_named_from_dicts_and_tuples(tmp_path: Path, module: torch.nn.Module) -> None:
     repo, config = _custom_model(tmp_path, module, TWO)
     backend = repo.load(config, "cpu")
     x = torch.arange(8, dtype=torch.float32).reshape(2, 4)
@@ -221,9 +230,11 @@ def test_cpu_backend_refuses_other_devices(repo: ModelRepository) -> None:
 
 
 def test_short_message_reads_torchscript_errors() -> None:
-    err = torch.jit.Error("The following operation failed in the TorchScript interpreter.\n"
-                          "Traceback of TorchScript (most recent call last):\n  File x\n"
-                          "builtins.ValueError: bad thing\n")
+    err = torch.jit.Error(
+        "The following operation failed in the TorchScript interpreter.\n"
+        "Traceback of TorchScript (most recent call last):\n  File x\n"
+        "builtins.ValueError: bad thing\n"
+    )
     assert short_message(err) == "ValueError: bad thing"
     assert short_message(KeyError("k")) == "KeyError: 'k'"
     assert short_message(RuntimeError("")) == "RuntimeError"
@@ -233,8 +244,9 @@ def test_short_message_reads_torchscript_errors() -> None:
 
 
 @pytest.mark.gpu
-def test_torchscript_on_cuda_matches_cpu_on_a_stream(repo: ModelRepository,
-                                                     loaded: dict[str, TorchScriptBackend]) -> None:
+def test_torchscript_on_cuda_matches_cpu_on_a_stream(
+    repo: ModelRepository, loaded: dict[str, TorchScriptBackend]
+) -> None:
     config = repo.config("classifier", "2")
     backend = repo.load(config, "cuda:0")
     try:
@@ -244,8 +256,9 @@ def test_torchscript_on_cuda_matches_cpu_on_a_stream(repo: ModelRepository,
         stream = torch.cuda.Stream()
         out = backend.run(inputs, stream=stream)
         assert out["logits"].device.type == "cuda"
-        torch.testing.assert_close(out["logits"].cpu(), loaded["classifier:2"].run(inputs)["logits"],
-                                   rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            out["logits"].cpu(), loaded["classifier:2"].run(inputs)["logits"], rtol=1e-3, atol=1e-3
+        )
     finally:
         backend.unload()
     failing = repo.load(repo.config("classifier", "2-failing"), "cuda:0")
@@ -271,8 +284,7 @@ def _mlp_engine(trt: object, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     bc = network.add_constant((1, 4), trt.Weights(b_np))  # type: ignore[attr-defined]
     none = trt.MatrixOperation.NONE  # type: ignore[attr-defined]
     mm = network.add_matrix_multiply(x, none, wc.get_output(0), none)
-    add = network.add_elementwise(mm.get_output(0), bc.get_output(0),
-                                  trt.ElementWiseOperation.SUM)  # type: ignore[attr-defined]
+    add = network.add_elementwise(mm.get_output(0), bc.get_output(0), trt.ElementWiseOperation.SUM)  # type: ignore[attr-defined]
     relu = network.add_activation(add.get_output(0), trt.ActivationType.RELU)  # type: ignore[attr-defined]
     out = relu.get_output(0)
     out.name = "scores"
@@ -289,16 +301,19 @@ def _mlp_engine(trt: object, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.gpu
 def test_tensorrt_engine_loads_and_runs(tmp_path: Path) -> None:
-    trt = pytest.importorskip("tensorrt", reason="needs the tensorrt package (pip install "
-                              "'edgefleet[gpu]')")
+    trt = pytest.importorskip("tensorrt", reason="needs the tensorrt package (pip install 'edgefleet[gpu]')")
     vdir = tmp_path / "trt-mlp" / "1"
     vdir.mkdir(parents=True)
     w, b = _mlp_engine(trt, vdir / "model.plan")
     config = ModelConfig(
-        name="trt-mlp", version="1", format="tensorrt",
+        name="trt-mlp",
+        version="1",
+        format="tensorrt",
         inputs=(TensorSpec("features", "FP32", (32,)),),
         outputs=(TensorSpec("scores", "FP32", (4,)),),
-        artifact="model.plan", digest=sha256_file(vdir / "model.plan"), max_batch_size=16,
+        artifact="model.plan",
+        digest=sha256_file(vdir / "model.plan"),
+        max_batch_size=16,
     )
     write_model_config(vdir, config)
     repo = ModelRepository(tmp_path)

@@ -228,9 +228,7 @@ def test_plan_invariants_hold_for_any_model(
         knee = p.service.per_row_s <= 0 or d.batch_size / s(d.batch_size) >= 0.95 * (
             1 / p.service.per_row_s
         ) * (1 - 1e-9)
-        assert d.batch_size == max_batch or knee or d.delay_s + 2 * s(d.batch_size + 1) > slo * (
-            1 - 1e-9
-        )
+        assert d.batch_size == max_batch or knee or d.delay_s + 2 * s(d.batch_size + 1) > slo * (1 - 1e-9)
         if d.batch_size > 1:  # and no larger than the knee
             assert (d.batch_size - 1) / s(d.batch_size - 1) < 0.95 / p.service.per_row_s
     else:  # infeasible: no waiting; one batch alone within the SLO (or a single row)

@@ -295,6 +295,7 @@ def test_adaptive_policy_from_the_model_sla(example_repo: Path) -> None:
     async def main(s: Stack) -> None:
         config = dataclasses.replace(s.repo.config("classifier", "1"), p99_latency_s=0.2)
         s.repo.config = lambda name, version=None: config  # type: ignore[method-assign]
+
         async def client(k: int) -> int:
             done = 0
             for i in range(8):

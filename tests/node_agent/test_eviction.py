@@ -30,8 +30,15 @@ def mid(name: str) -> ModelId:
 A, B, C, D = mid("a"), mid("b"), mid("c"), mid("d")
 
 
-def load(p: EvictionPolicy, m: ModelId, size: int = 100, load_s: float = 1.0,
-         priority: Priority = N, now: float = 0.0, accesses: int = 1) -> None:
+def load(
+    p: EvictionPolicy,
+    m: ModelId,
+    size: int = 100,
+    load_s: float = 1.0,
+    priority: Priority = N,
+    now: float = 0.0,
+    accesses: int = 1,
+) -> None:
     """Access `m` `accesses` times (the first is the miss), then load it."""
     for _ in range(accesses):
         p.record_access(m, now)
@@ -40,8 +47,7 @@ def load(p: EvictionPolicy, m: ModelId, size: int = 100, load_s: float = 1.0,
 
 def fixed_half_life(accesses: float) -> CostAwareSettings:
     """Settings whose half-life is exactly `accesses`, whatever the model count."""
-    return CostAwareSettings(half_life_per_model=1e-9, half_life_per_resident=1e-9,
-                             min_half_life=accesses)
+    return CostAwareSettings(half_life_per_model=1e-9, half_life_per_resident=1e-9, min_half_life=accesses)
 
 
 # -- shared interface ------------------------------------------------------------------------
@@ -190,9 +196,8 @@ def test_cost_aware_frequencies_decay_by_accesses() -> None:
     assert p.choose_victims(1, 0.0) == [B]
     for _ in range(100):  # 10 half-lives of accesses to another model
         p.record_access(C, 0.0)
-    assert p.frequency(A) == pytest.approx(
-        sum(2 ** (-0.1 * k) for k in range(8)) * 2 ** (-10.2), rel=1e-9)
-    assert p.frequency(B) == pytest.approx((1 + 2 ** -0.1) * 2 ** -10, rel=1e-9)
+    assert p.frequency(A) == pytest.approx(sum(2 ** (-0.1 * k) for k in range(8)) * 2 ** (-10.2), rel=1e-9)
+    assert p.frequency(B) == pytest.approx((1 + 2**-0.1) * 2**-10, rel=1e-9)
     p.record_access(B, 0.0)  # one fresh use now outweighs A's old eight
     assert p.choose_victims(1, 0.0) == [A]
     p.check_invariants()
@@ -254,11 +259,17 @@ MODELS = [mid(f"m{i}") for i in range(8)]
 events = st.lists(
     st.one_of(
         st.tuples(st.just("access"), st.sampled_from(MODELS)),
-        st.tuples(st.just("load"), st.sampled_from(MODELS), st.integers(0, 50),
-                  st.floats(0.0, 5.0), st.sampled_from(list(Priority))),
+        st.tuples(
+            st.just("load"),
+            st.sampled_from(MODELS),
+            st.integers(0, 50),
+            st.floats(0.0, 5.0),
+            st.sampled_from(list(Priority)),
+        ),
         st.tuples(st.just("unload"), st.sampled_from(MODELS)),
-        st.tuples(st.just("choose"), st.integers(-5, 200),
-                  st.frozensets(st.sampled_from(MODELS), max_size=4)),
+        st.tuples(
+            st.just("choose"), st.integers(-5, 200), st.frozensets(st.sampled_from(MODELS), max_size=4)
+        ),
     ),
     max_size=60,
 )
@@ -329,14 +340,14 @@ def test_policy_properties(factory: type[EvictionPolicy], script: list[tuple]) -
         p.check_invariants()
 
 
-def _first_choice(p: EvictionPolicy, candidates: list[ModelId], recency: list[ModelId],
-                  ref: Reference, now: float) -> ModelId | None:
+def _first_choice(
+    p: EvictionPolicy, candidates: list[ModelId], recency: list[ModelId], ref: Reference, now: float
+) -> ModelId | None:
     """The model each policy must evict first, by brute force (None: ties make it open)."""
     if isinstance(p, LRUPolicy):
         return next(m for m in recency if m in candidates)
     if isinstance(p, WeightedLRUPolicy):
-        scores = {m: (now - ref.last[m]) / (ref.weight[m] * (ref.uses[m] + 1))
-                  for m in candidates}
+        scores = {m: (now - ref.last[m]) / (ref.weight[m] * (ref.uses[m] + 1)) for m in candidates}
         best = max(scores.values())
         tied = [m for m in candidates if scores[m] == best]
         return tied[0] if len(tied) == 1 else None

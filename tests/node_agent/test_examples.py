@@ -30,8 +30,7 @@ LAYOUT = ["classifier/1", "classifier/2", "classifier/2-slow", "classifier/2-fai
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root` (relative path -> bytes)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_layout_configs_and_digests(example_repo: Path) -> None:
@@ -46,10 +45,8 @@ def test_layout_configs_and_digests(example_repo: Path) -> None:
         assert config.format == "torchscript"
         assert config.memory_estimate_bytes is not None and config.memory_estimate_bytes > 0
     classifier = ModelRepository(example_repo).config("classifier", "1")
-    assert [(t.name, t.datatype, t.shape) for t in classifier.inputs] == [
-        ("image", "FP32", (3, 64, 64))]
-    assert [(t.name, t.datatype, t.shape) for t in classifier.outputs] == [
-        ("logits", "FP32", (10,))]
+    assert [(t.name, t.datatype, t.shape) for t in classifier.inputs] == [("image", "FP32", (3, 64, 64))]
+    assert [(t.name, t.datatype, t.shape) for t in classifier.outputs] == [("logits", "FP32", (10,))]
     mlp = ModelRepository(example_repo).config("mlp", "1")
     assert [(t.name, t.shape) for t in mlp.inputs] == [("features", (32,))]
     assert [(t.name, t.shape) for t in mlp.outputs] == [("scores", (4,))]
@@ -71,17 +68,23 @@ def test_same_bytes_on_every_run_in_process(example_repo: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_same_bytes_from_another_process_hash_seed_and_directory(example_repo: Path,
-                                                                  tmp_path: Path) -> None:
+def test_same_bytes_from_another_process_hash_seed_and_directory(example_repo: Path, tmp_path: Path) -> None:
     """The CLI in a fresh interpreter (other PYTHONHASHSEED, other cwd) writes the same bytes."""
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = tmp_path / "elsewhere"
     # append (not prepend) the checkout: its operator/ folder must not shadow the stdlib's
-    script = (f"import sys; sys.path.append({str(REPO_ROOT)!r}); from node_agent.cli import main; "
-              f"sys.exit(main(['make-examples', {str(out)!r}]))")
+    script = (
+        f"import sys; sys.path.append({str(REPO_ROOT)!r}); from node_agent.cli import main; "
+        f"sys.exit(main(['make-examples', {str(out)!r}]))"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     # The CLI also writes the generation example (tiny-lm), which the fixture repository leaves out.
@@ -96,8 +99,7 @@ def test_archives_have_no_path_dependent_records(example_repo: Path) -> None:
         names = z.namelist()
         assert names and not [n for n in names if n.endswith((".debug_pkl", "serialization_id"))]
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
-        assert not any(b"/" + p.encode() in z.read(n) for n in names
-                       for p in ("tmp", "home", "work"))
+        assert not any(b"/" + p.encode() in z.read(n) for n in names for p in ("tmp", "home", "work"))
 
 
 def test_memory_estimates_cover_parameters_and_scale_with_batch() -> None:
@@ -120,8 +122,7 @@ def _multiply_adds(module: nn.Module, image: torch.Tensor) -> int:
         assert isinstance(weight, torch.Tensor)
         total += out.numel() * weight[0].numel()
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, Conv3x3 | Dense)]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, Conv3x3 | Dense)]
     with torch.inference_mode():
         module(image)
     for h in handles:
@@ -157,8 +158,7 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "required" in capsys.readouterr().err
 
 
-def test_cli_reports_errors_without_a_traceback(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert cli.main(["make-examples", str(blocker / "repo")]) == 1

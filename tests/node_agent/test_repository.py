@@ -68,9 +68,17 @@ def test_minimal_doc_parses_with_defaults(tmp_path: Path) -> None:
 
 def test_full_doc_parses(tmp_path: Path) -> None:
     doc = valid_doc(
-        version=2, format="tensorrt", max_batch_size=32, priority="critical", pinned=True,
-        memory_estimate_bytes="512Mi", max_queue_delay_s=0.002, p95_latency_s=0.05,
-        p99_latency_s=0.1, task="predict", parameters={"seed": 3, "fast": True},
+        version=2,
+        format="tensorrt",
+        max_batch_size=32,
+        priority="critical",
+        pinned=True,
+        memory_estimate_bytes="512Mi",
+        max_queue_delay_s=0.002,
+        p95_latency_s=0.05,
+        p99_latency_s=0.1,
+        task="predict",
+        parameters={"seed": 3, "fast": True},
         inputs=[{"name": "x", "dtype": "INT64", "shape": []}],
     )
     config = parse_model_config(write_doc(tmp_path, doc))
@@ -107,13 +115,19 @@ MALFORMED: list[tuple[str, object, str]] = [
     ("bool dim", _tensor(shape=[True]), "'inputs[0].shape': dimension True"),
     ("string shape", _tensor(shape="3x64"), "'inputs[0].shape': expected a list"),
     ("too many dims", _tensor(shape=[1] * 9), "'inputs[0].shape': expected a list of at most 8"),
-    ("missing shape", valid_doc(outputs=[{"name": "y", "datatype": "FP32"}]),
-     "missing required field 'outputs[0].shape'"),
+    (
+        "missing shape",
+        valid_doc(outputs=[{"name": "y", "datatype": "FP32"}]),
+        "missing required field 'outputs[0].shape'",
+    ),
     ("tensor extra field", _tensor(dims=[3]), "'inputs[0].dims': unknown tensor field"),
     ("empty inputs", valid_doc(inputs=[]), "'inputs': expected a non-empty list"),
     ("inputs not a list", valid_doc(inputs={"image": "FP32"}), "'inputs': expected a non-empty"),
-    ("duplicate tensors", valid_doc(outputs=[{"name": "y", "datatype": "FP32", "shape": [1]}] * 2),
-     "'outputs': duplicate tensor name(s) y"),
+    (
+        "duplicate tensors",
+        valid_doc(outputs=[{"name": "y", "datatype": "FP32", "shape": [1]}] * 2),
+        "'outputs': duplicate tensor name(s) y",
+    ),
     ("uppercase name", valid_doc(name="My_Model"), "field 'name': invalid model name 'My_Model'"),
     ("traversal name", valid_doc(name="../evil"), "field 'name': invalid model name '../evil'"),
     ("slash name", valid_doc(name="a/b"), "field 'name': invalid model name"),
@@ -145,8 +159,9 @@ MALFORMED: list[tuple[str, object, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("doc", "message"), [(d, m) for _, d, m in MALFORMED],
-                         ids=[case for case, _, _ in MALFORMED])
+@pytest.mark.parametrize(
+    ("doc", "message"), [(d, m) for _, d, m in MALFORMED], ids=[case for case, _, _ in MALFORMED]
+)
 def test_malformed_model_yaml_is_refused_with_a_clear_message(
     tmp_path: Path, doc: object, message: str
 ) -> None:
@@ -178,11 +193,20 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 
 def test_write_then_parse_round_trips(tmp_path: Path) -> None:
     config = ModelConfig(
-        name="m", version="1.2-rc1", format="torchscript",
+        name="m",
+        version="1.2-rc1",
+        format="torchscript",
         inputs=(TensorSpec("a", "FP16", (-1, 4)), TensorSpec("b", "INT64", ())),
-        outputs=(TensorSpec("c", "BOOL", (2,)),), artifact="weights/model.pt", digest=DIGEST,
-        max_batch_size=3, priority=Priority.LOW, pinned=True, memory_estimate_bytes=1234,
-        max_queue_delay_s=0.01, p99_latency_s=0.5, parameters={"k": "v"},
+        outputs=(TensorSpec("c", "BOOL", (2,)),),
+        artifact="weights/model.pt",
+        digest=DIGEST,
+        max_batch_size=3,
+        priority=Priority.LOW,
+        pinned=True,
+        memory_estimate_bytes=1234,
+        max_queue_delay_s=0.01,
+        p99_latency_s=0.5,
+        parameters={"k": "v"},
     )
     path = write_model_config(tmp_path / "m" / "1.2-rc1", config)
     parsed = parse_model_config(path)
@@ -214,7 +238,15 @@ def test_name_and_version_rules() -> None:
 def test_version_order_is_natural_with_prereleases_first() -> None:
     versions = ["10", "2", "1.10", "2-slow", "1", "1.9", "2-failing", "v3", "2.0"]
     assert sorted(versions, key=version_sort_key) == [
-        "1", "1.9", "1.10", "2-failing", "2-slow", "2", "2.0", "10", "v3",
+        "1",
+        "1.9",
+        "1.10",
+        "2-failing",
+        "2-slow",
+        "2",
+        "2.0",
+        "10",
+        "v3",
     ]
 
 
@@ -235,7 +267,11 @@ def test_sha256_file_and_quantities(tmp_path: Path) -> None:
 def test_index_lists_the_examples_sorted(example_repo: Path) -> None:
     repo = ModelRepository(example_repo)
     assert [str(c.id) for c in repo.index()] == [
-        "classifier:1", "classifier:2-failing", "classifier:2-slow", "classifier:2", "mlp:1",
+        "classifier:1",
+        "classifier:2-failing",
+        "classifier:2-slow",
+        "classifier:2",
+        "mlp:1",
     ]
     assert repo.scan().broken == {}
 
@@ -254,12 +290,10 @@ def test_config_lookup(example_repo: Path) -> None:
             repo.config(name, version)
 
 
-def test_version_dir_refuses_traversal_and_escaping_symlinks(repo_copy: Path,
-                                                               tmp_path: Path) -> None:
+def test_version_dir_refuses_traversal_and_escaping_symlinks(repo_copy: Path, tmp_path: Path) -> None:
     repo = ModelRepository(repo_copy)
     assert repo.version_dir(ModelId("mlp", "1")) == repo_copy.resolve() / "mlp" / "1"
-    for bad in (ModelId("..", "1"), ModelId("mlp", ".."), ModelId("mlp", "../../etc"),
-                ModelId("/etc", "1")):
+    for bad in (ModelId("..", "1"), ModelId("mlp", ".."), ModelId("mlp", "../../etc"), ModelId("/etc", "1")):
         with pytest.raises(InvalidModel):
             repo.version_dir(bad)
     outside = tmp_path / "outside"
@@ -271,8 +305,7 @@ def test_version_dir_refuses_traversal_and_escaping_symlinks(repo_copy: Path,
     assert repo_copy / "mlp" / "evil" in repo.scan().broken
 
 
-def test_artifact_symlink_out_of_the_version_folder_is_refused(repo_copy: Path,
-                                                                 tmp_path: Path) -> None:
+def test_artifact_symlink_out_of_the_version_folder_is_refused(repo_copy: Path, tmp_path: Path) -> None:
     repo = ModelRepository(repo_copy)
     config = repo.config("mlp", "1")
     artifact = repo_copy / "mlp" / "1" / config.artifact
@@ -294,10 +327,16 @@ def test_index_reports_broken_entries_and_keeps_the_rest(repo_copy: Path) -> Non
     (repo_copy / ".hidden").mkdir()
     result = ModelRepository(repo_copy).scan()
     assert [str(c.id) for c in result.models] == [
-        "classifier:1", "classifier:2-failing", "classifier:2-slow", "classifier:2",
+        "classifier:1",
+        "classifier:2-failing",
+        "classifier:2-slow",
+        "classifier:2",
     ]
     assert set(result.broken) == {
-        repo_copy / "mlp" / "1", bad_name, moved, repo_copy / "classifier" / "empty",
+        repo_copy / "mlp" / "1",
+        bad_name,
+        moved,
+        repo_copy / "classifier" / "empty",
     }
     assert "not valid YAML" in result.broken[repo_copy / "mlp" / "1"]
     assert "invalid model name 'Bad_Name'" in result.broken[bad_name]

@@ -75,8 +75,7 @@ class FakeLoader:
     """Measured sizes per model name (default: the estimate); optional gate to hold loads
     in progress, scripted failures, and a fake clock advanced by each load."""
 
-    def __init__(self, sizes: dict[str, int] | None = None,
-                 clock: FakeClock | None = None) -> None:
+    def __init__(self, sizes: dict[str, int] | None = None, clock: FakeClock | None = None) -> None:
         self.sizes = sizes or {}
         self.calls: list[str] = []
         self.gate: threading.Event | None = None
@@ -111,11 +110,21 @@ class FakeClock:
         return self.now
 
 
-def cfg(name: str, estimate: int | None = 100, *, pinned: bool = False,
-        priority: Priority = Priority.NORMAL) -> ModelConfig:
-    return ModelConfig(name=name, version="1", format="fake", inputs=(), outputs=(),
-                       artifact="model.pt", digest="sha256:" + "0" * 64, pinned=pinned,
-                       priority=priority, memory_estimate_bytes=estimate)
+def cfg(
+    name: str, estimate: int | None = 100, *, pinned: bool = False, priority: Priority = Priority.NORMAL
+) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        version="1",
+        format="fake",
+        inputs=(),
+        outputs=(),
+        artifact="model.pt",
+        digest="sha256:" + "0" * 64,
+        pinned=pinned,
+        priority=priority,
+        memory_estimate_bytes=estimate,
+    )
 
 
 def ids(sched: ModelScheduler) -> list[str]:
@@ -496,8 +505,9 @@ def test_random_concurrent_workload_keeps_the_invariants() -> None:
         sizes = {f"m{i}": rng.choice([50, 100, 150]) for i in range(8)}
         loader = FakeLoader(sizes=sizes)
         sched = ModelScheduler(400, loader, memory_wait_s=0.5)
-        configs = [cfg(n, estimate=None if i % 3 == 0 else sizes[n], pinned=(n == "m0"))
-                   for i, n in enumerate(sizes)]
+        configs = [
+            cfg(n, estimate=None if i % 3 == 0 else sizes[n], pinned=(n == "m0")) for i, n in enumerate(sizes)
+        ]
         outcomes: dict[str, int] = {"ok": 0, "insufficient": 0}
 
         async def client(seed: int) -> None:
@@ -582,8 +592,17 @@ def wide_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from node_agent.types import TensorSpec
 
     root = tmp_path_factory.mktemp("wide-repo")
-    example = Example("wide-a", "1", WideMLP, 11, (TensorSpec("features", "FP32", (32,)),),
-                      (TensorSpec("scores", "FP32", (4,)),), 4, Priority.NORMAL, "wide MLP")
+    example = Example(
+        "wide-a",
+        "1",
+        WideMLP,
+        11,
+        (TensorSpec("features", "FP32", (32,)),),
+        (TensorSpec("scores", "FP32", (4,)),),
+        4,
+        Priority.NORMAL,
+        "wide MLP",
+    )
     config = write_example(root, example)
     for name in ("wide-b", "wide-c", "wide-d"):
         shutil.copytree(root / "wide-a" / "1", root / name / "1", copy_function=os.link)
@@ -647,8 +666,7 @@ def test_real_failed_load_reaches_every_waiter(example_repo: Path) -> None:
         [good] = loader.configs("mlp")
         bad = dataclasses.replace(good, digest="sha256:" + "0" * 64)
         sched = ModelScheduler(10**9, loader)
-        results = await asyncio.gather(*(sched.acquire(bad) for _ in range(20)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(sched.acquire(bad) for _ in range(20)), return_exceptions=True)
         assert all(isinstance(r, DigestMismatch) for r in results)
         assert len({id(r) for r in results}) == 1 and loader.calls == 1
         assert sched.resident() == [] and sched.used_bytes == 0
@@ -690,7 +708,8 @@ def test_real_models_single_flight_and_eviction_order(wide_repo: Path) -> None:
 
 
 def test_real_models_pinned_leased_too_big_and_budget_shrink(
-    wide_repo: Path, example_repo: Path,
+    wide_repo: Path,
+    example_repo: Path,
 ) -> None:
     async def main() -> None:
         loader = CountingLoader(wide_repo)

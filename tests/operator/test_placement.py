@@ -143,13 +143,9 @@ def test_largest_measurement_wins_over_the_estimate() -> None:
     m = ModelDemand("m", "1", estimate_bytes=1 * G, measured_bytes=(3 * G, 5 * G, 2 * G))
     assert m.memory_bytes == 5 * G
     assert ModelDemand("m", "1", 1 * G).memory_bytes == 1 * G
-    r = plan(
-        [svc("ns/s", models=[m, ModelDemand("k", "2", 2 * G)])], [node("small", 6), node("big", 7)]
-    )
+    r = plan([svc("ns/s", models=[m, ModelDemand("k", "2", 2 * G)])], [node("small", 6), node("big", 7)])
     assert on(r, "ns/s") == ("big",)
-    assert [
-        (p.model, p.memory_budget_bytes, p.traffic_weight) for p in r.assignment.by_node["big"]
-    ] == [
+    assert [(p.model, p.memory_budget_bytes, p.traffic_weight) for p in r.assignment.by_node["big"]] == [
         ("k", 2 * G, 100),
         ("m", 5 * G, 100),
     ]
@@ -159,10 +155,7 @@ def test_never_over_a_nodes_memory_and_says_so() -> None:
     nodes = [node("a", 8, reserved_gib=4), node("b", 4)]
     r = plan([svc("ns/big", 5), svc("ns/fits", 4)], nodes)
     assert on(r, "ns/big") == ()
-    assert (
-        r.services["ns/big"].message
-        == "placed on 0/1 nodes; 0/2 nodes available: 2 insufficient memory"
-    )
+    assert r.services["ns/big"].message == "placed on 0/1 nodes; 0/2 nodes available: 2 insufficient memory"
     assert ("ns/big", "FailedPlacement", r.services["ns/big"].message) in events(r)
     assert on(r, "ns/fits") == ("a",)
 
@@ -310,9 +303,7 @@ def test_node_selector_and_taints_exclude_nodes() -> None:
         (Toleration("k", "Equal"), Taint("k", "PreferNoSchedule"), True),
     ],
 )
-def test_toleration_matches_like_kubernetes(
-    toleration: Toleration, taint: Taint, tolerated: bool
-) -> None:
+def test_toleration_matches_like_kubernetes(toleration: Toleration, taint: Taint, tolerated: bool) -> None:
     assert toleration.tolerates(taint) is tolerated
 
 
@@ -367,11 +358,7 @@ def test_scaling_down_drops_suspect_and_hot_nodes_first() -> None:
 
 
 def zoned(layout: dict[str, int], gib: int = 8) -> list[NodeState]:
-    return [
-        node(f"{zone}{i}", gib, labels={"zone": zone})
-        for zone, n in layout.items()
-        for i in range(n)
-    ]
+    return [node(f"{zone}{i}", gib, labels={"zone": zone}) for zone, n in layout.items() for i in range(n)]
 
 
 def zone_counts(result: PlacementResult, service: str) -> dict[str, int]:
@@ -516,9 +503,7 @@ def test_nodes_with_a_good_sla_record_are_preferred() -> None:
         node("other", 64, sla={("ns/other", "m"): 0.0}),  # another service's record: no record
     ]
     models = [ModelDemand("m", "1", G), ModelDemand("k", "1", G)]
-    order = [
-        on(plan([svc("ns/s", models=models, replicas=k)], nodes), "ns/s") for k in (1, 2, 3, 4, 5)
-    ]
+    order = [on(plan([svc("ns/s", models=models, replicas=k)], nodes), "ns/s") for k in (1, 2, 3, 4, 5)]
     assert order == [
         ("good",),
         ("good", "other"),
@@ -544,9 +529,7 @@ def test_unrelated_changes_move_nothing() -> None:
             dataclasses.replace(nodes[0], temperature_c=95.0, soft_limit_c=83.0),
             *nodes[1:],
         ],
-        "SLA records change": [
-            dataclasses.replace(n, sla_scores={("ns/a", "m"): 0.0}) for n in nodes
-        ],
+        "SLA records change": [dataclasses.replace(n, sla_scores={("ns/a", "m"): 0.0}) for n in nodes],
         "a node joins that nobody tolerates": [*nodes, node("new", 64, taints=[Taint("gpu-test")])],
     }
     for what, fleet in variants.items():
@@ -578,9 +561,7 @@ def test_check_invariants_catches_broken_results() -> None:
     entry = good.assignment.by_node["a"][0]
 
     def broken(**by_node: tuple[PlacedModel, ...]) -> PlacementResult:
-        nodes_of = tuple(
-            sorted(n for n, ms in {**good.assignment.by_node, **by_node}.items() if ms)
-        )
+        nodes_of = tuple(sorted(n for n, ms in {**good.assignment.by_node, **by_node}.items() if ms))
         message = good.services["ns/s"].message if len(nodes_of) < 2 else ""
         placed = dataclasses.replace(good.services["ns/s"], nodes=nodes_of, message=message)
         return dataclasses.replace(
@@ -718,8 +699,7 @@ def demands(draw: st.DrawFn) -> list[ServiceDemand]:
     for name in SERVICE_NAMES[: draw(st.integers(1, len(SERVICE_NAMES)))]:
         sizes = draw(st.lists(st.sampled_from(SIZES), min_size=1, max_size=2))
         models = [
-            ModelDemand(f"m{i}", "1", e * G, tuple(m * G for m in ms))
-            for i, (e, ms) in enumerate(sizes)
+            ModelDemand(f"m{i}", "1", e * G, tuple(m * G for m in ms)) for i, (e, ms) in enumerate(sizes)
         ]
         replicas, fraction = draw(st.sampled_from(COUNTS))
         services.append(
