@@ -688,7 +688,8 @@ class Batcher:
         ticket if urgent pieces wait and none is out."""
         if self._stopping:
             return
-        if self._urgent_lane and not self._urgent_out:
+        # (unlocked: only this thread queues pieces, so "none urgent" cannot be stale)
+        if self._urgent_lane and not self._urgent_out and self._queue.holds_up_to(URGENT):
             with self._lock:
                 top = self._queue.top_priority()
             if top is not None and top <= URGENT:

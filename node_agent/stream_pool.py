@@ -379,6 +379,10 @@ class UrgencyQueue(Generic[T]):
         self.cost = 0.0
         return out
 
+    def holds_up_to(self, priority: Priority) -> bool:
+        """Whether an item of class `priority` or more urgent is queued."""
+        return any(self._classes[: priority + 1])
+
     def cost_of(self, classes: tuple[Priority, Priority]) -> float:
         """The summed cost of the items of the `classes` range (most urgent, least urgent); O(n)
         in those items."""
