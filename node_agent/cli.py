@@ -12,13 +12,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node_agent import __version__
 from node_agent.errors import AgentError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
+N = TypeVar("N", int, float)
 
 
 def _make_examples_args(parser: argparse.ArgumentParser) -> None:
@@ -67,12 +68,17 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="memory for models, e.g. 2Gi (default: GPU total minus 512Mi; 2Gi on CPU)",
     )
     parser.add_argument(
-        "--workers", type=int, metavar="N", help="stream pool workers (default: 1 on CPU, 2 on CUDA)"
+        "--workers",
+        type=int,
+        metavar="N",
+        default=_int_env("EDGEFLEET_WORKERS"),
+        help="stream pool workers (default: 1 on CPU, 2 on CUDA)",
     )
+    urgent = _int_env("EDGEFLEET_URGENT_WORKERS")
     parser.add_argument(
         "--urgent-workers",
         type=int,
-        default=1,
+        default=1 if urgent is None else urgent,
         metavar="N",
         help="more workers that run only critical and high-priority batches, so they "
         "never wait for a normal batch (default 1; 0: none)",
@@ -144,13 +150,23 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _float_env(name: str) -> float | None:
+    return _env_number(name, float)
+
+
+def _int_env(name: str) -> int | None:
+    return _env_number(name, int)
+
+
+def _env_number(name: str, kind: type[N]) -> N | None:
+    """$name as `kind` (None when unset or empty); a malformed value exits naming it."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"edgefleet-agent: ${name} is not a number: {raw!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise SystemExit(f"edgefleet-agent: ${name} is not {what}: {raw!r}") from None
 
 
 def _edge_node_args(group: argparse._ArgumentGroup) -> None:

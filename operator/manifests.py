@@ -114,7 +114,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                             "name": "EDGEFLEET_POD_IP",
                             "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
                         },
-                        *thermal_env(settings),
+                        *tuning_env(settings),
                     ],
                     "ports": [{"name": "http", "containerPort": settings.port}],
                     "resources": {
@@ -139,11 +139,14 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
     }
 
 
-def thermal_env(settings: AgentPodSettings) -> list[dict[str, str]]:
-    """The agent's thermal limits from the chart (`agent.thermal`), when set."""
+def tuning_env(settings: AgentPodSettings) -> list[dict[str, str]]:
+    """The agent's thermal limits and pool workers from the chart (`agent.thermal`,
+    `agent.workers`, `agent.urgentWorkers`), when set."""
     values = (
         ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", settings.thermal_soft_limit_c),
         ("EDGEFLEET_THERMAL_SOFT_MARGIN_C", settings.thermal_soft_margin_c),
+        ("EDGEFLEET_WORKERS", settings.workers),
+        ("EDGEFLEET_URGENT_WORKERS", settings.urgent_workers),
     )
     return [{"name": name, "value": f"{value:g}"} for name, value in values if value is not None]
 

@@ -52,6 +52,10 @@ class AgentPodSettings:
     """Where agents start lowering concurrency (None: below the hardware slowdown by the margin)."""
     thermal_soft_margin_c: float | None = None
     """Degrees below the hardware slowdown temperature (None: the agent's default, 8)."""
+    workers: int | None = None
+    """Stream pool workers per agent (None: the agent's default, 1 on CPU and 2 on a GPU)."""
+    urgent_workers: int | None = None
+    """Workers that run only critical and high-priority batches (None: the agent's default, 1)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,13 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         runtime_class=e.get("EDGEFLEET_AGENT_RUNTIME_CLASS") or None,
         thermal_soft_limit_c=_number(e, "AGENT_THERMAL_SOFT_LIMIT_C", None),
         thermal_soft_margin_c=_number(e, "AGENT_THERMAL_SOFT_MARGIN_C", None),
+        workers=_number(e, "AGENT_WORKERS", None, int),
+        urgent_workers=_number(e, "AGENT_URGENT_WORKERS", None, int),
     )
+    if agent.workers is not None and agent.workers < 1:
+        raise ValueError(f"EDGEFLEET_AGENT_WORKERS must be >= 1, got {agent.workers}")
+    if agent.urgent_workers is not None and agent.urgent_workers < 0:
+        raise ValueError(f"EDGEFLEET_AGENT_URGENT_WORKERS must be >= 0, got {agent.urgent_workers}")
     for name, value in (("agent grace", fleet.agent_grace_s), ("not-ready grace", fleet.not_ready_grace_s)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0 seconds, got {value}")

@@ -30,7 +30,8 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_TOLERATIONS": json.dumps(tolerations),
         "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_REQUEST": "1Gi",
         "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70",
-        "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5",
+        "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5", "EDGEFLEET_AGENT_WORKERS": "2",
+        "EDGEFLEET_AGENT_URGENT_WORKERS": "0",
     }  # fmt: skip
     s = from_env(env)
     assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
@@ -44,6 +45,7 @@ def test_every_chart_variable_is_read() -> None:
     assert a.tolerations == tuple(tolerations)
     assert (a.cpu_request, a.memory_request, a.memory_limit) == ("500m", "1Gi", "6Gi")
     assert (a.thermal_soft_limit_c, a.thermal_soft_margin_c) == (70.0, 5.0)
+    assert (a.workers, a.urgent_workers) == (2, 0)
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
@@ -65,6 +67,8 @@ def test_empty_values_keep_defaults() -> None:
         ({"EDGEFLEET_AGENT_TOLERATIONS": "[{"}, "EDGEFLEET_AGENT_TOLERATIONS is not JSON"),
         ({"EDGEFLEET_AGENT_TOLERATIONS": '{"key": "x"}'}, "must be a JSON list of toleration objects"),
         ({"EDGEFLEET_NOT_READY_GRACE_S": "-1"}, "not-ready grace must be >= 0"),
+        ({"EDGEFLEET_AGENT_WORKERS": "0"}, "EDGEFLEET_AGENT_WORKERS must be >= 1"),
+        ({"EDGEFLEET_AGENT_URGENT_WORKERS": "two"}, "EDGEFLEET_AGENT_URGENT_WORKERS must be an integer"),
     ],
 )
 def test_malformed_values_are_named(env: dict[str, str], message: str) -> None:
@@ -83,6 +87,7 @@ def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
         "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi",
         "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70", "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5",
         "EDGEFLEET_AGENT_TOLERATIONS": '[{"key": "edge", "operator": "Exists"}]',
+        "EDGEFLEET_AGENT_WORKERS": "3", "EDGEFLEET_AGENT_URGENT_WORKERS": "0",
     }  # fmt: skip
     en = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeNode", "metadata": {"name": "n1", "uid": "u1"},
           "spec": {"nodeName": "n1"}}  # fmt: skip
@@ -96,8 +101,29 @@ def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
     pod_env = {e["name"]: e.get("value") for e in container["env"]}
     assert pod_env["EDGEFLEET_THERMAL_SOFT_LIMIT_C"] == "70"
     assert pod_env["EDGEFLEET_THERMAL_SOFT_MARGIN_C"] == "5"
-    for name in ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", "EDGEFLEET_THERMAL_SOFT_MARGIN_C"):
+    assert (pod_env["EDGEFLEET_WORKERS"], pod_env["EDGEFLEET_URGENT_WORKERS"]) == ("3", "0")
+    for name in ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", "EDGEFLEET_THERMAL_SOFT_MARGIN_C", "EDGEFLEET_WORKERS",
+                 "EDGEFLEET_URGENT_WORKERS"):  # fmt: skip
         monkeypatch.setenv(name, str(pod_env[name]))
     args = build_parser().parse_args([*container["args"]])
     assert (args.thermal_soft_limit, args.thermal_soft_margin) == (70.0, 5.0)
+    assert (args.workers, args.urgent_workers) == (3, 0)
     assert "runtimeClassName" not in agent_pod(en, from_env({}).agent)["spec"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("EDGEFLEET_WORKERS", "2.5", r"\$EDGEFLEET_WORKERS is not an integer: '2.5'"),
+        ("EDGEFLEET_URGENT_WORKERS", "one", r"\$EDGEFLEET_URGENT_WORKERS is not an integer"),
+        ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", "hot", r"\$EDGEFLEET_THERMAL_SOFT_LIMIT_C is not a number"),
+    ],
+)
+def test_the_agent_names_a_malformed_setting_from_its_pod_environment(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    from node_agent.cli import build_parser
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=message):
+        build_parser()
