@@ -39,11 +39,12 @@ urgent work does not wait to be batched with later arrivals), gets its lease fro
 NORMAL: only urgent tickets may run on the lane), where an idle regular worker,
 or else an urgent-lane worker, takes it even while every regular worker is inside a normal
 batch, and runs batches of urgent pieces only, back to back while such pieces are queued
-(late binding as above). While it is out, regular tickets leave urgent pieces to it (a
-normal batch of 16 rows would hold them ten times longer), unless more are queued than
-its next batch takes: so a model whose traffic is all urgent still uses every worker. So
-an urgent request waits neither for the window nor for a normal batch that is already
-running.
+(late binding as above). With a lane no batch mixes classes: a regular ticket that starts
+while urgent pieces are queued runs them, in a batch of their own, before normal work (in
+a normal batch of 16 rows they would take ten times longer), so urgent pieces that queue
+up while the urgent ticket runs get a second worker, and a model whose traffic is all
+urgent uses every worker. So an urgent request waits neither for the window nor for a
+normal batch that is already running.
 
 Guarantee: every admitted request's future gets exactly one outcome (result or error),
 including on `stop()` (`ShuttingDown`) and when its deadline passes while it waits (an
@@ -296,15 +297,6 @@ class _Ticket:
         """Run the first batch, then further due batches while the worker may stay. Each
         batch is posted once the next is taken; the last is returned, and `on_done` posts
         it with the job's end."""
-        if not self.urgent:
-            return self._run(stream)
-        try:
-            return self._run(stream)
-        finally:  # it takes no more: regular tickets may take urgent pieces until the next
-            with self.batcher._lock:
-                self.batcher._urgent_taking = False
-
-    def _run(self, stream: Any) -> _Batch | None:
         b = self.batcher
         batch = self._take(first=True)
         assert self.lease is not None
@@ -341,8 +333,8 @@ class _Ticket:
         with b._lock:
             if self.urgent:
                 classes = _URGENT_CLASSES
-            elif b._urgent_taking and queue.cost_of(_URGENT_CLASSES) <= size:
-                classes = _NON_URGENT_CLASSES  # the urgent ticket's next batch takes them all
+            elif b._urgent_lane:  # a batch holds urgent pieces only, or none (see the docstring)
+                classes = _URGENT_CLASSES if queue.holds_up_to(URGENT) else _NON_URGENT_CLASSES
             else:
                 classes = _ALL_CLASSES
             if first:
@@ -556,9 +548,6 @@ class Batcher:
         )
         self._out = 0  # tickets issued and not completed, urgent ones included (loop thread)
         self._urgent_out = 0  # urgent tickets issued and not completed (loop thread)
-        self._urgent_taking = False
-        """Under _lock: an urgent ticket is out and will take the urgent pieces (from its issue
-        until its run returns, or it is dropped); regular tickets leave them to it."""
         self._pending = 0  # tickets issued and not yet started by a worker (under _lock)
         self._window_close_s: float | None = None
         self._window_timer: asyncio.TimerHandle | None = None
@@ -736,10 +725,8 @@ class Batcher:
         self._out += 1
         if urgent:
             self._urgent_out += 1
-        with self._lock:
-            if urgent:
-                self._urgent_taking = True
-            else:
+        if not urgent:
+            with self._lock:
                 self._pending += 1
         self._idle.clear()
         coro = self._acquire_urgent() if urgent else self._acquire()
@@ -811,13 +798,11 @@ class Batcher:
         if ticket.lease is not None:
             ticket.lease.release()
             ticket.lease = None
-        with self._lock:
-            if ticket.urgent:
-                self._urgent_taking = False
-            else:
-                self._pending -= 1
         if ticket.urgent:
             self._urgent_out -= 1
+        else:
+            with self._lock:
+                self._pending -= 1
         self._out -= 1
         if self._out == 0:
             self._idle.set()
@@ -900,10 +885,8 @@ class Batcher:
         if error is None:
             return
         if not ticket.started:  # dropped by the pool before it ran
-            with self._lock:
-                if ticket.urgent:
-                    self._urgent_taking = False
-                else:
+            if not ticket.urgent:
+                with self._lock:
                     self._pending -= 1
             if isinstance(error, ShuttingDown):
                 self._fail_queued(error)

@@ -383,12 +383,6 @@ class UrgencyQueue(Generic[T]):
         """Whether an item of class `priority` or more urgent is queued."""
         return any(self._classes[: priority + 1])
 
-    def cost_of(self, classes: tuple[Priority, Priority]) -> float:
-        """The summed cost of the items of the `classes` range (most urgent, least urgent); O(n)
-        in those items."""
-        lo, hi = classes
-        return sum(e[2] for lst in self._classes[lo : hi + 1] for e in lst)
-
     def top_priority(self) -> Priority | None:
         """The most urgent class holding an item, None when empty."""
         for cls, lst in enumerate(self._classes):

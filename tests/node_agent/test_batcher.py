@@ -748,6 +748,49 @@ def test_the_urgent_lane_never_runs_a_regular_ticket() -> None:
     assert module.batches == [[9], [1]]
 
 
+def test_with_a_lane_a_regular_worker_runs_queued_urgent_pieces_in_a_batch_of_their_own() -> None:
+    """While the lane is busy (its urgent batch runs), urgent requests that queue up are run by
+    the regular worker next, in a batch of their own: never mixed into a normal batch, and
+    without waiting for the lane."""
+    module = Tagged()
+    started = {1: threading.Event(), 9: threading.Event()}
+    release = {1: threading.Event(), 9: threading.Event()}
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        tag = int(x[0, 0])
+        if tag in started and not started[tag].is_set():
+            started[tag].set()
+            assert release[tag].wait(10)
+        return original(x)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+    async def until(event: threading.Event) -> None:
+        while not event.is_set():
+            await asyncio.sleep(0.001)
+
+    async def main() -> None:
+        batcher, pool = make(module, batch=4)
+        first = batcher.submit({"x": rows_for(1)}, 1)
+        await until(started[1])  # the regular worker is inside a normal batch
+        lane = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
+        await until(started[9])  # and the lane inside an urgent one
+        normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (2, 3)]
+        urgent = [batcher.submit({"x": rows_for(t)}, 1, priority=P.HIGH) for t in (8, 7)]
+        await settle()
+        release[1].set()
+        outs = await asyncio.wait_for(asyncio.gather(*urgent, *normal, first), 5)  # lane still blocked
+        assert [o["y"][0, 0] for o in outs] == [8, 7, 2, 3, 1] and not lane.done()
+        release[9].set()
+        assert (await lane)["y"][0, 0] == 9
+        await batcher.stop()
+        pool.stop()
+
+    run(main())
+    assert module.batches == [[1], [8, 7], [2, 3], [9]]
+
+
 def test_an_urgent_request_does_not_wait_for_the_batch_window() -> None:
     """A normal request waits for its window to close (to batch with later arrivals); a HIGH
     one that arrives meanwhile is run at once. Without an urgent lane it waits like the rest."""
