@@ -342,7 +342,7 @@ class _Ticket:
                     b._pending -= 1
                 self.started = True
             elif self.urgent:
-                if not b._urgent_queued_locked():
+                if not queue.holds_up_to(URGENT):
                     return None
             elif not b._due_locked(start, size):
                 return None
@@ -633,7 +633,7 @@ class Batcher:
         self.submitted += 1
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
-        if priority <= URGENT and self._urgent_lane and not self._urgent_out and not self._stopping:
+        if priority <= URGENT and self._urgent_lane and not self._urgent_out:
             self._issue(priority, urgent=True)
         if self._out - self._urgent_out < self._depth:  # (else a finishing ticket's drain dispatches)
             self._dispatch()
@@ -702,10 +702,6 @@ class Batcher:
                 top = _LEAST_URGENT_REGULAR  # a regular one on the lane would hold it for normal work
             self._issue(top)
 
-    def _urgent_queued_locked(self) -> bool:
-        top = self._queue.top_priority()
-        return top is not None and top <= URGENT
-
     def _due_locked(self, now: float, size: int) -> bool:
         """Whether a batch is due (under `_lock`): rows not claimed by tickets waiting to
         start fill a batch of `size`, or some are queued and the batch window has closed."""
@@ -725,7 +721,7 @@ class Batcher:
         self._out += 1
         if urgent:
             self._urgent_out += 1
-        if not urgent:
+        else:
             with self._lock:
                 self._pending += 1
         self._idle.clear()

@@ -71,10 +71,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         metavar="N",
-        default=_int_env("EDGEFLEET_WORKERS"),
+        default=_env_number("EDGEFLEET_WORKERS", int),
         help="stream pool workers (default: 1 on CPU, 2 on CUDA)",
     )
-    urgent = _int_env("EDGEFLEET_URGENT_WORKERS")
+    urgent = _env_number("EDGEFLEET_URGENT_WORKERS", int)
     parser.add_argument(
         "--urgent-workers",
         type=int,
@@ -129,7 +129,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "--thermal-soft-limit",
         type=float,
         metavar="CELSIUS",
-        default=_float_env("EDGEFLEET_THERMAL_SOFT_LIMIT_C"),
+        default=_env_number("EDGEFLEET_THERMAL_SOFT_LIMIT_C", float),
         help="temperature where the agent starts lowering concurrency and batch sizes "
         "(default: --thermal-soft-margin below the hardware slowdown the sensor "
         "reports, else 75)",
@@ -138,7 +138,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "--thermal-soft-margin",
         type=float,
         metavar="CELSIUS",
-        default=_float_env("EDGEFLEET_THERMAL_SOFT_MARGIN_C"),
+        default=_env_number("EDGEFLEET_THERMAL_SOFT_MARGIN_C", float),
         help="degrees below the hardware slowdown temperature where mitigation starts (default 8)",
     )
     _edge_node_args(
@@ -147,14 +147,6 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
             "follow an EdgeNode's spec from the cluster and report its status (operator_link)",
         )
     )
-
-
-def _float_env(name: str) -> float | None:
-    return _env_number(name, float)
-
-
-def _int_env(name: str) -> int | None:
-    return _env_number(name, int)
 
 
 def _env_number(name: str, kind: type[N]) -> N | None:

@@ -675,7 +675,7 @@ class StreamPool:
             with self._lock:
                 if urgent:
                     self._urgent_idle += 1
-                    while not self._stopping and not self._urgent_queued():
+                    while not self._stopping and not queue.holds_up_to(URGENT):
                         self._urgent_work.wait()
                     self._urgent_idle -= 1
                 else:
@@ -686,17 +686,13 @@ class StreamPool:
                 if self._stopping:
                     return
                 expired = queue.pop_expired(self._clock())
-                job = queue.pop() if not urgent or self._urgent_queued() else None
+                job = queue.pop() if not urgent or queue.holds_up_to(URGENT) else None
                 self.expired += len(expired)
                 if job is not None:
                     self._busy += 1
             self._fail(expired, DeadlineExceeded, "job expired before a worker was free")
             if job is not None:
                 self._run(job, stream)
-
-    def _urgent_queued(self) -> bool:
-        top = self._queue.top_priority()
-        return top is not None and top <= URGENT
 
     def _run(self, job: _Job, stream: torch.cuda.Stream | None) -> None:
         step = self._step

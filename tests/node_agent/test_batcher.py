@@ -125,9 +125,14 @@ async def block_worker(pool: StreamPool) -> threading.Event:
         release.wait(20)
 
     pool.submit(gate, lambda r, e: None, priority=Priority.NORMAL)  # not the urgent lane
-    while not started.is_set():
-        await asyncio.sleep(0.001)
+    await wait_set(started)
     return release
+
+
+async def wait_set(event: threading.Event) -> None:
+    """Wait, without blocking the loop, until a worker thread sets `event`."""
+    while not event.is_set():
+        await asyncio.sleep(0.001)
 
 
 async def settle() -> None:
@@ -456,8 +461,7 @@ def test_stop_fails_queued_callers_and_lets_running_batches_finish() -> None:
         module.forward = slow_first  # type: ignore[method-assign]
         running = batcher.submit({"x": rows_for(1)}, 1)
         queued = [batcher.submit({"x": rows_for(t)}, 1) for t in (2, 3)]
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await wait_set(started)
         stopping = asyncio.ensure_future(batcher.stop())
         await settle()
         for f in queued:
@@ -670,8 +674,7 @@ def test_a_ticket_runs_due_batches_back_to_back_under_one_lease() -> None:
         normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5, 6)]
         await settle()
         gate.set()
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await wait_set(started)
         high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
         release.set()
         outs = await asyncio.gather(high, *normal)
@@ -700,8 +703,7 @@ def test_an_urgent_request_runs_on_the_urgent_lane_while_a_normal_batch_runs() -
         batcher = Batcher("lane", pool, acquire, StaticPolicy(2, 0.0, 100), BatcherSettings(2),
                           acquire_urgent=urgent_acquire)  # fmt: skip
         normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5)]
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await wait_set(started)
         high = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
         out = await asyncio.wait_for(high, 5)  # while the first normal batch is still running
         assert out["y"][0, 0] == 9 and not any(f.done() for f in normal)
@@ -766,16 +768,12 @@ def test_with_a_lane_a_regular_worker_runs_queued_urgent_pieces_in_a_batch_of_th
 
     module.forward = forward  # type: ignore[method-assign]
 
-    async def until(event: threading.Event) -> None:
-        while not event.is_set():
-            await asyncio.sleep(0.001)
-
     async def main() -> None:
         batcher, pool = make(module, batch=4)
         first = batcher.submit({"x": rows_for(1)}, 1)
-        await until(started[1])  # the regular worker is inside a normal batch
+        await wait_set(started[1])  # the regular worker is inside a normal batch
         lane = batcher.submit({"x": rows_for(9)}, 1, priority=P.HIGH)
-        await until(started[9])  # and the lane inside an urgent one
+        await wait_set(started[9])  # and the lane inside an urgent one
         normal = [batcher.submit({"x": rows_for(t)}, 1) for t in (2, 3)]
         urgent = [batcher.submit({"x": rows_for(t)}, 1, priority=P.HIGH) for t in (8, 7)]
         await settle()
@@ -834,8 +832,7 @@ def test_a_lease_without_may_continue_serves_one_batch() -> None:
         futures = [batcher.submit({"x": rows_for(t)}, 1) for t in (1, 2, 3, 4, 5, 6)]
         await settle()
         gate.set()
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await wait_set(started)
         release.set()
         await asyncio.gather(*futures)
         await batcher.stop()
@@ -877,8 +874,7 @@ def test_a_ticket_yields_the_worker_to_another_model_between_batches() -> None:
         queued = [a.submit({"x": rows_for(t)}, 1) for t in range(1, 7)]
         await settle()
         gate.set()
-        while not started.is_set():
-            await asyncio.sleep(0.001)
+        await wait_set(started)
         await settle()
         late = b.submit({"x": rows_for(9)}, 1)
         await settle()
