@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ReplayResult, example_repo, fmt_ms, poisson_trace, quick, replay
+from bench.common import ReplayResult, RepositoryView, example_repo, fmt_ms, poisson_trace, quick, replay
 from bench.report import table, write_section
 from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
 from node_agent.engine import Engine
@@ -37,7 +37,6 @@ from node_agent.errors import Overloaded
 from node_agent.repository import ModelRepository
 from node_agent.scheduler import ModelScheduler
 from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelConfig
 
 WARMUP_S = 1.0
 MAX_OPEN_LOOP_RATE = 2500.0
@@ -60,19 +59,6 @@ CASES = (
 )
 
 
-class SlaRepository:
-    """The example repository, with the benchmark's SLA and max batch on one model."""
-
-    def __init__(self, repo: ModelRepository, case: Case) -> None:
-        self.repo, self.case = repo, case
-
-    def config(self, name: str, version: str | None = None) -> ModelConfig:
-        config = self.repo.config(name, version)
-        if name != self.case.model:
-            return config
-        return dataclasses.replace(config, p99_latency_s=self.case.slo_s, max_batch_size=self.case.max_batch)
-
-
 async def closed_loop_capacity(engine: Engine, case: Case, seconds: float) -> float:
     """Requests/s with 64 clients always waiting (1 row each)."""
     x = np.random.default_rng(0).standard_normal((1, *case.row_shape)).astype(np.float32)
@@ -93,7 +79,7 @@ async def closed_loop_capacity(engine: Engine, case: Case, seconds: float) -> fl
 
 
 async def run_config(
-    repo: SlaRepository, scheduler: ModelScheduler, pool: StreamPool, case: Case,
+    repo: RepositoryView, scheduler: ModelScheduler, pool: StreamPool, case: Case,
     policy: BatchingPolicy | None, arrivals: list[float], payloads: list[np.ndarray],
 ) -> ReplayResult:  # fmt: skip
     factory = (lambda cfg: policy) if policy is not None else None
@@ -120,9 +106,10 @@ def static(case: Case, batch: int, delay_s: float) -> StaticPolicy:
 
 async def bench_case(case: Case, q: bool) -> tuple[list[list[object]], str]:
     root = example_repo()
-    repo = SlaRepository(ModelRepository(root), case)
+    sla = {"p99_latency_s": case.slo_s, "max_batch_size": case.max_batch}
+    repo = RepositoryView(ModelRepository(root), case.model, **sla)
     pool = StreamPool(PoolSettings(num_workers=1)).start()
-    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.repo.load(cfg, "cpu"))
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
     cal_s = 0.5 if q else 3.0
     cfg = repo.config(case.model, "1")
 

@@ -7,6 +7,7 @@ with these helpers and report what they saw.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import math
 import os
@@ -15,9 +16,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from node_agent.backends.base import Backend
+    from node_agent.repository import ModelRepository
+    from node_agent.types import ModelConfig
 
 
 def quick() -> bool:
@@ -151,6 +157,21 @@ async def _replay(
     while tasks:
         await asyncio.wait(list(tasks))
     result.duration_s = max(time.monotonic() - start, arrivals[-1] if arrivals else 0.0)
+
+
+class RepositoryView:
+    """A model repository whose configs of `model` have `changes` applied (an SLA, a batch
+    size, `parameters`), as if its model.yaml said so; everything else as stored."""
+
+    def __init__(self, repo: ModelRepository, model: str, **changes: Any) -> None:
+        self.repo, self.model, self.changes = repo, model, changes
+
+    def config(self, name: str, version: str | None = None) -> ModelConfig:
+        config = self.repo.config(name, version)
+        return dataclasses.replace(config, **self.changes) if name == self.model else config
+
+    def load(self, config: ModelConfig, device: str) -> Backend:
+        return self.repo.load(config, device)
 
 
 def example_repo() -> Path:

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 
 from bench.adaptive_batching import closed_loop_capacity
-from bench.common import ReplayResult, example_repo, fmt_ms, poisson_trace, quick, replay
+from bench.common import ReplayResult, RepositoryView, example_repo, fmt_ms, poisson_trace, quick, replay
 from bench.report import table, write_section
 from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
 from node_agent.engine import Engine
 from node_agent.repository import ModelRepository
 from node_agent.scheduler import ModelScheduler
 from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelConfig, Priority
+from node_agent.types import Priority
 
 MODEL = "classifier"
 SLO_S = 0.15
@@ -54,15 +54,6 @@ class _Case:
     model: str = MODEL
     input_name: str = "image"
     row_shape: tuple[int, ...] = (3, 64, 64)
-
-
-class SlaRepository:
-    def __init__(self, repo: ModelRepository) -> None:
-        self.repo = repo
-
-    def config(self, name: str, version: str | None = None) -> ModelConfig:
-        config = self.repo.config(name, version)
-        return dataclasses.replace(config, p99_latency_s=SLO_S) if name == MODEL else config
 
 
 async def run_trace(
@@ -100,13 +91,13 @@ async def main() -> None:
     seconds = 0.8 if q else 3.0
     cal_s = 0.6 if q else 3.0
     rounds = 1 if q else ROUNDS
-    repo = SlaRepository(ModelRepository(example_repo()))
+    repo = RepositoryView(ModelRepository(example_repo()), MODEL, p99_latency_s=SLO_S)
     pools = {  # the same engine on a pool with its urgent lane (the default) and without one
         "engine": StreamPool(PoolSettings(num_workers=1)).start(),
         "engine, no urgent lane": StreamPool(PoolSettings(num_workers=1, urgent_workers=0)).start(),
     }
     pool = pools["engine"]
-    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.repo.load(cfg, "cpu"))
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
     config = repo.config(MODEL, "1")
 
     def engine_with(policy: BatchingPolicy, on: StreamPool = pool) -> Engine:

@@ -256,7 +256,7 @@ class _Batch:
     `pieces[i]`'s outcome is `outcomes[i]`: its outputs, an error, or `_SKIPPED`; `expired`
     pieces were found past their deadline when the batch was taken (never run)."""
 
-    __slots__ = ("expired", "live", "outcomes", "pieces", "rows", "service_s")
+    __slots__ = ("expired", "inputs", "live", "outcomes", "pieces", "rows", "service_s")
 
     def __init__(self, pieces: list[_Piece], expired: list[_Piece], outcomes: list[Any], live: int) -> None:
         self.pieces = pieces
@@ -264,9 +264,12 @@ class _Batch:
         self.outcomes = outcomes
         self.live = live
         """Members to run: `pieces[:live]`; the rest were doomed (their deadline)."""
+        self.inputs: Arrays = {}
+        """The live members' inputs, concatenated (`_assemble`)."""
         self.rows = 0
         """Rows that ran in one successful call of the model (0: none, or it raised)."""
         self.service_s = 0.0
+        """Assembly, the model call and splitting: the batch's cost on its worker."""
 
 
 class _Ticket:
@@ -311,7 +314,7 @@ class _Ticket:
             nxt = self._take(first=False)  # (now `current`: the batch a raise would fail)
             if nxt is None:  # the last: posted with the job's end, so its callers hear of
                 return batch  # their results no earlier than the lease is released
-            if batch is not None:
+            if batch is not None:  # after the next batch's inputs are assembled: see `_take`
                 b._post(self, batch, None, ends=False)
             batch = nxt
 
@@ -372,7 +375,28 @@ class _Ticket:
             ]
         batch = _Batch(taken, expired, outcomes, live)
         self.current = batch
+        if live:
+            assembling = time.monotonic()
+            try:
+                self._assemble(batch)
+            except Exception as exc:  # members that cannot be concatenated: they fail, not the job
+                err = b.failure(exc)
+                outcomes[:live] = [err] * live
+                batch.live = 0
+            batch.service_s = time.monotonic() - assembling
         return batch
+
+    @staticmethod
+    def _assemble(batch: _Batch) -> None:
+        """Concatenate the live members' inputs. Done as the batch is taken, before the
+        batch before it is posted to the loop: the copies release the GIL (numpy does, per
+        member), and once posted, the loop, busy with that batch's callers, would hold the
+        GIL at each of them; after the post the worker releases it next in the model call."""
+        pieces = batch.pieces[: batch.live]
+        if len(pieces) == 1:
+            batch.inputs = pieces[0].inputs
+        else:
+            batch.inputs = {n: np.concatenate([p.inputs[n] for p in pieces]) for n in pieces[0].inputs}
 
     def _run_batch(self, batch: _Batch, stream: Any) -> None:
         """Run the live pieces of `batch`; outcomes land on it; the policy is fed."""
@@ -385,9 +409,9 @@ class _Ticket:
         if live:
             self._run_live(batch, live, stream)
         end = time.monotonic()
-        # the whole batch, splitting included: per-batch overhead is a fixed cost the
-        # planner must see (with it, batch 1 is rarely the throughput knee)
-        batch.service_s = end - start
+        # the whole batch, assembly and splitting included: per-batch overhead is a fixed
+        # cost the planner must see (with it, batch 1 is rarely the throughput knee)
+        batch.service_s += end - start
         if batch.rows:  # feed the policy here, so the very next batch already adapts
             # (rows > 0: the batch ran in one call, so every live member has its outputs)
             latencies = [end - pieces[i].request.arrival_s for i in range(live)]
@@ -403,12 +427,8 @@ class _Ticket:
         outcomes = batch.outcomes
         pieces = batch.pieces[:n] if n < len(batch.pieces) else batch.pieces
         live = range(n)
-        if len(pieces) == 1:
-            rows = pieces[0].rows
-            inputs = pieces[0].inputs
-        else:
-            rows = sum(p.rows for p in pieces)
-            inputs = {n: np.concatenate([p.inputs[n] for p in pieces]) for n in pieces[0].inputs}
+        rows = pieces[0].rows if len(pieces) == 1 else sum(p.rows for p in pieces)
+        inputs = batch.inputs
         try:
             outputs = _call(backend, inputs, rows, b.device, stream, bf16)
         except Exception as exc:

@@ -9,12 +9,20 @@ Errors from `run`: wrong input names -> `InvalidInput`; anything the model raise
 (`torch.cuda.OutOfMemoryError`), which propagates unchanged so the caller can treat it
 as a capacity problem; after `unload` -> `ShuttingDown`.
 
+Optimized at load (model.yaml `parameters.optimize`, default true): the module is frozen
+(`torch.jit.freeze`: weights become constants, conv + batch-norm folded, dead code and
+dropout removed) and, on CPU, `torch.jit.optimize_for_inference` runs too (oneDNN/MKLDNN
+convolutions on pre-packed weights: ~1.2-1.8x a small CNN's speed at batch 1, ~2.5-2.8x at
+batch 16, outputs equal to ~1e-7 relative). On CUDA only the freeze is applied. A module that
+cannot be frozen or optimized is served as loaded (logged once); `optimize: false` skips both.
+
 Measured memory (`memory_bytes`), taken once at load:
 - CUDA: the caching allocator's peak `torch.cuda.max_memory_allocated(device)` during
   load plus one warm-up batch at `max_batch_size`, minus `memory_allocated` before the load;
   i.e. weights + the activations of a full batch. (It resets the device's peak statistic;
   a concurrent allocation by another thread on the same device would be counted too.)
-- CPU: bytes of the module's parameters and buffers (deduplicated by storage) plus the
+- CPU: bytes of the archive's parameters and buffers (deduplicated by storage; the optimized
+  module holds the same weights, repacked) plus the
   growth of the process's resident set size (/proc/self/statm) across one warm-up batch at
   `max_batch_size`, measured while its outputs are still alive. The RSS part is a lower
   bound of the activation memory (the C allocator reuses freed memory) and is noisy when
@@ -96,15 +104,23 @@ def rss_bytes() -> int:
 class TorchScriptBackend(Backend):
     """One TorchScript model on one device. `run` is safe to call from several threads."""
 
-    def __init__(self, config: ModelConfig, module: torch.jit.ScriptModule, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        module: torch.jit.ScriptModule,
+        device: torch.device,
+        param_bytes: int | None = None,
+    ) -> None:
         self.config = config
         self.device = device
         self._module: torch.jit.ScriptModule | None = module
         self._input_names = tuple(s.name for s in config.inputs)
         self._output_names = tuple(s.name for s in config.outputs)
         self._lock = threading.Lock()
-        self.param_bytes = tensor_bytes([*module.parameters(), *module.buffers()])
-        """Exact bytes of parameters and buffers."""
+        if param_bytes is None:
+            param_bytes = tensor_bytes([*module.parameters(), *module.buffers()])
+        self.param_bytes = param_bytes
+        """Bytes of parameters and buffers (of the module as loaded: a frozen one has none)."""
         self.warmup_bytes = 0
         """Measured memory of one warm-up batch at max_batch_size (see module docstring)."""
         self.warmup_error: str | None = None
@@ -136,7 +152,10 @@ class TorchScriptBackend(Backend):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InvalidModel(f"{config.id}: {path} is not a TorchScript archive: {first}") from e
         module.eval()
-        backend = cls(config, module, dev)
+        param_bytes = tensor_bytes([*module.parameters(), *module.buffers()])
+        if optimize_requested(config):
+            module = optimized(module, dev, str(config.id))
+        backend = cls(config, module, dev, param_bytes)
         if dev.type == "cuda":
             backend._warm_up()
             torch.cuda.synchronize(dev)
@@ -200,7 +219,10 @@ class TorchScriptBackend(Backend):
             if cuda and stream is not None:
                 # inputs may have been produced on the default stream
                 stream.wait_stream(torch.cuda.default_stream(self.device))
-            args = [inputs[n].to(self.device, non_blocking=True) for n in self._input_names]
+            # (`.to` releases the GIL even when it has nothing to do: skip it then)
+            dev = self.device
+            args = [inputs[n] for n in self._input_names]
+            args = [t if t.device == dev else t.to(dev, non_blocking=True) for t in args]
             try:
                 result = module(*args)
             except torch.cuda.OutOfMemoryError:
@@ -245,6 +267,32 @@ class TorchScriptBackend(Backend):
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
         log.debug("unloaded %s", self.config.id)
+
+
+OPTIMIZE_PARAMETER = "optimize"
+
+
+def optimize_requested(config: ModelConfig) -> bool:
+    """model.yaml `parameters.optimize`: true (default) or false; `InvalidModel` otherwise."""
+    raw = config.parameters.get(OPTIMIZE_PARAMETER, "true")
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidModel(f"{config.id}: parameters.{OPTIMIZE_PARAMETER} must be true or false, got {raw!r}")
+    return value == "true"
+
+
+def optimized(module: torch.jit.ScriptModule, device: torch.device, model_id: str) -> torch.jit.ScriptModule:
+    """`module` frozen, and on CPU optimized for inference; `module` itself when that fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+            frozen = torch.jit.freeze(module)
+            if device.type == "cpu":
+                frozen = torch.jit.optimize_for_inference(frozen)
+    except Exception as e:  # TorchScript passes raise RuntimeError and others alike
+        log.warning("%s: served as loaded: freezing/optimizing it failed: %s", model_id, short_message(e))
+        return module
+    return frozen
 
 
 def short_message(e: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from node_agent.backends import FORMATS, backend_for
-from node_agent.backends.torchscript import TorchScriptBackend, short_message
+from node_agent.backends.torchscript import TorchScriptBackend, optimized, short_message
 from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
 from node_agent.examples import EXAMPLES, Example, build_module
 from node_agent.repository import ModelRepository, sha256_file, write_model_config
@@ -112,6 +113,39 @@ def test_measured_memory_covers_the_parameters(
     assert backend.param_bytes == param_bytes
     assert backend.memory_bytes >= param_bytes
     assert backend.memory_bytes == backend.param_bytes + backend.warmup_bytes
+
+
+def _ops(backend: TorchScriptBackend) -> set[str]:
+    """The operators in the graph of the module the backend runs."""
+    return set(re.findall(r"(?:aten|prim)::\w+", str(backend._module.graph)))  # type: ignore[union-attr]
+
+
+def test_models_are_frozen_and_optimized_for_the_cpu_at_load(
+    repo: ModelRepository, loaded: dict[str, TorchScriptBackend], tmp_path: Path
+) -> None:
+    backend = loaded["classifier:1"]
+    assert not list(backend._module.parameters())  # type: ignore[union-attr]  # frozen: constants
+    assert {"prim::mkldnn_convolution", "prim::ConstantMKLDNNTensor"} <= _ops(backend)
+    assert "prim::CallMethod" not in _ops(backend)  # submodules inlined
+
+    # parameters.optimize: false serves the module as loaded, with the same results
+    config = dataclasses.replace(backend.config, parameters={"optimize": "False"})
+    plain = TorchScriptBackend.load(config, repo.version_dir(config.id), "cpu")
+    assert "prim::CallMethod" in _ops(plain) and not any("mkldnn" in op for op in _ops(plain))
+    assert plain.param_bytes == backend.param_bytes
+    image = _inputs(config, 5)
+    torch.testing.assert_close(plain.run(image)["logits"], backend.run(image)["logits"])
+
+    bad = dataclasses.replace(config, parameters={"optimize": "sometimes"})
+    with pytest.raises(InvalidModel, match=r"parameters.optimize must be true or false, got 'sometimes'"):
+        TorchScriptBackend.load(bad, repo.version_dir(config.id), "cpu")
+
+
+def test_a_module_that_cannot_be_frozen_is_served_as_loaded(caplog: pytest.LogCaptureFixture) -> None:
+    module = torch.jit.script(_Pair()).train()  # freezing needs eval mode: it raises
+    with caplog.at_level("WARNING", logger="node_agent.backends.torchscript"):
+        assert optimized(module, torch.device("cpu"), "pair:1") is module
+    assert "pair:1: served as loaded: freezing/optimizing it failed" in caplog.text
 
 
 def test_wrong_input_names_are_invalid_input(loaded: dict[str, TorchScriptBackend]) -> None:
