@@ -78,7 +78,7 @@ async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object
     await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
     bare, served, batches, bare_cpu, served_cpu = [], [], [], [], []
     for _ in range(rounds):  # alternating rounds
-        # the bare loop runs on a pool-like thread setting: same torch.get_num_threads()
+        # the bare loop sets the pool's torch thread count on its own thread
         rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, seconds, threads)
         bare.append(rows_s)
         bare_cpu.append(rows_cpu_s)

@@ -653,9 +653,8 @@ class Batcher:
         self.submitted += 1
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
-        if priority <= URGENT and self._urgent_lane and not self._urgent_out:
-            self._issue(priority, urgent=True)
-        if self._out - self._urgent_out < self._depth:  # (else a finishing ticket's drain dispatches)
+        # (with the pipeline full, a finishing ticket's drain dispatches regular work)
+        if priority <= URGENT or self._out - self._urgent_out < self._depth:
             self._dispatch()
         return future
 

@@ -26,7 +26,6 @@ built from plain layers (`Conv3x3`, `Dense`) that have none and share one script
 from __future__ import annotations
 
 import io
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node_agent.backends.torchscript import jit_deprecations_silenced
 from node_agent.repository import sha256_file, write_model_config
 from node_agent.types import ModelConfig, Priority, TensorSpec
 
@@ -282,8 +282,7 @@ def write_example(root: Path, example: Example) -> ModelConfig:
     module = build_module(example)
     sample = tuple(torch.zeros((1, *spec.shape), dtype=torch.float32) for spec in example.inputs)
     estimate = estimate_memory_bytes(module, sample, example.max_batch_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+    with jit_deprecations_silenced():
         scripted = torch.jit.script(module)
         archive = _stable_archive(scripted)
     version_dir = Path(root) / example.name / example.version

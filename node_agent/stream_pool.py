@@ -177,6 +177,16 @@ class UrgencyQueue(Generic[T]):
         """`offer` of a single item (the common case, without building sequences)."""
         if self.cost + cost > self.bound:
             return self.offer((item,), (cost,), priority, deadline_s, now_s)
+        self._insert_one(item, cost, priority, deadline_s)
+        return _ADMITTED
+
+    def _insert(
+        self, items: Sequence[T], costs: Sequence[float], priority: Priority, deadline_s: float | None
+    ) -> None:
+        for item, cost in zip(items, costs, strict=True):
+            self._insert_one(item, cost, priority, deadline_s)
+
+    def _insert_one(self, item: T, cost: float, priority: Priority, deadline_s: float | None) -> None:
         deadline = _INF if deadline_s is None else deadline_s
         lst = self._classes[priority]
         self._seq += 1
@@ -186,23 +196,6 @@ class UrgencyQueue(Generic[T]):
         else:
             bisect.insort(lst, entry)
         self.cost += cost
-        return _ADMITTED
-
-    def _insert(
-        self, items: Sequence[T], costs: Sequence[float], priority: Priority, deadline_s: float | None
-    ) -> None:
-        deadline = _INF if deadline_s is None else deadline_s
-        lst = self._classes[priority]
-        seq = self._seq
-        for item, cost in zip(items, costs, strict=True):
-            seq += 1
-            entry = (deadline, seq, float(cost), item)
-            if not lst or lst[-1][0] <= deadline:  # (seq only grows: it sorts last)
-                lst.append(entry)
-            else:
-                bisect.insort(lst, entry)
-            self.cost += cost
-        self._seq = seq
 
     def _least_urgent_below(self, priority: Priority, excess: float) -> list[T] | None:
         """Remove least urgent items of classes below `priority` until `excess` is freed.
@@ -268,7 +261,8 @@ class UrgencyQueue(Generic[T]):
         """
         lo, hi = classes
         lists = self._classes if lo == 0 and hi == _NUM_CLASSES - 1 else self._classes[lo : hi + 1]
-        if self._group_of is None:
+        group_of = self._group_of
+        if group_of is None:
             return self._take_any(lists, max_cost, alive, first_alone)
         taken: list[T] = []
         total = 0.0
@@ -283,15 +277,14 @@ class UrgencyQueue(Generic[T]):
                     self.cost -= cost
                     i += 1
                     continue
-                if self._group_of is not None:
-                    g = self._group_of(item)
-                    if group is not ANY_GROUP and g != group:
-                        if keep is None:
-                            keep = []
-                        keep.append(entry)
-                        i += 1
-                        continue
-                    group = g
+                g = group_of(item)
+                if group is not ANY_GROUP and g != group:
+                    if keep is None:
+                        keep = []
+                    keep.append(entry)
+                    i += 1
+                    continue
+                group = g
                 if total + cost > max_cost and (taken or not first_alone):
                     stop = True
                     break

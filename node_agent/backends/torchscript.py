@@ -40,6 +40,7 @@ import re
 import resource
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,7 @@ class TorchScriptBackend(Backend):
         config: ModelConfig,
         module: torch.jit.ScriptModule,
         device: torch.device,
-        param_bytes: int | None = None,
+        param_bytes: int,
     ) -> None:
         self.config = config
         self.device = device
@@ -117,8 +118,6 @@ class TorchScriptBackend(Backend):
         self._input_names = tuple(s.name for s in config.inputs)
         self._output_names = tuple(s.name for s in config.outputs)
         self._lock = threading.Lock()
-        if param_bytes is None:
-            param_bytes = tensor_bytes([*module.parameters(), *module.buffers()])
         self.param_bytes = param_bytes
         """Bytes of parameters and buffers (of the module as loaded: a frozen one has none)."""
         self.warmup_bytes = 0
@@ -143,8 +142,7 @@ class TorchScriptBackend(Backend):
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+            with jit_deprecations_silenced():
                 module = torch.jit.load(str(path), map_location=dev)
         except FileNotFoundError:
             raise InvalidModel(f"{config.id}: artifact {path} is missing") from None
@@ -269,13 +267,22 @@ class TorchScriptBackend(Backend):
         log.debug("unloaded %s", self.config.id)
 
 
+@contextlib.contextmanager
+def jit_deprecations_silenced() -> Iterator[None]:
+    """torch.jit's FutureWarnings ("deprecated, use torch.export / torch.compile") silenced:
+    TorchScript is the format this backend serves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+        yield
+
+
 OPTIMIZE_PARAMETER = "optimize"
 
 
 def optimize_requested(config: ModelConfig) -> bool:
     """model.yaml `parameters.optimize`: true (default) or false; `InvalidModel` otherwise."""
     raw = config.parameters.get(OPTIMIZE_PARAMETER, "true")
-    value = str(raw).strip().lower()
+    value = raw.strip().lower()
     if value not in ("true", "false"):
         raise InvalidModel(f"{config.id}: parameters.{OPTIMIZE_PARAMETER} must be true or false, got {raw!r}")
     return value == "true"
@@ -284,8 +291,7 @@ def optimize_requested(config: ModelConfig) -> bool:
 def optimized(module: torch.jit.ScriptModule, device: torch.device, model_id: str) -> torch.jit.ScriptModule:
     """`module` frozen, and on CPU optimized for inference; `module` itself when that fails."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+        with jit_deprecations_silenced():
             frozen = torch.jit.freeze(module)
             if device.type == "cpu":
                 frozen = torch.jit.optimize_for_inference(frozen)
