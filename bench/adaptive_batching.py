@@ -28,8 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from bench.common import ReplayResult, RepositoryView, example_repo, fmt_ms, poisson_trace, quick, replay
+from bench.common import (
+    ReplayResult,
+    RepositoryView,
+    bare_rows_per_s,
+    example_repo,
+    fmt_ms,
+    poisson_trace,
+    quick,
+    replay,
+)
 from bench.report import table, write_section
 from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
 from node_agent.engine import Engine
@@ -76,6 +86,24 @@ async def closed_loop_capacity(engine: Engine, case: Case, seconds: float) -> fl
     t0 = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(64)])
     return done[0] / (time.perf_counter() - t0)
+
+
+async def model_batching_gain(scheduler: ModelScheduler, cfg: Any, case: Case, seconds: float) -> float:
+    """The bare model's rows/s at its max batch over its rows/s at batch 1 (the backend's
+    `run` in a loop, on a worker thread, with the pool's torch threads): the most any
+    batching can gain for this model on this machine, engine costs aside."""
+    lease = await scheduler.acquire(cfg)
+    threads = torch.get_num_threads()  # (the pool set it at start)
+    rng = np.random.default_rng(0)
+    rates = []
+    try:
+        for batch in (1, case.max_batch, 1, case.max_batch):  # alternating
+            x = {case.input_name: rng.standard_normal((batch, *case.row_shape)).astype(np.float32)}
+            rows_s, _ = await asyncio.to_thread(bare_rows_per_s, lease.backend, x, seconds / 4, threads)
+            rates.append(rows_s)
+    finally:
+        lease.release()
+    return max(rates[1::2]) / max(rates[0::2])
 
 
 async def run_config(
@@ -125,6 +153,7 @@ async def bench_case(case: Case, q: bool) -> tuple[list[list[object]], str]:
         unbatched.append(await capacity(static(case, 1, 0.0)))
         adaptive_cap.append(await capacity(policy_for(cfg, workers=pool.num_workers)))
     unbatched_rps, adaptive_rps = max(unbatched), max(adaptive_cap)
+    own_gain = await model_batching_gain(scheduler, cfg, case, cal_s)
     rate = min(0.7 * adaptive_rps, MAX_OPEN_LOOP_RATE)
     duration = WARMUP_S + (0.7 if q else 3.0)
     arrivals = poisson_trace(rate, duration, seed=42)
@@ -163,7 +192,9 @@ async def bench_case(case: Case, q: bool) -> tuple[list[list[object]], str]:
     summary = (
         f"**{case.model}** (p99 SLO {fmt_ms(case.slo_s)}, max batch {case.max_batch}). "
         f"Saturation, adaptive vs no batching: {adaptive_rps:.0f} vs {unbatched_rps:.0f} "
-        f"req/s = **{adaptive_rps / unbatched_rps:.2f}x** (goal >= 3x). "
+        f"req/s = **{adaptive_rps / unbatched_rps:.2f}x** (goal >= 3x); the bare model alone "
+        f"runs {own_gain:.2f}x the rows/s at batch {case.max_batch} as at batch 1 (what batching "
+        "can gain for this model here, engine costs aside). "
         f"Trace: Poisson {rate:.0f} req/s for {duration - WARMUP_S:.0f} s "
         f"(+{WARMUP_S:.0f} s warm-up); the adaptive batcher ended at batch "
         f"{final.batch_size}, delay {fmt_ms(final.delay_s)}, queue bound "

@@ -192,5 +192,24 @@ def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
 
 
+def bare_rows_per_s(
+    backend: Any, inputs: dict[str, np.ndarray], seconds: float, threads: int
+) -> tuple[float, float]:
+    """The loaded backend's `run` in a loop on one ready batch, on the calling thread with
+    `threads` torch threads: rows per second of wall time, and per second of this thread's
+    CPU time. Run it on a worker thread, as the pool runs batches."""
+    import torch
+
+    torch.set_num_threads(threads)  # per thread (OpenMP): a reused thread keeps its last setting
+    x = {name: torch.from_numpy(a) for name, a in inputs.items()}
+    batch = len(next(iter(inputs.values())))
+    backend.run(x)
+    rows, t0, cpu0 = 0, time.perf_counter(), time.thread_time()
+    while time.perf_counter() - t0 < seconds:
+        backend.run(x)
+        rows += batch
+    return rows / (time.perf_counter() - t0), rows / (time.thread_time() - cpu0)
+
+
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"

@@ -21,9 +21,7 @@ import os
 import statistics
 import time
 
-import torch
-
-from bench.common import example_repo, images, quick
+from bench.common import bare_rows_per_s, example_repo, images, quick
 from bench.report import table, write_section
 from node_agent.engine import Engine
 from node_agent.repository import ModelRepository
@@ -32,18 +30,6 @@ from node_agent.stream_pool import PoolSettings, StreamPool
 
 BATCH = 16
 CLIENTS = 64
-
-
-def bare_rows_per_s(backend: object, seconds: float, threads: int) -> tuple[float, float]:
-    """Rows per second of wall time, and per second of this thread's CPU time."""
-    torch.set_num_threads(threads)  # per thread (OpenMP): a reused thread keeps its last setting
-    x = {"image": torch.from_numpy(images(BATCH, seed=1))}
-    backend.run(x)  # type: ignore[attr-defined]
-    rows, t0, cpu0 = 0, time.perf_counter(), time.thread_time()
-    while time.perf_counter() - t0 < seconds:
-        backend.run(x)  # type: ignore[attr-defined]
-        rows += BATCH
-    return rows / (time.perf_counter() - t0), rows / (time.thread_time() - cpu0)
 
 
 async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, float]:
@@ -75,11 +61,12 @@ async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object
     await engine.infer("classifier", "1", {"image": images(1, 0)})  # load and warm up
     lease = await scheduler.acquire(repo.config("classifier", "1"))
     backend = lease.backend
+    batch = {"image": images(BATCH, seed=1)}
     await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
     bare, served, batches, bare_cpu, served_cpu = [], [], [], [], []
     for _ in range(rounds):  # alternating rounds
         # the bare loop sets the pool's torch thread count on its own thread
-        rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, seconds, threads)
+        rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, batch, seconds, threads)
         bare.append(rows_s)
         bare_cpu.append(rows_cpu_s)
         wall0, cpu0 = time.perf_counter(), time.process_time()

@@ -16,20 +16,31 @@ Life of a request:
    queue (late binding: a high-priority request that arrived a moment ago goes into
    the very next batch), drops those whose deadline passed or would pass before the
    batch ends (`DeadlineExceeded`, never run), concatenates the rest along dim 0, runs
-   the model, checks the row count and slices each member's own rows back out. When
-   the batch raises and has several members, each member is re-run alone so only the
-   culprit fails (`InferenceFailed`).
-4. The worker feeds the policy (batch rows, service time, latencies), so the next
-   batch already uses the new decision, and posts the batch's outcomes to the loop (one
-   `call_soon_threadsafe` wakes it for every batch posted until it drains them). Then,
-   while another batch is due (step 2's rule), the lease allows it (`may_continue`: the
-   scheduler wants no memory back) and no job of another model waits at the pool
-   (`StreamPool.should_yield`), the same ticket takes and runs the next batch at once:
-   under load a worker goes from batch to batch without a thread hand-off or a lease per
-   batch (the hand-off cost 90-230 us of CPU per batch on a 2-core machine).
-5. On the loop, each posted batch's futures are resolved (chunked requests re-joined);
-   when a ticket ends its lease is released, queued work a shrunk bound no longer
-   covers is shed, and the next ticket is issued.
+   the model and checks the row count. When the batch raises and has several members,
+   each member is re-run alone so only the culprit fails (`InferenceFailed`).
+4. The worker posts the batch to the loop (one `call_soon_threadsafe` wakes it for
+   every batch posted until it drains them). Then, while another batch is due (step 2's
+   rule), the lease allows it (`may_continue`: the scheduler wants no memory back) and
+   no job of another model waits at the pool (`StreamPool.should_yield`), the same
+   ticket takes and runs the next batch at once: under load a worker goes from batch to
+   batch without a thread hand-off or a lease per batch (the hand-off cost 90-230 us of
+   CPU per batch on a 2-core machine).
+5. On the loop, each posted batch feeds the policy (rows, service time, latencies) and
+   its outputs are sliced into each member's own rows and its futures resolved (chunked
+   requests re-joined); when a ticket ends its lease is released, queued work a shrunk
+   bound no longer covers is shed, and the next ticket is issued.
+6. Staging, when the loop has a core the model's threads leave free (`StreamPool.
+   spare_core`: on CUDA, or CPU workers x torch threads < cores) and batches take long
+   enough that the model, not the loop, limits throughput (`BatcherSettings.
+   stage_min_service_s`, 1 ms; below it the loop is the bottleneck): as it drains a batch,
+   which is as the worker starts the next one, the loop takes and concatenates the batch
+   after that if a full one of non-urgent pieces waits (`_stage`), and the worker takes
+   it as is when its batch ends, unless more urgent pieces have queued since (they run
+   first, in a batch of their own) or a member's deadline would now pass (it fails). The
+   worker then runs Python only around the model call: after a batch its caches hold
+   the model's data, and each step there costs 10-20x what it costs the loop (measured on
+   the example CNN: 160 us of worker time per batch from 410; served/bare 0.92 -> 0.95).
+   Without a spare core the loop would take those cycles from the model's own threads.
 
 Urgent requests (class HIGH or more urgent, `stream_pool.URGENT`), when the pool has an
 urgent lane: besides the pipeline's tickets, the batcher keeps one *urgent ticket* out
@@ -61,9 +72,10 @@ numpy slice 0.5 us, iterating one-row views out of the output 0.1 us: much of th
 per-request budget at batch 32). BF16, which
 numpy lacks, travels as uint16 arrays holding the raw bits (`bf16_inputs`).
 
-Threads: the queue and the policy's `observe` are shared with pool workers under
-`_lock` (other policy reads are of immutable decisions); futures, timers and leases are
-touched on the loop thread only.
+Threads: the queue and the staged batch are shared with pool workers under `_lock`; the
+policy is fed on the loop, under `_lock` too (workers read its service predictions; other
+policy reads are of immutable decisions); futures, timers and leases are touched on the
+loop thread only.
 """
 
 from __future__ import annotations
@@ -167,8 +179,14 @@ class BatcherSettings:
     batch (no padding: a pad value would change what the model computes)."""
     bf16_inputs: frozenset[str] = frozenset()
     """Inputs that arrive as uint16 arrays of BF16 bits and go to the model as bfloat16."""
+    stage_min_service_s: float = 1e-3
+    """Batches predicted to run shorter are not staged (see the module docstring): with
+    such models the loop, not the model, limits throughput, and the worker forming their
+    batches keeps that work off the loop. math.inf: never stage."""
 
     def __post_init__(self) -> None:
+        if not self.stage_min_service_s >= 0:
+            raise ValueError(f"stage_min_service_s must be >= 0, got {self.stage_min_service_s!r}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if self.pipeline_depth is not None and (
@@ -256,7 +274,8 @@ class _Batch:
     `pieces[i]`'s outcome is `outcomes[i]`: its outputs, an error, or `_SKIPPED`; `expired`
     pieces were found past their deadline when the batch was taken (never run)."""
 
-    __slots__ = ("expired", "inputs", "live", "outcomes", "pieces", "rows", "service_s")
+    __slots__ = ("end_s", "expired", "inputs", "live", "live_rows", "outcomes", "outputs", "pieces", "rows",
+                 "service_s")  # fmt: skip
 
     def __init__(self, pieces: list[_Piece], expired: list[_Piece], outcomes: list[Any], live: int) -> None:
         self.pieces = pieces
@@ -264,12 +283,86 @@ class _Batch:
         self.outcomes = outcomes
         self.live = live
         """Members to run: `pieces[:live]`; the rest were doomed (their deadline)."""
-        self.inputs: Arrays = {}
-        """The live members' inputs, concatenated (`_assemble`)."""
+        self.live_rows = pieces[0].rows if live == 1 else sum(p.rows for p in pieces[:live])
+        self.inputs: Tensors = {}
+        """The live members' inputs, concatenated, as CPU tensors (`assemble`)."""
         self.rows = 0
         """Rows that ran in one successful call of the model (0: none, or it raised)."""
+        self.outputs: Arrays | None = None
+        """That call's outputs, all members' rows (split among them on the loop)."""
+        self.end_s = 0.0
         self.service_s = 0.0
-        """Assembly, the model call and splitting: the batch's cost on its worker."""
+        """Assembly (when the worker did it), the model call and splitting: the batch's
+        cost on its worker."""
+
+    @classmethod
+    def of(cls, live: list[_Piece], doomed: list[_Piece], expired: list[_Piece], name: str) -> _Batch:
+        """A batch running `live` (inputs not yet assembled); `doomed` fail, never run."""
+        outcomes: list[Any] = [_SKIPPED] * len(live)
+        if doomed:
+            why = f"{name}: deadline would pass before the batch finished; not run"
+            outcomes += [DeadlineExceeded(why) for _ in doomed]
+        return cls(live + doomed, expired, outcomes, len(live))
+
+    def assemble(self, batcher: Batcher) -> None:
+        """Concatenate the live members' inputs into tensors (timed into `service_s`).
+        Members that cannot be concatenated fail, and none runs.
+
+        A worker does this as it takes a batch, before it posts the batch before it to the
+        loop: the copies release the GIL (numpy does, per member), and once posted, the
+        loop, busy with that batch's callers, would hold the GIL at each of them."""
+        live = self.live
+        if not live:
+            return
+        assembling = time.monotonic()
+        pieces = self.pieces
+        try:
+            if live == 1:
+                arrays = pieces[0].inputs
+            else:
+                members = pieces[:live]
+                arrays = {n: np.concatenate([p.inputs[n] for p in members]) for n in pieces[0].inputs}
+            self.inputs = _tensors(arrays, batcher.settings.bf16_inputs)
+        except Exception as exc:
+            self.outcomes[:live] = [batcher.failure(exc)] * live
+            self.live = 0
+        self.service_s += time.monotonic() - assembling
+
+
+class _Staged:
+    """A regular batch the loop formed while a worker ran the batch before it (see
+    `Batcher._stage`), waiting for the next regular ticket to take it."""
+
+    __slots__ = ("batch", "earliest_deadline_s", "least_urgent", "most_urgent", "rows")
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        live = batch.pieces[: batch.live]
+        self.rows = batch.live_rows
+        self.least_urgent = max((p.request.priority for p in live), default=Priority.LOW)
+        self.most_urgent = min((p.request.priority for p in live), default=Priority.LOW)
+        assert self.least_urgent > URGENT, "urgent pieces are never staged"
+        self.earliest_deadline_s = min(
+            (d for p in live if (d := p.request.deadline_s) is not None), default=float("inf")
+        )
+
+    def ready(self, start: float, size: int, batcher: Batcher) -> _Batch:
+        """The batch to run from `start`: as staged, or without the members whose deadline
+        would pass before a batch of the planned `size` ends (they fail, never run: the
+        rule a batch formed at `start` follows, `Batcher._form_locked`)."""
+        batch = self.batch
+        latest_start = start + batcher.policy.predict_service_s(size)
+        if self.earliest_deadline_s >= latest_start:
+            return batch
+        live: list[_Piece] = []
+        late: list[_Piece] = []
+        for piece in batch.pieces[: batch.live]:
+            deadline = piece.request.deadline_s
+            (late if deadline is not None and deadline < latest_start else live).append(piece)
+        doomed = late + batch.pieces[batch.live :]
+        batch = _Batch.of(live, doomed, batch.expired, batcher.name)
+        batch.assemble(batcher)
+        return batch
 
 
 class _Ticket:
@@ -320,26 +413,14 @@ class _Ticket:
 
     def _take(self, first: bool) -> _Batch | None:
         """Take the most urgent pieces for a batch of the planned size (None: after the
-        first batch, no batch is due). Pieces whose deadline would pass before a batch of
-        that size ends are dropped (`DeadlineExceeded`, never run), and the batch is
-        refilled from the queue in their place, so doomed work costs no batch room."""
+        first batch, no batch is due): the batch the loop staged for it (`Batcher._stage`)
+        unless more urgent pieces have queued since, or else a batch formed now."""
         b = self.batcher
         decision = b.policy.decision()
         size = decision.batch_size
         start = time.monotonic()
-        latest_start = start + b.policy.predict_service_s(size)
-        taken: list[_Piece] = []
-        doomed: list[_Piece] = []
-        rows = 0
-        group: Hashable = ANY_GROUP
         queue = b._queue
         with b._lock:
-            if self.urgent:
-                classes = _URGENT_CLASSES
-            elif b._urgent_lane:  # a batch holds urgent pieces only, or none (see the docstring)
-                classes = _URGENT_CLASSES if queue.holds_up_to(URGENT) else _NON_URGENT_CLASSES
-            else:
-                classes = _ALL_CLASSES
             if first:
                 if not self.urgent:
                     b._pending -= 1
@@ -351,116 +432,71 @@ class _Ticket:
                 return None
             else:  # the next batch's window opens as this one leaves (as on the loop)
                 b._window_close_s = start + decision.delay_s
-            expired = queue.pop_expired(start)
-            while rows < size:
-                got = queue.take(size - rows, _alive, first_alone=not taken, group=group, classes=classes)
-                if not got:
-                    break
-                for piece in got:
-                    deadline = piece.request.deadline_s
-                    if deadline is not None and deadline < latest_start:
-                        doomed.append(piece)
-                    else:
-                        taken.append(piece)
-                        rows += piece.rows
-                if taken and b._dynamic:
-                    group = taken[0].group
-        live = len(taken)
-        outcomes: list[Any] = [_SKIPPED] * live
-        if doomed:
-            taken += doomed
-            outcomes += [
-                DeadlineExceeded(f"{b.name}: deadline would pass before the batch finished; not run")
-                for _ in doomed
-            ]
-        batch = _Batch(taken, expired, outcomes, live)
+            staged = None if self.urgent else b._staged
+            if self.urgent:
+                classes = _URGENT_CLASSES
+            elif b._urgent_lane:  # a batch holds urgent pieces only, or none (see the docstring)
+                classes = _URGENT_CLASSES if queue.holds_up_to(URGENT) else _NON_URGENT_CLASSES
+            else:
+                classes = _ALL_CLASSES
+            if staged is not None and queue.holds_up_to(Priority(staged.least_urgent - 1)):
+                # more urgent pieces queued since it was staged: they go first, alone
+                classes = (classes[0], min(classes[1], Priority(staged.least_urgent - 1)))
+                staged = None
+            if staged is None:
+                batch = b._form_locked(start, size, classes)
+            else:
+                b._staged = None
+                batch = staged.batch
         self.current = batch
-        if live:
-            assembling = time.monotonic()
-            try:
-                self._assemble(batch)
-            except Exception as exc:  # members that cannot be concatenated: they fail, not the job
-                err = b.failure(exc)
-                outcomes[:live] = [err] * live
-                batch.live = 0
-            batch.service_s = time.monotonic() - assembling
+        if staged is None:
+            batch.assemble(b)
+        else:
+            batch = self.current = staged.ready(start, size, b)
         return batch
 
-    @staticmethod
-    def _assemble(batch: _Batch) -> None:
-        """Concatenate the live members' inputs. Done as the batch is taken, before the
-        batch before it is posted to the loop: the copies release the GIL (numpy does, per
-        member), and once posted, the loop, busy with that batch's callers, would hold the
-        GIL at each of them; after the post the worker releases it next in the model call."""
-        pieces = batch.pieces[: batch.live]
-        if len(pieces) == 1:
-            batch.inputs = pieces[0].inputs
-        else:
-            batch.inputs = {n: np.concatenate([p.inputs[n] for p in pieces]) for n in pieces[0].inputs}
-
     def _run_batch(self, batch: _Batch, stream: Any) -> None:
-        """Run the live pieces of `batch`; outcomes land on it; the policy is fed."""
-        b = self.batcher
+        """Run the live pieces of `batch`: its outputs (split and delivered on the loop,
+        which feeds the policy with them) or its members' errors land on it.
+
+        As little Python as can be runs here, between one model call and the next: after
+        a model call the worker's caches hold the model's data, not the interpreter's, and
+        each Python step costs it 10-20x what it costs the loop."""
         start = time.monotonic()
-        pieces = batch.pieces
         # the members to run: taken alive (callers without an outcome) a moment ago, under
         # the lock; one whose caller gave up since still runs, and `_complete` skips it
-        live = batch.live
-        if live:
-            self._run_live(batch, live, stream)
+        if batch.live:
+            self._run_live(batch, stream)
         end = time.monotonic()
-        # the whole batch, assembly and splitting included: per-batch overhead is a fixed
+        # the whole batch, assembly on the worker included: per-batch overhead is a fixed
         # cost the planner must see (with it, batch 1 is rarely the throughput knee)
         batch.service_s += end - start
-        if batch.rows:  # feed the policy here, so the very next batch already adapts
-            # (rows > 0: the batch ran in one call, so every live member has its outputs)
-            latencies = [end - pieces[i].request.arrival_s for i in range(live)]
-            with b._lock:
-                b.policy.observe(end, batch.rows, batch.service_s, latencies)
+        batch.end_s = end
 
-    def _run_live(self, batch: _Batch, n: int, stream: Any) -> None:
-        """Run the first `n` members (the live ones; the doomed follow them)."""
+    def _run_live(self, batch: _Batch, stream: Any) -> None:
+        """Run the live members (the first `batch.live`; the doomed follow them)."""
         assert self.lease is not None
         backend = self.lease.backend
         b = self.batcher
-        bf16 = b.settings.bf16_inputs
-        outcomes = batch.outcomes
-        pieces = batch.pieces[:n] if n < len(batch.pieces) else batch.pieces
-        live = range(n)
-        rows = pieces[0].rows if len(pieces) == 1 else sum(p.rows for p in pieces)
-        inputs = batch.inputs
+        rows = batch.live_rows
         try:
-            outputs = _call(backend, inputs, rows, b.device, stream, bf16)
+            outputs = _call(backend, batch.inputs, rows, b.device, stream)
         except Exception as exc:
-            if len(pieces) > 1 and b.settings.isolate_errors:
+            outcomes = batch.outcomes
+            live = batch.pieces[: batch.live]
+            if len(live) > 1 and b.settings.isolate_errors:
                 # rows stays 0: a batch that raised is no sample of the model's speed
-                for i, piece in zip(live, pieces, strict=True):
+                for i, piece in enumerate(live):
                     try:
-                        outcomes[i] = _call(backend, piece.inputs, piece.rows, b.device, stream, bf16)
+                        tensors = _tensors(piece.inputs, b.settings.bf16_inputs)
+                        outcomes[i] = _call(backend, tensors, piece.rows, b.device, stream)
                     except Exception as one:
                         outcomes[i] = b.failure(one)
             else:
-                err = b.failure(exc)
-                for i in live:
-                    outcomes[i] = err
+                outcomes[: len(live)] = [b.failure(exc)] * len(live)
             return
         batch.rows = rows
-        if len(pieces) == 1:
-            outcomes[live[0]] = outputs
-            return
-        if rows == len(pieces) and len(outputs) == 1:  # one row each, one output: the usual
-            # iterating a (rows, 1, ...) view yields each row's (1, ...) view at C speed,
-            # where a slice per member costs ~0.5 us of Python
-            ((name, out),) = outputs.items()
-            for i, row in zip(live, out[:, None], strict=True):
-                outcomes[i] = {name: row}
-            return
-        offset = 0
-        items = list(outputs.items())
-        for i, piece in zip(live, pieces, strict=True):
-            end = offset + piece.rows
-            outcomes[i] = {n: t[offset:end] for n, t in items}
-            offset = end
+        batch.outputs = outputs
 
     def on_done(self, result: _Batch | None, error: BaseException | None) -> None:
         """Pool callback, on any thread: post the last batch and the job's end."""
@@ -469,6 +505,25 @@ class _Ticket:
     def on_done_inline(self, result: _Batch | None, error: BaseException | None) -> None:
         """Pool callback of a ticket run inline, on the loop's thread."""
         self.batcher._post(self, result, error, ends=True, on_loop=True)
+
+
+def _split(outputs: Arrays, pieces: list[_Piece], rows: int) -> list[Arrays]:
+    """Each piece's own rows of a batch's outputs (numpy views, in the pieces' order)."""
+    if len(pieces) == 1:
+        return [outputs]
+    if rows == len(pieces) and len(outputs) == 1:  # one row each, one output: the usual
+        # iterating a (rows, 1, ...) view yields each row's (1, ...) view at C speed,
+        # where a slice per member costs ~0.5 us of Python
+        ((name, out),) = outputs.items()
+        return [{name: row} for row in out[:, None]]
+    split: list[Arrays] = []
+    offset = 0
+    items = list(outputs.items())
+    for piece in pieces:
+        end = offset + piece.rows
+        split.append({n: t[offset:end] for n, t in items})
+        offset = end
+    return split
 
 
 def _to_torch(array: np.ndarray, bf16: bool) -> torch.Tensor:
@@ -495,24 +550,19 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _call(
-    backend: RunsBatches,
-    inputs: Arrays,
-    rows: int,
-    device: str,
-    stream: Any,
-    bf16: frozenset[str],
-) -> Arrays:
-    """Run one batch on `backend`; outputs as numpy arrays, each with `rows` rows.
+def _tensors(inputs: Arrays, bf16: frozenset[str]) -> Tensors:
+    """Numpy inputs as CPU tensors (no copy where torch can share the array)."""
+    return {n: _to_torch(a, n in bf16) for n, a in inputs.items()}
+
+
+def _call(backend: RunsBatches, tensors: Tensors, rows: int, device: str, stream: Any) -> Arrays:
+    """Run one batch of CPU tensors on `backend`; outputs as numpy arrays, each with `rows`
+    rows.
 
     Each torch call costs a microsecond or more here, a large share of a small batch: the
-    common case (CPU, no BF16, outputs that `.numpy()` takes as they are) makes no others."""
-    if bf16 or device != "cpu":
-        tensors = {n: _to_torch(a, n in bf16) for n, a in inputs.items()}
-        if device != "cpu":
-            tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
-    else:
-        tensors = {n: _to_torch(a, False) for n, a in inputs.items()}
+    common case (CPU, outputs that `.numpy()` takes as they are) makes no others."""
+    if device != "cpu":
+        tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
     outputs = backend.run(tensors, stream)
     if type(outputs) is not dict and not isinstance(outputs, dict):
         raise TypeError(f"backend returned {type(outputs).__name__}, expected a dict of tensors")
@@ -569,6 +619,7 @@ class Batcher:
         self._out = 0  # tickets issued and not completed, urgent ones included (loop thread)
         self._urgent_out = 0  # urgent tickets issued and not completed (loop thread)
         self._pending = 0  # tickets issued and not yet started by a worker (under _lock)
+        self._staged: _Staged | None = None  # under _lock: see `_stage`
         self._window_close_s: float | None = None
         self._window_timer: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -589,6 +640,8 @@ class Batcher:
         self.failed = 0
         self.batches = 0
         self.rows_run = 0
+        self.staged = 0
+        """Batches formed on the loop while a worker ran the one before (`_stage`)."""
 
     # --- public ------------------------------------------------------------
 
@@ -659,7 +712,9 @@ class Batcher:
         return future
 
     def queued_rows(self) -> float:
-        return self._queue.cost
+        """Rows waiting to run: queued, and staged (`_stage`)."""
+        staged = self._staged
+        return self._queue.cost + (staged.rows if staged is not None else 0)
 
     @property
     def batches_out(self) -> int:
@@ -673,8 +728,7 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
         self._window_timer = self._expiry_timer = self._retry_timer = None
-        with self._lock:
-            queued = self._queue.drain()
+        queued = self._unqueue_all()
         self._fail_pieces(queued, ShuttingDown, "batcher stopped")
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
@@ -710,9 +764,12 @@ class Batcher:
                 if self._due_locked(now, decision.batch_size):
                     self._window_close_s = now + decision.delay_s
                     top = self._queue.top_priority()
+                    staged = self._staged
+                    if staged is not None and (top is None or staged.most_urgent < top):
+                        top = staged.most_urgent
                     assert top is not None, "a batch is due from an empty queue"
                 close = self._window_close_s
-                waiting = self._queue.cost > self._pending * decision.batch_size
+                waiting = self.queued_rows() > self._pending * decision.batch_size
             if top is None:
                 if waiting and close is not None:  # rows wait for the window to close
                     self._arm_window(close)
@@ -721,10 +778,38 @@ class Batcher:
                 top = _LEAST_URGENT_REGULAR  # a regular one on the lane would hold it for normal work
             self._issue(top)
 
+    def _form_locked(self, start: float, size: int, classes: tuple[Priority, Priority]) -> _Batch:
+        """Under `_lock`: take the most urgent pieces of `classes` for a batch of `size`
+        rows that starts at `start` (inputs not yet assembled). Pieces whose deadline would
+        pass before a batch of that size ends are dropped (`DeadlineExceeded`, never run),
+        and the batch is refilled from the queue in their place, so doomed work costs no
+        batch room; pieces already past their deadline are `expired`."""
+        queue = self._queue
+        latest_start = start + self.policy.predict_service_s(size)
+        taken: list[_Piece] = []
+        doomed: list[_Piece] = []
+        rows = 0
+        group: Hashable = ANY_GROUP
+        expired = queue.pop_expired(start)
+        while rows < size:
+            got = queue.take(size - rows, _alive, first_alone=not taken, group=group, classes=classes)
+            if not got:
+                break
+            for piece in got:
+                deadline = piece.request.deadline_s
+                if deadline is not None and deadline < latest_start:
+                    doomed.append(piece)
+                else:
+                    taken.append(piece)
+                    rows += piece.rows
+            if taken and self._dynamic:
+                group = taken[0].group
+        return _Batch.of(taken, doomed, expired, self.name)
+
     def _due_locked(self, now: float, size: int) -> bool:
         """Whether a batch is due (under `_lock`): rows not claimed by tickets waiting to
         start fill a batch of `size`, or some are queued and the batch window has closed."""
-        unclaimed = self._queue.cost - self._pending * size
+        unclaimed = self.queued_rows() - self._pending * size
         if unclaimed <= 0:
             return False
         if unclaimed >= size:
@@ -799,7 +884,7 @@ class Batcher:
         the moment it is issued. True when it ran."""
         size = self.policy.decision().batch_size
         with self._lock:
-            full = self._queue.cost >= self._pending * size
+            full = self.queued_rows() >= self._pending * size
         if not full:
             return False
         ticket.continues = False  # one batch: the loop must get back to its intake
@@ -863,22 +948,74 @@ class Batcher:
             self._shed_excess()
         if self._out == 0:
             self._idle.set()
+        else:
+            self._stage()
         self._dispatch()
 
+    def _stage(self) -> None:
+        """While a regular ticket runs a batch, form its next one here on the loop, if a
+        full batch of non-urgent pieces waits beyond what tickets yet to start will take.
+
+        The pieces are taken (the same rule as a worker's take) and concatenated now, on
+        the loop, whose cache holds their inputs, while the model runs on the worker; the
+        worker then goes from one model call to the next with little Python in between
+        (on a 2-core CPU a CNN batch's inputs copied on the worker, cold, cost it 2-3% of
+        its time). Called as a batch is drained, which is as the worker starts the next
+        one. Urgent pieces are never staged (they keep late binding), and a staged batch
+        gives way to more urgent pieces that queue after it (`_Ticket._take`)."""
+        if self._staged is not None or self._stopping or not self.pool.spare_core:
+            return
+        size = self.policy.decision().batch_size
+        if self.policy.predict_service_s(size) < self.settings.stage_min_service_s:
+            return
+        queue = self._queue
+        with self._lock:
+            pending = self._pending
+            if (
+                self._out - self._urgent_out - pending <= 0  # no regular ticket is running
+                or queue.cost - pending * size < size
+                or queue.holds_up_to(URGENT)
+            ):
+                return
+            batch = self._form_locked(time.monotonic(), size, _NON_URGENT_CLASSES)
+            if batch.pieces:
+                batch.assemble(self)
+                batch.service_s = 0.0  # (the worker's time only)
+                self._staged = _Staged(batch)
+                self.staged += 1
+        if not batch.pieces and batch.expired:  # (all it found had expired or had no caller)
+            self._fail_pieces(batch.expired, DeadlineExceeded, "deadline passed while queued")
+
     def _complete(self, batch: _Batch) -> bool:
-        """Deliver every member's outcome; True if rows ran."""
+        """Feed the policy a batch that ran and deliver every member's outcome; True if
+        rows ran."""
         self.batches += bool(batch.pieces)
         if batch.expired:
             self._fail_pieces(batch.expired, DeadlineExceeded, "deadline passed while queued")
+        pieces, outcomes = batch.pieces, batch.outcomes
         completed = 0
-        for piece, outcome in zip(batch.pieces, batch.outcomes, strict=True):
-            if type(outcome) is dict:
+        outputs = batch.outputs
+        if outputs is not None:  # the batch ran in one call: every live member has rows
+            live = pieces[: batch.live]
+            end = batch.end_s
+            latencies = [end - p.request.arrival_s for p in live]
+            with self._lock:
+                self.policy.observe(end, batch.rows, batch.service_s, latencies)
+            for piece, part in zip(live, _split(outputs, live, batch.rows), strict=True):
                 request = piece.request
                 if request.parts is None:  # a whole request (inlined _deliver: the hot path)
                     if not request.future.done():
-                        request.future.set_result(outcome)
+                        request.future.set_result(part)
                         completed += 1
-                elif self._deliver(piece, outcome):
+                elif self._deliver(piece, part):
+                    completed += 1
+            if len(live) < len(pieces):  # the doomed
+                pieces, outcomes = pieces[len(live) :], outcomes[len(live) :]
+            else:
+                pieces = outcomes = []
+        for piece, outcome in zip(pieces, outcomes, strict=True):
+            if type(outcome) is dict:  # (a member run alone after its batch raised)
+                if self._deliver(piece, outcome):
                     completed += 1
             elif isinstance(outcome, BaseException):
                 self._fail(piece.request, outcome)
@@ -965,10 +1102,18 @@ class Batcher:
                 self._fail(piece.request, kind(f"{self.name}: {why}"))
 
     def _fail_queued(self, error: BaseException) -> None:
-        with self._lock:
-            queued = self._queue.drain()
-        for piece in queued:
+        for piece in self._unqueue_all():
             self._fail(piece.request, error)
+
+    def _unqueue_all(self) -> list[_Piece]:
+        """Every piece waiting to run: the staged batch's (run or doomed) and the queue's."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+            queued = self._queue.drain()
+        if staged is None:
+            return queued
+        batch = staged.batch
+        return batch.pieces + batch.expired + queued
 
     def _displace(self, victims: Sequence[_Piece], why: str = "displaced by a more urgent request") -> None:
         err = Overloaded(f"{self.name}: {why}", retry_after_s=self.policy.retry_after_s(self._queue.cost))

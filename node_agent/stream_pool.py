@@ -457,6 +457,14 @@ class PoolSettings:
             raise ValueError(f"inline_max_s must be >= 0, got {self.inline_max_s!r}")
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every OS)
+        return os.cpu_count() or 1
+
+
 class StreamPool:
     """N worker threads running jobs in urgency order, and an urgent lane of workers that run
     only CRITICAL and HIGH jobs; one CUDA stream per worker on GPU.
@@ -486,6 +494,9 @@ class StreamPool:
         self._service_ewma_s = 0.0
         self._step = threading.local()
         """Per running thread: `since`, when its job's current step began (pool clock)."""
+        self.spare_core = self.settings.device != "cpu"
+        """Whether the event loop's thread has a core to itself, one the workers' torch
+        threads leave free (always on CUDA; on CPU set at `start()`)."""
         self.completed = 0
         self.inline = 0
         """Jobs of `completed` that ran on the submitting thread (`run_inline`)."""
@@ -530,9 +541,11 @@ class StreamPool:
         else:
             threads = s.torch_threads
             if threads is None:
-                threads = max(1, ((os.cpu_count() or 1) - 1) // s.num_workers)
+                threads = max(1, (_usable_cores() - 1) // s.num_workers)
             if threads > 0:
                 torch.set_num_threads(threads)
+            busy = s.num_workers * (threads or torch.get_num_threads())
+            self.spare_core = busy < _usable_cores()
         for i, urgent in enumerate(lanes):
             stream = self._streams[i] if self._streams else None
             name = f"stream-pool-urgent-{i - s.num_workers}" if urgent else f"stream-pool-{i}"

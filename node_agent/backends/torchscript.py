@@ -116,6 +116,8 @@ class TorchScriptBackend(Backend):
         self.device = device
         self._module: torch.jit.ScriptModule | None = module
         self._input_names = tuple(s.name for s in config.inputs)
+        self._input_set = frozenset(self._input_names)
+        self._cuda = device.type == "cuda"
         self._output_names = tuple(s.name for s in config.outputs)
         self._lock = threading.Lock()
         self.param_bytes = param_bytes
@@ -202,38 +204,45 @@ class TorchScriptBackend(Backend):
         module = self._module
         if module is None:
             raise ShuttingDown(f"{self.config.id} is unloaded")
-        if inputs.keys() != set(self._input_names):
-            missing = sorted(set(self._input_names) - inputs.keys())
-            unexpected = sorted(inputs.keys() - set(self._input_names))
+        if inputs.keys() != self._input_set:
+            missing = sorted(self._input_set - inputs.keys())
+            unexpected = sorted(inputs.keys() - self._input_set)
             raise InvalidInput(
                 f"{self.config.id}: inputs must be {list(self._input_names)}; "
                 f"missing {missing}, unexpected {unexpected}"
             )
-        cuda = self.device.type == "cuda"
         if stream is not None and not isinstance(stream, torch.cuda.Stream):
             raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
-        ctx = torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext()
+        args = [inputs[n] for n in self._input_names]
+        if not self._cuda:  # the lean path: on a worker, after a batch, each step runs cold
+            with torch.inference_mode():
+                if not all(t.is_cpu for t in args):
+                    args = [t.cpu() for t in args]
+                return self._name_outputs(self._forward(module, args))
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx, torch.inference_mode():
-            if cuda and stream is not None:
+            if stream is not None:
                 # inputs may have been produced on the default stream
                 stream.wait_stream(torch.cuda.default_stream(self.device))
             # (`.to` releases the GIL even when it has nothing to do: skip it then)
             dev = self.device
-            args = [inputs[n] for n in self._input_names]
             args = [t if t.device == dev else t.to(dev, non_blocking=True) for t in args]
-            try:
-                result = module(*args)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:
-                raise InferenceFailed(f"{self.config.id}: the model raised {short_message(e)}") from e
-            outputs = self._name_outputs(result)
-            if cuda:
-                (stream or torch.cuda.current_stream(self.device)).synchronize()
+            outputs = self._name_outputs(self._forward(module, args))
+            (stream or torch.cuda.current_stream(self.device)).synchronize()
         return outputs
+
+    def _forward(self, module: torch.jit.ScriptModule, args: list[torch.Tensor]) -> object:
+        try:
+            return module(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            raise InferenceFailed(f"{self.config.id}: the model raised {short_message(e)}") from e
 
     def _name_outputs(self, result: object) -> dict[str, torch.Tensor]:
         names = self._output_names
+        if type(result) is torch.Tensor and len(names) == 1:  # the usual: one output
+            return {names[0]: result}
         if isinstance(result, torch.Tensor):
             values: list[object] = [result]
         elif isinstance(result, tuple | list):

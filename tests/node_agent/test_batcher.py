@@ -947,3 +947,143 @@ def test_tiny_model_batches_run_inline_and_every_caller_gets_its_own_rows() -> N
         np.testing.assert_allclose(y[:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
     assert sorted(module.seen) == sorted(float(t) for x in xs for t in x[:, 0])
     assert 0 < inline < completed
+
+
+# --- batches formed on the loop while the worker runs -------------------------
+
+
+class Gated(Tagged):
+    """Tagged, whose every batch waits for a permit (`permits.release()`) before it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.permits.acquire(timeout=20), "no permit: the test lost track of a batch"
+        return super().forward(x)
+
+
+def make_staging(module: Gated, *, spare_core: bool = True, **kwargs: Any) -> tuple[Batcher, StreamPool]:
+    """A batch-2 batcher without an urgent lane; `spare_core` set as a machine with (or
+    without) a core for the loop would set it, whatever this machine has."""
+    batcher, pool = make(module, batch=2, urgent_workers=0, stage_min_service_s=0.0, **kwargs)
+    pool.spare_core = spare_core
+    return batcher, pool
+
+
+async def until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+async def run_first_batch_and_stage(
+    batcher: Batcher, module: Gated, futures: list[Any], gate: threading.Event
+) -> None:
+    """Open `gate` (the worker, blocked while the requests were submitted, then takes
+    [1, 2]); let batch [1, 2] run; the worker then takes [3, 4] (blocked) and posts
+    [1, 2], and the loop, draining it, stages [5, 6]."""
+    gate.set()
+    module.permits.release()
+    await asyncio.gather(*futures[:2])
+    await until(lambda: batcher.staged == 1)
+
+
+def test_the_loop_forms_the_next_batch_while_the_worker_runs_one() -> None:
+    """Each caller still gets its own rows, in queue order, and the staged batch is the
+    one that runs next; with no core to spare for the loop, nothing is staged."""
+
+    async def main(spare_core: bool) -> tuple[list[list[float]], int]:
+        module = Gated()
+        batcher, pool = make_staging(module, spare_core=spare_core)
+        gate = await block_worker(pool)  # (so that all 8 are queued when the first batch is taken)
+        xs = [rows_for(float(t)) for t in range(1, 9)]
+        futures = [batcher.submit({"x": x}, 1) for x in xs]
+        if not spare_core:
+            gate.set()
+        else:
+            await run_first_batch_and_stage(batcher, module, futures, gate)
+            assert batcher.queued_rows() == 4  # 3, 4 run; 5, 6 staged and 7, 8 queued count
+        for _ in range(4):
+            module.permits.release()
+        for x, out in zip(xs, await asyncio.gather(*futures), strict=True):
+            np.testing.assert_allclose(out["y"][:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
+            assert out["y"][0, 0] == x[0, 0]
+        await batcher.stop()
+        pool.stop()
+        return module.batches, batcher.staged
+
+    batches, staged = run(main(spare_core=True))
+    assert batches == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    assert staged >= 1
+    batches, staged = run(main(spare_core=False))
+    assert sorted(t for b in batches for t in b) == list(range(1, 9))
+    assert staged == 0
+
+
+def test_a_staged_batch_gives_way_to_more_urgent_work_that_queues_after_it() -> None:
+    """A HIGH request that arrives while [5, 6] is staged runs before it, alone: a batch
+    formed ahead of time does not hold up urgent work (without staging, the worker's
+    take would have run it with 5)."""
+
+    async def main() -> list[list[float]]:
+        module = Gated()
+        batcher, pool = make_staging(module)
+        gate = await block_worker(pool)
+        futures = [batcher.submit({"x": rows_for(float(t))}, 1) for t in range(1, 9)]
+        await run_first_batch_and_stage(batcher, module, futures, gate)
+        futures.append(batcher.submit({"x": rows_for(100.0)}, 1, priority=Priority.HIGH))
+        for _ in range(5):
+            module.permits.release()
+        await asyncio.gather(*futures)
+        await batcher.stop()
+        pool.stop()
+        return module.batches
+
+    assert run(main()) == [[1, 2], [3, 4], [100], [5, 6], [7, 8]]
+
+
+def test_a_staged_member_whose_deadline_passes_fails_without_running() -> None:
+    async def main() -> tuple[list[list[float]], list[BaseException | None]]:
+        module = Gated()
+        batcher, pool = make_staging(module)
+        gate = await block_worker(pool)
+        now = time.monotonic()  # (earliest deadline first: 1-4 keep their places before 5)
+        deadlines = {1: now + 0.2, 2: now + 0.2, 3: now + 0.2, 4: now + 0.2, 5: now + 0.3}
+        futures = [
+            batcher.submit({"x": rows_for(float(t))}, 1, deadline_s=deadlines.get(t)) for t in range(1, 9)
+        ]
+        await run_first_batch_and_stage(batcher, module, futures, gate)
+        await asyncio.sleep(0.35)  # 5's deadline passes while it is staged
+        for _ in range(3):
+            module.permits.release()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        pool.stop()
+        return module.batches, [o if isinstance(o, BaseException) else None for o in outcomes]
+
+    batches, errors = run(main())
+    assert batches == [[1, 2], [3, 4], [6], [7, 8]]  # 5 never ran
+    assert isinstance(errors[4], DeadlineExceeded)
+    assert errors[:4] + errors[5:] == [None] * 7
+
+
+def test_at_stop_staged_callers_are_told_like_queued_ones() -> None:
+    async def main() -> tuple[list[list[float]], list[BaseException | None]]:
+        module = Gated()
+        batcher, pool = make_staging(module)
+        gate = await block_worker(pool)
+        futures = [batcher.submit({"x": rows_for(float(t))}, 1) for t in range(1, 9)]
+        await run_first_batch_and_stage(batcher, module, futures, gate)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await until(lambda: all(f.done() for f in futures[4:]))
+        module.permits.release()  # the running batch [3, 4] ends and is delivered
+        await stopping
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        pool.stop()
+        return module.batches, [o if isinstance(o, BaseException) else None for o in outcomes]
+
+    batches, errors = run(main())
+    assert batches == [[1, 2], [3, 4]]
+    assert errors[:4] == [None] * 4
+    assert all(isinstance(e, ShuttingDown) for e in errors[4:]), errors

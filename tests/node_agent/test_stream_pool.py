@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -516,3 +517,16 @@ def test_gpu_jobs_run_on_their_workers_stream() -> None:
         assert rec.all_done.wait(30)
     assert set(seen) <= stream_ids
     assert all(err is None and res >= 0 for res, err in rec.outcomes.values())
+
+
+def test_spare_core_says_whether_the_workers_threads_leave_the_loop_a_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()  # (start() sets torch's process-wide count)
+    try:
+        with StreamPool(PoolSettings(num_workers=1, torch_threads=cores)) as pool:
+            assert pool.spare_core is False  # the model's threads take every core
+        with StreamPool(PoolSettings(num_workers=1, torch_threads=1)) as pool:
+            assert pool.spare_core is (cores > 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert StreamPool(PoolSettings(device="cuda")).spare_core  # (not started: no GPU needed)
