@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Coroutine
@@ -481,13 +482,25 @@ def test_stop_fails_queued_callers_and_lets_running_batches_finish() -> None:
 # --- concurrency: no lost or duplicated results ---------------------------------
 
 
-def test_hundreds_of_concurrent_requests_each_get_their_own_result() -> None:
+@pytest.mark.parametrize("staging", [False, True], ids=["worker-formed", "staged"])
+def test_hundreds_of_concurrent_requests_each_get_their_own_result(staging: bool) -> None:
+    """600 requests of 1-5 rows, a tenth HIGH (the urgent lane) and a third LOW, on two
+    workers; staged: the loop forms batches ahead (and they give way to HIGH arrivals), which
+    it does only while a batch runs, so the model there is a real one slow enough for that
+    (a 1024-wide hidden layer: ~1 ms a batch)."""
     module = Tagged()
+    if staging:
+        torch.manual_seed(0)
+        module.linear = nn.Sequential(nn.Linear(8, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(),
+                                      nn.Linear(1024, 4))  # fmt: skip
 
     async def main() -> None:
-        batcher, pool = make(module, batch=16, delay_s=0.002, workers=2, queue_rows=5000)
+        batcher, pool = make(module, batch=16, delay_s=0.002, workers=2, queue_rows=5000,
+                             stage_min_service_s=0.0 if staging else math.inf)  # fmt: skip
+        pool.spare_core = staging
         rng = np.random.default_rng(1)
         sizes = rng.integers(1, 6, size=600)
+        priorities = rng.choice([Priority.HIGH, Priority.NORMAL, Priority.LOW], p=[0.1, 0.57, 0.33], size=600)
         xs = []
         next_tag = 1
         for n in sizes:
@@ -496,17 +509,20 @@ def test_hundreds_of_concurrent_requests_each_get_their_own_result() -> None:
             next_tag += int(n)
             xs.append(x)
 
-        async def client(i: int) -> None:
+        async def client(i: int) -> np.ndarray:
             await asyncio.sleep(float(rng.random()) * 0.05)
-            out = await batcher.submit({"x": xs[i]}, len(xs[i]))
-            assert np.array_equal(out["y"][:, 0], xs[i][:, 0]), f"request {i} got other rows"
-            np.testing.assert_allclose(out["y"][:, 1:], expected(module, xs[i]), rtol=1e-4, atol=1e-5)
+            out = await batcher.submit({"x": xs[i]}, len(xs[i]), priority=Priority(priorities[i]))
+            return out["y"]
 
-        await asyncio.gather(*[client(i) for i in range(len(xs))])
+        ys = await asyncio.gather(*[client(i) for i in range(len(xs))])
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):  # (checked after: not on the loop)
+            assert np.array_equal(y[:, 0], x[:, 0]), f"request {i} got other rows"
+            np.testing.assert_allclose(y[:, 1:], expected(module, x), rtol=1e-4, atol=1e-5)
         seen = module.seen
         assert len(seen) == len(set(seen)) == next_tag - 1  # each row ran exactly once
         assert batcher.completed == len(xs) and batcher.failed == 0
         assert max(len(b) for b in module.batches) <= 16
+        assert (batcher.staged > 0) is staging, batcher.staged
         await batcher.stop()
         pool.stop()
 
