@@ -7,7 +7,7 @@ Naming: `edgefleet_` prefix, base units in the name (`_seconds`, `_bytes`, `_cel
 
 Most values are read at scrape time, not pushed from hot paths: `AgentCollector` (a custom
 collector) reads the components' own counters and state when Prometheus scrapes:
-- batchers (`BatcherView`: submitted, failed, expired, refused, displaced, queued rows),
+- batchers (`BatcherView`: submitted, failed, expired, refused, displaced, staged, queued rows),
 - the stream pool (`PoolView`), the scheduler (`SchedulerView`: stats, budget, residents),
 - the SLA monitor: lifetime histograms of request queue, compute and total time and of batch
   rows (folded from the batches `LimitedPolicy` hands it, off the hot path), window verdicts,
@@ -105,6 +105,12 @@ METRICS: dict[str, MetricSpec] = {
             (*_M, "reason"),
         ),
         MetricSpec("edgefleet_queue_depth_rows", "gauge", "Rows queued for a model now.", _M),
+        MetricSpec(
+            "edgefleet_batches_staged_total",
+            "counter",
+            "Batches the event loop formed while a worker ran the one before (staging).",
+            _M,
+        ),
         # stream pool
         MetricSpec(
             "edgefleet_pool_workers",
@@ -246,6 +252,7 @@ class BatcherView(Protocol):
     expired: int
     refused: int
     displaced: int
+    staged: int
 
     def queued_rows(self) -> float: ...
 
@@ -385,6 +392,7 @@ class AgentCollector(Collector):
             refused.add_metric([*lv, "displaced"], b.displaced)
             refused.add_metric([*lv, "priority_shed"], shed.get(model_id, 0))
             fam("edgefleet_queue_depth_rows").add_metric(lv, b.queued_rows())
+            fam("edgefleet_batches_staged_total").add_metric(lv, b.staged)
 
     def _pool(self, fam: Callable[[str], Family]) -> None:
         p = self.pool

@@ -146,6 +146,7 @@ def test_scrape_after_real_activity(example_repo: Path) -> None:
     assert get(s, "edgefleet_request_failures_total", model="classifier", version="2-failing") == 5
     assert get(s, "edgefleet_admissions_refused_total", model="mlp", version="1", reason="priority_shed") == 1
     assert get(s, "edgefleet_queue_depth_rows", **clf) == 0
+    assert get(s, "edgefleet_batches_staged_total", **clf) == b.staged
 
     # latency histograms split into queue and compute, and batch sizes
     n = get(s, "edgefleet_request_duration_seconds_count", **clf)
