@@ -292,8 +292,8 @@ class _Batch:
         """That call's outputs, all members' rows (split among them on the loop)."""
         self.end_s = 0.0
         self.service_s = 0.0
-        """Assembly (when the worker did it), the model call and splitting: the batch's
-        cost on its worker."""
+        """Assembly (when the worker did it) and the model call: the batch's cost on its
+        worker."""
 
     @classmethod
     def of(cls, live: list[_Piece], doomed: list[_Piece], expired: list[_Piece], name: str) -> _Batch:
@@ -308,9 +308,10 @@ class _Batch:
         """Concatenate the live members' inputs into tensors (timed into `service_s`).
         Members that cannot be concatenated fail, and none runs.
 
-        A worker does this as it takes a batch, before it posts the batch before it to the
-        loop: the copies release the GIL (numpy does, per member), and once posted, the
-        loop, busy with that batch's callers, would hold the GIL at each of them."""
+        The loop does this for a batch it stages; a worker, as it takes a batch, before it
+        posts the batch before it to the loop: the copies release the GIL (numpy does, per
+        member), and once posted, the loop, busy with that batch's callers, would hold the
+        GIL at each of them."""
         live = self.live
         if not live:
             return
@@ -333,15 +334,16 @@ class _Staged:
     """A regular batch the loop formed while a worker ran the batch before it (see
     `Batcher._stage`), waiting for the next regular ticket to take it."""
 
-    __slots__ = ("batch", "earliest_deadline_s", "least_urgent", "most_urgent", "rows")
+    __slots__ = ("batch", "earliest_deadline_s", "most_urgent", "yields_to")
 
     def __init__(self, batch: _Batch) -> None:
         self.batch = batch
         live = batch.pieces[: batch.live]
-        self.rows = batch.live_rows
-        self.least_urgent = max((p.request.priority for p in live), default=Priority.LOW)
+        least_urgent = max((p.request.priority for p in live), default=Priority.LOW)
+        assert least_urgent > URGENT, "urgent pieces are never staged"
+        self.yields_to = Priority(least_urgent - 1)
+        """Queued pieces of this class or more urgent run before the staged batch."""
         self.most_urgent = min((p.request.priority for p in live), default=Priority.LOW)
-        assert self.least_urgent > URGENT, "urgent pieces are never staged"
         self.earliest_deadline_s = min(
             (d for p in live if (d := p.request.deadline_s) is not None), default=float("inf")
         )
@@ -439,9 +441,9 @@ class _Ticket:
                 classes = _URGENT_CLASSES if queue.holds_up_to(URGENT) else _NON_URGENT_CLASSES
             else:
                 classes = _ALL_CLASSES
-            if staged is not None and queue.holds_up_to(Priority(staged.least_urgent - 1)):
+            if staged is not None and queue.holds_up_to(staged.yields_to):
                 # more urgent pieces queued since it was staged: they go first, alone
-                classes = (classes[0], min(classes[1], Priority(staged.least_urgent - 1)))
+                classes = (classes[0], min(classes[1], staged.yields_to))
                 staged = None
             if staged is None:
                 batch = b._form_locked(start, size, classes)
@@ -714,7 +716,7 @@ class Batcher:
     def queued_rows(self) -> float:
         """Rows waiting to run: queued, and staged (`_stage`)."""
         staged = self._staged
-        return self._queue.cost + (staged.rows if staged is not None else 0)
+        return self._queue.cost + (staged.batch.live_rows if staged is not None else 0)
 
     @property
     def batches_out(self) -> int:
@@ -1009,10 +1011,7 @@ class Batcher:
                         completed += 1
                 elif self._deliver(piece, part):
                     completed += 1
-            if len(live) < len(pieces):  # the doomed
-                pieces, outcomes = pieces[len(live) :], outcomes[len(live) :]
-            else:
-                pieces = outcomes = []
+            pieces, outcomes = pieces[batch.live :], outcomes[batch.live :]  # the doomed
         for piece, outcome in zip(pieces, outcomes, strict=True):
             if type(outcome) is dict:  # (a member run alone after its batch raised)
                 if self._deliver(piece, outcome):

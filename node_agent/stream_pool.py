@@ -539,13 +539,13 @@ class StreamPool:
                 torch.cuda.Stream(device=device, priority=-100 if urgent else 0) for urgent in lanes
             ]
         else:
+            cores = _usable_cores()
             threads = s.torch_threads
             if threads is None:
-                threads = max(1, (_usable_cores() - 1) // s.num_workers)
+                threads = max(1, (cores - 1) // s.num_workers)
             if threads > 0:
                 torch.set_num_threads(threads)
-            busy = s.num_workers * (threads or torch.get_num_threads())
-            self.spare_core = busy < _usable_cores()
+            self.spare_core = s.num_workers * (threads or torch.get_num_threads()) < cores
         for i, urgent in enumerate(lanes):
             stream = self._streams[i] if self._streams else None
             name = f"stream-pool-urgent-{i - s.num_workers}" if urgent else f"stream-pool-{i}"
