@@ -7,13 +7,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-# The repository root holds `operator/` (the edgefleet_operator package), which shadows the
-# standard library's `operator` for any Python that puts the working directory first on
-# sys.path (`python -m ...` run here). So every Python these recipes start uses a safe path,
-# and the venv reaches the repository's own top-level packages (e2e, bench, tests) through a
-# .pth file, which site appends after the standard library.
-export PYTHONSAFEPATH := 1
-
 .PHONY: help setup venv binaries test test-unit lint demo cluster-up cluster-down cluster-status \
         bench crds clean
 
@@ -24,7 +17,7 @@ help:
 	@echo "make cluster-down  stop it and remove its state"
 	@echo "make lint          ruff and mypy"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
-	@echo "make crds          regenerate crds/ and the chart's CRDs from operator/crdgen.py"
+	@echo "make crds          regenerate crds/ and the chart's CRDs from edgefleet_api/crdgen.py"
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -32,7 +25,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off --upgrade pip
 	$(PY) -m pip install --progress-bar off -e '.[dev]'
-	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/edgefleet-repo.pth"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -52,9 +44,7 @@ test-unit: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@# mypy resolves packages by folder name; operator/ is imported as edgefleet_operator.
-	mkdir -p build/mypy && ln -sfn ../../operator build/mypy/edgefleet_operator && ln -sfn ../../node_agent build/mypy/node_agent
-	MYPYPATH=build/mypy $(VENV)/bin/mypy -p edgefleet_operator -p node_agent
+	$(VENV)/bin/mypy -p edgefleet_api -p edgefleet_operator -p node_agent
 
 cluster-up: setup
 	$(PY) -m e2e.cluster up
@@ -79,7 +69,7 @@ bench: venv
 	$(PY) -m bench
 
 crds: venv
-	$(PY) -m edgefleet_operator.crdgen
+	$(PY) -m edgefleet_api.crdgen
 	bash scripts/render-install.sh
 
 clean: cluster-down

@@ -41,12 +41,12 @@ from bench.common import (
     replay,
 )
 from bench.report import table, write_section
-from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
-from node_agent.engine import Engine
 from node_agent.errors import Overloaded
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.runtime.batching_policy import BatchingPolicy, StaticPolicy, policy_for
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 WARMUP_S = 1.0
 MAX_OPEN_LOOP_RATE = 2500.0

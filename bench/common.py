@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from node_agent.backends.base import Backend
-    from node_agent.repository import ModelRepository
+    from node_agent.runtime.backends.base import Backend
+    from node_agent.runtime.repository import ModelRepository
     from node_agent.types import ModelConfig
 
 

@@ -34,10 +34,10 @@ import numpy as np
 
 from bench.common import percentile, quick
 from bench.report import table, write_section
-from node_agent.backends.base import Backend
-from node_agent.engine import Engine
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.runtime.backends.base import Backend
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.types import ModelConfig, TensorSpec
 
 FEATURES = 16

@@ -37,13 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.report import table, write_section
-from node_agent.eviction import (
-    CostAwarePolicy,
-    EvictionPolicy,
-    LRUPolicy,
-    WeightedLRUPolicy,
-)
-from node_agent.types import ModelId, Priority
+from edgefleet_api.types import ModelId, Priority
+from node_agent.runtime.eviction import CostAwarePolicy, EvictionPolicy, LRUPolicy, WeightedLRUPolicy
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODELS = 500
@@ -358,8 +353,8 @@ def _ratio_cell(misses: int, best: int) -> str:
 def hot_path(iterations: int) -> str:
     """acquire() + release() of a resident real model (example mlp/1 on CPU), per call."""
     from node_agent.examples import make_examples
-    from node_agent.repository import ModelRepository
-    from node_agent.scheduler import ModelScheduler
+    from node_agent.runtime.repository import ModelRepository
+    from node_agent.runtime.scheduler import ModelScheduler
 
     with tempfile.TemporaryDirectory() as root:
         make_examples(root)

@@ -23,7 +23,7 @@ from bench.report import table, write_section
 from e2e import cluster as localcluster
 from e2e import fleet
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess, ensure_agent_namespace
-from edgefleet_operator import api
+from edgefleet_api import names
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 N = 20 if QUICK else 200
@@ -48,7 +48,7 @@ def metric(port: int, pattern: str) -> float:
 def services_gone(custom: Any, namespace: str) -> bool:
     """No InferenceService left in `namespace` (the operator released their finalizers)."""
     return not custom.list_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL
     )["items"]
 
 
@@ -58,8 +58,8 @@ def writes(port: int) -> float:
 
 def service(name: str, group: str) -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.INFERENCE_SERVICE_KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.INFERENCE_SERVICE_KIND,
         "metadata": {"name": name},
         "spec": {
             "models": [
@@ -115,7 +115,9 @@ def one_round(
         writes_before = writes(op.metrics_port)
 
         def placed() -> int:
-            items = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+            items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
+                "items"
+            ]
             return sum(
                 1
                 for e in items
@@ -127,7 +129,11 @@ def one_round(
         list(
             pool.map(
                 lambda i: custom.create_namespaced_custom_object(
-                    api.GROUP, api.VERSION, ns_ops, api.INFERENCE_SERVICE_PLURAL, service(f"s{i:03d}", group)
+                    names.GROUP,
+                    names.VERSION,
+                    ns_ops,
+                    names.INFERENCE_SERVICE_PLURAL,
+                    service(f"s{i:03d}", group),
                 ),
                 range(N),
             )
@@ -160,13 +166,13 @@ def one_round(
         try:
             wait(lambda: services_gone(custom, ns_ops), 300, "the services' deletion")
             # The next round starts on a quiet fleet: every agent Pod of this round gone.
-            agents = f"app.kubernetes.io/name={api.AGENT_APP}"
+            agents = f"app.kubernetes.io/name={names.AGENT_APP}"
             wait(
                 lambda: (
                     not [
                         p
                         for p in core.list_namespaced_pod(AGENT_NAMESPACE, label_selector=agents).items
-                        if (p.metadata.labels or {}).get(api.LABEL_NODE, "").startswith(f"b{group}")
+                        if (p.metadata.labels or {}).get(names.LABEL_NODE, "").startswith(f"b{group}")
                     ]
                 ),
                 300,
@@ -193,7 +199,9 @@ def main() -> None:
     try:
         edge_names = lambda: {  # noqa: E731
             e["metadata"]["name"]
-            for e in custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+            for e in custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
+                "items"
+            ]
         }
         print(f"[bench] {N} nodes created; waiting for the operator's EdgeNodes", flush=True)
         wait(lambda: set(nodes) <= edge_names(), 300, "EdgeNodes for every node")

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from bench.report import table, write_section
-from node_agent.generation import EngineConfig, GenerationEngine, SamplingParams
-from node_agent.kv_cache import block_size_for_context
-from node_agent.transformer import TinyLM, TinyLMConfig
+from node_agent.generation.engine import EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.transformer import TinyLM, TinyLMConfig
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODEL = TinyLMConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=512)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.report import table, write_section
-from node_agent.kv_blocks import BlockPool
-from node_agent.kv_cache import KVCacheConfig, KVCacheManager
+from node_agent.generation.kv_blocks import BlockPool
+from node_agent.generation.kv_cache import KVCacheConfig, KVCacheManager
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BLOCK = 16

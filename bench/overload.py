@@ -34,12 +34,12 @@ import numpy as np
 from bench.adaptive_batching import closed_loop_capacity
 from bench.common import ReplayResult, RepositoryView, example_repo, fmt_ms, poisson_trace, quick, replay
 from bench.report import table, write_section
-from node_agent.batching_policy import BatchingPolicy, StaticPolicy, policy_for
-from node_agent.engine import Engine
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import Priority
+from edgefleet_api.types import Priority
+from node_agent.runtime.batching_policy import BatchingPolicy, StaticPolicy, policy_for
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 MODEL = "classifier"
 SLO_S = 0.15

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from unittest import mock
 
 from bench.report import table, write_section
+from edgefleet_api.types import Priority
 from edgefleet_operator import placement, replanning
 from edgefleet_operator.fleet_types import (
     Assignment,
@@ -37,7 +38,6 @@ from edgefleet_operator.fleet_types import (
     ModelDemand,
     NodeState,
     PlacementResult,
-    Priority,
     ServiceDemand,
     Spread,
     Taint,

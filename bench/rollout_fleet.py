@@ -39,7 +39,8 @@ from e2e import cluster as localcluster
 from e2e import fleet
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess, ensure_agent_namespace
 from e2e.sim_agent import SimNode, SimulatedAgents
-from edgefleet_operator import api, rollout
+from edgefleet_api import names
+from edgefleet_operator import rollout
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 N = 20 if QUICK else int(os.environ.get("EDGEFLEET_BENCH_NODES", "500"))
@@ -179,13 +180,13 @@ def main() -> None:
 
     def status() -> dict[str, Any]:
         obj = custom.get_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, "svc"
+            names.GROUP, names.VERSION, ns, names.INFERENCE_SERVICE_PLURAL, "svc"
         )
         return (obj.get("status") or {}).get("rollout") or {}
 
     def fleet_versions() -> tuple[set[str], set[str]]:
         """(versions in the EdgeNode specs, versions the agents report Ready) over our nodes."""
-        items = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+        items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)["items"]
         ours = [e for e in items if e["metadata"]["name"] in node_set]
         spec_v = {str(m["version"]) for e in ours for m in e.get("spec", {}).get("models") or []}
         seen = {str(m["version"]) for e in ours for m in (e.get("status") or {}).get("models") or []}
@@ -206,20 +207,25 @@ def main() -> None:
 
     def patch_version(version: str) -> float:
         custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, "svc", {"spec": spec(version, group)}
+            names.GROUP,
+            names.VERSION,
+            ns,
+            names.INFERENCE_SERVICE_PLURAL,
+            "svc",
+            {"spec": spec(version, group)},
         )
         return time.time()
 
     profile = ""
     try:
         body = {
-            "apiVersion": api.API_VERSION,
-            "kind": api.INFERENCE_SERVICE_KIND,
+            "apiVersion": names.API_VERSION,
+            "kind": names.INFERENCE_SERVICE_KIND,
             "metadata": {"name": "svc"},
         }
         t_apply = time.time()
         custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.INFERENCE_SERVICE_PLURAL, {**body, "spec": spec("1", group)}
+            names.GROUP, names.VERSION, ns, names.INFERENCE_SERVICE_PLURAL, {**body, "spec": spec("1", group)}
         )
         print(f"[bench] {N} nodes; deploying v1", flush=True)
         t_v1 = wait(
@@ -295,7 +301,7 @@ def main() -> None:
         fleet.delete_nodes(core, nodes)
         for n in nodes:
             with contextlib.suppress(ApiException):
-                coordination.delete_namespaced_lease(api.agent_name(n), AGENT_NAMESPACE)
+                coordination.delete_namespaced_lease(names.agent_name(n), AGENT_NAMESPACE)
 
     passes, busy = passes1 - passes0, busy1 - busy0
     op_writes = {k: v - writes0.get(k, 0) for k, v in writes1.items() if v - writes0.get(k, 0)}

@@ -23,10 +23,10 @@ import time
 
 from bench.common import bare_rows_per_s, example_repo, images, quick
 from bench.report import table, write_section
-from node_agent.engine import Engine
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 BATCH = 16
 CLIENTS = 64

@@ -165,7 +165,6 @@ def ensure_mlserver(log: list[str]) -> Path | None:
     )
     steps.append([str(python), "-m", "pip", "install", "--quiet", *MLSERVER_REQUIREMENTS])
     for cmd in steps:
-        # cwd away from the project: its `operator/` folder would shadow the stdlib module
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=VENV.parent)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]

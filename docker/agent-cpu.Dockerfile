@@ -15,6 +15,7 @@ RUN python -m venv /opt/edgefleet \
     && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
 # torch is already satisfied by the CPU build above, so pip keeps it.

@@ -27,6 +27,7 @@ RUN python3 -m venv /opt/edgefleet \
     && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
 RUN /opt/edgefleet/bin/pip install ".[gpu]" \

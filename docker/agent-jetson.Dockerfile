@@ -30,6 +30,7 @@ RUN python3.11 -m venv /opt/edgefleet \
     && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
 # nvidia-ml-py is a dependency but NVML is absent on Jetson: the agent reads thermals from sysfs.

@@ -19,6 +19,7 @@ RUN /opt/edgefleet/bin/pip install \
         "prometheus-client==0.23.1" \
         "pyyaml==6.0.3"
 COPY pyproject.toml README.md ./
+COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
 RUN /opt/edgefleet/bin/pip install --no-deps . \

@@ -41,11 +41,11 @@ from typing import Any
 import yaml
 
 from e2e.cluster import free_port
-from edgefleet_operator import api
+from edgefleet_api import names
 
 log = logging.getLogger("e2e.agent_pods")
 
-AGENT_SELECTOR = f"app.kubernetes.io/name={api.AGENT_APP}"
+AGENT_SELECTOR = f"app.kubernetes.io/name={names.AGENT_APP}"
 AGENT_CONTAINER = "agent"
 TOKEN_SECONDS = 24 * 3600
 """Lifetime of an agent's token: the agent reads its kubeconfig once, and a demo fleet stays up."""

@@ -32,7 +32,7 @@ import yaml
 
 from e2e import cluster as localcluster
 from e2e import fleet, release
-from edgefleet_operator import api
+from edgefleet_api import names
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = "edgefleet-system"
@@ -198,8 +198,10 @@ def fleet_view(kube: Any) -> str:
 
     custom: Any = client.CustomObjectsApi(kube)
     core: Any = client.CoreV1Api(kube)
-    edge_nodes = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
-    services = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)[
+    edge_nodes = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
+        "items"
+    ]
+    services = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL)[
         "items"
     ]
     labels = {n.metadata.name: n.metadata.labels or {} for n in core.list_node().items}
@@ -235,7 +237,9 @@ def service(kube: Any, name: str) -> dict[str, Any]:
 
     custom: Any = client.CustomObjectsApi(kube)
     return dict(
-        custom.get_namespaced_custom_object(api.GROUP, api.VERSION, DEMO, api.INFERENCE_SERVICE_PLURAL, name)
+        custom.get_namespaced_custom_object(
+            names.GROUP, names.VERSION, DEMO, names.INFERENCE_SERVICE_PLURAL, name
+        )
     )
 
 

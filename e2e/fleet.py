@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet_operator import api
+from edgefleet_api import names
 
 KWOK_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
 GIB = 1 << 30
@@ -50,13 +50,13 @@ def node_manifest(
         "kubernetes.io/arch": "arm64" if device_class.startswith("jetson") else "amd64",
         "type": "kwok",
         "topology.kubernetes.io/zone": zone,
-        api.LABEL_FLEET: "true",
-        api.LABEL_DEVICE_CLASS: dc.name,
-        api.LABEL_GPU_PRODUCT: dc.gpu_product,
+        names.LABEL_FLEET: "true",
+        names.LABEL_DEVICE_CLASS: dc.name,
+        names.LABEL_GPU_PRODUCT: dc.gpu_product,
         "nvidia.com/gpu.memory": str(dc.gpu_memory_bytes // (1 << 20)),  # MiB, as GFD labels it
         **(extra_labels or {}),
     }
-    capacity = {"cpu": dc.cpu, "memory": dc.memory, "pods": "110", api.GPU_RESOURCE: str(gpus)}
+    capacity = {"cpu": dc.cpu, "memory": dc.memory, "pods": "110", names.GPU_RESOURCE: str(gpus)}
     return {
         "apiVersion": "v1",
         "kind": "Node",

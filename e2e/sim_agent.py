@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from e2e.fleet import DEVICE_CLASSES
-from edgefleet_operator import api
+from edgefleet_api import names
 
 
 def micro_time(t: dt.datetime | None = None) -> str:
@@ -93,7 +93,7 @@ class SimulatedAgents:
 
         try:
             en = self.custom.get_cluster_custom_object(
-                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node.name
+                names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node.name
             )
         except ApiException as e:
             if e.status == 404:
@@ -114,7 +114,9 @@ class SimulatedAgents:
         written (timestamps aside) or `heartbeat_s` has passed, and renews its Lease every
         `lease_renew_s` (a real agent's 10 s). Writes run on `pool`.
         """
-        items = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+        items = self.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
+            "items"
+        ]
         found = {e["metadata"]["name"]: e for e in items if e["metadata"]["name"] in self.nodes}
         now = time.monotonic()
         status_writes, lease_writes = [], []
@@ -138,9 +140,9 @@ class SimulatedAgents:
 
         try:
             self.custom.patch_cluster_custom_object_status(
-                api.GROUP,
-                api.VERSION,
-                api.EDGE_NODE_PLURAL,
+                names.GROUP,
+                names.VERSION,
+                names.EDGE_NODE_PLURAL,
                 node.name,
                 {"status": status},
                 _preload_content=False,  # the answer is not read: decoding it is half the cost
@@ -155,11 +157,11 @@ class SimulatedAgents:
     def renew_lease(self, node: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        name = api.agent_name(node)
+        name = names.agent_name(node)
         body = {
             "metadata": {
                 "name": name,
-                "labels": {"app.kubernetes.io/name": api.AGENT_APP, api.LABEL_NODE: node},
+                "labels": {"app.kubernetes.io/name": names.AGENT_APP, names.LABEL_NODE: node},
             },
             "spec": {"holderIdentity": name, "leaseDurationSeconds": 30, "renewTime": micro_time()},
         }

@@ -8,7 +8,7 @@ down in reverse, draining first:
     stop:  not ready -> drain delay -> extensions -> HTTP (stops listening, waits for the
            requests in progress, bounded) -> generators -> monitors -> engine -> scheduler -> stream pool
 
-Load control (`node_agent.mitigation`): one `Controls` takes the limits of both monitors.
+Load control (`node_agent.control.mitigation`): one `Controls` takes the limits of both monitors.
 The SLA monitor wraps every model version's batching policy (it measures each batch and
 caps batch size, delay and queue bound while a model mitigates) and the engine asks the
 controls before queueing a request, so a class the mitigation sheds is refused with 429
@@ -44,23 +44,24 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from node_agent.engine import ConfigSource, Engine, EngineSettings
+from edgefleet_api.types import ModelId, Priority
+from node_agent.control.mitigation import Controls
+from node_agent.control.sla_monitor import SlaMonitor, SlaSettings
+from node_agent.control.thermal import ThermalMonitor, ThermalSettings
+from node_agent.control.thermal_sources import SOURCE_KINDS, ThermalSource, detect_source, select_source
 from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFound, ShuttingDown
-from node_agent.http_api import HttpSettings, IndexEntry, MetricsHook, build_app
-from node_agent.mitigation import Controls
-from node_agent.repository import ModelRepository, validate_name, validate_version
-from node_agent.scheduler import ModelScheduler, UnloadOutcome, device_budget_bytes
-from node_agent.sla_monitor import SlaMonitor, SlaSettings
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.thermal import ThermalMonitor, ThermalSettings
-from node_agent.thermal_sources import SOURCE_KINDS, ThermalSource, detect_source, select_source
-from node_agent.types import ModelConfig, ModelId, Priority
+from node_agent.runtime.engine import ConfigSource, Engine, EngineSettings
+from node_agent.runtime.repository import ModelRepository, validate_name, validate_version
+from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
+from node_agent.serving.http import HttpSettings, IndexEntry, MetricsHook, build_app
+from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
-    from node_agent.backends.base import Backend
-    from node_agent.generation import AsyncGenerator, GenerationStats
-    from node_agent.metrics import AgentCollector, ApiMetrics
-    from node_agent.scheduler import Lease
+    from node_agent.generation.engine import AsyncGenerator, GenerationStats
+    from node_agent.metrics.agent import AgentCollector, ApiMetrics
+    from node_agent.runtime.backends.base import Backend
+    from node_agent.runtime.scheduler import Lease
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +319,8 @@ class Serving:
         return await asyncio.shield(start)
 
     async def _start_generator(self, config: ModelConfig) -> AsyncGenerator:
-        from node_agent.generation import AsyncGenerator, engine_for_backend
-        from node_agent.transformer import TinyLMBackend
+        from node_agent.generation.engine import AsyncGenerator, engine_for_backend
+        from node_agent.generation.transformer import TinyLMBackend
 
         try:
             failed = self._generators.pop(config.id, None)  # its engine failed: start afresh
@@ -541,7 +542,12 @@ class Agent:
         """The agent's collector and the HTTP layer's per-request metrics, on `registry`."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        from node_agent.metrics import ApiMetrics, engine_batchers, register_agent_metrics, torch_gpu_memory
+        from node_agent.metrics.agent import (
+            ApiMetrics,
+            engine_batchers,
+            register_agent_metrics,
+            torch_gpu_memory,
+        )
 
         scheduler, device = self.scheduler, self.settings.device
         assert scheduler is not None and self.engine is not None
@@ -557,7 +563,7 @@ class Agent:
         )
         self.api_metrics = ApiMetrics(self.registry)
         if self.serving is not None:  # the generate extension's metrics
-            from node_agent.generation_metrics import register_generation_metrics
+            from node_agent.metrics.generation import register_generation_metrics
 
             register_generation_metrics(self.registry, self.serving.generation_stats)
         if self.metrics is None:

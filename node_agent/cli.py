@@ -30,8 +30,8 @@ def _make_examples_args(parser: argparse.ArgumentParser) -> None:
 
 def _make_examples(args: argparse.Namespace) -> int:
     from node_agent.examples import make_examples
-    from node_agent.repository import CONFIG_FILE
-    from node_agent.transformer import write_tiny_lm
+    from node_agent.generation.transformer import write_tiny_lm
+    from node_agent.runtime.repository import CONFIG_FILE
 
     root: Path = args.dir
     for config in [*make_examples(root), write_tiny_lm(root)]:
@@ -44,7 +44,7 @@ def _make_examples(args: argparse.Namespace) -> int:
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
-    from node_agent.http_api import LOOPBACK_NETWORKS
+    from node_agent.serving.http import LOOPBACK_NETWORKS
 
     parser.add_argument(
         "--model-repository",
@@ -197,7 +197,7 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[Any], Any]:
     """(extensions, overlay) for `Agent` when --edge-node is given, else ([], None)."""
     if not args.edge_node:
         return [], None
-    from node_agent.operator_link import EdgeNodeMode, LinkSettings
+    from node_agent.link.operator_link import EdgeNodeMode, LinkSettings
 
     namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
     sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -220,9 +220,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from node_agent.agent import Agent, AgentSettings, serve
-    from node_agent.http_api import LOOPBACK_NETWORKS, HttpSettings
-    from node_agent.repository import parse_quantity
-    from node_agent.thermal import ThermalSettings
+    from node_agent.control.thermal import ThermalSettings
+    from node_agent.runtime.repository import parse_quantity
+    from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
 
     try:
         token = None

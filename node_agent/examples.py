@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node_agent.backends.torchscript import jit_deprecations_silenced
-from node_agent.repository import sha256_file, write_model_config
-from node_agent.types import ModelConfig, Priority, TensorSpec
+from edgefleet_api.types import Priority
+from node_agent.runtime.backends.torchscript import jit_deprecations_silenced
+from node_agent.runtime.repository import sha256_file, write_model_config
+from node_agent.types import ModelConfig, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

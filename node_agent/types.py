@@ -1,4 +1,5 @@
-"""Small value types shared across the agent: priorities, tensor specs, model configs.
+"""The agent's value types: tensor specs and model configs (priorities and model ids are the
+contract's, `edgefleet_api.types`).
 
 Policies (scheduler, batcher, stream pool) work on these and on identifiers;
 only backends touch tensors.
@@ -6,34 +7,9 @@ only backends touch tensors.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-
-class Priority(enum.IntEnum):
-    """Priority classes; a lower value is more urgent (sorts first)."""
-
-    CRITICAL = 0
-    HIGH = 1
-    NORMAL = 2
-    LOW = 3
-
-    @classmethod
-    def parse(cls, value: str | int | Priority | None) -> Priority:
-        """'critical'/'high'/'normal'/'low' (any case), 0-3, or None (normal)."""
-        if value is None:
-            return cls.NORMAL
-        if isinstance(value, Priority):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            raise ValueError(
-                f"unknown priority {value!r}; expected one of critical, high, normal, low"
-            ) from None
-
+from edgefleet_api.types import ModelId, Priority
 
 # KServe v2 datatype -> numpy dtype name. BYTES is carried as object arrays.
 V2_TO_NUMPY: dict[str, str] = {
@@ -50,17 +26,6 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelId:
-    """A model version: the unit the scheduler loads and evicts."""
-
-    name: str
-    version: str
-
-    def __str__(self) -> str:
-        return f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ import yaml
 from e2e import cluster as localcluster
 from e2e import fleet
 from e2e.waiting import eventually
-from edgefleet_operator import api, manifests
+from edgefleet_api import names
+from edgefleet_operator import manifests
 from edgefleet_operator.settings import AgentPodSettings
 
 pytestmark = pytest.mark.cluster
@@ -358,16 +359,16 @@ def test_helm_install_and_uninstall(
         for node in (node_a, node_b):
             try:
                 edge_nodes[node] = custom.create_cluster_custom_object(
-                    api.GROUP,
-                    api.VERSION,
-                    api.EDGE_NODE_PLURAL,
+                    names.GROUP,
+                    names.VERSION,
+                    names.EDGE_NODE_PLURAL,
                     manifests.edge_node(core.api_client.sanitize_for_serialization(core.read_node(node))),
                 )
             except client.exceptions.ApiException as e:
                 if e.status != 409:
                     raise
                 edge_nodes[node] = custom.get_cluster_custom_object(
-                    api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node
                 )
         # The operator's own agent Pod spec, in the chart's restricted namespace.
         pod = manifests.agent_pod(edge_nodes[node_a], AgentPodSettings(namespace=agent_ns))
@@ -433,11 +434,11 @@ def test_helm_install_and_uninstall(
             what="the admission policy to deny a write to another node's EdgeNode",
         )
         assert f"may write only EdgeNode {node_a}, not {node_b}" in other.stderr
-        own_lease = create_lease(api.agent_name(node_a))
+        own_lease = create_lease(names.agent_name(node_a))
         assert own_lease.returncode == 0, own_lease.stderr
-        other_lease = create_lease(api.agent_name(node_b))
+        other_lease = create_lease(names.agent_name(node_b))
         assert other_lease.returncode != 0
-        assert f"may write only Lease {api.agent_name(node_a)}" in other_lease.stderr
+        assert f"may write only Lease {names.agent_name(node_a)}" in other_lease.stderr
         # RBAC: the agent reads EdgeNodes but cannot change their spec or touch Pods.
         assert agent("auth", "can-i", "patch", "edgenodes").stdout.strip() == "no"
         assert agent("auth", "can-i", "create", "pods", "-n", agent_ns).stdout.strip() == "no"
@@ -445,7 +446,7 @@ def test_helm_install_and_uninstall(
         core.delete_namespaced_pod(pod_name, agent_ns, grace_period_seconds=0)
     finally:
         for node in (node_a, node_b):
-            custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node)
+            custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node)
         fleet.delete_nodes(core, [node_a, node_b])
 
     # Uninstall removes everything the chart made (the CRDs stay, as Helm keeps them).

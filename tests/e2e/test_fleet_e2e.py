@@ -47,7 +47,7 @@ import yaml
 from e2e import fleet, release
 from e2e.agent_pods import AgentPods, PodView, ProcessView, agent_command, backoff_s, decide
 from e2e.waiting import eventually
-from edgefleet_operator import api
+from edgefleet_api import names
 
 RUN = uuid.uuid4().hex[:5]
 FLEET_LABEL = "edgefleet.io/e2e-fleet"
@@ -123,7 +123,7 @@ class Fleet:
 
     def agent_pods(self) -> dict[str, str]:
         """Node -> agent Pod name, for Pods not being deleted."""
-        pods = self.get("-n", NAMESPACE, "pods", "-l", f"app.kubernetes.io/name={api.AGENT_APP}")["items"]
+        pods = self.get("-n", NAMESPACE, "pods", "-l", f"app.kubernetes.io/name={names.AGENT_APP}")["items"]
         return {
             p["spec"]["nodeName"]: p["metadata"]["name"]
             for p in pods
@@ -286,11 +286,11 @@ def fleet_(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             os.environ["EDGEFLEET_E2E_EXAMPLES_AT"],
             forwards=PortForwards(kubectl_argv),
         )
-        for node in json.loads(f.kubectl("get", "nodes", "-l", f"{api.LABEL_FLEET}=true", "-o", "json"))[
+        for node in json.loads(f.kubectl("get", "nodes", "-l", f"{names.LABEL_FLEET}=true", "-o", "json"))[
             "items"
         ]:
             name = node["metadata"]["name"]
-            f.nodes[name] = node["metadata"]["labels"].get(api.LABEL_DEVICE_CLASS, "")
+            f.nodes[name] = node["metadata"]["labels"].get(names.LABEL_DEVICE_CLASS, "")
             f.kubectl("label", "node", name, f"{FLEET_LABEL}={RUN}", "--overwrite")
     else:
         state = request.getfixturevalue("control_plane")
@@ -399,7 +399,7 @@ def test_1_helm_install_brings_up_the_operator(fleet_: Fleet) -> None:
         {
             "agent": {"namespace": ""},
             "peering": {"create": not has_peering},
-            "fleet": {"selector": {api.LABEL_FLEET: "true", FLEET_LABEL: RUN}},
+            "fleet": {"selector": {names.LABEL_FLEET: "true", FLEET_LABEL: RUN}},
         },
         release.LOCAL_VALUES if f.local is not None else {},
         yaml.safe_load(Path(os.environ["EDGEFLEET_E2E_VALUES"]).read_text()) if EXISTING else {},
@@ -676,8 +676,8 @@ def test_agent_command_runs_the_pods_args_with_local_ports_folders_and_credentia
     from edgefleet_operator.settings import AgentPodSettings
 
     en = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.EDGE_NODE_KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.EDGE_NODE_KIND,
         "metadata": {"name": "orin-1", "uid": "e1"},
         "spec": {"nodeName": "orin-1"},
     }

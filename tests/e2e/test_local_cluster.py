@@ -10,7 +10,6 @@ import pytest
 
 from e2e import fleet
 from e2e.waiting import eventually
-from edgefleet_operator import api
 
 pytestmark = pytest.mark.cluster
 
@@ -36,10 +35,10 @@ def test_simulated_edge_nodes_become_ready_with_gpu_labels(core: Any) -> None:
 
         eventually(all_ready, what="kwok to mark the nodes Ready")
         node = core.read_node(names[1])
-        assert node.metadata.labels[api.LABEL_FLEET] == "true"
-        assert node.metadata.labels[api.LABEL_DEVICE_CLASS] == "edge-server"
-        assert node.status.allocatable[api.GPU_RESOURCE] == "1"
-        classes = {core.read_node(n).metadata.labels[api.LABEL_DEVICE_CLASS] for n in names}
+        assert node.metadata.labels[names.LABEL_FLEET] == "true"
+        assert node.metadata.labels[names.LABEL_DEVICE_CLASS] == "edge-server"
+        assert node.status.allocatable[names.GPU_RESOURCE] == "1"
+        classes = {core.read_node(n).metadata.labels[names.LABEL_DEVICE_CLASS] for n in names}
         assert classes == {"jetson-orin", "edge-server", "jetson-nano"}
     finally:
         fleet.delete_nodes(core, names)
@@ -62,7 +61,7 @@ def test_scheduler_binds_a_gpu_pod_to_a_kwok_node_and_it_runs(core: Any, namespa
                         {
                             "name": "c",
                             "image": "example.invalid/agent:0",
-                            "resources": {"limits": {api.GPU_RESOURCE: "1"}},
+                            "resources": {"limits": {names.GPU_RESOURCE: "1"}},
                         }
                     ],
                 },

@@ -23,12 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.agent import AgentSettings
 from node_agent.cli import main as agent_cli
-from node_agent.generation import EngineConfig, GenerationEngine, SamplingParams
-from node_agent.generation_metrics import GENERATION_METRICS, register_generation_metrics
-from node_agent.http_api import HttpSettings
-from node_agent.kv_cache import block_size_for_context
-from node_agent.repository import parse_model_config, write_model_config
-from node_agent.transformer import KV_CACHE_PARAMETER, ByteTokenizer, TinyLM, load_tiny_lm
+from node_agent.generation.engine import EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.transformer import KV_CACHE_PARAMETER, ByteTokenizer, TinyLM, load_tiny_lm
+from node_agent.metrics.generation import GENERATION_METRICS, register_generation_metrics
+from node_agent.runtime.repository import parse_model_config, write_model_config
+from node_agent.serving.http import HttpSettings
 
 TOKEN = "gen-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -27,13 +27,13 @@ import yaml
 from agent_runner import RunningAgent
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet_api.types import ModelId, Priority
 from node_agent.agent import AgentSettings
-from node_agent.http_api import HttpSettings
-from node_agent.operator_link import AssignedConfigs
-from node_agent.repository import ModelRepository
-from node_agent.sla_monitor import SlaSettings
-from node_agent.thermal import ThermalSettings
-from node_agent.types import ModelId, Priority
+from node_agent.control.sla_monitor import SlaSettings
+from node_agent.control.thermal import ThermalSettings
+from node_agent.link.operator_link import AssignedConfigs
+from node_agent.runtime.repository import ModelRepository
+from node_agent.serving.http import HttpSettings
 
 LOCAL = HttpSettings(host="127.0.0.1", port=0)
 
@@ -196,7 +196,7 @@ def test_heat_ramp_lowers_concurrency_and_batches_then_restores(example_repo: Pa
 
 
 def test_auto_thermal_source_takes_a_real_sensor_or_runs_no_monitor(example_repo: Path) -> None:
-    from node_agent.thermal_sources import detect_source
+    from node_agent.control.thermal_sources import detect_source
 
     sensor = detect_source()
     running = RunningAgent(AgentSettings(example_repo, workers=1, http=LOCAL))

@@ -15,7 +15,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_agent.assignment import (
+from edgefleet_api.patch import merge_patch
+from edgefleet_api.types import ModelId, Priority
+from node_agent.control.sla_monitor import SlaSpec
+from node_agent.errors import InvalidModel
+from node_agent.link.assignment import (
     Assignment,
     DesiredModel,
     GpuReading,
@@ -32,7 +36,6 @@ from node_agent.assignment import (
     desired_versions,
     effective_config,
     encode_persisted,
-    merge_patch,
     parse_artifact_uri,
     parse_edge_node,
     plan,
@@ -40,10 +43,8 @@ from node_agent.assignment import (
     sla_status,
     traffic_weights,
 )
-from node_agent.errors import InvalidModel
-from node_agent.operator_link import Backoff
-from node_agent.sla_monitor import SlaSpec
-from node_agent.types import ModelConfig, ModelId, Priority, TensorSpec
+from node_agent.link.operator_link import Backoff
+from node_agent.types import ModelConfig, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 D1 = "sha256:" + "1" * 64

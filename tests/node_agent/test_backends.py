@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from node_agent.backends import FORMATS, backend_for
-from node_agent.backends.torchscript import TorchScriptBackend, optimized, short_message
 from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
 from node_agent.examples import EXAMPLES, Example, build_module
-from node_agent.repository import ModelRepository, sha256_file, write_model_config
+from node_agent.runtime.backends import FORMATS, backend_for
+from node_agent.runtime.backends.torchscript import TorchScriptBackend, optimized, short_message
+from node_agent.runtime.repository import ModelRepository, sha256_file, write_model_config
 from node_agent.types import ModelConfig, TensorSpec
 
 WORKING = [e for e in EXAMPLES if e.version != "2-failing"]
@@ -143,7 +143,7 @@ def test_models_are_frozen_and_optimized_for_the_cpu_at_load(
 
 def test_a_module_that_cannot_be_frozen_is_served_as_loaded(caplog: pytest.LogCaptureFixture) -> None:
     module = torch.jit.script(_Pair()).train()  # freezing needs eval mode: it raises
-    with caplog.at_level("WARNING", logger="node_agent.backends.torchscript"):
+    with caplog.at_level("WARNING", logger="node_agent.runtime.backends.torchscript"):
         assert optimized(module, torch.device("cpu"), "pair:1") is module
     assert "pair:1: served as loaded: freezing/optimizing it failed" in caplog.text
 

@@ -15,23 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from node_agent.batcher import Batcher, BatcherSettings, static_acquire
-from node_agent.batching_policy import (
+from edgefleet_api.types import Priority
+from node_agent.errors import DeadlineExceeded, InferenceFailed, InsufficientMemory, Overloaded, ShuttingDown
+from node_agent.runtime.batcher import Batcher, BatcherSettings, static_acquire
+from node_agent.runtime.batching_policy import (
     AdaptivePolicy,
     AdaptiveSettings,
     BatchingPolicy,
     SloTarget,
     StaticPolicy,
 )
-from node_agent.errors import (
-    DeadlineExceeded,
-    InferenceFailed,
-    InsufficientMemory,
-    Overloaded,
-    ShuttingDown,
-)
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import Priority
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 R = TypeVar("R")
 P = Priority

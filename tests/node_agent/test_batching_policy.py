@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_agent.batching_policy import (
+from node_agent.runtime.batching_policy import (
     AdaptivePolicy,
     AdaptiveSettings,
     ServiceModel,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from node_agent.engine import Engine, EngineSettings
+from edgefleet_api.types import Priority
 from node_agent.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -23,10 +23,11 @@ from node_agent.errors import (
     Overloaded,
     ShuttingDown,
 )
-from node_agent.repository import ModelRepository, sha256_file, write_model_config
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelConfig, Priority, TensorSpec
+from node_agent.runtime.engine import Engine, EngineSettings
+from node_agent.runtime.repository import ModelRepository, sha256_file, write_model_config
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelConfig, TensorSpec
 
 T = TypeVar("T")
 

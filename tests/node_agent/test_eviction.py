@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_agent.eviction import (
+from edgefleet_api.types import ModelId, Priority
+from node_agent.runtime.eviction import (
     CostAwarePolicy,
     CostAwareSettings,
     EvictionPolicy,
@@ -18,7 +19,6 @@ from node_agent.eviction import (
     default_policy,
     seed_weight,
 )
-from node_agent.types import ModelId, Priority
 
 N = Priority.NORMAL
 

@@ -13,17 +13,9 @@ import torch
 from torch import nn
 
 from node_agent import cli
-from node_agent.examples import (
-    EXAMPLES,
-    Conv3x3,
-    Dense,
-    build_module,
-    estimate_memory_bytes,
-    make_examples,
-)
-from node_agent.repository import CONFIG_FILE, ModelRepository, parse_model_config, sha256_file
+from node_agent.examples import EXAMPLES, Conv3x3, Dense, build_module, estimate_memory_bytes, make_examples
+from node_agent.runtime.repository import CONFIG_FILE, ModelRepository, parse_model_config, sha256_file
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 LAYOUT = ["classifier/1", "classifier/2", "classifier/2-slow", "classifier/2-failing", "mlp/1"]
 
@@ -72,11 +64,7 @@ def test_same_bytes_from_another_process_hash_seed_and_directory(example_repo: P
     """The CLI in a fresh interpreter (other PYTHONHASHSEED, other cwd) writes the same bytes."""
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = tmp_path / "elsewhere"
-    # append (not prepend) the checkout: its operator/ folder must not shadow the stdlib's
-    script = (
-        f"import sys; sys.path.append({str(REPO_ROOT)!r}); from node_agent.cli import main; "
-        f"sys.exit(main(['make-examples', {str(out)!r}]))"
-    )
+    script = f"import sys; from node_agent.cli import main; sys.exit(main(['make-examples', {str(out)!r}]))"
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,

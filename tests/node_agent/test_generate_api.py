@@ -13,9 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from node_agent.errors import InvalidInput, ModelNotFound
-from node_agent.generate_api import add_generate_routes
-from node_agent.generation import AsyncGenerator, EngineConfig, GenerationEngine, SamplingParams
-from node_agent.transformer import ByteTokenizer, TinyLM, TinyLMConfig
+from node_agent.generation.engine import AsyncGenerator, EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.transformer import ByteTokenizer, TinyLM, TinyLMConfig
+from node_agent.serving.generate import add_generate_routes
 
 CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 PARAMS = {"max_tokens": 16, "temperature": 0.8, "seed": 42, "ignore_eos": True}

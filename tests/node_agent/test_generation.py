@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
-from node_agent.generation import (
+from node_agent.generation.engine import (
     TPOT_BUCKETS_S,
     TTFT_BUCKETS_S,
     AsyncGenerator,
@@ -25,8 +25,8 @@ from node_agent.generation import (
     sample_token,
     sample_tokens,
 )
-from node_agent.kv_cache import block_size_for_context
-from node_agent.transformer import (
+from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.transformer import (
     KV_BLOCK_SIZE_PARAMETER,
     ByteTokenizer,
     TinyLM,

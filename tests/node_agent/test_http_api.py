@@ -34,12 +34,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
+from edgefleet_api.types import Priority
 from node_agent.agent import AgentSettings
-from node_agent.batcher import Batcher
 from node_agent.examples import Dense
-from node_agent.http_api import HttpSettings, control_networks, peer_allowed
-from node_agent.repository import parse_model_config, sha256_file, write_model_config
-from node_agent.types import ModelConfig, Priority, TensorSpec
+from node_agent.runtime.batcher import Batcher
+from node_agent.runtime.repository import parse_model_config, sha256_file, write_model_config
+from node_agent.serving.http import HttpSettings, control_networks, peer_allowed
+from node_agent.types import ModelConfig, TensorSpec
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from edgefleet_api.types import Priority
 from node_agent.errors import InsufficientMemory
-from node_agent.kv_blocks import BlockPool, CopyOp, chain_block_hashes
-from node_agent.kv_cache import (
+from node_agent.generation.kv_blocks import BlockPool, CopyOp, chain_block_hashes
+from node_agent.generation.kv_cache import (
     Allocation,
     AppendResult,
     KVCacheConfig,
@@ -20,7 +21,6 @@ from node_agent.kv_cache import (
     blocks_for_budget,
     kv_bytes_per_token,
 )
-from node_agent.types import Priority
 
 SEED = 1234
 Memory = dict[int, list[int | None]]

@@ -12,17 +12,17 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node_agent.engine import Engine
+from edgefleet_api.types import ModelId, Priority
+from node_agent.control.mitigation import Controls, Limits
+from node_agent.control.sla_monitor import SlaMonitor, SlaSettings, SlaSpec
+from node_agent.control.thermal import ThermalMonitor
+from node_agent.control.thermal_sources import SimulatedSource
 from node_agent.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from node_agent.metrics import METRICS, ApiMetrics, engine_batchers, register_agent_metrics
-from node_agent.mitigation import Controls, Limits
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.sla_monitor import SlaMonitor, SlaSettings, SlaSpec
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.thermal import ThermalMonitor
-from node_agent.thermal_sources import SimulatedSource
-from node_agent.types import ModelId, Priority
+from node_agent.metrics.agent import METRICS, ApiMetrics, engine_batchers, register_agent_metrics
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

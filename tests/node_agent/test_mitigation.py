@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node_agent.batching_policy import BatchingDecision, StaticPolicy
-from node_agent.engine import Engine
-from node_agent.mitigation import NO_LIMITS, ConcurrencyGate, Controls, LimitedPolicy, Limits
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler, UnloadOutcome
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelId, Priority
+from edgefleet_api.types import ModelId, Priority
+from node_agent.control.mitigation import NO_LIMITS, ConcurrencyGate, Controls, LimitedPolicy, Limits
+from node_agent.runtime.batching_policy import BatchingDecision, StaticPolicy
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 
 class FakeClock:

@@ -26,15 +26,15 @@ import numpy as np
 import pytest
 import torch
 
-from edgefleet_operator import api
-from node_agent.assignment import DesiredModel, UnsupportedArtifact, decode_persisted
-from node_agent.engine import Engine, EngineSettings
+from edgefleet_api import names
+from edgefleet_api.types import ModelId
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
-from node_agent.operator_link import AssignedConfigs, LinkSettings, OperatorLink, api_client, materialize
-from node_agent.repository import ModelRepository, parse_model_config, sha256_file
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelId
+from node_agent.link.assignment import DesiredModel, UnsupportedArtifact, decode_persisted
+from node_agent.link.operator_link import AssignedConfigs, LinkSettings, OperatorLink, api_client, materialize
+from node_agent.runtime.engine import Engine, EngineSettings
+from node_agent.runtime.repository import ModelRepository, parse_model_config, sha256_file
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 pytestmark = pytest.mark.cluster
 
@@ -101,16 +101,16 @@ class Cluster:
 
     async def edge_node(self, name: str) -> dict[str, Any]:
         obj: Any = await self.call(
-            self.custom.get_cluster_custom_object, api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name
+            self.custom.get_cluster_custom_object, names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
         )
         return dict(obj)
 
     async def patch_spec(self, name: str, spec: dict[str, Any]) -> int:
         obj: Any = await self.call(
             self.custom.patch_cluster_custom_object,
-            api.GROUP,
-            api.VERSION,
-            api.EDGE_NODE_PLURAL,
+            names.GROUP,
+            names.VERSION,
+            names.EDGE_NODE_PLURAL,
             name,
             {"spec": spec},
         )
@@ -233,22 +233,22 @@ def edge_node_name(kube: Any) -> Any:
     custom = client.CustomObjectsApi(kube)
     with suppress(ApiException):
         custom.patch_cluster_custom_object(
-            api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name, {"metadata": {"finalizers": None}}
+            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name, {"metadata": {"finalizers": None}}
         )
-        custom.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+        custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)
 
 
 def create_edge_node(kube: Any, name: str, models: list[dict[str, Any]], **spec: Any) -> None:
     from kubernetes import client
 
     body = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.EDGE_NODE_KIND,
-        "metadata": {"name": name, "labels": {api.LABEL_NODE: name}, "finalizers": [TEST_HOLD]},
+        "apiVersion": names.API_VERSION,
+        "kind": names.EDGE_NODE_KIND,
+        "metadata": {"name": name, "labels": {names.LABEL_NODE: name}, "finalizers": [TEST_HOLD]},
         "spec": {"nodeName": name, "models": models, **spec},
     }
     client.CustomObjectsApi(kube).create_cluster_custom_object(
-        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, body
+        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body
     )
 
 
@@ -300,9 +300,12 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
             )
 
             # the Lease: named after the node, labelled for the operator, renewed
-            lease_name = api.agent_name(name)
+            lease_name = names.agent_name(name)
             lease = await cluster.lease(lease_name, namespace)
-            assert lease.metadata.labels == {"app.kubernetes.io/name": api.AGENT_APP, api.LABEL_NODE: name}
+            assert lease.metadata.labels == {
+                "app.kubernetes.io/name": names.AGENT_APP,
+                names.LABEL_NODE: name,
+            }
             assert lease.spec.lease_duration_seconds == 2 and lease.spec.holder_identity == lease_name
             first_renewal = lease.spec.renew_time
 
@@ -444,7 +447,7 @@ def test_agent_keeps_serving_while_the_api_server_is_unreachable_and_catches_up(
     create_edge_node(kube, name, [spec_entry("classifier", "1", d1)])
     cluster = Cluster(kube)
     x = images(3, seed=2)
-    lease_name = api.agent_name(name)
+    lease_name = names.agent_name(name)
 
     async def main() -> None:
         proxy = TcpProxy(*apiserver_address(kube))
@@ -791,7 +794,7 @@ def test_materialize_refuses_wrong_digests_unknown_schemes_and_missing_signature
 
 
 def test_persisted_file_is_plain_json(tmp_path: Path) -> None:
-    from node_agent.operator_link import write_atomic
+    from node_agent.link.operator_link import write_atomic
 
     path = tmp_path / "state" / "a.json"
     write_atomic(path, json.dumps({"a": 1}))

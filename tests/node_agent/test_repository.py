@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
-from node_agent.repository import (
+from node_agent.runtime.repository import (
     CONFIG_FILE,
     ModelRepository,
     config_to_mapping,
@@ -23,7 +24,7 @@ from node_agent.repository import (
     version_sort_key,
     write_model_config,
 )
-from node_agent.types import ModelConfig, ModelId, Priority, TensorSpec
+from node_agent.types import ModelConfig, TensorSpec
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -376,7 +377,7 @@ def test_missing_artifact_is_invalid(repo_copy: Path) -> None:
 def test_load_picks_the_backend_and_runs(example_repo: Path) -> None:
     import torch
 
-    from node_agent.backends.torchscript import TorchScriptBackend
+    from node_agent.runtime.backends.torchscript import TorchScriptBackend
 
     repo = ModelRepository(example_repo)
     backend = repo.load(repo.config("mlp"), "cpu")

@@ -16,21 +16,12 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from node_agent.backends.base import Backend
-from node_agent.errors import (
-    DigestMismatch,
-    InsufficientMemory,
-    InvalidModel,
-    ShuttingDown,
-)
-from node_agent.eviction import LRUPolicy
-from node_agent.scheduler import (
-    Lease,
-    ModelScheduler,
-    UnloadOutcome,
-    device_budget_bytes,
-)
-from node_agent.types import ModelConfig, ModelId, Priority
+from edgefleet_api.types import ModelId, Priority
+from node_agent.errors import DigestMismatch, InsufficientMemory, InvalidModel, ShuttingDown
+from node_agent.runtime.backends.base import Backend
+from node_agent.runtime.eviction import LRUPolicy
+from node_agent.runtime.scheduler import Lease, ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.types import ModelConfig
 
 T = TypeVar("T")
 
@@ -588,7 +579,7 @@ def wide_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.yaml). One warm-up load is made and thrown away: a process's first load also
     measures torch's one-time initialisation."""
     from node_agent.examples import Example, write_example
-    from node_agent.repository import ModelRepository, write_model_config
+    from node_agent.runtime.repository import ModelRepository, write_model_config
     from node_agent.types import TensorSpec
 
     root = tmp_path_factory.mktemp("wide-repo")
@@ -615,7 +606,7 @@ class CountingLoader:
     """The real repository loader (digest check + TorchScript backend on CPU), counting calls."""
 
     def __init__(self, root: Path, device: str = "cpu") -> None:
-        from node_agent.repository import ModelRepository
+        from node_agent.runtime.repository import ModelRepository
 
         self.repo = ModelRepository(root)
         self.device = device

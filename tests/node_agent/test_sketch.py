@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_agent.sketch import BucketCounts, LogHistogram, LogMapping
+from node_agent.control.sketch import BucketCounts, LogHistogram, LogMapping
 
 QS = (0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 

@@ -12,13 +12,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from node_agent.batching_policy import StaticPolicy
-from node_agent.engine import Engine
-from node_agent.errors import InferenceFailed, InvalidModel, Overloaded
-from node_agent.mitigation import Controls
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.sla_monitor import (
+from edgefleet_api.types import ModelId, Priority
+from node_agent.control.mitigation import Controls
+from node_agent.control.sla_monitor import (
     DEFAULT_LEVELS,
     ERROR_RATE,
     P95,
@@ -33,9 +29,14 @@ from node_agent.sla_monitor import (
     next_mitigation,
     pressure_of,
 )
-from node_agent.sla_windows import WindowStats
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.types import ModelConfig, ModelId, Priority, TensorSpec
+from node_agent.control.sla_windows import WindowStats
+from node_agent.errors import InferenceFailed, InvalidModel, Overloaded
+from node_agent.runtime.batching_policy import StaticPolicy
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelConfig, TensorSpec
 
 T = TypeVar("T")
 

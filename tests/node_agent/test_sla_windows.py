@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node_agent.sla_monitor import SlaSettings
-from node_agent.sla_windows import ModelStats
-from node_agent.types import ModelId
+from edgefleet_api.types import ModelId
+from node_agent.control.sla_monitor import SlaSettings
+from node_agent.control.sla_windows import ModelStats
 
 
 def stats_for(window_s: float, settings: SlaSettings | None = None, now: float = 0.0) -> ModelStats:

@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet_api.types import Priority
 from node_agent.errors import DeadlineExceeded, Overloaded, ShuttingDown
-from node_agent.stream_pool import PoolSettings, Refusal, StreamPool, UrgencyQueue
-from node_agent.types import Priority
+from node_agent.runtime.stream_pool import PoolSettings, Refusal, StreamPool, UrgencyQueue
 
 P = Priority
 

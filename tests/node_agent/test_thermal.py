@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from node_agent.batching_policy import StaticPolicy
-from node_agent.engine import Engine
-from node_agent.mitigation import Controls
-from node_agent.repository import ModelRepository
-from node_agent.scheduler import ModelScheduler
-from node_agent.stream_pool import PoolSettings, StreamPool
-from node_agent.thermal import (
+from node_agent.control.mitigation import Controls
+from node_agent.control.thermal import (
     ThermalLevel,
     ThermalMonitor,
     ThermalSettings,
@@ -28,7 +23,7 @@ from node_agent.thermal import (
     ThermalStatus,
     thermal_step,
 )
-from node_agent.thermal_sources import (
+from node_agent.control.thermal_sources import (
     NvmlSource,
     SimulatedSource,
     SysfsSource,
@@ -38,6 +33,11 @@ from node_agent.thermal_sources import (
     find_gpu_zone,
     select_source,
 )
+from node_agent.runtime.batching_policy import StaticPolicy
+from node_agent.runtime.engine import Engine
+from node_agent.runtime.repository import ModelRepository
+from node_agent.runtime.scheduler import ModelScheduler
+from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 
 class FakeClock:

@@ -13,9 +13,8 @@ import torch
 import yaml
 
 from node_agent.errors import InvalidInput, InvalidModel
-from node_agent.kv_cache import KVCacheConfig, KVCacheManager, block_size_for_context
-from node_agent.repository import sha256_file
-from node_agent.transformer import (
+from node_agent.generation.kv_cache import KVCacheConfig, KVCacheManager, block_size_for_context
+from node_agent.generation.transformer import (
     BOS,
     DEFAULT_KV_CONTEXTS,
     EOS,
@@ -34,6 +33,7 @@ from node_agent.transformer import (
     save_tiny_lm,
     write_tiny_lm,
 )
+from node_agent.runtime.repository import sha256_file
 from node_agent.types import ModelConfig
 
 CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
+from edgefleet_api.types import Priority
 from node_agent.errors import InferenceFailed, InvalidInput
-from node_agent.types import ModelConfig, Priority, TensorSpec
-from node_agent.v2_codec import (
+from node_agent.serving.v2_codec import (
     DATATYPES,
     DTYPES,
     InferRequest,
@@ -37,6 +37,7 @@ from node_agent.v2_codec import (
     timeout_s_from,
     triton_model_config,
 )
+from node_agent.types import ModelConfig, TensorSpec
 
 NUMERIC = sorted(dt for dt in DTYPES if dt != "BF16")
 

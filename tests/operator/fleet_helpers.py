@@ -10,7 +10,7 @@ from typing import Any
 from e2e import fleet, waiting
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess
 from e2e.sim_agent import SimNode, SimulatedAgents
-from edgefleet_operator import api
+from edgefleet_api import names
 
 DIGEST = "sha256:" + "cd" * 32
 
@@ -44,7 +44,9 @@ class Group:
 
     def edge_models(self, node: str) -> list[str]:
         try:
-            en = self.custom.get_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, node)
+            en = self.custom.get_cluster_custom_object(
+                names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node
+            )
         except Exception:
             return []
         return [f"{m['service']}/{m['model']}:{m['version']}" for m in en.get("spec", {}).get("models") or []]
@@ -55,9 +57,9 @@ class Group:
         def all_reported() -> bool:
             found = {
                 e["metadata"]["name"]: e
-                for e in self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)[
-                    "items"
-                ]
+                for e in self.custom.list_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL
+                )["items"]
             }
             return all((found.get(n) or {}).get("status", {}).get("gpu") for n in self.names)
 
@@ -90,8 +92,8 @@ def eventually(
 
 def service(name: str, group_id: str, memory: str = "64Mi", **placement: Any) -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.INFERENCE_SERVICE_KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.INFERENCE_SERVICE_KIND,
         "metadata": {"name": name},
         "spec": {
             "models": [
@@ -117,7 +119,7 @@ def apply(kube: Any, namespace: str, body: dict[str, Any]) -> None:
     from kubernetes import client
 
     client.CustomObjectsApi(kube).create_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, body
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, body
     )
 
 
@@ -125,7 +127,7 @@ def get_status(kube: Any, namespace: str, name: str) -> dict[str, Any]:
     from kubernetes import client
 
     obj = client.CustomObjectsApi(kube).get_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name
     )
     return obj.get("status") or {}
 
@@ -150,7 +152,7 @@ def agent_pods(kube: Any) -> dict[str, str]:
 
     pods = (
         client.CoreV1Api(kube)
-        .list_namespaced_pod(AGENT_NAMESPACE, label_selector=f"app.kubernetes.io/name={api.AGENT_APP}")
+        .list_namespaced_pod(AGENT_NAMESPACE, label_selector=f"app.kubernetes.io/name={names.AGENT_APP}")
         .items
     )
     return {

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edgefleet_operator import crdgen
+from edgefleet_api import crdgen
 from edgefleet_operator.cli import main as operator_main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edgefleet_operator import api
+from edgefleet_api import names
 
 pytestmark = pytest.mark.cluster
 
@@ -24,8 +24,8 @@ DIGEST = "sha256:" + "ab" * 32
 
 def valid_service(name: str = "svc") -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.INFERENCE_SERVICE_KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.INFERENCE_SERVICE_KIND,
         "metadata": {"name": name},
         "spec": {
             "models": [
@@ -66,10 +66,10 @@ def custom(kube: Any) -> Any:
 def create(kube: Any, namespace: str, body: dict[str, Any], dry_run: bool = True) -> dict[str, Any]:
     kwargs = {"dry_run": "All"} if dry_run else {}
     return custom(kube).create_namespaced_custom_object(  # type: ignore[no-any-return]
-        api.GROUP,
-        api.VERSION,
+        names.GROUP,
+        names.VERSION,
         namespace,
-        api.INFERENCE_SERVICE_PLURAL,
+        names.INFERENCE_SERVICE_PLURAL,
         body,
         field_validation="Strict",
         **kwargs,
@@ -80,12 +80,12 @@ def test_crds_are_established(control_plane: Any, kube: Any) -> None:
     from kubernetes import client
 
     ext = client.ApiextensionsV1Api(kube)
-    for plural in (api.INFERENCE_SERVICE_PLURAL, api.EDGE_NODE_PLURAL):
-        crd = ext.read_custom_resource_definition(f"{plural}.{api.GROUP}")
+    for plural in (names.INFERENCE_SERVICE_PLURAL, names.EDGE_NODE_PLURAL):
+        crd = ext.read_custom_resource_definition(f"{plural}.{names.GROUP}")
         conditions = {c.type: c.status for c in crd.status.conditions}
         assert conditions.get("Established") == "True", conditions
         assert conditions.get("NamesAccepted") == "True", conditions
-        assert api.CATEGORY in crd.spec.names.categories
+        assert names.CATEGORY in crd.spec.names.categories
         assert "isvc" not in (crd.spec.names.short_names or [])
 
 
@@ -313,10 +313,10 @@ def test_invalid_service_is_rejected_naming_the_field(
 def test_kubectl_get_shows_printer_columns(kube: Any, namespace: str, kubectl: Any) -> None:
     create(kube, namespace, valid_service("shown"), dry_run=False)
     custom(kube).patch_namespaced_custom_object_status(
-        api.GROUP,
-        api.VERSION,
+        names.GROUP,
+        names.VERSION,
         namespace,
-        api.INFERENCE_SERVICE_PLURAL,
+        names.INFERENCE_SERVICE_PLURAL,
         "shown",
         {
             "status": {
@@ -348,7 +348,7 @@ def test_status_is_a_subresource(kube: Any, namespace: str) -> None:
     created = create(kube, namespace, valid_service("sub"), dry_run=False)
     created["status"] = {"servingVersion": "9"}
     updated = custom(kube).replace_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "sub", created
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, "sub", created
     )
     assert "servingVersion" not in updated.get("status", {}), "status must only change via /status"
 
@@ -362,8 +362,8 @@ def test_kubectl_explain_describes_fields(kubectl: Any) -> None:
 
 def edge_node(name: str) -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.EDGE_NODE_KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.EDGE_NODE_KIND,
         "metadata": {"name": name},
         "spec": {
             "nodeName": name,
@@ -386,26 +386,26 @@ def test_edge_node_is_cluster_scoped_and_node_name_immutable(kube: Any) -> None:
     co = custom(kube)
     name = "en-immutable-test"
     co.create_cluster_custom_object(
-        api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, edge_node(name), field_validation="Strict"
+        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, edge_node(name), field_validation="Strict"
     )
     try:
-        obj = co.get_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+        obj = co.get_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)
         assert obj["spec"]["models"][0]["preload"] is True
         with pytest.raises(ApiException) as err:
             co.patch_cluster_custom_object(
-                api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name, {"spec": {"nodeName": "elsewhere"}}
+                names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name, {"spec": {"nodeName": "elsewhere"}}
             )
         message = json.loads(err.value.body)["message"]
         assert "spec.nodeName" in message and "immutable" in message
         # The agent's status write validates too: a bad digest is refused.
         with pytest.raises(ApiException) as err:
             co.patch_cluster_custom_object_status(
-                api.GROUP,
-                api.VERSION,
-                api.EDGE_NODE_PLURAL,
+                names.GROUP,
+                names.VERSION,
+                names.EDGE_NODE_PLURAL,
                 name,
                 {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}},
             )
         assert "status.models[0].digest" in json.loads(err.value.body)["message"]
     finally:
-        co.delete_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, name)
+        co.delete_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)

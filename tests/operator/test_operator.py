@@ -17,7 +17,7 @@ from fleet_helpers import Group, agent_pods, apply, condition, events, eventuall
 
 from e2e import fleet
 from e2e.operator_proc import OperatorProcess, ensure_agent_namespace
-from edgefleet_operator import api
+from edgefleet_api import names
 
 pytestmark = pytest.mark.cluster
 
@@ -39,7 +39,7 @@ def operator(
                 not [
                     s
                     for s in custom.list_cluster_custom_object(
-                        api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL
+                        names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL
                     )["items"]
                     if s["metadata"].get("deletionTimestamp")
                 ]
@@ -66,7 +66,7 @@ def test_service_lands_on_selected_nodes_and_reports_ready(
 
     orins = group.nodes(3, "jetson-orin", prefix="o")
     nanos = group.nodes(1, "jetson-nano", prefix="j")
-    apply(kube, namespace, service("cam", group.id, selector={api.LABEL_DEVICE_CLASS: "jetson-orin"}))
+    apply(kube, namespace, service("cam", group.id, selector={names.LABEL_DEVICE_CLASS: "jetson-orin"}))
     key = f"{namespace}/cam"
     eventually(
         lambda: sorted(group.holders(key)) == sorted(orins),
@@ -201,7 +201,7 @@ def test_a_deleted_node_loses_its_work_and_its_edge_node(
     custom = client.CustomObjectsApi(kube)
 
     def names() -> set[str]:
-        items = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL)["items"]
+        items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)["items"]
         return {e["metadata"]["name"] for e in items}
 
     eventually(lambda: first not in names(), what="the EdgeNode of the deleted node to go")
@@ -245,20 +245,20 @@ def test_deleting_a_service_unloads_it_everywhere_and_removes_idle_agents(
     custom = client.CustomObjectsApi(kube)
     eventually(
         lambda: (
-            api.FINALIZER
+            names.FINALIZER
             in custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "gone"
+                names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, "gone"
             )["metadata"].get("finalizers", [])
         ),
         what="our finalizer on the service",
     )
     custom.delete_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "gone"
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, "gone"
     )
 
     def gone() -> bool:
         items = custom.list_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL
+            names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL
         )["items"]
         return not items
 
@@ -299,7 +299,7 @@ def rollout_to(kube: Any, namespace: str, name: str, version: str, digest: str) 
 
     custom = client.CustomObjectsApi(kube)
     obj = custom.get_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name
     )
     spec = obj["spec"]
     spec["models"][0]["version"] = version
@@ -310,7 +310,7 @@ def rollout_to(kube: Any, namespace: str, name: str, version: str, digest: str) 
         "analysis": {"intervalSeconds": 2, "minSamples": 10, "failureLimit": 1, "maxErrorRate": 0.05},
     }
     custom.patch_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name, {"spec": spec}
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name, {"spec": spec}
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 from fleet_helpers import Group, apply, eventually, service
 
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess, ensure_agent_namespace
-from edgefleet_operator import api
+from edgefleet_api import names
 
 pytestmark = pytest.mark.cluster
 
@@ -54,14 +54,14 @@ def test_killed_mid_reconcile_resumes_without_duplicates(
 
             def our_pods() -> list[Any]:
                 pods = core.list_namespaced_pod(
-                    AGENT_NAMESPACE, label_selector=f"app.kubernetes.io/name={api.AGENT_APP}"
+                    AGENT_NAMESPACE, label_selector=f"app.kubernetes.io/name={names.AGENT_APP}"
                 ).items
-                return [p for p in pods if p.metadata.labels.get(api.LABEL_NODE) in nodes]
+                return [p for p in pods if p.metadata.labels.get(names.LABEL_NODE) in nodes]
 
             ours = eventually(lambda: (p := our_pods()) and len(p) >= len(with_work) and p, what="agent pods")
             # One pod per node with work: none twice, none missing, none extra.
-            assert sorted(p.metadata.labels[api.LABEL_NODE] for p in ours) == sorted(with_work)
-            assert all(p.metadata.name == api.agent_name(p.metadata.labels[api.LABEL_NODE]) for p in ours)
+            assert sorted(p.metadata.labels[names.LABEL_NODE] for p in ours) == sorted(with_work)
+            assert all(p.metadata.name == names.agent_name(p.metadata.labels[names.LABEL_NODE]) for p in ours)
             assert second.alive(), second.tail()
         finally:
             second.stop()
@@ -106,11 +106,11 @@ def test_a_pass_over_an_unchanged_fleet_writes_nothing(control_plane: Any, kube:
 
         def versions() -> dict[str, str]:
             isvc = custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, "idem"
+                names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, "idem"
             )
             out = {"isvc": isvc["metadata"]["resourceVersion"]}
             for n in group.names:
-                en = custom.get_cluster_custom_object(api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, n)
+                en = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, n)
                 out[n] = en["metadata"]["resourceVersion"]
             return out
 

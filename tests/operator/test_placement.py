@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgefleet_api.types import Priority
 from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
     Assignment,
@@ -29,7 +30,6 @@ from edgefleet_operator.fleet_types import (
     PlacedModel,
     PlacementResult,
     PlacementSettings,
-    Priority,
     ServiceDemand,
     Spread,
     Taint,
@@ -853,7 +853,7 @@ def test_result_does_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
         out = subprocess.run(
             [sys.executable, "-c", SCRIPT],
             env=env,
-            cwd=tmp_path,  # not the repository: its operator/ folder would shadow the stdlib
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             check=True,

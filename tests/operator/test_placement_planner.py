@@ -30,6 +30,7 @@ from test_placement import (
 )
 
 from bench.placement import make_fleet
+from edgefleet_api.types import Priority
 from edgefleet_operator import placement, replanning
 from edgefleet_operator.fleet_types import (
     Assignment,
@@ -37,7 +38,6 @@ from edgefleet_operator.fleet_types import (
     NodeState,
     PlacementResult,
     PlacementSettings,
-    Priority,
     ServiceDemand,
     Spread,
 )

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet_operator import crdgen
+from edgefleet_api import crdgen
 from edgefleet_operator.rollout import (
     ACTIVE,
     Action,

@@ -21,7 +21,8 @@ import pytest
 from fleet_helpers import DIGEST, Group, apply, condition, events, eventually, get_status, service
 
 from e2e.operator_proc import OperatorProcess, ensure_agent_namespace
-from edgefleet_operator import api, rollout
+from edgefleet_api import names
+from edgefleet_operator import rollout
 
 pytestmark = pytest.mark.cluster
 
@@ -76,7 +77,7 @@ def operator(control_plane: Any, kube: Any, tmp_path_factory: pytest.TempPathFac
     custom = custom_api(kube)
 
     def released() -> bool:
-        items = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.INFERENCE_SERVICE_PLURAL)[
+        items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL)[
             "items"
         ]
         return not [s for s in items if s["metadata"].get("deletionTimestamp")]
@@ -121,7 +122,7 @@ def reported(group: Group, nodes: list[str], key: str, version: str) -> bool:
     """Every one of `nodes` reports `version` of `key` Ready in its EdgeNode status."""
     for n in nodes:
         en = custom_api(group.custom.api_client).get_cluster_custom_object(
-            api.GROUP, api.VERSION, api.EDGE_NODE_PLURAL, n
+            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, n
         )
         models = (en.get("status") or {}).get("models") or []
         if not any(m["service"] == key and m["version"] == version and m["state"] == "Ready" for m in models):
@@ -139,14 +140,14 @@ def patch_spec(kube: Any, namespace: str, name: str, version: str, strategy: dic
 
     custom = custom_api(kube)
     obj = custom.get_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name
     )
     spec = obj["spec"]
     spec["models"][0]["version"] = version
     spec["models"][0]["artifact"]["digest"] = DIGESTS[version]
     spec["rollout"] = strategy
     custom.patch_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name, {"spec": spec}
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name, {"spec": spec}
     )
 
 
@@ -160,21 +161,21 @@ HALVES = [{"percent": 50}, {"percent": 100}]
 def annotate(kube: Any, namespace: str, name: str, action: str) -> None:
 
     custom_api(kube).patch_namespaced_custom_object(
-        api.GROUP,
-        api.VERSION,
+        names.GROUP,
+        names.VERSION,
         namespace,
-        api.INFERENCE_SERVICE_PLURAL,
+        names.INFERENCE_SERVICE_PLURAL,
         name,
-        {"metadata": {"annotations": {api.ANNOTATION_ROLLOUT_ACTION: action}}},
+        {"metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: action}}},
     )
 
 
 def annotation(kube: Any, namespace: str, name: str) -> str | None:
 
     obj = custom_api(kube).get_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name
+        names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name
     )
-    value: str | None = (obj["metadata"].get("annotations") or {}).get(api.ANNOTATION_ROLLOUT_ACTION)
+    value: str | None = (obj["metadata"].get("annotations") or {}).get(names.ANNOTATION_ROLLOUT_ACTION)
     return value
 
 
@@ -255,7 +256,7 @@ def assert_settled(kube: Any, namespace: str, name: str, group: Group, operator:
 
     def version() -> str:
         obj = custom_api(kube).get_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.INFERENCE_SERVICE_PLURAL, name
+            names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL, name
         )
         return str(obj["metadata"]["resourceVersion"])
 

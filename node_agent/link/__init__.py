@@ -1,0 +1,1 @@
+"""The agent's link to the operator: EdgeNode spec in, EdgeNode status and a Lease out."""

@@ -1,0 +1,543 @@
+"""The model repository on disk: `<root>/<model>/<version>/model.yaml` plus the artifact.
+
+Layout and invariants:
+- one folder per model, one sub-folder per version; the folder names ARE the model's
+  name and version, and model.yaml must repeat them (a mismatch is an `InvalidModel`);
+- model names match `NAME_RE` (a DNS label, as in the CRDs), versions match `VERSION_RE`;
+  every path the repository hands out resolves inside `root` (symlinks included);
+- `model.yaml` is parsed strictly: an unknown field, a wrong type or a bad value is an
+  `InvalidModel` naming the file and the field, never a stack trace;
+- an artifact is loaded only after its sha256 matches the declared digest.
+
+Version order ("newest") is natural sort with semver-like suffixes: digit runs compare as
+numbers, and `2-rc1` (anything after the first '-') is a pre-release that sorts *before*
+`2`. So `1 < 2-failing < 2-slow < 2 < 10`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from edgefleet_api.types import ModelId, Priority
+from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
+from node_agent.runtime.backends import FORMATS, backend_for, default_artifact
+from node_agent.types import V2_TO_NUMPY, ModelConfig, TensorSpec
+
+if TYPE_CHECKING:
+    from node_agent.runtime.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "model.yaml"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_MAX_LEN = 63
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+DATATYPES: frozenset[str] = frozenset(V2_TO_NUMPY) | {"BF16"}
+TASKS = ("predict", "generate")
+MAX_DIMS = 8
+MAX_DIM = 1 << 20
+MAX_TENSOR_NAME_LEN = 128
+MAX_BATCH_SIZE_LIMIT = 65536
+_CHUNK_BYTES = 1 << 20
+_QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?)?$")
+_QUANTITY_UNITS = {
+    None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+# model.yaml keys, in the order write_model_config writes them.
+_FIELDS = (
+    "name", "version", "format", "task", "artifact", "digest", "inputs", "outputs",
+    "max_batch_size", "max_queue_delay_s", "priority", "pinned", "memory_estimate_bytes",
+    "p95_latency_s", "p99_latency_s", "parameters",
+)  # fmt: skip
+_REQUIRED = ("name", "version", "format", "digest", "inputs", "outputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# names and digests
+
+
+def validate_name(name: object) -> str:
+    """Return `name` if it is a valid model name, else raise `InvalidModel`."""
+    if not isinstance(name, str) or len(name) > NAME_MAX_LEN or not NAME_RE.match(name):
+        raise InvalidModel(
+            f"invalid model name {name!r}: expected a DNS label (lowercase letters, digits and "
+            f"'-', starting and ending with a letter or digit, at most {NAME_MAX_LEN} characters)"
+        )
+    return name
+
+
+def validate_version(version: object) -> str:
+    """Return `version` if it is a valid version label, else raise `InvalidModel`."""
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise InvalidModel(
+            f"invalid model version {version!r}: expected 1-63 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    return version
+
+
+def version_sort_key(version: str) -> tuple[Any, ...]:
+    """Natural order; a '-suffix' marks a pre-release sorting before the bare version."""
+    base, sep, pre = version.partition("-")
+    return (_natural(base), 0 if sep else 1, _natural(pre))
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.findall(r"\d+|\D+", text))
+
+
+def sha256_file(path: Path | str) -> str:
+    """'sha256:<hex>' of the file's bytes, read in 1 MiB chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def parse_quantity(value: str) -> int:
+    """Kubernetes-style byte quantity ('512Mi', '1.5G', '1024') -> bytes. ValueError if bad."""
+    m = _QUANTITY_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a byte quantity (e.g. 1048576, 512Mi, 2G)")
+    return math.ceil(float(m.group(1)) * _QUANTITY_UNITS[m.group(2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# model.yaml <-> ModelConfig
+
+
+class _Fields:
+    """Typed access to one mapping; every error names the source and the field."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def error(self, key: str, message: str) -> InvalidModel:
+        return InvalidModel(f"{self.source}: field '{self.prefix}{key}': {message}")
+
+    def required(self, key: str) -> Any:
+        if key not in self.data or self.data[key] is None:
+            raise InvalidModel(f"{self.source}: missing required field '{self.prefix}{key}'")
+        return self.data[key]
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self.data.get(key) if default is not None else self.required(key)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(key, f"expected an integer, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"{value} is out of range [{minimum}, {maximum}]")
+        return value
+
+    def number(self, key: str, default: float | None, positive: bool) -> float | None:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise self.error(key, f"expected a number (seconds), got {value!r}")
+        if value < 0 or (positive and value == 0):
+            raise self.error(
+                key, f"expected a {'positive' if positive else 'non-negative'} number, got {value!r}"
+            )
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+
+def config_from_mapping(data: object, source: str) -> ModelConfig:
+    """Validate a model.yaml document (already loaded) into a ModelConfig.
+
+    `source` names where it came from (a path, 'EdgeNode spec'); it starts every error message.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidModel(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in _FIELDS)
+    if unknown:
+        raise InvalidModel(
+            f"{source}: unknown field(s) {', '.join(repr(k) for k in unknown)}; "
+            f"known fields are {', '.join(_FIELDS)}"
+        )
+    f = _Fields(data, source)
+    for key in _REQUIRED:
+        f.required(key)
+    try:
+        name = validate_name(data["name"])
+    except InvalidModel as e:
+        raise f.error("name", str(e)) from None
+    raw_version = data["version"]
+    if isinstance(raw_version, int) and not isinstance(raw_version, bool):
+        raw_version = str(raw_version)  # `version: 2` is the common way to write it
+    elif isinstance(raw_version, float):
+        raise f.error("version", f'{raw_version!r} is a number; quote it (version: "1.10")')
+    try:
+        version = validate_version(raw_version)
+    except InvalidModel as e:
+        raise f.error("version", str(e)) from None
+    fmt = f.string("format")
+    if fmt not in FORMATS:
+        raise f.error("format", f"unsupported format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    task = f.string("task", "predict")
+    if task not in TASKS:
+        raise f.error("task", f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    artifact = _artifact(f, fmt)
+    digest = f.string("digest")
+    if not DIGEST_RE.match(digest):
+        raise f.error("digest", f"{digest!r} is not 'sha256:' followed by 64 lowercase hex digits")
+    inputs = _tensors(f, "inputs")
+    outputs = _tensors(f, "outputs")
+    try:
+        priority = Priority.parse(data.get("priority"))
+    except (ValueError, TypeError) as e:
+        raise f.error("priority", str(e)) from None
+    p95 = f.number("p95_latency_s", None, positive=True)
+    p99 = f.number("p99_latency_s", None, positive=True)
+    queue_delay = f.number("max_queue_delay_s", 0.005, positive=False)
+    assert queue_delay is not None
+    return ModelConfig(
+        name=name,
+        version=version,
+        format=fmt,
+        inputs=inputs,
+        outputs=outputs,
+        artifact=artifact,
+        digest=digest,
+        max_batch_size=f.integer("max_batch_size", 8, 1, MAX_BATCH_SIZE_LIMIT),
+        priority=priority,
+        pinned=f.boolean("pinned", False),
+        memory_estimate_bytes=_memory(f),
+        max_queue_delay_s=queue_delay,
+        p95_latency_s=p95,
+        p99_latency_s=p99,
+        task=task,
+        parameters=_parameters(f),
+    )
+
+
+def _artifact(f: _Fields, fmt: str) -> str:
+    artifact = f.string("artifact", default_artifact(fmt))
+    parts = Path(artifact).parts
+    if Path(artifact).is_absolute() or ".." in parts or "\\" in artifact or not parts:
+        raise f.error("artifact", f"{artifact!r} must be a relative path inside the version folder")
+    return artifact
+
+
+def _tensors(f: _Fields, key: str) -> tuple[TensorSpec, ...]:
+    items = f.required(key)
+    if not isinstance(items, list) or not items:
+        raise f.error(key, "expected a non-empty list of tensors (name, datatype, shape)")
+    specs: list[TensorSpec] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        if not isinstance(item, Mapping):
+            raise f.error(where, f"expected a mapping with name, datatype, shape; got {item!r}")
+        t = _Fields(item, f.source, prefix=f"{where}.")
+        extra = sorted(str(k) for k in item if k not in ("name", "datatype", "dtype", "shape"))
+        if extra:
+            raise t.error(extra[0], "unknown tensor field; expected name, datatype, shape")
+        tname = t.string("name")
+        if len(tname) > MAX_TENSOR_NAME_LEN:
+            raise t.error("name", f"longer than {MAX_TENSOR_NAME_LEN} characters")
+        if "datatype" in item and "dtype" in item and item["datatype"] != item["dtype"]:
+            raise t.error("datatype", "both 'datatype' and 'dtype' given, and they differ")
+        dt_key = "datatype" if "datatype" in item else "dtype"
+        datatype = t.string(dt_key) if dt_key in item else t.string("datatype")
+        if datatype not in DATATYPES:
+            raise t.error(
+                dt_key,
+                f"{datatype!r} is not a KServe v2 datatype; expected one of {', '.join(sorted(DATATYPES))}",
+            )
+        specs.append(TensorSpec(tname, datatype, _shape(t)))
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise f.error(key, f"duplicate tensor name(s) {', '.join(dup)}")
+    return tuple(specs)
+
+
+def _shape(t: _Fields) -> tuple[int, ...]:
+    shape = t.required("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise t.error("shape", f"expected a list of at most {MAX_DIMS} dimensions, got {shape!r}")
+    for dim in shape:
+        ok = isinstance(dim, int) and not isinstance(dim, bool)
+        if not ok or not (dim == -1 or 1 <= dim <= MAX_DIM):
+            raise t.error(
+                "shape",
+                f"dimension {dim!r} must be -1 (dynamic) or an integer in "
+                f"[1, {MAX_DIM}] (shape excludes the batch dimension)",
+            )
+    return tuple(shape)
+
+
+def _memory(f: _Fields) -> int | None:
+    value = f.data.get("memory_estimate_bytes")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_quantity(value)
+        except ValueError as e:
+            raise f.error("memory_estimate_bytes", str(e)) from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise f.error(
+            "memory_estimate_bytes",
+            f"expected bytes (an integer >= 0 or a quantity such as 512Mi), got {value!r}",
+        )
+    return value
+
+
+def _parameters(f: _Fields) -> dict[str, str]:
+    value = f.data.get("parameters") or {}
+    if not isinstance(value, Mapping):
+        raise f.error("parameters", f"expected a mapping of strings, got {value!r}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, Mapping | list) or v is None:
+            raise f.error(f"parameters.{k}", f"expected a scalar value, got {v!r}")
+        out[k] = v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def parse_model_config(path: Path | str) -> ModelConfig:
+    """Read and validate one model.yaml. Raises `InvalidModel` (naming file and field)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidModel(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidModel(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise InvalidModel(f"{path}: not valid YAML{where}: {problem}") from None
+    return config_from_mapping(data, str(path))
+
+
+def config_to_mapping(config: ModelConfig) -> dict[str, Any]:
+    """The model.yaml document for `config` (fields in a fixed order; `None`s left out)."""
+    doc: dict[str, Any] = {
+        "name": config.name,
+        "version": config.version,
+        "format": config.format,
+        "task": config.task,
+        "artifact": config.artifact,
+        "digest": config.digest,
+        "inputs": [_tensor_doc(t) for t in config.inputs],
+        "outputs": [_tensor_doc(t) for t in config.outputs],
+        "max_batch_size": config.max_batch_size,
+        "max_queue_delay_s": config.max_queue_delay_s,
+        "priority": config.priority.name.lower(),
+        "pinned": config.pinned,
+        "memory_estimate_bytes": config.memory_estimate_bytes,
+        "p95_latency_s": config.p95_latency_s,
+        "p99_latency_s": config.p99_latency_s,
+        "parameters": dict(sorted(config.parameters.items())),
+    }
+    assert tuple(doc) == _FIELDS
+    return {k: v for k, v in doc.items() if v is not None and v != {}}
+
+
+def _tensor_doc(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def write_model_config(directory: Path | str, config: ModelConfig) -> Path:
+    """Write `<directory>/model.yaml` atomically (temp file + rename); returns its path.
+
+    The bytes depend only on `config`, so the same config always writes the same file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_mapping(config), sort_keys=False, default_flow_style=None)
+    target = directory / CONFIG_FILE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.yaml.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# the repository
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What `ModelRepository.scan` found: valid configs (sorted) and broken entries."""
+
+    models: list[ModelConfig] = field(default_factory=list)
+    broken: dict[Path, str] = field(default_factory=dict)
+    """Folder or file -> why it was skipped."""
+
+
+class ModelRepository:
+    """A model repository rooted at `root`. Reads the disk on every call (no cache), so
+    models written or removed while the agent runs are seen at the next call."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self._parsed: dict[Path, tuple[tuple[int, int], ModelConfig]] = {}
+        """model.yaml path -> ((mtime_ns, size) when parsed, config): `config` re-reads a file
+        only when it changed (the engine and the SLA monitor ask every few seconds)."""
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({str(self.root)!r})"
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def version_dir(self, model_id: ModelId) -> Path:
+        """`<root>/<name>/<version>`, validated; raises `InvalidModel` for a bad name or a
+        path that resolves outside the repository (e.g. through a symlink)."""
+        validate_name(model_id.name)
+        validate_version(model_id.version)
+        path = (self.root / model_id.name / model_id.version).resolve()
+        if not path.is_relative_to(self.root):
+            raise InvalidModel(f"{model_id}: {path} resolves outside the repository {self.root}")
+        return path
+
+    def artifact_path(self, config: ModelConfig) -> Path:
+        """The artifact file of `config`, checked to lie inside its version folder."""
+        vdir = self.version_dir(config.id)
+        path = (vdir / config.artifact).resolve()
+        if not path.is_relative_to(vdir):
+            raise InvalidModel(f"{config.id}: artifact {config.artifact!r} resolves outside {vdir}")
+        return path
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def scan(self) -> ScanResult:
+        """Every model version on disk; broken entries are reported, never raised."""
+        result = ScanResult()
+        if not self.root.is_dir():
+            result.broken[self.root] = "repository root is not a directory"
+            return result
+        for model_dir in sorted(self.root.iterdir()):
+            if model_dir.name.startswith(".") or not model_dir.is_dir():
+                continue
+            for version_dir in sorted(model_dir.iterdir()):
+                if version_dir.name.startswith(".") or not version_dir.is_dir():
+                    continue
+                try:
+                    result.models.append(self.config(model_dir.name, version_dir.name))
+                except (InvalidModel, ModelNotFound) as e:
+                    result.broken[version_dir] = str(e)
+        result.models.sort(key=lambda c: (c.name, version_sort_key(c.version)))
+        return result
+
+    def index(self) -> list[ModelConfig]:
+        """Valid model versions, sorted by name then version; broken ones are logged."""
+        result = self.scan()
+        for path, why in result.broken.items():
+            log.warning("model repository: skipping %s: %s", path, why)
+        return result.models
+
+    def versions(self, name: str) -> list[str]:
+        """Version folders (with a model.yaml) of model `name`, oldest first."""
+        try:
+            validate_name(name)
+        except InvalidModel as e:
+            raise ModelNotFound(str(e)) from None
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"no model named {name!r} in {self.root}")
+        found = [
+            d.name
+            for d in model_dir.iterdir()
+            if d.is_dir() and VERSION_RE.match(d.name) and (d / CONFIG_FILE).is_file()
+        ]
+        return sorted(found, key=version_sort_key)
+
+    def config(self, name: str, version: str | None = None) -> ModelConfig:
+        """The config of `name` at `version` (None: the newest version).
+
+        Raises `ModelNotFound` when there is no such model or version (or the name cannot
+        be one), `InvalidModel` when it exists but its model.yaml is broken.
+        """
+        if version is None:
+            versions = self.versions(name)
+            if not versions:
+                raise ModelNotFound(f"model {name!r} has no versions in {self.root}")
+            version = versions[-1]
+        try:
+            vdir = self.version_dir(ModelId(name, version))
+        except InvalidModel as e:
+            raise ModelNotFound(str(e)) from None
+        path = vdir / CONFIG_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise ModelNotFound(f"no model {name}:{version} in {self.root} (no {path})")
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == stamp:
+            config = cached[1]
+        else:
+            config = parse_model_config(path)
+            self._parsed[path] = (stamp, config)
+        if (config.name, config.version) != (name, version):
+            raise InvalidModel(
+                f"{path}: declares {config.name}:{config.version} but lies in the folder of "
+                f"{name}:{version}; the folder names must match 'name' and 'version'"
+            )
+        return config
+
+    # -- artifacts --------------------------------------------------------------------------
+
+    def verify_digest(self, config: ModelConfig) -> None:
+        """Hash the artifact (streamed); raise `DigestMismatch` unless it is `config.digest`."""
+        path = self.artifact_path(config)
+        if not path.is_file():
+            raise InvalidModel(f"{config.id}: artifact {path} is missing")
+        actual = sha256_file(path)
+        if actual != config.digest:
+            raise DigestMismatch(
+                f"{config.id}: artifact {path} has digest {actual} but {config.digest} was "
+                "expected; refusing to load it"
+            )
+
+    def load(self, config: ModelConfig, device: str) -> Backend:
+        """Verify the digest, then load with the backend for `config.format` onto `device`."""
+        self.verify_digest(config)
+        backend = backend_for(config.format)
+        log.debug("loading %s (%s) on %s", config.id, config.format, device)
+        return backend.load(config, self.version_dir(config.id), device)

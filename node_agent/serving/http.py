@@ -1,0 +1,585 @@
+"""The agent's inference API: KServe v2 (Open Inference Protocol) over HTTP, on aiohttp.
+
+Routes (Triton's binary tensor data, model configuration and model repository extensions
+included, so `tritonclient.http` works with its defaults):
+
+| method | path | |
+| --- | --- | --- |
+| GET | /v2/health/live, /v2/health/ready | probes; never need a token |
+| GET | /v2 | server metadata |
+| GET | /v2/models/{m}[/versions/{v}] | model metadata |
+| GET | /v2/models/{m}[/versions/{v}]/ready, .../config | readiness; Triton's model config |
+| POST | /v2/models/{m}[/versions/{v}]/infer | inference |
+| POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`generate_api`) |
+| POST | /v2/repository/index | every model version and its state |
+| POST | /v2/repository/models/{m}/load, .../unload | repository control |
+| GET | /metrics | Prometheus text, when the agent was given a registry |
+
+Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. `ERROR_STATUS` is the
+one place the agent's errors become status codes; every error body is `{"error": "..."}`,
+one line, never a stack trace (unexpected exceptions are logged and answered 500).
+
+Protections, all before any model code runs:
+- request bodies are limited to `max_request_bytes`: a larger Content-Length is refused with
+  413 before a byte of the body is read, a body without one is read in chunks and refused when
+  it passes the limit; bodies held by requests in progress are bounded by
+  `max_inflight_request_bytes` (past it: 503 with Retry-After);
+- with an auth token, every endpoint but the probes and /metrics needs
+  `Authorization: Bearer <token>` (401 otherwise; compared in constant time);
+- repository load/unload is served only to peers inside `repository_control_from` (loopback
+  by default: 403 for others) and only for names that are valid model names.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from aiohttp import hdrs, web
+
+from edgefleet_api.types import Priority
+from node_agent import __version__
+from node_agent.errors import (
+    AgentError,
+    Conflict,
+    DeadlineExceeded,
+    InferenceFailed,
+    InsufficientMemory,
+    InvalidInput,
+    InvalidModel,
+    ModelNotFound,
+    Overloaded,
+    RequestTooLarge,
+    ShuttingDown,
+)
+from node_agent.runtime.repository import NAME_MAX_LEN, NAME_RE
+from node_agent.serving import v2_codec
+from node_agent.types import ModelConfig
+
+if TYPE_CHECKING:
+    from node_agent.generation.engine import AsyncGenerator
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+"""Paths served without a token: probes must work for the kubelet, and Prometheus scrapes."""
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
+_SMALL_BODY_BYTES = 64 * 1024
+"""Limit for the bodies of repository requests (a few parameters)."""
+_MAX_MESSAGE_CHARS = 2000
+
+ERROR_STATUS: dict[type[AgentError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    Conflict: 409,
+    RequestTooLarge: 413,
+    InvalidModel: 500,
+    InferenceFailed: 500,
+    InsufficientMemory: 503,
+    Overloaded: 503,
+    ShuttingDown: 503,
+    DeadlineExceeded: 504,
+}
+"""The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
+
+InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
+(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One model version in the repository index (Triton's fields)."""
+
+    name: str
+    version: str
+    state: str
+    """READY (servable; loaded on demand if not in memory) or UNAVAILABLE."""
+    reason: str = ""
+
+
+class ServingApi(Protocol):
+    """What the HTTP layer serves (implemented by `node_agent.agent.Serving`)."""
+
+    def not_ready_reason(self) -> str | None:
+        """None when the agent takes requests; else why not (starting, draining)."""
+        ...
+
+    def config(self, name: str, version: str | None) -> ModelConfig:
+        """The config serving (name, version); ModelNotFound if unknown or unloaded."""
+        ...
+
+    def versions(self, name: str) -> list[str]: ...
+
+    def model_not_ready_reason(self, name: str, version: str | None) -> str | None: ...
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        priority: Priority,
+        timeout_s: float | None,
+    ) -> Mapping[str, np.ndarray]: ...
+
+    def index(self) -> list[IndexEntry]: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def generator(self, name: str, version: str | None) -> AsyncGenerator:
+        """The running generator of a `task: generate` model (`generate_api.GeneratorProvider`)."""
+        ...
+
+
+MetricsHook = Callable[[], tuple[bytes, str]]
+"""Returns (body, content type) for GET /metrics."""
+
+
+class RequestObserver(Protocol):
+    """Told about every request once answered (`node_agent.metrics.agent.ApiMetrics`); `route` is
+    the route template (bounded label values), 'unmatched' for unknown paths."""
+
+    def observe(self, method: str, route: str, code: int, duration_s: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The HTTP server's settings; validated at construction."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on; all interfaces, as tritonserver and MLServer do (a pod's port must
+    be reachable). Repository control stays loopback-only regardless (see below)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (see `Agent.port`). 8000 is Triton's HTTP port."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token required by every endpoint but the probes and /metrics; None: no auth."""
+    max_request_bytes: int = 64 * 2**20
+    """Largest request body. 64 MiB holds a batch of 64 images of 3x224x224 FP32 as JSON text
+    (about 12 bytes per value) with room to spare, and is small next to an edge box's RAM."""
+    max_inflight_request_bytes: int = 256 * 2**20
+    """Request bodies held at once by requests in progress (bodies without a Content-Length
+    count as `max_request_bytes`); past it requests get 503 + Retry-After. Four full-size
+    bodies: a burst of large requests cannot take the host's memory."""
+    repository_control_from: tuple[str, ...] = LOOPBACK_NETWORKS
+    """Networks (CIDR) whose peers may load and unload models. Loopback only by default, so a
+    model can be swapped from the node (or kubectl exec), not from the network; widen it
+    explicitly (e.g. "0.0.0.0/0") to allow remote control, ideally with an auth token."""
+    access_log: bool = False
+    """Log every request (aiohttp's access log); off by default: a line per request costs more
+    than the inference of a small model."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
+            raise ValueError("auth_token must be a non-empty string without whitespace")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes!r}")
+        if self.max_inflight_request_bytes < self.max_request_bytes:
+            raise ValueError("max_inflight_request_bytes must be >= max_request_bytes")
+        control_networks(self.repository_control_from)
+
+
+def control_networks(cidrs: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse CIDRs (ValueError naming a bad one)."""
+    out = []
+    for cidr in cidrs:
+        try:
+            out.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as e:
+            raise ValueError(f"repository control network {cidr!r}: {e}") from None
+    return tuple(out)
+
+
+def peer_allowed(peer: str | None, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether a peer address lies in one of `networks` (IPv4-mapped IPv6 counts as IPv4).
+    Anything that is not an IP address (None, a Unix socket path) is refused."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def status_for(exc: AgentError) -> int:
+    """The HTTP status of an agent error: its nearest base listed in `ERROR_STATUS`, else 500."""
+    for cls in type(exc).__mro__:
+        status = ERROR_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def public_message(exc: BaseException) -> str:
+    """One line for the caller: a model's error may carry a (TorchScript) traceback, which
+    stays in the log; the first and last lines say what failed."""
+    text = str(exc) or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        text = f"{lines[0]} ... {lines[-1]}" if lines[-1] != lines[0] else lines[0]
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+class HttpError(Exception):
+    """A refusal decided by the HTTP layer itself (size limit, auth, bad path)."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload, separators=(",", ":")).encode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def check_length(request: web.Request, limit: int) -> None:
+    """413 (`HttpError`) when the declared Content-Length is over `limit`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
+    check_length(request, limit)
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(buf) + len(chunk) > limit:
+            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+        buf += chunk
+    return buf
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
+    doc = v2_codec.parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return doc
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """The one translation of errors into HTTP responses."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, HttpError):
+        status, headers = exc.status, dict(exc.headers)
+    elif isinstance(exc, AgentError):
+        status = status_for(exc)
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        elif isinstance(exc, ShuttingDown):
+            headers["Retry-After"] = "1"
+    else:
+        raise TypeError(f"not an error the API answers: {exc!r}")
+    response = json_response({"error": public_message(exc)}, status, headers)
+    if isinstance(exc, ShuttingDown) or status == 413:
+        response.force_close()
+    return response
+
+
+class _BodyBudget:
+    """Bytes of request bodies held by requests in progress, bounded (loop thread only)."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, n: int) -> bool:
+        """Reserve `n` bytes; False (nothing reserved) when that would pass the limit."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
+        assert self.held >= 0, "released more request bytes than reserved"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class V2Api:
+    """The routes over one `ServingApi`; `app` is the aiohttp application."""
+
+    def __init__(
+        self,
+        api: ServingApi,
+        settings: HttpSettings,
+        metrics: MetricsHook | None = None,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        self.api = api
+        self.settings = settings
+        self._metrics = metrics
+        self._observer = observer
+        self._token = settings.auth_token.encode() if settings.auth_token else None
+        self._control = control_networks(settings.repository_control_from)
+        self._bodies = _BodyBudget(settings.max_inflight_request_bytes)
+        middlewares = [self._errors, self._auth]
+        if observer is not None:
+            middlewares.insert(0, self._observe)
+        self.app = web.Application(middlewares=middlewares, client_max_size=_SMALL_BODY_BYTES)
+        self._routes()
+
+    def _routes(self) -> None:
+        r = self.app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2", self.server_metadata)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            r.add_get(base, self.model_metadata)
+            r.add_get(base + "/ready", self.model_ready)
+            r.add_get(base + "/config", self.model_config)
+            r.add_post(base + "/infer", self.infer, expect_handler=self._expect)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{model}/load", self.load)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        if self._metrics is not None:
+            r.add_get("/metrics", self.metrics)
+        from node_agent.serving.generate import add_generate_routes
+
+        add_generate_routes(self.app, self.api.generator)
+
+    # -- middleware -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.monotonic()
+        response = await handler(request)  # `_errors` turns every error into a response
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        assert self._observer is not None
+        self._observer.observe(request.method, route, response.status, time.monotonic() - start)
+        return response
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (AgentError, HttpError) as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s -> %s: %s", request.method, request.path, type(e).__name__, e)
+            return error_response(e)
+        except web.HTTPException as e:  # routing (404, 405) and aiohttp's own refusals
+            if e.status < 400:
+                raise
+            return json_response({"error": _routing_message(request, e)}, e.status, _allow_header(e))
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return json_response({"error": "internal error (details are in the agent's log)"}, 500)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self._check_auth(request)
+        return await handler(request)
+
+    def _check_auth(self, request: web.Request) -> None:
+        if self._token is None or request.path in OPEN_PATHS:
+            return
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise HttpError(
+                401,
+                "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                {"WWW-Authenticate": 'Bearer realm="edgefleet-agent"'},
+            )
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse an oversized or unauthorised body before it is sent."""
+        try:
+            self._check_auth(request)
+            check_length(request, self.settings.max_request_bytes)
+        except HttpError as e:
+            return error_response(e)
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            return error_response(HttpError(417, f"unknown Expect: {request.headers[hdrs.EXPECT]!r}"))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    # -- bodies -----------------------------------------------------------------------------
+
+    async def _small_json(self, request: web.Request) -> dict[str, Any]:
+        body = await read_body(request, _SMALL_BODY_BYTES)
+        if not body.strip():
+            return {}
+        return json_object(body)
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Alive while the event loop answers; independent of models and readiness, so a
+        model that is loading never gets the agent restarted."""
+        return json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        reason = self.api.not_ready_reason()
+        if reason is not None:
+            return json_response({"error": f"not ready: {reason}"}, 503)
+        return json_response({"ready": True})
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response({"name": "edgefleet-agent", "version": __version__, "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model_path(request)
+        config = self.api.config(name, version)
+        return json_response(v2_codec.model_metadata(config, self.api.versions(name)))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        name, version = _model_path(request)
+        return json_response(v2_codec.triton_model_config(self.api.config(name, version)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model_path(request)
+        reason = self.api.model_not_ready_reason(name, version)
+        if reason is not None:  # Triton answers 400 for a model that is not ready
+            return json_response({"error": f"model {name!r} is not ready: {reason}"}, 400)
+        return json_response({"name": name, "version": version, "ready": True})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        assert self._metrics is not None
+        body, content_type = self._metrics()
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+
+    # -- inference --------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _model_path(request)
+        limit = self.settings.max_request_bytes
+        check_length(request, limit)
+        config = self.api.config(name, version)
+        held = request.content_length if request.content_length is not None else limit
+        if not self._bodies.reserve(held):
+            raise Overloaded(
+                f"too many request bytes in flight ({self._bodies.held} of "
+                f"{self._bodies.limit}); retry shortly",
+                retry_after_s=1.0,
+            )
+        try:
+            body = await read_body(request, limit)
+            decoded = v2_codec.decode_request(
+                body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))
+            )
+            v2_codec.check_request(decoded, config)
+            priority = v2_codec.priority_from(decoded.parameters.get("priority"), config.priority)
+            timeout_s = v2_codec.timeout_s_from(decoded.parameters.get("timeout"))
+            outputs = await self.api.infer(name, config.version, decoded.inputs, priority, timeout_s)
+            encoded = v2_codec.encode_response(config, decoded, outputs)
+        finally:
+            self._bodies.release(held)
+        if encoded.header_length is None:
+            return web.Response(body=encoded.body, content_type="application/json")
+        return web.Response(
+            body=encoded.body,
+            headers={
+                HEADER_LENGTH: str(encoded.header_length),
+                hdrs.CONTENT_TYPE: "application/octet-stream",
+            },
+        )
+
+    # -- model repository -------------------------------------------------------------------
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        doc = await self._small_json(request)
+        ready_only = doc.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidInput(f"'ready' must be true or false, got {ready_only!r:.40}")
+        entries = self.api.index()
+        return json_response(
+            [
+                {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                for e in entries
+                if not ready_only or e.state == "READY"
+            ]
+        )
+
+    async def load(self, request: web.Request) -> web.Response:
+        name = self._control_target(request)
+        params = (await self._small_json(request)).get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        if params:
+            raise InvalidInput(
+                f"load parameters are not supported ({', '.join(sorted(params))[:200]}): write the "
+                "model (model.yaml and artifact) into the repository, then load it by name"
+            )
+        await self.api.load(name)
+        return json_response({"name": name, "state": "READY"})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        name = self._control_target(request)
+        await self._small_json(request)  # unload_dependents: there are no dependents
+        await self.api.unload(name)
+        return json_response({"name": name, "state": "UNAVAILABLE"})
+
+    def _control_target(self, request: web.Request) -> str:
+        """The model name of a load/unload, after the peer and name checks."""
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = peername[0] if isinstance(peername, tuple) and peername else None
+        if not peer_allowed(peer, self._control):
+            raise HttpError(
+                403,
+                f"repository control is not allowed from {peer or 'this peer'}; the agent allows "
+                f"it from {', '.join(self.settings.repository_control_from)} "
+                "(see --allow-repository-control-from)",
+            )
+        name = request.match_info["model"]
+        if len(name) > NAME_MAX_LEN or not NAME_RE.match(name):
+            raise HttpError(
+                400,
+                f"invalid model name {name[:80]!r}: expected lowercase letters, digits and '-', "
+                f"starting and ending with a letter or digit, at most {NAME_MAX_LEN} characters",
+            )
+        return name
+
+
+def _model_path(request: web.Request) -> tuple[str, str | None]:
+    return request.match_info["model"], request.match_info.get("version")
+
+
+def _routing_message(request: web.Request, e: web.HTTPException) -> str:
+    if e.status == 404:
+        return f"no such endpoint: {request.method} {request.path[:200]}"
+    if e.status == 405:
+        allowed = e.headers.get(hdrs.ALLOW, "")
+        return f"{request.method} is not allowed on {request.path[:200]} (allowed: {allowed})"
+    return e.reason
+
+
+def _allow_header(e: web.HTTPException) -> dict[str, str]:
+    allow = e.headers.get(hdrs.ALLOW)
+    return {hdrs.ALLOW: allow} if allow else {}
+
+
+def build_app(
+    api: ServingApi,
+    settings: HttpSettings,
+    metrics: MetricsHook | None = None,
+    observer: RequestObserver | None = None,
+) -> web.Application:
+    """The aiohttp application serving `api`."""
+    return V2Api(api, settings, metrics, observer).app

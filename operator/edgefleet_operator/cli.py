@@ -1,0 +1,130 @@
+"""`edgefleet-operator`: the operator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from edgefleet_api import crdgen, names
+from edgefleet_operator import __version__
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    """Print the CustomResourceDefinitions (pipe into `kubectl apply -f -`)."""
+    print("---\n".join(crdgen.render(c) for c in crdgen.all_crds().values()), end="")
+    return 0
+
+
+def ensure_peering(name: str) -> None:
+    """Create the ClusterKopfPeering object the replicas coordinate through (idempotent)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+
+    from edgefleet_operator.handlers import kube_client
+
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        CustomObjectsApi(kube_client()).create_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", body
+        )
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the operator until interrupted."""
+    import asyncio
+    import logging
+
+    import kopf
+
+    from edgefleet_operator import handlers
+
+    kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        # One line per watch event ("Handler ... succeeded") is noise at fleet scale.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if not args.standalone:
+        ensure_peering(handlers.PEERING_NAME)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=args.standalone,
+            peering_name=None if args.standalone else handlers.PEERING_NAME,
+            liveness_endpoint=args.liveness or None,
+        )
+    )
+    return 0
+
+
+def read_fleet() -> str:
+    """The fleet view of the cluster in the current kubeconfig."""
+    from kubernetes import client
+
+    from edgefleet_operator import fleet_view
+    from edgefleet_operator.handlers import kube_client
+
+    api_client = kube_client()
+    custom: Any = client.CustomObjectsApi(api_client)
+    edge_nodes = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
+        "items"
+    ]
+    services = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL)[
+        "items"
+    ]
+    core: Any = client.CoreV1Api(api_client)
+    labels = {n.metadata.name: n.metadata.labels or {} for n in core.list_node().items}
+    return fleet_view.render(edge_nodes, labels, services)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Print the fleet view once, or every --watch seconds until interrupted."""
+    import time
+
+    while True:
+        text = read_fleet()
+        if not args.watch:
+            print(text)
+            return 0
+        print("\033[2J\033[H" + time.strftime("%H:%M:%S") + "\n" + text, flush=True)
+        time.sleep(args.watch)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(__version__)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet-operator",
+        description="The edgefleet operator: places InferenceService models on edge nodes, runs "
+        "node agents, and rolls new versions out in SLA-gated canary waves.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run the operator (kopf, with peering: one active instance)")
+    run.add_argument("--standalone", action="store_true", help="no peering (a single instance for sure)")
+    run.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="liveness endpoint URL, tied to watch and reconcile health ('' to disable)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_run)
+    fleet = sub.add_parser("fleet", help="show nodes, models, memory, temperature, p95 and rollouts")
+    fleet.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS")
+    fleet.set_defaults(func=cmd_fleet)
+    sub.add_parser("crds", help="print the CRDs as YAML").set_defaults(func=cmd_crds)
+    sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The objects the operator creates, as pure functions: EdgeNodes, node-agent Pods,
+and the Service + EndpointSlice that lead in-cluster clients to a service's agents."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from edgefleet_api import names
+from edgefleet_operator.settings import AgentPodSettings
+
+Obj = Mapping[str, Any]
+SERVICE_SUFFIX = "-v2"
+"""In-cluster Service of an InferenceService: `<name>-v2` (the v2 inference protocol)."""
+SLICE_MANAGER = f"{names.GROUP}-operator"
+"""The endpointslice.kubernetes.io/managed-by value of the EndpointSlices this operator keeps."""
+
+
+def owner_ref(obj: Obj, controller: bool = True) -> dict[str, Any]:
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+def edge_node(node: Obj) -> dict[str, Any]:
+    """A new EdgeNode for a fleet Node, owned by it (deleting the Node deletes the EdgeNode)."""
+    name = node["metadata"]["name"]
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.EDGE_NODE_KIND,
+        "metadata": {
+            "name": name,
+            "labels": {names.LABEL_NODE: name, "app.kubernetes.io/managed-by": names.MANAGED_BY},
+            "ownerReferences": [owner_ref({**node, "apiVersion": "v1", "kind": "Node"}, controller=False)],
+        },
+        "spec": {"nodeName": name, "gpuIndex": 0, "models": []},
+    }
+
+
+def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
+    """The node-agent Pod for one EdgeNode, pinned to its node, owned by the EdgeNode.
+
+    Pinned with required node affinity on metadata.name (as the DaemonSet controller does) so the
+    scheduler still checks the GPU resource; restricted Pod Security settings; liveness does not
+    depend on model readiness.
+    """
+    node = edge_node_obj["spec"]["nodeName"]
+    name = names.agent_name(node)
+    probe = lambda path, period: {  # noqa: E731
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": {
+                "app.kubernetes.io/name": names.AGENT_APP,
+                "app.kubernetes.io/managed-by": names.MANAGED_BY,
+                names.LABEL_NODE: node,
+            },
+            "ownerReferences": [owner_ref(edge_node_obj)],
+        },
+        "spec": {
+            "serviceAccountName": settings.service_account,
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                        ]
+                    }
+                }
+            },
+            "tolerations": [dict(t) for t in settings.tolerations],
+            **({"runtimeClassName": settings.runtime_class} if settings.runtime_class else {}),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": settings.image,
+                    "args": [
+                        "serve",
+                        "--edge-node",
+                        node,
+                        "--port",
+                        str(settings.port),
+                        "--model-repository",
+                        "/var/lib/edgefleet/models",
+                    ],
+                    "env": [
+                        {"name": "EDGEFLEET_NODE_NAME", "value": node},
+                        {
+                            "name": "EDGEFLEET_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        },
+                        {
+                            "name": "EDGEFLEET_POD_IP",
+                            "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                        },
+                        *tuning_env(settings),
+                    ],
+                    "ports": [{"name": "http", "containerPort": settings.port}],
+                    "resources": {
+                        "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
+                        "limits": {"memory": settings.memory_limit, settings.gpu_resource: "1"},
+                    },
+                    "livenessProbe": probe("/v2/health/live", 10),
+                    "readinessProbe": probe("/v2/health/ready", 5),
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "models", "mountPath": "/var/lib/edgefleet"},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                    ],
+                }
+            ],
+            "volumes": [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        },
+    }
+
+
+def tuning_env(settings: AgentPodSettings) -> list[dict[str, str]]:
+    """The agent's thermal limits and pool workers from the chart (`agent.thermal`,
+    `agent.workers`, `agent.urgentWorkers`), when set."""
+    values = (
+        ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", settings.thermal_soft_limit_c),
+        ("EDGEFLEET_THERMAL_SOFT_MARGIN_C", settings.thermal_soft_margin_c),
+        ("EDGEFLEET_WORKERS", settings.workers),
+        ("EDGEFLEET_URGENT_WORKERS", settings.urgent_workers),
+    )
+    return [{"name": name, "value": f"{value:g}"} for name, value in values if value is not None]
+
+
+def service_name(isvc_name: str) -> str:
+    """A DNS label: `<name>-v2`, shortened with a hash when too long."""
+    name = isvc_name + SERVICE_SUFFIX
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(isvc_name.encode()).hexdigest()[:8]
+    return f"{isvc_name[: 63 - len(SERVICE_SUFFIX) - 9]}-{digest}{SERVICE_SUFFIX}"
+
+
+def service_url(isvc: Obj) -> str:
+    meta = isvc["metadata"]
+    return f"http://{service_name(meta['name'])}.{meta['namespace']}.svc"
+
+
+def service(isvc: Obj) -> dict[str, Any]:
+    """A selector-less Service (agents live in the operator's namespace, so the operator keeps its
+    EndpointSlice); PreferClose keeps traffic on the caller's node or zone where it can."""
+    meta = isvc["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {
+                "app.kubernetes.io/managed-by": names.MANAGED_BY,
+                f"{names.GROUP}/inferenceservice": meta["name"],
+            },
+            "ownerReferences": [owner_ref(isvc)],
+        },
+        "spec": {
+            "ports": [{"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"}],
+            "trafficDistribution": "PreferClose",
+        },
+    }
+
+
+def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int) -> dict[str, Any]:
+    """EndpointSlice of the service's Service: (node, pod IP, ready) per agent serving it."""
+    meta = isvc["metadata"]
+    svc = service_name(meta["name"])
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": svc,
+            "namespace": meta["namespace"],
+            "labels": {
+                "kubernetes.io/service-name": svc,
+                "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER,
+            },
+            "ownerReferences": [owner_ref(isvc)],
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}
+            for node, ip, ready in sorted(agents)
+        ],
+    }

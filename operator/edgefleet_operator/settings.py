@@ -1,0 +1,152 @@
+"""Operator settings: grouped dataclasses with reasoned defaults, read once from the
+environment (the Helm chart sets them) and validated there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet_api import names
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Which Nodes are edge nodes, and how their health is judged."""
+
+    node_selector: dict[str, str] = field(default_factory=lambda: {names.LABEL_FLEET: "true"})
+    """Labels a Node must carry to join the fleet."""
+    agent_grace_s: float = 30.0
+    """An agent silent (no Lease renewal) this long while its Node is Ready is AgentSilent: its work
+    moves. 30 s is three missed 10 s heartbeats, long enough to ride out an API server blip."""
+    not_ready_grace_s: float = 30.0
+    """A NotReady Node keeps its work this long before it moves (edge links flap)."""
+    flap_damping_s: float = 120.0
+    """A node that lost its work must stay healthy this long before it gets new work, so a flapping
+    node does not make models bounce."""
+    memory_reserve_fraction: float = 0.10
+    """Share of a GPU's memory kept free of models (allocator slack, CUDA context, other tenants)."""
+
+
+@dataclass(frozen=True)
+class AgentPodSettings:
+    """The node-agent Pod the operator runs on every node with work."""
+
+    image: str = "ghcr.io/edgefleet/agent:0.1.0"
+    namespace: str = "edgefleet-system"
+    service_account: str = "edgefleet-agent"
+    gpu_resource: str = names.GPU_RESOURCE
+    port: int = 8000
+    cpu_request: str = "250m"
+    memory_request: str = "512Mi"
+    memory_limit: str = "4Gi"
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"},
+    )
+    runtime_class: str | None = None
+    """RuntimeClass of the agent Pod (e.g. 'nvidia' on k3s with the NVIDIA container runtime)."""
+    thermal_soft_limit_c: float | None = None
+    """Where agents start lowering concurrency (None: below the hardware slowdown by the margin)."""
+    thermal_soft_margin_c: float | None = None
+    """Degrees below the hardware slowdown temperature (None: the agent's default, 8)."""
+    workers: int | None = None
+    """Stream pool workers per agent (None: the agent's default, 1 on CPU and 2 on a GPU)."""
+    urgent_workers: int | None = None
+    """Workers that run only critical and high-priority batches (None: the agent's default, 1)."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    agent: AgentPodSettings = field(default_factory=AgentPodSettings)
+    reconcile_debounce_s: float = 0.5
+    """Events within this window are folded into one fleet reconcile (a burst of 200 applies costs
+    a handful of placements, not 200)."""
+    resync_interval_s: float = 10.0
+    """Full reconcile even without events: catches missed watch events and ages node health (Lease
+    renewals are not watched: at 1,000 agents they would be 100 events a second)."""
+    metrics_port: int = 8080
+
+
+def _selector(text: str) -> dict[str, str]:
+    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}; a bare key means value 'true'."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if not key:
+            raise ValueError(f"bad fleet selector {text!r}: empty label key")
+        out[key] = value or "true"
+    return out
+
+
+def _number(e: dict[str, str], name: str, default: Any, kind: type = float) -> Any:
+    """EDGEFLEET_<name> as `kind`, `default` when unset or empty; ValueError naming it."""
+    raw = e.get(f"EDGEFLEET_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"EDGEFLEET_{name} must be {what}, got {raw!r}") from None
+
+
+def _tolerations(raw: str) -> tuple[dict[str, str], ...]:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"EDGEFLEET_AGENT_TOLERATIONS is not JSON: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError("EDGEFLEET_AGENT_TOLERATIONS must be a JSON list of toleration objects")
+    return tuple(value)
+
+
+def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
+    """Settings from EDGEFLEET_* variables (the chart's operator Deployment sets them); unset
+    or empty ones keep their defaults; a malformed one is a ValueError naming it."""
+    e = dict(os.environ if env is None else env)
+    fleet = FleetSettings(
+        node_selector=_selector(e["EDGEFLEET_FLEET_SELECTOR"])
+        if "EDGEFLEET_FLEET_SELECTOR" in e
+        else FleetSettings().node_selector,
+        agent_grace_s=_number(e, "AGENT_GRACE_S", FleetSettings.agent_grace_s),
+        not_ready_grace_s=_number(e, "NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s),
+        flap_damping_s=_number(e, "FLAP_DAMPING_S", FleetSettings.flap_damping_s),
+        memory_reserve_fraction=_number(e, "MEMORY_RESERVE_FRACTION", FleetSettings.memory_reserve_fraction),
+    )
+    d = AgentPodSettings
+    raw_tolerations = e.get("EDGEFLEET_AGENT_TOLERATIONS", "").strip()
+    agent = AgentPodSettings(
+        image=e.get("EDGEFLEET_AGENT_IMAGE") or d.image,
+        namespace=e.get("EDGEFLEET_AGENT_NAMESPACE") or d.namespace,
+        gpu_resource=e.get("EDGEFLEET_GPU_RESOURCE") or d.gpu_resource,
+        cpu_request=e.get("EDGEFLEET_AGENT_CPU_REQUEST") or d.cpu_request,
+        memory_request=e.get("EDGEFLEET_AGENT_MEMORY_REQUEST") or d.memory_request,
+        memory_limit=e.get("EDGEFLEET_AGENT_MEMORY_LIMIT") or d.memory_limit,
+        tolerations=_tolerations(raw_tolerations) if raw_tolerations else d.tolerations,
+        runtime_class=e.get("EDGEFLEET_AGENT_RUNTIME_CLASS") or None,
+        thermal_soft_limit_c=_number(e, "AGENT_THERMAL_SOFT_LIMIT_C", None),
+        thermal_soft_margin_c=_number(e, "AGENT_THERMAL_SOFT_MARGIN_C", None),
+        workers=_number(e, "AGENT_WORKERS", None, int),
+        urgent_workers=_number(e, "AGENT_URGENT_WORKERS", None, int),
+    )
+    if agent.workers is not None and agent.workers < 1:
+        raise ValueError(f"EDGEFLEET_AGENT_WORKERS must be >= 1, got {agent.workers}")
+    if agent.urgent_workers is not None and agent.urgent_workers < 0:
+        raise ValueError(f"EDGEFLEET_AGENT_URGENT_WORKERS must be >= 0, got {agent.urgent_workers}")
+    for name, value in (("agent grace", fleet.agent_grace_s), ("not-ready grace", fleet.not_ready_grace_s)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+    if not 0 <= fleet.memory_reserve_fraction < 1:
+        got = fleet.memory_reserve_fraction
+        raise ValueError(f"EDGEFLEET_MEMORY_RESERVE_FRACTION must be in [0, 1), got {got}")
+    return OperatorSettings(
+        fleet=fleet,
+        agent=agent,
+        reconcile_debounce_s=_number(e, "DEBOUNCE_S", OperatorSettings.reconcile_debounce_s),
+        resync_interval_s=_number(e, "RESYNC_S", OperatorSettings.resync_interval_s),
+        metrics_port=_number(e, "METRICS_PORT", OperatorSettings.metrics_port, int),
+    )
