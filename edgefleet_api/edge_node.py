@@ -1,0 +1,353 @@
+"""EdgeNode as typed values: the spec the operator writes (what a GPU node must hold) and the
+status its agent writes (what it has, its GPU, its measured service levels).
+
+One writer per field: `EdgeNodeSpec` only by the operator, `EdgeNodeStatus` only by the node's
+agent. Conventions of `from_obj`/`to_obj`: see `model_spec`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet_api import wire
+from edgefleet_api.conditions import Condition, conditions_from_obj
+from edgefleet_api.model_spec import Artifact, Batching, priority_to_obj
+from edgefleet_api.sla import SlaObjectives, SlaWindow
+from edgefleet_api.types import ModelId, Priority
+from edgefleet_api.wire import Obj, mapping, required
+
+MAX_MODELS = 256
+"""The CRD's maxItems for spec.models and status.models."""
+
+# --- spec -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAssignment:
+    """One entry of EdgeNode.spec.models: a model version a service needs on this node, with the
+    share of the model's traffic it gets here, the memory granted to it, and the service's
+    batching and SLA. Keyed by (service, model, version)."""
+
+    service: str
+    """The InferenceService, namespace/name."""
+    model: str
+    version: str
+    artifact: Artifact
+    format: str = "torchscript"
+    task: str = "predict"
+    traffic_weight: int = 100
+    """Percent of this model's traffic on this node served by this version."""
+    memory_budget_bytes: int | None = None
+    """Device memory granted to it; None or 0: none granted (the node's budget applies)."""
+    priority: Priority = Priority.NORMAL
+    pinned: bool = False
+    preload: bool = True
+    batching: Batching | None = None
+    sla: SlaObjectives | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.traffic_weight <= 100:
+            raise ValueError(f"trafficWeight {self.traffic_weight} is not in [0, 100]")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 0:
+            raise ValueError(f"memoryBudgetBytes {self.memory_budget_bytes} is negative")
+
+    @property
+    def id(self) -> ModelId:
+        return ModelId(self.model, self.version)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The spec's list-map key: (service, model, version)."""
+        return (self.service, self.model, self.version)
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> ModelAssignment:
+        obj = mapping(obj, "spec.models[]")
+        batching, sla = obj.get("batching"), obj.get("sla")
+        return cls(
+            service=str(required(obj, "service")),
+            model=str(required(obj, "model")),
+            version=str(required(obj, "version")),
+            artifact=Artifact.from_obj(required(obj, "artifact")),
+            format=str(obj.get("format", "torchscript")),
+            task=str(obj.get("task", "predict")),
+            traffic_weight=int(obj.get("trafficWeight", 100)),
+            memory_budget_bytes=wire.optional_int(obj.get("memoryBudgetBytes")),
+            priority=Priority.parse(obj.get("priority")),
+            pinned=bool(obj.get("pinned", False)),
+            preload=bool(obj.get("preload", True)),
+            batching=Batching.from_obj(batching) if batching is not None else None,
+            sla=SlaObjectives.from_obj(sla) if sla is not None else None,
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "service": self.service,
+            "model": self.model,
+            "version": self.version,
+            "artifact": self.artifact.to_obj(),
+            "format": self.format,
+            "task": self.task,
+            "priority": priority_to_obj(self.priority),
+            "pinned": self.pinned,
+            "preload": self.preload,
+        }
+        if self.batching is not None:
+            out["batching"] = self.batching.to_obj()
+        if self.sla is not None:
+            out["sla"] = self.sla.to_obj()
+        if self.memory_budget_bytes is not None:
+            out["memoryBudgetBytes"] = self.memory_budget_bytes
+        out["trafficWeight"] = self.traffic_weight
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidEntry:
+    """A spec entry that cannot be read; its agent reports it Failed with `message`."""
+
+    service: str
+    model: str
+    version: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeNodeSpec:
+    """What a node must hold. `models` sorted by key; `invalid`: the entries `from_obj` could not
+    read (never written back)."""
+
+    node_name: str
+    gpu_index: int = 0
+    memory_budget_bytes: int | None = None
+    """Device memory the agent may use for models; None: the device's own budget."""
+    models: tuple[ModelAssignment, ...] = ()
+    drain: bool = False
+    invalid: tuple[InvalidEntry, ...] = ()
+
+    @classmethod
+    def from_obj(cls, obj: Obj, name: str = "") -> EdgeNodeSpec:
+        """The spec of EdgeNode `name`. A malformed entry becomes an `InvalidEntry`; a spec that
+        is not an object, or whose models are not a list, raises ValueError."""
+        obj = mapping(obj if obj is not None else {}, f"EdgeNode {name}: spec")
+        raw_models = obj.get("models") or []
+        if not isinstance(raw_models, list):
+            raise ValueError(f"EdgeNode {name}: spec.models is not a list")
+        models: list[ModelAssignment] = []
+        invalid: list[InvalidEntry] = []
+        for raw in raw_models:
+            try:
+                models.append(ModelAssignment.from_obj(raw))
+            except (KeyError, TypeError, ValueError) as e:
+                get = raw.get if isinstance(raw, Mapping) else (lambda _k, d=None: d)
+                why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                invalid.append(
+                    InvalidEntry(str(get("service", "")), str(get("model", "")), str(get("version", "")), why)
+                )
+        return cls(
+            node_name=str(obj.get("nodeName") or name),
+            gpu_index=int(obj.get("gpuIndex", 0)),
+            memory_budget_bytes=wire.optional_int(obj.get("memoryBudgetBytes")),
+            models=tuple(sorted(models, key=lambda m: m.key)),
+            drain=bool(obj.get("drain", False)),
+            invalid=tuple(invalid),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "nodeName": self.node_name,
+            "gpuIndex": self.gpu_index,
+            "models": [m.to_obj() for m in self.models],
+            "drain": self.drain,
+        }
+        if self.memory_budget_bytes is not None:
+            out["memoryBudgetBytes"] = self.memory_budget_bytes
+        return out
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+class ModelState(enum.StrEnum):
+    """Where a model version is on a node (status.models[].state)."""
+
+    PENDING = "Pending"
+    LOADING = "Loading"
+    READY = "Ready"
+    FAILED = "Failed"
+    UNLOADING = "Unloading"
+    EVICTED = "Evicted"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStatus:
+    """The device as its agent measures it; None: not measured."""
+
+    name: str = ""
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    temperature_c: float | None = None
+    soft_limit_c: float | None = None
+    """The temperature above which the agent lowers concurrency."""
+    throttled: bool | None = None
+    """Clocks are being throttled (thermal or power)."""
+    throttle_reasons: tuple[str, ...] = ()
+    power_w: float | None = None
+    utilization: float | None = None
+    """0 to 1."""
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> GpuStatus:
+        obj = mapping(obj, "status.gpu")
+        throttled = obj.get("throttled")
+        return cls(
+            name=str(obj.get("name") or ""),
+            memory_total_bytes=wire.optional_int(obj.get("memoryTotalBytes")),
+            memory_used_bytes=wire.optional_int(obj.get("memoryUsedBytes")),
+            memory_free_bytes=wire.optional_int(obj.get("memoryFreeBytes")),
+            temperature_c=wire.optional_float(obj.get("temperatureC")),
+            soft_limit_c=wire.optional_float(obj.get("softLimitC")),
+            throttled=throttled if isinstance(throttled, bool) else None,
+            throttle_reasons=tuple(str(r) for r in obj.get("throttleReasons") or ()),
+            power_w=wire.optional_float(obj.get("powerW")),
+            utilization=wire.optional_float(obj.get("utilization")),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        """Memory clamped at 0, readings rounded once (`wire`'s digits), the unmeasured left out."""
+        fields = (
+            ("name", self.name),
+            ("memoryTotalBytes", _bytes(self.memory_total_bytes)),
+            ("memoryUsedBytes", _bytes(self.memory_used_bytes)),
+            ("memoryFreeBytes", _bytes(self.memory_free_bytes)),
+            ("temperatureC", wire.rounded(self.temperature_c, wire.CELSIUS_DIGITS)),
+            ("softLimitC", wire.rounded(self.soft_limit_c, wire.CELSIUS_DIGITS)),
+            ("throttled", self.throttled),
+            ("throttleReasons", list(self.throttle_reasons) if self.throttle_reasons else None),
+            ("powerW", wire.rounded(self.power_w, wire.WATTS_DIGITS)),
+            ("utilization", wire.rounded(self.utilization, wire.UTILIZATION_DIGITS)),
+        )
+        return {k: v for k, v in fields if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One model version on a node (status.models[])."""
+
+    service: str
+    model: str
+    version: str
+    state: ModelState
+    digest: str | None = None
+    """Digest of the artifact the agent verified (present once prepared)."""
+    memory_bytes: int | None = None
+    """Device memory measured when it loaded."""
+    traffic_weight: int | None = None
+    """Traffic weight in effect (0 for a version no longer assigned)."""
+    sla: SlaWindow | None = None
+    message: str = ""
+
+    @property
+    def id(self) -> ModelId:
+        return ModelId(self.model, self.version)
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> ModelStatus:
+        obj = mapping(obj, "status.models[]")
+        sla = obj.get("sla")
+        return cls(
+            service=str(obj.get("service") or ""),
+            model=str(required(obj, "model")),
+            version=str(required(obj, "version")),
+            state=ModelState(obj.get("state") or ModelState.PENDING),
+            digest=obj.get("digest") or None,
+            memory_bytes=wire.optional_int(obj.get("memoryBytes")),
+            traffic_weight=wire.optional_int(obj.get("trafficWeight")),
+            sla=SlaWindow.from_obj(sla) if sla else None,
+            message=str(obj.get("message") or ""),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "service": self.service,
+            "model": self.model,
+            "version": self.version,
+            "state": self.state.value,
+        }
+        if self.traffic_weight is not None:
+            out["trafficWeight"] = self.traffic_weight
+        if self.digest is not None:
+            out["digest"] = self.digest
+        if self.memory_bytes is not None:
+            out["memoryBytes"] = max(int(self.memory_bytes), 0)
+        window = self.sla.to_obj() if self.sla is not None else {}
+        if window:
+            out["sla"] = window
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeNodeStatus:
+    """What a node has: conditions (Ready, MemoryPressure, ThermalThrottling, SLAViolated), its
+    GPU, its model versions (at most MAX_MODELS), and when the agent last wrote."""
+
+    observed_generation: int = 0
+    conditions: tuple[Condition, ...] = ()
+    heartbeat_time: str = ""
+    """RFC 3339; liveness itself is the agent's Lease."""
+    gpu: GpuStatus | None = None
+    models: tuple[ModelStatus, ...] = ()
+    loaded_models: int = 0
+    message: str = ""
+    agent_version: str = ""
+    endpoint: str = ""
+    """Base URL of the agent's v2 inference API."""
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def models_of(self, service: str) -> tuple[ModelStatus, ...]:
+        return tuple(m for m in self.models if m.service == service)
+
+    @classmethod
+    def from_obj(cls, obj: Obj | None) -> EdgeNodeStatus:
+        """The status of an EdgeNode; None or {} (no agent has written yet) is the empty status."""
+        obj = mapping(obj if obj is not None else {}, "status")
+        gpu = obj.get("gpu")
+        return cls(
+            observed_generation=int(obj.get("observedGeneration") or 0),
+            conditions=conditions_from_obj(obj.get("conditions")),
+            heartbeat_time=str(obj.get("heartbeatTime") or ""),
+            gpu=GpuStatus.from_obj(gpu) if gpu is not None else None,
+            models=tuple(ModelStatus.from_obj(m) for m in obj.get("models") or ()),
+            loaded_models=int(obj.get("loadedModels") or 0),
+            message=str(obj.get("message") or ""),
+            agent_version=str(obj.get("agentVersion") or ""),
+            endpoint=str(obj.get("endpoint") or ""),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "observedGeneration": max(int(self.observed_generation), 0),
+            "conditions": [c.to_obj() for c in self.conditions],
+            "heartbeatTime": self.heartbeat_time,
+            "gpu": self.gpu.to_obj() if self.gpu is not None else {},
+            "models": [m.to_obj() for m in self.models[:MAX_MODELS]],
+            "loadedModels": max(int(self.loaded_models), 0),
+            "message": self.message,
+        }
+        if self.agent_version:
+            out["agentVersion"] = self.agent_version
+        if self.endpoint:
+            out["endpoint"] = self.endpoint
+        return out
+
+
+def _bytes(value: int | None) -> int | None:
+    return None if value is None else max(int(value), 0)

@@ -1,0 +1,116 @@
+"""The EdgeNode schema: spec (written by the operator) and status (written by the node's agent);
+`edge_node` is its typed model."""
+
+from __future__ import annotations
+
+from edgefleet_api.openapi import (
+    DIGEST_PATTERN,
+    DNS_LABEL_PATTERN,
+    FORMATS,
+    PRIORITIES,
+    VERSION_PATTERN,
+    Schema,
+    array,
+    boolean,
+    enum,
+    integer,
+    list_map,
+    number,
+    obj,
+    rule,
+    string,
+    timestamp,
+)
+from edgefleet_api.schema_parts import artifact, batching, conditions, sla, sla_window
+
+
+def edge_node_spec() -> Schema:
+    assignment = obj(
+        "A model version this node must hold.",
+        {
+            "service": string("InferenceService as namespace/name.", maxLength=317),
+            "model": string("Model name.", pattern=DNS_LABEL_PATTERN, maxLength=63),
+            "version": string("Model version.", pattern=VERSION_PATTERN),
+            "artifact": artifact(),
+            "format": enum("Artifact format.", FORMATS, default="torchscript"),
+            "task": enum("predict or generate.", ["predict", "generate"], default="predict"),
+            "trafficWeight": integer(
+                "Percent of this model's traffic on this node served by this version.",
+                minimum=0,
+                maximum=100,
+                default=100,
+            ),
+            "memoryBudgetBytes": integer("Device memory granted to this model.", minimum=0),
+            "priority": enum("Priority.", PRIORITIES, default="normal"),
+            "pinned": boolean("Never evict.", default=False),
+            "preload": boolean("Load before the first request.", default=True),
+            "batching": batching(),
+            "sla": sla(),
+        },
+        required=["service", "model", "version", "artifact"],
+    )
+    return obj(
+        "What this node must hold. Written only by the operator.",
+        {
+            "nodeName": string("The Node this GPU belongs to.", maxLength=253),
+            "gpuIndex": integer("GPU index on the node.", minimum=0, maximum=63, default=0),
+            "memoryBudgetBytes": integer("Device memory the agent may use for models.", minimum=0),
+            "models": array(
+                "Model versions to hold, with traffic weights and budgets.",
+                assignment,
+                maxItems=256,
+                **list_map("service", "model", "version"),
+            ),
+            "drain": boolean("Stop taking new requests and unload everything.", default=False),
+        },
+        required=["nodeName"],
+        rules=[
+            rule("self.nodeName == oldSelf.nodeName", "nodeName is immutable", field_path=".nodeName"),
+        ],
+    )
+
+
+def edge_node_status() -> Schema:
+    gpu = obj(
+        "The GPU as the agent measures it.",
+        {
+            "name": string("GPU product name, or 'cpu'."),
+            "memoryTotalBytes": integer("Total device memory.", minimum=0),
+            "memoryUsedBytes": integer("Used device memory.", minimum=0),
+            "memoryFreeBytes": integer("Free device memory.", minimum=0),
+            "temperatureC": number("Temperature, degrees Celsius."),
+            "softLimitC": number("Temperature above which the agent lowers concurrency."),
+            "throttled": boolean("Clocks are being throttled (thermal or power)."),
+            "throttleReasons": array("NVML throttle reasons, or 'simulated'.", string("A reason.")),
+            "powerW": number("Power draw, watts."),
+            "utilization": number("Utilization, 0 to 1."),
+        },
+    )
+    loaded = obj(
+        "A model version on this node.",
+        {
+            "service": string("InferenceService as namespace/name."),
+            "model": string("Model name."),
+            "version": string("Model version."),
+            "digest": string("Digest of the loaded artifact.", pattern=DIGEST_PATTERN),
+            "state": enum("Load state.", ["Pending", "Loading", "Ready", "Failed", "Unloading", "Evicted"]),
+            "memoryBytes": integer("Measured device memory.", minimum=0),
+            "trafficWeight": integer("Traffic weight in effect.", minimum=0, maximum=100),
+            "sla": sla_window(),
+            "message": string("Why it failed, when it did."),
+        },
+    )
+    return obj(
+        "What this node has. Written only by the node agent.",
+        {
+            "observedGeneration": integer("The spec generation the agent acted on.", minimum=0),
+            "conditions": conditions("Ready, MemoryPressure, ThermalThrottling, SLAViolated."),
+            "heartbeatTime": timestamp("Last status write (liveness is the Lease)."),
+            "agentVersion": string("Agent version."),
+            "endpoint": string("Base URL of the agent's v2 inference API."),
+            "gpu": gpu,
+            "models": array("Model versions held.", loaded, maxItems=256),
+            "loadedModels": integer("Models loaded and ready.", minimum=0),
+            "message": string("Detail, when not Ready."),
+        },
+    )
