@@ -168,7 +168,7 @@ def main() -> None:
             ),
             chunks,
         )
-        nodes = sorted(n for names in made for n in names)
+        nodes = sorted(n for group in made for n in group)
     agents = SimulatedAgents(kube, AGENT_NAMESPACE)
     bad = {"errorRate": 0.5, "p99LatencyMs": 90.0, "met": False}
     for n in nodes:
