@@ -58,7 +58,8 @@ from node_agent.serving.http import HttpSettings, IndexEntry, MetricsHook, build
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator, GenerationStats
+    from node_agent.generation.async_generator import AsyncGenerator
+    from node_agent.generation.engine import GenerationStats
     from node_agent.metrics.agent import AgentCollector, ApiMetrics
     from node_agent.runtime.backends.base import Backend
     from node_agent.runtime.scheduler import Lease
@@ -319,7 +320,8 @@ class Serving:
         return await asyncio.shield(start)
 
     async def _start_generator(self, config: ModelConfig) -> AsyncGenerator:
-        from node_agent.generation.engine import AsyncGenerator, engine_for_backend
+        from node_agent.generation.async_generator import AsyncGenerator
+        from node_agent.generation.engine import engine_for_backend
         from node_agent.generation.transformer import TinyLMBackend
 
         try:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from node_agent.errors import AgentError, InvalidInput
-from node_agent.generation.engine import SamplingParams
+from node_agent.generation.sampling_params import SamplingParams
 from node_agent.serving.http import (
     HttpError,
     error_response,
@@ -40,7 +40,7 @@ from node_agent.serving.http import (
 )
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator
+    from node_agent.generation.async_generator import AsyncGenerator
 
 __all__ = ["GeneratorProvider", "add_generate_routes"]
 

@@ -65,7 +65,7 @@ from node_agent.serving import v2_codec
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator
+    from node_agent.generation.async_generator import AsyncGenerator
 
 log = logging.getLogger(__name__)
 
