@@ -86,7 +86,7 @@ class IndexEntry:
 
 
 class ServingApi(Protocol):
-    """What the HTTP layer serves (implemented by `node_agent.agent.Serving`)."""
+    """What the HTTP layer serves (implemented by `service.Serving`)."""
 
     def not_ready_reason(self) -> str | None:
         """None when the agent takes requests; else why not (starting, draining)."""
