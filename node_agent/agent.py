@@ -46,8 +46,9 @@ from node_agent.control.thermal import ThermalMonitor, ThermalSettings
 from node_agent.control.thermal_sources import SOURCE_KINDS, ThermalSource, detect_source, select_source
 from node_agent.errors import InvalidModel
 from node_agent.runtime.engine import ConfigSource, Engine, EngineSettings
+from node_agent.runtime.memory_budget import device_budget_bytes
 from node_agent.runtime.repository import ModelRepository, validate_name, validate_version
-from node_agent.runtime.scheduler import ModelScheduler, device_budget_bytes
+from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.serving.http import HttpSettings, MetricsHook, build_app
 from node_agent.serving.service import Serving
@@ -70,7 +71,7 @@ class AgentSettings:
     """'cpu' or 'cuda[:n]'."""
     memory_budget_bytes: int | None = None
     """Bytes models may take; None: the device's total minus a reserve on CUDA, 2 GiB on CPU
-    (see `scheduler.device_budget_bytes`)."""
+    (see `memory_budget.device_budget_bytes`)."""
     workers: int | None = None
     """Stream pool workers (one CUDA stream each); None: 1 on CPU (torch already uses every
     core inside an op), 2 on CUDA (one stream computes while the other copies)."""
