@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from bench.report import table, write_section
-from node_agent.generation.engine import EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.engine import EngineConfig, GenerationEngine
 from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.sampling_params import SamplingParams
 from node_agent.generation.transformer import TinyLM, TinyLMConfig
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"

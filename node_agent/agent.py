@@ -20,11 +20,9 @@ HTTP starts before the preloads so the liveness probe answers while models load 
 must not get the agent restarted); readiness turns on once they are loaded. `serve(settings)`
 runs an agent until SIGTERM or SIGINT, then drains it: `edgefleet-agent serve`.
 
-`Serving` is what the HTTP layer serves: the engine behind the agent's readiness and the
-repository extension's load/unload. Models load on demand (the scheduler), so every valid
-model in the repository is servable; `unload` takes a model out of service (and out of
-memory) until `load` puts it back. An `AgentExtension` (e.g. the operator link's EdgeNode
-mode) is started after the core and stopped before it.
+What the HTTP layer serves is `serving.service.Serving` (the engine behind the agent's
+readiness, the repository extension, the generators). An `AgentExtension` (e.g. the operator
+link's EdgeNode mode) is started after the core and stopped before it.
 """
 
 from __future__ import annotations
@@ -34,34 +32,31 @@ import contextlib
 import gc
 import logging
 import signal
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edgefleet_api.types import ModelId, Priority
 from node_agent.control.mitigation import Controls
 from node_agent.control.sla_monitor import SlaMonitor, SlaSettings
 from node_agent.control.thermal import ThermalMonitor, ThermalSettings
 from node_agent.control.thermal_sources import SOURCE_KINDS, ThermalSource, detect_source, select_source
-from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFound, ShuttingDown
+from node_agent.errors import InvalidModel
 from node_agent.runtime.engine import ConfigSource, Engine, EngineSettings
+from node_agent.runtime.memory_budget import device_budget_bytes
 from node_agent.runtime.repository import ModelRepository, validate_name, validate_version
-from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
-from node_agent.serving.http import HttpSettings, IndexEntry, MetricsHook, build_app
+from node_agent.serving.http import HttpSettings, MetricsHook, build_app
+from node_agent.serving.service import Serving
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator, GenerationStats
     from node_agent.metrics.agent import AgentCollector, ApiMetrics
     from node_agent.runtime.backends.base import Backend
-    from node_agent.runtime.scheduler import Lease
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +71,7 @@ class AgentSettings:
     """'cpu' or 'cuda[:n]'."""
     memory_budget_bytes: int | None = None
     """Bytes models may take; None: the device's total minus a reserve on CUDA, 2 GiB on CPU
-    (see `scheduler.device_budget_bytes`)."""
+    (see `memory_budget.device_budget_bytes`)."""
     workers: int | None = None
     """Stream pool workers (one CUDA stream each); None: 1 on CPU (torch already uses every
     core inside an op), 2 on CUDA (one stream computes while the other copies)."""
@@ -150,230 +145,6 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     return name, version if sep else None
 
 
-class Serving:
-    """The HTTP layer's view of the agent (`http_api.ServingApi`); loop thread only.
-
-    Invariants: a model name in `_unloaded` gets ModelNotFound from `config`/`infer` and is
-    reported UNAVAILABLE; load/unload run one at a time. With `assigned` (EdgeNode mode) the
-    servable versions are the assigned ones, not the repository's, and load/unload are
-    refused (409): the operator owns the assignment.
-    """
-
-    def __init__(
-        self,
-        repository: ModelRepository,
-        scheduler: ModelScheduler,
-        engine: Engine,
-        *,
-        unload_wait_s: float = 10.0,
-        assigned: ConfigOverlay | None = None,
-    ) -> None:
-        self.repository = repository
-        self.assigned = assigned
-        self.scheduler = scheduler
-        self.engine = engine
-        self.unload_wait_s = unload_wait_s
-        self._not_ready: str | None = "starting"
-        self._unloaded: set[str] = set()
-        self._control = asyncio.Lock()
-        self._generators: dict[ModelId, tuple[AsyncGenerator, Lease]] = {}
-        self._generator_starts: dict[ModelId, asyncio.Future[AsyncGenerator]] = {}
-        self._generators_closed = False
-
-    # -- readiness ---------------------------------------------------------------------------
-
-    def set_ready(self) -> None:
-        self._not_ready = None
-
-    def set_not_ready(self, reason: str) -> None:
-        self._not_ready = reason
-
-    def not_ready_reason(self) -> str | None:
-        return self._not_ready
-
-    # -- serving -----------------------------------------------------------------------------
-
-    def config(self, name: str, version: str | None) -> ModelConfig:
-        self._check_loaded(name)
-        return self.engine.config(name, version)
-
-    def versions(self, name: str) -> list[str]:
-        if self.assigned is None:
-            return self.repository.versions(name)
-        versions = self.assigned.versions(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} is not assigned to this node")
-        return versions
-
-    def model_not_ready_reason(self, name: str, version: str | None) -> str | None:
-        if name in self._unloaded:
-            return "unloaded through the repository API"
-        try:
-            self.engine.config(name, version)
-        except InvalidModel as e:
-            return str(e)
-        return self._not_ready
-
-    async def infer(
-        self,
-        name: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        priority: Priority,
-        timeout_s: float | None,
-    ) -> Mapping[str, np.ndarray]:
-        self._check_loaded(name)
-        return await self.engine.infer(name, version, inputs, priority, timeout_s)
-
-    def _check_loaded(self, name: str) -> None:
-        if name in self._unloaded:
-            raise ModelNotFound(
-                f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load serves it again"
-            )
-
-    # -- repository extension ----------------------------------------------------------------
-
-    def index(self) -> list[IndexEntry]:
-        if self.assigned is not None:
-            return [IndexEntry(c.name, c.version, "READY") for c in self.assigned.models()]
-        scan = self.repository.scan()
-        entries = [
-            IndexEntry(c.name, c.version, "UNAVAILABLE", "unloaded")
-            if c.name in self._unloaded
-            else IndexEntry(c.name, c.version, "READY")
-            for c in scan.models
-        ]
-        for path, why in scan.broken.items():
-            if path != self.repository.root:
-                entries.append(IndexEntry(path.parent.name, path.name, "UNAVAILABLE", why))
-        entries.sort(key=lambda e: (e.name, e.version))
-        return entries
-
-    async def load(self, name: str) -> None:
-        """Put `name` (back) into service and load its newest version into memory."""
-        self._check_unmanaged()
-        async with self._control:
-            self._check_inside(name)
-            self.engine.invalidate(name)
-            config = self.repository.config(name)
-            await self.scheduler.preload(config)
-            self._unloaded.discard(name)
-            log.info("repository: loaded %s", config.id)
-
-    async def unload(self, name: str) -> None:
-        """Take `name` out of service; unload its resident versions once their in-flight
-        batches are done (waiting at most `unload_wait_s`; after that the scheduler may evict
-        it like any idle model)."""
-        self._check_unmanaged()
-        async with self._control:
-            resident = [r.model_id for r in self.scheduler.resident() if r.model_id.name == name]
-            if not resident:
-                self.repository.versions(name)  # ModelNotFound for an unknown model
-            self._unloaded.add(name)
-            await self.stop_generators(name)
-            self.engine.invalidate(name)
-            deadline = time.monotonic() + self.unload_wait_s
-            for model_id in resident:
-                await self._unload_when_idle(model_id, deadline)
-            log.info("repository: unloaded %s", name)
-
-    async def _unload_when_idle(self, model_id: ModelId, deadline_s: float) -> None:
-        while True:
-            outcome = await self.scheduler.unload(model_id)
-            if outcome in (UnloadOutcome.UNLOADED, UnloadOutcome.NOT_LOADED):
-                return
-            if time.monotonic() >= deadline_s:
-                log.warning("repository: %s still %s; left to eviction", model_id, outcome.value)
-                return
-            await asyncio.sleep(0.005)  # poll: the scheduler offers no 'released' event
-
-    def _check_unmanaged(self) -> None:
-        if self.assigned is not None:
-            raise Conflict(
-                "this agent serves the models its EdgeNode assigns; change the InferenceService "
-                "instead of loading or unloading models here"
-            )
-
-    # -- generation (the v2 generate extension, `generate_api`) -----------------------------
-
-    async def generator(self, name: str, version: str | None) -> AsyncGenerator:
-        """The running generator of a `task: generate` model version, started on first use
-        (single-flight). Its model loads through the scheduler (digest checked; weights and
-        KV pool counted in the budget) and stays leased, so resident, while the generator
-        runs: until `unload(name)` or `stop_generators()`. ModelNotFound (404) for an unknown
-        or unloaded model, InvalidInput (400) for one that does not generate."""
-        self._check_loaded(name)
-        config = self.engine.config(name, version)
-        if config.task != "generate":
-            raise InvalidInput(
-                f"model {config.id} has task {config.task!r}; it does not generate text (use /infer)"
-            )
-        running = self._generators.get(config.id)
-        if running is not None and running[0].running:
-            return running[0]
-        if self._generators_closed:
-            raise ShuttingDown("the agent is stopping")
-        start = self._generator_starts.get(config.id)
-        if start is None:
-            start = self._generator_starts[config.id] = asyncio.ensure_future(self._start_generator(config))
-        return await asyncio.shield(start)
-
-    async def _start_generator(self, config: ModelConfig) -> AsyncGenerator:
-        from node_agent.generation.engine import AsyncGenerator, engine_for_backend
-        from node_agent.generation.transformer import TinyLMBackend
-
-        try:
-            failed = self._generators.pop(config.id, None)  # its engine failed: start afresh
-            if failed is not None:
-                await self._stop_generator(config.id, *failed)
-            lease = await self.scheduler.acquire(config)
-            try:
-                backend = lease.backend
-                if not isinstance(backend, TinyLMBackend):
-                    raise InvalidModel(f"{config.id}: format {config.format!r} cannot generate text")
-                loop = asyncio.get_running_loop()  # allocating the KV pool may take a while:
-                engine = await loop.run_in_executor(None, engine_for_backend, backend)
-                generator = AsyncGenerator(engine, model_id=config.id)
-                await generator.start()
-            except BaseException:
-                lease.release()
-                raise
-            self._generators[config.id] = (generator, lease)
-        finally:
-            del self._generator_starts[config.id]
-        log.info("generation: started %s, %d KV blocks of %d tokens", config.id,
-                 engine.config.num_blocks, engine.config.block_size)  # fmt: skip
-        return generator
-
-    async def stop_generators(self, name: str | None = None) -> None:
-        """Stop the generators of model `name` (None: all, and start no more: the agent is
-        stopping). Their requests in progress fail with ShuttingDown (503); their KV pools
-        go and their models' leases are released, so the scheduler may unload them."""
-        if name is None:
-            self._generators_closed = True
-        starts = [f for m, f in self._generator_starts.items() if name is None or m.name == name]
-        await asyncio.gather(*starts, return_exceptions=True)
-        for model_id in [m for m in self._generators if name is None or m.name == name]:
-            await self._stop_generator(model_id, *self._generators.pop(model_id))
-
-    async def _stop_generator(self, model_id: ModelId, generator: AsyncGenerator, lease: Lease) -> None:
-        try:
-            await generator.stop()
-        finally:
-            lease.release()
-        log.info("generation: stopped %s", model_id)
-
-    def generation_stats(self) -> list[tuple[ModelId, GenerationStats]]:
-        """Each running generator's model version and latest stats (for /metrics)."""
-        return [(model_id, g.stats()) for model_id, (g, _lease) in self._generators.items()]
-
-    def _check_inside(self, name: str) -> None:
-        root = self.repository.root
-        resolved = (root / name).resolve()
-        if not resolved.is_relative_to(root) or resolved == root:
-            raise ModelNotFound(f"model {name!r} resolves outside the repository {root}; not loading it")
-
-
 class AgentExtension(Protocol):
     """Something started with the agent (after its core) and stopped before it."""
 
@@ -384,7 +155,8 @@ class AgentExtension(Protocol):
 
 class ConfigOverlay(Protocol):
     """Where the engine takes model configs from instead of the repository, and a gate on the
-    scheduler's loads (EdgeNode mode: `operator_link.AssignedConfigs`, assigned versions only)."""
+    scheduler's loads (EdgeNode mode: `operator_link.AssignedConfigs`, assigned versions only);
+    `Serving` serves its versions (`service.AssignedModels`)."""
 
     def config(self, name: str, version: str | None = None) -> ModelConfig: ...
 

@@ -19,39 +19,26 @@ Guarantees:
   is submitted (`ContextTooLong`, `SequenceTooLong`); one that fits always finishes,
   because the victim order lets the oldest, most urgent sequence run alone.
 
-`AsyncGenerator` runs the engine on a worker thread from an asyncio loop task: `generate`
-returns a `GenerationResult`, `stream` yields `TokenEvent`s; `stats()` is the snapshot the
-metrics module maps (time to first token, time per output token, queue and KV counts).
+`stats()` is the snapshot the metrics module maps (time to first token, time per output
+token, queue and KV counts); `async_generator.AsyncGenerator` runs the engine from asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import enum
 import itertools
 import logging
-import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from edgefleet_api.types import Priority
-from node_agent.errors import (
-    InferenceFailed,
-    InvalidInput,
-    InvalidModel,
-    Overloaded,
-    RequestTooLarge,
-    ShuttingDown,
-)
+from node_agent.errors import InvalidInput, InvalidModel, RequestTooLarge
 from node_agent.generation.kv_cache import (
     KVCacheConfig,
     KVCacheManager,
@@ -59,40 +46,23 @@ from node_agent.generation.kv_cache import (
     block_size_for_context,
     kv_bytes_per_token,
 )
-from node_agent.generation.transformer import (
-    EOS,
-    ByteTokenizer,
-    PagedBatch,
-    PagedKVPool,
-    TinyLMBackend,
-    kv_block_size_for,
-    load_tiny_lm,
-)
+from node_agent.generation.sampling import sample_tokens
+from node_agent.generation.transformer import EOS, PagedBatch, PagedKVPool
 
 if TYPE_CHECKING:
-    from edgefleet_api.types import ModelId
-    from node_agent.errors import AgentError
-    from node_agent.generation.transformer import TinyLM
-    from node_agent.types import ModelConfig
+    from node_agent.generation.sampling_params import SamplingParams
+    from node_agent.generation.transformer import TinyLM, TinyLMBackend
 
 __all__ = [
     "TPOT_BUCKETS_S",
     "TTFT_BUCKETS_S",
-    "AsyncGenerator",
     "ContextTooLong",
     "EngineConfig",
+    "FinishReason",
     "GenerationEngine",
-    "GenerationResult",
     "GenerationStats",
-    "SamplingParams",
-    "SequenceTooLong",
     "StepOutput",
-    "TokenEvent",
-    "TokenStream",
     "engine_for_backend",
-    "load_generator",
-    "sample_token",
-    "sample_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,113 +86,6 @@ class FinishReason(enum.StrEnum):
     """`max_tokens` were generated."""
     ABORT = "abort"
     ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How one request samples; validated once (`InvalidInput` for bad values)."""
-
-    max_tokens: int = 64
-    """Output tokens at most (the KV cache is reserved for prompt + max_tokens)."""
-    temperature: float = 1.0
-    """0 means greedy (argmax, no random draw)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of most likely tokens whose mass reaches top_p."""
-    seed: int | None = None
-    """Seeds the request's own generator; None draws a random seed."""
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    priority: Priority = Priority.NORMAL
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_tokens <= 1 << 20:
-            raise InvalidInput(f"max_tokens must be in [1, 1048576], got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidInput(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 1 << 63:
-            raise InvalidInput(f"seed must be in [0, 2**63), got {self.seed}")
-
-    @classmethod
-    def from_mapping(cls, params: Mapping[str, Any]) -> SamplingParams:
-        """From the generate API's `parameters` (unknown keys are an `InvalidInput`)."""
-        known = {"max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "ignore_eos",
-                 "priority"}  # fmt: skip
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise InvalidInput(
-                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        kw: dict[str, Any] = {}
-        try:
-            for key, kind in (("max_tokens", int), ("seed", int), ("temperature", float), ("top_p", float)):
-                if params.get(key) is not None:
-                    value = params[key]
-                    if (
-                        isinstance(value, bool)
-                        or not isinstance(value, int | float)
-                        or (kind is int and not isinstance(value, int))
-                    ):
-                        raise InvalidInput(
-                            f"parameter {key} must be a{'n integer' if kind is int else ' number'}"
-                        )
-                    kw[key] = kind(value)
-            if params.get("stop_token_ids") is not None:
-                ids = params["stop_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                        for t in ids):  # fmt: skip
-                    raise InvalidInput("parameter stop_token_ids must be a list of integers")
-                kw["stop_token_ids"] = tuple(ids)
-            if params.get("ignore_eos") is not None:
-                if not isinstance(params["ignore_eos"], bool):
-                    raise InvalidInput("parameter ignore_eos must be true or false")
-                kw["ignore_eos"] = params["ignore_eos"]
-            if params.get("priority") is not None:
-                kw["priority"] = Priority.parse(params["priority"])
-        except ValueError as e:
-            raise InvalidInput(str(e)) from None
-        return cls(**kw)
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from `logits` [vocab]: argmax at temperature 0, else a draw from the
-    temperature-scaled, top-p-truncated distribution using exactly one uniform from
-    `generator` (inverse CDF over tokens sorted by probability, ties by id)."""
-    return sample_tokens(logits[None], [params], [generator])[0]
-
-
-def sample_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
-) -> list[int]:
-    """`sample_token` for each row of `logits` [rows, vocab], batched: every operation works
-    row by row, so a row's token depends only on its logits, its params and its generator
-    (one uniform drawn per sampled row), never on the other rows of the batch."""
-    n = logits.shape[0]
-    if len(params) != n or len(generators) != n:
-        raise ValueError(f"{n} rows of logits, {len(params)} params, {len(generators)} generators")
-    greedy = torch.argmax(logits, dim=-1).tolist() if any(p.temperature == 0.0 for p in params) else []
-    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
-    if not rows:
-        return [int(t) for t in greedy]
-    dev = logits.device
-    sub = logits if len(rows) == n else logits[torch.tensor(rows, device=dev)]
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)
-    probs = torch.softmax(sub.float() / temps[:, None], dim=-1)
-    p, idx = torch.sort(probs, descending=True, stable=True)
-    if any(params[i].top_p < 1.0 for i in rows):
-        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1.0 else math.inf for i in rows],
-                             dtype=torch.float32, device=dev)  # fmt: skip
-        before = torch.cumsum(p, dim=-1) - p
-        p = torch.where(before < top_p[:, None], p, torch.zeros_like(p))
-    cdf = torch.cumsum(p, dim=-1)
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(dev) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=p.shape[-1] - 1)
-    drawn = idx.gather(-1, pick)[:, 0].tolist()
-    out = [int(t) for t in greedy] if greedy else [0] * n
-    for i, token in zip(rows, drawn, strict=True):
-        out[i] = int(token)
-    return out
 
 
 class SeqStatus(enum.Enum):
@@ -610,218 +473,6 @@ class GenerationEngine:
         assert len(self._seqs) == len(self.running) + len(self.waiting)
 
 
-# -- asyncio front -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token: its id, the text it completes (may be '' inside a multi-byte
-    character), its index in the output, and the finish reason on the last one."""
-
-    token_id: int
-    text: str
-    index: int
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationResult:
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    time_to_first_token_s: float
-    total_s: float
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    arrival_s: float
-    events: asyncio.Queue[TokenEvent | BaseException]
-    seq_id: int | None = None
-    done: bool = False
-    produced: int = 0
-    first_token_s: float | None = None
-
-
-class TokenStream:
-    """An async iterator of one request's `TokenEvent`s; raises the request's failure.
-    `aclose()` before the last token aborts the request (also if never iterated)."""
-
-    def __init__(self, owner: AsyncGenerator, request: _Request) -> None:
-        self.request = request
-        self._owner = owner
-        self._decoder = ByteTokenizer.incremental_decoder()
-        self._finished = False
-
-    def __aiter__(self) -> TokenStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        ev = await self.request.events.get()
-        if isinstance(ev, BaseException):
-            self._finished = True
-            raise ev
-        last = ev.finish_reason is not None
-        self._finished = last
-        text = self._decoder.feed(ev.token_id) + (self._decoder.flush() if last else "")
-        return TokenEvent(ev.token_id, text, ev.index, ev.finish_reason)
-
-    async def aclose(self) -> None:
-        self._finished = True
-        self._owner._abort(self.request)
-
-
-class AsyncGenerator:
-    """The engine behind an asyncio API. `start()` launches the loop task; each step runs
-    on a worker thread, so the event loop (HTTP streaming) stays responsive. Requests and
-    aborts are handed to the engine between steps, on the loop, so the engine is only
-    ever touched by one thread at a time. Every request gets exactly one outcome."""
-
-    def __init__(
-        self, engine: GenerationEngine, *, max_waiting: int = 1024, model_id: ModelId | None = None
-    ) -> None:
-        self.engine = engine
-        self.model_id = model_id
-        """The model version served, when known (responses name it)."""
-        self.tokenizer = ByteTokenizer()
-        """Text prompts are encoded with it; token id prompts are used as given."""
-        self.max_waiting = max_waiting
-        self._inbox: list[_Request] = []
-        self._aborts: list[_Request] = []
-        self._live: dict[int, _Request] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._stats = engine.stats()
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation-loop")
-
-    async def stop(self) -> None:
-        """Refuse new work, fail requests in progress with `ShuttingDown`, end the loop."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    @property
-    def running(self) -> bool:
-        """True from `start()` until `stop()` or a failure of the engine ends the loop."""
-        return self._task is not None and not self._task.done() and not self._stopping
-
-    def stats(self) -> GenerationStats:
-        """The engine's counters as of the last step (safe to call from the loop)."""
-        return self._stats
-
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams) -> GenerationResult:
-        """The whole output; raises the refusal or failure of the request."""
-        tokens: list[int] = []
-        text: list[str] = []
-        reason = ""
-        stream = self.stream(prompt, params)
-        async with aclosing(stream):
-            async for ev in stream:
-                tokens.append(ev.token_id)
-                text.append(ev.text)
-                reason = ev.finish_reason or reason
-        req = stream.request
-        now = time.monotonic()
-        ttft = (req.first_token_s or now) - req.arrival_s if tokens else 0.0
-        return GenerationResult(
-            "".join(text), tuple(tokens), len(req.prompt), len(tokens), reason, ttft, now - req.arrival_s
-        )
-
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> TokenStream:
-        """Tokens as they are generated. The request is checked (and refused) at once;
-        closing the stream (`aclose`) before its last token aborts the request."""
-        return TokenStream(self, self._submit(prompt, params))
-
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-
-    def _submit(self, prompt: str | Sequence[int], params: SamplingParams) -> _Request:
-        if not self.running:
-            raise ShuttingDown("the generator is not running")
-        tokens = self.encode(prompt)
-        self.engine.check_request(tokens, params)  # reads only constants
-        if len(self._inbox) + self._stats.waiting >= self.max_waiting:
-            raise Overloaded(f"{self.max_waiting} generation requests are already waiting", 1.0)
-        req = _Request(tokens, params, time.monotonic(), asyncio.Queue())
-        self._inbox.append(req)
-        self._wake.set()
-        return req
-
-    def _abort(self, req: _Request) -> None:
-        if not req.done:
-            req.done = True
-            self._aborts.append(req)
-            self._wake.set()
-
-    async def _loop(self) -> None:
-        eng = self.engine
-        while not self._stopping:
-            self._handover()
-            if not eng.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                outputs = await asyncio.to_thread(eng.step)
-            except Exception as e:  # a bug in the engine: fail everyone rather than hang
-                log.exception("generation loop failed")
-                self._fail_all(InferenceFailed(f"generation engine failed: {e}"))
-                return
-            self._stats = eng.stats()
-            self._deliver(outputs)
-        self._handover()
-        self._fail_all(ShuttingDown("the generator is stopping"))
-
-    def _handover(self) -> None:
-        """Move new requests and aborts into the engine (no step is running)."""
-        for req in self._aborts:
-            if req.seq_id is not None and self._live.pop(req.seq_id, None) is not None:
-                self.engine.abort(req.seq_id)
-        self._aborts.clear()
-        for req in self._inbox:
-            if req.done:
-                continue
-            req.seq_id = self.engine.add(req.prompt, req.params, arrival_s=req.arrival_s)
-            self._live[req.seq_id] = req
-        self._inbox.clear()
-        self._stats = self.engine.stats()
-
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
-            req = self._live.get(out.seq_id)
-            if req is None:
-                continue
-            if out.finish_reason is not None:
-                del self._live[out.seq_id]
-                req.done = True
-            if out.error is not None:
-                req.events.put_nowait(InferenceFailed(out.error))
-            elif out.token_id is not None:
-                if req.first_token_s is None:
-                    req.first_token_s = time.monotonic()
-                req.events.put_nowait(TokenEvent(out.token_id, "", req.produced, out.finish_reason))
-                req.produced += 1
-
-    def _fail_all(self, exc: AgentError) -> None:
-        for req in [*self._live.values(), *self._inbox]:
-            req.done = True
-            req.events.put_nowait(exc)
-        self._live.clear()
-        self._inbox.clear()
-
-
 def engine_for_backend(
     backend: TinyLMBackend, *, block_size: int | None = None, **engine_settings: Any
 ) -> GenerationEngine:
@@ -838,24 +489,3 @@ def engine_for_backend(
     block_size = backend.kv_block_size if block_size is None else block_size
     engine_config = EngineConfig.from_budget(model, backend.kv_cache_bytes, block_size, **engine_settings)
     return GenerationEngine(model, engine_config, device=model.lm_head.weight.device)
-
-
-def load_generator(
-    version_dir: Path | str,
-    config: ModelConfig,
-    kv_budget_bytes: int,
-    *,
-    device: str = "cpu",
-    block_size: int | None = None,
-    **engine_settings: Any,
-) -> AsyncGenerator:
-    """An (unstarted) `AsyncGenerator` for a `task: generate` TinyLM version whose KV pool
-    fills `kv_budget_bytes`, in blocks of `block_size` tokens (default: the model's
-    `kv_block_size_for`); `engine_settings` are further `EngineConfig` fields."""
-    if config.task != "generate":
-        raise InvalidInput(f"model {config.id} has task {config.task!r}; it does not generate text")
-    model = load_tiny_lm(Path(version_dir) / config.artifact, device)
-    if block_size is None:
-        block_size = kv_block_size_for(config, model.config)
-    engine_config = EngineConfig.from_budget(model, kv_budget_bytes, block_size, **engine_settings)
-    return AsyncGenerator(GenerationEngine(model, engine_config, device=device))

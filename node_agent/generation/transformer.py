@@ -537,7 +537,7 @@ def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int | 
 class TinyLMBackend(Backend):
     """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab].
     For a `task: generate` model, `memory_bytes` = weights + `kv_cache_bytes` (the pool of
-    `kv_block_size`-token blocks an engine built by `generation.engine_for_backend` allocates)."""
+    `kv_block_size`-token blocks an engine built by `engine.engine_for_backend` allocates)."""
 
     def __init__(
         self,

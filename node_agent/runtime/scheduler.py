@@ -7,9 +7,9 @@ single-flight: concurrent acquirers of a model being loaded share one load and
 one outcome. Room is made by evicting the models the `EvictionPolicy` chooses.
 
 Memory rules:
-- The budget is in bytes (GPU: total minus a reserve, see `device_budget_bytes`;
-  CPU: configured). Used bytes = measured bytes of resident models + the bytes
-  reserved by loads in progress.
+- The budget is in bytes (GPU: total minus a reserve, see
+  `memory_budget.device_budget_bytes`; CPU: configured). Used bytes = measured bytes
+  of resident models + the bytes reserved by loads in progress.
 - Before a model's first load its size is `config.memory_estimate_bytes` (else
   `default_estimate_bytes`); after it, the backend's measured `memory_bytes`,
   remembered per model version for every later reload.
@@ -28,6 +28,10 @@ Memory rules:
 Threading: NOT thread-safe by design. All state lives on the event loop's thread;
 call every method there. The one exception is `Lease.release()`, which may be
 called from any thread (it hops to the loop when called elsewhere).
+
+One module of about 600 lines because `Lease` belongs with the scheduler: it reads the
+scheduler's books (`may_continue`) and releases through them; apart, one would reach into
+the other's private state.
 """
 
 from __future__ import annotations
@@ -600,27 +604,3 @@ def _retrieve_exception(future: asyncio.Future[Any]) -> None:
     """Mark a load's exception as retrieved: its acquirers may all have been cancelled."""
     if not future.cancelled():
         future.exception()
-
-
-def device_budget_bytes(
-    device: str,
-    *,
-    reserve_bytes: int = 512 * 2**20,
-    cpu_budget_bytes: int = 2 * 2**30,
-) -> int:
-    """The memory budget for models on `device`.
-
-    CUDA: the device's total memory minus `reserve_bytes` (CUDA context, allocator slack,
-    activations of concurrent batches); 512 MiB fits a Jetson-class box's context with
-    headroom. CPU: `cpu_budget_bytes`, a configured figure (the host's RAM is shared).
-    """
-    if reserve_bytes < 0 or cpu_budget_bytes < 0:
-        raise ValueError("reserve_bytes and cpu_budget_bytes must be >= 0")
-    if device.startswith("cuda"):
-        import torch
-
-        _free, total = torch.cuda.mem_get_info(torch.device(device))
-        return max(int(total) - reserve_bytes, 0)
-    if device != "cpu":
-        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda[:N]'")
-    return cpu_budget_bytes

@@ -1,2 +1,3 @@
-"""What the agent serves over HTTP: the KServe v2 protocol (codec and routes) and the generate
-extension. The only layer of the agent that imports aiohttp's web server."""
+"""What the agent serves over HTTP: the KServe v2 protocol (codec and routes), the generate
+extension, and the responses both share. The only layer of the agent that imports aiohttp's
+web server."""

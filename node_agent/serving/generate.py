@@ -13,7 +13,7 @@ Request: `{"text_input": "...", "parameters": {"max_tokens", "temperature", "top
 
 Errors are `{"error": "..."}`: 400 bad request, 404 unknown model, 413 a body or a request
 too long for the model's context or its KV cache, 503 overloaded or stopping (statuses of
-the other agent errors as `http_api.status_for`). A refusal comes before the stream starts;
+the other agent errors as `responses.status_for`). A refusal comes before the stream starts;
 a failure after it is sent as a last `data: {"error": ...}` event. A client that goes away
 mid-stream aborts its request, freeing its KV blocks at the next step.
 """
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from node_agent.errors import AgentError, InvalidInput
-from node_agent.generation.engine import SamplingParams
-from node_agent.serving.http import (
+from node_agent.generation.sampling_params import SamplingParams
+from node_agent.serving.responses import (
     HttpError,
     error_response,
     json_object,
@@ -40,7 +40,7 @@ from node_agent.serving.http import (
 )
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator
+    from node_agent.generation.async_generator import AsyncGenerator
 
 __all__ = ["GeneratorProvider", "add_generate_routes"]
 

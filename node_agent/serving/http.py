@@ -10,14 +10,15 @@ included, so `tritonclient.http` works with its defaults):
 | GET | /v2/models/{m}[/versions/{v}] | model metadata |
 | GET | /v2/models/{m}[/versions/{v}]/ready, .../config | readiness; Triton's model config |
 | POST | /v2/models/{m}[/versions/{v}]/infer | inference |
-| POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`generate_api`) |
+| POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`serving.generate`) |
 | POST | /v2/repository/index | every model version and its state |
 | POST | /v2/repository/models/{m}/load, .../unload | repository control |
 | GET | /metrics | Prometheus text, when the agent was given a registry |
 
-Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. `ERROR_STATUS` is the
-one place the agent's errors become status codes; every error body is `{"error": "..."}`,
-one line, never a stack trace (unexpected exceptions are logged and answered 500).
+Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. Errors become responses
+in `serving.responses` (`ERROR_STATUS` is the one place the agent's errors become status codes);
+every error body is `{"error": "..."}`, one line, never a stack trace (unexpected exceptions
+are logged and answered 500).
 
 Protections, all before any model code runs:
 - request bodies are limited to `max_request_bytes`: a larger Content-Length is refused with
@@ -34,9 +35,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,25 +46,22 @@ from aiohttp import hdrs, web
 
 from edgefleet_api.types import Priority
 from node_agent import __version__
-from node_agent.errors import (
-    AgentError,
-    Conflict,
-    DeadlineExceeded,
-    InferenceFailed,
-    InsufficientMemory,
-    InvalidInput,
-    InvalidModel,
-    ModelNotFound,
-    Overloaded,
-    RequestTooLarge,
-    ShuttingDown,
-)
+from node_agent.errors import AgentError, InvalidInput, Overloaded
 from node_agent.runtime.repository import NAME_MAX_LEN, NAME_RE
 from node_agent.serving import v2_codec
+from node_agent.serving.generate import add_generate_routes
+from node_agent.serving.responses import (
+    HttpError,
+    check_length,
+    error_response,
+    json_object,
+    json_response,
+    read_body,
+)
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
-    from node_agent.generation.engine import AsyncGenerator
+    from node_agent.generation.async_generator import AsyncGenerator
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +72,6 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
 _SMALL_BODY_BYTES = 64 * 1024
 """Limit for the bodies of repository requests (a few parameters)."""
-_MAX_MESSAGE_CHARS = 2000
-
-ERROR_STATUS: dict[type[AgentError], int] = {
-    InvalidInput: 400,
-    ModelNotFound: 404,
-    Conflict: 409,
-    RequestTooLarge: 413,
-    InvalidModel: 500,
-    InferenceFailed: 500,
-    InsufficientMemory: 503,
-    Overloaded: 503,
-    ShuttingDown: 503,
-    DeadlineExceeded: 504,
-}
-"""The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
-
-InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
-(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +86,7 @@ class IndexEntry:
 
 
 class ServingApi(Protocol):
-    """What the HTTP layer serves (implemented by `node_agent.agent.Serving`)."""
+    """What the HTTP layer serves (implemented by `service.Serving`)."""
 
     def not_ready_reason(self) -> str | None:
         """None when the agent takes requests; else why not (starting, draining)."""
@@ -138,7 +116,7 @@ class ServingApi(Protocol):
     async def unload(self, name: str) -> None: ...
 
     async def generator(self, name: str, version: str | None) -> AsyncGenerator:
-        """The running generator of a `task: generate` model (`generate_api.GeneratorProvider`)."""
+        """The running generator of a `task: generate` model (`generate.GeneratorProvider`)."""
         ...
 
 
@@ -216,88 +194,6 @@ def peer_allowed(peer: str | None, networks: Sequence[ipaddress.IPv4Network | ip
     return any(address.version == net.version and address in net for net in networks)
 
 
-def status_for(exc: AgentError) -> int:
-    """The HTTP status of an agent error: its nearest base listed in `ERROR_STATUS`, else 500."""
-    for cls in type(exc).__mro__:
-        status = ERROR_STATUS.get(cls)
-        if status is not None:
-            return status
-    return 500
-
-
-def public_message(exc: BaseException) -> str:
-    """One line for the caller: a model's error may carry a (TorchScript) traceback, which
-    stays in the log; the first and last lines say what failed."""
-    text = str(exc) or type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1:
-        text = f"{lines[0]} ... {lines[-1]}" if lines[-1] != lines[0] else lines[0]
-    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
-
-
-class HttpError(Exception):
-    """A refusal decided by the HTTP layer itself (size limit, auth, bad path)."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
-
-
-def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(payload, separators=(",", ":")).encode(),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
-
-
-def check_length(request: web.Request, limit: int) -> None:
-    """413 (`HttpError`) when the declared Content-Length is over `limit`."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-
-
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
-    check_length(request, limit)
-    buf = bytearray()
-    async for chunk in request.content.iter_any():
-        if len(buf) + len(chunk) > limit:
-            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
-        buf += chunk
-    return buf
-
-
-def json_object(body: bytes | bytearray) -> dict[str, Any]:
-    """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
-    doc = v2_codec.parse_json(body)
-    if not isinstance(doc, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return doc
-
-
-def error_response(exc: BaseException) -> web.Response:
-    """The one translation of errors into HTTP responses."""
-    headers: dict[str, str] = {}
-    if isinstance(exc, HttpError):
-        status, headers = exc.status, dict(exc.headers)
-    elif isinstance(exc, AgentError):
-        status = status_for(exc)
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        elif isinstance(exc, ShuttingDown):
-            headers["Retry-After"] = "1"
-    else:
-        raise TypeError(f"not an error the API answers: {exc!r}")
-    response = json_response({"error": public_message(exc)}, status, headers)
-    if isinstance(exc, ShuttingDown) or status == 413:
-        response.force_close()
-    return response
-
-
 class _BodyBudget:
     """Bytes of request bodies held by requests in progress, bounded (loop thread only)."""
 
@@ -360,8 +256,6 @@ class V2Api:
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
         if self._metrics is not None:
             r.add_get("/metrics", self.metrics)
-        from node_agent.serving.generate import add_generate_routes
-
         add_generate_routes(self.app, self.api.generator)
 
     # -- middleware -------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.agent import AgentSettings
 from node_agent.cli import main as agent_cli
-from node_agent.generation.engine import EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.engine import EngineConfig, GenerationEngine
 from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.sampling_params import SamplingParams
 from node_agent.generation.transformer import KV_CACHE_PARAMETER, ByteTokenizer, TinyLM, load_tiny_lm
 from node_agent.metrics.generation import GENERATION_METRICS, register_generation_metrics
 from node_agent.runtime.repository import parse_model_config, write_model_config

@@ -13,7 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from node_agent.errors import InvalidInput, ModelNotFound
-from node_agent.generation.engine import AsyncGenerator, EngineConfig, GenerationEngine, SamplingParams
+from node_agent.generation.async_generator import AsyncGenerator
+from node_agent.generation.engine import EngineConfig, GenerationEngine
+from node_agent.generation.sampling_params import SamplingParams
 from node_agent.generation.transformer import ByteTokenizer, TinyLM, TinyLMConfig
 from node_agent.serving.generate import add_generate_routes
 

@@ -11,21 +11,18 @@ import pytest
 import torch
 
 from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
+from node_agent.generation.async_generator import AsyncGenerator, load_generator
 from node_agent.generation.engine import (
     TPOT_BUCKETS_S,
     TTFT_BUCKETS_S,
-    AsyncGenerator,
     ContextTooLong,
     EngineConfig,
     GenerationEngine,
-    SamplingParams,
-    SequenceTooLong,
     engine_for_backend,
-    load_generator,
-    sample_token,
-    sample_tokens,
 )
-from node_agent.generation.kv_cache import block_size_for_context
+from node_agent.generation.kv_cache import SequenceTooLong, block_size_for_context
+from node_agent.generation.sampling import sample_token, sample_tokens
+from node_agent.generation.sampling_params import SamplingParams
 from node_agent.generation.transformer import (
     KV_BLOCK_SIZE_PARAMETER,
     ByteTokenizer,

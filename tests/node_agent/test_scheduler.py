@@ -20,7 +20,7 @@ from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InsufficientMemory, InvalidModel, ShuttingDown
 from node_agent.runtime.backends.base import Backend
 from node_agent.runtime.eviction import LRUPolicy
-from node_agent.runtime.scheduler import Lease, ModelScheduler, UnloadOutcome, device_budget_bytes
+from node_agent.runtime.scheduler import Lease, ModelScheduler, UnloadOutcome
 from node_agent.types import ModelConfig
 
 T = TypeVar("T")
@@ -532,19 +532,6 @@ def test_random_concurrent_workload_keeps_the_invariants() -> None:
         sched.check_invariants()
 
     run(main)
-
-
-def test_device_budget() -> None:
-    assert device_budget_bytes("cpu", cpu_budget_bytes=123) == 123
-    with pytest.raises(ValueError):
-        device_budget_bytes("tpu")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_budget_on_gpu() -> None:
-    _free, total = torch.cuda.mem_get_info(0)
-    assert device_budget_bytes("cuda:0", reserve_bytes=2**30) == total - 2**30
 
 
 # -- real models from the example repository -------------------------------------------------

@@ -1,0 +1,133 @@
+"""How the HTTP layer reads request bodies and answers: bounded body reads, JSON responses, and
+the one translation of errors into responses.
+
+`ERROR_STATUS` (through `status_for`) is the one place the agent's errors become HTTP status
+codes; every error body is `{"error": "..."}`, one line (`public_message`), never a stack
+trace. Shared by the v2 routes (`serving.http`) and the generate extension
+(`serving.generate`), so neither imports the other's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from node_agent.errors import (
+    AgentError,
+    Conflict,
+    DeadlineExceeded,
+    InferenceFailed,
+    InsufficientMemory,
+    InvalidInput,
+    InvalidModel,
+    ModelNotFound,
+    Overloaded,
+    RequestTooLarge,
+    ShuttingDown,
+)
+from node_agent.serving import v2_codec
+
+_MAX_MESSAGE_CHARS = 2000
+
+ERROR_STATUS: dict[type[AgentError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    Conflict: 409,
+    RequestTooLarge: 413,
+    InvalidModel: 500,
+    InferenceFailed: 500,
+    InsufficientMemory: 503,
+    Overloaded: 503,
+    ShuttingDown: 503,
+    DeadlineExceeded: 504,
+}
+"""The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
+
+InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
+(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
+
+
+def status_for(exc: AgentError) -> int:
+    """The HTTP status of an agent error: its nearest base listed in `ERROR_STATUS`, else 500."""
+    for cls in type(exc).__mro__:
+        status = ERROR_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def public_message(exc: BaseException) -> str:
+    """One line for the caller: a model's error may carry a (TorchScript) traceback, which
+    stays in the log; the first and last lines say what failed."""
+    text = str(exc) or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        text = f"{lines[0]} ... {lines[-1]}" if lines[-1] != lines[0] else lines[0]
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+class HttpError(Exception):
+    """A refusal decided by the HTTP layer itself (size limit, auth, bad path)."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload, separators=(",", ":")).encode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def check_length(request: web.Request, limit: int) -> None:
+    """413 (`HttpError`) when the declared Content-Length is over `limit`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
+    check_length(request, limit)
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(buf) + len(chunk) > limit:
+            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+        buf += chunk
+    return buf
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
+    doc = v2_codec.parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return doc
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """The one translation of errors into HTTP responses."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, HttpError):
+        status, headers = exc.status, dict(exc.headers)
+    elif isinstance(exc, AgentError):
+        status = status_for(exc)
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        elif isinstance(exc, ShuttingDown):
+            headers["Retry-After"] = "1"
+    else:
+        raise TypeError(f"not an error the API answers: {exc!r}")
+    response = json_response({"error": public_message(exc)}, status, headers)
+    if isinstance(exc, ShuttingDown) or status == 413:
+        response.force_close()
+    return response
