@@ -41,6 +41,7 @@ from bench.common import (
     replay,
 )
 from bench.report import table, write_section
+from edgefleet_api.sla import SlaObjectives
 from node_agent.errors import Overloaded
 from node_agent.runtime.batching_policy import BatchingPolicy, StaticPolicy, policy_for
 from node_agent.runtime.engine import Engine
@@ -134,7 +135,7 @@ def static(case: Case, batch: int, delay_s: float) -> StaticPolicy:
 
 async def bench_case(case: Case, q: bool) -> tuple[list[list[object]], str]:
     root = example_repo()
-    sla = {"p99_latency_s": case.slo_s, "max_batch_size": case.max_batch}
+    sla = {"sla": SlaObjectives(p99_latency_s=case.slo_s), "max_batch_size": case.max_batch}
     repo = RepositoryView(ModelRepository(root), case.model, **sla)
     pool = StreamPool(PoolSettings(num_workers=1)).start()
     scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))

@@ -34,6 +34,7 @@ import numpy as np
 from bench.adaptive_batching import closed_loop_capacity
 from bench.common import ReplayResult, RepositoryView, example_repo, fmt_ms, poisson_trace, quick, replay
 from bench.report import table, write_section
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import Priority
 from node_agent.runtime.batching_policy import BatchingPolicy, StaticPolicy, policy_for
 from node_agent.runtime.engine import Engine
@@ -91,7 +92,7 @@ async def main() -> None:
     seconds = 0.8 if q else 3.0
     cal_s = 0.6 if q else 3.0
     rounds = 1 if q else ROUNDS
-    repo = RepositoryView(ModelRepository(example_repo()), MODEL, p99_latency_s=SLO_S)
+    repo = RepositoryView(ModelRepository(example_repo()), MODEL, sla=SlaObjectives(p99_latency_s=SLO_S))
     pools = {  # the same engine on a pool with its urgent lane (the default) and without one
         "engine": StreamPool(PoolSettings(num_workers=1)).start(),
         "engine, no urgent lane": StreamPool(PoolSettings(num_workers=1, urgent_workers=0)).start(),

@@ -18,11 +18,12 @@ class SlaObjectives:
 
     p95_latency_s: float | None = None
     p99_latency_s: float | None = None
-    min_throughput_rps: float | None = None
-    """Completed requests per second over the window."""
     max_error_rate: float | None = None
     """Failed (and expired) requests over all requests, 0 to 1."""
+    min_throughput_rps: float | None = None
+    """Completed requests per second over the window."""
     window_s: int = 60
+    """Reporting window (the InferenceService's `sla.windowSeconds`, default 60)."""
 
     def __post_init__(self) -> None:
         for name in ("p95_latency_s", "p99_latency_s", "min_throughput_rps"):
@@ -47,8 +48,8 @@ class SlaObjectives:
         return cls(
             p95_latency_s=wire.ms_to_s(obj.get("p95LatencyMs")),
             p99_latency_s=wire.ms_to_s(obj.get("p99LatencyMs")),
-            min_throughput_rps=wire.optional_float(obj.get("minThroughputRps")),
             max_error_rate=wire.optional_float(obj.get("maxErrorRate")),
+            min_throughput_rps=wire.optional_float(obj.get("minThroughputRps")),
             window_s=int(obj.get("windowSeconds", 60)),
         )
 
@@ -116,6 +117,7 @@ class SlaWindow:
 
 
 EMPTY_WINDOW = SlaWindow()
+NO_OBJECTIVES = SlaObjectives()
 
 
 def _ms(seconds: float | None) -> float | None:

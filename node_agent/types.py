@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgefleet_api.sla import NO_OBJECTIVES, SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 
 # KServe v2 datatype -> numpy dtype name. BYTES is carried as object arrays.
@@ -46,8 +47,9 @@ class ModelConfig:
     pinned: bool = False
     memory_estimate_bytes: int | None = None
     max_queue_delay_s: float = 0.005
-    p95_latency_s: float | None = None
-    p99_latency_s: float | None = None
+    sla: SlaObjectives = NO_OBJECTIVES
+    """The service-level objectives it is measured against (model.yaml's, or its EdgeNode spec
+    entry's in a cluster)."""
     task: str = "predict"
     parameters: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 

@@ -9,7 +9,7 @@ Data in (through hooks the engine already has; nothing is added to the batcher):
   on every `tick` (`OutcomeCounters`: `failed`, `expired`, `refused`, `displaced`).
 
 Windows (`node_agent.control.sla_windows.ModelStats`): rings of time slots holding bounded-memory
-sketches, merged on read. Two per model: the reporting window (`SlaSpec.window_s`, 60 s by
+sketches, merged on read. Two per model: the reporting window (`SlaObjectives.window_s`, 60 s by
 default) that EdgeNode.status carries and the operator reads, and a short control window
 (`SlaSettings.control_window_s`, 1 s slots) that drives mitigation.
 
@@ -42,14 +42,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from edgefleet_api.sla import SlaObjectives, SlaWindow
 from edgefleet_api.types import ModelId, Priority
 from node_agent.control.mitigation import NO_LIMITS, Controls, LimitedPolicy, Limits
 from node_agent.control.periodic import Periodic
 from node_agent.control.sketch import DEFAULT_MAPPING, LogMapping
 from node_agent.control.sla_windows import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS_S, ModelStats, WindowStats
-from node_agent.errors import InvalidModel
 from node_agent.runtime.batching_policy import policy_for
 from node_agent.types import ModelConfig
 
@@ -77,62 +77,6 @@ priority shed; 3 quartered, no queue delay, only high and critical admitted."""
 
 
 @dataclass(frozen=True, slots=True)
-class SlaSpec:
-    """A model version's service-level objectives; None: not an objective."""
-
-    p95_latency_s: float | None = None
-    p99_latency_s: float | None = None
-    max_error_rate: float | None = None
-    """Failed + expired over requests, 0 to 1."""
-    min_throughput_rps: float | None = None
-    """Completed requests per second over the window."""
-    window_s: float = 60.0
-    """Reporting window (the InferenceService's `sla.windowSeconds`, default 60)."""
-
-    def __post_init__(self) -> None:
-        for name in ("p95_latency_s", "p99_latency_s", "min_throughput_rps"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v!r}")
-        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate!r}")
-        if not self.window_s >= 1:
-            raise ValueError(f"window_s must be >= 1, got {self.window_s!r}")
-
-    @property
-    def has_objectives(self) -> bool:
-        return any(
-            v is not None
-            for v in (self.p95_latency_s, self.p99_latency_s, self.max_error_rate, self.min_throughput_rps)
-        )
-
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> SlaSpec:
-        """Latency targets from the config's fields; `max_error_rate`, `min_throughput_rps`
-        and `sla_window_s` from its `parameters` when given (model.yaml has no fields for
-        them yet). Raises `InvalidModel` naming a parameter that is not a valid number."""
-        extra: dict[str, float] = {}
-        for key in ("max_error_rate", "min_throughput_rps", "sla_window_s"):
-            raw = config.parameters.get(key)
-            if raw is None:
-                continue
-            try:
-                extra[key] = float(raw)
-            except ValueError:
-                raise InvalidModel(f"{config.id}: parameters.{key} is not a number: {raw!r}") from None
-        try:
-            return cls(
-                p95_latency_s=config.p95_latency_s,
-                p99_latency_s=config.p99_latency_s,
-                max_error_rate=extra.get("max_error_rate"),
-                min_throughput_rps=extra.get("min_throughput_rps"),
-                window_s=extra.get("sla_window_s", 60.0),
-            )
-        except ValueError as e:
-            raise InvalidModel(f"{config.id}: {e}") from None
-
-
-@dataclass(frozen=True, slots=True)
 class Check:
     """One objective judged: ok None when it could not be judged (no data)."""
 
@@ -154,7 +98,7 @@ class Verdict:
         return tuple(c for c in self.checks if c.ok is False)
 
 
-def judge(stats: WindowStats, spec: SlaSpec, *, min_requests: int, scale: float = 1.0) -> Verdict:
+def judge(stats: WindowStats, spec: SlaObjectives, *, min_requests: int, scale: float = 1.0) -> Verdict:
     """Judge a window against `spec` (pure). `scale` < 1 tightens latency and error targets
     (the "healthy with margin" test of recovery); throughput is judged as given."""
     if not spec.has_objectives or stats.requests < min_requests:
@@ -190,7 +134,7 @@ class Pressure(enum.Enum):
     """Within `healthy_fraction` of every target, or too little traffic to tell."""
 
 
-def pressure_of(control: WindowStats, spec: SlaSpec, settings: SlaSettings) -> Pressure:
+def pressure_of(control: WindowStats, spec: SlaObjectives, settings: SlaSettings) -> Pressure:
     """Pressure from the control window (pure): latency objectives, and the error objective
     when deadline drops are at least half of the errors (a load symptom, unlike failures)."""
     strict = judge(control, spec, min_requests=settings.min_control_requests)
@@ -317,7 +261,7 @@ class ModelReport:
     """A model version's SLA state after a tick."""
 
     model_id: ModelId
-    spec: SlaSpec
+    spec: SlaObjectives
     window: WindowStats
     verdict: Verdict
     """The reporting window judged: `verdict.met` is what EdgeNode.status carries."""
@@ -326,27 +270,24 @@ class ModelReport:
     level: int
     limits: Limits
 
-    def to_status(self) -> dict[str, Any]:
-        """The EdgeNode.status `models[].sla` object (camelCase, milliseconds)."""
+    def sla_window(self) -> SlaWindow:
+        """The reporting window as EdgeNode.status `models[].sla` carries it."""
         w = self.window
-        out: dict[str, Any] = {
-            "throughputRps": round(w.throughput_rps, 3),
-            "requests": w.requests,
-            "windowSeconds": round(self.spec.window_s),
-        }
-        for key, value in (("p50LatencyMs", w.p50_s), ("p95LatencyMs", w.p95_s), ("p99LatencyMs", w.p99_s)):
-            if value is not None:
-                out[key] = round(value * 1000.0, 3)
-        if w.error_rate is not None:
-            out["errorRate"] = round(w.error_rate, 6)
-        if self.verdict.met is not None:
-            out["met"] = self.verdict.met
-        return out
+        return SlaWindow(
+            p50_latency_s=w.p50_s,
+            p95_latency_s=w.p95_s,
+            p99_latency_s=w.p99_s,
+            throughput_rps=w.throughput_rps,
+            error_rate=w.error_rate,
+            requests=w.requests,
+            window_s=round(self.spec.window_s),
+            met=self.verdict.met,
+        )
 
 
 @dataclass(slots=True)
 class _Tracked:
-    spec: SlaSpec
+    spec: SlaObjectives
     stats: ModelStats
     state: MitigationState = field(default_factory=MitigationState)
     seen: tuple[int, int, int] = (0, 0, 0)
@@ -418,12 +359,12 @@ class SlaMonitor:
         self._counters = counters
         self._configs = configs
 
-    def track(self, config: ModelConfig, spec: SlaSpec | None = None) -> ModelStats:
+    def track(self, config: ModelConfig, spec: SlaObjectives | None = None) -> ModelStats:
         """Start measuring a model version (idempotent); its SLA from its config unless
         `spec` is given."""
         tracked = self._models.get(config.id)
         if tracked is None:
-            spec = spec if spec is not None else SlaSpec.from_config(config)
+            spec = spec if spec is not None else config.sla
             stats = ModelStats(config.id, spec.window_s, self.settings, self._clock())
             tracked = _Tracked(spec, stats)
             self._models[config.id] = tracked
@@ -431,7 +372,7 @@ class SlaMonitor:
             self.set_spec(config.id, spec)
         return tracked.stats
 
-    def set_spec(self, model_id: ModelId, spec: SlaSpec) -> None:
+    def set_spec(self, model_id: ModelId, spec: SlaObjectives) -> None:
         """Replace a tracked model's SLA (e.g. from the InferenceService via EdgeNode.spec);
         a new window length starts an empty reporting window."""
         tracked = self._tracked(model_id)
@@ -451,7 +392,7 @@ class SlaMonitor:
     def stats(self, model_id: ModelId) -> ModelStats:
         return self._tracked(model_id).stats
 
-    def spec(self, model_id: ModelId) -> SlaSpec:
+    def spec(self, model_id: ModelId) -> SlaObjectives:
         return self._tracked(model_id).spec
 
     def report(self, model_id: ModelId) -> ModelReport | None:
@@ -461,10 +402,10 @@ class SlaMonitor:
     def level(self, model_id: ModelId) -> int:
         return self._tracked(model_id).state.level
 
-    def status(self, model_id: ModelId) -> dict[str, Any] | None:
+    def status(self, model_id: ModelId) -> SlaWindow | None:
         """EdgeNode.status `models[].sla` for the model, from the last tick."""
         report = self._tracked(model_id).report
-        return None if report is None else report.to_status()
+        return None if report is None else report.sla_window()
 
     def _tracked(self, model_id: ModelId) -> _Tracked:
         try:
@@ -488,7 +429,7 @@ class SlaMonitor:
         if self._configs is None:
             return
         try:
-            spec = SlaSpec.from_config(self._configs(model_id.name, model_id.version))
+            spec = self._configs(model_id.name, model_id.version).sla
         except Exception as e:  # withdrawn or broken: keep measuring against the last SLA
             log.debug("SLA %s: no current config: %s", model_id, e)
             return

@@ -70,10 +70,10 @@ class SloTarget:
 def slo_targets(config: ModelConfig) -> tuple[SloTarget, ...]:
     """The model's latency objectives from its SLA (empty when it has none)."""
     out = []
-    if config.p99_latency_s is not None:
-        out.append(SloTarget(config.p99_latency_s, 0.99))
-    if config.p95_latency_s is not None:
-        out.append(SloTarget(config.p95_latency_s, 0.95))
+    if config.sla.p99_latency_s is not None:
+        out.append(SloTarget(config.sla.p99_latency_s, 0.99))
+    if config.sla.p95_latency_s is not None:
+        out.append(SloTarget(config.sla.p95_latency_s, 0.95))
     return tuple(out)
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from edgefleet_api.sla import NO_OBJECTIVES, SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
 from node_agent.runtime.backends import FORMATS, backend_for, default_artifact
@@ -62,8 +63,12 @@ _QUANTITY_UNITS = {
 _FIELDS = (
     "name", "version", "format", "task", "artifact", "digest", "inputs", "outputs",
     "max_batch_size", "max_queue_delay_s", "priority", "pinned", "memory_estimate_bytes",
-    "p95_latency_s", "p99_latency_s", "parameters",
+    "p95_latency_s", "p99_latency_s", "max_error_rate", "min_throughput_rps", "sla_window_s",
+    "parameters",
 )  # fmt: skip
+_SLA_PARAMETERS = ("max_error_rate", "min_throughput_rps", "sla_window_s")
+"""SLA objectives an older model.yaml gave as `parameters` (strings); read into the config's
+typed `sla` like the fields of the same names, and not kept as parameters."""
 _REQUIRED = ("name", "version", "format", "digest", "inputs", "outputs")
 
 
@@ -211,14 +216,13 @@ def config_from_mapping(data: object, source: str) -> ModelConfig:
     digest = f.string("digest")
     if not DIGEST_RE.match(digest):
         raise f.error("digest", f"{digest!r} is not 'sha256:' followed by 64 lowercase hex digits")
+    parameters = _parameters(f)
     inputs = _tensors(f, "inputs")
     outputs = _tensors(f, "outputs")
     try:
         priority = Priority.parse(data.get("priority"))
     except (ValueError, TypeError) as e:
         raise f.error("priority", str(e)) from None
-    p95 = f.number("p95_latency_s", None, positive=True)
-    p99 = f.number("p99_latency_s", None, positive=True)
     queue_delay = f.number("max_queue_delay_s", 0.005, positive=False)
     assert queue_delay is not None
     return ModelConfig(
@@ -234,10 +238,9 @@ def config_from_mapping(data: object, source: str) -> ModelConfig:
         pinned=f.boolean("pinned", False),
         memory_estimate_bytes=_memory(f),
         max_queue_delay_s=queue_delay,
-        p95_latency_s=p95,
-        p99_latency_s=p99,
+        sla=_sla(f, parameters),
         task=task,
-        parameters=_parameters(f),
+        parameters={k: v for k, v in parameters.items() if k not in _SLA_PARAMETERS},
     )
 
 
@@ -314,6 +317,34 @@ def _memory(f: _Fields) -> int | None:
     return value
 
 
+def _sla(f: _Fields, parameters: Mapping[str, str]) -> SlaObjectives:
+    """The SLA objectives: fields, else (an older model.yaml) parameters of the same names."""
+    lifted: dict[str, float] = {}
+    for key in _SLA_PARAMETERS:
+        if key in parameters and key not in f.data:
+            try:
+                lifted[key] = float(parameters[key])
+            except ValueError:
+                raise f.error(f"parameters.{key}", f"expected a number, got {parameters[key]!r}") from None
+    window = f.data.get("sla_window_s", lifted.get("sla_window_s", 60))
+    if isinstance(window, float) and window.is_integer():
+        window = int(window)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise f.error("sla_window_s", f"expected whole seconds >= 1, got {window!r}")
+    try:
+        return SlaObjectives(
+            p95_latency_s=f.number("p95_latency_s", None, positive=True),
+            p99_latency_s=f.number("p99_latency_s", None, positive=True),
+            max_error_rate=f.number("max_error_rate", lifted.get("max_error_rate"), positive=False),
+            min_throughput_rps=f.number(
+                "min_throughput_rps", lifted.get("min_throughput_rps"), positive=True
+            ),
+            window_s=window,
+        )
+    except ValueError as e:
+        raise InvalidModel(f"{f.source}: {e}") from None
+
+
 def _parameters(f: _Fields) -> dict[str, str]:
     value = f.data.get("parameters") or {}
     if not isinstance(value, Mapping):
@@ -363,8 +394,11 @@ def config_to_mapping(config: ModelConfig) -> dict[str, Any]:
         "priority": config.priority.name.lower(),
         "pinned": config.pinned,
         "memory_estimate_bytes": config.memory_estimate_bytes,
-        "p95_latency_s": config.p95_latency_s,
-        "p99_latency_s": config.p99_latency_s,
+        "p95_latency_s": config.sla.p95_latency_s,
+        "p99_latency_s": config.sla.p99_latency_s,
+        "max_error_rate": config.sla.max_error_rate,
+        "min_throughput_rps": config.sla.min_throughput_rps,
+        "sla_window_s": config.sla.window_s if config.sla.window_s != NO_OBJECTIVES.window_s else None,
         "parameters": dict(sorted(config.parameters.items())),
     }
     assert tuple(doc) == _FIELDS

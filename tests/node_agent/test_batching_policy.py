@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet_api.sla import SlaObjectives
 from node_agent.runtime.batching_policy import (
     AdaptivePolicy,
     AdaptiveSettings,
@@ -255,9 +256,9 @@ def test_policy_for_follows_the_model_sla() -> None:
     static.observe(1.0, 12, 0.01, [0.01])
     assert static.decision() == d and static.predict_service_s(12) == pytest.approx(0.01)
 
-    adaptive_ = policy_for(_config(p95_latency_s=0.05, p99_latency_s=0.08), workers=2)
+    adaptive_ = policy_for(_config(sla=SlaObjectives(p95_latency_s=0.05, p99_latency_s=0.08)), workers=2)
     assert isinstance(adaptive_, AdaptivePolicy)
-    assert slo_targets(_config(p95_latency_s=0.05)) == (SloTarget(0.05, 0.95),)
+    assert slo_targets(_config(sla=SlaObjectives(p95_latency_s=0.05))) == (SloTarget(0.05, 0.95),)
     assert adaptive_.decision().delay_s == pytest.approx(0.3 * 0.05)  # nothing known yet
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import Priority
 from node_agent.errors import (
     DeadlineExceeded,
@@ -294,7 +295,7 @@ def test_adaptive_policy_from_the_model_sla(example_repo: Path) -> None:
     """A model with a p99 target gets an adaptive batcher whose plan fits the target."""
 
     async def main(s: Stack) -> None:
-        config = dataclasses.replace(s.repo.config("classifier", "1"), p99_latency_s=0.2)
+        config = dataclasses.replace(s.repo.config("classifier", "1"), sla=SlaObjectives(p99_latency_s=0.2))
         s.repo.config = lambda name, version=None: config  # type: ignore[method-assign]
 
         async def client(k: int) -> int:

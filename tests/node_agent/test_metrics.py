@@ -12,9 +12,10 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.control.mitigation import Controls, Limits
-from node_agent.control.sla_monitor import SlaMonitor, SlaSettings, SlaSpec
+from node_agent.control.sla_monitor import SlaMonitor, SlaSettings
 from node_agent.control.thermal import ThermalMonitor
 from node_agent.control.thermal_sources import SimulatedSource
 from node_agent.errors import DeadlineExceeded, InferenceFailed, Overloaded
@@ -78,7 +79,7 @@ def test_scrape_after_real_activity(example_repo: Path) -> None:
         )
         api = ApiMetrics(registry)
         clf = repo.config("classifier", "1")
-        sla.track(clf, SlaSpec(p95_latency_s=1e-5))  # impossible: a violation and mitigation
+        sla.track(clf, SlaObjectives(p95_latency_s=1e-5))  # impossible: a violation and mitigation
         try:
             # classifier/1: 12 sequential requests, then a burst past its 16-row queue bound
             for i in range(12):

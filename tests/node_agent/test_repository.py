@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
 from node_agent.runtime.repository import (
@@ -88,8 +89,31 @@ def test_full_doc_parses(tmp_path: Path) -> None:
     assert config.inputs == (TensorSpec("x", "INT64", ()),)  # 'dtype' accepted for 'datatype'
     assert config.priority is Priority.CRITICAL and config.pinned
     assert config.memory_estimate_bytes == 512 * 2**20
-    assert (config.p95_latency_s, config.p99_latency_s) == (0.05, 0.1)
+    assert config.sla == SlaObjectives(p95_latency_s=0.05, p99_latency_s=0.1)
     assert config.parameters == {"seed": "3", "fast": "true"}
+
+
+def test_sla_objectives_from_fields_and_from_an_older_docs_parameters(tmp_path: Path) -> None:
+    doc = valid_doc(
+        p95_latency_s=0.05, p99_latency_s=0.1, max_error_rate=0.01, min_throughput_rps=20, sla_window_s=30
+    )
+    config = parse_model_config(write_doc(tmp_path, doc))
+    assert config.sla == SlaObjectives(0.05, 0.1, max_error_rate=0.01, min_throughput_rps=20.0, window_s=30)
+    older = valid_doc(
+        p95_latency_s=0.05,
+        parameters={"max_error_rate": "0.01", "min_throughput_rps": "20", "sla_window_s": "30", "seed": "3"},
+    )
+    config = parse_model_config(write_doc(tmp_path, older))
+    assert config.sla == SlaObjectives(0.05, None, max_error_rate=0.01, min_throughput_rps=20.0, window_s=30)
+    assert config.parameters == {"seed": "3"}  # the objectives are typed, not kept as strings
+    assert not parse_model_config(write_doc(tmp_path, valid_doc())).sla.has_objectives
+    for parameters, field in (
+        ({"max_error_rate": "lots"}, "parameters.max_error_rate"),
+        ({"max_error_rate": "2"}, ""),
+    ):
+        with pytest.raises(InvalidModel, match="max_error_rate") as caught:
+            parse_model_config(write_doc(tmp_path, valid_doc(parameters=parameters)))
+        assert field in str(caught.value)
 
 
 def _without(key: str) -> dict[str, Any]:
@@ -150,6 +174,8 @@ MALFORMED: list[tuple[str, object, str]] = [
     ("negative memory", valid_doc(memory_estimate_bytes=-1), "field 'memory_estimate_bytes'"),
     ("word memory", valid_doc(memory_estimate_bytes="lots"), "field 'memory_estimate_bytes'"),
     ("zero p95", valid_doc(p95_latency_s=0), "field 'p95_latency_s': expected a positive"),
+    ("error rate over 1", valid_doc(max_error_rate=1.5), "max_error_rate must be in [0, 1]"),
+    ("fractional window", valid_doc(sla_window_s=2.5), "field 'sla_window_s': expected whole seconds"),
     ("negative delay", valid_doc(max_queue_delay_s=-1), "field 'max_queue_delay_s'"),
     ("absolute artifact", valid_doc(artifact="/etc/passwd"), "field 'artifact': '/etc/passwd'"),
     ("traversal artifact", valid_doc(artifact="../2/model.pt"), "field 'artifact'"),
@@ -206,7 +232,7 @@ def test_write_then_parse_round_trips(tmp_path: Path) -> None:
         pinned=True,
         memory_estimate_bytes=1234,
         max_queue_delay_s=0.01,
-        p99_latency_s=0.5,
+        sla=SlaObjectives(p99_latency_s=0.5, max_error_rate=0.01, min_throughput_rps=5.0, window_s=30),
         parameters={"k": "v"},
     )
     path = write_model_config(tmp_path / "m" / "1.2-rc1", config)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.control.mitigation import Controls
 from node_agent.control.sla_monitor import (
@@ -24,13 +25,12 @@ from node_agent.control.sla_monitor import (
     Pressure,
     SlaMonitor,
     SlaSettings,
-    SlaSpec,
     judge,
     next_mitigation,
     pressure_of,
 )
 from node_agent.control.sla_windows import WindowStats
-from node_agent.errors import InferenceFailed, InvalidModel, Overloaded
+from node_agent.errors import InferenceFailed, Overloaded
 from node_agent.runtime.batching_policy import StaticPolicy
 from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
@@ -63,25 +63,6 @@ def config(name: str = "m", version: str = "1", **kw: Any) -> ModelConfig:
     )
 
 
-# --- the SLA spec -----------------------------------------------------------------------
-
-
-def test_spec_from_config_reads_fields_and_parameters() -> None:
-    c = config(
-        p95_latency_s=0.05,
-        p99_latency_s=0.1,
-        parameters={"max_error_rate": "0.01", "min_throughput_rps": "20", "sla_window_s": "30"},
-    )
-    spec = SlaSpec.from_config(c)
-    assert spec == SlaSpec(0.05, 0.1, 0.01, 20.0, 30.0)
-    assert spec.has_objectives
-    assert not SlaSpec.from_config(config()).has_objectives
-    with pytest.raises(InvalidModel, match="max_error_rate"):
-        SlaSpec.from_config(config(parameters={"max_error_rate": "lots"}))
-    with pytest.raises(InvalidModel, match="max_error_rate"):
-        SlaSpec.from_config(config(parameters={"max_error_rate": "2"}))
-
-
 # --- verdicts and mitigation: pure ------------------------------------------------------
 
 
@@ -90,11 +71,11 @@ def window(**kw: Any) -> WindowStats:
 
 
 def test_judge() -> None:
-    spec = SlaSpec(p95_latency_s=0.05, p99_latency_s=0.1, max_error_rate=0.01, min_throughput_rps=5.0)
+    spec = SlaObjectives(p95_latency_s=0.05, p99_latency_s=0.1, max_error_rate=0.01, min_throughput_rps=5.0)
     ok = window(completed=100, p95_s=0.04, p99_s=0.09)
     assert judge(ok, spec, min_requests=20).met is True
     assert judge(window(completed=10, p95_s=1.0), spec, min_requests=20).met is None
-    assert judge(ok, SlaSpec(), min_requests=1).met is None  # no objectives
+    assert judge(ok, SlaObjectives(), min_requests=1).met is None  # no objectives
     v = judge(window(completed=100, failed=5, p95_s=0.06, p99_s=0.09), spec, min_requests=20)
     assert v.met is False
     assert {c.objective for c in v.violated} == {P95, ERROR_RATE}
@@ -106,7 +87,7 @@ def test_judge() -> None:
 
 def test_pressure_separates_load_from_failures() -> None:
     s = SlaSettings(min_control_requests=20)
-    spec = SlaSpec(p95_latency_s=0.05, max_error_rate=0.05)
+    spec = SlaObjectives(p95_latency_s=0.05, max_error_rate=0.05)
     assert pressure_of(window(completed=100, p95_s=0.2), spec, s) is Pressure.VIOLATED
     assert pressure_of(window(completed=100, p95_s=0.045), spec, s) is Pressure.BETWEEN
     assert pressure_of(window(completed=100, p95_s=0.01), spec, s) is Pressure.HEALTHY
@@ -152,7 +133,7 @@ def test_violation_mitigates_then_recovers_with_hysteresis() -> None:
     )
     controls = Controls()
     monitor = SlaMonitor(controls, settings, clock)
-    cfg = config(p95_latency_s=0.05, parameters={"sla_window_s": "20"})
+    cfg = config(sla=SlaObjectives(p95_latency_s=0.05, window_s=20))
     policy = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(cfg)
     mid = cfg.id
     assert policy.decision() == StaticPolicy(16, 0.01, 256).decision()
@@ -190,8 +171,9 @@ def test_violation_mitigates_then_recovers_with_hysteresis() -> None:
     assert controls.admits(mid, Priority.LOW)
     report = monitor.report(mid)
     assert report is not None and report.verdict.met is True and report.level == 0
-    status = monitor.status(mid)
-    assert status is not None
+    window = monitor.status(mid)
+    assert window is not None
+    status = window.to_obj()
     assert status["met"] is True and status["windowSeconds"] == 20
     assert status["p95LatencyMs"] == pytest.approx(10.0, rel=0.01)
     assert status["requests"] == 400 and status["throughputRps"] == pytest.approx(20.0)
@@ -202,7 +184,7 @@ def test_violation_mitigates_then_recovers_with_hysteresis() -> None:
 def test_thermal_limits_and_sla_limits_combine() -> None:
     controls = Controls()
     monitor = SlaMonitor(controls, SlaSettings(), FakeClock())
-    cfg = config(p95_latency_s=0.05)
+    cfg = config(sla=SlaObjectives(p95_latency_s=0.05))
     policy = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(cfg)
     controls.set_model_limits(cfg.id, DEFAULT_LEVELS[1])  # batch x0.75, delay x0.5, queue x0.75
     controls.set_global_limits(DEFAULT_LEVELS[2].__class__(batch_fraction=0.5))
@@ -243,8 +225,8 @@ def test_real_engine_violation_caps_its_batcher(example_repo: Path) -> None:
     repo = ModelRepository(example_repo)
     fast = repo.config("classifier", "1")
     failing = repo.config("classifier", "2-failing")
-    sla.track(fast, SlaSpec(p95_latency_s=1e-5, window_s=60))  # impossible: 10 us
-    sla.track(failing, SlaSpec(p95_latency_s=10.0, max_error_rate=0.1))
+    sla.track(fast, SlaObjectives(p95_latency_s=1e-5, window_s=60))  # impossible: 10 us
+    sla.track(failing, SlaObjectives(p95_latency_s=10.0, max_error_rate=0.1))
 
     async def main(engine: Engine) -> None:
         results = await asyncio.gather(
@@ -276,7 +258,7 @@ def test_real_engine_violation_caps_its_batcher(example_repo: Path) -> None:
         assert f.window.error_rate == 1.0
         assert f.verdict.met is False and f.level == 0
         assert [c.objective for c in f.verdict.violated] == [ERROR_RATE]
-        assert sla.status(failing.id) == {
+        assert (status := sla.status(failing.id)) is not None and status.to_obj() == {
             "throughputRps": 0.0,
             "requests": 25,
             "windowSeconds": 60,
@@ -296,8 +278,10 @@ def test_no_objectives_no_verdict_but_measured(example_repo: Path) -> None:
             await engine.infer("mlp", "1", {"features": x})
         report = sla.tick()[ModelId("mlp", "1")]
         assert report.window.completed == 30 and report.verdict.met is None
-        status = sla.status(ModelId("mlp", "1"))
-        assert status is not None and "met" not in status and status["requests"] == 30
+        window = sla.status(ModelId("mlp", "1"))
+        assert window is not None
+        status = window.to_obj()
+        assert "met" not in status and status["requests"] == 30
         assert status["p50LatencyMs"] > 0
         assert sla.models() == [ModelId("mlp", "1")]
 
@@ -310,6 +294,6 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValueError):
         SlaSettings(healthy_fraction=1.5)
     with pytest.raises(ValueError):
-        SlaSpec(p95_latency_s=0)
+        SlaObjectives(p95_latency_s=0)
     with pytest.raises(KeyError, match="not tracked"):
         SlaMonitor().level(ModelId("x", "1"))
