@@ -31,7 +31,7 @@ from unittest import mock
 
 from bench.report import table, write_section
 from edgefleet_api.types import Priority
-from edgefleet_operator import placement, replanning
+from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
     Assignment,
     Health,
@@ -43,6 +43,7 @@ from edgefleet_operator.fleet_types import (
     Taint,
     Toleration,
 )
+from edgefleet_operator.placement import fleet_index
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 SEED = 11
@@ -147,15 +148,15 @@ def timed(fn: Callable[[], PlacementResult], repeats: int) -> tuple[Timing, Plac
 
 
 def timed_planner(
-    prime: Callable[[replanning.Planner], object],
-    step: Callable[[replanning.Planner], PlacementResult],
+    prime: Callable[[placement.Planner], object],
+    step: Callable[[placement.Planner], PlacementResult],
     repeats: int,
 ) -> tuple[Timing, PlacementResult]:
     """`repeats` calls of `step` on a fresh Planner that `prime` has brought to the starting
     state (untimed); asserts each re-planned incrementally."""
     walls, cpus, result = [], [], None
     for _ in range(repeats):
-        planner = replanning.Planner()
+        planner = placement.Planner()
         prime(planner)
         t0, c0 = time.perf_counter(), time.process_time()
         result = step(planner)
@@ -200,7 +201,7 @@ def main() -> None:
 
     full_t, full = timed(lambda: placement.place(services, nodes), repeats)
     placement.check_invariants(full, services, nodes)
-    with mock.patch.object(placement, "WALK_SHARE", 0):
+    with mock.patch.object(fleet_index, "WALK_SHARE", 0):
         sort_t, sorted_full = timed(lambda: placement.place(services, nodes), repeats)
     assert sorted_full == full, "both ranking paths must agree"
 
@@ -213,7 +214,7 @@ def main() -> None:
     incr_t, incr = timed(lambda: placement.place(services, failed, full.assignment), replans)
     placement.check_invariants(incr, services, failed, full.assignment)
 
-    def prime(planner: replanning.Planner) -> None:
+    def prime(planner: placement.Planner) -> None:
         planner.plan(services, nodes)
 
     pnoop_t, pnoop = timed_planner(prime, lambda p: p.plan(services, nodes, full.assignment), planner_replans)

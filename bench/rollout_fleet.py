@@ -260,7 +260,7 @@ def main() -> None:
         passes1, busy1 = pass_stats(op.metrics_port)
         writes1, sim_writes1 = writes_by_kind(op.metrics_port), beat.writes
         waves = [
-            (a["wave"], rollout._parse_time(a["time"]) or 0)
+            (a["wave"], rollout.parse_time(a["time"]) or 0)
             for a in promoted["analysis"]
             if a["result"] == "Passed"
         ]
@@ -283,8 +283,8 @@ def main() -> None:
         t_back = wait(lambda: fleet_versions() == ({"2"}, {"2"}), 300, "v2 reported everywhere")
         failed = status()
         fail = next(a for a in failed["analysis"] if a["result"] == "Failed")
-        t_fail = rollout._parse_time(fail["time"]) or 0
-        t_window = rollout._parse_time(window[0]) if window else None
+        t_fail = rollout.parse_time(fail["time"]) or 0
+        t_window = rollout.parse_time(window[0]) if window else None
         canaries = rollout.Wave(percent=5).nodes(N)
         print(f"[bench] rolled back: {fail['message']}", flush=True)
         if os.environ.get("BENCH_PROFILE") == "1":

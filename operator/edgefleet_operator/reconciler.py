@@ -35,10 +35,11 @@ from typing import Any
 
 from edgefleet_api import names
 from edgefleet_api.patch import merge_patch
-from edgefleet_operator import fleet_state, manifests, replanning, rollout, service_status
+from edgefleet_operator import fleet_state, manifests, rollout, service_status
 from edgefleet_operator.fleet_types import Health, PlacementEvent, PlacementResult
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
+from edgefleet_operator.placement import replanning
 from edgefleet_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)

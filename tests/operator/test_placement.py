@@ -35,6 +35,7 @@ from edgefleet_operator.fleet_types import (
     Taint,
     Toleration,
 )
+from edgefleet_operator.placement import fleet_index
 
 G = 2**30
 
@@ -804,7 +805,7 @@ def test_same_input_in_any_order_and_either_ranking_path_gives_the_same_result(
     # Sorting a service's candidates and walking the fleet's free-memory order (to the end, or
     # falling back to sorting at once or part-way) rank alike.
     for share, budget in ((0, 1), (10**9, 10**9), (10**9, 0), (10**9, 1)):
-        with mock.patch.multiple(placement, WALK_SHARE=share, WALK_BUDGET=budget):
+        with mock.patch.multiple(fleet_index, WALK_SHARE=share, WALK_BUDGET=budget):
             assert plan(services, later, previous) == expected, (share, budget)
 
 
@@ -812,8 +813,7 @@ SCRIPT = """
 import hashlib, random
 from edgefleet_operator.fleet_types import *
 from dataclasses import replace
-from edgefleet_operator.placement import place
-from edgefleet_operator.replanning import Planner
+from edgefleet_operator.placement import Planner, place
 rnd = random.Random(7)
 G = 2**30
 nodes = [

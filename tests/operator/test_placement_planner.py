@@ -1,4 +1,4 @@
-"""Incremental re-planning (`replanning.Planner`): every result equals `place()` over the same input.
+"""Incremental re-planning (`placement.Planner`): every result equals `place()` over the same input.
 
 Exact scenarios first (each also checks that the incremental path ran, or that an unhandled change
 fell back to a full plan), then a property over random fleets and random sequences of small
@@ -31,7 +31,7 @@ from test_placement import (
 
 from bench.placement import make_fleet
 from edgefleet_api.types import Priority
-from edgefleet_operator import placement, replanning
+from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
     Assignment,
     Health,
@@ -40,11 +40,12 @@ from edgefleet_operator.fleet_types import (
     PlacementSettings,
     ServiceDemand,
     Spread,
+    Taint,
 )
 
 
 def replan(
-    planner: replanning.Planner,
+    planner: placement.Planner,
     services: Sequence[ServiceDemand],
     nodes: Sequence[NodeState],
     previous: Assignment | None = None,
@@ -71,7 +72,7 @@ def changed(nodes: Sequence[NodeState], name: str, **fields: object) -> list[Nod
 def test_a_failed_node_s_work_moves_and_only_that() -> None:
     nodes = [node("a"), node("b"), node("c", 4)]
     services = [svc("ns/one", 2), svc("ns/two", 3, replicas=2), svc("ns/other", 1)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes, incremental=False)
     assert on(first, "ns/one") == ("a",) and on(first, "ns/two") == ("a", "b")
     failed = changed(nodes, "a", health=Health.NOT_READY)
@@ -87,7 +88,7 @@ def test_a_failed_node_s_work_moves_and_only_that() -> None:
 def test_a_short_service_takes_a_node_that_recovers_or_gains_memory() -> None:
     nodes = [node("a", 4), node("b", 4, health=Health.NOT_READY), node("c", 4, reserved_gib=3)]
     services = [svc("ns/big", 3, replicas=3), svc("ns/small", 1)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes)
     assert on(first, "ns/big") == ("a",) and first.services["ns/big"].message
     recovered = changed(nodes, "b", health=Health.HEALTHY)
@@ -105,7 +106,7 @@ def test_a_node_that_loses_memory_drops_its_least_urgent_pairs_first() -> None:
         svc("ns/crit", 3, priority=Priority.CRITICAL),
         svc("ns/norm", 2),
     ]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes, assignment(ns__low=["a"], ns__crit=["a"], ns__norm=["a"]))
     squeezed = changed(nodes, "a", memory_reserved_bytes=3 * G)
     r = replan(planner, services, squeezed, first.assignment, incremental=True)
@@ -122,7 +123,7 @@ def test_displacement_cascades_down_the_priorities() -> None:
         svc("ns/high", 6, priority=Priority.HIGH),
         svc("ns/low", 6, priority=Priority.LOW),
     ]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(
         planner, services, nodes, assignment(ns__crit=["a"], ns__crit2=["c"], ns__high=["b"], ns__low=["d"])
     )
@@ -136,7 +137,7 @@ def test_displacement_cascades_down_the_priorities() -> None:
 def test_a_fraction_target_follows_the_eligible_count() -> None:
     nodes = [node(f"n{i}") for i in range(4)]
     services = [svc("ns/half", fraction=0.5), svc("ns/all", replicas=None)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes)
     assert on(first, "ns/half") == ("n0", "n1") and len(on(first, "ns/all")) == 4
     down = nodes[:2] + [dataclasses.replace(n, health=Health.NOT_READY) for n in nodes[2:]]
@@ -150,7 +151,7 @@ def test_a_fraction_target_follows_the_eligible_count() -> None:
 
 def test_a_shrinking_target_drops_suspect_nodes_first() -> None:
     nodes = [node(f"n{i}") for i in range(4)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, [svc("ns/half", fraction=0.5)], nodes)
     assert on(first, "ns/half") == ("n0", "n1")
     later = [dataclasses.replace(nodes[0], health=Health.SUSPECT), nodes[1]]
@@ -164,7 +165,7 @@ def test_spread_services_re_plan_within_their_skew() -> None:
     nodes = [node(f"{z}{i}", labels={"zone": z}) for z in "ab" for i in range(3)]
     spread = svc("ns/spread", 5, replicas=6, spread=Spread("zone", 1))
     filler = svc("ns/filler", 4, priority=Priority.LOW, replicas=2)
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, [spread, filler], nodes)
     for name in ("a0", "b1", "a2"):
         first = replan(
@@ -179,7 +180,7 @@ def test_spread_services_re_plan_within_their_skew() -> None:
 def test_sla_records_and_heat_change_rankings_only_for_new_work() -> None:
     nodes = [node("a", sla={("ns/s", "m"): 0.2}), node("b"), node("c")]
     services = [svc("ns/s", replicas=2), svc("ns/t")]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes)
     assert on(first, "ns/s") == ("b", "c")
     later = changed(changed(nodes, "a", sla_scores={("ns/s", "m"): 1.0}), "c", health=Health.NOT_READY)
@@ -194,13 +195,13 @@ def test_sla_records_and_heat_change_rankings_only_for_new_work() -> None:
 def test_changes_it_does_not_handle_plan_from_scratch(change: str) -> None:
     nodes = [node("a", labels={"zone": "x"}), node("b"), node("c", health=Health.NOT_READY)]
     services = [svc("ns/s", replicas=2), svc("ns/t", 9)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes)
     previous: Assignment | None = first.assignment
     if change == "labels":
         nodes = changed(nodes, "a", labels={"zone": "y"})
     elif change == "taints":
-        nodes = changed(nodes, "b", taints=(placement.Taint("k"),))
+        nodes = changed(nodes, "b", taints=(Taint("k"),))
     elif change == "node added":
         nodes = [*nodes, node("d")]
     elif change == "node deleted":
@@ -220,7 +221,7 @@ def test_equal_copies_of_the_input_re_plan_incrementally() -> None:
     """The operator rebuilds every object each pass: equal values, new objects."""
     nodes = [node("a", sla={("ns/s", "m"): 1.0}, labels={"k": "v"}), node("b")]
     services = [svc("ns/s", selector={"k": "v"}), svc("ns/t", replicas=2)]
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, services, nodes)
     copies = [dataclasses.replace(n, labels=dict(n.labels), sla_scores=dict(n.sla_scores)) for n in nodes]
     rebuilt = Assignment(
@@ -234,7 +235,7 @@ def test_equal_copies_of_the_input_re_plan_incrementally() -> None:
 
 
 def test_misuse_raises_and_the_next_call_plans_afresh() -> None:
-    planner = replanning.Planner()
+    planner = placement.Planner()
     first = replan(planner, [svc("ns/s")], [node("a")])
     with pytest.raises(ValueError, match="listed twice"):
         planner.plan([svc("ns/s")], [node("a"), node("a")], first.assignment)
@@ -246,7 +247,7 @@ def test_misuse_raises_and_the_next_call_plans_afresh() -> None:
 def test_settings_are_the_planner_s() -> None:
     nodes = [node("a", temp=74.0), node("b")]
     wide = PlacementSettings(thermal_margin_c=10.0)
-    planner = replanning.Planner(wide)
+    planner = placement.Planner(wide)
     first = replan(planner, [svc("ns/s", replicas=2)], nodes)
     assert on(first, "ns/s") == ("b",)
     replan(planner, [svc("ns/s", replicas=2)], changed(nodes, "a", temperature_c=60.0), first.assignment)
@@ -288,7 +289,7 @@ PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[Heal
 def test_incremental_re_plans_equal_full_plans(
     services: list[ServiceDemand], nodes: list[NodeState], data: st.DataObject
 ) -> None:
-    planner = replanning.Planner()
+    planner = placement.Planner()
     last = replan(planner, services, nodes, None)
     first = last
     for _ in range(data.draw(st.integers(1, 4), label="steps")):
@@ -300,7 +301,7 @@ def test_incremental_re_plans_equal_full_plans(
 
 def test_the_bench_fleet_re_plans_incrementally_through_failures_and_recoveries() -> None:
     nodes, services = make_fleet(160, 160, seed=5)
-    planner = replanning.Planner()
+    planner = placement.Planner()
     result = replan(planner, services, nodes)
     busiest = sorted(result.assignment.by_node, key=lambda n: (-len(result.assignment.by_node[n]), n))
     current = nodes

@@ -4,12 +4,13 @@ again (the operator's reconcile loop). A pure computation; no I/O.
 It keeps the last call's indexes and result and, when only some nodes' health, heat, capacity or
 SLA records changed and `previous` is its last result, re-plans only what that change reaches (a
 node failure at 1,000 nodes x 1,000 services: about 15 ms of CPU, against about 45 ms for a full
-re-plan). Its results equal `placement.place()`'s for the same input (the tests compare them over
+re-plan). Its results equal `place()`'s for the same input (the tests compare them over
 random fleets and change sequences); any other change (labels, taints, nodes or services added,
 removed or edited, another `previous`) makes it plan from scratch.
 
-It replays `placement`'s phases on kept state, so it uses that module's internals (`_Fleet`,
-`_Svc` and the phase functions); the two change together.
+It replays `place`'s phases on kept state, through the package's shared names (`Fleet`, `Svc`,
+the phase functions of `phases`, `service_events`); a change to what those phases leave in the
+fleet and the services changes this module too.
 """
 
 from __future__ import annotations
@@ -32,19 +33,10 @@ from edgefleet_operator.fleet_types import (
     ServiceDemand,
     ServicePlacement,
 )
-from edgefleet_operator.placement import (
-    DEFAULT_SETTINGS,
-    NO_MEMORY,
-    SCALED_DOWN,
-    _events,
-    _fill,
-    _Fleet,
-    _keep_order,
-    _place,
-    _Svc,
-    _why_not_eligible,
-    _why_short,
-)
+from edgefleet_operator.placement.fleet_index import Fleet, Svc
+from edgefleet_operator.placement.phases import fill, keep_order, why_not_eligible, why_short
+from edgefleet_operator.placement.planning import DEFAULT_SETTINGS, place_with_state, service_events
+from edgefleet_operator.placement.reasons import NO_MEMORY, SCALED_DOWN
 
 __all__ = ["Planner"]
 
@@ -65,19 +57,19 @@ class _State:
     settings: PlacementSettings
     nodes: dict[str, NodeState]
     demands: dict[str, ServiceDemand]
-    fleet: _Fleet
-    svcs: list[_Svc]
+    fleet: Fleet
+    svcs: list[Svc]
     """In rank order: svcs[svc.rank] is svc."""
     result: PlacementResult
     held: dict[str, frozenset[str]]
     """node -> the services on it in `result` (to recognise `previous`)."""
-    by_eligible: dict[tuple[Any, ...], list[_Svc]]
+    by_eligible: dict[tuple[Any, ...], list[Svc]]
     """The services by `eligible_key`."""
-    short: set[_Svc]
+    short: set[Svc]
     """Services below their target at the end. Invariant (the fixpoint an incremental re-plan
     relies on): no placeable eligible node that does not hold a `roomless` short service has room
     for it, even by displacement (free + bytes of less urgent services < its need)."""
-    eventful: list[_Svc]
+    eventful: list[Svc]
     """Services with events in `result` (their per-call fields are reset before the next)."""
 
 
@@ -92,9 +84,9 @@ class Planner:
     their pairs and are re-indexed, and get back (in rank order, within memory) the pairs still
     valid; services whose eligible count moved get their new target (trimmed by `place`'s keep
     order); then, in rank order, every service below its target is filled as `place` fills it,
-    except that one left short with no room at the end of the last call (`_Svc.roomless`) is
+    except that one left short with no room at the end of the last call (`Svc.roomless`) is
     first checked on the nodes touched since (changed, trimmed, gained, displaced): elsewhere
-    `_State.short`'s invariant says it has no room, so with no room on those `_fill` would change
+    `_State.short`'s invariant says it has no room, so with no room on those `fill` would change
     nothing and only its message is recomputed. Services displaced by a fill join the queue at
     their rank.
 
@@ -120,8 +112,8 @@ class Planner:
         changed = None if state is None else _delta(state, services, nodes, previous)
         if state is None or changed is None:
             self.incremental = False
-            result, fleet, svcs = _place(services, nodes, previous, self.settings)
-            by_eligible: dict[tuple[Any, ...], list[_Svc]] = defaultdict(list)
+            result, fleet, svcs = place_with_state(services, nodes, previous, self.settings)
+            by_eligible: dict[tuple[Any, ...], list[Svc]] = defaultdict(list)
             for svc in svcs:
                 by_eligible[svc.eligible_key].append(svc)
             state = _State(
@@ -143,7 +135,7 @@ class Planner:
         if state is None:
             return
         fleet, result = state.fleet, state.result
-        fresh = _Fleet(state.nodes.values(), state.settings)
+        fresh = Fleet(state.nodes.values(), state.settings)
         for svc in state.svcs:
             assert svc.eligible == fresh.eligible(svc.demand), svc.name
             assert svc.target == svc.demand.target_nodes(len(svc.eligible)), svc.name
@@ -159,9 +151,8 @@ class Planner:
         if fleet.room:
             for p, room in fleet.room.items():
                 assert room == fresh.room_for(p), p
-        for key, value in fleet._cache.items():
-            if key[0] == "eligible":
-                assert value == fresh.eligible_by(key), key
+        for key, value in fleet.cached_eligible():
+            assert value == fresh.eligible_by(key), key
         assert state.short == {s for s in state.svcs if len(s.nodes) < s.target}
         for svc in state.short:
             assert svc.roomless or svc.demand.spread is not None, svc.name
@@ -169,7 +160,7 @@ class Planner:
                 assert not _room_on(svc, fleet, fleet.placeable), f"{svc.name} short with room left"
 
 
-def _eventful(svc: _Svc) -> bool:
+def _eventful(svc: Svc) -> bool:
     return bool(svc.lost or svc.gained or svc.displaced or svc.message)
 
 
@@ -226,7 +217,7 @@ def _same_pairs(previous: Assignment | None, state: _State) -> bool:
     return matched == sum(1 for services in held.values() if services)
 
 
-def _room_on(svc: _Svc, fleet: _Fleet, nodes: Iterable[str]) -> bool:
+def _room_on(svc: Svc, fleet: Fleet, nodes: Iterable[str]) -> bool:
     """Some node of `nodes` could take the service now: placeable, eligible, not holding it, and
     its free memory plus what less urgent services use there covers the need."""
     room = fleet.free if svc.priority == Priority.LOW else fleet.room_for(svc.priority)
@@ -245,7 +236,7 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
     fleet.displaced.clear()
     was_short = state.short
     # keep, for the changed nodes: detach their pairs, re-index them, re-attach what stays valid
-    detached: dict[_Svc, list[str]] = defaultdict(list)
+    detached: dict[Svc, list[str]] = defaultdict(list)
     flipped = []
     for name in sorted(changed):
         for svc in sorted(fleet.residents[name].values(), key=lambda s: s.rank):
@@ -268,10 +259,10 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
     for svc in affected:
         back = detached.get(svc, [])
         eligible = svc.eligible
-        svc.lost += [(n, _why_not_eligible(svc, n, fleet)) for n in back if n not in eligible]
+        svc.lost += [(n, why_not_eligible(svc, n, fleet)) for n in back if n not in eligible]
         valid = [n for n in itertools.chain(svc.nodes, back) if n in eligible]
         if len(valid) > svc.target:
-            valid = _keep_order(svc, valid, fleet)
+            valid = keep_order(svc, valid, fleet)
             for node in valid[svc.target :]:
                 svc.lost.append((node, SCALED_DOWN))
                 if node in svc.nodes:
@@ -279,7 +270,7 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
                     touched_nodes.add(node)
             del valid[svc.target :]
         kept = set(valid)
-        for node in back:  # rank order on each node, like `_keep_stable`
+        for node in back:  # rank order on each node, like `keep_stable`
             if node not in kept:
                 continue
             if fleet.free[node] >= svc.need:
@@ -289,7 +280,7 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
     # fill, in rank order: the services below their target, and those displaced meanwhile
     queue = sorted({s.rank for s in was_short} | {s.rank for s in affected})
     done: set[int] = set()
-    touched: set[_Svc] = set(affected)
+    touched: set[Svc] = set(affected)
     while queue:
         rank = heapq.heappop(queue)
         if rank in done:
@@ -300,10 +291,10 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
         if len(svc.nodes) >= svc.target:
             continue
         if svc in was_short and svc.roomless and not _room_on(svc, fleet, touched_nodes):
-            svc.message = _why_short(svc, fleet, frozenset())
+            svc.message = why_short(svc, fleet, frozenset())
             continue
         seen = len(fleet.displaced)
-        _fill(svc, fleet)
+        fill(svc, fleet)
         touched_nodes.update(svc.gained)
         for victim in fleet.displaced[seen:]:
             heapq.heappush(queue, victim.rank)
@@ -318,7 +309,7 @@ def _replan(state: _State, nodes: dict[str, NodeState], changed: list[str]) -> N
     events: list[PlacementEvent] = []
     for svc in sorted(touched, key=lambda s: s.name):
         placements[svc.name] = ServicePlacement(tuple(sorted(svc.nodes)), svc.target, svc.message)
-        events.extend(_events(svc, state.settings.message_nodes))
+        events.extend(service_events(svc, state.settings.message_nodes))
     state.nodes = nodes
     state.result = PlacementResult(Assignment(by_node), placements, tuple(events))
     state.short = {s for s in touched if len(s.nodes) < s.target}

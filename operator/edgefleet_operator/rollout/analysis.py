@@ -1,0 +1,213 @@
+"""How a canary wave is judged: what nodes report (`observe` -> `NodeObservation`) and the verdict
+on a wave's window (`analyse` -> `AnalysisResult`: Passed, Failed or Inconclusive, with its
+checks). Pure.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet_operator.rollout.spec import AnalysisSpec, ModelRef, Obj, Revision, float_or_none
+
+
+@dataclass(frozen=True, slots=True)
+class SlaWindow:
+    """One model version's SLA window on one node, as its agent reports it."""
+
+    requests: int = 0
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    error_rate: float = 0.0
+    throughput_rps: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeObservation:
+    """What one node reports for the service."""
+
+    loaded: frozenset[ModelRef] = frozenset()
+    """Models loaded and Ready, with the digest the agent verified."""
+    windows: Mapping[ModelRef, SlaWindow] = field(default_factory=dict)
+    temperature_c: float | None = None
+    node_class: str = ""
+    """Device class (label edgefleet.io/device-class): nodes of one class are comparable."""
+
+    def confirms(self, revision: Revision) -> bool:
+        return all(r in self.loaded for r in revision.refs)
+
+
+def observe(service: str, edge_node_status: Obj, node_class: str = "") -> NodeObservation:
+    """NodeObservation of `service` (namespace/name) from an EdgeNode's status dict."""
+    loaded, windows = set(), {}
+    for m in edge_node_status.get("models") or []:
+        if m.get("service") != service or not m.get("digest"):
+            continue
+        ref = ModelRef(str(m.get("model")), str(m.get("version")), m["digest"])
+        if m.get("state") == "Ready":
+            loaded.add(ref)
+        w = m.get("sla") or {}
+        if w:
+            windows[ref] = SlaWindow(
+                int(w.get("requests") or 0),
+                float_or_none(w.get("p95LatencyMs")),
+                float_or_none(w.get("p99LatencyMs")),
+                float(w.get("errorRate") or 0.0),
+                float(w.get("throughputRps") or 0.0),
+            )
+    temp = (edge_node_status.get("gpu") or {}).get("temperatureC")
+    return NodeObservation(frozenset(loaded), windows, float_or_none(temp), node_class)
+
+
+class Outcome(enum.Enum):
+    PASSED = "Passed"
+    FAILED = "Failed"
+    INCONCLUSIVE = "Inconclusive"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One check's value against its limit; `passed` is None when it could not run (no baseline)."""
+
+    name: str
+    value: float | None
+    limit: float | None
+    passed: bool | None
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.passed is None:
+            return f"{self.name} skipped ({self.note})"
+        op = ">" if not self.passed else "ok, limit"
+        base = f" ({self.note})" if self.note else ""
+        return f"{self.name} {_num(self.value)} {op} {_num(self.limit)}{base}"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisResult:
+    outcome: Outcome
+    checks: tuple[Check, ...]
+    requests: int
+
+    @property
+    def failed(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.passed is False)
+
+    @property
+    def message(self) -> str:
+        if self.outcome is Outcome.INCONCLUSIVE:
+            return f"inconclusive: {self.requests} requests on the canary, fewer than needed"
+        if not self.checks:
+            return "no checks configured"
+        return "; ".join(c.describe() for c in self.checks)
+
+
+def _aggregate(windows: Sequence[SlaWindow]) -> tuple[int, float, float | None, float | None]:
+    """(requests, error rate, request-weighted p95, request-weighted p99) of several windows."""
+    requests = sum(w.requests for w in windows)
+    if requests == 0:
+        return 0, 0.0, None, None
+    err = sum(w.error_rate * w.requests for w in windows) / requests
+
+    def mean(get: Any) -> float | None:
+        pairs = [(get(w), w.requests) for w in windows if get(w) is not None and w.requests]
+        n = sum(r for _, r in pairs)
+        return sum(v * r for v, r in pairs) / n if n else None
+
+    return requests, err, mean(lambda w: w.p95_ms), mean(lambda w: w.p99_ms)
+
+
+def revision_windows(revision: Revision, other: Revision | None, obs: NodeObservation) -> list[SlaWindow]:
+    """The windows that judge `revision` on one node: those of its models that differ from `other`'s
+    (a model both revisions share says nothing about the change); all of them if none differ."""
+    changed = [r for r in revision.refs if other is None or r not in other.refs] or list(revision.refs)
+    return [obs.windows[r] for r in changed if r in obs.windows]
+
+
+def analyse(
+    spec: AnalysisSpec,
+    stable: Revision,
+    canary: Revision,
+    canary_nodes: Sequence[str],
+    observations: Mapping[str, NodeObservation],
+    traffic_weight: int = 100,
+) -> AnalysisResult:
+    """Judge the canary on `canary_nodes` against absolute limits and against the stable revision on
+    comparable nodes (same node class as some canary node; side-by-side stable counts too).
+
+    Inconclusive when the canary served fewer than `min_samples` requests. Absolute latency limits
+    apply to the worst canary node; regressions compare request-weighted means; error rates are
+    totals over requests. A relative check with a baseline under `min_samples` is skipped.
+    """
+    if not spec.has_checks:
+        return AnalysisResult(Outcome.PASSED, (), 0)
+    empty = NodeObservation()
+    cobs = {n: observations.get(n, empty) for n in canary_nodes}
+    per_node = {n: revision_windows(canary, stable, o) for n, o in cobs.items()}
+    c_windows = [w for ws in per_node.values() for w in ws]
+    c_req, c_err, c_p95, c_p99 = _aggregate(c_windows)
+    if c_req < spec.min_samples:
+        return AnalysisResult(Outcome.INCONCLUSIVE, (), c_req)
+    classes = {o.node_class for o in cobs.values()}
+    comparable = {n: o for n, o in observations.items() if o.node_class in classes}
+    s_windows = [w for o in comparable.values() for w in revision_windows(stable, canary, o)]
+    s_req, s_err, s_p95, s_p99 = _aggregate(s_windows)
+    baseline = s_req >= spec.min_samples
+    no_base = f"stable served {s_req} < {spec.min_samples} requests on comparable nodes"
+    checks: list[Check] = []
+
+    def worst(get: Any) -> float | None:
+        values = [get(w) for w in c_windows if get(w) is not None and w.requests]
+        return max(values) if values else None
+
+    def upper(name: str, value: float | None, limit: float | None, note: str = "") -> None:
+        if limit is not None and value is not None:
+            checks.append(Check(name, value, limit, value <= limit, note))
+
+    upper("p95LatencyMs", worst(lambda w: w.p95_ms), spec.max_p95_ms, "worst canary node")
+    upper("p99LatencyMs", worst(lambda w: w.p99_ms), spec.max_p99_ms, "worst canary node")
+    upper("errorRate", c_err, spec.max_error_rate)
+    if spec.min_throughput_rps is not None:
+        rps = sum(w.throughput_rps for w in c_windows) / max(1, len(canary_nodes))
+        limit = spec.min_throughput_rps * traffic_weight / 100
+        checks.append(Check("throughputRps", rps, limit, rps >= limit, "per canary node"))
+    relative = (
+        ("p95Regression", c_p95, s_p95, spec.max_latency_regression_pct),
+        ("p99Regression", c_p99, s_p99, spec.max_latency_regression_pct),
+    )
+    for name, cv, sv, pct in relative:
+        if pct is None or cv is None:
+            continue
+        if not baseline or sv is None:
+            checks.append(Check(name, cv, None, None, no_base))
+        else:
+            upper(name, cv, sv * (1 + pct / 100), f"stable {sv:.4g} +{pct:g}%")
+    if spec.max_error_rate_increase is not None:
+        if baseline:
+            limit = s_err + spec.max_error_rate_increase
+            upper("errorRateIncrease", c_err, limit, f"stable {s_err:.4g}")
+        else:
+            checks.append(Check("errorRateIncrease", c_err, None, None, no_base))
+    if spec.max_temperature_increase_c is not None:
+        c_temps = [o.temperature_c for o in cobs.values() if o.temperature_c is not None]
+        s_temps = [
+            o.temperature_c for n, o in comparable.items() if n not in cobs and o.temperature_c is not None
+        ]
+        if c_temps and s_temps:
+            s_mean = sum(s_temps) / len(s_temps)
+            upper(
+                "temperatureC",
+                sum(c_temps) / len(c_temps),
+                s_mean + spec.max_temperature_increase_c,
+                f"stable nodes {s_mean:.3g}C",
+            )
+        else:
+            checks.append(Check("temperatureC", None, None, None, "no temperatures to compare"))
+    failed = any(c.passed is False for c in checks)
+    return AnalysisResult(Outcome.FAILED if failed else Outcome.PASSED, tuple(checks), c_req)

@@ -1,0 +1,423 @@
+"""One rollout decision: `step` (called once per reconcile pass with the previous status.rollout)
+-> `Decision` (the new status, every node's target revisions with traffic weights, events, the
+Degraded condition). Pure and deterministic; time is passed in.
+
+`step` is a list of named phases, each a function of the state and the pass's context: follow the
+spec's revision, apply the manual action, apply the pause, advance the wave, describe; then the
+node targets. See the package docstring for the lifecycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, Outcome, analyse
+from edgefleet_operator.rollout.spec import ModelRef, Obj, Revision, RolloutSpec, Strategy, Wave
+from edgefleet_operator.rollout.state import (
+    ACTIVE,
+    MAX_ANALYSES,
+    MAX_HISTORY,
+    STOPPED,
+    Action,
+    AnalysisRecord,
+    HistoryRecord,
+    Phase,
+    RolloutState,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutEvent:
+    """A Kubernetes Event to emit on the InferenceService."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTarget:
+    revision: Revision
+    traffic_weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one `step` decided. `targets` has every node given to `step`; every revision in it is the
+    status's stable or canary revision."""
+
+    status: dict[str, Any]
+    targets: Mapping[str, tuple[NodeTarget, ...]]
+    events: tuple[RolloutEvent, ...]
+    degraded: tuple[str, str] | None
+    """(reason, message) for the service's Degraded condition, while a failed rollout is stopped."""
+    models: Mapping[Revision, tuple[Obj, ...]]
+    """The model spec entries of each revision in `targets` (the stable one may be gone from spec)."""
+
+    def placed(self, node: str) -> list[tuple[Obj, int]]:
+        """(model spec entry, traffic weight) per model version the node must hold; a model that two
+        revisions share appears once with their weights added."""
+        weights: dict[ModelRef, int] = {}
+        entries: dict[ModelRef, Obj] = {}
+        for t in self.targets.get(node, ()):
+            for m in self.models[t.revision]:
+                ref = ModelRef(m["name"], str(m["version"]), m["artifact"]["digest"])
+                weights[ref] = weights.get(ref, 0) + t.traffic_weight
+                entries.setdefault(ref, m)
+        return [(entries[r], weights[r]) for r in sorted(weights)]
+
+    def node_versions(self) -> dict[str, str]:
+        """node -> label of the revision serving most of its traffic (for service_status)."""
+        return {
+            n: max(ts, key=lambda t: t.traffic_weight).revision.label for n, ts in self.targets.items() if ts
+        }
+
+
+def canary_order(service: str, nodes: Iterable[str]) -> list[str]:
+    """The order nodes become canaries in: by a hash of (service, node), so canaries of a service
+    spread across zones and classes, and different services start on different nodes."""
+    return sorted(nodes, key=lambda n: (hashlib.sha256(f"{service}\0{n}".encode()).digest(), n))
+
+
+@dataclass
+class _Ctx:
+    spec: RolloutSpec
+    service: str
+    nodes: tuple[str, ...]
+    observations: Mapping[str, NodeObservation]
+    now: int
+    events: list[RolloutEvent] = field(default_factory=list)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(RolloutEvent(reason, message, warning))
+
+    def obs(self, node: str) -> NodeObservation:
+        return self.observations.get(node, NodeObservation())
+
+
+def step(
+    spec: RolloutSpec,
+    previous: Obj | None,
+    nodes: Sequence[str],
+    observations: Mapping[str, NodeObservation],
+    now: float,
+    action: Action | None = None,
+    service: str = "",
+) -> Decision:
+    """One rollout decision. `previous`: the last status.rollout written (None at first); `nodes`: the
+    nodes placement chose for the service; `observations`: node -> what it reports (missing: nothing
+    loaded); `now`: epoch seconds; `action`: the manual action, which the caller then clears.
+
+    Deterministic in its arguments; `previous` carries all state (a restart loses nothing). Write the
+    returned status before the EdgeNode specs built from `targets`: then a crash in between leaves no
+    node on a revision that status does not record (the next pass recomputes the same targets).
+    """
+    ctx = _Ctx(spec, service, tuple(sorted(nodes)), observations, int(now))
+    state = RolloutState.from_status(previous)
+    state.check_invariants()
+    state = _follow_spec(state, ctx)
+    state = _apply_action(state, action, ctx)
+    state = _apply_pause(state, ctx)
+    state = _advance(state, ctx)
+    state = _describe(state, ctx)
+    state.check_invariants()
+    targets = _targets(state, ctx)
+    models: dict[Revision, tuple[Obj, ...]] = {}
+    if state.stable is not None:
+        models[state.stable] = state.stable_models
+    if state.canary is not None:
+        models[state.canary] = state.canary_models
+    assert all(t.revision in models for ts in targets.values() for t in ts), "unrecorded revision"
+    degraded = None
+    if state.phase is Phase.ROLLED_BACK and state.rollback_reason and spec.revision == state.canary:
+        degraded = ("RolloutFailed", state.rollback_reason)
+    return Decision(state.to_status(), targets, tuple(ctx.events), degraded, models)
+
+
+# --- phases of a step ---------------------------------------------------------------------------
+
+
+def _start(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    """A new rollout from stable to the spec's revision, at wave 0."""
+    spec = ctx.spec
+    ctx.event(
+        "RolloutStarted",
+        f"rolling out {spec.revision.label} over {len(spec.waves)} wave(s) ({spec.strategy.value}); "
+        f"stable {state.stable.label if state.stable else '-'}",
+    )
+    return dataclasses.replace(
+        state,
+        phase=Phase.PROGRESSING,
+        canary=spec.revision,
+        canary_models=spec.models,
+        wave=0,
+        total_waves=len(spec.waves),
+        wave_start_s=None,
+        start_s=ctx.now,
+        failed_checks=0,
+        canary_nodes=(),
+        analysis=(),
+        manually_paused=False,
+        rollback_reason="",
+    )
+
+
+def _finish(state: RolloutState, ctx: _Ctx, result: str, message: str, phase: Phase) -> RolloutState:
+    """End the active rollout with a history entry; every node goes to stable (or the promoted one)."""
+    assert state.canary is not None
+    entry = HistoryRecord(
+        state.stable.label if state.stable else "",
+        state.canary.label,
+        result,
+        state.start_s if state.start_s is not None else ctx.now,
+        ctx.now,
+        message,
+    )
+    state = dataclasses.replace(
+        state,
+        phase=phase,
+        history=(entry, *state.history)[:MAX_HISTORY],
+        canary_nodes=(),
+        wave_start_s=None,
+        manually_paused=False,
+    )
+    if result == "Promoted":
+        state = dataclasses.replace(
+            state, stable=state.canary, stable_models=state.canary_models, canary=None, canary_models=()
+        )
+    return state
+
+
+def _follow_spec(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    """React to the spec's revision: first deployment, fast rollback, supersede, new rollout."""
+    spec, target = ctx.spec, ctx.spec.revision
+    if state.stable is None:  # first deployment: no canary, the revision replaces any earlier try
+        if state.canary != target:
+            state = dataclasses.replace(
+                state, phase=Phase.PROGRESSING, canary=target, canary_models=spec.models, start_s=ctx.now,
+                wave=0, total_waves=1, canary_nodes=(), wave_start_s=None,
+            )  # fmt: skip
+        return dataclasses.replace(state, canary_models=spec.models)
+    if target == state.stable:
+        if state.phase in ACTIVE:
+            assert state.canary is not None
+            ctx.event(
+                "RolledBack",
+                f"stable version {target.label} re-applied: {state.canary.label} rolled back",
+                warning=True,
+            )
+            state = _finish(state, ctx, "RolledBack", "stable version re-applied", Phase.ROLLED_BACK)
+        # Steady (or just rolled back): the spec's entries are fresher than the recorded ones.
+        return dataclasses.replace(
+            state, stable_models=spec.models, canary=None, canary_models=(), rollback_reason=""
+        )
+    if state.canary == target:
+        # The strategy may have been edited mid-rollout: stay within its waves.
+        return dataclasses.replace(
+            state,
+            canary_models=spec.models,
+            total_waves=len(spec.waves),
+            wave=min(state.wave, len(spec.waves) - 1),
+        )
+    if state.phase in ACTIVE:
+        assert state.canary is not None
+        ctx.event("RolloutSuperseded", f"{state.canary.label} superseded by {target.label}")
+        state = _finish(state, ctx, "Superseded", f"superseded by {target.label}", Phase.PROGRESSING)
+    return _start(state, ctx)
+
+
+def _apply_action(state: RolloutState, action: Action | None, ctx: _Ctx) -> RolloutState:
+    if action is None:
+        return state
+    active = state.phase in ACTIVE
+    if action is Action.PROMOTE and active:
+        assert state.canary is not None
+        ctx.event("RolloutPromoted", f"{state.canary.label} promoted manually")
+        if state.stable is None:
+            return dataclasses.replace(
+                state, phase=Phase.IDLE, stable=state.canary, stable_models=state.canary_models,
+                canary=None, canary_models=(), canary_nodes=(), wave_start_s=None,
+            )  # fmt: skip
+        return _finish(state, ctx, "Promoted", "promoted manually", Phase.PROMOTED)
+    if action is Action.ABORT and active and state.stable is not None:
+        assert state.canary is not None
+        ctx.event("RolloutAborted", f"{state.canary.label} aborted; back to {state.stable.label}", True)
+        return _finish(state, ctx, "Aborted", "aborted manually", Phase.ABORTED)
+    if action in (Action.PAUSE, Action.RESUME) and active and state.stable is not None:
+        return dataclasses.replace(state, manually_paused=action is Action.PAUSE)
+    ctx.event(
+        "RolloutActionIgnored",
+        f"{action.value} ignored: no canary rollout in progress (phase {state.phase.value})",
+        warning=True,
+    )
+    return state
+
+
+def _apply_pause(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    if state.stable is None or state.phase not in ACTIVE:
+        return state
+    paused = ctx.spec.paused or state.manually_paused
+    if paused and state.phase is Phase.PROGRESSING:
+        ctx.event("RolloutPaused", f"paused at wave {state.wave + 1}/{state.total_waves}")
+        return dataclasses.replace(state, phase=Phase.PAUSED, wave_start_s=None)
+    if not paused and state.phase is Phase.PAUSED:
+        ctx.event("RolloutResumed", f"resumed at wave {state.wave + 1}/{state.total_waves}")
+        return dataclasses.replace(state, phase=Phase.PROGRESSING)
+    return state
+
+
+def _advance(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    if state.phase is not Phase.PROGRESSING:
+        return state
+    canary, stable = state.canary, state.stable
+    assert canary is not None
+    if stable is None:
+        return _advance_first(state, ctx)
+    spec = ctx.spec
+    wave_index = min(state.wave, len(spec.waves) - 1)
+    wave = spec.waves[wave_index]
+    state = _grow_canaries(dataclasses.replace(state, wave=wave_index), wave, ctx)
+    pending = [n for n in state.canary_nodes if not ctx.obs(n).confirms(canary)]
+    if pending or not state.canary_nodes:
+        why = f"waiting for {len(pending)}/{len(state.canary_nodes)} node(s) to load {canary.label}"
+        return dataclasses.replace(state, wave_start_s=None, message=why if ctx.nodes else "no nodes placed")
+    if state.wave_start_s is None:
+        state = dataclasses.replace(state, wave_start_s=ctx.now)
+    if spec.strategy is Strategy.ALL_AT_ONCE:
+        return _wave_passed(state, ctx, None)
+    window = wave.analysis_s or spec.analysis.interval_s
+    assert state.wave_start_s is not None
+    left = state.wave_start_s + window - ctx.now
+    if left > 0:
+        return dataclasses.replace(state, message=f"analysing: {left}s of the window left")
+    result = analyse(spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight)
+    if result.outcome is Outcome.PASSED:
+        return _wave_passed(state, ctx, result)
+    if result.outcome is Outcome.INCONCLUSIVE:
+        return _inconclusive(state, ctx, result)
+    return _wave_failed(state, ctx, result)
+
+
+def _advance_first(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    """First deployment: stable once every placed node confirms the revision."""
+    assert state.canary is not None
+    pending = [n for n in ctx.nodes if not ctx.obs(n).confirms(state.canary)]
+    if pending or not ctx.nodes:
+        return dataclasses.replace(
+            state, message=f"waiting for {len(pending)}/{len(ctx.nodes)} node(s) to load {state.canary.label}"
+        )
+    ctx.event("Deployed", f"{state.canary.label} deployed on {len(ctx.nodes)} node(s)")
+    return dataclasses.replace(
+        state, phase=Phase.IDLE, stable=state.canary, stable_models=state.canary_models, canary=None,
+        canary_models=(), wave_start_s=None, message=f"{state.canary.label} deployed",
+    )  # fmt: skip
+
+
+def _grow_canaries(state: RolloutState, wave: Wave, ctx: _Ctx) -> RolloutState:
+    """Keep this rollout's canaries still placed; add nodes in canary order up to the wave's count.
+    A change restarts the window (a new node must confirm before the wave is judged)."""
+    placed = set(ctx.nodes)
+    kept = [n for n in state.canary_nodes if n in placed]
+    want = wave.nodes(len(ctx.nodes))
+    if len(kept) < want:
+        chosen = set(kept)
+        kept += [n for n in canary_order(ctx.service, ctx.nodes) if n not in chosen][: want - len(kept)]
+    if tuple(kept) == state.canary_nodes:
+        return state
+    return dataclasses.replace(state, canary_nodes=tuple(kept), wave_start_s=None)
+
+
+def _record(state: RolloutState, ctx: _Ctx, outcome: Outcome, message: str) -> RolloutState:
+    """Add an analysis record; an Inconclusive one replaces the wave's previous Inconclusive one."""
+    records = list(state.analysis)
+    if records and records[-1].wave == state.wave and records[-1].result is Outcome.INCONCLUSIVE:
+        records.pop()
+    records.append(AnalysisRecord(state.wave, ctx.now, outcome, message))
+    return dataclasses.replace(state, analysis=tuple(records[-MAX_ANALYSES:]))
+
+
+def _wave_passed(state: RolloutState, ctx: _Ctx, result: AnalysisResult | None) -> RolloutState:
+    canary = state.canary
+    assert canary is not None
+    if result is not None:
+        state = _record(state, ctx, Outcome.PASSED, result.message)
+        ctx.event("AnalysisPassed", f"wave {state.wave + 1}/{state.total_waves}: {result.message}")
+    if state.wave + 1 >= len(ctx.spec.waves):
+        ctx.event("RolloutPromoted", f"{canary.label} promoted: all waves passed")
+        return _finish(state, ctx, "Promoted", "all waves passed", Phase.PROMOTED)
+    nxt = ctx.spec.waves[state.wave + 1]
+    ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({nxt.describe()})")
+    return _grow_canaries(dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None), nxt, ctx)
+
+
+def _inconclusive(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> RolloutState:
+    message = f"{result.message} (minSamples {ctx.spec.analysis.min_samples}); holding"
+    last = state.analysis[-1] if state.analysis else None
+    if not (last and last.wave == state.wave and last.result is Outcome.INCONCLUSIVE):
+        ctx.event("AnalysisInconclusive", f"wave {state.wave + 1}/{state.total_waves}: {message}")
+    return dataclasses.replace(_record(state, ctx, Outcome.INCONCLUSIVE, message), message=message)
+
+
+def _wave_failed(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> RolloutState:
+    canary, stable = state.canary, state.stable
+    assert canary is not None and stable is not None
+    failed = result.failed
+    detail = "; ".join(c.describe() for c in failed)
+    state = _record(state, ctx, Outcome.FAILED, result.message)
+    total = state.failed_checks + len(failed)
+    limit = ctx.spec.analysis.failure_limit
+    ctx.event("AnalysisFailed", f"wave {state.wave + 1}/{state.total_waves}: {detail}", warning=True)
+    state = dataclasses.replace(state, failed_checks=total, wave_start_s=ctx.now)
+    if total < limit:
+        return state
+    reason = f"{canary.label} rolled back to {stable.label} at wave {state.wave + 1}: {detail}"
+    ctx.event("RolledBack", reason, warning=True)
+    state = _finish(state, ctx, "RolledBack", detail, Phase.ROLLED_BACK)
+    return dataclasses.replace(state, rollback_reason=reason)
+
+
+def _describe(state: RolloutState, ctx: _Ctx) -> RolloutState:
+    """step and message for kubectl."""
+    if state.phase in ACTIVE and state.stable is None:
+        return dataclasses.replace(state, step_text="initial deploy")
+    if state.phase in ACTIVE:
+        wave = ctx.spec.waves[min(state.wave, len(ctx.spec.waves) - 1)]
+        text = f"wave {state.wave + 1}/{state.total_waves} ({wave.describe()})"
+        if state.phase is Phase.PAUSED:
+            why = "spec.rollout.paused" if ctx.spec.paused else "the pause action"
+            return dataclasses.replace(state, step_text=f"paused at {text}", message=f"paused by {why}")
+        return dataclasses.replace(state, step_text=text)
+    texts = {
+        Phase.IDLE: "stable",
+        Phase.PROMOTED: "promoted",
+        Phase.ROLLED_BACK: "rolled back",
+        Phase.ABORTED: "aborted",
+    }
+    message = state.message
+    if state.phase in STOPPED and state.canary is not None:
+        message = f"stopped until the spec changes: {state.history[0].message if state.history else ''}"
+    elif state.phase is not Phase.IDLE and state.stable is not None:
+        message = f"{state.stable.label} on every node"
+    return dataclasses.replace(state, step_text=texts[state.phase], message=message)
+
+
+def _targets(state: RolloutState, ctx: _Ctx) -> dict[str, tuple[NodeTarget, ...]]:
+    """node -> the revisions it must hold, with traffic weights adding up to 100."""
+    if state.stable is None:
+        assert state.canary is not None
+        return {n: (NodeTarget(state.canary, 100),) for n in ctx.nodes}
+    stable_only = (NodeTarget(state.stable, 100),)
+    if state.phase not in ACTIVE:
+        return {n: stable_only for n in ctx.nodes}
+    assert state.canary is not None
+    weight = ctx.spec.waves[min(state.wave, len(ctx.spec.waves) - 1)].traffic_weight
+    if weight >= 100:
+        on_canary: tuple[NodeTarget, ...] = (NodeTarget(state.canary, 100),)
+    else:
+        on_canary = (NodeTarget(state.stable, 100 - weight), NodeTarget(state.canary, weight))
+    canaries = set(state.canary_nodes)
+    return {n: on_canary if n in canaries else stable_only for n in ctx.nodes}
