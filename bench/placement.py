@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from unittest import mock
 
 from bench.report import table, write_section
+from edgefleet_api.inference_service import Spread, Taint, Toleration
 from edgefleet_api.types import Priority
 from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
@@ -39,9 +40,6 @@ from edgefleet_operator.fleet_types import (
     NodeState,
     PlacementResult,
     ServiceDemand,
-    Spread,
-    Taint,
-    Toleration,
 )
 from edgefleet_operator.placement import fleet_index
 

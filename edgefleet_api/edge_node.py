@@ -351,3 +351,27 @@ class EdgeNodeStatus:
 
 def _bytes(value: int | None) -> int | None:
     return None if value is None else max(int(value), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeNode:
+    """An EdgeNode object: its name and the metadata the operator reads (labels, annotations),
+    with the typed spec and status."""
+
+    name: str
+    spec: EdgeNodeSpec
+    status: EdgeNodeStatus
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> EdgeNode:
+        meta = mapping(obj.get("metadata"), "EdgeNode metadata")
+        name = str(required(meta, "name", "metadata."))
+        return cls(
+            name=name,
+            spec=EdgeNodeSpec.from_obj(obj.get("spec") or {}, name),
+            status=EdgeNodeStatus.from_obj(obj.get("status")),
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+        )

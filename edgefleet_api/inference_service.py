@@ -213,9 +213,14 @@ class AnalysisSpec:
     max_p99_latency_s: float | None = None
     max_error_rate: float | None = None
     min_throughput_rps: float | None = None
+    """Per canary node, scaled by the wave's traffic weight."""
     max_latency_regression_pct: float | None = None
     max_error_rate_increase: float | None = None
     max_temperature_increase_c: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval_s < 1 or self.min_samples < 1 or self.failure_limit < 1:
+            raise ValueError("intervalSeconds, minSamples and failureLimit must be at least 1")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> AnalysisSpec:

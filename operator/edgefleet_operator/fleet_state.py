@@ -1,16 +1,29 @@
-"""From API objects to placement's input, and from its output back to EdgeNode specs.
+"""From the fleet's objects to placement's input, and from its output back to EdgeNode specs.
 
-Pure functions over plain dicts (the JSON the API server returns), so they are
-tested without a cluster. The reconciler reads the objects and writes the results.
+Pure functions over the contract's typed models (`edgefleet_api`: EdgeNode spec and status,
+InferenceService spec, status.rollout) and, for Nodes and Leases (Kubernetes' own objects), the
+API's JSON. The reconciler reads the objects and writes the results; this module is tested
+without a cluster.
+
+The memory path: an agent measures each model it loads (EdgeNode status.models[].memoryBytes)
+and its device (status.gpu) -> `node_state` makes a node's capacity the GPU's total less a reserve
+and less what anything but our models uses; `measured_bytes` gathers each model version's
+measurements, and `service_demand` sizes a service by them (its models' declared memoryEstimate
+until a node has measured one) -> placement grants each placed version a budget -> `edge_entry`
+writes it into the EdgeNode spec (memoryBudgetBytes), with the node's capacity as the spec's
+memoryBudgetBytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from edgefleet_api import names
-from edgefleet_api.types import Priority
+from edgefleet_api import names, wire
+from edgefleet_api.edge_node import EdgeNode, EdgeNodeStatus, ModelAssignment, ModelState
+from edgefleet_api.inference_service import InferenceServiceSpec, Taint
+from edgefleet_api.model_spec import ModelSpec
+from edgefleet_api.rollout_status import ACTIVE, RolloutStatus
 from edgefleet_operator.fleet_types import (
     Assignment,
     Health,
@@ -18,9 +31,6 @@ from edgefleet_operator.fleet_types import (
     NodeState,
     PlacedModel,
     ServiceDemand,
-    Spread,
-    Taint,
-    Toleration,
 )
 from edgefleet_operator.health import NodeSignals
 
@@ -30,36 +40,20 @@ LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.i
 """Taints the node lifecycle controller mirrors from the Ready condition. Placement ignores them:
 node health (with its grace period and damping) already judges readiness, and honouring them
 would move work the instant a node blips."""
+PLACEMENT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
-def service_key(obj: Obj) -> str:
-    """namespace/name of an InferenceService."""
-    return f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+class RolloutTargets(Protocol):
+    """What `edge_node_models` needs of a service's rollout decision."""
 
-
-def parse_quantity(value: str | int | None) -> int:
-    """A Kubernetes quantity ('512Mi', '1G', 1024) in bytes; None -> 0."""
-    if value is None:
-        return 0
-    from kubernetes.utils.quantity import parse_quantity as parse
-
-    return int(parse(value))
-
-
-def parse_time(value: str | None) -> float | None:
-    """RFC 3339 (API server timestamps, MicroTime too) -> epoch seconds."""
-    if not value:
-        return None
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    def placed(self, node: str) -> list[tuple[ModelSpec, int]]: ...
 
 
 def node_ready(node: Obj) -> tuple[bool, float]:
     """(Ready condition is True, its last transition time)."""
     for cond in node.get("status", {}).get("conditions") or []:
         if cond.get("type") == "Ready":
-            return cond.get("status") == "True", parse_time(cond.get("lastTransitionTime")) or 0.0
+            return cond.get("status") == "True", wire.parse_time(cond.get("lastTransitionTime")) or 0.0
     return False, 0.0
 
 
@@ -67,26 +61,27 @@ def matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def node_signals(node: Obj, edge_node: Obj | None, lease: Obj | None) -> NodeSignals:
+def node_signals(node: Obj, edge_node: EdgeNode | None, lease: Obj | None) -> NodeSignals:
     ready, since = node_ready(node)
-    models = (edge_node or {}).get("spec", {}).get("models") or []
-    work_since = parse_time(
-        (edge_node or {}).get("metadata", {}).get("annotations", {}).get(names.ANNOTATION_WORK_SINCE)
+    work_since = (
+        wire.parse_time(edge_node.annotations.get(names.ANNOTATION_WORK_SINCE)) if edge_node else None
     )
     renew = None
     if lease:
         spec = lease.get("spec", {})
-        renew = parse_time(spec.get("renewTime") or spec.get("acquireTime"))
-    return NodeSignals(node["metadata"]["name"], ready, since, renew, bool(models), work_since)
+        renew = wire.parse_time(spec.get("renewTime") or spec.get("acquireTime"))
+    has_work = edge_node is not None and bool(edge_node.spec.models)
+    return NodeSignals(node["metadata"]["name"], ready, since, renew, has_work, work_since)
 
 
-def our_measured_bytes(edge_node: Obj | None) -> int:
+def our_measured_bytes(status: EdgeNodeStatus) -> int:
     """Device memory the models we placed use on this node, as its agent measured it."""
-    models = (edge_node or {}).get("status", {}).get("models") or []
-    return sum(int(m.get("memoryBytes") or 0) for m in models if m.get("state") in ("Ready", "Loading"))
+    return sum(
+        m.memory_bytes or 0 for m in status.models if m.state in (ModelState.READY, ModelState.LOADING)
+    )
 
 
-def node_state(node: Obj, edge_node: Obj | None, health: Health, reserve_fraction: float) -> NodeState:
+def node_state(node: Obj, edge_node: EdgeNode | None, health: Health, reserve_fraction: float) -> NodeState:
     """NodeState from the Node and its EdgeNode's agent-written status.
 
     Capacity: the GPU's total memory (measured by the agent; until it reports, the GPU feature
@@ -94,16 +89,17 @@ def node_state(node: Obj, edge_node: Obj | None, health: Health, reserve_fractio
     of our models (used - ours), so our own assignments never make a node look full.
     """
     labels = node["metadata"].get("labels") or {}
-    gpu = (edge_node or {}).get("status", {}).get("gpu") or {}
-    total = int(gpu.get("memoryTotalBytes") or 0) or int(labels.get("nvidia.com/gpu.memory", "0") or 0) * MIB
+    status = edge_node.status if edge_node is not None else EdgeNodeStatus()
+    gpu = status.gpu
+    measured_total = gpu.memory_total_bytes if gpu is not None else None
+    total = measured_total or int(labels.get("nvidia.com/gpu.memory", "0") or 0) * MIB
     reserved = int(total * reserve_fraction)
-    if "memoryUsedBytes" in gpu:
-        reserved += max(0, int(gpu["memoryUsedBytes"]) - our_measured_bytes(edge_node))
+    if gpu is not None and gpu.memory_used_bytes is not None:
+        reserved += max(0, gpu.memory_used_bytes - our_measured_bytes(status))
     taints = tuple(
         Taint(t["key"], t.get("effect", "NoSchedule"), t.get("value", ""))
         for t in (node.get("spec", {}).get("taints") or [])
-        if t.get("effect") in ("NoSchedule", "PreferNoSchedule", "NoExecute")
-        and t["key"] not in LIFECYCLE_TAINTS
+        if t.get("effect") in PLACEMENT_EFFECTS and t["key"] not in LIFECYCLE_TAINTS
     )
     return NodeState(
         name=node["metadata"]["name"],
@@ -112,130 +108,117 @@ def node_state(node: Obj, edge_node: Obj | None, health: Health, reserve_fractio
         labels=dict(labels),
         taints=taints,
         health=health,
-        temperature_c=gpu.get("temperatureC"),
-        soft_limit_c=gpu.get("softLimitC"),
-        throttled=bool(gpu.get("throttled", False)),
-        sla_scores=sla_scores(edge_node),
+        temperature_c=gpu.temperature_c if gpu is not None else None,
+        soft_limit_c=gpu.soft_limit_c if gpu is not None else None,
+        throttled=bool(gpu is not None and gpu.throttled),
+        sla_scores=sla_scores(status),
     )
 
 
-def sla_scores(edge_node: Obj | None) -> dict[tuple[str, str], float]:
+def sla_scores(status: EdgeNodeStatus) -> dict[tuple[str, str], float]:
     """(service, model) -> 1.0 if the node's current SLA window for it met the SLA, else 0.0.
 
-    The agent reports `slaMet` per model; models without a verdict have no record.
+    The agent reports `met` per model; models without a verdict have no record.
     """
     out: dict[tuple[str, str], float] = {}
-    for m in (edge_node or {}).get("status", {}).get("models") or []:
-        met = (m.get("sla") or {}).get("met")
-        if met is not None and m.get("service") and m.get("model"):
-            out[(m["service"], m["model"])] = 1.0 if met else 0.0
+    for m in status.models:
+        met = m.sla.met if m.sla is not None else None
+        if met is not None and m.service and m.model:
+            out[(m.service, m.model)] = 1.0 if met else 0.0
     return out
 
 
-def measured_bytes(edge_nodes: Iterable[Obj]) -> dict[tuple[str, str, str], tuple[int, ...]]:
-    """(service, model, version) -> the memory each node measured for it."""
+def measured_bytes(edge_nodes: Iterable[EdgeNode]) -> dict[tuple[str, str, str], tuple[int, ...]]:
+    """(service, model, version) -> the memory each node measured for it (Ready versions)."""
     out: dict[tuple[str, str, str], list[int]] = {}
     for en in edge_nodes:
-        for m in en.get("status", {}).get("models") or []:
-            if m.get("memoryBytes") and m.get("state") == "Ready":
-                out.setdefault((m.get("service", ""), m["model"], m["version"]), []).append(
-                    int(m["memoryBytes"])
-                )
+        for m in en.status.models:
+            if m.memory_bytes and m.state is ModelState.READY:
+                out.setdefault((m.service, m.model, m.version), []).append(m.memory_bytes)
     return {k: tuple(v) for k, v in out.items()}
 
 
-def service_demand(isvc: Obj, measured: Mapping[tuple[str, str, str], tuple[int, ...]]) -> ServiceDemand:
-    key = service_key(isvc)
-    spec = isvc["spec"]
+def service_demand(
+    key: str,
+    spec: InferenceServiceSpec,
+    rollout: RolloutStatus | None,
+    measured: Mapping[tuple[str, str, str], tuple[int, ...]],
+) -> ServiceDemand:
+    """The service `key` (namespace/name) as placement sees it. ValueError for a spec placement
+    cannot use."""
     models = tuple(
-        ModelDemand(
-            m["name"],
-            str(m["version"]),
-            parse_quantity(m.get("memoryEstimate")),
-            measured.get((key, m["name"], str(m["version"])), ()),
-        )
-        for m in [*spec["models"], *rollout_extra_models(isvc)]
+        ModelDemand(m.name, m.version, m.memory_estimate_bytes, measured.get((key, m.name, m.version), ()))
+        for m in (*spec.models, *rollout_extra_models(spec, rollout))
     )
-    priority = min(Priority.parse(m.get("priority", "normal")) for m in spec["models"])
-    placement = spec.get("placement") or {}
-    spread = placement.get("spread")
+    placement = spec.placement
     return ServiceDemand(
         name=key,
         models=models,
-        priority=priority,
-        replicas=placement.get("replicas"),
-        node_fraction=placement.get("nodeFraction"),
-        node_selector=dict(placement.get("nodeSelector") or {}),
-        tolerations=tuple(
-            Toleration(t.get("key", ""), t.get("operator", "Equal"), t.get("value", ""), t.get("effect", ""))
-            for t in placement.get("tolerations") or []
-        ),
-        spread=Spread(spread.get("topologyKey", "topology.kubernetes.io/zone"), spread.get("maxSkew", 1))
-        if spread
-        else None,
+        priority=min(m.priority for m in spec.models),
+        replicas=placement.replicas if placement else None,
+        node_fraction=placement.node_fraction if placement else None,
+        node_selector=dict(placement.node_selector) if placement else {},
+        tolerations=placement.tolerations if placement else (),
+        spread=placement.spread if placement else None,
     )
 
 
-def previous_assignment(edge_nodes: Iterable[Obj]) -> Assignment:
+def previous_assignment(edge_nodes: Iterable[EdgeNode]) -> Assignment:
     """What the EdgeNode specs hold now (the last placement written)."""
-    by_node: dict[str, tuple[PlacedModel, ...]] = {}
-    for en in edge_nodes:
-        models = en.get("spec", {}).get("models") or []
-        by_node[en["metadata"]["name"]] = tuple(
-            sorted(
-                PlacedModel(
-                    m["service"],
-                    m["model"],
-                    str(m["version"]),
-                    int(m.get("memoryBudgetBytes") or 0),
-                    int(m.get("trafficWeight", 100)),
+    return Assignment(
+        {
+            en.name: tuple(
+                sorted(
+                    PlacedModel(m.service, m.model, m.version, m.memory_budget_bytes or 0, m.traffic_weight)
+                    for m in en.spec.models
                 )
-                for m in models
             )
-        )
-    return Assignment(by_node)
+            for en in edge_nodes
+        }
+    )
 
 
-def edge_entry(service: str, model: Obj, isvc_spec: Obj) -> dict[str, Any]:
-    """An EdgeNode spec entry (without budget and weight) for one model version of a service."""
-    entry: dict[str, Any] = {
-        "service": service,
-        "model": model["name"],
-        "version": str(model["version"]),
-        "artifact": dict(model["artifact"]),
-        "format": model.get("format", "torchscript"),
-        "task": model.get("task", "predict"),
-        "priority": model.get("priority", "normal"),
-        "pinned": bool(model.get("pinned", False)),
-        "preload": True,
-    }
-    if isvc_spec.get("batching"):
-        entry["batching"] = dict(isvc_spec["batching"])
-    if isvc_spec.get("sla"):
-        entry["sla"] = dict(isvc_spec["sla"])
-    return entry
+def edge_entry(
+    service: str, model: ModelSpec, spec: InferenceServiceSpec, budget_bytes: int, traffic_weight: int
+) -> ModelAssignment:
+    """An EdgeNode spec entry for one model version of a service, with the service's batching and
+    SLA."""
+    return ModelAssignment(
+        service=service,
+        model=model.name,
+        version=model.version,
+        artifact=model.artifact,
+        format=model.format,
+        task=model.task,
+        traffic_weight=traffic_weight,
+        memory_budget_bytes=budget_bytes,
+        priority=model.priority,
+        pinned=model.pinned,
+        preload=True,
+        batching=spec.batching,
+        sla=spec.sla,
+    )
 
 
-def rollout_extra_models(isvc: Obj) -> list[Obj]:
+def rollout_extra_models(spec: InferenceServiceSpec, rollout: RolloutStatus | None) -> list[ModelSpec]:
     """Stable model versions a rollout in progress still runs beside the spec's (new) ones.
 
     Placement budgets memory for both on every node of the service while a rollout runs: canary
     nodes hold both side by side, and a rollback must find room for the stable version.
     """
-    rollout = (isvc.get("status") or {}).get("rollout") or {}
-    if rollout.get("phase") not in ("Progressing", "Paused"):
+    if rollout is None or rollout.phase not in ACTIVE:
         return []
-    spec_refs = {(m["name"], str(m["version"])) for m in isvc["spec"]["models"]}
-    return [m for m in rollout.get("stableModels") or [] if (m["name"], str(m["version"])) not in spec_refs]
+    spec_refs = {m.id for m in spec.models}
+    return [m for m in rollout.stable_models if m.id not in spec_refs]
 
 
 def edge_node_models(
     node: str,
     placed: Iterable[PlacedModel],
-    targets: Mapping[str, Any],
-    specs: Mapping[str, Obj],
-    current: Sequence[Obj] = (),
-) -> list[dict[str, Any]]:
+    targets: Mapping[str, RolloutTargets],
+    specs: Mapping[str, InferenceServiceSpec],
+    current: Sequence[ModelAssignment] = (),
+) -> tuple[ModelAssignment, ...]:
     """EdgeNode.spec.models for one node, sorted by (service, model, version).
 
     `targets`: service -> its rollout Decision (which revision(s) this node runs, with weights);
@@ -245,23 +228,16 @@ def edge_node_models(
     canaries' specs, not every node's. A service without a decision this pass (its status could not be
     written) keeps the node's `current` entries for it.
     """
+    placed = list(placed)
     budgets: dict[tuple[str, ...], int] = {(p.service, p.model): p.memory_budget_bytes for p in placed}
-    budgets |= {
-        (str(e.get("service")), str(e.get("model")), str(e.get("version"))): int(
-            e.get("memoryBudgetBytes") or 0
-        )
-        for e in current
-    }
+    budgets |= {e.key: e.memory_budget_bytes or 0 for e in current}
     budgets |= {(p.service, p.model, p.version): p.memory_budget_bytes for p in placed}
-    out: list[dict[str, Any]] = []
+    out: list[ModelAssignment] = []
     for service in sorted({p.service for p in placed}):
         if service not in targets:
-            out += [dict(e) for e in current if e.get("service") == service]
+            out += [e for e in current if e.service == service]
             continue
         for model, weight in targets[service].placed(node):
-            entry = edge_entry(service, model, specs[service])
-            key = (service, model["name"])
-            entry["memoryBudgetBytes"] = budgets.get((*key, str(model["version"])), budgets.get(key, 0))
-            entry["trafficWeight"] = weight
-            out.append(entry)
-    return sorted(out, key=lambda e: (e["service"], e["model"], e["version"]))
+            budget = budgets.get((service, model.name, model.version), budgets.get((service, model.name), 0))
+            out.append(edge_entry(service, model, specs[service], budget, weight))
+    return tuple(sorted(out, key=lambda e: e.key))

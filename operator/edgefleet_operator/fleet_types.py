@@ -13,10 +13,10 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from edgefleet_api.inference_service import Spread, Taint, Toleration
 from edgefleet_api.types import Priority
 
 __all__ = [
-    "EFFECTS",
     "Assignment",
     "Health",
     "ModelDemand",
@@ -25,19 +25,9 @@ __all__ = [
     "PlacementEvent",
     "PlacementResult",
     "PlacementSettings",
-    "Priority",
     "ServiceDemand",
     "ServicePlacement",
-    "Spread",
-    "Taint",
-    "Toleration",
 ]
-
-NO_SCHEDULE = "NoSchedule"
-PREFER_NO_SCHEDULE = "PreferNoSchedule"
-NO_EXECUTE = "NoExecute"
-EFFECTS = (NO_SCHEDULE, PREFER_NO_SCHEDULE, NO_EXECUTE)
-DEFAULT_TOPOLOGY_KEY = "topology.kubernetes.io/zone"
 
 
 class Health(enum.Enum):
@@ -51,71 +41,6 @@ class Health(enum.Enum):
     """Node Ready, but its agent stopped reporting past the grace period: its work moves."""
     NOT_READY = "NotReady"
     """Node not Ready past the grace period: its work moves."""
-
-
-@dataclass(frozen=True, slots=True)
-class Taint:
-    """A Node taint: NoSchedule and NoExecute must be tolerated; PreferNoSchedule is a penalty."""
-
-    key: str
-    effect: str = NO_SCHEDULE
-    value: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.key:
-            raise ValueError("a taint needs a key")
-        if self.effect not in EFFECTS:
-            raise ValueError(f"taint effect {self.effect!r} is not one of {', '.join(EFFECTS)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Toleration:
-    """A Pod-style toleration, matched with Kubernetes' semantics (`ToleratesTaint`)."""
-
-    key: str = ""
-    """Taint key; empty (with operator Exists) tolerates every taint."""
-    operator: str = "Equal"
-    """Equal: key and value must match. Exists: key must match (any value)."""
-    value: str = ""
-    effect: str = ""
-    """Effect tolerated; empty tolerates all effects."""
-
-    def __post_init__(self) -> None:
-        if self.operator not in ("Equal", "Exists"):
-            raise ValueError(f"toleration operator {self.operator!r} is not Equal or Exists")
-        if self.operator == "Exists" and self.value:
-            raise ValueError("a toleration with operator Exists must have an empty value")
-        if not self.key and self.operator != "Exists":
-            raise ValueError("a toleration with an empty key must use operator Exists")
-        if self.effect and self.effect not in EFFECTS:
-            raise ValueError(f"toleration effect {self.effect!r} is not one of {EFFECTS}")
-
-    def tolerates(self, taint: Taint) -> bool:
-        if self.effect and self.effect != taint.effect:
-            return False
-        if self.key and self.key != taint.key:
-            return False
-        return self.operator == "Exists" or self.value == taint.value
-
-
-@dataclass(frozen=True, slots=True)
-class Spread:
-    """Spread a service's nodes across the domains named by a node label (zones, sites).
-
-    Like a topology spread constraint with whenUnsatisfiable DoNotSchedule: a new
-    node may be added to a domain only if afterwards that domain holds at most
-    `max_skew` more of the service's nodes than the least-loaded eligible domain.
-    Nodes without the label are not eligible for the service.
-    """
-
-    topology_key: str = DEFAULT_TOPOLOGY_KEY
-    max_skew: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.topology_key:
-            raise ValueError("spread needs a topology key")
-        if self.max_skew < 1:
-            raise ValueError(f"max_skew must be at least 1, got {self.max_skew}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgefleet_api.inference_service import Spread, Taint, Toleration
 from edgefleet_api.types import Priority
 from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
@@ -31,9 +32,6 @@ from edgefleet_operator.fleet_types import (
     PlacementResult,
     PlacementSettings,
     ServiceDemand,
-    Spread,
-    Taint,
-    Toleration,
 )
 from edgefleet_operator.placement import fleet_index
 
@@ -812,6 +810,8 @@ def test_same_input_in_any_order_and_either_ranking_path_gives_the_same_result(
 SCRIPT = """
 import hashlib, random
 from edgefleet_operator.fleet_types import *
+from edgefleet_api.inference_service import Spread, Taint, Toleration
+from edgefleet_api.types import Priority
 from dataclasses import replace
 from edgefleet_operator.placement import Planner, place
 rnd = random.Random(7)

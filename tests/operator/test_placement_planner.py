@@ -30,6 +30,7 @@ from test_placement import (
 )
 
 from bench.placement import make_fleet
+from edgefleet_api.inference_service import Spread, Taint
 from edgefleet_api.types import Priority
 from edgefleet_operator import placement
 from edgefleet_operator.fleet_types import (
@@ -39,8 +40,6 @@ from edgefleet_operator.fleet_types import (
     PlacementResult,
     PlacementSettings,
     ServiceDemand,
-    Spread,
-    Taint,
 )
 
 

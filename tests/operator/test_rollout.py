@@ -7,6 +7,7 @@ holds, scaled by the traffic weight it gives that version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -17,28 +18,25 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet_api import crdgen
+from edgefleet_api.edge_node import EdgeNodeStatus
+from edgefleet_api.inference_service import AnalysisSpec, InferenceServiceSpec, WaveSpec
+from edgefleet_api.model_spec import ModelRef, ModelSpec
+from edgefleet_api.rollout_status import ACTIVE, Outcome, Phase, Revision, RolloutStatus
+from edgefleet_api.schema_inference_service import inference_service_status
+from edgefleet_api.sla import SlaWindow
+from edgefleet_operator import rollout
 from edgefleet_operator.rollout import (
-    ACTIVE,
     Action,
-    AnalysisSpec,
     Decision,
-    ModelRef,
     NodeObservation,
     NodeTarget,
-    Outcome,
-    Phase,
-    Revision,
-    RolloutState,
-    SlaWindow,
     Strategy,
-    Wave,
     analyse,
     canary_order,
+    has_checks,
     observe,
     parse_action,
-    parse_spec,
-    step,
+    wave_nodes,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,9 +83,40 @@ def isvc_spec(
 NODES = tuple(f"node-{i:02d}" for i in range(8))
 
 
+def spec_of(spec: dict[str, Any]) -> rollout.RolloutSpec:
+    return rollout.parse_spec(InferenceServiceSpec.from_obj(spec))
+
+
+def revision(models: Collection[dict[str, Any]]) -> Revision:
+    return Revision.of(ModelSpec.from_obj(m) for m in models)
+
+
+def window(requests: int, p95_ms: float, p99_ms: float, err: float = 0.0, rps: float = 0.0) -> SlaWindow:
+    return SlaWindow(
+        p95_latency_s=p95_ms / 1000, p99_latency_s=p99_ms / 1000, throughput_rps=rps, error_rate=err,
+        requests=requests,
+    )  # fmt: skip
+
+
+def step(
+    spec: rollout.RolloutSpec,
+    previous: dict[str, Any] | None,
+    nodes: Sequence[str],
+    observations: Mapping[str, NodeObservation],
+    now: float,
+    action: Action | None = None,
+    service: str = "",
+) -> Decision:
+    """`rollout.step` as the reconciler drives it, through status.rollout's wire form (JSON): the
+    decision's status comes back as the dict it writes."""
+    state = RolloutStatus.from_obj(json.loads(json.dumps(previous))) if previous is not None else None
+    d = rollout.step(spec, state, nodes, observations, now, action, service)
+    return dataclasses.replace(d, status=d.status.to_obj())  # type: ignore[arg-type]
+
+
 def rev(d: Decision, key: str) -> Revision | None:
-    models = d.status.get(key)
-    return Revision.of(models) if models else None
+    models = d.status.get(key)  # type: ignore[attr-defined]
+    return revision(models) if models else None
 
 
 def world(
@@ -116,9 +145,7 @@ def world(
                 loaded.add(ref)
                 served = requests * t.traffic_weight // 100
                 p99 = canary_p99 if is_canary else stable_p99
-                windows[ref] = SlaWindow(
-                    served, p99 * 0.8, p99, canary_err if is_canary else 0.0, served / 60
-                )
+                windows[ref] = window(served, p99 * 0.8, p99, canary_err if is_canary else 0.0, served / 60)
         out[n] = NodeObservation(frozenset(loaded), windows, (temps or {}).get(n))
     return out
 
@@ -127,7 +154,7 @@ class Runner:
     """Drives `step` like the reconciler: status in, status out, with the world following."""
 
     def __init__(self, spec: dict[str, Any], nodes: Sequence[str] = NODES) -> None:
-        self.spec = parse_spec(spec)
+        self.spec = spec_of(spec)
         self.nodes = tuple(nodes)
         self.status: dict[str, Any] | None = None
         self.now = T0
@@ -142,7 +169,7 @@ class Runner:
         return d
 
     def set_spec(self, spec: dict[str, Any]) -> None:
-        self.spec = parse_spec(spec)
+        self.spec = spec_of(spec)
 
 
 def phase(d: Decision) -> str:
@@ -166,40 +193,44 @@ def on_revision(d: Decision, r: Revision | None) -> set[str]:
 
 def test_parse_spec_of_the_canary_example() -> None:
     doc = yaml.safe_load((REPO / "manifests/examples/canary-rollout.yaml").read_text())
-    spec = parse_spec(doc["spec"])
+    spec = spec_of(doc["spec"])
     assert spec.strategy is Strategy.CANARY
     assert [(w.percent, w.traffic_weight) for w in spec.waves] == [(5, 50), (25, 50), (50, 100), (100, 100)]
     a = spec.analysis
     assert (a.interval_s, a.min_samples, a.failure_limit) == (120, 200, 1)
-    assert (a.max_p99_ms, a.max_error_rate, a.max_latency_regression_pct) == (60, 0.01, 20)
-    assert a.max_p95_ms == 30  # from spec.sla.p95LatencyMs: the SLA is the default threshold
+    assert (a.max_p99_latency_s, a.max_error_rate, a.max_latency_regression_pct) == (0.06, 0.01, 20)
+    assert a.max_p95_latency_s == 0.03  # from spec.sla.p95LatencyMs: the SLA is the default threshold
     assert spec.revision.refs == (ModelRef("classifier", "2", "sha256:" + "0" * 63 + "4"),)
 
 
 def test_parse_spec_defaults() -> None:
-    no_rollout = parse_spec({"models": [model("1")]})
-    assert no_rollout.strategy is Strategy.ALL_AT_ONCE and not no_rollout.analysis.has_checks
-    no_waves = parse_spec(isvc_spec(model("1"), waves=None))
+    no_rollout = spec_of({"models": [model("1")]})
+    assert no_rollout.strategy is Strategy.ALL_AT_ONCE and not has_checks(no_rollout.analysis)
+    no_waves = spec_of(isvc_spec(model("1"), waves=None))
     assert [(w.percent, w.count) for w in no_waves.waves] == [(100, None)]
-    all_at_once = parse_spec(isvc_spec(model("1"), strategy="AllAtOnce"))
+    all_at_once = spec_of(isvc_spec(model("1"), strategy="AllAtOnce"))
     assert [(w.percent, w.count) for w in all_at_once.waves] == [(100, None)]
 
 
 def test_wave_node_counts() -> None:
-    assert [Wave(percent=p).nodes(20) for p in (5, 25, 50, 100)] == [1, 5, 10, 20]
-    assert [Wave(percent=p).nodes(3) for p in (5, 25, 50, 100)] == [1, 1, 2, 3]
-    assert Wave(count=7).nodes(4) == 4 and Wave(count=2).nodes(4) == 2 and Wave(percent=10).nodes(0) == 0
+    assert [wave_nodes(WaveSpec(percent=p), 20) for p in (5, 25, 50, 100)] == [1, 5, 10, 20]
+    assert [wave_nodes(WaveSpec(percent=p), 3) for p in (5, 25, 50, 100)] == [1, 1, 2, 3]
+    assert (
+        wave_nodes(WaveSpec(count=7), 4) == 4
+        and wave_nodes(WaveSpec(count=2), 4) == 2
+        and wave_nodes(WaveSpec(percent=10), 0) == 0
+    )
     with pytest.raises(ValueError):
-        Wave(percent=10, count=1)
+        WaveSpec(percent=10, count=1)
     with pytest.raises(ValueError):
-        Wave()
+        WaveSpec()
 
 
 def test_revision_is_every_models_version_and_digest() -> None:
-    a = Revision.of([model("1", name="det"), model("1", name="cls")])
+    a = revision([model("1", name="det"), model("1", name="cls")])
     assert [r.name for r in a.refs] == ["cls", "det"] and a.label == "1,1"
-    assert Revision.of([model("1", name="cls"), model("1", name="det")]) == a  # order-free
-    assert Revision.of([model("1", "x", name="cls"), model("1", name="det")]) != a  # digest only
+    assert revision([model("1", name="cls"), model("1", name="det")]) == a  # order-free
+    assert revision([model("1", "e", name="cls"), model("1", name="det")]) != a  # digest only
 
 
 def test_parse_action() -> None:
@@ -223,11 +254,11 @@ def test_observe_reads_the_edge_node_status() -> None:
              "state": "Ready"},
         ],
     }  # fmt: skip
-    o = observe(SERVICE, status, "jetson")
+    o = observe(SERVICE, EdgeNodeStatus.from_obj(status), "jetson")
     ref = ModelRef("classifier", "2", digest("2"))
     assert o.loaded == {ref} and o.temperature_c == 61.5 and o.node_class == "jetson"
-    assert o.windows[ref] == SlaWindow(300, 12.0, 20.0, 0.01, 5.0)
-    assert o.confirms(Revision.of([model("2")])) and not o.confirms(Revision.of([model("4")]))
+    assert o.windows[ref] == window(300, 12.0, 20.0, 0.01, 5.0)
+    assert o.confirms(revision([model("2")])) and not o.confirms(revision([model("4")]))
 
 
 # --- first deployment, happy path ----------------------------------------------------------------
@@ -236,7 +267,7 @@ def test_observe_reads_the_edge_node_status() -> None:
 def test_first_deployment_becomes_stable_once_every_node_confirms() -> None:
     r = Runner(isvc_spec(model("1")))
     d = r.tick(lagging={"node-03"})
-    v1 = Revision.of([model("1")])
+    v1 = revision([model("1")])
     assert phase(d) == "Progressing" and d.status["step"] == "initial deploy"
     assert on_revision(d, v1) == set(NODES) and canary_nodes(d) == []
     d = r.tick(5, lagging={"node-03"})  # node-03 still has nothing
@@ -256,7 +287,7 @@ def test_canary_waves_advance_and_promote() -> None:
     assert phase(r.last) == "Idle"
     r.set_spec(isvc_spec(model("2"), waves=[{"percent": 25, "trafficWeight": 50}, {"percent": 50},
                                              {"percent": 100}]))  # fmt: skip
-    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    v1, v2 = revision([model("1")]), revision([model("2")])
     d = r.tick(1)
     assert (
         phase(d) == "Progressing" and d.status["step"] == "wave 1/3 (25%)" and "RolloutStarted" in reasons(d)
@@ -311,7 +342,7 @@ def test_a_wave_holds_until_every_node_confirms_the_digest() -> None:
     wrong = ModelRef("classifier", "2", digest("f"))
     for _ in range(5):
         r.tick(60)
-        r.obs[wave_nodes[0]] = NodeObservation(frozenset({wrong}), {wrong: SlaWindow(5000, 1, 1)})
+        r.obs[wave_nodes[0]] = NodeObservation(frozenset({wrong}), {wrong: window(5000, 1, 1)})
     assert r.status and r.status["currentWave"] == 0 and "waveStartTime" not in r.status
     assert "waiting for 1/2 node(s) to load 2" in r.status["message"]
     d = r.tick(60)  # the world now confirms
@@ -338,7 +369,7 @@ def test_too_little_traffic_is_inconclusive_and_holds() -> None:
 
 def test_failed_check_rolls_every_canary_back_and_stops() -> None:
     r = promoted_runner()
-    v1 = Revision.of([model("1")])
+    v1 = revision([model("1")])
     r.tick(1, canary_p99=80.0)
     d = r.tick(60, canary_p99=80.0)
     assert phase(d) == "RolledBack" and canary_nodes(d) == []
@@ -378,11 +409,11 @@ def test_failure_limit_counts_failed_checks_across_windows() -> None:
 
 def test_regression_against_stable_on_comparable_nodes() -> None:
     spec = AnalysisSpec(min_samples=100, max_latency_regression_pct=20, max_error_rate_increase=0.01)
-    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    v1, v2 = revision([model("1")]), revision([model("2")])
     a, b = v1.refs[0], v2.refs[0]
 
     def node(ref: ModelRef, p99: float, cls: str, err: float = 0.0) -> NodeObservation:
-        return NodeObservation(frozenset({ref}), {ref: SlaWindow(500, 5.0, p99, err, 8.0)}, None, cls)
+        return NodeObservation(frozenset({ref}), {ref: window(500, 5.0, p99, err, 8.0)}, None, cls)
 
     obs = {"c": node(b, 13.0, "orin"), "s1": node(a, 10.0, "orin"), "s2": node(a, 2.0, "nano")}
     result = analyse(spec, v1, v2, ["c"], obs)
@@ -401,14 +432,16 @@ def test_regression_against_stable_on_comparable_nodes() -> None:
 
 
 def test_absolute_checks_throughput_and_temperature() -> None:
-    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    v1, v2 = revision([model("1")]), revision([model("2")])
     a, b = v1.refs[0], v2.refs[0]
     obs = {
-        "c1": NodeObservation(frozenset({b}), {b: SlaWindow(200, 10.0, 25.0, 0.0, 4.0)}, 70.0),
-        "c2": NodeObservation(frozenset({b}), {b: SlaWindow(200, 30.0, 45.0, 0.0, 4.0)}, 74.0),
-        "s": NodeObservation(frozenset({a}), {a: SlaWindow(200, 10.0, 20.0, 0.0, 8.0)}, 60.0),
+        "c1": NodeObservation(frozenset({b}), {b: window(200, 10.0, 25.0, 0.0, 4.0)}, 70.0),
+        "c2": NodeObservation(frozenset({b}), {b: window(200, 30.0, 45.0, 0.0, 4.0)}, 74.0),
+        "s": NodeObservation(frozenset({a}), {a: window(200, 10.0, 20.0, 0.0, 8.0)}, 60.0),
     }
-    spec = AnalysisSpec(min_samples=100, max_p95_ms=25, min_throughput_rps=6, max_temperature_increase_c=15)
+    spec = AnalysisSpec(
+        min_samples=100, max_p95_latency_s=0.025, min_throughput_rps=6, max_temperature_increase_c=15
+    )
     result = analyse(spec, v1, v2, ["c1", "c2"], obs, traffic_weight=50)
     by_name = {c.name: c for c in result.checks}
     assert by_name["p95LatencyMs"].value == 30.0 and by_name["p95LatencyMs"].passed is False  # worst node
@@ -464,7 +497,7 @@ def test_pause_and_resume_actions() -> None:
 def test_promote_now() -> None:
     r = promoted_runner()
     d = r.tick(1, action=Action.PROMOTE)
-    v2 = Revision.of([model("2")])
+    v2 = revision([model("2")])
     assert phase(d) == "Promoted" and d.status["stableVersion"] == "2"
     assert on_revision(d, v2) == set(NODES) and d.status["history"][0]["message"] == "promoted manually"
 
@@ -473,7 +506,7 @@ def test_abort_goes_back_to_stable_and_stops() -> None:
     r = promoted_runner()
     r.tick(1)
     d = r.tick(1, action=Action.ABORT)
-    v1 = Revision.of([model("1")])
+    v1 = revision([model("1")])
     assert phase(d) == "Aborted" and on_revision(d, v1) == set(NODES) and canary_nodes(d) == []
     assert d.status["history"][0]["result"] == "Aborted" and d.degraded is None
     d = r.tick(600)
@@ -487,7 +520,7 @@ def test_reapplying_stable_is_a_fast_rollback() -> None:
     r.tick(1)
     r.set_spec(isvc_spec(model("1")))
     d = r.tick(1)
-    v1 = Revision.of([model("1")])
+    v1 = revision([model("1")])
     assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES) and d.degraded is None
     assert d.status["history"][0]["message"] == "stable version re-applied"
     assert "canaryVersion" not in d.status and canary_nodes(d) == []
@@ -501,7 +534,7 @@ def test_a_new_revision_supersedes_the_rollout() -> None:
     before = canary_nodes(d)
     r.set_spec(isvc_spec(model("3")))
     d = r.tick(1)
-    v1, v3 = Revision.of([model("1")]), Revision.of([model("3")])
+    v1, v3 = revision([model("1")]), revision([model("3")])
     assert d.status["history"][0]["result"] == "Superseded" and d.status["canaryVersion"] == "3"
     assert d.status["currentWave"] == 0 and d.status["analysis"] == []
     assert canary_nodes(d) == before[:2]  # the same order: wave 1 of the new rollout
@@ -514,7 +547,7 @@ def test_all_at_once() -> None:
     r.tick()
     r.set_spec(isvc_spec(model("2"), strategy="AllAtOnce"))
     d = r.tick(1)
-    v2 = Revision.of([model("2")])
+    v2 = revision([model("2")])
     assert phase(d) == "Progressing" and on_revision(d, v2) == set(NODES)
     assert all(len(ts) == 1 for ts in d.targets.values())
     d = r.tick(1)
@@ -536,22 +569,22 @@ def test_multi_model_revision_and_shared_models() -> None:
     d = r.tick(1)
     assert phase(d) == "Progressing"  # a digest change alone is a new revision
     n = canary_nodes(d)[0]
-    placed = {(m["name"], m["artifact"]["digest"]): w for m, w in d.placed(n)}
+    placed = {(m.name, m.artifact.digest): w for m, w in d.placed(n)}
     # det is in both revisions: listed once with all the traffic; cls split 70/30.
     assert placed == {("cls", digest("1")): 70, ("cls", digest("b")): 30, ("det", digest("1")): 100}
     other = next(x for x in NODES if x not in canary_nodes(d))
-    assert {(m["name"], w) for m, w in d.placed(other)} == {("cls", 100), ("det", 100)}
+    assert {(m.name, w) for m, w in d.placed(other)} == {("cls", 100), ("det", 100)}
 
 
 def test_the_stable_models_survive_in_status_when_the_spec_moves_on() -> None:
     r = promoted_runner()
     d = r.last
     assert d is not None
-    v1 = Revision.of([model("1")])
+    v1 = revision([model("1")])
     n = next(x for x in NODES if x not in canary_nodes(d))
     ((entry, weight),) = d.placed(n)
-    assert entry["artifact"]["uri"] == "repo://classifier/1/model.pt" and weight == 100
-    assert d.models[v1] == tuple(d.status["stableModels"])
+    assert entry.artifact.uri == "repo://classifier/1/model.pt" and weight == 100
+    assert d.models[v1] == tuple(ModelSpec.from_obj(m) for m in d.status["stableModels"])  # type: ignore[index]
 
 
 def test_a_replaced_canary_node_must_confirm_before_the_wave_is_judged() -> None:
@@ -588,11 +621,11 @@ def test_status_round_trip_and_schema() -> None:
     assert during["waveStartTime"] and during["failedChecks"] == 1
     after = r.tick(60, canary_p99=80.0).status
     assert after["phase"] == "RolledBack" and after["history"] and after["analysis"]
-    schema = crdgen.inference_service_status()["properties"]["rollout"]
+    schema = inference_service_status()["properties"]["rollout"]
     for status in (during, after):
-        state = RolloutState.from_status(status)
-        assert state.to_status() == status
-        assert RolloutState.from_status(json.loads(json.dumps(status))) == state
+        state = RolloutStatus.from_obj(status)
+        assert state.to_obj() == status
+        assert RolloutStatus.from_obj(json.loads(json.dumps(status))) == state
         assert set(status) <= set(schema["properties"])
         assert status["phase"] in schema["properties"]["phase"]["enum"]
     for key in ("analysis", "history"):
@@ -676,7 +709,7 @@ def test_rollout_invariants_over_random_sequences(
     stuck_until: int,
 ) -> None:
     nodes = NODES[:n_nodes]
-    v1, v2 = Revision.of([model("1")]), Revision.of([model("2")])
+    v1, v2 = revision([model("1")]), revision([model("2")])
     # Some nodes are stuck (act on no decision) for a while, on top of each pass's random laggards.
     ticks = [(dt, lag | stuck if i < stuck_until else lag, q, c) for i, (dt, lag, q, c) in enumerate(ticks)]
     tail: list[tuple[int, set[int], str, bool]] = [(30, set(), "good", False)] * (
@@ -684,8 +717,8 @@ def test_rollout_invariants_over_random_sequences(
     )  # then it goes well: can it end well?
     _, trace = drive(fleet_spec(waves, limit, weight), nodes, [*ticks, *tail])
     for before, d, obs in trace:
-        old = RolloutState.from_status(before)
-        new = RolloutState.from_status(d.status)
+        old = RolloutStatus.from_obj(before)
+        new = RolloutStatus.from_obj(d.status)
         # Every node targets only recorded revisions; a node off stable is a recorded canary.
         recorded = {r for r in (new.stable, new.canary) if r is not None}
         assert all(t.revision in recorded for ts in d.targets.values() for t in ts)

@@ -19,19 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet_api.inference_service import NO_EXECUTE, NO_SCHEDULE, PREFER_NO_SCHEDULE, Taint, Toleration
 from edgefleet_api.types import Priority
-from edgefleet_operator.fleet_types import (
-    NO_EXECUTE,
-    NO_SCHEDULE,
-    PREFER_NO_SCHEDULE,
-    Health,
-    NodeState,
-    PlacedModel,
-    PlacementSettings,
-    ServiceDemand,
-    Taint,
-    Toleration,
-)
+from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementSettings, ServiceDemand
 from edgefleet_operator.placement.reasons import (
     AGENT_SILENT,
     MISSING_LABEL,

@@ -15,19 +15,20 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
    rolls back at once; a third revision mid-rollout supersedes the current one (back to wave 0).
 5. Manual control: spec.rollout.paused or the pause/resume action hold the wave (its window restarts
    on resume); promote finishes now; abort goes back to stable. AllAtOnce is one 100% wave, no analysis.
-6. All state lives in the status dict (times in whole seconds): `step` is deterministic, a restarted
-   operator resumes at the same wave, and every node's target is a revision that status records.
+6. All state lives in status.rollout (`edgefleet_api.rollout_status.RolloutStatus`, times in whole
+   seconds): `step` is deterministic, a restarted operator resumes at the same wave, and every
+   node's target is a revision that status records.
 
 Modules: `spec` (what the spec asks), `analysis` (observations and the verdict on a wave),
-`state` (status.rollout as a value), `decision` (`step` and its phases).
+`actions` (the manual actions), `decision` (`step` and its phases). The state's types (phases,
+revisions, records) are the contract's (`edgefleet_api.rollout_status`).
 """
 
+from edgefleet_operator.rollout.actions import Action, parse_action
 from edgefleet_operator.rollout.analysis import (
     AnalysisResult,
     Check,
     NodeObservation,
-    Outcome,
-    SlaWindow,
     analyse,
     observe,
     revision_windows,
@@ -40,58 +41,32 @@ from edgefleet_operator.rollout.decision import (
     step,
 )
 from edgefleet_operator.rollout.spec import (
-    AnalysisSpec,
-    ModelRef,
-    Revision,
     RolloutSpec,
     Strategy,
-    Wave,
+    describe_wave,
+    has_checks,
     parse_spec,
-)
-from edgefleet_operator.rollout.state import (
-    ACTIVE,
-    MAX_ANALYSES,
-    MAX_HISTORY,
-    STOPPED,
-    Action,
-    AnalysisRecord,
-    HistoryRecord,
-    Phase,
-    RolloutState,
-    parse_action,
-    parse_time,
+    wave_nodes,
 )
 
 __all__ = [
-    "ACTIVE",
-    "MAX_ANALYSES",
-    "MAX_HISTORY",
-    "STOPPED",
     "Action",
-    "AnalysisRecord",
     "AnalysisResult",
-    "AnalysisSpec",
     "Check",
     "Decision",
-    "HistoryRecord",
-    "ModelRef",
     "NodeObservation",
     "NodeTarget",
-    "Outcome",
-    "Phase",
-    "Revision",
     "RolloutEvent",
     "RolloutSpec",
-    "RolloutState",
-    "SlaWindow",
     "Strategy",
-    "Wave",
     "analyse",
     "canary_order",
+    "describe_wave",
+    "has_checks",
     "observe",
     "parse_action",
     "parse_spec",
-    "parse_time",
     "revision_windows",
     "step",
+    "wave_nodes",
 ]

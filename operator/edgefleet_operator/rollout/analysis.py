@@ -5,23 +5,17 @@ checks). Pure.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet_operator.rollout.spec import AnalysisSpec, ModelRef, Obj, Revision, float_or_none
-
-
-@dataclass(frozen=True, slots=True)
-class SlaWindow:
-    """One model version's SLA window on one node, as its agent reports it."""
-
-    requests: int = 0
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    error_rate: float = 0.0
-    throughput_rps: float = 0.0
+from edgefleet_api import wire
+from edgefleet_api.edge_node import EdgeNodeStatus, ModelState
+from edgefleet_api.inference_service import AnalysisSpec
+from edgefleet_api.model_spec import ModelRef
+from edgefleet_api.rollout_status import Outcome, Revision
+from edgefleet_api.sla import SlaWindow
+from edgefleet_operator.rollout.spec import has_checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,32 +33,19 @@ class NodeObservation:
         return all(r in self.loaded for r in revision.refs)
 
 
-def observe(service: str, edge_node_status: Obj, node_class: str = "") -> NodeObservation:
-    """NodeObservation of `service` (namespace/name) from an EdgeNode's status dict."""
+def observe(service: str, status: EdgeNodeStatus, node_class: str = "") -> NodeObservation:
+    """NodeObservation of `service` (namespace/name) from an EdgeNode's status."""
     loaded, windows = set(), {}
-    for m in edge_node_status.get("models") or []:
-        if m.get("service") != service or not m.get("digest"):
+    for m in status.models:
+        if m.service != service or not m.digest:
             continue
-        ref = ModelRef(str(m.get("model")), str(m.get("version")), m["digest"])
-        if m.get("state") == "Ready":
+        ref = ModelRef(m.model, m.version, m.digest)
+        if m.state is ModelState.READY:
             loaded.add(ref)
-        w = m.get("sla") or {}
-        if w:
-            windows[ref] = SlaWindow(
-                int(w.get("requests") or 0),
-                float_or_none(w.get("p95LatencyMs")),
-                float_or_none(w.get("p99LatencyMs")),
-                float(w.get("errorRate") or 0.0),
-                float(w.get("throughputRps") or 0.0),
-            )
-    temp = (edge_node_status.get("gpu") or {}).get("temperatureC")
-    return NodeObservation(frozenset(loaded), windows, float_or_none(temp), node_class)
-
-
-class Outcome(enum.Enum):
-    PASSED = "Passed"
-    FAILED = "Failed"
-    INCONCLUSIVE = "Inconclusive"
+        if m.sla is not None:
+            windows[ref] = m.sla
+    temperature = status.gpu.temperature_c if status.gpu is not None else None
+    return NodeObservation(frozenset(loaded), windows, temperature, node_class)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,19 +89,23 @@ class AnalysisResult:
         return "; ".join(c.describe() for c in self.checks)
 
 
+def _requests(w: SlaWindow) -> int:
+    return w.requests or 0
+
+
 def _aggregate(windows: Sequence[SlaWindow]) -> tuple[int, float, float | None, float | None]:
     """(requests, error rate, request-weighted p95, request-weighted p99) of several windows."""
-    requests = sum(w.requests for w in windows)
+    requests = sum(_requests(w) for w in windows)
     if requests == 0:
         return 0, 0.0, None, None
-    err = sum(w.error_rate * w.requests for w in windows) / requests
+    err = sum((w.error_rate or 0.0) * _requests(w) for w in windows) / requests
 
     def mean(get: Any) -> float | None:
-        pairs = [(get(w), w.requests) for w in windows if get(w) is not None and w.requests]
+        pairs = [(get(w), _requests(w)) for w in windows if get(w) is not None and w.requests]
         n = sum(r for _, r in pairs)
         return sum(v * r for v, r in pairs) / n if n else None
 
-    return requests, err, mean(lambda w: w.p95_ms), mean(lambda w: w.p99_ms)
+    return requests, err, mean(lambda w: w.p95_latency_s), mean(lambda w: w.p99_latency_s)
 
 
 def revision_windows(revision: Revision, other: Revision | None, obs: NodeObservation) -> list[SlaWindow]:
@@ -145,7 +130,7 @@ def analyse(
     apply to the worst canary node; regressions compare request-weighted means; error rates are
     totals over requests. A relative check with a baseline under `min_samples` is skipped.
     """
-    if not spec.has_checks:
+    if not has_checks(spec):
         return AnalysisResult(Outcome.PASSED, (), 0)
     empty = NodeObservation()
     cobs = {n: observations.get(n, empty) for n in canary_nodes}
@@ -166,15 +151,21 @@ def analyse(
         values = [get(w) for w in c_windows if get(w) is not None and w.requests]
         return max(values) if values else None
 
-    def upper(name: str, value: float | None, limit: float | None, note: str = "") -> None:
+    def upper(name: str, value: float | None, limit: float | None, note: str = "", ms: bool = False) -> None:
+        """A check that `value` <= `limit`; `ms`: latencies, shown in milliseconds."""
         if limit is not None and value is not None:
-            checks.append(Check(name, value, limit, value <= limit, note))
+            shown = (wire.s_to_ms(value), wire.s_to_ms(limit)) if ms else (value, limit)
+            checks.append(Check(name, *shown, value <= limit, note))
 
-    upper("p95LatencyMs", worst(lambda w: w.p95_ms), spec.max_p95_ms, "worst canary node")
-    upper("p99LatencyMs", worst(lambda w: w.p99_ms), spec.max_p99_ms, "worst canary node")
+    upper(
+        "p95LatencyMs", worst(lambda w: w.p95_latency_s), spec.max_p95_latency_s, "worst canary node", ms=True
+    )
+    upper(
+        "p99LatencyMs", worst(lambda w: w.p99_latency_s), spec.max_p99_latency_s, "worst canary node", ms=True
+    )
     upper("errorRate", c_err, spec.max_error_rate)
     if spec.min_throughput_rps is not None:
-        rps = sum(w.throughput_rps for w in c_windows) / max(1, len(canary_nodes))
+        rps = sum(w.throughput_rps or 0.0 for w in c_windows) / max(1, len(canary_nodes))
         limit = spec.min_throughput_rps * traffic_weight / 100
         checks.append(Check("throughputRps", rps, limit, rps >= limit, "per canary node"))
     relative = (
@@ -185,9 +176,9 @@ def analyse(
         if pct is None or cv is None:
             continue
         if not baseline or sv is None:
-            checks.append(Check(name, cv, None, None, no_base))
+            checks.append(Check(name, wire.s_to_ms(cv), None, None, no_base))
         else:
-            upper(name, cv, sv * (1 + pct / 100), f"stable {sv:.4g} +{pct:g}%")
+            upper(name, cv, sv * (1 + pct / 100), f"stable {wire.s_to_ms(sv):.4g} +{pct:g}%", ms=True)
     if spec.max_error_rate_increase is not None:
         if baseline:
             limit = s_err + spec.max_error_rate_increase

@@ -13,21 +13,24 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, Outcome, analyse
-from edgefleet_operator.rollout.spec import ModelRef, Obj, Revision, RolloutSpec, Strategy, Wave
-from edgefleet_operator.rollout.state import (
+from edgefleet_api.inference_service import WaveSpec
+from edgefleet_api.model_spec import ModelRef, ModelSpec
+from edgefleet_api.rollout_status import (
     ACTIVE,
     MAX_ANALYSES,
     MAX_HISTORY,
     STOPPED,
-    Action,
     AnalysisRecord,
     HistoryRecord,
+    Outcome,
     Phase,
-    RolloutState,
+    Revision,
+    RolloutStatus,
 )
+from edgefleet_operator.rollout.actions import Action
+from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, analyse
+from edgefleet_operator.rollout.spec import RolloutSpec, Strategy, describe_wave, wave_nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +53,22 @@ class Decision:
     """What one `step` decided. `targets` has every node given to `step`; every revision in it is the
     status's stable or canary revision."""
 
-    status: dict[str, Any]
+    status: RolloutStatus
     targets: Mapping[str, tuple[NodeTarget, ...]]
     events: tuple[RolloutEvent, ...]
     degraded: tuple[str, str] | None
     """(reason, message) for the service's Degraded condition, while a failed rollout is stopped."""
-    models: Mapping[Revision, tuple[Obj, ...]]
+    models: Mapping[Revision, tuple[ModelSpec, ...]]
     """The model spec entries of each revision in `targets` (the stable one may be gone from spec)."""
 
-    def placed(self, node: str) -> list[tuple[Obj, int]]:
+    def placed(self, node: str) -> list[tuple[ModelSpec, int]]:
         """(model spec entry, traffic weight) per model version the node must hold; a model that two
         revisions share appears once with their weights added."""
         weights: dict[ModelRef, int] = {}
-        entries: dict[ModelRef, Obj] = {}
+        entries: dict[ModelRef, ModelSpec] = {}
         for t in self.targets.get(node, ()):
             for m in self.models[t.revision]:
-                ref = ModelRef(m["name"], str(m["version"]), m["artifact"]["digest"])
+                ref = m.ref
                 weights[ref] = weights.get(ref, 0) + t.traffic_weight
                 entries.setdefault(ref, m)
         return [(entries[r], weights[r]) for r in sorted(weights)]
@@ -101,7 +104,7 @@ class _Ctx:
 
 def step(
     spec: RolloutSpec,
-    previous: Obj | None,
+    previous: RolloutStatus | None,
     nodes: Sequence[str],
     observations: Mapping[str, NodeObservation],
     now: float,
@@ -117,7 +120,7 @@ def step(
     node on a revision that status does not record (the next pass recomputes the same targets).
     """
     ctx = _Ctx(spec, service, tuple(sorted(nodes)), observations, int(now))
-    state = RolloutState.from_status(previous)
+    state = previous if previous is not None else RolloutStatus()
     state.check_invariants()
     state = _follow_spec(state, ctx)
     state = _apply_action(state, action, ctx)
@@ -126,22 +129,23 @@ def step(
     state = _describe(state, ctx)
     state.check_invariants()
     targets = _targets(state, ctx)
-    models: dict[Revision, tuple[Obj, ...]] = {}
-    if state.stable is not None:
-        models[state.stable] = state.stable_models
-    if state.canary is not None:
-        models[state.canary] = state.canary_models
+    models: dict[Revision, tuple[ModelSpec, ...]] = {}
+    stable, canary = state.stable, state.canary
+    if stable is not None:
+        models[stable] = state.stable_models
+    if canary is not None:
+        models[canary] = state.canary_models
     assert all(t.revision in models for ts in targets.values() for t in ts), "unrecorded revision"
     degraded = None
-    if state.phase is Phase.ROLLED_BACK and state.rollback_reason and spec.revision == state.canary:
+    if state.phase is Phase.ROLLED_BACK and state.rollback_reason and spec.revision == canary:
         degraded = ("RolloutFailed", state.rollback_reason)
-    return Decision(state.to_status(), targets, tuple(ctx.events), degraded, models)
+    return Decision(state, targets, tuple(ctx.events), degraded, models)
 
 
 # --- phases of a step ---------------------------------------------------------------------------
 
 
-def _start(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _start(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """A new rollout from stable to the spec's revision, at wave 0."""
     spec = ctx.spec
     ctx.event(
@@ -152,7 +156,6 @@ def _start(state: RolloutState, ctx: _Ctx) -> RolloutState:
     return dataclasses.replace(
         state,
         phase=Phase.PROGRESSING,
-        canary=spec.revision,
         canary_models=spec.models,
         wave=0,
         total_waves=len(spec.waves),
@@ -166,7 +169,7 @@ def _start(state: RolloutState, ctx: _Ctx) -> RolloutState:
     )
 
 
-def _finish(state: RolloutState, ctx: _Ctx, result: str, message: str, phase: Phase) -> RolloutState:
+def _finish(state: RolloutStatus, ctx: _Ctx, result: str, message: str, phase: Phase) -> RolloutStatus:
     """End the active rollout with a history entry; every node goes to stable (or the promoted one)."""
     assert state.canary is not None
     entry = HistoryRecord(
@@ -186,19 +189,17 @@ def _finish(state: RolloutState, ctx: _Ctx, result: str, message: str, phase: Ph
         manually_paused=False,
     )
     if result == "Promoted":
-        state = dataclasses.replace(
-            state, stable=state.canary, stable_models=state.canary_models, canary=None, canary_models=()
-        )
+        state = dataclasses.replace(state, stable_models=state.canary_models, canary_models=())
     return state
 
 
-def _follow_spec(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _follow_spec(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """React to the spec's revision: first deployment, fast rollback, supersede, new rollout."""
     spec, target = ctx.spec, ctx.spec.revision
     if state.stable is None:  # first deployment: no canary, the revision replaces any earlier try
         if state.canary != target:
             state = dataclasses.replace(
-                state, phase=Phase.PROGRESSING, canary=target, canary_models=spec.models, start_s=ctx.now,
+                state, phase=Phase.PROGRESSING, canary_models=spec.models, start_s=ctx.now,
                 wave=0, total_waves=1, canary_nodes=(), wave_start_s=None,
             )  # fmt: skip
         return dataclasses.replace(state, canary_models=spec.models)
@@ -212,9 +213,7 @@ def _follow_spec(state: RolloutState, ctx: _Ctx) -> RolloutState:
             )
             state = _finish(state, ctx, "RolledBack", "stable version re-applied", Phase.ROLLED_BACK)
         # Steady (or just rolled back): the spec's entries are fresher than the recorded ones.
-        return dataclasses.replace(
-            state, stable_models=spec.models, canary=None, canary_models=(), rollback_reason=""
-        )
+        return dataclasses.replace(state, stable_models=spec.models, canary_models=(), rollback_reason="")
     if state.canary == target:
         # The strategy may have been edited mid-rollout: stay within its waves.
         return dataclasses.replace(
@@ -230,7 +229,7 @@ def _follow_spec(state: RolloutState, ctx: _Ctx) -> RolloutState:
     return _start(state, ctx)
 
 
-def _apply_action(state: RolloutState, action: Action | None, ctx: _Ctx) -> RolloutState:
+def _apply_action(state: RolloutStatus, action: Action | None, ctx: _Ctx) -> RolloutStatus:
     if action is None:
         return state
     active = state.phase in ACTIVE
@@ -239,8 +238,8 @@ def _apply_action(state: RolloutState, action: Action | None, ctx: _Ctx) -> Roll
         ctx.event("RolloutPromoted", f"{state.canary.label} promoted manually")
         if state.stable is None:
             return dataclasses.replace(
-                state, phase=Phase.IDLE, stable=state.canary, stable_models=state.canary_models,
-                canary=None, canary_models=(), canary_nodes=(), wave_start_s=None,
+                state, phase=Phase.IDLE, stable_models=state.canary_models,
+                canary_models=(), canary_nodes=(), wave_start_s=None,
             )  # fmt: skip
         return _finish(state, ctx, "Promoted", "promoted manually", Phase.PROMOTED)
     if action is Action.ABORT and active and state.stable is not None:
@@ -257,7 +256,7 @@ def _apply_action(state: RolloutState, action: Action | None, ctx: _Ctx) -> Roll
     return state
 
 
-def _apply_pause(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _apply_pause(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     if state.stable is None or state.phase not in ACTIVE:
         return state
     paused = ctx.spec.paused or state.manually_paused
@@ -270,7 +269,7 @@ def _apply_pause(state: RolloutState, ctx: _Ctx) -> RolloutState:
     return state
 
 
-def _advance(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     if state.phase is not Phase.PROGRESSING:
         return state
     canary, stable = state.canary, state.stable
@@ -302,7 +301,7 @@ def _advance(state: RolloutState, ctx: _Ctx) -> RolloutState:
     return _wave_failed(state, ctx, result)
 
 
-def _advance_first(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _advance_first(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """First deployment: stable once every placed node confirms the revision."""
     assert state.canary is not None
     pending = [n for n in ctx.nodes if not ctx.obs(n).confirms(state.canary)]
@@ -312,17 +311,17 @@ def _advance_first(state: RolloutState, ctx: _Ctx) -> RolloutState:
         )
     ctx.event("Deployed", f"{state.canary.label} deployed on {len(ctx.nodes)} node(s)")
     return dataclasses.replace(
-        state, phase=Phase.IDLE, stable=state.canary, stable_models=state.canary_models, canary=None,
-        canary_models=(), wave_start_s=None, message=f"{state.canary.label} deployed",
+        state, phase=Phase.IDLE, stable_models=state.canary_models, canary_models=(),
+        wave_start_s=None, message=f"{state.canary.label} deployed",
     )  # fmt: skip
 
 
-def _grow_canaries(state: RolloutState, wave: Wave, ctx: _Ctx) -> RolloutState:
+def _grow_canaries(state: RolloutStatus, wave: WaveSpec, ctx: _Ctx) -> RolloutStatus:
     """Keep this rollout's canaries still placed; add nodes in canary order up to the wave's count.
     A change restarts the window (a new node must confirm before the wave is judged)."""
     placed = set(ctx.nodes)
     kept = [n for n in state.canary_nodes if n in placed]
-    want = wave.nodes(len(ctx.nodes))
+    want = wave_nodes(wave, len(ctx.nodes))
     if len(kept) < want:
         chosen = set(kept)
         kept += [n for n in canary_order(ctx.service, ctx.nodes) if n not in chosen][: want - len(kept)]
@@ -331,7 +330,7 @@ def _grow_canaries(state: RolloutState, wave: Wave, ctx: _Ctx) -> RolloutState:
     return dataclasses.replace(state, canary_nodes=tuple(kept), wave_start_s=None)
 
 
-def _record(state: RolloutState, ctx: _Ctx, outcome: Outcome, message: str) -> RolloutState:
+def _record(state: RolloutStatus, ctx: _Ctx, outcome: Outcome, message: str) -> RolloutStatus:
     """Add an analysis record; an Inconclusive one replaces the wave's previous Inconclusive one."""
     records = list(state.analysis)
     if records and records[-1].wave == state.wave and records[-1].result is Outcome.INCONCLUSIVE:
@@ -340,7 +339,7 @@ def _record(state: RolloutState, ctx: _Ctx, outcome: Outcome, message: str) -> R
     return dataclasses.replace(state, analysis=tuple(records[-MAX_ANALYSES:]))
 
 
-def _wave_passed(state: RolloutState, ctx: _Ctx, result: AnalysisResult | None) -> RolloutState:
+def _wave_passed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult | None) -> RolloutStatus:
     canary = state.canary
     assert canary is not None
     if result is not None:
@@ -350,11 +349,11 @@ def _wave_passed(state: RolloutState, ctx: _Ctx, result: AnalysisResult | None) 
         ctx.event("RolloutPromoted", f"{canary.label} promoted: all waves passed")
         return _finish(state, ctx, "Promoted", "all waves passed", Phase.PROMOTED)
     nxt = ctx.spec.waves[state.wave + 1]
-    ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({nxt.describe()})")
+    ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({describe_wave(nxt)})")
     return _grow_canaries(dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None), nxt, ctx)
 
 
-def _inconclusive(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> RolloutState:
+def _inconclusive(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:
     message = f"{result.message} (minSamples {ctx.spec.analysis.min_samples}); holding"
     last = state.analysis[-1] if state.analysis else None
     if not (last and last.wave == state.wave and last.result is Outcome.INCONCLUSIVE):
@@ -362,7 +361,7 @@ def _inconclusive(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> Rol
     return dataclasses.replace(_record(state, ctx, Outcome.INCONCLUSIVE, message), message=message)
 
 
-def _wave_failed(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> RolloutState:
+def _wave_failed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:
     canary, stable = state.canary, state.stable
     assert canary is not None and stable is not None
     failed = result.failed
@@ -380,17 +379,17 @@ def _wave_failed(state: RolloutState, ctx: _Ctx, result: AnalysisResult) -> Roll
     return dataclasses.replace(state, rollback_reason=reason)
 
 
-def _describe(state: RolloutState, ctx: _Ctx) -> RolloutState:
+def _describe(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """step and message for kubectl."""
     if state.phase in ACTIVE and state.stable is None:
-        return dataclasses.replace(state, step_text="initial deploy")
+        return dataclasses.replace(state, step="initial deploy")
     if state.phase in ACTIVE:
         wave = ctx.spec.waves[min(state.wave, len(ctx.spec.waves) - 1)]
-        text = f"wave {state.wave + 1}/{state.total_waves} ({wave.describe()})"
+        text = f"wave {state.wave + 1}/{state.total_waves} ({describe_wave(wave)})"
         if state.phase is Phase.PAUSED:
             why = "spec.rollout.paused" if ctx.spec.paused else "the pause action"
-            return dataclasses.replace(state, step_text=f"paused at {text}", message=f"paused by {why}")
-        return dataclasses.replace(state, step_text=text)
+            return dataclasses.replace(state, step=f"paused at {text}", message=f"paused by {why}")
+        return dataclasses.replace(state, step=text)
     texts = {
         Phase.IDLE: "stable",
         Phase.PROMOTED: "promoted",
@@ -402,10 +401,10 @@ def _describe(state: RolloutState, ctx: _Ctx) -> RolloutState:
         message = f"stopped until the spec changes: {state.history[0].message if state.history else ''}"
     elif state.phase is not Phase.IDLE and state.stable is not None:
         message = f"{state.stable.label} on every node"
-    return dataclasses.replace(state, step_text=texts[state.phase], message=message)
+    return dataclasses.replace(state, step=texts[state.phase], message=message)
 
 
-def _targets(state: RolloutState, ctx: _Ctx) -> dict[str, tuple[NodeTarget, ...]]:
+def _targets(state: RolloutStatus, ctx: _Ctx) -> dict[str, tuple[NodeTarget, ...]]:
     """node -> the revisions it must hold, with traffic weights adding up to 100."""
     if state.stable is None:
         assert state.canary is not None
