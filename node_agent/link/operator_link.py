@@ -7,7 +7,7 @@
   resumed; relisted every `resync_s` and at once on 410 Gone). Errors back off
   exponentially, bounded by `backoff_max_s`. Each new spec is persisted
   (`<state_dir>/assignment-<edge node>.json`, atomic replace) and reconciled.
-- reconcile: `assignment.plan` on the latest assignment and the runtime's view, run in
+- reconcile: `plan.plan` on the latest assignment and the runtime's view, run in
   order: traffic weights -> unloads -> memory budget -> prepare (resolve the artifact into
   the model repository, verify its digest) -> preloads, most urgent first. Passes repeat
   every `reconcile_interval_s`, so refused unloads (requests in flight) and failures
@@ -68,24 +68,16 @@ from node_agent.errors import AgentError, DigestMismatch, InsufficientMemory, In
 from node_agent.link.assignment import (
     Assignment,
     DesiredModel,
-    GpuReading,
     InvalidAssignment,
-    ModelRecord,
-    ModelView,
-    RuntimeView,
-    StatusInputs,
-    StatusPacer,
-    TrafficSplit,
-    build_status,
-    decode_persisted,
     desired_versions,
     effective_config,
-    encode_persisted,
     parse_artifact_uri,
     parse_edge_node,
-    plan,
-    servable_weights,
 )
+from node_agent.link.node_status import GpuReading, ModelRecord, StatusInputs, StatusPacer, build_status
+from node_agent.link.persistence import decode_persisted, encode_persisted
+from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
+from node_agent.link.traffic import TrafficSplit
 from node_agent.runtime.repository import (
     CONFIG_FILE,
     ModelRepository,
@@ -866,7 +858,7 @@ class OperatorLink:
                 log.exception("reconciling EdgeNode %s failed", self.settings.edge_node)
 
     async def _reconcile_once(self) -> None:
-        """One pass of `assignment.plan`'s actions (see the module docstring)."""
+        """One pass of `plan.plan`'s actions (see the module docstring)."""
         assignment = self.assignment
         assert assignment is not None
         self.stats.reconcile_passes += 1

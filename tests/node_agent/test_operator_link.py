@@ -29,8 +29,9 @@ import torch
 from edgefleet_api import names
 from edgefleet_api.types import ModelId
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
-from node_agent.link.assignment import DesiredModel, UnsupportedArtifact, decode_persisted
+from node_agent.link.assignment import DesiredModel, UnsupportedArtifact
 from node_agent.link.operator_link import AssignedConfigs, LinkSettings, OperatorLink, api_client, materialize
+from node_agent.link.persistence import decode_persisted
 from node_agent.runtime.engine import Engine, EngineSettings
 from node_agent.runtime.repository import ModelRepository, parse_model_config, sha256_file
 from node_agent.runtime.scheduler import ModelScheduler
