@@ -197,7 +197,8 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[Any], Any]:
     """(extensions, overlay) for `Agent` when --edge-node is given, else ([], None)."""
     if not args.edge_node:
         return [], None
-    from node_agent.link.operator_link import EdgeNodeMode, LinkSettings
+    from node_agent.link.mode import EdgeNodeMode
+    from node_agent.link.settings import LinkSettings
 
     namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
     sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

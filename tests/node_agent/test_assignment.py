@@ -1,9 +1,8 @@
 """The agent's side of the EdgeNode contract, pure: artifact URIs, spec -> assignment (merged
-versions, conflicts, traffic weights) and the effective config of an entry; the link's backoff."""
+versions, conflicts, traffic weights) and the effective config of an entry."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from node_agent.link.assignment import (
     parse_edge_node,
     traffic_weights,
 )
-from node_agent.link.operator_link import Backoff
 from node_agent.types import ModelConfig, TensorSpec
 
 
@@ -220,19 +218,3 @@ def test_effective_config_refuses_a_different_format_or_task_and_caps_tensorrt_b
         effective_config(base_config(task="generate"), m)
     (trt,) = assignment(entry(format="tensorrt", batching={"maxBatchSize": 32})).models
     assert effective_config(base_config(format="tensorrt", max_batch_size=8), trt).max_batch_size == 8
-
-
-# --- backoff --------------------------------------------------------------------------------
-
-
-def test_backoff_grows_is_bounded_jittered_and_resets() -> None:
-    b = Backoff(0.5, 8.0, rng=random.Random(1))
-    delays = [b.next() for _ in range(10)]
-    for i, d in enumerate(delays):
-        cap = min(8.0, 0.5 * 2**i)
-        assert cap / 2 <= d <= cap
-    assert max(delays) <= 8.0 and b.failures == 10
-    b.reset()
-    assert 0.25 <= b.next() <= 0.5
-    with pytest.raises(ValueError):
-        Backoff(0.0, 1.0)
