@@ -3,6 +3,9 @@ runs an `OperatorLink` on the agent's repository and scheduler. The engine reads
 `AssignedConfigs` and the scheduler loads through its `loader`: only assigned, verified
 versions are served, with the spec's priority, pinning, batching and SLA; a request that
 names no version gets one from `TrafficSplit`.
+
+The agent is seen through `AgentCore`, a protocol of what the mode reads of it (the link
+layer sits below `node_agent.agent` and never imports it).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefleet_api.types import ModelId
 from node_agent.link.assigned_configs import AssignedConfigs
@@ -23,8 +26,40 @@ if TYPE_CHECKING:
 
     from node_agent.control.sla_monitor import SlaMonitor
     from node_agent.control.thermal import ThermalMonitor
+    from node_agent.runtime.repository import ModelRepository
+    from node_agent.runtime.scheduler import ModelScheduler
 
 log = logging.getLogger(__name__)
+
+
+class DeviceSettings(Protocol):
+    """The part of the agent's settings the mode reads."""
+
+    @property
+    def device(self) -> str:
+        """'cpu' or 'cuda[:n]'."""
+        ...
+
+
+class AgentCore(Protocol):
+    """What `EdgeNodeMode.start` reads of a started agent (`node_agent.agent.Agent` is one):
+    its repository and scheduler (set once started), its device, and its thermal and SLA
+    monitors (None when it runs none)."""
+
+    @property
+    def repository(self) -> ModelRepository | None: ...
+
+    @property
+    def scheduler(self) -> ModelScheduler | None: ...
+
+    @property
+    def settings(self) -> DeviceSettings: ...
+
+    @property
+    def thermal(self) -> ThermalMonitor | None: ...
+
+    @property
+    def sla(self) -> SlaMonitor | None: ...
 
 
 def thermal_fields(monitor: ThermalMonitor) -> Callable[[], Mapping[str, Any] | None]:
@@ -89,13 +124,13 @@ class EdgeNodeMode:
         self.link: OperatorLink | None = None
         self._client: ApiClient | None = None
 
-    async def start(self, agent: Any) -> None:
-        """`agent`: a started core (`node_agent.agent.Agent`: repository, scheduler, settings)."""
+    async def start(self, agent: AgentCore) -> None:
+        """`agent`: a started core (its repository and scheduler set)."""
         assert agent.repository is not None and agent.scheduler is not None
         thermal, sla = self.thermal, self.sla
-        if thermal is None and getattr(agent, "thermal", None) is not None:
+        if thermal is None and agent.thermal is not None:
             thermal = thermal_fields(agent.thermal)
-        if sla is None and getattr(agent, "sla", None) is not None:
+        if sla is None and agent.sla is not None:
             sla = sla_windows(agent.sla)
         self._client = await asyncio.to_thread(api_client, self.kubeconfig)
         self.link = OperatorLink(
