@@ -12,10 +12,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from node_agent import __version__
 from node_agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from node_agent.agent import AgentExtension, ConfigOverlay
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -193,11 +196,14 @@ def _edge_node_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def _edge_node_mode(args: argparse.Namespace) -> tuple[list[Any], Any]:
-    """(extensions, overlay) for `Agent` when --edge-node is given, else ([], None)."""
+def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], ConfigOverlay | None]:
+    """(extensions, overlay) for `Agent` when --edge-node is given, else ([], None). Typed: mypy
+    checks here that `EdgeNodeMode` is an `AgentExtension`, i.e. that `Agent` is the `AgentCore`
+    its `start` takes."""
     if not args.edge_node:
         return [], None
-    from node_agent.link.operator_link import EdgeNodeMode, LinkSettings
+    from node_agent.link.mode import EdgeNodeMode
+    from node_agent.link.settings import LinkSettings
 
     namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
     sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

@@ -31,7 +31,7 @@ from edgefleet_api.types import ModelId, Priority
 from node_agent.agent import AgentSettings
 from node_agent.control.sla_monitor import SlaSettings
 from node_agent.control.thermal import ThermalSettings
-from node_agent.link.operator_link import AssignedConfigs
+from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.runtime.repository import ModelRepository
 from node_agent.serving.http import HttpSettings
 

@@ -1,0 +1,197 @@
+"""Artifacts into the model repository: `materialize` resolves a spec entry's artifact URI
+(repo://, file://, https://) into `<model>/<version>`, verified against the spec's digest.
+Blocking file and network work (the link runs it on its thread pool); `write_atomic` is the
+crash-safe file replace the link's persisted assignment uses too."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+from urllib.parse import urljoin, urlsplit
+
+from node_agent import __version__
+from node_agent.errors import DigestMismatch, InvalidModel
+from node_agent.link.assignment import DesiredModel, effective_config, parse_artifact_uri
+from node_agent.runtime.repository import (
+    CONFIG_FILE,
+    ModelRepository,
+    parse_model_config,
+    sha256_file,
+    write_model_config,
+)
+from node_agent.types import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 1 << 20
+
+
+def materialize(repository: ModelRepository, entry: DesiredModel) -> ModelConfig:
+    """Make the entry's artifact present in `repository` as `<model>/<version>`, verified
+    against the spec's digest, and return its effective config. Blocking (copies, hashes).
+
+    repo:// inside the version's own folder is used in place (model.yaml is left alone);
+    anything else (file://, https://, or repo:// naming another folder) is copied or
+    downloaded, through a temp file hashed while it is written: bytes that do not match the
+    digest never replace anything, and an artifact already there with the digest is kept.
+    The signature comes from the model.yaml next to the source, else the one already in the
+    target folder. Raises `UnsupportedArtifact`, `DigestMismatch`, `InvalidModel`, OSError.
+    """
+    where = parse_artifact_uri(entry.artifact_uri)
+    target_dir = repository.version_dir(entry.id)
+    if where.scheme in ("https", "http"):
+        return _download(repository, entry, where.path, target_dir)
+    if where.scheme == "repo":
+        source = (repository.root / where.path).resolve()
+        if not source.is_relative_to(repository.root):
+            raise InvalidModel(f"{entry.id}: {entry.artifact_uri} resolves outside the model repository")
+    else:
+        source = Path(where.path).resolve()
+    if not source.exists():
+        raise InvalidModel(f"{entry.id}: artifact {entry.artifact_uri} not found ({source})")
+    if source == target_dir or (source.is_file() and source.is_relative_to(target_dir)):
+        base = _base_config((target_dir,), entry)
+        artifact = source if source.is_file() else target_dir / base.artifact
+        if not artifact.is_file():
+            raise InvalidModel(f"{entry.id}: artifact {artifact} is missing")
+        actual = sha256_file(artifact)
+        if actual != entry.digest:
+            raise DigestMismatch(_mismatch(entry, actual))
+        name = artifact.relative_to(target_dir).as_posix()
+        config = effective_config(dataclasses.replace(base, artifact=name), entry)
+    else:
+        source_dir = source if source.is_dir() else source.parent
+        base = _base_config((source_dir, target_dir), entry)
+        name = source.name if source.is_file() else base.artifact
+        _copy_verified(source_dir / name, target_dir / Path(name).name, entry)
+        config = effective_config(dataclasses.replace(base, artifact=Path(name).name), entry)
+        write_model_config(target_dir, config)
+    repository.artifact_path(config)  # the artifact stays inside its version folder
+    return config
+
+
+DOWNLOAD_TIMEOUT_S = 30.0
+"""Per read on a download's connection (not the whole transfer: artifacts may be large)."""
+
+
+def _download(repository: ModelRepository, entry: DesiredModel, url: str, target_dir: Path) -> ModelConfig:
+    """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
+    into `target_dir`; the artifact verified against the digest while it streams in."""
+    name = PurePosixPath(urlsplit(url).path).name
+    _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
+    config_file = target_dir / CONFIG_FILE
+    if not config_file.is_file():
+        text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
+        write_atomic(config_file, text)
+    try:
+        base = parse_model_config(config_file)
+    except InvalidModel as e:
+        config_file.unlink(missing_ok=True)  # fetched again next time
+        raise InvalidModel(f"{entry.id}: the {CONFIG_FILE} beside {url} is invalid: {e}") from None
+    config = effective_config(dataclasses.replace(base, artifact=name), entry)
+    write_model_config(target_dir, config)
+    repository.artifact_path(config)
+    return config
+
+
+def _open_url(url: str, entry: DesiredModel) -> Any:
+    request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
+    try:
+        return urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)  # http(s) only: parsed before
+    except urllib.error.HTTPError as e:
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: {reason}") from None
+
+
+def _fetch_text(url: str, entry: DesiredModel, limit_bytes: int = 1 << 20) -> str:
+    with _open_url(url, entry) as response:
+        data = response.read(limit_bytes + 1)
+    if len(data) > limit_bytes:
+        raise InvalidModel(f"{entry.id}: {url} is larger than {limit_bytes} bytes; not a {CONFIG_FILE}")
+    return data.decode("utf-8", errors="replace")
+
+
+def _base_config(folders: tuple[Path, ...], entry: DesiredModel) -> ModelConfig:
+    for folder in folders:
+        if (folder / CONFIG_FILE).is_file():
+            return parse_model_config(folder / CONFIG_FILE)
+    raise InvalidModel(
+        f"{entry.id}: no {CONFIG_FILE} next to {entry.artifact_uri} (nor in {folders[-1]}); "
+        "the agent needs the model's inputs and outputs"
+    )
+
+
+def _mismatch(entry: DesiredModel, actual: str) -> str:
+    return (
+        f"{entry.id}: artifact {entry.artifact_uri} has digest {actual}, but the EdgeNode spec "
+        f"requires {entry.digest}; refusing to load it"
+    )
+
+
+def _copy_verified(source: Path, target: Path, entry: DesiredModel) -> None:
+    if not source.is_file():
+        raise InvalidModel(f"{entry.id}: artifact {source} is not a file")
+    _store_verified(lambda: source.open("rb"), target, entry, str(source))
+
+
+def _store_verified(
+    open_source: Callable[[], AbstractContextManager[BinaryIO]],
+    target: Path,
+    entry: DesiredModel,
+    source: str,
+) -> None:
+    """The bytes of `open_source()` into `target` through a temp file hashed as it is written:
+    bytes that do not match the entry's digest never replace anything. A `target` that
+    already has the digest is kept and the source not opened."""
+    if target.is_file() and sha256_file(target) == entry.digest:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with open_source() as src, os.fdopen(fd, "wb") as out:
+            while chunk := src.read(_CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = "sha256:" + digest.hexdigest()
+        if actual != entry.digest:
+            raise DigestMismatch(_mismatch(entry, actual))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("stored %s -> %s", source, target)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` (temp file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with suppress(OSError):  # not every filesystem lets a folder be fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,85 @@
+"""The agent's liveness signal to the operator: the coordination.k8s.io Lease
+`edgefleet-agent-<node>` in `namespace`, renewed every `lease_renew_s` (created when missing),
+held for `lease_duration_s`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edgefleet_api import names
+from node_agent.link.connection import ApiConnection, LinkStats, wait_event
+from node_agent.link.settings import LinkSettings, rfc3339
+
+if TYPE_CHECKING:
+    from kubernetes.client import CoordinationV1Api
+
+
+class LeaseRenewer:
+    """Renews the Lease of the node `node_name()` names, while the connection may call."""
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        coordination: CoordinationV1Api,
+        connection: ApiConnection,
+        stats: LinkStats,
+        node_name: Callable[[], str],
+    ) -> None:
+        self.settings = settings
+        self._coordination = coordination
+        self._connection = connection
+        self._stats = stats
+        self._node_name = node_name
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        """Renew now, not at the next period."""
+        self._kick.set()
+
+    async def run(self) -> None:
+        """Renew every `lease_renew_s` (or when kicked), until cancelled."""
+        while True:
+            if self._connection.may_call():
+                try:
+                    await self._connection.run(self.renew, self._node_name())
+                except Exception as e:
+                    self._connection.failed("lease", e)
+                else:
+                    self._connection.online()
+                    self._stats.lease_renewals += 1
+            await wait_event(self._kick, self.settings.lease_renew_s)
+            self._kick.clear()
+
+    def renew(self, node_name: str) -> None:
+        """One renewal of `node_name`'s Lease (merge patch; create on 404). Blocking."""
+        from kubernetes.client.exceptions import ApiException
+
+        s = self.settings
+        name = names.agent_name(node_name)
+        now = rfc3339(seconds=False)
+        spec = {
+            "holderIdentity": s.holder_identity or name,
+            "leaseDurationSeconds": s.lease_duration_s,
+            "renewTime": now,
+        }
+        timeout = (s.request_timeout_s, s.request_timeout_s)
+        try:
+            self._coordination.patch_namespaced_lease(
+                name,
+                s.namespace,
+                {"spec": spec},
+                _content_type="application/merge-patch+json",
+                _request_timeout=timeout,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            labels = {"app.kubernetes.io/name": names.AGENT_APP, names.LABEL_NODE: node_name}
+            body: Any = {"metadata": {"name": name, "labels": labels}, "spec": {**spec, "acquireTime": now}}
+            try:
+                self._coordination.create_namespaced_lease(s.namespace, body, _request_timeout=timeout)
+            except ApiException as e:
+                if e.status != 409:  # 409: created meanwhile; the next renewal patches it
+                    raise

@@ -1,0 +1,127 @@
+"""How the link talks to the API server: `LinkSettings`, the `Backoff` between failed calls,
+the kubernetes `api_client`, and the time format the link writes (`rfc3339`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node_agent import __version__
+from node_agent.link.node_status import StatusPacer
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """How the link talks to the API server. Times in seconds."""
+
+    edge_node: str
+    """Name of this agent's EdgeNode (cluster-scoped; the operator names it after the Node)."""
+    namespace: str
+    """Namespace of the agent's Lease (the agent Pod's own, `EDGEFLEET_NAMESPACE`)."""
+    state_dir: Path
+    """Where the last assignment is persisted (must survive a container restart)."""
+    endpoint: str | None = None
+    """Base URL of this agent's v2 API, reported in status.endpoint."""
+    agent_version: str = __version__
+    holder_identity: str | None = None
+    """Lease holder; default: the Lease's name."""
+    watch_timeout_s: int = 60
+    """Server-side length of one watch request; it is then resumed from its resourceVersion.
+    60 s keeps a half-open connection (an edge link that died silently) from hiding changes
+    for long, at one cheap request a minute."""
+    resync_s: float = 300.0
+    """A full relist this often, whatever the watch says (guards against a missed event)."""
+    request_timeout_s: float = 10.0
+    """Client-side limit on every call other than the watch; an API server behind a dead
+    link is noticed within it."""
+    lease_renew_s: float = 10.0
+    lease_duration_s: int = 30
+    """3 renewals: one lost renewal never makes the operator think the agent is gone
+    (its agent grace is 30 s by default)."""
+    status_tick_s: float = 1.0
+    """How often the status is built and the pacer asked whether to write it."""
+    status_min_interval_s: float = 2.0
+    status_metrics_interval_s: float = 10.0
+    status_max_interval_s: float = 30.0
+    reconcile_interval_s: float = 2.0
+    """A reconcile pass at least this often, to retry what the last one could not do."""
+    retry_failed_s: float = 30.0
+    """A failed version (digest mismatch, load error, no memory) is retried after this."""
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    startup_timeout_s: float = 10.0
+    """`start()` waits this long for the first answer of the API server; without one it
+    serves the persisted assignment."""
+    memory_pressure_fraction: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.edge_node or not self.namespace:
+            raise ValueError("edge_node and namespace must be non-empty")
+        positive = (
+            "watch_timeout_s", "resync_s", "request_timeout_s", "lease_renew_s", "lease_duration_s",
+            "status_tick_s", "reconcile_interval_s", "backoff_initial_s", "backoff_max_s",
+        )  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lease_duration_s <= self.lease_renew_s:
+            raise ValueError("lease_duration_s must exceed lease_renew_s")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        StatusPacer(self.status_min_interval_s, self.status_metrics_interval_s, self.status_max_interval_s)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state_dir) / f"assignment-{self.edge_node}.json"
+
+
+class Backoff:
+    """Bounded exponential backoff: initial, x2 per failure, at most `max_s`; each delay is
+    drawn from [d/2, d] so a fleet that lost its API server together does not retry in step."""
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        if not 0 < initial_s <= max_s:
+            raise ValueError("need 0 < initial_s <= max_s")
+        self.initial_s, self.max_s = initial_s, max_s
+        self._rng = rng or random.Random()
+        self._failures = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt after one more failure."""
+        delay = min(self.max_s, self.initial_s * 2.0 ** min(self._failures, 60))
+        self._failures += 1
+        return delay * (0.5 + 0.5 * self._rng.random())
+
+    def reset(self) -> None:
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+
+def api_client(kubeconfig: Path | str | None = None, context: str | None = None) -> ApiClient:
+    """A kubernetes ApiClient from a kubeconfig file, or in-cluster (service account) if None."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(
+            config_file=str(kubeconfig), context=context, client_configuration=configuration
+        )
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    configuration.retries = 1  # one retry for a kept-alive connection the server closed; the link backs off
+    return client.ApiClient(configuration)
+
+
+def rfc3339(seconds: bool = True) -> str:
+    """Now, UTC: second precision (metav1.Time) or microseconds (metav1.MicroTime)."""
+    now = dt.datetime.now(dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ" if seconds else "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,151 @@
+"""EdgeNode.status, out: every `status_tick_s` the link's full status is built, `StatusPacer`
+decides whether it is worth a write, and a write is a JSON merge patch against what the API
+server holds (`server_status`), so an unchanged status sends nothing but, at most every
+`max_interval_s`, a new heartbeatTime. `GpuProbe` is the status's device reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from edgefleet_api import names
+from edgefleet_api.patch import merge_patch
+from node_agent.link.connection import ApiConnection, LinkStats, wait_event
+from node_agent.link.node_status import GpuReading, StatusPacer
+from node_agent.link.settings import LinkSettings
+from node_agent.runtime.scheduler import ModelScheduler
+
+if TYPE_CHECKING:
+    from kubernetes.client import CustomObjectsApi
+
+log = logging.getLogger(__name__)
+
+_GPU_FIELDS = frozenset(f.name for f in dataclasses.fields(GpuReading))
+
+
+class StatusWriter:
+    """Writes the status `build()` returns, paced, while `active()` (an assignment is held
+    and the EdgeNode exists) and the connection may call. `server_status` is the status the
+    API server holds as last seen (None: unknown); the link updates it from what the watch
+    delivers. A 404 calls `on_absent`."""
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        custom: CustomObjectsApi,
+        connection: ApiConnection,
+        stats: LinkStats,
+        clock: Callable[[], float],
+        *,
+        build: Callable[[], dict[str, Any]],
+        active: Callable[[], bool],
+        on_absent: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.server_status: dict[str, Any] | None = None
+        self._custom = custom
+        self._connection = connection
+        self._stats = stats
+        self._clock = clock
+        self._build, self._active, self._on_absent = build, active, on_absent
+        self._pacer = StatusPacer(
+            settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
+        )
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        """Build and offer the status now, not at the next tick."""
+        self._kick.set()
+
+    async def run(self) -> None:
+        """Every `status_tick_s` (or when kicked), until cancelled."""
+        while True:
+            await wait_event(self._kick, self.settings.status_tick_s)
+            self._kick.clear()
+            if not self._active() or not self._connection.may_call():
+                continue
+            try:
+                await self.report()
+            except Exception:
+                log.exception("building the status of EdgeNode %s failed", self.settings.edge_node)
+
+    async def report(self) -> None:
+        """Build the status and write it if the pacer and the diff say so."""
+        from kubernetes.client.exceptions import ApiException
+
+        status = self._build()
+        now = self._clock()
+        if not self._pacer.due(now, self.server_status, status):
+            self._stats.status_skipped += 1
+            return
+        patch = merge_patch(self.server_status or {}, status)
+        if not patch:
+            self._stats.status_skipped += 1
+            return
+        t = self.settings.request_timeout_s
+        try:
+            obj: Any = await self._connection.run(
+                self._custom.patch_cluster_custom_object_status,
+                names.GROUP,
+                names.VERSION,
+                names.EDGE_NODE_PLURAL,
+                self.settings.edge_node,
+                {"status": patch},
+                _request_timeout=(t, t),
+            )
+        except Exception as e:
+            if isinstance(e, ApiException) and e.status == 404:
+                self._on_absent()
+            elif self._connection.failed("status", e):
+                self._pacer.wrote(now)  # refused: retry at the pacer's pace, not every tick
+            return
+        self._connection.online()
+        self.server_status = obj.get("status") or {}
+        self._pacer.wrote(now)
+        self._stats.status_writes += 1
+
+
+class GpuProbe:
+    """status.gpu: `gpu()` if given, else CUDA memory info (or, on CPU, the device budget and
+    the scheduler's use); `thermal()`'s `GpuReading` fields (temperature_c, soft_limit_c,
+    throttled, ...; never memory) merged into it."""
+
+    def __init__(
+        self,
+        device: str,
+        device_budget_bytes: int,
+        scheduler: ModelScheduler,
+        gpu: Callable[[], GpuReading] | None = None,
+        thermal: Callable[[], Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        self.device = device
+        self.device_budget_bytes = device_budget_bytes
+        self._scheduler = scheduler
+        self._gpu = gpu
+        self._thermal = thermal
+
+    def read(self) -> GpuReading:
+        reading = self._gpu() if self._gpu is not None else self._default()
+        if self._thermal is not None:
+            extra = self._thermal() or {}
+            updates = {k: v for k, v in extra.items() if k in _GPU_FIELDS and not k.startswith("memory_")}
+            if "throttle_reasons" in updates:
+                updates["throttle_reasons"] = tuple(updates["throttle_reasons"] or ())
+            reading = dataclasses.replace(reading, **updates)
+        return reading
+
+    def _default(self) -> GpuReading:
+        if self.device.startswith("cuda"):
+            import torch
+
+            device = torch.device(self.device)
+            free, total = torch.cuda.mem_get_info(device)
+            return GpuReading(torch.cuda.get_device_name(device), int(total), int(total - free), int(free))
+        # The device's budget, not the scheduler's (capped by the spec's memoryBudgetBytes): the operator
+        # grants from memoryTotalBytes, and a total that echoed its grant would shrink every pass.
+        budget, used = self.device_budget_bytes, self._scheduler.used_bytes
+        return GpuReading("cpu", budget, used, max(budget - used, 0))
