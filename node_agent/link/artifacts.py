@@ -18,9 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
+from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
-from node_agent.link.assignment import DesiredModel, effective_config, parse_artifact_uri
+from node_agent.link.assignment import effective_config, parse_artifact_uri
 from node_agent.runtime.repository import (
     CONFIG_FILE,
     ModelRepository,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 1 << 20
 
 
-def materialize(repository: ModelRepository, entry: DesiredModel) -> ModelConfig:
+def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelConfig:
     """Make the entry's artifact present in `repository` as `<model>/<version>`, verified
     against the spec's digest, and return its effective config. Blocking (copies, hashes).
 
@@ -46,25 +47,25 @@ def materialize(repository: ModelRepository, entry: DesiredModel) -> ModelConfig
     The signature comes from the model.yaml next to the source, else the one already in the
     target folder. Raises `UnsupportedArtifact`, `DigestMismatch`, `InvalidModel`, OSError.
     """
-    where = parse_artifact_uri(entry.artifact_uri)
+    where = parse_artifact_uri(entry.artifact.uri)
     target_dir = repository.version_dir(entry.id)
     if where.scheme in ("https", "http"):
         return _download(repository, entry, where.path, target_dir)
     if where.scheme == "repo":
         source = (repository.root / where.path).resolve()
         if not source.is_relative_to(repository.root):
-            raise InvalidModel(f"{entry.id}: {entry.artifact_uri} resolves outside the model repository")
+            raise InvalidModel(f"{entry.id}: {entry.artifact.uri} resolves outside the model repository")
     else:
         source = Path(where.path).resolve()
     if not source.exists():
-        raise InvalidModel(f"{entry.id}: artifact {entry.artifact_uri} not found ({source})")
+        raise InvalidModel(f"{entry.id}: artifact {entry.artifact.uri} not found ({source})")
     if source == target_dir or (source.is_file() and source.is_relative_to(target_dir)):
         base = _base_config((target_dir,), entry)
         artifact = source if source.is_file() else target_dir / base.artifact
         if not artifact.is_file():
             raise InvalidModel(f"{entry.id}: artifact {artifact} is missing")
         actual = sha256_file(artifact)
-        if actual != entry.digest:
+        if actual != entry.artifact.digest:
             raise DigestMismatch(_mismatch(entry, actual))
         name = artifact.relative_to(target_dir).as_posix()
         config = effective_config(dataclasses.replace(base, artifact=name), entry)
@@ -83,7 +84,7 @@ DOWNLOAD_TIMEOUT_S = 30.0
 """Per read on a download's connection (not the whole transfer: artifacts may be large)."""
 
 
-def _download(repository: ModelRepository, entry: DesiredModel, url: str, target_dir: Path) -> ModelConfig:
+def _download(repository: ModelRepository, entry: ModelAssignment, url: str, target_dir: Path) -> ModelConfig:
     """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
     into `target_dir`; the artifact verified against the digest while it streams in."""
     name = PurePosixPath(urlsplit(url).path).name
@@ -103,7 +104,7 @@ def _download(repository: ModelRepository, entry: DesiredModel, url: str, target
     return config
 
 
-def _open_url(url: str, entry: DesiredModel) -> Any:
+def _open_url(url: str, entry: ModelAssignment) -> Any:
     request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
     try:
         return urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)  # http(s) only: parsed before
@@ -114,7 +115,7 @@ def _open_url(url: str, entry: DesiredModel) -> Any:
         raise InvalidModel(f"{entry.id}: fetching {url} failed: {reason}") from None
 
 
-def _fetch_text(url: str, entry: DesiredModel, limit_bytes: int = 1 << 20) -> str:
+def _fetch_text(url: str, entry: ModelAssignment, limit_bytes: int = 1 << 20) -> str:
     with _open_url(url, entry) as response:
         data = response.read(limit_bytes + 1)
     if len(data) > limit_bytes:
@@ -122,24 +123,24 @@ def _fetch_text(url: str, entry: DesiredModel, limit_bytes: int = 1 << 20) -> st
     return data.decode("utf-8", errors="replace")
 
 
-def _base_config(folders: tuple[Path, ...], entry: DesiredModel) -> ModelConfig:
+def _base_config(folders: tuple[Path, ...], entry: ModelAssignment) -> ModelConfig:
     for folder in folders:
         if (folder / CONFIG_FILE).is_file():
             return parse_model_config(folder / CONFIG_FILE)
     raise InvalidModel(
-        f"{entry.id}: no {CONFIG_FILE} next to {entry.artifact_uri} (nor in {folders[-1]}); "
+        f"{entry.id}: no {CONFIG_FILE} next to {entry.artifact.uri} (nor in {folders[-1]}); "
         "the agent needs the model's inputs and outputs"
     )
 
 
-def _mismatch(entry: DesiredModel, actual: str) -> str:
+def _mismatch(entry: ModelAssignment, actual: str) -> str:
     return (
-        f"{entry.id}: artifact {entry.artifact_uri} has digest {actual}, but the EdgeNode spec "
-        f"requires {entry.digest}; refusing to load it"
+        f"{entry.id}: artifact {entry.artifact.uri} has digest {actual}, but the EdgeNode spec "
+        f"requires {entry.artifact.digest}; refusing to load it"
     )
 
 
-def _copy_verified(source: Path, target: Path, entry: DesiredModel) -> None:
+def _copy_verified(source: Path, target: Path, entry: ModelAssignment) -> None:
     if not source.is_file():
         raise InvalidModel(f"{entry.id}: artifact {source} is not a file")
     _store_verified(lambda: source.open("rb"), target, entry, str(source))
@@ -148,13 +149,13 @@ def _copy_verified(source: Path, target: Path, entry: DesiredModel) -> None:
 def _store_verified(
     open_source: Callable[[], AbstractContextManager[BinaryIO]],
     target: Path,
-    entry: DesiredModel,
+    entry: ModelAssignment,
     source: str,
 ) -> None:
     """The bytes of `open_source()` into `target` through a temp file hashed as it is written:
     bytes that do not match the entry's digest never replace anything. A `target` that
     already has the digest is kept and the source not opened."""
-    if target.is_file() and sha256_file(target) == entry.digest:
+    if target.is_file() and sha256_file(target) == entry.artifact.digest:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -167,7 +168,7 @@ def _store_verified(
             out.flush()
             os.fsync(out.fileno())
         actual = "sha256:" + digest.hexdigest()
-        if actual != entry.digest:
+        if actual != entry.artifact.digest:
             raise DigestMismatch(_mismatch(entry, actual))
         os.replace(tmp, target)
     except BaseException:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.link.operator_link import OperatorLink
@@ -63,7 +64,7 @@ class AgentCore(Protocol):
 
 
 def thermal_fields(monitor: ThermalMonitor) -> Callable[[], Mapping[str, Any] | None]:
-    """`OperatorLink(thermal=...)` from a `ThermalMonitor`: its last reading as GpuReading fields."""
+    """`OperatorLink(thermal=...)` from a `ThermalMonitor`: its last reading as `GpuStatus` fields."""
 
     def read() -> Mapping[str, Any] | None:
         status = monitor.status
@@ -85,10 +86,10 @@ def thermal_fields(monitor: ThermalMonitor) -> Callable[[], Mapping[str, Any] | 
     return read
 
 
-def sla_windows(monitor: SlaMonitor) -> Callable[[ModelId], Mapping[str, Any] | None]:
+def sla_windows(monitor: SlaMonitor) -> Callable[[ModelId], SlaWindow | None]:
     """`OperatorLink(sla=...)` from an `SlaMonitor`: a model version's last window, or None."""
 
-    def read(model_id: ModelId) -> Mapping[str, Any] | None:
+    def read(model_id: ModelId) -> SlaWindow | None:
         try:
             return monitor.status(model_id)
         except KeyError:  # not tracked (no request yet)
@@ -114,7 +115,7 @@ class EdgeNodeMode:
         *,
         ready_timeout_s: float = 300.0,
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
-        sla: Callable[[ModelId], Mapping[str, Any] | None] | None = None,
+        sla: Callable[[ModelId], SlaWindow | None] | None = None,
     ) -> None:
         self.settings = settings
         self.kubeconfig = kubeconfig

@@ -39,20 +39,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
+from edgefleet_api.edge_node import EdgeNodeSpec, EdgeNodeStatus, GpuStatus, ModelAssignment, ModelState
+from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.errors import AgentError, InsufficientMemory
 from node_agent.link.artifacts import materialize
 from node_agent.link.assigned_configs import AssignedConfigs
-from node_agent.link.assignment import (
-    Assignment,
-    DesiredModel,
-    InvalidAssignment,
-    desired_versions,
-    parse_edge_node,
-)
+from node_agent.link.assignment import Assignment, InvalidAssignment, desired_versions, parse_edge_node
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
 from node_agent.link.lease import LeaseRenewer
-from node_agent.link.node_status import GpuReading, ModelRecord, StatusInputs, build_status
+from node_agent.link.node_status import ModelRecord, StatusInputs, build_status
 from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
 from node_agent.link.settings import LinkSettings, rfc3339
 from node_agent.link.status_writer import GpuProbe, StatusWriter
@@ -99,18 +95,18 @@ class OperatorLink:
         device: str = "cpu",
         configs: AssignedConfigs | None = None,
         device_budget_bytes: int | None = None,
-        gpu: Callable[[], GpuReading] | None = None,
+        gpu: Callable[[], GpuStatus] | None = None,
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
-        sla: Callable[[ModelId], Mapping[str, Any] | None] | None = None,
+        sla: Callable[[ModelId], SlaWindow | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`configs`: the engine's config source (default: a new one; pass the one whose
         `loader` wraps the scheduler's). `device_budget_bytes`: the most the device allows
         (default: the scheduler's budget now); a spec budget is capped to it. `gpu`: the
         device reading (default: CUDA memory info, or the scheduler's budget on CPU).
-        `thermal`: a mapping of `GpuReading` field names (temperature_c, soft_limit_c,
-        throttled, ...) merged into it. `sla`: a model version's SLA window in the CRD's
-        shape (p95LatencyMs, ..., met)."""
+        `thermal`: a mapping of `GpuStatus` field names (temperature_c, soft_limit_c,
+        throttled, ...) merged into it. `sla`: a model version's last SLA window (None: none
+        yet)."""
         from kubernetes import client as k8s
 
         self.settings = settings
@@ -255,7 +251,7 @@ class OperatorLink:
         self._absent = True
         self._reporter.server_status = None
         name = self.settings.edge_node
-        self._set_assignment(Assignment(name, name, 0), None, "live")
+        self._set_assignment(Assignment(name, 0, EdgeNodeSpec(node_name=name)), None, "live")
 
     def _accept(self, obj: Mapping[str, Any], source: str) -> None:
         try:
@@ -329,7 +325,7 @@ class OperatorLink:
         for model_id in p.preload:
             want = desired[model_id]
             tracked = self._tracked[model_id]
-            if model_id not in refused and tracked.prepared_digest == want.digest:
+            if model_id not in refused and tracked.prepared_digest == want.artifact.digest:
                 await self._preload(model_id, tracked)
         self.observed_generation = assignment.generation
         self._reporter.kick()
@@ -339,7 +335,7 @@ class OperatorLink:
                 self._converged.set()
 
     async def _unload(
-        self, unload: tuple[ModelId, ...], desired: Mapping[ModelId, DesiredModel]
+        self, unload: tuple[ModelId, ...], desired: Mapping[ModelId, ModelAssignment]
     ) -> set[ModelId]:
         refused: set[ModelId] = set()
         for model_id in unload:
@@ -362,22 +358,22 @@ class OperatorLink:
                 tracked.prepared_digest = tracked.config = None
         return refused
 
-    async def _prepare(self, entry: DesiredModel) -> None:
+    async def _prepare(self, entry: ModelAssignment) -> None:
         tracked = self._tracked[entry.id]
         tracked.busy = "preparing"
         try:
             config = await self._connection.run(materialize, self.repository, entry)
         except (AgentError, OSError, ValueError) as e:
-            self._fail(tracked, entry.digest, e)
+            self._fail(tracked, entry.artifact.digest, e)
             return
         finally:
             tracked.busy = ""
-        tracked.config, tracked.prepared_digest = config, entry.digest
+        tracked.config, tracked.prepared_digest = config, entry.artifact.digest
         tracked.preloaded = False
         tracked.failed_digest, tracked.message = None, ""
         self.configs.put(config)
         self._publish_weights()
-        log.info("prepared %s (%s)", entry.id, entry.digest)
+        log.info("prepared %s (%s)", entry.id, entry.artifact.digest)
 
     async def _preload(self, model_id: ModelId, tracked: _Tracked) -> None:
         assert tracked.config is not None
@@ -423,26 +419,29 @@ class OperatorLink:
 
     # -- status --------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EdgeNodeStatus:
         """The EdgeNode.status this agent would write now."""
         assignment = self.assignment
         desired = desired_versions(assignment).versions
         resident = {r.model_id: r for r in self.scheduler.resident()}
         records = {
-            m: self._record(m, want.digest, want.preload, m in resident) for m, want in desired.items()
+            m: self._record(m, want.artifact.digest, want.preload, m in resident)
+            for m, want in desired.items()
         }
         leftovers = []
         for model_id in sorted(resident.keys() - desired.keys(), key=str):
             t = self._tracked.get(model_id)
-            record = ModelRecord("Unloading", t.prepared_digest if t else None, resident[model_id].size_bytes)
+            size = resident[model_id].size_bytes
+            record = ModelRecord(ModelState.UNLOADING, t.prepared_digest if t else None, size)
             leftovers.append((t.service if t else "", model_id, record))
-        sla: dict[ModelId, Mapping[str, Any]] = {}
+        sla: dict[ModelId, SlaWindow] = {}
         if self._sla is not None:
             for model_id in desired:
                 window = self._sla(model_id)
-                if window:
+                if window is not None:
                     sla[model_id] = window
-        previous = (self._reporter.server_status or {}).get("conditions") or []
+        written = self._reporter.written()
+        previous = written.conditions if written is not None else ()
         return build_status(
             StatusInputs(
                 assignment=assignment,
@@ -466,24 +465,27 @@ class OperatorLink:
         t = self._tracked.get(model_id)
         measured = self.scheduler.measured_bytes(model_id)
         if t is None:
-            return ModelRecord("Pending")
+            return ModelRecord(ModelState.PENDING)
         if t.busy == "unloading":
-            return ModelRecord("Unloading", t.prepared_digest, measured)
+            return ModelRecord(ModelState.UNLOADING, t.prepared_digest, measured)
         if t.failed_digest == digest and not t.busy:
-            return ModelRecord("Failed", message=t.message, insufficient_memory=t.insufficient_memory)
+            return ModelRecord(
+                ModelState.FAILED, message=t.message, insufficient_memory=t.insufficient_memory
+            )
         if t.prepared_digest != digest:
-            return ModelRecord("Loading" if t.busy else "Pending")
+            return ModelRecord(ModelState.LOADING if t.busy else ModelState.PENDING)
         if resident:
-            return ModelRecord("Ready", digest, measured)
+            return ModelRecord(ModelState.READY, digest, measured)
         if t.busy:
-            return ModelRecord("Loading", digest)
+            return ModelRecord(ModelState.LOADING, digest)
         if not preload:
-            return ModelRecord("Ready", digest, measured, "not resident; loads on its first request")
+            return ModelRecord(ModelState.READY, digest, measured, "not resident; loads on its first request")
         if t.preloaded:
-            return ModelRecord("Evicted", digest, measured, "evicted to make room; loads on its next request")
-        return ModelRecord("Pending", digest)
+            evicted = "evicted to make room; loads on its next request"
+            return ModelRecord(ModelState.EVICTED, digest, measured, evicted)
+        return ModelRecord(ModelState.PENDING, digest)
 
-    def gpu_reading(self) -> GpuReading:
+    def gpu_reading(self) -> GpuStatus:
         """The device as the status reports it now (see `status_writer.GpuProbe`)."""
         return self._gpu.read()
 

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet_api.edge_node import ModelAssignment
 from edgefleet_api.types import ModelId
-from node_agent.link.assignment import Assignment, DesiredModel, desired_versions, traffic_weights
+from node_agent.link.assignment import Assignment, desired_versions, traffic_weights
 from node_agent.runtime.repository import version_sort_key
 
 
@@ -44,7 +45,7 @@ class Plan:
     unload: tuple[ModelId, ...]
     """Resident versions no longer assigned, or whose artifact changed."""
     budget_bytes: int
-    prepare: tuple[DesiredModel, ...]
+    prepare: tuple[ModelAssignment, ...]
     """Versions whose artifact must be resolved into the repository and verified."""
     preload: tuple[ModelId, ...]
     """Versions to load before their first request, most urgent first (after `prepare`)."""
@@ -75,7 +76,7 @@ def plan(
     unload = [
         m
         for m, mv in tracked
-        if mv.resident and (m not in desired or mv.prepared_digest != desired[m].digest)
+        if mv.resident and (m not in desired or mv.prepared_digest != desired[m].artifact.digest)
     ]
     forget = tuple(m for m, mv in tracked if m not in desired and not mv.resident)
 
@@ -83,13 +84,13 @@ def plan(
         mv = models.get(model_id)
         return mv is not None and mv.failed_digest == digest and now_s - mv.failed_at_s < retry_failed_s
 
-    prepare: list[DesiredModel] = []
-    preload: list[DesiredModel] = []
+    prepare: list[ModelAssignment] = []
+    preload: list[ModelAssignment] = []
     for model_id, want in sorted(desired.items(), key=lambda kv: _id_key(kv[0])):
         mv = models.get(model_id, ModelView())
-        if backing_off(model_id, want.digest):
+        if backing_off(model_id, want.artifact.digest):
             continue
-        fresh = mv.prepared_digest != want.digest
+        fresh = mv.prepared_digest != want.artifact.digest
         if fresh:
             prepare.append(want)
         if not want.preload:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
+from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus
 from edgefleet_api.patch import merge_patch
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
-from node_agent.link.node_status import GpuReading, StatusPacer
+from node_agent.link.node_status import StatusPacer
 from node_agent.link.settings import LinkSettings
 from node_agent.runtime.scheduler import ModelScheduler
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_GPU_FIELDS = frozenset(f.name for f in dataclasses.fields(GpuReading))
+_GPU_FIELDS = frozenset(f.name for f in dataclasses.fields(GpuStatus))
 
 
 class StatusWriter:
@@ -41,7 +42,7 @@ class StatusWriter:
         stats: LinkStats,
         clock: Callable[[], float],
         *,
-        build: Callable[[], dict[str, Any]],
+        build: Callable[[], EdgeNodeStatus],
         active: Callable[[], bool],
         on_absent: Callable[[], None],
     ) -> None:
@@ -56,6 +57,19 @@ class StatusWriter:
             settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
         )
         self._kick = asyncio.Event()
+
+    def written(self) -> EdgeNodeStatus | None:
+        """The status the API server holds, typed; None when unknown or unreadable (then the
+        whole status is written)."""
+        if self.server_status is None:
+            return None
+        try:
+            return EdgeNodeStatus.from_obj(self.server_status)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning(
+                "EdgeNode %s: the status the API server holds is unreadable (%s)", self.settings.edge_node, e
+            )
+            return None
 
     def kick(self) -> None:
         """Build and offer the status now, not at the next tick."""
@@ -77,9 +91,9 @@ class StatusWriter:
         """Build the status and write it if the pacer and the diff say so."""
         from kubernetes.client.exceptions import ApiException
 
-        status = self._build()
+        status = self._build().to_obj()
         now = self._clock()
-        if not self._pacer.due(now, self.server_status, status):
+        if not self._pacer.due(now, self.written(), EdgeNodeStatus.from_obj(status)):
             self._stats.status_skipped += 1
             return
         patch = merge_patch(self.server_status or {}, status)
@@ -111,7 +125,7 @@ class StatusWriter:
 
 class GpuProbe:
     """status.gpu: `gpu()` if given, else CUDA memory info (or, on CPU, the device budget and
-    the scheduler's use); `thermal()`'s `GpuReading` fields (temperature_c, soft_limit_c,
+    the scheduler's use); `thermal()`'s `GpuStatus` fields (temperature_c, soft_limit_c,
     throttled, ...; never memory) merged into it."""
 
     def __init__(
@@ -119,7 +133,7 @@ class GpuProbe:
         device: str,
         device_budget_bytes: int,
         scheduler: ModelScheduler,
-        gpu: Callable[[], GpuReading] | None = None,
+        gpu: Callable[[], GpuStatus] | None = None,
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.device = device
@@ -128,7 +142,7 @@ class GpuProbe:
         self._gpu = gpu
         self._thermal = thermal
 
-    def read(self) -> GpuReading:
+    def read(self) -> GpuStatus:
         reading = self._gpu() if self._gpu is not None else self._default()
         if self._thermal is not None:
             extra = self._thermal() or {}
@@ -138,14 +152,14 @@ class GpuProbe:
             reading = dataclasses.replace(reading, **updates)
         return reading
 
-    def _default(self) -> GpuReading:
+    def _default(self) -> GpuStatus:
         if self.device.startswith("cuda"):
             import torch
 
             device = torch.device(self.device)
             free, total = torch.cuda.mem_get_info(device)
-            return GpuReading(torch.cuda.get_device_name(device), int(total), int(total - free), int(free))
+            return GpuStatus(torch.cuda.get_device_name(device), int(total), int(total - free), int(free))
         # The device's budget, not the scheduler's (capped by the spec's memoryBudgetBytes): the operator
         # grants from memoryTotalBytes, and a total that echoed its grant would shrink every pass.
         budget, used = self.device_budget_bytes, self._scheduler.used_bytes
-        return GpuReading("cpu", budget, used, max(budget - used, 0))
+        return GpuStatus("cpu", budget, used, max(budget - used, 0))

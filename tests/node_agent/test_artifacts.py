@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from edgefleet_api.edge_node import ModelAssignment
+from edgefleet_api.model_spec import Artifact
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.artifacts import materialize
-from node_agent.link.assignment import DesiredModel, UnsupportedArtifact
+from node_agent.link.assignment import UnsupportedArtifact
 from node_agent.runtime.repository import ModelRepository, parse_model_config, sha256_file
 
 SERVICE = "default/classify"
@@ -23,8 +25,8 @@ def digest(root: Path, model: str, version: str) -> str:
     return parse_model_config(root / model / version / "model.yaml").digest
 
 
-def desired(model: str, version: str, digest_: str, uri: str) -> DesiredModel:
-    return DesiredModel(SERVICE, model, version, uri, digest_)
+def desired(model: str, version: str, digest_: str, uri: str) -> ModelAssignment:
+    return ModelAssignment(SERVICE, model, version, Artifact(uri, digest_))
 
 
 class ModelServer:

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 from edge_node_specs import C1, D1, D2, D3, assignment, entry
 
+from edgefleet_api.edge_node import ModelAssignment
+from edgefleet_api.model_spec import Artifact, Batching
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import Priority
-from node_agent.control.sla_monitor import SlaSpec
 from node_agent.errors import InvalidModel
 from node_agent.link.assignment import (
-    DesiredModel,
     InvalidAssignment,
     UnsupportedArtifact,
     desired_versions,
@@ -105,24 +106,18 @@ def test_parse_reads_every_field_the_operator_writes() -> None:
     assert (a.edge_node, a.node_name, a.generation, a.memory_budget_bytes) == ("node-a", "node-a", 1, 3 << 30)
     assert [m.key for m in a.models] == [("default/cls", "classifier", "1"), ("default/cls", "mlp", "1")]
     m = a.models[1]
-    assert m == DesiredModel(
+    assert m == ModelAssignment(
         service="default/cls",
         model="mlp",
         version="1",
-        artifact_uri="repo://mlp/1/model.pt",
-        digest=D1,
+        artifact=Artifact("repo://mlp/1/model.pt", D1),
         traffic_weight=30,
         memory_budget_bytes=64 << 20,
         priority=Priority.CRITICAL,
         pinned=True,
         preload=False,
-        max_batch_size=16,
-        max_queue_delay_s=0.004,
-        p95_latency_s=0.02,
-        p99_latency_s=0.05,
-        min_throughput_rps=5.0,
-        max_error_rate=0.01,
-        sla_window_s=30,
+        batching=Batching(max_batch_size=16, max_queue_delay_s=0.004, adaptive=True),
+        sla=SlaObjectives(0.02, 0.05, max_error_rate=0.01, min_throughput_rps=5.0, window_s=30),
     )
     assert not a.invalid
 
@@ -138,7 +133,7 @@ def test_defaults_apply_to_a_minimal_entry() -> None:
         False,
         True,
     )
-    assert m.max_batch_size is None and m.p95_latency_s is None and m.memory_budget_bytes is None
+    assert m.batching is None and m.sla is None and m.memory_budget_bytes is None
 
 
 def test_a_bad_entry_is_reported_not_fatal() -> None:
@@ -202,10 +197,10 @@ def test_effective_config_takes_the_spec_over_model_yaml() -> None:
         32,
         0.002,
     )
-    assert (cfg.p95_latency_s, cfg.p99_latency_s, cfg.memory_estimate_bytes) == (0.015, 0.04, 64 << 20)
+    assert cfg.memory_estimate_bytes == 64 << 20
     assert cfg.inputs == base_config().inputs  # the signature is model.yaml's
-    assert cfg.parameters == {"max_error_rate": "0.02", "sla_window_s": "120"}
-    assert SlaSpec.from_config(cfg) == SlaSpec(0.015, 0.04, max_error_rate=0.02, window_s=120.0)
+    assert cfg.sla == SlaObjectives(0.015, 0.04, max_error_rate=0.02, window_s=120)
+    assert cfg.parameters == {}  # the objectives are typed, not strings in parameters
     measured = effective_config(base_config(memory_estimate_bytes=5), m)
     assert measured.memory_estimate_bytes == 5  # model.yaml's own estimate wins over the budget
 

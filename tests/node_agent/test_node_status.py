@@ -13,27 +13,23 @@ from edge_node_specs import C1, C2, D1, D2, GIB, LATER, MLP, NOW, assignment, ed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet_api.conditions import conditions_from_obj
+from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus
 from edgefleet_api.patch import merge_patch
+from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.link.assignment import (
     Assignment,
     parse_edge_node,
 )
-from node_agent.link.node_status import (
-    GpuReading,
-    ModelRecord,
-    StatusInputs,
-    StatusPacer,
-    build_status,
-    sla_status,
-)
+from node_agent.link.node_status import ModelRecord, StatusInputs, StatusPacer, build_status
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 # --- status ---------------------------------------------------------------------------------
 
-CPU = GpuReading("cpu", 2 * GIB, GIB // 2, GIB + GIB // 2)
+CPU = GpuStatus("cpu", 2 * GIB, GIB // 2, GIB + GIB // 2)
 
 
 def inputs(a: Assignment | None, records: dict[ModelId, ModelRecord], **kw: Any) -> StatusInputs:
@@ -51,6 +47,11 @@ def inputs(a: Assignment | None, records: dict[ModelId, ModelRecord], **kw: Any)
     }
     base.update(kw)
     return StatusInputs(**base)
+
+
+def built(inp: StatusInputs) -> dict[str, Any]:
+    """The status as the link writes it."""
+    return build_status(inp).to_obj()
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -99,10 +100,10 @@ def check_schema(value: Any, schema: dict[str, Any], path: str = "status") -> No
 def test_status_of_a_ready_node_matches_the_crd_and_what_the_operator_reads() -> None:
     a = assignment(entry(trafficWeight=90), entry(version="2", digest=D2, trafficWeight=10))
     records = {C1: ModelRecord("Ready", D1, 1000), C2: ModelRecord("Ready", D2, 1200)}
-    window = {"p50LatencyMs": 1.23456, "p95LatencyMs": 4.0, "p99LatencyMs": 9.0, "throughputRps": 50.0}
-    sla = {C1: {**window, "errorRate": 0.0, "requests": 3000, "windowSeconds": 60, "met": True, "bogus": 1}}
-    gpu = GpuReading("Orin", 8 * GIB, 3 * GIB, 5 * GIB, 55.04, 83.0, False, (), 12.3, 0.42)
-    status = build_status(inputs(a, records, sla=sla, gpu=gpu))
+    window = SlaWindow(0.00123456, 0.004, 0.009, 50.0, error_rate=0.0, requests=3000, window_s=60, met=True)
+    sla = {C1: window}
+    gpu = GpuStatus("Orin", 8 * GIB, 3 * GIB, 5 * GIB, 55.04, 83.0, False, (), 12.3, 0.42)
+    status = built(inputs(a, records, sla=sla, gpu=gpu))
     check_schema(status, status_schema())
     assert conditions(status) == {
         "Ready": ("True", "AllModelsReady"),
@@ -120,7 +121,9 @@ def test_status_of_a_ready_node_matches_the_crd_and_what_the_operator_reads() ->
         1000,
         90,
     )
-    assert m1["sla"]["p50LatencyMs"] == 1.235 and "bogus" not in m1["sla"] and m1["sla"]["met"] is True
+    assert (
+        m1["sla"]["p50LatencyMs"] == 1.235 and m1["sla"]["p95LatencyMs"] == 4.0 and m1["sla"]["met"] is True
+    )
     assert (m2["trafficWeight"], "sla" in m2) == (10, False)
     assert status["gpu"]["temperatureC"] == 55.0 and status["gpu"]["utilization"] == 0.42
     # what operator/service_status.model_ready_on checks
@@ -136,9 +139,9 @@ def test_status_of_a_node_with_trouble() -> None:
         MLP: ModelRecord("Loading", D1),
         ModelId("big", "1"): ModelRecord("Failed", message="big:1 needs 9 bytes", insufficient_memory=True),
     }
-    hot = GpuReading("Orin", 8 * GIB, GIB, 7 * GIB, 90.0, 83.0, True, ("hw_thermal_slowdown",))
-    sla = {MLP: {"p95LatencyMs": 80.0, "met": False}}
-    status = build_status(inputs(a, records, gpu=hot, sla=sla))
+    hot = GpuStatus("Orin", 8 * GIB, GIB, 7 * GIB, 90.0, 83.0, True, ("hw_thermal_slowdown",))
+    sla = {MLP: SlaWindow(p95_latency_s=0.08, met=False)}
+    status = built(inputs(a, records, gpu=hot, sla=sla))
     check_schema(status, status_schema())
     assert conditions(status) == {
         "Ready": ("False", "ModelFailed"),
@@ -158,7 +161,7 @@ def test_conflicts_invalid_entries_and_leftovers_are_reported() -> None:
         edge_node(entry(service="a/x"), entry(service="b/y", digest=D2), entry("bad", digest="x"))
     )
     leftover = [("a/old", MLP, ModelRecord("Unloading", D1, 77))]
-    status = build_status(inputs(a, {C1: ModelRecord("Ready", D1, 5)}, leftovers=leftover))
+    status = built(inputs(a, {C1: ModelRecord("Ready", D1, 5)}, leftovers=leftover))
     check_schema(status, status_schema())
     states = [(m["service"], m["model"], m["state"]) for m in status["models"]]
     assert states == [
@@ -172,29 +175,26 @@ def test_conflicts_invalid_entries_and_leftovers_are_reported() -> None:
 
 def test_near_budget_thermal_soft_limit_and_no_reading() -> None:
     a = assignment(entry())
-    warm = GpuReading("Orin", 8 * GIB, GIB, 7 * GIB, 84.0, 83.0, False)
-    status = build_status(
+    warm = GpuStatus("Orin", 8 * GIB, GIB, 7 * GIB, 84.0, 83.0, False)
+    status = built(
         inputs(a, {C1: ModelRecord("Ready", D1, 5)}, used_bytes=1980 << 20, budget_bytes=2000 << 20, gpu=warm)
     )
     assert conditions(status)["MemoryPressure"] == ("True", "NearBudget")
     assert conditions(status)["ThermalThrottling"] == ("True", "AboveSoftLimit")
-    assert conditions(build_status(inputs(a, {})))["ThermalThrottling"] == ("Unknown", "NoReading")
-    assert conditions(build_status(inputs(None, {})))["Ready"] == ("False", "NoAssignment")
-    drained = build_status(inputs(assignment(entry(), drain=True), {}))
+    assert conditions(built(inputs(a, {})))["ThermalThrottling"] == ("Unknown", "NoReading")
+    assert conditions(built(inputs(None, {})))["Ready"] == ("False", "NoAssignment")
+    drained = built(inputs(assignment(entry(), drain=True), {}))
     assert conditions(drained)["Ready"] == ("False", "Draining")
     assert [m["state"] for m in drained["models"]] == ["Unloading"]
 
 
 def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     a = assignment(entry())
-    first = build_status(inputs(a, {C1: ModelRecord("Loading", D1)}, now=NOW))
-    same = build_status(
-        inputs(a, {C1: ModelRecord("Loading", D1)}, now=LATER, previous_conditions=first["conditions"])
-    )
+    first = built(inputs(a, {C1: ModelRecord("Loading", D1)}, now=NOW))
+    previous = conditions_from_obj(first["conditions"])
+    same = built(inputs(a, {C1: ModelRecord("Loading", D1)}, now=LATER, previous_conditions=previous))
     assert same["conditions"] == first["conditions"] and same["heartbeatTime"] == LATER
-    flipped = build_status(
-        inputs(a, {C1: ModelRecord("Ready", D1, 1)}, now=LATER, previous_conditions=first["conditions"])
-    )
+    flipped = built(inputs(a, {C1: ModelRecord("Ready", D1, 1)}, now=LATER, previous_conditions=previous))
     times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
     assert times["Ready"] == LATER and times["MemoryPressure"] == NOW
 
@@ -202,8 +202,8 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
 def test_model_record_rejects_unknown_states_and_sla_drops_junk() -> None:
     with pytest.raises(ValueError):
         ModelRecord("Running")
-    assert sla_status(None) is None and sla_status({"p95LatencyMs": float("nan")}) is None
-    assert sla_status({"requests": 3.0, "met": False}) == {"requests": 3, "met": False}
+    assert SlaWindow(p95_latency_s=float("nan")).to_obj() == {}
+    assert SlaWindow(requests=3, met=False).to_obj() == {"requests": 3, "met": False}
 
 
 # --- merge patches --------------------------------------------------------------------------
@@ -252,13 +252,13 @@ def test_merge_patch_applied_to_old_gives_new(old: dict[str, Any], new: dict[str
 # --- pacing ---------------------------------------------------------------------------------
 
 
-def status_for(state: str = "Ready", temp: float = 50.0, p95: float = 4.0, now: str = NOW) -> dict[str, Any]:
+def status_for(state: str = "Ready", temp: float = 50.0, p95: float = 4.0, now: str = NOW) -> EdgeNodeStatus:
+    """The status as written (numbers rounded as on the wire), which the pacer compares."""
     a = assignment(entry())
-    gpu = GpuReading("Orin", 8 * GIB, GIB, 7 * GIB, temp, 83.0, False)
-    return build_status(
-        inputs(
-            a, {C1: ModelRecord(state, D1, 5)}, gpu=gpu, now=now, sla={C1: {"p95LatencyMs": p95, "met": True}}
-        )
+    gpu = GpuStatus("Orin", 8 * GIB, GIB, 7 * GIB, temp, 83.0, False)
+    sla = {C1: SlaWindow(p95_latency_s=p95 / 1000, met=True)}
+    return EdgeNodeStatus.from_obj(
+        built(inputs(a, {C1: ModelRecord(state, D1, 5)}, gpu=gpu, now=now, sla=sla))
     )
 
 
@@ -280,7 +280,7 @@ def test_pacer_writes_state_changes_soon_measurements_later_and_heartbeats_rarel
 
 def test_pacer_bounds_the_write_rate_of_a_churning_status() -> None:
     pacer = StatusPacer(2.0, 10.0, 30.0)
-    written: dict[str, Any] | None = None
+    written: EdgeNodeStatus | None = None
     writes: list[float] = []
     for tick in range(600):  # 10 minutes at 1 s ticks, the state flapping every tick
         status = status_for("Ready" if tick % 2 else "Loading")

@@ -51,7 +51,7 @@ def test_a_converged_runtime_gives_an_idle_plan() -> None:
 def test_a_changed_digest_unloads_then_prepares_and_preloads_again() -> None:
     a = assignment(entry(digest=D2))
     p = plan(a, view({C1: ModelView(D1, resident=True, preloaded=True)}), 0.0)
-    assert p.unload == (C1,) and [d.digest for d in p.prepare] == [D2] and p.preload == (C1,)
+    assert p.unload == (C1,) and [d.artifact.digest for d in p.prepare] == [D2] and p.preload == (C1,)
 
 
 def test_failures_wait_for_the_retry_interval_or_a_new_digest() -> None:
@@ -60,7 +60,7 @@ def test_failures_wait_for_the_retry_interval_or_a_new_digest() -> None:
     again = plan(assignment(entry()), view(failed), now_s=130.0, retry_failed_s=30.0)
     assert [d.id for d in again.prepare] == [C1] and again.preload == (C1,)
     new_digest = plan(assignment(entry(digest=D2)), view(failed), now_s=101.0)
-    assert [d.digest for d in new_digest.prepare] == [D2]
+    assert [d.artifact.digest for d in new_digest.prepare] == [D2]
     load_failed = {C1: ModelView(D1, failed_digest=D1, failed_at_s=100.0)}  # prepared, preload failed
     assert plan(assignment(entry()), view(load_failed), now_s=110.0).idle
     assert plan(assignment(entry()), view(load_failed), now_s=131.0).preload == (C1,)
