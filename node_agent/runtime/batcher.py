@@ -93,7 +93,8 @@ import numpy as np
 
 from edgefleet_api.types import Priority
 from node_agent.errors import AgentError, DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from node_agent.runtime.stream_pool import ANY_GROUP, URGENT, StreamPool, UrgencyQueue
+from node_agent.runtime.stream_pool import URGENT, StreamPool
+from node_agent.runtime.urgency_queue import ANY_GROUP, UrgencyQueue
 
 if TYPE_CHECKING:
     import torch
