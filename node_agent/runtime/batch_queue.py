@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALL_CLASSES = (Priority.CRITICAL, Priority.LOW)
-URGENT_CLASSES = (Priority.CRITICAL, URGENT)
+_ALL_CLASSES = (Priority.CRITICAL, Priority.LOW)
+_URGENT_CLASSES = (Priority.CRITICAL, URGENT)
 LEAST_URGENT_REGULAR = Priority(URGENT + 1)
 """The most urgent class a regular ticket goes to the pool at, with an urgent lane."""
-NON_URGENT_CLASSES = (LEAST_URGENT_REGULAR, Priority.LOW)
+_NON_URGENT_CLASSES = (LEAST_URGENT_REGULAR, Priority.LOW)
 
 Posted = tuple["Ticket", Batch | None, BaseException | None, bool]
 """A ticket, the batch it finished (or None), its job's error, and whether the job ended."""
@@ -45,7 +45,8 @@ Posted = tuple["Ticket", Batch | None, BaseException | None, bool]
 class BatchQueue:
     """One batcher's pieces, and the batches taken from them; see the module docstring.
 
-    Fields marked "under `lock`" change on both threads; the rest are set at construction.
+    Fields marked "under `lock`" change on both threads; `closed` is set once, on the loop;
+    the rest are set at construction.
     """
 
     __slots__ = ("bf16_inputs", "closed", "device", "drain", "drain_armed", "dynamic", "isolate_errors",
@@ -175,11 +176,11 @@ class BatchQueue:
                 self.window_close_s = start + decision.delay_s
             staged = None if urgent else self.staged
             if urgent:
-                classes = URGENT_CLASSES
+                classes = _URGENT_CLASSES
             elif self.urgent_lane:  # a batch holds urgent pieces only, or none
-                classes = URGENT_CLASSES if queue.holds_up_to(URGENT) else NON_URGENT_CLASSES
+                classes = _URGENT_CLASSES if queue.holds_up_to(URGENT) else _NON_URGENT_CLASSES
             else:
-                classes = ALL_CLASSES
+                classes = _ALL_CLASSES
             if staged is not None and queue.holds_up_to(staged.yields_to):
                 # more urgent pieces queued since it was staged: they go first, alone
                 classes = (classes[0], min(classes[1], staged.yields_to))
@@ -248,7 +249,7 @@ class BatchQueue:
                 or queue.holds_up_to(URGENT)
             ):
                 return None
-            batch = self.form_locked(time.monotonic(), size, NON_URGENT_CLASSES)
+            batch = self.form_locked(time.monotonic(), size, _NON_URGENT_CLASSES)
             if batch.pieces:
                 batch.assemble(self.bf16_inputs, self.failure)
                 batch.service_s = 0.0  # (the worker's time only)
