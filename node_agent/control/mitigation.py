@@ -39,7 +39,8 @@ from node_agent.errors import Overloaded
 from node_agent.runtime.batching_policy import BatchingDecision
 
 if TYPE_CHECKING:
-    from node_agent.runtime.batcher import Lease, RunsBatches
+    from node_agent.runtime.batch_tensors import RunsBatches
+    from node_agent.runtime.batch_ticket import Lease
     from node_agent.runtime.batching_policy import BatchingPolicy
     from node_agent.types import ModelConfig
 

@@ -41,7 +41,9 @@ import numpy as np
 
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DeadlineExceeded, InvalidInput, ShuttingDown
-from node_agent.runtime.batcher import Batcher, BatcherSettings, Lease
+from node_agent.runtime.batch_ticket import Lease
+from node_agent.runtime.batcher import Batcher
+from node_agent.runtime.batcher_settings import BatcherSettings
 from node_agent.runtime.batching_policy import BatchingPolicy, policy_for
 from node_agent.types import V2_TO_NUMPY, ModelConfig, TensorSpec
 

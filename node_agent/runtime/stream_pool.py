@@ -1,8 +1,8 @@
 """Stream pool: runs jobs on N worker threads, one CUDA stream per worker on a GPU.
 
-Jobs wait in an `UrgencyQueue`: strict priority classes (critical first), earliest
-deadline first within a class, arrival order among equal deadlines. The queue is
-bounded; past the bound an arrival is refused at once (a `Refusal`, which callers
+Jobs wait in an `UrgencyQueue` (`urgency_queue`): strict priority classes (critical
+first), earliest deadline first within a class, arrival order among equal deadlines. The
+queue is bounded; past the bound an arrival is refused at once (a `Refusal`, which callers
 turn into `Overloaded`) unless it is of a more urgent class than queued work, in
 which case the least urgent queued jobs are displaced (their callers are told
 `Overloaded`). A job whose deadline has passed is dropped before it runs, and its
@@ -49,34 +49,25 @@ tabular model) where the hand-off dominates.
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from edgefleet_api.types import Priority
 from node_agent.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from node_agent.runtime.urgency_queue import UrgencyQueue
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_NUM_CLASSES = len(Priority)
-_INF = math.inf
-
 URGENT = Priority.HIGH
 """The least urgent class the urgent lane serves: CRITICAL and HIGH."""
-
-ANY_GROUP: Hashable = object()
-"""`UrgencyQueue.take(group=ANY_GROUP)`: take the first item's group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,315 +79,6 @@ class Refusal:
 
     def error(self) -> Overloaded:
         return Overloaded(self.reason, retry_after_s=self.retry_after_s)
-
-
-@dataclass(frozen=True, slots=True)
-class Offer(Generic[T]):
-    """Outcome of `UrgencyQueue.offer`: admitted or not, and who lost their place.
-
-    `displaced` items were queued and are now out (their callers get Overloaded);
-    `expired` items were found past their deadline while making room.
-    """
-
-    admitted: bool
-    displaced: tuple[T, ...] = ()
-    expired: tuple[T, ...] = ()
-
-
-_ADMITTED: Offer[Any] = Offer(True)
-_REFUSED: Offer[Any] = Offer(False)
-
-
-class UrgencyQueue(Generic[T]):
-    """A bounded priority queue ordered by (priority class, deadline, arrival).
-
-    Invariants (checked by `check_invariants`):
-    - each class list is sorted by (deadline, seq); deadline None is +inf;
-    - `cost` is the sum of queued items' costs and never exceeds `bound` after an
-      `offer` (lowering `bound` refuses arrivals until the queue drains; it evicts nothing);
-    - an item is displaced only by an arrival of a strictly more urgent class, and
-      only the least urgent items go (lowest class, latest deadline, newest first).
-
-    Pure data structure: no clock reads (time is passed in), no locking.
-    """
-
-    __slots__ = ("_classes", "_group_of", "_seq", "bound", "cost")
-
-    def __init__(self, bound: float, group_of: Callable[[T], Hashable] | None = None) -> None:
-        if not bound > 0:
-            raise ValueError(f"bound must be > 0, got {bound!r}")
-        self.bound = bound
-        self.cost = 0.0
-        self._seq = 0
-        self._group_of = group_of
-        # per class: sorted list of (deadline_s, seq, cost, item)
-        self._classes: list[list[tuple[float, int, float, T]]] = [[] for _ in range(_NUM_CLASSES)]
-
-    def __len__(self) -> int:
-        return sum(len(c) for c in self._classes)
-
-    def __bool__(self) -> bool:
-        return any(self._classes)
-
-    def offer(
-        self,
-        items: Sequence[T],
-        costs: Sequence[float],
-        priority: Priority,
-        deadline_s: float | None,
-        now_s: float,
-    ) -> Offer[T]:
-        """Admit all of `items` (one caller's work) or none of them.
-
-        Room is made, in this order, by dropping expired items and by displacing
-        queued items of less urgent classes than `priority`.
-        """
-        n = len(items)
-        assert n == len(costs) and n, "offer needs one cost per item"
-        need = float(costs[0]) if n == 1 else float(sum(costs))
-        if self.cost + need <= self.bound:  # the common case: room for it as things are
-            self._insert(items, costs, priority, deadline_s)
-            return _ADMITTED
-        if need > self.bound:
-            return _REFUSED
-        displaced: tuple[T, ...] = ()
-        expired = tuple(self.pop_expired(now_s))
-        if self.cost + need > self.bound:
-            victims = self._least_urgent_below(priority, self.cost + need - self.bound)
-            if victims is None:
-                return Offer(False, (), expired)
-            displaced = tuple(victims)
-        self._insert(items, costs, priority, deadline_s)
-        if expired or displaced:
-            return Offer(True, displaced, expired)
-        return _ADMITTED
-
-    def offer_one(
-        self, item: T, cost: float, priority: Priority, deadline_s: float | None, now_s: float
-    ) -> Offer[T]:
-        """`offer` of a single item (the common case, without building sequences)."""
-        if self.cost + cost > self.bound:
-            return self.offer((item,), (cost,), priority, deadline_s, now_s)
-        self._insert_one(item, cost, priority, deadline_s)
-        return _ADMITTED
-
-    def _insert(
-        self, items: Sequence[T], costs: Sequence[float], priority: Priority, deadline_s: float | None
-    ) -> None:
-        for item, cost in zip(items, costs, strict=True):
-            self._insert_one(item, cost, priority, deadline_s)
-
-    def _insert_one(self, item: T, cost: float, priority: Priority, deadline_s: float | None) -> None:
-        deadline = _INF if deadline_s is None else deadline_s
-        lst = self._classes[priority]
-        self._seq += 1
-        entry = (deadline, self._seq, float(cost), item)
-        if not lst or lst[-1][0] <= deadline:  # (seq only grows: it sorts last)
-            lst.append(entry)
-        else:
-            bisect.insort(lst, entry)
-        self.cost += cost
-
-    def _least_urgent_below(self, priority: Priority, excess: float) -> list[T] | None:
-        """Remove least urgent items of classes below `priority` until `excess` is freed.
-
-        Returns None (removing nothing) when even all of them would not free enough.
-        """
-        available = sum(e[2] for c in self._classes[priority + 1 :] for e in c)
-        if available < excess:
-            return None
-        victims: list[T] = []
-        freed = 0.0
-        for cls in range(_NUM_CLASSES - 1, priority, -1):
-            lst = self._classes[cls]
-            while lst and freed < excess:
-                _, _, cost, item = lst.pop()
-                freed += cost
-                victims.append(item)
-            if freed >= excess:
-                break
-        self.cost -= freed
-        return victims
-
-    def pop_expired(self, now_s: float) -> list[T]:
-        """Remove and return every item whose deadline is at or before `now_s`."""
-        out: list[T] = []
-        for lst in self._classes:
-            if not lst or lst[0][0] > now_s:
-                continue
-            i = bisect.bisect_right(lst, now_s, key=lambda e: e[0])
-            for e in lst[:i]:
-                self.cost -= e[2]
-                out.append(e[3])
-            del lst[:i]
-        return out
-
-    def pop(self) -> T | None:
-        """Remove and return the most urgent item, or None when empty."""
-        for lst in self._classes:
-            if lst:
-                entry = lst.pop(0)
-                self.cost -= entry[2]
-                return entry[3]
-        return None
-
-    def take(
-        self,
-        max_cost: float,
-        alive: Callable[[T], bool] | None = None,
-        *,
-        first_alone: bool = True,
-        group: Hashable = ANY_GROUP,
-        classes: tuple[Priority, Priority] = (Priority.CRITICAL, Priority.LOW),
-    ) -> list[T]:
-        """Remove and return the most urgent items whose costs sum to at most `max_cost`,
-        of the `classes` (most urgent, least urgent) range (all classes by default).
-
-        Stops at the first item that does not fit, so urgency order is kept; with
-        `first_alone` (the default) a first item costlier than `max_cost` goes alone, so
-        a non-empty queue always yields something. With `group_of`, only items of one
-        group are taken (`group`, or else the first item's); others keep their places.
-        Items for which `alive` is false are dropped silently (their callers already
-        have an outcome).
-        """
-        lo, hi = classes
-        lists = self._classes if lo == 0 and hi == _NUM_CLASSES - 1 else self._classes[lo : hi + 1]
-        group_of = self._group_of
-        if group_of is None:
-            return self._take_any(lists, max_cost, alive, first_alone)
-        taken: list[T] = []
-        total = 0.0
-        stop = False
-        for lst in lists:
-            keep: list[tuple[float, int, float, T]] | None = None
-            i, n = 0, len(lst)
-            while i < n:
-                entry = lst[i]
-                cost, item = entry[2], entry[3]
-                if alive is not None and not alive(item):
-                    self.cost -= cost
-                    i += 1
-                    continue
-                g = group_of(item)
-                if group is not ANY_GROUP and g != group:
-                    if keep is None:
-                        keep = []
-                    keep.append(entry)
-                    i += 1
-                    continue
-                group = g
-                if total + cost > max_cost and (taken or not first_alone):
-                    stop = True
-                    break
-                taken.append(item)
-                total += cost
-                self.cost -= cost
-                i += 1
-                if total >= max_cost:
-                    stop = True
-                    break
-            if keep is None:
-                del lst[:i]
-            else:
-                lst[:i] = keep
-            if stop:
-                break
-        return taken
-
-    def _take_any(
-        self,
-        lists: list[list[tuple[float, int, float, T]]],
-        max_cost: float,
-        alive: Callable[[T], bool] | None,
-        first_alone: bool,
-    ) -> list[T]:
-        """`take` without groups (the common case, with fewer checks per item)."""
-        taken: list[T] = []
-        total = 0.0
-        removed = 0.0
-        for lst in lists:
-            i, n = 0, len(lst)
-            while i < n:
-                _, _, cost, item = lst[i]
-                if alive is not None and not alive(item):
-                    removed += cost
-                    i += 1
-                    continue
-                if total + cost > max_cost and (taken or not first_alone):
-                    break
-                taken.append(item)
-                total += cost
-                i += 1
-                if total >= max_cost:
-                    break
-            del lst[:i]
-            if i < n:  # stopped inside this class: the rest stays first in line
-                break
-        self.cost -= total + removed
-        return taken
-
-    def shed(self, max_cost: float) -> list[T]:
-        """Remove the least urgent items until `cost <= max_cost`; returns them."""
-        out: list[T] = []
-        for lst in reversed(self._classes):
-            while lst and self.cost > max_cost:
-                entry = lst.pop()
-                self.cost -= entry[2]
-                out.append(entry[3])
-        return out
-
-    def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
-        """Remove and return every item for which `predicate` is true (O(n))."""
-        out: list[T] = []
-        for lst in self._classes:
-            if any(predicate(e[3]) for e in lst):
-                keep = []
-                for e in lst:
-                    if predicate(e[3]):
-                        self.cost -= e[2]
-                        out.append(e[3])
-                    else:
-                        keep.append(e)
-                lst[:] = keep
-        return out
-
-    def items(self) -> Iterator[T]:
-        """The queued items, most urgent first (do not change the queue meanwhile)."""
-        return (e[3] for lst in self._classes for e in lst)
-
-    def drain(self) -> list[T]:
-        """Remove and return everything, most urgent first."""
-        out = [e[3] for lst in self._classes for e in lst]
-        for lst in self._classes:
-            lst.clear()
-        self.cost = 0.0
-        return out
-
-    def holds_up_to(self, priority: Priority) -> bool:
-        """Whether an item of class `priority` or more urgent is queued."""
-        return any(self._classes[: priority + 1])
-
-    def top_priority(self) -> Priority | None:
-        """The most urgent class holding an item, None when empty."""
-        for cls, lst in enumerate(self._classes):
-            if lst:
-                return Priority(cls)
-        return None
-
-    def earliest_deadline(self) -> float | None:
-        """The earliest deadline among queued items, None if none has one."""
-        best = math.inf
-        for lst in self._classes:
-            if lst and lst[0][0] < best:
-                best = lst[0][0]
-        return None if best == math.inf else best
-
-    def check_invariants(self) -> None:
-        total = 0.0
-        for lst in self._classes:
-            assert all(lst[i][:2] < lst[i + 1][:2] for i in range(len(lst) - 1)), "unsorted"
-            total += sum(e[2] for e in lst)
-        assert math.isclose(total, self.cost, abs_tol=1e-6), (total, self.cost)
 
 
 Done = Callable[[Any, BaseException | None], None]

@@ -17,7 +17,9 @@ from torch import nn
 
 from edgefleet_api.types import Priority
 from node_agent.errors import DeadlineExceeded, InferenceFailed, InsufficientMemory, Overloaded, ShuttingDown
-from node_agent.runtime.batcher import Batcher, BatcherSettings, static_acquire
+from node_agent.runtime.batch_ticket import static_acquire
+from node_agent.runtime.batcher import Batcher
+from node_agent.runtime.batcher_settings import BatcherSettings
 from node_agent.runtime.batching_policy import (
     AdaptivePolicy,
     AdaptiveSettings,
