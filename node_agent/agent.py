@@ -47,7 +47,8 @@ from node_agent.control.thermal_sources import SOURCE_KINDS, ThermalSource, dete
 from node_agent.errors import InvalidModel
 from node_agent.runtime.engine import ConfigSource, Engine, EngineSettings
 from node_agent.runtime.memory_budget import device_budget_bytes
-from node_agent.runtime.repository import ModelRepository, validate_name, validate_version
+from node_agent.runtime.model_names import validate_name, validate_version
+from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.serving.http import HttpSettings, MetricsHook, build_app

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from edgefleet_api.types import ModelId
 from node_agent.errors import ModelNotFound
 from node_agent.link.traffic import TrafficSplit
-from node_agent.runtime.repository import version_sort_key
+from node_agent.runtime.model_names import version_sort_key
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:

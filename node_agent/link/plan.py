@@ -10,7 +10,7 @@ from typing import Any
 from edgefleet_api.edge_node import ModelAssignment
 from edgefleet_api.types import ModelId
 from node_agent.link.assignment import Assignment, desired_versions, traffic_weights
-from node_agent.runtime.repository import version_sort_key
+from node_agent.runtime.model_names import version_sort_key
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from node_agent.runtime.repository import version_sort_key
+from node_agent.runtime.model_names import version_sort_key
 
 _GOLDEN_64 = 0x9E3779B97F4A7C15
 """2**64 / golden ratio: the Weyl sequence n * this (mod 2**64) is spread as evenly as any."""

@@ -355,7 +355,7 @@ class AgentCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Empty families of every collected metric (lets the registry check names)."""
-        return [_family(spec) for spec in METRICS.values() if not spec.name.startswith("edgefleet_http_")]
+        return [family(spec) for spec in METRICS.values() if not spec.name.startswith("edgefleet_http_")]
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Family] = {}
@@ -363,7 +363,7 @@ class AgentCollector(Collector):
         def fam(name: str) -> Family:
             got = families.get(name)
             if got is None:
-                got = families[name] = _family(METRICS[name])
+                got = families[name] = family(METRICS[name])
             return got
 
         self._batchers(fam)
@@ -498,7 +498,7 @@ class AgentCollector(Collector):
             fam("edgefleet_concurrency_in_use").add_metric([], gate.in_use)
 
 
-def _family(spec: MetricSpec) -> Family:
+def family(spec: MetricSpec) -> Family:
     labels = list(spec.labels)
     if spec.kind == "counter":
         return CounterMetricFamily(spec.name, spec.help, labels=labels)

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from edgefleet_api.types import ModelId
-from node_agent.metrics.agent import MetricSpec, _family
+from node_agent.metrics.agent import MetricSpec, family
 
 if TYPE_CHECKING:
     from node_agent.generation.engine import GenerationStats
@@ -100,10 +100,10 @@ class GenerationCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Empty families of every metric (lets the registry check names)."""
-        return [_family(spec) for spec in GENERATION_METRICS.values()]
+        return [family(spec) for spec in GENERATION_METRICS.values()]
 
     def collect(self) -> Iterable[Metric]:
-        fams = {name: _family(spec) for name, spec in GENERATION_METRICS.items()}
+        fams = {name: family(spec) for name, spec in GENERATION_METRICS.items()}
         seen = False
         for model_id, s in self.source():
             seen = True

@@ -3,7 +3,7 @@
 Layout and invariants:
 - one folder per model, one sub-folder per version; the folder names ARE the model's
   name and version, and model.yaml must repeat them (a mismatch is an `InvalidModel`);
-- model names match `NAME_RE` (a DNS label, as in the CRDs), versions match `VERSION_RE`;
+- model names and versions are valid (`model_names`: a DNS label, as in the CRDs);
   every path the repository hands out resolves inside `root` (symlinks included);
 - `model.yaml` is parsed strictly: an unknown field, a wrong type or a bad value is an
   `InvalidModel` naming the file and the field, never a stack trace;
@@ -34,6 +34,7 @@ from edgefleet_api.sla import NO_OBJECTIVES, SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
 from node_agent.runtime.backends import FORMATS, backend_for, default_artifact
+from node_agent.runtime.model_names import VERSION_RE, validate_name, validate_version, version_sort_key
 from node_agent.types import V2_TO_NUMPY, ModelConfig, TensorSpec
 
 if TYPE_CHECKING:
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "model.yaml"
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-NAME_MAX_LEN = 63
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 DATATYPES: frozenset[str] = frozenset(V2_TO_NUMPY) | {"BF16"}
 TASKS = ("predict", "generate")
@@ -74,36 +72,6 @@ _REQUIRED = ("name", "version", "format", "digest", "inputs", "outputs")
 
 # ---------------------------------------------------------------------------------------------
 # names and digests
-
-
-def validate_name(name: object) -> str:
-    """Return `name` if it is a valid model name, else raise `InvalidModel`."""
-    if not isinstance(name, str) or len(name) > NAME_MAX_LEN or not NAME_RE.match(name):
-        raise InvalidModel(
-            f"invalid model name {name!r}: expected a DNS label (lowercase letters, digits and "
-            f"'-', starting and ending with a letter or digit, at most {NAME_MAX_LEN} characters)"
-        )
-    return name
-
-
-def validate_version(version: object) -> str:
-    """Return `version` if it is a valid version label, else raise `InvalidModel`."""
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidModel(
-            f"invalid model version {version!r}: expected 1-63 characters of letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit"
-        )
-    return version
-
-
-def version_sort_key(version: str) -> tuple[Any, ...]:
-    """Natural order; a '-suffix' marks a pre-release sorting before the bare version."""
-    base, sep, pre = version.partition("-")
-    return (_natural(base), 0 if sep else 1, _natural(pre))
-
-
-def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple((0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.findall(r"\d+|\D+", text))
 
 
 def sha256_file(path: Path | str) -> str:

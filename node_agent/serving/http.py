@@ -47,7 +47,7 @@ from aiohttp import hdrs, web
 from edgefleet_api.types import Priority
 from node_agent import __version__
 from node_agent.errors import AgentError, InvalidInput, Overloaded
-from node_agent.runtime.repository import NAME_MAX_LEN, NAME_RE
+from node_agent.runtime.model_names import NAME_MAX_LEN, NAME_RE
 from node_agent.serving import v2_codec
 from node_agent.serving.generate import add_generate_routes
 from node_agent.serving.responses import (

@@ -13,6 +13,7 @@ import yaml
 from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
+from node_agent.runtime.model_names import validate_name, validate_version, version_sort_key
 from node_agent.runtime.repository import (
     CONFIG_FILE,
     ModelRepository,
@@ -20,9 +21,6 @@ from node_agent.runtime.repository import (
     parse_model_config,
     parse_quantity,
     sha256_file,
-    validate_name,
-    validate_version,
-    version_sort_key,
     write_model_config,
 )
 from node_agent.types import ModelConfig, TensorSpec
