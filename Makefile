@@ -15,7 +15,7 @@ help:
 	@echo "make test          set up and run the whole test suite"
 	@echo "make cluster-up    build (once, cached) and start the local control plane"
 	@echo "make cluster-down  stop it and remove its state"
-	@echo "make lint          ruff and mypy"
+	@echo "make lint          ruff, mypy (strict for the contract and pure modules), import contracts"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
 	@echo "make crds          regenerate crds/ and the chart's CRDs from edgefleet_api/crdgen.py"
 
@@ -45,6 +45,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy -p edgefleet_api -p edgefleet_operator -p node_agent
+	$(VENV)/bin/lint-imports --no-cache
 
 cluster-up: setup
 	$(PY) -m e2e.cluster up

@@ -108,7 +108,7 @@ class Fleet:
         self.order: list[tuple[int, str]] = []
         """(-free bytes, name) of placeable nodes, sorted; built after the keep phase."""
         self._order_built = False
-        self._cache: dict[tuple, Any] = {}
+        self._cache: dict[tuple[Any, ...], Any] = {}
         self.room: dict[Priority, dict[str, int]] = {}
         """p -> placeable node -> free bytes + bytes of services less urgent than p there: what
         a service of priority p could have by displacement. Built on first use."""
@@ -168,7 +168,8 @@ class Fleet:
         if key not in self._cache:
             sets = sorted((self.label_index.get(item, set()) for item in selector.items()), key=len)
             self._cache[key] = frozenset(sets[0].intersection(*sets[1:])) if sets else self.names
-        return self._cache[key]
+        cached: frozenset[str] = self._cache[key]
+        return cached
 
     def untolerated(self, tolerations: tuple[Toleration, ...]) -> frozenset[str]:
         """Nodes with a NoSchedule or NoExecute taint that no toleration tolerates."""
@@ -177,7 +178,8 @@ class Fleet:
             self._cache[key] = frozenset(
                 n for n, taints in self.hard_taints.items() if not tolerated(taints, tolerations)
             )
-        return self._cache[key]
+        cached: frozenset[str] = self._cache[key]
+        return cached
 
     def soft_penalty(self, tolerations: tuple[Toleration, ...]) -> dict[str, int]:
         """node -> number of its PreferNoSchedule taints no toleration tolerates (0s left out)."""
@@ -188,13 +190,15 @@ class Fleet:
                 for n, taints in self.soft_taints.items()
             }
             self._cache[key] = {n: p for n, p in penalty.items() if p}
-        return self._cache[key]
+        cached: dict[str, int] = self._cache[key]
+        return cached
 
     def labelled(self, label: str) -> frozenset[str]:
         key = ("labelled", label)
         if key not in self._cache:
             self._cache[key] = frozenset(n for n, nd in self.nodes.items() if label in nd.labels)
-        return self._cache[key]
+        cached: frozenset[str] = self._cache[key]
+        return cached
 
     def eligible(self, demand: ServiceDemand) -> frozenset[str]:
         """Nodes that count for the service's target: constraints met, Healthy or Suspect."""
@@ -209,7 +213,8 @@ class Fleet:
             if label is not None:
                 nodes &= self.labelled(label)
             self._cache[key] = nodes
-        return self._cache[key]
+        cached: frozenset[str] = self._cache[key]
+        return cached
 
     def cached_eligible(self) -> Iterator[tuple[tuple[Any, ...], frozenset[str]]]:
         """(key, nodes) of every eligible set computed so far (`eligible_by`'s cache)."""
@@ -238,7 +243,8 @@ class Fleet:
                 (THROTTLED, throttled - suspect),
                 (NEAR_THERMAL_LIMIT, near),
             )
-        return self._cache[key]
+        cached: tuple[tuple[str, frozenset[str]], ...] = self._cache[key]
+        return cached
 
     def ineligible_reasons(self, demand: ServiceDemand) -> dict[str, int]:
         """Why the nodes outside the service's eligible set are: each counted once, under its
@@ -260,14 +266,16 @@ class Fleet:
                 f"{MISSING_LABEL} {label}": live_match - untolerated - eligible,
             }
             self._cache[key] = {r: n for r, n in counts.items() if n}
-        return self._cache[key]
+        cached: dict[str, int] = self._cache[key]
+        return cached
 
     def domain_map(self, label: str) -> dict[str, str]:
         """node -> its value of `label`, for the nodes that have it."""
         key = ("domain", label)
         if key not in self._cache:
             self._cache[key] = {n: nd.labels[label] for n, nd in self.nodes.items() if label in nd.labels}
-        return self._cache[key]
+        cached: dict[str, str] = self._cache[key]
+        return cached
 
     def domains(self, demand: ServiceDemand) -> list[str]:
         """The spread domains of the service's eligible nodes, sorted."""
@@ -277,7 +285,8 @@ class Fleet:
         if key not in self._cache:
             domain_of = self.domain_map(label)
             self._cache[key] = sorted({domain_of[n] for n in self.eligible(demand)})
-        return self._cache[key]
+        cached: list[str] = self._cache[key]
+        return cached
 
     # -- memory accounting --
 
@@ -413,14 +422,14 @@ class Fleet:
 
     # -- ranking --
 
-    def rank_key(self, svc: Svc, with_free: bool = True) -> Callable[[str], tuple]:
+    def rank_key(self, svc: Svc, with_free: bool = True) -> Callable[[str], tuple[Any, ...]]:
         """Sort key of a node for a service, best first (see the module docstring)."""
         penalty = self.soft_penalty(svc.demand.tolerations)
         sla = self.sla.get(svc.name, {})
         unknown = self.settings.sla_unknown_score
         free = self.free
 
-        def key(node: str) -> tuple:
+        def key(node: str) -> tuple[Any, ...]:
             score = sla.get(node)
             tier = 1 if score is None else 0 if score >= unknown else 2
             s = unknown if score is None else score

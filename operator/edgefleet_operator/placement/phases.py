@@ -15,6 +15,8 @@ on kept state, so what they leave in the fleet and the services is all either ne
 
 from __future__ import annotations
 
+from typing import Any
+
 import itertools
 import logging
 from collections import defaultdict, deque
@@ -102,7 +104,7 @@ def keep_order(svc: Svc, nodes: list[str], fleet: Fleet) -> list[str]:
     by rank; a spread service round-robin across domains (trimming takes from the fullest)."""
     base = fleet.rank_key(svc, with_free=False)
 
-    def key(node: str) -> tuple:
+    def key(node: str) -> tuple[Any, ...]:
         hot = node in fleet.hot[THROTTLED] or node in fleet.hot[NEAR_THERMAL_LIMIT]
         return (node in fleet.suspect, hot, *base(node))
 
