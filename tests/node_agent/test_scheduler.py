@@ -220,8 +220,10 @@ def test_failed_load_fails_every_waiter_and_leaves_nothing_behind() -> None:
 
 def test_eviction_follows_the_policy_order() -> None:
     async def main() -> None:
-        loader = FakeLoader()
-        sched = ModelScheduler(300, loader)  # the default, cost-aware policy
+        # Every load takes the same (fake) second, so the order is by use alone, not by how
+        # long each load happened to take on a busy machine.
+        loader = FakeLoader(clock=(clock := FakeClock()))
+        sched = ModelScheduler(300, loader, clock=clock)  # the default, cost-aware policy
         await use(sched, cfg("a"), times=5)
         await use(sched, cfg("b"), times=1)
         await use(sched, cfg("c"), times=3)
