@@ -251,7 +251,7 @@ class FleetReconciler:
         """One EdgeNode per fleet Node; EdgeNodes of Nodes that left the fleet are deleted."""
         from kubernetes.client.exceptions import ApiException
 
-        names = {n["metadata"]["name"] for n in nodes}
+        fleet = {n["metadata"]["name"] for n in nodes}
         for node in nodes:
             name = node["metadata"]["name"]
             if name not in edge_nodes:
@@ -271,7 +271,7 @@ class FleetReconciler:
             for n, e in edge_nodes.items()
             if (e["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == names.MANAGED_BY
         }
-        for name in sorted(set(edge_nodes) - names):
+        for name in sorted(set(edge_nodes) - fleet):
             if name not in ours:
                 del edge_nodes[name]  # someone else's EdgeNode: neither ours to delete nor to place on
                 continue
