@@ -14,16 +14,34 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from edgefleet_operator import manifests
 from edgefleet_operator.fleet_types import ServicePlacement
 
 Obj = Mapping[str, Any]
 MAX_NODES_IN_STATUS = 100
 
 
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def rfc3339(epoch_s: float) -> str:
+    """Epoch seconds as the API's RFC 3339 timestamp, in whole seconds (UTC)."""
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutView:
+    """What the service's rollout decided, as its status shows it."""
+
+    node_versions: Mapping[str, str]
+    """node -> the version label it should serve."""
+    node_models: Mapping[str, Sequence[tuple[str, str, str]]]
+    """node -> the (model, version, digest) it must hold (a canary node holds the new revision,
+    others the stable one); a node missing here holds the spec's models."""
+    degraded: tuple[str, str] | None = None
+    """A failed rollout's (reason, message) for the Degraded condition."""
+    status: Mapping[str, Any] | None = None
+    """status.rollout, carried as is."""
 
 
 def condition(
@@ -83,28 +101,25 @@ def aggregate_sla(windows: Sequence[Obj]) -> dict[str, Any]:
 
 def service_status(
     isvc: Obj,
-    service: str,
     placement: ServicePlacement | None,
     edge_node_status: Mapping[str, Obj],
-    url: str,
-    endpoints: Mapping[str, str],
-    node_versions: Mapping[str, str] | None = None,
-    node_models: Mapping[str, Sequence[tuple[str, str, str]]] | None = None,
-    degraded: tuple[str, str] | None = None,
-    rollout_status: Mapping[str, Any] | None = None,
+    now: str,
+    rollout: RolloutView | None = None,
 ) -> dict[str, Any]:
-    """The whole status (except the rollout part) of one InferenceService.
+    """The whole status of one InferenceService (status.rollout as `rollout` carries it).
 
-    `edge_node_status`: node name -> EdgeNode.status, for the nodes holding it.
-    `node_versions`: node -> the version label it should serve (rollouts); by default the spec's.
-    `node_models`: node -> the (model, version, digest) it must hold (a canary node holds the new
-    revision, others the stable one); by default the spec's models. `degraded`: a failed rollout's
-    (reason, message). `rollout_status`: status.rollout, carried as is.
+    `edge_node_status`: node name -> EdgeNode.status, for the nodes holding it (their `endpoint`s
+    become the status's endpoints). `now`: the RFC 3339 time a condition that changes gets as its
+    lastTransitionTime; one that holds keeps its own. `rollout`: by default every node serves the
+    spec's models.
     """
     meta, spec = isvc["metadata"], isvc["spec"]
     generation = int(meta.get("generation", 1))
     previous = (isvc.get("status") or {}).get("conditions") or []
-    now = now_rfc3339()
+    service = f"{meta['namespace']}/{meta['name']}"
+    endpoints = {n: st["endpoint"] for n, st in edge_node_status.items() if st.get("endpoint")}
+    node_versions = rollout.node_versions if rollout else {}
+    node_models = rollout.node_models if rollout else {}
     nodes = list(placement.nodes) if placement else []
     target = placement.target if placement else 0
     models = spec["models"]
@@ -115,9 +130,9 @@ def service_status(
     ready_versions: Counter[str] = Counter()
     for node in nodes:
         st = edge_node_status.get(node) or {}
-        version = (node_versions or {}).get(node, spec_version)
+        version = node_versions.get(node, spec_version)
         versions[version] += 1
-        wanted = (node_models or {}).get(node) or [
+        wanted = node_models.get(node) or [
             (m["name"], str(m["version"]), m["artifact"]["digest"]) for m in models
         ]
         ready = all(model_ready_on(st, service, name, version, digest) for name, version, digest in wanted)
@@ -152,7 +167,7 @@ def service_status(
     else:
         ready_reason = "NodesNotReady"
         ready_msg = f"{len(ready_nodes)}/{target} nodes ready" + (f"; {message}" if message else "")
-    degraded_why = [degraded] if degraded else []
+    degraded_why = [rollout.degraded] if rollout and rollout.degraded else []
     if message:
         degraded_why.append(("Unplaceable", message))
     if failures:
@@ -196,12 +211,12 @@ def service_status(
         ],
         "sla": sla,
         "nodes": per_node[:MAX_NODES_IN_STATUS],
-        "url": url,
+        "url": manifests.service_url(isvc),
         "endpoints": sorted(endpoints[n] for n in ready_nodes if n in endpoints),
         "message": message,
     }
-    if rollout_status is not None:
-        status["rollout"] = dict(rollout_status)
+    if rollout and rollout.status is not None:
+        status["rollout"] = dict(rollout.status)
     return status
 
 
