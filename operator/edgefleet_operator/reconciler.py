@@ -203,7 +203,10 @@ class FleetReconciler:
         report: PassReport,
     ) -> None:
         """Each service's bookkeeping, with its placement events (and those carried from a pass that
-        deferred them)."""
+        deferred them). A service whose rollout step holds this pass (`_rollouts`) has none: its
+        status would describe targets its EdgeNode specs do not have. Its placement events are
+        dropped, not carried: its new nodes' specs were not written either, so the next pass places
+        it on them again (and says so then)."""
         events: dict[str, list[PlacementEvent]] = {}
         for event in result.events:
             events.setdefault(event.service, []).append(event)
@@ -220,6 +223,8 @@ class FleetReconciler:
         stamp, plans = service_status.rfc3339(now), []
         for isvc in services:
             key = fleet_state.service_key(isvc)
+            if key not in rollouts:
+                continue  # its rollout holds this pass, and so does its bookkeeping
             plans.append(
                 pass_plan.bookkeeping(
                     isvc,

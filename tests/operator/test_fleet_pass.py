@@ -311,3 +311,32 @@ def test_a_failed_pod_is_replaced_and_idle_agents_removed(world: World) -> None:
     # The finalizer goes once no EdgeNode spec holds the service: after the specs are written.
     assert last(w, "PATCH", "edgenodes") < first(w, "PATCH", "inferenceservices") < first(w, "DELETE", "pods")
     assert world.service()["metadata"]["finalizers"] == []
+
+
+def test_a_service_whose_rollout_holds_holds_alone() -> None:
+    """An unusable status.rollout (edited by hand), or one the API refused: that service's specs and
+    bookkeeping wait; the fleet's pass goes on."""
+    world = World(services=("cam", "odd"))
+    world.service("odd")["status"] = {"rollout": {"phase": "Sideways"}}
+    report = world.rec.reconcile_once()
+    assert report.writes["rollout.invalid"] == 1 and report.writes["inferenceservice.status"] == 1, report
+    assert world.service("cam")["status"]["observedGeneration"] == 1
+    assert world.service("odd")["status"] == {"rollout": {"phase": "Sideways"}}
+    assert not [
+        m
+        for n in ("n1", "n2")
+        for m in world.api.get(f"{EDGE_NODES}/{n}")["spec"]["models"]
+        if m["service"] == f"{NS}/odd"
+    ]
+
+    del world.service("odd")["status"]  # mended
+    world.api.fail[("PATCH", f"{SERVICES}/cam/status")] = 500  # and now cam's rollout cannot be written
+    world.agents_report()  # cam's first deployment is confirmed: its status.rollout would be written
+    world.api.calls.clear()
+    report = world.rec.reconcile_once()
+    assert report.writes["rollout.error"] == 1 and "service.error" not in report.writes, report
+    assert report.writes["inferenceservice.status"] == 1 and world.service("odd")["status"]["readyNodes"] == 0
+    posted = [
+        (c.body["involvedObject"]["name"], c.body["reason"]) for c in world.api.writes() if c.kind == "events"
+    ]
+    assert posted == [("odd", "Placed")], "placed (on specs) once its rollout goes on, and said once"
