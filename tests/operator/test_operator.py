@@ -200,11 +200,11 @@ def test_a_deleted_node_loses_its_work_and_its_edge_node(
     )
     custom = client.CustomObjectsApi(kube)
 
-    def names() -> set[str]:
+    def edge_node_names() -> set[str]:
         items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)["items"]
         return {e["metadata"]["name"] for e in items}
 
-    eventually(lambda: first not in names(), what="the EdgeNode of the deleted node to go")
+    eventually(lambda: first not in edge_node_names(), what="the EdgeNode of the deleted node to go")
 
 
 def test_a_not_ready_node_loses_its_work(
