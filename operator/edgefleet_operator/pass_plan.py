@@ -132,13 +132,13 @@ def rollout_write(
     a crash recomputes them."""
     key = fleet_state.service_key(isvc)
     meta = isvc["metadata"]
-    time = service_status.rfc3339(now)
+    stamp = service_status.rfc3339(now)
     annotation = (meta.get("annotations") or {}).get(names.ANNOTATION_ROLLOUT_ACTION)
     warning = None
     try:
         action = rollout.parse_action(annotation)
     except ValueError as e:
-        action, warning = None, event(isvc, "InvalidRolloutAction", str(e), True, time)
+        action, warning = None, event(isvc, "InvalidRolloutAction", str(e), True, stamp)
     previous = (isvc.get("status") or {}).get("rollout")
     try:
         observations = {
@@ -169,7 +169,7 @@ def rollout_write(
         action_warning=warning,
         status_patch=patch,
         clear_action=annotation is not None,
-        events=tuple(event(isvc, e.reason, e.message, e.warning, time) for e in decision.events),
+        events=tuple(event(isvc, e.reason, e.message, e.warning, stamp) for e in decision.events),
     )
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from edgefleet_api import names
@@ -70,6 +74,19 @@ def stable_status() -> dict[str, Any]:
     ro = pass_plan.rollout_write(isvc(), NODES, edge_nodes(("1", D1)), LABELS, NOW)
     assert ro.decision is not None and ro.decision.status["stableVersion"] == "1"
     return ro.decision.status
+
+
+def test_the_decisions_need_no_api_client() -> None:
+    """The pure seams import no kubernetes (nor kopf, aiohttp, torch): they run without a cluster."""
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        "from edgefleet_operator import fleet_read, pass_plan, service_status\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'kubernetes', 'kopf', 'aiohttp', 'torch'}))"
+    )
+    env = os.environ | {"PYTHONPATH": f"{repo}{os.pathsep}{repo / 'operator'}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
 
 
 # --- rollout steps -------------------------------------------------------------------------------
