@@ -1,5 +1,5 @@
 """kopf handlers: thin. They only ask the fleet loop for a pass; decisions live in
-placement, writes in the reconciler.
+placement, writes in the reconciler (`fleet_loop` runs its passes).
 
 Run with `edgefleet-operator run` (peering: one active instance per cluster).
 """
@@ -15,8 +15,9 @@ import kopf
 
 from edgefleet_api import names
 from edgefleet_operator import settings as settings_mod
+from edgefleet_operator.fleet_loop import FleetLoop
 from edgefleet_operator.metrics import OperatorMetrics
-from edgefleet_operator.reconciler import FleetLoop, FleetReconciler
+from edgefleet_operator.reconciler import FleetReconciler
 
 log = logging.getLogger(__name__)
 SETTINGS = settings_mod.from_env()

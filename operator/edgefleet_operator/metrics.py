@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from edgefleet_operator.reconciler import PassReport
+    from edgefleet_operator.pass_report import PassReport
 
 
 class OperatorMetrics:

@@ -1,148 +1,152 @@
-"""InferenceService status from the placement and the agents' EdgeNode statuses. Pure.
+"""InferenceService status from the placement and the agents' EdgeNode statuses. Pure: the
+contract's typed models in, a typed `InferenceServiceStatus` out, the clock's value passed in.
 
 Conditions follow the Kubernetes API conventions: Ready, Progressing and Degraded,
 each with observedGeneration; lastTransitionTime changes only when the status does.
 
-Aggregated SLA across nodes: throughput and requests add up; error rate is total
-errors over total requests; p50/p95/p99 are the worst node's (a fleet-wide
-percentile cannot be recovered from per-node percentiles, and the worst node is
-what an SLA is broken by).
+Aggregated SLA across nodes (the end of the SLA path: the agents' windows, `EdgeNodeStatus`
+models[].sla, become the service's status.sla): throughput and requests add up; error rate is
+total errors over total requests; p50/p95/p99 are the worst node's (a fleet-wide percentile
+cannot be recovered from per-node percentiles, and the worst node is what an SLA is broken by).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
+from edgefleet_api.conditions import conditions_from_obj, next_condition
+from edgefleet_api.edge_node import EdgeNodeStatus, ModelState
+from edgefleet_api.inference_service import (
+    MAX_NODES_IN_STATUS,
+    InferenceServiceStatus,
+    NodeSummary,
+    VersionCount,
+)
+from edgefleet_api.rollout_status import RolloutStatus
+from edgefleet_api.sla import SlaWindow
+from edgefleet_operator import manifests
+from edgefleet_operator.fleet_read import ServiceRead
 from edgefleet_operator.fleet_types import ServicePlacement
 
-Obj = Mapping[str, Any]
-MAX_NODES_IN_STATUS = 100
+__all__ = ["MAX_NODES_IN_STATUS", "RolloutView", "aggregate_sla", "service_status"]
 
 
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+@dataclass(frozen=True, slots=True)
+class RolloutView:
+    """What the service's rollout decided, as its status shows it."""
+
+    node_versions: Mapping[str, str]
+    """node -> the version label it should serve."""
+    node_models: Mapping[str, Sequence[tuple[str, str, str]]]
+    """node -> the (model, version, digest) it must hold (a canary node holds the new revision,
+    others the stable one); a node missing here holds the spec's models."""
+    degraded: tuple[str, str] | None = None
+    """A failed rollout's (reason, message) for the Degraded condition."""
+    status: RolloutStatus | None = None
+    """status.rollout, carried as is."""
 
 
-def condition(
-    type_: str, ok: bool, reason: str, message: str, generation: int, previous: Sequence[Obj], now: str
-) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    old = next((c for c in previous if c.get("type") == type_), None)
-    since = old.get("lastTransitionTime", now) if old and old.get("status") == status else now
-    return {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": since,
-    }
+def model_ready_on(status: EdgeNodeStatus, service: str, model: str, version: str, digest: str) -> bool:
+    """The node reports the model version Ready, with the digest (or none: an agent that does not
+    report digests is taken at its word)."""
+    return any(
+        m.service == service
+        and m.model == model
+        and m.version == version
+        and m.state is ModelState.READY
+        and (m.digest or digest) == digest
+        for m in status.models
+    )
 
 
-def model_ready_on(node_status: Obj, service: str, model: str, version: str, digest: str) -> bool:
-    for m in node_status.get("models") or []:
-        if (
-            m.get("service") == service
-            and m.get("model") == model
-            and str(m.get("version")) == version
-            and m.get("state") == "Ready"
-            and m.get("digest", digest) == digest
-        ):
-            return True
-    return False
-
-
-def failed_models(node_status: Obj, service: str) -> list[str]:
+def failed_models(status: EdgeNodeStatus, service: str) -> list[str]:
     return [
-        f"{m.get('model')}:{m.get('version')}: {m.get('message', 'failed')}"
-        for m in node_status.get("models") or []
-        if m.get("service") == service and m.get("state") == "Failed"
+        f"{m.model}:{m.version}: {m.message or 'failed'}"
+        for m in status.models
+        if m.service == service and m.state is ModelState.FAILED
     ]
 
 
-def aggregate_sla(windows: Sequence[Obj]) -> dict[str, Any]:
+def aggregate_sla(windows: Sequence[SlaWindow]) -> SlaWindow:
+    """The service's window over its nodes' (see the module docstring); empty for none."""
     if not windows:
-        return {}
-    requests = sum(int(w.get("requests") or 0) for w in windows)
-    out: dict[str, Any] = {
-        "requests": requests,
-        "throughputRps": round(sum(float(w.get("throughputRps") or 0.0) for w in windows), 3),
-    }
-    if requests:
-        errors = sum(float(w.get("errorRate") or 0.0) * int(w.get("requests") or 0) for w in windows)
-        out["errorRate"] = round(errors / requests, 6)
-    for p in ("p50LatencyMs", "p95LatencyMs", "p99LatencyMs"):
-        values = [float(w[p]) for w in windows if w.get(p) is not None]
-        if values:
-            out[p] = round(max(values), 3)
-    return out
+        return SlaWindow()
+    requests = sum(w.requests or 0 for w in windows)
+    errors = sum((w.error_rate or 0.0) * (w.requests or 0) for w in windows)
+
+    def worst(values: Sequence[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return max(present) if present else None
+
+    return SlaWindow(
+        p50_latency_s=worst([w.p50_latency_s for w in windows]),
+        p95_latency_s=worst([w.p95_latency_s for w in windows]),
+        p99_latency_s=worst([w.p99_latency_s for w in windows]),
+        throughput_rps=sum(w.throughput_rps or 0.0 for w in windows),
+        error_rate=errors / requests if requests else None,
+        requests=requests,
+    )
 
 
 def service_status(
-    isvc: Obj,
-    service: str,
+    service: ServiceRead,
     placement: ServicePlacement | None,
-    edge_node_status: Mapping[str, Obj],
-    url: str,
-    endpoints: Mapping[str, str],
-    node_versions: Mapping[str, str] | None = None,
-    node_models: Mapping[str, Sequence[tuple[str, str, str]]] | None = None,
-    degraded: tuple[str, str] | None = None,
-    rollout_status: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The whole status (except the rollout part) of one InferenceService.
+    edge_node_status: Mapping[str, EdgeNodeStatus],
+    now: str,
+    rollout: RolloutView | None = None,
+) -> InferenceServiceStatus:
+    """The whole status of one InferenceService (status.rollout as `rollout` carries it).
 
-    `edge_node_status`: node name -> EdgeNode.status, for the nodes holding it.
-    `node_versions`: node -> the version label it should serve (rollouts); by default the spec's.
-    `node_models`: node -> the (model, version, digest) it must hold (a canary node holds the new
-    revision, others the stable one); by default the spec's models. `degraded`: a failed rollout's
-    (reason, message). `rollout_status`: status.rollout, carried as is.
+    `edge_node_status`: node name -> EdgeNode status, for the nodes holding it (their endpoints
+    become the status's endpoints). `now`: the RFC 3339 time a condition that changes gets as its
+    lastTransitionTime; one that holds keeps its own. `rollout`: by default every node serves the
+    spec's models.
     """
-    meta, spec = isvc["metadata"], isvc["spec"]
-    generation = int(meta.get("generation", 1))
-    previous = (isvc.get("status") or {}).get("conditions") or []
-    now = now_rfc3339()
+    key = service.key
+    generation = int(service.meta.get("generation", 1))
+    previous = conditions_from_obj(service.status_obj.get("conditions"))
+    node_versions = rollout.node_versions if rollout else {}
+    node_models = rollout.node_models if rollout else {}
     nodes = list(placement.nodes) if placement else []
     target = placement.target if placement else 0
-    models = spec["models"]
-    spec_version = ",".join(str(m["version"]) for m in models)
+    models = service.spec.models
+    spec_version = ",".join(m.version for m in models)
+    spec_models = [(m.name, m.version, m.artifact.digest) for m in models]
 
-    ready_nodes, per_node, failures, windows = [], [], [], []
+    ready_nodes: list[str] = []
+    per_node: list[NodeSummary] = []
+    failures: list[str] = []
+    windows: list[SlaWindow] = []
     versions: Counter[str] = Counter()
     ready_versions: Counter[str] = Counter()
     for node in nodes:
-        st = edge_node_status.get(node) or {}
-        version = (node_versions or {}).get(node, spec_version)
+        st = edge_node_status.get(node) or EdgeNodeStatus()
+        version = node_versions.get(node, spec_version)
         versions[version] += 1
-        wanted = (node_models or {}).get(node) or [
-            (m["name"], str(m["version"]), m["artifact"]["digest"]) for m in models
-        ]
-        ready = all(model_ready_on(st, service, name, version, digest) for name, version, digest in wanted)
+        wanted = node_models.get(node) or spec_models
+        ready = all(model_ready_on(st, key, name, v, digest) for name, v, digest in wanted)
         if ready:
             ready_nodes.append(node)
             ready_versions[version] += 1
-        failures += [f"{node}: {f}" for f in failed_models(st, service)]
-        node_sla = [m.get("sla") or {} for m in st.get("models") or [] if m.get("service") == service]
-        windows += [w for w in node_sla if w]
-        gpu = st.get("gpu") or {}
-        p95s = [w["p95LatencyMs"] for w in node_sla if w.get("p95LatencyMs") is not None]
-        entry: dict[str, Any] = {
-            "node": node,
-            "version": version,
-            "ready": ready,
-            "throttled": bool(gpu.get("throttled", False)),
-        }
-        if p95s:
-            entry["p95LatencyMs"] = max(p95s)
-        if gpu.get("temperatureC") is not None:
-            entry["temperatureC"] = gpu["temperatureC"]
-        per_node.append(entry)
+        failures += [f"{node}: {f}" for f in failed_models(st, key)]
+        node_sla = [m.sla for m in st.models_of(key) if m.sla is not None and not m.sla.empty]
+        windows += node_sla
+        p95s = [w.p95_latency_s for w in node_sla if w.p95_latency_s is not None]
+        gpu = st.gpu
+        per_node.append(
+            NodeSummary(
+                node=node,
+                version=version,
+                ready=ready,
+                throttled=bool(gpu is not None and gpu.throttled),
+                p95_latency_s=max(p95s) if p95s else None,
+                temperature_c=gpu.temperature_c if gpu is not None else None,
+            )
+        )
 
-    sla = aggregate_sla(windows)
-    violated = [w for w in windows if w.get("met") is False]
+    violated = [w for w in windows if w.met is False]
     message = placement.message if placement else "not placed yet"
     all_ready = target > 0 and len(ready_nodes) >= target
     if all_ready:
@@ -152,7 +156,7 @@ def service_status(
     else:
         ready_reason = "NodesNotReady"
         ready_msg = f"{len(ready_nodes)}/{target} nodes ready" + (f"; {message}" if message else "")
-    degraded_why = [degraded] if degraded else []
+    degraded_why = [rollout.degraded] if rollout and rollout.degraded else []
     if message:
         degraded_why.append(("Unplaceable", message))
     if failures:
@@ -160,23 +164,25 @@ def service_status(
     if violated:
         degraded_why.append(("SLAViolated", f"{len(violated)} node window(s) missed the SLA"))
     progressing = bool(nodes) and len(ready_nodes) < len(nodes) and not failures
+    loading = f"{len(nodes) - len(ready_nodes)} node(s) loading" if progressing else "no change in progress"
+    endpoints = {n: st.endpoint for n, st in edge_node_status.items() if st.endpoint}
 
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": [
-            condition("Ready", all_ready or target == 0, ready_reason, ready_msg, generation, previous, now),
-            condition(
+    return InferenceServiceStatus(
+        observed_generation=generation,
+        conditions=(
+            next_condition(
+                "Ready", all_ready or target == 0, ready_reason, ready_msg, generation, previous, now
+            ),
+            next_condition(
                 "Progressing",
                 progressing,
                 "Loading" if progressing else "Stable",
-                f"{len(nodes) - len(ready_nodes)} node(s) loading"
-                if progressing
-                else "no change in progress",
+                loading,
                 generation,
                 previous,
                 now,
             ),
-            condition(
+            next_condition(
                 "Degraded",
                 bool(degraded_why),
                 degraded_why[0][0] if degraded_why else "Healthy",
@@ -185,31 +191,15 @@ def service_status(
                 previous,
                 now,
             ),
-        ],
-        "servingVersion": (ready_versions.most_common(1)[0][0] if ready_versions else spec_version),
-        "desiredNodes": target,
-        "readyNodes": len(ready_nodes),
-        "nodesSummary": f"{len(ready_nodes)}/{target}",
-        "versions": [
-            {"version": v, "desiredNodes": n, "readyNodes": ready_versions[v]}
-            for v, n in sorted(versions.items())
-        ],
-        "sla": sla,
-        "nodes": per_node[:MAX_NODES_IN_STATUS],
-        "url": url,
-        "endpoints": sorted(endpoints[n] for n in ready_nodes if n in endpoints),
-        "message": message,
-    }
-    if rollout_status is not None:
-        status["rollout"] = dict(rollout_status)
-    return status
-
-
-def conditions_equal(a: Sequence[Obj], b: Sequence[Obj]) -> bool:
-    """Equal apart from lastTransitionTime (which `condition` carries over when unchanged)."""
-
-    def essence(cs: Sequence[Obj]) -> list[tuple[Any, ...]]:
-        fields = ("type", "status", "reason", "message", "observedGeneration")
-        return sorted(tuple(c.get(f) for f in fields) for c in cs)
-
-    return essence(a) == essence(b)
+        ),
+        serving_version=ready_versions.most_common(1)[0][0] if ready_versions else spec_version,
+        desired_nodes=target,
+        ready_nodes=len(ready_nodes),
+        versions=tuple(VersionCount(v, n, ready_versions[v]) for v, n in sorted(versions.items())),
+        sla=aggregate_sla(windows),
+        nodes=tuple(per_node[:MAX_NODES_IN_STATUS]),
+        rollout=rollout.status if rollout else None,
+        url=manifests.service_url(service.obj),
+        endpoints=tuple(sorted(endpoints[n] for n in ready_nodes if n in endpoints)),
+        message=message,
+    )

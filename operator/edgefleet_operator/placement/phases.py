@@ -15,12 +15,11 @@ on kept state, so what they leave in the fleet and the services is all either ne
 
 from __future__ import annotations
 
-from typing import Any
-
 import itertools
 import logging
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from edgefleet_api.types import Priority
 from edgefleet_operator.fleet_types import Assignment, PlacedModel, PlacementSettings, ServiceDemand

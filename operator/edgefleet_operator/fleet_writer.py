@@ -1,0 +1,281 @@
+"""Applies a fleet pass's write plans (`pass_plan`) against the API server.
+
+A phase's writes are in flight together on the write threads (a burst of placements is bound by API
+round trips, not by our CPU); the reconciler starts a phase when the one before has finished, which
+is the pass's write order. Each write tolerates what the world may have done since the pass read it:
+a create that finds its object (409), a delete or patch of an object gone (404) where the next pass
+re-plans anyway. One service's trouble (its namespace terminating, a deleted object) is logged and
+counted, not raised: the other services go on and the next pass retries it. Anything else raises
+and fails the pass.
+
+Urgent work (`urgent` set from any thread): Pod writes and services' bookkeeping not yet started are
+left to the next pass, which starts at once (`PassReport.deferred` counts them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from edgefleet_api import names
+from edgefleet_operator import pass_plan
+from edgefleet_operator.fleet_types import PlacementEvent
+from edgefleet_operator.pass_report import PassReport
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+WRITE_THREADS = 8
+"""Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
+our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
+
+
+class FleetWriter:
+    """The pass's writes. The API objects are the kubernetes client's, typed Any: they take and return
+    plain dicts (the API's JSON) where their stubs name models."""
+
+    def __init__(self, core: Any, custom: Any, discovery: Any, urgent: threading.Event) -> None:
+        self.core, self.custom, self.discovery = core, custom, discovery
+        self.urgent = urgent
+        self.threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+
+    def _each(self, fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+        """fn(item) for every item on the write threads; re-raises the first error once all are done."""
+        for future in [self.threads.submit(fn, item) for item in items]:
+            future.result()
+
+    # --- decisions first: EdgeNodes, rollout steps, EdgeNode specs -----------------------------
+
+    def sync_edge_nodes(self, sync: pass_plan.EdgeNodeSync, report: PassReport) -> dict[str, Obj]:
+        """Creates and deletes EdgeNodes, one at a time; returns the created ones (or the server's, when
+        one was created since the pass listed them)."""
+        created = {}
+        for body in sync.create:
+            name = body["metadata"]["name"]
+            try:
+                created[name] = self.custom.create_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body
+                )
+                report.wrote("edgenode.create")
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                created[name] = self.custom.get_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
+                )
+        for name in sync.delete:
+            try:
+                self.custom.delete_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
+                )
+                report.wrote("edgenode.delete")
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+        return created
+
+    def write_rollouts(
+        self, writes: Sequence[pass_plan.RolloutWrite], report: PassReport
+    ) -> list[pass_plan.RolloutWrite]:
+        """Each service's rollout writes; returns those whose step stands (decided and written). A
+        service whose status.rollout could not be read or written holds this pass: its EdgeNode
+        entries stay as they are."""
+        stand = []
+
+        def write(ro: pass_plan.RolloutWrite) -> None:
+            if ro.action_warning is not None:
+                self.post_event(ro.action_warning, report)
+            if ro.decision is None:
+                # One line per pass, no traceback: this service holds, the fleet goes on.
+                log.error("rollout of %s holds: unusable status.rollout (%s)", ro.service, ro.held)
+                report.wrote("rollout.invalid")
+                return
+            try:
+                if ro.status_patch is not None:
+                    self.custom.patch_namespaced_custom_object_status(
+                        names.GROUP,
+                        names.VERSION,
+                        ro.namespace,
+                        names.INFERENCE_SERVICE_PLURAL,
+                        ro.name,
+                        ro.status_patch,
+                    )
+                    report.wrote("inferenceservice.rollout")
+                if ro.clear_action:
+                    self.custom.patch_namespaced_custom_object(
+                        names.GROUP,
+                        names.VERSION,
+                        ro.namespace,
+                        names.INFERENCE_SERVICE_PLURAL,
+                        ro.name,
+                        {"metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: None}}},
+                    )
+                    report.wrote("inferenceservice.annotation")
+            except ApiException as e:
+                log.warning("rollout of %s not advanced: %s %s", ro.service, e.status, e.reason)
+                report.wrote("rollout.error")
+                return
+            for event in ro.events:
+                self.post_event(event, report)
+            stand.append(ro)  # list.append is atomic: the threads share this list
+
+        self._each(write, writes)
+        return stand
+
+    def write_edge_node_specs(
+        self, writes: Sequence[pass_plan.EdgeNodeSpecWrite], report: PassReport
+    ) -> dict[str, Obj]:
+        """Patches the EdgeNodes; returns them as patched. One gone since the pass read it (with its
+        Node) is skipped: the next pass re-plans."""
+        patched = {}
+
+        def write(w: pass_plan.EdgeNodeSpecWrite) -> None:
+            try:
+                patched[w.node] = self.custom.patch_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, w.patch
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                return
+            report.wrote("edgenode.patch")
+
+        self._each(write, writes)
+        return patched
+
+    def write_finalizers(self, writes: Iterable[pass_plan.FinalizerWrite], report: PassReport) -> None:
+        for w in writes:
+            self.set_finalizers(w, report)
+
+    # --- then agent Pods ------------------------------------------------------------------------
+
+    def sync_pods(self, writes: Sequence[pass_plan.PodWrite], report: PassReport) -> None:
+        def write(w: pass_plan.PodWrite) -> None:
+            if self.urgent.is_set():
+                report.defer()
+                return
+            if w.create is None:
+                try:
+                    self.core.delete_namespaced_pod(w.name, w.namespace)
+                    report.wrote("pod.delete")
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+                return
+            try:
+                self.core.create_namespaced_pod(w.namespace, w.create)
+                report.wrote("pod.create")
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+
+        self._each(write, writes)
+
+    # --- then each service's bookkeeping --------------------------------------------------------
+
+    def write_bookkeeping(
+        self, plans: Sequence[pass_plan.Bookkeeping], report: PassReport
+    ) -> dict[str, list[PlacementEvent]]:
+        """Each service's bookkeeping; returns the placement events of the services it deferred (for
+        the next pass to post)."""
+        carried: dict[str, list[PlacementEvent]] = {}
+
+        def write(plan: pass_plan.Bookkeeping) -> None:
+            if self.urgent.is_set():
+                report.defer()
+                if plan.placement_events:
+                    carried[plan.service] = list(plan.placement_events)  # one key per service
+                return
+            try:
+                self.write_service(plan, report)
+            except ApiException as e:
+                log.warning("could not update %s: %s %s", plan.service, e.status, e.reason)
+                report.wrote("service.error")
+
+        self._each(write, plans)
+        return carried
+
+    def write_service(self, plan: pass_plan.Bookkeeping, report: PassReport) -> None:
+        """One service's bookkeeping, in the plan's order: events, status, finalizer, Service,
+        EndpointSlice."""
+        for event in plan.events:
+            self.post_event(event, report)
+        finalizer = plan.finalizer
+        if plan.status_patch is not None:
+            updated = self.custom.patch_namespaced_custom_object_status(
+                names.GROUP,
+                names.VERSION,
+                plan.namespace,
+                names.INFERENCE_SERVICE_PLURAL,
+                plan.name,
+                plan.status_patch,
+            )
+            report.wrote("inferenceservice.status")
+            if finalizer is not None:  # conditional on the object as the status write left it
+                finalizer = dataclasses.replace(
+                    finalizer, resource_version=updated["metadata"]["resourceVersion"]
+                )
+        if finalizer is not None:
+            self.set_finalizers(finalizer, report)
+        if plan.create_service is not None:
+            try:
+                self.core.create_namespaced_service(plan.namespace, plan.create_service)
+                report.wrote("service.create")
+            except ApiException as e:
+                if e.status != 409:  # created since this pass listed them
+                    raise
+        if plan.endpoint_slice is not None:
+            self.write_endpoint_slice(plan.endpoint_slice, report)
+
+    def write_endpoint_slice(self, w: pass_plan.SliceWrite, report: PassReport) -> None:
+        endpoints = w.endpoints
+        if w.create:
+            try:
+                self.discovery.create_namespaced_endpoint_slice(w.namespace, w.body)
+                report.wrote("endpointslice.create")
+                return
+            except ApiException as e:
+                if e.status != 409:  # created since this pass listed them: compare with the server's
+                    raise
+            current = json.loads(
+                self.discovery.read_namespaced_endpoint_slice(
+                    w.name, w.namespace, _preload_content=False
+                ).data
+            )
+            endpoints = pass_plan.endpoints_patch(current, w.body)
+        if endpoints is not None:
+            self.discovery.patch_namespaced_endpoint_slice(w.name, w.namespace, {"endpoints": endpoints})
+            report.wrote("endpointslice.patch")
+
+    # --- writes more than one phase makes -------------------------------------------------------
+
+    def post_event(self, event: pass_plan.EventWrite, report: PassReport) -> None:
+        """Best effort: a terminating namespace refuses events."""
+        try:
+            self.core.create_namespaced_event(event.namespace, event.body())
+        except ApiException as e:
+            log.debug("event %s on %s/%s not posted: %s", event.reason, event.namespace, event.name, e.status)
+            return
+        report.wrote("event.create")
+        log.info("%s %s/%s: %s", event.reason, event.namespace, event.name, event.message)
+
+    def set_finalizers(self, w: pass_plan.FinalizerWrite, report: PassReport) -> None:
+        """A conflict (another controller wrote the service since) or a service already gone is left to
+        the next pass."""
+        patch = {"metadata": {"finalizers": list(w.finalizers), "resourceVersion": w.resource_version}}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                names.GROUP, names.VERSION, w.namespace, names.INFERENCE_SERVICE_PLURAL, w.name, patch
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+            log.debug("finalizers of %s not written (%s); next pass", w.service, e.status)
+            return
+        report.wrote("inferenceservice.finalizer")

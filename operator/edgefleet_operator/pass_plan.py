@@ -1,0 +1,403 @@
+"""A fleet pass's decisions as typed writes. Pure: no API calls, no clock.
+
+Each function takes what the pass read (the API's JSON), what it decided (placement) and the pass's
+clock value, and returns frozen write plans; `fleet_writer` applies them in the reconciler's order:
+
+1. `EdgeNodeSync`: an EdgeNode for every fleet Node; ours of Nodes that left are deleted.
+2. `RolloutWrite` per service: its status.rollout BEFORE any EdgeNode spec built from it (a crash in
+   between leaves no node on a revision status does not record), except a first deployment's.
+3. `EdgeNodeSpecWrite` per node whose spec changes.
+4. `FinalizerWrite` per deleted service no EdgeNode spec holds any more.
+5. `PodWrite` per node: an agent Pod where there is work, none where there is none.
+6. `Bookkeeping` per service: events, status, finalizer (after the status), Service, EndpointSlice.
+
+Every write is derived from what was read, so applying a plan twice (a pass interrupted and redone)
+writes nothing twice: names are deterministic and a create that finds its object is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet_api import names, wire
+from edgefleet_api.conditions import conditions_equal, conditions_from_obj
+from edgefleet_api.inference_service import InferenceServiceSpec, service_key
+from edgefleet_api.patch import merge_patch
+from edgefleet_operator import fleet_state, manifests, rollout, service_status
+from edgefleet_operator.fleet_read import FleetRead, ServiceRead
+from edgefleet_operator.fleet_types import PlacedModel, PlacementEvent, ServicePlacement
+from edgefleet_operator.settings import AgentPodSettings
+
+Obj = Mapping[str, Any]
+WARNING_PLACEMENTS = ("FailedPlacement", "Evicted")
+"""Placement event reasons posted as Warning events (the others are Normal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventWrite:
+    """A Kubernetes Event on an InferenceService; best effort (a terminating namespace refuses it)."""
+
+    namespace: str
+    name: str
+    uid: str
+    reason: str
+    message: str
+    warning: bool
+    time: str
+    """RFC 3339: the pass's clock."""
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
+            "involvedObject": {
+                "apiVersion": names.API_VERSION,
+                "kind": names.INFERENCE_SERVICE_KIND,
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": self.uid,
+            },
+            "reason": self.reason,
+            "message": self.message[:1024],
+            "type": "Warning" if self.warning else "Normal",
+            "source": {"component": names.MANAGED_BY},
+            "firstTimestamp": self.time,
+            "lastTimestamp": self.time,
+            "count": 1,
+        }
+
+
+def event(isvc: Obj, reason: str, message: str, warning: bool, time: str) -> EventWrite:
+    meta = isvc["metadata"]
+    return EventWrite(meta["namespace"], meta["name"], meta["uid"], reason, message, warning, time)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeNodeSync:
+    """EdgeNodes to match the fleet's Nodes: one per Node, none for a Node that left."""
+
+    create: tuple[Obj, ...]
+    """New EdgeNodes, for fleet Nodes that have none (named after them)."""
+    delete: tuple[str, ...]
+    """Ours, whose Node left the fleet."""
+    ignore: tuple[str, ...]
+    """Someone else's, of no fleet Node: neither ours to delete nor to place on."""
+
+
+def edge_node_sync(nodes: Sequence[Obj], edge_nodes: Mapping[str, Obj]) -> EdgeNodeSync:
+    fleet = {n["metadata"]["name"] for n in nodes}
+    gone = sorted(set(edge_nodes) - fleet)
+    ours = {
+        n
+        for n in gone
+        if (edge_nodes[n]["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by")
+        == names.MANAGED_BY
+    }
+    return EdgeNodeSync(
+        tuple(manifests.edge_node(n) for n in nodes if n["metadata"]["name"] not in edge_nodes),
+        tuple(n for n in gone if n in ours),
+        tuple(n for n in gone if n not in ours),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutWrite:
+    """One service's rollout step and its writes, in this order: a warning for an unknown action,
+    status.rollout, the action annotation cleared, the step's events."""
+
+    service: str
+    namespace: str
+    name: str
+    decision: rollout.Decision | None
+    """None: the service's status.rollout cannot be followed (`held` says why); it holds this pass."""
+    held: str = ""
+    action_warning: EventWrite | None = None
+    status_patch: Obj | None = None
+    """The merge patch of status.rollout; None when it is unchanged, or for a first deployment (its
+    status.rollout goes out with the service's status, after the specs)."""
+    clear_action: bool = False
+    events: tuple[EventWrite, ...] = ()
+
+
+def rollout_write(
+    service: ServiceRead,
+    nodes: Sequence[str],
+    read: FleetRead,
+    node_labels: Mapping[str, Mapping[str, str]],
+    now: float,
+) -> RolloutWrite:
+    """The service's rollout step over the `nodes` placement chose for it, at `now` (epoch seconds).
+
+    A first deployment (no status.rollout yet, no stable version) writes no status.rollout here: its
+    targets follow from the spec alone, and its revision replaces any earlier try, so the pass after
+    a crash recomputes them."""
+    key, meta, isvc = service.key, service.meta, service.obj
+    stamp = wire.rfc3339(now)
+    annotation = (meta.get("annotations") or {}).get(names.ANNOTATION_ROLLOUT_ACTION)
+    warning = None
+    try:
+        action = rollout.parse_action(annotation)
+    except ValueError as e:
+        action, warning = None, event(isvc, "InvalidRolloutAction", str(e), True, stamp)
+    previous = service.status_obj.get("rollout")
+    try:
+        observations = {
+            n: rollout.observe(
+                key, read.edge_node(n).status, node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, "")
+            )
+            for n in nodes
+        }
+        decision = rollout.step(
+            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key
+        )
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        # A status.rollout this operator cannot follow (edited by hand, or from an older version).
+        return RolloutWrite(
+            key, meta["namespace"], meta["name"], None, f"{type(e).__name__}: {e}", action_warning=warning
+        )
+    written = decision.status.to_obj()
+    first_deployment = previous is None and decision.status.stable is None
+    patch = None
+    if written != previous and not first_deployment:
+        patch = {"status": {"rollout": merge_patch(previous or {}, written)}}
+    return RolloutWrite(
+        key,
+        meta["namespace"],
+        meta["name"],
+        decision,
+        action_warning=warning,
+        status_patch=patch,
+        clear_action=annotation is not None,
+        events=tuple(event(isvc, e.reason, e.message, e.warning, stamp) for e in decision.events),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeNodeSpecWrite:
+    """A merge patch of one EdgeNode: its models and budget, and the work-since annotation."""
+
+    node: str
+    patch: Obj
+
+
+def edge_node_spec_writes(
+    by_node: Mapping[str, Sequence[PlacedModel]],
+    rollouts: Mapping[str, rollout.Decision],
+    specs: Mapping[str, InferenceServiceSpec],
+    read: FleetRead,
+    capacity: Mapping[str, int],
+    now: str,
+) -> tuple[EdgeNodeSpecWrite, ...]:
+    """Patches of the EdgeNodes whose spec differs from the placement, by node name.
+
+    `rollouts`: service -> its rollout decision (a service without one keeps its entries as they
+    are); `specs`: service -> its spec; `capacity`: node -> its memory budget; `now`: RFC 3339, when
+    a node's work starts (the health tracker's allowance for its agent to come up). A spec entry the
+    contract cannot read is dropped by the rewrite."""
+    out = []
+    for node, placed in sorted(by_node.items()):
+        en = read.edge_node(node)
+        models = fleet_state.edge_node_models(node, placed, rollouts, specs, en.spec.models)
+        unchanged = en.spec.models == models and not en.spec.invalid
+        if unchanged and en.spec.memory_budget_bytes == capacity[node]:
+            continue
+        patch: dict[str, Any] = {
+            "spec": {"models": [m.to_obj() for m in models], "memoryBudgetBytes": capacity[node]}
+        }
+        if models and names.ANNOTATION_WORK_SINCE not in en.annotations:
+            patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: now}}
+        elif not models and names.ANNOTATION_WORK_SINCE in en.annotations:
+            patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: None}}
+        out.append(EdgeNodeSpecWrite(node, patch))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class FinalizerWrite:
+    """A service's finalizer list, conditional on `resource_version` so that another controller's
+    finalizer added meanwhile is never dropped (a conflict is left to the next pass)."""
+
+    service: str
+    namespace: str
+    name: str
+    finalizers: tuple[str, ...]
+    resource_version: str
+
+
+def finalizer_write(isvc: Obj, finalizers: Iterable[str]) -> FinalizerWrite:
+    meta = isvc["metadata"]
+    return FinalizerWrite(
+        service_key(isvc),
+        meta["namespace"],
+        meta["name"],
+        tuple(finalizers),
+        meta["resourceVersion"],
+    )
+
+
+def finalizer_releases(deleting: Iterable[Obj], read: FleetRead) -> tuple[FinalizerWrite, ...]:
+    """Our finalizer dropped from each deleted service that no EdgeNode spec holds any more (given the
+    specs as this pass wrote them): `kubectl delete` returns once its models are unplaced everywhere."""
+    held = set()
+    for name in read.edge_nodes:
+        spec = read.edge_node(name).spec
+        held |= {m.service for m in spec.models} | {m.service for m in spec.invalid}
+    out = []
+    for isvc in deleting:
+        finalizers = isvc["metadata"].get("finalizers") or []
+        if names.FINALIZER in finalizers and service_key(isvc) not in held:
+            out.append(finalizer_write(isvc, (f for f in finalizers if f != names.FINALIZER)))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class PodWrite:
+    """One node's agent Pod created or deleted."""
+
+    node: str
+    namespace: str
+    name: str
+    create: Obj | None
+    """The Pod to create; None: delete it (its node has no work, or it ended)."""
+
+
+def nodes_with_work(by_node: Mapping[str, Sequence[PlacedModel]]) -> int:
+    return sum(1 for placed in by_node.values() if placed)
+
+
+def pod_writes(
+    by_node: Mapping[str, Sequence[PlacedModel]],
+    pods: Mapping[str, Obj],
+    edge_nodes: Mapping[str, Obj],
+    agent: AgentPodSettings,
+) -> tuple[PodWrite, ...]:
+    """An agent Pod on every node with work, none on nodes without; failed Pods are replaced (deleted
+    here, created by the next pass)."""
+    out = []
+    for node, placed in sorted(by_node.items()):
+        name = names.agent_name(node)
+        pod = pods.get(name)
+        phase = (pod or {}).get("status", {}).get("phase")
+        if pod and (not placed or phase in ("Failed", "Succeeded")):
+            out.append(PodWrite(node, agent.namespace, name, None))
+        elif placed and not pod:
+            out.append(PodWrite(node, agent.namespace, name, manifests.agent_pod(edge_nodes[node], agent)))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceWrite:
+    """The service's EndpointSlice: created when the pass's list lacked it, else its endpoints patched
+    when they differ from the agents serving it."""
+
+    body: Obj
+    create: bool
+    endpoints: Sequence[Obj] | None = None
+    """The endpoints to patch in; None: the listed slice has them."""
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+
+def endpoints_patch(current: Obj, body: Obj) -> Sequence[Obj] | None:
+    """`body`'s endpoints when `current` (the slice on the server) has others, else None."""
+    have = current.get("endpoints") or []
+    want: Sequence[Obj] = body["endpoints"]
+    if [(e["addresses"], e.get("nodeName"), e.get("conditions", {}).get("ready")) for e in have] == [
+        (e["addresses"], e["nodeName"], e["conditions"]["ready"]) for e in want
+    ]:
+        return None
+    return want
+
+
+@dataclass(frozen=True, slots=True)
+class Bookkeeping:
+    """One service's bookkeeping, written in this order: events, status, finalizer, Service,
+    EndpointSlice. The finalizer goes after the status: its watch event then carries the current
+    observedGeneration, which `handlers.serving_change` does not count as urgent work."""
+
+    service: str
+    namespace: str
+    name: str
+    placement_events: tuple[PlacementEvent, ...]
+    """This pass's placement events for the service (with those carried from passes that deferred
+    its bookkeeping): carried to the next pass if this one defers it too."""
+    events: tuple[EventWrite, ...]
+    status_patch: Obj | None
+    """The merge patch of the status; None when it is unchanged (lastTransitionTimes aside)."""
+    finalizer: FinalizerWrite | None
+    """Our finalizer added; its resourceVersion is the one read, or the status write's if one went."""
+    create_service: Obj | None
+    """The Service to create, when the pass's list lacked it."""
+    endpoint_slice: SliceWrite | None
+
+
+def bookkeeping(
+    service: ServiceRead,
+    placement: ServicePlacement | None,
+    ro: RolloutWrite,
+    placement_events: Sequence[PlacementEvent],
+    read: FleetRead,
+    port: int,
+    now: str,
+) -> Bookkeeping:
+    """The service's writes after its placement and rollout step `ro` (which has a decision), from
+    the EdgeNodes as this pass wrote their specs, and the agent Pods, Services and EndpointSlices it
+    read; `port`: the agents'; `now`: RFC 3339, for its events and the conditions that change."""
+    assert ro.decision is not None, "a held rollout has no bookkeeping"
+    decision, meta, isvc = ro.decision, service.meta, service.obj
+    holding = placement.nodes if placement else ()
+    statuses = {n: read.edge_node(n).status for n in holding}
+    view = service_status.RolloutView(
+        decision.node_versions(),
+        {n: [(m.name, m.version, m.artifact.digest) for m, _ in decision.placed(n)] for n in holding},
+        decision.degraded,
+        decision.status,
+    )
+    status = service_status.service_status(service, placement, statuses, now, view)
+    new = status.to_obj()
+    old = dict(service.status_obj)
+    if ro.status_patch is not None:
+        old["rollout"] = new["rollout"]  # written by the rollout step already
+    events = tuple(
+        event(isvc, e.reason, e.message, e.reason in WARNING_PLACEMENTS, now)
+        for e in placement_events
+        # said already (the status's message); repeating it every pass is noise
+        if not (e.reason == "FailedPlacement" and e.message == old.get("message", ""))
+    )
+    unchanged = all(old.get(k) == v for k, v in new.items() if k != "conditions") and conditions_equal(
+        conditions_from_obj(old.get("conditions")), status.conditions
+    )
+    finalizers = meta.get("finalizers") or []
+    ready_on = {n.node for n in status.nodes if n.ready}
+    agents = []
+    for n in holding:
+        ip = (read.pods.get(names.agent_name(n)) or {}).get("status", {}).get("podIP")
+        if ip:
+            agents.append((n, ip, n in ready_on))
+    body = manifests.endpoint_slice(isvc, agents, port)
+    listed = read.slices.get((body["metadata"]["namespace"], body["metadata"]["name"]))
+    slice_write = None
+    if listed is None:
+        slice_write = SliceWrite(body, create=True)
+    elif (endpoints := endpoints_patch(listed, body)) is not None:
+        slice_write = SliceWrite(body, create=False, endpoints=endpoints)
+    return Bookkeeping(
+        ro.service,
+        meta["namespace"],
+        meta["name"],
+        tuple(placement_events),
+        events,
+        None if unchanged else {"status": merge_patch(old, new)},
+        None if names.FINALIZER in finalizers else finalizer_write(isvc, [*finalizers, names.FINALIZER]),
+        None
+        if (meta["namespace"], manifests.service_name(meta["name"])) in read.kube_services
+        else manifests.service(isvc),
+        slice_write,
+    )

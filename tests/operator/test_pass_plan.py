@@ -1,0 +1,331 @@
+"""The fleet pass's decisions as typed writes (pass_plan): pure, from dicts as the API returns them
+(read through the contract's typed views, as a pass reads them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgefleet_api import names
+from edgefleet_api.patch import merge_patch
+from edgefleet_operator import pass_plan, rollout
+from edgefleet_operator.fleet_read import FleetRead, read_service
+from edgefleet_operator.fleet_types import PlacedModel, PlacementEvent, ServicePlacement
+from edgefleet_operator.settings import AgentPodSettings
+
+NOW = 1_790_000_000.0
+STAMP = "2026-09-21T14:13:20Z"
+D1, D2 = "sha256:" + "1a" * 32, "sha256:" + "2b" * 32
+NODES = ("n1", "n2")
+LABELS = {n: {names.LABEL_DEVICE_CLASS: "jetson-orin"} for n in NODES}
+
+
+def model(version: str, digest: str) -> dict[str, Any]:
+    return {"name": "classifier", "version": version, "artifact": {"uri": "repo://c", "digest": digest}}
+
+
+def isvc(
+    version: str = "1", digest: str = D1, status: dict[str, Any] | None = None, **meta: Any
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"models": [model(version, digest)]}
+    if version != "1":
+        spec["rollout"] = {"strategy": "Canary", "waves": [{"count": 1}]}
+    obj: dict[str, Any] = {
+        "apiVersion": names.API_VERSION,
+        "kind": names.INFERENCE_SERVICE_KIND,
+        "metadata": {"name": "cam", "namespace": "shop", "uid": "u1", "resourceVersion": "7", **meta},
+        "spec": spec,
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def edge_nodes(loaded: tuple[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """EdgeNodes n1, n2; `loaded`: the (version, digest) their agents report Ready."""
+    out = {}
+    for n in NODES:
+        st: dict[str, Any] = {"endpoint": f"http://{n}:8000"}
+        if loaded:
+            st["models"] = [
+                {
+                    "service": "shop/cam",
+                    "model": "classifier",
+                    "version": loaded[0],
+                    "digest": loaded[1],
+                    "state": "Ready",
+                }
+            ]
+        out[n] = {
+            "apiVersion": names.API_VERSION,
+            "kind": names.EDGE_NODE_KIND,
+            "metadata": {"name": n, "uid": f"u-{n}"},
+            "spec": {"nodeName": n, "models": []},
+            "status": st,
+        }
+    return out
+
+
+def fleet(edge_nodes: dict[str, dict[str, Any]]) -> FleetRead:
+    return FleetRead([], edge_nodes, {}, [])
+
+
+def rollout_write(
+    service: dict[str, Any], nodes: Iterable[str], edge_nodes: dict[str, Any], labels: Any, now: float
+) -> pass_plan.RolloutWrite:
+    return pass_plan.rollout_write(read_service(service), tuple(nodes), fleet(edge_nodes), labels, now)
+
+
+def status_of(ro: pass_plan.RolloutWrite) -> dict[str, Any]:
+    """The rollout step's status.rollout, as written."""
+    assert ro.decision is not None
+    return ro.decision.status.to_obj()
+
+
+def bookkeeping(service: dict[str, Any], *args: Any) -> pass_plan.Bookkeeping:
+    return pass_plan.bookkeeping(read_service(service), *args)
+
+
+def stable_status() -> dict[str, Any]:
+    """status.rollout of version 1 deployed and confirmed on both nodes."""
+    ro = rollout_write(isvc(), NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    assert ro.decision is not None and status_of(ro)["stableVersion"] == "1"
+    return status_of(ro)
+
+
+def test_the_decisions_need_no_api_client() -> None:
+    """The pure seams import no kubernetes (nor kopf, aiohttp, torch): they run without a cluster."""
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        "from edgefleet_operator import fleet_read, pass_plan, service_status\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'kubernetes', 'kopf', 'aiohttp', 'torch'}))"
+    )
+    env = os.environ | {"PYTHONPATH": f"{repo}{os.pathsep}{repo / 'operator'}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+# --- rollout steps -------------------------------------------------------------------------------
+
+
+def test_a_first_deployment_writes_no_rollout_status_before_the_specs() -> None:
+    ro = rollout_write(isvc(), NODES, edge_nodes(), LABELS, NOW)
+    assert ro.decision is not None and "stableVersion" not in status_of(ro)
+    assert ro.status_patch is None and not ro.clear_action and ro.action_warning is None
+    assert set(ro.decision.targets) == set(NODES)
+
+
+def test_a_confirmed_first_deployment_records_its_stable_version() -> None:
+    ro = rollout_write(isvc(), NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    assert ro.status_patch is not None and ro.status_patch["status"]["rollout"]["stableVersion"] == "1"
+    assert [e.reason for e in ro.events] == ["Deployed"]
+
+
+def test_an_advancing_rollout_patches_its_status_rollout() -> None:
+    previous = stable_status()
+    service = isvc("2", D2, status={"rollout": previous})
+    ro = rollout_write(service, NODES, edge_nodes(("1", D1)), LABELS, NOW + 60)
+    assert ro.decision is not None and status_of(ro)["phase"] == "Progressing"
+    assert ro.status_patch == {"status": {"rollout": merge_patch(previous, status_of(ro))}}
+    assert ro.status_patch["status"]["rollout"]["canaryVersion"] == "2"
+    assert [(e.reason, e.warning, e.time) for e in ro.events] == [
+        ("RolloutStarted", False, "2026-09-21T14:14:20Z")
+    ]
+    # Unchanged since (nothing reported yet): nothing to write.
+    again = rollout_write(
+        isvc("2", D2, status={"rollout": status_of(ro)}), NODES, edge_nodes(("1", D1)), LABELS, NOW + 60
+    )
+    assert again.status_patch is None and again.events == ()
+
+
+def test_an_action_is_cleared_once_read_and_an_unknown_one_warned_about() -> None:
+    previous = stable_status()
+    annotated = isvc(
+        "2", D2, status={"rollout": previous}, annotations={names.ANNOTATION_ROLLOUT_ACTION: "pause"}
+    )
+    ro = rollout_write(annotated, NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    assert ro.clear_action and ro.action_warning is None
+    assert ro.decision is not None and status_of(ro)["phase"] == "Paused"
+
+    bad = isvc(status={"rollout": previous}, annotations={names.ANNOTATION_ROLLOUT_ACTION: "launch"})
+    ro = rollout_write(bad, NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    assert ro.clear_action and ro.decision is not None
+    warning = ro.action_warning
+    assert warning is not None and (warning.reason, warning.warning) == ("InvalidRolloutAction", True)
+    body = warning.body()
+    assert body["type"] == "Warning" and "launch" in body["message"] and body["firstTimestamp"] == STAMP
+    assert body["involvedObject"] == {
+        "apiVersion": names.API_VERSION,
+        "kind": names.INFERENCE_SERVICE_KIND,
+        "name": "cam",
+        "namespace": "shop",
+        "uid": "u1",
+    }
+
+
+def test_an_unusable_rollout_status_holds_the_service() -> None:
+    ro = rollout_write(isvc(status={"rollout": {"phase": "Sideways"}}), NODES, edge_nodes(), LABELS, NOW)
+    assert ro.decision is None and ro.held.startswith("ValueError")
+    assert ro.status_patch is None and ro.events == ()
+
+
+# --- EdgeNode specs, finalizers, Pods --------------------------------------------------------------
+
+
+def decision_for(service: dict[str, Any], loaded: tuple[str, str] | None = None) -> rollout.Decision:
+    ro = rollout_write(service, NODES, edge_nodes(loaded), LABELS, NOW)
+    assert ro.decision is not None
+    return ro.decision
+
+
+def test_edge_node_specs_are_patched_where_they_differ_and_mark_when_work_starts() -> None:
+    service = isvc()
+    placed = {n: (PlacedModel("shop/cam", "classifier", "1", 64 << 20),) for n in NODES} | {"n3": ()}
+    nodes = edge_nodes() | {
+        "n3": {
+            "metadata": {"name": "n3", "annotations": {names.ANNOTATION_WORK_SINCE: "x"}},
+            "spec": {"models": []},
+        }
+    }
+    capacity = dict.fromkeys((*NODES, "n3"), 8 << 30)
+    rollouts = {"shop/cam": decision_for(service)}
+    specs = {"shop/cam": read_service(service).spec}
+    writes = pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP)
+    assert [w.node for w in writes] == ["n1", "n2", "n3"]
+    n1 = writes[0].patch
+    assert n1["metadata"] == {"annotations": {names.ANNOTATION_WORK_SINCE: STAMP}}
+    assert [(m["service"], m["version"], m["memoryBudgetBytes"]) for m in n1["spec"]["models"]] == [
+        ("shop/cam", "1", 64 << 20)
+    ]
+    assert writes[2].patch == {
+        "spec": {"models": [], "memoryBudgetBytes": 8 << 30},
+        "metadata": {"annotations": {names.ANNOTATION_WORK_SINCE: None}},
+    }
+    # Written as planned: the next plan is empty.
+    for w in writes:
+        nodes[w.node]["spec"] = dict(w.patch["spec"])
+        nodes[w.node]["metadata"]["annotations"] = {names.ANNOTATION_WORK_SINCE: STAMP}
+    assert pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP) == ()
+
+
+def test_a_deleted_service_is_released_once_no_spec_holds_it() -> None:
+    gone = isvc(finalizers=["other.io/keep", names.FINALIZER], deletionTimestamp=STAMP)
+    holding = edge_nodes()
+    holding["n1"]["spec"]["models"] = [{"service": "shop/cam", "model": "classifier"}]
+    assert pass_plan.finalizer_releases([gone], fleet(holding)) == ()
+    (w,) = pass_plan.finalizer_releases([gone], fleet(edge_nodes()))
+    assert (w.finalizers, w.resource_version) == (("other.io/keep",), "7")
+
+
+def test_agent_pods_follow_the_work() -> None:
+    agent = AgentPodSettings()
+    placed = {
+        "n1": (PlacedModel("shop/cam", "classifier", "1", 1),),
+        "n2": (),
+        "n3": (PlacedModel("s", "m", "1", 1),),
+    }
+    pods = {
+        names.agent_name("n2"): {"status": {"phase": "Running"}},  # idle: deleted
+        names.agent_name("n3"): {"status": {"phase": "Failed"}},  # ended: replaced (deleted first)
+    }
+    nodes = edge_nodes()
+    writes = pass_plan.pod_writes(placed, pods, nodes, agent)
+    assert [(w.node, w.create is not None) for w in writes] == [("n1", True), ("n2", False), ("n3", False)]
+    assert writes[0].create is not None and writes[0].create["metadata"]["name"] == names.agent_name("n1")
+    assert pass_plan.nodes_with_work(placed) == 2
+
+
+# --- bookkeeping -----------------------------------------------------------------------------------
+
+
+def read(
+    nodes: dict[str, Any],
+    services: Iterable[tuple[str, str]] = (),
+    slices: dict[tuple[str, str], Any] | None = None,
+) -> FleetRead:
+    pods = {names.agent_name(n): {"status": {"podIP": f"10.0.0.{i}"}} for i, n in enumerate(NODES)}
+    return FleetRead([], nodes, {}, [], pods, set(services), slices or {})
+
+
+def test_a_new_service_gets_events_status_finalizer_service_and_slice() -> None:
+    service = isvc()
+    ro = rollout_write(service, NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    placement = ServicePlacement(NODES, 2)
+    events = [PlacementEvent("shop/cam", "Placed", "on n1, n2")]
+    plan = bookkeeping(service, placement, ro, events, read(edge_nodes(("1", D1))), 8000, STAMP)
+    assert [(e.reason, e.warning) for e in plan.events] == [("Placed", False)]
+    assert plan.status_patch is not None
+    status = plan.status_patch["status"]
+    assert status["readyNodes"] == 2 and status["observedGeneration"] == 1
+    assert "rollout" not in status, "the rollout step wrote it already"
+    assert status["endpoints"] == ["http://n1:8000", "http://n2:8000"]
+    assert plan.finalizer is not None and plan.finalizer.finalizers == (names.FINALIZER,)
+    assert plan.create_service is not None and plan.create_service["metadata"]["name"] == "cam-v2"
+    assert plan.endpoint_slice is not None and plan.endpoint_slice.create
+    assert [e["addresses"] for e in plan.endpoint_slice.body["endpoints"]] == [["10.0.0.0"], ["10.0.0.1"]]
+
+
+def test_written_bookkeeping_plans_nothing_but_what_changed() -> None:
+    service = isvc()
+    ro = rollout_write(service, NODES, edge_nodes(("1", D1)), LABELS, NOW)
+    placement = ServicePlacement(NODES, 2)
+    plan = bookkeeping(service, placement, ro, [], read(edge_nodes(("1", D1))), 8000, STAMP)
+    assert plan.status_patch is not None and plan.endpoint_slice is not None
+    # As the writer leaves it: the status (its rollout written by the rollout step already), the
+    # finalizer, the Service and the slice.
+    assert ro.decision is not None and ro.status_patch is not None
+    written = isvc(
+        status=plan.status_patch["status"] | {"rollout": status_of(ro)}, finalizers=[names.FINALIZER]
+    )
+    slices = {("shop", "cam-v2"): plan.endpoint_slice.body}
+    again = bookkeeping(
+        written, placement, ro, [], read(edge_nodes(("1", D1)), {("shop", "cam-v2")}, slices), 8000, STAMP
+    )
+    assert (
+        again.events,
+        again.status_patch,
+        again.finalizer,
+        again.create_service,
+        again.endpoint_slice,
+    ) == (
+        (),
+        None,
+        None,
+        None,
+        None,
+    )
+    # An agent's Pod lost its IP: the slice's endpoints are patched, nothing else.
+    fewer = read(edge_nodes(("1", D1)), {("shop", "cam-v2")}, slices)
+    del fewer.pods[names.agent_name("n2")]
+    patched = bookkeeping(written, placement, ro, [], fewer, 8000, STAMP)
+    assert patched.status_patch is None and patched.endpoint_slice is not None
+    assert not patched.endpoint_slice.create
+    assert [e["nodeName"] for e in patched.endpoint_slice.endpoints or []] == ["n1"]
+
+
+def test_a_failed_placement_is_said_once() -> None:
+    service = isvc(status={"message": "needs 2 nodes, 1 fit"})
+    ro = rollout_write(service, NODES[:1], edge_nodes(), LABELS, NOW)
+    again = [PlacementEvent("shop/cam", "FailedPlacement", "needs 2 nodes, 1 fit")]
+    new = [PlacementEvent("shop/cam", "FailedPlacement", "needs 2 nodes, 0 fit")]
+    placement = ServicePlacement(NODES[:1], 2, "needs 2 nodes, 1 fit")
+    plan = bookkeeping(service, placement, ro, again, read(edge_nodes()), 8000, STAMP)
+    assert plan.events == () and plan.placement_events == tuple(again)
+    plan = bookkeeping(service, placement, ro, new, read(edge_nodes()), 8000, STAMP)
+    assert [(e.reason, e.warning) for e in plan.events] == [("FailedPlacement", True)]
+
+
+def test_slice_endpoints_are_compared_by_address_node_and_readiness() -> None:
+    want = {"endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "n1", "conditions": {"ready": True}}]}
+    same = {
+        "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "n1", "conditions": {"ready": True}, "x": 1}]
+    }
+    unready = {"endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "n1", "conditions": {"ready": False}}]}
+    assert pass_plan.endpoints_patch(same, want) is None
+    assert pass_plan.endpoints_patch(unready, want) == want["endpoints"]
+    assert pass_plan.endpoints_patch({}, want) == want["endpoints"]
