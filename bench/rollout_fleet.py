@@ -39,7 +39,8 @@ from e2e import cluster as localcluster
 from e2e import fleet
 from e2e.operator_proc import AGENT_NAMESPACE, OperatorProcess, ensure_agent_namespace
 from e2e.sim_agent import SimNode, SimulatedAgents
-from edgefleet_api import names
+from edgefleet_api import names, wire
+from edgefleet_api.inference_service import WaveSpec
 from edgefleet_operator import rollout
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -260,7 +261,7 @@ def main() -> None:
         passes1, busy1 = pass_stats(op.metrics_port)
         writes1, sim_writes1 = writes_by_kind(op.metrics_port), beat.writes
         waves = [
-            (a["wave"], rollout.parse_time(a["time"]) or 0)
+            (a["wave"], wire.parse_time(a["time"]) or 0)
             for a in promoted["analysis"]
             if a["result"] == "Passed"
         ]
@@ -283,9 +284,9 @@ def main() -> None:
         t_back = wait(lambda: fleet_versions() == ({"2"}, {"2"}), 300, "v2 reported everywhere")
         failed = status()
         fail = next(a for a in failed["analysis"] if a["result"] == "Failed")
-        t_fail = rollout.parse_time(fail["time"]) or 0
-        t_window = rollout.parse_time(window[0]) if window else None
-        canaries = rollout.Wave(percent=5).nodes(N)
+        t_fail = wire.parse_time(fail["time"]) or 0
+        t_window = wire.parse_time(window[0]) if window else None
+        canaries = rollout.wave_nodes(WaveSpec(percent=5), N)
         print(f"[bench] rolled back: {fail['message']}", flush=True)
         if os.environ.get("BENCH_PROFILE") == "1":
             profile = profile_passes(kube)

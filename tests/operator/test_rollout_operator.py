@@ -21,7 +21,7 @@ import pytest
 from fleet_helpers import DIGEST, Group, apply, condition, events, eventually, get_status, service
 
 from e2e.operator_proc import OperatorProcess, ensure_agent_namespace
-from edgefleet_api import names
+from edgefleet_api import names, wire
 from edgefleet_operator import rollout
 
 pytestmark = pytest.mark.cluster
@@ -246,7 +246,7 @@ def assert_recorded(kube: Any, namespace: str, name: str, group: Group, key: str
 def assert_windows_honoured(analysis: list[dict[str, Any]], window_s: int) -> None:
     """Each wave after the first was judged at least a whole window after the previous one passed
     (its window starts when its nodes confirm, which is after that)."""
-    times = [rollout.parse_time(a["time"]) or 0 for a in analysis if a["result"] == "Passed"]
+    times = [wire.parse_time(a["time"]) or 0 for a in analysis if a["result"] == "Passed"]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= window_s for g in gaps), (gaps, analysis)
 
@@ -321,13 +321,13 @@ def test_low_traffic_holds_as_inconclusive(
         operator,
     )
     assert first["result"] == "Inconclusive" and "6 requests" in first["message"], first
-    t0 = rollout.parse_time(first["time"])
+    t0 = wire.parse_time(first["time"])
     assert t0 is not None
 
     def rejudged() -> dict[str, Any] | None:
         r = ro(kube, namespace, "quiet")
         last = r["analysis"][-1]
-        later = (rollout.parse_time(last["time"]) or 0) >= t0 + 2 * FAST["intervalSeconds"]
+        later = (wire.parse_time(last["time"]) or 0) >= t0 + 2 * FAST["intervalSeconds"]
         return r if later else None
 
     # Judged again over two more windows: it held, neither passing nor failing.
