@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet_api import wire
@@ -143,14 +143,14 @@ class RolloutStatus:
     step: str = ""
     """Human summary, e.g. 'wave 2/4 (25%)'."""
     message: str = ""
+    stable: Revision | None = field(init=False, repr=False, compare=False)
+    """The stable revision, derived from `stable_models` (never written on its own)."""
+    canary: Revision | None = field(init=False, repr=False, compare=False)
+    """The canary revision, derived from `canary_models`."""
 
-    @property
-    def stable(self) -> Revision | None:
-        return Revision.of(self.stable_models) if self.stable_models else None
-
-    @property
-    def canary(self) -> Revision | None:
-        return Revision.of(self.canary_models) if self.canary_models else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stable", Revision.of(self.stable_models) if self.stable_models else None)
+        object.__setattr__(self, "canary", Revision.of(self.canary_models) if self.canary_models else None)
 
     def check_invariants(self) -> None:
         stable, canary = self.stable, self.canary

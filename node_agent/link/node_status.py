@@ -178,7 +178,8 @@ def _at_or_above(temperature_c: float | None, limit_c: float | None) -> bool:
     return temperature_c is not None and limit_c is not None and temperature_c >= limit_c
 
 
-_NO_METRICS = {"memory_used_bytes": None, "memory_free_bytes": None, "temperature_c": None, "power_w": None}
+_GPU_METRICS = ("memory_used_bytes", "memory_free_bytes", "temperature_c", "power_w", "utilization")
+"""The GpuStatus fields that are measurements (the rest say what the device is)."""
 
 
 def _structure(status: EdgeNodeStatus) -> EdgeNodeStatus:

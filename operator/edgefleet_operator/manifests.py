@@ -52,12 +52,6 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
     """
     node = edge_node_obj["spec"]["nodeName"]
     name = names.agent_name(node)
-    probe = lambda path, period: {  # noqa: E731
-        "httpGet": {"path": path, "port": "http"},
-        "periodSeconds": period,
-        "timeoutSeconds": 2,
-        "failureThreshold": 3,
-    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -121,8 +115,8 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
                         "limits": {"memory": settings.memory_limit, settings.gpu_resource: "1"},
                     },
-                    "livenessProbe": probe("/v2/health/live", 10),
-                    "readinessProbe": probe("/v2/health/ready", 5),
+                    "livenessProbe": _http_probe("/v2/health/live", 10),
+                    "readinessProbe": _http_probe("/v2/health/ready", 5),
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
                         "readOnlyRootFilesystem": True,
@@ -210,4 +204,13 @@ def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int
             {"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}
             for node, ip, ready in sorted(agents)
         ],
+    }
+
+
+def _http_probe(path: str, period_s: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period_s,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
     }
