@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,60 @@ from edgefleet_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
+
+
+class TypedViews:
+    """The contract's typed views of the objects a pass reads, kept from pass to pass: an EdgeNode is
+    parsed again only when its resourceVersion changed (the API server changes it with every write,
+    so a kept view is never stale), a service's spec only when its generation did. At 500 nodes a
+    pass parses the few EdgeNodes whose agents wrote since, not all of them."""
+
+    def __init__(self) -> None:
+        self._edge_nodes: dict[str, tuple[Obj, str | None, EdgeNode]] = {}
+        self._specs: dict[tuple[str, str, Any], InferenceServiceSpec] = {}
+
+    def edge_node(self, name: str, obj: Obj) -> EdgeNode:
+        """EdgeNode `name` typed. A status the contract cannot read (not one our agents write) is
+        taken as empty, with a warning: the node keeps its place in the fleet."""
+        version = obj["metadata"].get("resourceVersion")
+        kept = self._edge_nodes.get(name)
+        if kept is not None and (kept[0] is obj or (version is not None and kept[1] == version)):
+            return kept[2]
+        try:
+            typed = EdgeNode.from_obj(obj)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("EdgeNode %s: unreadable status, taken as empty (%s)", name, e)
+            meta = obj.get("metadata") or {}
+            typed = EdgeNode(
+                name,
+                EdgeNodeSpec.from_obj(obj.get("spec") or {}, name),
+                EdgeNodeStatus(),
+                dict(meta.get("labels") or {}),
+                dict(meta.get("annotations") or {}),
+            )
+        self._edge_nodes[name] = (obj, version, typed)
+        return typed
+
+    def service(self, obj: Obj) -> ServiceRead:
+        """The service as this pass read it, its spec typed. ValueError (KeyError, TypeError) for a
+        spec the contract cannot read (the CRD's validation should make it unreachable)."""
+        meta = obj["metadata"]
+        key = service_key(obj)
+        ident = (key, str(meta.get("uid", "")), meta.get("generation"))
+        spec = self._specs.get(ident)
+        if spec is None:
+            spec = self._specs[ident] = InferenceServiceSpec.from_obj(obj["spec"])
+        return ServiceRead(obj, key, spec)
+
+    def keep_only(self, edge_nodes: Iterable[str], services: Iterable[Obj]) -> None:
+        """Forget the views of objects that are gone."""
+        names = set(edge_nodes)
+        self._edge_nodes = {n: v for n, v in self._edge_nodes.items() if n in names}
+        live = {
+            (service_key(o), str(o["metadata"].get("uid", "")), o["metadata"].get("generation"))
+            for o in services
+        }
+        self._specs = {k: v for k, v in self._specs.items() if k in live}
 
 
 @dataclass
@@ -40,30 +95,11 @@ class FleetRead:
     """(namespace, name) of the Services this operator manages."""
     slices: dict[tuple[str, str], Obj] = field(default_factory=dict)
     """The EndpointSlices this operator manages, by (namespace, name)."""
-    _typed: dict[str, tuple[Obj, EdgeNode]] = field(default_factory=dict, repr=False)
+    views: TypedViews = field(default_factory=TypedViews, repr=False)
 
     def edge_node(self, name: str) -> EdgeNode:
-        """EdgeNode `name` typed, parsed once per object (a write that replaces the object in
-        `edge_nodes` is parsed again). A status the contract cannot read (not one our agents
-        write) is taken as empty, with a warning: the node keeps its place in the fleet."""
-        obj = self.edge_nodes[name]
-        cached = self._typed.get(name)
-        if cached is not None and cached[0] is obj:
-            return cached[1]
-        try:
-            typed = EdgeNode.from_obj(obj)
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("EdgeNode %s: unreadable status, taken as empty (%s)", name, e)
-            meta = obj.get("metadata") or {}
-            typed = EdgeNode(
-                name,
-                EdgeNodeSpec.from_obj(obj.get("spec") or {}, name),
-                EdgeNodeStatus(),
-                dict(meta.get("labels") or {}),
-                dict(meta.get("annotations") or {}),
-            )
-        self._typed[name] = (obj, typed)
-        return typed
+        """EdgeNode `name` typed (see `TypedViews.edge_node`)."""
+        return self.views.edge_node(name, self.edge_nodes[name])
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +130,9 @@ class ServiceRead:
 
 
 def read_service(obj: Obj) -> ServiceRead:
-    """ValueError (KeyError, TypeError) for a spec the contract cannot read (the CRD's validation
-    should make it unreachable)."""
-    return ServiceRead(obj, service_key(obj), InferenceServiceSpec.from_obj(obj["spec"]))
+    """A service read on its own, its spec typed (ValueError, KeyError, TypeError for one the
+    contract cannot read)."""
+    return TypedViews().service(obj)
 
 
 def ns_name(obj: Obj) -> tuple[str, str]:
@@ -120,6 +156,8 @@ class FleetReader:
     def __init__(self, core: Any, custom: Any, coordination: Any, discovery: Any, settings: OperatorSettings):
         self.core, self.custom, self.coordination, self.discovery = core, custom, coordination, discovery
         self.settings = settings
+        self.views = TypedViews()
+        """Kept from pass to pass (see `TypedViews`)."""
 
     def read(self) -> FleetRead:
         fleet_selector = ",".join(f"{k}={v}" for k, v in self.settings.fleet.node_selector.items())
@@ -142,7 +180,8 @@ class FleetReader:
         services = self.custom.list_cluster_custom_object(
             names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL
         )["items"]
-        return FleetRead(nodes, edge_nodes, leases, services)
+        self.views.keep_only(edge_nodes, services)
+        return FleetRead(nodes, edge_nodes, leases, services, views=self.views)
 
     def read_pods(self, read: FleetRead) -> None:
         agents = f"app.kubernetes.io/name={names.AGENT_APP}"

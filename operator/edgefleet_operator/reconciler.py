@@ -37,7 +37,7 @@ from edgefleet_api import names, wire
 from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import fleet_state, pass_plan
-from edgefleet_operator.fleet_read import FleetRead, FleetReader, Obj, ServiceRead, read_service
+from edgefleet_operator.fleet_read import FleetRead, FleetReader, Obj, ServiceRead
 from edgefleet_operator.fleet_types import NodeState, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker
@@ -136,7 +136,7 @@ class FleetReconciler:
             if obj["metadata"].get("deletionTimestamp"):
                 continue
             try:
-                service = read_service(obj)
+                service = read.views.service(obj)
                 demands.append(
                     fleet_state.service_demand(service.key, service.spec, _rollout(service), measured)
                 )

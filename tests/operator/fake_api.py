@@ -96,6 +96,12 @@ class FakeApiServer:
         assert status == 201, f"{path} {obj['metadata']['name']} exists"
         return created
 
+    def changed(self, obj: dict[str, Any]) -> None:
+        """A test changed `obj` in place (as an agent's status write would): it gets a new
+        resourceVersion, as every write through the API server does."""
+        with self._lock:
+            obj["metadata"]["resourceVersion"] = str(next(self._versions))
+
     def get(self, path: str) -> dict[str, Any]:
         prefix, ns, plural, name, _ = _parse(path)
         assert name is not None

@@ -77,6 +77,7 @@ class World:
                 for m in en["spec"]["models"]
             ]
             en["status"] = {"models": models, "endpoint": f"http://{node}.sim:8000"}
+            self.api.changed(en)
 
     def service(self, name: str = "cam") -> dict[str, Any]:
         return self.api.get(f"{SERVICES}/{name}")
