@@ -65,7 +65,7 @@ kind create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$
 echo "== images"
 # A build context with only what the Dockerfiles copy (the repository holds .venv and caches).
 mkdir -p "$WORK/context"
-cp -r pyproject.toml README.md operator node_agent "$WORK/context/"
+cp -r pyproject.toml README.md edgefleet_api operator node_agent "$WORK/context/"
 docker build -f docker/operator.Dockerfile -t edgefleet/operator:e2e "$WORK/context"
 docker build -f docker/agent-cpu.Dockerfile -t edgefleet/agent-cpu:e2e "$WORK/context"
 docker build -t edgefleet/agent:e2e - <<'EOF'
