@@ -18,9 +18,15 @@ COPY pyproject.toml README.md ./
 COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
-# torch is already satisfied by the CPU build above, so pip keeps it.
+# torch is already satisfied by the CPU build above, so pip keeps it. A CUDA build of torch
+# (TORCH_INDEX=https://pypi.org/simple, where no CPU index is reachable) brings triton (1 GB), the
+# GPU kernel compiler of torch.compile: of no use without a GPU, so it goes; its NVIDIA libraries
+# stay (torch's import loads them even on a CPU).
+# Bytecode compiled at build time (the root filesystem is read-only); torch's test internals hold
+# Python 3.12-only syntax and are never imported by the agent, so they are left out.
 RUN /opt/edgefleet/bin/pip install . \
-    && /opt/edgefleet/bin/python -m compileall -q /opt/edgefleet
+    && /opt/edgefleet/bin/pip uninstall -y -q triton \
+    && /opt/edgefleet/bin/python -m compileall -q -x "/torch/testing/_internal/" /opt/edgefleet
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="edgefleet-agent" \

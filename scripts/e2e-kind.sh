@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # `make e2e-kind`: the end-to-end suite (tests/e2e/test_fleet_e2e.py) on a kind cluster, with the real
-# images and real Pods, for hosts with Docker.
+# images and real Pods.
 #
 #   1. creates a kind cluster: a control plane and three workers (Kubernetes >= 1.30: the chart's
 #      agent admission policy reads the node name from bound ServiceAccount tokens);
-#   2. builds the operator and CPU agent images (docker/), and an e2e agent image on top with the
-#      example models baked in (/opt/edgefleet/examples), and loads them into kind;
+#   2. builds the operator and CPU agent images (scripts/images.sh: docker/), and an e2e agent image
+#      on top with the example models baked in (/opt/edgefleet/examples), and loads them into kind;
 #   3. makes the workers a fleet: edgefleet.io/fleet=true, device classes jetson-orin x2 and
 #      edge-server, zones, and one nvidia.com/gpu each (an advertised extended resource: kind has no
 #      GPUs; the CPU agent image needs none);
@@ -14,61 +14,123 @@
 #      stops a worker's container (NotReady) and uninstalls;
 #   5. deletes the cluster (KEEP_CLUSTER=1 keeps it; its kubeconfig is printed).
 #
-# Needs docker (a running daemon), kind, kubectl and helm on PATH, and the project's venv (make venv).
-# Settings: EDGEFLEET_KIND_CLUSTER (cluster name, default edgefleet-e2e), EDGEFLEET_KIND_IMAGE (node
-# image, default: kind's own), PYTEST_ARGS (extra pytest arguments).
+# With Docker and registry access (a user's machine) it uses kind's own node image and default CNI.
+# Without registry access (this project's sandboxes) everything is made here: the node image by
+# scripts/kind/node-image.sh, the cluster without kind's CNI (its image cannot be built here), each
+# node's Pod network a static ptp/host-local configuration with routes to the other nodes' Pod
+# ranges, and, where no Docker daemon answers, Debian's docker.io started by
+# scripts/kind/docker-up.sh (and stopped at the end).
+#
+# Needs the project's venv (make venv). kind, kubectl and helm from PATH, else the ones
+# scripts/k8s-build.sh builds (`make binaries`; kind with --kind-node). Settings:
+# EDGEFLEET_KIND_CLUSTER (cluster name, default edgefleet-e2e), EDGEFLEET_KIND_IMAGE (node image;
+# default: kind's own, or the offline build without registry access), EDGEFLEET_KIND_OFFLINE (1 or
+# 0: force either way), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+repo=$PWD
+# shellcheck source=k8s-versions.sh
+source scripts/k8s-versions.sh
+# shellcheck source=kind/docker-build.sh
+source scripts/kind/docker-build.sh
+start=$(date +%s)
+log() { printf '== [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 fail() { echo "e2e-kind: $*" >&2; exit 2; }
-need() { command -v "$1" >/dev/null 2>&1 || fail "'$1' is not on PATH: $2"; }
-
-need docker "install Docker Engine (https://docs.docker.com/engine/install/)"
-docker info >/dev/null 2>&1 || fail "docker is installed but its daemon does not answer ('docker info' failed)"
-need kind "install kind (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)"
-need kubectl "install kubectl (https://kubernetes.io/docs/tasks/tools/)"
-need helm "install Helm 3 (https://helm.sh/docs/intro/install/)"
 [[ -x .venv/bin/python ]] || fail "no .venv: run 'make venv' first"
+
+if [[ -z "${EDGEFLEET_KIND_OFFLINE:-}" ]]; then
+  # Docker Hub answers 401 to an anonymous /v2/ when it is reachable.
+  if curl -s -o /dev/null --max-time 5 https://registry-1.docker.io/v2/; then EDGEFLEET_KIND_OFFLINE=0; else EDGEFLEET_KIND_OFFLINE=1; fi
+fi
+offline=$EDGEFLEET_KIND_OFFLINE
+
+started_docker=false
+if ! docker info >/dev/null 2>&1; then
+  [[ $offline == 1 ]] || fail "docker is not running: start Docker (https://docs.docker.com/engine/install/)"
+  bash scripts/kind/docker-up.sh
+  started_docker=true
+fi
+tool() {  # $1: name, $2: where our build puts it
+  if command -v "$1" >/dev/null 2>&1; then command -v "$1"
+  elif [[ -x "$2/$1" ]]; then echo "$2/$1"
+  else return 1; fi
+}
+if ! KUBECTL=$(tool kubectl "$K8S_BIN") || ! HELM=$(tool helm "$K8S_BIN"); then
+  bash scripts/k8s-build.sh
+  KUBECTL=$(tool kubectl "$K8S_BIN"); HELM=$(tool helm "$K8S_BIN")
+fi
+if [[ $offline == 1 && -z "${EDGEFLEET_KIND_IMAGE:-}" ]]; then
+  log "node image (offline build: scripts/kind/node-image.sh)"
+  EDGEFLEET_KIND_IMAGE=$(bash scripts/kind/node-image.sh)
+fi
+KIND=$(tool kind "$KIND_BIN") || { bash scripts/k8s-build.sh --kind-node; KIND="$KIND_BIN/kind"; }
+export PATH="$(dirname "$KUBECTL"):$(dirname "$HELM"):$PATH"
 
 CLUSTER=${EDGEFLEET_KIND_CLUSTER:-edgefleet-e2e}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgefleet-e2e-kind.XXXXXX")
 KUBECONFIG_FILE="$WORK/kubeconfig"
-k() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 cleanup() {
   local status=$?
   if [[ -n "${KEEP_CLUSTER:-}" ]]; then
-    echo "e2e-kind: kept cluster $CLUSTER; kubeconfig $KUBECONFIG_FILE (kind delete cluster --name $CLUSTER)"
+    echo "e2e-kind: kept cluster $CLUSTER; kubeconfig $KUBECONFIG_FILE ($KIND delete cluster --name $CLUSTER)"
   else
-    kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+    "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
     rm -rf "$WORK"
+    $started_docker && bash scripts/kind/docker-down.sh
   fi
+  log "done (exit $status)"
   exit "$status"
 }
 trap cleanup EXIT
 
-kind get clusters 2>/dev/null | grep -qx "$CLUSTER" && fail "a kind cluster named $CLUSTER exists already; delete it or set EDGEFLEET_KIND_CLUSTER"
+"$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER" &&
+  fail "a kind cluster named $CLUSTER exists already; delete it or set EDGEFLEET_KIND_CLUSTER"
 
-echo "== kind cluster $CLUSTER"
-cat >"$WORK/kind.yaml" <<'EOF'
+log "kind cluster $CLUSTER (node image: ${EDGEFLEET_KIND_IMAGE:-the kind default})"
+cat >"$WORK/kind.yaml" <<EOF
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  disableDefaultCNI: $([[ $offline == 1 ]] && echo true || echo false)
 nodes:
   - role: control-plane
   - role: worker
   - role: worker
   - role: worker
 EOF
-kind create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$KUBECONFIG_FILE" \
-  --wait 300s ${EDGEFLEET_KIND_IMAGE:+--image "$EDGEFLEET_KIND_IMAGE"}
+# Offline, nodes stay NotReady until their Pod network is configured below: no --wait here.
+"$KIND" create cluster --name "$CLUSTER" --config "$WORK/kind.yaml" --kubeconfig "$KUBECONFIG_FILE" \
+  $([[ $offline == 1 ]] || echo --wait 300s) ${EDGEFLEET_KIND_IMAGE:+--image "$EDGEFLEET_KIND_IMAGE"}
 
-echo "== images"
-# A build context with only what the Dockerfiles copy (the repository holds .venv and caches).
-mkdir -p "$WORK/context"
-cp -r pyproject.toml README.md edgefleet_api operator node_agent "$WORK/context/"
-docker build -f docker/operator.Dockerfile -t edgefleet/operator:e2e "$WORK/context"
-docker build -f docker/agent-cpu.Dockerfile -t edgefleet/agent-cpu:e2e "$WORK/context"
-docker build -t edgefleet/agent:e2e - <<'EOF'
+if [[ $offline == 1 ]]; then
+  log "Pod network: each node's Pod range on ptp/host-local, routes to the others'"
+  nodes=()
+  while IFS= read -r node; do nodes+=("$node"); done < <(k get nodes -o name | sed 's|^node/||' | sort)
+  declare -A cidr ip
+  for n in "${nodes[@]}"; do
+    cidr[$n]=$(k get node "$n" -o jsonpath='{.spec.podCIDR}')
+    ip[$n]=$(k get node "$n" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+  done
+  for n in "${nodes[@]}"; do
+    docker exec -i "$n" sh -c 'mkdir -p /etc/cni/net.d && cat > /etc/cni/net.d/10-edgefleet.conflist' <<EOF
+{"cniVersion": "1.0.0", "name": "edgefleet", "plugins": [
+  {"type": "ptp", "ipMasq": true, "mtu": 1500,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "${cidr[$n]}"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+    for other in "${nodes[@]}"; do
+      [[ $other == "$n" ]] || docker exec "$n" ip route replace "${cidr[$other]}" via "${ip[$other]}"
+    done
+  done
+  k wait --for=condition=Ready node --all --timeout=300s
+fi
+
+log "images (scripts/images.sh)"
+EDGEFLEET_IMAGE_TAG=e2e bash scripts/images.sh
+docker_build -t edgefleet/agent:e2e - <<'EOF'
 FROM edgefleet/agent-cpu:e2e
 USER 0
 RUN edgefleet-agent make-examples /opt/edgefleet/examples && chmod -R a+rX /opt/edgefleet/examples
@@ -78,13 +140,27 @@ EOF
 container=$(docker create edgefleet/agent:e2e)
 docker cp "$container:/opt/edgefleet/examples" "$WORK/examples"
 docker rm "$container" >/dev/null
-kind load docker-image --name "$CLUSTER" edgefleet/operator:e2e edgefleet/agent:e2e
-
-echo "== fleet nodes"
 workers=()
 while IFS= read -r node; do workers+=("$node"); done \
   < <(k get nodes -l '!node-role.kubernetes.io/control-plane' -o name | sed 's|^node/||' | sort)
 [[ ${#workers[@]} -ge 3 ]] || fail "expected three kind workers, found: ${workers[*]:-none}"
+# The operator runs on the control plane (a server node, as the chart's values suggest), so the
+# worker the suite stops is never the operator's; the agent image (torch) goes to the workers only.
+log "loading the images into the nodes"
+# As `kind load docker-image` does, but streamed (no archive on disk) and keeping only the unpacked
+# layers in each node: kind's keeps the archive's layers too, twice the disk for a 5 GB image.
+load() {  # $1: image, $2...: nodes
+  local image=$1 node
+  for node in "${@:2}"; do
+    docker save "$image" | docker exec -i "$node" ctr --namespace=k8s.io images import --all-platforms \
+      --local --digests --snapshotter=overlayfs --discard-unpacked-layers - >/dev/null
+    log "  $image on $node"
+  done
+}
+load edgefleet/operator:e2e "$CLUSTER-control-plane"
+load edgefleet/agent:e2e "${workers[@]}"
+
+log "fleet nodes"
 classes=(jetson-orin jetson-orin edge-server)
 zones=(zone-a zone-b zone-a)
 for i in 0 1 2; do
@@ -97,14 +173,16 @@ done
 cat >"$WORK/values.yaml" <<'EOF'
 operator:
   image: {repository: edgefleet/operator, tag: e2e, pullPolicy: Never}
+  nodeSelector: {node-role.kubernetes.io/control-plane: ""}
+  tolerations: [{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}]
 agent:
   image: {repository: edgefleet/agent, tag: e2e}
 EOF
 
-echo "== the end-to-end suite"
+log "the end-to-end suite"
 EDGEFLEET_E2E_KUBECONFIG="$KUBECONFIG_FILE" \
 EDGEFLEET_E2E_VALUES="$WORK/values.yaml" \
 EDGEFLEET_E2E_EXAMPLES="$WORK/examples" \
 EDGEFLEET_E2E_EXAMPLES_AT=/opt/edgefleet/examples \
 EDGEFLEET_E2E_NODE_DOWN="docker stop {node}" \
-  .venv/bin/python -m pytest tests/e2e/test_fleet_e2e.py -v -p no:cacheprovider ${PYTEST_ARGS:-}
+  "$repo/.venv/bin/python" -m pytest tests/e2e/test_fleet_e2e.py -v -p no:cacheprovider ${PYTEST_ARGS:-}

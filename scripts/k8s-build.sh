@@ -3,6 +3,9 @@
 # version, into $K8S_BIN (under the user's cache directory). Prints progress.
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
 #   etcd, kwok, helm
+# With --kind-node it also builds what kind's node image needs, into $KIND_BIN:
+#   kubeadm, kubelet, kube-proxy, etcd (3.6), containerd (+ ctr, the runc shim),
+#   crictl, CNI plugins, coredns, local-path-provisioner, pause (C), and kind itself.
 # Re-running is cheap: a binary already present is skipped.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,6 +28,8 @@ need() { [ ! -x "$K8S_BIN/$1" ]; }
 
 # --- Kubernetes: a wrapper module pinning the staging modules -------------
 kube_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+kind_node=false
+[[ "${1:-}" == "--kind-node" ]] && { kind_node=true; kube_cmds+=(kubeadm kubelet kube-proxy); }
 missing=()
 for c in "${kube_cmds[@]}"; do need "$c" && missing+=("$c"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -65,16 +70,16 @@ PY
 fi
 
 # --- etcd: a wrapper main calling etcdmain.Main ---------------------------
-if need etcd; then
-  log "building etcd $ETCD_VERSION ..."
-  mod="$work/etcd-$ETCD_VERSION"
+build_etcd() {  # $1: version, $2: output binary
+  log "building etcd $1 ..."
+  local mod="$work/etcd-$1"
   mkdir -p "$mod"
   cat > "$mod/go.mod" <<GOMOD
 module edgefleet.local/etcdbuild
 
 go 1.23
 
-require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+require go.etcd.io/etcd/server/v3 $1
 GOMOD
   cat > "$mod/main.go" <<'GO'
 package main
@@ -87,10 +92,11 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GO
-  (cd "$mod" && go build -v -trimpath -ldflags "-s -w" -o "$K8S_BIN/etcd.tmp" . 2>&1) | progress
-  mv "$K8S_BIN/etcd.tmp" "$K8S_BIN/etcd"
-  log "built etcd"
-fi
+  (cd "$mod" && go build -v -trimpath -ldflags "-s -w" -o "$2.tmp" . 2>&1) | progress
+  mv "$2.tmp" "$2"
+  log "built etcd $1"
+}
+need etcd && build_etcd "$ETCD_VERSION" "$K8S_BIN/etcd"
 
 # --- kwok and helm: plain go install --------------------------------------
 if need kwok; then
@@ -107,3 +113,37 @@ if need helm; then
 fi
 log "all binaries in $K8S_BIN"
 ls -1 "$K8S_BIN"
+$kind_node || exit 0
+
+# --- kind's node image: its own binaries, in $KIND_BIN ----------------------
+mkdir -p "$KIND_BIN"
+have() { [ -x "$KIND_BIN/$1" ]; }
+go_install() {  # $1: binary name, $2: package@version, $3...: extra go flags
+  have "$1" && return 0
+  log "building $1 ($2) ..."
+  local tmp="$work/gobin-$1"
+  mkdir -p "$tmp"
+  GOBIN="$tmp" go install -v -trimpath -ldflags "-s -w" "${@:3}" "$2" 2>&1 | progress
+  mv "$tmp/$(basename "${2%@*}")" "$KIND_BIN/$1"
+  log "built $1"
+}
+for c in kubeadm kubelet kube-proxy; do ln -sf "$K8S_BIN/$c" "$KIND_BIN/$c"; done
+have etcd || build_etcd "$NODE_ETCD_VERSION" "$KIND_BIN/etcd"
+go_install kind "sigs.k8s.io/kind@$KIND_VERSION"
+go_install containerd "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" -tags no_btrfs
+go_install ctr "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" -tags no_btrfs
+go_install containerd-shim-runc-v2 "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" -tags no_btrfs
+go_install crictl "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+for plugin in main/ptp main/bridge main/loopback ipam/host-local meta/portmap; do
+  go_install "cni-$(basename "$plugin")" "github.com/containernetworking/plugins/plugins/$plugin@$CNI_PLUGINS_VERSION"
+done
+go_install coredns "github.com/coredns/coredns@$COREDNS_SRC_VERSION"
+go_install local-path-provisioner "github.com/rancher/local-path-provisioner@$LOCAL_PATH_VERSION"
+if ! have pause; then
+  log "building pause (C, from the Kubernetes module's build/pause/linux/pause.c)"
+  src="$(cd "$work/kubernetes-$KUBE_VERSION" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c"
+  gcc -Os -Wall -Werror -static -DVERSION="edgefleet" -o "$KIND_BIN/pause" "$src"
+  log "built pause"
+fi
+log "kind node binaries in $KIND_BIN"
+ls -1 "$KIND_BIN"
