@@ -18,6 +18,8 @@ help:
 	@echo "make lint          ruff, mypy (strict for the contract and pure modules), import contracts"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
 	@echo "make crds          regenerate crds/ and the chart's CRDs from edgefleet_api/crdgen.py"
+	@echo "make images        build the operator and CPU agent images here (docker; no registry needed)"
+	@echo "make e2e-kind      the end-to-end suite on a kind cluster of real Pods, with those images"
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -59,9 +61,15 @@ cluster-status: venv
 demo: setup
 	$(PY) -m e2e.demo
 
-# The end-to-end suite on a kind cluster with the real images (needs docker, kind, kubectl, helm):
-# creates the cluster, builds and loads the images, runs tests/e2e/test_fleet_e2e.py (which installs
-# the chart), deletes the cluster. See scripts/e2e-kind.sh.
+# edgefleet/operator:$(EDGEFLEET_IMAGE_TAG) and edgefleet/agent-cpu:... (default tag: dev), built from
+# docker/ on a Debian base made here by debootstrap; starts dockerd where none runs. See scripts/images.sh.
+.PHONY: images
+images:
+	bash scripts/images.sh
+
+# The end-to-end suite on a kind cluster of real Pods (docker, kind and its node image are set up by
+# the script, all built here): creates the cluster, builds and loads the images, runs
+# tests/e2e/test_fleet_e2e.py (which installs the chart), deletes the cluster. See scripts/e2e-kind.sh.
 .PHONY: e2e-kind
 e2e-kind: venv
 	PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/e2e-kind.sh

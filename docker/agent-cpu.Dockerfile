@@ -7,26 +7,33 @@
 # host (no registry access) - pin them with `docker buildx imagetools inspect` before release.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${PYTHON_IMAGE} AS deps
 ARG TORCH_VERSION=2.15.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/edgefleet \
-    && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY edgefleet_api ./edgefleet_api
-COPY operator ./operator
-COPY node_agent ./node_agent
-# torch is already satisfied by the CPU build above, so pip keeps it. A CUDA build of torch
+# The dependencies only, read from pyproject.toml: this 4 GB layer is rebuilt when they change,
+# not when our code does (the code is a wheel of a few hundred kB, installed last).
+# torch first, from TORCH_INDEX; pip keeps it for the rest. A CUDA build of torch
 # (TORCH_INDEX=https://pypi.org/simple, where no CPU index is reachable) brings triton (1 GB), the
 # GPU kernel compiler of torch.compile: of no use without a GPU, so it goes; its NVIDIA libraries
 # stay (torch's import loads them even on a CPU).
 # Bytecode compiled at build time (the root filesystem is read-only); torch's test internals hold
 # Python 3.12-only syntax and are never imported by the agent, so they are left out.
-RUN /opt/edgefleet/bin/pip install . \
+COPY pyproject.toml /src/
+RUN python -m venv /opt/edgefleet \
+    && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && /opt/edgefleet/bin/python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\\n')" > /src/requirements.txt \
+    && /opt/edgefleet/bin/pip install -r /src/requirements.txt \
     && /opt/edgefleet/bin/pip uninstall -y -q triton \
     && /opt/edgefleet/bin/python -m compileall -q -x "/torch/testing/_internal/" /opt/edgefleet
+
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY edgefleet_api ./edgefleet_api
+COPY operator ./operator
+COPY node_agent ./node_agent
+RUN python -m venv /tmp/venv && /tmp/venv/bin/pip wheel -q --no-deps --disable-pip-version-check . -w /wheels
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="edgefleet-agent" \
@@ -39,8 +46,13 @@ ENV PATH=/opt/edgefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
-COPY --from=build /opt/edgefleet /opt/edgefleet
-RUN install -d -o 65532 -g 65532 /var/lib/edgefleet
+# A passwd entry for the uid: getpass, torch and ssl look the user up.
+RUN groupadd --gid 65532 nonroot && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot \
+    && install -d -o 65532 -g 65532 /var/lib/edgefleet
+COPY --from=deps /opt/edgefleet /opt/edgefleet
+COPY --from=wheel /wheels /wheels
+RUN /opt/edgefleet/bin/pip install -q --no-deps --no-index --disable-pip-version-check /wheels/*.whl \
+    && rm -rf /wheels
 VOLUME ["/var/lib/edgefleet"]
 USER 65532:65532
 EXPOSE 8000

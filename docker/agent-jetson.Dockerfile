@@ -49,6 +49,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 \
     && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 65532 nonroot && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot \
     && install -d -o 65532 -g 65532 /var/lib/edgefleet
 ENV PATH=/opt/edgefleet/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -35,6 +35,8 @@ ENV PATH=/opt/edgefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
 COPY --from=build /opt/edgefleet /opt/edgefleet
+# A passwd entry for the uid (getpass and friends look the user up).
+RUN groupadd --gid 65532 nonroot && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin nonroot
 # 65532: the conventional "nonroot" uid; the chart runs it with runAsNonRoot.
 USER 65532:65532
 EXPOSE 8080 8081

@@ -258,6 +258,11 @@ class Agent:
     async def _start_core(self) -> None:
         s = self.settings
         root = Path(s.model_repository)
+        if self.overlay is not None:
+            # EdgeNode mode: the repository is ours (artifacts are fetched into it), so it may start
+            # as an empty volume: made here. A path that is a file still fails below.
+            with contextlib.suppress(FileExistsError):
+                root.mkdir(parents=True, exist_ok=True)
         if not root.is_dir():
             raise NotADirectoryError(f"model repository {root} is not a directory")
         if s.device.startswith("cuda"):

@@ -7,8 +7,8 @@
 #   2. builds the operator and CPU agent images (scripts/images.sh: docker/), and an e2e agent image
 #      on top with the example models baked in (/opt/edgefleet/examples), and loads them into kind;
 #   3. makes the workers a fleet: edgefleet.io/fleet=true, device classes jetson-orin x2 and
-#      edge-server, zones, and one nvidia.com/gpu each (an advertised extended resource: kind has no
-#      GPUs; the CPU agent image needs none);
+#      edge-server, zones, and one nvidia.com/gpu each with the labels GPU feature discovery would
+#      set (an advertised extended resource: kind has no GPUs; the CPU agent image needs none);
 #   4. runs the suite against the cluster: it installs the chart with helm (these images), applies
 #      the examples, infers through port-forwards to the agent Pods, rolls canaries forward and back,
 #      stops a worker's container (NotReady) and uninstalls;
@@ -74,6 +74,10 @@ k() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
 cleanup() {
   local status=$?
+  if [[ -s "$WORK/timings.json" ]]; then
+    log "measured by the suite (seconds):"
+    "$repo/.venv/bin/python" -c 'import json, sys; [print(f"   {v:7.1f}  {k}") for k, v in json.load(open(sys.argv[1])).items()]' "$WORK/timings.json"
+  fi
   if [[ -n "${KEEP_CLUSTER:-}" ]]; then
     echo "e2e-kind: kept cluster $CLUSTER; kubeconfig $KUBECONFIG_FILE ($KIND delete cluster --name $CLUSTER)"
   else
@@ -147,15 +151,25 @@ while IFS= read -r node; do workers+=("$node"); done \
 # The operator runs on the control plane (a server node, as the chart's values suggest), so the
 # worker the suite stops is never the operator's; the agent image (torch) goes to the workers only.
 log "loading the images into the nodes"
-# As `kind load docker-image` does, but streamed (no archive on disk) and keeping only the unpacked
-# layers in each node: kind's keeps the archive's layers too, twice the disk for a 5 GB image.
+# As `kind load docker-image` does, but streamed (no archive on disk), one `docker save` read by all
+# the nodes at once, and keeping only the unpacked layers in each node: kind's keeps the archive's
+# layers too, twice the disk for a 5 GB image.
 load() {  # $1: image, $2...: nodes
-  local image=$1 node
+  local image=$1 node fifos=() pids=() failed=0 t0=$SECONDS
+  local dir
+  dir=$(mktemp -d)
   for node in "${@:2}"; do
-    docker save "$image" | docker exec -i "$node" ctr --namespace=k8s.io images import --all-platforms \
-      --local --digests --snapshotter=overlayfs --discard-unpacked-layers - >/dev/null
-    log "  $image on $node"
+    mkfifo "$dir/$node"
+    docker exec -i "$node" ctr --namespace=k8s.io images import --all-platforms --local \
+      --snapshotter=overlayfs --discard-unpacked-layers - <"$dir/$node" >/dev/null \
+      2> >(grep -v "support for cgroup v1 is deprecated" >&2) &
+    pids+=($!) fifos+=("$dir/$node")
   done
+  docker save "$image" | tee "${fifos[@]}" >/dev/null || failed=1
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  rm -rf "$dir"
+  [[ $failed == 0 ]] || fail "loading $image into ${*:2} failed"
+  log "  $image on ${*:2} ($(( SECONDS - t0 ))s)"
 }
 load edgefleet/operator:e2e "$CLUSTER-control-plane"
 load edgefleet/agent:e2e "${workers[@]}"
@@ -163,9 +177,14 @@ load edgefleet/agent:e2e "${workers[@]}"
 log "fleet nodes"
 classes=(jetson-orin jetson-orin edge-server)
 zones=(zone-a zone-b zone-a)
+# What NVIDIA's GPU feature discovery labels on a real node: the product and its memory (MiB). The
+# operator places by that memory until an agent measures it (a CPU agent measures none).
+products=(NVIDIA-Jetson-AGX-Orin NVIDIA-Jetson-AGX-Orin NVIDIA-L4)
+memory_mib=(32768 32768 24576)
 for i in 0 1 2; do
   k label node "${workers[$i]}" edgefleet.io/fleet=true "edgefleet.io/device-class=${classes[$i]}" \
-    "topology.kubernetes.io/zone=${zones[$i]}" --overwrite
+    "topology.kubernetes.io/zone=${zones[$i]}" "nvidia.com/gpu.product=${products[$i]}" \
+    "nvidia.com/gpu.memory=${memory_mib[$i]}" --overwrite
   k patch node "${workers[$i]}" --subresource=status --type=json \
     -p '[{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "1"}]'
 done
@@ -185,4 +204,5 @@ EDGEFLEET_E2E_VALUES="$WORK/values.yaml" \
 EDGEFLEET_E2E_EXAMPLES="$WORK/examples" \
 EDGEFLEET_E2E_EXAMPLES_AT=/opt/edgefleet/examples \
 EDGEFLEET_E2E_NODE_DOWN="docker stop {node}" \
+EDGEFLEET_E2E_TIMINGS="$WORK/timings.json" \
   "$repo/.venv/bin/python" -m pytest tests/e2e/test_fleet_e2e.py -v -p no:cacheprovider ${PYTEST_ARGS:-}

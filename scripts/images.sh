@@ -50,4 +50,8 @@ build() {  # $1: Dockerfile, $2: image, $3...: build args
   log "$2: $(docker image inspect "$2" --format '{{.Size}}' | numfmt --to=iec), built in $(( $(date +%s) - t0 ))s"
 }
 build operator.Dockerfile "edgefleet/operator:$TAG"
+# The dependency stage (torch: 4 GB, minutes to build) under its own name, keyed by what makes it, so
+# `docker image prune` (which removes untagged stages) keeps it and a rebuild of our code is quick.
+deps_key=$(cat "$repo/docker/agent-cpu.Dockerfile" "$repo/pyproject.toml" | { cat; echo "$base $TORCH_INDEX"; } | sha256sum | cut -c1-12)
+build agent-cpu.Dockerfile "edgefleet-local/agent-cpu-deps:$deps_key" --target deps --build-arg "TORCH_INDEX=$TORCH_INDEX"
 build agent-cpu.Dockerfile "edgefleet/agent-cpu:$TAG" --build-arg "TORCH_INDEX=$TORCH_INDEX"

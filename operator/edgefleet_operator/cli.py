@@ -33,6 +33,18 @@ def ensure_peering(name: str) -> None:
             raise
 
 
+def operator_identity() -> str:
+    """This operator's name among its peers: the host (in a Pod, the Pod's name) and the process.
+
+    kopf's default asks the password database for the user's name, and a container running
+    as an arbitrary uid (65532, or whatever `runAsUser` a cluster imposes) has no entry there.
+    """
+    import os
+    import socket
+
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the operator until interrupted."""
     import asyncio
@@ -51,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.run(
         kopf.operator(
             clusterwide=True,
+            identity=operator_identity(),
             standalone=args.standalone,
             peering_name=None if args.standalone else handlers.PEERING_NAME,
             liveness_endpoint=args.liveness or None,

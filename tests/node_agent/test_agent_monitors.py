@@ -28,7 +28,7 @@ from agent_runner import RunningAgent
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet_api.types import ModelId, Priority
-from node_agent.agent import AgentSettings
+from node_agent.agent import Agent, AgentSettings
 from node_agent.control.sla_monitor import SlaSettings
 from node_agent.control.thermal import ThermalSettings
 from node_agent.link.assigned_configs import AssignedConfigs
@@ -238,6 +238,28 @@ def test_edge_node_mode_serves_assigned_versions_and_refuses_repository_control(
             assert status == 409 and "change the InferenceService" in body["error"], action
     finally:
         running.close()
+
+
+def test_edge_node_mode_makes_its_repository_on_an_empty_volume(tmp_path: Path) -> None:
+    # The chart mounts an emptyDir at /var/lib/edgefleet and points the repository below it: the
+    # first real Pods crashed with "model repository ... is not a directory".
+    root = tmp_path / "volume" / "models"
+    running = RunningAgent(
+        AgentSettings(root, workers=1, http=LOCAL, thermal_source="off"), AssignedConfigs()
+    )
+    try:
+        assert root.is_dir()
+        status, index, _ = post(running, "/v2/repository/index")
+        assert status == 200 and index == []
+    finally:
+        running.close()
+
+
+def test_a_repository_that_is_a_file_is_refused_even_in_edge_node_mode(tmp_path: Path) -> None:
+    (tmp_path / "models").write_text("not a folder")
+    agent = Agent(AgentSettings(tmp_path / "models", workers=1, http=LOCAL), overlay=AssignedConfigs())
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        asyncio.run(agent.start())
 
 
 def test_monitors_tick_while_the_agent_runs_and_stop_with_it(example_repo: Path) -> None:

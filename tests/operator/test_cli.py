@@ -1,0 +1,23 @@
+"""The operator's command line: what it needs from the container it runs in."""
+
+import os
+import pwd
+import socket
+
+import pytest
+
+from edgefleet_operator import cli
+
+
+def test_identity_needs_no_password_entry_for_the_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a Pod the uid (65532, or any `runAsUser`) may have no /etc/passwd line: kopf's own default
+    # identity asks getpwuid and the operator crashed at start on a real cluster.
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.delenv("LOGNAME", raising=False)
+    monkeypatch.delenv("LNAME", raising=False)
+    monkeypatch.delenv("USERNAME", raising=False)
+    assert cli.operator_identity() == f"{socket.gethostname()}/{os.getpid()}"
