@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.run(
         kopf.operator(
             clusterwide=True,
-            identity=operator_identity(),
+            identity=operator_identity(),  # type: ignore[arg-type]  # kopf.Identity, a str, is not exported
             standalone=args.standalone,
             peering_name=None if args.standalone else handlers.PEERING_NAME,
             liveness_endpoint=args.liveness or None,

@@ -138,6 +138,17 @@ def test_most_free_memory_first_then_node_name() -> None:
     assert r.assignment.used_bytes("b") == 2 * G
 
 
+def test_a_node_whose_gpu_memory_nobody_reported_is_named_as_such() -> None:
+    # A fleet node without GPU feature discovery's memory label, whose agent has not reported (it
+    # starts only with work): "insufficient memory" would send users looking at model sizes.
+    r = plan([svc("ns/s", 1)], [node("unlabelled", 0), node("full", 1, reserved_gib=1)])
+    assert on(r, "ns/s") == ()
+    assert r.services["ns/s"].message == (
+        "placed on 0/1 nodes; 0/2 nodes available: "
+        "1 GPU memory unknown (no nvidia.com/gpu.memory label or agent report), 1 insufficient memory"
+    )
+
+
 def test_largest_measurement_wins_over_the_estimate() -> None:
     m = ModelDemand("m", "1", estimate_bytes=1 * G, measured_bytes=(3 * G, 5 * G, 2 * G))
     assert m.memory_bytes == 5 * G

@@ -24,6 +24,7 @@ from edgefleet_api.types import Priority
 from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementSettings, ServiceDemand
 from edgefleet_operator.placement.reasons import (
     AGENT_SILENT,
+    MEMORY_UNKNOWN,
     MISSING_LABEL,
     NEAR_THERMAL_LIMIT,
     NO_SELECTOR_MATCH,
@@ -94,6 +95,9 @@ class Fleet:
         self.out: dict[str, set[str]] = {NOT_READY: set(), AGENT_SILENT: set()}
         self.suspect: set[str] = set()
         self.hot: dict[str, set[str]] = {THROTTLED: set(), NEAR_THERMAL_LIMIT: set()}
+        self.unmeasured: set[str] = set()
+        """Live nodes whose GPU memory nobody has told (no feature-discovery label, no agent
+        report): nothing fits there, and the message should say why."""
         self.placeable: set[str] = set()
         """Healthy and not hot: may receive new work."""
         self.free: dict[str, int] = {}
@@ -144,6 +148,8 @@ class Fleet:
             self.out[AGENT_SILENT].add(name)
         else:
             self.free[name] = node.capacity_bytes
+            if node.memory_total_bytes == 0:
+                self.unmeasured.add(name)
             hot = hot_reason(node, self.settings.thermal_margin_c)
             if hot is not None:
                 self.hot[hot].add(name)
@@ -233,7 +239,7 @@ class Fleet:
 
     def no_new_work(self) -> tuple[tuple[str, frozenset[str]], ...]:
         """(reason, nodes) for the live nodes that take no new work, each node under its first
-        reason: suspect, throttled, near the thermal limit."""
+        reason: suspect, throttled, near the thermal limit, GPU memory unknown."""
         key = ("no new work",)
         if key not in self._cache:
             suspect, throttled = frozenset(self.suspect), frozenset(self.hot[THROTTLED])
@@ -242,6 +248,7 @@ class Fleet:
                 (SUSPECT, suspect),
                 (THROTTLED, throttled - suspect),
                 (NEAR_THERMAL_LIMIT, near),
+                (MEMORY_UNKNOWN, frozenset(self.unmeasured - suspect - throttled - near)),
             )
         cached: tuple[tuple[str, frozenset[str]], ...] = self._cache[key]
         return cached
@@ -386,6 +393,7 @@ class Fleet:
                 del room[name]
             self.placeable.discard(name)
         self.suspect.discard(name)
+        self.unmeasured.discard(name)
         for nodes in (*self.out.values(), *self.hot.values()):
             nodes.discard(name)
         self.free.pop(name, None)

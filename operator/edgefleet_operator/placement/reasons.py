@@ -20,6 +20,7 @@ THROTTLED = "thermally throttled"
 NEAR_THERMAL_LIMIT = "near thermal limit"
 SPREAD_BLOCKED = "didn't satisfy spread constraint"
 NO_MEMORY = "insufficient memory"
+MEMORY_UNKNOWN = "GPU memory unknown (no nvidia.com/gpu.memory label or agent report)"
 # Why a service lost a node it held.
 NODE_DELETED = "node deleted"
 SCALED_DOWN = "scaled down"
