@@ -21,3 +21,22 @@ def test_identity_needs_no_password_entry_for_the_uid(monkeypatch: pytest.Monkey
     monkeypatch.delenv("LNAME", raising=False)
     monkeypatch.delenv("USERNAME", raising=False)
     assert cli.operator_identity() == f"{socket.gethostname()}/{os.getpid()}"
+
+
+def test_run_hands_kopf_that_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import logging
+
+    import kopf
+
+    seen: dict[str, object] = {}
+
+    async def operator(**kwargs: object) -> None:  # kopf's own run loop needs a cluster
+        seen.update(kwargs)
+
+    monkeypatch.setattr(kopf, "operator", operator)
+    monkeypatch.setattr(kopf, "configure", lambda **_: None)  # global logging: not in a test process
+    objects_log = logging.getLogger("kopf.objects")
+    monkeypatch.setattr(objects_log, "level", objects_log.level)
+    assert cli.cmd_run(argparse.Namespace(verbose=False, standalone=True, liveness="")) == 0
+    assert seen["identity"] == cli.operator_identity()
