@@ -51,7 +51,8 @@ from node_agent.runtime.model_names import validate_name, validate_version
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
-from node_agent.serving.http import HttpSettings, MetricsHook, build_app
+from node_agent.serving.connections import GuardedSite
+from node_agent.serving.http import HttpSettings, MetricsHook, V2Api
 from node_agent.serving.service import Serving
 from node_agent.types import ModelConfig
 
@@ -351,16 +352,17 @@ class Agent:
     async def _start_http(self) -> None:
         assert self.serving is not None
         h = self.settings.http
-        app = build_app(self.serving, h, self.metrics, self.api_metrics)
+        api = V2Api(self.serving, h, self.metrics, self.api_metrics)
         self._runner = web.AppRunner(
-            app,
+            api.app,
             handle_signals=False,
             access_log=logging.getLogger("node_agent.access") if h.access_log else None,
             shutdown_timeout=self.settings.drain_timeout_s,
+            auto_decompress=False,  # serving.bodies inflates, bounded and in steps
+            keepalive_timeout=h.connections.idle_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, h.host, h.port, reuse_address=True)
-        await site.start()
+        await GuardedSite(self._runner, h.host, h.port, api.guard).start()
 
     async def stop(self) -> None:
         """Drain and stop (idempotent): requests in progress finish (bounded by

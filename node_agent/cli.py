@@ -100,6 +100,41 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="largest request body (default 64Mi; larger ones get 413)",
     )
     parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a request body must arrive within this (default 60; else 408)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="open connections in all (default 1024; the excess gets 503 at once)",
+    )
+    parser.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=128,
+        metavar="N",
+        help="open connections from one address (default 128)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a new connection must send a request's headers within this (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a kept-alive connection must send its next request within this (default 30)",
+    )
+    parser.add_argument(
         "--allow-repository-control-from",
         action="append",
         metavar="CIDR",
@@ -228,6 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node_agent.agent import Agent, AgentSettings, serve
     from node_agent.control.thermal import ThermalSettings
     from node_agent.runtime.repository import parse_quantity
+    from node_agent.serving.connections import ConnectionLimits
     from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
 
     try:
@@ -244,6 +280,13 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight_request_bytes=max(4 * parse_quantity(args.max_request_size), 256 * 2**20),
             repository_control_from=tuple(args.allow_repository_control_from or LOOPBACK_NETWORKS),
             access_log=args.access_log,
+            body_timeout_s=args.body_timeout,
+            connections=ConnectionLimits(
+                max_connections=args.max_connections,
+                max_connections_per_peer=args.max_connections_per_peer,
+                header_timeout_s=args.header_timeout,
+                idle_timeout_s=args.idle_timeout,
+            ),
         )
         settings = AgentSettings(
             model_repository=args.model_repository,

@@ -30,12 +30,12 @@ from aiohttp import web
 
 from node_agent.errors import AgentError, InvalidInput
 from node_agent.generation.sampling_params import SamplingParams
+from node_agent.serving.bodies import read_body
 from node_agent.serving.responses import (
     HttpError,
     error_response,
     json_object,
     public_message,
-    read_body,
     status_for,
 )
 
@@ -54,9 +54,12 @@ MAX_BODY_BYTES = 1 << 20
 """Generate requests carry text only; 1 MiB is far beyond any context the agent serves."""
 
 
-def add_generate_routes(app: web.Application, generator_provider: GeneratorProvider) -> None:
-    """Add the generate routes to `app` (before it starts)."""
-    handlers = _GenerateHandlers(generator_provider)
+def add_generate_routes(
+    app: web.Application, generator_provider: GeneratorProvider, body_timeout_s: float | None = None
+) -> None:
+    """Add the generate routes to `app` (before it starts); request bodies must arrive within
+    `body_timeout_s`."""
+    handlers = _GenerateHandlers(generator_provider, body_timeout_s)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_post(base + "/generate", handlers.generate)
         app.router.add_post(base + "/generate_stream", handlers.generate_stream)
@@ -67,11 +70,12 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 class _GenerateHandlers:
-    def __init__(self, provider: GeneratorProvider) -> None:
+    def __init__(self, provider: GeneratorProvider, body_timeout_s: float | None) -> None:
         self.provider = provider
+        self.body_timeout_s = body_timeout_s
 
     async def _parse(self, request: web.Request) -> tuple[AsyncGenerator, str, SamplingParams]:
-        doc = json_object(await read_body(request, MAX_BODY_BYTES))
+        doc = json_object(await read_body(request, MAX_BODY_BYTES, timeout_s=self.body_timeout_s))
         text = doc.get("text_input")
         if not isinstance(text, str) or not text:
             raise InvalidInput("'text_input' must be a non-empty string")

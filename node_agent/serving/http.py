@@ -21,10 +21,13 @@ every error body is `{"error": "..."}`, one line, never a stack trace (unexpecte
 are logged and answered 500).
 
 Protections, all before any model code runs:
+- connections are capped in all and per peer, and closed when a request's headers do not arrive
+  in time (`serving.connections`);
 - request bodies are limited to `max_request_bytes`: a larger Content-Length is refused with
   413 before a byte of the body is read, a body without one is read in chunks and refused when
-  it passes the limit; bodies held by requests in progress are bounded by
-  `max_inflight_request_bytes` (past it: 503 with Retry-After);
+  it passes the limit; bodies must arrive within `body_timeout_s` (408); compressed bodies are
+  inflated in bounded steps; bytes held by requests in progress, counted as they arrive, are
+  bounded by `max_inflight_request_bytes` (past it: 503 with Retry-After) (`serving.bodies`);
 - with an auth token, every endpoint but the probes and /metrics needs
   `Authorization: Bearer <token>` (401 otherwise; compared in constant time);
 - repository load/unload is served only to peers inside `repository_control_from` (loopback
@@ -46,18 +49,13 @@ from aiohttp import hdrs, web
 
 from edgefleet_api.types import Priority
 from node_agent import __version__
-from node_agent.errors import AgentError, InvalidInput, Overloaded
+from node_agent.errors import AgentError, InvalidInput
 from node_agent.runtime.model_names import NAME_MAX_LEN, NAME_RE
 from node_agent.serving import v2_codec
+from node_agent.serving.bodies import BodyBudget, check_length, read_body
+from node_agent.serving.connections import ConnectionGuard, ConnectionLimits
 from node_agent.serving.generate import add_generate_routes
-from node_agent.serving.responses import (
-    HttpError,
-    check_length,
-    error_response,
-    json_object,
-    json_response,
-    read_body,
-)
+from node_agent.serving.responses import HttpError, error_response, json_object, json_response
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
@@ -146,9 +144,14 @@ class HttpSettings:
     """Largest request body. 64 MiB holds a batch of 64 images of 3x224x224 FP32 as JSON text
     (about 12 bytes per value) with room to spare, and is small next to an edge box's RAM."""
     max_inflight_request_bytes: int = 256 * 2**20
-    """Request bodies held at once by requests in progress (bodies without a Content-Length
-    count as `max_request_bytes`); past it requests get 503 + Retry-After. Four full-size
-    bodies: a burst of large requests cannot take the host's memory."""
+    """Request body bytes held at once by requests in progress, counted as they arrive (a
+    declared Content-Length reserves nothing); past it requests get 503 + Retry-After. Four
+    full-size bodies: a burst of large requests cannot take the host's memory."""
+    body_timeout_s: float = 60.0
+    """A request's whole body must arrive within this (408 and the connection closed): 64 MiB
+    at about 9 Mbit/s, a slow edge uplink."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Connection caps and header/keep-alive timeouts (`serving.connections`)."""
     repository_control_from: tuple[str, ...] = LOOPBACK_NETWORKS
     """Networks (CIDR) whose peers may load and unload models. Loopback only by default, so a
     model can be swapped from the node (or kubectl exec), not from the network; widen it
@@ -166,6 +169,8 @@ class HttpSettings:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes!r}")
         if self.max_inflight_request_bytes < self.max_request_bytes:
             raise ValueError("max_inflight_request_bytes must be >= max_request_bytes")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s!r}")
         control_networks(self.repository_control_from)
 
 
@@ -194,27 +199,6 @@ def peer_allowed(peer: str | None, networks: Sequence[ipaddress.IPv4Network | ip
     return any(address.version == net.version and address in net for net in networks)
 
 
-class _BodyBudget:
-    """Bytes of request bodies held by requests in progress, bounded (loop thread only)."""
-
-    __slots__ = ("held", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def reserve(self, n: int) -> bool:
-        """Reserve `n` bytes; False (nothing reserved) when that would pass the limit."""
-        if self.held + n > self.limit:
-            return False
-        self.held += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.held -= n
-        assert self.held >= 0, "released more request bytes than reserved"
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -234,10 +218,12 @@ class V2Api:
         self._observer = observer
         self._token = settings.auth_token.encode() if settings.auth_token else None
         self._control = control_networks(settings.repository_control_from)
-        self._bodies = _BodyBudget(settings.max_inflight_request_bytes)
-        middlewares = [self._errors, self._auth]
+        self._bodies = BodyBudget(settings.max_inflight_request_bytes)
+        self.guard = ConnectionGuard(settings.connections)
+        """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
+        middlewares = [self._connection, self._errors, self._auth]
         if observer is not None:
-            middlewares.insert(0, self._observe)
+            middlewares.insert(1, self._observe)
         self.app = web.Application(middlewares=middlewares, client_max_size=_SMALL_BODY_BYTES)
         self._routes()
 
@@ -256,9 +242,20 @@ class V2Api:
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
         if self._metrics is not None:
             r.add_get("/metrics", self.metrics)
-        add_generate_routes(self.app, self.api.generator)
+        add_generate_routes(self.app, self.api.generator, self.settings.body_timeout_s)
 
     # -- middleware -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _connection(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The connection's header timer stops while a request is served, and restarts (keep-alive)
+        once it is answered."""
+        transport = request.transport
+        self.guard.request_started(transport)
+        try:
+            return await handler(request)
+        finally:
+            self.guard.request_finished(transport)
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -317,7 +314,7 @@ class V2Api:
     # -- bodies -----------------------------------------------------------------------------
 
     async def _small_json(self, request: web.Request) -> dict[str, Any]:
-        body = await read_body(request, _SMALL_BODY_BYTES)
+        body = await read_body(request, _SMALL_BODY_BYTES, timeout_s=self.settings.body_timeout_s)
         if not body.strip():
             return {}
         return json_object(body)
@@ -366,15 +363,8 @@ class V2Api:
         limit = self.settings.max_request_bytes
         check_length(request, limit)
         config = self.api.config(name, version)
-        held = request.content_length if request.content_length is not None else limit
-        if not self._bodies.reserve(held):
-            raise Overloaded(
-                f"too many request bytes in flight ({self._bodies.held} of "
-                f"{self._bodies.limit}); retry shortly",
-                retry_after_s=1.0,
-            )
-        try:
-            body = await read_body(request, limit)
+        with self._bodies.hold() as hold:
+            body = await read_body(request, limit, hold, self.settings.body_timeout_s)
             decoded = v2_codec.decode_request(
                 body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))
             )
@@ -383,8 +373,6 @@ class V2Api:
             timeout_s = v2_codec.timeout_s_from(decoded.parameters.get("timeout"))
             outputs = await self.api.infer(name, config.version, decoded.inputs, priority, timeout_s)
             encoded = v2_codec.encode_response(config, decoded, outputs)
-        finally:
-            self._bodies.release(held)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type="application/json")
         return web.Response(
@@ -467,13 +455,3 @@ def _routing_message(request: web.Request, e: web.HTTPException) -> str:
 def _allow_header(e: web.HTTPException) -> dict[str, str]:
     allow = e.headers.get(hdrs.ALLOW)
     return {hdrs.ALLOW: allow} if allow else {}
-
-
-def build_app(
-    api: ServingApi,
-    settings: HttpSettings,
-    metrics: MetricsHook | None = None,
-    observer: RequestObserver | None = None,
-) -> web.Application:
-    """The aiohttp application serving `api`."""
-    return V2Api(api, settings, metrics, observer).app

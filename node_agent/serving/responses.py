@@ -1,5 +1,5 @@
-"""How the HTTP layer reads request bodies and answers: bounded body reads, JSON responses, and
-the one translation of errors into responses.
+"""How the HTTP layer answers: JSON responses, and the one translation of errors into responses
+(request bodies are read by `serving.bodies`).
 
 `ERROR_STATUS` (through `status_for`) is the one place the agent's errors become HTTP status
 codes; every error body is `{"error": "..."}`, one line (`public_message`), never a stack
@@ -88,24 +88,6 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
     )
 
 
-def check_length(request: web.Request, limit: int) -> None:
-    """413 (`HttpError`) when the declared Content-Length is over `limit`."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-
-
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The body, read in chunks; 413 as soon as it passes `limit` (before reading it all)."""
-    check_length(request, limit)
-    buf = bytearray()
-    async for chunk in request.content.iter_any():
-        if len(buf) + len(chunk) > limit:
-            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
-        buf += chunk
-    return buf
-
-
 def json_object(body: bytes | bytearray) -> dict[str, Any]:
     """The body as a JSON object; `InvalidInput` (400) saying what is wrong otherwise."""
     doc = v2_codec.parse_json(body)
@@ -128,6 +110,6 @@ def error_response(exc: BaseException) -> web.Response:
     else:
         raise TypeError(f"not an error the API answers: {exc!r}")
     response = json_response({"error": public_message(exc)}, status, headers)
-    if isinstance(exc, ShuttingDown) or status == 413:
+    if isinstance(exc, ShuttingDown) or status in (408, 413):  # the rest of the body is not read
         response.force_close()
     return response
