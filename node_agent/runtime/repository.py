@@ -432,7 +432,9 @@ class ModelRepository:
         validate_version(model_id.version)
         path = (self.root / model_id.name / model_id.version).resolve()
         if not path.is_relative_to(self.root):
-            raise InvalidModel(f"{model_id}: {path} resolves outside the repository {self.root}")
+            raise InvalidModel(
+                f"{model_id}: {model_id.name}/{model_id.version} resolves outside the repository"
+            )
         return path
 
     def artifact_path(self, config: ModelConfig) -> Path:
@@ -479,7 +481,7 @@ class ModelRepository:
             raise ModelNotFound(str(e)) from None
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise ModelNotFound(f"no model named {name!r} in {self.root}")
+            raise ModelNotFound(f"no model named {name!r} in the repository")
         found = [
             d.name
             for d in model_dir.iterdir()
@@ -496,7 +498,7 @@ class ModelRepository:
         if version is None:
             versions = self.versions(name)
             if not versions:
-                raise ModelNotFound(f"model {name!r} has no versions in {self.root}")
+                raise ModelNotFound(f"model {name!r} has no versions in the repository")
             version = versions[-1]
         try:
             vdir = self.version_dir(ModelId(name, version))
@@ -508,7 +510,9 @@ class ModelRepository:
         except OSError:
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
-            raise ModelNotFound(f"no model {name}:{version} in {self.root} (no {path})")
+            raise ModelNotFound(
+                f"no model {name}:{version} in the repository (no {name}/{version}/{CONFIG_FILE})"
+            )
         stamp = (st.st_mtime_ns, st.st_size)
         cached = self._parsed.get(path)
         if cached is not None and cached[0] == stamp:

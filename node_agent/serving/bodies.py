@@ -10,11 +10,13 @@
   a 10 MB body that would inflate to 10 GiB costs a few steps, and nothing goes on after the
   answer. aiohttp's own decompression is off (`auto_decompress=False`), since it inflates whole
   chunks inside the protocol's data callback. Other encodings: 415.
+- A client that goes away mid-body is one log line (and a 499 nobody reads), not a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import zlib
 from types import TracebackType
 
@@ -23,6 +25,11 @@ from aiohttp import hdrs, web
 from node_agent.errors import Overloaded
 from node_agent.serving.responses import HttpError
 
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499
+"""nginx's status for a client that closed the connection before its request was read: logged,
+and answered to nobody."""
 INFLATE_STEP_BYTES = 256 * 1024
 """Most bytes one inflate step produces before the event loop gets a turn."""
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -128,6 +135,11 @@ async def read_body(
         raise HttpError(
             408, f"the request body did not arrive within {timeout_s:g} s", {hdrs.CONNECTION: "close"}
         ) from None
+    except ConnectionResetError:  # one line, not a traceback: clients do go away
+        log.info(
+            "%s %s: the client closed the connection before its body arrived", request.method, request.path
+        )
+        raise HttpError(CLIENT_CLOSED, "the client closed the connection") from None
     return buf
 
 

@@ -263,4 +263,4 @@ class Serving:
         root = self.repository.root
         resolved = (root / name).resolve()
         if not resolved.is_relative_to(root) or resolved == root:
-            raise ModelNotFound(f"model {name!r} resolves outside the repository {root}; not loading it")
+            raise ModelNotFound(f"model {name!r} resolves outside the repository; not loading it")

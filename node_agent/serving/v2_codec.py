@@ -511,7 +511,7 @@ def encode_response(
     if request.id is not None:
         doc["id"] = request.id
     doc["outputs"] = tensors
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not buffers:
         return EncodedResponse(header, None)
     return EncodedResponse(b"".join([header, *buffers]), len(header))
@@ -537,9 +537,15 @@ def _json_of(spec: TensorSpec, array: np.ndarray) -> list[Any]:
             raise InvalidInput(
                 f"output {spec.name!r} holds bytes that are not UTF-8; request it with binary_data"
             ) from None
-    if spec.datatype == "BF16":
-        return bf16_bits_to_float(array).ravel().tolist()
-    return np.asarray(array, dtype=DTYPES[spec.datatype]).ravel().tolist()
+    values = (
+        bf16_bits_to_float(array) if spec.datatype == "BF16" else np.asarray(array, DTYPES[spec.datatype])
+    )
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise InvalidInput(
+            f"output {spec.name!r} holds NaN or infinity, which JSON cannot carry; request it with "
+            "binary_data (binary tensor data carries every float)"
+        )
+    return values.ravel().tolist()
 
 
 def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import logging
 import socket
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,22 @@ def test_compressed_bodies_are_served_and_bombs_refused(agent: RunningAgent) -> 
     status, doc = post(agent.port, BODY, {"Content-Encoding": "br"})
     assert status == 415 and "unsupported Content-Encoding 'br'" in doc["error"], doc
     assert post(agent.port, BODY)[0] == 200
+
+
+def test_a_client_gone_mid_body_is_one_log_line_not_a_traceback(
+    agent: RunningAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent")
+    with connect(agent.port) as sock:
+        sock.sendall(f"POST {MLP} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n".encode())
+        sock.sendall(BODY[:10])
+    until(lambda: any("closed the connection before its body arrived" in r.message for r in caplog.records))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert post(agent.port, BODY)[0] == 200
+
+
+def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

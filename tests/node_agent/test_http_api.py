@@ -290,6 +290,17 @@ def test_malformed_requests_get_their_status_and_message(
     assert "Traceback" not in doc["error"] and "\n" not in doc["error"]
 
 
+def test_errors_never_show_the_repository_path_on_disk(served: RunningAgent, repo: Path) -> None:
+    for method, path in (
+        ("GET", "/v2/models/nope"),
+        ("GET", "/v2/models/mlp/versions/99"),
+        ("POST", "/v2/models/escape/infer"),
+        ("POST", "/v2/repository/models/escape/load"),
+    ):
+        status, _, doc = request(served.port, method, path, image_json(GOOD) if method == "POST" else b"")
+        assert status >= 400 and str(repo) not in doc["error"] and str(repo.parent) not in doc["error"], doc
+
+
 def test_oversized_content_length_is_refused_before_the_body_is_sent(served: RunningAgent) -> None:
     """The agent answers 413 to the headers alone: no byte of the 10 GiB body is sent."""
     with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:

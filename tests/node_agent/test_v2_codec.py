@@ -417,6 +417,21 @@ def test_bytes_outputs_in_both_encodings() -> None:
         encode_response(cfg, request_for(None, False), {"s": np.array([[b"\xff"]], dtype=object)})
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_outputs_are_never_bare_json_and_travel_as_binary(bad: float) -> None:
+    outs = outputs_of_classifier()
+    outs["logits"][1, 1] = bad
+    with pytest.raises(
+        InvalidInput, match="NaN or infinity, which JSON cannot carry; request it with binary_data"
+    ):
+        encode_response(CLASSIFIER, request_for(None, False), outs)
+    resp = encode_response(CLASSIFIER, request_for(None, True), outs)
+    assert resp.header_length is not None
+    json.loads(resp.body[: resp.header_length], parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    got = np.frombuffer(resp.body[resp.header_length : resp.header_length + 16], np.float32)
+    np.testing.assert_array_equal(got, outs["logits"].ravel())
+
+
 def test_a_missing_model_output_is_an_inference_failure() -> None:
     with pytest.raises(InferenceFailed, match="no output 'ids'"):
         encode_response(CLASSIFIER, request_for(None, False), {"logits": np.zeros((1, 2), np.float32)})
