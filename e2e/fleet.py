@@ -35,6 +35,19 @@ DEVICE_CLASSES = {
 MIXED = ("jetson-orin", "edge-server", "jetson-nano")
 
 
+def fleet_labels(device_class: str) -> dict[str, str]:
+    """What makes a node a fleet member of `device_class`: our labels and the ones NVIDIA's GPU
+    feature discovery would set (the GPU's product and its memory in MiB, which placement reads until
+    an agent measures it)."""
+    dc = DEVICE_CLASSES[device_class]
+    return {
+        names.LABEL_FLEET: "true",
+        names.LABEL_DEVICE_CLASS: dc.name,
+        names.LABEL_GPU_PRODUCT: dc.gpu_product,
+        "nvidia.com/gpu.memory": str(dc.gpu_memory_bytes // (1 << 20)),
+    }
+
+
 def node_manifest(
     name: str,
     device_class: str = "jetson-orin",
@@ -50,10 +63,7 @@ def node_manifest(
         "kubernetes.io/arch": "arm64" if device_class.startswith("jetson") else "amd64",
         "type": "kwok",
         "topology.kubernetes.io/zone": zone,
-        names.LABEL_FLEET: "true",
-        names.LABEL_DEVICE_CLASS: dc.name,
-        names.LABEL_GPU_PRODUCT: dc.gpu_product,
-        "nvidia.com/gpu.memory": str(dc.gpu_memory_bytes // (1 << 20)),  # MiB, as GFD labels it
+        **fleet_labels(device_class),
         **(extra_labels or {}),
     }
     capacity = {"cpu": dc.cpu, "memory": dc.memory, "pods": "110", names.GPU_RESOURCE: str(gpus)}
@@ -103,3 +113,11 @@ def delete_nodes(core_v1: Any, names: list[str]) -> None:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+if __name__ == "__main__":  # `python -m e2e.fleet labels CLASS`: fleet_labels as kubectl label args
+    import sys
+
+    if sys.argv[1:2] != ["labels"] or len(sys.argv) != 3 or sys.argv[2] not in DEVICE_CLASSES:
+        sys.exit(f"usage: python -m e2e.fleet labels {{{','.join(DEVICE_CLASSES)}}}")
+    print(" ".join(f"{k}={v}" for k, v in fleet_labels(sys.argv[2]).items()))

@@ -359,7 +359,6 @@ class Agent:
             access_log=logging.getLogger("node_agent.access") if h.access_log else None,
             shutdown_timeout=self.settings.drain_timeout_s,
             auto_decompress=False,  # serving.bodies inflates, bounded and in steps
-            keepalive_timeout=h.connections.idle_timeout_s,
         )
         await self._runner.setup()
         await GuardedSite(self._runner, h.host, h.port, api.guard).start()

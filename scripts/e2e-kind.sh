@@ -177,14 +177,12 @@ load edgefleet/agent:e2e "${workers[@]}"
 log "fleet nodes"
 classes=(jetson-orin jetson-orin edge-server)
 zones=(zone-a zone-b zone-a)
-# What NVIDIA's GPU feature discovery labels on a real node: the product and its memory (MiB). The
-# operator places by that memory until an agent measures it (a CPU agent measures none).
-products=(NVIDIA-Jetson-AGX-Orin NVIDIA-Jetson-AGX-Orin NVIDIA-L4)
-memory_mib=(32768 32768 24576)
 for i in 0 1 2; do
-  k label node "${workers[$i]}" edgefleet.io/fleet=true "edgefleet.io/device-class=${classes[$i]}" \
-    "topology.kubernetes.io/zone=${zones[$i]}" "nvidia.com/gpu.product=${products[$i]}" \
-    "nvidia.com/gpu.memory=${memory_mib[$i]}" --overwrite
+  # Our labels and the ones GPU feature discovery would set (product, memory), as e2e/fleet.py's
+  # simulated nodes have them: the operator places by that memory until an agent measures it.
+  # shellcheck disable=SC2046
+  k label node "${workers[$i]}" $("$repo/.venv/bin/python" -m e2e.fleet labels "${classes[$i]}") \
+    "topology.kubernetes.io/zone=${zones[$i]}" --overwrite
   k patch node "${workers[$i]}" --subresource=status --type=json \
     -p '[{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "1"}]'
 done

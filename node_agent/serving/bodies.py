@@ -132,9 +132,7 @@ async def read_body(
         async with asyncio.timeout(timeout_s):
             await read()
     except TimeoutError:
-        raise HttpError(
-            408, f"the request body did not arrive within {timeout_s:g} s", {hdrs.CONNECTION: "close"}
-        ) from None
+        raise HttpError(408, f"the request body did not arrive within {timeout_s:g} s") from None
     except ConnectionResetError:  # one line, not a traceback: clients do go away
         log.info(
             "%s %s: the client closed the connection before its body arrived", request.method, request.path

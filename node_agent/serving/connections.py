@@ -21,7 +21,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -61,28 +60,24 @@ class ConnectionGuard:
         self.limits = limits
         self.per_peer: Counter[str] = Counter()
         self.open = 0
-        self.refused = 0
-        self.timed_out = 0
-        self.by_transport: dict[Any, _Guarded] = {}
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """The protocol factory that guards each of `factory`'s connections."""
         return lambda: _Guarded(factory(), self)
 
-    def request_started(self, transport: Any) -> None:
-        guarded = self.by_transport.get(transport)
+    def request_started(self, transport: asyncio.BaseTransport | None) -> None:
+        guarded = _guarded(transport)
         if guarded is not None:
             guarded.disarm()
 
-    def request_finished(self, transport: Any) -> None:
-        guarded = self.by_transport.get(transport)
+    def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
+        guarded = _guarded(transport)
         if guarded is not None:
             guarded.arm(self.limits.idle_timeout_s)
 
     def admit(self, peer: str) -> bool:
         limits = self.limits
         if self.open >= limits.max_connections or self.per_peer[peer] >= limits.max_connections_per_peer:
-            self.refused += 1
             return False
         self.open += 1
         self.per_peer[peer] += 1
@@ -93,6 +88,12 @@ class ConnectionGuard:
         self.per_peer[peer] -= 1
         if not self.per_peer[peer]:
             del self.per_peer[peer]
+
+
+def _guarded(transport: asyncio.BaseTransport | None) -> _Guarded | None:
+    """The guard's wrapper of a request's connection (its transport's protocol)."""
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, _Guarded) else None
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -121,7 +122,6 @@ class _Guarded(asyncio.Protocol):
             transport.close()
             return
         self.admitted = True
-        self.guard.by_transport[transport] = self
         self.inner.connection_made(transport)
         self.arm(self.guard.limits.header_timeout_s)
 
@@ -145,7 +145,6 @@ class _Guarded(asyncio.Protocol):
             return
         self.admitted = False
         self.disarm()
-        self.guard.by_transport.pop(self.transport, None)
         self.guard.release(self.peer)
         self.inner.connection_lost(exc)
 
@@ -166,7 +165,6 @@ class _Guarded(asyncio.Protocol):
         if transport.get_write_buffer_size():  # an answer still going out to a slow reader
             self.arm(delay_s)
             return
-        self.guard.timed_out += 1
         log.debug("closing a connection from %s: no request within %g s", self.peer, delay_s)
         transport.close()
 

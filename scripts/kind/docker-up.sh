@@ -2,7 +2,7 @@
 # A Docker daemon for `make images` / `make e2e-kind`. A daemon that answers (`docker info`) is used
 # as it is. On a machine without one (this project's sandboxes: Debian, root, no daemon running),
 # it installs Debian's docker.io (with iptables and jq) and starts dockerd itself, recording its PID
-# in $EDGEFLEET_DOCKER_STATE/dockerd.pid so that scripts/kind/docker-down.sh stops exactly it.
+# in $EDGEFLEET_DOCKER_STATE/started-by-edgefleet so that scripts/kind/docker-down.sh stops exactly it.
 # Where the capability bounding set lacks capabilities (privileged containers then fail with
 # "unable to apply caps"), dockerd runs every container through scripts/kind/runc-capfilter.
 set -euo pipefail
