@@ -16,18 +16,34 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_peering(name: str) -> None:
-    """Create the ClusterKopfPeering object the replicas coordinate through (idempotent)."""
+def ensure_peering(name: str, await_s: float = 0) -> None:
+    """Make sure the ClusterKopfPeering the replicas coordinate through exists. With `await_s` it is
+    someone else's to create (the Helm chart, which creates it after the operator's Deployment):
+    wait that long for it, since creating it here would make the chart's create fail. Else create
+    it (idempotent)."""
+    import time
+
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
 
     from edgefleet_operator.handlers import kube_client
 
+    api = CustomObjectsApi(kube_client())
+    if await_s > 0:
+        deadline = time.monotonic() + await_s
+        while True:
+            try:
+                api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+                return
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                sys.exit(f"edgefleet-operator: no ClusterKopfPeering {name!r} after {await_s:g} s")
+            time.sleep(1)
     body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
     try:
-        CustomObjectsApi(kube_client()).create_cluster_custom_object(
-            "kopf.dev", "v1", "clusterkopfpeerings", body
-        )
+        api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
     except ApiException as e:
         if e.status != 409:
             raise
@@ -59,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # One line per watch event ("Handler ... succeeded") is noise at fleet scale.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if not args.standalone:
-        ensure_peering(handlers.PEERING_NAME)
+        ensure_peering(handlers.PEERING_NAME, args.await_peering)
     asyncio.run(
         kopf.operator(
             clusterwide=True,
@@ -119,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="run the operator (kopf, with peering: one active instance)")
     run.add_argument("--standalone", action="store_true", help="no peering (a single instance for sure)")
+    run.add_argument(
+        "--await-peering",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="the peering object is someone else's to create (the Helm chart): wait this long for it "
+        "instead of creating it (default 0: create it)",
+    )
     run.add_argument(
         "--liveness",
         default="http://0.0.0.0:8081/healthz",

@@ -164,6 +164,19 @@ def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
     assert container["image"] == "ghcr.io/edgefleet/operator:0.1.0"
 
 
+def test_the_operator_awaits_the_charts_peering_object_instead_of_racing_it(helm: Helm) -> None:
+    # The chart creates the ClusterKopfPeering after the Deployment; an operator Pod that started
+    # first and created it made `helm install` fail with "already exists" on a real cluster.
+    args = one(helm.template(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--await-peering=120" in args and one(helm.template(), "ClusterKopfPeering")
+    docs = helm.template("--set", "peering.create=false")
+    assert (
+        "--await-peering=120"
+        not in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert not [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+
+
 def test_optional_monitoring_objects(helm: Helm) -> None:
     assert not by_kind(helm.template(), "ServiceMonitor")
     assert not by_kind(helm.template(), "ConfigMap")
