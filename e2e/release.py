@@ -11,6 +11,7 @@ what the operator runs with.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -61,11 +62,18 @@ def operator_name(release: str = RELEASE) -> str:
     return f"{fullname(release)}-operator"
 
 
+def write_values(values: Mapping[str, Any], path: Path) -> None:
+    """A values file for helm, as JSON (which is YAML): every string stays quoted. PyYAML writes
+    "430e5" bare, and helm's YAML reads that as a number (a random run id once made the schema
+    refuse the fleet selector)."""
+    path.write_text(json.dumps(dict(values), indent=1))
+
+
 def install(
     helm: Helm, namespace: str, values: Mapping[str, Any], values_path: Path, release: str = RELEASE
 ) -> str:
     """`helm upgrade --install` of the chart into `namespace` (created); returns helm's notes."""
-    values_path.write_text(yaml.safe_dump(dict(values)))
+    write_values(values, values_path)
     out = helm(
         "upgrade",
         "--install",

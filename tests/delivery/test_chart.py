@@ -17,6 +17,7 @@ import yaml
 
 from e2e import cluster as localcluster
 from e2e import fleet
+from e2e.release import write_values
 from e2e.waiting import eventually
 from edgefleet_api import names
 from edgefleet_operator import manifests
@@ -162,6 +163,14 @@ def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
     ):
         float(env[name])
     assert container["image"] == "ghcr.io/edgefleet/operator:0.1.0"
+
+
+def test_values_written_by_the_harness_keep_number_like_strings(helm: Helm, tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    write_values({"fleet": {"selector": {"edgefleet.io/e2e-fleet": "430e5"}}}, path)
+    pod = one(helm.template("--values", str(path)), "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert "edgefleet.io/e2e-fleet=430e5" in env["EDGEFLEET_FLEET_SELECTOR"].split(",")
 
 
 def test_the_operator_awaits_the_charts_peering_object_instead_of_racing_it(helm: Helm) -> None:
