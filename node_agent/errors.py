@@ -58,3 +58,10 @@ class Conflict(AgentError):
 
 class ShuttingDown(AgentError):
     """The component is stopping and takes no new work."""
+
+
+class TooManyRequests(Overloaded):
+    """A model's queue refused the request (429): it would wait past its deadline or the
+    model's latency objective (admission by predicted wait), the queue is at its hard cap, or
+    more urgent work displaced it. `retry_after_s` is when the queue will have drained far
+    enough for it to fit; other components' overload (memory, bytes in flight) stays 503."""

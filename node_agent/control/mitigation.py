@@ -215,7 +215,8 @@ class LimitedPolicy:
     limits for `model_id`; observations go to the inner policy, then to `sink`.
 
     `decision()` is cached on (inner decision, controls version): a few hundred ns per call.
-    `retry_after_s` and `predict_service_s` are the inner policy's.
+    `retry_after_s`, `predict_service_s`, `latency_budget_s` and `max_queue_rows` are the
+    inner policy's.
     """
 
     __slots__ = ("_cache", "_controls", "inner", "model_id", "sink")
@@ -255,6 +256,14 @@ class LimitedPolicy:
 
     def retry_after_s(self, queued_rows: float) -> float:
         return self.inner.retry_after_s(queued_rows)
+
+    @property
+    def latency_budget_s(self) -> float | None:
+        return self.inner.latency_budget_s
+
+    @property
+    def max_queue_rows(self) -> int:
+        return self.inner.max_queue_rows
 
 
 class LeaseSource(Protocol):

@@ -100,9 +100,17 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "edgefleet_admissions_refused_total",
             "counter",
-            "Requests refused by admission control: queue_full, displaced (by a more urgent "
-            "request or shed from a shrunk queue), priority_shed (class shed by SLA mitigation).",
+            "Requests refused by admission control: predicted_wait (would wait past its deadline "
+            "or SLO), too_large (can never fit), queue_full (the queue's hard cap), displaced (by "
+            "a more urgent request or shed from a shrunk queue), priority_shed (class shed by SLA "
+            "mitigation).",
             (*_M, "reason"),
+        ),
+        MetricSpec(
+            "edgefleet_abandoned_rows_total",
+            "counter",
+            "Queued rows dropped, never run, because their caller went away (disconnected).",
+            _M,
         ),
         MetricSpec("edgefleet_queue_depth_rows", "gauge", "Rows queued for a model now.", _M),
         MetricSpec(
@@ -251,7 +259,10 @@ class BatcherView(Protocol):
     failed: int
     expired: int
     refused: int
+    refused_late: int
+    refused_too_large: int
     displaced: int
+    abandoned_rows: int
     staged: int
 
     def queued_rows(self) -> float: ...
@@ -388,9 +399,12 @@ class AgentCollector(Collector):
             fam("edgefleet_request_failures_total").add_metric(lv, b.failed)
             fam("edgefleet_deadline_drops_total").add_metric(lv, b.expired)
             refused = fam("edgefleet_admissions_refused_total")
+            refused.add_metric([*lv, "predicted_wait"], b.refused_late)
+            refused.add_metric([*lv, "too_large"], b.refused_too_large)
             refused.add_metric([*lv, "queue_full"], b.refused)
             refused.add_metric([*lv, "displaced"], b.displaced)
             refused.add_metric([*lv, "priority_shed"], shed.get(model_id, 0))
+            fam("edgefleet_abandoned_rows_total").add_metric(lv, b.abandoned_rows)
             fam("edgefleet_queue_depth_rows").add_metric(lv, b.queued_rows())
             fam("edgefleet_batches_staged_total").add_metric(lv, b.staged)
 

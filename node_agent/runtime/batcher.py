@@ -1,11 +1,19 @@
 """Adaptive batcher: one per model version; groups requests into batches on the stream pool.
 
 Life of a request:
-1. `submit` (event loop thread) splits it into pieces of at most `max_batch_size` rows
-   and offers them, all or none, to an `UrgencyQueue` bounded by the policy's
-   `queue_limit_rows`: priority class first, then earliest deadline, then arrival. A
-   refusal raises `Overloaded` at once; a more urgent arrival may displace queued
-   work, whose callers get `Overloaded`.
+1. `submit` (event loop thread) first predicts the request's wait (`admission`: rows
+   queued ahead of it at its class or more urgent ones over the drain rate measured from
+   completed batches, plus its own service time) against its deadline, else the policy's
+   latency budget (its SLO), else `admission.DEFAULT_BUDGET_S`. A request that would wait
+   past it is refused at once (`TooManyRequests`, Retry-After from the drain rate), one that
+   never can fit gets `RequestTooLarge` with the limit; both without taking the lock the
+   workers use. Then it splits the request into pieces of at most `max_batch_size` rows
+   and offers them, all or none, to an `UrgencyQueue` bounded by the policy's hard cap
+   (`max_queue_rows`, memory): priority class first, then earliest deadline, then arrival. A
+   refusal raises `TooManyRequests` at once; a more urgent arrival may displace queued
+   work, whose callers get `TooManyRequests`. A request whose caller goes away (its future
+   is cancelled: the HTTP client disconnected) has its queued pieces removed at once; they
+   never run (`abandoned`).
 2. When a batch is due (the queue holds `batch_size` rows not yet claimed by a
    waiting batch, or the batch window has closed) and fewer than `pipeline_depth`
    batches of this model are out, the loop acquires the model (a lease) and submits
@@ -85,7 +93,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api.types import Priority
-from node_agent.errors import AgentError, DeadlineExceeded, Overloaded, ShuttingDown
+from node_agent.errors import AgentError, DeadlineExceeded, RequestTooLarge, ShuttingDown, TooManyRequests
+from node_agent.runtime.admission import (
+    DEFAULT_BUDGET_S,
+    Admission,
+    AdmissionRequest,
+    DrainRate,
+    Verdict,
+    decide,
+)
 from node_agent.runtime.batch_queue import LEAST_URGENT_REGULAR, BatchQueue
 from node_agent.runtime.batch_tensors import Arrays
 from node_agent.runtime.batch_ticket import Acquire, Lease, Ticket
@@ -101,6 +117,11 @@ log = logging.getLogger(__name__)
 
 SHED_HYSTERESIS = 1.5
 """Queued rows may exceed a shrunk bound by this factor before the excess is shed."""
+UNMEASURED_ROWS = 256
+"""Before any batch completed (no drain rate yet), a queue holding rows admits arrivals up to
+this many rows (or the policy's bound, if lower; a batch per worker at least): a burst at
+startup is served, and even the slow example model (~70 rows/s) is handed seconds of work,
+not the minute its 4,096-row hard cap holds."""
 
 
 @types.coroutine
@@ -151,6 +172,7 @@ class Batcher:
         self._dynamic = self.settings.dynamic_shapes
         depth = self.settings.pipeline_depth
         self._depth = depth if depth is not None else pool.num_workers + 1
+        self._drain_rate = DrainRate(pool.num_workers)
         self._queue = BatchQueue(
             name,
             policy,
@@ -175,6 +197,15 @@ class Batcher:
         self.submitted = 0
         self.completed = 0
         self.refused = 0
+        """Refused: the queue at its hard cap (`max_queue_rows`)."""
+        self.refused_late = 0
+        """Refused: predicted to wait past its deadline or the model's latency budget."""
+        self.refused_too_large = 0
+        """Refused: more rows than the model can ever serve within its budget or queue cap."""
+        self.abandoned = 0
+        """Requests whose caller went away while they were queued: dropped, never run."""
+        self.abandoned_rows = 0
+        """Their queued rows (removed from the queue, never run)."""
         self.displaced = 0
         self.expired = 0
         self.failed = 0
@@ -196,7 +227,9 @@ class Batcher:
 
         `inputs` are numpy arrays with `rows` rows along dim 0 (the batcher does not
         copy them; do not modify them until the future is done). Raises `Overloaded`
-        (refused: no room), `DeadlineExceeded` (deadline already past) or `ShuttingDown`.
+        (`TooManyRequests`: refused, by predicted wait or for lack of room; retry later),
+        `RequestTooLarge` (never fits), `DeadlineExceeded` (deadline already past) or
+        `ShuttingDown`. Cancelling the future (the caller went away) drops its queued rows.
         """
         q = self._queue
         if q.closed:
@@ -207,6 +240,10 @@ class Batcher:
         if deadline_s is not None and deadline_s <= now:
             self.expired += 1
             raise DeadlineExceeded(f"{self.name}: deadline already passed at submission")
+        decision = self.policy.decision()
+        admission = self.admission(rows, priority, deadline_s, now, decision.batch_size)
+        if not admission.admitted:
+            self._refuse(admission, rows, deadline_s)
         future: asyncio.Future[Arrays] = self.loop.create_future()
         limit = self._max_batch
         npieces = 1 if rows <= limit else -(-rows // limit)
@@ -223,10 +260,9 @@ class Batcher:
                                      hi - lo, group))  # fmt: skip
                 costs.append(float(hi - lo))
         queue = q.pieces
-        decision = self.policy.decision()
         with q.lock:
             was_empty = queue.cost == 0
-            queue.bound = decision.queue_limit_rows
+            queue.bound = self.policy.max_queue_rows
             if npieces == 1:
                 offer = queue.offer_one(piece, rows, priority, deadline_s, now)
             else:
@@ -240,11 +276,12 @@ class Batcher:
             self._displace(offer.displaced)
         if not offer.admitted:
             self.refused += 1
-            raise Overloaded(
+            raise TooManyRequests(
                 f"{self.name}: queue full ({queued:.0f} rows queued, bound {queue.bound:.0f})",
-                retry_after_s=self.policy.retry_after_s(queued),
+                retry_after_s=self._drain_s(queued + rows - queue.bound),
             )
         self.submitted += 1
+        future.add_done_callback(self._on_request_done)
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
         # (with the pipeline full, a finishing ticket's drain dispatches regular work)
@@ -255,6 +292,76 @@ class Batcher:
     def queued_rows(self) -> float:
         """Rows waiting to run: queued, and staged (step 6 of the module docstring)."""
         return self._queue.queued_rows()
+
+    @property
+    def rows_per_s(self) -> float | None:
+        """The measured drain rate (None before any batch completed)."""
+        return self._drain_rate.rows_per_s
+
+    def admission(
+        self, rows: int, priority: Priority, deadline_s: float | None, now_s: float, batch_size: int
+    ) -> Admission:
+        """Whether a request of `rows` would be served in time (`admission.decide`), from
+        what is queued now; reads the queue without its lock (an estimate: only this
+        thread adds to it, workers only take from it)."""
+        q = self._queue
+        policy = self.policy
+        if deadline_s is not None:
+            budget = deadline_s - now_s
+        else:
+            slo = policy.latency_budget_s
+            budget = DEFAULT_BUDGET_S if slo is None else slo
+        ahead = q.pieces.cost_up_to(priority)
+        staged = q.staged
+        if staged is not None and (priority > URGENT or not self._urgent_lane):
+            ahead += staged.batch.live_rows
+        return decide(
+            AdmissionRequest(
+                rows=rows,
+                ahead_rows=ahead,
+                budget_s=budget,
+                service_s=policy.predict_service_s(min(rows, batch_size)),
+                rows_per_s=self._drain_rate.rows_per_s,
+                max_rows=policy.max_queue_rows,
+                batch_rows=self._max_batch,
+                unmeasured_rows=max(
+                    min(UNMEASURED_ROWS, policy.decision().queue_limit_rows),
+                    self._max_batch * self.pool.num_workers,
+                ),
+            )
+        )
+
+    def _refuse(self, admission: Admission, rows: int, deadline_s: float | None) -> None:
+        if admission.verdict is Verdict.TOO_LARGE:
+            self.refused_too_large += 1
+            within = "its timeout" if deadline_s is not None else "the model's latency objective"
+            raise RequestTooLarge(
+                f"{self.name}: a request may have at most {admission.limit_rows} rows (got {rows}): "
+                f"more cannot be served within {within} or the queue's cap; split it"
+            )
+        self.refused_late += 1
+        raise TooManyRequests(
+            f"{self.name}: too busy: predicted wait {admission.predicted_s:.3g} s is past "
+            + ("the request's timeout" if deadline_s is not None else "the model's latency objective"),
+            retry_after_s=admission.retry_after_s,
+        )
+
+    def _drain_s(self, rows: float) -> float:
+        """Seconds for the queue to run `rows` rows at the measured rate (1 before any)."""
+        rate = self._drain_rate.rows_per_s
+        return 1.0 if rate is None else max(1.0, rows / rate)
+
+    def _on_request_done(self, future: asyncio.Future[Arrays]) -> None:
+        """A request's future is done: if cancelled (its caller went away) while pieces of it
+        were queued, remove them now so they take no batch room and count in no wait."""
+        if not future.cancelled():
+            return
+        q = self._queue
+        with q.lock:
+            gone = q.pieces.remove_if(lambda p: p.request.future is future)
+        if gone:
+            self.abandoned += 1
+            self.abandoned_rows += sum(p.rows for p in gone)
 
     @property
     def batches_out(self) -> int:
@@ -463,6 +570,7 @@ class Batcher:
             latencies = [end - p.request.arrival_s for p in live]
             with self._queue.lock:
                 self.policy.observe(end, batch.rows, batch.service_s, latencies)
+            self._drain_rate.observe(end, batch.rows, batch.service_s)
             for piece, part in zip(live, split_outputs(outputs, live, batch.rows), strict=True):
                 request = piece.request
                 if request.parts is None:  # a whole request (inlined `Piece.deliver`: the hot path)
@@ -549,9 +657,7 @@ class Batcher:
             self._fail(piece.request, error)
 
     def _displace(self, victims: Sequence[Piece], why: str = "displaced by a more urgent request") -> None:
-        err = Overloaded(
-            f"{self.name}: {why}", retry_after_s=self.policy.retry_after_s(self._queue.pieces.cost)
-        )
+        err = TooManyRequests(f"{self.name}: {why}", retry_after_s=self._drain_s(self._queue.pieces.cost))
         chunked = False
         for piece in victims:
             if not piece.request.future.done():

@@ -195,6 +195,18 @@ class BatchingPolicy(Protocol):
 
     def retry_after_s(self, queued_rows: float) -> float: ...
 
+    @property
+    def latency_budget_s(self) -> float | None:
+        """The latency a request without a deadline should be served within (admission by
+        predicted wait, `admission`): the SLO as the policy currently plans for it; None
+        without an SLO."""
+        ...
+
+    @property
+    def max_queue_rows(self) -> int:
+        """Hard cap on queued rows (memory), whatever the SLO would allow."""
+        ...
+
 
 class _ServiceMixin:
     service: ServiceModel
@@ -224,19 +236,32 @@ class StaticPolicy(_ServiceMixin):
         *,
         workers: int = 1,
         halflife_s: float = 1.0,
+        slo_s: float | None = None,
     ) -> None:
+        """`slo_s`: the latency budget of requests without a deadline (None: none)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not delay_s >= 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
         if queue_limit_rows < batch_size:
             raise ValueError(f"queue_limit_rows ({queue_limit_rows}) must be >= batch_size ({batch_size})")
+        if slo_s is not None and not slo_s > 0:
+            raise ValueError(f"slo_s must be > 0, got {slo_s!r}")
         self._decision = BatchingDecision(batch_size, delay_s, queue_limit_rows)
         self.service = ServiceModel(halflife_s)
         self.workers = workers
+        self._slo_s = slo_s
 
     def decision(self) -> BatchingDecision:
         return self._decision
+
+    @property
+    def latency_budget_s(self) -> float | None:
+        return self._slo_s
+
+    @property
+    def max_queue_rows(self) -> int:
+        return self._decision.queue_limit_rows
 
     def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         self.service.observe(now_s, rows, service_s)
@@ -308,6 +333,15 @@ class AdaptivePolicy(_ServiceMixin):
 
     def decision(self) -> BatchingDecision:
         return self._decision
+
+    @property
+    def latency_budget_s(self) -> float | None:
+        """The planned budget, `fraction` x SLO: it shrinks while requests miss the SLO."""
+        return self.fraction * self._slo_s
+
+    @property
+    def max_queue_rows(self) -> int:
+        return self.settings.max_queue_rows
 
     def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         self.service.observe(now_s, rows, service_s)

@@ -52,13 +52,14 @@ class UrgencyQueue(Generic[T]):
     - each class list is sorted by (deadline, seq); deadline None is +inf;
     - `cost` is the sum of queued items' costs and never exceeds `bound` after an
       `offer` (lowering `bound` refuses arrivals until the queue drains; it evicts nothing);
+      `cost_up_to(p)` is the sum over classes p and more urgent;
     - an item is displaced only by an arrival of a strictly more urgent class, and
       only the least urgent items go (lowest class, latest deadline, newest first).
 
     Pure data structure: no clock reads (time is passed in), no locking.
     """
 
-    __slots__ = ("_classes", "_group_of", "_seq", "bound", "cost")
+    __slots__ = ("_class_cost", "_classes", "_group_of", "_seq", "bound", "cost")
 
     def __init__(self, bound: float, group_of: Callable[[T], Hashable] | None = None) -> None:
         if not bound > 0:
@@ -69,6 +70,7 @@ class UrgencyQueue(Generic[T]):
         self._group_of = group_of
         # per class: sorted list of (deadline_s, seq, cost, item)
         self._classes: list[list[tuple[float, int, float, T]]] = [[] for _ in range(_NUM_CLASSES)]
+        self._class_cost = [0.0] * _NUM_CLASSES
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._classes)
@@ -134,6 +136,7 @@ class UrgencyQueue(Generic[T]):
         else:
             bisect.insort(lst, entry)
         self.cost += cost
+        self._class_cost[priority] += cost
 
     def _least_urgent_below(self, priority: Priority, excess: float) -> list[T] | None:
         """Remove least urgent items of classes below `priority` until `excess` is freed.
@@ -150,6 +153,7 @@ class UrgencyQueue(Generic[T]):
             while lst and freed < excess:
                 _, _, cost, item = lst.pop()
                 freed += cost
+                self._class_cost[cls] -= cost
                 victims.append(item)
             if freed >= excess:
                 break
@@ -159,22 +163,24 @@ class UrgencyQueue(Generic[T]):
     def pop_expired(self, now_s: float) -> list[T]:
         """Remove and return every item whose deadline is at or before `now_s`."""
         out: list[T] = []
-        for lst in self._classes:
+        for cls, lst in enumerate(self._classes):
             if not lst or lst[0][0] > now_s:
                 continue
             i = bisect.bisect_right(lst, now_s, key=lambda e: e[0])
             for e in lst[:i]:
                 self.cost -= e[2]
+                self._class_cost[cls] -= e[2]
                 out.append(e[3])
             del lst[:i]
         return out
 
     def pop(self) -> T | None:
         """Remove and return the most urgent item, or None when empty."""
-        for lst in self._classes:
+        for cls, lst in enumerate(self._classes):
             if lst:
                 entry = lst.pop(0)
                 self.cost -= entry[2]
+                self._class_cost[cls] -= entry[2]
                 return entry[3]
         return None
 
@@ -201,11 +207,12 @@ class UrgencyQueue(Generic[T]):
         lists = self._classes if lo == 0 and hi == _NUM_CLASSES - 1 else self._classes[lo : hi + 1]
         group_of = self._group_of
         if group_of is None:
-            return self._take_any(lists, max_cost, alive, first_alone)
+            return self._take_any(lists, lo, max_cost, alive, first_alone)
         taken: list[T] = []
         total = 0.0
         stop = False
-        for lst in lists:
+        class_cost = self._class_cost
+        for cls, lst in enumerate(lists, lo):
             keep: list[tuple[float, int, float, T]] | None = None
             i, n = 0, len(lst)
             while i < n:
@@ -213,6 +220,7 @@ class UrgencyQueue(Generic[T]):
                 cost, item = entry[2], entry[3]
                 if alive is not None and not alive(item):
                     self.cost -= cost
+                    class_cost[cls] -= cost
                     i += 1
                     continue
                 g = group_of(item)
@@ -229,6 +237,7 @@ class UrgencyQueue(Generic[T]):
                 taken.append(item)
                 total += cost
                 self.cost -= cost
+                class_cost[cls] -= cost
                 i += 1
                 if total >= max_cost:
                     stop = True
@@ -244,6 +253,7 @@ class UrgencyQueue(Generic[T]):
     def _take_any(
         self,
         lists: list[list[tuple[float, int, float, T]]],
+        lo: int,
         max_cost: float,
         alive: Callable[[T], bool] | None,
         first_alone: bool,
@@ -252,7 +262,9 @@ class UrgencyQueue(Generic[T]):
         taken: list[T] = []
         total = 0.0
         removed = 0.0
-        for lst in lists:
+        class_cost = self._class_cost
+        for cls, lst in enumerate(lists, lo):
+            before = total + removed
             i, n = 0, len(lst)
             while i < n:
                 _, _, cost, item = lst[i]
@@ -268,6 +280,7 @@ class UrgencyQueue(Generic[T]):
                 if total >= max_cost:
                     break
             del lst[:i]
+            class_cost[cls] -= total + removed - before
             if i < n:  # stopped inside this class: the rest stays first in line
                 break
         self.cost -= total + removed
@@ -276,22 +289,25 @@ class UrgencyQueue(Generic[T]):
     def shed(self, max_cost: float) -> list[T]:
         """Remove the least urgent items until `cost <= max_cost`; returns them."""
         out: list[T] = []
-        for lst in reversed(self._classes):
+        for cls in range(_NUM_CLASSES - 1, -1, -1):
+            lst = self._classes[cls]
             while lst and self.cost > max_cost:
                 entry = lst.pop()
                 self.cost -= entry[2]
+                self._class_cost[cls] -= entry[2]
                 out.append(entry[3])
         return out
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Remove and return every item for which `predicate` is true (O(n))."""
         out: list[T] = []
-        for lst in self._classes:
+        for cls, lst in enumerate(self._classes):
             if any(predicate(e[3]) for e in lst):
                 keep = []
                 for e in lst:
                     if predicate(e[3]):
                         self.cost -= e[2]
+                        self._class_cost[cls] -= e[2]
                         out.append(e[3])
                     else:
                         keep.append(e)
@@ -308,7 +324,15 @@ class UrgencyQueue(Generic[T]):
         for lst in self._classes:
             lst.clear()
         self.cost = 0.0
+        self._class_cost = [0.0] * _NUM_CLASSES
         return out
+
+    def cost_up_to(self, priority: Priority) -> float:
+        """The cost queued at class `priority` or more urgent (what an item of that class
+        waits behind). Safe to read without the queue's lock for an estimate: it reads only
+        floats, each written whole."""
+        costs = self._class_cost
+        return sum(costs[: priority + 1]) if priority < _NUM_CLASSES - 1 else self.cost
 
     def holds_up_to(self, priority: Priority) -> bool:
         """Whether an item of class `priority` or more urgent is queued."""
@@ -331,7 +355,9 @@ class UrgencyQueue(Generic[T]):
 
     def check_invariants(self) -> None:
         total = 0.0
-        for lst in self._classes:
+        for cls, lst in enumerate(self._classes):
             assert all(lst[i][:2] < lst[i + 1][:2] for i in range(len(lst) - 1)), "unsorted"
-            total += sum(e[2] for e in lst)
+            in_class = sum(e[2] for e in lst)
+            assert math.isclose(in_class, self._class_cost[cls], abs_tol=1e-6), (cls, self._class_cost)
+            total += in_class
         assert math.isclose(total, self.cost, abs_tol=1e-6), (total, self.cost)

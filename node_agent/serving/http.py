@@ -36,11 +36,13 @@ Protections, all before any model code runs:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -202,6 +204,48 @@ def peer_allowed(peer: str | None, networks: Sequence[ipaddress.IPv4Network | ip
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class GoneWatch:
+    """Cancels the handlers of infer requests whose clients have gone (their connection
+    closed) while they wait for their results, so their queued rows are dropped, never run.
+
+    aiohttp >= 3.9 leaves a handler running when its client disconnects (its
+    `handler_cancellation` is off by default, and on for every handler it would also cut
+    load/unload short); one timer checks the watched connections every `interval_s`, so a
+    request costs a dict entry, not a task or a timer of its own."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self._watched: dict[asyncio.Task[Any], asyncio.BaseTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.cancelled = 0
+        """Handlers cancelled because their client had gone."""
+
+    @contextlib.contextmanager
+    def watching(self, transport: asyncio.BaseTransport | None) -> Iterator[None]:
+        """Within it, the current task is cancelled if `transport` closes."""
+        task = asyncio.current_task()
+        if transport is None or task is None:
+            yield
+            return
+        self._watched[task] = transport
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._check)
+        try:
+            yield
+        finally:
+            self._watched.pop(task, None)
+
+    def _check(self) -> None:
+        self._timer = None
+        gone = [t for t, transport in self._watched.items() if transport.is_closing()]
+        for task in gone:
+            del self._watched[task]
+            task.cancel()
+            self.cancelled += 1
+        if self._watched:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._check)
+
+
 class V2Api:
     """The routes over one `ServingApi`; `app` is the aiohttp application."""
 
@@ -219,6 +263,7 @@ class V2Api:
         self._token = settings.auth_token.encode() if settings.auth_token else None
         self._control = control_networks(settings.repository_control_from)
         self._bodies = BodyBudget(settings.max_inflight_request_bytes)
+        self._gone = GoneWatch()
         self.guard = ConnectionGuard(settings.connections)
         """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
         middlewares = [self._connection, self._errors, self._auth]
@@ -371,7 +416,8 @@ class V2Api:
             v2_codec.check_request(decoded, config)
             priority = v2_codec.priority_from(decoded.parameters.get("priority"), config.priority)
             timeout_s = v2_codec.timeout_s_from(decoded.parameters.get("timeout"))
-            outputs = await self.api.infer(name, config.version, decoded.inputs, priority, timeout_s)
+            with self._gone.watching(request.transport):  # client gone: its work is dropped
+                outputs = await self.api.infer(name, config.version, decoded.inputs, priority, timeout_s)
             encoded = v2_codec.encode_response(config, decoded, outputs)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type="application/json")

@@ -28,6 +28,7 @@ from node_agent.errors import (
     Overloaded,
     RequestTooLarge,
     ShuttingDown,
+    TooManyRequests,
 )
 from node_agent.serving import v2_codec
 
@@ -42,13 +43,15 @@ ERROR_STATUS: dict[type[AgentError], int] = {
     InferenceFailed: 500,
     InsufficientMemory: 503,
     Overloaded: 503,
+    TooManyRequests: 429,
     ShuttingDown: 503,
     DeadlineExceeded: 504,
 }
 """The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
 
 InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
-(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
+(not the caller) must fix. Overloaded (429 when a model's queue refused it) and ShuttingDown
+carry Retry-After."""
 
 
 def status_for(exc: AgentError) -> int:

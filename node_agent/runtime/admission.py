@@ -1,0 +1,154 @@
+"""Admission by predicted wait: whether a request can be served within its time budget.
+
+A request is admitted when the wait predicted for it fits its budget:
+
+    predicted = rows queued ahead of it (its class and more urgent ones) / drain rate
+                + its own service time
+
+The budget is the request's deadline when it has one (the v2 `timeout` parameter), else
+the model's latency SLO, else `DEFAULT_BUDGET_S`. A request that does not fit is refused
+at once with the time after which the queue will have drained far enough for it to fit
+(`Retry-After`), instead of queueing past its budget: a refusal costs the caller a retry
+elsewhere or later, a request admitted past its budget costs every request behind it.
+
+A request that cannot fit whatever the load (more rows than the queue may ever hold, or more
+than the model can serve within the budget with nothing queued) is `too_large`: retrying it
+unchanged cannot succeed, so it carries no Retry-After.
+
+Pure: no clock reads (time is passed in), no I/O, no locking, no tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+DEFAULT_BUDGET_S = 1.0
+"""Budget of a request with neither a deadline nor a model SLO. One second: past it an
+interactive caller has usually given up, a batch caller loses little by retrying, and a
+slow model (the example `classifier/2-slow`, ~70 rows/s on 2 CPU cores) still holds a
+few batches in its queue."""
+
+
+class Verdict(Enum):
+    """What admission decided."""
+
+    ADMIT = "admit"
+    LATE = "predicted_wait"
+    """It would wait past its budget: refused now (429 and Retry-After)."""
+    TOO_LARGE = "too_large"
+    """It can never be served within its budget or the queue's hard cap (413)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of `decide`. `retry_after_s` > 0 only for `LATE`; `limit_rows`, the most
+    rows a request may have, only for `TOO_LARGE`."""
+
+    verdict: Verdict
+    predicted_s: float = 0.0
+    retry_after_s: float = 0.0
+    limit_rows: int = 0
+
+    @property
+    def admitted(self) -> bool:
+        return self.verdict is Verdict.ADMIT
+
+
+ADMIT = Admission(Verdict.ADMIT)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """What `decide` needs to know: the request, what waits ahead of it, the model's speed."""
+
+    rows: int
+    ahead_rows: float
+    """Rows queued (or formed into a batch not yet started) at its class or more urgent."""
+    budget_s: float
+    """Time from now within which it must finish (deadline, SLO, or `DEFAULT_BUDGET_S`)."""
+    service_s: float
+    """Predicted service time of its own rows (0 when unknown)."""
+    rows_per_s: float | None
+    """Measured drain rate of the model's queue; None before any batch completed."""
+    max_rows: int
+    """Hard cap on rows queued for the model (memory), whatever the budget."""
+    batch_rows: int
+    """Rows of the model's largest batch: a request up to it runs in one batch."""
+    unmeasured_rows: int
+    """Before any measurement: rows (ahead + its own) admitted at most, unless the queue is empty."""
+
+
+def decide(r: AdmissionRequest) -> Admission:
+    """Admit `r`, or refuse it as late (with Retry-After) or too large (with the limit).
+
+    Guarantees: a request alone in an empty queue is admitted unless it is too large; a
+    `LATE` refusal's `retry_after_s` is >= 1 (whole seconds are what Retry-After carries);
+    the limit of `TOO_LARGE` is at least `batch_rows` (capped by `max_rows`), so a request
+    of one batch is never too large unless the queue's cap is below a batch.
+    """
+    if r.rows > r.max_rows:
+        return Admission(Verdict.TOO_LARGE, limit_rows=r.max_rows)
+    rate = r.rows_per_s
+    if rate is None or not rate > 0:
+        if r.ahead_rows <= 0 or r.ahead_rows + r.rows <= r.unmeasured_rows:
+            return ADMIT
+        return Admission(Verdict.LATE, math.inf, retry_after_s=1.0)
+    own_s = max(r.service_s, r.rows / rate)
+    if r.rows > r.batch_rows and own_s > r.budget_s:
+        # split into several batches, it would take longer than its budget on an idle model
+        limit = max(r.batch_rows, min(r.max_rows, math.floor(r.budget_s * rate)))
+        if r.rows > limit:
+            return Admission(Verdict.TOO_LARGE, own_s, limit_rows=limit)
+    predicted = r.ahead_rows / rate + own_s
+    if predicted <= r.budget_s or r.ahead_rows <= 0:
+        return Admission(Verdict.ADMIT, predicted)
+    # the queue must first drain the rows past those it may hold ahead of this request
+    excess_s = predicted - max(r.budget_s, own_s)
+    return Admission(Verdict.LATE, predicted, retry_after_s=max(1.0, math.ceil(excess_s)))
+
+
+class DrainRate:
+    """A model's drain rate in rows per second, measured from completed batches.
+
+    Decaying sums of rows and busy seconds (each batch weighs its duration, so a long batch
+    counts as much as the many short ones that take as long; weights halve every
+    `halflife_s` of passed-in time), times `concurrency`, the batches that run at once (the
+    pool's workers). Rows that ran per second of a worker's busy time, not per second of
+    wall time: an idle spell does not lower it. Invariant: `rows_per_s` is None until a
+    batch was observed, then > 0.
+    """
+
+    __slots__ = ("_busy_s", "_last_s", "_rows", "concurrency", "halflife_s")
+
+    def __init__(self, concurrency: int = 1, halflife_s: float = 2.0) -> None:
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if not halflife_s > 0:
+            raise ValueError(f"halflife_s must be > 0, got {halflife_s!r}")
+        self.concurrency = concurrency
+        self.halflife_s = halflife_s
+        self._rows = 0.0
+        self._busy_s = 0.0
+        self._last_s: float | None = None
+
+    def observe(self, now_s: float, rows: int, service_s: float) -> None:
+        """A batch of `rows` rows that took `service_s` ended at `now_s`."""
+        if rows < 1 or not service_s > 0:
+            return
+        last = self._last_s
+        if last is not None and now_s > last:
+            decay = 0.5 ** ((now_s - last) / self.halflife_s)
+            self._rows *= decay
+            self._busy_s *= decay
+        if last is None or now_s > last:
+            self._last_s = now_s
+        self._rows += rows
+        self._busy_s += service_s
+
+    @property
+    def rows_per_s(self) -> float | None:
+        if self._busy_s <= 0:
+            return None
+        return self.concurrency * self._rows / self._busy_s

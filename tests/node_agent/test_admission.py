@@ -1,0 +1,82 @@
+"""Admission by predicted wait (`node_agent.runtime.admission`): pure, exact results."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from node_agent.runtime.admission import AdmissionRequest, DrainRate, Verdict, decide
+
+BASE = AdmissionRequest(
+    rows=1,
+    ahead_rows=0,
+    budget_s=1.0,
+    service_s=0.01,
+    rows_per_s=100.0,
+    max_rows=4096,
+    batch_rows=16,
+    unmeasured_rows=64,
+)
+
+
+def req(**changes: object) -> AdmissionRequest:
+    return dataclasses.replace(BASE, **changes)  # type: ignore[arg-type]
+
+
+def test_admits_while_the_predicted_wait_fits_the_budget() -> None:
+    got = decide(req(ahead_rows=80))  # 0.8 s of queue + 0.01 s of its own
+    assert got.admitted and got.predicted_s == pytest.approx(0.81)
+
+
+def test_refuses_past_the_budget_with_retry_after_the_excess_drains() -> None:
+    got = decide(req(ahead_rows=350))  # 3.5 s + 0.01 s: 2.51 s past the budget
+    assert got.verdict is Verdict.LATE
+    assert got.retry_after_s == 3.0  # whole seconds, rounded up
+    slightly = decide(req(ahead_rows=100))  # just past: never less than one second
+    assert slightly.verdict is Verdict.LATE and slightly.retry_after_s == 1.0
+
+
+def test_a_deadline_tighter_than_the_slo_refuses_earlier() -> None:
+    assert decide(req(ahead_rows=30, budget_s=1.0)).admitted
+    assert decide(req(ahead_rows=30, budget_s=0.2)).verdict is Verdict.LATE
+
+
+def test_alone_in_an_empty_queue_is_admitted_even_if_its_batch_is_slower_than_the_budget() -> None:
+    assert decide(req(rows=16, service_s=2.0, budget_s=1.0)).admitted
+    # but behind others it waits for the queue to empty: Retry-After is the queue's time
+    late = decide(req(rows=16, service_s=2.0, budget_s=1.0, ahead_rows=250))
+    assert late.verdict is Verdict.LATE and late.retry_after_s == 3.0
+
+
+def test_past_the_hard_cap_is_too_large_with_the_cap_as_limit() -> None:
+    got = decide(req(rows=5000))
+    assert got.verdict is Verdict.TOO_LARGE and got.limit_rows == 4096
+    assert decide(req(rows=5000, rows_per_s=None)).verdict is Verdict.TOO_LARGE
+
+
+def test_more_rows_than_the_model_serves_within_the_budget_is_too_large() -> None:
+    got = decide(req(rows=500))  # 5 s of work on an idle model, 1 s budget
+    assert got.verdict is Verdict.TOO_LARGE and got.limit_rows == 100
+    assert decide(req(rows=90)).admitted  # split in batches, it fits
+    # the limit never goes under one batch: a single batch is not "too large"
+    assert decide(req(rows=16, rows_per_s=5.0)).admitted
+
+
+def test_before_any_measurement_a_modest_bound_applies() -> None:
+    assert decide(req(rows_per_s=None, ahead_rows=60, rows=4)).admitted
+    late = decide(req(rows_per_s=None, ahead_rows=61, rows=4))
+    assert late.verdict is Verdict.LATE and late.retry_after_s == 1.0
+    assert decide(req(rows_per_s=None, ahead_rows=0, rows=500)).admitted  # an empty queue
+
+
+def test_drain_rate_is_rows_per_busy_second_times_concurrency_and_forgets() -> None:
+    rate = DrainRate(concurrency=2, halflife_s=1.0)
+    assert rate.rows_per_s is None
+    rate.observe(0.0, 16, 0.2)  # 80 rows/s per worker
+    assert rate.rows_per_s == pytest.approx(160.0)
+    rate.observe(0.0, 0, 0.2)  # no rows: no sample
+    rate.observe(10.0, 16, 0.8)  # much later, 4x slower: the old sample weighs ~0.001
+    assert rate.rows_per_s == pytest.approx(40.0, rel=0.01)
+    with pytest.raises(ValueError, match="concurrency"):
+        DrainRate(0)
