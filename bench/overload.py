@@ -163,7 +163,8 @@ async def main() -> None:
         goodput = len(res.ok()) / res.duration_s
         rows.append([
             f"{name}, {load}", f"{goodput:.0f}", f"{goodput / cap:.2f}", fmt_ms(res.p(50, "high")),
-            fmt_ms(res.p(99, "high")), fmt_ms(res.p(99, "normal")), res.errors("Overloaded") + res.errors("TooManyRequests"),
+            fmt_ms(res.p(99, "high")), fmt_ms(res.p(99, "normal")),
+            res.errors("Overloaded") + res.errors("TooManyRequests"),
             res.errors("DeadlineExceeded"), res.errors("late"), len(res.outcomes),
         ])  # fmt: skip
 
@@ -185,7 +186,8 @@ async def main() -> None:
         f"engine with and without its urgent lane, each load's rounds pooled. Capacity C = "
         f"{cap:.0f} req/s (closed loop, {cap_before:.0f} before and {cap_after:.0f} after the runs; "
         f"the adaptive batcher ran batches of {batch_at_saturation} at saturation). Goodput = "
-        "requests completed within their deadline per second; refused = `Overloaded` or `TooManyRequests` (429); "
+        "requests completed within their deadline per second; refused = `Overloaded` or "
+        "`TooManyRequests` (429); "
         "dropped = `DeadlineExceeded` (never run); late = completed after the deadline.\n\n"
         + table(
             [
