@@ -186,7 +186,8 @@ async def bench_case(case: Case, q: bool) -> tuple[list[list[object]], str]:
         tag = " (best static)" if name == best_name else ""
         rows.append([
             case.model, name + tag, f"{r.throughput():.0f}", fmt_ms(r.p(50)), fmt_ms(r.p(99)),
-            "yes" if within(r) else "no", r.errors("Overloaded"), r.errors("late"),
+            "yes" if within(r) else "no", r.errors("Overloaded") + r.errors("TooManyRequests"),
+            r.errors("late"),
             len(r.outcomes),
         ])  # fmt: skip
     final = adaptive_policy.decision()

@@ -2,7 +2,8 @@
 
 A request is admitted when the wait predicted for it fits its budget:
 
-    predicted = rows queued ahead of it (its class and more urgent ones) / drain rate
+    predicted = what is left of the batch running now (at most its service time)
+                + rows queued ahead of it (its class and more urgent ones) / drain rate
                 + its own service time
 
 The budget is the request's deadline when it has one (the v2 `timeout` parameter), else
@@ -70,6 +71,8 @@ class AdmissionRequest:
     """Time from now within which it must finish (deadline, SLO, or `DEFAULT_BUDGET_S`)."""
     service_s: float
     """Predicted service time of its own rows (0 when unknown)."""
+    running_s: float
+    """Time left of the batch running now, at most (its predicted service time; 0: none)."""
     rows_per_s: float | None
     """Measured drain rate of the model's queue; None before any batch completed."""
     max_rows: int
@@ -101,54 +104,57 @@ def decide(r: AdmissionRequest) -> Admission:
         limit = max(r.batch_rows, min(r.max_rows, math.floor(r.budget_s * rate)))
         if r.rows > limit:
             return Admission(Verdict.TOO_LARGE, own_s, limit_rows=limit)
-    predicted = r.ahead_rows / rate + own_s
+    predicted = r.running_s + r.ahead_rows / rate + own_s
     if predicted <= r.budget_s or r.ahead_rows <= 0:
         return Admission(Verdict.ADMIT, predicted)
     # the queue must first drain the rows past those it may hold ahead of this request
-    excess_s = predicted - max(r.budget_s, own_s)
+    excess_s = predicted - max(r.budget_s, r.running_s + own_s)
     return Admission(Verdict.LATE, predicted, retry_after_s=max(1.0, math.ceil(excess_s)))
 
 
 class DrainRate:
     """A model's drain rate in rows per second, measured from completed batches.
 
-    Decaying sums of rows and busy seconds (each batch weighs its duration, so a long batch
-    counts as much as the many short ones that take as long; weights halve every
-    `halflife_s` of passed-in time), times `concurrency`, the batches that run at once (the
-    pool's workers). Rows that ran per second of a worker's busy time, not per second of
-    wall time: an idle spell does not lower it. Invariant: `rows_per_s` is None until a
+    Decaying sums of rows and of the seconds they took (weights halve every `halflife_s` of
+    passed-in time; each batch weighs its seconds, so a long batch counts as much as the many
+    short ones that take as long). The caller says what a batch's seconds are: under backlog,
+    the wall time since the previous batch ended (so the worker's idle time between batches,
+    waiting for a busy event loop, and the batches running side by side on several workers
+    are both in it: what the queue really drains); otherwise its service time over the
+    batches that may run at once. The rate is the lower of that average and the last batch's
+    own: cautious, a slowdown (a throttled GPU, a CPU the flood's own requests compete for)
+    shows at once, a speed-up over the half-life. Invariant: `rows_per_s` is None until a
     batch was observed, then > 0.
     """
 
-    __slots__ = ("_busy_s", "_last_s", "_rows", "concurrency", "halflife_s")
+    __slots__ = ("_last_rate", "_last_s", "_rows", "_seconds", "halflife_s")
 
-    def __init__(self, concurrency: int = 1, halflife_s: float = 2.0) -> None:
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    def __init__(self, halflife_s: float = 2.0) -> None:
         if not halflife_s > 0:
             raise ValueError(f"halflife_s must be > 0, got {halflife_s!r}")
-        self.concurrency = concurrency
         self.halflife_s = halflife_s
         self._rows = 0.0
-        self._busy_s = 0.0
+        self._seconds = 0.0
         self._last_s: float | None = None
+        self._last_rate = math.inf
 
-    def observe(self, now_s: float, rows: int, service_s: float) -> None:
-        """A batch of `rows` rows that took `service_s` ended at `now_s`."""
-        if rows < 1 or not service_s > 0:
+    def observe(self, now_s: float, rows: int, seconds: float) -> None:
+        """A batch of `rows` rows, which drained the queue for `seconds`, ended at `now_s`."""
+        if rows < 1 or not seconds > 0:
             return
         last = self._last_s
         if last is not None and now_s > last:
             decay = 0.5 ** ((now_s - last) / self.halflife_s)
             self._rows *= decay
-            self._busy_s *= decay
+            self._seconds *= decay
         if last is None or now_s > last:
             self._last_s = now_s
         self._rows += rows
-        self._busy_s += service_s
+        self._seconds += seconds
+        self._last_rate = rows / seconds
 
     @property
     def rows_per_s(self) -> float | None:
-        if self._busy_s <= 0:
+        if self._seconds <= 0:
             return None
-        return self.concurrency * self._rows / self._busy_s
+        return min(self._rows / self._seconds, self._last_rate)

@@ -172,7 +172,9 @@ class Batcher:
         self._dynamic = self.settings.dynamic_shapes
         depth = self.settings.pipeline_depth
         self._depth = depth if depth is not None else pool.num_workers + 1
-        self._drain_rate = DrainRate(pool.num_workers)
+        self._drain_rate = DrainRate()
+        self._last_end_s: float | None = None
+        """When the last batch that ran ended, if rows were queued then (loop thread)."""
         self._queue = BatchQueue(
             name,
             policy,
@@ -321,6 +323,7 @@ class Batcher:
                 ahead_rows=ahead,
                 budget_s=budget,
                 service_s=policy.predict_service_s(min(rows, batch_size)),
+                running_s=policy.predict_service_s(batch_size) if self._out else 0.0,
                 rows_per_s=self._drain_rate.rows_per_s,
                 max_rows=policy.max_queue_rows,
                 batch_rows=self._max_batch,
@@ -570,7 +573,7 @@ class Batcher:
             latencies = [end - p.request.arrival_s for p in live]
             with self._queue.lock:
                 self.policy.observe(end, batch.rows, batch.service_s, latencies)
-            self._drain_rate.observe(end, batch.rows, batch.service_s)
+            self._measure_drain(end, batch.rows, batch.service_s)
             for piece, part in zip(live, split_outputs(outputs, live, batch.rows), strict=True):
                 request = piece.request
                 if request.parts is None:  # a whole request (inlined `Piece.deliver`: the hot path)
@@ -591,6 +594,18 @@ class Batcher:
         self.completed += completed
         self.rows_run += batch.rows
         return batch.rows > 0
+
+    def _measure_drain(self, end_s: float, rows: int, service_s: float) -> None:
+        """Feed the drain rate a batch that ran: under backlog (rows were queued when the
+        previous batch ended) the wall time since that end, else its service time shared by
+        the workers (`admission.DrainRate`)."""
+        last = self._last_end_s
+        seconds = service_s / self.pool.num_workers
+        if last is not None and end_s > last:  # (under backlog)
+            seconds = end_s - last
+        self._drain_rate.observe(end_s, rows, seconds)
+        q = self._queue
+        self._last_end_s = end_s if q.pieces.cost > 0 or q.staged is not None else None
 
     def _end(self, ticket: Ticket, error: BaseException | None) -> None:
         """A ticket's job ended: release its lease and slot; on an error, tell the members
@@ -624,18 +639,26 @@ class Batcher:
                 self._fail(piece.request, err)
 
     def _shed_excess(self) -> None:
-        """After the bound shrank (the model slowed), queued work far past it would only
-        wait past its SLO: refuse the least urgent part now, so callers can retry elsewhere.
-        Hysteresis (1.5x) keeps small bound fluctuations from shedding anything."""
-        bound = self.policy.decision().queue_limit_rows
+        """After the model slowed (a smaller policy bound, or a lower drain rate than the
+        one queued work was admitted at), queued work far past what drains within the
+        model's budget (its SLO, or `admission.DEFAULT_BUDGET_S`) would only wait past it:
+        refuse the least urgent part of the work admitted on that budget (requests without a
+        deadline) now (`TooManyRequests`), so callers can retry elsewhere; work with a deadline
+        is dropped if and when it is doomed (`BatchQueue.form_locked`). Hysteresis (1.5x) keeps
+        small fluctuations from shedding anything."""
+        bound = float(self.policy.decision().queue_limit_rows)
+        rate = self._drain_rate.rows_per_s
+        if rate is not None:
+            slo = self.policy.latency_budget_s
+            drains = rate * (DEFAULT_BUDGET_S if slo is None else slo)
+            bound = min(bound, max(float(self._max_batch), drains))
         q = self._queue
+        if q.pieces.cost <= SHED_HYSTERESIS * bound:  # (unlocked: only this thread adds)
+            return
         with q.lock:
-            q.pieces.bound = bound
-            if q.pieces.cost <= SHED_HYSTERESIS * bound:
-                return
-            shed = q.pieces.shed(bound)
+            shed = q.pieces.shed(bound, without_deadline_only=True)
         if shed:
-            self._displace(shed, "shed: the queue is past what the model can serve in its SLO")
+            self._displace(shed, "shed: the queue is past what the model can serve in its budget")
 
     # --- failures and timers -----------------------------------------------
 

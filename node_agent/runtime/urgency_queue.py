@@ -286,12 +286,13 @@ class UrgencyQueue(Generic[T]):
         self.cost -= total + removed
         return taken
 
-    def shed(self, max_cost: float) -> list[T]:
-        """Remove the least urgent items until `cost <= max_cost`; returns them."""
+    def shed(self, max_cost: float, *, without_deadline_only: bool = False) -> list[T]:
+        """Remove the least urgent items until `cost <= max_cost` (with `without_deadline_only`,
+        only items without a deadline: the cost may stay above); returns them."""
         out: list[T] = []
         for cls in range(_NUM_CLASSES - 1, -1, -1):
             lst = self._classes[cls]
-            while lst and self.cost > max_cost:
+            while lst and self.cost > max_cost and (not without_deadline_only or lst[-1][0] == _INF):
                 entry = lst.pop()
                 self.cost -= entry[2]
                 self._class_cost[cls] -= entry[2]

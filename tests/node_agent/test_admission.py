@@ -13,6 +13,7 @@ BASE = AdmissionRequest(
     ahead_rows=0,
     budget_s=1.0,
     service_s=0.01,
+    running_s=0.0,
     rows_per_s=100.0,
     max_rows=4096,
     batch_rows=16,
@@ -35,6 +36,12 @@ def test_refuses_past_the_budget_with_retry_after_the_excess_drains() -> None:
     assert got.retry_after_s == 3.0  # whole seconds, rounded up
     slightly = decide(req(ahead_rows=100))  # just past: never less than one second
     assert slightly.verdict is Verdict.LATE and slightly.retry_after_s == 1.0
+
+
+def test_the_batch_running_now_counts_in_the_wait() -> None:
+    assert decide(req(ahead_rows=80)).admitted
+    got = decide(req(ahead_rows=80, running_s=0.3))
+    assert got.verdict is Verdict.LATE and got.predicted_s == pytest.approx(1.11)
 
 
 def test_a_deadline_tighter_than_the_slo_refuses_earlier() -> None:
@@ -70,13 +77,20 @@ def test_before_any_measurement_a_modest_bound_applies() -> None:
     assert decide(req(rows_per_s=None, ahead_rows=0, rows=500)).admitted  # an empty queue
 
 
-def test_drain_rate_is_rows_per_busy_second_times_concurrency_and_forgets() -> None:
-    rate = DrainRate(concurrency=2, halflife_s=1.0)
+def test_drain_rate_is_rows_per_second_drained_slowdowns_at_once() -> None:
+    rate = DrainRate(halflife_s=1.0)
     assert rate.rows_per_s is None
-    rate.observe(0.0, 16, 0.2)  # 80 rows/s per worker
+    rate.observe(0.0, 16, 0.1)
     assert rate.rows_per_s == pytest.approx(160.0)
     rate.observe(0.0, 0, 0.2)  # no rows: no sample
-    rate.observe(10.0, 16, 0.8)  # much later, 4x slower: the old sample weighs ~0.001
-    assert rate.rows_per_s == pytest.approx(40.0, rel=0.01)
-    with pytest.raises(ValueError, match="concurrency"):
+    rate.observe(0.1, 16, 0.4)  # 4x slower: the last batch's rate, at once
+    assert rate.rows_per_s == pytest.approx(40.0)
+    rate.observe(0.2, 16, 0.1)  # fast again: the average, which remembers the slow batch
+    d = 0.5**0.1  # the weights' decay over 0.1 s
+    rows, seconds = (16 * d + 16) * d + 16, (0.1 * d + 0.4) * d + 0.1
+    assert rate.rows_per_s == pytest.approx(rows / seconds)
+    assert rate.rows_per_s < 160.0
+    rate.observe(20.0, 16, 0.1)  # much later: the old samples weigh nothing
+    assert rate.rows_per_s == pytest.approx(160.0, rel=0.01)
+    with pytest.raises(ValueError, match="halflife_s"):
         DrainRate(0)
