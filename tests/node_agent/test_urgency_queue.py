@@ -129,3 +129,21 @@ def test_queue_matches_reference_model(ops: list[tuple[Priority, int | None, int
         assert q.cost <= bound
     expected = [e[2] for e in sorted(ref, key=lambda e: (e[0], e[1], e[2]))]
     assert [q.pop() for _ in range(len(ref))] == expected
+
+
+def test_cost_up_to_a_class_and_shedding_work_without_a_deadline() -> None:
+    q: UrgencyQueue[str] = UrgencyQueue(100)
+    q.offer(["crit"], [1], P.CRITICAL, None, 0.0)
+    q.offer(["high"], [2], P.HIGH, None, 0.0)
+    q.offer(["n-dl"], [4], P.NORMAL, 5.0, 0.0)
+    q.offer(["n-none"], [8], P.NORMAL, None, 0.0)
+    q.offer(["low-dl"], [16], P.LOW, 5.0, 0.0)
+    assert [q.cost_up_to(p) for p in (P.CRITICAL, P.HIGH, P.NORMAL, P.LOW)] == [1, 3, 15, 31]
+    # only work without a deadline goes, least urgent first: the queue may stay above
+    assert q.shed(0, without_deadline_only=True) == ["n-none", "high", "crit"]
+    assert q.cost == 20 and q.cost_up_to(P.NORMAL) == 4
+    q.check_invariants()
+    assert q.shed(4) == ["low-dl"]
+    q.take(10)
+    assert q.cost_up_to(P.LOW) == 0
+    q.check_invariants()
