@@ -16,9 +16,14 @@ Measured in one run, on one Poisson trace shape:
   with every request at one priority, no deadlines and an unbounded queue (static
   batches of the size the adaptive batcher used at saturation, no delay).
 
-- a 10x flood (issue 16, "overload that answers fast"): requests without a deadline, so each
-  is admitted by its predicted wait against the model's SLO; admitted p99 against the SLO,
-  the refusals' latency (call to `TooManyRequests`, in the engine) and goodput / C.
+- a 10x flood (issue 16, "overload that answers fast"), twice: in the engine as above
+  (requests without a deadline, so each is admitted by its predicted wait against the SLO;
+  the refusals' latency is from the call to `TooManyRequests`), and over HTTP against a real
+  agent process (`edgefleet-agent serve`, the slow example model `classifier/2-slow`, which
+  has no SLA: the 1 s default budget), with its capacity C measured closed-loop over HTTP
+  first; admitted p99 against the budget, the refusals' latency as the client sees it,
+  goodput / C, and the CPU each part used (the agent's event loop, its other threads, the
+  client).
 
 Goals (issue "Node agent runtime"): goodput at 2x >= 0.90 C while FIFO falls far
 below; high-priority p99 at 2x <= 1.1x its p99 at light load. Issue 16: at 10x, admitted
@@ -32,8 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from bench.adaptive_batching import closed_loop_capacity
@@ -221,9 +234,138 @@ async def main() -> None:
         f"(goal >= 0.9); other errors: "
         f"{len([o for o in flood.outcomes if o.error not in (None, 'late', 'TooManyRequests')])}.\n"
     )
+    body += "\n" + await http_flood(q)
     print(body)
     if not q:
         write_section("overload", "Overload: admission control and priorities at 2x", body)
+
+
+# --- a 10x flood over HTTP against a real agent process ------------------------------
+
+HTTP_MODEL, HTTP_VERSION = "classifier", "2-slow"
+HTTP_ROWS = 4
+"""Rows per request: 10x the model's capacity in requests, without the HTTP layer's own
+cost per request being what saturates first."""
+HTTP_BUDGET_S = 1.0
+"""The example model has no SLA: admission uses `admission.DEFAULT_BUDGET_S`."""
+
+
+def _start_agent(root: Path) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "node_agent.cli", "serve", "--model-repository", str(root),
+           "--host", "127.0.0.1", "--port", "0", "--workers", "1", "--thermal-source", "off",
+           "--max-connections", "8192", "--max-connections-per-peer", "8192"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(r"on (http://\S+)", line)
+        if found:
+            return proc, found.group(1)
+    raise RuntimeError(f"the agent exited ({proc.wait()}) before it listened")
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of the process's main thread (the event loop) and of its other threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if task.name == str(pid):
+            main += used
+        else:
+            other += used
+    return main, other
+
+
+def _http_body() -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(0).standard_normal((HTTP_ROWS, 3, 64, 64)).astype(np.float32)
+    spec = {"name": "image", "datatype": "FP32", "shape": list(x.shape),
+            "parameters": {"binary_data_size": x.nbytes}}  # fmt: skip
+    header = json.dumps({"inputs": [spec]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)),
+               "Content-Type": "application/octet-stream"}  # fmt: skip
+    return header + x.tobytes(), headers
+
+
+async def _post(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
+    payload, headers = _HTTP_BODY
+    start = time.monotonic()
+    async with session.post(url, data=payload, headers=headers) as resp:
+        await resp.read()
+        return resp.status, time.monotonic() - start
+
+
+_HTTP_BODY = _http_body()
+
+
+async def _http_capacity(url: str, seconds: float) -> float:
+    """Requests per second 8 closed-loop clients get."""
+    done = 0
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            await _post(session, url)
+        stop = time.monotonic() + seconds
+        start = time.monotonic()
+
+        async def client() -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                status, _ = await _post(session, url)
+                assert status == 200, status
+                done += 1
+
+        await asyncio.gather(*(client() for _ in range(8)))
+        return done / (time.monotonic() - start)
+
+
+async def _http_open_loop(url: str, rate: float, seconds: float) -> list[tuple[int, float] | str]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:  # fmt: skip
+        tasks = []
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_post(session, url)))
+        got = await asyncio.gather(*tasks, return_exceptions=True)
+    return [type(o).__name__ if isinstance(o, BaseException) else o for o in got]
+
+
+async def http_flood(q: bool) -> str:
+    """The 10x flood over HTTP; its paragraph for the report."""
+    seconds = 2.0 if q else 6.0
+    proc, base = _start_agent(example_repo())
+    url = f"{base}/v2/models/{HTTP_MODEL}/versions/{HTTP_VERSION}/infer"
+    try:
+        cap = await _http_capacity(url, 1.0 if q else 3.0)
+        loop0, other0 = _cpu_s(proc.pid)
+        mine0, wall0 = time.process_time(), time.monotonic()
+        got = await _http_open_loop(url, 10 * cap, seconds)
+        wall = time.monotonic() - wall0
+        loop1, other1 = _cpu_s(proc.pid)
+        mine = time.process_time() - mine0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    answered = [o for o in got if not isinstance(o, str)]
+    admitted = [t for s, t in answered if s == 200]
+    refused = [t for s, t in answered if s == 429]
+    other = len(got) - len(admitted) - len(refused)
+    on_time = sum(1 for t in admitted if t <= HTTP_BUDGET_S)
+    cpu = (f"agent event loop {(loop1 - loop0) / wall:.0%} of a core, its other threads (the model) "
+           f"{(other1 - other0) / wall:.0%}, the client {mine / wall:.0%}")  # fmt: skip
+    return (
+        f"10x flood over HTTP: `edgefleet-agent serve` (1 worker) with `{HTTP_MODEL}/{HTTP_VERSION}` "
+        f"(no SLA: {HTTP_BUDGET_S:.0f} s budget), requests of {HTTP_ROWS} rows (binary tensors), "
+        f"C = {cap:.0f} req/s closed-loop over HTTP; {10 * cap:.0f} req/s open-loop for "
+        f"{seconds:.0f} s from a client process: {len(admitted)} admitted, p99 "
+        f"**{fmt_ms(percentile(admitted, 99))}** (budget {fmt_ms(HTTP_BUDGET_S)}); {len(refused)} "
+        f"refused (429), as the client sees them p50 {fmt_ms(percentile(refused, 50))}, p99 "
+        f"**{fmt_ms(percentile(refused, 99))}** (goal < 10 ms); goodput (admitted within the "
+        f"budget) **{on_time / seconds / cap:.2f} C** (goal >= 0.9); other answers or errors: "
+        f"{other}. CPU over the flood (2 cores): {cpu}.\n"
+    )
 
 
 if __name__ == "__main__":

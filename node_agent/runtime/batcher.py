@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import types
 from collections.abc import Sequence
@@ -322,7 +323,8 @@ class Batcher:
                 rows=rows,
                 ahead_rows=ahead,
                 budget_s=budget,
-                service_s=policy.predict_service_s(min(rows, batch_size)),
+                # (its batch: under backlog a full one, not its own rows alone)
+                service_s=policy.predict_service_s(min(batch_size, rows + math.ceil(ahead))),
                 running_s=policy.predict_service_s(batch_size) if self._out else 0.0,
                 rows_per_s=self._drain_rate.rows_per_s,
                 max_rows=policy.max_queue_rows,

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from node_agent.runtime.admission import AdmissionRequest, DrainRate, Verdict, decide
+from node_agent.runtime.admission import PLAN_SHARE, AdmissionRequest, DrainRate, Verdict, decide
 
 BASE = AdmissionRequest(
     rows=1,
@@ -25,35 +25,37 @@ def req(**changes: object) -> AdmissionRequest:
     return dataclasses.replace(BASE, **changes)  # type: ignore[arg-type]
 
 
-def test_admits_while_the_predicted_wait_fits_the_budget() -> None:
-    got = decide(req(ahead_rows=80))  # 0.8 s of queue + 0.01 s of its own
-    assert got.admitted and got.predicted_s == pytest.approx(0.81)
+def test_admits_while_the_predicted_wait_fits_the_planned_share_of_the_budget() -> None:
+    got = decide(req(ahead_rows=70))  # 0.7 s of queue + 0.01 s of its own
+    assert got.admitted and got.predicted_s == pytest.approx(0.71)
+    assert PLAN_SHARE == 0.8 and decide(req(ahead_rows=79)).admitted
+    assert not decide(req(ahead_rows=80)).admitted
 
 
 def test_refuses_past_the_budget_with_retry_after_the_excess_drains() -> None:
-    got = decide(req(ahead_rows=350))  # 3.5 s + 0.01 s: 2.51 s past the budget
+    got = decide(req(ahead_rows=330))  # 3.3 s + 0.01 s: 2.51 s past the planned 0.8 s
     assert got.verdict is Verdict.LATE
     assert got.retry_after_s == 3.0  # whole seconds, rounded up
-    slightly = decide(req(ahead_rows=100))  # just past: never less than one second
+    slightly = decide(req(ahead_rows=80))  # just past: never less than one second
     assert slightly.verdict is Verdict.LATE and slightly.retry_after_s == 1.0
 
 
 def test_the_batch_running_now_counts_in_the_wait() -> None:
-    assert decide(req(ahead_rows=80)).admitted
-    got = decide(req(ahead_rows=80, running_s=0.3))
-    assert got.verdict is Verdict.LATE and got.predicted_s == pytest.approx(1.11)
+    assert decide(req(ahead_rows=60)).admitted
+    got = decide(req(ahead_rows=60, running_s=0.3))
+    assert got.verdict is Verdict.LATE and got.predicted_s == pytest.approx(0.91)
 
 
 def test_a_deadline_tighter_than_the_slo_refuses_earlier() -> None:
     assert decide(req(ahead_rows=30, budget_s=1.0)).admitted
-    assert decide(req(ahead_rows=30, budget_s=0.2)).verdict is Verdict.LATE
+    assert decide(req(ahead_rows=30, budget_s=0.3)).verdict is Verdict.LATE
 
 
 def test_alone_in_an_empty_queue_is_admitted_even_if_its_batch_is_slower_than_the_budget() -> None:
     assert decide(req(rows=16, service_s=2.0, budget_s=1.0)).admitted
     # but behind others it waits for the queue to empty: Retry-After is the queue's time
     late = decide(req(rows=16, service_s=2.0, budget_s=1.0, ahead_rows=250))
-    assert late.verdict is Verdict.LATE and late.retry_after_s == 3.0
+    assert late.verdict is Verdict.LATE and late.retry_after_s == 3.0  # 2.5 s of queue
 
 
 def test_past_the_hard_cap_is_too_large_with_the_cap_as_limit() -> None:
