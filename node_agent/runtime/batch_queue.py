@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from edgefleet_api.types import Priority
 from node_agent.errors import AgentError, InferenceFailed
-from node_agent.runtime.batches import Batch, Piece, StagedBatch, alive, group_of
+from node_agent.runtime.batches import Batch, Piece, StagedBatch, group_of
 from node_agent.runtime.stream_pool import URGENT, StreamPool
 from node_agent.runtime.urgency_queue import ANY_GROUP, UrgencyQueue
 
@@ -49,9 +49,9 @@ class BatchQueue:
     the rest are set at construction.
     """
 
-    __slots__ = ("bf16_inputs", "closed", "device", "drain", "drain_armed", "dynamic", "isolate_errors",
-                 "lock", "loop", "name", "pending", "pieces", "policy", "posted", "should_yield", "staged",
-                 "urgent_lane", "window_close_s")  # fmt: skip
+    __slots__ = ("abandoned_rows", "bf16_inputs", "closed", "device", "drain", "drain_armed", "dynamic",
+                 "isolate_errors", "lock", "loop", "name", "pending", "pieces", "policy", "posted",
+                 "should_yield", "staged", "urgent_lane", "window_close_s")  # fmt: skip
 
     def __init__(
         self,
@@ -96,6 +96,9 @@ class BatchQueue:
         """A `drain` is scheduled on the loop (under `lock`)."""
         self.closed = False
         """The batcher is stopping (set on the loop): tickets take no further batch."""
+        self.abandoned_rows = 0
+        """Queued rows skipped, never run, because their caller went away (its future was
+        cancelled: the HTTP client disconnected) (under `lock`; `alive`)."""
 
     def failure(self, exc: BaseException) -> AgentError:
         """The error a caller sees when running its rows raised `exc`."""
@@ -104,6 +107,16 @@ class BatchQueue:
         err = InferenceFailed(f"{self.name}: {type(exc).__name__}: {exc}")
         err.__cause__ = exc
         return err
+
+    def alive(self, piece: Piece) -> bool:
+        """Under `lock`: whether `piece`'s caller has no outcome yet; a piece whose caller
+        went away (its future cancelled) is counted in `abandoned_rows` as it is skipped."""
+        future = piece.request.future
+        if not future.done():
+            return True
+        if future.cancelled():
+            self.abandoned_rows += piece.rows
+        return False
 
     def queued_rows(self) -> float:
         """Rows waiting to run: queued, and staged (`stage`)."""
@@ -135,7 +148,7 @@ class BatchQueue:
         group: Hashable = ANY_GROUP
         expired = queue.pop_expired(start)
         while rows < size:
-            got = queue.take(size - rows, alive, first_alone=not taken, group=group, classes=classes)
+            got = queue.take(size - rows, self.alive, first_alone=not taken, group=group, classes=classes)
             if not got:
                 break
             for piece in got:

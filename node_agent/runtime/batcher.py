@@ -12,8 +12,8 @@ Life of a request:
    (`max_queue_rows`, memory): priority class first, then earliest deadline, then arrival. A
    refusal raises `TooManyRequests` at once; a more urgent arrival may displace queued
    work, whose callers get `TooManyRequests`. A request whose caller goes away (its future
-   is cancelled: the HTTP client disconnected) has its queued pieces removed at once; they
-   never run (`abandoned`).
+   is cancelled: the HTTP client disconnected) has its queued pieces skipped when the next
+   batch is formed: they never run (`abandoned_rows`).
 2. When a batch is due (the queue holds `batch_size` rows not yet claimed by a
    waiting batch, or the batch window has closed) and fewer than `pipeline_depth`
    batches of this model are out, the loop acquires the model (a lease) and submits
@@ -97,6 +97,7 @@ from edgefleet_api.types import Priority
 from node_agent.errors import AgentError, DeadlineExceeded, RequestTooLarge, ShuttingDown, TooManyRequests
 from node_agent.runtime.admission import (
     DEFAULT_BUDGET_S,
+    PLAN_SHARE,
     Admission,
     AdmissionRequest,
     DrainRate,
@@ -118,6 +119,8 @@ log = logging.getLogger(__name__)
 
 SHED_HYSTERESIS = 1.5
 """Queued rows may exceed a shrunk bound by this factor before the excess is shed."""
+MEASURE_EVERY_S = 0.005
+"""Completed batches feed the drain rate in lots of this long (the first at once)."""
 UNMEASURED_ROWS = 256
 """Before any batch completed (no drain rate yet), a queue holding rows admits arrivals up to
 this many rows (or the policy's bound, if lower; a batch per worker at least): a burst at
@@ -176,6 +179,12 @@ class Batcher:
         self._drain_rate = DrainRate()
         self._last_end_s: float | None = None
         """When the last batch that ran ended, if rows were queued then (loop thread)."""
+        self._lot_rows, self._lot_s, self._lot_start_s = 0, 0.0, -MEASURE_EVERY_S
+        """Batches measured and not yet fed to `_drain_rate` (`_measure_drain`)."""
+        self._fast_rows = float(self._unmeasured_rows())
+        """A request without a deadline, of a batch or fewer rows, is admitted without
+        `admission` while these rows and all queued ones are at most this: a bound on where
+        `admission.decide` admits anyway, recomputed as each batch completes (`_fast_path`)."""
         self._queue = BatchQueue(
             name,
             policy,
@@ -205,10 +214,6 @@ class Batcher:
         """Refused: predicted to wait past its deadline or the model's latency budget."""
         self.refused_too_large = 0
         """Refused: more rows than the model can ever serve within its budget or queue cap."""
-        self.abandoned = 0
-        """Requests whose caller went away while they were queued: dropped, never run."""
-        self.abandoned_rows = 0
-        """Their queued rows (removed from the queue, never run)."""
         self.displaced = 0
         self.expired = 0
         self.failed = 0
@@ -244,9 +249,10 @@ class Batcher:
             self.expired += 1
             raise DeadlineExceeded(f"{self.name}: deadline already passed at submission")
         decision = self.policy.decision()
-        admission = self.admission(rows, priority, deadline_s, now, decision.batch_size)
-        if not admission.admitted:
-            self._refuse(admission, rows, deadline_s)
+        if deadline_s is not None or rows > self._max_batch or q.pieces.cost + rows > self._fast_rows:
+            admission = self.admission(rows, priority, deadline_s, now, decision.batch_size)
+            if not admission.admitted:
+                self._refuse(admission, rows, deadline_s)
         future: asyncio.Future[Arrays] = self.loop.create_future()
         limit = self._max_batch
         npieces = 1 if rows <= limit else -(-rows // limit)
@@ -284,7 +290,6 @@ class Batcher:
                 retry_after_s=self._drain_s(queued + rows - queue.bound),
             )
         self.submitted += 1
-        future.add_done_callback(self._on_request_done)
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
         # (with the pipeline full, a finishing ticket's drain dispatches regular work)
@@ -329,12 +334,20 @@ class Batcher:
                 rows_per_s=self._drain_rate.rows_per_s,
                 max_rows=policy.max_queue_rows,
                 batch_rows=self._max_batch,
-                unmeasured_rows=max(
-                    min(UNMEASURED_ROWS, policy.decision().queue_limit_rows),
-                    self._max_batch * self.pool.num_workers,
-                ),
+                unmeasured_rows=self._unmeasured_rows(),
             )
         )
+
+    def _unmeasured_rows(self) -> int:
+        return max(
+            min(UNMEASURED_ROWS, self.policy.decision().queue_limit_rows),
+            self._max_batch * self.pool.num_workers,
+        )
+
+    @property
+    def abandoned_rows(self) -> int:
+        """Queued rows skipped, never run, because their caller went away."""
+        return self._queue.abandoned_rows
 
     def _refuse(self, admission: Admission, rows: int, deadline_s: float | None) -> None:
         if admission.verdict is Verdict.TOO_LARGE:
@@ -355,18 +368,6 @@ class Batcher:
         """Seconds for the queue to run `rows` rows at the measured rate (1 before any)."""
         rate = self._drain_rate.rows_per_s
         return 1.0 if rate is None else max(1.0, rows / rate)
-
-    def _on_request_done(self, future: asyncio.Future[Arrays]) -> None:
-        """A request's future is done: if cancelled (its caller went away) while pieces of it
-        were queued, remove them now so they take no batch room and count in no wait."""
-        if not future.cancelled():
-            return
-        q = self._queue
-        with q.lock:
-            gone = q.pieces.remove_if(lambda p: p.request.future is future)
-        if gone:
-            self.abandoned += 1
-            self.abandoned_rows += sum(p.rows for p in gone)
 
     @property
     def batches_out(self) -> int:
@@ -600,14 +601,35 @@ class Batcher:
     def _measure_drain(self, end_s: float, rows: int, service_s: float) -> None:
         """Feed the drain rate a batch that ran: under backlog (rows were queued when the
         previous batch ended) the wall time since that end, else its service time shared by
-        the workers (`admission.DrainRate`)."""
+        the workers (`admission.DrainRate`). Batches are fed in `MEASURE_EVERY_S` lots (a
+        tiny model's batch costs less than the update)."""
         last = self._last_end_s
         seconds = service_s / self.pool.num_workers
         if last is not None and end_s > last:  # (under backlog)
             seconds = end_s - last
-        self._drain_rate.observe(end_s, rows, seconds)
         q = self._queue
         self._last_end_s = end_s if q.pieces.cost > 0 or q.staged is not None else None
+        self._lot_rows += rows
+        self._lot_s += seconds
+        if end_s - self._lot_start_s < MEASURE_EVERY_S:
+            return
+        self._drain_rate.observe(end_s, self._lot_rows, self._lot_s)
+        self._lot_rows, self._lot_s, self._lot_start_s = 0, 0.0, end_s
+        self._fast_path()
+
+    def _fast_path(self) -> None:
+        """Recompute `_fast_rows`: with rate r, budget B (SLO or default) and a batch of b
+        rows taking s(b), a request of n <= b rows behind q queued rows (plus a staged batch
+        of at most b) waits at most s(b) (the running batch) + (q + b)/r + s(b) + n/r, which
+        is within PLAN_SHARE x B while q + n <= (PLAN_SHARE x B - 2 s(b)) r - b."""
+        rate = self._drain_rate.rows_per_s
+        if rate is None:
+            return
+        policy = self.policy
+        slo = policy.latency_budget_s
+        budget = DEFAULT_BUDGET_S if slo is None else slo
+        b = policy.decision().batch_size
+        self._fast_rows = (PLAN_SHARE * budget - 2 * policy.predict_service_s(b)) * rate - b
 
     def _end(self, ticket: Ticket, error: BaseException | None) -> None:
         """A ticket's job ended: release its lease and slot; on an error, tell the members
