@@ -40,6 +40,13 @@ requests take cycles from the model: 15-30% measured with the slow example model
 It costs no throughput while the queue is not empty: the model stays busy on the 80%."""
 
 
+MIN_RETRY_S = 0.01
+"""Least Retry-After in seconds (HTTP answers carry whole seconds, at least one: the API
+layer rounds up; in-process callers may come back sooner)."""
+UNMEASURED_RETRY_S = 0.1
+"""Retry-After before any batch completed: the drain rate is not known yet."""
+
+
 class Verdict(Enum):
     """What admission decided."""
 
@@ -96,8 +103,8 @@ def decide(r: AdmissionRequest) -> Admission:
 
     Guarantees: a request alone in an empty queue is admitted unless it is too large (its own
     service time is compared with the whole budget, the wait behind others with
-    `PLAN_SHARE` of it); a
-    `LATE` refusal's `retry_after_s` is >= 1 (whole seconds are what Retry-After carries);
+    `PLAN_SHARE` of it); a `LATE` refusal's `retry_after_s` is the time until the queue
+    ahead of it will have drained to where it fits, at least `MIN_RETRY_S`;
     the limit of `TOO_LARGE` is at least `batch_rows` (capped by `max_rows`), so a request
     of one batch is never too large unless the queue's cap is below a batch.
     """
@@ -107,7 +114,7 @@ def decide(r: AdmissionRequest) -> Admission:
     if rate is None or not rate > 0:
         if r.ahead_rows <= 0 or r.ahead_rows + r.rows <= r.unmeasured_rows:
             return ADMIT
-        return Admission(Verdict.LATE, math.inf, retry_after_s=1.0)
+        return Admission(Verdict.LATE, math.inf, retry_after_s=UNMEASURED_RETRY_S)
     own_s = max(r.service_s, r.rows / rate)
     if r.rows > r.batch_rows and own_s > r.budget_s:
         # split into several batches, it would take longer than its budget on an idle model
@@ -120,7 +127,7 @@ def decide(r: AdmissionRequest) -> Admission:
         return Admission(Verdict.ADMIT, predicted)
     # the queue must first drain the rows past those it may hold ahead of this request
     excess_s = predicted - max(plan_s, r.running_s + own_s)
-    return Admission(Verdict.LATE, predicted, retry_after_s=max(1.0, math.ceil(excess_s)))
+    return Admission(Verdict.LATE, predicted, retry_after_s=max(MIN_RETRY_S, excess_s))
 
 
 class DrainRate:

@@ -97,7 +97,9 @@ from edgefleet_api.types import Priority
 from node_agent.errors import AgentError, DeadlineExceeded, RequestTooLarge, ShuttingDown, TooManyRequests
 from node_agent.runtime.admission import (
     DEFAULT_BUDGET_S,
+    MIN_RETRY_S,
     PLAN_SHARE,
+    UNMEASURED_RETRY_S,
     Admission,
     AdmissionRequest,
     DrainRate,
@@ -365,9 +367,9 @@ class Batcher:
         )
 
     def _drain_s(self, rows: float) -> float:
-        """Seconds for the queue to run `rows` rows at the measured rate (1 before any)."""
+        """Seconds for the queue to run `rows` rows at the measured rate (for Retry-After)."""
         rate = self._drain_rate.rows_per_s
-        return 1.0 if rate is None else max(1.0, rows / rate)
+        return UNMEASURED_RETRY_S if rate is None else max(MIN_RETRY_S, rows / rate)
 
     @property
     def batches_out(self) -> int:

@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from node_agent.runtime.admission import PLAN_SHARE, AdmissionRequest, DrainRate, Verdict, decide
+from node_agent.runtime.admission import (
+    PLAN_SHARE,
+    UNMEASURED_RETRY_S,
+    AdmissionRequest,
+    DrainRate,
+    Verdict,
+    decide,
+)
 
 BASE = AdmissionRequest(
     rows=1,
@@ -35,9 +42,9 @@ def test_admits_while_the_predicted_wait_fits_the_planned_share_of_the_budget() 
 def test_refuses_past_the_budget_with_retry_after_the_excess_drains() -> None:
     got = decide(req(ahead_rows=330))  # 3.3 s + 0.01 s: 2.51 s past the planned 0.8 s
     assert got.verdict is Verdict.LATE
-    assert got.retry_after_s == 3.0  # whole seconds, rounded up
-    slightly = decide(req(ahead_rows=80))  # just past: never less than one second
-    assert slightly.verdict is Verdict.LATE and slightly.retry_after_s == 1.0
+    assert got.retry_after_s == pytest.approx(2.51)  # (HTTP rounds it up to whole seconds)
+    slightly = decide(req(ahead_rows=80))  # just past: a floor
+    assert slightly.verdict is Verdict.LATE and slightly.retry_after_s == pytest.approx(0.01)
 
 
 def test_the_batch_running_now_counts_in_the_wait() -> None:
@@ -55,7 +62,7 @@ def test_alone_in_an_empty_queue_is_admitted_even_if_its_batch_is_slower_than_th
     assert decide(req(rows=16, service_s=2.0, budget_s=1.0)).admitted
     # but behind others it waits for the queue to empty: Retry-After is the queue's time
     late = decide(req(rows=16, service_s=2.0, budget_s=1.0, ahead_rows=250))
-    assert late.verdict is Verdict.LATE and late.retry_after_s == 3.0  # 2.5 s of queue
+    assert late.verdict is Verdict.LATE and late.retry_after_s == pytest.approx(2.5)  # the queue's
 
 
 def test_past_the_hard_cap_is_too_large_with_the_cap_as_limit() -> None:
@@ -75,7 +82,7 @@ def test_more_rows_than_the_model_serves_within_the_budget_is_too_large() -> Non
 def test_before_any_measurement_a_modest_bound_applies() -> None:
     assert decide(req(rows_per_s=None, ahead_rows=60, rows=4)).admitted
     late = decide(req(rows_per_s=None, ahead_rows=61, rows=4))
-    assert late.verdict is Verdict.LATE and late.retry_after_s == 1.0
+    assert late.verdict is Verdict.LATE and late.retry_after_s == UNMEASURED_RETRY_S
     assert decide(req(rows_per_s=None, ahead_rows=0, rows=500)).admitted  # an empty queue
 
 

@@ -386,7 +386,7 @@ def test_admission_by_predicted_wait_refuses_at_once_and_a_gone_caller_drops_its
             for tag in range(10, 100):
                 queued.append(batcher.submit({"x": rows_for(tag)}, 1))
         assert 1 <= len(queued) <= rate  # what drains within the budget, no more
-        assert refused.value.retry_after_s >= 1 and batcher.refused_late == 1
+        assert refused.value.retry_after_s > 0 and batcher.refused_late == 1
         with pytest.raises(RequestTooLarge, match=r"at most \d+ rows \(got 500\)"):
             batcher.submit({"x": rows_for(5, 500)}, 500)
         # another thread holds the queue's lock, as a worker taking a batch does: the
