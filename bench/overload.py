@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -159,7 +160,7 @@ async def main() -> None:
     flood = await run_trace(flood_engine, 10.0 * cap_before, seconds, 7, priorities=False, deadlines=False)
     await flood_engine.stop()
 
-    fifo_engine = engine_with(StaticPolicy(batch_at_saturation, 0.0, 1 << 30))
+    fifo_engine = engine_with(StaticPolicy(batch_at_saturation, 0.0, 1 << 30, slo_s=math.inf))
     fifo = await run_trace(fifo_engine, 2.0 * cap_before, seconds, 2, priorities=False,
                            deadlines=False)  # fmt: skip
     await fifo_engine.stop()

@@ -83,7 +83,8 @@ class AdmissionRequest:
     ahead_rows: float
     """Rows queued (or formed into a batch not yet started) at its class or more urgent."""
     budget_s: float
-    """Time from now within which it must finish (deadline, SLO, or `DEFAULT_BUDGET_S`)."""
+    """Time from now within which it must finish (deadline, SLO, or `DEFAULT_BUDGET_S`);
+    math.inf: no admission by time (a policy that asks for none)."""
     service_s: float
     """Predicted service time of the batch it will run in (0 when unknown)."""
     running_s: float
@@ -110,6 +111,8 @@ def decide(r: AdmissionRequest) -> Admission:
     """
     if r.rows > r.max_rows:
         return Admission(Verdict.TOO_LARGE, limit_rows=r.max_rows)
+    if math.isinf(r.budget_s):  # no latency objective at all: the queue's cap only
+        return ADMIT
     rate = r.rows_per_s
     if rate is None or not rate > 0:
         if r.ahead_rows <= 0 or r.ahead_rows + r.rows <= r.unmeasured_rows:
@@ -133,46 +136,43 @@ def decide(r: AdmissionRequest) -> Admission:
 class DrainRate:
     """A model's drain rate in rows per second, measured from completed batches.
 
-    Decaying sums of rows and of the seconds they took (weights halve every `halflife_s` of
-    passed-in time; each batch weighs its seconds, so a long batch counts as much as the many
-    short ones that take as long). The caller says what a batch's seconds are: under backlog,
-    the wall time since the previous batch ended (so the worker's idle time between batches,
-    waiting for a busy event loop, and the batches running side by side on several workers
-    are both in it: what the queue really drains); otherwise its service time over the
-    batches that may run at once. The rate is the lower of that average and the last batch's
-    own: cautious, a slowdown (a throttled GPU, a CPU the flood's own requests compete for)
-    shows at once, a speed-up over the half-life. Invariant: `rows_per_s` is None until a
-    batch was observed, then > 0.
+    Decaying sums of rows and of the seconds they took, twice: weights halve every
+    `halflife_s` of passed-in time in one, every `fast_halflife_s` in the other; the rate is
+    the lower of the two, so a slowdown (a throttled GPU, a CPU the flood's own requests
+    compete for) shows within the short half-life and a speed-up over the long one. Each
+    sample weighs its seconds (a long batch counts as much as the many short ones that take
+    as long). The caller says what a sample is (`Batcher._measure_drain`): under backlog,
+    a batch's rows and the wall time since the batch before ended (the worker's idle time
+    between batches, waiting for a busy event loop, is in it: what the queue really drains);
+    otherwise what a full queue would drain, from the fitted service time of a full batch.
+    Invariant: `rows_per_s` is None until a sample was observed, then > 0.
     """
 
-    __slots__ = ("_last_rate", "_last_s", "_rows", "_seconds", "halflife_s")
+    __slots__ = ("_last_s", "_sums", "halflives_s")
 
-    def __init__(self, halflife_s: float = 2.0) -> None:
-        if not halflife_s > 0:
-            raise ValueError(f"halflife_s must be > 0, got {halflife_s!r}")
-        self.halflife_s = halflife_s
-        self._rows = 0.0
-        self._seconds = 0.0
+    def __init__(self, halflife_s: float = 2.0, fast_halflife_s: float = 0.25) -> None:
+        if not (halflife_s > 0 and fast_halflife_s > 0):
+            raise ValueError(f"halflife_s must be > 0, got {halflife_s!r} and {fast_halflife_s!r}")
+        self.halflives_s = (halflife_s, fast_halflife_s)
+        self._sums = [[0.0, 0.0], [0.0, 0.0]]  # per half-life: [rows, seconds]
         self._last_s: float | None = None
-        self._last_rate = math.inf
 
-    def observe(self, now_s: float, rows: int, seconds: float) -> None:
-        """A batch of `rows` rows, which drained the queue for `seconds`, ended at `now_s`."""
-        if rows < 1 or not seconds > 0:
+    def observe(self, now_s: float, rows: float, seconds: float) -> None:
+        """`rows` drained in `seconds`, up to `now_s`."""
+        if not (rows > 0 and seconds > 0):
             return
         last = self._last_s
-        if last is not None and now_s > last:
-            decay = 0.5 ** ((now_s - last) / self.halflife_s)
-            self._rows *= decay
-            self._seconds *= decay
+        elapsed = now_s - last if last is not None and now_s > last else 0.0
         if last is None or now_s > last:
             self._last_s = now_s
-        self._rows += rows
-        self._seconds += seconds
-        self._last_rate = rows / seconds
+        for sums, halflife in zip(self._sums, self.halflives_s, strict=True):
+            decay = 0.5 ** (elapsed / halflife) if elapsed else 1.0
+            sums[0] = sums[0] * decay + rows
+            sums[1] = sums[1] * decay + seconds
 
     @property
     def rows_per_s(self) -> float | None:
-        if self._seconds <= 0:
+        (rows, seconds), (fast_rows, fast_seconds) = self._sums
+        if seconds <= 0:
             return None
-        return min(self._rows / self._seconds, self._last_rate)
+        return min(rows / seconds, fast_rows / fast_seconds)

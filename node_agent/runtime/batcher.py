@@ -180,8 +180,8 @@ class Batcher:
         self._depth = depth if depth is not None else pool.num_workers + 1
         self._drain_rate = DrainRate()
         self._last_end_s: float | None = None
-        """When the last batch that ran ended, if rows were queued then (loop thread)."""
-        self._lot_rows, self._lot_s, self._lot_start_s = 0, 0.0, -MEASURE_EVERY_S
+        """When the last batch that ran ended, if a full batch was queued then (loop thread)."""
+        self._lot_rows, self._lot_s, self._lot_start_s = 0.0, 0.0, -MEASURE_EVERY_S
         """Batches measured and not yet fed to `_drain_rate` (`_measure_drain`)."""
         self._fast_rows = float(self._unmeasured_rows())
         """A request without a deadline, of a batch or fewer rows, is admitted without
@@ -601,22 +601,28 @@ class Batcher:
         return batch.rows > 0
 
     def _measure_drain(self, end_s: float, rows: int, service_s: float) -> None:
-        """Feed the drain rate a batch that ran: under backlog (rows were queued when the
-        previous batch ended) the wall time since that end, else its service time shared by
-        the workers (`admission.DrainRate`). Batches are fed in `MEASURE_EVERY_S` lots (a
-        tiny model's batch costs less than the update)."""
+        """Feed the drain rate a batch that ran (`admission.DrainRate`). Under backlog (a
+        full batch was queued when the batch before ended, so the workers had no reason to
+        wait): its rows over the wall time since that end. Otherwise the rows a full queue
+        would have drained in its service time, at the fitted time of a full batch (a light
+        load's small batches say little of what the model drains when it has to). Fed in
+        `MEASURE_EVERY_S` lots: a tiny model's batch costs less than the update."""
+        policy = self.policy
+        size = policy.decision().batch_size
         last = self._last_end_s
-        seconds = service_s / self.pool.num_workers
-        if last is not None and end_s > last:  # (under backlog)
-            seconds = end_s - last
-        q = self._queue
-        self._last_end_s = end_s if q.pieces.cost > 0 or q.staged is not None else None
-        self._lot_rows += rows
+        if last is not None and end_s > last:
+            drained, seconds = float(rows), end_s - last
+        else:
+            full_s = policy.predict_service_s(size)
+            per_s = size * self.pool.num_workers / full_s if full_s > 0 else rows / max(service_s, 1e-9)
+            drained, seconds = per_s * service_s, service_s
+        self._last_end_s = end_s if self._queue.queued_rows() >= size else None
+        self._lot_rows += drained
         self._lot_s += seconds
         if end_s - self._lot_start_s < MEASURE_EVERY_S:
             return
         self._drain_rate.observe(end_s, self._lot_rows, self._lot_s)
-        self._lot_rows, self._lot_s, self._lot_start_s = 0, 0.0, end_s
+        self._lot_rows, self._lot_s, self._lot_start_s = 0.0, 0.0, end_s
         self._fast_path()
 
     def _fast_path(self) -> None:

@@ -238,7 +238,8 @@ class StaticPolicy(_ServiceMixin):
         halflife_s: float = 1.0,
         slo_s: float | None = None,
     ) -> None:
-        """`slo_s`: the latency budget of requests without a deadline (None: none)."""
+        """`slo_s`: the latency budget of requests without a deadline (None: the admission
+        default; math.inf: no admission by time, the queue's bound only)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not delay_s >= 0:

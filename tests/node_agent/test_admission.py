@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -86,20 +87,22 @@ def test_before_any_measurement_a_modest_bound_applies() -> None:
     assert decide(req(rows_per_s=None, ahead_rows=0, rows=500)).admitted  # an empty queue
 
 
-def test_drain_rate_is_rows_per_second_drained_slowdowns_at_once() -> None:
-    rate = DrainRate(halflife_s=1.0)
+def test_drain_rate_is_the_lower_of_a_slow_and_a_fast_average() -> None:
+    rate = DrainRate(halflife_s=1.0, fast_halflife_s=0.1)
     assert rate.rows_per_s is None
     rate.observe(0.0, 16, 0.1)
     assert rate.rows_per_s == pytest.approx(160.0)
     rate.observe(0.0, 0, 0.2)  # no rows: no sample
-    rate.observe(0.1, 16, 0.4)  # 4x slower: the last batch's rate, at once
-    assert rate.rows_per_s == pytest.approx(40.0)
-    rate.observe(0.2, 16, 0.1)  # fast again: the average, which remembers the slow batch
-    d = 0.5**0.1  # the weights' decay over 0.1 s
-    rows, seconds = (16 * d + 16) * d + 16, (0.1 * d + 0.4) * d + 0.1
-    assert rate.rows_per_s == pytest.approx(rows / seconds)
-    assert rate.rows_per_s < 160.0
+    rate.observe(0.1, 16, 0.4)  # 4x slower: the fast average has mostly forgotten the fast batch
+    slow = (16 * 0.5**0.1 + 16) / (0.1 * 0.5**0.1 + 0.4)
+    fast = (16 * 0.5 + 16) / (0.1 * 0.5 + 0.4)
+    assert fast < slow and rate.rows_per_s == pytest.approx(fast)
     rate.observe(20.0, 16, 0.1)  # much later: the old samples weigh nothing
     assert rate.rows_per_s == pytest.approx(160.0, rel=0.01)
     with pytest.raises(ValueError, match="halflife_s"):
         DrainRate(0)
+
+
+def test_no_latency_objective_admits_up_to_the_cap() -> None:
+    assert decide(req(budget_s=math.inf, ahead_rows=4000, rows_per_s=None)).admitted
+    assert decide(req(budget_s=math.inf, rows=5000)).verdict is Verdict.TOO_LARGE
