@@ -7,7 +7,9 @@ A request is admitted when the wait predicted for it fits its budget:
                 + its own service time
 
 The budget is the request's deadline when it has one (the v2 `timeout` parameter), else
-the model's latency SLO, else `DEFAULT_BUDGET_S`; admission plans to use `PLAN_SHARE` of it.
+the model's latency SLO, else `DEFAULT_BUDGET_S`. A deadline is enforced after admission too
+(work that would miss it is dropped before it runs), so admission plans to all of it; an SLO
+budget nothing enforces later, so admission plans to `PLAN_SHARE` of it.
 A request that does not fit is refused
 at once with the time after which the queue will have drained far enough for it to fit
 (`Retry-After`), instead of queueing past its budget: a refusal costs the caller a retry
@@ -34,10 +36,13 @@ few batches in its queue."""
 
 
 PLAN_SHARE = 0.8
-"""Share of its budget a request is admitted to wait and run in. The rest absorbs what the
-prediction cannot see: a drain rate that falls after admission (on a CPU the flood's own
-requests take cycles from the model: 15-30% measured with the slow example model), jitter.
-It costs no throughput while the queue is not empty: the model stays busy on the 80%."""
+"""Share of an SLO (or default) budget a request without a deadline is admitted to wait and
+run in. The rest absorbs what the prediction cannot see: a drain rate that falls after
+admission (on a CPU the flood's own requests take cycles from the model: 15-30% measured
+with the slow example model), more urgent work that arrives later and goes first, jitter.
+Requests with a deadline plan to all of it: work that would miss it is dropped before it
+runs, and a fuller queue keeps the model busy (at 2x, planning to 80% of a 150 ms deadline
+cost a quarter of the goodput in the benchmark)."""
 
 
 MIN_RETRY_S = 0.01
@@ -85,6 +90,8 @@ class AdmissionRequest:
     budget_s: float
     """Time from now within which it must finish (deadline, SLO, or `DEFAULT_BUDGET_S`);
     math.inf: no admission by time (a policy that asks for none)."""
+    deadline: bool
+    """The budget is the request's own deadline (enforced after admission), not an SLO."""
     service_s: float
     """Predicted service time of the batch it will run in (0 when unknown)."""
     running_s: float
@@ -103,8 +110,8 @@ def decide(r: AdmissionRequest) -> Admission:
     """Admit `r`, or refuse it as late (with Retry-After) or too large (with the limit).
 
     Guarantees: a request alone in an empty queue is admitted unless it is too large (its own
-    service time is compared with the whole budget, the wait behind others with
-    `PLAN_SHARE` of it); a `LATE` refusal's `retry_after_s` is the time until the queue
+    service time is compared with the whole budget, the wait behind others with the planned
+    share of it); a `LATE` refusal's `retry_after_s` is the time until the queue
     ahead of it will have drained to where it fits, at least `MIN_RETRY_S`;
     the limit of `TOO_LARGE` is at least `batch_rows` (capped by `max_rows`), so a request
     of one batch is never too large unless the queue's cap is below a batch.
@@ -125,7 +132,7 @@ def decide(r: AdmissionRequest) -> Admission:
         if r.rows > limit:
             return Admission(Verdict.TOO_LARGE, own_s, limit_rows=limit)
     predicted = r.running_s + r.ahead_rows / rate + own_s
-    plan_s = PLAN_SHARE * r.budget_s
+    plan_s = r.budget_s if r.deadline else PLAN_SHARE * r.budget_s
     if predicted <= plan_s or r.ahead_rows <= 0:
         return Admission(Verdict.ADMIT, predicted)
     # the queue must first drain the rows past those it may hold ahead of this request

@@ -8,12 +8,13 @@ Life of a request:
    past it is refused at once (`TooManyRequests`, Retry-After from the drain rate), one that
    never can fit gets `RequestTooLarge` with the limit; both without taking the lock the
    workers use. Then it splits the request into pieces of at most `max_batch_size` rows
-   and offers them, all or none, to an `UrgencyQueue` bounded by the policy's hard cap
-   (`max_queue_rows`, memory): priority class first, then earliest deadline, then arrival. A
-   refusal raises `TooManyRequests` at once; a more urgent arrival may displace queued
-   work, whose callers get `TooManyRequests`. A request whose caller goes away (its future
-   is cancelled: the HTTP client disconnected) has its queued pieces skipped when the next
-   batch is formed: they never run (`abandoned_rows`).
+   and offers them, all or none, to an `UrgencyQueue` bounded by the policy's
+   `queue_limit_rows` (with an SLO, the rows it serves within it; else the hard cap): priority
+   class first, then earliest deadline, then arrival. A refusal raises `TooManyRequests` at
+   once; a more urgent arrival may displace queued work, whose callers get `TooManyRequests`.
+   A request whose caller goes away (its future is cancelled: the HTTP client disconnected)
+   has its queued pieces skipped when the next batch is formed: they never run
+   (`abandoned_rows`).
 2. When a batch is due (the queue holds `batch_size` rows not yet claimed by a
    waiting batch, or the batch window has closed) and fewer than `pipeline_depth`
    batches of this model are out, the loop acquires the model (a lease) and submits
@@ -273,7 +274,7 @@ class Batcher:
         queue = q.pieces
         with q.lock:
             was_empty = queue.cost == 0
-            queue.bound = self.policy.max_queue_rows
+            queue.bound = max(decision.queue_limit_rows, rows)
             if npieces == 1:
                 offer = queue.offer_one(piece, rows, priority, deadline_s, now)
             else:
@@ -330,6 +331,7 @@ class Batcher:
                 rows=rows,
                 ahead_rows=ahead,
                 budget_s=budget,
+                deadline=deadline_s is not None,
                 # (its batch: under backlog a full one, not its own rows alone)
                 service_s=policy.predict_service_s(min(batch_size, rows + math.ceil(ahead))),
                 running_s=policy.predict_service_s(batch_size) if self._out else 0.0,

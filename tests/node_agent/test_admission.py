@@ -20,6 +20,7 @@ BASE = AdmissionRequest(
     rows=1,
     ahead_rows=0,
     budget_s=1.0,
+    deadline=False,
     service_s=0.01,
     running_s=0.0,
     rows_per_s=100.0,
@@ -54,9 +55,12 @@ def test_the_batch_running_now_counts_in_the_wait() -> None:
     assert got.verdict is Verdict.LATE and got.predicted_s == pytest.approx(0.91)
 
 
-def test_a_deadline_tighter_than_the_slo_refuses_earlier() -> None:
+def test_a_deadline_tighter_than_the_slo_refuses_earlier_and_is_planned_to_in_full() -> None:
     assert decide(req(ahead_rows=30, budget_s=1.0)).admitted
-    assert decide(req(ahead_rows=30, budget_s=0.3)).verdict is Verdict.LATE
+    assert decide(req(ahead_rows=30, budget_s=0.3, deadline=True)).verdict is Verdict.LATE
+    # a deadline is enforced after admission (doomed work is dropped before it runs): no margin
+    assert decide(req(ahead_rows=85, deadline=True)).admitted
+    assert not decide(req(ahead_rows=85)).admitted
 
 
 def test_alone_in_an_empty_queue_is_admitted_even_if_its_batch_is_slower_than_the_budget() -> None:
