@@ -186,7 +186,7 @@ def binary_body(x: np.ndarray, **parameters: Any) -> tuple[bytes, dict[str, str]
 def test_priorities_reorder_queued_work_and_timeouts_drop_it(served: RunningAgent) -> None:
     """Twelve LOW requests of a full batch (16 images) each queue up; a CRITICAL request sent
     then runs in the next batch, ahead of LOW work queued before it; a LOW request whose
-    timeout is shorter than the queue ahead of it gets 504 (dropped, never run). Six
+    timeout is shorter than the queue ahead of it never runs (429 at once, or 504). Six
     batches are still queued when the CRITICAL one is sent, so a slow client (a loaded
     machine) still finds several of them waiting."""
     engine = served.agent.engine
@@ -219,7 +219,9 @@ def test_priorities_reorder_queued_work_and_timeouts_drop_it(served: RunningAgen
 
     lows, critical, late = asyncio.run(main())
     assert lows == [200] * 12 and critical == 200
-    assert late == 504
+    # never run either way: refused at once by its predicted wait (429, issue 16), or, if the
+    # model's drain rate is not measured yet in this agent, admitted and dropped as doomed (504)
+    assert late in (429, 504)
     after = order[order.index("critical") + 1 :].count("low")
     assert after >= 3, f"the CRITICAL request finished after all but {after} of the earlier LOW ones: {order}"
 
