@@ -300,7 +300,7 @@ _HTTP_BODY = _http_body()
 
 
 async def _http_capacity(url: str, seconds: float) -> float:
-    """Requests per second 8 closed-loop clients get."""
+    """Requests per second 16 closed-loop clients get (4 batches of rows in flight)."""
     done = 0
     async with aiohttp.ClientSession() as session:
         for _ in range(3):
@@ -318,7 +318,7 @@ async def _http_capacity(url: str, seconds: float) -> float:
                 assert status == 200, status
                 done += 1
 
-        await asyncio.gather(*(client() for _ in range(8)))
+        await asyncio.gather(*(client() for _ in range(16)))
         return done / (time.monotonic() - start)
 
 
