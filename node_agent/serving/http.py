@@ -259,11 +259,11 @@ class V2Api:
         self.api = api
         self.settings = settings
         self._metrics = metrics
+        self._gone = GoneWatch()
         self._observer = observer
         self._token = settings.auth_token.encode() if settings.auth_token else None
         self._control = control_networks(settings.repository_control_from)
         self._bodies = BodyBudget(settings.max_inflight_request_bytes)
-        self._gone = GoneWatch()
         self.guard = ConnectionGuard(settings.connections)
         """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
         middlewares = [self._connection, self._errors, self._auth]

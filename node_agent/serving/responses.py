@@ -50,8 +50,7 @@ ERROR_STATUS: dict[type[AgentError], int] = {
 """The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
 
 InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
-(not the caller) must fix. Overloaded (429 when a model's queue refused it) and ShuttingDown
-carry Retry-After."""
+(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
 
 
 def status_for(exc: AgentError) -> int:
