@@ -1,7 +1,7 @@
 """Adaptive batcher: one per model version; groups requests into batches on the stream pool.
 
 Life of a request:
-1. `submit` (event loop thread) first predicts the request's wait (`admission`: rows
+1. `submit` (event loop thread) first predicts the request's wait (`batch_admission`: rows
    queued ahead of it at its class or more urgent ones over the drain rate measured from
    completed batches, plus its own service time) against its deadline, else the policy's
    latency budget (its SLO), else `admission.DEFAULT_BUDGET_S`. A request that would wait
@@ -88,25 +88,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api.types import Priority
-from node_agent.errors import AgentError, DeadlineExceeded, RequestTooLarge, ShuttingDown, TooManyRequests
-from node_agent.runtime.admission import (
-    DEFAULT_BUDGET_S,
-    MIN_RETRY_S,
-    PLAN_SHARE,
-    UNMEASURED_RETRY_S,
-    Admission,
-    AdmissionRequest,
-    DrainRate,
-    Verdict,
-    decide,
-)
+from node_agent.errors import AgentError, DeadlineExceeded, ShuttingDown, TooManyRequests
+from node_agent.runtime.batch_admission import BatchAdmission
 from node_agent.runtime.batch_queue import LEAST_URGENT_REGULAR, BatchQueue
 from node_agent.runtime.batch_tensors import Arrays
 from node_agent.runtime.batch_ticket import Acquire, Lease, Ticket
@@ -122,13 +111,6 @@ log = logging.getLogger(__name__)
 
 SHED_HYSTERESIS = 1.5
 """Queued rows may exceed a shrunk bound by this factor before the excess is shed."""
-MEASURE_EVERY_S = 0.005
-"""Completed batches feed the drain rate in lots of this long (the first at once)."""
-UNMEASURED_ROWS = 256
-"""Before any batch completed (no drain rate yet), a queue holding rows admits arrivals up to
-this many rows (or the policy's bound, if lower; a batch per worker at least): a burst at
-startup is served, and even the slow example model (~70 rows/s) is handed seconds of work,
-not the minute its 4,096-row hard cap holds."""
 
 
 @types.coroutine
@@ -179,15 +161,6 @@ class Batcher:
         self._dynamic = self.settings.dynamic_shapes
         depth = self.settings.pipeline_depth
         self._depth = depth if depth is not None else pool.num_workers + 1
-        self._drain_rate = DrainRate()
-        self._last_end_s: float | None = None
-        """When the last batch that ran ended, if a full batch was queued then (loop thread)."""
-        self._lot_rows, self._lot_s, self._lot_start_s = 0.0, 0.0, -MEASURE_EVERY_S
-        """Batches measured and not yet fed to `_drain_rate` (`_measure_drain`)."""
-        self._fast_rows = float(self._unmeasured_rows())
-        """A request without a deadline, of a batch or fewer rows, is admitted without
-        `admission` while these rows and all queued ones are at most this: a bound on where
-        `admission.decide` admits anyway, recomputed as each batch completes (`_fast_path`)."""
         self._queue = BatchQueue(
             name,
             policy,
@@ -198,6 +171,9 @@ class Batcher:
             dynamic_shapes=self.settings.dynamic_shapes,
             bf16_inputs=self.settings.bf16_inputs,
             isolate_errors=self.settings.isolate_errors,
+        )
+        self._admission = BatchAdmission(
+            name, policy, self._queue, workers=pool.num_workers, max_batch=self._max_batch
         )
         self._out = 0  # tickets issued and not completed, urgent ones included (loop thread)
         self._urgent_out = 0  # urgent tickets issued and not completed (loop thread)
@@ -212,11 +188,7 @@ class Batcher:
         self.submitted = 0
         self.completed = 0
         self.refused = 0
-        """Refused: the queue at its hard cap (`max_queue_rows`)."""
-        self.refused_late = 0
-        """Refused: predicted to wait past its deadline or the model's latency budget."""
-        self.refused_too_large = 0
-        """Refused: more rows than the model can ever serve within its budget or queue cap."""
+        """Refused: the queue at its bound (`queue_limit_rows`)."""
         self.displaced = 0
         self.expired = 0
         self.failed = 0
@@ -252,10 +224,7 @@ class Batcher:
             self.expired += 1
             raise DeadlineExceeded(f"{self.name}: deadline already passed at submission")
         decision = self.policy.decision()
-        if deadline_s is not None or rows > self._max_batch or q.pieces.cost + rows > self._fast_rows:
-            admission = self.admission(rows, priority, deadline_s, now, decision.batch_size)
-            if not admission.admitted:
-                self._refuse(admission, rows, deadline_s)
+        self._admission.check(rows, priority, deadline_s, now, decision.batch_size, self._out > 0)
         future: asyncio.Future[Arrays] = self.loop.create_future()
         limit = self._max_batch
         npieces = 1 if rows <= limit else -(-rows // limit)
@@ -290,7 +259,7 @@ class Batcher:
             self.refused += 1
             raise TooManyRequests(
                 f"{self.name}: queue full ({queued:.0f} rows queued, bound {queue.bound:.0f})",
-                retry_after_s=self._drain_s(queued + rows - queue.bound),
+                retry_after_s=self._admission.drain_s(queued + rows - queue.bound),
             )
         self.submitted += 1
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
@@ -307,71 +276,22 @@ class Batcher:
     @property
     def rows_per_s(self) -> float | None:
         """The measured drain rate (None before any batch completed)."""
-        return self._drain_rate.rows_per_s
+        return self._admission.drain_rate.rows_per_s
 
-    def admission(
-        self, rows: int, priority: Priority, deadline_s: float | None, now_s: float, batch_size: int
-    ) -> Admission:
-        """Whether a request of `rows` would be served in time (`admission.decide`), from
-        what is queued now; reads the queue without its lock (an estimate: only this
-        thread adds to it, workers only take from it)."""
-        q = self._queue
-        policy = self.policy
-        if deadline_s is not None:
-            budget = deadline_s - now_s
-        else:
-            slo = policy.latency_budget_s
-            budget = DEFAULT_BUDGET_S if slo is None else slo
-        ahead = q.pieces.cost_up_to(priority)
-        staged = q.staged
-        if staged is not None and (priority > URGENT or not self._urgent_lane):
-            ahead += staged.batch.live_rows
-        return decide(
-            AdmissionRequest(
-                rows=rows,
-                ahead_rows=ahead,
-                budget_s=budget,
-                deadline=deadline_s is not None,
-                # (its batch: under backlog a full one, not its own rows alone)
-                service_s=policy.predict_service_s(min(batch_size, rows + math.ceil(ahead))),
-                running_s=policy.predict_service_s(batch_size) if self._out else 0.0,
-                rows_per_s=self._drain_rate.rows_per_s,
-                max_rows=policy.max_queue_rows,
-                batch_rows=self._max_batch,
-                unmeasured_rows=self._unmeasured_rows(),
-            )
-        )
+    @property
+    def refused_late(self) -> int:
+        """Refused: predicted to wait past its deadline or the model's latency budget."""
+        return self._admission.refused_late
 
-    def _unmeasured_rows(self) -> int:
-        return max(
-            min(UNMEASURED_ROWS, self.policy.decision().queue_limit_rows),
-            self._max_batch * self.pool.num_workers,
-        )
+    @property
+    def refused_too_large(self) -> int:
+        """Refused: more rows than the model can ever serve within its budget or queue cap."""
+        return self._admission.refused_too_large
 
     @property
     def abandoned_rows(self) -> int:
         """Queued rows skipped, never run, because their caller went away."""
         return self._queue.abandoned_rows
-
-    def _refuse(self, admission: Admission, rows: int, deadline_s: float | None) -> None:
-        if admission.verdict is Verdict.TOO_LARGE:
-            self.refused_too_large += 1
-            within = "its timeout" if deadline_s is not None else "the model's latency objective"
-            raise RequestTooLarge(
-                f"{self.name}: a request may have at most {admission.limit_rows} rows (got {rows}): "
-                f"more cannot be served within {within} or the queue's cap; split it"
-            )
-        self.refused_late += 1
-        raise TooManyRequests(
-            f"{self.name}: too busy: predicted wait {admission.predicted_s:.3g} s is past "
-            + ("the request's timeout" if deadline_s is not None else "the model's latency objective"),
-            retry_after_s=admission.retry_after_s,
-        )
-
-    def _drain_s(self, rows: float) -> float:
-        """Seconds for the queue to run `rows` rows at the measured rate (for Retry-After)."""
-        rate = self._drain_rate.rows_per_s
-        return UNMEASURED_RETRY_S if rate is None else max(MIN_RETRY_S, rows / rate)
 
     @property
     def batches_out(self) -> int:
@@ -580,7 +500,7 @@ class Batcher:
             latencies = [end - p.request.arrival_s for p in live]
             with self._queue.lock:
                 self.policy.observe(end, batch.rows, batch.service_s, latencies)
-            self._measure_drain(end, batch.rows, batch.service_s)
+            self._admission.measure(end, batch.rows, batch.service_s)
             for piece, part in zip(live, split_outputs(outputs, live, batch.rows), strict=True):
                 request = piece.request
                 if request.parts is None:  # a whole request (inlined `Piece.deliver`: the hot path)
@@ -601,45 +521,6 @@ class Batcher:
         self.completed += completed
         self.rows_run += batch.rows
         return batch.rows > 0
-
-    def _measure_drain(self, end_s: float, rows: int, service_s: float) -> None:
-        """Feed the drain rate a batch that ran (`admission.DrainRate`). Under backlog (a
-        full batch was queued when the batch before ended, so the workers had no reason to
-        wait): its rows over the wall time since that end. Otherwise the rows a full queue
-        would have drained in its service time, at the fitted time of a full batch (a light
-        load's small batches say little of what the model drains when it has to). Fed in
-        `MEASURE_EVERY_S` lots: a tiny model's batch costs less than the update."""
-        policy = self.policy
-        size = policy.decision().batch_size
-        last = self._last_end_s
-        if last is not None and end_s > last:
-            drained, seconds = float(rows), end_s - last
-        else:
-            full_s = policy.predict_service_s(size)
-            per_s = size * self.pool.num_workers / full_s if full_s > 0 else rows / max(service_s, 1e-9)
-            drained, seconds = per_s * service_s, service_s
-        self._last_end_s = end_s if self._queue.queued_rows() >= size else None
-        self._lot_rows += drained
-        self._lot_s += seconds
-        if end_s - self._lot_start_s < MEASURE_EVERY_S:
-            return
-        self._drain_rate.observe(end_s, self._lot_rows, self._lot_s)
-        self._lot_rows, self._lot_s, self._lot_start_s = 0.0, 0.0, end_s
-        self._fast_path()
-
-    def _fast_path(self) -> None:
-        """Recompute `_fast_rows`: with rate r, budget B (SLO or default) and a batch of b
-        rows taking s(b), a request of n <= b rows behind q queued rows (plus a staged batch
-        of at most b) waits at most s(b) (the running batch) + (q + b)/r + s(b) + n/r, which
-        is within PLAN_SHARE x B while q + n <= (PLAN_SHARE x B - 2 s(b)) r - b."""
-        rate = self._drain_rate.rows_per_s
-        if rate is None:
-            return
-        policy = self.policy
-        slo = policy.latency_budget_s
-        budget = DEFAULT_BUDGET_S if slo is None else slo
-        b = policy.decision().batch_size
-        self._fast_rows = (PLAN_SHARE * budget - 2 * policy.predict_service_s(b)) * rate - b
 
     def _end(self, ticket: Ticket, error: BaseException | None) -> None:
         """A ticket's job ended: release its lease and slot; on an error, tell the members
@@ -680,12 +561,7 @@ class Batcher:
         deadline) now (`TooManyRequests`), so callers can retry elsewhere; work with a deadline
         is dropped if and when it is doomed (`BatchQueue.form_locked`). Hysteresis (1.5x) keeps
         small fluctuations from shedding anything."""
-        bound = float(self.policy.decision().queue_limit_rows)
-        rate = self._drain_rate.rows_per_s
-        if rate is not None:
-            slo = self.policy.latency_budget_s
-            drains = rate * (DEFAULT_BUDGET_S if slo is None else slo)
-            bound = min(bound, max(float(self._max_batch), drains))
+        bound = self._admission.shed_bound()
         q = self._queue
         if q.pieces.cost <= SHED_HYSTERESIS * bound:  # (unlocked: only this thread adds)
             return
@@ -714,7 +590,9 @@ class Batcher:
             self._fail(piece.request, error)
 
     def _displace(self, victims: Sequence[Piece], why: str = "displaced by a more urgent request") -> None:
-        err = TooManyRequests(f"{self.name}: {why}", retry_after_s=self._drain_s(self._queue.pieces.cost))
+        err = TooManyRequests(
+            f"{self.name}: {why}", retry_after_s=self._admission.drain_s(self._queue.pieces.cost)
+        )
         chunked = False
         for piece in victims:
             if not piece.request.future.done():
