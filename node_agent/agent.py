@@ -17,7 +17,9 @@ asked, the simulated one heated by the concurrency gate's occupancy, and lowers 
 concurrency and every model's batch size above its soft limit. Both tick on the event loop.
 
 HTTP starts before the preloads so the liveness probe answers while models load (a slow load
-must not get the agent restarted); readiness turns on once they are loaded. `serve(settings)`
+must not get the agent restarted); readiness turns on once they are loaded, and goes off again
+while the agent cannot serve (workers hung, repository unreadable: `serving.service`). Temp
+files a killed agent left in the repository (partial downloads) are removed at start. `serve(settings)`
 runs an agent until SIGTERM or SIGINT, then drains it: `edgefleet-agent serve`.
 
 What the HTTP layer serves is `serving.service.Serving` (the engine behind the agent's
@@ -53,7 +55,7 @@ from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.serving.connections import GuardedSite
 from node_agent.serving.http import HttpSettings, MetricsHook, V2Api
-from node_agent.serving.service import Serving
+from node_agent.serving.service import HealthSettings, Serving
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
@@ -92,6 +94,8 @@ class AgentSettings:
     unload_wait_s: float = 10.0
     """How long a repository unload waits for in-flight batches to release the model."""
     http: HttpSettings = field(default_factory=HttpSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    """When the agent reports not ready and not live (`serving.service`)."""
     engine: EngineSettings = field(default_factory=EngineSettings)
     sla: SlaSettings = field(default_factory=SlaSettings)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
@@ -272,6 +276,7 @@ class Agent:
             if not torch.cuda.is_available():
                 raise ValueError(f"device {s.device} requested but CUDA is not available")
         repository = self.repository = ModelRepository(root)
+        repository.remove_temp_files()  # a killed agent's partial downloads and writes
         budget = s.memory_budget_bytes
         if budget is None:
             budget = device_budget_bytes(s.device)
@@ -299,7 +304,12 @@ class Agent:
         if thermal_source is not None:
             self.thermal = ThermalMonitor(thermal_source, controls, s.thermal)
         self.serving = Serving(
-            repository, self.scheduler, self.engine, unload_wait_s=s.unload_wait_s, assigned=self.overlay
+            repository,
+            self.scheduler,
+            self.engine,
+            unload_wait_s=s.unload_wait_s,
+            assigned=self.overlay,
+            health=s.health,
         )
         self._register_metrics()
         sla.start()

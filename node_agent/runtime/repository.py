@@ -7,7 +7,9 @@ Layout and invariants:
   every path the repository hands out resolves inside `root` (symlinks included);
 - `model.yaml` is parsed strictly: an unknown field, a wrong type or a bad value is an
   `InvalidModel` naming the file and the field, never a stack trace;
-- an artifact is loaded only after its sha256 matches the declared digest.
+- an artifact is loaded only after its sha256 matches the declared digest;
+- writers put files in place by renaming a complete temp file (`.<name>.*.tmp`, fsynced,
+  verified); temp files a killed process left are removed at start (`remove_temp_files`).
 
 Version order ("newest") is natural sort with semver-like suffixes: digit runs compare as
 numbers, and `2-rc1` (anything after the first '-') is a pre-release that sorts *before*
@@ -32,7 +34,7 @@ import yaml
 
 from edgefleet_api.sla import NO_OBJECTIVES, SlaObjectives
 from edgefleet_api.types import ModelId, Priority
-from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
+from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound, ModelUnavailable
 from node_agent.runtime.backends import FORMATS, backend_for, default_artifact
 from node_agent.runtime.model_names import VERSION_RE, validate_name, validate_version, version_sort_key
 from node_agent.types import V2_TO_NUMPY, ModelConfig, TensorSpec
@@ -325,25 +327,26 @@ def _parameters(f: _Fields) -> dict[str, str]:
     return out
 
 
-def parse_model_config(path: Path | str) -> ModelConfig:
-    """Read and validate one model.yaml. Raises `InvalidModel` (naming file and field)."""
+def parse_model_config(path: Path | str, source: str | None = None) -> ModelConfig:
+    """Read and validate one model.yaml. Raises `InvalidModel` (naming the file, as `source`
+    when given, and the field)."""
     path = Path(path)
+    source = source if source is not None else str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InvalidModel(f"{path}: no such file") from None
+        raise InvalidModel(f"{source}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InvalidModel(f"{path}: cannot read: {e}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise InvalidModel(f"{source}: cannot read: {why}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        where = ""
         mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise InvalidModel(f"{path}: not valid YAML{where}: {problem}") from None
-    return config_from_mapping(data, str(path))
+        raise InvalidModel(f"{source}: not valid YAML{where}: {problem}") from None
+    return config_from_mapping(data, source)
 
 
 def config_to_mapping(config: ModelConfig) -> dict[str, Any]:
@@ -412,13 +415,21 @@ class ScanResult:
 
 class ModelRepository:
     """A model repository rooted at `root`. Reads the disk on every call (no cache), so
-    models written or removed while the agent runs are seen at the next call."""
+    models written or removed while the agent runs are seen at the next call.
+
+    Containment: every path handed out (version folder, model.yaml, artifact) is resolved
+    (symlinks followed, `..` gone) and must lie inside `root`; a model.yaml or an artifact
+    that resolves outside is `ModelUnavailable`, naming the model and the file relative to its
+    version folder, never a path on disk (error messages reach HTTP callers)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
         self._parsed: dict[Path, tuple[tuple[int, int], ModelConfig]] = {}
         """model.yaml path -> ((mtime_ns, size) when parsed, config): `config` re-reads a file
         only when it changed (the engine and the SLA monitor ask every few seconds)."""
+        self._hashed: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+        """artifact (resolved) -> ((device, inode, mtime_ns, size) when hashed, its digest): a
+        digest mismatch stays known (`problem`) until the file changes."""
 
     def __repr__(self) -> str:
         return f"ModelRepository({str(self.root)!r})"
@@ -438,12 +449,50 @@ class ModelRepository:
         return path
 
     def artifact_path(self, config: ModelConfig) -> Path:
-        """The artifact file of `config`, checked to lie inside its version folder."""
+        """The artifact file of `config`, resolved; `ModelUnavailable` when it lies outside
+        the repository."""
         vdir = self.version_dir(config.id)
-        path = (vdir / config.artifact).resolve()
-        if not path.is_relative_to(vdir):
-            raise InvalidModel(f"{config.id}: artifact {config.artifact!r} resolves outside {vdir}")
-        return path
+        return self._contained(config.id, vdir / config.artifact, f"artifact {config.artifact!r}")
+
+    def _contained(self, model_id: ModelId, path: Path, what: str) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ModelUnavailable(
+                f"model {model_id}: {what} resolves outside the model repository (a symlink "
+                "escape); not serving it"
+            )
+        return resolved
+
+    def readable(self) -> str | None:
+        """None when the root can be listed, else why not (for readiness; a few syscalls)."""
+        try:
+            with os.scandir(self.root) as entries:
+                next(entries, None)
+        except OSError as e:
+            return f"model repository cannot be read ({e.strerror or type(e).__name__})"
+        return None
+
+    def remove_temp_files(self) -> list[Path]:
+        """Remove the temp files (`.<name>.*.tmp`) that a process killed mid-write left in version
+        folders (downloads, copies, model.yaml writes: every writer renames a complete, verified
+        temp file into place, so a temp file is never anything but garbage). Call at start,
+        before anything writes. Returns what was removed."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for version_dir in self.root.glob("*/*"):
+            if not version_dir.is_dir() or version_dir.is_symlink():
+                continue
+            for tmp in version_dir.glob(".*.tmp"):
+                try:
+                    if stat.S_ISREG(tmp.lstat().st_mode):
+                        tmp.unlink()
+                        removed.append(tmp)
+                except OSError as e:
+                    log.warning("model repository: cannot remove temp file %s: %s", tmp, e)
+        for tmp in removed:
+            log.warning("model repository: removed %s, left by an interrupted write", tmp)
+        return removed
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -493,15 +542,17 @@ class ModelRepository:
         """The config of `name` at `version` (None: the newest version).
 
         Raises `ModelNotFound` when there is no such model or version (or the name cannot
-        be one), `InvalidModel` when it exists but its model.yaml is broken.
+        be one), `ModelUnavailable` when its model.yaml or artifact resolves outside the
+        repository, `InvalidModel` when its model.yaml is broken.
         """
         if version is None:
             versions = self.versions(name)
             if not versions:
                 raise ModelNotFound(f"model {name!r} has no versions in the repository")
             version = versions[-1]
+        model_id = ModelId(name, version)
         try:
-            vdir = self.version_dir(ModelId(name, version))
+            vdir = self.version_dir(model_id)
         except InvalidModel as e:
             raise ModelNotFound(str(e)) from None
         path = vdir / CONFIG_FILE
@@ -513,33 +564,61 @@ class ModelRepository:
             raise ModelNotFound(
                 f"no model {name}:{version} in the repository (no {name}/{version}/{CONFIG_FILE})"
             )
+        path = self._contained(model_id, path, CONFIG_FILE)
         stamp = (st.st_mtime_ns, st.st_size)
         cached = self._parsed.get(path)
         if cached is not None and cached[0] == stamp:
             config = cached[1]
         else:
-            config = parse_model_config(path)
+            config = parse_model_config(path, source=f"{name}/{version}/{CONFIG_FILE}")
             self._parsed[path] = (stamp, config)
         if (config.name, config.version) != (name, version):
             raise InvalidModel(
-                f"{path}: declares {config.name}:{config.version} but lies in the folder of "
-                f"{name}:{version}; the folder names must match 'name' and 'version'"
+                f"{name}/{version}/{CONFIG_FILE}: declares {config.name}:{config.version} but lies "
+                f"in the folder of {name}:{version}; the folder names must match 'name' and 'version'"
             )
+        self.artifact_path(config)
         return config
 
     # -- artifacts --------------------------------------------------------------------------
 
     def verify_digest(self, config: ModelConfig) -> None:
-        """Hash the artifact (streamed); raise `DigestMismatch` unless it is `config.digest`."""
+        """Hash the artifact (streamed; remembered until the file changes); raise
+        `DigestMismatch` unless it is `config.digest`."""
         path = self.artifact_path(config)
-        if not path.is_file():
-            raise InvalidModel(f"{config.id}: artifact {path} is missing")
-        actual = sha256_file(path)
+        try:
+            st = path.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise InvalidModel(f"{config.id}: artifact {config.artifact!r} is missing")
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._hashed.get(path)
+        if cached is not None and cached[0] == stamp:
+            actual = cached[1]
+        else:
+            actual = sha256_file(path)
+            self._hashed[path] = (stamp, actual)
         if actual != config.digest:
-            raise DigestMismatch(
-                f"{config.id}: artifact {path} has digest {actual} but {config.digest} was "
-                "expected; refusing to load it"
-            )
+            raise DigestMismatch(_mismatch(config, actual))
+
+    def problem(self, config: ModelConfig) -> str | None:
+        """Why `config` cannot be served as its files stand, without reading them: its
+        artifact resolves outside the repository or is missing, or its last hash (while the
+        file is unchanged) did not match the digest. None: no problem known. Cheap (a few
+        syscalls), for the index and readiness."""
+        try:
+            path = self.artifact_path(config)
+            st = path.stat()
+        except InvalidModel as e:
+            return str(e)
+        except OSError:
+            return f"{config.id}: artifact {config.artifact!r} is missing"
+        cached = self._hashed.get(path)
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if cached is not None and cached[0] == stamp and cached[1] != config.digest:
+            return _mismatch(config, cached[1])
+        return None
 
     def load(self, config: ModelConfig, device: str) -> Backend:
         """Verify the digest, then load with the backend for `config.format` onto `device`."""
@@ -547,3 +626,10 @@ class ModelRepository:
         backend = backend_for(config.format)
         log.debug("loading %s (%s) on %s", config.id, config.format, device)
         return backend.load(config, self.version_dir(config.id), device)
+
+
+def _mismatch(config: ModelConfig, actual: str) -> str:
+    return (
+        f"{config.id}: artifact {config.artifact!r} has digest {actual} but {config.digest} was "
+        "expected; refusing to load it"
+    )

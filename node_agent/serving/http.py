@@ -87,11 +87,17 @@ class ServingApi(Protocol):
     """What the HTTP layer serves (implemented by `service.Serving`)."""
 
     def not_ready_reason(self) -> str | None:
-        """None when the agent takes requests; else why not (starting, draining)."""
+        """None when the agent can serve inference; else why not (starting, draining, workers
+        stuck, repository unreadable, nothing servable)."""
+        ...
+
+    def not_live_reason(self) -> str | None:
+        """None while the process makes progress; else why it should be restarted."""
         ...
 
     def config(self, name: str, version: str | None) -> ModelConfig:
-        """The config serving (name, version); ModelNotFound if unknown or unloaded."""
+        """The config serving (name, version); ModelNotFound if unknown, ModelNotReady if
+        unloaded or being unloaded."""
         ...
 
     def versions(self, name: str) -> list[str]: ...
@@ -322,8 +328,12 @@ class V2Api:
     # -- health and metadata ----------------------------------------------------------------
 
     async def live(self, request: web.Request) -> web.Response:
-        """Alive while the event loop answers; independent of models and readiness, so a
-        model that is loading never gets the agent restarted."""
+        """Alive while the event loop answers and the inference workers are not all hung;
+        independent of load, models and readiness, so a busy agent or a model that is loading
+        never gets the agent restarted."""
+        reason = self.api.not_live_reason()
+        if reason is not None:
+            return json_response({"error": f"not live: {reason}"}, 503)
         return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:

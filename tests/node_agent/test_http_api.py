@@ -475,7 +475,9 @@ def test_index_unload_and_load(client: triton.InferenceServerClient, served: Run
     assert not client.is_model_ready("mlp")
     with pytest.raises(InferenceServerException, match="unloaded") as info:
         client.infer("mlp", [x])
-    assert info.value.status() == "404"
+    assert info.value.status() == "503"  # a known model out of service: retry later, not 404
+    status, headers, _ = request(served.port, "POST", "/v2/models/mlp/infer", b"{}")
+    assert status == 503 and int(headers["retry-after"]) >= 1
     ready = {e["name"] for e in client.get_model_repository_index() if e["state"] == "READY"}
     assert "mlp" not in ready and "classifier" in ready
     status, _, only_ready = request(served.port, "POST", "/v2/repository/index", b'{"ready": true}')
