@@ -154,7 +154,12 @@ def _store_verified(
 ) -> None:
     """The bytes of `open_source()` into `target` through a temp file hashed as it is written:
     bytes that do not match the entry's digest never replace anything. A `target` that
-    already has the digest is kept and the source not opened."""
+    already has the digest is kept and the source not opened.
+
+    Crash safety: the temp file (`.<name>.*.tmp`, in the target's folder, so the rename is
+    atomic) is fsynced, verified, then renamed, and the folder fsynced; a process killed
+    before the rename leaves only the temp file, which the repository removes at the next
+    start (`ModelRepository.remove_temp_files`): a partial file never has the artifact's name."""
     if target.is_file() and sha256_file(target) == entry.artifact.digest:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +179,7 @@ def _store_verified(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
     log.info("stored %s -> %s", source, target)
 
 
@@ -190,8 +196,13 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power cut after it keeps the new name)."""
     with suppress(OSError):  # not every filesystem lets a folder be fsynced
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
