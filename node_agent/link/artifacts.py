@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
@@ -88,7 +89,10 @@ def _download(repository: ModelRepository, entry: ModelAssignment, url: str, tar
     """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
     into `target_dir`; the artifact verified against the digest while it streams in."""
     name = PurePosixPath(urlsplit(url).path).name
-    _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
+    try:
+        _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
+    except (http.client.HTTPException, TimeoutError, ConnectionError) as e:  # cut mid-transfer
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: {type(e).__name__}: {e}") from None
     config_file = target_dir / CONFIG_FILE
     if not config_file.is_file():
         text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
@@ -170,6 +174,11 @@ def _store_verified(
             while chunk := src.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
+            short = getattr(src, "length", None)  # an HTTP response: bytes still due
+            if isinstance(short, int) and short > 0:
+                raise InvalidModel(
+                    f"{entry.id}: fetching {source} failed: the transfer stopped {short} bytes short"
+                )
             out.flush()
             os.fsync(out.fileno())
         actual = "sha256:" + digest.hexdigest()

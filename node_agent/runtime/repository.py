@@ -429,7 +429,7 @@ class ModelRepository:
         only when it changed (the engine and the SLA monitor ask every few seconds)."""
         self._hashed: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
         """artifact (resolved) -> ((device, inode, mtime_ns, size) when hashed, its digest): a
-        digest mismatch stays known (`problem`) until the file changes."""
+        digest mismatch stays known (`problem`) until the file changes or is hashed again."""
 
     def __repr__(self) -> str:
         return f"ModelRepository({str(self.root)!r})"
@@ -583,8 +583,9 @@ class ModelRepository:
     # -- artifacts --------------------------------------------------------------------------
 
     def verify_digest(self, config: ModelConfig) -> None:
-        """Hash the artifact (streamed; remembered until the file changes); raise
-        `DigestMismatch` unless it is `config.digest`."""
+        """Hash the artifact (streamed, every time: file timestamps are too coarse to trust a
+        cached hash before a load); raise `DigestMismatch` unless it is `config.digest`. The
+        result is remembered for `problem`."""
         path = self.artifact_path(config)
         try:
             st = path.stat()
@@ -592,13 +593,8 @@ class ModelRepository:
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
             raise InvalidModel(f"{config.id}: artifact {config.artifact!r} is missing")
-        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._hashed.get(path)
-        if cached is not None and cached[0] == stamp:
-            actual = cached[1]
-        else:
-            actual = sha256_file(path)
-            self._hashed[path] = (stamp, actual)
+        actual = sha256_file(path)
+        self._hashed[path] = ((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), actual)
         if actual != config.digest:
             raise DigestMismatch(_mismatch(config, actual))
 
