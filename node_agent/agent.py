@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from edgefleet_api.types import ModelId
 from node_agent.control.mitigation import Controls
 from node_agent.control.sla_monitor import SlaMonitor, SlaSettings
 from node_agent.control.thermal import ThermalMonitor, ThermalSettings
@@ -169,6 +170,8 @@ class ConfigOverlay(Protocol):
     def versions(self, name: str) -> list[str]: ...
 
     def models(self) -> list[ModelConfig]: ...
+
+    def assigned(self) -> frozenset[ModelId]: ...
 
     def loader(self, load: Callable[[ModelConfig], Backend]) -> Callable[[ModelConfig], Backend]: ...
 

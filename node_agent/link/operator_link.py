@@ -307,6 +307,7 @@ class OperatorLink:
         assert assignment is not None
         self.stats.reconcile_passes += 1
         desired = desired_versions(assignment).versions
+        self.configs.assign(desired)  # known to the API (503 until servable, not 404)
         p = plan(assignment, self._view(), self._clock(), self.settings.retry_failed_s)
         for model_id in p.forget:
             self._tracked.pop(model_id, None)

@@ -45,9 +45,17 @@ log = logging.getLogger(__name__)
 class AssignedModels(Protocol):
     """The model versions assigned to this node (EdgeNode mode: the agent's `ConfigOverlay`)."""
 
-    def versions(self, name: str) -> list[str]: ...
+    def versions(self, name: str) -> list[str]:
+        """Servable versions of `name`, oldest first."""
+        ...
 
-    def models(self) -> list[ModelConfig]: ...
+    def models(self) -> list[ModelConfig]:
+        """Every servable version."""
+        ...
+
+    def assigned(self) -> frozenset[ModelId]:
+        """Every assigned version, servable or not yet (being fetched, loaded, replaced)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,21 +158,41 @@ class Serving:
             models = self.repository.scan().models
             if not any(self.repository.problem(c) is None for c in models):
                 return "no servable model in the model repository"
+        elif self.assigned.assigned() and not self.assigned.models():
+            return f"none of the {len(self.assigned.assigned())} assigned model version(s) is servable"
         return None
 
     # -- serving -----------------------------------------------------------------------------
 
     def config(self, name: str, version: str | None) -> ModelConfig:
         self._check_loaded(name)
-        return self.engine.config(name, version)
+        try:
+            return self.engine.config(name, version)
+        except ModelNotFound:
+            self._check_assigned(name, version)
+            raise
 
     def versions(self, name: str) -> list[str]:
         if self.assigned is None:
             return self.repository.versions(name)
         versions = self.assigned.versions(name)
         if not versions:
+            self._check_assigned(name, None)
             raise ModelNotFound(f"model {name!r} is not assigned to this node")
         return versions
+
+    def _check_assigned(self, name: str, version: str | None) -> None:
+        """EdgeNode mode, for a model the engine cannot serve: ModelNotReady (503, retry soon)
+        if the assignment names it (fetching, loading, or between two versions), else nothing
+        (the caller's ModelNotFound stands: 404)."""
+        if self.assigned is None:
+            return
+        ids = self.assigned.assigned()
+        known = any(m.name == name for m in ids) if version is None else ModelId(name, version) in ids
+        if known:
+            raise ModelNotReady(
+                f"model {name!r} is assigned to this node but not servable yet; retry shortly"
+            )
 
     def model_not_ready_reason(self, name: str, version: str | None) -> str | None:
         state = self._unloaded.get(name)
@@ -174,6 +202,12 @@ class Serving:
             config = self.engine.config(name, version)
         except InvalidModel as e:
             return str(e)
+        except ModelNotFound:
+            try:
+                self._check_assigned(name, version)
+            except ModelNotReady as e:
+                return str(e)
+            raise
         return self.repository.problem(config) or self._not_ready
 
     async def infer(

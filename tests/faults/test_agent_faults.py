@@ -476,6 +476,11 @@ def test_an_agent_killed_mid_download_never_loads_a_partial_file(examples: Path,
 
         until(lambda: bool(partial()), 30, f"a partial download; log:\n{first.tail()}")
         assert get(first.port, "/v2/health/ready")[0] == 503  # still preparing its assignment
+        for path in ("/v2/models/big/infer", "/v2/models/big/versions/1/infer"):
+            status, headers, doc = call(first.port, "POST", path, MLP_BODY)  # assigned, not ready
+            assert status == 503 and headers["retry-after"] == "1" and "assigned" in doc["error"], doc
+        assert call(first.port, "POST", "/v2/models/big/versions/2/infer", MLP_BODY)[0] == 404
+        assert call(first.port, "POST", "/v2/models/mlp/infer", MLP_BODY)[0] == 404  # not assigned
         first.kill()
         leftovers = partial()
         assert leftovers and not target.exists(), "a partial file never has the artifact's name"

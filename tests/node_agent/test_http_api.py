@@ -774,3 +774,48 @@ def test_a_model_being_unloaded_answers_503_with_a_short_retry_after(served: Run
     assert request(port, "POST", "/v2/models/nope/infer", body)[0] == 404
     assert request(port, "POST", "/v2/repository/models/mlp/load")[0] == 200
     assert request(port, "POST", "/v2/models/mlp/infer", body)[0] == 200
+
+
+def test_assigned_models_not_servable_yet_answer_503_and_keep_the_agent_unready(
+    example_repo: Path,
+) -> None:
+    """EdgeNode mode (an `AssignedConfigs` overlay, as the operator link drives it): a version the
+    assignment names but that is not servable yet answers 503 + Retry-After (a name never
+    assigned 404), and the agent is not ready while none of its assigned versions is servable."""
+    from edgefleet_api.types import ModelId
+    from node_agent.link.assigned_configs import AssignedConfigs
+    from node_agent.serving.service import HealthSettings
+
+    configs = AssignedConfigs()
+    settings = AgentSettings(
+        example_repo,
+        workers=1,
+        health=HealthSettings(check_interval_s=0.0),
+        http=HttpSettings(host="127.0.0.1", port=0),
+    )
+    running = RunningAgent(settings, overlay=configs)
+    try:
+        port = running.port
+        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32],
+                                       "data": [0.5] * 32}]})  # fmt: skip
+        assert request(port, "GET", "/v2/health/ready")[0] == 200  # nothing assigned: nothing to miss
+        running.loop.call_soon_threadsafe(configs.assign, [ModelId("mlp", "1")])
+        deadline = time.monotonic() + 10
+        while (ready := request(port, "GET", "/v2/health/ready"))[0] != 503:
+            assert time.monotonic() < deadline
+        assert "none of the 1 assigned model version(s) is servable" in ready[2]["error"]
+        for path in ("/v2/models/mlp/infer", "/v2/models/mlp/versions/1/infer"):
+            status, headers, doc = request(port, "POST", path, body)
+            assert status == 503 and headers["retry-after"] == "1" and "not servable yet" in doc["error"]
+        assert request(port, "GET", "/v2/models/mlp")[0] == 503
+        assert request(port, "POST", "/v2/models/mlp/versions/2/infer", body)[0] == 404
+        assert request(port, "POST", "/v2/models/classifier/infer", body)[0] == 404
+
+        config = parse_model_config(example_repo / "mlp" / "1" / "model.yaml")
+        running.loop.call_soon_threadsafe(configs.put, config)  # prepared: servable
+        deadline = time.monotonic() + 10
+        while request(port, "GET", "/v2/health/ready")[0] != 200:
+            assert time.monotonic() < deadline
+        assert request(port, "POST", "/v2/models/mlp/versions/1/infer", body)[0] == 200
+    finally:
+        running.close()
