@@ -109,6 +109,10 @@ def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
     assert (args.thermal_soft_limit, args.thermal_soft_margin) == (70.0, 5.0)
     assert (args.workers, args.urgent_workers) == (3, 0)
     assert "runtimeClassName" not in agent_pod(en, from_env({}).agent)["spec"]
+    # a slow first start (torch import, first load) is the startup probe's, not a liveness restart
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/live"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
 @pytest.mark.parametrize(
