@@ -56,8 +56,9 @@ def metrics_port() -> int:
 class Replica:
     """One `edgefleet-operator run` process; its identity is what its Leases and writes carry."""
 
-    def __init__(self, control_plane: Any, log_dir: Path, label: str) -> None:
+    def __init__(self, control_plane: Any, log_dir: Path, label: str, **env: str) -> None:
         self.control_plane, self.log_dir, self.label = control_plane, log_dir, label
+        self.env = env
         self.starts = 0
         self.proc = self._start()
 
@@ -67,7 +68,7 @@ class Replica:
         proc = OperatorProcess(
             self.control_plane,
             self.log_dir / f"{self.label}-{self.starts}.log",
-            EDGEFLEET_METRICS_PORT=str(port),
+            **{**self.env, "EDGEFLEET_METRICS_PORT": str(port)},
         )
         proc.metrics_port = port
         return proc

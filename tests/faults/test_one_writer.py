@@ -18,6 +18,7 @@ The simulated agents (e2e.sim_agent) stand in for node agents: what is tested is
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import pytest
 from e2e.operator_proc import AGENT_NAMESPACE, ensure_agent_namespace
 from e2e.waiting import eventually
 from edgefleet_api import names
-from faults.one_writer_support import BOUND_S, Fleet, Recorder, Replica, writer
+from faults.one_writer_support import BOUND_S, LEASE_S, Fleet, Recorder, Replica, writer
 
 pytestmark = pytest.mark.cluster
 
@@ -151,6 +152,19 @@ def test_two_operators_at_once_write_as_one(kube: Any, namespace: str, pair: Pai
         assert holder.metric("edgefleet_operator_shards_held", shard="fleet") == 1
         assert standby.metric("edgefleet_operator_shards_held", shard="fleet") == 0
         assert standby.proc.alive(), standby.proc.tail()
+
+        # A holder stopped gracefully (SIGTERM: a rolling update, a drain) hands over at once: it
+        # releases its Lease, and the other takes it at its next round, not after a lease duration.
+        stopped_at = time.monotonic()
+        holder.proc.stop()
+        took = wait(
+            lambda: recorder.holder() == standby.identity and time.monotonic(),
+            fleet,
+            "the standby to take over from a stopped holder",
+            timeout_s=30,
+        )
+        assert took - stopped_at < LEASE_S, f"handover took {took - stopped_at:.2f} s"
+        holder.restart()
     finally:
         recorder.stop()
 
