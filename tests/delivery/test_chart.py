@@ -157,9 +157,8 @@ def test_deployment_is_two_rolling_restricted_replicas(helm: Helm) -> None:
     # A standby replica is Ready (the same probe: it passes without holding anything).
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert {"name": "healthz", "containerPort": 8081} in container["ports"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    lease_ns = next(e for e in container["env"] if e["name"] == "EDGEFLEET_LEASE_NAMESPACE")
-    assert lease_ns["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["EDGEFLEET_LEASE_NAMESPACE"] == "edgefleet-system", "the operator's Leases in its own"
     assert (env["EDGEFLEET_LEASE_DURATION_S"], env["EDGEFLEET_LEASE_RENEW_S"]) == ("15", "5")
     # The variables operator/settings.py reads, with the values' meaning.
     assert set(env["EDGEFLEET_FLEET_SELECTOR"].split(",")) == {"edgefleet.io/fleet=true", "site=berlin"}
@@ -184,7 +183,7 @@ def test_values_written_by_the_harness_keep_number_like_strings(helm: Helm, tmp_
     path = tmp_path / "values.yaml"
     write_values({"fleet": {"selector": {"edgefleet.io/e2e-fleet": "430e5"}}}, path)
     pod = one(helm.template("--values", str(path)), "Deployment")["spec"]["template"]["spec"]
-    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     assert "edgefleet.io/e2e-fleet=430e5" in env["EDGEFLEET_FLEET_SELECTOR"].split(",")
 
 
