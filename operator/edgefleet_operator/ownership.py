@@ -11,7 +11,9 @@ shard and N replicas is leader election.
 A replica (`shard_step`) acquires a shard Lease only when it is the desired owner and the Lease is
 free or expired; renews it while it holds it and is still the desired owner; releases it when it is
 not. The Lease I/O (`shard_leases`) makes every acquire, renew and release conditional on the
-resourceVersion it read, so two replicas never both hold a shard.
+resourceVersion it read, so two replicas never both hold a shard. A replica that joins takes over
+the shards it now wins: their holder stops writing and releases them, and the newcomer acquires
+them at its next round (a pause of up to one renew period, the price of spreading shards evenly).
 
 Clocks. A Lease is expired when this replica has seen the same resourceVersion for its
 leaseDurationSeconds, measured on this replica's own monotonic clock from when it first saw that

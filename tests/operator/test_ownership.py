@@ -183,3 +183,48 @@ def test_two_replicas_never_both_hold_and_the_survivor_takes_over(kube: Any, nam
     assert not standby.holds(shard)
     holder.round()
     assert holder.holds(shard), "a released shard is taken at the next round, not after a duration"
+
+
+class ListBarrier:
+    """A CoordinationV1Api whose Lease lists wait for each other: both replicas decide from the same
+    (empty) view, so both try to create the shard Lease at once."""
+
+    def __init__(self, api: Any, barrier: Any) -> None:
+        self.api, self.barrier = api, barrier
+        self.api_client = api.api_client
+
+    def list_namespaced_lease(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.api.list_namespaced_lease(*args, **kwargs)
+        self.barrier.wait(10)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.api, name)
+
+
+@pytest.mark.cluster
+def test_replicas_that_decide_at_once_from_the_same_view_never_both_hold(kube: Any, namespace: str) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client
+
+    from edgefleet_operator.shard_leases import ShardLeases
+
+    settings = OwnershipSettings(lease_duration_s=15, renew_interval_s=5, margin_s=3)
+    api = client.CoordinationV1Api(kube)
+    for attempt in range(3):  # a fresh shard each time: the create race, then conditional replaces
+        shard = f"race-{attempt}-{uuid.uuid4().hex[:4]}"
+        barrier = threading.Barrier(2)
+        replicas = [
+            ShardLeases(ListBarrier(api, barrier), namespace, f"op-{i}/{attempt}", [shard], settings)
+            for i in range(2)
+        ]
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda r: r.round(), replicas))
+        holders = [r.identity for r in replicas if r.holds(shard)]
+        assert len(holders) == 1, holders  # each saw itself alone and the shard free: both tried
+        with ThreadPoolExecutor(2) as pool:  # again, now from the same non-empty view
+            list(pool.map(lambda r: r.round(), replicas))
+        holders = [r.identity for r in replicas if r.holds(shard)]
+        assert len(holders) <= 1, holders
