@@ -108,6 +108,7 @@ class ShardLeases:
         leases = self._list()
         now = self.clock()
         self.last_round_s = now
+        self._seen = {n: seen for n, seen in self._seen.items() if n in leases}  # forget deleted ones
         self._renew_member(leases.get(member_lease_name(self.identity)))
         views = {name: self._view(obj, now) for name, obj in leases.items()}
         members = live_members(
