@@ -10,6 +10,9 @@ bounce.
 
 Times are wall-clock seconds (epoch): they come from the API server's
 timestamps, which are the only clock the operator and the agents share.
+
+The operator replica's own health (`replica_liveness`) is judged here too: a standby replica (one
+that holds no shard) is healthy and ready; it reports what it holds, and nothing.
 """
 
 from __future__ import annotations
@@ -88,3 +91,20 @@ class HealthTracker:
         """Drop memory of nodes that left the fleet."""
         for name in names & self.lost_work_at.keys():
             del self.lost_work_at[name]
+
+
+def replica_liveness(
+    holds: bool, pass_age_s: float, lease_round_age_s: float | None, resync_s: float, renew_s: float
+) -> str | None:
+    """Why this operator replica is stuck (its liveness probe fails, the kubelet restarts it), or
+    None when it is live.
+
+    A replica that holds the fleet (`holds`) must have finished a pass within three resync intervals
+    (+30 s of slack for a slow API server). A standby replica runs no passes and is healthy all the
+    same, ready to take over: it must only have finished a round of its Leases (`lease_round_age_s`;
+    None: it runs without Leases and holds everything) within three renew intervals (+30 s)."""
+    if lease_round_age_s is not None and lease_round_age_s > 3 * renew_s + 30:
+        return f"no lease round for {lease_round_age_s:.0f}s"
+    if holds and pass_age_s > 3 * resync_s + 30:
+        return f"no successful fleet reconcile for {pass_age_s:.0f}s"
+    return None

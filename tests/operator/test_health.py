@@ -42,3 +42,17 @@ def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> No
     tracker = HealthTracker(settings)
     assert tracker.judge(signals(False, NOW - 1, has_work=True), NOW) is Health.SUSPECT
     assert not tracker.lost_work_at
+
+
+def test_a_standby_replica_is_live_and_a_stuck_one_is_not() -> None:
+    from edgefleet_operator.health import replica_liveness
+
+    # A standby runs no passes: its pass age grows without bound and it is healthy all the same.
+    assert replica_liveness(False, pass_age_s=3600, lease_round_age_s=4, resync_s=10, renew_s=5) is None
+    # ... as long as its Lease rounds go on.
+    assert "lease round" in (replica_liveness(False, 0, 46, 10, 5) or "")
+    # A holder must also pass.
+    assert "fleet reconcile" in (replica_liveness(True, 61, 4, 10, 5) or "")
+    assert replica_liveness(True, 59, 4, 10, 5) is None
+    # Without Leases (--standalone) only the passes count.
+    assert replica_liveness(True, 59, None, 10, 5) is None
