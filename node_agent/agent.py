@@ -210,6 +210,8 @@ class Agent:
         self.thermal: ThermalMonitor | None = None
         """None when no thermal source (see `AgentSettings.thermal_source`)."""
         self._runner: web.AppRunner | None = None
+        self.http_api: V2Api | None = None
+        """The HTTP routes, once started."""
         self._started_extensions: list[AgentExtension] = []
         self._stopped = False
 
@@ -365,7 +367,7 @@ class Agent:
     async def _start_http(self) -> None:
         assert self.serving is not None
         h = self.settings.http
-        api = V2Api(self.serving, h, self.metrics, self.api_metrics)
+        api = self.http_api = V2Api(self.serving, h, self.metrics, self.api_metrics)
         self._runner = web.AppRunner(
             api.app,
             handle_signals=False,

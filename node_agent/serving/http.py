@@ -224,7 +224,8 @@ class V2Api:
         self._observer = observer
         self._token = settings.auth_token.encode() if settings.auth_token else None
         self._control = control_networks(settings.repository_control_from)
-        self._bodies = BodyBudget(settings.max_inflight_request_bytes)
+        self.bodies = BodyBudget(settings.max_inflight_request_bytes)
+        """Request body bytes held now by requests in progress (bounded)."""
         self.guard = ConnectionGuard(settings.connections)
         """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
         middlewares = [self._connection, self._errors, self._auth]
@@ -373,7 +374,7 @@ class V2Api:
         limit = self.settings.max_request_bytes
         check_length(request, limit)
         config = self.api.config(name, version)
-        with self._bodies.hold() as hold:
+        with self.bodies.hold() as hold:
             body = await read_body(request, limit, hold, self.settings.body_timeout_s)
             decoded = v2_codec.decode_request(
                 body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))
