@@ -15,12 +15,14 @@ import kopf
 
 from edgefleet_api import names
 from edgefleet_operator import settings as settings_mod
+from edgefleet_operator import watching
 from edgefleet_operator.fleet_loop import FleetLoop
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.reconciler import FleetReconciler
 
 log = logging.getLogger(__name__)
 SETTINGS = settings_mod.from_env()
+WATCHING = watching.WatchingSettings.from_env()
 PEERING_NAME = "edgefleet"
 
 
@@ -42,11 +44,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # the services' finalizer (names.FINALIZER) itself.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
-    # A stalled watch must recover: the API server closes watches after server_timeout;
-    # the client gives up a little later if nothing arrives at all.
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 90
-    settings.watching.connect_timeout = 10
+    # No call waits forever on a stalled connection; bounds in edgefleet_operator.watching.
+    watching.configure_kopf(settings, WATCHING)
     settings.posting.level = logging.WARNING
     settings.peering.name = PEERING_NAME
     settings.peering.clusterwide = True
@@ -56,7 +55,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port, registry=metrics.registry)
-    reconciler = FleetReconciler(kube_client(), SETTINGS, metrics)
+    reconciler = FleetReconciler(watching.bounded(kube_client(), WATCHING), SETTINGS, metrics)
     loop = FleetLoop(reconciler, SETTINGS)
     memo["fleet"] = loop
     memo["fleet_task"] = asyncio.create_task(loop.run(), name="edgefleet-fleet-loop")
