@@ -114,25 +114,26 @@ class EdgeNodeWatch:
         rv: str | None = None
         listed_at = -float("inf")
         while not self._stopping.is_set():
+            self._restarting.clear()  # a restart asked for before this request is served by it
             try:
                 if rv is None or self._clock() - listed_at >= self.settings.resync_s:
                     obj, rv = self._list()
                     listed_at = self._clock()
                     self._post(self._on_listed, obj)
                     backoff.reset()
-                self._restarting.clear()
                 rv = self._watch_once(rv)
                 backoff.reset()
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                if self._restarting.is_set() or _caused_by(exc, ReadTimeoutError):
+                cut = self._restarting.is_set()
+                if cut or _caused_by(exc, ReadTimeoutError):
                     self._restarts += 1
                     log.info(
                         "watch of EdgeNode %s silent; resuming on a new connection", self.settings.edge_node
                     )
-                    if self._restarting.is_set():
-                        continue  # cut by the link, which already knows the API server failed it
+                    if cut:  # by the link, which already knows the API server failed it: no backoff
+                        continue  # (the flag is cleared above: a retry that fails backs off)
                 if isinstance(exc, ApiException) and exc.status == 410:
                     self._gone()
                     rv = None

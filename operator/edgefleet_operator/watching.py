@@ -18,6 +18,7 @@ Bounds with the defaults (environment variables in brackets):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ class WatchingSettings:
     """kopf's own non-watch requests (peering, events, patches), whole request."""
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:
+        for name in _names(type(self)):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.watch_client_timeout_s < self.watch_server_timeout_s:
@@ -56,7 +57,7 @@ class WatchingSettings:
         """Each field from `EDGEFLEET_<FIELD>` (e.g. EDGEFLEET_API_READ_TIMEOUT_S), else its default."""
         env = os.environ if env is None else env
         values: dict[str, float] = {}
-        for name in cls.__slots__:
+        for name in _names(cls):
             raw = env.get(f"EDGEFLEET_{name.upper()}", "").strip()
             if raw:
                 try:
@@ -64,6 +65,10 @@ class WatchingSettings:
                 except ValueError:
                     raise ValueError(f"EDGEFLEET_{name.upper()} is not a number: {raw!r}") from None
         return cls(**values)
+
+
+def _names(cls: type[WatchingSettings]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def configure_kopf(kopf_settings: Any, watching: WatchingSettings) -> None:
