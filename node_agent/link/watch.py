@@ -67,8 +67,6 @@ class EdgeNodeWatch:
         self._online, self._failed = answered, failed
         self._stopping = threading.Event()
         self._restarting = threading.Event()
-        self._restarts = 0
-        self._expired = 0
         self._watch_response: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -89,16 +87,6 @@ class EdgeNodeWatch:
         resourceVersion on a new connection, after no backoff. Any thread."""
         self._restarting.set()
         self._cut()
-
-    @property
-    def restarts(self) -> int:
-        """Watch requests cut by `restart` or ended by the client's read timeout (a stall)."""
-        return self._restarts
-
-    @property
-    def expired(self) -> int:
-        """Watches that ended with 410 Gone (then the EdgeNode was relisted)."""
-        return self._expired
 
     def _cut(self) -> None:
         response = self._watch_response
@@ -128,7 +116,6 @@ class EdgeNodeWatch:
                     return
                 cut = self._restarting.is_set()
                 if cut or _caused_by(exc, ReadTimeoutError):
-                    self._restarts += 1
                     log.info(
                         "watch of EdgeNode %s silent; resuming on a new connection", self.settings.edge_node
                     )
@@ -145,7 +132,6 @@ class EdgeNodeWatch:
                     self._gone()
 
     def _gone(self) -> None:
-        self._expired += 1
         log.info("watch of EdgeNode %s: 410 Gone; relisting", self.settings.edge_node)
 
     def _list(self) -> tuple[dict[str, Any] | None, str]:

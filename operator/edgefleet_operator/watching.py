@@ -3,17 +3,20 @@ of the fleet pass's kubernetes client. Nothing the operator sends may wait forev
 connection that stalls (the socket stays open, nothing arrives: a middlebox dropped the flow,
 an API server hung) must end in an error that the caller retries.
 
-Bounds with the defaults (environment variables in brackets):
+Bounds with the defaults (each setting is read from `EDGEFLEET_<SETTING>`, e.g.
+EDGEFLEET_API_READ_TIMEOUT_S):
 - a kopf watch ends after `watch_server_timeout_s` (server side, 60 s) and is resumed from
   its resourceVersion; one that sends nothing at all is dropped after
   `watch_inactivity_timeout_s` (70 s: the API server sends a bookmark each minute) and
-  relisted; 410 Gone relists (kopf does both).
+  resumed on a new connection; 410 Gone relists (kopf does both).
 - every call of the fleet pass has a connect timeout (`api_connect_timeout_s`, 10 s) and a
-  read timeout between bytes (`api_read_timeout_s`, 30 s): a pass stalled on a dead
-  connection fails, and the fleet loop retries it on a new one.
+  read timeout between bytes (`api_read_timeout_s`, 30 s), and is retried once at most: a
+  pass stalled on a dead connection fails within 60 s, and the fleet loop retries it on a
+  new connection.
 - the fleet loop relists everything each `resync_interval_s` (settings.py, 10 s), so an event
   a stalled or expired watch missed is applied within one resync after the calls work again:
-  resync + read timeout + one pass, 40 s and a pass, with the defaults.
+  resync + two read timeouts + one pass, 70 s and a pass with the defaults (the fault test,
+  with a 3 s read timeout and a 1 s resync: 8 s).
 """
 
 from __future__ import annotations
@@ -98,9 +101,11 @@ class BoundedRestClient(rest.RESTClientObject):
 
 def bounded(api_client: Any, watching: WatchingSettings) -> Any:
     """`api_client` (a kubernetes ApiClient) with every call bounded by the connect and read
-    timeouts of `watching`; returns it."""
+    timeouts of `watching` and retried once at most (urllib3 retries a timed-out read of a GET:
+    a stalled call costs at most two read timeouts); returns it."""
     old = api_client.rest_client
     timeout = (watching.api_connect_timeout_s, watching.api_read_timeout_s)
+    api_client.configuration.retries = 1  # for a kept-alive connection the server closed; not 3
     api_client.rest_client = BoundedRestClient(api_client.configuration, timeout)
     old.close()
     return api_client
