@@ -1,5 +1,6 @@
-"""How the link talks to the API server: `LinkSettings`, the `Backoff` between failed calls,
-the kubernetes `api_client`, and the time format the link writes (`rfc3339`)."""
+"""How the link talks to the API server: `LinkSettings` (each number also settable as
+`EDGEFLEET_LINK_<FIELD>`, `LinkSettings.from_env`), the `Backoff` between failed calls, the
+kubernetes `api_client`, and the time format the link writes (`rfc3339`)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ class LinkSettings:
     """A failed version (digest mismatch, load error, no memory) is retried after this."""
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    """After a failed call the next waits `Backoff`: 0.5 s doubling to 30 s, each delay drawn
+    from [d/2, d], so a fleet that lost its API server together does not come back in step."""
     startup_timeout_s: float = 10.0
     """`start()` waits this long for the first answer of the API server; without one it
     serves the persisted assignment."""
