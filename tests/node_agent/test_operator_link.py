@@ -488,9 +488,12 @@ def test_agent_keeps_serving_while_the_api_server_is_unreachable_and_catches_up(
             assert (await cluster.lease(lease_name, namespace)).spec.renew_time == before
 
             # the link comes back: the new spec is applied, status and Lease catch up
+            relists = agent.link.stats.relists
             await proxy.start()
             en = await eventually(lambda: ready("mlp"), what="mlp:1 Ready after the link returned")
             assert en["status"]["observedGeneration"] == en["metadata"]["generation"] >= gen
+            # the watch resumed from its resourceVersion (the edit came as an event), no relist
+            assert agent.link.stats.relists == relists
             assert agent.link.connected and agent.scheduler.is_resident(MLP)
             renewed = await eventually(
                 lambda: _renewed_after(cluster, lease_name, namespace, before),
