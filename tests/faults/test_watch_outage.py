@@ -214,7 +214,7 @@ def test_the_api_server_stopped_for_a_while(fleet: Fleet) -> None:
             f" edit applied {applied_s:.1f} s after"
         )
         eventually(
-            lambda: all(watcher.last.get(n, ("", 0))[0] > before[n][0] for n in fleet.nodes),  # type: ignore[index]
+            lambda: all(watcher.last.get(n, ("", 0))[0] > before[n][0] for n in fleet.nodes),
             10,
             "heartbeats after the outage",
         )

@@ -88,7 +88,8 @@ class StallProxy:
         self._server: asyncio.Server | None = None
         self._open: dict[asyncio.StreamWriter, asyncio.Event] = {}
         """Per open connection (its client side), its stall switch."""
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing: asyncio.Event | None = None
         self.connections = 0
         self.port = self.call(self._start())
@@ -115,6 +116,7 @@ class StallProxy:
             self._closing.set()
             for transport in list(self._transports):
                 transport.abort()
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
             await self._server.wait_closed()
 
         self.call(close())
@@ -130,6 +132,10 @@ class StallProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._closing is not None
         closing = self._closing
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
