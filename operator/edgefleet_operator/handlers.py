@@ -22,19 +22,20 @@ from edgefleet_operator.reconciler import FleetReconciler
 
 log = logging.getLogger(__name__)
 SETTINGS = settings_mod.from_env()
-WATCHING = watching.WatchingSettings.from_env()
 PEERING_NAME = "edgefleet"
 
 
 def kube_client() -> Any:
-    """An ApiClient from the in-cluster config, else the kubeconfig (KUBECONFIG)."""
+    """An ApiClient from the in-cluster config, else the kubeconfig (KUBECONFIG); no call of it
+    waits forever (`watching.bounded`)."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
-        return client.ApiClient()
+        api = client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config()
+        api = config.new_client_from_config()
+    return watching.bounded(api, watching.WatchingSettings.from_env())
 
 
 @kopf.on.startup()
@@ -45,7 +46,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
     # No call waits forever on a stalled connection; bounds in edgefleet_operator.watching.
-    watching.configure_kopf(settings, WATCHING)
+    watching.configure_kopf(settings, watching.WatchingSettings.from_env())
     settings.posting.level = logging.WARNING
     settings.peering.name = PEERING_NAME
     settings.peering.clusterwide = True
@@ -55,7 +56,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port, registry=metrics.registry)
-    reconciler = FleetReconciler(watching.bounded(kube_client(), WATCHING), SETTINGS, metrics)
+    reconciler = FleetReconciler(kube_client(), SETTINGS, metrics)
     loop = FleetLoop(reconciler, SETTINGS)
     memo["fleet"] = loop
     memo["fleet_task"] = asyncio.create_task(loop.run(), name="edgefleet-fleet-loop")
