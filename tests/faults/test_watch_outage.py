@@ -53,7 +53,10 @@ times out (read timeout 3 s here) and the next resync (1 s) relists (without the
 fleet loop would wait forever)."""
 OUTAGE_S = 12.0
 """How long the API server stays stopped: longer than the operator's agent grace here (10 s),
-so Leases are stale when it returns."""
+so every Lease is stale when it returns, and the agents renew theirs seconds after the
+operator's first pass (their backoff). The operator must not take that for silent agents
+(health.HealthTracker.unobserved); before, it took the work off the nodes whose agents had not
+renewed yet."""
 RECOVERY_BOUND_S = 30.0
 """After the API server is ready again, the edit made then is applied within this."""
 OPERATOR_ENV = {"EDGEFLEET_API_READ_TIMEOUT_S": "3", "EDGEFLEET_API_CONNECT_TIMEOUT_S": "2"}

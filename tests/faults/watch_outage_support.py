@@ -180,12 +180,14 @@ LINK_ENV = {
     "EDGEFLEET_LINK_STATUS_METRICS_INTERVAL_S": "1",
     "EDGEFLEET_LINK_STATUS_MAX_INTERVAL_S": "2",
     "EDGEFLEET_LINK_RECONCILE_INTERVAL_S": "0.5",
-    "EDGEFLEET_LINK_BACKOFF_INITIAL_S": "0.2",
-    "EDGEFLEET_LINK_BACKOFF_MAX_S": "1",
+    "EDGEFLEET_LINK_BACKOFF_INITIAL_S": "4",
+    "EDGEFLEET_LINK_BACKOFF_MAX_S": "16",
 }
 """The agents' link settings in these tests: a watch of 30 s (a stalled watch left to its read
 timeout would take 32 s; the tests' bounds are shorter, so only the link's restart meets
-them), calls bounded by 2 s, Lease every second."""
+them), calls bounded by 2 s, Lease every second. The backoff (4 s doubling to 16 s, jittered)
+spaces retries after a 12 s outage as the defaults (0.5 s doubling to 30 s) do after a longer
+one: agents come back seconds after the API server, later than the operator's first pass."""
 
 
 class AgentProcess:
