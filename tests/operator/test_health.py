@@ -37,13 +37,6 @@ def test_a_node_that_lost_its_work_is_damped_from_when_it_was_last_seen_down() -
     )
 
 
-def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> None:
-    settings = FleetSettings()
-    tracker = HealthTracker(settings)
-    assert tracker.judge(signals(False, NOW - 1, has_work=True), NOW) is Health.SUSPECT
-    assert not tracker.lost_work_at
-
-
 def test_lease_silence_while_the_operator_could_not_read_is_not_the_agents() -> None:
     """The API server was out for 60 s (no pass between NOW and NOW + 60): every Lease is 60 s
     old when the operator reads again, before any agent came back; none is silent for that. An
@@ -71,3 +64,10 @@ def test_passes_at_the_resync_pace_leave_lease_silence_counted() -> None:
     for t in range(0, 31, 10):
         health = tracker.judge(signals(True, 0.0, has_work=True, renew=NOW), NOW + t)
     assert tracker.unobserved is None and health is Health.AGENT_SILENT
+
+
+def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> None:
+    settings = FleetSettings()
+    tracker = HealthTracker(settings)
+    assert tracker.judge(signals(False, NOW - 1, has_work=True), NOW) is Health.SUSPECT
+    assert not tracker.lost_work_at
