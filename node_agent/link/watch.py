@@ -13,8 +13,9 @@ Recovery, with the bounds of the default settings:
   first (the Lease's or the status's call times out), `restart` cuts it at once.
 - A failed watch or list is retried after `Backoff` (jittered, 0.5 s doubling to
   `backoff_max_s`, 30 s): a fleet that lost its API server together comes back spread out.
-  The retry resumes from the last resourceVersion (served from the API server's watch
-  cache, not a relist per agent); 410 Gone (that version was compacted away, or the API
+  The retry resumes from the resourceVersion of the last event delivered (never replaying
+  one: an older spec would be applied again), served from the API server's watch cache, not
+  a relist per agent; 410 Gone (that version was compacted away, or the API
   server restarted and its cache starts later) relists at once.
 - A full relist every `resync_s` (300 s), whatever the watch says.
 
@@ -67,6 +68,8 @@ class EdgeNodeWatch:
         self._online, self._failed = answered, failed
         self._stopping = threading.Event()
         self._restarting = threading.Event()
+        self._seen_rv: str | None = None
+        """The resourceVersion of the last list or event delivered (watch thread only)."""
         self._watch_response: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -100,12 +103,14 @@ class EdgeNodeWatch:
 
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         rv: str | None = None
+        self._seen_rv = None
         listed_at = -float("inf")
         while not self._stopping.is_set():
             self._restarting.clear()  # a restart asked for before this request is served by it
             try:
                 if rv is None or self._clock() - listed_at >= self.settings.resync_s:
                     obj, rv = self._list()
+                    self._seen_rv = rv
                     listed_at = self._clock()
                     self._post(self._on_listed, obj)
                     backoff.reset()
@@ -114,6 +119,7 @@ class EdgeNodeWatch:
             except Exception as exc:
                 if self._stopping.is_set():
                     return
+                rv = self._seen_rv or rv  # never replay events already delivered
                 cut = self._restarting.is_set()
                 if cut or _caused_by(exc, ReadTimeoutError):
                     log.info(
@@ -123,13 +129,14 @@ class EdgeNodeWatch:
                         continue  # (the flag is cleared above: a retry that fails backs off)
                 if isinstance(exc, ApiException) and exc.status == 410:
                     self._gone()
-                    rv = None
+                    rv = self._seen_rv = None
                     continue
                 self._post(self._failed, "watch", exc)
                 self._stopping.wait(backoff.next())
             else:
                 if rv is None:
                     self._gone()
+                    self._seen_rv = None
 
     def _gone(self) -> None:
         log.info("watch of EdgeNode %s: 410 Gone; relisting", self.settings.edge_node)
@@ -179,6 +186,7 @@ class EdgeNodeWatch:
                         return None
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                self._seen_rv = rv  # a resume after this request fails starts past this event
                 if kind != "BOOKMARK":
                     self._post(self._on_event, kind, obj)
             return rv
