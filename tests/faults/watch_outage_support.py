@@ -41,12 +41,13 @@ T = TypeVar("T")
 def own_control_plane(directory: Path) -> Iterator[cluster.ClusterState]:
     """etcd and a kube-apiserver (CRDs installed) with their state in `directory`; stopped and
     removed afterwards. The session's shared control plane is left alone."""
-    with mock.patch.dict(os.environ, {"EDGEFLEET_CLUSTER_DIR": str(directory)}):
-        state = cluster.up(full=False, quiet=True)
+    env = {"EDGEFLEET_CLUSTER_DIR": str(directory)}
     try:
+        with mock.patch.dict(os.environ, env):
+            state = cluster.up(full=False, quiet=True)
         yield state
-    finally:
-        with mock.patch.dict(os.environ, {"EDGEFLEET_CLUSTER_DIR": str(directory)}):
+    finally:  # also when `up` failed half-way: nothing of it is left running
+        with mock.patch.dict(os.environ, env):
             cluster.down(quiet=True)
 
 
