@@ -385,15 +385,20 @@ def kubectl(
 
 def apply_crds(state: ClusterState) -> None:
     kubectl(state, "apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    kubectl(
-        state,
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
+    crds = (
         "crd/inferenceservices.edgefleet.io",
         "crd/edgenodes.edgefleet.io",
         "crd/clusterkopfpeerings.kopf.dev",
     )
+    # Right after a start, kubectl's wait has failed at once (seen once in ~15 starts): try again.
+    for attempt in range(3):
+        out = kubectl(
+            state, "wait", "--for=condition=Established", "--timeout=60s", *crds, check=attempt == 2
+        )
+        if out.returncode == 0:
+            return
+        log(f"waiting for the CRDs failed ({out.stderr.strip()}); again")
+        time.sleep(1)
 
 
 def down(quiet: bool = False) -> None:
