@@ -390,7 +390,8 @@ def apply_crds(state: ClusterState) -> None:
         "crd/edgenodes.edgefleet.io",
         "crd/clusterkopfpeerings.kopf.dev",
     )
-    # Right after a start, kubectl's wait has failed at once (seen once in ~15 starts): try again.
+    # A CRD just created has no status yet and kubectl's wait fails at once on it ('.status.conditions
+    # accessor error: <nil>'; seen twice in ~15 starts): try again.
     for attempt in range(3):
         out = kubectl(
             state, "wait", "--for=condition=Established", "--timeout=60s", *crds, check=attempt == 2
