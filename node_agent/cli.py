@@ -261,7 +261,7 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
     endpoint = args.endpoint
     if endpoint is None and os.environ.get("EDGEFLEET_POD_IP"):
         endpoint = f"http://{os.environ['EDGEFLEET_POD_IP']}:{args.port}"
-    link = LinkSettings(
+    link = LinkSettings.from_env(
         edge_node=args.edge_node,
         namespace=namespace or "default",
         state_dir=args.state_dir or args.model_repository / ".edgefleet",

@@ -135,7 +135,12 @@ class OperatorLink:
         self._persisted: dict[str, Any] | None = None
         custom = k8s.CustomObjectsApi(client)
         self._connection = ApiConnection(
-            settings, self.stats, clock, on_reconnect=self._on_reconnect, on_unreachable=self._serve_persisted
+            settings,
+            self.stats,
+            clock,
+            on_reconnect=self._on_reconnect,
+            on_unreachable=self._serve_persisted,
+            on_offline=lambda: self._watch.restart(),
         )
         self._watch = EdgeNodeWatch(
             settings,

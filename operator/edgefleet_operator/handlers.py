@@ -23,6 +23,7 @@ import kopf
 
 from edgefleet_api import names
 from edgefleet_operator import settings as settings_mod
+from edgefleet_operator import watching
 from edgefleet_operator.fleet_loop import FleetLoop
 from edgefleet_operator.health import replica_liveness
 from edgefleet_operator.metrics import OperatorMetrics
@@ -39,14 +40,16 @@ OWN_EVERYTHING = False
 
 
 def kube_client() -> Any:
-    """An ApiClient from the in-cluster config, else the kubeconfig (KUBECONFIG)."""
+    """An ApiClient from the in-cluster config, else the kubeconfig (KUBECONFIG); no call of it
+    waits forever (`watching.bounded`)."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
-        return client.ApiClient()
+        api = client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config()
+        api = config.new_client_from_config()
+    return watching.bounded(api, watching.WatchingSettings.from_env())
 
 
 @kopf.on.startup()
@@ -56,11 +59,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # the services' finalizer (names.FINALIZER) itself.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
-    # A stalled watch must recover: the API server closes watches after server_timeout;
-    # the client gives up a little later if nothing arrives at all.
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 90
-    settings.watching.connect_timeout = 10
+    # No call waits forever on a stalled connection; bounds in edgefleet_operator.watching.
+    watching.configure_kopf(settings, watching.WatchingSettings.from_env())
     settings.posting.level = logging.WARNING
     _start_fleet(memo)
 
