@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from edgefleet_operator.fleet_types import Health
 from edgefleet_operator.ownership import FLEET_SHARD, HoldLost
@@ -126,6 +127,8 @@ class FleetLoop:
             )
             if isinstance(e, ApiException):  # the API server said no (or went away): one line
                 log.warning("fleet reconcile failed (%s %s); retrying in %.1f s", e.status, e.reason, delay)
+            elif isinstance(e, (HTTPError, OSError)):  # out of reach (timeout, refused, TLS cut): one line
+                log.warning("fleet reconcile failed (unreachable: %s); retrying in %.1f s", e, delay)
             else:
                 log.exception("fleet reconcile failed; retrying in %.1f s", delay)
             self._wake.set()
