@@ -388,7 +388,6 @@ def apply_crds(state: ClusterState) -> None:
     crds = (
         "crd/inferenceservices.edgefleet.io",
         "crd/edgenodes.edgefleet.io",
-        "crd/clusterkopfpeerings.kopf.dev",
     )
     # A CRD just created has no status yet and kubectl's wait fails at once on it ('.status.conditions
     # accessor error: <nil>'; seen twice in ~15 starts): try again.

@@ -282,7 +282,7 @@ def test_install_bundle_is_in_sync(control_plane: localcluster.ClusterState) -> 
     assert out.returncode == 0, f"manifests/install.yaml is stale:\n{out.stdout[-3000:]}{out.stderr}"
     docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
     kinds = [d["kind"] for d in docs]
-    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.count("CustomResourceDefinition") == 2
     assert kinds.index("Namespace") < kinds.index("ServiceAccount") < kinds.index("Deployment")
     for role in (d for d in docs if d["kind"] in RBAC_KINDS):
         assert all("*" not in rule[k] for rule in role["rules"] for k in ("apiGroups", "resources", "verbs"))
