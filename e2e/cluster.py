@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -91,9 +92,19 @@ class ClusterState:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range, for a process we start to listen on: a port the kernel
+    hands out (bind to 0) can be taken by any outgoing connection (watches, API calls) between
+    choosing and binding it, which failed an operator's startup."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 30000)
+        try:
+            for host in ("127.0.0.1", "0.0.0.0"):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
 
 
 def pid_alive(pid: int) -> bool:

@@ -32,27 +32,6 @@ BOUND_S = failover_bound_s(LEASE_S, RENEW_S)
 """How long the fleet may go without a writer after its holder dies (pass time aside)."""
 
 
-def metrics_port() -> int:
-    """A free port below the ephemeral range: the recorder's watches and the operators' own API
-    connections take ephemeral ports, and one taken between choosing and binding it failed an
-    operator's startup."""
-    import random
-
-    while True:
-        port = random.randrange(20000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-
-
 class Replica:
     """One `edgefleet-operator run` process; its identity is what its Leases and writes carry."""
 
@@ -64,14 +43,8 @@ class Replica:
 
     def _start(self) -> OperatorProcess:
         self.starts += 1
-        port = metrics_port()
-        proc = OperatorProcess(
-            self.control_plane,
-            self.log_dir / f"{self.label}-{self.starts}.log",
-            **{**self.env, "EDGEFLEET_METRICS_PORT": str(port)},
-        )
-        proc.metrics_port = port
-        return proc
+        log_path = self.log_dir / f"{self.label}-{self.starts}.log"
+        return OperatorProcess(self.control_plane, log_path, **self.env)
 
     @property
     def identity(self) -> str:
