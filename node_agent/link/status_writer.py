@@ -1,7 +1,11 @@
 """EdgeNode.status, out: every `status_tick_s` the link's full status is built, `StatusPacer`
 decides whether it is worth a write, and a write is a JSON merge patch against what the API
 server holds (`server_status`), so an unchanged status sends nothing but, at most every
-`max_interval_s`, a new heartbeatTime. `GpuProbe` is the status's device reading.
+`max_interval_s`, a new heartbeatTime. Every write carries a new reportSequence
+(`node_status.next_report_sequence`), so a reader can tell a replayed report from a fresh one;
+a status seen on the watch that is not this agent's last write (`observed`: replayed, or
+written by someone else) becomes what the next patch is computed against, and is overwritten
+at the pacer's next chance. `GpuProbe` is the status's device reading.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +21,7 @@ from edgefleet_api import names
 from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus
 from edgefleet_api.patch import merge_patch
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
-from node_agent.link.node_status import StatusPacer
+from node_agent.link.node_status import StatusPacer, next_report_sequence
 from node_agent.link.settings import LinkSettings
 from node_agent.runtime.scheduler import ModelScheduler
 
@@ -57,6 +62,16 @@ class StatusWriter:
             settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
         )
         self._kick = asyncio.Event()
+        self.sequence = 0
+        """The reportSequence of this agent's last write (0: none yet)."""
+
+    def observed(self, status: Mapping[str, Any]) -> None:
+        """A status the watch delivered: when it is not this agent's last write (a replayed or
+        foreign one), the next patch is computed against it, and offered at once."""
+        if self.sequence and int(status.get("reportSequence") or 0) == self.sequence:
+            return
+        self.server_status = dict(status)
+        self.kick()
 
     def written(self) -> EdgeNodeStatus | None:
         """The status the API server holds, typed; None when unknown or unreadable (then the
@@ -96,10 +111,14 @@ class StatusWriter:
         if not self._pacer.due(now, self.written(), EdgeNodeStatus.from_obj(status)):
             self._stats.status_skipped += 1
             return
-        patch = merge_patch(self.server_status or {}, status)
-        if not patch:
+        held = self.server_status or {}
+        status["reportSequence"] = held.get("reportSequence", 0)
+        if not merge_patch(held, status):
             self._stats.status_skipped += 1
             return
+        sequence = next_report_sequence(self.sequence, int(held.get("reportSequence") or 0), time.time())
+        status["reportSequence"] = sequence
+        patch = merge_patch(held, status)
         t = self.settings.request_timeout_s
         try:
             obj: Any = await self._connection.run(
@@ -118,6 +137,7 @@ class StatusWriter:
                 self._pacer.wrote(now)  # refused: retry at the pacer's pace, not every tick
             return
         self._connection.online()
+        self.sequence = sequence
         self.server_status = obj.get("status") or {}
         self._pacer.wrote(now)
         self._stats.status_writes += 1
