@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgefleet_api.edge_node import EdgeNode, EdgeNodeSpec, EdgeNodeStatus
 from edgefleet_api.inference_service import InferenceServiceSpec, service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import manifests
+from edgefleet_operator.report_ledger import EntryKey, ReportLedger
 from edgefleet_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -31,11 +32,13 @@ class TypedViews:
     """The contract's typed views of the objects a pass reads, kept from pass to pass: an EdgeNode is
     parsed again only when its resourceVersion changed (the API server changes it with every write,
     so a kept view is never stale), a service's spec only when its generation did. At 500 nodes a
-    pass parses the few EdgeNodes whose agents wrote since, not all of them."""
+    pass parses the few EdgeNodes whose agents wrote since, not all of them. Each EdgeNode parsed
+    goes through the `ledger` (a replayed or older report is not believed; see `report_ledger`)."""
 
     def __init__(self) -> None:
         self._edge_nodes: dict[str, tuple[Obj, str | None, EdgeNode]] = {}
         self._specs: dict[tuple[str, str, Any], InferenceServiceSpec] = {}
+        self.ledger = ReportLedger()
 
     def edge_node(self, name: str, obj: Obj) -> EdgeNode:
         """EdgeNode `name` typed. A status the contract cannot read (not one our agents write) is
@@ -55,7 +58,9 @@ class TypedViews:
                 EdgeNodeStatus(),
                 dict(meta.get("labels") or {}),
                 dict(meta.get("annotations") or {}),
+                int(meta.get("generation") or 0),
             )
+        typed = self.ledger.accept(typed, str((obj.get("metadata") or {}).get("uid") or ""))
         self._edge_nodes[name] = (obj, version, typed)
         return typed
 
@@ -74,6 +79,7 @@ class TypedViews:
         """Forget the views of objects that are gone."""
         names = set(edge_nodes)
         self._edge_nodes = {n: v for n, v in self._edge_nodes.items() if n in names}
+        self.ledger.keep_only(names)
         live = {
             (service_key(o), str(o["metadata"].get("uid", "")), o["metadata"].get("generation"))
             for o in services
@@ -100,6 +106,11 @@ class FleetRead:
     def edge_node(self, name: str) -> EdgeNode:
         """EdgeNode `name` typed (see `TypedViews.edge_node`)."""
         return self.views.edge_node(name, self.edge_nodes[name])
+
+    def set_at(self, name: str) -> Mapping[EntryKey, int]:
+        """EdgeNode `name`'s spec entries -> the spec generation that set each (see `report_ledger`)."""
+        self.edge_node(name)  # parsed (and through the ledger) at its current version
+        return self.views.ledger.set_at(name)
 
 
 @dataclass(frozen=True, slots=True)

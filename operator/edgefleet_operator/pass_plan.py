@@ -144,7 +144,10 @@ def rollout_write(
     try:
         observations = {
             n: rollout.observe(
-                key, read.edge_node(n).status, node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, "")
+                key,
+                read.edge_node(n).status,
+                node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, ""),
+                read.set_at(n),
             )
             for n in nodes
         }

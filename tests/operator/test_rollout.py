@@ -765,3 +765,51 @@ def test_rollout_terminates_once_the_fleet_confirms(
         assert r.status["stableVersion"] == "2"
     else:
         assert r.status["stableVersion"] == "1" and r.status["failedChecks"] >= limit
+
+
+# --- fresh reports only -------------------------------------------------------------------------
+
+
+def test_observe_ignores_a_report_older_than_the_spec_that_set_the_version() -> None:
+    ref = ModelRef("classifier", "2", digest("2"))
+    status = EdgeNodeStatus.from_obj(
+        {
+            "observedGeneration": 4,
+            "heartbeatTime": "2027-01-15T08:00:00Z",
+            "models": [
+                {"service": SERVICE, "model": "classifier", "version": "2", "digest": digest("2"),
+                 "state": "Ready", "sla": {"requests": 300, "p99LatencyMs": 20.0}},
+            ],
+        }
+    )  # fmt: skip
+    assert observe(SERVICE, status, set_at={(SERVICE, ref): 4}).loaded == {ref}
+    stale = observe(SERVICE, status, set_at={(SERVICE, ref): 5})  # told to run it at generation 5
+    assert stale.loaded == frozenset() and stale.windows == {}
+    assert observe(SERVICE, EdgeNodeStatus()).heartbeat_s == float("-inf")  # no heartbeat: never fresh
+
+
+def test_a_wave_is_judged_only_on_reports_written_within_its_window() -> None:
+    r = promoted_runner()
+    d = r.tick(1)
+    start = d.status["waveStartTime"]
+    assert start
+    written_before = T0 + 1  # the canaries' last reports predate the window: as if replayed
+    old = {n: dataclasses.replace(o, heartbeat_s=written_before) for n, o in r.obs.items()}
+    good = dict(r.obs)
+    r.obs = old
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now + 60, None, SERVICE)
+    assert d.status["currentWave"] == 0 and "to report within the window" in d.status["message"]
+    assert d.status.get("analysis", []) == [] and d.events == ()
+    fresh = {n: dataclasses.replace(o, heartbeat_s=r.now + 30) for n, o in good.items()}
+    d = step(r.spec, r.status, r.nodes, fresh, r.now + 60, None, SERVICE)
+    assert d.status["currentWave"] == 1 and d.status["analysis"][-1]["result"] == "Passed"
+
+
+def test_a_stale_failing_report_rolls_nothing_back() -> None:
+    r = promoted_runner()
+    r.tick(1, canary_p99=20.0)
+    start_s = T0 + 2
+    bad = world(r.last, r.nodes, canary_p99=80.0)
+    replayed = {n: dataclasses.replace(o, heartbeat_s=start_s - 5) for n, o in bad.items()}
+    d = step(r.spec, r.status, r.nodes, replayed, r.now + 60, None, SERVICE)
+    assert phase(d) == "Progressing" and d.status["currentWave"] == 0 and "RolledBack" not in reasons(d)

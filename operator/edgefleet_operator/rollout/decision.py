@@ -293,7 +293,16 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     left = state.wave_start_s + window - ctx.now
     if left > 0:
         return dataclasses.replace(state, message=f"analysing: {left}s of the window left")
-    result = analyse(spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight)
+    since = state.wave_start_s
+    silent = [n for n in state.canary_nodes if not ctx.obs(n).fresh(since)]
+    if silent:  # judged on reports written within the window only: hold for them
+        why = (
+            f"waiting for {len(silent)}/{len(state.canary_nodes)} canary node(s) to report within the window"
+        )
+        return dataclasses.replace(state, message=why)
+    result = analyse(
+        spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight, since
+    )
     if result.outcome is Outcome.PASSED:
         return _wave_passed(state, ctx, result)
     if result.outcome is Outcome.INCONCLUSIVE:
