@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ class TypedViews:
     def __init__(self) -> None:
         self._edge_nodes: dict[str, tuple[Obj, str | None, EdgeNode]] = {}
         self._specs: dict[tuple[str, str, Any], InferenceServiceSpec] = {}
+        self._spec_seen: dict[tuple[str, str], tuple[Any, float | None]] = {}
+        """(service, uid) -> (generation last read, when that generation replaced an earlier one
+        this operator had read: monotonic seconds; None: the first generation it read)."""
         self.ledger = ReportLedger()
 
     def edge_node(self, name: str, obj: Obj) -> EdgeNode:
@@ -73,7 +77,12 @@ class TypedViews:
         spec = self._specs.get(ident)
         if spec is None:
             spec = self._specs[ident] = InferenceServiceSpec.from_obj(obj["spec"])
-        return ServiceRead(obj, key, spec)
+        now = time.monotonic()
+        generation, since = self._spec_seen.get(ident[:2], (ident[2], None))
+        if generation != ident[2]:
+            since = now  # a new generation of a service read before
+        self._spec_seen[ident[:2]] = (ident[2], since)
+        return ServiceRead(obj, key, spec, None if since is None else now - since)
 
     def keep_only(self, edge_nodes: Iterable[str], services: Iterable[Obj]) -> None:
         """Forget the views of objects that are gone."""
@@ -85,6 +94,7 @@ class TypedViews:
             for o in services
         }
         self._specs = {k: v for k, v in self._specs.items() if k in live}
+        self._spec_seen = {k: v for k, v in self._spec_seen.items() if (*k, v[0]) in live}
 
 
 @dataclass
@@ -122,6 +132,11 @@ class ServiceRead:
     key: str
     """namespace/name."""
     spec: InferenceServiceSpec
+    spec_age_s: float | None = None
+    """Seconds since this operator read the spec's generation replace an earlier one (None: the
+    first generation it read of the service, e.g. after a restart: not young). A burst of edits
+    keeps it near 0: the rollout follows a new revision once it has settled
+    (`rollout.decision.SPEC_SETTLE_S`)."""
 
     @property
     def meta(self) -> Obj:

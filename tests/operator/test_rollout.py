@@ -106,11 +106,12 @@ def step(
     now: float,
     action: Action | None = None,
     service: str = "",
+    spec_age_s: float | None = None,
 ) -> Decision:
     """`rollout.step` as the reconciler drives it, through status.rollout's wire form (JSON): the
     decision's status comes back as the dict it writes."""
     state = RolloutStatus.from_obj(json.loads(json.dumps(previous))) if previous is not None else None
-    d = rollout.step(spec, state, nodes, observations, now, action, service)
+    d = rollout.step(spec, state, nodes, observations, now, action, service, spec_age_s)
     return dataclasses.replace(d, status=d.status.to_obj())  # type: ignore[arg-type]
 
 
@@ -813,3 +814,24 @@ def test_a_stale_failing_report_rolls_nothing_back() -> None:
     replayed = {n: dataclasses.replace(o, heartbeat_s=start_s - 5) for n, o in bad.items()}
     d = step(r.spec, r.status, r.nodes, replayed, r.now + 60, None, SERVICE)
     assert phase(d) == "Progressing" and d.status["currentWave"] == 0 and "RolledBack" not in reasons(d)
+
+
+def test_a_burst_of_spec_edits_reaches_the_nodes_as_its_last_revision_only() -> None:
+    r = promoted_runner()  # v2 is the canary now
+    v1, v2 = revision([model("1")]), revision([model("2")])
+    before = r.last
+    assert before is not None
+    for version in ("3", "4", "5"):  # edits in quick succession: each younger than the settle time
+        r.set_spec(isvc_spec(model(version)))
+        d = step(r.spec, r.status, r.nodes, r.obs, r.now, None, SERVICE, spec_age_s=0.1)
+        assert d.targets == before.targets and d.status["canaryVersion"] == "2"
+        assert "waits for the spec to settle" in d.status["message"] and "RolloutStarted" not in reasons(d)
+        assert on_revision(d, v1) | on_revision(d, v2) == set(NODES)
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now + 1, None, SERVICE, spec_age_s=1.0)
+    assert d.status["canaryVersion"] == "5" and "RolloutSuperseded" in reasons(d)
+    # Back to stable (a rollback) never waits; nor does a first deployment.
+    r.set_spec(isvc_spec(model("1")))
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now, None, SERVICE, spec_age_s=0.0)
+    assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES)
+    first = step(spec_of(isvc_spec(model("1"))), None, NODES, {}, T0, None, SERVICE, spec_age_s=0.0)
+    assert on_revision(first, v1) == set(NODES)
