@@ -88,6 +88,11 @@ class _Tracked:
 _ROUNDS = 3
 """Plan rounds in one reconcile pass: prepare and load the new, then unload the old (and, where
 memory cannot hold both, unload the old, then load the new)."""
+DRAIN_S = 1.0
+"""A version no longer assigned is unloaded only once it has been out of the traffic split this
+long (seconds): requests already routed to it (queued in its batcher, holding no lease yet) run
+on it first instead of finding it gone. Requests that hold it are waited for in any case (the
+scheduler refuses to unload them)."""
 
 
 class OperatorLink:
@@ -141,6 +146,8 @@ class OperatorLink:
         self._weights: dict[str, dict[str, int]] = {}
         self._held: tuple[ModelId, ...] = ()
         """Versions no longer assigned that serve in place of their model's unready target."""
+        self._leaving: dict[ModelId, float] = {}
+        """Versions no longer assigned, due to be unloaded -> when they left the traffic split."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = asyncio.Event()
@@ -345,6 +352,10 @@ class OperatorLink:
             self._tracked.setdefault(model_id, _Tracked(want.service)).service = want.service
         self._weights, self._held = p.weights, p.held
         self._publish_weights()
+        now = self._clock()
+        self._leaving = {m: self._leaving.get(m, now) for m in p.unload if m not in desired}
+        draining = {m for m, since in self._leaving.items() if now - since < DRAIN_S}
+        refused |= draining  # unloaded by a later pass (the pass is not converged meanwhile)
         todo = [m for m in p.unload if m not in refused]
         now_refused = await self._unload(tuple(todo), desired)
         refused |= now_refused
@@ -546,7 +557,7 @@ class OperatorLink:
             return ModelRecord(ModelState.PENDING)
         if t.busy == "unloading":
             return ModelRecord(ModelState.UNLOADING, t.prepared_digest, measured)
-        if t.failed_digest == digest and not t.busy:
+        if t.failed_digest == digest:  # Failed while it is retried, too: no flapping status
             return ModelRecord(
                 ModelState.FAILED, message=t.message, insufficient_memory=t.insufficient_memory
             )

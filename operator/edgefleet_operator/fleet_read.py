@@ -94,7 +94,7 @@ class TypedViews:
             for o in services
         }
         self._specs = {k: v for k, v in self._specs.items() if k in live}
-        self._spec_seen = {k: v for k, v in self._spec_seen.items() if (*k, v[0]) in live}
+        self._spec_seen = {k: v for k, v in self._spec_seen.items() if k in {x[:2] for x in live}}
 
 
 @dataclass

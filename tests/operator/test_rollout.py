@@ -835,3 +835,21 @@ def test_a_burst_of_spec_edits_reaches_the_nodes_as_its_last_revision_only() -> 
     assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES)
     first = step(spec_of(isvc_spec(model("1"))), None, NODES, {}, T0, None, SERVICE, spec_age_s=0.0)
     assert on_revision(first, v1) == set(NODES)
+
+
+def test_the_reader_dates_a_spec_generation_that_replaces_one_it_read() -> None:
+    from edgefleet_operator.fleet_read import TypedViews
+
+    def obj(generation: int) -> dict[str, Any]:
+        meta = {"name": "camera", "namespace": "default", "uid": "u1", "generation": generation}
+        return {"metadata": meta, "spec": isvc_spec(model(str(generation)))}
+
+    views = TypedViews()
+    assert views.service(obj(1)).spec_age_s is None  # the first generation read: not young
+    views.keep_only([], [obj(2)])  # the next pass lists generation 2
+    age = views.service(obj(2)).spec_age_s
+    assert age is not None and 0 <= age < 1.0
+    again = views.service(obj(2)).spec_age_s
+    assert again is not None and again >= age
+    views.keep_only([], [])
+    assert views.service(obj(3)).spec_age_s is None  # a service forgotten, then seen anew
