@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,9 @@ class TypedViews:
     pass parses the few EdgeNodes whose agents wrote since, not all of them. Each EdgeNode parsed
     goes through the `ledger` (a replayed or older report is not believed; see `report_ledger`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Monotonic seconds: how long a service's spec has held (`ServiceRead.spec_age_s`)."""
         self._edge_nodes: dict[str, tuple[Obj, str | None, EdgeNode]] = {}
         self._specs: dict[tuple[str, str, Any], InferenceServiceSpec] = {}
         self._spec_seen: dict[tuple[str, str], tuple[Any, float | None]] = {}
@@ -77,7 +79,7 @@ class TypedViews:
         spec = self._specs.get(ident)
         if spec is None:
             spec = self._specs[ident] = InferenceServiceSpec.from_obj(obj["spec"])
-        now = time.monotonic()
+        now = self.clock()
         generation, since = self._spec_seen.get(ident[:2], (ident[2], None))
         if generation != ident[2]:
             since = now  # a new generation of a service read before

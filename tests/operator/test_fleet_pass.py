@@ -12,6 +12,7 @@ import pytest
 from fake_api import Call, FakeApiServer
 
 from edgefleet_api import names
+from edgefleet_operator import rollout
 from edgefleet_operator import settings as settings_mod
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.reconciler import FleetReconciler
@@ -154,6 +155,10 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     svc = world.service()
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
     world.api.calls.clear()
     world.rec.reconcile_once()
     w = world.api.writes()
