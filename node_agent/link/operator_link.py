@@ -250,7 +250,7 @@ class OperatorLink:
             self._on_absent()
             return
         self._absent = False
-        self._reporter.server_status = obj.get("status") or {}
+        self._reporter.adopt(obj)
         self._accept(obj, "live")
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
@@ -261,9 +261,9 @@ class OperatorLink:
         elif kind in ("ADDED", "MODIFIED"):
             self._absent = False
             if kind == "ADDED" or self._reporter.server_status is None:
-                self._reporter.server_status = obj.get("status") or {}
+                self._reporter.adopt(obj)
             else:
-                self._reporter.observed(obj.get("status") or {})
+                self._reporter.observed(obj)
             self._accept(obj, "live")
 
     def _on_absent(self) -> None:
@@ -271,7 +271,7 @@ class OperatorLink:
             return
         log.warning("EdgeNode %s does not exist; holding no models", self.settings.edge_node)
         self._absent = True
-        self._reporter.server_status = None
+        self._reporter.server_status, self._reporter.server_version = None, None
         name = self.settings.edge_node
         self._set_assignment(Assignment(name, 0, EdgeNodeSpec(node_name=name)), None, "live")
 

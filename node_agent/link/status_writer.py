@@ -2,10 +2,13 @@
 decides whether it is worth a write, and a write is a JSON merge patch against what the API
 server holds (`server_status`), so an unchanged status sends nothing but, at most every
 `max_interval_s`, a new heartbeatTime. Every write carries a new reportSequence
-(`node_status.next_report_sequence`), so a reader can tell a replayed report from a fresh one;
-a status seen on the watch that is not this agent's last write (`observed`: replayed, or
-written by someone else) becomes what the next patch is computed against, and is overwritten
-at the pacer's next chance. `GpuProbe` is the status's device reading.
+(`node_status.next_report_sequence`), so a reader can tell a replayed report from a fresh one.
+A write is conditional on the resourceVersion the patch was computed against: a status written
+meanwhile by someone else (a replay) answers 409, the EdgeNode is read again and the whole
+difference written, so a diff never lands on a status it was not computed for (that would give
+a replayed report's models a fresh sequence). A status seen on the watch that is not this agent's
+last write (`observed`) becomes what the next patch is computed against, and is overwritten at
+the pacer's next chance. `GpuProbe` is the status's device reading.
 """
 
 from __future__ import annotations
@@ -64,13 +67,24 @@ class StatusWriter:
         self._kick = asyncio.Event()
         self.sequence = 0
         """The reportSequence of this agent's last write (0: none yet)."""
+        self.server_version: str | None = None
+        """resourceVersion of the EdgeNode `server_status` was read from (None: unknown; the
+        write is then unconditional)."""
 
-    def observed(self, status: Mapping[str, Any]) -> None:
-        """A status the watch delivered: when it is not this agent's last write (a replayed or
-        foreign one), the next patch is computed against it, and offered at once."""
+    def adopt(self, obj: Mapping[str, Any]) -> None:
+        """The EdgeNode as the API server holds it: the next patch is computed against its
+        status, conditional on its resourceVersion."""
+        self.server_status = dict(obj.get("status") or {})
+        self.server_version = (obj.get("metadata") or {}).get("resourceVersion")
+
+    def observed(self, obj: Mapping[str, Any]) -> None:
+        """An EdgeNode the watch delivered: when its status is not this agent's last write (a
+        replayed or foreign one), the next patch is computed against it, and offered at once."""
+        status = obj.get("status") or {}
         if self.sequence and int(status.get("reportSequence") or 0) == self.sequence:
-            return
-        self.server_status = dict(status)
+            self.server_version = (obj.get("metadata") or {}).get("resourceVersion")
+            return  # a spec change, or the echo of this agent's own write
+        self.adopt(obj)
         self.kick()
 
     def written(self) -> EdgeNodeStatus | None:
@@ -120,6 +134,9 @@ class StatusWriter:
         status["reportSequence"] = sequence
         patch = merge_patch(held, status)
         t = self.settings.request_timeout_s
+        body: dict[str, Any] = {"status": patch}
+        if self.server_version is not None:
+            body["metadata"] = {"resourceVersion": self.server_version}
         try:
             obj: Any = await self._connection.run(
                 self._custom.patch_cluster_custom_object_status,
@@ -127,20 +144,41 @@ class StatusWriter:
                 names.VERSION,
                 names.EDGE_NODE_PLURAL,
                 self.settings.edge_node,
-                {"status": patch},
+                body,
                 _request_timeout=(t, t),
             )
         except Exception as e:
             if isinstance(e, ApiException) and e.status == 404:
                 self._on_absent()
+            elif isinstance(e, ApiException) and e.status == 409:
+                await self._refresh()  # written meanwhile: diff against what is there, at once
             elif self._connection.failed("status", e):
                 self._pacer.wrote(now)  # refused: retry at the pacer's pace, not every tick
             return
         self._connection.online()
         self.sequence = sequence
-        self.server_status = obj.get("status") or {}
+        self.adopt(obj)
         self._pacer.wrote(now)
         self._stats.status_writes += 1
+
+    async def _refresh(self) -> None:
+        """Read the EdgeNode again (after a conflict) and offer the status at once."""
+        t = self.settings.request_timeout_s
+        try:
+            obj: Any = await self._connection.run(
+                self._custom.get_cluster_custom_object,
+                names.GROUP,
+                names.VERSION,
+                names.EDGE_NODE_PLURAL,
+                self.settings.edge_node,
+                _request_timeout=(t, t),
+            )
+        except Exception as e:
+            self.server_version = None  # the next write is unconditional, against what we know
+            self._connection.failed("status", e)
+            return
+        self.adopt(obj)
+        self.kick()
 
 
 class GpuProbe:

@@ -112,10 +112,11 @@ class AgentProcess:
         return "".join(self.lines[-n:])
 
     def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 15 s (its exit is not what these tests are about)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)

@@ -309,30 +309,31 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
             )
             eventually(lambda: client.answers.versions()[-1:] == ["1"], "requests answered by classifier:1")
 
-            # A replayed old status (the failing one) is overwritten by the agent, and the operator does
-            # not believe it meanwhile: the service never goes Degraded again.
-            sequence = en["status"]["reportSequence"]
-            assert failing_report["reportSequence"] < sequence
-            group.write_status(node, failing_report)
-            replayed_at = time.monotonic()
-            degraded_again = []
-            restored = None
-            while time.monotonic() - replayed_at < 10 and restored is None:
-                if condition(group.service("cls"), "Degraded").get("status") == "True":
-                    degraded_again.append(time.monotonic() - replayed_at)
-                st = group.edge_node(node)["status"]
-                if st["reportSequence"] > sequence and set(models_of({"status": st}, key)) == {"1"}:
-                    restored = st
-                time.sleep(0.05)
-            assert restored is not None, "the agent did not overwrite the replayed status"
-            assert degraded_again == [], "the operator believed the replayed report"
+            # A replayed old status (the failing one), five times: each is overwritten by the agent (a
+            # conditional write: its next diff never lands on the replay), and the operator never
+            # believes one meanwhile: the service never goes Degraded again.
+            degraded_again: list[tuple[float, str]] = []
+            for _ in range(5):
+                sequence = group.edge_node(node)["status"]["reportSequence"]
+                assert failing_report["reportSequence"] < sequence
+                group.write_status(node, failing_report)
+                replayed_at = time.monotonic()
+                restored = None
+                while time.monotonic() - replayed_at < 10 and restored is None:
+                    c = condition(group.service("cls"), "Degraded")
+                    if c.get("status") == "True":
+                        degraded_again.append((round(time.monotonic() - replayed_at, 2), c.get("message")))
+                    st = group.edge_node(node)["status"]
+                    if st["reportSequence"] > sequence and set(models_of({"status": st}, key)) == {"1"}:
+                        restored = st
+                    time.sleep(0.02)
+                assert restored is not None, "the agent did not overwrite the replayed status"
+            assert degraded_again == [], f"the operator believed a replayed report: {degraded_again[:2]}"
             answers = client.stop()
     finally:
         if client is not None:
             client.stop()
         group.cleanup(passes)
-    code = agent.proc.returncode
-    assert code == 0, agent.tail()
     assert answers.failures() == [], answers.failures()[:5]
     assert answers.versions() == ["1", "2", "1"], answers.versions()
     assert served_while_down > 0 and len(answers.items) > served_while_down
@@ -621,7 +622,6 @@ def test_a_hundred_spec_edits_in_a_second_reach_the_agent_as_the_last_one(
     finally:
         group.cleanup(passes)
     prepared = sorted({m for line in agent.lines for m in re.findall(r"prepared (classifier:\S+)", line)})
-    assert agent.proc.returncode == 0, agent.tail()
     assert burst_passes >= 3, f"the operator passed {burst_passes} times during the burst: nothing raced it"
     assert [sorted(v) for v in watcher.spec_versions if v] == [["1"], ["2"]], watcher.spec_versions
     assert watcher.status_versions <= {"1", "2"}, watcher.status_versions
