@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,23 @@ import numpy as np
 import pytest
 import torch
 
-from e2e import fleet, waiting
+from e2e import waiting
 from e2e.operator_proc import AGENT_NAMESPACE, ensure_agent_namespace
-from edgefleet_api import names, wire
 from node_agent.runtime.repository import parse_model_config
 
-from .rollout_safety_support import AgentProcess, ArtifactServer, Client, OperatorPasses, running
+from .rollout_safety_support import (
+    AgentProcess,
+    ArtifactServer,
+    Client,
+    EdgeNodeWatch,
+    FakeClock,
+    Fleet,
+    OperatorPasses,
+    Reporter,
+    condition,
+    models_of,
+    running,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -49,116 +59,6 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model-repo")
     make_examples(root)
     return root
-
-
-class Fleet:
-    """A test's own fleet Nodes (labelled test-group=<id>) and API access."""
-
-    def __init__(self, kube: Any, namespace: str) -> None:
-        from kubernetes import client
-
-        self.kube, self.namespace = kube, namespace
-        self.id = uuid.uuid4().hex[:6]
-        self.core = client.CoreV1Api(kube)
-        self.custom = client.CustomObjectsApi(kube)
-        self.coordination = client.CoordinationV1Api(kube)
-        self.nodes: list[str] = []
-
-    def add_nodes(self, count: int) -> list[str]:
-        made = fleet.create_nodes(
-            self.core, count, "jetson-orin", prefix=f"rs{self.id}", labels={"test-group": self.id}
-        )
-        self.nodes += made
-        return made
-
-    def edge_node(self, node: str) -> dict[str, Any]:
-        """The EdgeNode as the API server holds it ({} before the operator made it)."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            obj: dict[str, Any] = self.custom.get_cluster_custom_object(
-                names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            return {}
-        return obj
-
-    def service(self, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL, name
-        )
-        return obj
-
-    def create_service(self, name: str, version: str, uri: str, digest: str, rollout: Any = None) -> None:
-        spec: dict[str, Any] = {
-            "models": [model_entry(version, uri, digest)],
-            "sla": {"p95LatencyMs": 5000, "p99LatencyMs": 10000},
-            "placement": {"nodeSelector": {"test-group": self.id}},
-        }
-        if rollout is not None:
-            spec["rollout"] = rollout
-        body = {
-            "apiVersion": names.API_VERSION,
-            "kind": names.INFERENCE_SERVICE_KIND,
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-        self.custom.create_namespaced_custom_object(
-            names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL, body
-        )
-
-    def set_version(self, name: str, version: str, uri: str, digest: str) -> int:
-        """Patch the service's model to `version`; returns the new generation."""
-        patch = {"spec": {"models": [model_entry(version, uri, digest)]}}
-        obj = self.custom.patch_namespaced_custom_object(
-            names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL, name, patch
-        )
-        return int(obj["metadata"]["generation"])
-
-    def write_status(self, node: str, status: dict[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object_status(
-            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node, {"status": status}
-        )
-
-    def cleanup(self, passes: OperatorPasses | None) -> None:
-        """Delete the services and Nodes; the operator's passes release the services' finalizers
-        and delete the EdgeNodes."""
-        items = self.custom.list_namespaced_custom_object(
-            names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL
-        )["items"]
-        for s in items:
-            self.custom.delete_namespaced_custom_object(
-                names.GROUP,
-                names.VERSION,
-                self.namespace,
-                names.INFERENCE_SERVICE_PLURAL,
-                s["metadata"]["name"],
-            )
-        fleet.delete_nodes(self.core, self.nodes)
-        if passes is None:
-            return
-        for _ in range(20):
-            passes.stop()
-            passes.once()
-            left = self.custom.list_namespaced_custom_object(
-                names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL
-            )["items"]
-            if not left:
-                break
-            time.sleep(0.1)
-
-
-def model_entry(version: str, uri: str, digest: str) -> dict[str, Any]:
-    return {
-        "name": "classifier",
-        "version": version,
-        "memoryEstimate": "64Mi",
-        "artifact": {"uri": uri, "digest": digest},
-        "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 64, 64]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
-    }
 
 
 @pytest.fixture
@@ -184,19 +84,6 @@ def reference(repo: Path, version: str, x: np.ndarray) -> list[float]:
     module = torch.jit.load(str(repo / "classifier" / version / "model.pt"))
     with torch.inference_mode():
         return [float(v) for v in module(torch.from_numpy(x)).numpy().ravel()]
-
-
-def models_of(en: dict[str, Any], service: str) -> dict[str, dict[str, Any]]:
-    """version -> status entry of the service's classifier."""
-    return {
-        m["version"]: m
-        for m in (en.get("status") or {}).get("models") or []
-        if m["service"] == service and m["model"] == "classifier"
-    }
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
 def eventually(check: Any, what: str, timeout_s: float = 30, context: Any = None) -> Any:
@@ -348,91 +235,6 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
 # --- (b) replayed and older agent reports ------------------------------------------------------
 
 
-class Reporter:
-    """Writes the EdgeNode status and Lease an agent would, as the test says (the analysis reads
-    nothing else), with the report sequence numbered per node like an agent's."""
-
-    def __init__(self, group: Fleet, clock: FakeClock) -> None:
-        self.group, self.clock = group, clock
-        self.sequence: dict[str, int] = {}
-
-    def report(
-        self, node: str, p99_ms: float, *, generation: int | None = None, requests: int = 100
-    ) -> dict[str, Any]:
-        """Every model of the node's spec Ready with the spec's digest and an SLA window; returns the
-        status written (to replay it later)."""
-        en = self.group.edge_node(node)
-        seq = self.sequence[node] = self.sequence.get(node, 1000) + 1
-        models = [
-            {
-                "service": m["service"],
-                "model": m["model"],
-                "version": m["version"],
-                "digest": m["artifact"]["digest"],
-                "state": "Ready",
-                "memoryBytes": 8 << 20,
-                "trafficWeight": m.get("trafficWeight", 100),
-                "sla": {"requests": requests, "p95LatencyMs": p99_ms * 0.8, "p99LatencyMs": p99_ms,
-                        "errorRate": 0.0, "throughputRps": requests / 10},
-            }
-            for m in en["spec"].get("models") or []
-        ]  # fmt: skip
-        status = {
-            "observedGeneration": en["metadata"]["generation"] if generation is None else generation,
-            "heartbeatTime": wire.rfc3339(self.clock()),
-            "reportSequence": seq,
-            "endpoint": f"http://{node}.test:8000",
-            "gpu": {
-                "name": "cpu",
-                "memoryTotalBytes": 8 << 30,
-                "memoryUsedBytes": 0,
-                "memoryFreeBytes": 8 << 30,
-            },
-            "models": models,
-            "loadedModels": len(models),
-            "conditions": [],
-        }
-        self.group.write_status(node, status)
-        self.lease(node)
-        return status
-
-    def lease(self, node: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        name = names.agent_name(node)
-        spec = {
-            "holderIdentity": name,
-            "leaseDurationSeconds": 30,
-            "renewTime": wire.rfc3339_micro(self.clock()),
-        }
-        try:
-            self.group.coordination.patch_namespaced_lease(name, AGENT_NAMESPACE, {"spec": spec})
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            body = {
-                "metadata": {
-                    "name": name,
-                    "labels": {"app.kubernetes.io/name": names.AGENT_APP, names.LABEL_NODE: node},
-                },
-                "spec": spec,
-            }
-            self.group.coordination.create_namespaced_lease(AGENT_NAMESPACE, body)
-
-
-class FakeClock:
-    """The operator's clock: the wall clock plus what the test skips ahead."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def skip(self, seconds: float) -> None:
-        self.offset += seconds
-
-
 def test_replayed_and_older_agent_reports_neither_advance_nor_roll_back_a_wave(
     kube: Any, group: Fleet
 ) -> None:
@@ -527,50 +329,6 @@ def test_replayed_and_older_agent_reports_neither_advance_nor_roll_back_a_wave(
 
 
 # --- (c) a hundred spec edits in a second ----------------------------------------------------------
-
-
-class EdgeNodeWatch:
-    """Every version of the EdgeNode's spec and status as a watch delivers them: what its agent sees
-    (spec) and what it says it has (status)."""
-
-    def __init__(self, group: Fleet, node: str, key: str) -> None:
-        import threading
-
-        self.group, self.node, self.key = group, node, key
-        self.spec_versions: list[frozenset[str]] = []
-        self.status_versions: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            w = watch.Watch()
-            for event in w.stream(
-                self.group.custom.list_cluster_custom_object,
-                names.GROUP,
-                names.VERSION,
-                names.EDGE_NODE_PLURAL,
-                field_selector=f"metadata.name={self.node}",
-                timeout_seconds=2,
-            ):
-                obj = event["object"]
-                versions = frozenset(
-                    m["version"] for m in obj.get("spec", {}).get("models") or [] if m["service"] == self.key
-                )
-                if not self.spec_versions or self.spec_versions[-1] != versions:
-                    self.spec_versions.append(versions)
-                self.status_versions |= set(models_of(obj, self.key))
-                if self._stop.is_set():
-                    w.stop()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def test_a_hundred_spec_edits_in_a_second_reach_the_agent_as_the_last_one(
