@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -291,8 +292,12 @@ class Agent:
 
         source: ConfigSource = repository
         loader: Callable[[ModelConfig], Backend] = load
+        engine_settings = s.engine
         if self.overlay is not None:  # EdgeNode mode: assigned versions only
             source, loader = self.overlay, self.overlay.loader(load)
+            # A request naming no version asks the overlay's traffic split each time (a lookup, not a
+            # listing): its weights move with every reconcile (canary shares, make before break).
+            engine_settings = dataclasses.replace(engine_settings, latest_ttl_s=0.0)
         self.scheduler = ModelScheduler(budget, loader)
         self.pool = StreamPool(
             PoolSettings(num_workers=s.num_workers, device=s.device, urgent_workers=s.urgent_workers)
@@ -302,7 +307,12 @@ class Agent:
         sla = self.sla = SlaMonitor(controls, s.sla)
         policies = sla.policy_factory(workers=s.num_workers, max_queue_rows=s.engine.max_queue_rows)
         engine = self.engine = Engine(
-            source, gate, self.pool, s.engine, policy_factory=policies, admission=controls.check_admission
+            source,
+            gate,
+            self.pool,
+            engine_settings,
+            policy_factory=policies,
+            admission=controls.check_admission,
         )
         sla.attach(lambda m: engine.batcher(m.name, m.version), configs=source.config)
         thermal_source = self._thermal_source(gate.meter())

@@ -149,13 +149,17 @@ def rollout_write(
     try:
         observations = {
             n: rollout.observe(
-                key, read.edge_node(n).status, node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, "")
+                key,
+                read.edge_node(n).status,
+                node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, ""),
+                read.set_at(n),
             )
             for n in nodes
         }
         decision = rollout.step(
-            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key
-        )
+            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key,
+            spec_age_s=service.spec_age_s,
+        )  # fmt: skip
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         # A status.rollout this operator cannot follow (edited by hand, or from an older version).
         return RolloutWrite(

@@ -13,6 +13,7 @@ import pytest
 from fake_api import Call, FakeApiServer
 
 from edgefleet_api import names
+from edgefleet_operator import rollout
 from edgefleet_operator import settings as settings_mod
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.reconciler import FleetReconciler
@@ -155,6 +156,10 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     svc = world.service()
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
     world.api.calls.clear()
     world.rec.reconcile_once()
     w = world.api.writes()
@@ -356,6 +361,10 @@ def test_a_rollout_action_set_again_during_the_pass_is_kept_for_the_next(world: 
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
     world.api.changed(svc)
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
     world.rec.reconcile_once()
     assert world.service()["status"]["rollout"]["phase"] == "Progressing"
     world.service()["metadata"]["annotations"] = {names.ANNOTATION_ROLLOUT_ACTION: "pause"}
@@ -412,6 +421,10 @@ def test_a_spec_changed_since_the_read_is_not_overwritten_but_re_planned(world: 
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 2}]})["spec"]
     svc["metadata"]["generation"] = 2
     world.api.changed(svc)
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
     world.api.before = someone_edits_the_spec
     report = world.rec.reconcile_once()
     assert report.writes.get("edgenode.conflict") == 1, report.writes
