@@ -19,8 +19,12 @@ FAST_SETTINGS = {
     "EDGEFLEET_FLAP_DAMPING_S": "30",
     "EDGEFLEET_RESYNC_S": "1",
     "EDGEFLEET_DEBOUNCE_S": "0.2",
+    "EDGEFLEET_LEASE_DURATION_S": "3",
+    "EDGEFLEET_LEASE_RENEW_S": "1",
+    "EDGEFLEET_LEASE_MARGIN_S": "1",
 }
-"""Grace periods shortened so tests see health changes in seconds."""
+"""Grace periods shortened so tests see health changes in seconds; short Leases, so an operator that
+follows a killed one takes over in seconds (`ownership.failover_bound_s`: 5 s)."""
 
 
 def ensure_agent_namespace(api_client: Any, namespace: str = AGENT_NAMESPACE) -> None:

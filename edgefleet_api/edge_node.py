@@ -298,9 +298,14 @@ class EdgeNodeStatus:
     GPU, its model versions (at most MAX_MODELS), and when the agent last wrote."""
 
     observed_generation: int = 0
+    """The EdgeNode spec generation this status describes (the agent acted on it)."""
     conditions: tuple[Condition, ...] = ()
     heartbeat_time: str = ""
     """RFC 3339; liveness itself is the agent's Lease."""
+    report_sequence: int = 0
+    """Grows with every status the agent writes, across its restarts (0: an agent that does not
+    number its reports). A reader that saw a higher one from this node is looking at a replayed
+    or older report."""
     gpu: GpuStatus | None = None
     models: tuple[ModelStatus, ...] = ()
     loaded_models: int = 0
@@ -324,6 +329,7 @@ class EdgeNodeStatus:
             observed_generation=int(obj.get("observedGeneration") or 0),
             conditions=conditions_from_obj(obj.get("conditions")),
             heartbeat_time=str(obj.get("heartbeatTime") or ""),
+            report_sequence=int(obj.get("reportSequence") or 0),
             gpu=GpuStatus.from_obj(gpu) if gpu is not None else None,
             models=tuple(ModelStatus.from_obj(m) for m in obj.get("models") or ()),
             loaded_models=int(obj.get("loadedModels") or 0),
@@ -337,6 +343,7 @@ class EdgeNodeStatus:
             "observedGeneration": max(int(self.observed_generation), 0),
             "conditions": [c.to_obj() for c in self.conditions],
             "heartbeatTime": self.heartbeat_time,
+            "reportSequence": max(int(self.report_sequence), 0),
             "gpu": self.gpu.to_obj() if self.gpu is not None else {},
             "models": [m.to_obj() for m in self.models[:MAX_MODELS]],
             "loadedModels": max(int(self.loaded_models), 0),
@@ -363,6 +370,8 @@ class EdgeNode:
     status: EdgeNodeStatus
     labels: Mapping[str, str]
     annotations: Mapping[str, str]
+    generation: int = 0
+    """metadata.generation: the spec's (the status's observedGeneration says which it describes)."""
 
     @classmethod
     def from_obj(cls, obj: Obj) -> EdgeNode:
@@ -374,4 +383,5 @@ class EdgeNode:
             status=EdgeNodeStatus.from_obj(obj.get("status")),
             labels=dict(meta.get("labels") or {}),
             annotations=dict(meta.get("annotations") or {}),
+            generation=int(meta.get("generation") or 0),
         )

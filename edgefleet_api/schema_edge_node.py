@@ -103,9 +103,19 @@ def edge_node_status() -> Schema:
     return obj(
         "What this node has. Written only by the node agent.",
         {
-            "observedGeneration": integer("The spec generation the agent acted on.", minimum=0),
-            "conditions": conditions("Ready, MemoryPressure, ThermalThrottling, SLAViolated."),
+            "observedGeneration": integer(
+                "The spec generation this status describes (the agent acted on it).", minimum=0
+            ),
+            "conditions": conditions(
+                "Ready, MemoryPressure, ThermalThrottling, SLAViolated, ServingPrevious (a version no "
+                "longer assigned serves while the assigned one is not ready, e.g. cannot be fetched)."
+            ),
             "heartbeatTime": timestamp("Last status write (liveness is the Lease)."),
+            "reportSequence": integer(
+                "Grows with every status write of the agent, across its restarts: a lower one than "
+                "already seen from this node is a replayed or older report.",
+                minimum=0,
+            ),
             "agentVersion": string("Agent version."),
             "endpoint": string("Base URL of the agent's v2 inference API."),
             "gpu": gpu,

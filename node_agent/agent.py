@@ -17,7 +17,9 @@ asked, the simulated one heated by the concurrency gate's occupancy, and lowers 
 concurrency and every model's batch size above its soft limit. Both tick on the event loop.
 
 HTTP starts before the preloads so the liveness probe answers while models load (a slow load
-must not get the agent restarted); readiness turns on once they are loaded. `serve(settings)`
+must not get the agent restarted); readiness turns on once they are loaded, and goes off again
+while the agent cannot serve (workers hung, repository unreadable: `serving.service`). Temp
+files a killed agent left in the repository (partial downloads) are removed at start. `serve(settings)`
 runs an agent until SIGTERM or SIGINT, then drains it: `edgefleet-agent serve`.
 
 What the HTTP layer serves is `serving.service.Serving` (the engine behind the agent's
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from edgefleet_api.types import ModelId
 from node_agent.control.mitigation import Controls
 from node_agent.control.sla_monitor import SlaMonitor, SlaSettings
 from node_agent.control.thermal import ThermalMonitor, ThermalSettings
@@ -53,7 +57,7 @@ from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.serving.connections import GuardedSite
 from node_agent.serving.http import HttpSettings, MetricsHook, V2Api
-from node_agent.serving.service import Serving
+from node_agent.serving.service import HealthSettings, Serving
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
@@ -92,6 +96,8 @@ class AgentSettings:
     unload_wait_s: float = 10.0
     """How long a repository unload waits for in-flight batches to release the model."""
     http: HttpSettings = field(default_factory=HttpSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    """When the agent reports not ready and not live (`serving.service`)."""
     engine: EngineSettings = field(default_factory=EngineSettings)
     sla: SlaSettings = field(default_factory=SlaSettings)
     thermal: ThermalSettings = field(default_factory=ThermalSettings)
@@ -166,6 +172,8 @@ class ConfigOverlay(Protocol):
 
     def models(self) -> list[ModelConfig]: ...
 
+    def assigned(self) -> frozenset[ModelId]: ...
+
     def loader(self, load: Callable[[ModelConfig], Backend]) -> Callable[[ModelConfig], Backend]: ...
 
 
@@ -203,6 +211,8 @@ class Agent:
         self.thermal: ThermalMonitor | None = None
         """None when no thermal source (see `AgentSettings.thermal_source`)."""
         self._runner: web.AppRunner | None = None
+        self.http_api: V2Api | None = None
+        """The HTTP routes, once started."""
         self._started_extensions: list[AgentExtension] = []
         self._stopped = False
 
@@ -272,6 +282,7 @@ class Agent:
             if not torch.cuda.is_available():
                 raise ValueError(f"device {s.device} requested but CUDA is not available")
         repository = self.repository = ModelRepository(root)
+        repository.remove_temp_files()  # a killed agent's partial downloads and writes
         budget = s.memory_budget_bytes
         if budget is None:
             budget = device_budget_bytes(s.device)
@@ -281,8 +292,12 @@ class Agent:
 
         source: ConfigSource = repository
         loader: Callable[[ModelConfig], Backend] = load
+        engine_settings = s.engine
         if self.overlay is not None:  # EdgeNode mode: assigned versions only
             source, loader = self.overlay, self.overlay.loader(load)
+            # A request naming no version asks the overlay's traffic split each time (a lookup, not a
+            # listing): its weights move with every reconcile (canary shares, make before break).
+            engine_settings = dataclasses.replace(engine_settings, latest_ttl_s=0.0)
         self.scheduler = ModelScheduler(budget, loader)
         self.pool = StreamPool(
             PoolSettings(num_workers=s.num_workers, device=s.device, urgent_workers=s.urgent_workers)
@@ -292,14 +307,24 @@ class Agent:
         sla = self.sla = SlaMonitor(controls, s.sla)
         policies = sla.policy_factory(workers=s.num_workers, max_queue_rows=s.engine.max_queue_rows)
         engine = self.engine = Engine(
-            source, gate, self.pool, s.engine, policy_factory=policies, admission=controls.check_admission
+            source,
+            gate,
+            self.pool,
+            engine_settings,
+            policy_factory=policies,
+            admission=controls.check_admission,
         )
         sla.attach(lambda m: engine.batcher(m.name, m.version), configs=source.config)
         thermal_source = self._thermal_source(gate.meter())
         if thermal_source is not None:
             self.thermal = ThermalMonitor(thermal_source, controls, s.thermal)
         self.serving = Serving(
-            repository, self.scheduler, self.engine, unload_wait_s=s.unload_wait_s, assigned=self.overlay
+            repository,
+            self.scheduler,
+            self.engine,
+            unload_wait_s=s.unload_wait_s,
+            assigned=self.overlay,
+            health=s.health,
         )
         self._register_metrics()
         sla.start()
@@ -352,7 +377,7 @@ class Agent:
     async def _start_http(self) -> None:
         assert self.serving is not None
         h = self.settings.http
-        api = V2Api(self.serving, h, self.metrics, self.api_metrics)
+        api = self.http_api = V2Api(self.serving, h, self.metrics, self.api_metrics)
         self._runner = web.AppRunner(
             api.app,
             handle_signals=False,

@@ -155,6 +155,20 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="longest wait for requests in progress when stopping (default 20)",
     )
+    parser.add_argument(
+        "--worker-stuck-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="not ready once every inference worker has run one batch this long (default 30)",
+    )
+    parser.add_argument(
+        "--worker-dead-after",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="not live (restart me) once every inference worker has run one batch this long (default 120)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--thermal-source",
@@ -247,7 +261,7 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
     endpoint = args.endpoint
     if endpoint is None and os.environ.get("EDGEFLEET_POD_IP"):
         endpoint = f"http://{os.environ['EDGEFLEET_POD_IP']}:{args.port}"
-    link = LinkSettings(
+    link = LinkSettings.from_env(
         edge_node=args.edge_node,
         namespace=namespace or "default",
         state_dir=args.state_dir or args.model_repository / ".edgefleet",
@@ -265,6 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node_agent.runtime.repository import parse_quantity
     from node_agent.serving.connections import ConnectionLimits
     from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
+    from node_agent.serving.service import HealthSettings
 
     try:
         token = None
@@ -298,6 +313,9 @@ def _serve(args: argparse.Namespace) -> int:
             drain_delay_s=args.drain_delay,
             drain_timeout_s=args.drain_timeout,
             http=http,
+            health=HealthSettings(
+                worker_stuck_s=args.worker_stuck_after, worker_dead_s=args.worker_dead_after
+            ),
             thermal_source=args.thermal_source,
             thermal=ThermalSettings(
                 soft_limit_c=args.thermal_soft_limit,

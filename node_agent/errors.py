@@ -65,3 +65,18 @@ class TooManyRequests(Overloaded):
     model's latency objective (admission by predicted wait), the queue is at its hard cap, or
     more urgent work displaced it. `retry_after_s` is when the queue will have drained far
     enough for it to fit; other components' overload (memory, bytes in flight) stays 503."""
+
+
+class ModelUnavailable(InvalidModel):
+    """The model is in the repository but is not served as it stands: a file of it resolves
+    outside the repository (a symlink escape). Its operator, not the caller, must fix it;
+    the caller is told why (4xx) and the index lists it UNAVAILABLE."""
+
+
+class ModelNotReady(AgentError):
+    """The model is known but cannot take new requests now: it is being unloaded or replaced,
+    was unloaded, or is not loaded yet. Try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

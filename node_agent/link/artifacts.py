@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
@@ -88,7 +89,10 @@ def _download(repository: ModelRepository, entry: ModelAssignment, url: str, tar
     """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
     into `target_dir`; the artifact verified against the digest while it streams in."""
     name = PurePosixPath(urlsplit(url).path).name
-    _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
+    try:
+        _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
+    except (http.client.HTTPException, TimeoutError, ConnectionError) as e:  # cut mid-transfer
+        raise InvalidModel(f"{entry.id}: fetching {url} failed: {type(e).__name__}: {e}") from None
     config_file = target_dir / CONFIG_FILE
     if not config_file.is_file():
         text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
@@ -154,7 +158,12 @@ def _store_verified(
 ) -> None:
     """The bytes of `open_source()` into `target` through a temp file hashed as it is written:
     bytes that do not match the entry's digest never replace anything. A `target` that
-    already has the digest is kept and the source not opened."""
+    already has the digest is kept and the source not opened.
+
+    Crash safety: the temp file (`.<name>.*.tmp`, in the target's folder, so the rename is
+    atomic) is fsynced, verified, then renamed, and the folder fsynced; a process killed
+    before the rename leaves only the temp file, which the repository removes at the next
+    start (`ModelRepository.remove_temp_files`): a partial file never has the artifact's name."""
     if target.is_file() and sha256_file(target) == entry.artifact.digest:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +174,11 @@ def _store_verified(
             while chunk := src.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
+            short = getattr(src, "length", None)  # an HTTP response: bytes still due
+            if isinstance(short, int) and short > 0:
+                raise InvalidModel(
+                    f"{entry.id}: fetching {source} failed: the transfer stopped {short} bytes short"
+                )
             out.flush()
             os.fsync(out.fileno())
         actual = "sha256:" + digest.hexdigest()
@@ -174,6 +188,7 @@ def _store_verified(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
     log.info("stored %s -> %s", source, target)
 
 
@@ -190,8 +205,13 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power cut after it keeps the new name)."""
     with suppress(OSError):  # not every filesystem lets a folder be fsynced
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

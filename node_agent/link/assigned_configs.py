@@ -3,7 +3,7 @@ versions only, with the spec's amendments), and the gate on the scheduler's load
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from edgefleet_api.types import ModelId
@@ -24,6 +24,7 @@ class AssignedConfigs:
     def __init__(self, traffic: TrafficSplit | None = None) -> None:
         self.traffic = traffic if traffic is not None else TrafficSplit()
         self._configs: dict[ModelId, ModelConfig] = {}
+        self._assigned: frozenset[ModelId] = frozenset()
 
     def loader(self, load: Callable[[ModelConfig], Backend]) -> Callable[[ModelConfig], Backend]:
         """Wrap the scheduler's loader so that it loads assigned versions only, with their
@@ -61,6 +62,14 @@ class AssignedConfigs:
             self._configs[m]
             for m in sorted(self._configs, key=lambda m: (m.name, version_sort_key(m.version)))
         ]
+
+    def assign(self, model_ids: Iterable[ModelId]) -> None:
+        """The versions the assignment names, servable or not yet (being fetched, loaded)."""
+        self._assigned = frozenset(model_ids)
+
+    def assigned(self) -> frozenset[ModelId]:
+        """Every assigned version; `versions`/`models` hold the servable ones among them."""
+        return self._assigned
 
     def put(self, config: ModelConfig) -> None:
         self._configs[config.id] = config

@@ -49,6 +49,8 @@ class ApiConnection:
     `on_reconnect` runs when a call succeeds after the link was offline (or on the first
     answer): the Lease and status catch up at once. `on_unreachable` runs once, with the
     error, when the very first call fails: the link then serves its persisted assignment.
+    `on_offline` runs when a call fails after the link was up (the watch restarts: its
+    connection may be as dead as the one that failed).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ApiConnection:
         *,
         on_reconnect: Callable[[], None],
         on_unreachable: Callable[[str], None],
+        on_offline: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -68,6 +71,7 @@ class ApiConnection:
         self._clock = clock
         self._on_reconnect = on_reconnect
         self._on_unreachable = on_unreachable
+        self._on_offline = on_offline
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._retry_at_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,6 +134,7 @@ class ApiConnection:
         self.stats.api_errors += 1
         self.stats.errors_by_call[call] = self.stats.errors_by_call.get(call, 0) + 1
         self.stats.last_error = f"{call}: {type(exc).__name__}: {exc}"
+        was = self.connected
         if self.connected or self.stats.offline_since_s is None:
             log.warning("API server unreachable (%s: %s); serving the last assignment", call, exc)
             self.stats.offline_since_s = self._clock()
@@ -138,6 +143,8 @@ class ApiConnection:
         if not self.first_contact.is_set():
             self.first_contact.set()
             self._on_unreachable(str(exc))
+        if was and self._on_offline is not None:
+            self._on_offline()
 
     def may_call(self) -> bool:
         """Whether a call may go out now (online, or the backoff after a failure has passed)."""

@@ -32,6 +32,11 @@ class ModelRecord:
     message: str = ""
     insufficient_memory: bool = False
     """It failed for lack of memory (sets MemoryPressure)."""
+    held: bool = False
+    """A version no longer assigned that keeps serving its model while none of the model's
+    assigned versions is ready (make before break; sets ServingPrevious)."""
+    traffic_weight: int = 0
+    """The traffic weight in effect, for a version no longer assigned (`leftovers`)."""
 
     def __post_init__(self) -> None:
         try:
@@ -83,10 +88,10 @@ def build_status(inp: StatusInputs) -> EdgeNodeStatus:
         message = f"invalid spec entry: {bad.message}"
         models.append(ModelStatus(bad.service, bad.model, bad.version, ModelState.FAILED, message=message))
     for service, model_id, record in inp.leftovers:
-        models.append(_model_status(service, model_id, record, 0, inp.sla))
+        models.append(_model_status(service, model_id, record, record.traffic_weight, inp.sla))
     models.sort(key=lambda m: (m.service, m.model, m.version))
 
-    conditions = _conditions(inp, models)
+    conditions = (*_conditions(inp, models), _serving_previous(inp, models))
     ready = conditions[0]
     return EdgeNodeStatus(
         observed_generation=max(int(inp.observed_generation), 0),
@@ -174,6 +179,22 @@ def _conditions(inp: StatusInputs, models: Sequence[ModelStatus]) -> tuple[Condi
     return (ready, memory, thermal, sla)
 
 
+def _serving_previous(inp: StatusInputs, models: Sequence[ModelStatus]) -> Condition:
+    """ServingPrevious: True while a version no longer assigned serves in place of its model's
+    assigned versions, none of which is ready; reason TargetFailed when one of those failed
+    (the node cannot fetch, verify or load it and keeps serving what it has), else Replacing."""
+    gen = max(int(inp.observed_generation), 0)
+    held = [(m, r) for (_, m, r) in inp.leftovers if r.held]
+    if not held:
+        return next_condition(
+            "ServingPrevious", "False", "ServingTarget", "", gen, inp.previous_conditions, inp.now
+        )
+    failed = {m.model for m in models if m.state is ModelState.FAILED}
+    reason = "TargetFailed" if any(m.name in failed for m, _ in held) else "Replacing"
+    message = "; ".join(f"{m}: {r.message}" for m, r in held[:5])
+    return next_condition("ServingPrevious", TRUE, reason, message, gen, inp.previous_conditions, inp.now)
+
+
 def _at_or_above(temperature_c: float | None, limit_c: float | None) -> bool:
     return temperature_c is not None and limit_c is not None and temperature_c >= limit_c
 
@@ -188,6 +209,7 @@ def _structure(status: EdgeNodeStatus) -> EdgeNodeStatus:
     return dataclasses.replace(
         status,
         heartbeat_time="",
+        report_sequence=0,
         gpu=gpu
         and dataclasses.replace(
             gpu,
@@ -215,6 +237,14 @@ def _measurements(status: EdgeNodeStatus) -> tuple[object, ...]:
         gpu.utilization,
     )
     return (gpu_metrics, tuple(m.sla for m in status.models))
+
+
+def next_report_sequence(last: int, seen: int, now_s: float) -> int:
+    """The reportSequence of the next status write: above the agent's `last` and above the
+    highest the API server was `seen` to hold, and at least the wall clock in milliseconds, so
+    it keeps growing across agent restarts (a restarted agent starts above its previous life's
+    numbers without having to read them first). Pure."""
+    return max(int(last) + 1, int(seen) + 1, int(now_s * 1000))
 
 
 @dataclass

@@ -7,8 +7,12 @@
 - reconcile (here): `plan.plan` on the latest assignment and the runtime's view, run in
   order: traffic weights -> unloads -> memory budget -> prepare (`artifacts.materialize`:
   resolve the artifact into the model repository, verify its digest) -> preloads, most
-  urgent first. Passes repeat every `reconcile_interval_s`, so refused unloads (requests in
-  flight) and failures (after `retry_failed_s`) are retried.
+  urgent first; then planned again on what that did, a few rounds a pass (make before break:
+  a replaced version is unloaded in the round after its replacement is ready, see `plan`).
+  Passes repeat every `reconcile_interval_s`, so refused unloads (requests in flight) and
+  failures (after `retry_failed_s`) are retried. A version kept serving in place of a target
+  that cannot be prepared is reported Ready with the reason, and the ServingPrevious
+  condition says so.
 - status (`status_writer.StatusWriter`): the full EdgeNode.status (`status()`, built here
   from what the link tracks) every `status_tick_s`, written when the pacer says so.
 - lease (`lease.LeaseRenewer`): the Lease `edgefleet-agent-<node>` in `namespace`, renewed
@@ -77,6 +81,18 @@ class _Tracked:
     failed_at_s: float = 0.0
     message: str = ""
     insufficient_memory: bool = False
+    stale: bool = False
+    """Resident, but the loaded copy is not of `prepared_digest` (see `plan.ModelView.stale`)."""
+
+
+_ROUNDS = 3
+"""Plan rounds in one reconcile pass: prepare and load the new, then unload the old (and, where
+memory cannot hold both, unload the old, then load the new)."""
+DRAIN_S = 1.0
+"""A version no longer assigned is unloaded only once it has been out of the traffic split this
+long (seconds): requests already routed to it (queued in its batcher, holding no lease yet) run
+on it first instead of finding it gone. Requests that hold it are waited for in any case (the
+scheduler refuses to unload them)."""
 
 
 class OperatorLink:
@@ -128,6 +144,10 @@ class OperatorLink:
         self._spec: Any = None
         self._absent = False
         self._weights: dict[str, dict[str, int]] = {}
+        self._held: tuple[ModelId, ...] = ()
+        """Versions no longer assigned that serve in place of their model's unready target."""
+        self._leaving: dict[ModelId, float] = {}
+        """Versions no longer assigned, due to be unloaded -> when they left the traffic split."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = asyncio.Event()
@@ -135,7 +155,12 @@ class OperatorLink:
         self._persisted: dict[str, Any] | None = None
         custom = k8s.CustomObjectsApi(client)
         self._connection = ApiConnection(
-            settings, self.stats, clock, on_reconnect=self._on_reconnect, on_unreachable=self._serve_persisted
+            settings,
+            self.stats,
+            clock,
+            on_reconnect=self._on_reconnect,
+            on_unreachable=self._serve_persisted,
+            on_offline=lambda: self._watch.restart(),
         )
         self._watch = EdgeNodeWatch(
             settings,
@@ -230,7 +255,7 @@ class OperatorLink:
             self._on_absent()
             return
         self._absent = False
-        self._reporter.server_status = obj.get("status") or {}
+        self._reporter.adopt(obj)
         self._accept(obj, "live")
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
@@ -241,7 +266,9 @@ class OperatorLink:
         elif kind in ("ADDED", "MODIFIED"):
             self._absent = False
             if kind == "ADDED" or self._reporter.server_status is None:
-                self._reporter.server_status = obj.get("status") or {}
+                self._reporter.adopt(obj)
+            else:
+                self._reporter.observed(obj)
             self._accept(obj, "live")
 
     def _on_absent(self) -> None:
@@ -249,7 +276,7 @@ class OperatorLink:
             return
         log.warning("EdgeNode %s does not exist; holding no models", self.settings.edge_node)
         self._absent = True
-        self._reporter.server_status = None
+        self._reporter.server_status, self._reporter.server_version = None, None
         name = self.settings.edge_node
         self._set_assignment(Assignment(name, 0, EdgeNodeSpec(node_name=name)), None, "live")
 
@@ -302,37 +329,59 @@ class OperatorLink:
                 log.exception("reconciling EdgeNode %s failed", self.settings.edge_node)
 
     async def _reconcile_once(self) -> None:
-        """One pass of `plan.plan`'s actions (see the module docstring)."""
+        """One pass: rounds of `plan.plan`'s actions (see the module docstring) until a round
+        finds nothing it can do now."""
         assignment = self.assignment
         assert assignment is not None
         self.stats.reconcile_passes += 1
-        desired = desired_versions(assignment).versions
-        p = plan(assignment, self._view(), self._clock(), self.settings.retry_failed_s)
-        for model_id in p.forget:
-            self._tracked.pop(model_id, None)
-            self.configs.remove(model_id)
-        for model_id, want in desired.items():
-            self._tracked.setdefault(model_id, _Tracked(want.service)).service = want.service
-        self._weights = p.weights
-        self._publish_weights()
-
-        refused = await self._unload(p.unload, desired)
-        if p.budget_bytes != self.scheduler.budget_bytes:
-            self.scheduler.set_budget(p.budget_bytes)
-        for entry in p.prepare:
-            if entry.id not in refused:
-                await self._prepare(entry)
-        for model_id in p.preload:
-            want = desired[model_id]
-            tracked = self._tracked[model_id]
-            if model_id not in refused and tracked.prepared_digest == want.artifact.digest:
-                await self._preload(model_id, tracked)
+        refused: set[ModelId] = set()
+        for _ in range(_ROUNDS):
+            progressed = await self._round(assignment, refused)
+            if self.assignment is not assignment or not progressed:
+                break
         self.observed_generation = assignment.generation
         self._reporter.kick()
         if self.assignment is assignment and not refused:
             after = plan(assignment, self._view(), self._clock(), self.settings.retry_failed_s)
             if after.idle:  # else the next periodic pass carries on (never a busy loop)
                 self._converged.set()
+
+    async def _round(self, assignment: Assignment, refused: set[ModelId]) -> bool:
+        """One plan and its actions; whether any of them changed the runtime."""
+        desired = desired_versions(assignment).versions
+        self.configs.assign(desired)  # known to the API (503 until servable, not 404)
+        p = plan(assignment, self._view(), self._clock(), self.settings.retry_failed_s)
+        for model_id in p.forget:
+            self._tracked.pop(model_id, None)
+            self.configs.remove(model_id)
+        for model_id, want in desired.items():
+            self._tracked.setdefault(model_id, _Tracked(want.service)).service = want.service
+        self._weights, self._held = p.weights, p.held
+        self._publish_weights()
+        now = self._clock()
+        self._leaving = {m: self._leaving.get(m, now) for m in p.unload if m not in desired}
+        draining = {m for m, since in self._leaving.items() if now - since < DRAIN_S}
+        refused |= draining  # unloaded by a later pass (the pass is not converged meanwhile)
+        todo = [m for m in p.unload if m not in refused]
+        now_refused = await self._unload(tuple(todo), desired)
+        refused |= now_refused
+        progressed = len(todo) > len(now_refused) or bool(p.forget)
+        if p.budget_bytes != self.scheduler.budget_bytes:
+            self.scheduler.set_budget(p.budget_bytes)
+        for entry in p.prepare:
+            if entry.id not in refused:
+                progressed |= await self._prepare(entry)
+        for model_id in p.preload:
+            want = desired[model_id]
+            tracked = self._tracked[model_id]
+            if (
+                model_id not in refused
+                and tracked.prepared_digest == want.artifact.digest
+                and not tracked.stale
+            ):
+                progressed |= await self._preload(model_id, tracked)
+        self._publish_weights()
+        return progressed
 
     async def _unload(
         self, unload: tuple[ModelId, ...], desired: Mapping[ModelId, ModelAssignment]
@@ -344,6 +393,10 @@ class OperatorLink:
             if tracked is not None:
                 tracked.busy = "unloading"
             outcome = await self.scheduler.unload(model_id)
+            keep = tracked is not None and model_id in desired and tracked.config is not None
+            if keep:
+                assert tracked is not None and tracked.config is not None
+                self.configs.put(tracked.config)  # a stale copy went: the prepared one serves next
             if outcome in (UnloadOutcome.IN_FLIGHT, UnloadOutcome.LOADING):
                 log.info("unloading %s: %s; retrying", model_id, outcome.value)
                 refused.add(model_id)
@@ -354,39 +407,47 @@ class OperatorLink:
             if model_id not in desired:
                 self._tracked.pop(model_id, None)
             elif tracked is not None:
-                tracked.busy, tracked.preloaded = "", False
-                tracked.prepared_digest = tracked.config = None
+                tracked.busy, tracked.preloaded, tracked.stale = "", False, False
+                if not keep:
+                    tracked.prepared_digest = tracked.config = None
         return refused
 
-    async def _prepare(self, entry: ModelAssignment) -> None:
+    async def _prepare(self, entry: ModelAssignment) -> bool:
+        """Fetch and verify `entry`'s artifact; whether it succeeded. A copy of the version
+        resident now is of another artifact: it is marked stale (unloaded before the new loads),
+        and keeps serving until then."""
         tracked = self._tracked[entry.id]
         tracked.busy = "preparing"
         try:
             config = await self._connection.run(materialize, self.repository, entry)
         except (AgentError, OSError, ValueError) as e:
             self._fail(tracked, entry.artifact.digest, e)
-            return
+            return False
         finally:
             tracked.busy = ""
         tracked.config, tracked.prepared_digest = config, entry.artifact.digest
+        tracked.stale = self.scheduler.is_resident(entry.id)
         tracked.preloaded = False
-        tracked.failed_digest, tracked.message = None, ""
-        self.configs.put(config)
+        tracked.failed_digest, tracked.message, tracked.insufficient_memory = None, "", False
+        if not tracked.stale:
+            self.configs.put(config)  # a stale copy keeps its config until it is unloaded
         self._publish_weights()
         log.info("prepared %s (%s)", entry.id, entry.artifact.digest)
+        return True
 
-    async def _preload(self, model_id: ModelId, tracked: _Tracked) -> None:
+    async def _preload(self, model_id: ModelId, tracked: _Tracked) -> bool:
         assert tracked.config is not None
         tracked.busy = "loading"
         try:
             await self.scheduler.preload(tracked.config)
         except Exception as e:  # a backend may raise anything while loading
             self._fail(tracked, tracked.prepared_digest, e)
-            return
+            return False
         finally:
             tracked.busy = ""
         tracked.preloaded = True
         tracked.failed_digest, tracked.message, tracked.insufficient_memory = None, "", False
+        return True
 
     def _fail(self, tracked: _Tracked, digest: str | None, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__
@@ -397,8 +458,19 @@ class OperatorLink:
         self._publish_weights()
 
     def _publish_weights(self) -> None:
-        servable = [m for m, t in self._tracked.items() if m in self.configs and t.failed_digest is None]
-        self.traffic.set_weights(servable_weights(self._weights, servable))
+        """Traffic to the assigned versions that are ready; while a model has none, to the
+        versions it held before (make before break); else to those that load on demand."""
+        desired = desired_versions(self.assignment).versions
+        servable, ready = [], []
+        for m, t in self._tracked.items():
+            if m not in self.configs or t.failed_digest is not None:
+                continue
+            servable.append(m)
+            want = desired.get(m)
+            if want is not None and (t.preloaded or not want.preload or self.scheduler.is_resident(m)):
+                ready.append(m)
+        held = [m for m in self._held if m in self.configs or self.scheduler.is_resident(m)]
+        self.traffic.set_weights(servable_weights(self._weights, servable, ready=ready, held=held))
 
     def _view(self) -> RuntimeView:
         scheduler = self.scheduler
@@ -413,6 +485,8 @@ class OperatorLink:
                 failed_digest=t.failed_digest if t else None,
                 failed_at_s=t.failed_at_s if t else 0.0,
                 measured_bytes=scheduler.measured_bytes(model_id),
+                stale=t.stale if t else False,
+                insufficient_memory=t.insufficient_memory if t else False,
             )
         free = max(scheduler.budget_bytes - scheduler.used_bytes, 0)
         return RuntimeView(models, free, self._device_budget)
@@ -429,10 +503,18 @@ class OperatorLink:
             for m, want in desired.items()
         }
         leftovers = []
-        for model_id in sorted(resident.keys() - desired.keys(), key=str):
+        weights = self.traffic.weights
+        held = {m for m in self._held if m not in desired and (m in resident or m in self.configs)}
+        for model_id in sorted((resident.keys() - desired.keys()) | held, key=str):
             t = self._tracked.get(model_id)
-            size = resident[model_id].size_bytes
-            record = ModelRecord(ModelState.UNLOADING, t.prepared_digest if t else None, size)
+            size = resident[model_id].size_bytes if model_id in resident else None
+            digest = t.prepared_digest if t else None
+            if model_id in held:
+                why = self._why_held(model_id, desired, records)
+                weight = weights.get(model_id.name, {}).get(model_id.version, 0)
+                record = ModelRecord(ModelState.READY, digest, size, why, held=True, traffic_weight=weight)
+            else:
+                record = ModelRecord(ModelState.UNLOADING, digest, size)
             leftovers.append((t.service if t else "", model_id, record))
         sla: dict[ModelId, SlaWindow] = {}
         if self._sla is not None:
@@ -461,6 +543,19 @@ class OperatorLink:
             )
         )
 
+    @staticmethod
+    def _why_held(
+        model_id: ModelId, desired: Mapping[ModelId, ModelAssignment], records: Mapping[ModelId, ModelRecord]
+    ) -> str:
+        """Why `model_id` still serves: its model's assigned versions and what they wait on."""
+        targets = sorted((m for m in desired if m.name == model_id.name), key=str)
+        parts = []
+        for m in targets:
+            r = records.get(m)
+            state = r.state.value if r is not None else ModelState.PENDING.value
+            parts.append(f"{m} {state}" + (f" ({r.message})" if r is not None and r.message else ""))
+        return f"serving in place of {', '.join(parts) or 'its target'}: not replaced until one is ready"
+
     def _record(self, model_id: ModelId, digest: str, preload: bool, resident: bool) -> ModelRecord:
         t = self._tracked.get(model_id)
         measured = self.scheduler.measured_bytes(model_id)
@@ -468,7 +563,7 @@ class OperatorLink:
             return ModelRecord(ModelState.PENDING)
         if t.busy == "unloading":
             return ModelRecord(ModelState.UNLOADING, t.prepared_digest, measured)
-        if t.failed_digest == digest and not t.busy:
+        if t.failed_digest == digest:  # Failed while it is retried, too: no flapping status
             return ModelRecord(
                 ModelState.FAILED, message=t.message, insufficient_memory=t.insufficient_memory
             )

@@ -1,10 +1,14 @@
-"""How the link talks to the API server: `LinkSettings`, the `Backoff` between failed calls,
-the kubernetes `api_client`, and the time format the link writes (`rfc3339`)."""
+"""How the link talks to the API server: `LinkSettings` (each number also settable as
+`EDGEFLEET_LINK_<FIELD>`, `LinkSettings.from_env`), the `Backoff` between failed calls, the
+kubernetes `api_client`, and the time format the link writes (`rfc3339`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,9 +36,12 @@ class LinkSettings:
     holder_identity: str | None = None
     """Lease holder; default: the Lease's name."""
     watch_timeout_s: int = 60
-    """Server-side length of one watch request; it is then resumed from its resourceVersion.
-    60 s keeps a half-open connection (an edge link that died silently) from hiding changes
-    for long, at one cheap request a minute."""
+    """Server-side length of one watch request (`timeoutSeconds`); it is then resumed from its
+    resourceVersion. The client gives up on a watch that sends nothing for `watch_timeout_s +
+    request_timeout_s` (its read timeout), so a watch stalled on its own (an edge link's NAT
+    or middlebox dropped the flow and the socket stays open) is restarted within 70 s; one
+    stalled with the rest of the link is cut as soon as another call fails (see
+    `EdgeNodeWatch.restart`). 60 s costs one cheap request a minute per agent."""
     resync_s: float = 300.0
     """A full relist this often, whatever the watch says (guards against a missed event)."""
     request_timeout_s: float = 10.0
@@ -55,6 +62,8 @@ class LinkSettings:
     """A failed version (digest mismatch, load error, no memory) is retried after this."""
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    """After a failed call the next waits `Backoff`: 0.5 s doubling to 30 s, each delay drawn
+    from [d/2, d], so a fleet that lost its API server together does not come back in step."""
     startup_timeout_s: float = 10.0
     """`start()` waits this long for the first answer of the API server; without one it
     serves the persisted assignment."""
@@ -75,6 +84,23 @@ class LinkSettings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
         StatusPacer(self.status_min_interval_s, self.status_metrics_interval_s, self.status_max_interval_s)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **fields: object) -> LinkSettings:
+        """Settings from `fields`, with every number not given there read from the environment
+        as `EDGEFLEET_LINK_<FIELD>` (e.g. EDGEFLEET_LINK_WATCH_TIMEOUT_S=30); unset: the default.
+        `ValueError` names a malformed one."""
+        env = os.environ if env is None else env
+        values = dict(fields)
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"EDGEFLEET_LINK_{f.name.upper()}", "").strip()
+            if f.name in values or not raw or f.type not in ("int", "float"):
+                continue
+            try:
+                values[f.name] = int(raw) if f.type == "int" else float(raw)
+            except ValueError:
+                raise ValueError(f"EDGEFLEET_LINK_{f.name.upper()} is not a number: {raw!r}") from None
+        return cls(**values)  # type: ignore[arg-type]
 
     @property
     def state_file(self) -> Path:

@@ -1,7 +1,14 @@
 """EdgeNode.status, out: every `status_tick_s` the link's full status is built, `StatusPacer`
 decides whether it is worth a write, and a write is a JSON merge patch against what the API
 server holds (`server_status`), so an unchanged status sends nothing but, at most every
-`max_interval_s`, a new heartbeatTime. `GpuProbe` is the status's device reading.
+`max_interval_s`, a new heartbeatTime. Every write carries a new reportSequence
+(`node_status.next_report_sequence`), so a reader can tell a replayed report from a fresh one.
+A write is conditional on the resourceVersion the patch was computed against: a status written
+meanwhile by someone else (a replay) answers 409, the EdgeNode is read again and the whole
+difference written, so a diff never lands on a status it was not computed for (that would give
+a replayed report's models a fresh sequence). A status seen on the watch that is not this agent's
+last write (`observed`) becomes what the next patch is computed against, and is overwritten at
+the pacer's next chance. `GpuProbe` is the status's device reading.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +24,7 @@ from edgefleet_api import names
 from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus
 from edgefleet_api.patch import merge_patch
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
-from node_agent.link.node_status import StatusPacer
+from node_agent.link.node_status import StatusPacer, next_report_sequence
 from node_agent.link.settings import LinkSettings
 from node_agent.runtime.scheduler import ModelScheduler
 
@@ -57,6 +65,27 @@ class StatusWriter:
             settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
         )
         self._kick = asyncio.Event()
+        self.sequence = 0
+        """The reportSequence of this agent's last write (0: none yet)."""
+        self.server_version: str | None = None
+        """resourceVersion of the EdgeNode `server_status` was read from (None: unknown; the
+        write is then unconditional)."""
+
+    def adopt(self, obj: Mapping[str, Any]) -> None:
+        """The EdgeNode as the API server holds it: the next patch is computed against its
+        status, conditional on its resourceVersion."""
+        self.server_status = dict(obj.get("status") or {})
+        self.server_version = (obj.get("metadata") or {}).get("resourceVersion")
+
+    def observed(self, obj: Mapping[str, Any]) -> None:
+        """An EdgeNode the watch delivered: when its status is not this agent's last write (a
+        replayed or foreign one), the next patch is computed against it, and offered at once."""
+        status = obj.get("status") or {}
+        if self.sequence and int(status.get("reportSequence") or 0) == self.sequence:
+            self.server_version = (obj.get("metadata") or {}).get("resourceVersion")
+            return  # a spec change, or the echo of this agent's own write
+        self.adopt(obj)
+        self.kick()
 
     def written(self) -> EdgeNodeStatus | None:
         """The status the API server holds, typed; None when unknown or unreadable (then the
@@ -96,11 +125,18 @@ class StatusWriter:
         if not self._pacer.due(now, self.written(), EdgeNodeStatus.from_obj(status)):
             self._stats.status_skipped += 1
             return
-        patch = merge_patch(self.server_status or {}, status)
-        if not patch:
+        held = self.server_status or {}
+        status["reportSequence"] = held.get("reportSequence", 0)
+        if not merge_patch(held, status):
             self._stats.status_skipped += 1
             return
+        sequence = next_report_sequence(self.sequence, int(held.get("reportSequence") or 0), time.time())
+        status["reportSequence"] = sequence
+        patch = merge_patch(held, status)
         t = self.settings.request_timeout_s
+        body: dict[str, Any] = {"status": patch}
+        if self.server_version is not None:
+            body["metadata"] = {"resourceVersion": self.server_version}
         try:
             obj: Any = await self._connection.run(
                 self._custom.patch_cluster_custom_object_status,
@@ -108,19 +144,41 @@ class StatusWriter:
                 names.VERSION,
                 names.EDGE_NODE_PLURAL,
                 self.settings.edge_node,
-                {"status": patch},
+                body,
                 _request_timeout=(t, t),
             )
         except Exception as e:
             if isinstance(e, ApiException) and e.status == 404:
                 self._on_absent()
+            elif isinstance(e, ApiException) and e.status == 409:
+                await self._refresh()  # written meanwhile: diff against what is there, at once
             elif self._connection.failed("status", e):
                 self._pacer.wrote(now)  # refused: retry at the pacer's pace, not every tick
             return
         self._connection.online()
-        self.server_status = obj.get("status") or {}
+        self.sequence = sequence
+        self.adopt(obj)
         self._pacer.wrote(now)
         self._stats.status_writes += 1
+
+    async def _refresh(self) -> None:
+        """Read the EdgeNode again (after a conflict) and offer the status at once."""
+        t = self.settings.request_timeout_s
+        try:
+            obj: Any = await self._connection.run(
+                self._custom.get_cluster_custom_object,
+                names.GROUP,
+                names.VERSION,
+                names.EDGE_NODE_PLURAL,
+                self.settings.edge_node,
+                _request_timeout=(t, t),
+            )
+        except Exception as e:
+            self.server_version = None  # the next write is unconditional, against what we know
+            self._connection.failed("status", e)
+            return
+        self.adopt(obj)
+        self.kick()
 
 
 class GpuProbe:

@@ -1,11 +1,23 @@
 """This agent's EdgeNode, in: the watch thread, and the persisted copy of what it delivered.
 
 `EdgeNodeWatch.run` (a worker thread) lists the EdgeNode (field selector on its name), then
-watches it from the list's resourceVersion (server-side timeout `watch_timeout_s`, then
-resumed; relisted every `resync_s` and at once on 410 Gone). Errors back off exponentially,
-bounded by `backoff_max_s`. What it sees is handed to the loop's thread
+watches it from the list's resourceVersion. What it sees is handed to the loop's thread
 (`call_soon_threadsafe`): `listed(obj or None)` after each list, `event(kind, obj)` per
 ADDED/MODIFIED/DELETED, `answered()` when a watch request is accepted, `failed("watch", exc)`.
+
+Recovery, with the bounds of the default settings:
+- A watch ends after `watch_timeout_s` (server side, `timeoutSeconds`) and is resumed from
+  the last resourceVersion it saw (events and bookmarks).
+- A watch that stalls (the socket stays open, nothing arrives) ends at the client's read
+  timeout, `watch_timeout_s + request_timeout_s` (70 s); when the rest of the link fails
+  first (the Lease's or the status's call times out), `restart` cuts it at once.
+- A failed watch or list is retried after `Backoff` (jittered, 0.5 s doubling to
+  `backoff_max_s`, 30 s): a fleet that lost its API server together comes back spread out.
+  The retry resumes from the resourceVersion of the last event delivered (never replaying
+  one: an older spec would be applied again), served from the API server's watch cache, not
+  a relist per agent; 410 Gone (that version was compacted away, or the API
+  server restarted and its cache starts later) relists at once.
+- A full relist every `resync_s` (300 s), whatever the watch says.
 
 `AssignmentStore` keeps the last live spec at `<state_dir>/assignment-<edge node>.json`
 (atomic replace, writes in arrival order) for a start with the API server out of reach.
@@ -55,6 +67,9 @@ class EdgeNodeWatch:
         self._on_listed, self._on_event = listed, event
         self._online, self._failed = answered, failed
         self._stopping = threading.Event()
+        self._restarting = threading.Event()
+        self._seen_rv: str | None = None
+        """The resourceVersion of the last list or event delivered (watch thread only)."""
         self._watch_response: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -67,6 +82,16 @@ class EdgeNodeWatch:
     def stop(self) -> None:
         """Ask `run` to return; a watch request in progress is cut off."""
         self._stopping.set()
+        self._cut()
+
+    def restart(self) -> None:
+        """Cut the watch request in progress (the link found the API server unreachable: this
+        request's connection may be half-open and silent); the watch thread resumes from its
+        resourceVersion on a new connection, after no backoff. Any thread."""
+        self._restarting.set()
+        self._cut()
+
+    def _cut(self) -> None:
         response = self._watch_response
         if response is not None:
             with suppress(Exception):
@@ -74,27 +99,47 @@ class EdgeNodeWatch:
 
     def _watch_forever(self) -> None:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ReadTimeoutError
 
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         rv: str | None = None
+        self._seen_rv = None
         listed_at = -float("inf")
         while not self._stopping.is_set():
+            self._restarting.clear()  # a restart asked for before this request is served by it
             try:
                 if rv is None or self._clock() - listed_at >= self.settings.resync_s:
                     obj, rv = self._list()
+                    self._seen_rv = rv
                     listed_at = self._clock()
                     self._post(self._on_listed, obj)
+                    backoff.reset()
                 rv = self._watch_once(rv)
                 backoff.reset()
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                rv = None
+                rv = self._seen_rv or rv  # never replay events already delivered
+                cut = self._restarting.is_set()
+                if cut or _caused_by(exc, ReadTimeoutError):
+                    log.info(
+                        "watch of EdgeNode %s silent; resuming on a new connection", self.settings.edge_node
+                    )
+                    if cut:  # by the link, which already knows the API server failed it: no backoff
+                        continue  # (the flag is cleared above: a retry that fails backs off)
                 if isinstance(exc, ApiException) and exc.status == 410:
-                    log.info("watch of EdgeNode %s: 410 Gone; relisting", self.settings.edge_node)
+                    self._gone()
+                    rv = self._seen_rv = None
                     continue
                 self._post(self._failed, "watch", exc)
                 self._stopping.wait(backoff.next())
+            else:
+                if rv is None:
+                    self._gone()
+                    self._seen_rv = None
+
+    def _gone(self) -> None:
+        log.info("watch of EdgeNode %s: 410 Gone; relisting", self.settings.edge_node)
 
     def _list(self) -> tuple[dict[str, Any] | None, str]:
         t = self.settings.request_timeout_s
@@ -141,6 +186,7 @@ class EdgeNodeWatch:
                         return None
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                self._seen_rv = rv  # a resume after this request fails starts past this event
                 if kind != "BOOKMARK":
                     self._post(self._on_event, kind, obj)
             return rv
@@ -154,6 +200,20 @@ class EdgeNodeWatch:
         assert self._loop is not None
         with suppress(RuntimeError):  # the loop closed under a stopping link
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc` or an exception it was raised from (or during) is a `kind`."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+        if e is None and exc.args and isinstance(exc.args[-1], BaseException):
+            e = exc.args[-1]  # urllib3's ProtocolError carries its cause as an argument
+    return False
 
 
 class AssignmentStore:

@@ -279,6 +279,14 @@ class Engine:
         """The batcher serving (model, version), created if needed (stats, tests)."""
         return self._entry(model, version).batcher
 
+    def busy(self, model: str) -> bool:
+        """Whether any version of `model` has requests queued or batches running."""
+        return any(
+            e.batcher.batches_out or e.batcher.queued_rows()
+            for (name, _), e in self._entries.items()
+            if name == model
+        )
+
     def invalidate(self, model: str | None = None) -> None:
         """Forget resolved 'newest' versions (all, or one model's), e.g. after a new
         version was written. Batchers of versions already served stay."""

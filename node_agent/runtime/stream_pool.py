@@ -176,6 +176,8 @@ class StreamPool:
         self._service_ewma_s = 0.0
         self._step = threading.local()
         """Per running thread: `since`, when its job's current step began (pool clock)."""
+        self._steps: dict[int, float] = {}
+        """Thread id -> when the step it runs began, for every thread running a job (`stuck`)."""
         self.spare_core = self.settings.device != "cpu"
         """Whether the event loop's thread has a core to itself, one the workers' torch
         threads leave free (always on CUDA; on CPU set at `start()`)."""
@@ -315,6 +317,7 @@ class StreamPool:
         step.since = now
         with self._lock:
             if since is not None:
+                self._steps[threading.get_ident()] = now
                 self._service_ewma_s += 0.2 * (now - since - self._service_ewma_s)
             if self._stopping:
                 return True
@@ -338,6 +341,13 @@ class StreamPool:
     def queued(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def stuck(self, after_s: float) -> int:
+        """Threads whose current job step has run longer than `after_s` (health: a batch that
+        never returns, a hung CUDA call). A busy pool is not stuck: steps end and start."""
+        limit = self._clock() - after_s
+        with self._lock:
+            return sum(1 for since in self._steps.values() if since < limit)
 
     def stop(self, timeout_s: float | None = 10.0) -> None:
         """Fail queued jobs with ShuttingDown, let running jobs finish, join the workers."""
@@ -385,6 +395,8 @@ class StreamPool:
     def _run(self, job: _Job, stream: torch.cuda.Stream | None) -> None:
         step = self._step
         step.since = self._clock()
+        ident = threading.get_ident()
+        self._steps[ident] = step.since  # one dict store: atomic, no lock on the hot path
         result: Any = None
         error: BaseException | None = None
         try:
@@ -400,6 +412,7 @@ class StreamPool:
             error = exc
         took = self._clock() - step.since  # the whole job, or its last step
         with self._lock:
+            del self._steps[ident]
             self._busy -= 1
             self.completed += 1
             self._service_ewma_s += 0.2 * (took - self._service_ewma_s)

@@ -89,11 +89,17 @@ class ServingApi(Protocol):
     """What the HTTP layer serves (implemented by `service.Serving`)."""
 
     def not_ready_reason(self) -> str | None:
-        """None when the agent takes requests; else why not (starting, draining)."""
+        """None when the agent can serve inference; else why not (starting, draining, workers
+        stuck, repository unreadable, nothing servable)."""
+        ...
+
+    def not_live_reason(self) -> str | None:
+        """None while the process makes progress; else why it should be restarted."""
         ...
 
     def config(self, name: str, version: str | None) -> ModelConfig:
-        """The config serving (name, version); ModelNotFound if unknown or unloaded."""
+        """The config serving (name, version); ModelNotFound if unknown, ModelNotReady if
+        unloaded or being unloaded."""
         ...
 
     def versions(self, name: str) -> list[str]: ...
@@ -263,7 +269,8 @@ class V2Api:
         self._observer = observer
         self._token = settings.auth_token.encode() if settings.auth_token else None
         self._control = control_networks(settings.repository_control_from)
-        self._bodies = BodyBudget(settings.max_inflight_request_bytes)
+        self.bodies = BodyBudget(settings.max_inflight_request_bytes)
+        """Request body bytes held now by requests in progress (bounded)."""
         self.guard = ConnectionGuard(settings.connections)
         """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
         middlewares = [self._connection, self._errors, self._auth]
@@ -367,8 +374,12 @@ class V2Api:
     # -- health and metadata ----------------------------------------------------------------
 
     async def live(self, request: web.Request) -> web.Response:
-        """Alive while the event loop answers; independent of models and readiness, so a
-        model that is loading never gets the agent restarted."""
+        """Alive while the event loop answers and the inference workers are not all hung;
+        independent of load, models and readiness, so a busy agent or a model that is loading
+        never gets the agent restarted."""
+        reason = self.api.not_live_reason()
+        if reason is not None:
+            return json_response({"error": f"not live: {reason}"}, 503)
         return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
@@ -408,7 +419,7 @@ class V2Api:
         limit = self.settings.max_request_bytes
         check_length(request, limit)
         config = self.api.config(name, version)
-        with self._bodies.hold() as hold:
+        with self.bodies.hold() as hold:
             body = await read_body(request, limit, hold, self.settings.body_timeout_s)
             decoded = v2_codec.decode_request(
                 body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))

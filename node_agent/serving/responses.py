@@ -20,11 +20,14 @@ from node_agent.errors import (
     AgentError,
     Conflict,
     DeadlineExceeded,
+    DigestMismatch,
     InferenceFailed,
     InsufficientMemory,
     InvalidInput,
     InvalidModel,
     ModelNotFound,
+    ModelNotReady,
+    ModelUnavailable,
     Overloaded,
     RequestTooLarge,
     ShuttingDown,
@@ -40,6 +43,9 @@ ERROR_STATUS: dict[type[AgentError], int] = {
     Conflict: 409,
     RequestTooLarge: 413,
     InvalidModel: 500,
+    ModelUnavailable: 409,
+    DigestMismatch: 409,
+    ModelNotReady: 503,
     InferenceFailed: 500,
     InsufficientMemory: 503,
     Overloaded: 503,
@@ -50,7 +56,9 @@ ERROR_STATUS: dict[type[AgentError], int] = {
 """The agent's errors -> HTTP status codes (subclasses map as their nearest listed base).
 
 InvalidModel is a 500: the repository holds a model the agent cannot serve, which its operator
-(not the caller) must fix. Overloaded and ShuttingDown carry Retry-After."""
+(not the caller) must fix. A model whose files escape the repository or fail their digest is
+a 409 (the model's state conflicts with serving it; the reason says why; retrying cannot help
+until the files change). Overloaded, ModelNotReady and ShuttingDown carry Retry-After."""
 
 
 def status_for(exc: AgentError) -> int:
@@ -105,7 +113,7 @@ def error_response(exc: BaseException) -> web.Response:
         status, headers = exc.status, dict(exc.headers)
     elif isinstance(exc, AgentError):
         status = status_for(exc)
-        if isinstance(exc, Overloaded):
+        if isinstance(exc, Overloaded | ModelNotReady):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         elif isinstance(exc, ShuttingDown):
             headers["Retry-After"] = "1"

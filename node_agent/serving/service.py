@@ -2,8 +2,17 @@
 readiness, the repository extension's load/unload, and the generators of `task: generate` models.
 
 Models load on demand (the scheduler), so every valid model in the repository is servable;
-`unload` takes a model out of service (and out of memory) until `load` puts it back. In
-EdgeNode mode (`assigned`) the operator's assignment, not the repository, says what is served.
+`unload` takes a model out of service (and out of memory) until `load` puts it back: its
+requests in flight finish, new ones get `ModelNotReady` (503 with Retry-After), a name never
+known stays `ModelNotFound` (404). In EdgeNode mode (`assigned`) the operator's assignment, not
+the repository, says what is served.
+
+Health (`HealthSettings`): ready while the agent can serve inference: started and not draining,
+its inference workers not all stuck on one batch past `worker_stuck_s`, its repository
+readable and (standalone) holding at least one servable model; a busy agent, or one broken
+model among others, stays ready. Live while the process makes progress: the event loop
+answers the probe, and the workers are not all stuck past `worker_dead_s` (only a restart
+frees a hung device call). Load never makes an agent un-live.
 """
 
 from __future__ import annotations
@@ -12,12 +21,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from edgefleet_api.types import ModelId, Priority
-from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFound, ShuttingDown
+from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFound, ModelNotReady, ShuttingDown
 from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome
@@ -35,18 +45,52 @@ log = logging.getLogger(__name__)
 class AssignedModels(Protocol):
     """The model versions assigned to this node (EdgeNode mode: the agent's `ConfigOverlay`)."""
 
-    def versions(self, name: str) -> list[str]: ...
+    def versions(self, name: str) -> list[str]:
+        """Servable versions of `name`, oldest first."""
+        ...
 
-    def models(self) -> list[ModelConfig]: ...
+    def models(self) -> list[ModelConfig]:
+        """Every servable version."""
+        ...
+
+    def assigned(self) -> frozenset[ModelId]:
+        """Every assigned version, servable or not yet (being fetched, loaded, replaced)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """When the agent stops reporting ready or live (seconds)."""
+
+    worker_stuck_s: float = 30.0
+    """Not ready once every inference worker has run one batch step this long: no batch of an
+    edge model takes half a minute, so the worker is hung (a device call that never returns),
+    and the Service should send its work elsewhere."""
+    worker_dead_s: float = 120.0
+    """Not live once every worker has been stuck this long: the kubelet restarts the agent
+    (a hung device call is freed by nothing else). Above `worker_stuck_s`, so the agent leaves
+    the Service first."""
+    check_interval_s: float = 1.0
+    """Readiness is computed at most this often (it lists the repository); probes in between
+    get the last answer, so a flood of probes costs nothing."""
+    unloaded_retry_after_s: float = 5.0
+    """Retry-After of a request for a model unloaded through the repository API (one being
+    unloaded or loaded gets 1 s)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.worker_stuck_s <= self.worker_dead_s:
+            raise ValueError("health bounds need 0 < worker_stuck_s <= worker_dead_s")
+        if not self.check_interval_s >= 0 or not self.unloaded_retry_after_s > 0:
+            raise ValueError("check_interval_s must be >= 0 and unloaded_retry_after_s > 0")
 
 
 class Serving:
     """The HTTP layer's view of the agent (`http.ServingApi`); loop thread only.
 
-    Invariants: a model name in `_unloaded` gets ModelNotFound from `config`/`infer` and is
-    reported UNAVAILABLE; load/unload run one at a time. With `assigned` (EdgeNode mode) the
-    servable versions are the assigned ones, not the repository's, and load/unload are
-    refused (409): the operator owns the assignment.
+    Invariants: a model name in `_unloaded` gets ModelNotReady (503, Retry-After) from
+    `config`/`infer` and is reported UNAVAILABLE; load/unload run one at a time. With
+    `assigned` (EdgeNode mode) the servable versions are the assigned ones, not the
+    repository's, and load/unload are refused (409): the operator owns the assignment.
     """
 
     def __init__(
@@ -57,14 +101,19 @@ class Serving:
         *,
         unload_wait_s: float = 10.0,
         assigned: AssignedModels | None = None,
+        health: HealthSettings | None = None,
     ) -> None:
         self.repository = repository
+        self.health = health or HealthSettings()
         self.assigned = assigned
         self.scheduler = scheduler
         self.engine = engine
         self.unload_wait_s = unload_wait_s
         self._not_ready: str | None = "starting"
-        self._unloaded: set[str] = set()
+        self._checked: tuple[float, str | None] = (0.0, None)
+        """(when readiness was last computed, monotonic; its answer)."""
+        self._unloaded: dict[str, str] = {}
+        """Model name -> its state while out of service: 'unloading', 'unloaded', 'loading'."""
         self._control = asyncio.Lock()
         self._generators: dict[ModelId, tuple[AsyncGenerator, Lease]] = {}
         self._generator_starts: dict[ModelId, asyncio.Future[AsyncGenerator]] = {}
@@ -79,30 +128,87 @@ class Serving:
         self._not_ready = reason
 
     def not_ready_reason(self) -> str | None:
-        return self._not_ready
+        """Why the agent should get no traffic now, or None (see the module docstring)."""
+        if self._not_ready is not None:
+            return self._not_ready
+        now = time.monotonic()
+        at, reason = self._checked
+        if now - at >= self.health.check_interval_s or at == 0.0:
+            reason = self._serving_problem()
+            self._checked = (now, reason)
+        return reason
+
+    def not_live_reason(self) -> str | None:
+        """Why the agent should be restarted, or None: every worker stuck past `worker_dead_s`."""
+        pool = self.engine.pool
+        stuck = pool.stuck(self.health.worker_dead_s)
+        if stuck and stuck >= pool.num_workers:
+            return f"{stuck} inference worker(s) stuck on one batch for over {self.health.worker_dead_s:g} s"
+        return None
+
+    def _serving_problem(self) -> str | None:
+        pool = self.engine.pool
+        stuck = pool.stuck(self.health.worker_stuck_s)
+        if stuck and stuck >= pool.num_workers:
+            return f"{stuck} inference worker(s) stuck on one batch for over {self.health.worker_stuck_s:g} s"
+        unreadable = self.repository.readable()
+        if unreadable is not None:
+            return unreadable
+        if self.assigned is None:
+            models = self.repository.scan().models
+            if not any(self.repository.problem(c) is None for c in models):
+                return "no servable model in the model repository"
+        elif self.assigned.assigned() and not self.assigned.models():
+            return f"none of the {len(self.assigned.assigned())} assigned model version(s) is servable"
+        return None
 
     # -- serving -----------------------------------------------------------------------------
 
     def config(self, name: str, version: str | None) -> ModelConfig:
         self._check_loaded(name)
-        return self.engine.config(name, version)
+        try:
+            return self.engine.config(name, version)
+        except ModelNotFound:
+            self._check_assigned(name, version)
+            raise
 
     def versions(self, name: str) -> list[str]:
         if self.assigned is None:
             return self.repository.versions(name)
         versions = self.assigned.versions(name)
         if not versions:
+            self._check_assigned(name, None)
             raise ModelNotFound(f"model {name!r} is not assigned to this node")
         return versions
 
+    def _check_assigned(self, name: str, version: str | None) -> None:
+        """EdgeNode mode, for a model the engine cannot serve: ModelNotReady (503, retry soon)
+        if the assignment names it (fetching, loading, or between two versions), else nothing
+        (the caller's ModelNotFound stands: 404)."""
+        if self.assigned is None:
+            return
+        ids = self.assigned.assigned()
+        known = any(m.name == name for m in ids) if version is None else ModelId(name, version) in ids
+        if known:
+            raise ModelNotReady(
+                f"model {name!r} is assigned to this node but not servable yet; retry shortly"
+            )
+
     def model_not_ready_reason(self, name: str, version: str | None) -> str | None:
-        if name in self._unloaded:
-            return "unloaded through the repository API"
+        state = self._unloaded.get(name)
+        if state is not None:
+            return f"{state} through the repository API"
         try:
-            self.engine.config(name, version)
+            config = self.engine.config(name, version)
         except InvalidModel as e:
             return str(e)
-        return self._not_ready
+        except ModelNotFound:
+            try:
+                self._check_assigned(name, version)
+            except ModelNotReady as e:
+                return str(e)
+            raise
+        return self.repository.problem(config) or self._not_ready
 
     async def infer(
         self,
@@ -116,28 +222,37 @@ class Serving:
         return await self.engine.infer(name, version, inputs, priority, timeout_s)
 
     def _check_loaded(self, name: str) -> None:
-        if name in self._unloaded:
-            raise ModelNotFound(
-                f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load serves it again"
+        state = self._unloaded.get(name)
+        if state is None:
+            return
+        if state == "unloaded":
+            raise ModelNotReady(
+                f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load serves it again",
+                self.health.unloaded_retry_after_s,
             )
+        raise ModelNotReady(f"model {name!r} is {state}; retry shortly", 1.0)
 
     # -- repository extension ----------------------------------------------------------------
 
     def index(self) -> list[IndexEntry]:
         if self.assigned is not None:
-            return [IndexEntry(c.name, c.version, "READY") for c in self.assigned.models()]
+            return [self._entry(c) for c in self.assigned.models()]
         scan = self.repository.scan()
-        entries = [
-            IndexEntry(c.name, c.version, "UNAVAILABLE", "unloaded")
-            if c.name in self._unloaded
-            else IndexEntry(c.name, c.version, "READY")
-            for c in scan.models
-        ]
+        entries = [self._entry(c) for c in scan.models]
         for path, why in scan.broken.items():
             if path != self.repository.root:
                 entries.append(IndexEntry(path.parent.name, path.name, "UNAVAILABLE", why))
         entries.sort(key=lambda e: (e.name, e.version))
         return entries
+
+    def _entry(self, config: ModelConfig) -> IndexEntry:
+        state = self._unloaded.get(config.name)
+        if state is not None:
+            return IndexEntry(config.name, config.version, "UNAVAILABLE", state)
+        problem = self.repository.problem(config)
+        if problem is not None:
+            return IndexEntry(config.name, config.version, "UNAVAILABLE", problem)
+        return IndexEntry(config.name, config.version, "READY")
 
     async def load(self, name: str) -> None:
         """Put `name` (back) into service and load its newest version into memory."""
@@ -146,8 +261,16 @@ class Serving:
             self._check_inside(name)
             self.engine.invalidate(name)
             config = self.repository.config(name)
-            await self.scheduler.preload(config)
-            self._unloaded.discard(name)
+            previous = self._unloaded.get(name)
+            if previous is not None:
+                self._unloaded[name] = "loading"
+            try:
+                await self.scheduler.preload(config)
+            except BaseException:
+                if previous is not None:
+                    self._unloaded[name] = previous
+                raise
+            self._unloaded.pop(name, None)
             log.info("repository: loaded %s", config.id)
 
     async def unload(self, name: str) -> None:
@@ -159,17 +282,24 @@ class Serving:
             resident = [r.model_id for r in self.scheduler.resident() if r.model_id.name == name]
             if not resident:
                 self.repository.versions(name)  # ModelNotFound for an unknown model
-            self._unloaded.add(name)
-            await self.stop_generators(name)
-            self.engine.invalidate(name)
-            deadline = time.monotonic() + self.unload_wait_s
-            for model_id in resident:
-                await self._unload_when_idle(model_id, deadline)
+            self._unloaded[name] = "unloading"
+            try:
+                await self.stop_generators(name)
+                self.engine.invalidate(name)
+                deadline = time.monotonic() + self.unload_wait_s
+                for model_id in resident:
+                    await self._unload_when_idle(model_id, deadline)
+            finally:
+                self._unloaded[name] = "unloaded"
             log.info("repository: unloaded %s", name)
 
     async def _unload_when_idle(self, model_id: ModelId, deadline_s: float) -> None:
+        """Unload once the requests admitted before the unload are answered: their batches
+        drained from the batcher and their leases released (polled; bounded by `deadline_s`)."""
         while True:
-            outcome = await self.scheduler.unload(model_id)
+            outcome = UnloadOutcome.IN_FLIGHT
+            if not self.engine.busy(model_id.name):
+                outcome = await self.scheduler.unload(model_id)
             if outcome in (UnloadOutcome.UNLOADED, UnloadOutcome.NOT_LOADED):
                 return
             if time.monotonic() >= deadline_s:

@@ -16,39 +16,6 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_peering(name: str, await_s: float = 0) -> None:
-    """Make sure the ClusterKopfPeering the replicas coordinate through exists. With `await_s` it is
-    someone else's to create (the Helm chart, which creates it after the operator's Deployment):
-    wait that long for it, since creating it here would make the chart's create fail. Else create
-    it (idempotent)."""
-    import time
-
-    from kubernetes.client import CustomObjectsApi
-    from kubernetes.client.exceptions import ApiException
-
-    from edgefleet_operator.handlers import kube_client
-
-    api = CustomObjectsApi(kube_client())
-    if await_s > 0:
-        deadline = time.monotonic() + await_s
-        while True:
-            try:
-                api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
-                return
-            except ApiException as e:
-                if e.status != 404:
-                    raise
-            if time.monotonic() > deadline:
-                sys.exit(f"edgefleet-operator: no ClusterKopfPeering {name!r} after {await_s:g} s")
-            time.sleep(1)
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
-    try:
-        api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-
-
 def operator_identity() -> str:
     """This operator's name among its peers: the host (in a Pod, the Pod's name) and the process.
 
@@ -74,14 +41,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.verbose:
         # One line per watch event ("Handler ... succeeded") is noise at fleet scale.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    if not args.standalone:
-        ensure_peering(handlers.PEERING_NAME, args.await_peering)
+    if getattr(args, "await_peering", 0):
+        logging.getLogger(__name__).warning("--await-peering is ignored: replicas coordinate by Leases")
+    handlers.IDENTITY = operator_identity()
+    handlers.OWN_EVERYTHING = args.standalone
+    # kopf standalone in every replica, always: our Leases are the gate (see handlers.py).
     asyncio.run(
         kopf.operator(
             clusterwide=True,
-            identity=operator_identity(),  # type: ignore[arg-type]  # kopf.Identity, a str, is not exported
-            standalone=args.standalone,
-            peering_name=None if args.standalone else handlers.PEERING_NAME,
+            identity=handlers.IDENTITY,  # type: ignore[arg-type]  # kopf.Identity, a str, is not exported
+            standalone=True,
             liveness_endpoint=args.liveness or None,
         )
     )
@@ -133,16 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "node agents, and rolls new versions out in SLA-gated canary waves.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = sub.add_parser("run", help="run the operator (kopf, with peering: one active instance)")
-    run.add_argument("--standalone", action="store_true", help="no peering (a single instance for sure)")
-    run.add_argument(
-        "--await-peering",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="the peering object is someone else's to create (the Helm chart): wait this long for it "
-        "instead of creating it (default 0: create it)",
+    run = sub.add_parser(
+        "run", help="run the operator (replicas share the fleet by Leases: one writes for each shard)"
     )
+    run.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no Leases: this instance writes for the whole fleet (run a single instance for sure)",
+    )
+    # Accepted and ignored: manifests of releases before the Leases pass it.
+    run.add_argument("--await-peering", type=float, default=0, help=argparse.SUPPRESS)
     run.add_argument(
         "--liveness",
         default="http://0.0.0.0:8081/healthz",

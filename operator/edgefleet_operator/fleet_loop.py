@@ -1,8 +1,13 @@
-"""Runs fleet passes in a worker thread: on request (debounced) and every resync interval.
+"""Runs fleet passes in a worker thread: on request (debounced) and every resync interval, and only
+while this replica holds the fleet's shard (`ownership`).
 
 The kubernetes client is synchronous, so a pass runs in a thread, one at a time; the kopf handlers
 only ask for one (`FleetLoop.request`), which is cheap: a burst of requests within the debounce
-window costs one pass.
+window costs one pass. A second task renews this replica's Leases every renew interval (its own
+thread and ApiClient, so a long pass never delays a renewal); a replica that holds nothing runs no
+pass at all (it reads nothing and writes nothing) and takes over when the holder is gone. A pass is
+gated twice more: before it starts and before every write (`FleetReconciler.gate`), so a pass that
+loses its hold midway stops writing.
 """
 
 from __future__ import annotations
@@ -10,14 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections.abc import Callable
 
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from edgefleet_operator.fleet_types import Health
+from edgefleet_operator.ownership import FLEET_SHARD, HoldLost
 from edgefleet_operator.pass_report import PassReport
 from edgefleet_operator.reconciler import FleetReconciler
 from edgefleet_operator.settings import OperatorSettings
+from edgefleet_operator.shard_leases import ShardLeases
 
 log = logging.getLogger(__name__)
 URGENT_DEBOUNCE_S = 0.1
@@ -25,17 +35,56 @@ URGENT_DEBOUNCE_S = 0.1
 as it arrives (each pass leaves the earlier ones' bookkeeping to later), not after a full debounce."""
 
 
-class FleetLoop:
-    """Asks the reconciler for passes; a failed pass is logged and retried after a second."""
+def backoff_delay(failures: int, base_s: float, cap_s: float, rand: float) -> float:
+    """Seconds to wait after `failures` failures in a row (>= 1): exponential with full jitter, a
+    `rand` share (in [0, 1)) of min(cap, base * 2^(failures-1)). Full jitter spreads the retries of
+    many operators (and of one operator's passes) over the whole window, so an API server coming
+    back is not met by a synchronised burst."""
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures}")
+    ceiling = min(cap_s, base_s * 2 ** min(failures - 1, 62))
+    return rand * ceiling
 
-    def __init__(self, reconciler: FleetReconciler, settings: OperatorSettings) -> None:
+
+class FleetLoop:
+    """Asks the reconciler for passes while this replica holds the fleet shard; a failed pass is
+    logged and retried after an exponential backoff with jitter (reset by a pass that succeeds).
+
+    `leases` None: this replica owns everything, unconditionally (an in-process test's loop, or
+    `edgefleet-operator run --standalone`, for a single instance for sure)."""
+
+    def __init__(
+        self,
+        reconciler: FleetReconciler,
+        settings: OperatorSettings,
+        leases: ShardLeases | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.reconciler = reconciler
         self.settings = settings
+        self.leases = leases
+        self.rand = rand
         self._wake = asyncio.Event()
         self._passes = 0
         self._done = asyncio.Condition()
         self.last_ok_s: float = time.monotonic()
+        self.started_s: float = self.last_ok_s
         self.last_report: PassReport | None = None
+        self.failures = 0
+        """Failed passes in a row (the backoff's exponent)."""
+        self._fresh = True
+        reconciler.gate = self._gate
+
+    def owns(self) -> bool:
+        """Whether this replica may run a pass now: it holds the fleet shard, by its own clock."""
+        return self.leases is None or self.leases.holds(FLEET_SHARD)
+
+    def held(self) -> list[str]:
+        return [FLEET_SHARD] if self.leases is None else self.leases.held()
+
+    def _gate(self) -> None:
+        if not self.owns():
+            raise HoldLost(f"shard {FLEET_SHARD} no longer held")
 
     def request(self, urgent: bool = False) -> None:
         """Ask for a pass; `urgent`: work on the serving path (a service created, its spec changed, or
@@ -53,27 +102,76 @@ class FleetLoop:
             urgent = self.reconciler.urgent.is_set()
             await asyncio.sleep(min(URGENT_DEBOUNCE_S, debounce) if urgent else debounce)
             self._wake.clear()
-            try:
-                self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
-                self.last_ok_s = time.monotonic()
-                silent = [n for n, h in self.last_report.health.items() if h != Health.HEALTHY.value]
-                log.log(
-                    logging.INFO if self.last_report.writes else logging.DEBUG,
-                    "pass: %.2f s, %d nodes, %d services, writes %s, deferred %d, not healthy %s",
-                    self.last_report.seconds,
-                    self.last_report.nodes,
-                    self.last_report.services,
-                    self.last_report.writes,
-                    self.last_report.deferred,
-                    silent,
-                )
-            except Exception as e:
-                if isinstance(e, ApiException):  # the API server said no (or went away): one line
-                    log.warning("fleet reconcile failed (%s %s); retrying", e.status, e.reason)
-                else:
-                    log.exception("fleet reconcile failed; retrying")
-                self._wake.set()
-                await asyncio.sleep(1.0)
+            if not self.owns():  # standby: no pass, no read, no write
+                self._fresh = True
+                continue
+            await self._pass()
             async with self._done:
                 self._passes += 1
                 self._done.notify_all()
+
+    async def _pass(self) -> None:
+        if self._fresh:  # a new hold: what this replica kept from an earlier one may be stale
+            self.reconciler.forget()
+            self._fresh = False
+        try:
+            self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
+        except HoldLost as e:
+            log.warning("pass stopped before its next write: %s", e)
+            self._fresh = True
+            return
+        except Exception as e:
+            self.failures += 1
+            delay = backoff_delay(
+                self.failures, self.settings.api_backoff_base_s, self.settings.api_backoff_cap_s, self.rand()
+            )
+            if isinstance(e, ApiException):  # the API server said no (or went away): one line
+                log.warning("fleet reconcile failed (%s %s); retrying in %.1f s", e.status, e.reason, delay)
+            elif isinstance(e, (HTTPError, OSError)):  # out of reach (timeout, refused, TLS cut): one line
+                log.warning("fleet reconcile failed (unreachable: %s); retrying in %.1f s", e, delay)
+            else:
+                log.exception("fleet reconcile failed; retrying in %.1f s", delay)
+            self._wake.set()
+            await asyncio.sleep(delay)
+            return
+        self.failures = 0
+        self.last_ok_s = time.monotonic()
+        report = self.last_report
+        silent = [n for n, h in report.health.items() if h != Health.HEALTHY.value]
+        log.log(
+            logging.INFO if report.writes else logging.DEBUG,
+            "pass: %.2f s, %d nodes, %d services, writes %s, deferred %d, not healthy %s",
+            report.seconds,
+            report.nodes,
+            report.services,
+            report.writes,
+            report.deferred,
+            silent,
+        )
+
+    async def run_leases(self) -> None:
+        """Every renew interval: one round of `ShardLeases` (list, renew, acquire or release); a pass
+        at once after an acquire. A failed round is retried sooner (backoff, at most a renew interval),
+        since the holds lapse if renewals keep failing."""
+        assert self.leases is not None, "no leases: this replica owns everything"
+        leases, renew_s, failures = self.leases, self.settings.ownership.renew_interval_s, 0
+        while True:
+            try:
+                result = await asyncio.to_thread(leases.round)
+            except Exception as e:
+                failures += 1
+                delay = min(renew_s, backoff_delay(failures, 0.5, renew_s, self.rand()))
+                log.warning("lease round failed (%s); retrying in %.1f s", e, delay)
+            else:
+                failures, delay = 0, renew_s
+                for shard in result.lost:
+                    log.warning("shard %s lost (members %s)", shard, ", ".join(result.members))
+                    self._fresh = True
+                if result.acquired:
+                    log.warning("shards %s acquired (members %s)", result.acquired, ", ".join(result.members))
+                    self._fresh = True
+                    self.last_ok_s = time.monotonic()  # the pass-age clock of a new hold starts now
+                    self.request()
+                self.reconciler.metrics.observe_transitions(result.acquired, result.lost)
+            self.reconciler.metrics.observe_holds(leases.shards, leases.held())
+            await asyncio.sleep(delay)

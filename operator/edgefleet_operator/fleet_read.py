@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from edgefleet_api.edge_node import EdgeNode, EdgeNodeSpec, EdgeNodeStatus
 from edgefleet_api.inference_service import InferenceServiceSpec, service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import manifests
+from edgefleet_operator.report_ledger import EntryKey, ReportLedger
 from edgefleet_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -31,11 +33,18 @@ class TypedViews:
     """The contract's typed views of the objects a pass reads, kept from pass to pass: an EdgeNode is
     parsed again only when its resourceVersion changed (the API server changes it with every write,
     so a kept view is never stale), a service's spec only when its generation did. At 500 nodes a
-    pass parses the few EdgeNodes whose agents wrote since, not all of them."""
+    pass parses the few EdgeNodes whose agents wrote since, not all of them. Each EdgeNode parsed
+    goes through the `ledger` (a replayed or older report is not believed; see `report_ledger`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Monotonic seconds: how long a service's spec has held (`ServiceRead.spec_age_s`)."""
         self._edge_nodes: dict[str, tuple[Obj, str | None, EdgeNode]] = {}
         self._specs: dict[tuple[str, str, Any], InferenceServiceSpec] = {}
+        self._spec_seen: dict[tuple[str, str], tuple[Any, float | None]] = {}
+        """(service, uid) -> (generation last read, when that generation replaced an earlier one
+        this operator had read: monotonic seconds; None: the first generation it read)."""
+        self.ledger = ReportLedger()
 
     def edge_node(self, name: str, obj: Obj) -> EdgeNode:
         """EdgeNode `name` typed. A status the contract cannot read (not one our agents write) is
@@ -55,7 +64,9 @@ class TypedViews:
                 EdgeNodeStatus(),
                 dict(meta.get("labels") or {}),
                 dict(meta.get("annotations") or {}),
+                int(meta.get("generation") or 0),
             )
+        typed = self.ledger.accept(typed, str((obj.get("metadata") or {}).get("uid") or ""))
         self._edge_nodes[name] = (obj, version, typed)
         return typed
 
@@ -68,17 +79,24 @@ class TypedViews:
         spec = self._specs.get(ident)
         if spec is None:
             spec = self._specs[ident] = InferenceServiceSpec.from_obj(obj["spec"])
-        return ServiceRead(obj, key, spec)
+        now = self.clock()
+        generation, since = self._spec_seen.get(ident[:2], (ident[2], None))
+        if generation != ident[2]:
+            since = now  # a new generation of a service read before
+        self._spec_seen[ident[:2]] = (ident[2], since)
+        return ServiceRead(obj, key, spec, None if since is None else now - since)
 
     def keep_only(self, edge_nodes: Iterable[str], services: Iterable[Obj]) -> None:
         """Forget the views of objects that are gone."""
         names = set(edge_nodes)
         self._edge_nodes = {n: v for n, v in self._edge_nodes.items() if n in names}
+        self.ledger.keep_only(names)
         live = {
             (service_key(o), str(o["metadata"].get("uid", "")), o["metadata"].get("generation"))
             for o in services
         }
         self._specs = {k: v for k, v in self._specs.items() if k in live}
+        self._spec_seen = {k: v for k, v in self._spec_seen.items() if k in {x[:2] for x in live}}
 
 
 @dataclass
@@ -101,6 +119,11 @@ class FleetRead:
         """EdgeNode `name` typed (see `TypedViews.edge_node`)."""
         return self.views.edge_node(name, self.edge_nodes[name])
 
+    def set_at(self, name: str) -> Mapping[EntryKey, int]:
+        """EdgeNode `name`'s spec entries -> the spec generation that set each (see `report_ledger`)."""
+        self.edge_node(name)  # parsed (and through the ledger) at its current version
+        return self.views.ledger.set_at(name)
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceRead:
@@ -111,6 +134,11 @@ class ServiceRead:
     key: str
     """namespace/name."""
     spec: InferenceServiceSpec
+    spec_age_s: float | None = None
+    """Seconds since this operator read the spec's generation replace an earlier one (None: the
+    first generation it read of the service, e.g. after a restart: not young). A burst of edits
+    keeps it near 0: the rollout follows a new revision once it has settled
+    (`rollout.decision.SPEC_SETTLE_S`)."""
 
     @property
     def meta(self) -> Obj:

@@ -8,6 +8,17 @@ re-plans anyway. One service's trouble (its namespace terminating, a deleted obj
 counted, not raised: the other services go on and the next pass retries it. Anything else raises
 and fails the pass.
 
+One writer: `gate` is called before every write and raises `ownership.HoldLost` when this replica
+no longer holds the fleet shard; the pass stops there. Where a lost update would matter the write is
+conditional: an EdgeNode spec carries the resourceVersion the pass read (409: if only its status
+changed since, the spec is written again on the new version, else it is counted and left to the next
+pass, which re-reads and re-plans); the rollout-action annotation is removed only if the object
+still carries the value the pass acted on (a merge patch conditional on a resourceVersion whose
+object shows that value). InferenceService status patches are not conditional: status is ours
+alone (users edit spec and metadata, agents EdgeNode status), and only the shard's holder writes it,
+so no other writer's update can be lost; making them conditional would only make every user edit
+of the spec or annotations hold a rollout step for a pass.
+
 Urgent work (`urgent` set from any thread): Pod writes and services' bookkeeping not yet started are
 left to the next pass, which starts at once (`PassReport.deferred` counts them).
 """
@@ -31,6 +42,9 @@ from edgefleet_operator.pass_report import PassReport
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+WRITTEN_BY = f"{names.GROUP}/spec-written-by"
+"""EdgeNode annotation naming the operator replica that last wrote its spec (set with the spec, in
+the same patch: no write of its own)."""
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
 our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
@@ -40,15 +54,54 @@ class FleetWriter:
     """The pass's writes. The API objects are the kubernetes client's, typed Any: they take and return
     plain dicts (the API's JSON) where their stubs name models."""
 
-    def __init__(self, core: Any, custom: Any, discovery: Any, urgent: threading.Event) -> None:
+    def __init__(
+        self,
+        core: Any,
+        custom: Any,
+        discovery: Any,
+        urgent: threading.Event,
+        gate: Callable[[], None] = lambda: None,
+        identity: str = "",
+    ) -> None:
         self.core, self.custom, self.discovery = core, custom, discovery
         self.urgent = urgent
+        self.gate = gate
+        """Raises `ownership.HoldLost` when this replica may no longer write: called before each."""
+        self.identity = identity
+        """This replica's identity, written with each EdgeNode spec (`WRITTEN_BY`); "" for none."""
         self.threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
 
     def _each(self, fn: Callable[[Any], None], items: Iterable[Any]) -> None:
         """fn(item) for every item on the write threads; re-raises the first error once all are done."""
         for future in [self.threads.submit(fn, item) for item in items]:
             future.result()
+
+    def clear_action(self, ro: pass_plan.RolloutWrite, current: Obj | None, report: PassReport) -> None:
+        """Remove the rollout-action annotation only if it still holds the value this pass acted on:
+        conditional on the resourceVersion of `current` (the service as the status write left it) or,
+        without one, of the pass's read. A user who set another action meanwhile keeps it (the
+        object shows the new value, or the patch conflicts): the next pass acts on it."""
+        version = ro.resource_version
+        if current is not None:
+            now = (current["metadata"].get("annotations") or {}).get(names.ANNOTATION_ROLLOUT_ACTION)
+            if now != ro.action:
+                report.wrote("inferenceservice.annotation.changed")
+                return
+            version = current["metadata"]["resourceVersion"]
+        patch: dict[str, Any] = {"metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: None}}}
+        if version:
+            patch["metadata"]["resourceVersion"] = version
+        self.gate()
+        try:
+            self.custom.patch_namespaced_custom_object(
+                names.GROUP, names.VERSION, ro.namespace, names.INFERENCE_SERVICE_PLURAL, ro.name, patch
+            )
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            report.wrote("inferenceservice.annotation.changed")
+            return
+        report.wrote("inferenceservice.annotation")
 
     # --- decisions first: EdgeNodes, rollout steps, EdgeNode specs -----------------------------
 
@@ -58,6 +111,7 @@ class FleetWriter:
         created = {}
         for body in sync.create:
             name = body["metadata"]["name"]
+            self.gate()
             try:
                 created[name] = self.custom.create_cluster_custom_object(
                     names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body
@@ -70,6 +124,7 @@ class FleetWriter:
                     names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
                 )
         for name in sync.delete:
+            self.gate()
             try:
                 self.custom.delete_cluster_custom_object(
                     names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
@@ -89,6 +144,7 @@ class FleetWriter:
         stand = []
 
         def write(ro: pass_plan.RolloutWrite) -> None:
+            self.gate()
             if ro.action_warning is not None:
                 self.post_event(ro.action_warning, report)
             if ro.decision is None:
@@ -97,8 +153,10 @@ class FleetWriter:
                 report.wrote("rollout.invalid")
                 return
             try:
+                current = None
                 if ro.status_patch is not None:
-                    self.custom.patch_namespaced_custom_object_status(
+                    self.gate()
+                    current = self.custom.patch_namespaced_custom_object_status(
                         names.GROUP,
                         names.VERSION,
                         ro.namespace,
@@ -108,15 +166,7 @@ class FleetWriter:
                     )
                     report.wrote("inferenceservice.rollout")
                 if ro.clear_action:
-                    self.custom.patch_namespaced_custom_object(
-                        names.GROUP,
-                        names.VERSION,
-                        ro.namespace,
-                        names.INFERENCE_SERVICE_PLURAL,
-                        ro.name,
-                        {"metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: None}}},
-                    )
-                    report.wrote("inferenceservice.annotation")
+                    self.clear_action(ro, current, report)
             except ApiException as e:
                 log.warning("rollout of %s not advanced: %s %s", ro.service, e.status, e.reason)
                 report.wrote("rollout.error")
@@ -131,23 +181,55 @@ class FleetWriter:
     def write_edge_node_specs(
         self, writes: Sequence[pass_plan.EdgeNodeSpecWrite], report: PassReport
     ) -> dict[str, Obj]:
-        """Patches the EdgeNodes; returns them as patched. One gone since the pass read it (with its
-        Node) is skipped: the next pass re-plans."""
+        """Patches the EdgeNodes, each conditional on the resourceVersion the pass read; returns them
+        as patched. One gone since the pass read it (with its Node) is skipped, and so is one whose
+        spec changed since (counted as `edgenode.conflict`): the next pass re-reads and re-plans. One
+        whose status alone changed since (its agent reported) is patched again on the new version."""
         patched = {}
 
         def write(w: pass_plan.EdgeNodeSpecWrite) -> None:
-            try:
-                patched[w.node] = self.custom.patch_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, w.patch
-                )
-            except ApiException as e:
-                if e.status != 404:
-                    raise
-                return
-            report.wrote("edgenode.patch")
+            version = w.resource_version
+            for _ in range(2):
+                try:
+                    patched[w.node] = self._patch_edge_node(w, version)
+                    report.wrote("edgenode.patch")
+                    return
+                except ApiException as e:
+                    if e.status == 404:
+                        return
+                    if e.status != 409:
+                        raise
+                try:
+                    now = self.custom.get_cluster_custom_object(
+                        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node
+                    )
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+                    return
+                if not pass_plan.same_spec_basis(now, w):
+                    break
+                version = now["metadata"]["resourceVersion"]
+            log.info("EdgeNode %s changed since this pass read it; the next pass re-plans it", w.node)
+            report.wrote("edgenode.conflict")
 
         self._each(write, writes)
         return patched
+
+    def _patch_edge_node(self, w: pass_plan.EdgeNodeSpecWrite, version: str | None) -> Obj:
+        patch = dict(w.patch)
+        meta: dict[str, Any] = dict(patch.get("metadata") or {})
+        if version is not None:
+            meta["resourceVersion"] = version
+        if self.identity:
+            meta["annotations"] = {**(meta.get("annotations") or {}), WRITTEN_BY: self.identity}
+        if meta:
+            patch["metadata"] = meta
+        self.gate()
+        out: Obj = self.custom.patch_cluster_custom_object(
+            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, patch
+        )
+        return out
 
     def write_finalizers(self, writes: Iterable[pass_plan.FinalizerWrite], report: PassReport) -> None:
         for w in writes:
@@ -157,6 +239,7 @@ class FleetWriter:
 
     def sync_pods(self, writes: Sequence[pass_plan.PodWrite], report: PassReport) -> None:
         def write(w: pass_plan.PodWrite) -> None:
+            self.gate()
             if self.urgent.is_set():
                 report.defer()
                 return
@@ -187,6 +270,7 @@ class FleetWriter:
         carried: dict[str, list[PlacementEvent]] = {}
 
         def write(plan: pass_plan.Bookkeeping) -> None:
+            self.gate()
             if self.urgent.is_set():
                 report.defer()
                 if plan.placement_events:
@@ -208,6 +292,7 @@ class FleetWriter:
             self.post_event(event, report)
         finalizer = plan.finalizer
         if plan.status_patch is not None:
+            self.gate()
             updated = self.custom.patch_namespaced_custom_object_status(
                 names.GROUP,
                 names.VERSION,
@@ -224,6 +309,7 @@ class FleetWriter:
         if finalizer is not None:
             self.set_finalizers(finalizer, report)
         if plan.create_service is not None:
+            self.gate()
             try:
                 self.core.create_namespaced_service(plan.namespace, plan.create_service)
                 report.wrote("service.create")
@@ -235,6 +321,7 @@ class FleetWriter:
 
     def write_endpoint_slice(self, w: pass_plan.SliceWrite, report: PassReport) -> None:
         endpoints = w.endpoints
+        self.gate()
         if w.create:
             try:
                 self.discovery.create_namespaced_endpoint_slice(w.namespace, w.body)
@@ -250,6 +337,7 @@ class FleetWriter:
             )
             endpoints = pass_plan.endpoints_patch(current, w.body)
         if endpoints is not None:
+            self.gate()
             self.discovery.patch_namespaced_endpoint_slice(w.name, w.namespace, {"endpoints": endpoints})
             report.wrote("endpointslice.patch")
 
@@ -257,6 +345,7 @@ class FleetWriter:
 
     def post_event(self, event: pass_plan.EventWrite, report: PassReport) -> None:
         """Best effort: a terminating namespace refuses events."""
+        self.gate()
         try:
             self.core.create_namespaced_event(event.namespace, event.body())
         except ApiException as e:
@@ -269,6 +358,7 @@ class FleetWriter:
         """A conflict (another controller wrote the service since) or a service already gone is left to
         the next pass."""
         patch = {"metadata": {"finalizers": list(w.finalizers), "resourceVersion": w.resource_version}}
+        self.gate()
         try:
             self.custom.patch_namespaced_custom_object(
                 names.GROUP, names.VERSION, w.namespace, names.INFERENCE_SERVICE_PLURAL, w.name, patch

@@ -115,6 +115,9 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
                         "limits": {"memory": settings.memory_limit, settings.gpu_resource: "1"},
                     },
+                    # torch imports and the first model load can take minutes on a Jetson: liveness
+                    # starts counting only once the agent has answered once (5 min at most).
+                    "startupProbe": _http_probe("/v2/health/live", 5, failures=60),
                     "livenessProbe": _http_probe("/v2/health/live", 10),
                     "readinessProbe": _http_probe("/v2/health/ready", 5),
                     "securityContext": {
@@ -207,10 +210,10 @@ def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int
     }
 
 
-def _http_probe(path: str, period_s: int) -> dict[str, Any]:
+def _http_probe(path: str, period_s: int, failures: int = 3) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "http"},
         "periodSeconds": period_s,
         "timeoutSeconds": 2,
-        "failureThreshold": 3,
+        "failureThreshold": failures,
     }

@@ -5,6 +5,7 @@ Names follow the Prometheus conventions: base units, `_seconds`, `_total`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -56,8 +57,33 @@ class OperatorMetrics:
             "edgefleet_operator_fleet_nodes", "Fleet nodes by health.", ["health"], registry=r
         )
 
-    def observe_pass(self, report: PassReport, seconds: float, ok: bool) -> None:
-        self.reconciles.labels("ok" if ok else "error").inc()
+        self.shards_held = Gauge(
+            "edgefleet_operator_shards_held",
+            "1 for each shard this replica holds (may write for), 0 for the others it knows.",
+            ["shard"],
+            registry=r,
+        )
+        self.shard_transitions = Counter(
+            "edgefleet_operator_shard_transitions_total",
+            "Shards this replica acquired or lost (released, taken over, or a renewal that failed).",
+            ["shard", "event"],
+            registry=r,
+        )
+
+    def observe_holds(self, shards: Iterable[str], held: Iterable[str]) -> None:
+        mine = set(held)
+        for shard in shards:
+            self.shards_held.labels(shard).set(1 if shard in mine else 0)
+
+    def observe_transitions(self, acquired: Iterable[str], lost: Iterable[str]) -> None:
+        for shard in acquired:
+            self.shard_transitions.labels(shard, "acquired").inc()
+        for shard in lost:
+            self.shard_transitions.labels(shard, "lost").inc()
+
+    def observe_pass(self, report: PassReport, seconds: float, ok: bool, result: str = "") -> None:
+        """`result`: the label when not "ok"/"error" (a pass `stopped` because its hold was lost)."""
+        self.reconciles.labels(result or ("ok" if ok else "error")).inc()
         self.reconcile_seconds.observe(seconds)
         for what, n in report.writes.items():
             self.api_writes.labels(what).inc(n)

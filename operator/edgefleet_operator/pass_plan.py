@@ -118,6 +118,11 @@ class RolloutWrite:
     status.rollout goes out with the service's status, after the specs)."""
     clear_action: bool = False
     events: tuple[EventWrite, ...] = ()
+    action: str | None = None
+    """The rollout-action annotation's value as read: it is removed only if it still holds this."""
+    resource_version: str | None = None
+    """The service's resourceVersion as read (the annotation removal's condition when no status
+    write precedes it)."""
 
 
 def rollout_write(
@@ -144,13 +149,17 @@ def rollout_write(
     try:
         observations = {
             n: rollout.observe(
-                key, read.edge_node(n).status, node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, "")
+                key,
+                read.edge_node(n).status,
+                node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, ""),
+                read.set_at(n),
             )
             for n in nodes
         }
         decision = rollout.step(
-            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key
-        )
+            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key,
+            spec_age_s=service.spec_age_s,
+        )  # fmt: skip
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         # A status.rollout this operator cannot follow (edited by hand, or from an older version).
         return RolloutWrite(
@@ -170,15 +179,36 @@ def rollout_write(
         status_patch=patch,
         clear_action=annotation is not None,
         events=tuple(event(isvc, e.reason, e.message, e.warning, stamp) for e in decision.events),
+        action=annotation,
+        resource_version=meta.get("resourceVersion"),
     )
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeNodeSpecWrite:
-    """A merge patch of one EdgeNode: its models and budget, and the work-since annotation."""
+    """A merge patch of one EdgeNode: its models and budget, and the work-since annotation;
+    conditional on the resourceVersion read (`fleet_writer`), planned from `basis`."""
 
     node: str
     patch: Obj
+    resource_version: str | None = None
+    """The EdgeNode's resourceVersion as the pass read it."""
+    basis: Obj | None = None
+    """What the patch was planned from: the spec and work-since annotation as read
+    (`spec_basis`)."""
+
+
+def spec_basis(obj: Obj) -> Obj:
+    """What of an EdgeNode a spec write is planned from: its spec and the work-since annotation
+    (status, which its agent writes, is not)."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return {"spec": obj.get("spec") or {}, "workSince": annotations.get(names.ANNOTATION_WORK_SINCE)}
+
+
+def same_spec_basis(obj: Obj, write: EdgeNodeSpecWrite) -> bool:
+    """Whether `obj` (the EdgeNode now) still has what `write` was planned from: if so, a conflict
+    on its resourceVersion was a status write, and the patch is still right."""
+    return write.basis is not None and spec_basis(obj) == write.basis
 
 
 def edge_node_spec_writes(
@@ -209,7 +239,8 @@ def edge_node_spec_writes(
             patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: now}}
         elif not models and names.ANNOTATION_WORK_SINCE in en.annotations:
             patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: None}}
-        out.append(EdgeNodeSpecWrite(node, patch))
+        raw = read.edge_nodes[node]
+        out.append(EdgeNodeSpecWrite(node, patch, raw["metadata"].get("resourceVersion"), spec_basis(raw)))
     return tuple(out)
 
 

@@ -12,6 +12,11 @@ clock value passed in) and applies them (`fleet_writer`), writing only the diffe
 5. agent Pods (created where a node has work, deleted where it has none);
 6. each service's bookkeeping (events, status, finalizer, Service, EndpointSlice).
 
+Only the holder of the fleet's shard writes (`ownership`, `fleet_loop`): `gate` is called before the
+pass, before every phase and before every single write, and raises `ownership.HoldLost` once the
+hold is gone, which stops the pass where it is (the next holder's pass completes it, as after a
+crash).
+
 A phase decides from what the phases before it wrote (the pass keeps its `FleetRead` current). Every
 write is idempotent and derived from what is read, so a pass interrupted anywhere (an operator
 killed mid-way) is completed by the next one with no duplicates: object names are deterministic and
@@ -42,6 +47,7 @@ from edgefleet_operator.fleet_types import NodeState, PlacementEvent, PlacementR
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
+from edgefleet_operator.ownership import HoldLost
 from edgefleet_operator.pass_report import PassReport
 from edgefleet_operator.placement import Planner
 from edgefleet_operator.settings import OperatorSettings
@@ -58,8 +64,12 @@ class FleetReconciler:
         settings: OperatorSettings,
         metrics: OperatorMetrics,
         clock: Callable[[], float] = time.time,
+        identity: str = "",
     ) -> None:
         self.settings = settings
+        self.gate: Callable[[], None] = _always
+        """Raises `ownership.HoldLost` when this replica may no longer write (`fleet_loop` sets it);
+        by default it always may (a single instance, or a test's reconciler)."""
         self.metrics = metrics
         self.clock = clock
         # Typed as Any: the client takes plain dicts (the API's JSON) where its stubs name models.
@@ -71,34 +81,51 @@ class FleetReconciler:
         """Set (from any thread) when work on the serving path is waiting: the running pass stops
         starting Pod writes and services' bookkeeping. Cleared as a pass begins (its read then sees
         that work)."""
-        self.writer = FleetWriter(core, custom, discovery, self.urgent)
+        self.writer = FleetWriter(core, custom, discovery, self.urgent, lambda: self.gate(), identity)
         self.tracker = HealthTracker(settings.fleet)
         # Keeps the last pass's plan: a change in some nodes re-plans only what it reaches.
         self.planner = Planner()
         self._carried: dict[str, list[PlacementEvent]] = {}
         """Placement events of services whose bookkeeping a pass deferred, for the next pass."""
 
+    def forget(self) -> None:
+        """Drop what was kept from earlier passes (the planner's last plan, carried events): after a
+        hold is (re)gained another replica may have written meanwhile. Node health memory stays: it
+        errs towards damping, as after a restart."""
+        self.planner = Planner()
+        self._carried = {}
+
     def reconcile_once(self) -> PassReport:
         t0 = time.monotonic()
         report = PassReport()
         self.urgent.clear()  # this pass's read sees what was urgent until now
         try:
+            self.gate()
             read = self.reader.read()
             now = self.clock()
+            self.gate()
             self._sync_edge_nodes(read, report)
             deleting = [s for s in read.services if s["metadata"].get("deletionTimestamp")]
             live, states, result = self._place(read, now, report)
+            self.gate()
             rollouts = self._rollouts(live, result, read, now, report)
+            self.gate()
             # Positional arguments: a test wraps this phase to set `urgent` right after it.
             self._write_edge_node_specs(live, result, rollouts, states, read, now, report)
+            self.gate()
             self._release_finalizers(deleting, read, report)
+            self.gate()
             self._sync_pods(result, read, report)
+            self.gate()
             self._write_services(live, result, rollouts, read, now, report)
             report.nodes, report.services = len(read.nodes), len(live)
             report.unplaced = sum(1 for p in result.services.values() if not p.complete)
             report.seconds = time.monotonic() - t0
             self.metrics.observe_pass(report, report.seconds, ok=True)
             return report
+        except HoldLost:
+            self.metrics.observe_pass(report, time.monotonic() - t0, ok=False, result="stopped")
+            raise
         except Exception:
             self.metrics.observe_pass(report, time.monotonic() - t0, ok=False)
             raise
@@ -250,6 +277,10 @@ class FleetReconciler:
                 )
             )
         self._carried |= self.writer.write_bookkeeping(plans, report)
+
+
+def _always() -> None:
+    """The gate of a reconciler that always may write."""
 
 
 def _rollout(service: ServiceRead) -> RolloutStatus | None:

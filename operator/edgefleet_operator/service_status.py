@@ -2,7 +2,9 @@
 contract's typed models in, a typed `InferenceServiceStatus` out, the clock's value passed in.
 
 Conditions follow the Kubernetes API conventions: Ready, Progressing and Degraded,
-each with observedGeneration; lastTransitionTime changes only when the status does.
+each with observedGeneration; lastTransitionTime changes only when the status does. Degraded names
+the nodes that cannot prepare their target and keep serving an older version (reason
+ServingPreviousVersion), after a failed rollout's reason.
 
 Aggregated SLA across nodes (the end of the SLA path: the agents' windows, `EdgeNodeStatus`
 models[].sla, become the service's status.sla): throughput and requests add up; error rate is
@@ -30,7 +32,7 @@ from edgefleet_operator import manifests
 from edgefleet_operator.fleet_read import ServiceRead
 from edgefleet_operator.fleet_types import ServicePlacement
 
-__all__ = ["MAX_NODES_IN_STATUS", "RolloutView", "aggregate_sla", "service_status"]
+__all__ = ["MAX_NODES_IN_STATUS", "RolloutView", "aggregate_sla", "service_status", "serving_previous"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,31 @@ def failed_models(status: EdgeNodeStatus, service: str) -> list[str]:
         for m in status.models
         if m.service == service and m.state is ModelState.FAILED
     ]
+
+
+def serving_previous(
+    status: EdgeNodeStatus, service: str, wanted: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """What a node keeps serving because it cannot prepare its target: for each wanted model
+    version reported Failed, the versions of that model no longer wanted that it still reports
+    Ready (make before break: the agent keeps them until a target is ready)."""
+    want = {(name, version) for name, version, _ in wanted}
+    out = []
+    for m in status.models:
+        if m.service != service or m.state is not ModelState.FAILED or (m.model, m.version) not in want:
+            continue
+        old = sorted(
+            f"{o.model}:{o.version}"
+            for o in status.models
+            if o.service == service
+            and o.model == m.model
+            and o.state is ModelState.READY
+            and (o.model, o.version) not in want
+        )
+        if old:
+            why = m.message or "failed"
+            out.append(f"cannot prepare {m.model}:{m.version} ({why}); still serving {', '.join(old)}")
+    return out
 
 
 def aggregate_sla(windows: Sequence[SlaWindow]) -> SlaWindow:
@@ -118,6 +145,8 @@ def service_status(
     ready_nodes: list[str] = []
     per_node: list[NodeSummary] = []
     failures: list[str] = []
+    fallbacks: list[str] = []
+    """Nodes that cannot prepare their target and keep serving an older version."""
     windows: list[SlaWindow] = []
     versions: Counter[str] = Counter()
     ready_versions: Counter[str] = Counter()
@@ -130,7 +159,10 @@ def service_status(
         if ready:
             ready_nodes.append(node)
             ready_versions[version] += 1
-        failures += [f"{node}: {f}" for f in failed_models(st, key)]
+        held = serving_previous(st, key, wanted)
+        fallbacks += [f"{node}: {h}" for h in held]
+        if not held:
+            failures += [f"{node}: {f}" for f in failed_models(st, key)]
         node_sla = [m.sla for m in st.models_of(key) if m.sla is not None and not m.sla.empty]
         windows += node_sla
         p95s = [w.p95_latency_s for w in node_sla if w.p95_latency_s is not None]
@@ -159,11 +191,14 @@ def service_status(
     degraded_why = [rollout.degraded] if rollout and rollout.degraded else []
     if message:
         degraded_why.append(("Unplaceable", message))
+    if fallbacks:
+        listed = "; ".join(fallbacks[:5]) + (f"; and {len(fallbacks) - 5} more" if len(fallbacks) > 5 else "")
+        degraded_why.append(("ServingPreviousVersion", listed))
     if failures:
         degraded_why.append(("ModelFailed", "; ".join(failures[:5])))
     if violated:
         degraded_why.append(("SLAViolated", f"{len(violated)} node window(s) missed the SLA"))
-    progressing = bool(nodes) and len(ready_nodes) < len(nodes) and not failures
+    progressing = bool(nodes) and len(ready_nodes) < len(nodes) and not failures and not fallbacks
     loading = f"{len(nodes) - len(ready_nodes)} node(s) loading" if progressing else "no change in progress"
     endpoints = {n: st.endpoint for n, st in edge_node_status.items() if st.endpoint}
 

@@ -59,9 +59,40 @@ class AgentPodSettings:
 
 
 @dataclass(frozen=True)
+class OwnershipSettings:
+    """Which replica writes for which shard (`ownership`): Lease timings, and where the Leases live."""
+
+    lease_duration_s: float = 15.0
+    """A shard Lease not renewed for this long is taken over; with `renew_interval_s`, it bounds
+    failover (`ownership.failover_bound_s`: 25 s by default). 15 s is client-go's default: a holder
+    stuck for a GC pause or an API-server blip of a few seconds keeps its shards."""
+    renew_interval_s: float = 5.0
+    """How often a replica lists the Leases, renews its own and decides (three renewals per lease
+    duration: one failed renew is no failover)."""
+    margin_s: float = 3.0
+    """A holder stops writing this long before its hold could expire for the others: covers a write
+    in flight and a clock that runs a little slow."""
+    namespace: str = ""
+    """Namespace of the operator's Leases: the operator's own (the chart sets it from the Pod);
+    empty: the agent namespace."""
+
+    def __post_init__(self) -> None:
+        if self.lease_duration_s < 1:
+            raise ValueError(f"lease duration must be >= 1 s, got {self.lease_duration_s}")
+        if not 0 < self.renew_interval_s < self.lease_duration_s - self.margin_s:
+            raise ValueError(
+                f"lease renew interval ({self.renew_interval_s} s) must be > 0 and shorter than the "
+                f"lease duration less the margin ({self.lease_duration_s} - {self.margin_s} s)"
+            )
+        if self.margin_s < 0:
+            raise ValueError(f"lease margin must be >= 0 s, got {self.margin_s}")
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     agent: AgentPodSettings = field(default_factory=AgentPodSettings)
+    ownership: OwnershipSettings = field(default_factory=OwnershipSettings)
     reconcile_debounce_s: float = 0.5
     """Events within this window are folded into one fleet reconcile (a burst of 200 applies costs
     a handful of placements, not 200)."""
@@ -69,6 +100,17 @@ class OperatorSettings:
     """Full reconcile even without events: catches missed watch events and ages node health (Lease
     renewals are not watched: at 1,000 agents they would be 100 events a second)."""
     metrics_port: int = 8080
+    api_backoff_base_s: float = 1.0
+    """After a failed pass (the API server said no, or went away) the next waits up to this long,
+    doubling with every failure in a row (full jitter: a random share of it), back to this after a
+    success."""
+    api_backoff_cap_s: float = 30.0
+    """The longest wait between failed passes: an API server coming back is not stormed by every
+    operator and is retried within half a minute."""
+
+    @property
+    def lease_namespace(self) -> str:
+        return self.ownership.namespace or self.agent.namespace
 
 
 def _selector(text: str) -> dict[str, str]:
@@ -143,9 +185,25 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
     if not 0 <= fleet.memory_reserve_fraction < 1:
         got = fleet.memory_reserve_fraction
         raise ValueError(f"EDGEFLEET_MEMORY_RESERVE_FRACTION must be in [0, 1), got {got}")
+    o = OwnershipSettings
+    ownership = OwnershipSettings(
+        lease_duration_s=_number(e, "LEASE_DURATION_S", o.lease_duration_s),
+        renew_interval_s=_number(e, "LEASE_RENEW_S", o.renew_interval_s),
+        margin_s=_number(e, "LEASE_MARGIN_S", o.margin_s),
+        namespace=e.get("EDGEFLEET_LEASE_NAMESPACE", "").strip(),
+    )
+    backoff = (
+        _number(e, "API_BACKOFF_BASE_S", OperatorSettings.api_backoff_base_s),
+        _number(e, "API_BACKOFF_CAP_S", OperatorSettings.api_backoff_cap_s),
+    )
+    if not 0 < backoff[0] <= backoff[1]:
+        raise ValueError(f"API backoff must have 0 < base <= cap, got base {backoff[0]}, cap {backoff[1]}")
     return OperatorSettings(
         fleet=fleet,
         agent=agent,
+        ownership=ownership,
+        api_backoff_base_s=backoff[0],
+        api_backoff_cap_s=backoff[1],
         reconcile_debounce_s=_number(e, "DEBOUNCE_S", OperatorSettings.reconcile_debounce_s),
         resync_interval_s=_number(e, "RESYNC_S", OperatorSettings.resync_interval_s),
         metrics_port=_number(e, "METRICS_PORT", OperatorSettings.metrics_port, int),

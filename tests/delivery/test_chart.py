@@ -115,7 +115,8 @@ def test_lint_with_every_option_on(helm: Helm) -> None:
 @pytest.mark.parametrize(
     ("setting", "complaint"),
     [
-        ("operator.replicas=2", "replicas"),
+        ("operator.replicas=0", "replicas"),
+        ("operator.leaseDurationSeconds=1", "leaseDurationSeconds"),
         ("fleet.memoryReserveFraction=1.5", "memoryReserveFraction"),
         ("fleet.agentGraceSeconds=-1", "agentGraceSeconds"),
         ("agent.gpuResource=not a resource", "gpuResource"),
@@ -132,12 +133,20 @@ def test_schema_rejects_bad_values(helm: Helm, setting: str, complaint: str) -> 
     assert complaint in out.stderr
 
 
-def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
+def test_deployment_is_two_rolling_restricted_replicas(helm: Helm) -> None:
     docs = helm.template("--set", "fleet.selector.site=berlin,agent.thermal.softLimitC=72")
     dep = one(docs, "Deployment")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas share the fleet by Leases (one writes, one stands by), so they may roll.
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = dep["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = pod["containers"]
@@ -145,8 +154,12 @@ def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    # A standby replica is Ready (the same probe: it passes without holding anything).
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert {"name": "healthz", "containerPort": 8081} in container["ports"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["EDGEFLEET_LEASE_NAMESPACE"] == "edgefleet-system", "the operator's Leases in its own"
+    assert (env["EDGEFLEET_LEASE_DURATION_S"], env["EDGEFLEET_LEASE_RENEW_S"]) == ("15", "5")
     # The variables operator/settings.py reads, with the values' meaning.
     assert set(env["EDGEFLEET_FLEET_SELECTOR"].split(",")) == {"edgefleet.io/fleet=true", "site=berlin"}
     assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-system"
@@ -160,6 +173,7 @@ def test_deployment_is_one_recreated_restricted_replica(helm: Helm) -> None:
         "EDGEFLEET_DEBOUNCE_S",
         "EDGEFLEET_RESYNC_S",
         "EDGEFLEET_MEMORY_RESERVE_FRACTION",
+        "EDGEFLEET_LEASE_MARGIN_S",
     ):
         float(env[name])
     assert container["image"] == "ghcr.io/edgefleet/operator:0.1.0"
@@ -173,17 +187,37 @@ def test_values_written_by_the_harness_keep_number_like_strings(helm: Helm, tmp_
     assert "edgefleet.io/e2e-fleet=430e5" in env["EDGEFLEET_FLEET_SELECTOR"].split(",")
 
 
-def test_the_operator_awaits_the_charts_peering_object_instead_of_racing_it(helm: Helm) -> None:
-    # The chart creates the ClusterKopfPeering after the Deployment; an operator Pod that started
-    # first and created it made `helm install` fail with "already exists" on a real cluster.
-    args = one(helm.template(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--await-peering=120" in args and one(helm.template(), "ClusterKopfPeering")
-    docs = helm.template("--set", "peering.create=false")
+def test_replicas_coordinate_by_leases_not_kopf_peering(helm: Helm) -> None:
+    # Every replica runs kopf standalone (its handlers stay live: sharding needs them); the Leases in
+    # the release namespace decide who writes. An old values file's peering.create still installs.
+    for docs in (helm.template(), helm.template("--set", "peering.create=true")):
+        assert not by_kind(docs, "ClusterKopfPeering")
+        args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert not [a for a in args if "peering" in a]
+    docs = helm.template(namespace="ops")
+    leases = one(docs, "Role", "-leases")
+    assert leases["metadata"]["namespace"] == "ops"
+    assert grants(leases) == {
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "delete"}
+    }
+    binding = one(docs, "RoleBinding", "-leases")
+    assert binding["roleRef"]["name"] == leases["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == "ops"
+    assert ("kopf.dev", "clusterkopfpeerings") not in grants(one(docs, "ClusterRole", "-operator"))
+
+
+def test_a_disruption_budget_keeps_one_replica_and_none_for_a_single_one(helm: Helm) -> None:
+    docs = helm.template()
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
     assert (
-        "--await-peering=120"
-        not in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        pdb["spec"]["selector"]["matchLabels"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     )
-    assert not [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+    # With one replica a PDB of minAvailable 1 would block every node drain.
+    assert not by_kind(helm.template("--set", "operator.replicas=1"), "PodDisruptionBudget")
+    assert not by_kind(
+        helm.template("--set", "operator.podDisruptionBudget.enabled=false"), "PodDisruptionBudget"
+    )
 
 
 def test_optional_monitoring_objects(helm: Helm) -> None:
@@ -209,7 +243,7 @@ def test_namespace_carries_pod_security_restricted(helm: Helm) -> None:
 def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
     docs = helm.template("--set", "namespace.create=true,serviceMonitor.enabled=true")
     roles = [d for d in docs if d["kind"] in RBAC_KINDS]
-    assert len(roles) == 4
+    assert len(roles) == 5
     for role in roles:
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
@@ -248,7 +282,7 @@ def test_install_bundle_is_in_sync(control_plane: localcluster.ClusterState) -> 
     assert out.returncode == 0, f"manifests/install.yaml is stale:\n{out.stdout[-3000:]}{out.stderr}"
     docs = [d for d in yaml.safe_load_all((REPO / "manifests" / "install.yaml").read_text()) if d]
     kinds = [d["kind"] for d in docs]
-    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.count("CustomResourceDefinition") == 2
     assert kinds.index("Namespace") < kinds.index("ServiceAccount") < kinds.index("Deployment")
     for role in (d for d in docs if d["kind"] in RBAC_KINDS):
         assert all("*" not in rule[k] for rule in role["rules"] for k in ("apiGroups", "resources", "verbs"))
@@ -290,19 +324,8 @@ def release(helm: Helm, control_plane: localcluster.ClusterState, namespace: str
     agent_ns = f"{namespace[:50]}-agents"
     # Enforce "restricted" on the release namespace too: the operator Pod must pass it.
     kubectl(control_plane, "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-    # The peering object has one fixed name per cluster; a test operator may have made it already.
-    peering = kubectl(control_plane, "get", "clusterkopfpeering", "edgefleet", check=False)
-    have_peering = peering.returncode == 0
-    settings = (
-        f"agent.namespace={agent_ns},namespace.create=true,peering.create={str(not have_peering).lower()}"
-    )
-    info = {
-        "name": name,
-        "namespace": namespace,
-        "agent_ns": agent_ns,
-        "fullname": f"{name}-edgefleet",
-        "peering": str(not have_peering),
-    }
+    settings = f"agent.namespace={agent_ns},namespace.create=true"
+    info = {"name": name, "namespace": namespace, "agent_ns": agent_ns, "fullname": f"{name}-edgefleet"}
     try:
         helm("install", name, str(CHART), "--namespace", namespace, "--set", settings, "--wait=false")
         yield info
@@ -360,8 +383,7 @@ def test_helm_install_and_uninstall(
     )
     labels = json.loads(kubectl(st, "get", "namespace", agent_ns, "-o", "json").stdout)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    if release["peering"] == "True":
-        kubectl(st, "get", "clusterkopfpeering", "edgefleet")
+    kubectl(st, "-n", ns, "get", f"role/{op}-leases", f"rolebinding/{op}-leases", f"poddisruptionbudget/{op}")
     # The operator Pod passes Pod Security "restricted" (the ReplicaSet could create it).
     eventually(
         lambda: kubectl(

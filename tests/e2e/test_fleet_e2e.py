@@ -487,15 +487,10 @@ def test_1_helm_install_brings_up_the_operator(fleet_: Fleet) -> None:
     f = fleet_
     f.kubectl("create", "namespace", NAMESPACE)
     f.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-    # A fresh cluster has no kopf CRD yet (the chart brings it): no peering object either.
-    has_peering = bool(
-        f.kubectl("get", "clusterkopfpeering", "edgefleet", "--ignore-not-found", "-o", "name", check=False)
-    )
     values = release.merge(
         release.FAST_HEALTH_VALUES,
         {
             "agent": {"namespace": ""},
-            "peering": {"create": not has_peering},
             "fleet": {"selector": {names.LABEL_FLEET: "true", FLEET_LABEL: RUN}},
         },
         release.LOCAL_VALUES if f.local is not None else {},

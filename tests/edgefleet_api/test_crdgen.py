@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("outdir", crdgen.OUTPUT_DIRS, ids=lambda d: str(d.relative_to(REPO)))
-@pytest.mark.parametrize("name", sorted({**crdgen.all_crds(), **crdgen.support_crds()}))
+@pytest.mark.parametrize("name", sorted(crdgen.all_crds()))
 def test_committed_crds_match_the_generator(outdir: Path, name: str) -> None:
     committed = (outdir / name).read_text()
-    assert committed == crdgen.render({**crdgen.all_crds(), **crdgen.support_crds()}[name]), (
+    assert committed == crdgen.render(crdgen.all_crds()[name]), (
         f"{outdir.relative_to(REPO)}/{name} is stale: run `make crds`"
     )
 

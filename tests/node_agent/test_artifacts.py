@@ -157,3 +157,37 @@ def test_persisted_file_is_plain_json(tmp_path: Path) -> None:
     write_atomic(path, json.dumps({"a": 1}))
     write_atomic(path, json.dumps({"a": 2}))
     assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_a_download_cut_mid_transfer_leaves_nothing_behind(example_repo: Path, tmp_path: Path) -> None:
+    """The connection drops halfway through the artifact: an error naming the URL, no artifact
+    and no temp file in the version folder (the bytes went to a temp file, never to the name)."""
+    import http.server
+
+    data = (example_repo / "mlp" / "1" / "model.pt").read_bytes()
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        repo = ModelRepository(tmp_path / "models")
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/mlp/1/model.pt"
+        with pytest.raises(
+            InvalidModel, match=r"fetching .*model\.pt failed: the transfer stopped [0-9]+ bytes short"
+        ):
+            materialize(repo, desired("mlp", "1", digest(example_repo, "mlp", "1"), url))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    folder = tmp_path / "models" / "mlp" / "1"
+    assert not folder.exists() or list(folder.iterdir()) == []

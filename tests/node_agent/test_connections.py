@@ -100,6 +100,11 @@ def test_bytes_that_did_arrive_are_still_bounded(agent: RunningAgent) -> None:
         for sock in held:  # each holds just under 1 MiB of the 2 MiB budget, its body unfinished
             sock.sendall(f"POST {MLP} HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n\r\n".encode())
             sock.sendall(b" " * (MIB - 64 * 1024))
+        api = agent.agent.http_api
+        assert api is not None
+        deadline = time.monotonic() + 30  # sendall returns before the agent has read those bytes
+        while api.bodies.held < 2 * (MIB - 64 * 1024) and time.monotonic() < deadline:
+            time.sleep(0.01)
         status, doc = post(agent.port, b" " * (MIB - 1024) + BODY[: 1024 - 1])
         assert status == 503 and "request bytes in flight" in doc["error"], doc
     finally:

@@ -477,7 +477,9 @@ def test_index_unload_and_load(client: triton.InferenceServerClient, served: Run
     assert not client.is_model_ready("mlp")
     with pytest.raises(InferenceServerException, match="unloaded") as info:
         client.infer("mlp", [x])
-    assert info.value.status() == "404"
+    assert info.value.status() == "503"  # a known model out of service: retry later, not 404
+    status, headers, _ = request(served.port, "POST", "/v2/models/mlp/infer", b"{}")
+    assert status == 503 and int(headers["retry-after"]) >= 1
     ready = {e["name"] for e in client.get_model_repository_index() if e["state"] == "READY"}
     assert "mlp" not in ready and "classifier" in ready
     status, _, only_ready = request(served.port, "POST", "/v2/repository/index", b'{"ready": true}')
@@ -693,3 +695,129 @@ def test_serve_from_start_to_sigterm(example_repo: Path, tmp_path: Path) -> None
         assert agent.proc.wait(30) == 0
     finally:
         agent.close()
+
+
+# --- paths and readiness (issue 16, parts 1 and 3) -------------------------------------------
+
+
+def test_escaping_files_answer_409_and_readiness_needs_a_servable_model(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """A repository whose only model's artifact links out of it: the model answers 409 with the
+    reason (never 200, never a path on disk), the index lists it UNAVAILABLE, and the agent is
+    not ready (it can serve nothing); once a good model is written, it is ready."""
+    from node_agent.serving.service import HealthSettings
+
+    root = tmp_path / "models"
+    folder = root / "artout" / "1"
+    folder.mkdir(parents=True)
+    mlp = parse_model_config(example_repo / "mlp" / "1" / "model.yaml")
+    write_model_config(folder, dataclasses.replace(mlp, name="artout"))
+    (folder / "model.pt").symlink_to(example_repo / "mlp" / "1" / "model.pt")
+    health = HealthSettings(check_interval_s=0.0)
+    running = RunningAgent(
+        AgentSettings(root, workers=1, health=health, http=HttpSettings(host="127.0.0.1", port=0))
+    )
+    try:
+        port = running.port
+        features = {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": [0.5] * 32}
+        body = json.dumps({"inputs": [features]})
+        answers = []
+        for method, path, payload in (
+            ("POST", "/v2/models/artout/infer", body),
+            ("GET", "/v2/models/artout", b""),
+            ("GET", "/v2/models/artout/versions/1/ready", b""),
+            ("GET", "/v2/health/ready", b""),
+            ("POST", "/v2/repository/index", b""),
+        ):
+            answers.append((path, *request(port, method, path, payload)))
+        by_path = {path: (status, doc) for path, status, _, doc in answers}
+        assert by_path["/v2/models/artout/infer"][0] == 409
+        assert "artifact 'model.pt' resolves outside" in by_path["/v2/models/artout/infer"][1]["error"]
+        assert by_path["/v2/models/artout"][0] == 409
+        assert by_path["/v2/models/artout/versions/1/ready"][0] == 400
+        status, doc = by_path["/v2/health/ready"]
+        assert status == 503 and "no servable model" in doc["error"], doc
+        [entry] = by_path["/v2/repository/index"][1]
+        assert entry["state"] == "UNAVAILABLE" and "resolves outside" in entry["reason"]
+        for path, _, _, doc in answers:
+            assert str(example_repo) not in json.dumps(doc) and str(tmp_path) not in json.dumps(doc), path
+        assert request(port, "GET", "/v2/health/live")[0] == 200  # nothing to serve is not stuck
+
+        shutil.copytree(example_repo / "mlp", root / "mlp")
+        assert request(port, "GET", "/v2/health/ready")[0] == 200
+        assert request(port, "POST", "/v2/models/mlp/infer", body)[0] == 200
+    finally:
+        running.close()
+
+
+def test_a_model_being_unloaded_answers_503_with_a_short_retry_after(served: RunningAgent) -> None:
+    """While an unload waits for the model's admitted work, new requests get 503 with
+    Retry-After 1; once it is unloaded, 503 with the longer Retry-After; an unknown name 404."""
+    serving = served.agent.serving
+    assert serving is not None
+    port = served.port
+    features = {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": [0.5] * 32}
+    body = json.dumps({"inputs": [features]})
+    assert request(port, "POST", "/v2/models/mlp/infer", body)[0] == 200
+    lease = served.call(served.agent.scheduler.acquire(serving.engine.config("mlp", "1")))  # type: ignore[union-attr]
+    with ThreadPoolExecutor(1) as pool:
+        unload = pool.submit(request, port, "POST", "/v2/repository/models/mlp/unload")
+        deadline = time.monotonic() + 10
+        while (answer := request(port, "POST", "/v2/models/mlp/infer", body))[0] != 503:
+            assert time.monotonic() < deadline
+        status, headers, doc = answer
+        assert headers["retry-after"] == "1" and "is unloading" in doc["error"], doc
+        assert not unload.done()  # the lease (a batch in flight) holds the unload
+        served.loop.call_soon_threadsafe(lease.release)
+        assert unload.result(30)[0] == 200
+    status, headers, doc = request(port, "POST", "/v2/models/mlp/infer", body)
+    assert status == 503 and headers["retry-after"] == "5" and "is unloaded" in doc["error"]
+    assert request(port, "POST", "/v2/models/nope/infer", body)[0] == 404
+    assert request(port, "POST", "/v2/repository/models/mlp/load")[0] == 200
+    assert request(port, "POST", "/v2/models/mlp/infer", body)[0] == 200
+
+
+def test_assigned_models_not_servable_yet_answer_503_and_keep_the_agent_unready(
+    example_repo: Path,
+) -> None:
+    """EdgeNode mode (an `AssignedConfigs` overlay, as the operator link drives it): a version the
+    assignment names but that is not servable yet answers 503 + Retry-After (a name never
+    assigned 404), and the agent is not ready while none of its assigned versions is servable."""
+    from edgefleet_api.types import ModelId
+    from node_agent.link.assigned_configs import AssignedConfigs
+    from node_agent.serving.service import HealthSettings
+
+    configs = AssignedConfigs()
+    settings = AgentSettings(
+        example_repo,
+        workers=1,
+        health=HealthSettings(check_interval_s=0.0),
+        http=HttpSettings(host="127.0.0.1", port=0),
+    )
+    running = RunningAgent(settings, overlay=configs)
+    try:
+        port = running.port
+        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32],
+                                       "data": [0.5] * 32}]})  # fmt: skip
+        assert request(port, "GET", "/v2/health/ready")[0] == 200  # nothing assigned: nothing to miss
+        running.loop.call_soon_threadsafe(configs.assign, [ModelId("mlp", "1")])
+        deadline = time.monotonic() + 10
+        while (ready := request(port, "GET", "/v2/health/ready"))[0] != 503:
+            assert time.monotonic() < deadline
+        assert "none of the 1 assigned model version(s) is servable" in ready[2]["error"]
+        for path in ("/v2/models/mlp/infer", "/v2/models/mlp/versions/1/infer"):
+            status, headers, doc = request(port, "POST", path, body)
+            assert status == 503 and headers["retry-after"] == "1" and "not servable yet" in doc["error"]
+        assert request(port, "GET", "/v2/models/mlp")[0] == 503
+        assert request(port, "POST", "/v2/models/mlp/versions/2/infer", body)[0] == 404
+        assert request(port, "POST", "/v2/models/classifier/infer", body)[0] == 404
+
+        config = parse_model_config(example_repo / "mlp" / "1" / "model.yaml")
+        running.loop.call_soon_threadsafe(configs.put, config)  # prepared: servable
+        deadline = time.monotonic() + 10
+        while request(port, "GET", "/v2/health/ready")[0] != 200:
+            assert time.monotonic() < deadline
+        assert request(port, "POST", "/v2/models/mlp/versions/1/infer", body)[0] == 200
+    finally:
+        running.close()

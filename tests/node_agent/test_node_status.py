@@ -110,6 +110,7 @@ def test_status_of_a_ready_node_matches_the_crd_and_what_the_operator_reads() ->
         "MemoryPressure": ("False", "WithinBudget"),
         "ThermalThrottling": ("False", "Normal"),
         "SLAViolated": ("False", "NoViolation"),
+        "ServingPrevious": ("False", "ServingTarget"),
     }
     assert status["message"] == "" and status["loadedModels"] == 2 and status["observedGeneration"] == 1
     assert status["endpoint"] == "http://10.0.0.5:8000" and status["heartbeatTime"] == NOW
@@ -148,6 +149,7 @@ def test_status_of_a_node_with_trouble() -> None:
         "MemoryPressure": ("True", "InsufficientMemory"),
         "ThermalThrottling": ("True", "Throttled"),
         "SLAViolated": ("True", "SLAMissed"),
+        "ServingPrevious": ("False", "ServingTarget"),
     }
     by = {m["model"]: m for m in status["models"]}
     assert by["classifier"]["state"] == "Failed" and "requires Y" in by["classifier"]["message"]
@@ -290,3 +292,38 @@ def test_pacer_bounds_the_write_rate_of_a_churning_status() -> None:
             pacer.wrote(float(tick))
     assert min(b - a for a, b in itertools.pairwise(writes)) >= 2.0
     assert len(writes) >= 199  # and the latest state is never more than 3 s old
+
+
+# --- make before break, report sequence ---------------------------------------------------------
+
+
+def test_a_version_kept_serving_for_a_target_that_cannot_be_fetched_says_so() -> None:
+    a = assignment(entry())  # classifier:1 assigned; classifier:2 still serves
+    failed = ModelRecord("Failed", message="artifact unreachable (connection refused)")
+    held = ModelRecord(
+        "Ready", D2, 100, "serving in place of classifier:1 Failed", held=True, traffic_weight=100
+    )
+    status = built(inputs(a, {C1: failed}, leftovers=[("default/cls", C2, held)]))
+    check_schema(status, status_schema())
+    assert conditions(status)["ServingPrevious"] == ("True", "TargetFailed")
+    by_version = {m["version"]: m for m in status["models"]}
+    assert by_version["2"]["state"] == "Ready" and by_version["2"]["trafficWeight"] == 100
+    assert by_version["1"]["state"] == "Failed"
+    replacing = built(inputs(a, {C1: ModelRecord("Loading")}, leftovers=[("default/cls", C2, held)]))
+    assert conditions(replacing)["ServingPrevious"] == ("True", "Replacing")
+
+
+def test_report_sequence_grows_across_restarts_and_above_what_the_server_holds() -> None:
+    from node_agent.link.node_status import next_report_sequence
+
+    first = next_report_sequence(0, 0, 1000.0)
+    assert first == 1_000_000
+    assert next_report_sequence(first, first, 1000.0) == first + 1  # same millisecond
+    assert next_report_sequence(0, 5_000_000, 1000.0) == 5_000_001  # a restart under a slow clock
+    assert next_report_sequence(7, 0, 2000.0) == 2_000_000
+    status = EdgeNodeStatus(report_sequence=first)
+    assert EdgeNodeStatus.from_obj(status.to_obj()).report_sequence == first
+    pacer = StatusPacer(2.0, 10.0, 30.0)
+    pacer.wrote(0.0)
+    later = EdgeNodeStatus(report_sequence=first + 1)
+    assert not pacer.due(1.0, status, later)  # a new number alone is no change worth a write

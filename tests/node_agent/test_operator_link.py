@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -33,6 +34,7 @@ from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.link.operator_link import OperatorLink
 from node_agent.link.persistence import decode_persisted
 from node_agent.link.settings import LinkSettings, api_client
+from node_agent.link.watch import EdgeNodeWatch
 from node_agent.runtime.engine import Engine, EngineSettings
 from node_agent.runtime.repository import ModelRepository, parse_model_config, sha256_file
 from node_agent.runtime.scheduler import ModelScheduler
@@ -417,6 +419,62 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+# --- the watch ----------------------------------------------------------------------------------
+
+
+def test_a_restarted_watch_resumes_after_the_last_event_without_replaying(
+    control_plane: Any, kube: Any, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    """`EdgeNodeWatch.restart` (the link found the API server unreachable) cuts the watch in the
+    middle of its request; it resumes after the last event it delivered: no older spec is
+    delivered again (an agent would apply it)."""
+    name = edge_node_name
+    d1 = digest(example_repo, "classifier", "1")
+    create_edge_node(kube, name, [spec_entry("classifier", "1", d1)])
+    cluster = Cluster(kube)
+    generations: list[int] = []
+    listed: list[int] = []
+
+    async def main() -> None:
+        from kubernetes import client
+
+        loop = asyncio.get_running_loop()
+        settings = fast_settings(name, "default", tmp_path / "state")
+        watch = EdgeNodeWatch(
+            settings,
+            client.CustomObjectsApi(kube),
+            time.monotonic,
+            listed=lambda obj: listed.append(int((obj or {})["metadata"]["generation"])),
+            event=lambda kind, obj: generations.append(int(obj["metadata"]["generation"])),
+            answered=lambda: None,
+            failed=lambda call, exc: None,
+        )
+        thread = threading.Thread(target=watch.run, args=(loop,), daemon=True)
+        thread.start()
+        try:
+            await eventually(lambda: _truthy(listed), what="the list")
+            for mib in (64, 128):
+                gen = await cluster.patch_spec(
+                    name, {"models": [spec_entry("classifier", "1", d1, memoryBudgetBytes=mib << 20)]}
+                )
+                await eventually(lambda gen=gen: _truthy(gen in generations), what=f"generation {gen}")
+            watch.restart()
+            await asyncio.sleep(0.5)  # the watch thread resumes
+            gen = await cluster.patch_spec(name, {"models": [spec_entry("classifier", "1", d1, pinned=True)]})
+            await eventually(lambda: _truthy(gen in generations), what=f"generation {gen} after the restart")
+        finally:
+            watch.stop()
+            await asyncio.to_thread(thread.join, 10)
+        assert generations == sorted(set(generations)), generations  # each once, in order
+        assert listed == [1]  # resumed, not relisted
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def _truthy(value: Any) -> Any:
+    return value
+
+
 # --- offline --------------------------------------------------------------------------------
 
 
@@ -488,9 +546,12 @@ def test_agent_keeps_serving_while_the_api_server_is_unreachable_and_catches_up(
             assert (await cluster.lease(lease_name, namespace)).spec.renew_time == before
 
             # the link comes back: the new spec is applied, status and Lease catch up
+            relists = agent.link.stats.relists
             await proxy.start()
             en = await eventually(lambda: ready("mlp"), what="mlp:1 Ready after the link returned")
             assert en["status"]["observedGeneration"] == en["metadata"]["generation"] >= gen
+            # the watch resumed from its resourceVersion (the edit came as an event), no relist
+            assert agent.link.stats.relists == relists
             assert agent.link.connected and agent.scheduler.is_resident(MLP)
             renewed = await eventually(
                 lambda: _renewed_after(cluster, lease_name, namespace, before),

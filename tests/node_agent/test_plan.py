@@ -48,10 +48,13 @@ def test_a_converged_runtime_gives_an_idle_plan() -> None:
     assert plan(a, view(models), 0.0).idle
 
 
-def test_a_changed_digest_unloads_then_prepares_and_preloads_again() -> None:
+def test_a_changed_digest_prepares_first_then_unloads_the_stale_copy_and_preloads() -> None:
     a = assignment(entry(digest=D2))
     p = plan(a, view({C1: ModelView(D1, resident=True, preloaded=True)}), 0.0)
-    assert p.unload == (C1,) and [d.artifact.digest for d in p.prepare] == [D2] and p.preload == (C1,)
+    assert p.unload == () and [d.artifact.digest for d in p.prepare] == [D2] and p.preload == ()
+    # Prepared (the link marks the resident copy stale): unload it, then load the new artifact.
+    p = plan(a, view({C1: ModelView(D2, resident=True, preloaded=True, stale=True)}), 0.0)
+    assert p.unload == (C1,) and p.prepare == () and p.preload == (C1,)
 
 
 def test_failures_wait_for_the_retry_interval_or_a_new_digest() -> None:
@@ -89,9 +92,68 @@ def test_draining_unloads_everything() -> None:
     assert p.unload == (C1, MLP) and p.prepare == () and p.preload == () and p.weights == {}
 
 
-def test_resident_models_the_link_did_not_prepare_are_replaced() -> None:
+def test_resident_models_the_link_did_not_prepare_are_replaced_after_the_prepare() -> None:
     p = plan(assignment(entry()), view({C1: ModelView(None, resident=True)}), 0.0)
-    assert p.unload == (C1,) and [d.id for d in p.prepare] == [C1]
+    assert p.unload == () and [d.id for d in p.prepare] == [C1]
+    p = plan(assignment(entry()), view({C1: ModelView(D1, resident=True, stale=True)}), 0.0)
+    assert p.unload == (C1,) and p.preload == (C1,)
+
+
+# --- make before break ------------------------------------------------------------------------
+
+
+def test_a_rollback_prepares_and_loads_the_target_before_it_unloads_the_canary() -> None:
+    a = assignment(entry())  # back to classifier:1 from classifier:2
+    canary = {C2: ModelView(D2, resident=True, preloaded=True, measured_bytes=100)}
+    p = plan(a, view(canary), 0.0)
+    assert p.unload == () and [d.id for d in p.prepare] == [C1] and p.preload == (C1,)
+    assert p.held == (C2,) and p.forget == ()
+    both = {**canary, C1: ModelView(D1, resident=True, preloaded=True)}
+    p = plan(a, view(both), 0.0)
+    assert p.unload == (C2,) and p.held == () and p.prepare == () and p.preload == ()
+
+
+def test_a_target_that_cannot_be_fetched_leaves_the_old_version_serving() -> None:
+    a = assignment(entry())
+    failed = {
+        C2: ModelView(D2, resident=True, preloaded=True),
+        C1: ModelView(None, failed_digest=D1, failed_at_s=100.0),
+    }
+    p = plan(a, view(failed), now_s=110.0, retry_failed_s=30.0)
+    assert p.unload == () and p.held == (C2,) and p.idle
+    retry = plan(a, view(failed), now_s=131.0, retry_failed_s=30.0)
+    assert [d.id for d in retry.prepare] == [C1] and retry.unload == () and retry.held == (C2,)
+    # Not resident (evicted, or lazy) but prepared: held too, not forgotten.
+    lazy = {C2: ModelView(D2), C1: ModelView(None, failed_digest=D1, failed_at_s=100.0)}
+    assert plan(a, view(lazy), now_s=110.0).held == (C2,)
+    assert plan(a, view(lazy), now_s=110.0).forget == ()
+
+
+def test_where_memory_cannot_hold_both_fetch_first_then_unload_then_load() -> None:
+    a = assignment(entry(memoryBudgetBytes=600))
+    canary = {C2: ModelView(D2, resident=True, preloaded=True, measured_bytes=600)}
+    p = plan(a, view(canary, free=100), 0.0)
+    assert [d.id for d in p.prepare] == [C1] and p.preload == () and p.unload == ()
+    fetched = {**canary, C1: ModelView(D1)}
+    p = plan(a, view(fetched, free=100), 0.0)
+    assert p.unload == (C2,) and p.preload == (C1,)
+    # A load that failed for lack of memory: the old version goes, and the load is retried at once.
+    short = {**canary, C1: ModelView(D1, failed_digest=D1, failed_at_s=5.0, insufficient_memory=True)}
+    p = plan(assignment(entry()), view(short, free=GIB), now_s=6.0)
+    assert p.unload == (C2,) and p.preload == (C1,)
+
+
+def test_a_model_no_longer_assigned_at_all_is_unloaded_at_once() -> None:
+    p = plan(assignment(entry("mlp")), view({C2: ModelView(D2, resident=True)}), 0.0)
+    assert p.unload == (C2,) and p.held == ()
+
+
+def test_servable_weights_prefer_ready_targets_then_held_versions_then_prepared_ones() -> None:
+    weights = {"classifier": {"1": 100}}
+    assert servable_weights(weights, [C1], ready=[C1], held=[C2]) == {"classifier": {"1": 100}}
+    assert servable_weights(weights, [C1], ready=[], held=[C2]) == {"classifier": {"2": 100}}
+    assert servable_weights(weights, [], ready=[], held=[C2]) == {"classifier": {"2": 100}}
+    assert servable_weights(weights, [C1], ready=[], held=[]) == {"classifier": {"1": 100}}
 
 
 def test_servable_weights_drop_versions_that_cannot_serve() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 
 from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
-from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound
+from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound, ModelUnavailable
 from node_agent.runtime.model_names import validate_name, validate_version, version_sort_key
 from node_agent.runtime.repository import (
     CONFIG_FILE,
@@ -411,3 +412,87 @@ def test_load_picks_the_backend_and_runs(example_repo: Path) -> None:
         assert out["scores"].shape == (3, 4)
     finally:
         backend.unload()
+
+
+# -- containment (issue 16, part 3) -----------------------------------------------------------
+
+
+def test_a_model_yaml_symlinked_out_of_the_repository_is_unavailable(repo_copy: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(repo_copy)
+    config_file = repo_copy / "mlp" / "1" / CONFIG_FILE
+    outside = tmp_path / "elsewhere.yaml"
+    shutil.move(config_file, outside)
+    config_file.symlink_to(outside)
+    with pytest.raises(ModelUnavailable, match=r"model\.yaml resolves outside the model repository") as info:
+        repo.config("mlp", "1")
+    assert str(tmp_path) not in str(info.value)
+    broken = repo.scan().broken[repo_copy / "mlp" / "1"]
+    assert "resolves outside" in broken and str(tmp_path) not in broken
+
+
+def test_files_may_link_inside_the_repository_but_not_out(repo_copy: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(repo_copy)
+    # a second version sharing the first one's artifact through a symlink: inside, allowed
+    second = repo_copy / "mlp" / "2"
+    second.mkdir()
+    config = repo.config("mlp", "1")
+    write_model_config(second, dataclasses.replace(config, version="2"))
+    (second / config.artifact).symlink_to(repo_copy / "mlp" / "1" / config.artifact)
+    repo.verify_digest(repo.config("mlp", "2"))
+    # the same link pointing out of the repository: ModelUnavailable from config() already
+    outside = tmp_path / "copy.pt"
+    shutil.copy(repo_copy / "mlp" / "1" / config.artifact, outside)
+    (second / config.artifact).unlink()
+    (second / config.artifact).symlink_to(outside)
+    with pytest.raises(ModelUnavailable, match=r"artifact 'model\.pt' resolves outside") as info:
+        repo.config("mlp", "2")
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_problem_is_known_without_hashing_and_clears_when_the_file_changes(repo_copy: Path) -> None:
+    repo = ModelRepository(repo_copy)
+    config = repo.config("mlp", "1")
+    artifact = repo_copy / "mlp" / "1" / config.artifact
+    good = artifact.read_bytes()
+    assert repo.problem(config) is None
+    artifact.write_bytes(good + b"tampered")
+    assert repo.problem(config) is None  # not hashed yet: nothing known
+    with pytest.raises(DigestMismatch):
+        repo.verify_digest(config)
+    problem = repo.problem(config)
+    assert problem is not None and "has digest sha256:" in problem and str(repo_copy) not in problem
+    artifact.write_bytes(good)  # fixed: a different size, so the remembered hash no longer applies
+    assert repo.problem(config) is None
+    repo.verify_digest(config)
+    artifact.unlink()
+    assert "is missing" in (repo.problem(config) or "")
+
+
+def test_model_errors_name_files_relative_to_the_repository(repo_copy: Path) -> None:
+    (repo_copy / "mlp" / "1" / CONFIG_FILE).write_text("name: [unclosed\n")
+    with pytest.raises(InvalidModel) as info:
+        ModelRepository(repo_copy).config("mlp", "1")
+    assert str(info.value).startswith("mlp/1/model.yaml: not valid YAML")
+    assert str(repo_copy) not in str(info.value)
+
+
+def test_temp_files_left_by_a_killed_writer_are_removed(repo_copy: Path) -> None:
+    folder = repo_copy / "mlp" / "1"
+    leftovers = [folder / ".model.pt.x1y2.tmp", folder / ".model.yaml.abc.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    kept = [folder / "model.pt", folder / "notes.tmp", repo_copy / ".top.tmp"]
+    (folder / "notes.tmp").write_text("not ours")
+    (repo_copy / ".top.tmp").write_text("not in a version folder")
+    repo = ModelRepository(repo_copy)
+    assert sorted(repo.remove_temp_files()) == sorted(p.resolve() for p in leftovers)
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+    assert repo.remove_temp_files() == []
+
+
+def test_readable_says_why_the_root_cannot_be_listed(repo_copy: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(repo_copy)
+    assert repo.readable() is None
+    repo_copy.rename(tmp_path / "moved")
+    why = repo.readable()
+    assert why is not None and "cannot be read" in why and str(tmp_path) not in why

@@ -3,7 +3,6 @@
 import os
 import pwd
 import socket
-from typing import Any
 
 import pytest
 
@@ -43,29 +42,32 @@ def test_run_hands_kopf_that_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["identity"] == cli.operator_identity()
 
 
-@pytest.mark.cluster
-def test_await_peering_waits_for_the_object_and_never_creates_it(
-    kube: Any, monkeypatch: pytest.MonkeyPatch
+def test_every_replica_runs_kopf_standalone_and_leases_decide_who_writes(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import threading
+    # kopf's peering would freeze every replica's handlers but one; with sharding each replica needs
+    # its own (handlers.py). `--standalone` now means: no Leases, this instance writes for everything.
+    import logging
 
-    from kubernetes.client import CustomObjectsApi
+    import kopf
 
     from edgefleet_operator import handlers
 
-    monkeypatch.setattr(handlers, "kube_client", lambda: kube)  # the local API server, as admin
-    api, name = CustomObjectsApi(kube), f"await-{os.getpid()}"
-    plural = ("kopf.dev", "v1", "clusterkopfpeerings")
-    with pytest.raises(SystemExit, match=f"no ClusterKopfPeering '{name}' after 1.5 s"):
-        cli.ensure_peering(name, await_s=1.5)
-    assert name not in [p["metadata"]["name"] for p in api.list_cluster_custom_object(*plural)["items"]]
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
-    creator = threading.Timer(1.0, api.create_cluster_custom_object, (*plural, body))  # as helm would
-    creator.start()
-    try:
-        cli.ensure_peering(name, await_s=60)  # returns once it is there; creating it would race
-        creator.join()
-        assert api.get_cluster_custom_object(*plural, name)["metadata"]["name"] == name
-    finally:
-        creator.join()
-        api.delete_cluster_custom_object(*plural, name)
+    objects_log = logging.getLogger("kopf.objects")
+    monkeypatch.setattr(objects_log, "level", objects_log.level)
+    seen: list[dict[str, object]] = []
+
+    async def operator(**kwargs: object) -> None:
+        seen.append(kwargs)
+
+    monkeypatch.setattr(kopf, "operator", operator)
+    monkeypatch.setattr(kopf, "configure", lambda **_: None)
+    monkeypatch.setattr(handlers, "OWN_EVERYTHING", handlers.OWN_EVERYTHING)
+    monkeypatch.setattr(handlers, "IDENTITY", handlers.IDENTITY)
+    # An old manifest's --await-peering is accepted (and ignored).
+    args = cli.build_parser().parse_args(["run", "--liveness", "", "--await-peering=120"])
+    assert cli.cmd_run(args) == 0
+    assert seen[-1]["standalone"] is True and "peering_name" not in seen[-1]
+    assert handlers.OWN_EVERYTHING is False and cli.operator_identity() == handlers.IDENTITY
+    assert cli.cmd_run(cli.build_parser().parse_args(["run", "--liveness", "", "--standalone"])) == 0
+    assert seen[-1]["standalone"] is True and handlers.OWN_EVERYTHING is True

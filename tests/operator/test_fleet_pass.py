@@ -7,11 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from fake_api import Call, FakeApiServer
 
 from edgefleet_api import names
+from edgefleet_operator import rollout
 from edgefleet_operator import settings as settings_mod
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.reconciler import FleetReconciler
@@ -154,6 +156,10 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     svc = world.service()
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
     world.api.calls.clear()
     world.rec.reconcile_once()
     w = world.api.writes()
@@ -179,8 +185,9 @@ def test_a_rollout_action_is_cleared_and_an_unknown_one_warned_about(world: Worl
         "InvalidRolloutAction",
         "Warning",
     )
+    # Removed only if unchanged: conditional on the resourceVersion of the service as read.
     assert w[1].kind == "inferenceservices" and w[1].body == {
-        "metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: None}}
+        "metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: None}, "resourceVersion": ANY}
     }
     assert names.ANNOTATION_ROLLOUT_ACTION not in world.service()["metadata"].get("annotations", {})
     assert report.writes["inferenceservice.annotation"] == 1
@@ -341,3 +348,112 @@ def test_a_service_whose_rollout_holds_holds_alone() -> None:
         (c.body["involvedObject"]["name"], c.body["reason"]) for c in world.api.writes() if c.kind == "events"
     ]
     assert posted == [("odd", "Placed")], "placed (on specs) once its rollout goes on, and said once"
+
+
+# --- one writer: conditional writes and the ownership gate --------------------------------------
+
+
+def test_a_rollout_action_set_again_during_the_pass_is_kept_for_the_next(world: World) -> None:
+    world.rec.reconcile_once()
+    world.agents_report()
+    world.rec.reconcile_once()
+    svc = world.service()
+    svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
+    svc["metadata"]["generation"] = 2
+    world.api.changed(svc)
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
+    world.rec.reconcile_once()
+    assert world.service()["status"]["rollout"]["phase"] == "Progressing"
+    world.service()["metadata"]["annotations"] = {names.ANNOTATION_ROLLOUT_ACTION: "pause"}
+    world.api.changed(world.service())
+
+    def user_sets_resume(call: Call) -> None:  # as the pass writes the rollout step, a user edits
+        if call.method == "PATCH" and call.kind == "inferenceservices/status" and world.api.before:
+            world.api.before = None
+            world.service()["metadata"]["annotations"][names.ANNOTATION_ROLLOUT_ACTION] = "resume"
+            world.api.changed(world.service())
+
+    world.api.before = user_sets_resume
+    report = world.rec.reconcile_once()
+    assert world.service()["status"]["rollout"]["phase"] == "Paused", "the pause was acted on"
+    assert world.service()["metadata"]["annotations"][names.ANNOTATION_ROLLOUT_ACTION] == "resume"
+    assert report.writes.get("inferenceservice.annotation.changed") == 1
+    assert "inferenceservice.annotation" not in report.writes
+    again = world.rec.reconcile_once()  # the user's resume is not lost: this pass acts on it
+    assert world.service()["status"]["rollout"]["phase"] == "Progressing"
+    assert names.ANNOTATION_ROLLOUT_ACTION not in world.service()["metadata"]["annotations"]
+    assert again.writes.get("inferenceservice.annotation") == 1
+
+
+def test_a_spec_write_conflicting_with_a_status_report_is_written_on_the_new_version(world: World) -> None:
+    def agent_reports(call: Call) -> None:
+        if call.method == "PATCH" and call.kind == "edgenodes" and call.path.endswith("/n1"):
+            en = world.api.get(f"{EDGE_NODES}/n1")
+            if not en.get("status"):
+                en["status"] = {"endpoint": "http://n1.sim:8000"}
+                world.api.changed(en)
+
+    world.api.before = agent_reports
+    report = world.rec.reconcile_once()
+    patches = [c for c in world.api.calls if c.method == "PATCH" and c.path.endswith("/edgenodes/n1")]
+    assert len(patches) == 2, "409 on the first, written on the second"
+    assert patches[0].body["metadata"]["resourceVersion"] != patches[1].body["metadata"]["resourceVersion"]
+    assert world.api.get(f"{EDGE_NODES}/n1")["spec"]["models"], "the spec was written"
+    assert report.writes["edgenode.patch"] == 2 and "edgenode.conflict" not in report.writes
+
+
+def test_a_spec_changed_since_the_read_is_not_overwritten_but_re_planned(world: World) -> None:
+    world.rec.reconcile_once()
+    world.agents_report()
+    world.rec.reconcile_once()
+
+    def someone_edits_the_spec(call: Call) -> None:
+        if call.method == "PATCH" and call.kind == "edgenodes" and call.path.endswith("/n1"):
+            en = world.api.get(f"{EDGE_NODES}/n1")
+            if en["spec"].get("memoryBudgetBytes") != 1:
+                en["spec"]["memoryBudgetBytes"] = 1  # as a replica that lost its hold would
+                world.api.changed(en)
+
+    svc = world.service()
+    svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 2}]})["spec"]
+    svc["metadata"]["generation"] = 2
+    world.api.changed(svc)
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
+    settled[0] += rollout.decision.SPEC_SETTLE_S
+    world.api.before = someone_edits_the_spec
+    report = world.rec.reconcile_once()
+    assert report.writes.get("edgenode.conflict") == 1, report.writes
+    assert world.api.get(f"{EDGE_NODES}/n1")["spec"]["memoryBudgetBytes"] == 1, "not overwritten blindly"
+    world.api.before = None
+    world.rec.reconcile_once()  # re-read, re-planned, written
+    assert world.api.get(f"{EDGE_NODES}/n1")["spec"]["memoryBudgetBytes"] > 1
+
+
+def test_a_pass_that_loses_its_hold_stops_writing(world: World) -> None:
+    from edgefleet_operator.ownership import HoldLost
+
+    held = {"yes": True}
+
+    def gate() -> None:
+        if not held["yes"]:
+            raise HoldLost("shard fleet no longer held")
+
+    def lose_at_the_first_spec(call: Call) -> None:
+        if call.method == "PATCH" and call.kind == "edgenodes":
+            held["yes"] = False
+
+    world.rec.gate = gate
+    world.api.before = lose_at_the_first_spec
+    with pytest.raises(HoldLost):
+        world.rec.reconcile_once()
+    kinds = [(c.method, c.kind) for c in world.api.writes()]
+    assert kinds == [("POST", "edgenodes"), ("POST", "edgenodes"), ("PATCH", "edgenodes")], kinds
+    world.api.calls.clear()
+    with pytest.raises(HoldLost):  # a replica that holds nothing reads nothing either
+        world.rec.reconcile_once()
+    assert world.api.calls == []

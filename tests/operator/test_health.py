@@ -37,8 +37,51 @@ def test_a_node_that_lost_its_work_is_damped_from_when_it_was_last_seen_down() -
     )
 
 
+def test_lease_silence_while_the_operator_could_not_read_is_not_the_agents() -> None:
+    """The API server was out for 60 s (no pass between NOW and NOW + 60): every Lease is 60 s
+    old when the operator reads again, before any agent came back; none is silent for that. An
+    agent that stays silent after is judged from there, and one that was silent before the
+    outage keeps what it had accrued."""
+    settings = FleetSettings()  # agent grace 30 s
+    tracker = HealthTracker(settings)
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 1), NOW) is Health.HEALTHY
+    back = NOW + 60
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 1), back) is Health.HEALTHY
+    assert tracker.unobserved == (NOW, back)
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 1), back + 13) is Health.HEALTHY
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 1), back + 16) is Health.SUSPECT
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 1), back + 30) is Health.AGENT_SILENT
+    # silent for 20 s before the outage: 10 s more after it
+    tracker = HealthTracker(settings)
+    tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 20), NOW)
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 20), back) is Health.SUSPECT
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 20), back + 10) is Health.AGENT_SILENT
+
+
+def test_passes_at_the_resync_pace_leave_lease_silence_counted() -> None:
+    settings = FleetSettings()  # agent grace 30 s; passes every 10 s
+    tracker = HealthTracker(settings)
+    for t in range(0, 31, 10):
+        health = tracker.judge(signals(True, 0.0, has_work=True, renew=NOW), NOW + t)
+    assert tracker.unobserved is None and health is Health.AGENT_SILENT
+
+
 def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> None:
     settings = FleetSettings()
     tracker = HealthTracker(settings)
     assert tracker.judge(signals(False, NOW - 1, has_work=True), NOW) is Health.SUSPECT
     assert not tracker.lost_work_at
+
+
+def test_a_standby_replica_is_live_and_a_stuck_one_is_not() -> None:
+    from edgefleet_operator.health import replica_liveness
+
+    # A standby runs no passes: its pass age grows without bound and it is healthy all the same.
+    assert replica_liveness(False, pass_age_s=3600, lease_round_age_s=4, resync_s=10, renew_s=5) is None
+    # ... as long as its Lease rounds go on.
+    assert "lease round" in (replica_liveness(False, 0, 46, 10, 5) or "")
+    # A holder must also pass.
+    assert "fleet reconcile" in (replica_liveness(True, 61, 4, 10, 5) or "")
+    assert replica_liveness(True, 59, 4, 10, 5) is None
+    # Without Leases (--standalone) only the passes count.
+    assert replica_liveness(True, 59, None, 10, 5) is None

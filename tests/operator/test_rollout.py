@@ -106,11 +106,12 @@ def step(
     now: float,
     action: Action | None = None,
     service: str = "",
+    spec_age_s: float | None = None,
 ) -> Decision:
     """`rollout.step` as the reconciler drives it, through status.rollout's wire form (JSON): the
     decision's status comes back as the dict it writes."""
     state = RolloutStatus.from_obj(json.loads(json.dumps(previous))) if previous is not None else None
-    d = rollout.step(spec, state, nodes, observations, now, action, service)
+    d = rollout.step(spec, state, nodes, observations, now, action, service, spec_age_s)
     return dataclasses.replace(d, status=d.status.to_obj())  # type: ignore[arg-type]
 
 
@@ -765,3 +766,90 @@ def test_rollout_terminates_once_the_fleet_confirms(
         assert r.status["stableVersion"] == "2"
     else:
         assert r.status["stableVersion"] == "1" and r.status["failedChecks"] >= limit
+
+
+# --- fresh reports only -------------------------------------------------------------------------
+
+
+def test_observe_ignores_a_report_older_than_the_spec_that_set_the_version() -> None:
+    ref = ModelRef("classifier", "2", digest("2"))
+    status = EdgeNodeStatus.from_obj(
+        {
+            "observedGeneration": 4,
+            "heartbeatTime": "2027-01-15T08:00:00Z",
+            "models": [
+                {"service": SERVICE, "model": "classifier", "version": "2", "digest": digest("2"),
+                 "state": "Ready", "sla": {"requests": 300, "p99LatencyMs": 20.0}},
+            ],
+        }
+    )  # fmt: skip
+    assert observe(SERVICE, status, set_at={(SERVICE, ref): 4}).loaded == {ref}
+    stale = observe(SERVICE, status, set_at={(SERVICE, ref): 5})  # told to run it at generation 5
+    assert stale.loaded == frozenset() and stale.windows == {}
+    assert observe(SERVICE, EdgeNodeStatus()).heartbeat_s == float("-inf")  # no heartbeat: never fresh
+
+
+def test_a_wave_is_judged_only_on_reports_written_within_its_window() -> None:
+    r = promoted_runner()
+    d = r.tick(1)
+    start = d.status["waveStartTime"]
+    assert start
+    written_before = T0 + 1  # the canaries' last reports predate the window: as if replayed
+    old = {n: dataclasses.replace(o, heartbeat_s=written_before) for n, o in r.obs.items()}
+    good = dict(r.obs)
+    r.obs = old
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now + 60, None, SERVICE)
+    assert d.status["currentWave"] == 0 and "to report within the window" in d.status["message"]
+    assert d.status.get("analysis", []) == [] and d.events == ()
+    fresh = {n: dataclasses.replace(o, heartbeat_s=r.now + 30) for n, o in good.items()}
+    d = step(r.spec, r.status, r.nodes, fresh, r.now + 60, None, SERVICE)
+    assert d.status["currentWave"] == 1 and d.status["analysis"][-1]["result"] == "Passed"
+
+
+def test_a_stale_failing_report_rolls_nothing_back() -> None:
+    r = promoted_runner()
+    r.tick(1, canary_p99=20.0)
+    start_s = T0 + 2
+    bad = world(r.last, r.nodes, canary_p99=80.0)
+    replayed = {n: dataclasses.replace(o, heartbeat_s=start_s - 5) for n, o in bad.items()}
+    d = step(r.spec, r.status, r.nodes, replayed, r.now + 60, None, SERVICE)
+    assert phase(d) == "Progressing" and d.status["currentWave"] == 0 and "RolledBack" not in reasons(d)
+
+
+def test_a_burst_of_spec_edits_reaches_the_nodes_as_its_last_revision_only() -> None:
+    r = promoted_runner()  # v2 is the canary now
+    v1, v2 = revision([model("1")]), revision([model("2")])
+    before = r.last
+    assert before is not None
+    for version in ("3", "4", "5"):  # edits in quick succession: each younger than the settle time
+        r.set_spec(isvc_spec(model(version)))
+        d = step(r.spec, r.status, r.nodes, r.obs, r.now, None, SERVICE, spec_age_s=0.1)
+        assert d.targets == before.targets and d.status["canaryVersion"] == "2"
+        assert "waits for the spec to settle" in d.status["message"] and "RolloutStarted" not in reasons(d)
+        assert on_revision(d, v1) | on_revision(d, v2) == set(NODES)
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now + 1, None, SERVICE, spec_age_s=1.0)
+    assert d.status["canaryVersion"] == "5" and "RolloutSuperseded" in reasons(d)
+    # Back to stable (a rollback) never waits; nor does a first deployment.
+    r.set_spec(isvc_spec(model("1")))
+    d = step(r.spec, r.status, r.nodes, r.obs, r.now, None, SERVICE, spec_age_s=0.0)
+    assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES)
+    first = step(spec_of(isvc_spec(model("1"))), None, NODES, {}, T0, None, SERVICE, spec_age_s=0.0)
+    assert on_revision(first, v1) == set(NODES)
+
+
+def test_the_reader_dates_a_spec_generation_that_replaces_one_it_read() -> None:
+    from edgefleet_operator.fleet_read import TypedViews
+
+    def obj(generation: int) -> dict[str, Any]:
+        meta = {"name": "camera", "namespace": "default", "uid": "u1", "generation": generation}
+        return {"metadata": meta, "spec": isvc_spec(model(str(generation)))}
+
+    views = TypedViews()
+    assert views.service(obj(1)).spec_age_s is None  # the first generation read: not young
+    views.keep_only([], [obj(2)])  # the next pass lists generation 2
+    age = views.service(obj(2)).spec_age_s
+    assert age is not None and 0 <= age < 1.0
+    again = views.service(obj(2)).spec_age_s
+    assert again is not None and again >= age
+    views.keep_only([], [])
+    assert views.service(obj(3)).spec_age_s is None  # a service forgotten, then seen anew

@@ -98,3 +98,26 @@ def test_the_rollout_view_decides_versions_models_and_degraded() -> None:
     assert (degraded["status"], degraded["reason"]) == ("True", "RolloutFailed")
     assert status["rollout"] == RolloutStatus(phase=Phase.ROLLED_BACK).to_obj()  # carried as is
     assert "rollout" not in service_status(isvc(), placement, {"n1": node_status()}, T0)
+
+
+def test_degraded_names_the_nodes_that_cannot_prepare_their_target_and_serve_an_older_version() -> None:
+    placement = ServicePlacement(("n1", "n2"), 2)
+    failed = {
+        "service": "shop/cam",
+        "model": "classifier",
+        "version": "1",
+        "state": "Failed",
+        "message": "artifact unreachable",
+    }
+    kept = {"service": "shop/cam", "model": "classifier", "version": "2", "digest": DIGEST, "state": "Ready"}
+    statuses = {"n1": {"models": [failed, kept]}, "n2": node_status()}
+    status = service_status(isvc(), placement, statuses, T0)
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ServingPreviousVersion"
+    assert degraded["message"] == (
+        "n1: cannot prepare classifier:1 (artifact unreachable); still serving classifier:2"
+    )
+    assert status["readyNodes"] == 1
+    # A failure with nothing older to serve is ModelFailed, as before.
+    alone = service_status(isvc(), placement, {"n1": {"models": [failed]}, "n2": node_status()}, T0)
+    assert next(c for c in alone["conditions"] if c["type"] == "Degraded")["reason"] == "ModelFailed"

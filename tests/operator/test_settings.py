@@ -32,8 +32,12 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70",
         "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5", "EDGEFLEET_AGENT_WORKERS": "2",
         "EDGEFLEET_AGENT_URGENT_WORKERS": "0",
+        "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
+        "EDGEFLEET_LEASE_NAMESPACE": "ops",
     }  # fmt: skip
     s = from_env(env)
+    o = s.ownership
+    assert (o.lease_duration_s, o.renew_interval_s, o.margin_s, s.lease_namespace) == (20, 4, 2.5, "ops")
     assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
     assert (s.fleet.agent_grace_s, s.fleet.not_ready_grace_s, s.fleet.flap_damping_s) == (12, 40, 7.5)
     assert s.fleet.memory_reserve_fraction == 0.2
@@ -49,6 +53,15 @@ def test_every_chart_variable_is_read() -> None:
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
+
+
+def test_leases_live_in_the_agent_namespace_unless_told_and_backoff_defaults() -> None:
+    s = from_env({"EDGEFLEET_AGENT_NAMESPACE": "fleet"})
+    assert s.lease_namespace == "fleet"
+    assert (s.ownership.lease_duration_s, s.ownership.renew_interval_s) == (15, 5)
+    assert (s.api_backoff_base_s, s.api_backoff_cap_s) == (1, 30)
+    s = from_env({"EDGEFLEET_API_BACKOFF_BASE_S": "0.5", "EDGEFLEET_API_BACKOFF_CAP_S": "10"})
+    assert (s.api_backoff_base_s, s.api_backoff_cap_s) == (0.5, 10)
 
 
 def test_empty_values_keep_defaults() -> None:
@@ -69,6 +82,8 @@ def test_empty_values_keep_defaults() -> None:
         ({"EDGEFLEET_NOT_READY_GRACE_S": "-1"}, "not-ready grace must be >= 0"),
         ({"EDGEFLEET_AGENT_WORKERS": "0"}, "EDGEFLEET_AGENT_WORKERS must be >= 1"),
         ({"EDGEFLEET_AGENT_URGENT_WORKERS": "two"}, "EDGEFLEET_AGENT_URGENT_WORKERS must be an integer"),
+        ({"EDGEFLEET_LEASE_RENEW_S": "15"}, "renew interval"),
+        ({"EDGEFLEET_API_BACKOFF_BASE_S": "60"}, "0 < base <= cap"),
     ],
 )
 def test_malformed_values_are_named(env: dict[str, str], message: str) -> None:
@@ -109,6 +124,10 @@ def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
     assert (args.thermal_soft_limit, args.thermal_soft_margin) == (70.0, 5.0)
     assert (args.workers, args.urgent_workers) == (3, 0)
     assert "runtimeClassName" not in agent_pod(en, from_env({}).agent)["spec"]
+    # a slow first start (torch import, first load) is the startup probe's, not a liveness restart
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/live"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,12 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
 2. Canary: waves of node counts or percents. Wave k's canary nodes are a growing prefix of a stable
    order (a hash of service and node, so canaries spread), recorded in status.canaryNodes; they run
    the canary (side by side with stable when the wave's trafficWeight is below 100).
-3. A wave's analysis window starts when every one of its nodes reports the canary loaded, by digest.
-   When the window has passed, `analyse` judges it: Passed -> next wave (after the last: Promoted);
-   too few requests -> Inconclusive (holds); Failed -> failedChecks grows, the window restarts, and
-   at failureLimit the rollout is RolledBack: every node back to stable, the service Degraded.
+3. A wave's analysis window starts when every one of its nodes reports the canary loaded, by digest,
+   in a fresh report (not replayed or older: sequence and observedGeneration, see `analysis`). When
+   the window has passed and every canary node has reported within it, `analyse` judges it: Passed
+   -> next wave (after the last: Promoted); too few requests -> Inconclusive (holds); Failed ->
+   failedChecks grows, the window restarts, and at failureLimit the rollout is RolledBack: every
+   node back to stable, the service Degraded.
 4. RolledBack and Aborted stop until the spec's revision changes. Re-applying the stable revision
    rolls back at once; a third revision mid-rollout supersedes the current one (back to wave 0).
 5. Manual control: spec.rollout.paused or the pause/resume action hold the wave (its window restarts

@@ -1,6 +1,14 @@
 """How a canary wave is judged: what nodes report (`observe` -> `NodeObservation`) and the verdict
 on a wave's window (`analyse` -> `AnalysisResult`: Passed, Failed or Inconclusive, with its
 checks). Pure.
+
+Fresh reports only. A report (an EdgeNode status) counts for a model version only when it
+describes the node after it was told to run that version: its observedGeneration is at least the
+spec generation that set the version there (`observe`'s `set_at`; the reader's ledger has already
+dropped reports whose sequence went backwards, see `edgefleet_operator.report_ledger`). A wave is
+judged only on reports written within its window (heartbeat at or after the window's start,
+`fresh`): the decision holds while a canary node has none, and stable nodes without one are no
+baseline.
 """
 
 from __future__ import annotations
@@ -28,24 +36,43 @@ class NodeObservation:
     temperature_c: float | None = None
     node_class: str = ""
     """Device class (label edgefleet.io/device-class): nodes of one class are comparable."""
+    heartbeat_s: float | None = None
+    """When the report was written (epoch seconds; -inf: unknown). None: not given by the caller
+    (`observe` always gives it), taken as fresh."""
 
     def confirms(self, revision: Revision) -> bool:
         return all(r in self.loaded for r in revision.refs)
 
+    def fresh(self, since_s: float | None) -> bool:
+        """Written at or after `since_s` (None: no bound)."""
+        return since_s is None or self.heartbeat_s is None or self.heartbeat_s >= since_s
 
-def observe(service: str, status: EdgeNodeStatus, node_class: str = "") -> NodeObservation:
-    """NodeObservation of `service` (namespace/name) from an EdgeNode's status."""
+
+def observe(
+    service: str,
+    status: EdgeNodeStatus,
+    node_class: str = "",
+    set_at: Mapping[tuple[str, ModelRef], int] | None = None,
+) -> NodeObservation:
+    """NodeObservation of `service` (namespace/name) from an EdgeNode's status. `set_at`: spec
+    entry (service, model ref) -> the spec generation that set it (see `report_ledger`); a model
+    whose entry was set at a generation newer than the status's observedGeneration is left out
+    (the report is older than the node's orders for it)."""
     loaded, windows = set(), {}
     for m in status.models:
         if m.service != service or not m.digest:
             continue
         ref = ModelRef(m.model, m.version, m.digest)
+        if set_at is not None and status.observed_generation < set_at.get((service, ref), 0):
+            continue
         if m.state is ModelState.READY:
             loaded.add(ref)
         if m.sla is not None:
             windows[ref] = m.sla
     temperature = status.gpu.temperature_c if status.gpu is not None else None
-    return NodeObservation(frozenset(loaded), windows, temperature, node_class)
+    written = wire.parse_time(status.heartbeat_time)
+    heartbeat = written if written is not None else float("-inf")
+    return NodeObservation(frozenset(loaded), windows, temperature, node_class, heartbeat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +149,12 @@ def analyse(
     canary_nodes: Sequence[str],
     observations: Mapping[str, NodeObservation],
     traffic_weight: int = 100,
+    fresh_since_s: float | None = None,
 ) -> AnalysisResult:
     """Judge the canary on `canary_nodes` against absolute limits and against the stable revision on
-    comparable nodes (same node class as some canary node; side-by-side stable counts too).
+    comparable nodes (same node class as some canary node; side-by-side stable counts too). Only
+    reports written at or after `fresh_since_s` count (a canary node without one counts as having
+    served nothing; the caller holds the wave instead, see `decision`).
 
     Inconclusive when the canary served fewer than `min_samples` requests. Absolute latency limits
     apply to the worst canary node; regressions compare request-weighted means; error rates are
@@ -133,6 +163,7 @@ def analyse(
     if not has_checks(spec):
         return AnalysisResult(Outcome.PASSED, (), 0)
     empty = NodeObservation()
+    observations = {n: o for n, o in observations.items() if o.fresh(fresh_since_s)}
     cobs = {n: observations.get(n, empty) for n in canary_nodes}
     per_node = {n: revision_windows(canary, stable, o) for n, o in cobs.items()}
     c_windows = [w for ws in per_node.values() for w in ws]

@@ -32,6 +32,11 @@ from edgefleet_operator.rollout.actions import Action
 from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, analyse
 from edgefleet_operator.rollout.spec import RolloutSpec, Strategy, describe_wave, wave_nodes
 
+SPEC_SETTLE_S = 1.0
+"""A new revision is followed once the spec has held it this long (seconds), while another
+revision runs: a burst of edits (a script, a flapping GitOps sync) reaches the nodes as its last
+revision only, never as the ones in between. A first deployment does not wait."""
+
 
 @dataclass(frozen=True, slots=True)
 class RolloutEvent:
@@ -110,10 +115,13 @@ def step(
     now: float,
     action: Action | None = None,
     service: str = "",
+    spec_age_s: float | None = None,
 ) -> Decision:
     """One rollout decision. `previous`: the last status.rollout written (None at first); `nodes`: the
     nodes placement chose for the service; `observations`: node -> what it reports (missing: nothing
-    loaded); `now`: epoch seconds; `action`: the manual action, which the caller then clears.
+    loaded); `now`: epoch seconds; `action`: the manual action, which the caller then clears;
+    `spec_age_s`: how long the spec has been as it is (None: long enough). While a new revision is
+    younger than `SPEC_SETTLE_S` and another one runs, the rollout holds where it is.
 
     Deterministic in its arguments; `previous` carries all state (a restart loses nothing). Write the
     returned status before the EdgeNode specs built from `targets`: then a crash in between leaves no
@@ -122,11 +130,19 @@ def step(
     ctx = _Ctx(spec, service, tuple(sorted(nodes)), observations, int(now))
     state = previous if previous is not None else RolloutStatus()
     state.check_invariants()
-    state = _follow_spec(state, ctx)
+    settling = _settling(state, ctx, spec_age_s)
+    if not settling:
+        state = _follow_spec(state, ctx)
     state = _apply_action(state, action, ctx)
     state = _apply_pause(state, ctx)
-    state = _advance(state, ctx)
+    if not settling:
+        state = _advance(state, ctx)
     state = _describe(state, ctx)
+    if settling:
+        state = dataclasses.replace(
+            state,
+            message=f"{spec.revision.label} waits for the spec to settle ({SPEC_SETTLE_S:g}s unchanged)",
+        )
     state.check_invariants()
     targets = _targets(state, ctx)
     models: dict[Revision, tuple[ModelSpec, ...]] = {}
@@ -143,6 +159,15 @@ def step(
 
 
 # --- phases of a step ---------------------------------------------------------------------------
+
+
+def _settling(state: RolloutStatus, ctx: _Ctx, spec_age_s: float | None) -> bool:
+    """The spec names a revision that is neither running nor stable, and has not held it long."""
+    if spec_age_s is None or spec_age_s >= SPEC_SETTLE_S:
+        return False
+    if state.stable is None and state.canary is None:
+        return False  # a first deployment does not wait
+    return ctx.spec.revision not in (state.stable, state.canary)
 
 
 def _start(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
@@ -293,7 +318,16 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     left = state.wave_start_s + window - ctx.now
     if left > 0:
         return dataclasses.replace(state, message=f"analysing: {left}s of the window left")
-    result = analyse(spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight)
+    since = state.wave_start_s
+    silent = [n for n in state.canary_nodes if not ctx.obs(n).fresh(since)]
+    if silent:  # judged on reports written within the window only: hold for them
+        why = (
+            f"waiting for {len(silent)}/{len(state.canary_nodes)} canary node(s) to report within the window"
+        )
+        return dataclasses.replace(state, message=why)
+    result = analyse(
+        spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight, since
+    )
     if result.outcome is Outcome.PASSED:
         return _wave_passed(state, ctx, result)
     if result.outcome is Outcome.INCONCLUSIVE:

@@ -1,0 +1,81 @@
+"""The EdgeNode watch's retry discipline against a real socket that refuses (no cluster): a
+`restart` asked for while the API server is out of reach never bypasses the backoff, so a fleet
+whose links all fail does not retry in a tight loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+from node_agent.link.settings import LinkSettings
+from node_agent.link.watch import EdgeNodeWatch
+
+
+def refusing_port() -> tuple[socket.socket, int]:
+    """A port that accepts each connection and closes it at once, counting them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    return listener, int(listener.getsockname()[1])
+
+
+def test_restarts_while_unreachable_keep_the_backoff(tmp_path: Path) -> None:
+    listener, port = refusing_port()
+    accepted: list[float] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted.append(time.monotonic())
+            conn.close()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    configuration.retries = False
+    api = client.ApiClient(configuration)
+    settings = LinkSettings(
+        "n1", "ns", tmp_path, request_timeout_s=1.0, backoff_initial_s=0.2, backoff_max_s=0.4
+    )
+    failures: list[BaseException] = []
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    watch = EdgeNodeWatch(
+        settings,
+        client.CustomObjectsApi(api),
+        time.monotonic,
+        listed=lambda obj: None,
+        event=lambda kind, obj: None,
+        answered=lambda: None,
+        failed=lambda call, exc: failures.append(exc),
+    )
+    runner = threading.Thread(target=watch.run, args=(loop,), daemon=True)
+    runner.start()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            watch.restart()  # the link asking again and again, as each failed call would
+            time.sleep(0.01)
+    finally:
+        watch.stop()
+        runner.join(5)
+        stop.set()
+        acceptor.join(2)
+        listener.close()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(2)
+        loop.close()
+        api.close()
+    # one attempt per backoff (0.1-0.4 s), plus at most one immediate retry each: never a tight loop
+    assert 3 <= len(accepted) <= 2 * (2.0 / 0.1) + 2, len(accepted)
+    assert len(failures) >= 3 and not runner.is_alive()
