@@ -100,6 +100,15 @@ def last(calls: list[Call], method: str, kind: str) -> int:
     return max(i for i, c in enumerate(calls) if (c.method, c.kind) == (method, kind))
 
 
+def let_the_new_revision_settle(world: World) -> None:
+    """A pass that sees the new revision, then time for it to settle: a new revision rolls out
+    once the spec has held it `SPEC_SETTLE_S` (the passes after this one roll it out)."""
+    settled = [0.0]
+    world.rec.reader.views.clock = lambda: settled[0]
+    world.rec.reconcile_once()
+    settled[0] += rollout.decision.SPEC_SETTLE_S
+
+
 def test_a_new_service_is_written_phase_by_phase(world: World) -> None:
     report = world.rec.reconcile_once()
     w = world.api.writes()
@@ -156,10 +165,7 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     svc = world.service()
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
-    settled = [0.0]
-    world.rec.reader.views.clock = lambda: settled[0]
-    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
-    settled[0] += rollout.decision.SPEC_SETTLE_S
+    let_the_new_revision_settle(world)
     world.api.calls.clear()
     world.rec.reconcile_once()
     w = world.api.writes()
@@ -361,10 +367,7 @@ def test_a_rollout_action_set_again_during_the_pass_is_kept_for_the_next(world: 
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
     world.api.changed(svc)
-    settled = [0.0]
-    world.rec.reader.views.clock = lambda: settled[0]
-    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
-    settled[0] += rollout.decision.SPEC_SETTLE_S
+    let_the_new_revision_settle(world)
     world.rec.reconcile_once()
     assert world.service()["status"]["rollout"]["phase"] == "Progressing"
     world.service()["metadata"]["annotations"] = {names.ANNOTATION_ROLLOUT_ACTION: "pause"}
@@ -421,10 +424,7 @@ def test_a_spec_changed_since_the_read_is_not_overwritten_but_re_planned(world: 
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 2}]})["spec"]
     svc["metadata"]["generation"] = 2
     world.api.changed(svc)
-    settled = [0.0]
-    world.rec.reader.views.clock = lambda: settled[0]
-    world.rec.reconcile_once()  # a new revision rolls out once the spec has held it a moment
-    settled[0] += rollout.decision.SPEC_SETTLE_S
+    let_the_new_revision_settle(world)
     world.api.before = someone_edits_the_spec
     report = world.rec.reconcile_once()
     assert report.writes.get("edgenode.conflict") == 1, report.writes
