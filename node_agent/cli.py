@@ -34,7 +34,7 @@ def _make_examples_args(parser: argparse.ArgumentParser) -> None:
 def _make_examples(args: argparse.Namespace) -> int:
     from node_agent.examples import make_examples
     from node_agent.generation.transformer import write_tiny_lm
-    from node_agent.runtime.repository import CONFIG_FILE
+    from node_agent.runtime.model_yaml import CONFIG_FILE
 
     root: Path = args.dir
     for config in [*make_examples(root), write_tiny_lm(root)]:
@@ -276,7 +276,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from node_agent.agent import Agent, AgentSettings, serve
     from node_agent.control.thermal import ThermalSettings
-    from node_agent.runtime.repository import parse_quantity
+    from node_agent.runtime.model_yaml import parse_quantity
     from node_agent.serving.connections import ConnectionLimits
     from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
     from node_agent.serving.service import HealthSettings

@@ -38,7 +38,8 @@ from torch import nn
 
 from edgefleet_api.types import Priority
 from node_agent.runtime.backends.torchscript import jit_deprecations_silenced
-from node_agent.runtime.repository import sha256_file, write_model_config
+from node_agent.runtime.model_yaml import write_model_config
+from node_agent.runtime.repository import sha256_file
 from node_agent.types import ModelConfig, TensorSpec
 
 if TYPE_CHECKING:

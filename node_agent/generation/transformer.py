@@ -40,7 +40,8 @@ from edgefleet_api.types import Priority
 from node_agent.errors import InvalidInput, InvalidModel
 from node_agent.generation.kv_cache import block_size_for_context, kv_bytes_per_token
 from node_agent.runtime.backends.base import Backend
-from node_agent.runtime.repository import parse_quantity, sha256_file, write_model_config
+from node_agent.runtime.model_yaml import parse_quantity, write_model_config
+from node_agent.runtime.repository import sha256_file
 from node_agent.types import ModelConfig, TensorSpec
 
 if TYPE_CHECKING:

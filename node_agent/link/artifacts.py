@@ -23,13 +23,8 @@ from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.assignment import effective_config, parse_artifact_uri
-from node_agent.runtime.repository import (
-    CONFIG_FILE,
-    ModelRepository,
-    parse_model_config,
-    sha256_file,
-    write_model_config,
-)
+from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
+from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -30,32 +30,11 @@ from edgefleet_api.types import ModelId
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound, ModelUnavailable
 from node_agent.runtime.backends import backend_for
 from node_agent.runtime.model_names import VERSION_RE, validate_name, validate_version, version_sort_key
-from node_agent.runtime.model_yaml import (
-    CONFIG_FILE,
-    config_from_mapping,
-    config_to_mapping,
-    parse_model_config,
-    parse_quantity,
-    write_model_config,
-)
+from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
     from node_agent.runtime.backends.base import Backend
-
-__all__ = [
-    "CONFIG_FILE",
-    "ModelRepository",
-    "ScanResult",
-    "config_from_mapping",
-    "config_to_mapping",
-    "parse_model_config",
-    "parse_quantity",
-    "sha256_file",
-    "write_model_config",
-]
-"""model.yaml's names (`model_yaml`) are re-exported: callers take the repository's whole
-vocabulary from here."""
 
 log = logging.getLogger(__name__)
 

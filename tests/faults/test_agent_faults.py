@@ -38,7 +38,8 @@ from edgefleet_api.types import Priority
 from node_agent.agent import Agent, AgentSettings
 from node_agent.examples import make_examples
 from node_agent.link.persistence import encode_persisted
-from node_agent.runtime.repository import parse_model_config, sha256_file, write_model_config
+from node_agent.runtime.model_yaml import parse_model_config, write_model_config
+from node_agent.runtime.repository import sha256_file
 from node_agent.serving.http import HttpSettings
 from node_agent.serving.service import HealthSettings
 

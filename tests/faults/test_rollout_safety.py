@@ -26,7 +26,7 @@ import torch
 
 from e2e import waiting
 from e2e.operator_proc import AGENT_NAMESPACE, ensure_agent_namespace
-from node_agent.runtime.repository import parse_model_config
+from node_agent.runtime.model_yaml import parse_model_config
 
 from .rollout_safety_support import (
     AgentProcess,

@@ -106,7 +106,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     from kubernetes import client, config
 
     from node_agent.examples import make_examples
-    from node_agent.runtime.repository import parse_model_config
+    from node_agent.runtime.model_yaml import parse_model_config
 
     work = tmp_path_factory.mktemp("watch-outage")
     examples = work / "examples"

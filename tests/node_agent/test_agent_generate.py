@@ -28,7 +28,7 @@ from node_agent.generation.kv_cache import block_size_for_context
 from node_agent.generation.sampling_params import SamplingParams
 from node_agent.generation.transformer import KV_CACHE_PARAMETER, ByteTokenizer, TinyLM, load_tiny_lm
 from node_agent.metrics.generation import GENERATION_METRICS, register_generation_metrics
-from node_agent.runtime.repository import parse_model_config, write_model_config
+from node_agent.runtime.model_yaml import parse_model_config, write_model_config
 from node_agent.serving.http import HttpSettings
 
 TOKEN = "gen-token"

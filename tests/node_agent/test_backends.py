@@ -16,7 +16,8 @@ from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, Shutt
 from node_agent.examples import EXAMPLES, Example, build_module
 from node_agent.runtime.backends import FORMATS, backend_for
 from node_agent.runtime.backends.torchscript import TorchScriptBackend, optimized, short_message
-from node_agent.runtime.repository import ModelRepository, sha256_file, write_model_config
+from node_agent.runtime.model_yaml import write_model_config
+from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig, TensorSpec
 
 WORKING = [e for e in EXAMPLES if e.version != "2-failing"]

@@ -25,7 +25,8 @@ from node_agent.errors import (
     ShuttingDown,
 )
 from node_agent.runtime.engine import Engine, EngineSettings
-from node_agent.runtime.repository import ModelRepository, sha256_file, write_model_config
+from node_agent.runtime.model_yaml import write_model_config
+from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.types import ModelConfig, TensorSpec

@@ -14,7 +14,8 @@ from torch import nn
 
 from node_agent import cli
 from node_agent.examples import EXAMPLES, Conv3x3, Dense, build_module, estimate_memory_bytes, make_examples
-from node_agent.runtime.repository import CONFIG_FILE, ModelRepository, parse_model_config, sha256_file
+from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config
+from node_agent.runtime.repository import ModelRepository, sha256_file
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 LAYOUT = ["classifier/1", "classifier/2", "classifier/2-slow", "classifier/2-failing", "mlp/1"]

@@ -36,7 +36,8 @@ from node_agent.link.persistence import decode_persisted
 from node_agent.link.settings import LinkSettings, api_client
 from node_agent.link.watch import EdgeNodeWatch
 from node_agent.runtime.engine import Engine, EngineSettings
-from node_agent.runtime.repository import ModelRepository, parse_model_config, sha256_file
+from node_agent.runtime.model_yaml import parse_model_config
+from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 

@@ -15,15 +15,14 @@ from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
 from node_agent.errors import DigestMismatch, InvalidModel, ModelNotFound, ModelUnavailable
 from node_agent.runtime.model_names import validate_name, validate_version, version_sort_key
-from node_agent.runtime.repository import (
+from node_agent.runtime.model_yaml import (
     CONFIG_FILE,
-    ModelRepository,
     config_to_mapping,
     parse_model_config,
     parse_quantity,
-    sha256_file,
     write_model_config,
 )
+from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig, TensorSpec
 
 DIGEST = "sha256:" + "ab" * 32

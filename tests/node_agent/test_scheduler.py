@@ -568,7 +568,8 @@ def wide_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.yaml). One warm-up load is made and thrown away: a process's first load also
     measures torch's one-time initialisation."""
     from node_agent.examples import Example, write_example
-    from node_agent.runtime.repository import ModelRepository, write_model_config
+    from node_agent.runtime.model_yaml import write_model_config
+    from node_agent.runtime.repository import ModelRepository
     from node_agent.types import TensorSpec
 
     root = tmp_path_factory.mktemp("wide-repo")
