@@ -52,6 +52,15 @@ build() {  # $1: Dockerfile, $2: image, $3...: build args
 build operator.Dockerfile "edgefleet/operator:$TAG"
 # The dependency stage (torch: 4 GB, minutes to build) under its own name, keyed by what makes it, so
 # `docker image prune` (which removes untagged stages) keeps it and a rebuild of our code is quick.
-deps_key=$(cat "$repo/docker/agent-cpu.Dockerfile" "$repo/pyproject.toml" | { cat; echo "$base $TORCH_INDEX"; } | sha256sum | cut -c1-12)
-build agent-cpu.Dockerfile "edgefleet-local/agent-cpu-deps:$deps_key" --target deps --build-arg "TORCH_INDEX=$TORCH_INDEX"
+# The key reads pyproject.toml's dependency list only, as the stage does (not its lint settings).
+deps_list=$(python3 -c "import tomllib, sys; print(*tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies'], sep='\n')" "$repo/pyproject.toml")
+deps_key=$(cat "$repo/docker/agent-cpu.Dockerfile" | { cat; echo "$deps_list"; echo "$base $TORCH_INDEX"; } | sha256sum | cut -c1-12)
+deps="edgefleet-local/agent-cpu-deps:$deps_key"
+build agent-cpu.Dockerfile "$deps" --target deps --build-arg "TORCH_INDEX=$TORCH_INDEX"
 build agent-cpu.Dockerfile "edgefleet/agent-cpu:$TAG" --build-arg "TORCH_INDEX=$TORCH_INDEX"
+# Each older dependency stage and each image a rebuild left untagged holds up to 5 GB: a few
+# rebuilds would fill the disk (a kind node then fails to unpack the agent image).
+for old in $(docker images edgefleet-local/agent-cpu-deps --format '{{.Repository}}:{{.Tag}}'); do
+  [ "$old" = "$deps" ] || docker rmi "$old" >/dev/null
+done
+docker image prune -f >/dev/null
