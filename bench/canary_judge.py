@@ -17,8 +17,8 @@ agents' counters. A check every 10 s, 60 s or 300 s:
 - thresholds (Flagger-style), on the counts of the last interval: canary error rate <= stable + X
   and canary slow share <= limit; a check without requests on either side is skipped; 3 failed
   checks in a row roll back, 10 minutes of passed checks promote (10 checks at 60 s). Default
-  X = 1 point, limit = 2 x the baseline slow share; "tuned": both margins scaled by the factor that brings A/A false rollbacks
-  (60 s checks) to alpha;
+  X = 1 point, limit = 2 x the baseline slow share; "tuned": both margins scaled by the factor that
+  brings A/A false rollbacks (60 s checks) to alpha;
 - z-test: a one-sided two-proportion z-test per metric at alpha / 2 (z > 2.576) on the cumulative
   counts, re-checked at every interval; promotes at 30 min if the canary got the fixed-horizon
   sample (80% power at the regression), else held.
