@@ -23,7 +23,7 @@ agents' counters. A check every 10 s, 60 s or 300 s:
   counts, re-checked at every interval; promotes at 30 min if the canary got the fixed-horizon
   sample (80% power at the regression), else held.
 
-The judge's bounds are computed here vectorised (numpy) and checked against the module's own on a
+The judge's statistic is computed here vectorised (numpy) and checked against the module's own on a
 sample before the run (and its verdicts against `judge.verdict`).
 
     python -m bench.canary_judge
@@ -157,46 +157,68 @@ def _lbeta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _lgamma(a) + _lgamma(b) - _lgamma(a + b)
 
 
-def bounds(x: np.ndarray, n: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """`judge.rate_bounds`, elementwise: the beta-binomial mixture confidence sequence."""
-    a, b = SETTINGS.prior
-    x, n = x.astype(float), n.astype(float)
-    c = _lbeta(a + x, b + n - x) - float(_lbeta(np.array(a), np.array(b)))
-    threshold = math.log(1 / alpha)
-    safe_n = np.maximum(n, 1)
-    mle = x / safe_n
+class Side:
+    """One side's counts, elementwise, with its mixture's constant term."""
 
-    def outside(p: np.ndarray) -> np.ndarray:
+    def __init__(self, x: np.ndarray, n: np.ndarray) -> None:
+        a, b = SETTINGS.prior
+        self.x, self.n = x.astype(float), n.astype(float)
+        self.c = _lbeta(a + self.x, b + self.n - self.x) - float(_lbeta(np.array(a), np.array(b)))
+
+    def log_m(self, p: np.ndarray) -> np.ndarray:
+        """`judge.log_mixture`, elementwise."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = c - np.where(x > 0, x * np.log(p), 0.0) - np.where(n > x, (n - x) * np.log1p(-p), 0.0)
-        return v >= threshold
+            v = self.c - np.where(self.x > 0, self.x * np.log(p), 0.0)
+            v = v - np.where(self.n > self.x, (self.n - self.x) * np.log1p(-p), 0.0)
+        return np.nan_to_num(v, nan=np.inf)
 
-    lo_out, lo_in = np.zeros_like(mle), mle.copy()
-    hi_out, hi_in = np.ones_like(mle), mle.copy()
+    def dlog_m(self, p: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(self.x > 0, -self.x / p, 0.0) + np.where(
+                self.n > self.x, (self.n - self.x) / (1 - p), 0.0
+            )
+        return np.nan_to_num(d, nan=0.0)
+
+    def mle(self) -> np.ndarray:
+        return self.x / np.maximum(self.n, 1)
+
+
+def line_min(c: Side, s: Side, ratio: float, increase: float) -> np.ndarray:
+    """`judge.line_min`, elementwise."""
+    lo, hi = max(0.0, -increase / ratio), min(1.0, (1.0 - increase) / ratio)
+    a, b = np.full(c.x.shape, lo), np.full(c.x.shape, hi)
     for _ in range(J._ITERATIONS):
-        mid = (lo_out + lo_in) / 2
-        o = outside(mid)
-        lo_out, lo_in = np.where(o, mid, lo_out), np.where(o, lo_in, mid)
-        mid = (hi_out + hi_in) / 2
-        o = outside(mid)
-        hi_out, hi_in = np.where(o, mid, hi_out), np.where(o, hi_in, mid)
-    lower = np.where((n > 0) & (x > 0), lo_out, 0.0)
-    upper = np.where((n > 0) & (x < n), hi_out, 1.0)
-    return lower, upper
+        mid = (a + b) / 2
+        slope = ratio * c.dlog_m(ratio * mid + increase) + s.dlog_m(mid)
+        right = slope > 0
+        a, b = np.where(right, a, mid), np.where(right, mid, b)
+
+    def h(q: np.ndarray) -> np.ndarray:
+        return c.log_m(np.clip(ratio * q + increase, 0.0, 1.0)) + s.log_m(q)
+
+    return np.minimum(h((a + b) / 2), np.minimum(h(np.full_like(a, lo)), h(np.full_like(a, hi))))
+
+
+def metric_verdicts(c: Side, s: Side, increase: float, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(FAIL, PASS) of `judge.metric_verdict`, elementwise."""
+    threshold = math.log(1 / SETTINGS.alpha_metric)
+    mc, ms = c.mle(), s.mle()
+    fail = (c.n > 0) & (s.n > 0) & (mc > ms) & (line_min(c, s, 1.0, 0.0) >= threshold)
+    outside = (c.n > 0) & (mc < ratio * ms + increase)
+    passed = ~fail & outside & (line_min(c, s, ratio, increase) >= threshold)
+    return fail, passed
 
 
 def judge_outcome(r: Runs, every: int) -> tuple[np.ndarray, np.ndarray]:
     """(outcome FAIL/PASS/HELD, index of the deciding check or -1) of the judge, checks every
     `every` steps."""
     idx = np.arange(every - 1, STEPS, every)
-    a1 = SETTINGS.alpha_side
     verdicts = []
     for events_c, events_s, increase, ratio in (
         (r.ec, r.es, SETTINGS.error_increase, 1.0), (r.sc, r.ss, 0.0, SETTINGS.slow_ratio),
     ):  # fmt: skip
-        lc, uc = bounds(events_c[:, idx], r.nc[:, idx], a1)
-        ls, us = bounds(events_s[:, idx], r.ns[:, idx], a1)
-        verdicts.append((lc > us, uc < ratio * ls + increase))
+        c, s = Side(events_c[:, idx], r.nc[:, idx]), Side(events_s[:, idx], r.ns[:, idx])
+        verdicts.append(metric_verdicts(c, s, increase, ratio))
     fail = verdicts[0][0] | verdicts[1][0]
     passed = verdicts[0][1] & verdicts[1][1] & ~fail
     return _first(fail, passed)
@@ -212,15 +234,16 @@ def _first(fail: np.ndarray, passed: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def verify_against_module(r: Runs, seed: int = 1) -> None:
-    """The vectorised bounds and verdicts are the module's."""
+    """The vectorised statistics and verdicts are the module's."""
     rng = np.random.default_rng(seed)
     rows, cols = rng.integers(0, len(r.nc), 300), rng.integers(0, STEPS, 300)
-    x, n = r.ec[rows, cols], r.nc[rows, cols]
-    lo, hi = bounds(x, n, SETTINGS.alpha_side)
-    for i in range(len(x)):
-        want = J.rate_bounds(int(x[i]), int(n[i]), SETTINGS.alpha_side)
-        assert math.isclose(lo[i], want[0], rel_tol=1e-9, abs_tol=1e-15), (x[i], n[i], lo[i], want)
-        assert math.isclose(hi[i], want[1], rel_tol=1e-9, abs_tol=1e-15), (x[i], n[i], hi[i], want)
+    c = Side(r.ec[rows, cols], r.nc[rows, cols])
+    s = Side(r.es[rows, cols], r.ns[rows, cols])
+    got = line_min(c, s, 1.0, 0.0)
+    for i in range(len(rows)):
+        canary, stable = (int(c.x[i]), int(c.n[i])), (int(s.x[i]), int(s.n[i]))
+        want = J.line_min(canary, stable, 1.0, 0.0)
+        assert math.isclose(got[i], want, rel_tol=1e-9, abs_tol=1e-9), (canary, stable, got[i], want)
     outcome, at = judge_outcome(r, 1)
     for i in rng.integers(0, len(r.nc), 100):
         for k in range(STEPS):
@@ -384,9 +407,9 @@ rolled back by traffic per node:
 
 Thresholds tuned: the margins (error X points, slow-share limit (1 + X) x baseline) scaled to
 {scale:.3g}x the defaults, the smallest with A/A false rollbacks <= {ALPHA:.0%} at 60 s checks.
-The judge: beta-binomial mixture confidence sequences per side at alpha/4, FAIL when canary's lower
-bound clears stable's upper (alpha/2 per metric), PASS when canary's upper bound is within the
-regression to detect of stable's lower bound.
+The judge: per metric (alpha/2 each), the product of the two sides' beta-binomial mixture
+martingales at the null's least favourable rates (an e-process); FAIL when it reaches 2/alpha
+against "no worse", PASS when it does against "regressed by the regression to detect".
 """  # fmt: skip
     write_section("canary_judge", "Canary judgement: sequential judge vs thresholds (simulated)", body)
     print(body)

@@ -7,26 +7,30 @@ the cumulative totals only, so the caller may check as often as it likes, at any
 
 Method. For one side, the requests are Bernoulli(p) trials; Robbins' beta-binomial mixture
     M_n(p) = B(a + x, b + n - x) / B(a, b) / (p^x (1 - p)^(n - x))      (x events in n requests)
-is a nonnegative martingale with mean 1 at the true p (a Beta(a, b) mixture of likelihood ratios),
-so by Ville's inequality P(ever M_n(p) >= 1/a1) <= a1, and {p : M_n(p) < 1/a1} is a confidence
-sequence: it holds the true rate at every n at once with probability >= 1 - a1. Each side gets one
-at a1 = alpha_metric / 2; together (union bound) the rectangle [L_c, U_c] x [L_s, U_s] holds
-(p_canary, p_stable) at every check with probability >= 1 - alpha_metric, whatever the interleaving
-of canary and stable requests. From it:
-- FAIL when the rectangle lies inside "canary worse" (L_c > U_s): the false-rollback rate, the chance
-  of ever failing a canary that is no worse than stable, is <= alpha_metric;
-- PASS when it lies inside "canary better than the regression to detect" (U_c < L_s + increase for
-  the error rate, U_c < ratio x L_s for the slow share): the chance of ever passing a canary that
-  regressed by at least that much is <= alpha_metric;
-- CONTINUE otherwise. Zero traffic gives [0, 1] on both sides: CONTINUE, never FAIL for lack of data.
-The equivalent e-value (`MetricEvidence.e_worse`) is min over the null of max(M_c, M_s) / 2; FAIL is
-exactly e_worse >= 1 / alpha_metric. The two metrics share alpha: alpha / 2 each, so the overall
-false-rollback rate (either metric failing an identical canary) stays <= alpha.
+is a nonnegative martingale with mean 1 at the true p (a Beta(a, b) mixture of likelihood ratios).
+The product M_c(p_c) M_s(p_s) of the two sides' is one too, at the true pair of rates, whatever
+the interleaving of canary and stable requests (each request multiplies in its own side's factor,
+of mean 1 given the past). So for a null hypothesis H (a set of rate pairs), the e-process
+    E = min over (p_c, p_s) in H of M_c(p_c) M_s(p_s)
+(a mixture likelihood ratio against the null's best fit) is, when H holds, at most a test
+martingale, and by Ville's inequality P(E ever >= 1 / a) <= a, however often one looks. With
+a = alpha_metric:
+- FAIL when E against "no worse" (p_c <= p_s) reaches 1 / a: the chance of ever rolling back a
+  canary no worse than stable is <= a;
+- PASS when E against "regressed" (p_c >= p_s + increase for the error rate, p_c >= ratio x p_s for
+  the slow share) reaches 1 / a: the chance of ever passing a canary that regressed by at least the
+  regression to detect is <= a;
+- CONTINUE otherwise. Zero traffic gives E = 1 on both: CONTINUE, never FAIL for lack of data.
+The confidence sequence for p_c - p_s (and for p_c / p_s) is the set of differences (ratios) that
+no such test rejects: FAIL is exactly its lower end above 0. The minimum over a null is on its
+boundary line (the sum of logs is convex), found by bisection. The two metrics share alpha: alpha / 2
+each, so the overall false-rollback rate (either metric failing an identical canary) stays <= alpha.
 
 Assumptions: requests are independent; each side's rates are stationary within a wave (a canary
 and a stable side serving the same traffic mix on comparable nodes). Varying rates or correlated
 failures (an outage hitting a burst of requests) are outside the guarantee; so are counts the agent
-lost. The union bound makes the test conservative: the benchmark (bench.canary_judge) measures it.
+lost. The bound holds for every stopping rule, so at a fixed number of looks it is conservative;
+the benchmark (bench.canary_judge) measures by how much, and against thresholds.
 """
 
 from __future__ import annotations
@@ -138,7 +142,8 @@ class JudgeSettings:
 
     @property
     def alpha_side(self) -> float:
-        """Each side's confidence sequence: alpha_metric / 2 (union bound over the two sides)."""
+        """One side's own confidence sequence (`rate_bounds`, informative): alpha_metric / 2, so
+        that the two sides' hold together with probability >= 1 - alpha_metric."""
         return self.alpha / 4
 
 
@@ -152,9 +157,13 @@ def log_mixture(events: float, requests: float, p: float, prior: tuple[float, fl
     misses = requests - events
     c = _lbeta(a + events, b + misses) - _lbeta(a, b)
     if events > 0:
-        c -= math.inf if p <= 0 else events * math.log(p)
+        if p <= 0:
+            return math.inf
+        c -= events * math.log(p)
     if misses > 0:
-        c -= math.inf if p >= 1 else misses * math.log1p(-p)
+        if p >= 1:
+            return math.inf
+        c -= misses * math.log1p(-p)
     return c
 
 
@@ -201,6 +210,98 @@ def _bisect(outside: Callable[[float], bool], out: float, inside: float) -> floa
 # --- one metric: canary against stable -------------------------------------------------------
 
 
+def _dlog_mixture(events: float, requests: float, p: float) -> float:
+    """d/dp log M_n(p)."""
+    d = 0.0
+    if events > 0:
+        d -= math.inf if p <= 0 else events / p
+    if requests > events:
+        d += math.inf if p >= 1 else (requests - events) / (1 - p)
+    return d
+
+
+def line_min(
+    canary: tuple[float, float],
+    stable: tuple[float, float],
+    ratio: float,
+    increase: float,
+    prior: tuple[float, float] = PRIOR,
+    iterations: int = _ITERATIONS,
+) -> float:
+    """min over p_s of log M_c(ratio p_s + increase) + log M_s(p_s), on the part of the line
+    p_c = ratio p_s + increase inside [0, 1]^2 (+inf where there is none). The sum is convex along
+    the line: bisection on its derivative."""
+    (xc, nc), (xs, ns) = canary, stable
+    lo, hi = max(0.0, -increase / ratio), min(1.0, (1.0 - increase) / ratio)
+    if lo > hi:
+        return math.inf
+
+    def h(q: float) -> float:
+        return log_mixture(xc, nc, min(1.0, max(0.0, ratio * q + increase)), prior) + log_mixture(
+            xs, ns, q, prior
+        )
+
+    a, b = lo, hi
+    for _ in range(iterations):
+        mid = (a + b) / 2
+        slope = ratio * _dlog_mixture(xc, nc, ratio * mid + increase) + _dlog_mixture(xs, ns, mid)
+        a, b = (a, mid) if slope > 0 else (mid, b)
+    return min(h((a + b) / 2), h(lo), h(hi))
+
+
+def _rates(canary: tuple[int, int], stable: tuple[int, int]) -> tuple[float, float]:
+    """Maximum-likelihood rates, 0 where a side has no requests (the sums below don't depend on a
+    side without requests, so any rate is as likely)."""
+    (xc, nc), (xs, ns) = canary, stable
+    return (xc / nc if nc else 0.0), (xs / ns if ns else 0.0)
+
+
+def log_e_worse(
+    canary: tuple[int, int], stable: tuple[int, int], prior: tuple[float, float] = PRIOR
+) -> float:
+    """log of the e-value against "the canary is no worse" (p_c <= p_s): min over that null of
+    log M_c(p_c) + log M_s(p_s)."""
+    mc, ms = _rates(canary, stable)
+    if canary[1] == 0 or stable[1] == 0 or mc <= ms:
+        return log_mixture(*canary, mc, prior) + log_mixture(*stable, ms, prior)
+    return line_min(canary, stable, 1.0, 0.0, prior)
+
+
+def log_e_within(
+    canary: tuple[int, int],
+    stable: tuple[int, int],
+    ratio: float,
+    increase: float,
+    prior: tuple[float, float] = PRIOR,
+) -> float:
+    """log of the e-value against "the canary regressed" (p_c >= ratio p_s + increase)."""
+    mc, ms = _rates(canary, stable)
+    if canary[1] == 0 or mc >= ratio * ms + increase:
+        return log_mixture(*canary, mc, prior) + log_mixture(*stable, ms, prior)
+    return line_min(canary, stable, ratio, increase, prior)
+
+
+def metric_verdict(
+    canary: tuple[int, int],
+    stable: tuple[int, int],
+    settings: JudgeSettings,
+    *,
+    increase: float = 0.0,
+    ratio: float = 1.0,
+) -> Verdict:
+    """One metric's verdict alone: FAIL when the e-value against "no worse" reaches
+    1 / alpha_metric, PASS when the one against "regressed by the regression to detect" does."""
+    (xc, nc), (xs, ns) = canary, stable
+    if not (0 <= xc <= nc and 0 <= xs <= ns):
+        raise ValueError(f"events must be within 0..requests: canary {canary}, stable {stable}")
+    threshold = math.log(1 / settings.alpha_metric)
+    if log_e_worse(canary, stable, settings.prior) >= threshold:
+        return Verdict.FAIL
+    if log_e_within(canary, stable, ratio, increase, settings.prior) >= threshold:
+        return Verdict.PASS
+    return Verdict.CONTINUE
+
+
 @dataclass(frozen=True, slots=True)
 class MetricEvidence:
     """The evidence on one metric at one check, in numbers (for status) and words (`describe`)."""
@@ -212,11 +313,13 @@ class MetricEvidence:
     """(events, requests) on the canary."""
     stable: tuple[int, int]
     canary_bounds: tuple[float, float]
+    """The canary's rate, its own confidence sequence (at alpha_side: with stable's, both hold at
+    once with probability >= 1 - alpha_metric)."""
     stable_bounds: tuple[float, float]
     difference: tuple[float, float]
     """Confidence sequence for canary rate - stable rate (level 1 - alpha_metric)."""
     ratio: tuple[float, float]
-    """Confidence sequence for canary rate / stable rate (inf where the stable bound is 0)."""
+    """Confidence sequence for canary rate / stable rate (level 1 - alpha_metric; inf: unbounded)."""
     e_worse: float
     """E-value against "the canary is no worse": FAIL at >= 1 / alpha_metric."""
     e_within: float
@@ -233,19 +336,25 @@ class MetricEvidence:
     def describe(self) -> str:
         (xc, nc), (xs, ns) = self.canary, self.stable
         lo, hi = self.difference
+        rlo, rhi = self.ratio
         level = f"{100 * (1 - self.alpha):.4g}%"
+        fails = f"{1 / self.alpha:.3g}"
         return (
             f"{self.metric}: canary {_pct(xc, nc)} ({xc}/{nc}) vs stable {_pct(xs, ns)} ({xs}/{ns});"
-            f" difference in [{100 * lo:+.2f}, {100 * hi:+.2f}] points ({level} confidence sequence);"
-            f" e-value {self.e_worse:.3g} that it is worse (fails at {1 / self.alpha:.3g}),"
-            f" {self.e_within:.3g} that it is within {self.regression} (passes at {1 / self.alpha:.3g});"
-            f" power {self.power:.0%} to detect {self.regression},"
+            f" {level} confidence sequence: difference [{100 * lo:+.2f}, {100 * hi:+.2f}] points,"
+            f" ratio [{rlo:.3g}, {rhi:.3g}]; e-value {_e(self.e_worse)} that the canary is worse"
+            f" (fails at {fails}), {_e(self.e_within)} that it is better than {self.regression}"
+            f" (passes at {fails}); power {self.power:.0%} to detect {self.regression},"
             f" about {self.requests_needed} canary requests for the wanted power: {self.verdict.value}"
         )
 
 
 def _pct(x: int, n: int) -> str:
     return f"{100 * x / n:.2f}%" if n else "-"
+
+
+def _e(v: float) -> str:
+    return f"{v:.3g}" if v < 1e15 else "over 1e15"
 
 
 def judge_metric(
@@ -257,27 +366,23 @@ def judge_metric(
     increase: float = 0.0,
     ratio: float = 1.0,
 ) -> MetricEvidence:
-    """One metric's verdict. The regression to detect is p_c >= ratio * p_s + increase (give one of
-    the two); FAIL needs evidence that p_c > p_s, PASS evidence that p_c < ratio * p_s + increase."""
-    (xc, nc), (xs, ns) = canary, stable
+    """One metric's verdict and its evidence. The regression to detect is p_c >= ratio * p_s +
+    increase (give one of the two); FAIL needs evidence that p_c > p_s, PASS evidence that
+    p_c < ratio * p_s + increase."""
     verdict = metric_verdict(canary, stable, settings, increase=increase, ratio=ratio)
-    a1, prior = settings.alpha_side, settings.prior
-    lc, uc = rate_bounds(xc, nc, a1, prior)
-    ls, us = rate_bounds(xs, ns, a1, prior)
-    e_worse = _min_max_e(xc, nc, xs, ns, prior, 1.0, 0.0, worse=True)
-    e_within = _min_max_e(xc, nc, xs, ns, prior, ratio, increase, worse=False)
-    power, needed = _power(xc, nc, xs, ns, settings, ratio, increase)
+    prior = settings.prior
+    power, needed = _power(canary, stable, settings, ratio, increase)
     return MetricEvidence(
         metric=metric,
         verdict=verdict,
         canary=canary,
         stable=stable,
-        canary_bounds=(lc, uc),
-        stable_bounds=(ls, us),
-        difference=(lc - us, uc - ls),
-        ratio=(lc / us if us > 0 else math.inf, uc / ls if ls > 0 else math.inf),
-        e_worse=e_worse,
-        e_within=e_within,
+        canary_bounds=rate_bounds(*canary, settings.alpha_side, prior),
+        stable_bounds=rate_bounds(*stable, settings.alpha_side, prior),
+        difference=_difference_bounds(canary, stable, settings),
+        ratio=_ratio_bounds(canary, stable, settings),
+        e_worse=math.exp(min(700.0, log_e_worse(canary, stable, prior))),
+        e_within=math.exp(min(700.0, log_e_within(canary, stable, ratio, increase, prior))),
         alpha=settings.alpha_metric,
         regression=f"x{ratio:g}" if increase == 0 else f"+{100 * increase:g} point(s)",
         power=power,
@@ -285,72 +390,41 @@ def judge_metric(
     )
 
 
-def metric_verdict(
-    canary: tuple[int, int],
-    stable: tuple[int, int],
-    settings: JudgeSettings,
-    *,
-    increase: float = 0.0,
-    ratio: float = 1.0,
-) -> Verdict:
-    """`judge_metric`'s verdict alone, with the fewest bound computations: FAIL iff L_c > U_s, PASS
-    iff U_c < ratio * L_s + increase (each bound of the confidence sequence at alpha_side)."""
+def _difference_bounds(
+    canary: tuple[int, int], stable: tuple[int, int], settings: JudgeSettings
+) -> tuple[float, float]:
+    """{d : min over p_c - p_s = d of log M_c + log M_s < log(1/alpha_metric)}: an interval, the
+    minimum being convex in d."""
+    threshold = math.log(1 / settings.alpha_metric)
+    mc, ms = _rates(canary, stable)
+
+    def outside(d: float) -> bool:
+        return line_min(canary, stable, 1.0, d, settings.prior) >= threshold
+
+    inside = mc - ms
+    lower = -1.0 if not outside(-1.0) else _bisect(outside, -1.0, inside)
+    upper = 1.0 if not outside(1.0) else _bisect(outside, 1.0, inside)
+    return lower, upper
+
+
+def _ratio_bounds(
+    canary: tuple[int, int], stable: tuple[int, int], settings: JudgeSettings
+) -> tuple[float, float]:
+    """The same for p_c / p_s (rays from the origin through a convex set: an interval), searched
+    in log r within [1e-6, 1e6] (0 and inf beyond)."""
+    threshold = math.log(1 / settings.alpha_metric)
     (xc, nc), (xs, ns) = canary, stable
-    if not (0 <= xc <= nc and 0 <= xs <= ns):
-        raise ValueError(f"events must be within 0..requests: canary {canary}, stable {stable}")
-    if nc == 0:
-        return Verdict.CONTINUE
-    a1, prior = settings.alpha_side, settings.prior
-    threshold = math.log(1 / a1)
-    if ns > 0 and xc / nc > xs / ns:  # L_c > U_s  <=>  U_s lies below the canary's sequence
-        us = upper_bound(xs, ns, a1, prior)
-        if us < xc / nc and log_mixture(xc, nc, us, prior) >= threshold:
-            return Verdict.FAIL
-    limit = ratio * lower_bound(xs, ns, a1, prior) + increase
-    if limit >= 1:
-        passed = limit > 1 or xc < nc  # U_c <= 1, and < 1 unless every request counted
-    else:  # U_c < limit  <=>  the limit lies above the canary's sequence
-        passed = xc / nc < limit and log_mixture(xc, nc, limit, prior) >= threshold
-    if passed:
-        return Verdict.PASS
-    return Verdict.CONTINUE
 
+    def outside(t: float) -> bool:
+        return line_min(canary, stable, math.exp(t), 0.0, settings.prior) >= threshold
 
-def _min_max_e(
-    xc: int, nc: int, xs: int, ns: int, prior: tuple[float, float], ratio: float, increase: float,
-    *, worse: bool,
-) -> float:  # fmt: skip
-    """min over the null of max(M_c(p_c), M_s(p_s)) / 2: the null is p_c <= p_s (`worse`: evidence
-    against it says the canary is worse) or p_c >= ratio * p_s + increase. The min lies at the
-    maximum-likelihood point when that is in the null, else on the boundary p_c = g(p_s), where
-    M_c(g(.)) and M_s(.) move in opposite directions between the two rates' estimates."""
-    mc = xc / nc if nc else 0.0
-    ms = xs / ns if ns else 0.0
-    g_ratio, g_increase = (1.0, 0.0) if worse else (ratio, increase)
-
-    def g(q: float) -> float:
-        return min(1.0, g_ratio * q + g_increase)
-
-    def lc(q: float) -> float:
-        return log_mixture(xc, nc, g(q), prior)
-
-    def ls(q: float) -> float:
-        return log_mixture(xs, ns, q, prior)
-
-    inside = mc <= g(ms) if worse else mc >= g(ms)
-    if inside:
-        return math.exp(max(log_mixture(xc, nc, mc, prior), ls(ms))) / 2
-    # p_s between where g(p_s) = mc and ms: M_c(g(p_s)) falls (worse) or rises, M_s the other way.
-    q_c = max(0.0, min(1.0, (mc - g_increase) / g_ratio))
-    lo, hi = (ms, q_c) if worse else (q_c, ms)
-    for _ in range(_ITERATIONS):
-        mid = (lo + hi) / 2
-        if (lc(mid) > ls(mid)) == worse:
-            lo = mid
-        else:
-            hi = mid
-    q = (lo + hi) / 2
-    return math.exp(min(700.0, max(lc(q), ls(q)))) / 2
+    inside = math.log((xc + 0.5) / (nc + 1)) - math.log((xs + 0.5) / (ns + 1))
+    edge = math.log(1e6)
+    if outside(inside):
+        return 0.0, math.inf
+    lower = 0.0 if not outside(-edge) else math.exp(_bisect(outside, -edge, inside))
+    upper = math.inf if not outside(edge) else math.exp(_bisect(outside, edge, inside))
+    return lower, upper
 
 
 # --- power and the requests it needs ---------------------------------------------------------
@@ -360,27 +434,43 @@ def _phi(z: float) -> float:
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
 
+_SEARCH = 30
+"""Bisection steps of the power search (an approximation, no guarantee rides on it)."""
+
+
 def _power(
-    xc: int, nc: int, xs: int, ns: int, settings: JudgeSettings, ratio: float, increase: float
+    canary: tuple[int, int], stable: tuple[int, int], settings: JudgeSettings, ratio: float, increase: float
 ) -> tuple[float, int]:
     """(power now, canary requests for the wanted power), by a normal approximation around the
-    FAIL boundary at expected counts: with stable at its posterior-mean rate p and the canary at
-    ratio * p + increase, FAIL needs the observed difference to clear (p_c - L_c) + (U_s - p)."""
+    FAIL boundary: with stable at its posterior-mean rate p and the canary at ratio * p + increase,
+    the smallest observed difference d* that FAILs at these sample sizes (expected counts); power
+    = Phi((true difference - d*) / its standard deviation)."""
+    (_, nc), (xs, ns) = canary, stable
     a, b = settings.prior
     p = (xs + a) / (ns + a + b)
     q = min(1.0, ratio * p + increase)
     share = nc / (nc + ns) if nc + ns else 0.5
     share = min(max(share, 0.01), 0.99)
+    threshold = math.log(1 / settings.alpha_metric)
 
     def power_at(n_canary: float) -> float:
         if n_canary <= 0:
             return 0.0
         n_stable = n_canary * (1 - share) / share
-        lc, _ = rate_bounds(q * n_canary, n_canary, settings.alpha_side, settings.prior)
-        _, us = rate_bounds(p * n_stable, n_stable, settings.alpha_side, settings.prior)
-        margin = (q - p) - ((q - lc) + (us - p))
+        side_s = (p * n_stable, n_stable)
+
+        def outside(d: float) -> bool:
+            side_c = (min(1.0, p + d) * n_canary, n_canary)
+            return line_min(side_c, side_s, 1.0, 0.0, settings.prior, _SEARCH) >= threshold
+
+        if not outside(1.0 - p):
+            return 0.0
+        lo, hi = 0.0, 1.0 - p
+        for _ in range(_SEARCH):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if outside(mid) else (mid, hi)
         sd = math.sqrt(q * (1 - q) / n_canary + p * (1 - p) / n_stable)
-        return _phi(margin / sd) if sd > 0 else float(margin > 0)
+        return _phi((q - p - hi) / sd) if sd > 0 else float(q - p > hi)
 
     now = power_at(nc)
     lo, hi = 0, max(nc, 16)
@@ -388,7 +478,7 @@ def _power(
         lo, hi = hi, hi * 2
         if hi > 10**12:
             return now, hi
-    while hi - lo > max(1, hi // 1000):
+    while hi - lo > max(1, hi // 100):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if power_at(mid) >= settings.power else (mid, hi)
     return now, hi
