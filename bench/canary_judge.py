@@ -170,7 +170,7 @@ class Side:
         with np.errstate(divide="ignore", invalid="ignore"):
             v = self.c - np.where(self.x > 0, self.x * np.log(p), 0.0)
             v = v - np.where(self.n > self.x, (self.n - self.x) * np.log1p(-p), 0.0)
-        return np.nan_to_num(v, nan=np.inf)
+        return np.nan_to_num(v, nan=np.inf, posinf=np.inf, neginf=-np.inf)
 
     def dlog_m(self, p: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -187,7 +187,7 @@ def line_min(c: Side, s: Side, ratio: float, increase: float) -> np.ndarray:
     """`judge.line_min`, elementwise."""
     lo, hi = max(0.0, -increase / ratio), min(1.0, (1.0 - increase) / ratio)
     a, b = np.full(c.x.shape, lo), np.full(c.x.shape, hi)
-    for _ in range(J._ITERATIONS):
+    for _ in range(J.ITERATIONS):
         mid = (a + b) / 2
         slope = ratio * c.dlog_m(ratio * mid + increase) + s.dlog_m(mid)
         right = slope > 0

@@ -49,7 +49,8 @@ SLOW_RATIO = 1.5
 POWER = 0.8
 PRIOR = (0.5, 0.5)
 """The mixture's Beta(a, b) prior (Jeffreys): puts weight near 0, where error rates live."""
-_ITERATIONS = 56
+ITERATIONS = 56
+"""Bisection steps: 2^-56 of the bracket, below a double's resolution of a rate."""
 
 
 class Verdict(StrEnum):
@@ -92,14 +93,15 @@ class Tally:
 
 
 def tally(previous: Tally | None, epoch: str, reading: Counts) -> Tally:
-    """Fold a cumulative reading into `previous`. Same epoch: adds the increase since the last
-    reading. New epoch (the agent restarted): the new counters started from 0, so the whole reading
-    is new. A counter that went backwards within one epoch is taken as an unmarked restart (the
-    same). The first reading starts the tally at that reading (counted before the tally began is
-    counted: the caller starts a tally when the wave starts, from the reading then, or from
-    nothing). Requests counted after the last reading of an epoch that ended are lost, unseen."""
+    """Fold a cumulative reading of one agent's counters (one node, one model version) into
+    `previous`. No previous: the reading is the baseline, the tally counts from it on (a wave
+    judges what both sides served since it began). Same epoch: adds the increase since the last
+    reading. New epoch (the agent restarted): its counters started from 0, so the whole reading is
+    new. A counter that went backwards within one epoch is taken as an unmarked restart (the same).
+    Requests counted after the last reading of an epoch that ended are lost, unseen: that loses
+    samples, it does not bias them."""
     if previous is None:
-        return Tally(epoch, reading, reading)
+        return Tally(epoch, reading, Counts())
     if epoch == previous.epoch and reading.covers(previous.last):
         increase = Counts(
             reading.requests - previous.last.requests,
@@ -198,7 +200,7 @@ def upper_bound(events: float, requests: float, alpha: float, prior: tuple[float
 
 def _bisect(outside: Callable[[float], bool], out: float, inside: float) -> float:
     """The boundary between `out` (outside the set) and `inside`, as its last outside point."""
-    for _ in range(_ITERATIONS):
+    for _ in range(ITERATIONS):
         mid = (out + inside) / 2
         if outside(mid):
             out = mid
@@ -226,7 +228,7 @@ def line_min(
     ratio: float,
     increase: float,
     prior: tuple[float, float] = PRIOR,
-    iterations: int = _ITERATIONS,
+    iterations: int = ITERATIONS,
 ) -> float:
     """min over p_s of log M_c(ratio p_s + increase) + log M_s(p_s), on the part of the line
     p_c = ratio p_s + increase inside [0, 1]^2 (+inf where there is none). The sum is convex along
