@@ -36,6 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -241,9 +242,9 @@ def verify_against_module(r: Runs, seed: int = 1) -> None:
     s = Side(r.es[rows, cols], r.ns[rows, cols])
     got = line_min(c, s, 1.0, 0.0)
     for i in range(len(rows)):
-        canary, stable = (int(c.x[i]), int(c.n[i])), (int(s.x[i]), int(s.n[i]))
-        want = J.line_min(canary, stable, 1.0, 0.0)
-        assert math.isclose(got[i], want, rel_tol=1e-9, abs_tol=1e-9), (canary, stable, got[i], want)
+        pair = (int(c.x[i]), int(c.n[i])), (int(s.x[i]), int(s.n[i]))
+        want = J.line_min(*pair, 1.0, 0.0)
+        assert math.isclose(got[i], want, rel_tol=1e-9, abs_tol=1e-9), (pair, got[i], want)
     outcome, at = judge_outcome(r, 1)
     for i in rng.integers(0, len(r.nc), 100):
         for k in range(STEPS):
@@ -349,7 +350,8 @@ def main() -> None:
         f"thresholds, tuned (X = {scale:.2g} pt)": lambda r, e, nf: thresholds_outcome(r, e, scale),
         "z-test re-checked": lambda r, e, nf: z_outcome(r, e, nf),
     }
-    aa_rows, held_rows = [], []
+    aa_rows: list[list[Any]] = []
+    held_rows: list[list[Any]] = []
     for name, run in methods.items():
         for check_s in CHECKS_S:
             outcome, _ = run(aa, check_s // STEP_S, n_fixed)
@@ -362,7 +364,7 @@ def main() -> None:
                     for lo, hi in TRAFFIC_BUCKETS
                 ])  # fmt: skip
     print(f"A/A done in {time.monotonic() - t0:.0f}s", flush=True)
-    det_rows = []
+    det_rows: list[list[Any]] = []
     for i, sc in enumerate(REGRESSIONS):
         r = simulate(sc, RUNS_REGRESSION, seed=171 + i)
         nf = fixed_horizon_n(r)
