@@ -361,8 +361,9 @@ class SlaMonitor:
         self.epoch = epoch or new_epoch()
         """Reported with every model's counters; differs between two monitors (agent starts)."""
         self._models: dict[ModelId, _Tracked] = {}
-        self._retired: dict[ModelId, Totals] = {}
-        """Lifetime counts of forgotten model versions (their counters resume from them)."""
+        self._retired: dict[ModelId, tuple[Totals, tuple[int, int, int]]] = {}
+        """Lifetime counts of forgotten model versions and their batchers' counters as last
+        read: tracked again, they go on from there."""
         self._counters: CountersSource | None = None
         self._configs: ConfigLookup | None = None
         self.violations: deque[Violation] = deque(maxlen=self.settings.max_violations_kept)
@@ -409,10 +410,11 @@ class SlaMonitor:
             spec = spec if spec is not None else config.sla
             stats = ModelStats(config.id, spec.window_s, self.settings, self._clock())
             stats.set_slow_threshold(slo_latency_s(spec))
-            retired = self._retired.pop(config.id, None)
-            if retired is not None:
-                stats.add_totals(retired)
             tracked = _Tracked(spec, stats)
+            retired = self._retired.pop(config.id, None)
+            if retired is not None:  # go on from its counts, and from its batcher's counters
+                stats.add_totals(retired[0])
+                tracked.seen = retired[1]
             self._models[config.id] = tracked
         elif spec is not None:
             self.set_spec(config.id, spec)
@@ -431,7 +433,7 @@ class SlaMonitor:
         few integers), so if it is tracked again its counters go on from them within the epoch."""
         tracked = self._models.pop(model_id, None)
         if tracked is not None:
-            self._retired[model_id] = tracked.stats.totals()
+            self._retired[model_id] = (tracked.stats.totals(), tracked.seen)
             self.controls.set_model_limits(model_id, NO_LIMITS)
 
     # --- reading ------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,6 +196,79 @@ def test_thermal_limits_and_sla_limits_combine() -> None:
     assert policy.decision().batch_size == 8  # the GPU-wide cap stays
 
 
+@dataclass
+class Outcomes:
+    """A batcher's outcome counters, as the monitor reads them (`OutcomeCounters`)."""
+
+    failed: int = 0
+    expired: int = 0
+    refused: int = 0
+    displaced: int = 0
+
+
+def test_counters_are_cumulative_per_version_and_outlive_the_windows() -> None:
+    clock = FakeClock()
+    monitor = SlaMonitor(Controls(), SlaSettings(), clock)
+    cfg = config(sla=SlaObjectives(p95_latency_s=0.05, p99_latency_s=0.1, window_s=10))
+    plain = config(version="2")  # no SLA: nothing is slow
+    policy = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(cfg)
+    other = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(plain)
+    outcomes = {cfg.id: Outcomes(), plain.id: Outcomes()}
+    monitor.attach(outcomes.get)
+    assert monitor.counters(cfg.id) is None  # before the first tick
+
+    clock.t = 0.5
+    policy.observe(0.5, 10, 0.01, [0.05] * 7 + [0.1, 0.1000001, 0.3])  # 2 past the p99 target
+    other.observe(0.5, 4, 0.01, [5.0] * 4)
+    outcomes[cfg.id].failed, outcomes[cfg.id].expired = 3, 1
+    outcomes[cfg.id].refused, outcomes[cfg.id].displaced = 5, 2  # refusals: not counted
+    monitor.tick()
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.epoch, c.requests, c.errors, c.slow) == (monitor.epoch, 14, 4, 2)
+    assert c.slo_latency_s == 0.1
+    assert c.to_obj() == {
+        "epoch": monitor.epoch,
+        "requests": 14,
+        "errors": 4,
+        "slow": 2,
+        "sloLatencyMs": 100.0,
+    }
+    p = monitor.counters(plain.id)
+    assert p is not None and (p.requests, p.errors, p.slow, p.slo_latency_s) == (4, 0, 0, None)
+
+    # 100 s later the 10 s window is empty; the counters still hold everything
+    clock.t = 100.5
+    policy.observe(100.5, 2, 0.01, [0.2, 0.01])
+    outcomes[cfg.id].expired = 2
+    report = monitor.tick()[cfg.id]
+    assert report.window.requests == 3  # the window: this second only
+    assert report.counters == monitor.counters(cfg.id)
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.requests, c.errors, c.slow) == (17, 5, 3)
+
+    # a new SLO latency (p95 only): later requests are counted against it
+    monitor.set_spec(cfg.id, SlaObjectives(p95_latency_s=0.01))
+    policy.observe(100.6, 2, 0.01, [0.02, 0.005])
+    monitor.tick()
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.requests, c.slow, c.slo_latency_s) == (19, 4, 0.01)
+
+    # forgotten and tracked again within the same epoch: the counts go on, never back
+    monitor.forget(cfg.id)
+    monitor.track(cfg)
+    monitor.tick()
+    again = monitor.counters(cfg.id)
+    assert again is not None and (again.requests, again.errors, again.slow) == (19, 5, 4)
+    assert again.epoch == c.epoch
+
+    # another start of the agent (a new monitor): a new epoch, counts from 0
+    restarted = SlaMonitor(Controls(), SlaSettings(), clock)
+    restarted.track(cfg)
+    restarted.tick()
+    fresh = restarted.counters(cfg.id)
+    assert fresh is not None and fresh.epoch != c.epoch and (fresh.requests, fresh.slow) == (0, 0)
+
+
 # --- on a real engine -------------------------------------------------------------------
 
 
@@ -252,12 +326,16 @@ def test_real_engine_violation_caps_its_batcher(example_repo: Path) -> None:
         assert after.batch_size == math.floor(before.batch_size * 0.75) < before.batch_size
         assert after.delay_s == pytest.approx(before.delay_s * 0.5)
         assert sla.violation_counts[(fast.id, P95)] == 1
+        c = sla.counters(fast.id)  # every request slower than 10 us
+        assert c is not None and (c.requests, c.errors, c.slow, c.slo_latency_s) == (40, 0, 40, 1e-5)
 
         f = reports[failing.id]  # a broken model: reported, not mitigated
         assert f.window.failed == 25 and f.window.completed == 0
         assert f.window.error_rate == 1.0
         assert f.verdict.met is False and f.level == 0
         assert [c.objective for c in f.verdict.violated] == [ERROR_RATE]
+        assert f.counters is not None and f.counters.epoch == sla.epoch
+        assert (f.counters.requests, f.counters.errors, f.counters.slow) == (25, 25, 0)
         assert (status := sla.status(failing.id)) is not None and status.to_obj() == {
             "throughputRps": 0.0,
             "requests": 25,
