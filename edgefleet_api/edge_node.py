@@ -235,6 +235,61 @@ class GpuStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelCounters:
+    """Cumulative outcome counts of one model version on one node since its agent started
+    (status.models[].counters): what a sequential canary judge reads. They only grow within an
+    `epoch`; a new epoch is a restarted agent whose counts began again at 0. So the requests
+    between two reads of the same epoch are `later - earlier`, however far apart the reads (no
+    window is lost), and a reader that sees a new epoch takes the new counts as they are.
+
+    - requests: completed + errors (requests refused by admission control, 429/503, are not
+      counted at all: a refusal is the agent protecting its SLA, and it is not an answer the
+      model version gave);
+    - errors: the model failed (500) or the request's deadline passed before it ran (504);
+      requests the client got wrong (4xx) never reach the model and are not counted;
+    - slow: completed requests whose latency (admission to result) exceeded `slo_latency_s`,
+      the service's p99 latency objective, else its p95 one; 0 while it has neither. A
+      request split into several batches counts once per part in requests and slow;
+    - slo_latency_s: the threshold `slow` was counted against (None: none). When it changes
+      within an epoch, `slow` goes on counting against the new one: a reader must not take a
+      difference of `slow` across a change of `slo_latency_s`."""
+
+    epoch: str
+    requests: int = 0
+    errors: int = 0
+    slow: int = 0
+    slo_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.epoch:
+            raise ValueError("counters need an epoch")
+        if min(self.requests, self.errors, self.slow) < 0:
+            raise ValueError(f"counters must be >= 0: {self}")
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> ModelCounters:
+        obj = mapping(obj, "status.models[].counters")
+        return cls(
+            epoch=str(required(obj, "epoch")),
+            requests=int(obj.get("requests") or 0),
+            errors=int(obj.get("errors") or 0),
+            slow=int(obj.get("slow") or 0),
+            slo_latency_s=wire.ms_to_s(obj.get("sloLatencyMs")),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "epoch": self.epoch,
+            "requests": int(self.requests),
+            "errors": int(self.errors),
+            "slow": int(self.slow),
+        }
+        if self.slo_latency_s is not None:
+            out["sloLatencyMs"] = wire.s_to_ms(self.slo_latency_s)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class ModelStatus:
     """One model version on a node (status.models[])."""
 
@@ -250,6 +305,8 @@ class ModelStatus:
     """Traffic weight in effect (0 for a version no longer assigned)."""
     sla: SlaWindow | None = None
     message: str = ""
+    counters: ModelCounters | None = None
+    """Cumulative outcome counts since the agent started (None: not measured yet)."""
 
     @property
     def id(self) -> ModelId:
@@ -258,7 +315,7 @@ class ModelStatus:
     @classmethod
     def from_obj(cls, obj: Obj) -> ModelStatus:
         obj = mapping(obj, "status.models[]")
-        sla = obj.get("sla")
+        sla, counters = obj.get("sla"), obj.get("counters")
         return cls(
             service=str(obj.get("service") or ""),
             model=str(required(obj, "model")),
@@ -269,6 +326,7 @@ class ModelStatus:
             traffic_weight=wire.optional_int(obj.get("trafficWeight")),
             sla=SlaWindow.from_obj(sla) if sla else None,
             message=str(obj.get("message") or ""),
+            counters=ModelCounters.from_obj(counters) if counters else None,
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -289,6 +347,8 @@ class ModelStatus:
             out["sla"] = window
         if self.message:
             out["message"] = self.message
+        if self.counters is not None:
+            out["counters"] = self.counters.to_obj()
         return out
 
 

@@ -86,6 +86,23 @@ def edge_node_status() -> Schema:
             "utilization": number("Utilization, 0 to 1."),
         },
     )
+    counters = obj(
+        "Cumulative outcome counts of this version since the agent started; they only grow within "
+        "an epoch. Refusals (429/503) and client errors (4xx) are not counted.",
+        {
+            "epoch": string("Differs between two starts of the agent: new counts began at 0."),
+            "requests": integer("Requests answered: completed plus errors.", minimum=0),
+            "errors": integer(
+                "Requests the model failed (500) or that missed their deadline (504).", minimum=0
+            ),
+            "slow": integer("Completed requests slower than sloLatencyMs.", minimum=0),
+            "sloLatencyMs": number(
+                "The SLO latency slow requests are counted against: the p99 objective, else the p95 "
+                "one (absent: none, and slow stays 0)."
+            ),
+        },
+        required=["epoch"],
+    )
     loaded = obj(
         "A model version on this node.",
         {
@@ -98,6 +115,7 @@ def edge_node_status() -> Schema:
             "trafficWeight": integer("Traffic weight in effect.", minimum=0, maximum=100),
             "sla": sla_window(),
             "message": string("Why it failed, when it did."),
+            "counters": counters,
         },
     )
     return obj(

@@ -30,6 +30,16 @@ queue bound, then shedding the low and then the normal priority class) set on `C
 Failing models (errors that are not deadline drops) and missed throughput are reported, not
 mitigated: smaller batches do not fix a broken model, nor raise a demand-limited throughput.
 
+Counters (`counters`): per model version, cumulative counts since the monitor (the agent)
+started, as EdgeNode.status `models[].counters` carries them (`edgefleet_api.edge_node.
+ModelCounters`, whose docstring is the contract): requests (completed + failed + expired),
+errors (failed + expired), slow (completed requests slower than the SLO latency: the p99
+objective, else the p95 one; `slo_latency_s`). Counted where the windows are: completed and
+slow when batches are folded in (off the hot path: a batch's worker only appends it), failed
+and expired from the batchers' counters at each tick. Refusals are not counted (see above).
+`epoch` (random, one per monitor, so one per agent start) tells a restarted agent's counts,
+begun again at 0, from the same agent's. The counts of a tick's report are read at that tick.
+
 Clocks: monotonic (`time.monotonic`, the batcher's clock); tests pass a fake one.
 """
 
@@ -38,18 +48,26 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from edgefleet_api.edge_node import ModelCounters
 from edgefleet_api.sla import SlaObjectives, SlaWindow
 from edgefleet_api.types import ModelId, Priority
 from node_agent.control.mitigation import NO_LIMITS, Controls, LimitedPolicy, Limits
 from node_agent.control.periodic import Periodic
 from node_agent.control.sketch import DEFAULT_MAPPING, LogMapping
-from node_agent.control.sla_windows import BATCH_ROWS_BUCKETS, LATENCY_BUCKETS_S, ModelStats, WindowStats
+from node_agent.control.sla_windows import (
+    BATCH_ROWS_BUCKETS,
+    LATENCY_BUCKETS_S,
+    ModelStats,
+    Totals,
+    WindowStats,
+)
 from node_agent.runtime.batching_policy import policy_for
 from node_agent.types import ModelConfig
 
@@ -119,6 +137,23 @@ def judge(stats: WindowStats, spec: SlaObjectives, *, min_requests: int, scale: 
         checks.append(Check(THROUGHPUT, tp, spec.min_throughput_rps, tp >= spec.min_throughput_rps))
     judged = [c.ok for c in checks if c.ok is not None]
     return Verdict(all(judged) if judged else None, tuple(checks))
+
+
+def slo_latency_s(spec: SlaObjectives) -> float | None:
+    """The latency past which a request counts as slow: the p99 objective, else the p95 one
+    (None: neither is set)."""
+    return spec.p99_latency_s if spec.p99_latency_s is not None else spec.p95_latency_s
+
+
+def new_epoch() -> str:
+    """A fresh epoch: the wall clock in nanoseconds (hex) and 32 random bits, so two starts
+    differ even on a node whose clock went back."""
+    return f"{time.time_ns():x}-{secrets.token_hex(4)}"
+
+
+def counters_of(totals: Totals, epoch: str) -> ModelCounters:
+    """EdgeNode.status `models[].counters` from a model version's lifetime totals (pure)."""
+    return ModelCounters(epoch, totals.requests, totals.errors, totals.slow, totals.slow_threshold_s)
 
 
 # --- mitigation: pure decision -----------------------------------------------------------
@@ -269,6 +304,8 @@ class ModelReport:
     pressure: Pressure
     level: int
     limits: Limits
+    counters: ModelCounters | None = None
+    """Cumulative counts read at this tick (`SlaMonitor.counters`)."""
 
     def sla_window(self) -> SlaWindow:
         """The reporting window as EdgeNode.status `models[].sla` carries it."""
@@ -316,11 +353,17 @@ class SlaMonitor:
         controls: Controls | None = None,
         settings: SlaSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        epoch: str | None = None,
     ) -> None:
         self.controls = controls if controls is not None else Controls()
         self.settings = settings or SlaSettings()
         self._clock = clock
+        self.epoch = epoch or new_epoch()
+        """Reported with every model's counters; differs between two monitors (agent starts)."""
         self._models: dict[ModelId, _Tracked] = {}
+        self._retired: dict[ModelId, tuple[Totals, tuple[int, int, int]]] = {}
+        """Lifetime counts of forgotten model versions and their batchers' counters as last
+        read: tracked again, they go on from there."""
         self._counters: CountersSource | None = None
         self._configs: ConfigLookup | None = None
         self.violations: deque[Violation] = deque(maxlen=self.settings.max_violations_kept)
@@ -366,7 +409,12 @@ class SlaMonitor:
         if tracked is None:
             spec = spec if spec is not None else config.sla
             stats = ModelStats(config.id, spec.window_s, self.settings, self._clock())
+            stats.set_slow_threshold(slo_latency_s(spec))
             tracked = _Tracked(spec, stats)
+            retired = self._retired.pop(config.id, None)
+            if retired is not None:  # go on from its counts, and from its batcher's counters
+                stats.add_totals(retired[0])
+                tracked.seen = retired[1]
             self._models[config.id] = tracked
         elif spec is not None:
             self.set_spec(config.id, spec)
@@ -378,10 +426,14 @@ class SlaMonitor:
         tracked = self._tracked(model_id)
         tracked.spec = spec
         tracked.stats.set_window(spec.window_s)
+        tracked.stats.set_slow_threshold(slo_latency_s(spec))
 
     def forget(self, model_id: ModelId) -> None:
-        """Stop tracking a model version and lift its limits."""
-        if self._models.pop(model_id, None) is not None:
+        """Stop tracking a model version and lift its limits. Its lifetime counts are kept (a
+        few integers), so if it is tracked again its counters go on from them within the epoch."""
+        tracked = self._models.pop(model_id, None)
+        if tracked is not None:
+            self._retired[model_id] = (tracked.stats.totals(), tracked.seen)
             self.controls.set_model_limits(model_id, NO_LIMITS)
 
     # --- reading ------------------------------------------------------------
@@ -406,6 +458,12 @@ class SlaMonitor:
         """EdgeNode.status `models[].sla` for the model, from the last tick."""
         report = self._tracked(model_id).report
         return None if report is None else report.sla_window()
+
+    def counters(self, model_id: ModelId) -> ModelCounters | None:
+        """EdgeNode.status `models[].counters` for the model, from the last tick (None before
+        the first)."""
+        report = self._tracked(model_id).report
+        return None if report is None else report.counters
 
     def _tracked(self, model_id: ModelId) -> _Tracked:
         try:
@@ -477,7 +535,8 @@ class SlaMonitor:
             )
             self.controls.set_model_limits(model_id, limits)
         self._record_violations(model_id, tracked, control, now_s, level)
-        report = ModelReport(model_id, spec, window, verdict, control, pressure, level, limits)
+        counters = counters_of(stats.totals(), self.epoch)
+        report = ModelReport(model_id, spec, window, verdict, control, pressure, level, limits, counters)
         tracked.report = report
         return report
 

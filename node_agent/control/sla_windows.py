@@ -9,7 +9,9 @@ of what ended in it; a window is the merge of its slots on read. `ModelStats` ke
 - the control window (`control_window_s` of `interval_s` slots) that drives mitigation.
 When the reporting window has `interval_s` slots too (windows up to report_slots x
 interval_s), both are read from one shared ring.
-Lifetime `BucketCounts` histograms (Prometheus buckets) are kept beside them.
+Lifetime `BucketCounts` histograms (Prometheus buckets) are kept beside them, and lifetime
+counts (`Totals`: completed, failed, expired, and completed requests slower than
+`slow_threshold_s`), what EdgeNode.status `models[].counters` carries.
 
 Input: finished batches (`record_batch`, from `LimitedPolicy.observe` on a pool worker: end
 time, rows, service time, the latencies of the requests it completed; queue time = latency
@@ -79,6 +81,27 @@ class WindowStats:
     @property
     def throughput_rps(self) -> float:
         return self.completed / self.window_s if self.window_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Lifetime counts of a model version since it was first tracked (monotone)."""
+
+    completed: int = 0
+    failed: int = 0
+    expired: int = 0
+    slow: int = 0
+    """Completed requests slower than the threshold in force when they were folded in."""
+    slow_threshold_s: float | None = None
+    """The threshold now (None: none, nothing counts as slow)."""
+
+    @property
+    def requests(self) -> int:
+        return self.completed + self.failed + self.expired
+
+    @property
+    def errors(self) -> int:
+        return self.failed + self.expired
 
 
 class WindowSettings(Protocol):
@@ -211,6 +234,9 @@ class ModelStats:
         self.compute_hist = BucketCounts(settings.latency_buckets_s)
         self.batch_rows_hist = BucketCounts(settings.batch_rows_buckets)
         self.window_s = window_s
+        self.slow_threshold_s: float | None = None
+        """Latency past which a completed request counts as slow (None: none is)."""
+        self._completed = self._failed = self._expired = self._slow = 0
         control_slots = math.ceil(settings.control_window_s / settings.interval_s - 1e-9)
         self._control = _Ring(settings.interval_s, control_slots, settings.mapping)
         self._report = self._control
@@ -251,6 +277,8 @@ class ModelStats:
         if not (failed or expired or refused):
             return
         with self._lock:
+            self._failed += failed
+            self._expired += expired
             for ring in self._rings:
                 slot = ring.slot(ring.key(now_s))
                 if slot is not None:
@@ -273,6 +301,10 @@ class ModelStats:
         queue = np.maximum(latency - compute, 0.0)
         request_times = np.repeat(times, sizes)
         with self._lock:
+            self._completed += total
+            threshold = self.slow_threshold_s
+            if threshold is not None:
+                self._slow += int(np.count_nonzero(latency > threshold))
             self.latency_hist.add_many(latency)
             self.queue_hist.add_many(queue)
             self.compute_hist.add_many(compute)
@@ -345,6 +377,28 @@ class ModelStats:
             compute_mean_s=compute.mean,
             compute_p95_s=compute.quantile(0.95),
         )
+
+    def set_slow_threshold(self, threshold_s: float | None) -> None:
+        """Count completed requests slower than `threshold_s` from now on (None: none). Batches
+        recorded before and not yet folded in are counted against the new threshold."""
+        if threshold_s is not None and not threshold_s > 0:
+            raise ValueError(f"slow threshold must be > 0, got {threshold_s!r}")
+        with self._lock:
+            self.slow_threshold_s = threshold_s
+
+    def add_totals(self, totals: Totals) -> None:
+        """Add earlier lifetime counts (of this version's previous tracking) to this one's."""
+        with self._lock:
+            self._completed += totals.completed
+            self._failed += totals.failed
+            self._expired += totals.expired
+            self._slow += totals.slow
+
+    def totals(self) -> Totals:
+        """Lifetime counts (after folding in what was recorded)."""
+        self.ingest()
+        with self._lock:
+            return Totals(self._completed, self._failed, self._expired, self._slow, self.slow_threshold_s)
 
     def histograms(self) -> dict[str, BucketCounts]:
         """Lifetime histograms (copies): latency, queue, compute (seconds), batch_rows."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgefleet_api.edge_node import ModelCounters
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.link.assigned_configs import AssignedConfigs
@@ -98,6 +99,18 @@ def sla_windows(monitor: SlaMonitor) -> Callable[[ModelId], SlaWindow | None]:
     return read
 
 
+def model_counters(monitor: SlaMonitor) -> Callable[[ModelId], ModelCounters | None]:
+    """`OperatorLink(counters=...)` from an `SlaMonitor`: a model version's cumulative counts."""
+
+    def read(model_id: ModelId) -> ModelCounters | None:
+        try:
+            return monitor.counters(model_id)
+        except KeyError:  # not tracked (no request yet)
+            return None
+
+    return read
+
+
 class EdgeNodeMode:
     """The agent's EdgeNode mode, an `agent.AgentExtension`: runs an `OperatorLink` on the
     agent's repository and scheduler. Give the agent `configs` as its config overlay, so the
@@ -133,6 +146,7 @@ class EdgeNodeMode:
             thermal = thermal_fields(agent.thermal)
         if sla is None and agent.sla is not None:
             sla = sla_windows(agent.sla)
+        counters = model_counters(agent.sla) if agent.sla is not None else None
         self._client = await asyncio.to_thread(api_client, self.kubeconfig)
         self.link = OperatorLink(
             self.settings,
@@ -143,6 +157,7 @@ class EdgeNodeMode:
             configs=self.configs,
             thermal=thermal,
             sla=sla,
+            counters=counters,
         )
         await self.link.start()
         if self.link.assignment is not None and not await self.link.wait_converged(self.ready_timeout_s):

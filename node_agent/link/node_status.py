@@ -4,6 +4,10 @@
 
 The SLA path ends here: the SLA monitor's window for each model version (an `SlaWindow`, in
 seconds) becomes its status entry's `sla`; any window that missed the SLA sets SLAViolated.
+The counters path: each model version's cumulative counts (`ModelCounters`) become its
+entry's `counters`; they are measurements, so a change of counts alone is written at the
+pacer's measurement pace (`metrics_interval_s`), never once per request, and the heartbeat
+write carries the latest.
 The memory path: each record's measured bytes, and the budget in use, set MemoryPressure.
 """
 
@@ -14,7 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgefleet_api.conditions import TRUE, Condition, next_condition
-from edgefleet_api.edge_node import MAX_MODELS, EdgeNodeStatus, GpuStatus, ModelState, ModelStatus
+from edgefleet_api.edge_node import (
+    MAX_MODELS,
+    EdgeNodeStatus,
+    GpuStatus,
+    ModelCounters,
+    ModelState,
+    ModelStatus,
+)
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.link.assignment import Assignment, desired_versions
@@ -61,6 +72,8 @@ class StatusInputs:
     now: str
     """RFC 3339, second precision (heartbeatTime, condition transitions)."""
     sla: Mapping[ModelId, SlaWindow] = field(default_factory=dict)
+    counters: Mapping[ModelId, ModelCounters] = field(default_factory=dict)
+    """Per model version (assigned or leftover), its cumulative counts; absent: none yet."""
     leftovers: Sequence[tuple[str, ModelId, ModelRecord]] = ()
     """(service, version, record) of versions no longer assigned but still resident."""
     previous_conditions: Sequence[Condition] = ()
@@ -83,12 +96,12 @@ def build_status(inp: StatusInputs) -> EdgeNodeStatus:
             record = inp.records.get(entry.id) or ModelRecord(ModelState.UNLOADING, message="draining")
         else:
             record = inp.records.get(entry.id) or ModelRecord(ModelState.PENDING)
-        models.append(_model_status(entry.service, entry.id, record, entry.traffic_weight, inp.sla))
+        models.append(_model_status(entry.service, entry.id, record, entry.traffic_weight, inp))
     for bad in assignment.invalid if assignment is not None else ():
         message = f"invalid spec entry: {bad.message}"
         models.append(ModelStatus(bad.service, bad.model, bad.version, ModelState.FAILED, message=message))
     for service, model_id, record in inp.leftovers:
-        models.append(_model_status(service, model_id, record, record.traffic_weight, inp.sla))
+        models.append(_model_status(service, model_id, record, record.traffic_weight, inp))
     models.sort(key=lambda m: (m.service, m.model, m.version))
 
     conditions = (*_conditions(inp, models), _serving_previous(inp, models))
@@ -107,7 +120,7 @@ def build_status(inp: StatusInputs) -> EdgeNodeStatus:
 
 
 def _model_status(
-    service: str, model_id: ModelId, record: ModelRecord, weight: int, sla: Mapping[ModelId, SlaWindow]
+    service: str, model_id: ModelId, record: ModelRecord, weight: int, inp: StatusInputs
 ) -> ModelStatus:
     return ModelStatus(
         service=service,
@@ -117,8 +130,9 @@ def _model_status(
         digest=record.digest,
         memory_bytes=record.memory_bytes,
         traffic_weight=weight,
-        sla=sla.get(model_id),
+        sla=inp.sla.get(model_id),
         message=record.message,
+        counters=inp.counters.get(model_id),
     )
 
 
@@ -221,7 +235,7 @@ def _structure(status: EdgeNodeStatus) -> EdgeNodeStatus:
         ),
         conditions=tuple(dataclasses.replace(c, last_transition_time="") for c in status.conditions),
         models=tuple(
-            dataclasses.replace(m, sla=SlaWindow(met=m.sla.met if m.sla is not None else None))
+            dataclasses.replace(m, sla=SlaWindow(met=m.sla.met if m.sla is not None else None), counters=None)
             for m in status.models
         ),
     )
@@ -236,7 +250,7 @@ def _measurements(status: EdgeNodeStatus) -> tuple[object, ...]:
         gpu.power_w,
         gpu.utilization,
     )
-    return (gpu_metrics, tuple(m.sla for m in status.models))
+    return (gpu_metrics, tuple((m.sla, m.counters) for m in status.models))
 
 
 def next_report_sequence(last: int, seen: int, now_s: float) -> int:
@@ -254,7 +268,8 @@ class StatusPacer:
     A change of state (models, conditions, generation: anything but measurements) is written
     at most every `min_interval_s`; a change of measurements only (memory in use,
     temperature, SLA numbers) at most every `metrics_interval_s`; an unchanged status every
-    `max_interval_s` (it refreshes heartbeatTime; liveness itself is the Lease). At 1,000
+    `max_interval_s` (it refreshes heartbeatTime; liveness itself is the Lease). Counters are
+    measurements: requests counted on every call never make it write more often. At 1,000
     nodes the defaults bound status writes to at most 500/s during churn and 100/s (usually
     33/s) in steady state. Statuses are compared as written (each number rounded as the wire
     has it: `EdgeNodeStatus.from_obj(status.to_obj())`).

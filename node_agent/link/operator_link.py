@@ -43,7 +43,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
-from edgefleet_api.edge_node import EdgeNodeSpec, EdgeNodeStatus, GpuStatus, ModelAssignment, ModelState
+from edgefleet_api.edge_node import (
+    EdgeNodeSpec,
+    EdgeNodeStatus,
+    GpuStatus,
+    ModelAssignment,
+    ModelCounters,
+    ModelState,
+)
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.errors import AgentError, InsufficientMemory
@@ -114,6 +121,7 @@ class OperatorLink:
         gpu: Callable[[], GpuStatus] | None = None,
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
         sla: Callable[[ModelId], SlaWindow | None] | None = None,
+        counters: Callable[[ModelId], ModelCounters | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`configs`: the engine's config source (default: a new one; pass the one whose
@@ -122,7 +130,7 @@ class OperatorLink:
         device reading (default: CUDA memory info, or the scheduler's budget on CPU).
         `thermal`: a mapping of `GpuStatus` field names (temperature_c, soft_limit_c,
         throttled, ...) merged into it. `sla`: a model version's last SLA window (None: none
-        yet)."""
+        yet). `counters`: a model version's cumulative counts (None: none yet)."""
         from kubernetes import client as k8s
 
         self.settings = settings
@@ -140,6 +148,7 @@ class OperatorLink:
         self._clock = clock
         self._device_budget = scheduler.budget_bytes if device_budget_bytes is None else device_budget_bytes
         self._sla = sla
+        self._counters = counters
         self._tracked: dict[ModelId, _Tracked] = {}
         self._spec: Any = None
         self._absent = False
@@ -522,6 +531,12 @@ class OperatorLink:
                 window = self._sla(model_id)
                 if window is not None:
                     sla[model_id] = window
+        counts: dict[ModelId, ModelCounters] = {}
+        if self._counters is not None:
+            for model_id in (*desired, *(m for _, m, _ in leftovers)):
+                c = self._counters(model_id)
+                if c is not None:
+                    counts[model_id] = c
         written = self._reporter.written()
         previous = written.conditions if written is not None else ()
         return build_status(
@@ -535,6 +550,7 @@ class OperatorLink:
                 observed_generation=self.observed_generation,
                 now=rfc3339(),
                 sla=sla,
+                counters=counts,
                 leftovers=leftovers,
                 previous_conditions=previous,
                 endpoint=self.settings.endpoint,

@@ -205,6 +205,13 @@ METRICS: dict[str, MetricSpec] = {
             (*_M, "objective"),
         ),
         MetricSpec(
+            "edgefleet_slow_requests_total",
+            "counter",
+            "Completed requests slower than the SLO latency (the p99 objective, else the p95 one; "
+            "EdgeNode status models[].counters.slow). Absent before the monitor's first tick.",
+            _M,
+        ),
+        MetricSpec(
             "edgefleet_sla_mitigation_level",
             "gauge",
             "SLA mitigation level (0: none; higher: smaller batches, then shedding).",
@@ -462,6 +469,8 @@ class AgentCollector(Collector):
             report = sla.report(model_id)
             if report is None:
                 continue
+            if report.counters is not None:
+                fam("edgefleet_slow_requests_total").add_metric(lv, report.counters.slow)
             w = report.window
             if report.verdict.met is not None:
                 fam("edgefleet_sla_window_met").add_metric(lv, 1.0 if report.verdict.met else 0.0)

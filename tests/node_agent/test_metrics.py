@@ -199,6 +199,9 @@ def test_scrape_after_real_activity(example_repo: Path) -> None:
     assert ("edgefleet_sla_window_met", (("model", "mlp"), ("version", "1"))) not in s  # no SLA
     assert get(s, "edgefleet_sla_window_latency_seconds", **clf, quantile="0.95") > 1e-5
     assert get(s, "edgefleet_sla_window_error_ratio", model="classifier", version="2-failing") == 1.0
+    # slow requests: every completed one is past an SLO latency of 10 us; none without an SLO
+    assert get(s, "edgefleet_slow_requests_total", **clf) == n > 0
+    assert get(s, "edgefleet_slow_requests_total", model="mlp", version="1") == 0
 
     # thermal (simulated: no GPU memory reading)
     th = got["thermal"]

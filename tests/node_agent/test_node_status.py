@@ -3,6 +3,7 @@ patches it is written as, and status pacing."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet_api.conditions import conditions_from_obj
-from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus
+from edgefleet_api.edge_node import EdgeNodeStatus, GpuStatus, ModelCounters
 from edgefleet_api.patch import merge_patch
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
@@ -292,6 +293,42 @@ def test_pacer_bounds_the_write_rate_of_a_churning_status() -> None:
             pacer.wrote(float(tick))
     assert min(b - a for a, b in itertools.pairwise(writes)) >= 2.0
     assert len(writes) >= 199  # and the latest state is never more than 3 s old
+
+
+def test_counters_ride_along_per_version_and_never_make_a_write_per_request() -> None:
+    a = assignment(entry(trafficWeight=90), entry(version="2", digest=D2, trafficWeight=10))
+    records = {C1: ModelRecord("Ready", D1, 1000), C2: ModelRecord("Ready", D2, 1200)}
+    stable = ModelCounters("18a-1f", requests=900, errors=3, slow=12, slo_latency_s=0.05)
+    canary = ModelCounters("18a-1f", requests=100, errors=2, slow=5, slo_latency_s=0.05)
+    old = ModelCounters("18a-1f", requests=7)
+    leftover = [("default/cls", ModelId("classifier", "0"), ModelRecord("Unloading", D1, 5))]
+    counters = {C1: stable, C2: canary, ModelId("classifier", "0"): old}
+    status = built(inputs(a, records, counters=counters, leftovers=leftover))
+    check_schema(status, status_schema())
+    by_version = {m["version"]: m.get("counters") for m in status["models"]}
+    assert by_version == {
+        "0": {"epoch": "18a-1f", "requests": 7, "errors": 0, "slow": 0},
+        "1": {"epoch": "18a-1f", "requests": 900, "errors": 3, "slow": 12, "sloLatencyMs": 50.0},
+        "2": {"epoch": "18a-1f", "requests": 100, "errors": 2, "slow": 5, "sloLatencyMs": 50.0},
+    }
+    typed = EdgeNodeStatus.from_obj(status)  # what the operator reads back
+    assert {m.version: m.counters for m in typed.models} == {"0": old, "1": stable, "2": canary}
+    assert "counters" not in built(inputs(a, records))["models"][0]  # none measured yet
+
+    # counters grow with every request: a measurement, written at the measurement pace only
+    pacer = StatusPacer(2.0, 10.0, 30.0)
+    written: EdgeNodeStatus | None = None
+    writes: list[int] = []
+    for tick in range(120):  # 2 minutes at 1 s ticks, 50 requests a second
+        grown = {C1: dataclasses.replace(stable, requests=stable.requests + 50 * tick)}
+        now = EdgeNodeStatus.from_obj(built(inputs(a, records, counters=grown)))
+        if pacer.due(float(tick), written, now):
+            written = now
+            writes.append(tick)
+            pacer.wrote(float(tick))
+    assert writes == list(range(0, 120, 10))
+    assert written is not None and written.models[0].counters is not None
+    assert written.models[0].counters.requests == stable.requests + 50 * 110  # the latest rides along
 
 
 # --- make before break, report sequence ---------------------------------------------------------

@@ -727,3 +727,120 @@ def test_serve_with_edge_node_runs_the_link(
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0, lines
+
+
+# --- counters for the canary judge ----------------------------------------------------------
+
+
+class InProcessAgent:
+    """A real agent in EdgeNode mode (`node_agent.agent.Agent` with an `EdgeNodeMode`) on its own
+    event loop thread, listening on 127.0.0.1."""
+
+    def __init__(self, root: Path, link: LinkSettings, kubeconfig: Path) -> None:
+        from node_agent.agent import Agent as NodeAgent
+        from node_agent.agent import AgentSettings
+        from node_agent.link.mode import EdgeNodeMode
+        from node_agent.serving.http import HttpSettings
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="agent-loop", daemon=True)
+        self.thread.start()
+        mode = EdgeNodeMode(link, kubeconfig, ready_timeout_s=30)
+        settings = AgentSettings(
+            model_repository=root, http=HttpSettings(host="127.0.0.1", port=0), thermal_source="off"
+        )
+        self.agent = NodeAgent(settings, extensions=[mode], overlay=mode.configs)
+        asyncio.run_coroutine_threadsafe(self.agent.start(), self.loop).result(60)
+        self.url = f"127.0.0.1:{self.agent.port}"
+
+    def post(self, path: str, x: np.ndarray, **parameters: Any) -> int:
+        body: dict[str, Any] = {
+            "inputs": [
+                {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+        if parameters:
+            body["parameters"] = parameters
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{path}/infer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as e:
+            e.read()
+            return int(e.code)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.agent.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_counters_reach_the_edge_node_status_and_a_restart_starts_a_new_epoch(
+    control_plane: Any, kube: Any, namespace: str, edge_node_name: str, example_repo: Path, tmp_path: Path
+) -> None:
+    """What a sequential canary judge reads: per model version, cumulative requests, errors and
+    slow requests (past the service's SLO latency) in EdgeNode status, through the API server
+    (the CRD keeps them); a restarted agent reports a new epoch and counts from 0."""
+    name = edge_node_name
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    slow_sla = {"p99LatencyMs": 1.0, "windowSeconds": 60}  # the slow version takes ~10 ms and more
+    create_edge_node(
+        kube,
+        name,
+        [
+            spec_entry("classifier", "1", digest(root, "classifier", "1"), trafficWeight=90),
+            spec_entry("classifier", "2-slow", digest(root, "classifier", "2-slow"), trafficWeight=10,
+                       sla=slow_sla),
+        ],
+    )  # fmt: skip
+    cluster = Cluster(kube)
+    link = fast_settings(name, namespace, tmp_path / "state")
+    x = images(1, seed=3)
+
+    async def counted(version: str, requests: int) -> dict[str, Any] | None:
+        m = status_model(await cluster.edge_node(name), "classifier", version) or {}
+        c = m.get("counters")
+        return c if c and c["requests"] >= requests else None
+
+    agent = InProcessAgent(root, link, control_plane.kubeconfig)
+    try:
+        codes = [agent.post("classifier/versions/1", x) for _ in range(5)]
+        codes += [agent.post("classifier/versions/1", x, timeout=1) for _ in range(2)]  # 1 us: 504
+        codes += [agent.post("classifier/versions/2-slow", x) for _ in range(4)]
+        assert codes == [200] * 5 + [504] * 2 + [200] * 4
+        stable = asyncio.run(eventually(lambda: counted("1", 7), what="classifier/1's counters in status"))
+        canary = asyncio.run(eventually(lambda: counted("2-slow", 4), what="classifier/2-slow's counters"))
+        assert {k: stable[k] for k in ("requests", "errors", "slow")} == {
+            "requests": 7,
+            "errors": 2,
+            "slow": 0,
+        }
+        assert "sloLatencyMs" not in stable  # no SLO: nothing is slow
+        assert canary == {
+            "epoch": stable["epoch"],
+            "requests": 4,
+            "errors": 0,
+            "slow": 4,
+            "sloLatencyMs": 1.0,
+        }
+    finally:
+        agent.close()
+
+    again = InProcessAgent(root, link, control_plane.kubeconfig)
+    try:
+        assert again.post("classifier/versions/2-slow", x) == 200
+
+        async def restarted() -> dict[str, Any] | None:
+            c = await counted("2-slow", 1)
+            return c if c is not None and c["epoch"] != stable["epoch"] else None
+
+        fresh = asyncio.run(eventually(restarted, what="the restarted agent's counters"))
+        assert (fresh["requests"], fresh["errors"], fresh["slow"]) == (1, 0, 1)
+    finally:
+        again.close()

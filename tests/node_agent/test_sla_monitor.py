@@ -4,16 +4,26 @@ with hysteresis, and the same loop on a real Engine serving the example models."
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import shutil
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from agent_runner import RunningAgent
 
+from edgefleet_api.edge_node import ModelCounters
 from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId, Priority
+from node_agent.agent import AgentSettings
 from node_agent.control.mitigation import Controls
 from node_agent.control.sla_monitor import (
     DEFAULT_LEVELS,
@@ -36,6 +46,7 @@ from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
+from node_agent.serving.http import HttpSettings
 from node_agent.types import ModelConfig, TensorSpec
 
 T = TypeVar("T")
@@ -195,6 +206,79 @@ def test_thermal_limits_and_sla_limits_combine() -> None:
     assert policy.decision().batch_size == 8  # the GPU-wide cap stays
 
 
+@dataclass
+class Outcomes:
+    """A batcher's outcome counters, as the monitor reads them (`OutcomeCounters`)."""
+
+    failed: int = 0
+    expired: int = 0
+    refused: int = 0
+    displaced: int = 0
+
+
+def test_counters_are_cumulative_per_version_and_outlive_the_windows() -> None:
+    clock = FakeClock()
+    monitor = SlaMonitor(Controls(), SlaSettings(), clock)
+    cfg = config(sla=SlaObjectives(p95_latency_s=0.05, p99_latency_s=0.1, window_s=10))
+    plain = config(version="2")  # no SLA: nothing is slow
+    policy = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(cfg)
+    other = monitor.policy_factory(base=lambda c: StaticPolicy(16, 0.01, 256))(plain)
+    outcomes = {cfg.id: Outcomes(), plain.id: Outcomes()}
+    monitor.attach(outcomes.get)
+    assert monitor.counters(cfg.id) is None  # before the first tick
+
+    clock.t = 0.5
+    policy.observe(0.5, 10, 0.01, [0.05] * 7 + [0.1, 0.1000001, 0.3])  # 2 past the p99 target
+    other.observe(0.5, 4, 0.01, [5.0] * 4)
+    outcomes[cfg.id].failed, outcomes[cfg.id].expired = 3, 1
+    outcomes[cfg.id].refused, outcomes[cfg.id].displaced = 5, 2  # refusals: not counted
+    monitor.tick()
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.epoch, c.requests, c.errors, c.slow) == (monitor.epoch, 14, 4, 2)
+    assert c.slo_latency_s == 0.1
+    assert c.to_obj() == {
+        "epoch": monitor.epoch,
+        "requests": 14,
+        "errors": 4,
+        "slow": 2,
+        "sloLatencyMs": 100.0,
+    }
+    p = monitor.counters(plain.id)
+    assert p is not None and (p.requests, p.errors, p.slow, p.slo_latency_s) == (4, 0, 0, None)
+
+    # 100 s later the 10 s window is empty; the counters still hold everything
+    clock.t = 100.5
+    policy.observe(100.5, 2, 0.01, [0.2, 0.01])
+    outcomes[cfg.id].expired = 2
+    report = monitor.tick()[cfg.id]
+    assert report.window.requests == 3  # the window: this second only
+    assert report.counters == monitor.counters(cfg.id)
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.requests, c.errors, c.slow) == (17, 5, 3)
+
+    # a new SLO latency (p95 only): later requests are counted against it
+    monitor.set_spec(cfg.id, SlaObjectives(p95_latency_s=0.01))
+    policy.observe(100.6, 2, 0.01, [0.02, 0.005])
+    monitor.tick()
+    c = monitor.counters(cfg.id)
+    assert c is not None and (c.requests, c.slow, c.slo_latency_s) == (19, 4, 0.01)
+
+    # forgotten and tracked again within the same epoch: the counts go on, never back
+    monitor.forget(cfg.id)
+    monitor.track(cfg)
+    monitor.tick()
+    again = monitor.counters(cfg.id)
+    assert again is not None and (again.requests, again.errors, again.slow) == (19, 5, 4)
+    assert again.epoch == c.epoch
+
+    # another start of the agent (a new monitor): a new epoch, counts from 0
+    restarted = SlaMonitor(Controls(), SlaSettings(), clock)
+    restarted.track(cfg)
+    restarted.tick()
+    fresh = restarted.counters(cfg.id)
+    assert fresh is not None and fresh.epoch != c.epoch and (fresh.requests, fresh.slow) == (0, 0)
+
+
 # --- on a real engine -------------------------------------------------------------------
 
 
@@ -252,12 +336,16 @@ def test_real_engine_violation_caps_its_batcher(example_repo: Path) -> None:
         assert after.batch_size == math.floor(before.batch_size * 0.75) < before.batch_size
         assert after.delay_s == pytest.approx(before.delay_s * 0.5)
         assert sla.violation_counts[(fast.id, P95)] == 1
+        c = sla.counters(fast.id)  # every request slower than 10 us
+        assert c is not None and (c.requests, c.errors, c.slow, c.slo_latency_s) == (40, 0, 40, 1e-5)
 
         f = reports[failing.id]  # a broken model: reported, not mitigated
         assert f.window.failed == 25 and f.window.completed == 0
         assert f.window.error_rate == 1.0
         assert f.verdict.met is False and f.level == 0
         assert [c.objective for c in f.verdict.violated] == [ERROR_RATE]
+        assert f.counters is not None and f.counters.epoch == sla.epoch
+        assert (f.counters.requests, f.counters.errors, f.counters.slow) == (25, 25, 0)
         assert (status := sla.status(failing.id)) is not None and status.to_obj() == {
             "throughputRps": 0.0,
             "requests": 25,
@@ -286,6 +374,93 @@ def test_no_objectives_no_verdict_but_measured(example_repo: Path) -> None:
         assert sla.models() == [ModelId("mlp", "1")]
 
     run(main, example_repo, sla)
+
+
+def _post(url: str, model: str, x: np.ndarray, **parameters: Any) -> int:
+    """POST a v2 infer request; its HTTP status."""
+    body: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return int(e.code)
+
+
+def _counted(agent: RunningAgent, model_id: ModelId, requests: int) -> ModelCounters:
+    """The agent's counters of `model_id` once a tick has read `requests` requests (10 s)."""
+    assert agent.agent.sla is not None
+    deadline = time.monotonic() + 10
+    while True:
+        with suppress(KeyError):
+            c = agent.agent.sla.counters(model_id)
+            if c is not None and c.requests >= requests:
+                return c
+        assert time.monotonic() < deadline, f"{model_id}: counters never reached {requests} requests"
+        time.sleep(0.05)
+
+
+def test_a_real_agent_counts_what_it_answered_and_a_restart_starts_a_new_epoch(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """Over HTTP, through a real agent: answered requests, errors (500, 504) and slow ones
+    (past the version's SLO latency) are counted exactly; client errors (400) are not; a new
+    agent on the same repository reports a new epoch and counts from 0."""
+    root = tmp_path / "models"
+    shutil.copytree(example_repo, root)
+    # classifier/1 and 2-failing: no SLO (nothing is slow); 2-slow: p99 (it wins over p95) 1 us.
+    # (A loose SLO would make the batching policy wait for fuller batches: seconds here.)
+    with (root / "classifier" / "2-slow" / "model.yaml").open("a") as f:
+        f.write("p95_latency_s: 0.5\np99_latency_s: 0.000001\n")
+    # no mitigation: the slow version misses its (impossible) SLO by design
+    settings = AgentSettings(
+        model_repository=root,
+        http=HttpSettings(host="127.0.0.1", port=0),
+        thermal_source="off",
+        sla=SlaSettings(min_control_requests=10_000),
+    )
+    fast, slow, failing = (ModelId("classifier", v) for v in ("1", "2-slow", "2-failing"))
+    x = images(1, 0)
+    agent = RunningAgent(settings)
+    try:
+        codes = [_post(agent.url, "classifier/versions/1", x) for _ in range(6)]
+        codes += [_post(agent.url, "classifier/versions/1", x, timeout=1) for _ in range(2)]  # 1 us
+        codes += [
+            _post(agent.url, "classifier/versions/1", images(2, 0)[:, :2]) for _ in range(3)
+        ]  # bad shape
+        codes += [_post(agent.url, "classifier/versions/2-slow", x) for _ in range(5)]
+        codes += [_post(agent.url, "classifier/versions/2-failing", x) for _ in range(4)]
+        assert codes == [200] * 6 + [504] * 2 + [400] * 3 + [200] * 5 + [500] * 4
+        c = _counted(agent, fast, 8)
+        assert (c.requests, c.errors, c.slow, c.slo_latency_s) == (8, 2, 0, None)
+        s = _counted(agent, slow, 5)
+        assert (s.requests, s.errors, s.slow, s.slo_latency_s) == (5, 0, 5, 1e-6)
+        f = _counted(agent, failing, 4)
+        assert (f.requests, f.errors, f.slow) == (4, 4, 0)
+        epoch = c.epoch
+        assert s.epoch == f.epoch == epoch
+        metrics = urllib.request.urlopen(f"http://{agent.url}/metrics", timeout=10).read().decode()
+        assert 'edgefleet_slow_requests_total{model="classifier",version="2-slow"} 5.0' in metrics
+        assert 'edgefleet_slow_requests_total{model="classifier",version="1"} 0.0' in metrics
+    finally:
+        agent.close()
+
+    again = RunningAgent(settings)
+    try:
+        assert _post(again.url, "classifier/versions/1", x) == 200
+        c = _counted(again, fast, 1)
+        assert c.epoch != epoch and (c.requests, c.errors, c.slow) == (1, 0, 0)
+    finally:
+        again.close()
 
 
 def test_settings_are_validated() -> None:
