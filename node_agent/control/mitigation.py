@@ -251,6 +251,12 @@ class LimitedPolicy:
         if self.sink is not None:
             self.sink.record_batch(now_s, rows, service_s, latencies_s)
 
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        self.inner.observe_arrival(now_s, rows)
+
+    def window_s(self, now_s: float, decision: BatchingDecision, queued_rows: float) -> float:
+        return self.inner.window_s(now_s, decision, queued_rows)
+
     def predict_service_s(self, rows: int) -> float:
         return self.inner.predict_service_s(rows)
 

@@ -28,7 +28,7 @@ from node_agent.runtime.urgency_queue import ANY_GROUP, UrgencyQueue
 
 if TYPE_CHECKING:
     from node_agent.runtime.batch_ticket import Ticket
-    from node_agent.runtime.batching_policy import BatchingPolicy
+    from node_agent.runtime.batching_policy import BatchingDecision, BatchingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ class BatchQueue:
         close = self.window_close_s
         return close is None or now >= close
 
+    def open_window_locked(self, now: float, decision: BatchingDecision, claimed_rows: float) -> None:
+        """Open the next batch's window (under `lock`): it closes after the policy's
+        `window_s`, given the queued rows past `claimed_rows` (those earlier batches take)."""
+        have = self.queued_rows() - claimed_rows
+        self.window_close_s = now + self.policy.window_s(now, decision, max(0.0, have))
+
     def form_locked(self, start: float, size: int, classes: tuple[Priority, Priority]) -> Batch:
         """Under `lock`: take the most urgent pieces of `classes` for a batch of `size`
         rows that starts at `start` (inputs not yet assembled). Pieces whose deadline would
@@ -186,7 +192,7 @@ class BatchQueue:
             elif not self.due_locked(start, size):
                 return None
             else:  # the next batch's window opens as this one leaves (as on the loop)
-                self.window_close_s = start + decision.delay_s
+                self.open_window_locked(start, decision, (self.pending + 1) * size)
             staged = None if urgent else self.staged
             if urgent:
                 classes = _URGENT_CLASSES

@@ -19,8 +19,9 @@ Life of a request:
    waiting batch, or the batch window has closed) and fewer than `pipeline_depth`
    batches of this model are out, the loop acquires the model (a lease) and submits
    a batch *ticket* to the pool. The window opens when a request reaches an empty
-   queue or when the previous ticket left, and lasts the policy's `delay_s`, read once
-   per batch (monotonic clock; no wall-clock remainders, cf. MLServer #1936).
+   queue or when the previous ticket left, and lasts the policy's `window_s` (at most its
+   `delay_s`; the adaptive policy's also no longer than arrivals need to fill the batch),
+   read once per batch (monotonic clock; no wall-clock remainders, cf. MLServer #1936).
 3. A worker runs the ticket: only then does it take the most urgent pieces from the
    queue (late binding: a high-priority request that arrived a moment ago goes into
    the very next batch), drops those whose deadline passed or would pass before the
@@ -249,8 +250,10 @@ class Batcher:
             else:
                 offer = queue.offer(pieces, costs, priority, deadline_s, now)
             queued = queue.cost
-            if offer.admitted and (was_empty or q.window_close_s is None):
-                q.window_close_s = now + decision.delay_s
+            if offer.admitted:
+                self.policy.observe_arrival(now, rows)
+                if was_empty or q.window_close_s is None:
+                    q.open_window_locked(now, decision, q.pending * decision.batch_size)
         if offer.expired:
             self._fail_pieces(offer.expired, DeadlineExceeded, "deadline passed while queued")
         if offer.displaced:
@@ -337,7 +340,7 @@ class Batcher:
             with q.lock:
                 top = None
                 if q.due_locked(now, decision.batch_size):
-                    q.window_close_s = now + decision.delay_s
+                    q.open_window_locked(now, decision, (q.pending + 1) * decision.batch_size)
                     top = queue.top_priority()
                     staged = q.staged
                     if staged is not None and (top is None or staged.most_urgent < top):

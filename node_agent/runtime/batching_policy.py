@@ -10,7 +10,8 @@ Pure: no I/O, no clock reads (callers pass monotonic time in), no tensors.
 - the latency budget is `fraction x SLO`; `fraction` is adjusted AIMD-style from
   measured request latencies (multiplicative decrease when more than the allowed
   share of requests missed the SLO in the last interval, additive increase when not);
-- the queue delay is at most 0.3 x budget (the textbook's "max wait ~ 0.3 x SLO"),
+- the queue delay is at most 0.3 x budget (the textbook's "max wait ~ 0.3 x SLO") and at
+  most `max_window_s` and one batch's service time (see the last point),
   scaled by the share of fixed cost in a batch: waiting for more rows pays only by
   amortising that fixed cost (a CNN on CPU, whose cost is per row, gets ~0 delay; a
   model dominated by per-call overhead gets the full 0.3);
@@ -23,10 +24,17 @@ Pure: no I/O, no clock reads (callers pass monotonic time in), no tensors.
   extrapolation), else batches go up to the knee while one batch alone fits the budget
   (at least one row);
 - the queue bound admits only rows that can be served within the budget (admission
-  control instead of timeouts under overload).
+  control instead of timeouts under overload);
+- the window a partial batch waits never exceeds what arrivals can fill: the delay is
+  capped independently of the SLO (`max_window_s`, and one full batch's service time),
+  and each window, as it opens, at the time the measured arrival rate (`ArrivalRate`)
+  needs to fill the batch, and to nothing when not even one more row is expected within
+  it (`batch_window_s`): a lone client with one request in flight is served at once
+  however loose its SLO (with `p99: 30 s` it used to wait 0.3 x 30 s = 9 s per request).
 
 `StaticPolicy` keeps a fixed (batch size, delay, bound) and only fits the service model
-(used for deadline prediction and Retry-After).
+(used for deadline prediction and Retry-After); its windows last its delay (the model's
+`max_queue_delay_s`, as Triton's `max_queue_delay_microseconds`), whatever the arrivals.
 """
 
 from __future__ import annotations
@@ -182,6 +190,50 @@ class ServiceModel:
         return max(1, min(max_rows, math.floor(fit * (1 + 1e-9))))  # (0.035-0.002)/0.001 = 32.99..
 
 
+class ArrivalRate:
+    """Rows/s arriving, from recent inter-arrival gaps: sum(rows) / sum(gaps), both sums
+    decayed by (1 - alpha) per arrival, the silence since the last arrival counted as a
+    gap in progress (so the rate falls while nothing arrives). None before two arrivals.
+
+    Written by one thread (`observe`), read by any: the state is one tuple, replaced whole.
+    """
+
+    __slots__ = ("_state", "alpha")
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self._state: tuple[float | None, float, float] = (None, 0.0, 0.0)  # last arrival, rows, gaps
+
+    def observe(self, now_s: float, rows: int) -> None:
+        last, r, g = self._state
+        if last is None:
+            self._state = (now_s, 0.0, 0.0)
+            return
+        keep = 1.0 - self.alpha
+        self._state = (max(last, now_s), r * keep + rows, g * keep + max(0.0, now_s - last))
+
+    def rows_per_s(self, now_s: float) -> float | None:
+        last, r, g = self._state
+        if last is None or r <= 0:
+            return None
+        span = g + max(0.0, now_s - last)
+        return math.inf if span <= 0 else r / span
+
+
+def batch_window_s(delay_s: float, missing_rows: float, rows_per_s: float | None) -> float:
+    """How long a batch window that opens now lasts: at most `delay_s` (the policy's), at
+    most the time arrivals at `rows_per_s` take to bring the `missing_rows` a full batch
+    lacks, and 0 when fewer than one row is expected within it (waiting would only delay
+    what is queued). Unknown rate (None, fewer than two arrivals seen): nothing is expected,
+    0. Result in [0, delay_s]."""
+    if missing_rows <= 0 or delay_s <= 0 or rows_per_s is None or rows_per_s <= 0:
+        return 0.0
+    window = min(delay_s, missing_rows / rows_per_s)
+    return window if rows_per_s * window >= 1.0 else 0.0
+
+
 class BatchingPolicy(Protocol):
     """What the batcher needs from a policy. Not thread-safe: callers serialise `observe`;
     `decision()` returns an immutable value, safe to read from any thread."""
@@ -190,6 +242,14 @@ class BatchingPolicy(Protocol):
 
     def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         """One finished batch: its rows, its service time, its finished requests' latencies."""
+
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        """A request of `rows` was queued at `now_s` (from the thread that queues)."""
+
+    def window_s(self, now_s: float, decision: BatchingDecision, queued_rows: float) -> float:
+        """How long the batch window opening now lasts, in [0, decision.delay_s], with
+        `queued_rows` already waiting for that batch (any thread)."""
+        ...
 
     def predict_service_s(self, rows: int) -> float: ...
 
@@ -267,6 +327,13 @@ class StaticPolicy(_ServiceMixin):
     def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Sequence[float]) -> None:
         self.service.observe(now_s, rows, service_s)
 
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        pass
+
+    def window_s(self, now_s: float, decision: BatchingDecision, queued_rows: float) -> float:
+        """The configured delay, whatever the arrivals (Triton's max_queue_delay)."""
+        return decision.delay_s
+
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveSettings:
@@ -292,6 +359,13 @@ class AdaptiveSettings:
     """Additive increase of the budget fraction after an interval that met it."""
     throughput_knee: float = 0.95
     """Batches stop growing once they reach this share of the model's asymptotic rows/s."""
+    max_window_s: float = 0.02
+    """Most a partial batch may wait, whatever the SLO: a loose SLO (30 s) must not make
+    requests wait seconds for rows that are not coming (Triton waits 100 us to a few ms)."""
+    window_per_service: float = 1.0
+    """And at most this many times the planned batch's predicted service time."""
+    arrival_alpha: float = 0.2
+    """Weight of the newest inter-arrival gap in the arrival rate (`ArrivalRate`)."""
     min_fraction: float = 0.5
     """Floor of the budget fraction. The plan already assumes the worst case (a full
     running batch ahead); the fraction only absorbs service-time jitter, and a deep cut
@@ -310,6 +384,10 @@ class AdaptiveSettings:
             raise ValueError(f"throughput_knee must be in (0, 1), got {self.throughput_knee!r}")
         if not 0 <= self.delay_fraction < 0.5:
             raise ValueError(f"delay_fraction must be in [0, 0.5), got {self.delay_fraction!r}")
+        if not (self.max_window_s >= 0 and self.window_per_service >= 0):
+            raise ValueError("need max_window_s >= 0 and window_per_service >= 0")
+        if not 0 < self.arrival_alpha <= 1:
+            raise ValueError(f"arrival_alpha must be in (0, 1], got {self.arrival_alpha!r}")
         if not (0 < self.decrease < 1 and self.increase > 0 and 0 < self.min_fraction <= 1):
             raise ValueError("need 0 < decrease < 1, increase > 0, 0 < min_fraction <= 1")
 
@@ -330,6 +408,7 @@ class AdaptivePolicy(_ServiceMixin):
         self._window_start_s: float | None = None
         self._window_n = 0
         self._window_over = [0] * len(settings.targets)
+        self.arrivals = ArrivalRate(settings.arrival_alpha)
         self._decision = self._plan()
 
     def decision(self) -> BatchingDecision:
@@ -353,6 +432,14 @@ class AdaptivePolicy(_ServiceMixin):
             self._adapt()
             self._window_start_s = now_s
         self._decision = self._plan()
+
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        self.arrivals.observe(now_s, rows)
+
+    def window_s(self, now_s: float, decision: BatchingDecision, queued_rows: float) -> float:
+        """`batch_window_s` at the measured arrival rate."""
+        missing = decision.batch_size - queued_rows
+        return batch_window_s(decision.delay_s, missing, self.arrivals.rows_per_s(now_s))
 
     def _count(self, latencies_s: Sequence[float]) -> None:
         self._window_n += len(latencies_s)
@@ -378,7 +465,7 @@ class AdaptivePolicy(_ServiceMixin):
         s = self.settings
         svc = self.service
         budget = self.fraction * self._slo_s
-        max_delay = s.delay_fraction * budget
+        max_delay = min(s.delay_fraction * budget, s.max_window_s)
         if not svc.known:
             b = s.max_batch_size
             return BatchingDecision(b, max_delay, min(s.max_queue_rows, 2 * b * s.workers))
@@ -408,6 +495,7 @@ class AdaptivePolicy(_ServiceMixin):
                 if grown == b:
                     break
                 b = grown
+            delay = min(delay, s.window_per_service * svc.predict(b))
         per_batch = max(svc.predict(b), 1e-6)
         batches_ahead = math.floor((budget / per_batch - 1.0) * s.workers)
         limit = min(s.max_queue_rows, max(b, batches_ahead * b))

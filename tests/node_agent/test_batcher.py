@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import Priority
 from node_agent.errors import (
     DeadlineExceeded,
@@ -34,8 +35,10 @@ from node_agent.runtime.batching_policy import (
     BatchingPolicy,
     SloTarget,
     StaticPolicy,
+    policy_for,
 )
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
+from node_agent.types import ModelConfig, TensorSpec
 
 R = TypeVar("R")
 P = Priority
@@ -1170,3 +1173,38 @@ def test_at_stop_staged_callers_are_told_like_queued_ones() -> None:
     assert batches == [[1, 2], [3, 4]]
     assert errors[:4] == [None] * 4
     assert all(isinstance(e, ShuttingDown) for e in errors[4:]), errors
+
+
+def test_a_loose_slo_serves_a_sequential_client_at_once_and_a_burst_still_batches() -> None:
+    """p99 SLO 30 s ("anything under 30 s is fine"): a lone client with one request in flight
+    used to wait 0.3 x 30 s = 9 s per request for rows that never came."""
+    module = Tagged()
+    config = ModelConfig(
+        name="loose", version="1", format="torchscript",
+        inputs=(TensorSpec("x", "FP32", (8,)),), outputs=(TensorSpec("y", "FP32", (5,)),),
+        artifact="model.pt", digest="sha256:" + "0" * 64, max_batch_size=16,
+        sla=SlaObjectives(p99_latency_s=30.0),
+    )  # fmt: skip
+    policy = policy_for(config)
+    assert isinstance(policy, AdaptivePolicy)
+
+    async def main() -> tuple[list[float], list[np.ndarray]]:
+        batcher, pool = make(module, batch=16, policy=policy)
+        latencies = []
+        for tag in range(1, 21):  # sequential: the next request leaves after the answer
+            t0 = time.monotonic()
+            out = await batcher.submit({"x": rows_for(tag)}, 1)
+            latencies.append(time.monotonic() - t0)
+            assert out["y"][0, 0] == tag
+        module.batches.clear()
+        tags = list(range(100, 164))
+        outs = await asyncio.gather(*[batcher.submit({"x": rows_for(t)}, 1) for t in tags])
+        await batcher.stop()
+        pool.stop()
+        return latencies, [o["y"] for o in outs]
+
+    latencies, outs = run(main())
+    assert sorted(latencies)[len(latencies) // 2] < 0.1, latencies  # p50
+    assert max(latencies) < 1.0, latencies
+    assert [float(o[0, 0]) for o in outs] == list(range(100, 164))
+    assert max(len(b) for b in module.batches) > 1, module.batches  # the burst still batches
