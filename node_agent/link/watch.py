@@ -173,6 +173,8 @@ class EdgeNodeWatch:
         )
         self._watch_response = response
         try:
+            if self._stopping.is_set() or self._restarting.is_set():
+                return rv  # asked for while this request went out: `_cut` could not see it yet
             if response.status != 200:
                 raise ApiException(status=response.status, reason=response.reason)
             self._post(self._online)

@@ -79,3 +79,74 @@ def test_restarts_while_unreachable_keep_the_backoff(tmp_path: Path) -> None:
     # one attempt per backoff (0.1-0.4 s), plus at most one immediate retry each: never a tight loop
     assert 3 <= len(accepted) <= 2 * (2.0 / 0.1) + 2, len(accepted)
     assert len(failures) >= 3 and not runner.is_alive()
+
+
+def test_a_stop_that_lands_while_the_watch_request_is_sent_is_not_missed(tmp_path: Path) -> None:
+    """`stop` cuts the watch response in progress; one asked for after the request went out but
+    before its response was registered must still end the watch at once, not after the server's
+    watch timeout (the agent's process could not exit until then)."""
+    import http.server
+    import json
+
+    from kubernetes import client
+
+    watch: EdgeNodeWatch | None = None
+    held = threading.Event()
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if "watch=true" not in self.path:
+                body = json.dumps({"items": [], "metadata": {"resourceVersion": "7"}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            assert watch is not None
+            watch.stop()  # the stop lands now: the request is out, its response not yet seen
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            held.wait(30)  # then nothing, as a quiet watch sends nothing for minutes
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+    configuration.retries = False
+    api = client.ApiClient(configuration)
+    settings = LinkSettings("n1", "ns", tmp_path, request_timeout_s=5.0, watch_timeout_s=30)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    watch = EdgeNodeWatch(
+        settings,
+        client.CustomObjectsApi(api),
+        time.monotonic,
+        listed=lambda obj: None,
+        event=lambda kind, obj: None,
+        answered=lambda: None,
+        failed=lambda call, exc: None,
+    )
+    runner = threading.Thread(target=watch.run, args=(loop,), daemon=True)
+    try:
+        runner.start()
+        runner.join(3)
+        assert not runner.is_alive(), "the watch kept waiting on a response after stop()"
+    finally:
+        held.set()
+        server.shutdown()
+        server.server_close()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(2)
+        loop.close()
+        api.close()
