@@ -352,13 +352,14 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
 
 def _judge(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """Fold the fresh counter readings into the wave's tallies and judge them; an Event when the
-    verdict changes. No canary counters at all (agents without them): no evidence, thresholds only."""
+    verdict changes. No canary counters at all (agents without them), or no stable side (a 100%
+    wave without side-by-side stable): no evidence, the thresholds alone judge the wave."""
     assert state.canary is not None and state.stable is not None
     counts = fold(
         state.counters, state.stable, state.canary, state.canary_nodes, ctx.nodes, ctx.observations,
         state.wave_start_s,
     )  # fmt: skip
-    if not counts.canary_reporting:
+    if not counts.judged:
         return dataclasses.replace(state, counters=counts.tallies, evidence=None)
     judgement, evidence = assess(counts, ctx.spec.analysis)
     before = state.evidence.verdict if state.evidence is not None else None
@@ -463,7 +464,8 @@ def _wave_passed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult | None)
         return _finish(state, ctx, "Promoted", "all waves passed", Phase.PROMOTED)
     nxt = ctx.spec.waves[state.wave + 1]
     ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({describe_wave(nxt)})")
-    return _grow_canaries(dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None), nxt, ctx)
+    state = dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None, counters=(), evidence=None)
+    return _grow_canaries(state, nxt, ctx)
 
 
 def _inconclusive(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:

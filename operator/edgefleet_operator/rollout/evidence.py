@@ -4,7 +4,9 @@ version) into tallies that live in status.rollout.counters, summed per side and 
 
 Sides. The canary side is the canary revision's changed models (`analysis.changed_refs`) on the
 canary nodes; the stable side is the stable revision's changed models on comparable nodes (the
-same node class as some canary node), canary nodes included (side-by-side stable counts too).
+same node class as some canary node), and canary nodes that also hold stable (side by side).
+A wave without any such node (every comparable node runs the canary alone) has no stable side:
+the thresholds alone judge it.
 Only readings written within the wave's window (`NodeObservation.fresh`) are folded; the first one
 of a (node, version) is its baseline, so a tally counts what was served after the window began.
 A reading from a new agent epoch (a restart) adds its whole count (`judge.tally`). A (node,
@@ -47,8 +49,16 @@ class WaveCounts:
     canary: Counts
     stable: Counts
     canary_reporting: bool
-    """Some canary node reports counters for the canary: the wave is judged by the sequential judge
-    (agents that report no counters leave the wave to the thresholds alone)."""
+    """Some canary node reports counters for the canary."""
+    comparable: bool
+    """Some node can serve as stable's side (a wave where every comparable node runs only the
+    canary has none)."""
+
+    @property
+    def judged(self) -> bool:
+        """Whether the sequential judge decides the wave: agents that report no counters, or a wave
+        with no stable side to compare with, leave it to the thresholds alone."""
+        return self.canary_reporting and self.comparable
 
 
 def fold(
@@ -69,8 +79,12 @@ def fold(
     wanted: list[tuple[str, ModelRef, bool]] = [(n, r, True) for n in canary_nodes for r in canary_refs]
     for n in sorted(nodes):
         obs = observations.get(n)
-        if n in canary_set or (obs is not None and obs.node_class in classes):
+        side_by_side = obs is not None and any(r in obs.loaded for r in stable_refs)
+        if (n in canary_set and side_by_side) or (
+            n not in canary_set and obs is not None and obs.node_class in classes
+        ):
             wanted += [(n, r, False) for r in stable_refs]
+    comparable = any(not c for _, _, c in wanted)
     wanted = wanted[:MAX_TALLIES]
     before = {(t.node, t.model): t for t in previous}
     tallies: list[CounterTally] = []
@@ -90,7 +104,7 @@ def fold(
         reporting = reporting or is_canary
         tallies.append(CounterTally(node, key, state.epoch, _triple(state.last), _triple(state.total)))
         sums[is_canary] = sums[is_canary] + state.total
-    return WaveCounts(tuple(tallies), sums[True], sums[False], reporting)
+    return WaveCounts(tuple(tallies), sums[True], sums[False], reporting, comparable)
 
 
 def _triple(c: Counts) -> tuple[int, int, int]:
