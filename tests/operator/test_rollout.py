@@ -871,6 +871,7 @@ class CounterRunner(Runner):
         self.slow = {"1": 0.01, "2": 0.01}
         self.served: dict[tuple[str, ModelRef], float] = {}
         self.epochs: dict[str, int] = {}
+        self.slo_s: float | None = 0.05
 
     def restart(self, node: str) -> None:
         self.epochs[node] = self.epochs.get(node, 0) + 1
@@ -890,8 +891,8 @@ class CounterRunner(Runner):
                         f"epoch-{self.epochs.get(n, 0)}",
                         total,
                         int(total * self.error[ref.version]),
-                        int(total * self.slow[ref.version]),
-                        0.05,
+                        int(total * self.slow[ref.version]) if self.slo_s is not None else 0,
+                        self.slo_s,
                     )
             self.obs[n] = dataclasses.replace(o, counters=counters)
         return d
@@ -977,6 +978,17 @@ def test_an_identical_canary_passes_once_the_evidence_suffices() -> None:
     d = run_until(r, lambda d: d.status["currentWave"] == 1 or phase(d) != "Progressing", dt=60)
     assert phase(d) == "Progressing" and [a["result"] for a in d.status["analysis"]] == ["Passed"]
     assert "JudgeVerdict" in reasons(d) and "evidence" not in d.status  # a new wave: new evidence
+    d = run_until(r, lambda d: phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Promoted"
+
+
+def test_without_an_slo_latency_the_error_rate_alone_judges() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.rate, r.slo_s = 200.0, None  # no slow request is ever counted
+    d = run_until(r, lambda d: d.status["currentWave"] == 1 or phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Progressing" and [a["result"] for a in d.status["analysis"]] == ["Passed"]
+    d = r.tick(60)  # wave 2's window begins
+    assert [m["name"] for m in d.status["evidence"]["metrics"]] == ["error rate"]
     d = run_until(r, lambda d: phase(d) != "Progressing", dt=60)
     assert phase(d) == "Promoted"
 

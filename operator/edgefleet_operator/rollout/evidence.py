@@ -53,6 +53,9 @@ class WaveCounts:
     comparable: bool
     """Some node can serve as stable's side (a wave where every comparable node runs only the
     canary has none)."""
+    slo: bool = True
+    """Some reading of the wave's models counts slow requests against an SLO latency (without
+    one, no request is slow and the slow share is not judged)."""
 
     @property
     def judged(self) -> bool:
@@ -104,7 +107,12 @@ def fold(
         reporting = reporting or is_canary
         tallies.append(CounterTally(node, key, state.epoch, _triple(state.last), _triple(state.total)))
         sums[is_canary] = sums[is_canary] + state.total
-    return WaveCounts(tuple(tallies), sums[True], sums[False], reporting, comparable)
+    slo = any(
+        c.slo_latency_s is not None
+        for n, r, _ in wanted
+        if n in observations and (c := observations[n].counters.get(r)) is not None
+    )
+    return WaveCounts(tuple(tallies), sums[True], sums[False], reporting, comparable, slo)
 
 
 def _triple(c: Counts) -> tuple[int, int, int]:
@@ -113,7 +121,7 @@ def _triple(c: Counts) -> tuple[int, int, int]:
 
 def assess(counts: WaveCounts, spec: AnalysisSpec) -> tuple[Judgement, Evidence]:
     """The judge's verdict on the wave's totals, and the evidence as status.rollout.evidence."""
-    j = judge(counts.canary, counts.stable, settings_of(spec))
+    j = judge(counts.canary, counts.stable, settings_of(spec), slow_share=counts.slo)
     metrics = tuple(
         MetricRecord(m.metric, m.verdict.value, _cap(m.e_worse), _cap(m.e_within), m.describe())
         for m in j.metrics

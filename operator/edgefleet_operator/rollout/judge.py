@@ -500,16 +500,22 @@ class Judgement:
         return f"{self.verdict.value}: " + "; ".join(m.describe() for m in self.metrics)
 
 
-def judge(canary: Counts, stable: Counts, settings: JudgeSettings | None = None) -> Judgement:
+def judge(
+    canary: Counts, stable: Counts, settings: JudgeSettings | None = None, *, slow_share: bool = True
+) -> Judgement:
     """Judge a wave on cumulative counts (summed over its canary nodes, and over comparable stable
     nodes; see `tally` for counters across agent restarts). The chance that any check ever FAILs
     a canary identical to stable is <= settings.alpha (alpha / 2 per metric); the chance that any
-    check ever PASSes a canary regressed by the stated amount on a metric is <= alpha / 2."""
+    check ever PASSes a canary regressed by the stated amount on a metric is <= alpha / 2.
+    `slow_share` False: the error rate alone (a service without an SLO latency counts no slow
+    requests, and a relative regression of a share that is 0 on both sides can never pass)."""
     s = settings or JudgeSettings()
     errors = judge_metric(
         "error rate", (canary.errors, canary.requests), (stable.errors, stable.requests), s,
         increase=s.error_increase,
     )  # fmt: skip
+    if not slow_share:
+        return Judgement(errors.verdict, (errors,))
     slow = judge_metric(
         "slow share", (canary.slow, canary.requests), (stable.slow, stable.requests), s,
         ratio=s.slow_ratio,
