@@ -977,6 +977,7 @@ def test_an_identical_canary_passes_once_the_evidence_suffices() -> None:
     assert all("e-value" in m["message"] for m in evidence["metrics"])
     d = run_until(r, lambda d: d.status["currentWave"] == 1 or phase(d) != "Progressing", dt=60)
     assert phase(d) == "Progressing" and [a["result"] for a in d.status["analysis"]] == ["Passed"]
+    assert d.status["analysis"][0]["message"].startswith("judge Pass: ")
     assert "JudgeVerdict" in reasons(d) and "evidence" not in d.status  # a new wave: new evidence
     d = run_until(r, lambda d: phase(d) != "Progressing", dt=60)
     assert phase(d) == "Promoted"

@@ -457,8 +457,11 @@ def _wave_passed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult | None)
     canary = state.canary
     assert canary is not None
     if result is not None:
-        state = _record(state, ctx, Outcome.PASSED, result.message)
-        ctx.event("AnalysisPassed", f"wave {state.wave + 1}/{state.total_waves}: {result.message}")
+        message = result.message
+        if state.evidence is not None:
+            message = f"{summary(state.evidence)}; thresholds: {message}"
+        state = _record(state, ctx, Outcome.PASSED, message)
+        ctx.event("AnalysisPassed", f"wave {state.wave + 1}/{state.total_waves}: {message}")
     if state.wave + 1 >= len(ctx.spec.waves):
         ctx.event("RolloutPromoted", f"{canary.label} promoted: all waves passed")
         return _finish(state, ctx, "Promoted", "all waves passed", Phase.PROMOTED)
