@@ -20,7 +20,7 @@ MAX_ANALYSES = 64
 """status.rollout.analysis keeps the newest this many (the CRD's maxItems)."""
 MAX_HISTORY = 10
 """status.rollout.history keeps the newest this many (the CRD's maxItems)."""
-MAX_TALLIES = 512
+MAX_TALLIES = 256
 """status.rollout.counters holds at most this many (node, model version) tallies (the CRD's
 maxItems): the canary nodes' first, then comparable stable nodes in canary order."""
 

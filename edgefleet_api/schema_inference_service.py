@@ -20,6 +20,7 @@ from edgefleet_api.openapi import (
     string_map,
     timestamp,
 )
+from edgefleet_api.rollout_status import MAX_TALLIES
 from edgefleet_api.schema_parts import batching, conditions, model_spec, sla, sla_window
 
 
@@ -388,7 +389,7 @@ def inference_service_status() -> Schema:
             "counters": array(
                 "The current wave's counter tallies per node and model version (the judge's state).",
                 counter_tally,
-                maxItems=512,
+                maxItems=MAX_TALLIES,
             ),
             "evidence": evidence,
             "pauseReason": string("Why the operator paused the rollout (progress deadline)."),

@@ -275,3 +275,18 @@ def test_a_clear_regression_fails_within_a_bound_on_requests() -> None:
     settings = JudgeSettings(error_increase=0.02)
     estimate = judge(Counts(10_000, 100, 100), Counts(10_000, 100, 100), settings).metrics[0]
     assert 2_500 < estimate.requests_needed < 4_500
+
+
+def test_without_the_slow_share_the_error_rate_alone_decides() -> None:
+    from edgefleet_operator.rollout.judge import Counts, Verdict, judge
+
+    same = Counts(200_000, 2_000, 0)  # no slow request on either side (no SLO latency)
+    both = judge(same, same)
+    assert both.verdict is Verdict.CONTINUE and [m.metric for m in both.metrics] == [
+        "error rate",
+        "slow share",
+    ]
+    alone = judge(same, same, slow_share=False)
+    assert alone.verdict is Verdict.PASS and [m.metric for m in alone.metrics] == ["error rate"]
+    worse = judge(Counts(20_000, 1_000, 0), Counts(20_000, 200, 0), slow_share=False)
+    assert worse.verdict is Verdict.FAIL
