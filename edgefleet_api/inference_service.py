@@ -226,7 +226,9 @@ class AnalysisSpec:
     error_rate_increase: float = 0.01
     """Error-rate regression the judge detects, absolute (0.01: +1 point)."""
     slow_share_ratio: float = 1.5
-    """Slow-share regression the judge detects, relative (1.5: x1.5)."""
+    """Slow-share regression the judge detects, relative (1.5: x1.5)..."""
+    slow_share_increase: float = 0.005
+    """...plus this, absolute: a slow share near 0 on both sides can pass (x1.5 of 0 is 0)."""
     power: float = 0.8
     """Wanted power at that regression (reported: the canary requests it needs)."""
     progress_deadline_s: int = 600
@@ -245,6 +247,8 @@ class AnalysisSpec:
             raise ValueError(f"slowShareRatio must be above 1, got {self.slow_share_ratio}")
         if not 0 < self.power < 1:
             raise ValueError(f"power must be in (0, 1), got {self.power}")
+        if not 0 <= self.slow_share_increase < 1:
+            raise ValueError(f"slowShareIncrease must be in [0, 1), got {self.slow_share_increase}")
         if self.progress_deadline_s < 1:
             raise ValueError(f"progressDeadlineSeconds must be at least 1, got {self.progress_deadline_s}")
         if self.on_deadline not in ON_DEADLINE:
@@ -268,6 +272,7 @@ class AnalysisSpec:
             false_rollback_rate=float(obj.get("falseRollbackRate", 0.01)),
             error_rate_increase=float(obj.get("errorRateIncrease", 0.01)),
             slow_share_ratio=float(obj.get("slowShareRatio", 1.5)),
+            slow_share_increase=float(obj.get("slowShareIncrease", 0.005)),
             power=float(obj.get("power", 0.8)),
             progress_deadline_s=int(obj.get("progressDeadlineSeconds", 600)),
             on_deadline=str(obj.get("onDeadline", "Pause")),
@@ -281,6 +286,7 @@ class AnalysisSpec:
             "falseRollbackRate": self.false_rollback_rate,
             "errorRateIncrease": self.error_rate_increase,
             "slowShareRatio": self.slow_share_ratio,
+            "slowShareIncrease": self.slow_share_increase,
             "power": self.power,
             "progressDeadlineSeconds": self.progress_deadline_s,
             "onDeadline": self.on_deadline,

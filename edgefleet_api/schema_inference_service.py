@@ -202,6 +202,13 @@ def analysis() -> Schema:
                 maximum=100,
                 default=1.5,
             ),
+            "slowShareIncrease": number(
+                "Added to the slow-share regression to detect, absolute fraction (0.005: half a "
+                "point): a slow share near 0 on both sides can pass (x1.5 of 0 is 0).",
+                minimum=0,
+                maximum=0.5,
+                default=0.005,
+            ),
             "power": number(
                 "Wanted chance of detecting the regression; status reports the canary requests it needs.",
                 minimum=0.5,

@@ -290,3 +290,15 @@ def test_without_the_slow_share_the_error_rate_alone_decides() -> None:
     assert alone.verdict is Verdict.PASS and [m.metric for m in alone.metrics] == ["error rate"]
     worse = judge(Counts(20_000, 1_000, 0), Counts(20_000, 200, 0), slow_share=False)
     assert worse.verdict is Verdict.FAIL
+
+
+def test_a_slow_share_of_zero_on_both_sides_passes_only_with_an_absolute_floor() -> None:
+    from edgefleet_operator.rollout.judge import Counts, JudgeSettings, Verdict, judge
+
+    clean = Counts(20_000, 0, 0)
+    ratio_only = judge(clean, clean, JudgeSettings())
+    assert ratio_only.metrics[1].verdict is Verdict.CONTINUE  # x1.5 of 0 is 0: never within
+    floored = judge(clean, clean, JudgeSettings(slow_increase=0.005))
+    assert floored.verdict is Verdict.PASS and "x1.5 +0.5 point(s)" in floored.metrics[1].describe()
+    worse = judge(Counts(20_000, 0, 400), clean, JudgeSettings(slow_increase=0.005))
+    assert worse.verdict is Verdict.FAIL  # the floor widens what passes, not what fails

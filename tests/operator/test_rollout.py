@@ -966,7 +966,6 @@ def test_a_slow_share_regression_fails_the_judge() -> None:
 
 def test_an_identical_canary_passes_once_the_evidence_suffices() -> None:
     r = judged_runner(progressDeadlineSeconds=7200)
-    r.rate = 200.0
     r.tick(60)  # the wave's window begins: the readings are its baselines
     d = r.tick(60)
     assert d.status["currentWave"] == 0 and d.status["evidence"]["verdict"] == "Continue"

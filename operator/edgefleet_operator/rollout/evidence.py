@@ -33,6 +33,7 @@ def settings_of(spec: AnalysisSpec) -> JudgeSettings:
         alpha=spec.false_rollback_rate,
         error_increase=spec.error_rate_increase,
         slow_ratio=spec.slow_share_ratio,
+        slow_increase=spec.slow_share_increase,
         power=spec.power,
     )
 

@@ -121,6 +121,9 @@ class JudgeSettings:
     error_increase: float = ERROR_INCREASE
     """Error-rate regression to detect, absolute (0.01: +1 point). PASS needs evidence of less."""
     slow_ratio: float = SLOW_RATIO
+    slow_increase: float = 0.0
+    """Added to the slow-share regression to detect (absolute): x slow_ratio + slow_increase. A
+    share that is 0 on both sides can pass only with some (x1.5 of 0 is 0)."""
     """Slow-share regression to detect, relative (1.5: x1.5). PASS needs evidence of less."""
     power: float = POWER
     """Wanted power at the regression: the report says how many requests that needs."""
@@ -133,6 +136,8 @@ class JudgeSettings:
             raise ValueError(f"error_increase must be in (0, 1), got {self.error_increase}")
         if not self.slow_ratio > 1:
             raise ValueError(f"slow_ratio must be > 1, got {self.slow_ratio}")
+        if not 0 <= self.slow_increase < 1:
+            raise ValueError(f"slow_increase must be in [0, 1), got {self.slow_increase}")
         if not 0 < self.power < 1:
             raise ValueError(f"power must be in (0, 1), got {self.power}")
         if min(self.prior) <= 0:
@@ -386,10 +391,18 @@ def judge_metric(
         e_worse=math.exp(min(700.0, log_e_worse(canary, stable, prior))),
         e_within=math.exp(min(700.0, log_e_within(canary, stable, ratio, increase, prior))),
         alpha=settings.alpha_metric,
-        regression=f"x{ratio:g}" if increase == 0 else f"+{100 * increase:g} point(s)",
+        regression=_regression(ratio, increase),
         power=power,
         requests_needed=needed,
     )
+
+
+def _regression(ratio: float, increase: float) -> str:
+    if increase == 0:
+        return f"x{ratio:g}"
+    if ratio == 1:
+        return f"+{100 * increase:g} point(s)"
+    return f"x{ratio:g} +{100 * increase:g} point(s)"
 
 
 def _difference_bounds(
@@ -518,7 +531,7 @@ def judge(
         return Judgement(errors.verdict, (errors,))
     slow = judge_metric(
         "slow share", (canary.slow, canary.requests), (stable.slow, stable.requests), s,
-        ratio=s.slow_ratio,
+        ratio=s.slow_ratio, increase=s.slow_increase,
     )  # fmt: skip
     return Judgement(_combine(errors.verdict, slow.verdict), (errors, slow))
 
@@ -533,7 +546,11 @@ def verdict(canary: Counts, stable: Counts, settings: JudgeSettings | None = Non
     if errors is Verdict.FAIL:
         return errors
     slow = metric_verdict(
-        (canary.slow, canary.requests), (stable.slow, stable.requests), s, ratio=s.slow_ratio
+        (canary.slow, canary.requests),
+        (stable.slow, stable.requests),
+        s,
+        ratio=s.slow_ratio,
+        increase=s.slow_increase,
     )
     return _combine(errors, slow)
 
