@@ -201,6 +201,14 @@ class WaveSpec:
         return out
 
 
+def _number(obj: Mapping[str, Any], key: str, default: float) -> float:
+    """obj[key] as a number (default when absent), or a ValueError naming the field."""
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"analysis.{key} must be a number, got {value!r}")
+    return float(value)
+
+
 ON_DEADLINE = ("Pause", "Rollback")
 """What a wave without a verdict by analysis.progressDeadlineSeconds does."""
 
@@ -269,12 +277,12 @@ class AnalysisSpec:
             max_latency_regression_pct=number(obj.get("maxLatencyRegressionPercent")),
             max_error_rate_increase=number(obj.get("maxErrorRateIncrease")),
             max_temperature_increase_c=number(obj.get("maxTemperatureIncreaseC")),
-            false_rollback_rate=float(obj.get("falseRollbackRate", 0.01)),
-            error_rate_increase=float(obj.get("errorRateIncrease", 0.01)),
-            slow_share_ratio=float(obj.get("slowShareRatio", 1.5)),
-            slow_share_increase=float(obj.get("slowShareIncrease", 0.005)),
-            power=float(obj.get("power", 0.8)),
-            progress_deadline_s=int(obj.get("progressDeadlineSeconds", 600)),
+            false_rollback_rate=_number(obj, "falseRollbackRate", 0.01),
+            error_rate_increase=_number(obj, "errorRateIncrease", 0.01),
+            slow_share_ratio=_number(obj, "slowShareRatio", 1.5),
+            slow_share_increase=_number(obj, "slowShareIncrease", 0.005),
+            power=_number(obj, "power", 0.8),
+            progress_deadline_s=int(_number(obj, "progressDeadlineSeconds", 600)),
             on_deadline=str(obj.get("onDeadline", "Pause")),
         )
 

@@ -939,6 +939,7 @@ def test_parse_judge_settings_and_their_errors() -> None:
         ({"power": 1}, "power"),
         ({"progressDeadlineSeconds": 0}, "progressDeadlineSeconds"),
         ({"onDeadline": "Fail"}, "onDeadline"),
+        ({"power": "high"}, "analysis.power must be a number"),
     ):
         with pytest.raises(ValueError, match=words):
             spec_of(isvc_spec(model("1"), analysis=bad))
