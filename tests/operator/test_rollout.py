@@ -1012,6 +1012,22 @@ def test_no_traffic_holds_then_pauses_at_the_deadline() -> None:
     assert phase(d) == "Progressing" and "pauseReason" not in d.status
 
 
+def test_a_silent_canary_node_meets_the_deadline_too() -> None:
+    r = judged_runner(progressDeadlineSeconds=300)
+    r.tick(10)
+    d = r.tick(10)
+    assert d.status["evidence"]["verdict"] == "Continue"
+    node = canary_nodes(d)[0]
+    stale = {node: dataclasses.replace(r.obs[node], heartbeat_s=T0)}  # writes nothing after this
+    for _ in range(40):
+        r.obs.update(stale)
+        d = r.tick(50)
+        r.obs.update(stale)
+        if phase(d) != "Progressing":
+            break
+    assert phase(d) == "Paused" and "to report within the window" in d.status["pauseReason"]
+
+
 def test_no_traffic_rolls_back_at_the_deadline_when_the_spec_says_so() -> None:
     r = judged_runner(progressDeadlineSeconds=300, onDeadline="Rollback")
     r.rate = 0.0

@@ -335,6 +335,8 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         why = (
             f"waiting for {len(silent)}/{len(state.canary_nodes)} canary node(s) to report within the window"
         )
+        if state.evidence is not None:  # a judged wave: silence is lack of data, up to the deadline
+            return _hold_for_evidence(state, ctx, why)
         return dataclasses.replace(state, message=why)
     result = analyse(
         spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight, since
@@ -347,7 +349,8 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         return _inconclusive(state, ctx, result)
     if state.evidence.verdict == "Pass" and result.outcome is Outcome.PASSED:
         return _wave_passed(state, ctx, result)
-    return _hold_for_evidence(state, ctx, result)
+    extra = result.message if result.outcome is Outcome.INCONCLUSIVE else ""
+    return _hold_for_evidence(state, ctx, extra)
 
 
 def _judge(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
@@ -385,23 +388,24 @@ def _judged_failed(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     return dataclasses.replace(state, rollback_reason=reason, failed_checks=state.failed_checks + 1)
 
 
-def _hold_for_evidence(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:
-    """No verdict yet (or thresholds inconclusive): hold, up to analysis.progressDeadlineSeconds
-    from the window's start; then pause (the default) or roll back. Never fail for lack of data."""
+def _hold_for_evidence(state: RolloutStatus, ctx: _Ctx, waiting: str = "") -> RolloutStatus:
+    """No verdict yet (or thresholds inconclusive, or a canary node silent: `waiting` says which):
+    hold, up to analysis.progressDeadlineSeconds from the window's start; then pause (the default)
+    or roll back. Never fail for lack of data."""
     canary, stable, evidence = state.canary, state.stable, state.evidence
     assert canary is not None and stable is not None and evidence is not None
     assert state.wave_start_s is not None
     analysis = ctx.spec.analysis
     elapsed = ctx.now - state.wave_start_s
     if elapsed < analysis.progress_deadline_s:
-        extra = f"; thresholds: {result.message}" if result.outcome is Outcome.INCONCLUSIVE else ""
+        extra = f"; {waiting}" if waiting else ""
         left = analysis.progress_deadline_s - elapsed
         return dataclasses.replace(
             state, message=f"holding: {summary(evidence)}{extra} ({left}s to the progress deadline)"
         )
     why = (
         f"no evidence after {elapsed} s: {evidence.canary_requests} canary requests,"
-        f" {evidence.stable_requests} stable"
+        f" {evidence.stable_requests} stable" + (f" ({waiting})" if waiting else "")
     )
     state = _record(state, ctx, Outcome.INCONCLUSIVE, f"{why}; {summary(evidence)}")
     if analysis.on_deadline == "Rollback":
