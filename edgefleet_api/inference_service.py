@@ -209,6 +209,8 @@ def _number(obj: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+JUDGES = ("Sequential", "Thresholds")
+"""How waves are judged (analysis.judge)."""
 ON_DEADLINE = ("Pause", "Rollback")
 """What a wave without a verdict by analysis.progressDeadlineSeconds does."""
 
@@ -243,6 +245,9 @@ class AnalysisSpec:
     """A wave without a verdict this long after its window began pauses or rolls back."""
     on_deadline: str = "Pause"
     """Pause or Rollback."""
+    judge: str = "Sequential"
+    """Sequential: the sequential judge decides each wave where the agents report counters (with
+    the thresholds as hard guards); Thresholds: the thresholds alone (as before issue 17)."""
 
     def __post_init__(self) -> None:
         if self.interval_s < 1 or self.min_samples < 1 or self.failure_limit < 1:
@@ -259,6 +264,8 @@ class AnalysisSpec:
             raise ValueError(f"slowShareIncrease must be in [0, 1), got {self.slow_share_increase}")
         if self.progress_deadline_s < 1:
             raise ValueError(f"progressDeadlineSeconds must be at least 1, got {self.progress_deadline_s}")
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.on_deadline not in ON_DEADLINE:
             raise ValueError(f"onDeadline must be one of {ON_DEADLINE}, got {self.on_deadline!r}")
 
@@ -284,6 +291,7 @@ class AnalysisSpec:
             power=_number(obj, "power", 0.8),
             progress_deadline_s=int(_number(obj, "progressDeadlineSeconds", 600)),
             on_deadline=str(obj.get("onDeadline", "Pause")),
+            judge=str(obj.get("judge", "Sequential")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -298,6 +306,7 @@ class AnalysisSpec:
             "power": self.power,
             "progressDeadlineSeconds": self.progress_deadline_s,
             "onDeadline": self.on_deadline,
+            "judge": self.judge,
         }
         optional = (
             ("maxP95LatencyMs", wire.s_to_ms(self.max_p95_latency_s)),

@@ -4,7 +4,7 @@ status (`inference_service` and `rollout_status` are its typed models)."""
 from __future__ import annotations
 
 from edgefleet_api import names
-from edgefleet_api.inference_service import ON_DEADLINE
+from edgefleet_api.inference_service import JUDGES, ON_DEADLINE
 from edgefleet_api.openapi import (
     MAX_WAVES,
     Schema,
@@ -221,6 +221,13 @@ def analysis() -> Schema:
                 minimum=1,
                 maximum=604800,
                 default=600,
+            ),
+            "judge": enum(
+                "Sequential: where the agents report request counters, an anytime-valid sequential "
+                "test of the error rate and slow share against stable decides each wave (the other "
+                "limits stay hard guards), and it needs traffic; Thresholds: the limits alone.",
+                list(JUDGES),
+                default="Sequential",
             ),
             "onDeadline": enum(
                 "At the progress deadline: Pause (resume with the resume action) or Rollback.",

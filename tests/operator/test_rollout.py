@@ -939,6 +939,7 @@ def test_parse_judge_settings_and_their_errors() -> None:
         ({"power": 1}, "power"),
         ({"progressDeadlineSeconds": 0}, "progressDeadlineSeconds"),
         ({"onDeadline": "Fail"}, "onDeadline"),
+        ({"judge": "Bayes"}, "judge must be one of"),
         ({"power": "high"}, "analysis.power must be a number"),
     ):
         with pytest.raises(ValueError, match=words):
@@ -1026,6 +1027,14 @@ def test_a_silent_canary_node_meets_the_deadline_too() -> None:
         if phase(d) != "Progressing":
             break
     assert phase(d) == "Paused" and "to report within the window" in d.status["pauseReason"]
+
+
+def test_judge_thresholds_leaves_the_wave_to_the_limits_alone() -> None:
+    r = judged_runner(judge="Thresholds")
+    r.error["2"] = 0.08  # the judge would fail this; no threshold is set on errors
+    d = run_until(r, lambda d: phase(d) != "Progressing")
+    assert phase(d) == "Promoted" and "evidence" not in d.status
+    assert not [a for a in d.status["analysis"] if a["message"].startswith("judge")]
 
 
 def test_no_traffic_rolls_back_at_the_deadline_when_the_spec_says_so() -> None:

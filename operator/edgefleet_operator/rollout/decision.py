@@ -355,14 +355,15 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
 
 def _judge(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     """Fold the fresh counter readings into the wave's tallies and judge them; an Event when the
-    verdict changes. No canary counters at all (agents without them), or no stable side (a 100%
-    wave without side-by-side stable): no evidence, the thresholds alone judge the wave."""
+    verdict changes. No canary counters at all (agents without them), no stable side (a 100% wave
+    without side-by-side stable), or analysis.judge Thresholds: no evidence, the thresholds alone
+    judge the wave."""
     assert state.canary is not None and state.stable is not None
     counts = fold(
         state.counters, state.stable, state.canary, state.canary_nodes, ctx.nodes, ctx.observations,
         state.wave_start_s,
     )  # fmt: skip
-    if not counts.judged:
+    if not counts.judged or ctx.spec.analysis.judge != "Sequential":
         return dataclasses.replace(state, counters=counts.tallies, evidence=None)
     judgement, evidence = assess(counts, ctx.spec.analysis)
     before = state.evidence.verdict if state.evidence is not None else None
