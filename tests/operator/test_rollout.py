@@ -1065,9 +1065,33 @@ def test_counters_of_a_restarted_agent_add_up() -> None:
     assert total(d) == 300
     d = r.tick(10)  # the new epoch reads 100 requests: all of them are new
     assert total(d) == 400
-    assert {c["epoch"] for c in d.status["counters"] if c["node"] == node} == {"epoch-1"}
+    assert {c["epoch"] for c in d.status["counters"] if c["node"] == node} == {"epoch-1@50"}
     d = r.tick(10)
     assert total(d) == 500 and d.status["evidence"]["canaryRequests"] == 2 * 500
+
+
+def test_a_changed_slo_latency_rebaselines_without_adding() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    node = canary_nodes(r.last)[0]
+    r.tick(10)
+    d = r.tick(10)
+
+    def total(d: Decision) -> int:
+        return sum(
+            c["totalRequests"]
+            for c in d.status["counters"]
+            if c["node"] == node and c["model"] == "classifier/2"
+        )
+
+    assert total(d) == 100
+    r.slo_s = 0.08  # the agent now counts slow requests against 80 ms (same epoch)
+    d = r.tick(10)  # (the last reading at 50 ms)
+    assert total(d) == 200
+    d = r.tick(10)  # the first at 80 ms: a new baseline, nothing added
+    assert total(d) == 200
+    assert {c["epoch"] for c in d.status["counters"] if c["node"] == node} == {"epoch-0@80"}
+    d = r.tick(10)
+    assert total(d) == 300
 
 
 def test_an_operator_restart_resumes_with_the_same_baselines() -> None:

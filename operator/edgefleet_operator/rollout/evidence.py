@@ -9,7 +9,9 @@ A wave without any such node (every comparable node runs the canary alone) has n
 the thresholds alone judge it.
 Only readings written within the wave's window (`NodeObservation.fresh`) are folded; the first one
 of a (node, version) is its baseline, so a tally counts what was served after the window began.
-A reading from a new agent epoch (a restart) adds its whole count (`judge.tally`). A (node,
+A reading from a new agent epoch (a restart) adds its whole count (`judge.tally`); one whose SLO
+latency changed within the epoch is a new baseline (slow requests are counted against another
+threshold from then on; the interval since the last reading is lost). A (node,
 version) without a reading keeps its tally as it was; one no longer on its side is dropped.
 """
 
@@ -36,6 +38,12 @@ def settings_of(spec: AnalysisSpec) -> JudgeSettings:
         slow_increase=spec.slow_share_increase,
         power=spec.power,
     )
+
+
+def epoch_key(epoch: str, slo_latency_s: float | None) -> str:
+    """A tally's epoch: the agent's, and the SLO latency its slow requests are counted against
+    (a change of either starts the counters' differences afresh)."""
+    return f"{epoch}@{'-' if slo_latency_s is None else f'{slo_latency_s * 1000:g}'}"
 
 
 def model_key(ref: ModelRef) -> str:
@@ -102,7 +110,14 @@ def fold(
         reading = obs.counters.get(ref) if obs is not None and obs.fresh(since_s) else None
         if reading is not None and max(reading.errors, reading.slow) <= reading.requests:
             # (an inconsistent reading, more errors than requests, is not folded)
-            state = tally(state, reading.epoch, Counts(reading.requests, reading.errors, reading.slow))
+            epoch = epoch_key(reading.epoch, reading.slo_latency_s)
+            counts = Counts(reading.requests, reading.errors, reading.slow)
+            if state is not None and state.epoch != epoch and state.epoch.rsplit("@", 1)[0] == reading.epoch:
+                # The SLO latency changed within the agent's epoch: `slow` now counts against
+                # another threshold, so this reading is a new baseline (nothing added).
+                state = Tally(epoch, counts, state.total)
+            else:
+                state = tally(state, epoch, counts)
         if state is None:
             continue
         reporting = reporting or is_canary
