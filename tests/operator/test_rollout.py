@@ -1114,3 +1114,14 @@ def test_an_operator_restart_resumes_with_the_same_baselines() -> None:
     assert set(status["evidence"]) <= set(schema["evidence"]["properties"])
     assert set(status["counters"][0]) <= set(schema["counters"]["items"]["properties"])
     assert len(status["counters"]) <= schema["counters"]["maxItems"]
+
+
+def test_a_judged_wave_decided_twice_on_the_same_reports_counts_nothing_twice() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.tick(10)
+    r.tick(10)
+    state = RolloutStatus.from_obj(r.status)
+    once = rollout.step(r.spec, state, r.nodes, r.obs, r.now + 5, service=SERVICE)
+    twice = rollout.step(r.spec, once.status, r.nodes, r.obs, r.now + 5, service=SERVICE)
+    assert twice.status == once.status and not twice.events
+    assert once.status.evidence is not None and once.status.evidence.canary_requests > 0
