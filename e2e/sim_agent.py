@@ -56,6 +56,29 @@ class SimNode:
     )
     since: str = field(default_factory=lambda: micro_time().split(".")[0] + "Z")
     """When the agent started (its Ready condition's lastTransitionTime)."""
+    counters_by_version: dict[str, dict[str, float]] | None = None
+    """None: no status.models[].counters (an agent from before them). Else version -> {"requests":
+    requests served per report at traffic weight 100, "errorRate", "slowShare"} ("*": any
+    version); each report adds that many to the version's cumulative counters (epoch `epoch`)."""
+    epoch: str = "sim-1"
+    slo_latency_ms: float | None = 40.0
+    counted: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+    """service/model:version -> (requests so far, exact; requests, errors, slow reported)."""
+
+    def count(self, key: str, version: str, traffic_weight: int) -> dict[str, Any] | None:
+        """The version's counters for the next report (None: this agent reports none)."""
+        if self.counters_by_version is None:
+            return None
+        rates = self.counters_by_version.get(version, self.counters_by_version.get("*", {}))
+        served = self.counted.get(key, (0.0, 0, 0, 0))[0]
+        served += rates.get("requests", 0.0) * traffic_weight / 100
+        n = int(served)
+        errors, slow = int(n * rates.get("errorRate", 0.0)), int(n * rates.get("slowShare", 0.0))
+        self.counted[key] = (served, n, errors, slow)
+        out: dict[str, Any] = {"epoch": self.epoch, "requests": n, "errors": errors, "slow": slow}
+        if self.slo_latency_ms is not None:
+            out["sloLatencyMs"] = self.slo_latency_ms
+        return out
 
 
 class SimulatedAgents:
@@ -183,7 +206,8 @@ def _essence(status: dict[str, Any]) -> Any:
 
 def status_for(node: SimNode, edge_node: dict[str, Any]) -> dict[str, Any]:
     """The EdgeNode status `node`'s agent reports for the spec in `edge_node`: every assigned model
-    Ready (Loading for `loading_versions`) with the spec's digest, its measured size and SLA window."""
+    Ready (Loading for `loading_versions`) with the spec's digest, its measured size and SLA window,
+    and its counters when the node keeps them (each call counts one more report's requests)."""
     models: list[dict[str, Any]] = list(edge_node.get("spec", {}).get("models") or [])
     total = DEVICE_CLASSES[node.device_class].gpu_memory_bytes
     ours = node.model_bytes * len(models)
@@ -201,6 +225,10 @@ def status_for(node: SimNode, edge_node: dict[str, Any]) -> dict[str, Any]:
         }
         if version not in node.loading_versions:
             out["sla"] = {**node.sla, **node.sla_by_version.get(version, {})}
+            key = f"{m['service']}/{m['model']}:{version}"
+            counters = node.count(key, version, int(m.get("trafficWeight", 100)))
+            if counters is not None:
+                out["counters"] = counters
         return out
 
     return {

@@ -201,6 +201,20 @@ class WaveSpec:
         return out
 
 
+def _number(obj: Mapping[str, Any], key: str, default: float) -> float:
+    """obj[key] as a number (default when absent), or a ValueError naming the field."""
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"analysis.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+JUDGES = ("Sequential", "Thresholds")
+"""How waves are judged (analysis.judge)."""
+ON_DEADLINE = ("Pause", "Rollback")
+"""What a wave without a verdict by analysis.progressDeadlineSeconds does."""
+
+
 @dataclass(frozen=True, slots=True)
 class AnalysisSpec:
     """How each wave is judged, as the user wrote it (None: not given; the rollout decides the
@@ -217,10 +231,43 @@ class AnalysisSpec:
     max_latency_regression_pct: float | None = None
     max_error_rate_increase: float | None = None
     max_temperature_increase_c: float | None = None
+    false_rollback_rate: float = 0.01
+    """The sequential judge's alpha: the chance of ever rolling back a canary no worse than stable."""
+    error_rate_increase: float = 0.01
+    """Error-rate regression the judge detects, absolute (0.01: +1 point)."""
+    slow_share_ratio: float = 1.5
+    """Slow-share regression the judge detects, relative (1.5: x1.5)..."""
+    slow_share_increase: float = 0.005
+    """...plus this, absolute: a slow share near 0 on both sides can pass (x1.5 of 0 is 0)."""
+    power: float = 0.8
+    """Wanted power at that regression (reported: the canary requests it needs)."""
+    progress_deadline_s: int = 600
+    """A wave without a verdict this long after its window began pauses or rolls back."""
+    on_deadline: str = "Pause"
+    """Pause or Rollback."""
+    judge: str = "Sequential"
+    """Sequential: the sequential judge decides each wave where the agents report counters (with
+    the thresholds as hard guards); Thresholds: the thresholds alone (as before issue 17)."""
 
     def __post_init__(self) -> None:
         if self.interval_s < 1 or self.min_samples < 1 or self.failure_limit < 1:
             raise ValueError("intervalSeconds, minSamples and failureLimit must be at least 1")
+        if not 0 < self.false_rollback_rate < 1:
+            raise ValueError(f"falseRollbackRate must be in (0, 1), got {self.false_rollback_rate}")
+        if not 0 < self.error_rate_increase < 1:
+            raise ValueError(f"errorRateIncrease must be in (0, 1), got {self.error_rate_increase}")
+        if not self.slow_share_ratio > 1:
+            raise ValueError(f"slowShareRatio must be above 1, got {self.slow_share_ratio}")
+        if not 0 < self.power < 1:
+            raise ValueError(f"power must be in (0, 1), got {self.power}")
+        if not 0 <= self.slow_share_increase < 1:
+            raise ValueError(f"slowShareIncrease must be in [0, 1), got {self.slow_share_increase}")
+        if self.progress_deadline_s < 1:
+            raise ValueError(f"progressDeadlineSeconds must be at least 1, got {self.progress_deadline_s}")
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+        if self.on_deadline not in ON_DEADLINE:
+            raise ValueError(f"onDeadline must be one of {ON_DEADLINE}, got {self.on_deadline!r}")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> AnalysisSpec:
@@ -237,6 +284,14 @@ class AnalysisSpec:
             max_latency_regression_pct=number(obj.get("maxLatencyRegressionPercent")),
             max_error_rate_increase=number(obj.get("maxErrorRateIncrease")),
             max_temperature_increase_c=number(obj.get("maxTemperatureIncreaseC")),
+            false_rollback_rate=_number(obj, "falseRollbackRate", 0.01),
+            error_rate_increase=_number(obj, "errorRateIncrease", 0.01),
+            slow_share_ratio=_number(obj, "slowShareRatio", 1.5),
+            slow_share_increase=_number(obj, "slowShareIncrease", 0.005),
+            power=_number(obj, "power", 0.8),
+            progress_deadline_s=int(_number(obj, "progressDeadlineSeconds", 600)),
+            on_deadline=str(obj.get("onDeadline", "Pause")),
+            judge=str(obj.get("judge", "Sequential")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -244,6 +299,14 @@ class AnalysisSpec:
             "intervalSeconds": self.interval_s,
             "minSamples": self.min_samples,
             "failureLimit": self.failure_limit,
+            "falseRollbackRate": self.false_rollback_rate,
+            "errorRateIncrease": self.error_rate_increase,
+            "slowShareRatio": self.slow_share_ratio,
+            "slowShareIncrease": self.slow_share_increase,
+            "power": self.power,
+            "progressDeadlineSeconds": self.progress_deadline_s,
+            "onDeadline": self.on_deadline,
+            "judge": self.judge,
         }
         optional = (
             ("maxP95LatencyMs", wire.s_to_ms(self.max_p95_latency_s)),

@@ -20,6 +20,9 @@ MAX_ANALYSES = 64
 """status.rollout.analysis keeps the newest this many (the CRD's maxItems)."""
 MAX_HISTORY = 10
 """status.rollout.history keeps the newest this many (the CRD's maxItems)."""
+MAX_TALLIES = 256
+"""status.rollout.counters holds at most this many (node, model version) tallies (the CRD's
+maxItems): the canary nodes' first, then comparable stable nodes in canary order."""
 
 
 class Phase(enum.Enum):
@@ -119,6 +122,107 @@ class HistoryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterTally:
+    """The current wave's counts of one model version on one node (status.rollout.counters[]):
+    `epoch` and `last` (requests, errors, slow) are the agent's last cumulative reading folded in,
+    `total` what it served since the wave's window began (across agent restarts). A restarted
+    operator resumes from these exactly."""
+
+    node: str
+    model: str
+    """model/version."""
+    epoch: str
+    last: tuple[int, int, int]
+    total: tuple[int, int, int]
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> CounterTally:
+        obj = mapping(obj, "status.rollout.counters[]")
+        return cls(
+            str(obj["node"]),
+            str(obj["model"]),
+            str(obj["epoch"]),
+            (int(obj.get("requests", 0)), int(obj.get("errors", 0)), int(obj.get("slow", 0))),
+            (int(obj.get("totalRequests", 0)), int(obj.get("totalErrors", 0)), int(obj.get("totalSlow", 0))),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "model": self.model,
+            "epoch": self.epoch,
+            "requests": self.last[0],
+            "errors": self.last[1],
+            "slow": self.last[2],
+            "totalRequests": self.total[0],
+            "totalErrors": self.total[1],
+            "totalSlow": self.total[2],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRecord:
+    """One metric's evidence in the current wave (status.rollout.evidence.metrics[])."""
+
+    name: str
+    verdict: str
+    e_worse: float
+    """E-value against "the canary is no worse" (fails at 1 / alpha)."""
+    e_within: float
+    """E-value against "the canary regressed by the regression to detect" (passes at 1 / alpha)."""
+    message: str
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> MetricRecord:
+        obj = mapping(obj, "status.rollout.evidence.metrics[]")
+        return cls(
+            str(obj["name"]),
+            str(obj["verdict"]),
+            float(obj.get("eValueWorse", 1.0)),
+            float(obj.get("eValueWithin", 1.0)),
+            str(obj.get("message", "")),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "verdict": self.verdict,
+            "eValueWorse": self.e_worse,
+            "eValueWithin": self.e_within,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """The sequential judge's verdict on the current wave so far (status.rollout.evidence)."""
+
+    verdict: str
+    """Pass, Fail or Continue."""
+    canary_requests: int
+    stable_requests: int
+    metrics: tuple[MetricRecord, ...] = ()
+
+    @classmethod
+    def from_obj(cls, obj: Obj) -> Evidence:
+        obj = mapping(obj, "status.rollout.evidence")
+        return cls(
+            str(obj["verdict"]),
+            int(obj.get("canaryRequests", 0)),
+            int(obj.get("stableRequests", 0)),
+            tuple(MetricRecord.from_obj(m) for m in obj.get("metrics") or ()),
+        )
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "canaryRequests": self.canary_requests,
+            "stableRequests": self.stable_requests,
+            "metrics": [m.to_obj() for m in self.metrics],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RolloutStatus:
     """status.rollout. Invariants (`check_invariants`): an active phase has a canary and
     0 <= wave < total_waves; canary nodes only in an active phase with a stable revision, each
@@ -143,6 +247,12 @@ class RolloutStatus:
     step: str = ""
     """Human summary, e.g. 'wave 2/4 (25%)'."""
     message: str = ""
+    counters: tuple[CounterTally, ...] = ()
+    """The current wave's counter tallies (empty until its window begins)."""
+    evidence: Evidence | None = None
+    """The sequential judge's evidence on the current wave (None: not judged yet)."""
+    pause_reason: str = ""
+    """Why the operator paused the rollout itself (progress deadline); cleared by resume."""
     stable: Revision | None = field(init=False, repr=False, compare=False)
     """The stable revision, derived from `stable_models` (never written on its own)."""
     canary: Revision | None = field(init=False, repr=False, compare=False)
@@ -182,6 +292,9 @@ class RolloutStatus:
             rollback_reason=str(obj.get("rollbackReason", "")),
             step=str(obj.get("step", "")),
             message=str(obj.get("message", "")),
+            counters=tuple(CounterTally.from_obj(c) for c in obj.get("counters") or ()),
+            evidence=Evidence.from_obj(obj["evidence"]) if obj.get("evidence") else None,
+            pause_reason=str(obj.get("pauseReason", "")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -211,6 +324,12 @@ class RolloutStatus:
             out["startTime"] = wire.rfc3339(self.start_s)
         if self.rollback_reason:
             out["rollbackReason"] = self.rollback_reason
+        if self.counters:
+            out["counters"] = [c.to_obj() for c in self.counters]
+        if self.evidence is not None:
+            out["evidence"] = self.evidence.to_obj()
+        if self.pause_reason:
+            out["pauseReason"] = self.pause_reason
         return out
 
 

@@ -4,6 +4,7 @@ status (`inference_service` and `rollout_status` are its typed models)."""
 from __future__ import annotations
 
 from edgefleet_api import names
+from edgefleet_api.inference_service import JUDGES, ON_DEADLINE
 from edgefleet_api.openapi import (
     MAX_WAVES,
     Schema,
@@ -19,6 +20,7 @@ from edgefleet_api.openapi import (
     string_map,
     timestamp,
 )
+from edgefleet_api.rollout_status import MAX_TALLIES
 from edgefleet_api.schema_parts import batching, conditions, model_spec, sla, sla_window
 
 
@@ -179,6 +181,59 @@ def analysis() -> Schema:
                 minimum=0,
                 maximum=100,
             ),
+            "falseRollbackRate": number(
+                "Sequential judge (on the agents' request counters): the chance of ever rolling back "
+                "a canary no worse than stable, however often it is checked (alpha).",
+                minimum=0.000001,
+                maximum=0.5,
+                default=0.01,
+            ),
+            "errorRateIncrease": number(
+                "Error-rate regression the judge must detect, absolute fraction (0.01: +1 point); "
+                "a wave passes on evidence that the canary's error rate is below stable's plus this.",
+                minimum=0.0001,
+                maximum=0.5,
+                default=0.01,
+            ),
+            "slowShareRatio": number(
+                "Slow-share regression the judge must detect, relative (1.5: x1.5): the share of "
+                "requests slower than the SLO latency.",
+                minimum=1.01,
+                maximum=100,
+                default=1.5,
+            ),
+            "slowShareIncrease": number(
+                "Added to the slow-share regression to detect, absolute fraction (0.005: half a "
+                "point): a slow share near 0 on both sides can pass (x1.5 of 0 is 0).",
+                minimum=0,
+                maximum=0.5,
+                default=0.005,
+            ),
+            "power": number(
+                "Wanted chance of detecting the regression; status reports the canary requests it needs.",
+                minimum=0.5,
+                maximum=0.999,
+                default=0.8,
+            ),
+            "progressDeadlineSeconds": integer(
+                "A wave that reaches no verdict this long after its window began (too little traffic) "
+                "does what onDeadline says; lack of data never fails a wave.",
+                minimum=1,
+                maximum=604800,
+                default=600,
+            ),
+            "judge": enum(
+                "Sequential: where the agents report request counters, an anytime-valid sequential "
+                "test of the error rate and slow share against stable decides each wave (the other "
+                "limits stay hard guards), and it needs traffic; Thresholds: the limits alone.",
+                list(JUDGES),
+                default="Sequential",
+            ),
+            "onDeadline": enum(
+                "At the progress deadline: Pause (resume with the resume action) or Rollback.",
+                list(ON_DEADLINE),
+                default="Pause",
+            ),
         },
         rules=[
             rule(
@@ -276,6 +331,41 @@ def inference_service_status() -> Schema:
             "message": string("Why it ended."),
         },
     )
+    counter_tally = obj(
+        "One model version's counts on one node in the current wave.",
+        {
+            "node": string("EdgeNode name."),
+            "model": string("model/version."),
+            "epoch": string("The agent's counter epoch of the last reading."),
+            "requests": integer("Last cumulative reading: requests.", minimum=0),
+            "errors": integer("Last cumulative reading: errors.", minimum=0),
+            "slow": integer("Last cumulative reading: requests slower than the SLO latency.", minimum=0),
+            "totalRequests": integer("Requests since the wave's window began.", minimum=0),
+            "totalErrors": integer("Errors since the wave's window began.", minimum=0),
+            "totalSlow": integer("Slow requests since the wave's window began.", minimum=0),
+        },
+    )
+    metric_evidence = obj(
+        "The judge's evidence on one metric.",
+        {
+            "name": string("error rate or slow share."),
+            "verdict": enum("Verdict on this metric.", ["Pass", "Fail", "Continue"]),
+            "eValueWorse": number("E-value that the canary is worse than stable (fails at 1/alpha)."),
+            "eValueWithin": number(
+                "E-value that the canary is better than the regression to detect (passes at 1/alpha)."
+            ),
+            "message": string("The evidence in words: rates, confidence sequence, e-values, power."),
+        },
+    )
+    evidence = obj(
+        "The sequential judge's evidence on the current wave so far.",
+        {
+            "verdict": enum("Pass (both metrics), Fail (either) or Continue.", ["Pass", "Fail", "Continue"]),
+            "canaryRequests": integer("Canary requests counted in this wave.", minimum=0),
+            "stableRequests": integer("Stable requests on comparable nodes in this wave.", minimum=0),
+            "metrics": array("Per metric.", metric_evidence, maxItems=4),
+        },
+    )
     recorded_model = {
         "type": "object",
         "description": "A model entry as spec.models had it (validated there; stored as is).",
@@ -310,6 +400,13 @@ def inference_service_status() -> Schema:
             "rollbackReason": string(
                 "The failed checks and their values that rolled the canary back (while it is stopped)."
             ),
+            "counters": array(
+                "The current wave's counter tallies per node and model version (the judge's state).",
+                counter_tally,
+                maxItems=MAX_TALLIES,
+            ),
+            "evidence": evidence,
+            "pauseReason": string("Why the operator paused the rollout (progress deadline)."),
         },
     )
     return obj(

@@ -275,3 +275,30 @@ def test_a_clear_regression_fails_within_a_bound_on_requests() -> None:
     settings = JudgeSettings(error_increase=0.02)
     estimate = judge(Counts(10_000, 100, 100), Counts(10_000, 100, 100), settings).metrics[0]
     assert 2_500 < estimate.requests_needed < 4_500
+
+
+def test_without_the_slow_share_the_error_rate_alone_decides() -> None:
+    from edgefleet_operator.rollout.judge import Counts, Verdict, judge
+
+    same = Counts(200_000, 2_000, 0)  # no slow request on either side (no SLO latency)
+    both = judge(same, same)
+    assert both.verdict is Verdict.CONTINUE and [m.metric for m in both.metrics] == [
+        "error rate",
+        "slow share",
+    ]
+    alone = judge(same, same, slow_share=False)
+    assert alone.verdict is Verdict.PASS and [m.metric for m in alone.metrics] == ["error rate"]
+    worse = judge(Counts(20_000, 1_000, 0), Counts(20_000, 200, 0), slow_share=False)
+    assert worse.verdict is Verdict.FAIL
+
+
+def test_a_slow_share_of_zero_on_both_sides_passes_only_with_an_absolute_floor() -> None:
+    from edgefleet_operator.rollout.judge import Counts, JudgeSettings, Verdict, judge
+
+    clean = Counts(20_000, 0, 0)
+    ratio_only = judge(clean, clean, JudgeSettings())
+    assert ratio_only.metrics[1].verdict is Verdict.CONTINUE  # x1.5 of 0 is 0: never within
+    floored = judge(clean, clean, JudgeSettings(slow_increase=0.005))
+    assert floored.verdict is Verdict.PASS and "x1.5 +0.5 point(s)" in floored.metrics[1].describe()
+    worse = judge(Counts(20_000, 0, 400), clean, JudgeSettings(slow_increase=0.005))
+    assert worse.verdict is Verdict.FAIL  # the floor widens what passes, not what fails

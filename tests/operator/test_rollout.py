@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet_api.edge_node import EdgeNodeStatus
+from edgefleet_api.edge_node import EdgeNodeStatus, ModelCounters
 from edgefleet_api.inference_service import AnalysisSpec, InferenceServiceSpec, WaveSpec
 from edgefleet_api.model_spec import ModelRef, ModelSpec
 from edgefleet_api.rollout_status import ACTIVE, Outcome, Phase, Revision, RolloutStatus
@@ -853,3 +853,275 @@ def test_the_reader_dates_a_spec_generation_that_replaces_one_it_read() -> None:
     assert again is not None and again >= age
     views.keep_only([], [])
     assert views.service(obj(3)).spec_age_s is None  # a service forgotten, then seen anew
+
+
+# --- the sequential judge on the agents' counters ------------------------------------------------
+
+
+class CounterRunner(Runner):
+    """A Runner whose agents also report cumulative counters per model version (status.models[]
+    .counters): each tick, every node serves `rate` requests per second split by traffic weight,
+    a version's errors and slow requests at its own rates (deterministic: the floor of the
+    expected count). `restart(node)` starts that agent's counters again at 0 in a new epoch."""
+
+    def __init__(self, spec: dict[str, Any], nodes: Sequence[str] = NODES) -> None:
+        super().__init__(spec, nodes)
+        self.rate = 20.0
+        self.error = {"1": 0.01, "2": 0.01}
+        self.slow = {"1": 0.01, "2": 0.01}
+        self.served: dict[tuple[str, ModelRef], float] = {}
+        self.epochs: dict[str, int] = {}
+        self.slo_s: float | None = 0.05
+
+    def restart(self, node: str) -> None:
+        self.epochs[node] = self.epochs.get(node, 0) + 1
+        for key in [k for k in self.served if k[0] == node]:
+            del self.served[key]
+
+    def tick(self, dt: float = 0.0, action: Action | None = None, **world_kw: Any) -> Decision:
+        d = super().tick(dt, action, **world_kw)
+        for n, o in self.obs.items():
+            counters = {}
+            for t in d.targets.get(n, ()):
+                for ref in t.revision.refs:
+                    key = (n, ref)
+                    self.served[key] = self.served.get(key, 0.0) + self.rate * dt * t.traffic_weight / 100
+                    total = int(self.served[key])
+                    counters[ref] = ModelCounters(
+                        f"epoch-{self.epochs.get(n, 0)}",
+                        total,
+                        int(total * self.error[ref.version]),
+                        int(total * self.slow[ref.version]) if self.slo_s is not None else 0,
+                        self.slo_s,
+                    )
+            self.obs[n] = dataclasses.replace(o, counters=counters)
+        return d
+
+
+JUDGED_WAVES = ({"percent": 25, "trafficWeight": 50}, {"percent": 100, "trafficWeight": 50})
+
+
+def judged_runner(**analysis: Any) -> CounterRunner:
+    spec = {"intervalSeconds": 60} | analysis
+    r = CounterRunner(isvc_spec(model("1"), waves=JUDGED_WAVES, analysis=spec))
+    r.tick()
+    r.tick()
+    assert r.status and r.status["phase"] == "Idle"
+    r.set_spec(isvc_spec(model("2"), waves=JUDGED_WAVES, analysis=spec))
+    r.tick(1)
+    return r
+
+
+def run_until(r: Runner, done: Any, dt: float = 10.0, limit: int = 500) -> Decision:
+    for _ in range(limit):
+        d = r.tick(dt)
+        if done(d):
+            return d
+    raise AssertionError(f"not done after {limit} ticks: {r.status}")
+
+
+def test_parse_judge_settings_and_their_errors() -> None:
+    a = spec_of(
+        isvc_spec(model("1"), analysis={"falseRollbackRate": 0.05, "onDeadline": "Rollback"})
+    ).analysis
+    assert (a.false_rollback_rate, a.error_rate_increase, a.slow_share_ratio, a.power) == (
+        0.05,
+        0.01,
+        1.5,
+        0.8,
+    )
+    assert (a.progress_deadline_s, a.on_deadline) == (600, "Rollback")
+    assert AnalysisSpec.from_obj(a.to_obj()) == a
+    for bad, words in (
+        ({"falseRollbackRate": 0}, "falseRollbackRate"),
+        ({"errorRateIncrease": 1.5}, "errorRateIncrease"),
+        ({"slowShareRatio": 1.0}, "slowShareRatio"),
+        ({"power": 1}, "power"),
+        ({"progressDeadlineSeconds": 0}, "progressDeadlineSeconds"),
+        ({"onDeadline": "Fail"}, "onDeadline"),
+        ({"judge": "Bayes"}, "judge must be one of"),
+        ({"power": "high"}, "analysis.power must be a number"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            spec_of(isvc_spec(model("1"), analysis=bad))
+
+
+def test_a_clear_regression_fails_the_judge_and_rolls_back() -> None:
+    r = judged_runner()
+    r.error["2"] = 0.08  # 1% -> 8% errors
+    d = run_until(r, lambda d: phase(d) != "Progressing")
+    assert phase(d) == "RolledBack" and d.status["currentWave"] == 0
+    reason = d.status["rollbackReason"]
+    assert "error rate" in reason and "e-value" in reason and "confidence sequence" in reason
+    assert "RolledBack" in reasons(d) and on_revision(d, revision([model("2")])) == set()
+    assert d.status["analysis"][-1]["result"] == "Failed"
+    assert r.now - T0 < 600  # well before the progress deadline
+
+
+def test_a_slow_share_regression_fails_the_judge() -> None:
+    r = judged_runner()
+    r.slow["2"] = 0.06  # 1% -> 6% slower than the SLO latency; errors identical
+    d = run_until(r, lambda d: phase(d) != "Progressing")
+    assert phase(d) == "RolledBack" and "slow share" in d.status["rollbackReason"]
+    assert "error rate" not in d.status["rollbackReason"].split(": ", 1)[1].split(";")[0]
+
+
+def test_an_identical_canary_passes_once_the_evidence_suffices() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.tick(60)  # the wave's window begins: the readings are its baselines
+    d = r.tick(60)
+    assert d.status["currentWave"] == 0 and d.status["evidence"]["verdict"] == "Continue"
+    assert "holding: judge Continue" in d.status["message"]
+    evidence = d.status["evidence"]
+    assert evidence["canaryRequests"] > 0 and evidence["stableRequests"] > evidence["canaryRequests"]
+    assert [m["name"] for m in evidence["metrics"]] == ["error rate", "slow share"]
+    assert all("e-value" in m["message"] for m in evidence["metrics"])
+    d = run_until(r, lambda d: d.status["currentWave"] == 1 or phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Progressing" and [a["result"] for a in d.status["analysis"]] == ["Passed"]
+    assert d.status["analysis"][0]["message"].startswith("judge Pass: ")
+    assert "JudgeVerdict" in reasons(d) and "evidence" not in d.status  # a new wave: new evidence
+    d = run_until(r, lambda d: phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Promoted"
+
+
+def test_without_an_slo_latency_the_error_rate_alone_judges() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.rate, r.slo_s = 200.0, None  # no slow request is ever counted
+    d = run_until(r, lambda d: d.status["currentWave"] == 1 or phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Progressing" and [a["result"] for a in d.status["analysis"]] == ["Passed"]
+    d = r.tick(60)  # wave 2's window begins
+    assert [m["name"] for m in d.status["evidence"]["metrics"]] == ["error rate"]
+    d = run_until(r, lambda d: phase(d) != "Progressing", dt=60)
+    assert phase(d) == "Promoted"
+
+
+def test_no_traffic_holds_then_pauses_at_the_deadline() -> None:
+    r = judged_runner(progressDeadlineSeconds=300)
+    r.rate = 0.0
+    d = r.tick(100)
+    d = r.tick(100)
+    assert phase(d) == "Progressing" and d.status["evidence"]["verdict"] == "Continue"
+    assert "to the progress deadline" in d.status["message"]
+    d = run_until(r, lambda d: phase(d) != "Progressing", dt=50)
+    assert phase(d) == "Paused" and d.status["pauseReason"].startswith("no evidence after 3")
+    assert "0 canary requests, 0 stable" in d.status["message"]
+    assert "RolloutPaused" in reasons(d) and not d.status.get("rollbackReason")
+    for _ in range(3):  # stays paused; never fails for lack of data
+        d = r.tick(600)
+        assert phase(d) == "Paused" and d.status["pauseReason"]
+    d = r.tick(1, Action.RESUME)
+    assert phase(d) == "Progressing" and "pauseReason" not in d.status
+
+
+def test_a_silent_canary_node_meets_the_deadline_too() -> None:
+    r = judged_runner(progressDeadlineSeconds=300)
+    r.tick(10)
+    d = r.tick(10)
+    assert d.status["evidence"]["verdict"] == "Continue"
+    node = canary_nodes(d)[0]
+    stale = {node: dataclasses.replace(r.obs[node], heartbeat_s=T0)}  # writes nothing after this
+    for _ in range(40):
+        r.obs.update(stale)
+        d = r.tick(50)
+        r.obs.update(stale)
+        if phase(d) != "Progressing":
+            break
+    assert phase(d) == "Paused" and "to report within the window" in d.status["pauseReason"]
+
+
+def test_judge_thresholds_leaves_the_wave_to_the_limits_alone() -> None:
+    r = judged_runner(judge="Thresholds")
+    r.error["2"] = 0.08  # the judge would fail this; no threshold is set on errors
+    d = run_until(r, lambda d: phase(d) != "Progressing")
+    assert phase(d) == "Promoted" and "evidence" not in d.status
+    assert not [a for a in d.status["analysis"] if a["message"].startswith("judge")]
+
+
+def test_no_traffic_rolls_back_at_the_deadline_when_the_spec_says_so() -> None:
+    r = judged_runner(progressDeadlineSeconds=300, onDeadline="Rollback")
+    r.rate = 0.0
+    d = run_until(r, lambda d: phase(d) != "Progressing", dt=50)
+    assert phase(d) == "RolledBack" and "no evidence after" in d.status["rollbackReason"]
+
+
+def test_counters_of_a_restarted_agent_add_up() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    node = canary_nodes(r.last)[0]
+    d = r.tick(10)
+    d = r.tick(10)
+
+    def total(d: Decision) -> int:
+        return sum(
+            c["totalRequests"]
+            for c in d.status["counters"]
+            if c["node"] == node and c["model"] == "classifier/2"
+        )
+
+    assert total(d) == 100  # 20 req/s x 50% x 10 s since the window's baseline reading
+    d = r.tick(10)
+    assert total(d) == 200
+    r.restart(node)  # the agent's counters begin again at 0, in a new epoch
+    d = r.tick(10)  # (the operator still reads the old epoch's last report)
+    assert total(d) == 300
+    d = r.tick(10)  # the new epoch reads 100 requests: all of them are new
+    assert total(d) == 400
+    assert {c["epoch"] for c in d.status["counters"] if c["node"] == node} == {"epoch-1@50"}
+    d = r.tick(10)
+    assert total(d) == 500 and d.status["evidence"]["canaryRequests"] == 2 * 500
+
+
+def test_a_changed_slo_latency_rebaselines_without_adding() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    node = canary_nodes(r.last)[0]
+    r.tick(10)
+    d = r.tick(10)
+
+    def total(d: Decision) -> int:
+        return sum(
+            c["totalRequests"]
+            for c in d.status["counters"]
+            if c["node"] == node and c["model"] == "classifier/2"
+        )
+
+    assert total(d) == 100
+    r.slo_s = 0.08  # the agent now counts slow requests against 80 ms (same epoch)
+    d = r.tick(10)  # (the last reading at 50 ms)
+    assert total(d) == 200
+    d = r.tick(10)  # the first at 80 ms: a new baseline, nothing added
+    assert total(d) == 200
+    assert {c["epoch"] for c in d.status["counters"] if c["node"] == node} == {"epoch-0@80"}
+    d = r.tick(10)
+    assert total(d) == 300
+
+
+def test_an_operator_restart_resumes_with_the_same_baselines() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.tick(30)
+    r.tick(30)
+    mid = RolloutStatus.from_obj(r.status)
+    assert mid.counters and mid.evidence is not None
+    r.tick(0)  # the world reports once more; a fresh operator reads status from the API
+    later = r.now + 30
+    kept = rollout.step(r.spec, mid, r.nodes, r.obs, later, service=SERVICE)
+    restarted = rollout.step(r.spec, RolloutStatus.from_obj(json.loads(json.dumps(mid.to_obj()))),
+                             r.nodes, r.obs, later, service=SERVICE)  # fmt: skip
+    assert restarted.status == kept.status and restarted.status.counters == kept.status.counters
+    assert {(c.node, c.model): c.total for c in kept.status.counters} != {
+        (c.node, c.model): c.total for c in mid.counters
+    }  # it went on counting from the recorded baselines
+    schema = inference_service_status()["properties"]["rollout"]["properties"]
+    status = kept.status.to_obj()
+    assert set(status["evidence"]) <= set(schema["evidence"]["properties"])
+    assert set(status["counters"][0]) <= set(schema["counters"]["items"]["properties"])
+    assert len(status["counters"]) <= schema["counters"]["maxItems"]
+
+
+def test_a_judged_wave_decided_twice_on_the_same_reports_counts_nothing_twice() -> None:
+    r = judged_runner(progressDeadlineSeconds=7200)
+    r.tick(10)
+    r.tick(10)
+    state = RolloutStatus.from_obj(r.status)
+    once = rollout.step(r.spec, state, r.nodes, r.obs, r.now + 5, service=SERVICE)
+    twice = rollout.step(r.spec, once.status, r.nodes, r.obs, r.now + 5, service=SERVICE)
+    assert twice.status == once.status and not twice.events
+    assert once.status.evidence is not None and once.status.evidence.canary_requests > 0

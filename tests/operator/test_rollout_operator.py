@@ -538,3 +538,64 @@ def test_operator_killed_mid_wave_resumes_at_the_same_wave(
         assert sum(1 for reason, m in seen if reason == "WaveStarted" and m.startswith(f"wave {k}/4")) <= 1, (
             seen
         )
+
+
+# --- the sequential judge on the agents' counters (issue 17) --------------------------------------
+
+SIDE_BY_SIDE = [{"percent": 50, "trafficWeight": 50}, {"percent": 100, "trafficWeight": 50}]
+"""Canaries keep stable beside them: every wave has a stable side to compare with."""
+JUDGED = {"intervalSeconds": 2, "minSamples": 10, "failureLimit": 1, "progressDeadlineSeconds": 600}
+
+
+def count_on(group: Group, by_version: dict[str, dict[str, float]]) -> None:
+    for sim in group.agents.nodes.values():
+        sim.counters_by_version = by_version
+
+
+def test_the_judge_rolls_a_regressed_canary_back_and_promotes_an_identical_one(
+    kube: Any, namespace: str, group: Group, operator: Operator
+) -> None:
+    group.nodes(4)
+    # Every report adds 4000 requests per node (at weight 100): 1% errors, 1% slower than the SLO.
+    count_on(group, {"*": {"requests": 4000, "errorRate": 0.01, "slowShare": 0.01}})
+    key = deploy_v1(kube, namespace, "judged", group, operator)
+    # Version 2 errs 6% of the time; its latencies (SLA windows) are stable's: no threshold fails it.
+    count_on(
+        group,
+        {"*": {"requests": 4000, "errorRate": 0.01, "slowShare": 0.01},
+         "2": {"requests": 4000, "errorRate": 0.06, "slowShare": 0.01}},
+    )  # fmt: skip
+    patch_spec(kube, namespace, "judged", "2", canary(SIDE_BY_SIDE, JUDGED))
+    r = wait(
+        lambda: (r := ro(kube, namespace, "judged")).get("phase") == "RolledBack" and r,
+        "the judge to roll the regressed canary back",
+        group,
+        operator,
+    )
+    assert r["currentWave"] == 0 and "error rate" in r["rollbackReason"], r
+    assert "e-value" in r["rollbackReason"] and "confidence sequence" in r["rollbackReason"], r
+    assert not [a for a in r["analysis"] if a["result"] == "Passed"], r["analysis"]
+    wait(lambda: on(group, key, "1") == sorted(group.names), "every node back on v1", group, operator)
+    judged = [m for reason, m in events(kube, namespace, "judged") if reason == "JudgeVerdict"]
+    assert judged and "Fail" in judged[-1], judged
+    degraded = condition(get_status(kube, namespace, "judged"), "Degraded")
+    assert degraded["reason"] == "RolloutFailed" and "error rate" in degraded["message"], degraded
+
+    # Version 3 behaves exactly as version 1: the judge passes both waves and it is promoted.
+    count_on(group, {"*": {"requests": 4000, "errorRate": 0.01, "slowShare": 0.01}})
+    patch_spec(kube, namespace, "judged", "3", canary(SIDE_BY_SIDE, JUDGED))
+    seen: list[dict[str, Any]] = []
+
+    def promoted() -> Any:
+        r = ro(kube, namespace, "judged")
+        if r.get("evidence"):
+            seen.append(r["evidence"])
+        return r.get("phase") == "Promoted" and r.get("stableVersion") == "3" and r
+
+    r = wait(promoted, "the identical canary to be promoted", group, operator, timeout_s=120)
+    assert [(a["wave"], a["result"]) for a in r["analysis"]] == [(0, "Passed"), (1, "Passed")], r["analysis"]
+    assert all(a["message"].startswith("judge Pass: ") for a in r["analysis"]), r["analysis"]
+    assert seen and all(e["verdict"] != "Fail" for e in seen), seen
+    assert any(e["canaryRequests"] > 0 and e["stableRequests"] > 0 for e in seen), seen
+    assert "evidence" not in r and "counters" not in r  # the finished rollout keeps no wave state
+    assert on(group, key, "3") == sorted(group.names)

@@ -13,6 +13,11 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
    -> next wave (after the last: Promoted); too few requests -> Inconclusive (holds); Failed ->
    failedChecks grows, the window restarts, and at failureLimit the rollout is RolledBack: every
    node back to stable, the service Degraded.
+   Where the agents report counters (and the wave has a stable side), the sequential judge
+   (`judge`, via `evidence`) decides too, at every pass from the window's start: Fail rolls back at
+   once; the wave advances only on Pass with the thresholds (hard guards) passed and the window
+   over; Continue holds, and at analysis.progressDeadlineSeconds the rollout pauses (or rolls back,
+   onDeadline). Its tallies and evidence live in status.rollout.counters and .evidence.
 4. RolledBack and Aborted stop until the spec's revision changes. Re-applying the stable revision
    rolls back at once; a third revision mid-rollout supersedes the current one (back to wave 0).
 5. Manual control: spec.rollout.paused or the pause/resume action hold the wave (its window restarts
@@ -22,6 +27,7 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
    node's target is a revision that status records.
 
 Modules: `spec` (what the spec asks), `analysis` (observations and the verdict on a wave),
+`judge` (the sequential tests on counts), `evidence` (a wave's counter tallies, judged),
 `actions` (the manual actions), `decision` (`step` and its phases). The state's types (phases,
 revisions, records) are the contract's (`edgefleet_api.rollout_status`).
 """

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet_api import wire
-from edgefleet_api.edge_node import EdgeNodeStatus, ModelState
+from edgefleet_api.edge_node import EdgeNodeStatus, ModelCounters, ModelState
 from edgefleet_api.inference_service import AnalysisSpec
 from edgefleet_api.model_spec import ModelRef
 from edgefleet_api.rollout_status import Outcome, Revision
@@ -39,6 +39,8 @@ class NodeObservation:
     heartbeat_s: float | None = None
     """When the report was written (epoch seconds; -inf: unknown). None: not given by the caller
     (`observe` always gives it), taken as fresh."""
+    counters: Mapping[ModelRef, ModelCounters] = field(default_factory=dict)
+    """The agent's cumulative counters per model version (what the sequential judge reads)."""
 
     def confirms(self, revision: Revision) -> bool:
         return all(r in self.loaded for r in revision.refs)
@@ -58,7 +60,7 @@ def observe(
     entry (service, model ref) -> the spec generation that set it (see `report_ledger`); a model
     whose entry was set at a generation newer than the status's observedGeneration is left out
     (the report is older than the node's orders for it)."""
-    loaded, windows = set(), {}
+    loaded, windows, counters = set(), {}, {}
     for m in status.models:
         if m.service != service or not m.digest:
             continue
@@ -69,10 +71,12 @@ def observe(
             loaded.add(ref)
         if m.sla is not None:
             windows[ref] = m.sla
+        if m.counters is not None:
+            counters[ref] = m.counters
     temperature = status.gpu.temperature_c if status.gpu is not None else None
     written = wire.parse_time(status.heartbeat_time)
     heartbeat = written if written is not None else float("-inf")
-    return NodeObservation(frozenset(loaded), windows, temperature, node_class, heartbeat)
+    return NodeObservation(frozenset(loaded), windows, temperature, node_class, heartbeat, counters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +139,15 @@ def _aggregate(windows: Sequence[SlaWindow]) -> tuple[int, float, float | None, 
     return requests, err, mean(lambda w: w.p95_latency_s), mean(lambda w: w.p99_latency_s)
 
 
+def changed_refs(revision: Revision, other: Revision | None) -> list[ModelRef]:
+    """The models that judge `revision`: those that differ from `other`'s (a model both revisions
+    share says nothing about the change); all of them if none differ."""
+    return [r for r in revision.refs if other is None or r not in other.refs] or list(revision.refs)
+
+
 def revision_windows(revision: Revision, other: Revision | None, obs: NodeObservation) -> list[SlaWindow]:
-    """The windows that judge `revision` on one node: those of its models that differ from `other`'s
-    (a model both revisions share says nothing about the change); all of them if none differ."""
-    changed = [r for r in revision.refs if other is None or r not in other.refs] or list(revision.refs)
-    return [obs.windows[r] for r in changed if r in obs.windows]
+    """The windows that judge `revision` on one node (see `changed_refs`)."""
+    return [obs.windows[r] for r in changed_refs(revision, other) if r in obs.windows]
 
 
 def analyse(

@@ -30,6 +30,7 @@ from edgefleet_api.rollout_status import (
 )
 from edgefleet_operator.rollout.actions import Action
 from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, analyse
+from edgefleet_operator.rollout.evidence import assess, fold, summary
 from edgefleet_operator.rollout.spec import RolloutSpec, Strategy, describe_wave, wave_nodes
 
 SPEC_SETTLE_S = 1.0
@@ -191,6 +192,9 @@ def _start(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         analysis=(),
         manually_paused=False,
         rollback_reason="",
+        counters=(),
+        evidence=None,
+        pause_reason="",
     )
 
 
@@ -212,6 +216,9 @@ def _finish(state: RolloutStatus, ctx: _Ctx, result: str, message: str, phase: P
         canary_nodes=(),
         wave_start_s=None,
         manually_paused=False,
+        counters=(),
+        evidence=None,
+        pause_reason="",
     )
     if result == "Promoted":
         state = dataclasses.replace(state, stable_models=state.canary_models, canary_models=())
@@ -290,7 +297,7 @@ def _apply_pause(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         return dataclasses.replace(state, phase=Phase.PAUSED, wave_start_s=None)
     if not paused and state.phase is Phase.PAUSED:
         ctx.event("RolloutResumed", f"resumed at wave {state.wave + 1}/{state.total_waves}")
-        return dataclasses.replace(state, phase=Phase.PROGRESSING)
+        return dataclasses.replace(state, phase=Phase.PROGRESSING, pause_reason="")
     return state
 
 
@@ -309,30 +316,108 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     if pending or not state.canary_nodes:
         why = f"waiting for {len(pending)}/{len(state.canary_nodes)} node(s) to load {canary.label}"
         return dataclasses.replace(state, wave_start_s=None, message=why if ctx.nodes else "no nodes placed")
-    if state.wave_start_s is None:
-        state = dataclasses.replace(state, wave_start_s=ctx.now)
+    if state.wave_start_s is None:  # a new window: the judge starts from fresh baselines
+        state = dataclasses.replace(state, wave_start_s=ctx.now, counters=(), evidence=None)
     if spec.strategy is Strategy.ALL_AT_ONCE:
         return _wave_passed(state, ctx, None)
+    state = _judge(state, ctx)
+    if state.evidence is not None and state.evidence.verdict == "Fail":
+        return _judged_failed(state, ctx)
     window = wave.analysis_s or spec.analysis.interval_s
     assert state.wave_start_s is not None
     left = state.wave_start_s + window - ctx.now
     if left > 0:
-        return dataclasses.replace(state, message=f"analysing: {left}s of the window left")
+        note = f"; {summary(state.evidence)}" if state.evidence is not None else ""
+        return dataclasses.replace(state, message=f"analysing: {left}s of the window left{note}")
     since = state.wave_start_s
     silent = [n for n in state.canary_nodes if not ctx.obs(n).fresh(since)]
     if silent:  # judged on reports written within the window only: hold for them
         why = (
             f"waiting for {len(silent)}/{len(state.canary_nodes)} canary node(s) to report within the window"
         )
+        if state.evidence is not None:  # a judged wave: silence is lack of data, up to the deadline
+            return _hold_for_evidence(state, ctx, why)
         return dataclasses.replace(state, message=why)
     result = analyse(
         spec.analysis, stable, canary, state.canary_nodes, ctx.observations, wave.traffic_weight, since
     )
-    if result.outcome is Outcome.PASSED:
-        return _wave_passed(state, ctx, result)
-    if result.outcome is Outcome.INCONCLUSIVE:
+    if result.outcome is Outcome.FAILED:  # the absolute limits stay hard guards
+        return _wave_failed(state, ctx, result)
+    if state.evidence is None:  # no counters reported: the thresholds alone judge the wave
+        if result.outcome is Outcome.PASSED:
+            return _wave_passed(state, ctx, result)
         return _inconclusive(state, ctx, result)
-    return _wave_failed(state, ctx, result)
+    if state.evidence.verdict == "Pass" and result.outcome is Outcome.PASSED:
+        return _wave_passed(state, ctx, result)
+    extra = result.message if result.outcome is Outcome.INCONCLUSIVE else ""
+    return _hold_for_evidence(state, ctx, extra)
+
+
+def _judge(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
+    """Fold the fresh counter readings into the wave's tallies and judge them; an Event when the
+    verdict changes. No canary counters at all (agents without them), no stable side (a 100% wave
+    without side-by-side stable), or analysis.judge Thresholds: no evidence, the thresholds alone
+    judge the wave."""
+    assert state.canary is not None and state.stable is not None
+    counts = fold(
+        state.counters, state.stable, state.canary, state.canary_nodes, ctx.nodes, ctx.observations,
+        state.wave_start_s,
+    )  # fmt: skip
+    if not counts.judged or ctx.spec.analysis.judge != "Sequential":
+        return dataclasses.replace(state, counters=counts.tallies, evidence=None)
+    judgement, evidence = assess(counts, ctx.spec.analysis)
+    before = state.evidence.verdict if state.evidence is not None else None
+    if evidence.verdict != before and (before is not None or evidence.verdict != "Continue"):
+        ctx.event(
+            "JudgeVerdict",
+            f"wave {state.wave + 1}/{state.total_waves}: {judgement.describe()}"[:1000],
+            warning=evidence.verdict == "Fail",
+        )
+    return dataclasses.replace(state, counters=counts.tallies, evidence=evidence)
+
+
+def _judged_failed(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
+    """The judge found the canary worse than stable: roll back at once (its false-rollback rate is
+    the spec's falseRollbackRate however often it looks, so failureLimit does not apply)."""
+    canary, stable, evidence = state.canary, state.stable, state.evidence
+    assert canary is not None and stable is not None and evidence is not None
+    detail = "; ".join(m.message for m in evidence.metrics if m.verdict == "Fail")
+    state = _record(state, ctx, Outcome.FAILED, f"{summary(evidence)}: {detail}")
+    reason = f"{canary.label} rolled back to {stable.label} at wave {state.wave + 1}: {detail}"
+    ctx.event("RolledBack", reason[:1000], warning=True)
+    state = _finish(state, ctx, "RolledBack", detail, Phase.ROLLED_BACK)
+    return dataclasses.replace(state, rollback_reason=reason, failed_checks=state.failed_checks + 1)
+
+
+def _hold_for_evidence(state: RolloutStatus, ctx: _Ctx, waiting: str = "") -> RolloutStatus:
+    """No verdict yet (or thresholds inconclusive, or a canary node silent: `waiting` says which):
+    hold, up to analysis.progressDeadlineSeconds from the window's start; then pause (the default)
+    or roll back. Never fail for lack of data."""
+    canary, stable, evidence = state.canary, state.stable, state.evidence
+    assert canary is not None and stable is not None and evidence is not None
+    assert state.wave_start_s is not None
+    analysis = ctx.spec.analysis
+    elapsed = ctx.now - state.wave_start_s
+    if elapsed < analysis.progress_deadline_s:
+        extra = f"; {waiting}" if waiting else ""
+        left = analysis.progress_deadline_s - elapsed
+        return dataclasses.replace(
+            state, message=f"holding: {summary(evidence)}{extra} ({left}s to the progress deadline)"
+        )
+    why = (
+        f"no evidence after {elapsed} s: {evidence.canary_requests} canary requests,"
+        f" {evidence.stable_requests} stable" + (f" ({waiting})" if waiting else "")
+    )
+    state = _record(state, ctx, Outcome.INCONCLUSIVE, f"{why}; {summary(evidence)}")
+    if analysis.on_deadline == "Rollback":
+        reason = f"{canary.label} rolled back to {stable.label} at wave {state.wave + 1}: {why}"
+        ctx.event("RolledBack", reason, warning=True)
+        state = _finish(state, ctx, "RolledBack", why, Phase.ROLLED_BACK)
+        return dataclasses.replace(state, rollback_reason=reason)
+    ctx.event("RolloutPaused", f"paused at wave {state.wave + 1}/{state.total_waves}: {why}", warning=True)
+    return dataclasses.replace(
+        state, phase=Phase.PAUSED, manually_paused=True, pause_reason=why, wave_start_s=None, message=why
+    )
 
 
 def _advance_first(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
@@ -377,14 +462,18 @@ def _wave_passed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult | None)
     canary = state.canary
     assert canary is not None
     if result is not None:
-        state = _record(state, ctx, Outcome.PASSED, result.message)
-        ctx.event("AnalysisPassed", f"wave {state.wave + 1}/{state.total_waves}: {result.message}")
+        message = result.message
+        if state.evidence is not None:
+            message = f"{summary(state.evidence)}; thresholds: {message}"
+        state = _record(state, ctx, Outcome.PASSED, message)
+        ctx.event("AnalysisPassed", f"wave {state.wave + 1}/{state.total_waves}: {message}")
     if state.wave + 1 >= len(ctx.spec.waves):
         ctx.event("RolloutPromoted", f"{canary.label} promoted: all waves passed")
         return _finish(state, ctx, "Promoted", "all waves passed", Phase.PROMOTED)
     nxt = ctx.spec.waves[state.wave + 1]
     ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({describe_wave(nxt)})")
-    return _grow_canaries(dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None), nxt, ctx)
+    state = dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None, counters=(), evidence=None)
+    return _grow_canaries(state, nxt, ctx)
 
 
 def _inconclusive(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:
@@ -421,6 +510,9 @@ def _describe(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         wave = ctx.spec.waves[min(state.wave, len(ctx.spec.waves) - 1)]
         text = f"wave {state.wave + 1}/{state.total_waves} ({describe_wave(wave)})"
         if state.phase is Phase.PAUSED:
+            if state.pause_reason:
+                message = f"paused: {state.pause_reason} (resume with the resume action)"
+                return dataclasses.replace(state, step=f"paused at {text}", message=message)
             why = "spec.rollout.paused" if ctx.spec.paused else "the pause action"
             return dataclasses.replace(state, step=f"paused at {text}", message=f"paused by {why}")
         return dataclasses.replace(state, step=text)

@@ -121,6 +121,9 @@ class JudgeSettings:
     error_increase: float = ERROR_INCREASE
     """Error-rate regression to detect, absolute (0.01: +1 point). PASS needs evidence of less."""
     slow_ratio: float = SLOW_RATIO
+    slow_increase: float = 0.0
+    """Added to the slow-share regression to detect (absolute): x slow_ratio + slow_increase. A
+    share that is 0 on both sides can pass only with some (x1.5 of 0 is 0)."""
     """Slow-share regression to detect, relative (1.5: x1.5). PASS needs evidence of less."""
     power: float = POWER
     """Wanted power at the regression: the report says how many requests that needs."""
@@ -133,6 +136,8 @@ class JudgeSettings:
             raise ValueError(f"error_increase must be in (0, 1), got {self.error_increase}")
         if not self.slow_ratio > 1:
             raise ValueError(f"slow_ratio must be > 1, got {self.slow_ratio}")
+        if not 0 <= self.slow_increase < 1:
+            raise ValueError(f"slow_increase must be in [0, 1), got {self.slow_increase}")
         if not 0 < self.power < 1:
             raise ValueError(f"power must be in (0, 1), got {self.power}")
         if min(self.prior) <= 0:
@@ -386,10 +391,18 @@ def judge_metric(
         e_worse=math.exp(min(700.0, log_e_worse(canary, stable, prior))),
         e_within=math.exp(min(700.0, log_e_within(canary, stable, ratio, increase, prior))),
         alpha=settings.alpha_metric,
-        regression=f"x{ratio:g}" if increase == 0 else f"+{100 * increase:g} point(s)",
+        regression=_regression(ratio, increase),
         power=power,
         requests_needed=needed,
     )
+
+
+def _regression(ratio: float, increase: float) -> str:
+    if increase == 0:
+        return f"x{ratio:g}"
+    if ratio == 1:
+        return f"+{100 * increase:g} point(s)"
+    return f"x{ratio:g} +{100 * increase:g} point(s)"
 
 
 def _difference_bounds(
@@ -500,19 +513,25 @@ class Judgement:
         return f"{self.verdict.value}: " + "; ".join(m.describe() for m in self.metrics)
 
 
-def judge(canary: Counts, stable: Counts, settings: JudgeSettings | None = None) -> Judgement:
+def judge(
+    canary: Counts, stable: Counts, settings: JudgeSettings | None = None, *, slow_share: bool = True
+) -> Judgement:
     """Judge a wave on cumulative counts (summed over its canary nodes, and over comparable stable
     nodes; see `tally` for counters across agent restarts). The chance that any check ever FAILs
     a canary identical to stable is <= settings.alpha (alpha / 2 per metric); the chance that any
-    check ever PASSes a canary regressed by the stated amount on a metric is <= alpha / 2."""
+    check ever PASSes a canary regressed by the stated amount on a metric is <= alpha / 2.
+    `slow_share` False: the error rate alone (a service without an SLO latency counts no slow
+    requests, and a relative regression of a share that is 0 on both sides can never pass)."""
     s = settings or JudgeSettings()
     errors = judge_metric(
         "error rate", (canary.errors, canary.requests), (stable.errors, stable.requests), s,
         increase=s.error_increase,
     )  # fmt: skip
+    if not slow_share:
+        return Judgement(errors.verdict, (errors,))
     slow = judge_metric(
         "slow share", (canary.slow, canary.requests), (stable.slow, stable.requests), s,
-        ratio=s.slow_ratio,
+        ratio=s.slow_ratio, increase=s.slow_increase,
     )  # fmt: skip
     return Judgement(_combine(errors.verdict, slow.verdict), (errors, slow))
 
@@ -527,7 +546,11 @@ def verdict(canary: Counts, stable: Counts, settings: JudgeSettings | None = Non
     if errors is Verdict.FAIL:
         return errors
     slow = metric_verdict(
-        (canary.slow, canary.requests), (stable.slow, stable.requests), s, ratio=s.slow_ratio
+        (canary.slow, canary.requests),
+        (stable.slow, stable.requests),
+        s,
+        ratio=s.slow_ratio,
+        increase=s.slow_increase,
     )
     return _combine(errors, slow)
 
