@@ -175,7 +175,10 @@ def canary_example(
     models: Mapping[tuple[str, str], tuple[str, str]], at: str, version: str, interval_s: int
 ) -> dict[str, Any]:
     """The canary-rollout example at classifier `version`, its artifacts resolved, with a short analysis
-    (`interval_s` per wave, 10 requests at least, failing above 5% errors) and `CPU_CANARY_SLA`."""
+    (`interval_s` per wave, 10 requests at least, failing above 5% errors) and `CPU_CANARY_SLA`.
+    Judged by thresholds: the suite sends a few requests a second, and the sequential judge needs
+    about 2,000 canary requests to pass a clean canary (its path is tested in
+    tests/operator/test_rollout_operator.py with simulated agents' counters)."""
     doc = example("canary-rollout")
     doc["spec"]["models"][0]["version"] = version
     doc["spec"]["rollout"]["analysis"] = {
@@ -183,6 +186,7 @@ def canary_example(
         "minSamples": 10,
         "failureLimit": 1,
         "maxErrorRate": 0.05,
+        "judge": "Thresholds",
     }
     doc["spec"]["sla"] = dict(CPU_CANARY_SLA)
     return resolve_artifacts(doc, models, at)

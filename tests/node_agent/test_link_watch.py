@@ -96,7 +96,7 @@ def test_a_stop_that_lands_while_the_watch_request_is_sent_is_not_missed(tmp_pat
     class Server(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             if "watch=true" not in self.path:
                 body = json.dumps({"items": [], "metadata": {"resourceVersion": "7"}}).encode()
                 self.send_response(200)
