@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+import numpy as np
 
 from node_agent.agent import Agent, AgentSettings, ConfigOverlay
 
@@ -32,3 +37,23 @@ class RunningAgent:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def post_infer(url: str, model: str, x: np.ndarray, **parameters: Any) -> int:
+    """POST a v2 infer request of one FP32 `image` input to `url` (host:port); its HTTP status."""
+    body: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return int(e.code)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from agent_runner import post_infer
 
 from edgefleet_api import names
 from edgefleet_api.types import ModelId
@@ -754,24 +755,7 @@ class InProcessAgent:
         self.url = f"127.0.0.1:{self.agent.port}"
 
     def post(self, path: str, x: np.ndarray, **parameters: Any) -> int:
-        body: dict[str, Any] = {
-            "inputs": [
-                {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-            ]
-        }
-        if parameters:
-            body["parameters"] = parameters
-        request = urllib.request.Request(
-            f"http://{self.url}/v2/models/{path}/infer",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as e:
-            e.read()
-            return int(e.code)
+        return post_infer(self.url, path, x, **parameters)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.agent.stop(), self.loop).result(60)

@@ -4,7 +4,6 @@ with hysteresis, and the same loop on a real Engine serving the example models."
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import shutil
 import time
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from agent_runner import RunningAgent
+from agent_runner import RunningAgent, post_infer
 
 from edgefleet_api.edge_node import ModelCounters
 from edgefleet_api.sla import SlaObjectives
@@ -376,26 +375,6 @@ def test_no_objectives_no_verdict_but_measured(example_repo: Path) -> None:
     run(main, example_repo, sla)
 
 
-def _post(url: str, model: str, x: np.ndarray, **parameters: Any) -> int:
-    """POST a v2 infer request; its HTTP status."""
-    body: dict[str, Any] = {
-        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
-    }
-    if parameters:
-        body["parameters"] = parameters
-    request = urllib.request.Request(
-        f"http://{url}/v2/models/{model}/infer",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        e.read()
-        return int(e.code)
-
-
 def _counted(agent: RunningAgent, model_id: ModelId, requests: int) -> ModelCounters:
     """The agent's counters of `model_id` once a tick has read `requests` requests (10 s)."""
     assert agent.agent.sla is not None
@@ -432,13 +411,13 @@ def test_a_real_agent_counts_what_it_answered_and_a_restart_starts_a_new_epoch(
     x = images(1, 0)
     agent = RunningAgent(settings)
     try:
-        codes = [_post(agent.url, "classifier/versions/1", x) for _ in range(6)]
-        codes += [_post(agent.url, "classifier/versions/1", x, timeout=1) for _ in range(2)]  # 1 us
+        codes = [post_infer(agent.url, "classifier/versions/1", x) for _ in range(6)]
+        codes += [post_infer(agent.url, "classifier/versions/1", x, timeout=1) for _ in range(2)]  # 1 us
         codes += [
-            _post(agent.url, "classifier/versions/1", images(2, 0)[:, :2]) for _ in range(3)
+            post_infer(agent.url, "classifier/versions/1", images(2, 0)[:, :2]) for _ in range(3)
         ]  # bad shape
-        codes += [_post(agent.url, "classifier/versions/2-slow", x) for _ in range(5)]
-        codes += [_post(agent.url, "classifier/versions/2-failing", x) for _ in range(4)]
+        codes += [post_infer(agent.url, "classifier/versions/2-slow", x) for _ in range(5)]
+        codes += [post_infer(agent.url, "classifier/versions/2-failing", x) for _ in range(4)]
         assert codes == [200] * 6 + [504] * 2 + [400] * 3 + [200] * 5 + [500] * 4
         c = _counted(agent, fast, 8)
         assert (c.requests, c.errors, c.slow, c.slo_latency_s) == (8, 2, 0, None)
@@ -456,7 +435,7 @@ def test_a_real_agent_counts_what_it_answered_and_a_restart_starts_a_new_epoch(
 
     again = RunningAgent(settings)
     try:
-        assert _post(again.url, "classifier/versions/1", x) == 200
+        assert post_infer(again.url, "classifier/versions/1", x) == 200
         c = _counted(again, fast, 1)
         assert c.epoch != epoch and (c.requests, c.errors, c.slow) == (1, 0, 0)
     finally:
