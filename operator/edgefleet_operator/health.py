@@ -60,7 +60,9 @@ class HealthTracker:
     ones retried within seconds). A Lease's silence within it is not counted against its agent:
     an API server outage stops every renewal, and agents come back at their own jittered
     backoff, after the operator's first pass; counting it would take the work off every node
-    at once. An agent that really died is judged one such span later at most."""
+    at once. An agent that really died is judged one such span later at most. A replica's first
+    judgement counts the agent grace before it as unobserved too (it may start, or take over,
+    right after an outage)."""
     last_pass_s: float | None = None
 
     def judge(self, s: NodeSignals, now_s: float) -> Health:
@@ -98,7 +100,10 @@ class HealthTracker:
 
     def _observe(self, now_s: float) -> None:
         last = self.last_pass_s
-        if last is not None and now_s - last > self.settings.agent_grace_s / 2:
+        if last is None:  # a fresh replica (start, failover) saw nothing before: an API server
+            # outage may have just ended, with the agents still in their backoff
+            self.unobserved = (now_s - self.settings.agent_grace_s, now_s)
+        elif now_s - last > self.settings.agent_grace_s / 2:
             self.unobserved = (last, now_s)
         self.last_pass_s = now_s if last is None else max(last, now_s)
 

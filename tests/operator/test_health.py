@@ -63,7 +63,20 @@ def test_passes_at_the_resync_pace_leave_lease_silence_counted() -> None:
     tracker = HealthTracker(settings)
     for t in range(0, 31, 10):
         health = tracker.judge(signals(True, 0.0, has_work=True, renew=NOW), NOW + t)
-    assert tracker.unobserved is None and health is Health.AGENT_SILENT
+    assert health is Health.AGENT_SILENT
+    assert tracker.unobserved == (NOW - settings.agent_grace_s, NOW), "only the span before its start"
+
+
+def test_a_replica_that_starts_right_after_an_outage_does_not_judge_every_agent_silent() -> None:
+    """A replica's first pass cannot tell a dead agent from one still in its backoff after an API
+    server outage: Lease silence within the agent grace before its start is not counted; an agent
+    silent longer than that, or still silent a grace later, is judged as usual."""
+    settings = FleetSettings()  # agent grace 30 s
+    tracker = HealthTracker(settings)
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 40), NOW) is Health.HEALTHY
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 40), NOW + 20) is Health.AGENT_SILENT
+    tracker = HealthTracker(settings)
+    assert tracker.judge(signals(True, 0.0, has_work=True, renew=NOW - 70), NOW) is Health.AGENT_SILENT
 
 
 def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> None:
