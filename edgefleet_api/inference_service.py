@@ -161,13 +161,14 @@ class PlacementSpec:
 @dataclass(frozen=True, slots=True)
 class WaveSpec:
     """One canary wave: the share of the service's nodes on the new version (`percent` or
-    `count`), the new version's traffic weight there, and its analysis window (None: the
-    analysis interval)."""
+    `count`), the new version's traffic weight there, its analysis window (None: the analysis
+    interval) and its bake time (None: the analysis's bakeSeconds)."""
 
     percent: int | None = None
     count: int | None = None
     traffic_weight: int = 100
     analysis_s: int | None = None
+    bake_s: int | None = None
 
     def __post_init__(self) -> None:
         if (self.percent is None) == (self.count is None):
@@ -178,6 +179,8 @@ class WaveSpec:
             raise ValueError(f"wave count must be at least 1, got {self.count}")
         if not 0 <= self.traffic_weight <= 100:
             raise ValueError(f"wave trafficWeight must be 0..100, got {self.traffic_weight}")
+        if self.bake_s is not None and self.bake_s < 0:
+            raise ValueError(f"wave bakeSeconds must be at least 0, got {self.bake_s}")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> WaveSpec:
@@ -187,6 +190,7 @@ class WaveSpec:
             wire.optional_int(obj.get("count")),
             int(obj.get("trafficWeight", 100)),
             wire.optional_int(obj.get("analysisSeconds")),
+            wire.optional_int(obj.get("bakeSeconds")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -195,6 +199,7 @@ class WaveSpec:
             ("percent", self.percent),
             ("count", self.count),
             ("analysisSeconds", self.analysis_s),
+            ("bakeSeconds", self.bake_s),
         ):
             if value is not None:
                 out[key] = value
@@ -248,6 +253,11 @@ class AnalysisSpec:
     judge: str = "Sequential"
     """Sequential: the sequential judge decides each wave where the agents report counters (with
     the thresholds as hard guards); Thresholds: the thresholds alone (as before issue 17)."""
+    bake_s: int = 0
+    """Each wave holds at least this long after its window began, even when it passes earlier."""
+    max_failed_node_percent: float | None = None
+    """Roll back a wave when more than this share of its canary nodes report the canary Failed
+    or (at the window's end) sent no report within the window. None: never for that alone."""
 
     def __post_init__(self) -> None:
         if self.interval_s < 1 or self.min_samples < 1 or self.failure_limit < 1:
@@ -268,6 +278,11 @@ class AnalysisSpec:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
         if self.on_deadline not in ON_DEADLINE:
             raise ValueError(f"onDeadline must be one of {ON_DEADLINE}, got {self.on_deadline!r}")
+        if self.bake_s < 0:
+            raise ValueError(f"bakeSeconds must be at least 0, got {self.bake_s}")
+        pct = self.max_failed_node_percent
+        if pct is not None and not 0 <= pct <= 100:
+            raise ValueError(f"maxFailedNodePercent must be in [0, 100], got {pct}")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> AnalysisSpec:
@@ -292,6 +307,8 @@ class AnalysisSpec:
             progress_deadline_s=int(_number(obj, "progressDeadlineSeconds", 600)),
             on_deadline=str(obj.get("onDeadline", "Pause")),
             judge=str(obj.get("judge", "Sequential")),
+            bake_s=int(_number(obj, "bakeSeconds", 0)),
+            max_failed_node_percent=number(obj.get("maxFailedNodePercent")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -307,6 +324,7 @@ class AnalysisSpec:
             "progressDeadlineSeconds": self.progress_deadline_s,
             "onDeadline": self.on_deadline,
             "judge": self.judge,
+            "bakeSeconds": self.bake_s,
         }
         optional = (
             ("maxP95LatencyMs", wire.s_to_ms(self.max_p95_latency_s)),
@@ -316,6 +334,7 @@ class AnalysisSpec:
             ("maxLatencyRegressionPercent", self.max_latency_regression_pct),
             ("maxErrorRateIncrease", self.max_error_rate_increase),
             ("maxTemperatureIncreaseC", self.max_temperature_increase_c),
+            ("maxFailedNodePercent", self.max_failed_node_percent),
         )
         out.update((k, v) for k, v in optional if v is not None)
         return out

@@ -110,6 +110,12 @@ def wave() -> Schema:
                 minimum=1,
                 maximum=86400,
             ),
+            "bakeSeconds": integer(
+                "Least time this wave holds after its window began before it may advance, even "
+                "when it passes earlier, seconds; defaults to analysis.bakeSeconds.",
+                minimum=0,
+                maximum=604800,
+            ),
         },
         rules=[
             rule("has(self.percent) != has(self.count)", "give exactly one of percent or count"),
@@ -221,6 +227,19 @@ def analysis() -> Schema:
                 minimum=1,
                 maximum=604800,
                 default=600,
+            ),
+            "bakeSeconds": integer(
+                "Least time each wave holds after its window began before it may advance, even "
+                "when the judge and thresholds pass earlier, seconds; 0: no bake.",
+                minimum=0,
+                maximum=604800,
+                default=0,
+            ),
+            "maxFailedNodePercent": number(
+                "Roll a wave back when more than this percent of its canary nodes report the new "
+                "version Failed, or send no report within the window; unset: never for that alone.",
+                minimum=0,
+                maximum=100,
             ),
             "judge": enum(
                 "Sequential: where the agents report request counters, an anytime-valid sequential "

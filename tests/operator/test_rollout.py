@@ -251,6 +251,8 @@ def test_observe_reads_the_edge_node_status() -> None:
             {"service": SERVICE, "model": "classifier", "version": "3", "digest": digest("3"),
              "state": "Loading"},
             {"service": SERVICE, "model": "classifier", "version": "4", "state": "Ready"},  # no digest
+            {"service": SERVICE, "model": "classifier", "version": "5", "digest": digest("5"),
+             "state": "Failed"},
             {"service": "other/svc", "model": "classifier", "version": "1", "digest": digest("1"),
              "state": "Ready"},
         ],
@@ -260,6 +262,7 @@ def test_observe_reads_the_edge_node_status() -> None:
     assert o.loaded == {ref} and o.temperature_c == 61.5 and o.node_class == "jetson"
     assert o.windows[ref] == window(300, 12.0, 20.0, 0.01, 5.0)
     assert o.confirms(revision([model("2")])) and not o.confirms(revision([model("4")]))
+    assert o.failed == {ModelRef("classifier", "5", digest("5"))}
 
 
 # --- first deployment, happy path ----------------------------------------------------------------
@@ -406,6 +409,107 @@ def test_failure_limit_counts_failed_checks_across_windows() -> None:
     d = r.tick(30, canary_p99=80.0)
     assert phase(d) == "RolledBack" and d.status["failedChecks"] == 2
     assert [a["result"] for a in d.status["analysis"]] == ["Failed", "Failed"]
+
+
+def test_a_wave_that_passes_early_bakes_before_it_advances() -> None:
+    r = promoted_runner(analysis={"bakeSeconds": 300})
+    d = r.tick(1)
+    start = d.status["waveStartTime"]
+    d = r.tick(60)  # window over, thresholds pass: still baking
+    assert d.status["currentWave"] == 0 and phase(d) == "Progressing"
+    assert d.status["message"] == "baking: 60 s of 300" and d.status["analysis"] == []
+    assert "AnalysisPassed" not in reasons(d)
+    d = r.tick(239)
+    assert d.status["currentWave"] == 0 and d.status["message"] == "baking: 299 s of 300"
+    assert d.status["waveStartTime"] == start
+    d = r.tick(1)
+    assert d.status["currentWave"] == 1 and d.status["analysis"][-1]["result"] == "Passed"
+    assert "AnalysisPassed" in reasons(d)
+
+
+def test_a_wave_bake_time_overrides_the_analysis_one_and_a_failure_still_rolls_back() -> None:
+    waves = [{"percent": 25, "bakeSeconds": 0}, {"percent": 50}, {"percent": 100}]
+    r = promoted_runner(waves=waves, analysis={"bakeSeconds": 600})
+    r.tick(1)
+    d = r.tick(60)
+    assert d.status["currentWave"] == 1  # wave 1 bakes 0 s
+    r.tick(1)
+    d = r.tick(60)
+    assert d.status["currentWave"] == 1 and d.status["message"] == "baking: 60 s of 600"
+    d = r.tick(60, canary_p99=80.0)
+    d = r.tick(1, canary_p99=80.0)  # a failing threshold while baking still rolls back
+    assert phase(d) == "RolledBack" and "p99LatencyMs 80 > 50" in d.status["rollbackReason"]
+
+
+def fail_on(r: Runner, nodes: Collection[str]) -> None:
+    """`nodes` report the canary model Failed (and not loaded) from now on."""
+    canary = rev(r.last, "canaryModels") if r.last is not None else None
+    assert canary is not None
+    for n in nodes:
+        r.obs[n] = dataclasses.replace(
+            r.obs[n], loaded=r.obs[n].loaded - set(canary.refs), failed=frozenset(canary.refs)
+        )
+
+
+def test_a_wave_rolls_back_when_too_many_canary_nodes_fail_to_load() -> None:
+    waves = [{"percent": 50}, {"percent": 100}]
+    r = promoted_runner(waves=waves, analysis={"maxFailedNodePercent": 25})
+    v1 = revision([model("1")])
+    wave = canary_nodes(r.last)
+    assert len(wave) == 4
+    fail_on(r, wave[:2])
+    d = r.tick(1)
+    assert phase(d) == "RolledBack" and on_revision(d, v1) == set(NODES) and canary_nodes(d) == []
+    reason = d.status["rollbackReason"]
+    assert "2 rolled back to 1 at wave 1: 2/4 canary node(s) failed, more than 25%" in reason
+    assert f"{wave[0]}: classifier:2 Failed" in reason and f"{wave[1]}: classifier:2 Failed" in reason
+    assert d.degraded == ("RolloutFailed", reason) and d.status["analysis"][-1]["result"] == "Failed"
+    assert "RolledBack" in {e.reason for e in d.events if e.warning}
+
+
+def test_failed_nodes_within_the_share_hold_and_an_unset_share_only_waits() -> None:
+    waves = [{"percent": 50}, {"percent": 100}]
+    r = promoted_runner(waves=waves, analysis={"maxFailedNodePercent": 25})
+    fail_on(r, canary_nodes(r.last)[:1])  # 1/4 = 25%: not more than the limit
+    d = r.tick(1)
+    assert phase(d) == "Progressing" and "waiting for 1/4 node(s) to load 2" in d.status["message"]
+    r = promoted_runner(waves=waves)
+    fail_on(r, canary_nodes(r.last))
+    d = r.tick(600)
+    assert phase(d) == "Progressing" and "waiting for 4/4 node(s) to load 2" in d.status["message"]
+
+
+def test_canary_nodes_silent_through_the_window_count_as_failed() -> None:
+    waves = [{"percent": 50}, {"percent": 100}]
+    r = promoted_runner(waves=waves, analysis={"maxFailedNodePercent": 25})
+    wave = canary_nodes(r.last)
+    d = r.tick(1)
+    start = T0 + 2
+    assert d.status["waveStartTime"]
+    for n in wave[:2]:  # these two wrote their last report before the window began
+        r.obs[n] = dataclasses.replace(r.obs[n], heartbeat_s=start - 10)
+    d = r.tick(60)
+    assert phase(d) == "RolledBack"
+    assert "2/4 canary node(s) failed" in d.status["rollbackReason"]
+    assert f"{wave[0]}: no report within the window" in d.status["rollbackReason"]
+
+
+def test_bake_and_failed_share_validation() -> None:
+    with pytest.raises(ValueError, match="bakeSeconds must be at least 0"):
+        AnalysisSpec(bake_s=-1)
+    with pytest.raises(ValueError, match="wave bakeSeconds must be at least 0"):
+        WaveSpec(percent=10, bake_s=-5)
+    for bad in (-1, 100.5):
+        with pytest.raises(ValueError, match="maxFailedNodePercent must be in"):
+            AnalysisSpec(max_failed_node_percent=bad)
+    with pytest.raises(ValueError, match="maxFailedNodePercent must be in"):
+        spec_of(isvc_spec(model("1"), analysis={"maxFailedNodePercent": 150}))
+    a = AnalysisSpec.from_obj({"bakeSeconds": 30, "maxFailedNodePercent": 20})
+    assert (a.bake_s, a.max_failed_node_percent) == (30, 20.0)
+    assert AnalysisSpec.from_obj(a.to_obj()) == a
+    w = WaveSpec.from_obj({"percent": 10, "bakeSeconds": 7})
+    assert w.bake_s == 7 and WaveSpec.from_obj(w.to_obj()) == w
+    assert (AnalysisSpec().bake_s, AnalysisSpec().max_failed_node_percent) == (0, None)
 
 
 def test_regression_against_stable_on_comparable_nodes() -> None:

@@ -41,6 +41,8 @@ class NodeObservation:
     (`observe` always gives it), taken as fresh."""
     counters: Mapping[ModelRef, ModelCounters] = field(default_factory=dict)
     """The agent's cumulative counters per model version (what the sequential judge reads)."""
+    failed: frozenset[ModelRef] = frozenset()
+    """Models the node reports Failed (a load that did not succeed), in a fresh report."""
 
     def confirms(self, revision: Revision) -> bool:
         return all(r in self.loaded for r in revision.refs)
@@ -60,7 +62,7 @@ def observe(
     entry (service, model ref) -> the spec generation that set it (see `report_ledger`); a model
     whose entry was set at a generation newer than the status's observedGeneration is left out
     (the report is older than the node's orders for it)."""
-    loaded, windows, counters = set(), {}, {}
+    loaded, failed, windows, counters = set(), set(), {}, {}
     for m in status.models:
         if m.service != service or not m.digest:
             continue
@@ -69,6 +71,8 @@ def observe(
             continue
         if m.state is ModelState.READY:
             loaded.add(ref)
+        elif m.state is ModelState.FAILED:
+            failed.add(ref)
         if m.sla is not None:
             windows[ref] = m.sla
         if m.counters is not None:
@@ -76,7 +80,9 @@ def observe(
     temperature = status.gpu.temperature_c if status.gpu is not None else None
     written = wire.parse_time(status.heartbeat_time)
     heartbeat = written if written is not None else float("-inf")
-    return NodeObservation(frozenset(loaded), windows, temperature, node_class, heartbeat, counters)
+    return NodeObservation(
+        frozenset(loaded), windows, temperature, node_class, heartbeat, counters, frozenset(failed)
+    )
 
 
 @dataclass(frozen=True, slots=True)

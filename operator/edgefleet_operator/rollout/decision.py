@@ -312,6 +312,9 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     wave_index = min(state.wave, len(spec.waves) - 1)
     wave = spec.waves[wave_index]
     state = _grow_canaries(dataclasses.replace(state, wave=wave_index), wave, ctx)
+    broken = _failed_share(state, ctx, ())
+    if broken is not None:
+        return broken
     pending = [n for n in state.canary_nodes if not ctx.obs(n).confirms(canary)]
     if pending or not state.canary_nodes:
         why = f"waiting for {len(pending)}/{len(state.canary_nodes)} node(s) to load {canary.label}"
@@ -319,7 +322,7 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     if state.wave_start_s is None:  # a new window: the judge starts from fresh baselines
         state = dataclasses.replace(state, wave_start_s=ctx.now, counters=(), evidence=None)
     if spec.strategy is Strategy.ALL_AT_ONCE:
-        return _wave_passed(state, ctx, None)
+        return _baking(state, ctx, wave) or _wave_passed(state, ctx, None)
     state = _judge(state, ctx)
     if state.evidence is not None and state.evidence.verdict == "Fail":
         return _judged_failed(state, ctx)
@@ -331,6 +334,9 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         return dataclasses.replace(state, message=f"analysing: {left}s of the window left{note}")
     since = state.wave_start_s
     silent = [n for n in state.canary_nodes if not ctx.obs(n).fresh(since)]
+    broken = _failed_share(state, ctx, silent)
+    if broken is not None:
+        return broken
     if silent:  # judged on reports written within the window only: hold for them
         why = (
             f"waiting for {len(silent)}/{len(state.canary_nodes)} canary node(s) to report within the window"
@@ -345,12 +351,51 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
         return _wave_failed(state, ctx, result)
     if state.evidence is None:  # no counters reported: the thresholds alone judge the wave
         if result.outcome is Outcome.PASSED:
-            return _wave_passed(state, ctx, result)
+            return _baking(state, ctx, wave) or _wave_passed(state, ctx, result)
         return _inconclusive(state, ctx, result)
     if state.evidence.verdict == "Pass" and result.outcome is Outcome.PASSED:
-        return _wave_passed(state, ctx, result)
+        return _baking(state, ctx, wave) or _wave_passed(state, ctx, result)
     extra = result.message if result.outcome is Outcome.INCONCLUSIVE else ""
     return _hold_for_evidence(state, ctx, extra)
+
+
+def _baking(state: RolloutStatus, ctx: _Ctx, wave: WaveSpec) -> RolloutStatus | None:
+    """A wave that passed holds until its bake time (the wave's bakeSeconds, else the analysis's)
+    has gone by since its window began: the state holding it, or None when baked."""
+    bake = wave.bake_s if wave.bake_s is not None else ctx.spec.analysis.bake_s
+    assert state.wave_start_s is not None
+    elapsed = ctx.now - state.wave_start_s
+    if elapsed >= bake:
+        return None
+    return dataclasses.replace(state, message=f"baking: {elapsed} s of {bake}")
+
+
+def _failed_share(state: RolloutStatus, ctx: _Ctx, silent: Sequence[str]) -> RolloutStatus | None:
+    """Roll back when more than analysis.maxFailedNodePercent of the wave's canary nodes report a
+    canary model Failed or are `silent` (no report within the window): the rolled-back state, or
+    None (the limit unset or not exceeded)."""
+    limit = ctx.spec.analysis.max_failed_node_percent
+    canary, stable = state.canary, state.stable
+    assert canary is not None and stable is not None
+    if limit is None or not state.canary_nodes:
+        return None
+    refs = set(canary.refs)
+    whys: list[str] = []
+    for n in state.canary_nodes:
+        failed = sorted(r for r in ctx.obs(n).failed if r in refs)
+        if failed:
+            whys.append(f"{n}: " + ", ".join(f"{r.name}:{r.version} Failed" for r in failed))
+        elif n in silent:
+            whys.append(f"{n}: no report within the window")
+    total = len(state.canary_nodes)
+    if len(whys) * 100 <= limit * total:
+        return None
+    detail = f"{len(whys)}/{total} canary node(s) failed, more than {limit:g}% ({'; '.join(whys)})"
+    state = _record(state, ctx, Outcome.FAILED, detail)
+    reason = f"{canary.label} rolled back to {stable.label} at wave {state.wave + 1}: {detail}"
+    ctx.event("RolledBack", reason[:1000], warning=True)
+    state = _finish(state, ctx, "RolledBack", detail[:1000], Phase.ROLLED_BACK)
+    return dataclasses.replace(state, rollback_reason=reason[:1000], failed_checks=state.failed_checks + 1)
 
 
 def _judge(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
