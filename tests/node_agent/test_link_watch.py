@@ -5,13 +5,48 @@ whose links all fail does not retry in a tight loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from node_agent.link.settings import LinkSettings
 from node_agent.link.watch import EdgeNodeWatch
+
+
+@contextlib.contextmanager
+def edge_node_watch(
+    port: int, settings: LinkSettings, failed: Callable[[str, BaseException], object]
+) -> Iterator[tuple[EdgeNodeWatch, threading.Thread]]:
+    """A watch of EdgeNode n1 against http://127.0.0.1:`port` (no retries), its callbacks on a loop
+    thread; yields it and its (not yet started) runner thread; closes the loop and client after."""
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    configuration.retries = False
+    api = client.ApiClient(configuration)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    watch = EdgeNodeWatch(
+        settings,
+        client.CustomObjectsApi(api),
+        time.monotonic,
+        listed=lambda obj: None,
+        event=lambda kind, obj: None,
+        answered=lambda: None,
+        failed=failed,
+    )
+    try:
+        yield watch, threading.Thread(target=watch.run, args=(loop,), daemon=True)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(2)
+        loop.close()
+        api.close()
 
 
 def refusing_port() -> tuple[socket.socket, int]:
@@ -37,45 +72,23 @@ def test_restarts_while_unreachable_keep_the_backoff(tmp_path: Path) -> None:
 
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{port}"
-    configuration.retries = False
-    api = client.ApiClient(configuration)
     settings = LinkSettings(
         "n1", "ns", tmp_path, request_timeout_s=1.0, backoff_initial_s=0.2, backoff_max_s=0.4
     )
     failures: list[BaseException] = []
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
-    loop_thread.start()
-    watch = EdgeNodeWatch(
-        settings,
-        client.CustomObjectsApi(api),
-        time.monotonic,
-        listed=lambda obj: None,
-        event=lambda kind, obj: None,
-        answered=lambda: None,
-        failed=lambda call, exc: failures.append(exc),
-    )
-    runner = threading.Thread(target=watch.run, args=(loop,), daemon=True)
-    runner.start()
-    try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 2.0:
-            watch.restart()  # the link asking again and again, as each failed call would
-            time.sleep(0.01)
-    finally:
-        watch.stop()
-        runner.join(5)
-        stop.set()
-        acceptor.join(2)
-        listener.close()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(2)
-        loop.close()
-        api.close()
+    with edge_node_watch(port, settings, lambda call, exc: failures.append(exc)) as (watch, runner):
+        runner.start()
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:
+                watch.restart()  # the link asking again and again, as each failed call would
+                time.sleep(0.01)
+        finally:
+            watch.stop()
+            runner.join(5)
+            stop.set()
+            acceptor.join(2)
+            listener.close()
     # one attempt per backoff (0.1-0.4 s), plus at most one immediate retry each: never a tight loop
     assert 3 <= len(accepted) <= 2 * (2.0 / 0.1) + 2, len(accepted)
     assert len(failures) >= 3 and not runner.is_alive()
@@ -88,9 +101,6 @@ def test_a_stop_that_lands_while_the_watch_request_is_sent_is_not_missed(tmp_pat
     import http.server
     import json
 
-    from kubernetes import client
-
-    watch: EdgeNodeWatch | None = None
     held = threading.Event()
 
     class Server(http.server.BaseHTTPRequestHandler):
@@ -120,33 +130,13 @@ def test_a_stop_that_lands_while_the_watch_request_is_sent_is_not_missed(tmp_pat
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    configuration.retries = False
-    api = client.ApiClient(configuration)
     settings = LinkSettings("n1", "ns", tmp_path, request_timeout_s=5.0, watch_timeout_s=30)
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
-    loop_thread.start()
-    watch = EdgeNodeWatch(
-        settings,
-        client.CustomObjectsApi(api),
-        time.monotonic,
-        listed=lambda obj: None,
-        event=lambda kind, obj: None,
-        answered=lambda: None,
-        failed=lambda call, exc: None,
-    )
-    runner = threading.Thread(target=watch.run, args=(loop,), daemon=True)
-    try:
-        runner.start()
-        runner.join(3)
-        assert not runner.is_alive(), "the watch kept waiting on a response after stop()"
-    finally:
-        held.set()
-        server.shutdown()
-        server.server_close()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(2)
-        loop.close()
-        api.close()
+    with edge_node_watch(server.server_address[1], settings, lambda call, exc: None) as (watch, runner):
+        try:
+            runner.start()
+            runner.join(3)
+            assert not runner.is_alive(), "the watch kept waiting on a response after stop()"
+        finally:
+            held.set()
+            server.shutdown()
+            server.server_close()
