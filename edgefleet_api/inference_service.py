@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet_api import wire
+from edgefleet_api import names, wire
 from edgefleet_api.conditions import Condition, conditions_from_obj
 from edgefleet_api.model_spec import Batching, ModelSpec
 from edgefleet_api.rollout_status import RolloutStatus
@@ -160,27 +160,41 @@ class PlacementSpec:
 
 @dataclass(frozen=True, slots=True)
 class WaveSpec:
-    """One canary wave: the share of the service's nodes on the new version (`percent` or
-    `count`), the new version's traffic weight there, its analysis window (None: the analysis
-    interval) and its bake time (None: the analysis's bakeSeconds)."""
+    """One canary wave: which nodes run the new version (exactly one of: `percent` or `count` of
+    the service's nodes; `sites` sites or `site_percent` percent of its sites, every node of a
+    chosen site but the ones kept on stable), the new version's traffic weight there, its
+    analysis window (None: the analysis interval) and its bake time (None: the analysis's
+    bakeSeconds)."""
 
     percent: int | None = None
     count: int | None = None
     traffic_weight: int = 100
     analysis_s: int | None = None
     bake_s: int | None = None
+    sites: int | None = None
+    site_percent: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.percent is None) == (self.count is None):
-            raise ValueError("a wave needs exactly one of percent or count")
+        given = [v for v in (self.percent, self.count, self.sites, self.site_percent) if v is not None]
+        if len(given) != 1:
+            raise ValueError("a wave needs exactly one of percent, count, sites or sitePercent")
         if self.percent is not None and not 1 <= self.percent <= 100:
             raise ValueError(f"wave percent must be 1..100, got {self.percent}")
         if self.count is not None and self.count < 1:
             raise ValueError(f"wave count must be at least 1, got {self.count}")
+        if self.sites is not None and self.sites < 1:
+            raise ValueError(f"wave sites must be at least 1, got {self.sites}")
+        if self.site_percent is not None and not 1 <= self.site_percent <= 100:
+            raise ValueError(f"wave sitePercent must be 1..100, got {self.site_percent}")
         if not 0 <= self.traffic_weight <= 100:
             raise ValueError(f"wave trafficWeight must be 0..100, got {self.traffic_weight}")
         if self.bake_s is not None and self.bake_s < 0:
             raise ValueError(f"wave bakeSeconds must be at least 0, got {self.bake_s}")
+
+    @property
+    def by_site(self) -> bool:
+        """Whether the wave picks whole sites (sites or sitePercent) rather than nodes."""
+        return self.sites is not None or self.site_percent is not None
 
     @classmethod
     def from_obj(cls, obj: Obj) -> WaveSpec:
@@ -191,6 +205,8 @@ class WaveSpec:
             int(obj.get("trafficWeight", 100)),
             wire.optional_int(obj.get("analysisSeconds")),
             wire.optional_int(obj.get("bakeSeconds")),
+            wire.optional_int(obj.get("sites")),
+            wire.optional_int(obj.get("sitePercent")),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -198,6 +214,8 @@ class WaveSpec:
         for key, value in (
             ("percent", self.percent),
             ("count", self.count),
+            ("sites", self.sites),
+            ("sitePercent", self.site_percent),
             ("analysisSeconds", self.analysis_s),
             ("bakeSeconds", self.bake_s),
         ):
@@ -348,10 +366,23 @@ class RolloutStrategy:
     waves: tuple[WaveSpec, ...] | None = None
     analysis: AnalysisSpec | None = None
     paused: bool = False
+    site_label: str = names.LABEL_SITE
+    """The Node label whose value names a node's site (site waves, stable kept per site)."""
+    keep_stable_per_site: int = 1
+    """While a wave that replaces stable (trafficWeight 100) is judged, at least this many of each
+    site's nodes stay on stable, in sites with more nodes than that (a wave of every node aside)."""
+    max_nodes_per_minute: int | None = None
+    """At most this many nodes start the new version in any 60 s (None: no limit)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"rollout strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if not self.site_label:
+            raise ValueError("rollout siteLabel must not be empty")
+        if self.keep_stable_per_site < 0:
+            raise ValueError(f"keepStablePerSite must be at least 0, got {self.keep_stable_per_site}")
+        if self.max_nodes_per_minute is not None and self.max_nodes_per_minute < 1:
+            raise ValueError(f"maxNodesPerMinute must be at least 1, got {self.max_nodes_per_minute}")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> RolloutStrategy:
@@ -362,14 +393,24 @@ class RolloutStrategy:
             waves=tuple(WaveSpec.from_obj(w) for w in waves) if waves is not None else None,
             analysis=AnalysisSpec.from_obj(analysis) if analysis is not None else None,
             paused=bool(obj.get("paused", False)),
+            site_label=str(obj.get("siteLabel", names.LABEL_SITE)),
+            keep_stable_per_site=int(obj.get("keepStablePerSite", 1)),
+            max_nodes_per_minute=wire.optional_int(obj.get("maxNodesPerMinute")),
         )
 
     def to_obj(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"strategy": self.strategy, "paused": self.paused}
+        out: dict[str, Any] = {
+            "strategy": self.strategy,
+            "paused": self.paused,
+            "siteLabel": self.site_label,
+            "keepStablePerSite": self.keep_stable_per_site,
+        }
         if self.waves is not None:
             out["waves"] = [w.to_obj() for w in self.waves]
         if self.analysis is not None:
             out["analysis"] = self.analysis.to_obj()
+        if self.max_nodes_per_minute is not None:
+            out["maxNodesPerMinute"] = self.max_nodes_per_minute
         return out
 
 

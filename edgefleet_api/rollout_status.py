@@ -253,6 +253,9 @@ class RolloutStatus:
     """The sequential judge's evidence on the current wave (None: not judged yet)."""
     pause_reason: str = ""
     """Why the operator paused the rollout itself (progress deadline); cleared by resume."""
+    node_starts: tuple[tuple[int, int], ...] = ()
+    """(epoch second, nodes started then) for the canary nodes started in the last minute
+    (spec.rollout.maxNodesPerMinute's ledger), oldest first."""
     stable: Revision | None = field(init=False, repr=False, compare=False)
     """The stable revision, derived from `stable_models` (never written on its own)."""
     canary: Revision | None = field(init=False, repr=False, compare=False)
@@ -295,6 +298,11 @@ class RolloutStatus:
             counters=tuple(CounterTally.from_obj(c) for c in obj.get("counters") or ()),
             evidence=Evidence.from_obj(obj["evidence"]) if obj.get("evidence") else None,
             pause_reason=str(obj.get("pauseReason", "")),
+            node_starts=tuple(
+                (t, int(e.get("count", 0)))
+                for e in obj.get("nodeStarts") or ()
+                if (t := _time(e.get("time"))) is not None
+            ),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -330,6 +338,8 @@ class RolloutStatus:
             out["evidence"] = self.evidence.to_obj()
         if self.pause_reason:
             out["pauseReason"] = self.pause_reason
+        if self.node_starts:
+            out["nodeStarts"] = [{"time": wire.rfc3339(t), "count": n} for t, n in self.node_starts]
         return out
 
 

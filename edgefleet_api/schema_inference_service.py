@@ -91,8 +91,9 @@ def placement() -> Schema:
 
 def wave() -> Schema:
     return obj(
-        "One canary wave: how many nodes run the new version (percent or count), and optionally "
-        "the traffic weight the new version gets on those nodes.",
+        "One canary wave: which nodes run the new version (a percent or count of nodes, or a "
+        "number or percent of sites), and optionally the traffic weight the new version gets on "
+        "those nodes.",
         {
             "percent": integer(
                 "Share of the service's nodes on the new version, 1 to 100.", minimum=1, maximum=100
@@ -116,9 +117,24 @@ def wave() -> Schema:
                 minimum=0,
                 maximum=604800,
             ),
+            "sites": integer(
+                "Number of sites (the rollout's siteLabel) whose nodes run the new version, but for "
+                "the ones kept on stable; sites that already hold canaries come first.",
+                minimum=1,
+                maximum=100000,
+            ),
+            "sitePercent": integer(
+                "Share of the service's sites whose nodes run the new version, 1 to 100.",
+                minimum=1,
+                maximum=100,
+            ),
         },
         rules=[
-            rule("has(self.percent) != has(self.count)", "give exactly one of percent or count"),
+            rule(
+                "[has(self.percent), has(self.count), has(self.sites), has(self.sitePercent)]"
+                ".filter(x, x).size() == 1",
+                "give exactly one of percent, count, sites or sitePercent",
+            ),
         ],
     )
 
@@ -139,8 +155,9 @@ def rising(field_name: str, strict: bool = True) -> str:
 def waves_rules() -> list[Schema]:
     return [
         rule(
-            "self.all(w, has(w.percent)) || self.all(w, has(w.count))",
-            "waves must all use percent or all use count",
+            "self.all(w, has(w.percent)) || self.all(w, has(w.count))"
+            " || self.exists(w, has(w.sites) || has(w.sitePercent))",
+            "waves must all use percent or all use count, unless some wave picks sites",
         ),
         rule(f"!self.all(w, has(w.percent)) || ({rising('percent')})", "wave percents must rise strictly"),
         rule(f"!self.all(w, has(w.count)) || ({rising('count')})", "wave counts must rise strictly"),
@@ -286,6 +303,27 @@ def rollout() -> Schema:
             ),
             "analysis": analysis(),
             "paused": boolean("Hold the rollout at its current wave.", default=False),
+            "siteLabel": string(
+                "The Node label whose value names a node's site; site waves and the stable kept "
+                "per site group nodes by it. Nodes without it belong to no site.",
+                default=names.LABEL_SITE,
+                minLength=1,
+                maxLength=317,
+            ),
+            "keepStablePerSite": integer(
+                "While a wave that replaces stable (trafficWeight 100) is judged, at least this many "
+                "of each site's nodes stay on stable, in sites with more nodes than that; a wave of "
+                "every node is exempt.",
+                minimum=0,
+                maximum=1000,
+                default=1,
+            ),
+            "maxNodesPerMinute": integer(
+                "At most this many nodes start the new version in any 60 seconds; unset: no limit. "
+                "Rolling back is never paced.",
+                minimum=1,
+                maximum=100000,
+            ),
         },
     )
 
@@ -426,6 +464,17 @@ def inference_service_status() -> Schema:
             ),
             "evidence": evidence,
             "pauseReason": string("Why the operator paused the rollout (progress deadline)."),
+            "nodeStarts": array(
+                "Canary nodes started in the last minute, by time (the maxNodesPerMinute ledger).",
+                obj(
+                    "Nodes started at one time.",
+                    {
+                        "time": timestamp("When the nodes were started."),
+                        "count": integer("How many nodes were started then.", minimum=1),
+                    },
+                ),
+                maxItems=1000,
+            ),
         },
     )
     return obj(

@@ -156,9 +156,11 @@ def rollout_write(
             )
             for n in nodes
         }
+        wanted = rollout.parse_spec(service.spec)
+        sites = {n: site for n in nodes if (site := node_labels.get(n, {}).get(wanted.site_label))}
         decision = rollout.step(
-            rollout.parse_spec(service.spec), service.rollout(), nodes, observations, now, action, key,
-            spec_age_s=service.spec_age_s,
+            wanted, service.rollout(), nodes, observations, now, action, key,
+            spec_age_s=service.spec_age_s, sites=sites,
         )  # fmt: skip
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         # A status.rollout this operator cannot follow (edited by hand, or from an older version).

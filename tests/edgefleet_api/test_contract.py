@@ -72,7 +72,8 @@ def example(schema: Schema, path: str = "") -> Any:
 def _fix(path: str, obj: dict[str, Any]) -> dict[str, Any]:
     """Cross-field rules of the schema (CEL) and derived fields."""
     if path.endswith(".waves[]"):
-        del obj["count"]  # exactly one of percent or count
+        for key in ("count", "sites", "sitePercent"):  # exactly one of percent, count, sites, sitePercent
+            del obj[key]
     if path.endswith(".placement"):
         del obj["nodeFraction"]  # replicas and nodeFraction are exclusive
     if "nodesSummary" in obj:
@@ -201,7 +202,8 @@ def test_the_example_sets_every_field() -> None:
     schema = inference_service_spec()
     full = example(schema)
     missing = set(schema_paths(schema)) - set(_paths(full))
-    assert missing == {".placement.nodeFraction", ".rollout.waves[].count"}
+    waves = {f".rollout.waves[].{k}" for k in ("count", "sites", "sitePercent")}
+    assert missing == {".placement.nodeFraction", *waves}
 
 
 def _paths(value: Any, path: str = "") -> Iterator[str]:

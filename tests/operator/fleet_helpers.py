@@ -28,14 +28,19 @@ class Group:
         self.names: list[str] = []
 
     def nodes(
-        self, count: int, device_class: str = "jetson-orin", prefix: str = "n", **sim: Any
+        self,
+        count: int,
+        device_class: str = "jetson-orin",
+        prefix: str = "n",
+        labels: dict[str, str] | None = None,
+        **sim: Any,
     ) -> list[str]:
         names = fleet.create_nodes(
             self.core,
             count,
             device_class=device_class,
             prefix=f"{prefix}{self.id}",
-            labels={"test-group": self.id},
+            labels={"test-group": self.id, **(labels or {})},
         )
         for n in names:
             self.agents.add(SimNode(n, device_class, **sim))

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from edgefleet_api import names
+from edgefleet_api.inference_service import InferenceServiceSpec
 
 pytestmark = pytest.mark.cluster
 
@@ -128,6 +129,22 @@ def test_valid_service_gets_defaults(kube: Any, namespace: str) -> None:
     assert [w["trafficWeight"] for w in rollout["waves"]] == [100, 100, 100]
     assert rollout["analysis"]["intervalSeconds"] == 60
     assert rollout["analysis"]["minSamples"] == 100
+    assert rollout["siteLabel"] == "edgefleet.io/site" and rollout["keepStablePerSite"] == 1
+    assert "maxNodesPerMinute" not in rollout
+
+
+def test_a_ladder_by_place_is_accepted(kube: Any, namespace: str) -> None:
+    """One node, then one site, then a quarter of the sites, then every node, paced."""
+    obj = valid_service()
+    ladder = [{"count": 1}, {"sites": 1}, {"sitePercent": 25}, {"percent": 100}]
+    obj["spec"]["rollout"].update(waves=ladder, maxNodesPerMinute=20, siteLabel="example.com/store")
+    created = create(kube, namespace, obj, dry_run=True)
+    rollout = created["spec"]["rollout"]
+    assert [{k: v for k, v in w.items() if k != "trafficWeight"} for w in rollout["waves"]] == ladder
+    assert rollout["maxNodesPerMinute"] == 20 and rollout["siteLabel"] == "example.com/store"
+    spec = InferenceServiceSpec.from_obj(created["spec"])
+    assert spec.rollout is not None and spec.rollout.waves is not None
+    assert [w.by_site for w in spec.rollout.waves] == [False, True, True, False]
 
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -208,12 +225,20 @@ INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
     (
         "wave-percent-and-count",
         waves({"percent": 10, "count": 2}),
-        ("spec.rollout.waves[0]", "exactly one of percent or count"),
+        ("spec.rollout.waves[0]", "exactly one of percent, count, sites or sitePercent"),
     ),
+    (
+        "wave-sites-and-percent",
+        waves({"sites": 1, "percent": 50}),
+        ("spec.rollout.waves[0]", "exactly one of percent, count, sites or sitePercent"),
+    ),
+    ("wave-site-percent-above-100", waves({"sitePercent": 101}), ("spec.rollout.waves[0].sitePercent",)),
+    ("pace-zero", set_path("spec.rollout.maxNodesPerMinute", 0), ("spec.rollout.maxNodesPerMinute",)),
+    ("empty-site-label", set_path("spec.rollout.siteLabel", ""), ("spec.rollout.siteLabel",)),
     (
         "waves-mixed-units",
         waves({"count": 2}, {"percent": 50}),
-        ("spec.rollout.waves", "all use percent or all use count"),
+        ("spec.rollout.waves", "all use percent or all use count, unless some wave picks sites"),
     ),
     (
         "weights-falling",

@@ -107,11 +107,12 @@ def step(
     action: Action | None = None,
     service: str = "",
     spec_age_s: float | None = None,
+    sites: Mapping[str, str] | None = None,
 ) -> Decision:
     """`rollout.step` as the reconciler drives it, through status.rollout's wire form (JSON): the
     decision's status comes back as the dict it writes."""
     state = RolloutStatus.from_obj(json.loads(json.dumps(previous))) if previous is not None else None
-    d = rollout.step(spec, state, nodes, observations, now, action, service, spec_age_s)
+    d = rollout.step(spec, state, nodes, observations, now, action, service, spec_age_s, sites)
     return dataclasses.replace(d, status=d.status.to_obj())  # type: ignore[arg-type]
 
 
@@ -154,9 +155,12 @@ def world(
 class Runner:
     """Drives `step` like the reconciler: status in, status out, with the world following."""
 
-    def __init__(self, spec: dict[str, Any], nodes: Sequence[str] = NODES) -> None:
+    def __init__(
+        self, spec: dict[str, Any], nodes: Sequence[str] = NODES, sites: Mapping[str, str] | None = None
+    ) -> None:
         self.spec = spec_of(spec)
         self.nodes = tuple(nodes)
+        self.sites = dict(sites or {})
         self.status: dict[str, Any] | None = None
         self.now = T0
         self.obs: dict[str, NodeObservation] = {}
@@ -164,7 +168,7 @@ class Runner:
 
     def tick(self, dt: float = 0.0, action: Action | None = None, **world_kw: Any) -> Decision:
         self.now += dt
-        d = step(self.spec, self.status, self.nodes, self.obs, self.now, action, SERVICE)
+        d = step(self.spec, self.status, self.nodes, self.obs, self.now, action, SERVICE, sites=self.sites)
         self.status, self.last = d.status, d
         self.obs = world(d, self.nodes, before=self.obs, **world_kw)
         return d

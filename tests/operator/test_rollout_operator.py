@@ -23,6 +23,7 @@ from fleet_helpers import DIGEST, Group, apply, condition, events, eventually, g
 from e2e.operator_proc import OperatorProcess, ensure_agent_namespace
 from edgefleet_api import names, wire
 from edgefleet_operator import rollout
+from edgefleet_operator.rollout.waves import site_order
 
 pytestmark = pytest.mark.cluster
 
@@ -600,3 +601,42 @@ def test_the_judge_rolls_a_regressed_canary_back_and_promotes_an_identical_one(
     assert "evidence" not in r and "counters" not in r  # the finished rollout keeps no wave state
     # Status says Promoted first; the stable copies beside the canaries go on the next EdgeNode writes.
     wait(lambda: on(group, key, "3") == sorted(group.names), "v3 alone everywhere", group, operator)
+
+
+def test_a_regression_on_one_site_is_rolled_back_at_that_sites_wave(
+    kube: Any, namespace: str, group: Group, operator: Operator
+) -> None:
+    """Waves by place: one site, then both, then every node. Version 2 errs only on the nodes of
+    the site reached second: the first site's wave passes, the second's is rolled back; while each
+    wave is judged, every site keeps a node on stable."""
+    site_of: dict[str, str] = {}
+    for prefix in ("a", "b"):
+        site = f"{prefix}{group.id}"
+        site_of |= dict.fromkeys(group.nodes(3, prefix=prefix, labels={names.LABEL_SITE: site}), site)
+    ok = {"requests": 4000, "errorRate": 0.01, "slowShare": 0.01}
+    count_on(group, {"*": ok})
+    key = deploy_v1(kube, namespace, "sites", group, operator)
+    first, second = site_order(key, sorted(set(site_of.values())))
+    for n, site in site_of.items():
+        if site == second:
+            group.agents.nodes[n].counters_by_version = {"*": ok, "2": {**ok, "errorRate": 0.06}}
+    ladder = [{"sites": 1}, {"sites": 2}, {"percent": 100}]
+    patch_spec(kube, namespace, "sites", "2", canary(ladder, JUDGED))
+    seen: list[dict[str, Any]] = []
+
+    def rolled_back() -> Any:
+        r = ro(kube, namespace, "sites")
+        if r.get("phase") == "Progressing":
+            seen.append(r)
+        return r.get("phase") == "RolledBack" and r
+
+    r = wait(rolled_back, "the second site's regression to be rolled back", group, operator, timeout_s=120)
+    assert r["currentWave"] == 1 and "error rate" in r["rollbackReason"], r
+    assert [(a["wave"], a["result"]) for a in r["analysis"]] == [(0, "Passed"), (1, "Failed")], r["analysis"]
+    waves = {s["currentWave"]: s["canaryNodes"] for s in seen if s["canaryNodes"]}
+    assert {site_of[n] for n in waves[0]} == {first} and len(waves[0]) == 2, waves
+    assert sorted(site_of[n] for n in waves[1]) == sorted([first, first, second, second]), waves
+    for s in seen:  # a site never without stable while its canary is judged
+        on_canary = [site_of[n] for n in s["canaryNodes"]]
+        assert all(on_canary.count(site) <= 2 for site in (first, second)), s
+    wait(lambda: on(group, key, "1") == sorted(group.names), "every node back on v1", group, operator)

@@ -4,9 +4,11 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
 1. A revision is the sorted tuple of (model, version, digest) of the service's models; a change of
    any of them starts a rollout. With no stable revision yet (first deployment) every node gets the
    new one at once and it becomes stable when every node confirms its digest (phase Idle).
-2. Canary: waves of node counts or percents. Wave k's canary nodes are a growing prefix of a stable
-   order (a hash of service and node, so canaries spread), recorded in status.canaryNodes; they run
-   the canary (side by side with stable when the wave's trafficWeight is below 100).
+2. Canary: waves of node counts or percents, or of sites (sites, sitePercent: a Node label).
+   Wave k's canary nodes grow from wave k-1's (`waves`: nodes in a hash order, sites with
+   canaries first, at least keepStablePerSite of a site's nodes left on stable, at most
+   maxNodesPerMinute started a minute), recorded in status.canaryNodes; they run the canary
+   (side by side with stable when the wave's trafficWeight is below 100).
 3. A wave's analysis window starts when every one of its nodes reports the canary loaded, by digest,
    in a fresh report (not replayed or older: sequence and observedGeneration, see `analysis`). When
    the window has passed and every canary node has reported within it, `analyse` judges it: Passed
@@ -28,7 +30,8 @@ Lifecycle (`step` is called once per reconcile pass with the previous status.rol
 
 Modules: `spec` (what the spec asks), `analysis` (observations and the verdict on a wave),
 `judge` (the sequential tests on counts), `evidence` (a wave's counter tallies, judged),
-`actions` (the manual actions), `decision` (`step` and its phases). The state's types (phases,
+`waves` (which nodes a wave takes: nodes or sites, stable kept per site, pace), `actions` (the
+manual actions), `decision` (`step` and its phases). The state's types (phases,
 revisions, records) are the contract's (`edgefleet_api.rollout_status`).
 """
 
@@ -45,7 +48,6 @@ from edgefleet_operator.rollout.decision import (
     Decision,
     NodeTarget,
     RolloutEvent,
-    canary_order,
     step,
 )
 from edgefleet_operator.rollout.spec import (
@@ -56,6 +58,7 @@ from edgefleet_operator.rollout.spec import (
     parse_spec,
     wave_nodes,
 )
+from edgefleet_operator.rollout.waves import WavePlan, canary_order, plan_wave
 
 __all__ = [
     "Action",
@@ -67,6 +70,7 @@ __all__ = [
     "RolloutEvent",
     "RolloutSpec",
     "Strategy",
+    "WavePlan",
     "analyse",
     "canary_order",
     "describe_wave",
@@ -74,6 +78,7 @@ __all__ = [
     "observe",
     "parse_action",
     "parse_spec",
+    "plan_wave",
     "revision_windows",
     "step",
     "wave_nodes",

@@ -10,8 +10,7 @@ node targets. See the package docstring for the lifecycle.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgefleet_api.inference_service import WaveSpec
@@ -31,7 +30,8 @@ from edgefleet_api.rollout_status import (
 from edgefleet_operator.rollout.actions import Action
 from edgefleet_operator.rollout.analysis import AnalysisResult, NodeObservation, analyse
 from edgefleet_operator.rollout.evidence import assess, fold, summary
-from edgefleet_operator.rollout.spec import RolloutSpec, Strategy, describe_wave, wave_nodes
+from edgefleet_operator.rollout.spec import RolloutSpec, Strategy, describe_wave
+from edgefleet_operator.rollout.waves import WavePlan, plan_wave
 
 SPEC_SETTLE_S = 1.0
 """A new revision is followed once the spec has held it this long (seconds), while another
@@ -86,12 +86,6 @@ class Decision:
         }
 
 
-def canary_order(service: str, nodes: Iterable[str]) -> list[str]:
-    """The order nodes become canaries in: by a hash of (service, node), so canaries of a service
-    spread across zones and classes, and different services start on different nodes."""
-    return sorted(nodes, key=lambda n: (hashlib.sha256(f"{service}\0{n}".encode()).digest(), n))
-
-
 @dataclass
 class _Ctx:
     spec: RolloutSpec
@@ -99,6 +93,7 @@ class _Ctx:
     nodes: tuple[str, ...]
     observations: Mapping[str, NodeObservation]
     now: int
+    sites: Mapping[str, str] = field(default_factory=dict)
     events: list[RolloutEvent] = field(default_factory=list)
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
@@ -117,18 +112,20 @@ def step(
     action: Action | None = None,
     service: str = "",
     spec_age_s: float | None = None,
+    sites: Mapping[str, str] | None = None,
 ) -> Decision:
     """One rollout decision. `previous`: the last status.rollout written (None at first); `nodes`: the
-    nodes placement chose for the service; `observations`: node -> what it reports (missing: nothing
-    loaded); `now`: epoch seconds; `action`: the manual action, which the caller then clears;
-    `spec_age_s`: how long the spec has been as it is (None: long enough). While a new revision is
-    younger than `SPEC_SETTLE_S` and another one runs, the rollout holds where it is.
+        nodes placement chose for the service; `observations`: node -> what it reports (missing: nothing
+        loaded); `now`: epoch seconds; `action`: the manual action, which the caller then clears;
+        `spec_age_s`: how long the spec has been as it is (None: long enough); `sites`: node -> its
+    site (the spec's siteLabel; unlabelled nodes absent). While a new revision is
+        younger than `SPEC_SETTLE_S` and another one runs, the rollout holds where it is.
 
-    Deterministic in its arguments; `previous` carries all state (a restart loses nothing). Write the
-    returned status before the EdgeNode specs built from `targets`: then a crash in between leaves no
-    node on a revision that status does not record (the next pass recomputes the same targets).
+        Deterministic in its arguments; `previous` carries all state (a restart loses nothing). Write the
+        returned status before the EdgeNode specs built from `targets`: then a crash in between leaves no
+        node on a revision that status does not record (the next pass recomputes the same targets).
     """
-    ctx = _Ctx(spec, service, tuple(sorted(nodes)), observations, int(now))
+    ctx = _Ctx(spec, service, tuple(sorted(nodes)), observations, int(now), dict(sites or {}))
     state = previous if previous is not None else RolloutStatus()
     state.check_invariants()
     settling = _settling(state, ctx, spec_age_s)
@@ -219,6 +216,7 @@ def _finish(state: RolloutStatus, ctx: _Ctx, result: str, message: str, phase: P
         counters=(),
         evidence=None,
         pause_reason="",
+        node_starts=(),
     )
     if result == "Promoted":
         state = dataclasses.replace(state, stable_models=state.canary_models, canary_models=())
@@ -311,13 +309,18 @@ def _advance(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     spec = ctx.spec
     wave_index = min(state.wave, len(spec.waves) - 1)
     wave = spec.waves[wave_index]
-    state = _grow_canaries(dataclasses.replace(state, wave=wave_index), wave, ctx)
+    state, plan = _grow_canaries(dataclasses.replace(state, wave=wave_index), wave, ctx)
     broken = _failed_share(state, ctx, ())
     if broken is not None:
         return broken
     pending = [n for n in state.canary_nodes if not ctx.obs(n).confirms(canary)]
-    if pending or not state.canary_nodes:
+    if pending or not state.canary_nodes or plan.next_start_s is not None:
         why = f"waiting for {len(pending)}/{len(state.canary_nodes)} node(s) to load {canary.label}"
+        if plan.next_start_s is not None:
+            why += (
+                f"; pacing: {len(state.canary_nodes)}/{plan.wanted} canary node(s) started"
+                f" (maxNodesPerMinute {spec.max_nodes_per_minute}), more in {plan.next_start_s - ctx.now}s"
+            )
         return dataclasses.replace(state, wave_start_s=None, message=why if ctx.nodes else "no nodes placed")
     if state.wave_start_s is None:  # a new window: the judge starts from fresh baselines
         state = dataclasses.replace(state, wave_start_s=ctx.now, counters=(), evidence=None)
@@ -480,18 +483,29 @@ def _advance_first(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     )  # fmt: skip
 
 
-def _grow_canaries(state: RolloutStatus, wave: WaveSpec, ctx: _Ctx) -> RolloutStatus:
-    """Keep this rollout's canaries still placed; add nodes in canary order up to the wave's count.
-    A change restarts the window (a new node must confirm before the wave is judged)."""
-    placed = set(ctx.nodes)
-    kept = [n for n in state.canary_nodes if n in placed]
-    want = wave_nodes(wave, len(ctx.nodes))
-    if len(kept) < want:
-        chosen = set(kept)
-        kept += [n for n in canary_order(ctx.service, ctx.nodes) if n not in chosen][: want - len(kept)]
-    if tuple(kept) == state.canary_nodes:
-        return state
-    return dataclasses.replace(state, canary_nodes=tuple(kept), wave_start_s=None)
+def _grow_canaries(state: RolloutStatus, wave: WaveSpec, ctx: _Ctx) -> tuple[RolloutStatus, WavePlan]:
+    """Keep this rollout's canaries still placed; add nodes (or sites' nodes) up to the wave's
+    count, keeping stable in each site and the pace (`waves.plan_wave`). A change restarts the
+    window (a new node must confirm before the wave is judged)."""
+    spec = ctx.spec
+    plan = plan_wave(
+        wave, ctx.service, ctx.nodes, ctx.sites, state.canary_nodes, spec.keep_stable_per_site,
+        spec.max_nodes_per_minute, state.node_starts, ctx.now,
+    )  # fmt: skip
+    if plan.canaries == state.canary_nodes and plan.node_starts == state.node_starts:
+        return state, plan
+    if plan.canaries == state.canary_nodes:
+        return dataclasses.replace(state, node_starts=plan.node_starts), plan
+    added = len(plan.canaries) - len([n for n in state.canary_nodes if n in plan.canaries])
+    if added and plan.held_back and plan.next_start_s is None:  # once, as the wave's growth completes
+        ctx.event(
+            "StableKeptPerSite",
+            f"wave {state.wave + 1}/{state.total_waves}: {plan.held_back} node(s) of its count left on "
+            f"stable to keep {spec.keep_stable_per_site} per site (keepStablePerSite)",
+        )
+    return dataclasses.replace(
+        state, canary_nodes=plan.canaries, wave_start_s=None, node_starts=plan.node_starts
+    ), plan
 
 
 def _record(state: RolloutStatus, ctx: _Ctx, outcome: Outcome, message: str) -> RolloutStatus:
@@ -518,7 +532,7 @@ def _wave_passed(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult | None)
     nxt = ctx.spec.waves[state.wave + 1]
     ctx.event("WaveStarted", f"wave {state.wave + 2}/{state.total_waves} ({describe_wave(nxt)})")
     state = dataclasses.replace(state, wave=state.wave + 1, wave_start_s=None, counters=(), evidence=None)
-    return _grow_canaries(state, nxt, ctx)
+    return _grow_canaries(state, nxt, ctx)[0]
 
 
 def _inconclusive(state: RolloutStatus, ctx: _Ctx, result: AnalysisResult) -> RolloutStatus:

@@ -9,6 +9,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from edgefleet_api import names
 from edgefleet_api.inference_service import AnalysisSpec, InferenceServiceSpec, WaveSpec
 from edgefleet_api.model_spec import ModelSpec
 from edgefleet_api.rollout_status import Revision
@@ -25,17 +26,26 @@ class Strategy(enum.Enum):
 
 
 def wave_nodes(wave: WaveSpec, total: int) -> int:
-    """Canary nodes of `wave` out of `total`: at least 1 (if any), at most `total`."""
+    """Canary nodes (or, for a site wave, sites) of `wave` out of `total`: at least 1 (if any),
+    at most `total`."""
     if total <= 0:
         return 0
-    if wave.count is not None:
-        return min(wave.count, total)
-    assert wave.percent is not None
-    return min(total, max(1, math.ceil(round(wave.percent * total / 100, 9))))
+    count = wave.count if wave.count is not None else wave.sites
+    if count is not None:
+        return min(count, total)
+    percent = wave.percent if wave.percent is not None else wave.site_percent
+    assert percent is not None
+    return min(total, max(1, math.ceil(round(percent * total / 100, 9))))
 
 
 def describe_wave(wave: WaveSpec) -> str:
-    return f"{wave.percent}%" if wave.percent is not None else f"{wave.count} nodes"
+    if wave.percent is not None:
+        return f"{wave.percent}%"
+    if wave.count is not None:
+        return f"{wave.count} node{'s' if wave.count != 1 else ''}"
+    if wave.sites is not None:
+        return f"{wave.sites} site{'s' if wave.sites != 1 else ''}"
+    return f"{wave.site_percent}% of sites"
 
 
 def has_checks(analysis: AnalysisSpec) -> bool:
@@ -66,6 +76,9 @@ class RolloutSpec:
     waves: tuple[WaveSpec, ...] = (ALL_NODES,)
     analysis: AnalysisSpec = DEFAULT_ANALYSIS
     paused: bool = False
+    site_label: str = names.LABEL_SITE
+    keep_stable_per_site: int = 1
+    max_nodes_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         if not self.waves:
@@ -96,7 +109,10 @@ def parse_spec(spec: InferenceServiceSpec) -> RolloutSpec:
     waves = ro.waves or (ALL_NODES,)
     if strategy is Strategy.ALL_AT_ONCE:
         waves = (ALL_NODES,)
-    return RolloutSpec(revision, spec.models, strategy, waves, analysis, ro.paused)
+    return RolloutSpec(
+        revision, spec.models, strategy, waves, analysis, ro.paused,
+        ro.site_label, ro.keep_stable_per_site, ro.max_nodes_per_minute,
+    )  # fmt: skip
 
 
 def _first(value: float | None, default: float | None) -> float | None:
