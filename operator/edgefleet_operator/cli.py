@@ -57,14 +57,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_fleet() -> str:
-    """The fleet view of the cluster in the current kubeconfig."""
+def read_fleet(api_client: Any = None) -> str:
+    """The fleet view of the cluster `api_client` reaches (default: the in-cluster config, else
+    the current kubeconfig)."""
     from kubernetes import client
 
     from edgefleet_operator import fleet_view
-    from edgefleet_operator.handlers import kube_client
 
-    api_client = kube_client()
+    if api_client is None:
+        from edgefleet_operator.handlers import kube_client
+
+        api_client = kube_client()
     custom: Any = client.CustomObjectsApi(api_client)
     edge_nodes = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
         "items"

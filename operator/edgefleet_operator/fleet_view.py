@@ -82,3 +82,43 @@ def render(
     edge_nodes: Sequence[Obj], node_labels: Mapping[str, Mapping[str, str]], services: Sequence[Obj]
 ) -> str:
     return f"{nodes_table(edge_nodes, node_labels)}\n\n{services_table(services)}"
+
+
+def rollout_text(service: Obj) -> str:
+    """One service's rollout for `kubectl edgefleet rollout status`: phase and wave, versions,
+    canary nodes, the judge's evidence, the analyses of this rollout."""
+    meta, status = service["metadata"], service.get("status") or {}
+    r = status.get("rollout") or {}
+    lines = [
+        f"{meta['namespace']}/{meta['name']}: {r.get('phase', 'Idle')}"
+        + (f", {r['step']}" if r.get("step") else ""),
+        f"  stable: {r.get('stableVersion', '-')}   canary: {r.get('canaryVersion', '-')}"
+        + (f"   started: {r['startTime']}" if r.get("startTime") else ""),
+    ]
+    canaries = r.get("canaryNodes") or []
+    if canaries:
+        more = f", ... ({len(canaries) - 20} more)" if len(canaries) > 20 else ""
+        shown = ", ".join(canaries[:20]) + more
+        lines.append(f"  canary nodes ({len(canaries)}): {shown}")
+    for key, label in (("message", "message"), ("pauseReason", "paused"), ("rollbackReason", "rolled back")):
+        if r.get(key):
+            lines.append(f"  {label}: {r[key]}")
+    evidence = r.get("evidence") or {}
+    for m in evidence.get("metrics") or []:
+        lines.append(f"  judge {m.get('name', '?')}: {m.get('verdict', '?')}: {m.get('message', '')}")
+    analyses = r.get("analysis") or []
+    if analyses:
+        lines.append("  analysis:")
+        for a in analyses:
+            lines.append(f"    wave {a['wave'] + 1}  {a['result']:<12}  {a['time']}  {a.get('message', '')}")
+    return "\n".join(lines)
+
+
+def history_table(service: Obj) -> str:
+    """The service's last rollouts, newest first."""
+    rows = [
+        [h.get("fromVersion") or "-", h.get("toVersion", "?"), h.get("result", "?"), h.get("startTime", "-"),
+         h.get("finishTime", "-"), (h.get("message") or "")[:80]]
+        for h in ((service.get("status") or {}).get("rollout") or {}).get("history") or []
+    ]  # fmt: skip
+    return _table(["FROM", "TO", "RESULT", "STARTED", "FINISHED", "MESSAGE"], rows)
