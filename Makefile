@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv binaries test test-unit lint demo cluster-up cluster-down cluster-status \
+.PHONY: help lock setup venv binaries test test-unit lint demo cluster-up cluster-down cluster-status \
         bench crds clean
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make cluster-down  stop it and remove its state"
 	@echo "make lint          ruff, mypy (strict for the contract and pure modules), import contracts"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
+	@echo "make lock          regenerate the images' hashed dependency locks (docker/locks/) from pyproject.toml"
 	@echo "make crds          regenerate crds/ and the chart's CRDs from edgefleet_api/crdgen.py"
 	@echo "make images        build the operator and CPU agent images here (docker; no registry needed)"
 	@echo "make e2e-kind      the end-to-end suite on a kind cluster of real Pods, with those images"
@@ -76,6 +77,9 @@ e2e-kind: venv
 
 bench: venv
 	$(PY) -m bench
+
+lock: venv
+	bash scripts/lock.sh
 
 crds: venv
 	$(PY) -m edgefleet_api.crdgen

@@ -7,28 +7,23 @@
 # host (no registry access) - pin them with `docker buildx imagetools inspect` before release.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-# The dependency list alone, out of pyproject.toml: the deps stage copies only this file, so an
-# edit elsewhere in pyproject.toml (lint settings, metadata) keeps its 4 GB layer cached.
-FROM ${PYTHON_IMAGE} AS requirements
-COPY pyproject.toml /src/
-RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\\n')" > /requirements.txt
-
 FROM ${PYTHON_IMAGE} AS deps
 ARG TORCH_VERSION=2.15.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# The dependencies only (the requirements stage): this 4 GB layer is rebuilt when they change,
-# not when our code does (the code is a wheel of a few hundred kB, installed last).
-# torch first, from TORCH_INDEX; pip keeps it for the rest. A CUDA build of torch
+# The dependencies only: this 4 GB layer is rebuilt when they change, not when our code does
+# (the code is a wheel of a few hundred kB, installed last). torch first, pinned by version from
+# TORCH_INDEX (its wheels differ by index, so the lock leaves it out); then everything else from
+# the hashed lock (scripts/lock.sh), --no-deps: nothing unhashed comes in. A CUDA build of torch
 # (TORCH_INDEX=https://pypi.org/simple, where no CPU index is reachable) brings triton (1 GB), the
 # GPU kernel compiler of torch.compile: of no use without a GPU, so it goes; its NVIDIA libraries
 # stay (torch's import loads them even on a CPU).
 # Bytecode compiled at build time (the root filesystem is read-only); torch's test internals hold
 # Python 3.12-only syntax and are never imported by the agent, so they are left out.
-COPY --from=requirements /requirements.txt /src/
+COPY docker/locks/agent.txt /src/agent.lock
 RUN python -m venv /opt/edgefleet \
     && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && /opt/edgefleet/bin/pip install -r /src/requirements.txt \
+    && /opt/edgefleet/bin/pip install --require-hashes --no-deps -r /src/agent.lock \
     && /opt/edgefleet/bin/pip uninstall -y -q triton \
     && /opt/edgefleet/bin/python -m compileall -q -x "/torch/testing/_internal/" /opt/edgefleet
 

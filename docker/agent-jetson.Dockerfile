@@ -34,7 +34,7 @@ COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
 # nvidia-ml-py is a dependency but NVML is absent on Jetson: the agent reads thermals from sysfs.
-RUN /opt/edgefleet/bin/pip install . \
+RUN /opt/edgefleet/bin/pip install ".[agent]" \
     && if [ -n "${TENSORRT_WHEEL}" ]; then /opt/edgefleet/bin/pip install "${TENSORRT_WHEEL}"; fi \
     && /opt/edgefleet/bin/python -m compileall -q -x "/torch/testing/_internal/" /opt/edgefleet
 # (torch's test internals hold Python 3.12-only syntax and are never imported: left uncompiled)

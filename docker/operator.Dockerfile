@@ -11,13 +11,10 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/edgefleet
 WORKDIR /src
-# Runtime dependencies of the operator only (the node agent's torch/numpy stay out): the
-# project itself is installed --no-deps on top.
-RUN /opt/edgefleet/bin/pip install \
-        "kopf==1.45.2" \
-        "kubernetes==37.0.2" \
-        "prometheus-client==0.23.1" \
-        "pyyaml==6.0.3"
+# Runtime dependencies of the operator only (the node agent's torch/numpy stay out), from the
+# hashed lock (scripts/lock.sh): the project itself is installed --no-deps on top.
+COPY docker/locks/operator.txt /src/operator.lock
+RUN /opt/edgefleet/bin/pip install --require-hashes --no-deps -r /src/operator.lock
 COPY pyproject.toml README.md ./
 COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator

@@ -42,6 +42,7 @@ fi
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/edgefleet_api" "$repo/operator" "$repo/node_agent" "$context/"
+mkdir -p "$context/docker" && cp -r "$repo/docker/locks" "$context/docker/"
 find "$context" -name __pycache__ -prune -exec rm -rf {} +
 
 build() {  # $1: Dockerfile, $2: image, $3...: build args
@@ -52,9 +53,8 @@ build() {  # $1: Dockerfile, $2: image, $3...: build args
 build operator.Dockerfile "edgefleet/operator:$TAG"
 # The dependency stage (torch: 4 GB, minutes to build) under its own name, keyed by what makes it, so
 # `docker image prune` (which removes untagged stages) keeps it and a rebuild of our code is quick.
-# The key reads pyproject.toml's dependency list only, as the stage does (not its lint settings).
-deps_list=$(python3 -c "import tomllib, sys; print(*tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies'], sep='\n')" "$repo/pyproject.toml")
-deps_key=$(cat "$repo/docker/agent-cpu.Dockerfile" | { cat; echo "$deps_list"; echo "$base $TORCH_INDEX"; } | sha256sum | cut -c1-12)
+# The key reads the agent's lock, as the stage does (not pyproject.toml's lint settings).
+deps_key=$(cat "$repo/docker/agent-cpu.Dockerfile" "$repo/docker/locks/agent.txt" | { cat; echo "$base $TORCH_INDEX"; } | sha256sum | cut -c1-12)
 deps="edgefleet-local/agent-cpu-deps:$deps_key"
 build agent-cpu.Dockerfile "$deps" --target deps --build-arg "TORCH_INDEX=$TORCH_INDEX"
 build agent-cpu.Dockerfile "edgefleet/agent-cpu:$TAG" --build-arg "TORCH_INDEX=$TORCH_INDEX"
