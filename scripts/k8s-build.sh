@@ -2,7 +2,7 @@
 # Build the local control plane's binaries from their Go modules, once per
 # version, into $K8S_BIN (under the user's cache directory). Prints progress.
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-#   etcd, kwok, helm
+#   etcd, kwok, helm, promtool
 # With --kind-node it also builds what kind's node image needs, into $KIND_BIN:
 #   kubeadm, kubelet, kube-proxy, etcd (3.6), containerd (+ ctr, the runc shim),
 #   crictl, CNI plugins, coredns, local-path-provisioner, pause (C), and kind itself.
@@ -110,6 +110,12 @@ if need helm; then
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" 2>&1 | progress
   log "built helm"
+fi
+if need promtool; then  # checks the chart's Prometheus rules (tests/delivery/test_monitoring.py)
+  log "building promtool (prometheus $PROMTOOL_VERSION) ..."
+  GOBIN="$K8S_BIN" GOFLAGS=-buildvcs=false go install -v -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION" 2>&1 | progress
+  log "built promtool"
 fi
 log "all binaries in $K8S_BIN"
 ls -1 "$K8S_BIN"

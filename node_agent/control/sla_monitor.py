@@ -139,6 +139,17 @@ def judge(stats: WindowStats, spec: SlaObjectives, *, min_requests: int, scale: 
     return Verdict(all(judged) if judged else None, tuple(checks))
 
 
+def objectives_of(spec: SlaObjectives) -> tuple[str, ...]:
+    """The names of the objectives `spec` sets (the `objective` label of violation counts)."""
+    given = (
+        (P95, spec.p95_latency_s),
+        (P99, spec.p99_latency_s),
+        (ERROR_RATE, spec.max_error_rate),
+        (THROUGHPUT, spec.min_throughput_rps),
+    )
+    return tuple(name for name, value in given if value is not None)
+
+
 def slo_latency_s(spec: SlaObjectives) -> float | None:
     """The latency past which a request counts as slow: the p99 objective, else the p95 one
     (None: neither is set)."""
@@ -408,7 +419,10 @@ class SlaMonitor:
         tracked = self._models.get(config.id)
         if tracked is None:
             spec = spec if spec is not None else config.sla
-            stats = ModelStats(config.id, spec.window_s, self.settings, self._clock())
+            # Buckets end at the SLO latencies as first tracked (a later SLO change keeps them:
+            # Prometheus series keep their `le`; the base grid stays within 25% of any other).
+            slos = (spec.p95_latency_s, spec.p99_latency_s)
+            stats = ModelStats(config.id, spec.window_s, self.settings, self._clock(), objectives_s=slos)
             stats.set_slow_threshold(slo_latency_s(spec))
             tracked = _Tracked(spec, stats)
             retired = self._retired.pop(config.id, None)

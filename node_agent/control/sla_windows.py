@@ -36,9 +36,21 @@ from edgefleet_api.types import ModelId
 from node_agent.control.sketch import BucketCounts, LogHistogram, LogMapping
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+    1.5, 2.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-"""Upper bounds of the lifetime latency histograms (seconds), exported to Prometheus."""
+"""Upper bounds of the lifetime latency histograms (seconds), exported to Prometheus: steps of
+at most 25% from 2 ms to 2.5 s, where edge SLOs lie, so `histogram_quantile` over nodes is within
+a step of the truth; each model adds its own SLO latencies (`latency_bounds`)."""
+
+
+def latency_bounds(base: Sequence[float], objectives: Sequence[float | None]) -> tuple[float, ...]:
+    """`base` with the SLO latencies in `objectives` added (None and non-positive ones left out):
+    a bucket ends exactly at each objective, so the share of requests within it is exact."""
+    return tuple(sorted({*base, *(o for o in objectives if o is not None and o > 0)}))
+
+
 BATCH_ROWS_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the lifetime batch-size histogram (rows)."""
 
@@ -221,6 +233,7 @@ class ModelStats:
         settings: WindowSettings,
         now_s: float,
         max_pending: int = 8192,
+        objectives_s: Sequence[float | None] = (),
     ) -> None:
         self.model_id = model_id
         self.settings = settings
@@ -229,9 +242,10 @@ class ModelStats:
         self._pending: list[tuple[float, int, float, Sequence[float]]] = []
         self._pending_lock = threading.Lock()
         self._lock = threading.Lock()
-        self.latency_hist = BucketCounts(settings.latency_buckets_s)
-        self.queue_hist = BucketCounts(settings.latency_buckets_s)
-        self.compute_hist = BucketCounts(settings.latency_buckets_s)
+        bounds = latency_bounds(settings.latency_buckets_s, objectives_s)
+        self.latency_hist = BucketCounts(bounds)
+        self.queue_hist = BucketCounts(bounds)
+        self.compute_hist = BucketCounts(bounds)
         self.batch_rows_hist = BucketCounts(settings.batch_rows_buckets)
         self.window_s = window_s
         self.slow_threshold_s: float | None = None

@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from edgefleet_api.types import ModelId
+from node_agent.control.sla_monitor import objectives_of
 from node_agent.control.sla_windows import LATENCY_BUCKETS_S
 from node_agent.errors import AgentError
 
@@ -480,10 +481,14 @@ class AgentCollector(Collector):
             fam("edgefleet_sla_window_throughput_requests_per_second").add_metric(lv, w.throughput_rps)
             if w.error_rate is not None:
                 fam("edgefleet_sla_window_error_ratio").add_metric(lv, w.error_rate)
+        # Every objective of every tracked model, from 0 (a series that appears only at its first
+        # violation makes rate() and alerts blind to it until then), then any others counted.
+        counts = dict(sla.violation_counts)
+        for model_id in sla.models():
+            for objective in objectives_of(sla.spec(model_id)):
+                counts.setdefault((model_id, objective), 0)
         violations = fam("edgefleet_sla_violations_total")
-        for (model_id, objective), n in sorted(
-            sla.violation_counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])
-        ):
+        for (model_id, objective), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
             violations.add_metric([model_id.name, model_id.version, objective], n)
 
     def _thermal(self, fam: Callable[[str], Family]) -> None:

@@ -63,6 +63,13 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                 "app.kubernetes.io/managed-by": names.MANAGED_BY,
                 names.LABEL_NODE: node,
             },
+            # The conventional scrape annotations (Prometheus' kubernetes_sd examples, most charts'
+            # default scrape config); the chart's PodMonitor selects the same Pods by label.
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(settings.port),
+                "prometheus.io/path": "/metrics",
+            },
             "ownerReferences": [owner_ref(edge_node_obj)],
         },
         "spec": {

@@ -56,6 +56,13 @@ class OperatorMetrics:
         self.fleet_nodes = Gauge(
             "edgefleet_operator_fleet_nodes", "Fleet nodes by health.", ["health"], registry=r
         )
+        self.rollout_events = Counter(
+            "edgefleet_operator_rollout_events_total",
+            "Rollout events by reason: RolloutStarted, WaveStarted, AnalysisPassed, RolledBack, "
+            "RolloutPromoted, RolloutPaused, JudgeVerdict, ...",
+            ["reason"],
+            registry=r,
+        )
 
         self.shards_held = Gauge(
             "edgefleet_operator_shards_held",
@@ -87,6 +94,8 @@ class OperatorMetrics:
         self.reconcile_seconds.observe(seconds)
         for what, n in report.writes.items():
             self.api_writes.labels(what).inc(n)
+        for reason, n in report.rollout_events.items():
+            self.rollout_events.labels(reason).inc(n)
         if not ok:
             return
         self.services.set(report.services)

@@ -23,6 +23,8 @@ class PassReport:
     """Agent Pod syncs (nodes with work) and bookkeeping (services) this pass left to the next because
     urgent work arrived."""
     seconds: float = 0.0
+    rollout_events: dict[str, int] = field(default_factory=dict)
+    """Rollout events (RolloutStarted, RolledBack, RolloutPromoted, ...) of the steps that stood."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wrote(self, what: str) -> None:

@@ -199,7 +199,11 @@ class FleetReconciler:
             placed = result.services.get(service.key)
             nodes = placed.nodes if placed else ()
             writes.append(pass_plan.rollout_write(service, nodes, read, node_labels, now))
-        return {ro.service: ro for ro in self.writer.write_rollouts(writes, report)}
+        stood = {ro.service: ro for ro in self.writer.write_rollouts(writes, report)}
+        for ro in stood.values():
+            for e in ro.decision.events if ro.decision is not None else ():
+                report.rollout_events[e.reason] = report.rollout_events.get(e.reason, 0) + 1
+        return stood
 
     def _write_edge_node_specs(
         self,

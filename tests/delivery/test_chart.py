@@ -108,6 +108,7 @@ def test_lint_with_every_option_on(helm: Helm) -> None:
         str(CHART),
         "--set",
         "namespace.create=true,serviceMonitor.enabled=true,grafanaDashboard.enabled=true,"
+        "podMonitor.enabled=true,prometheusRule.enabled=true,"
         "operator.verbose=true,agent.thermal.softLimitC=70",
     )
 
@@ -231,6 +232,31 @@ def test_optional_monitoring_objects(helm: Helm) -> None:
     dashboard = json.loads(one(docs, "ConfigMap")["data"]["edgefleet.json"])
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     assert "edgefleet_operator_fleet_nodes" in exprs and "edgefleet_gpu_temperature_celsius" in exprs
+    # The agents: a PodMonitor selecting the Pods the operator creates, each series labelled with its node.
+    assert not by_kind(helm.template(), "PodMonitor") and not by_kind(helm.template(), "PrometheusRule")
+    docs = helm.template("--set", "podMonitor.enabled=true,prometheusRule.enabled=true,prometheusRule.for=2m")
+    pods = one(docs, "PodMonitor")["spec"]
+    pod = manifests.agent_pod(
+        {
+            "apiVersion": "edgefleet.io/v1alpha1",
+            "kind": "EdgeNode",
+            "metadata": {"name": "n1", "uid": "u"},
+            "spec": {"nodeName": "n1"},
+        },
+        AgentPodSettings(),
+    )
+    assert pods["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pods["namespaceSelector"]["matchNames"] == [pod["metadata"]["namespace"]]
+    endpoint = pods["podMetricsEndpoints"][0]
+    assert endpoint["port"] == pod["spec"]["containers"][0]["ports"][0]["name"]
+    assert endpoint["relabelings"][0]["targetLabel"] == "node"
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    rules = one(docs, "PrometheusRule")["spec"]["groups"]
+    alerts = {r["alert"]: r for g in rules for r in g["rules"] if "alert" in r}
+    assert set(alerts) == {"EdgefleetSLABreach", "EdgefleetThermalThrottling", "EdgefleetRolledBack",
+                           "EdgefleetAgentSilent"}  # fmt: skip
+    assert alerts["EdgefleetSLABreach"]["for"] == "2m"
+    assert "{{ $labels.node }}" in alerts["EdgefleetSLABreach"]["annotations"]["summary"]
 
 
 def test_namespace_carries_pod_security_restricted(helm: Helm) -> None:
