@@ -20,7 +20,6 @@ mid-stream aborts its request, freeing its KV blocks at the next step.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -36,6 +35,7 @@ from node_agent.serving.responses import (
     error_response,
     json_object,
     public_message,
+    sse_event,
     status_for,
 )
 
@@ -63,10 +63,6 @@ def add_generate_routes(
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_post(base + "/generate", handlers.generate)
         app.router.add_post(base + "/generate_stream", handlers.generate_stream)
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 class _GenerateHandlers:
@@ -128,9 +124,9 @@ class _GenerateHandlers:
                     if ev.finish_reason is not None:
                         payload |= {"finish_reason": ev.finish_reason, "prompt_tokens": prompt_tokens,
                                     "completion_tokens": n}  # fmt: skip
-                    await response.write(_sse(payload))
+                    await response.write(sse_event(payload))
             except AgentError as e:
                 log.debug("generate_stream %s failed after %d tokens: %s", model, n, e)
-                await response.write(_sse({"error": public_message(e), "status": status_for(e)}))
+                await response.write(sse_event({"error": public_message(e), "status": status_for(e)}))
         await response.write_eof()
         return response

@@ -11,6 +11,7 @@ included, so `tritonclient.http` works with its defaults):
 | GET | /v2/models/{m}[/versions/{v}]/ready, .../config | readiness; Triton's model config |
 | POST | /v2/models/{m}[/versions/{v}]/infer | inference |
 | POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`serving.generate`) |
+| GET, POST | /v1/models, /v1/completions, /v1/chat/completions | OpenAI-compatible (`serving.openai_api`) |
 | POST | /v2/repository/index | every model version and its state |
 | POST | /v2/repository/models/{m}/load, .../unload | repository control |
 | GET | /metrics | Prometheus text, when the agent was given a registry |
@@ -57,6 +58,7 @@ from node_agent.serving import v2_codec
 from node_agent.serving.bodies import BodyBudget, check_length, read_body
 from node_agent.serving.connections import ConnectionGuard, ConnectionLimits
 from node_agent.serving.generate import add_generate_routes
+from node_agent.serving.openai_api import add_openai_routes
 from node_agent.serving.responses import HttpError, error_response, json_object, json_response
 from node_agent.types import ModelConfig
 
@@ -123,6 +125,10 @@ class ServingApi(Protocol):
 
     async def generator(self, name: str, version: str | None) -> AsyncGenerator:
         """The running generator of a `task: generate` model (`generate.GeneratorProvider`)."""
+        ...
+
+    async def generating_models(self) -> list[str]:
+        """The servable models that generate text (`openai_api.ModelsProvider`)."""
         ...
 
 
@@ -295,6 +301,9 @@ class V2Api:
         if self._metrics is not None:
             r.add_get("/metrics", self.metrics)
         add_generate_routes(self.app, self.api.generator, self.settings.body_timeout_s)
+        add_openai_routes(
+            self.app, self.api.generator, self.api.generating_models, self.settings.body_timeout_s
+        )
 
     # -- middleware -------------------------------------------------------------------------
 

@@ -106,20 +106,30 @@ def json_object(body: bytes | bytearray) -> dict[str, Any]:
     return doc
 
 
-def error_response(exc: BaseException) -> web.Response:
-    """The one translation of errors into HTTP responses."""
+def error_status(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """The one translation of errors into an HTTP status and headers (Retry-After)."""
     headers: dict[str, str] = {}
     if isinstance(exc, HttpError):
-        status, headers = exc.status, dict(exc.headers)
-    elif isinstance(exc, AgentError):
-        status = status_for(exc)
-        if isinstance(exc, Overloaded | ModelNotReady):
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        elif isinstance(exc, ShuttingDown):
-            headers["Retry-After"] = "1"
-    else:
+        return exc.status, dict(exc.headers)
+    if not isinstance(exc, AgentError):
         raise TypeError(f"not an error the API answers: {exc!r}")
-    response = json_response({"error": public_message(exc)}, status, headers)
+    if isinstance(exc, Overloaded | ModelNotReady):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif isinstance(exc, ShuttingDown):
+        headers["Retry-After"] = "1"
+    return status_for(exc), headers
+
+
+def error_response(exc: BaseException, body: Any = None) -> web.Response:
+    """An error as an HTTP response: `{"error": message}` (the v2 shape), or `body`."""
+    status, headers = error_status(exc)
+    response = json_response(body if body is not None else {"error": public_message(exc)}, status, headers)
     if isinstance(exc, ShuttingDown) or status in (408, 413):  # the rest of the body is not read
         response.force_close()
     return response
+
+
+def sse_event(payload: Any) -> bytes:
+    """One server-sent event carrying `payload` as JSON (every stream of the agent frames its
+    events with this)."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

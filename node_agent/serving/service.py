@@ -245,6 +245,17 @@ class Serving:
         entries.sort(key=lambda e: (e.name, e.version))
         return entries
 
+    async def generating_models(self) -> list[str]:
+        """The servable models that generate text: each model's name (its newest version) and
+        `name:version` for each of its versions (the OpenAI API's /v1/models)."""
+        configs = self.assigned.models() if self.assigned is not None else self.repository.scan().models
+        ready = {(e.name, e.version) for e in self.index() if e.state == "READY"}
+        out: set[str] = set()
+        for c in configs:
+            if c.task == "generate" and (c.name, c.version) in ready:
+                out |= {c.name, f"{c.name}:{c.version}"}
+        return sorted(out)
+
     def _entry(self, config: ModelConfig) -> IndexEntry:
         state = self._unloaded.get(config.name)
         if state is not None:
