@@ -14,7 +14,7 @@ from typing import Any
 
 from edgefleet_api import wire
 from edgefleet_api.conditions import Condition, conditions_from_obj
-from edgefleet_api.model_spec import Artifact, Batching, priority_to_obj
+from edgefleet_api.model_spec import Artifact, Batching, GenerationSettings, priority_to_obj
 from edgefleet_api.sla import SlaObjectives, SlaWindow
 from edgefleet_api.types import ModelId, Priority
 from edgefleet_api.wire import Obj, mapping, required
@@ -47,6 +47,8 @@ class ModelAssignment:
     preload: bool = True
     batching: Batching | None = None
     sla: SlaObjectives | None = None
+    generation: GenerationSettings | None = None
+    """The service's settings for a `task: generate` model (None: the model's own)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.traffic_weight <= 100:
@@ -66,7 +68,7 @@ class ModelAssignment:
     @classmethod
     def from_obj(cls, obj: Obj) -> ModelAssignment:
         obj = mapping(obj, "spec.models[]")
-        batching, sla = obj.get("batching"), obj.get("sla")
+        batching, sla, gen = obj.get("batching"), obj.get("sla"), obj.get("generation")
         return cls(
             service=str(required(obj, "service")),
             model=str(required(obj, "model")),
@@ -81,6 +83,7 @@ class ModelAssignment:
             preload=bool(obj.get("preload", True)),
             batching=Batching.from_obj(batching) if batching is not None else None,
             sla=SlaObjectives.from_obj(sla) if sla is not None else None,
+            generation=GenerationSettings.from_obj(gen) if gen is not None else None,
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -99,6 +102,8 @@ class ModelAssignment:
             out["batching"] = self.batching.to_obj()
         if self.sla is not None:
             out["sla"] = self.sla.to_obj()
+        if self.generation is not None:
+            out["generation"] = self.generation.to_obj()
         if self.memory_budget_bytes is not None:
             out["memoryBudgetBytes"] = self.memory_budget_bytes
         out["trafficWeight"] = self.traffic_weight

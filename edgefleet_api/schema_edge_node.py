@@ -21,7 +21,7 @@ from edgefleet_api.openapi import (
     string,
     timestamp,
 )
-from edgefleet_api.schema_parts import artifact, batching, conditions, sla, sla_window
+from edgefleet_api.schema_parts import artifact, batching, conditions, generation, sla, sla_window
 
 
 def edge_node_spec() -> Schema:
@@ -46,6 +46,7 @@ def edge_node_spec() -> Schema:
             "preload": boolean("Load before the first request.", default=True),
             "batching": batching(),
             "sla": sla(),
+            "generation": generation(),
         },
         required=["service", "model", "version", "artifact"],
     )

@@ -120,6 +120,24 @@ def batching() -> Schema:
     )
 
 
+def generation() -> Schema:
+    return obj(
+        "Settings for task: generate.",
+        {
+            "maxTokens": integer(
+                "Default and upper bound of new tokens per request.",
+                minimum=1,
+                maximum=32768,
+                default=256,
+            ),
+            "maxSequences": integer(
+                "Sequences decoded at once per node.", minimum=1, maximum=1024, default=64
+            ),
+            "kvBlockTokens": integer("Tokens per KV-cache block.", minimum=1, maximum=256, default=16),
+        },
+    )
+
+
 def model_spec() -> Schema:
     return obj(
         "One model of the service.",
@@ -151,23 +169,7 @@ def model_spec() -> Schema:
                 default="normal",
             ),
             "pinned": boolean("Never evict this model from a node's memory.", default=False),
-            "generation": obj(
-                "Settings for task: generate.",
-                {
-                    "maxTokens": integer(
-                        "Default and upper bound of new tokens per request.",
-                        minimum=1,
-                        maximum=32768,
-                        default=256,
-                    ),
-                    "maxSequences": integer(
-                        "Sequences decoded at once per node.", minimum=1, maximum=1024, default=64
-                    ),
-                    "kvBlockTokens": integer(
-                        "Tokens per KV-cache block.", minimum=1, maximum=256, default=16
-                    ),
-                },
-            ),
+            "generation": generation(),
         },
         required=["name", "version", "artifact"],
     )

@@ -29,6 +29,15 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+KV_BLOCK_SIZE_PARAMETER = "kv_block_size"
+"""model.yaml `parameters` key: tokens per KV block for a `task: generate` model (an integer
+from 1 to the context length); without it, `kv_cache.block_size_for_context` of the context."""
+MAX_SEQUENCES_PARAMETER = "max_sequences"
+"""model.yaml `parameters` key: sequences a `task: generate` model decodes at once."""
+MAX_TOKENS_PARAMETER = "max_tokens"
+"""model.yaml `parameters` key: default and upper bound of new tokens per generate request."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Everything the agent knows about a model version before loading it (model.yaml)."""

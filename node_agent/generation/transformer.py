@@ -42,7 +42,7 @@ from node_agent.generation.kv_cache import block_size_for_context, kv_bytes_per_
 from node_agent.runtime.backends.base import Backend
 from node_agent.runtime.model_yaml import parse_quantity, write_model_config
 from node_agent.runtime.repository import sha256_file
-from node_agent.types import ModelConfig, TensorSpec
+from node_agent.types import KV_BLOCK_SIZE_PARAMETER, ModelConfig, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -78,10 +78,6 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 KV_CACHE_PARAMETER = "kv_cache_bytes"
 """model.yaml `parameters` key: bytes of KV cache (a quantity such as 64Mi) for a
 `task: generate` model; the pool holds as many whole blocks as fit."""
-KV_BLOCK_SIZE_PARAMETER = "kv_block_size"
-"""model.yaml `parameters` key: tokens per KV block for a `task: generate` model (an integer
-from 1 to the context length); without it, `kv_cache.block_size_for_context` of the
-model's context (4 for the 512-token TinyLM)."""
 DEFAULT_KV_CONTEXTS = 32
 """Without `kv_cache_bytes`, the KV pool holds this many full contexts. Paged, a session
 holds only the tokens it has (typically a fraction of the context), so 32 contexts hold

@@ -34,7 +34,12 @@ from edgefleet_api.edge_node import EdgeNodeSpec, InvalidEntry, ModelAssignment
 from edgefleet_api.sla import SlaObjectives
 from edgefleet_api.types import ModelId
 from node_agent.errors import InvalidModel
-from node_agent.types import ModelConfig
+from node_agent.types import (
+    KV_BLOCK_SIZE_PARAMETER,
+    MAX_SEQUENCES_PARAMETER,
+    MAX_TOKENS_PARAMETER,
+    ModelConfig,
+)
 
 SUPPORTED_SCHEMES = ("repo", "file", "https", "http")
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.DOTALL)
@@ -203,10 +208,20 @@ def effective_config(base: ModelConfig, entry: ModelAssignment) -> ModelConfig:
         spec_batch = entry.batching.max_batch_size
         batch = min(batch, spec_batch) if base.format == "tensorrt" else spec_batch
         delay_s = entry.batching.max_queue_delay_s
+    parameters = base.parameters
+    if entry.generation is not None:  # the service's generation settings win over model.yaml's
+        g = entry.generation
+        parameters = {
+            **parameters,
+            KV_BLOCK_SIZE_PARAMETER: str(g.kv_block_tokens),
+            MAX_SEQUENCES_PARAMETER: str(g.max_sequences),
+            MAX_TOKENS_PARAMETER: str(g.max_tokens),
+        }
     return dataclasses.replace(
         base,
         name=entry.model,
         version=entry.version,
+        parameters=parameters,
         digest=entry.artifact.digest,
         priority=entry.priority,
         pinned=entry.pinned,

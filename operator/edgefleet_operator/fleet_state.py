@@ -197,6 +197,7 @@ def edge_entry(
         preload=True,
         batching=spec.batching,
         sla=spec.sla,
+        generation=model.generation,
     )
 
 

@@ -53,7 +53,8 @@ def exposed(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     shutil.copytree(example_repo, repo)
     # The classifier gets an SLA, as an InferenceService gives it through its EdgeNode.
     model_yaml = repo / "classifier" / "2" / "model.yaml"  # the version "classifier" requests get
-    model_yaml.write_text(model_yaml.read_text() + "p95_latency_s: 0.5\np99_latency_s: 1.0\nsla_window_s: 5\n")
+    slo = "p95_latency_s: 0.5\np99_latency_s: 1.0\nsla_window_s: 5\n"
+    model_yaml.write_text(model_yaml.read_text() + slo)
     # The simulated thermal source stands in for the GPU sensor this machine lacks (same metrics).
     settings = AgentSettings(
         repo,
