@@ -21,6 +21,8 @@ from edgefleet_api.wire import Obj, mapping, required
 
 MAX_MODELS = 256
 """The CRD's maxItems for spec.models and status.models."""
+MAX_ARTIFACT_PEERS = 8
+"""The CRD's maxItems for spec.artifactPeers."""
 
 # --- spec -------------------------------------------------------------------------------------
 
@@ -127,6 +129,9 @@ class EdgeNodeSpec:
     models: tuple[ModelAssignment, ...] = ()
     drain: bool = False
     invalid: tuple[InvalidEntry, ...] = ()
+    artifact_peers: tuple[str, ...] = ()
+    """Base URLs of agents of this node's site that may hold its artifacts: its agent fetches
+    from them (by digest) before the origin (`peers.choose_peers` in the operator)."""
 
     @classmethod
     def from_obj(cls, obj: Obj, name: str = "") -> EdgeNodeSpec:
@@ -154,6 +159,7 @@ class EdgeNodeSpec:
             models=tuple(sorted(models, key=lambda m: m.key)),
             drain=bool(obj.get("drain", False)),
             invalid=tuple(invalid),
+            artifact_peers=tuple(str(p) for p in obj.get("artifactPeers") or ()),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -165,6 +171,8 @@ class EdgeNodeSpec:
         }
         if self.memory_budget_bytes is not None:
             out["memoryBudgetBytes"] = self.memory_budget_bytes
+        if self.artifact_peers:
+            out["artifactPeers"] = list(self.artifact_peers)
         return out
 
 

@@ -59,13 +59,19 @@ def artifact() -> Schema:
         "hash to the digest is refused.",
         {
             "uri": string(
-                "Artifact location: file://, https://, s3://, gs://, oci://, pvc:// or repo:// "
-                "(a path inside the agent's model repository).",
+                "Artifact location: repo:// (a path inside the agent's model repository), file:// "
+                "(a path on the node) or https:// (http://) (a download: the model.yaml beside it "
+                "needs configDigest). Agents fetch from no other scheme.",
                 pattern=URI_PATTERN,
                 maxLength=2048,
             ),
             "digest": string(
                 "sha256 digest of the artifact: 'sha256:' and 64 lowercase hex characters.",
+                pattern=DIGEST_PATTERN,
+            ),
+            "configDigest": string(
+                "sha256 digest of the model.yaml beside an https:// artifact (its signature); "
+                "an agent loads no model.yaml it cannot verify, so https:// artifacts need it.",
                 pattern=DIGEST_PATTERN,
             ),
         },

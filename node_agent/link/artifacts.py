@@ -1,5 +1,6 @@
 """Artifacts into the model repository: `materialize` resolves a spec entry's artifact URI
-(repo://, file://, https://) into `<model>/<version>`, verified against the spec's digest.
+(repo://, file://, https://) into `<model>/<version>`, verified against the spec's digest
+(downloads: `download.Delivery`; the model.yaml beside one verified against `configDigest`).
 Blocking file and network work (the link runs it on its thread pool); `write_atomic` is the
 crash-safe file replace the link's persisted assignment uses too."""
 
@@ -16,13 +17,14 @@ import urllib.request
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.assignment import effective_config, parse_artifact_uri
+from node_agent.link.download import Delivery
 from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 1 << 20
 
 
-def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelConfig:
+def materialize(
+    repository: ModelRepository, entry: ModelAssignment, delivery: Delivery | None = None
+) -> ModelConfig:
     """Make the entry's artifact present in `repository` as `<model>/<version>`, verified
     against the spec's digest, and return its effective config. Blocking (copies, hashes).
 
@@ -46,7 +50,7 @@ def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelCon
     where = parse_artifact_uri(entry.artifact.uri)
     target_dir = repository.version_dir(entry.id)
     if where.scheme in ("https", "http"):
-        return _download(repository, entry, where.path, target_dir)
+        return _download(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
     if where.scheme == "repo":
         source = (repository.root / where.path).resolve()
         if not source.is_relative_to(repository.root):
@@ -76,21 +80,31 @@ def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelCon
     return config
 
 
-DOWNLOAD_TIMEOUT_S = 30.0
-"""Per read on a download's connection (not the whole transfer: artifacts may be large)."""
+DEFAULT_DELIVERY = Delivery()
+"""Used where no agent passes its own (no peers, no bandwidth limit, the default retries)."""
 
 
-def _download(repository: ModelRepository, entry: ModelAssignment, url: str, target_dir: Path) -> ModelConfig:
-    """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
-    into `target_dir`; the artifact verified against the digest while it streams in."""
+def _download(
+    repository: ModelRepository, entry: ModelAssignment, url: str, target_dir: Path, delivery: Delivery
+) -> ModelConfig:
+    """https:// (or http://): the artifact (`download.Delivery`: from the site's peers, else
+    the origin; resumed after a cut; verified while it streams in) and the model.yaml beside
+    it (same URL folder), which must hash to the spec's `configDigest`: a model.yaml that no
+    digest covers is never loaded."""
     name = PurePosixPath(urlsplit(url).path).name
-    try:
-        _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
-    except (http.client.HTTPException, TimeoutError, ConnectionError) as e:  # cut mid-transfer
-        raise InvalidModel(f"{entry.id}: fetching {url} failed: {type(e).__name__}: {e}") from None
     config_file = target_dir / CONFIG_FILE
+    text: str | None = None
     if not config_file.is_file():
-        text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
+        if entry.artifact.config_digest is None:
+            raise InvalidModel(
+                f"{entry.id}: {entry.artifact.uri} is a download, but its artifact gives no configDigest: "
+                f"the agent loads no {CONFIG_FILE} that a digest does not cover"
+            )
+        text = _fetch_config(urljoin(url, CONFIG_FILE), entry, entry.artifact.config_digest)
+    target = target_dir / name
+    if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
+        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id))
+    if text is not None:
         write_atomic(config_file, text)
     try:
         base = parse_model_config(config_file)
@@ -103,23 +117,26 @@ def _download(repository: ModelRepository, entry: ModelAssignment, url: str, tar
     return config
 
 
-def _open_url(url: str, entry: ModelAssignment) -> Any:
+def _fetch_config(url: str, entry: ModelAssignment, digest: str, limit_bytes: int = 1 << 20) -> str:
+    """The model.yaml at `url`, verified against `digest`."""
     request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
     try:
-        return urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)  # http(s) only: parsed before
+        with urllib.request.urlopen(request, timeout=DEFAULT_DELIVERY.settings.read_timeout_s) as response:
+            data = response.read(limit_bytes + 1)
     except urllib.error.HTTPError as e:
         raise InvalidModel(f"{entry.id}: fetching {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise InvalidModel(f"{entry.id}: fetching {url} failed: {reason}") from None
-
-
-def _fetch_text(url: str, entry: ModelAssignment, limit_bytes: int = 1 << 20) -> str:
-    with _open_url(url, entry) as response:
-        data = response.read(limit_bytes + 1)
     if len(data) > limit_bytes:
         raise InvalidModel(f"{entry.id}: {url} is larger than {limit_bytes} bytes; not a {CONFIG_FILE}")
-    return data.decode("utf-8", errors="replace")
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise DigestMismatch(
+            f"{entry.id}: {url} has digest {actual}, but the EdgeNode spec's configDigest is {digest}; "
+            "refusing to load it"
+        )
+    return data.decode("utf-8")
 
 
 def _base_config(folders: tuple[Path, ...], entry: ModelAssignment) -> ModelConfig:
