@@ -8,6 +8,7 @@ agent. Conventions of `from_obj`/`to_obj`: see `model_spec`.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,15 @@ MAX_MODELS = 256
 """The CRD's maxItems for spec.models and status.models."""
 MAX_ARTIFACT_PEERS = 8
 """The CRD's maxItems for spec.artifactPeers."""
+
+
+def seed_rank(endpoint: str) -> bytes:
+    """Orders a site's agents for artifact seeding: the agent whose endpoint ranks first among
+    itself and its spec.artifactPeers fetches from the origin at once, the others wait for a
+    peer to hold the artifact. The operator puts the site's first-ranked agent into every other
+    agent's peers, so a site has one seed and its uplink carries about one copy."""
+    return hashlib.sha256(endpoint.encode()).digest()
+
 
 # --- spec -------------------------------------------------------------------------------------
 

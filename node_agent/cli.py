@@ -248,7 +248,7 @@ def _edge_node_args(group: argparse._ArgumentGroup) -> None:
         "--download-attempts",
         type=int,
         metavar="N",
-        help="transfers from the origin per artifact at most, each resuming the last (default 6)",
+        help="transfers from the origin per artifact at most, each resuming the last (default 3)",
     )
     group.add_argument(
         "--download-backoff-max",

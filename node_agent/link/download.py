@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefleet_api.edge_node import seed_rank
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.settings import Backoff, LinkSettings
@@ -65,8 +66,10 @@ _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 class RetryPolicy:
     """How often and how long a download from the origin is retried. Times in seconds."""
 
-    attempts: int = 6
-    """Transfers from the origin at most (the first one included)."""
+    attempts: int = 3
+    """Transfers from the origin at most (the first one included). Few: the part file stays,
+    and the link retries a failed version (`retry_failed_s`), resuming it; more here would
+    only delay the Failed status that tells the operator the origin is out of reach."""
     initial_s: float = 1.0
     max_s: float = 30.0
     """Delay after the n-th failure: initial_s * 2**(n-1), at most max_s, drawn from [d/2, d]
@@ -255,17 +258,14 @@ class Delivery:
         )
         self._clock, self._sleep, self._rng = clock, sleep, rng or random.Random()
 
-    def is_seeder(self, digest: str) -> bool:
-        """Whether this node fetches `digest` from the origin at once rather than wait for a
-        peer to hold it: it ranks first, by rendezvous hash of the digest, among itself and its
-        peers. Nodes that share a peer list agree on one seeder per artifact, so a site's
-        uplink carries about one copy; without its own URL a node never waits."""
+    def is_seeder(self) -> bool:
+        """Whether this node fetches from the origin at once rather than wait for a peer to
+        hold an artifact: its URL ranks first (`edge_node.seed_rank`) among itself and its
+        peers. The operator gives every other node of the site the seed among its peers, so
+        a site has one; without its own URL or peers a node never waits."""
         if not self.self_url or not self.peers:
             return True
-        ranked = sorted(
-            (*self.peers, self.self_url), key=lambda u: hashlib.sha256(f"{digest}\x00{u}".encode()).digest()
-        )
-        return ranked[0] == self.self_url
+        return min((*self.peers, self.self_url), key=seed_rank) == self.self_url
 
     def fetch(self, url: str, target: Path, digest: str, label: str = "") -> FetchReport:
         """`target` holds the bytes with sha256 `digest` on return (fetched from a peer or
@@ -292,7 +292,7 @@ class Delivery:
         s = self.settings
         if not self.peers:
             return False
-        wait_until_s = self._clock() + (0.0 if self.is_seeder(digest) else s.peer_wait_s)
+        wait_until_s = self._clock() + (0.0 if self.is_seeder() else s.peer_wait_s)
         delay_s = s.retry.initial_s
         failed: set[str] = set()
         while True:

@@ -71,7 +71,7 @@ class LinkSettings:
     download_bandwidth_bytes_per_s: int = 0
     """This node's limit on artifact download bytes per second, all downloads together (a
     token bucket, `download.TokenBucket`); 0: none. The chart's `agent.download.bandwidth`."""
-    download_attempts: int = 6
+    download_attempts: int = 3
     """Transfers from the origin per artifact at most (each resumes where the last stopped)."""
     download_backoff_initial_s: float = 1.0
     download_backoff_max_s: float = 30.0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from node_agent.serving.responses import HttpError
+from node_agent.serving.responses import HttpError, error_response
 
 ROUTE = "/edgefleet/v1/artifacts/sha256/{hex}"
 _HEX = re.compile(r"^[a-f0-9]{64}$")
@@ -41,9 +41,9 @@ class ArtifactRoute:
         hex_ = request.match_info["hex"]
         lookup = self.lookup
         if not _HEX.match(hex_) or lookup is None:
-            raise HttpError(404, "no such artifact here")
+            return error_response(HttpError(404, "no such artifact here"))
         path = lookup("sha256:" + hex_)  # a dict walk and a stat: cheap enough for the loop
         if path is None:
-            raise HttpError(404, f"this agent holds no verified artifact sha256:{hex_}")
+            return error_response(HttpError(404, f"this agent holds no verified artifact sha256:{hex_}"))
         self.served += 1
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

@@ -4,9 +4,11 @@ spec.artifactPeers). Pure: no API calls.
 
 Invariants: a node is never its own peer; peers share its site (a node with no site label gets
 none: the operator cannot tell which links are local); only agents that report an endpoint
-and are healthy are chosen; the choice is stable (rendezvous hashing of the node and peer
-names: adding or losing one agent changes few lists) and spreads the fetches of a site over
-its agents instead of sending them all to one.
+and are healthy are chosen; every node but the site's seed (the eligible agent whose endpoint
+ranks first by `edge_node.seed_rank`) has the seed among its peers, so exactly one agent of
+the site goes to the origin at once and the others wait for a peer to hold the artifact;
+the other peers are stable (rendezvous hashing of the node and peer names: adding or losing
+one agent changes few lists) and spread a site's fetches over its agents.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from edgefleet_api.edge_node import seed_rank
 
 SITE_LABEL = "edgefleet.io/site"
 DEFAULT_MAX_PEERS = 3
@@ -58,6 +62,10 @@ def choose_peers(
     ]
     eligible.sort(key=lambda c: _score(node.name, c.name))
     chosen: list[str] = []
+    if eligible:
+        seed = min(eligible, key=lambda c: seed_rank(c.endpoint))
+        if not node.endpoint or seed_rank(seed.endpoint) < seed_rank(node.endpoint):
+            chosen.append(seed.endpoint)
     for c in eligible:
         if c.endpoint not in chosen and c.endpoint != node.endpoint:
             chosen.append(c.endpoint)

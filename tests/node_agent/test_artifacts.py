@@ -15,8 +15,8 @@ from edgefleet_api.edge_node import ModelAssignment
 from edgefleet_api.model_spec import Artifact
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.artifacts import materialize
-from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.link.assignment import UnsupportedArtifact
+from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.runtime.model_yaml import parse_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 
