@@ -25,19 +25,22 @@ class OriginLog:
     """What the origin did: body bytes sent, and each GET's (path, Range header, status)."""
 
     sent_bytes: int = 0
+    sent_by_path: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Origin:
     """`files`: path -> bytes. Faults, settable at any time: `cuts` (a list; each response
-    takes the first and closes the connection after that many body bytes), `ignore_range`
+    takes the first and closes the connection after that many body bytes; `cut_only`: of one path), `ignore_range`
     (answer 200 with everything), `corrupt` (flip a byte in every body), `rate_bytes_per_s`
     (all responses together; 0: none)."""
 
     def __init__(self, files: Mapping[str, bytes], rate_bytes_per_s: int = 0) -> None:
         self.files = dict(files)
         self.cuts: list[int] = []
+        self.cut_only: str | None = None
+        """When set, only responses for this path take cuts."""
         self.ignore_range = False
         self.corrupt = False
         self.log = OriginLog()
@@ -99,7 +102,7 @@ class Origin:
         if status == 206:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         h.end_headers()
-        cut = self.cuts.pop(0) if self.cuts else None
+        cut = self.cuts.pop(0) if self.cuts and self.cut_only in (None, path) else None
         limit = len(body) if cut is None else min(cut, len(body))
         sent = 0
         try:
@@ -113,6 +116,7 @@ class Origin:
                 sent += len(chunk)
                 with self.log.lock:
                     self.log.sent_bytes += len(chunk)
+                    self.log.sent_by_path[path] = self.log.sent_by_path.get(path, 0) + len(chunk)
             h.wfile.flush()
         except OSError:
             return  # the client went away

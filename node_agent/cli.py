@@ -297,6 +297,8 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
     ):
         if getattr(args, flag) is not None:
             download[name] = getattr(args, flag)
+    if args.download_backoff_max is not None:  # a shorter cap lowers the first delay with it
+        download["download_backoff_initial_s"] = min(args.download_backoff_max, 1.0)
     link = LinkSettings.from_env(
         edge_node=args.edge_node,
         namespace=namespace or "default",

@@ -14,8 +14,9 @@ one agent changes few lists) and spread a site's fetches over its agents.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edgefleet_api.edge_node import seed_rank
 
@@ -83,3 +84,19 @@ def artifact_peers(
     for c in every:
         by_site.setdefault(c.site, []).append(c)
     return {c.name: choose_peers(c, by_site.get(c.site, ()), k) for c in every}
+
+
+def candidates(
+    nodes: Iterable[Mapping[str, Any]], edge_nodes: Mapping[str, Mapping[str, Any]], healthy: Container[str]
+) -> list[PeerCandidate]:
+    """PeerCandidates from the API's JSON: each EdgeNode (by name) with the site label of its
+    Node (spec.nodeName), its status.endpoint, and whether its name is in `healthy`."""
+    labels = {
+        str(n.get("metadata", {}).get("name")): n.get("metadata", {}).get("labels") or {} for n in nodes
+    }
+    out = []
+    for name, en in sorted(edge_nodes.items()):
+        node = str((en.get("spec") or {}).get("nodeName") or name)
+        endpoint = str((en.get("status") or {}).get("endpoint") or "")
+        out.append(PeerCandidate.of(name, labels.get(node, {}), endpoint, name in healthy))
+    return out

@@ -4,7 +4,7 @@ node itself; one seed per site in every other node's list; stable under churn.""
 from __future__ import annotations
 
 from edgefleet_api.edge_node import seed_rank
-from edgefleet_operator.peers import SITE_LABEL, PeerCandidate, artifact_peers, choose_peers
+from edgefleet_operator.peers import SITE_LABEL, PeerCandidate, artifact_peers, candidates, choose_peers
 
 
 def fleet(sites: int, per_site: int) -> list[PeerCandidate]:
@@ -49,3 +49,23 @@ def test_the_choice_is_stable_when_an_agent_leaves() -> None:
     changed = [n for n in after if set(after[n]) != set(before[n])]
     assert all(gone.endpoint in before[n] for n in changed)  # only the lists that held it change
     assert len(changed) < len(after)
+
+
+def test_candidates_from_the_api_objects() -> None:
+    nodes = [
+        {"metadata": {"name": "n1", "labels": {SITE_LABEL: "berlin"}}},
+        {"metadata": {"name": "n2", "labels": {SITE_LABEL: "berlin"}}},
+        {"metadata": {"name": "n3"}},
+    ]
+    edge_nodes = {
+        "n1": {"spec": {"nodeName": "n1"}, "status": {"endpoint": "http://10.0.0.1:8000"}},
+        "n2": {"spec": {"nodeName": "n2"}, "status": {"endpoint": "http://10.0.0.2:8000"}},
+        "n3": {"spec": {"nodeName": "n3"}, "status": {}},
+    }
+    got = candidates(nodes, edge_nodes, healthy={"n1"})
+    assert got == [
+        PeerCandidate("n1", "berlin", "http://10.0.0.1:8000", True),
+        PeerCandidate("n2", "berlin", "http://10.0.0.2:8000", False),
+        PeerCandidate("n3", "", "", False),
+    ]
+    assert artifact_peers(got) == {"n1": (), "n2": ("http://10.0.0.1:8000",), "n3": ()}
