@@ -32,9 +32,9 @@ class OriginLog:
 
 class Origin:
     """`files`: path -> bytes. Faults, settable at any time: `cuts` (a list; each response
-    takes the first and closes the connection after that many body bytes; `cut_only`: of one path), `ignore_range`
-    (answer 200 with everything), `corrupt` (flip a byte in every body), `rate_bytes_per_s`
-    (all responses together; 0: none)."""
+    takes the first and closes the connection after that many body bytes; `cut_only`: only
+    responses for that path), `ignore_range` (answer 200 with everything), `corrupt` (flip a
+    byte in every body), `rate_bytes_per_s` (all responses together; 0: none)."""
 
     def __init__(self, files: Mapping[str, bytes], rate_bytes_per_s: int = 0) -> None:
         self.files = dict(files)
