@@ -19,8 +19,9 @@ Invariants:
   from the origin from its first byte;
 - the origin is retried `RetryPolicy.attempts` times at most and within `total_s`, with
   exponential backoff and jitter; 4xx answers other than 408/429 are not retried;
-- every byte read passes the node's `TokenBucket` (one per agent, shared by its downloads),
-  so the node stays under its bandwidth limit.
+- every byte read from the origin passes the node's `TokenBucket` (one per agent, shared by
+  its downloads), so the node stays under its bandwidth limit on the uplink; bytes from site
+  peers (the LAN) are not paced.
 
 Blocking (urllib): runs on the link's thread pool.
 """
@@ -92,7 +93,8 @@ class DeliverySettings:
     """How this node downloads artifacts."""
 
     bandwidth_bytes_per_s: int = 0
-    """The node's limit on download bytes per second, all downloads together; 0: none."""
+    """The node's limit on bytes per second from origins (the uplink), all downloads
+    together; 0: none. Peer transfers (the site's LAN) are not counted."""
     burst_bytes: int = 1 << 20
     """Bytes that may pass at once after an idle spell (the token bucket's depth)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -423,7 +425,7 @@ class Delivery:
                         report.bytes_by_source[source.url] = report.bytes_by_source.get(source.url, 0) + len(
                             chunk
                         )
-                        if self.bucket is not None:
+                        if self.bucket is not None and not source.peer:
                             wait_s = self.bucket.take(len(chunk), self._clock())
                             if wait_s > 0:
                                 self._sleep(wait_s)

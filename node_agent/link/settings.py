@@ -69,8 +69,9 @@ class LinkSettings:
     serves the persisted assignment."""
     memory_pressure_fraction: float = 0.95
     download_bandwidth_bytes_per_s: int = 0
-    """This node's limit on artifact download bytes per second, all downloads together (a
-    token bucket, `download.TokenBucket`); 0: none. The chart's `agent.download.bandwidth`."""
+    """This node's limit on bytes per second downloaded from artifact origins (the uplink), all
+    downloads together (a token bucket, `download.TokenBucket`; site peers are not paced); 0:
+    none."""
     download_attempts: int = 3
     """Transfers from the origin per artifact at most (each resumes where the last stopped)."""
     download_backoff_initial_s: float = 1.0
