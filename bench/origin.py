@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from node_agent.link.download import TokenBucket
 
@@ -43,6 +45,9 @@ class Origin:
         """When set, only responses for this path take cuts."""
         self.ignore_range = False
         self.corrupt = False
+        self.token: str | None = None
+        """When set, every path but `token` needs `Authorization: Bearer <token>` (401 with a
+        Bearer challenge whose realm is `<base>/token`, which hands it out)."""
         self.log = OriginLog()
         self.bucket = TokenBucket(rate_bytes_per_s, 64 * 1024) if rate_bytes_per_s else None
         origin = self
@@ -70,9 +75,21 @@ class Origin:
         self.httpd.server_close()
 
     def _serve(self, h: http.server.BaseHTTPRequestHandler) -> None:
-        path = h.path.lstrip("/")
-        data = self.files.get(path)
+        path = urlsplit(h.path).path.lstrip("/")
         range_ = h.headers.get("Range")
+        if self.token is not None:  # a registry's anonymous token flow
+            if path == "token":
+                self.files["token"] = json.dumps({"token": self.token}).encode()
+            elif h.headers.get("Authorization") != f"Bearer {self.token}":
+                self._record(path, range_, 401)
+                h.send_response(401)
+                h.send_header(
+                    "WWW-Authenticate", f'Bearer realm="{self.base}/token",service="origin",scope="pull"'
+                )
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+        data = self.files.get(path)
         if data is None:
             self._record(path, range_, 404)
             h.send_error(404)

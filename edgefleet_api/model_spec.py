@@ -18,9 +18,10 @@ from edgefleet_api.types import ModelId, Priority
 from edgefleet_api.wire import Obj, mapping, required
 
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+OCI_DIGEST_REFERENCE = re.compile(r"@sha256:[a-f0-9]{64}$")
 FORMATS = ("torchscript", "tensorrt", "tinylm-npz")
 """The formats an agent backend serves (`node_agent.runtime.backends`); the CRD admits only these."""
-URI_SCHEMES = ("repo", "file", "http", "https")
+URI_SCHEMES = ("repo", "file", "http", "https", "oci")
 """The artifact URI schemes an agent fetches from (`node_agent.link.assignment`)."""
 TASKS = ("predict", "generate")
 PRIORITY_NAMES = tuple(p.name.lower() for p in Priority)
@@ -34,7 +35,11 @@ def check_servable(uri: str, format_: str) -> None:
         raise ValueError(
             f"artifact.uri {uri!r}: scheme {scheme or '(none)'!r} is not one an agent fetches from "
             f"({', '.join(s + '://' for s in URI_SCHEMES)})"
-            "; s3://, gs://, oci:// and pvc:// are not supported"
+            "; s3://, gs:// and pvc:// are not supported"
+        )
+    if scheme == "oci" and not OCI_DIGEST_REFERENCE.search(uri):
+        raise ValueError(
+            f"artifact.uri {uri!r}: oci:// takes a digest reference (...@sha256:<64 hex>), not a tag"
         )
     if format_ not in FORMATS:
         raise ValueError(f"format {format_!r}: no agent backend serves it (one of {', '.join(FORMATS)})")

@@ -18,8 +18,8 @@ QUANTITY_PATTERN = (
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
 DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
-URI_PATTERN = r"^(file|https?|repo)://\S+$"
-"""The schemes of `model_spec.URI_SCHEMES` (what an agent fetches from)."""
+URI_PATTERN = r"^((file|https?|repo)://\S+|oci://\S+@sha256:[a-f0-9]{64})$"
+"""The schemes of `model_spec.URI_SCHEMES` (what an agent fetches from); oci:// by digest only."""
 MAX_WAVES = 10
 
 PRIORITIES = ["critical", "high", "normal", "low"]

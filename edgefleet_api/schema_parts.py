@@ -60,8 +60,10 @@ def artifact() -> Schema:
         {
             "uri": string(
                 "Artifact location: repo:// (a path inside the agent's model repository), file:// "
-                "(a path on the node) or https:// (http://) (a download: the model.yaml beside it "
-                "needs configDigest). Agents fetch from no other scheme.",
+                "(a path on the node), https:// (http://) (a download, with the model.yaml beside "
+                "it) or oci://<registry>/<repository>@sha256:<manifest digest> (an ORAS-style "
+                "artifact whose layers are the model and its model.yaml). Downloads and registries "
+                "need configDigest. Agents fetch from no other scheme.",
                 pattern=URI_PATTERN,
                 maxLength=2048,
             ),
@@ -70,8 +72,8 @@ def artifact() -> Schema:
                 pattern=DIGEST_PATTERN,
             ),
             "configDigest": string(
-                "sha256 digest of the model.yaml beside an https:// artifact (its signature); "
-                "an agent loads no model.yaml it cannot verify, so https:// artifacts need it.",
+                "sha256 digest of the model.yaml of an https:// or oci:// artifact (its signature); "
+                "an agent loads no model.yaml it cannot verify, so those artifacts need it.",
                 pattern=DIGEST_PATTERN,
             ),
         },

@@ -1,6 +1,7 @@
 """Artifacts into the model repository: `materialize` resolves a spec entry's artifact URI
-(repo://, file://, https://) into `<model>/<version>`, verified against the spec's digest
-(downloads: `download.Delivery`; the model.yaml beside one verified against `configDigest`).
+(repo://, file://, https://, oci://) into `<model>/<version>`, verified against the spec's
+digest (downloads: `download.Delivery`; registries: `oci`; the model.yaml of either verified
+against `configDigest`).
 Blocking file and network work (the link runs it on its thread pool); `write_atomic` is the
 crash-safe file replace the link's persisted assignment uses too."""
 
@@ -14,7 +15,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -25,6 +26,8 @@ from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.assignment import effective_config, parse_artifact_uri
 from node_agent.link.download import Delivery
+from node_agent.link.oci import Pull, Registry, parse_oci
+from node_agent.runtime.backends import default_artifact
 from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig
@@ -51,6 +54,8 @@ def materialize(
     target_dir = repository.version_dir(entry.id)
     if where.scheme in ("https", "http"):
         return _download(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
+    if where.scheme == "oci":
+        return _pull(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
     if where.scheme == "repo":
         source = (repository.root / where.path).resolve()
         if not source.is_relative_to(repository.root):
@@ -85,25 +90,29 @@ DEFAULT_DELIVERY = Delivery()
 
 
 def _download(
-    repository: ModelRepository, entry: ModelAssignment, url: str, target_dir: Path, delivery: Delivery
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    url: str,
+    target_dir: Path,
+    delivery: Delivery,
+    pull: Pull | None = None,
 ) -> ModelConfig:
     """https:// (or http://): the artifact (`download.Delivery`: from the site's peers, else
     the origin; resumed after a cut; verified while it streams in) and the model.yaml beside
     it (same URL folder), which must hash to the spec's `configDigest`: a model.yaml that no
-    digest covers is never loaded."""
-    name = PurePosixPath(urlsplit(url).path).name
+    digest covers is never loaded. `pull`: an oci:// artifact's blobs instead (`oci`)."""
+    name = pull.file_name if pull else PurePosixPath(urlsplit(url).path).name
+    headers = pull.headers if pull else None
     config_file = target_dir / CONFIG_FILE
     text: str | None = None
     if not config_file.is_file():
-        if entry.artifact.config_digest is None:
-            raise InvalidModel(
-                f"{entry.id}: {entry.artifact.uri} is a download, but its artifact gives no configDigest: "
-                f"the agent loads no {CONFIG_FILE} that a digest does not cover"
-            )
-        text = _fetch_config(urljoin(url, CONFIG_FILE), entry, entry.artifact.config_digest)
+        config_digest = _config_digest(entry)
+        text = _fetch_config(
+            pull.config_url if pull else urljoin(url, CONFIG_FILE), entry, config_digest, headers
+        )
     target = target_dir / name
     if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
-        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id))
+        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id), headers=headers)
     if text is not None:
         write_atomic(config_file, text)
     try:
@@ -117,9 +126,48 @@ def _download(
     return config
 
 
-def _fetch_config(url: str, entry: ModelAssignment, digest: str, limit_bytes: int = 1 << 20) -> str:
+def _pull(
+    repository: ModelRepository, entry: ModelAssignment, uri: str, target_dir: Path, delivery: Delivery
+) -> ModelConfig:
+    """oci://: the manifest by its digest, then the artifact and model.yaml blobs by theirs
+    (`oci`). A version folder that already holds the verified artifact its model.yaml names
+    needs no registry (an agent restarted offline serves it)."""
+    config_file = target_dir / CONFIG_FILE
+    if config_file.is_file():
+        with suppress(InvalidModel):
+            base = parse_model_config(config_file)
+            artifact = target_dir / base.artifact
+            if artifact.parent == target_dir and sha256_file(artifact) == entry.artifact.digest:
+                config = effective_config(base, entry)
+                repository.artifact_path(config)
+                return config
+    config_digest = _config_digest(entry)
+    registry = Registry(parse_oci(uri), DEFAULT_DELIVERY.settings.read_timeout_s)
+    pull = registry.pull(entry.artifact.digest, config_digest, default_artifact(entry.format), str(entry.id))
+    config_file.unlink(missing_ok=True)  # taken from the registry, verified, with the artifact
+    return _download(repository, entry, pull.artifact_url, target_dir, delivery, pull)
+
+
+def _config_digest(entry: ModelAssignment) -> str:
+    if entry.artifact.config_digest is None:
+        raise InvalidModel(
+            f"{entry.id}: {entry.artifact.uri} is a download, but its artifact gives no configDigest: "
+            f"the agent loads no {CONFIG_FILE} that a digest does not cover"
+        )
+    return entry.artifact.config_digest
+
+
+def _fetch_config(
+    url: str,
+    entry: ModelAssignment,
+    digest: str,
+    headers: Mapping[str, str] | None = None,
+    limit_bytes: int = 1 << 20,
+) -> str:
     """The model.yaml at `url`, verified against `digest`."""
-    request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
+    request = urllib.request.Request(
+        url, headers={"User-Agent": f"edgefleet-agent/{__version__}", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=DEFAULT_DELIVERY.settings.read_timeout_s) as response:
             data = response.read(limit_bytes + 1)

@@ -269,10 +269,12 @@ class Delivery:
             return True
         return min((*self.peers, self.self_url), key=seed_rank) == self.self_url
 
-    def fetch(self, url: str, target: Path, digest: str, label: str = "") -> FetchReport:
+    def fetch(
+        self, url: str, target: Path, digest: str, label: str = "", headers: Mapping[str, str] | None = None
+    ) -> FetchReport:
         """`target` holds the bytes with sha256 `digest` on return (fetched from a peer or
-        `url`). Raises `DigestMismatch` (the origin's bytes are not the digest's),
-        `InvalidModel` (no source could deliver them), OSError (the disk)."""
+        `url`, with `headers`, e.g. a registry's token). Raises `DigestMismatch` (the origin's
+        bytes are not the digest's), `InvalidModel` (no source could deliver them), OSError."""
         label = label or target.name
         target.parent.mkdir(parents=True, exist_ok=True)
         part = _Part(part_path(target))
@@ -280,8 +282,9 @@ class Delivery:
         if part.size and part.digest() == digest:
             self._finish(part, target)
             return report
+        origin = Source(url, False, dict(headers or {}))
         if self._from_peers(digest, part, report, label) or self._from_origin(
-            url, digest, part, report, label
+            origin, digest, part, report, label
         ):
             self._finish(part, target)
             log.info("stored %s (%s)", target, _summary(report))
@@ -323,11 +326,11 @@ class Delivery:
             self._sleep(delay_s)
             delay_s = min(delay_s * 2, s.retry.max_s)
 
-    def _from_origin(self, url: str, digest: str, part: _Part, report: FetchReport, label: str) -> bool:
+    def _from_origin(self, source: Source, digest: str, part: _Part, report: FetchReport, label: str) -> bool:
+        url = source.url
         retry = self.settings.retry
         deadline_s = self._clock() + retry.total_s
         backoff = Backoff(retry.initial_s, retry.max_s, self._rng)
-        source = Source(url)
         fresh_retried = False
         while True:
             resumed = part.size > 0

@@ -1,4 +1,4 @@
-"""The contract admits only what an agent can serve: artifact schemes repo/file/http/https,
+"""The contract admits only what an agent can serve: artifact schemes repo/file/http/https/oci
 the formats an agent backend loads; an https:// artifact's model.yaml digest (configDigest) and
 an EdgeNode's artifact peers are carried through."""
 
@@ -25,13 +25,20 @@ def model(
 def test_the_crd_admits_what_the_agent_serves_and_nothing_else() -> None:
     assert set(FORMATS) == set(CRD_FORMATS) == set(BACKEND_FORMATS)
     assert set(URI_SCHEMES) == set(SUPPORTED_SCHEMES)
-    assert URI_PATTERN == r"^(file|https?|repo)://\S+$"
+    assert URI_PATTERN == r"^((file|https?|repo)://\S+|oci://\S+@sha256:[a-f0-9]{64})$"
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs", "oci", "pvc"])
+@pytest.mark.parametrize("scheme", ["s3", "gs", "pvc"])
 def test_unfetchable_schemes_are_refused_with_what_is_admitted(scheme: str) -> None:
     with pytest.raises(ValueError, match=rf"scheme '{scheme}' is not one an agent fetches from \(repo://"):
         ModelSpec.from_obj(model(f"{scheme}://bucket/m/1/model.pt"))
+
+
+def test_oci_takes_a_digest_reference_not_a_tag() -> None:
+    uri = "oci://registry.example:5000/models/classifier@" + DIGEST
+    assert ModelSpec.from_obj(model(uri)).artifact.uri == uri
+    with pytest.raises(ValueError, match="oci:// takes a digest reference"):
+        ModelSpec.from_obj(model("oci://registry.example/models/classifier:v1"))
 
 
 def test_a_format_no_backend_serves_is_refused() -> None:

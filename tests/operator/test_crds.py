@@ -266,8 +266,13 @@ INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
             set_path("spec.models[0].artifact.uri", f"{scheme}://bucket/model.pt"),
             ("spec.models[0].artifact.uri", "should match"),
         )
-        for scheme in ("s3", "gs", "oci", "pvc")
+        for scheme in ("s3", "gs", "pvc")
     ],
+    (
+        "oci-tag-reference",
+        set_path("spec.models[0].artifact.uri", "oci://registry.example/models/classifier:v1"),
+        ("spec.models[0].artifact.uri", "should match"),
+    ),
     (
         "onnx-format",
         set_path("spec.models[0].format", "onnx"),
