@@ -104,17 +104,13 @@ def _download(
     name = pull.file_name if pull else PurePosixPath(urlsplit(url).path).name
     headers = pull.headers if pull else None
     config_file = target_dir / CONFIG_FILE
-    text: str | None = None
-    if not config_file.is_file():
-        config_digest = _config_digest(entry)
-        text = _fetch_config(
-            pull.config_url if pull else urljoin(url, CONFIG_FILE), entry, config_digest, headers
-        )
+    config_digest = None if config_file.is_file() else _config_digest(entry)  # refused before any byte
     target = target_dir / name
     if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
         delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id), headers=headers)
-    if text is not None:
-        write_atomic(config_file, text)
+    if config_digest is not None:
+        config_url = pull.config_url if pull else urljoin(url, CONFIG_FILE)
+        write_atomic(config_file, _fetch_config(config_url, entry, config_digest, headers))
     try:
         base = parse_model_config(config_file)
     except InvalidModel as e:

@@ -83,7 +83,8 @@ def test_materialize_downloads_http_artifacts_verified(example_repo: Path, tmp_p
             materialize(repo, desired("classifier", "1", d1, url))
         with pytest.raises(DigestMismatch, match="configDigest"):
             materialize(repo, desired("classifier", "1", d1, url, "sha256:" + "0" * 64))
-        assert not (tmp_path / "models" / "classifier" / "1" / "model.pt").exists()
+        assert not (tmp_path / "models" / "classifier" / "1" / "model.yaml").exists()  # never unverified
+        (tmp_path / "models" / "classifier" / "1" / "model.pt").unlink()  # (verified: it was kept)
         server.paths.clear()
         config = materialize(repo, desired("classifier", "1", d1, url, c1))
         assert (config.name, config.version, config.digest) == ("classifier", "1", d1)
