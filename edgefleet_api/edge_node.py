@@ -8,6 +8,7 @@ agent. Conventions of `from_obj`/`to_obj`: see `model_spec`.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,17 @@ from edgefleet_api.wire import Obj, mapping, required
 
 MAX_MODELS = 256
 """The CRD's maxItems for spec.models and status.models."""
+MAX_ARTIFACT_PEERS = 8
+"""The CRD's maxItems for spec.artifactPeers."""
+
+
+def seed_rank(endpoint: str) -> bytes:
+    """Orders a site's agents for artifact seeding: the agent whose endpoint ranks first among
+    itself and its spec.artifactPeers fetches from the origin at once, the others wait for a
+    peer to hold the artifact. The operator puts the site's first-ranked agent into every other
+    agent's peers, so a site has one seed and its uplink carries about one copy."""
+    return hashlib.sha256(endpoint.encode()).digest()
+
 
 # --- spec -------------------------------------------------------------------------------------
 
@@ -132,6 +144,9 @@ class EdgeNodeSpec:
     models: tuple[ModelAssignment, ...] = ()
     drain: bool = False
     invalid: tuple[InvalidEntry, ...] = ()
+    artifact_peers: tuple[str, ...] = ()
+    """Base URLs of agents of this node's site that may hold its artifacts: its agent fetches
+    from them (by digest) before the origin (`peers.choose_peers` in the operator)."""
 
     @classmethod
     def from_obj(cls, obj: Obj, name: str = "") -> EdgeNodeSpec:
@@ -159,6 +174,7 @@ class EdgeNodeSpec:
             models=tuple(sorted(models, key=lambda m: m.key)),
             drain=bool(obj.get("drain", False)),
             invalid=tuple(invalid),
+            artifact_peers=tuple(str(p) for p in obj.get("artifactPeers") or ()),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -170,6 +186,8 @@ class EdgeNodeSpec:
         }
         if self.memory_budget_bytes is not None:
             out["memoryBudgetBytes"] = self.memory_budget_bytes
+        if self.artifact_peers:
+            out["artifactPeers"] = list(self.artifact_peers)
         return out
 
 

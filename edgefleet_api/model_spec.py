@@ -18,9 +18,31 @@ from edgefleet_api.types import ModelId, Priority
 from edgefleet_api.wire import Obj, mapping, required
 
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-FORMATS = ("torchscript", "tensorrt", "onnx", "tinylm-npz")
+OCI_DIGEST_REFERENCE = re.compile(r"@sha256:[a-f0-9]{64}$")
+FORMATS = ("torchscript", "tensorrt", "tinylm-npz")
+"""The formats an agent backend serves (`node_agent.runtime.backends`); the CRD admits only these."""
+URI_SCHEMES = ("repo", "file", "http", "https", "oci")
+"""The artifact URI schemes an agent fetches from (`node_agent.link.assignment`)."""
 TASKS = ("predict", "generate")
 PRIORITY_NAMES = tuple(p.name.lower() for p in Priority)
+
+
+def check_servable(uri: str, format_: str) -> None:
+    """ValueError, saying what is admitted, unless an agent can fetch `uri` and serve `format_`
+    (the CRD's pattern and enum say the same; this holds objects written before they did)."""
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme not in URI_SCHEMES:
+        raise ValueError(
+            f"artifact.uri {uri!r}: scheme {scheme or '(none)'!r} is not one an agent fetches from "
+            f"({', '.join(s + '://' for s in URI_SCHEMES)})"
+            "; s3://, gs:// and pvc:// are not supported"
+        )
+    if scheme == "oci" and not OCI_DIGEST_REFERENCE.search(uri):
+        raise ValueError(
+            f"artifact.uri {uri!r}: oci:// takes a digest reference (...@sha256:<64 hex>), not a tag"
+        )
+    if format_ not in FORMATS:
+        raise ValueError(f"format {format_!r}: no agent backend serves it (one of {', '.join(FORMATS)})")
 
 
 def priority_to_obj(priority: Priority) -> str:
@@ -29,22 +51,34 @@ def priority_to_obj(priority: Priority) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Artifact:
-    """Where a model's artifact is and the digest its bytes must have."""
+    """Where a model's artifact is and the digest its bytes must have; `config_digest`: the
+    digest of the model.yaml beside it (required for http(s) artifacts: an agent loads no
+    model.yaml it cannot verify)."""
 
     uri: str
     digest: str
+    config_digest: str | None = None
 
     def __post_init__(self) -> None:
-        if not DIGEST_RE.match(self.digest):
-            raise ValueError(f"artifact digest {self.digest!r} is not 'sha256:' and 64 lowercase hex digits")
+        for what, value in (("digest", self.digest), ("configDigest", self.config_digest)):
+            if value is not None and not DIGEST_RE.match(value):
+                raise ValueError(f"artifact {what} {value!r} is not 'sha256:' and 64 lowercase hex digits")
 
     @classmethod
     def from_obj(cls, obj: Obj) -> Artifact:
         obj = mapping(obj, "artifact")
-        return cls(str(required(obj, "uri", "artifact.")), str(required(obj, "digest", "artifact.")))
+        config = obj.get("configDigest")
+        return cls(
+            str(required(obj, "uri", "artifact.")),
+            str(required(obj, "digest", "artifact.")),
+            str(config) if config is not None else None,
+        )
 
     def to_obj(self) -> dict[str, Any]:
-        return {"uri": self.uri, "digest": self.digest}
+        out = {"uri": self.uri, "digest": self.digest}
+        if self.config_digest is not None:
+            out["configDigest"] = self.config_digest
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +182,9 @@ class ModelSpec:
     priority: Priority = Priority.NORMAL
     pinned: bool = False
     generation: GenerationSettings | None = None
+
+    def __post_init__(self) -> None:
+        check_servable(self.artifact.uri, self.format)
 
     @property
     def id(self) -> ModelId:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgefleet_api import model_spec
+
 Schema = dict[str, Any]
 
 
@@ -16,11 +18,13 @@ QUANTITY_PATTERN = (
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 VERSION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
 DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
-URI_PATTERN = r"^(file|https?|s3|gs|oci|pvc|repo)://\S+$"
+URI_PATTERN = r"^((file|https?|repo)://\S+|oci://\S+@sha256:[a-f0-9]{64})$"
+"""The schemes of `model_spec.URI_SCHEMES` (what an agent fetches from); oci:// by digest only."""
 MAX_WAVES = 10
 
 PRIORITIES = ["critical", "high", "normal", "low"]
-FORMATS = ["torchscript", "tensorrt", "onnx", "tinylm-npz"]
+FORMATS = list(model_spec.FORMATS)
+"""What an agent backend serves (`model_spec.FORMATS`)."""
 # KServe Open Inference Protocol (v2) tensor datatypes.
 DATATYPES = [
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",

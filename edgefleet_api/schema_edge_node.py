@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from edgefleet_api.edge_node import MAX_ARTIFACT_PEERS
 from edgefleet_api.openapi import (
     DIGEST_PATTERN,
     DNS_LABEL_PATTERN,
@@ -63,6 +64,12 @@ def edge_node_spec() -> Schema:
                 **list_map("service", "model", "version"),
             ),
             "drain": boolean("Stop taking new requests and unload everything.", default=False),
+            "artifactPeers": array(
+                "Base URLs of agents in this node's site to fetch artifacts from (by digest) before "
+                "the origin; chosen by the operator among agents that report an endpoint.",
+                string("An agent's base URL (http or https).", pattern=r"^https?://\S+$", maxLength=512),
+                maxItems=MAX_ARTIFACT_PEERS,
+            ),
         },
         required=["nodeName"],
         rules=[

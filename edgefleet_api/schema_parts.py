@@ -59,13 +59,21 @@ def artifact() -> Schema:
         "hash to the digest is refused.",
         {
             "uri": string(
-                "Artifact location: file://, https://, s3://, gs://, oci://, pvc:// or repo:// "
-                "(a path inside the agent's model repository).",
+                "Artifact location: repo:// (a path inside the agent's model repository), file:// "
+                "(a path on the node), https:// (http://) (a download, with the model.yaml beside "
+                "it) or oci://<registry>/<repository>@sha256:<manifest digest> (an ORAS-style "
+                "artifact whose layers are the model and its model.yaml). Downloads and registries "
+                "need configDigest. Agents fetch from no other scheme.",
                 pattern=URI_PATTERN,
                 maxLength=2048,
             ),
             "digest": string(
                 "sha256 digest of the artifact: 'sha256:' and 64 lowercase hex characters.",
+                pattern=DIGEST_PATTERN,
+            ),
+            "configDigest": string(
+                "sha256 digest of the model.yaml of an https:// or oci:// artifact (its signature); "
+                "an agent loads no model.yaml it cannot verify, so those artifacts need it.",
                 pattern=DIGEST_PATTERN,
             ),
         },

@@ -388,6 +388,12 @@ class Agent:
         await self._runner.setup()
         await GuardedSite(self._runner, h.host, h.port, api.guard).start()
 
+    def serve_artifacts(self, lookup: Callable[[str], Path | None]) -> None:
+        """Serve to peers the artifacts `lookup` ('sha256:<hex>' -> verified file) finds
+        (`serving.artifact_route`); EdgeNode mode gives its link's verified versions."""
+        assert self.http_api is not None, "listen() first"
+        self.http_api.artifacts.lookup = lookup
+
     async def stop(self) -> None:
         """Drain and stop (idempotent): requests in progress finish (bounded by
         `drain_timeout_s`); queued work that cannot is failed with ShuttingDown."""

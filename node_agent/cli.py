@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from node_agent import __version__
 from node_agent.errors import AgentError
@@ -239,6 +239,30 @@ def _edge_node_args(group: argparse._ArgumentGroup) -> None:
         help="where the last assignment is kept for offline restarts (default <model-repository>/.edgefleet)",
     )
     group.add_argument(
+        "--download-bandwidth",
+        metavar="BYTES_PER_S",
+        help="limit artifact downloads of this node to this many bytes/s, all together ('5Mi', "
+        "'2000000'; default $EDGEFLEET_LINK_DOWNLOAD_BANDWIDTH_BYTES_PER_S, else no limit)",
+    )
+    group.add_argument(
+        "--download-attempts",
+        type=int,
+        metavar="N",
+        help="transfers from the origin per artifact at most, each resuming the last (default 3)",
+    )
+    group.add_argument(
+        "--download-backoff-max",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait between download attempts (default 30; from 1 s, doubling, jittered)",
+    )
+    group.add_argument(
+        "--download-total",
+        type=float,
+        metavar="SECONDS",
+        help="no download retry starts after this long (default 900)",
+    )
+    group.add_argument(
         "--endpoint",
         metavar="URL",
         help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)",
@@ -251,8 +275,10 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
     its `start` takes."""
     if not args.edge_node:
         return [], None
+    from node_agent.link.download import Delivery, DeliverySettings
     from node_agent.link.mode import EdgeNodeMode
     from node_agent.link.settings import LinkSettings
+    from node_agent.runtime.model_yaml import parse_quantity
 
     namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
     sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -261,13 +287,32 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
     endpoint = args.endpoint
     if endpoint is None and os.environ.get("EDGEFLEET_POD_IP"):
         endpoint = f"http://{os.environ['EDGEFLEET_POD_IP']}:{args.port}"
+    download: dict[str, Any] = {}
+    if args.download_bandwidth is not None:
+        download["download_bandwidth_bytes_per_s"] = parse_quantity(args.download_bandwidth)
+    for flag, name in (
+        ("download_attempts", "download_attempts"),
+        ("download_backoff_max", "download_backoff_max_s"),
+        ("download_total", "download_total_s"),
+    ):
+        if getattr(args, flag) is not None:
+            download[name] = getattr(args, flag)
+    if args.download_backoff_max is not None:  # a shorter cap lowers the first delay with it
+        download["download_backoff_initial_s"] = min(args.download_backoff_max, 1.0)
     link = LinkSettings.from_env(
         edge_node=args.edge_node,
         namespace=namespace or "default",
         state_dir=args.state_dir or args.model_repository / ".edgefleet",
         endpoint=endpoint,
+        **download,
     )
-    mode = EdgeNodeMode(link, args.kubeconfig)
+    token = args.auth_token_file.read_text(encoding="utf-8").strip() if args.auth_token_file else ""
+    delivery = Delivery(
+        DeliverySettings.of(link),
+        peer_headers={"Authorization": f"Bearer {token}"} if token else None,
+        self_url=endpoint,
+    )
+    mode = EdgeNodeMode(link, args.kubeconfig, delivery=delivery)
     return [mode], mode.configs
 
 

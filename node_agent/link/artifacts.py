@@ -1,5 +1,7 @@
 """Artifacts into the model repository: `materialize` resolves a spec entry's artifact URI
-(repo://, file://, https://) into `<model>/<version>`, verified against the spec's digest.
+(repo://, file://, https://, oci://) into `<model>/<version>`, verified against the spec's
+digest (downloads: `download.Delivery`; registries: `oci`; the model.yaml of either verified
+against `configDigest`).
 Blocking file and network work (the link runs it on its thread pool); `write_atomic` is the
 crash-safe file replace the link's persisted assignment uses too."""
 
@@ -13,16 +15,19 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.assignment import effective_config, parse_artifact_uri
+from node_agent.link.download import Delivery
+from node_agent.link.oci import Pull, Registry, parse_oci
+from node_agent.runtime.backends import default_artifact
 from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig
@@ -32,7 +37,9 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 1 << 20
 
 
-def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelConfig:
+def materialize(
+    repository: ModelRepository, entry: ModelAssignment, delivery: Delivery | None = None
+) -> ModelConfig:
     """Make the entry's artifact present in `repository` as `<model>/<version>`, verified
     against the spec's digest, and return its effective config. Blocking (copies, hashes).
 
@@ -46,7 +53,9 @@ def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelCon
     where = parse_artifact_uri(entry.artifact.uri)
     target_dir = repository.version_dir(entry.id)
     if where.scheme in ("https", "http"):
-        return _download(repository, entry, where.path, target_dir)
+        return _download(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
+    if where.scheme == "oci":
+        return _pull(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
     if where.scheme == "repo":
         source = (repository.root / where.path).resolve()
         if not source.is_relative_to(repository.root):
@@ -76,22 +85,32 @@ def materialize(repository: ModelRepository, entry: ModelAssignment) -> ModelCon
     return config
 
 
-DOWNLOAD_TIMEOUT_S = 30.0
-"""Per read on a download's connection (not the whole transfer: artifacts may be large)."""
+DEFAULT_DELIVERY = Delivery()
+"""Used where no agent passes its own (no peers, no bandwidth limit, the default retries)."""
 
 
-def _download(repository: ModelRepository, entry: ModelAssignment, url: str, target_dir: Path) -> ModelConfig:
-    """https:// (or http://): the artifact and the model.yaml beside it (same URL folder)
-    into `target_dir`; the artifact verified against the digest while it streams in."""
-    name = PurePosixPath(urlsplit(url).path).name
-    try:
-        _store_verified(lambda: _open_url(url, entry), target_dir / name, entry, url)
-    except (http.client.HTTPException, TimeoutError, ConnectionError) as e:  # cut mid-transfer
-        raise InvalidModel(f"{entry.id}: fetching {url} failed: {type(e).__name__}: {e}") from None
+def _download(
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    url: str,
+    target_dir: Path,
+    delivery: Delivery,
+    pull: Pull | None = None,
+) -> ModelConfig:
+    """https:// (or http://): the artifact (`download.Delivery`: from the site's peers, else
+    the origin; resumed after a cut; verified while it streams in) and the model.yaml beside
+    it (same URL folder), which must hash to the spec's `configDigest`: a model.yaml that no
+    digest covers is never loaded. `pull`: an oci:// artifact's blobs instead (`oci`)."""
+    name = pull.file_name if pull else PurePosixPath(urlsplit(url).path).name
+    headers = pull.headers if pull else None
     config_file = target_dir / CONFIG_FILE
-    if not config_file.is_file():
-        text = _fetch_text(urljoin(url, CONFIG_FILE), entry)
-        write_atomic(config_file, text)
+    config_digest = None if config_file.is_file() else _config_digest(entry)  # refused before any byte
+    target = target_dir / name
+    if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
+        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id), headers=headers)
+    if config_digest is not None:
+        config_url = pull.config_url if pull else urljoin(url, CONFIG_FILE)
+        write_atomic(config_file, _fetch_config(config_url, entry, config_digest, headers))
     try:
         base = parse_model_config(config_file)
     except InvalidModel as e:
@@ -103,23 +122,65 @@ def _download(repository: ModelRepository, entry: ModelAssignment, url: str, tar
     return config
 
 
-def _open_url(url: str, entry: ModelAssignment) -> Any:
-    request = urllib.request.Request(url, headers={"User-Agent": f"edgefleet-agent/{__version__}"})
+def _pull(
+    repository: ModelRepository, entry: ModelAssignment, uri: str, target_dir: Path, delivery: Delivery
+) -> ModelConfig:
+    """oci://: the manifest by its digest, then the artifact and model.yaml blobs by theirs
+    (`oci`). A version folder that already holds the verified artifact its model.yaml names
+    needs no registry (an agent restarted offline serves it)."""
+    config_file = target_dir / CONFIG_FILE
+    if config_file.is_file():
+        with suppress(InvalidModel):
+            base = parse_model_config(config_file)
+            artifact = target_dir / base.artifact
+            if artifact.parent == target_dir and sha256_file(artifact) == entry.artifact.digest:
+                config = effective_config(base, entry)
+                repository.artifact_path(config)
+                return config
+    config_digest = _config_digest(entry)
+    registry = Registry(parse_oci(uri), DEFAULT_DELIVERY.settings.read_timeout_s)
+    pull = registry.pull(entry.artifact.digest, config_digest, default_artifact(entry.format), str(entry.id))
+    config_file.unlink(missing_ok=True)  # taken from the registry, verified, with the artifact
+    return _download(repository, entry, pull.artifact_url, target_dir, delivery, pull)
+
+
+def _config_digest(entry: ModelAssignment) -> str:
+    if entry.artifact.config_digest is None:
+        raise InvalidModel(
+            f"{entry.id}: {entry.artifact.uri} is a download, but its artifact gives no configDigest: "
+            f"the agent loads no {CONFIG_FILE} that a digest does not cover"
+        )
+    return entry.artifact.config_digest
+
+
+def _fetch_config(
+    url: str,
+    entry: ModelAssignment,
+    digest: str,
+    headers: Mapping[str, str] | None = None,
+    limit_bytes: int = 1 << 20,
+) -> str:
+    """The model.yaml at `url`, verified against `digest`."""
+    request = urllib.request.Request(
+        url, headers={"User-Agent": f"edgefleet-agent/{__version__}", **(headers or {})}
+    )
     try:
-        return urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)  # http(s) only: parsed before
+        with urllib.request.urlopen(request, timeout=DEFAULT_DELIVERY.settings.read_timeout_s) as response:
+            data = response.read(limit_bytes + 1)
     except urllib.error.HTTPError as e:
         raise InvalidModel(f"{entry.id}: fetching {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise InvalidModel(f"{entry.id}: fetching {url} failed: {reason}") from None
-
-
-def _fetch_text(url: str, entry: ModelAssignment, limit_bytes: int = 1 << 20) -> str:
-    with _open_url(url, entry) as response:
-        data = response.read(limit_bytes + 1)
     if len(data) > limit_bytes:
         raise InvalidModel(f"{entry.id}: {url} is larger than {limit_bytes} bytes; not a {CONFIG_FILE}")
-    return data.decode("utf-8", errors="replace")
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise DigestMismatch(
+            f"{entry.id}: {url} has digest {actual}, but the EdgeNode spec's configDigest is {digest}; "
+            "refusing to load it"
+        )
+    return data.decode("utf-8")
 
 
 def _base_config(folders: tuple[Path, ...], entry: ModelAssignment) -> ModelConfig:

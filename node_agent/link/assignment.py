@@ -16,8 +16,9 @@ has). `operator_link` does the I/O and calls these.
 Artifact URIs (`parse_artifact_uri`): `repo://<model>/<version>/<file>` lies inside the
 agent's model repository; `file:///<absolute path>` is copied into it; `https://` (or
 `http://`) is downloaded into it, with the model.yaml beside the artifact's URL (a model
-repository served over HTTP: a web server, an object store's static site). Any other scheme
-(s3, gs, oci, pvc) is `UnsupportedArtifact`.
+repository served over HTTP: a web server, an object store's static site); `oci://<registry>/
+<repository>@sha256:<manifest digest>` is pulled from an OCI registry (`link.oci`). Any other
+scheme (s3, gs, pvc) is `UnsupportedArtifact`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from node_agent.types import (
     ModelConfig,
 )
 
-SUPPORTED_SCHEMES = ("repo", "file", "https", "http")
+SUPPORTED_SCHEMES = ("repo", "file", "https", "http", "oci")
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.DOTALL)
 
 
@@ -72,7 +73,8 @@ def parse_artifact_uri(uri: str) -> ArtifactLocation:
     if scheme not in SUPPORTED_SCHEMES:
         raise UnsupportedArtifact(
             f"unsupported artifact scheme {scheme!r} in {uri!r}: this agent resolves repo:// (a path "
-            "in its model repository), file:// (a local path) and https:// or http:// (a download)"
+            "in its model repository), file:// (a local path), https:// or http:// (a download) and "
+            "oci:// (a registry)"
         )
     if "\\" in rest or "\x00" in rest:
         raise InvalidModel(f"artifact URI {uri!r}: backslashes and NUL are not allowed")
@@ -81,6 +83,8 @@ def parse_artifact_uri(uri: str) -> ArtifactLocation:
         if not host or not path or path.endswith("/") or any(c.isspace() for c in uri):
             raise InvalidModel(f"artifact URI {uri!r}: expected {scheme}://<host>/<path of the artifact>")
         return ArtifactLocation(scheme, uri)
+    if scheme == "oci":
+        return ArtifactLocation("oci", uri)  # checked by `oci.parse_oci` where it is pulled
     if scheme == "file":
         if not rest.startswith("/"):
             raise InvalidModel(f"artifact URI {uri!r}: file:// needs an absolute path (file:///path)")

@@ -20,6 +20,7 @@ from edgefleet_api.edge_node import ModelCounters
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.link.assigned_configs import AssignedConfigs
+from node_agent.link.download import Delivery
 from node_agent.link.operator_link import OperatorLink
 from node_agent.link.settings import LinkSettings, api_client
 
@@ -62,6 +63,10 @@ class AgentCore(Protocol):
 
     @property
     def sla(self) -> SlaMonitor | None: ...
+
+    def serve_artifacts(self, lookup: Callable[[str], Path | None]) -> None:
+        """Serve peers the artifacts `lookup` finds ('sha256:<hex>' -> a verified file)."""
+        ...
 
 
 def thermal_fields(monitor: ThermalMonitor) -> Callable[[], Mapping[str, Any] | None]:
@@ -129,8 +134,10 @@ class EdgeNodeMode:
         ready_timeout_s: float = 300.0,
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
         sla: Callable[[ModelId], SlaWindow | None] | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
         self.settings = settings
+        self.delivery = delivery
         self.kubeconfig = kubeconfig
         self.ready_timeout_s = ready_timeout_s
         self.thermal, self.sla = thermal, sla
@@ -158,7 +165,9 @@ class EdgeNodeMode:
             thermal=thermal,
             sla=sla,
             counters=counters,
+            delivery=self.delivery,
         )
+        agent.serve_artifacts(self.link.verified_artifact)
         await self.link.start()
         if self.link.assignment is not None and not await self.link.wait_converged(self.ready_timeout_s):
             log.warning(

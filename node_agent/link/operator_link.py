@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
@@ -58,6 +59,7 @@ from node_agent.link.artifacts import materialize
 from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.link.assignment import Assignment, InvalidAssignment, desired_versions, parse_edge_node
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
+from node_agent.link.download import Delivery
 from node_agent.link.lease import LeaseRenewer
 from node_agent.link.node_status import ModelRecord, StatusInputs, build_status
 from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
@@ -122,6 +124,7 @@ class OperatorLink:
         thermal: Callable[[], Mapping[str, Any] | None] | None = None,
         sla: Callable[[ModelId], SlaWindow | None] | None = None,
         counters: Callable[[ModelId], ModelCounters | None] | None = None,
+        delivery: Delivery | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`configs`: the engine's config source (default: a new one; pass the one whose
@@ -130,7 +133,8 @@ class OperatorLink:
         device reading (default: CUDA memory info, or the scheduler's budget on CPU).
         `thermal`: a mapping of `GpuStatus` field names (temperature_c, soft_limit_c,
         throttled, ...) merged into it. `sla`: a model version's last SLA window (None: none
-        yet). `counters`: a model version's cumulative counts (None: none yet)."""
+        yet). `counters`: a model version's cumulative counts (None: none yet). `delivery`: the
+        node's downloader (bandwidth limit, retries; its peers follow spec.artifactPeers)."""
         from kubernetes import client as k8s
 
         self.settings = settings
@@ -145,6 +149,7 @@ class OperatorLink:
         """Where `assignment` came from: 'live' (the API server) or 'persisted' (disk)."""
         self.observed_generation = 0
         self.stats = LinkStats()
+        self.delivery = delivery if delivery is not None else Delivery()
         self._clock = clock
         self._device_budget = scheduler.budget_bytes if device_budget_bytes is None else device_budget_bytes
         self._sla = sla
@@ -315,6 +320,7 @@ class OperatorLink:
             ", draining" if assignment.drain else "",
         )
         self.assignment, self._spec, self.source = assignment, spec, source
+        self.delivery.peers = assignment.spec.artifact_peers
         self._converged.clear()
         self._dirty.set()
 
@@ -428,7 +434,7 @@ class OperatorLink:
         tracked = self._tracked[entry.id]
         tracked.busy = "preparing"
         try:
-            config = await self._connection.run(materialize, self.repository, entry)
+            config = await self._connection.run(materialize, self.repository, entry, self.delivery)
         except (AgentError, OSError, ValueError) as e:
             self._fail(tracked, entry.artifact.digest, e)
             return False
@@ -457,6 +463,20 @@ class OperatorLink:
         tracked.preloaded = True
         tracked.failed_digest, tracked.message, tracked.insufficient_memory = None, "", False
         return True
+
+    def verified_artifact(self, digest: str) -> Path | None:
+        """The file of a version this agent prepared (its bytes verified against `digest`,
+        'sha256:<hex>'), for peers to fetch; None when it holds none. Thread-safe enough for
+        the HTTP handler: it reads a snapshot of what the link tracks."""
+        for tracked in list(self._tracked.values()):
+            if tracked.prepared_digest == digest and tracked.config is not None and not tracked.busy:
+                try:
+                    path = self.repository.artifact_path(tracked.config)
+                except AgentError:
+                    continue
+                if path.is_file():
+                    return path
+        return None
 
     def _fail(self, tracked: _Tracked, digest: str | None, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__

@@ -68,6 +68,20 @@ class LinkSettings:
     """`start()` waits this long for the first answer of the API server; without one it
     serves the persisted assignment."""
     memory_pressure_fraction: float = 0.95
+    download_bandwidth_bytes_per_s: int = 0
+    """This node's limit on bytes per second downloaded from artifact origins (the uplink), all
+    downloads together (a token bucket, `download.TokenBucket`; site peers are not paced); 0:
+    none."""
+    download_attempts: int = 3
+    """Transfers from the origin per artifact at most (each resumes where the last stopped)."""
+    download_backoff_initial_s: float = 1.0
+    download_backoff_max_s: float = 30.0
+    """Between download attempts: initial, x2 per failure, at most max, drawn from [d/2, d]."""
+    download_total_s: float = 900.0
+    """No download retry starts after this long (15 min: 200 MB over 2 Mbit/s takes ~14)."""
+    download_peer_wait_s: float = 300.0
+    """How long a node waits for a site peer to hold an artifact before the origin
+    (`download.Delivery.is_seeder` picks the one node of a site that does not wait)."""
 
     def __post_init__(self) -> None:
         if not self.edge_node or not self.namespace:
@@ -75,6 +89,7 @@ class LinkSettings:
         positive = (
             "watch_timeout_s", "resync_s", "request_timeout_s", "lease_renew_s", "lease_duration_s",
             "status_tick_s", "reconcile_interval_s", "backoff_initial_s", "backoff_max_s",
+            "download_attempts", "download_backoff_initial_s", "download_backoff_max_s", "download_total_s",
         )  # fmt: skip
         for name in positive:
             if not getattr(self, name) > 0:
@@ -83,6 +98,10 @@ class LinkSettings:
             raise ValueError("lease_duration_s must exceed lease_renew_s")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        if self.download_backoff_max_s < self.download_backoff_initial_s:
+            raise ValueError("download_backoff_max_s must be >= download_backoff_initial_s")
+        if self.download_bandwidth_bytes_per_s < 0 or self.download_peer_wait_s < 0:
+            raise ValueError("download_bandwidth_bytes_per_s and download_peer_wait_s must be >= 0")
         StatusPacer(self.status_min_interval_s, self.status_metrics_interval_s, self.status_max_interval_s)
 
     @classmethod

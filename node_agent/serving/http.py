@@ -15,6 +15,7 @@ included, so `tritonclient.http` works with its defaults):
 | POST | /v2/repository/index | every model version and its state |
 | POST | /v2/repository/models/{m}/load, .../unload | repository control |
 | GET | /metrics | Prometheus text, when the agent was given a registry |
+| GET | /edgefleet/v1/artifacts/sha256/{hex} | a verified artifact, for peers (`serving.artifact_route`) |
 
 Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. Errors become responses
 in `serving.responses` (`ERROR_STATUS` is the one place the agent's errors become status codes);
@@ -55,6 +56,7 @@ from node_agent import __version__
 from node_agent.errors import AgentError, InvalidInput
 from node_agent.runtime.model_names import NAME_MAX_LEN, NAME_RE
 from node_agent.serving import v2_codec
+from node_agent.serving.artifact_route import ArtifactRoute
 from node_agent.serving.bodies import BodyBudget, check_length, read_body
 from node_agent.serving.connections import ConnectionGuard, ConnectionLimits
 from node_agent.serving.generate import add_generate_routes
@@ -283,6 +285,8 @@ class V2Api:
         if observer is not None:
             middlewares.insert(1, self._observe)
         self.app = web.Application(middlewares=middlewares, client_max_size=_SMALL_BODY_BYTES)
+        self.artifacts = ArtifactRoute()
+        """Peer fetch (`serving.artifact_route`): serves nothing until given a lookup."""
         self._routes()
 
     def _routes(self) -> None:
@@ -300,6 +304,7 @@ class V2Api:
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
         if self._metrics is not None:
             r.add_get("/metrics", self.metrics)
+        self.artifacts.add_to(self.app)
         add_generate_routes(self.app, self.api.generator, self.settings.body_timeout_s)
         add_openai_routes(
             self.app, self.api.generator, self.api.generating_models, self.settings.body_timeout_s

@@ -81,9 +81,11 @@ class Fleet:
         )
         return obj
 
-    def create_service(self, name: str, version: str, uri: str, digest: str, rollout: Any = None) -> None:
+    def create_service(
+        self, name: str, version: str, uri: str, digest: str, rollout: Any = None, config: str | None = None
+    ) -> None:
         spec: dict[str, Any] = {
-            "models": [model_entry(version, uri, digest)],
+            "models": [model_entry(version, uri, digest, config)],
             "sla": {"p95LatencyMs": 5000, "p99LatencyMs": 10000},
             "placement": {"nodeSelector": {"test-group": self.id}},
         }
@@ -99,9 +101,10 @@ class Fleet:
             names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL, body
         )
 
-    def set_version(self, name: str, version: str, uri: str, digest: str) -> int:
-        """Patch the service's model to `version`; returns the new generation."""
-        patch = {"spec": {"models": [model_entry(version, uri, digest)]}}
+    def set_version(self, name: str, version: str, uri: str, digest: str, config: str | None = None) -> int:
+        """Patch the service's model to `version`; returns the new generation. `config`: the
+        configDigest of an https:// artifact's model.yaml."""
+        patch = {"spec": {"models": [model_entry(version, uri, digest, config)]}}
         obj = self.custom.patch_namespaced_custom_object(
             names.GROUP, names.VERSION, self.namespace, names.INFERENCE_SERVICE_PLURAL, name, patch
         )
@@ -140,12 +143,13 @@ class Fleet:
             time.sleep(0.1)
 
 
-def model_entry(version: str, uri: str, digest: str) -> dict[str, Any]:
+def model_entry(version: str, uri: str, digest: str, config: str | None = None) -> dict[str, Any]:
+    artifact = {"uri": uri, "digest": digest} | ({"configDigest": config} if config else {})
     return {
         "name": "classifier",
         "version": version,
         "memoryEstimate": "64Mi",
-        "artifact": {"uri": uri, "digest": digest},
+        "artifact": artifact,
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 64, 64]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}],
     }

@@ -27,6 +27,7 @@ import torch
 from e2e import waiting
 from e2e.operator_proc import AGENT_NAMESPACE, ensure_agent_namespace
 from node_agent.runtime.model_yaml import parse_model_config
+from node_agent.runtime.repository import sha256_file
 
 from .rollout_safety_support import (
     AgentProcess,
@@ -107,6 +108,7 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
     key = f"{group.namespace}/cls"
     d1, d2 = digest_of(example_repo, "1"), digest_of(example_repo, "2")
     v1_url, v2_url = server.url("classifier/1/model.pt"), server.url("classifier/2/model.pt")
+    c1, c2 = (sha256_file(example_repo / "classifier" / v / "model.yaml") for v in ("1", "2"))
     body, x = request_body()
     client = None
 
@@ -119,7 +121,7 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
             agent.wait_listening()
             passes.start()
             rollout = {"strategy": "Canary", "waves": [{"percent": 100}], "analysis": LONG}
-            group.create_service("cls", "1", v1_url, d1, rollout)
+            group.create_service("cls", "1", v1_url, d1, rollout, config=c1)
             eventually(
                 lambda: models_of(group.edge_node(node), key).get("1", {}).get("state") == "Ready",
                 "classifier:1 Ready on the node",
@@ -133,7 +135,7 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
             first_s = client.answers.items[0][0] - client.started[0]
 
             # The canary: classifier:2 on the node (a 100% wave), classifier:1 gone from it.
-            group.set_version("cls", "2", v2_url, d2)
+            group.set_version("cls", "2", v2_url, d2, config=c2)
             eventually(
                 lambda: (
                     set(models_of(group.edge_node(node), key)) == {"2"}
@@ -147,7 +149,7 @@ def test_a_rollback_whose_stable_artifact_is_unreachable_keeps_serving_the_canar
             # re-imaged, or one that joined during the rollout), then the rollout is rolled back.
             server.stop()
             shutil.rmtree(repo / "classifier" / "1", ignore_errors=True)
-            group.set_version("cls", "1", v1_url, d1)
+            group.set_version("cls", "1", v1_url, d1, config=c1)
 
             def says_why() -> dict[str, Any] | None:
                 en = group.edge_node(node)

@@ -16,6 +16,7 @@ from edgefleet_api.model_spec import Artifact
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.artifacts import materialize
 from node_agent.link.assignment import UnsupportedArtifact
+from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.runtime.model_yaml import parse_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 
@@ -26,8 +27,16 @@ def digest(root: Path, model: str, version: str) -> str:
     return parse_model_config(root / model / version / "model.yaml").digest
 
 
-def desired(model: str, version: str, digest_: str, uri: str) -> ModelAssignment:
-    return ModelAssignment(SERVICE, model, version, Artifact(uri, digest_))
+def desired(model: str, version: str, digest_: str, uri: str, config: str | None = None) -> ModelAssignment:
+    return ModelAssignment(SERVICE, model, version, Artifact(uri, digest_, config))
+
+
+def config_digest(root: Path, model: str, version: str) -> str:
+    return sha256_file(root / model / version / "model.yaml")
+
+
+QUICK = Delivery(DeliverySettings(retry=RetryPolicy(attempts=2, initial_s=0.01, max_s=0.02)))
+"""Retries that keep a test short."""
 
 
 class ModelServer:
@@ -61,32 +70,43 @@ class ModelServer:
 
 def test_materialize_downloads_http_artifacts_verified(example_repo: Path, tmp_path: Path) -> None:
     """https:// or http://: the artifact and the model.yaml beside it are downloaded into
-    the version folder, the artifact hashed as it streams in; a second pass downloads
-    nothing; wrong bytes, a missing file or a dead server fail with what went wrong, and leave
-    nothing behind."""
+    the version folder, the artifact hashed as it streams in, the model.yaml checked against
+    configDigest; a second pass downloads nothing; wrong bytes, a missing file or a dead
+    server fail with what went wrong, and leave nothing under the artifact's name."""
     server = ModelServer(example_repo)
     try:
         repo = ModelRepository(tmp_path / "models")
         d1 = digest(example_repo, "classifier", "1")
+        c1 = config_digest(example_repo, "classifier", "1")
         url = f"{server.base}/classifier/1/model.pt"
-        config = materialize(repo, desired("classifier", "1", d1, url))
+        with pytest.raises(InvalidModel, match="no configDigest"):
+            materialize(repo, desired("classifier", "1", d1, url))
+        with pytest.raises(DigestMismatch, match="configDigest"):
+            materialize(repo, desired("classifier", "1", d1, url, "sha256:" + "0" * 64))
+        assert not (tmp_path / "models" / "classifier" / "1" / "model.yaml").exists()  # never unverified
+        (tmp_path / "models" / "classifier" / "1" / "model.pt").unlink()  # (verified: it was kept)
+        server.paths.clear()
+        config = materialize(repo, desired("classifier", "1", d1, url, c1))
         assert (config.name, config.version, config.digest) == ("classifier", "1", d1)
         assert config.artifact == "model.pt"
         assert sha256_file(repo.artifact_path(config)) == d1
         assert config.inputs == parse_model_config(example_repo / "classifier" / "1" / "model.yaml").inputs
         assert sorted(server.paths) == ["/classifier/1/model.pt", "/classifier/1/model.yaml"]
-        materialize(repo, desired("classifier", "1", d1, url))
+        materialize(repo, desired("classifier", "1", d1, url, c1))
         assert len(server.paths) == 2  # present with its digest: not fetched again
 
+        mlp_config = config_digest(example_repo, "mlp", "1")
         with pytest.raises(DigestMismatch, match="refusing to load it"):
-            materialize(repo, desired("mlp", "1", d1, f"{server.base}/mlp/1/model.pt"))
-        assert not any(p.suffix in (".pt", ".tmp") for p in (tmp_path / "models" / "mlp" / "1").glob("*"))
+            materialize(repo, desired("mlp", "1", d1, f"{server.base}/mlp/1/model.pt", mlp_config), QUICK)
+        assert not any(
+            p.suffix in (".pt", ".tmp", ".part") for p in (tmp_path / "models" / "mlp" / "1").glob("*")
+        )
         with pytest.raises(InvalidModel, match="HTTP 404"):
-            materialize(repo, desired("detector", "1", d1, f"{server.base}/detector/1/model.pt"))
+            materialize(repo, desired("detector", "1", d1, f"{server.base}/detector/1/model.pt", c1), QUICK)
     finally:
         server.close()
     with pytest.raises(InvalidModel, match=r"fetching .* failed"):
-        materialize(repo, desired("classifier", "2", d1, f"{server.base}/classifier/2/model.pt"))
+        materialize(repo, desired("classifier", "2", d1, f"{server.base}/classifier/2/model.pt", c1), QUICK)
 
 
 def test_materialize_uses_repo_artifacts_in_place(example_repo: Path, tmp_path: Path) -> None:
@@ -160,15 +180,25 @@ def test_persisted_file_is_plain_json(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["a.json"]
 
 
-def test_a_download_cut_mid_transfer_leaves_nothing_behind(example_repo: Path, tmp_path: Path) -> None:
-    """The connection drops halfway through the artifact: an error naming the URL, no artifact
-    and no temp file in the version folder (the bytes went to a temp file, never to the name)."""
+def test_a_download_cut_mid_transfer_leaves_nothing_under_its_name(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """The connection drops halfway through the artifact, every time: an error naming the URL
+    once the retries are spent, no artifact and no model.yaml in the version folder; only the
+    partial download (`model.pt.part`, kept to resume from), never under the artifact's name."""
     import http.server
 
     data = (example_repo / "mlp" / "1" / "model.pt").read_bytes()
+    config = (example_repo / "mlp" / "1" / "model.yaml").read_bytes()
 
     class Cut(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path.endswith("model.yaml"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(config)))
+                self.end_headers()
+                self.wfile.write(config)
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -183,12 +213,15 @@ def test_a_download_cut_mid_transfer_leaves_nothing_behind(example_repo: Path, t
     try:
         repo = ModelRepository(tmp_path / "models")
         url = f"http://127.0.0.1:{httpd.server_address[1]}/mlp/1/model.pt"
+        entry = desired(
+            "mlp", "1", digest(example_repo, "mlp", "1"), url, config_digest(example_repo, "mlp", "1")
+        )
         with pytest.raises(
-            InvalidModel, match=r"fetching .*model\.pt failed: the transfer stopped [0-9]+ bytes short"
+            InvalidModel, match=r"fetching .*model\.pt failed: (the transfer stopped|cut after)"
         ):
-            materialize(repo, desired("mlp", "1", digest(example_repo, "mlp", "1"), url))
+            materialize(repo, entry, QUICK)
     finally:
         httpd.shutdown()
         httpd.server_close()
     folder = tmp_path / "models" / "mlp" / "1"
-    assert not folder.exists() or list(folder.iterdir()) == []
+    assert [p.name for p in folder.iterdir()] == ["model.pt.part"]

@@ -58,7 +58,7 @@ def test_http_uris_are_whole_urls_of_a_file() -> None:
             parse_artifact_uri(bad)
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs", "oci", "pvc"])
+@pytest.mark.parametrize("scheme", ["s3", "gs", "pvc"])  # oci:// is pulled (`link.oci`)
 def test_unfetchable_schemes_are_refused_with_a_clear_message(scheme: str) -> None:
     with pytest.raises(UnsupportedArtifact, match=f"unsupported artifact scheme '{scheme}'"):
         parse_artifact_uri(f"{scheme}://bucket/classifier/1/model.pt")

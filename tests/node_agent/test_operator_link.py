@@ -331,7 +331,8 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
                             "mlp", "1", d_mlp, uri=f"file://{example_repo / 'mlp' / '1' / 'model.pt'}"
                         ),
                         spec_entry("classifier", "2-slow", "sha256:" + "0" * 64),
-                        spec_entry("detector", "1", d1, uri="s3://models/detector/1/model.pt"),
+                        # s3:// is refused by the CRD now; a download without configDigest by the agent
+                        spec_entry("detector", "1", d1, uri="https://models.invalid/detector/1/model.pt"),
                     ]
                 },
             )
@@ -355,7 +356,7 @@ def test_agent_follows_its_edge_node_spec_and_reports_status_and_lease(
             assert by["classifier", "2"]["trafficWeight"] == 10 and by["classifier", "2"]["digest"] == d2
             assert by["mlp", "1"]["memoryBytes"] == agent.scheduler.measured_bytes(MLP)
             assert "refusing to load it" in by["classifier", "2-slow"]["message"]
-            assert "unsupported artifact scheme 's3'" in by["detector", "1"]["message"]
+            assert "gives no configDigest" in by["detector", "1"]["message"]
             assert ready_condition(en) == "False"  # two entries failed
             copied = root / "mlp" / "1" / "model.pt"
             assert copied.is_file() and sha256_file(copied) == d_mlp  # file:// copied into the repository

@@ -284,6 +284,30 @@ INVALID: list[tuple[str, Mutation, tuple[str, ...]]] = [
         set_path("spec.models[0].artifact.uri", "ftp://host/model.pt"),
         ("spec.models[0].artifact.uri",),
     ),
+    # No agent fetches from these: refused at admission, not accepted and failing on the node.
+    *[
+        (
+            f"{scheme}-uri-scheme",
+            set_path("spec.models[0].artifact.uri", f"{scheme}://bucket/model.pt"),
+            ("spec.models[0].artifact.uri", "should match"),
+        )
+        for scheme in ("s3", "gs", "pvc")
+    ],
+    (
+        "oci-tag-reference",
+        set_path("spec.models[0].artifact.uri", "oci://registry.example/models/classifier:v1"),
+        ("spec.models[0].artifact.uri", "should match"),
+    ),
+    (
+        "onnx-format",
+        set_path("spec.models[0].format", "onnx"),
+        ("spec.models[0].format", "Unsupported value"),
+    ),
+    (
+        "bad-config-digest",
+        set_path("spec.models[0].artifact.configDigest", "md5:abc"),
+        ("spec.models[0].artifact.configDigest",),
+    ),
     ("error-rate-above-one", set_path("spec.sla.maxErrorRate", 1.5), ("spec.sla.maxErrorRate",)),
     (
         "min-samples-zero",
@@ -432,5 +456,38 @@ def test_edge_node_is_cluster_scoped_and_node_name_immutable(kube: Any) -> None:
                 {"status": {"models": [{"model": "classifier", "digest": "md5:xyz"}]}},
             )
         assert "status.models[0].digest" in json.loads(err.value.body)["message"]
+    finally:
+        co.delete_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)
+
+
+def test_edge_node_artifact_peers_are_base_urls_and_bounded(kube: Any) -> None:
+    """spec.artifactPeers: http(s) base URLs, at most MAX_ARTIFACT_PEERS."""
+    from kubernetes.client.exceptions import ApiException
+
+    from edgefleet_api.edge_node import MAX_ARTIFACT_PEERS
+
+    co = custom(kube)
+    name = "en-peers-test"
+    body = edge_node(name)
+    body["spec"]["artifactPeers"] = ["http://10.0.0.2:8000", "https://edge-3.site:8443"]
+    co.create_cluster_custom_object(
+        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body, field_validation="Strict"
+    )
+    try:
+        obj = co.get_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)
+        assert obj["spec"]["artifactPeers"] == ["http://10.0.0.2:8000", "https://edge-3.site:8443"]
+        for peers, field in (
+            (["ftp://10.0.0.2/"], "spec.artifactPeers[0]"),
+            ([f"http://10.0.0.{i}:8000" for i in range(MAX_ARTIFACT_PEERS + 1)], "spec.artifactPeers"),
+        ):
+            with pytest.raises(ApiException) as err:
+                co.patch_cluster_custom_object(
+                    names.GROUP,
+                    names.VERSION,
+                    names.EDGE_NODE_PLURAL,
+                    name,
+                    {"spec": {"artifactPeers": peers}},
+                )
+            assert field in json.loads(err.value.body)["message"]
     finally:
         co.delete_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name)
