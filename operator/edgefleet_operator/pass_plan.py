@@ -220,23 +220,28 @@ def edge_node_spec_writes(
     read: FleetRead,
     capacity: Mapping[str, int],
     now: str,
+    peers: Mapping[str, tuple[str, ...]] | None = None,
 ) -> tuple[EdgeNodeSpecWrite, ...]:
     """Patches of the EdgeNodes whose spec differs from the placement, by node name.
 
     `rollouts`: service -> its rollout decision (a service without one keeps its entries as they
     are); `specs`: service -> its spec; `capacity`: node -> its memory budget; `now`: RFC 3339, when
-    a node's work starts (the health tracker's allowance for its agent to come up). A spec entry the
-    contract cannot read is dropped by the rewrite."""
+    a node's work starts (the health tracker's allowance for its agent to come up); `peers`: node ->
+    its artifact peers (`peers.artifact_peers`; None: left as they are). A spec entry the contract
+    cannot read is dropped by the rewrite."""
     out = []
     for node, placed in sorted(by_node.items()):
         en = read.edge_node(node)
         models = fleet_state.edge_node_models(node, placed, rollouts, specs, en.spec.models)
-        unchanged = en.spec.models == models and not en.spec.invalid
+        node_peers = en.spec.artifact_peers if peers is None else peers.get(node, ())
+        unchanged = en.spec.models == models and not en.spec.invalid and en.spec.artifact_peers == node_peers
         if unchanged and en.spec.memory_budget_bytes == capacity[node]:
             continue
         patch: dict[str, Any] = {
             "spec": {"models": [m.to_obj() for m in models], "memoryBudgetBytes": capacity[node]}
         }
+        if peers is not None:
+            patch["spec"]["artifactPeers"] = list(node_peers)
         if models and names.ANNOTATION_WORK_SINCE not in en.annotations:
             patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: now}}
         elif not models and names.ANNOTATION_WORK_SINCE in en.annotations:

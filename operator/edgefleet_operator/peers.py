@@ -18,9 +18,10 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet_api import names
 from edgefleet_api.edge_node import seed_rank
 
-SITE_LABEL = "edgefleet.io/site"
+SITE_LABEL = names.LABEL_SITE
 DEFAULT_MAX_PEERS = 3
 """Peers per node: enough that one gone or slow does not send the node to the origin."""
 

@@ -41,9 +41,9 @@ from kubernetes import client
 from edgefleet_api import names, wire
 from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
-from edgefleet_operator import fleet_state, pass_plan
+from edgefleet_operator import fleet_state, pass_plan, peers
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, Obj, ServiceRead
-from edgefleet_operator.fleet_types import NodeState, PlacementEvent, PlacementResult
+from edgefleet_operator.fleet_types import Health, NodeState, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
@@ -215,6 +215,7 @@ class FleetReconciler:
         now: float,
         report: PassReport,
     ) -> None:
+        healthy = {s.name for s in states if s.health is Health.HEALTHY}
         writes = pass_plan.edge_node_spec_writes(
             result.assignment.by_node,
             {k: ro.decision for k, ro in rollouts.items() if ro.decision is not None},
@@ -222,6 +223,7 @@ class FleetReconciler:
             read,
             {s.name: s.capacity_bytes for s in states},
             wire.rfc3339(now),
+            peers.artifact_peers(peers.candidates(read.nodes, read.edge_nodes, healthy)),
         )
         read.edge_nodes.update(self.writer.write_edge_node_specs(writes, report))
 

@@ -213,6 +213,29 @@ def test_edge_node_specs_are_patched_where_they_differ_and_mark_when_work_starts
     assert pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP) == ()
 
 
+def test_artifact_peers_are_written_where_they_change_and_only_then() -> None:
+    service = isvc()
+    placed = {n: (PlacedModel("shop/cam", "classifier", "1", 64 << 20),) for n in NODES}
+    nodes = edge_nodes()
+    capacity = dict.fromkeys(NODES, 8 << 30)
+    rollouts, specs = {"shop/cam": decision_for(service)}, {"shop/cam": read_service(service).spec}
+    peers = {"n1": ("http://10.0.0.2:8000",), "n2": ()}
+    writes = pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP, peers)
+    assert {w.node: w.patch["spec"]["artifactPeers"] for w in writes} == {
+        "n1": ["http://10.0.0.2:8000"],
+        "n2": [],
+    }
+    for w in writes:
+        nodes[w.node]["spec"] = dict(w.patch["spec"])
+        nodes[w.node]["metadata"]["annotations"] = {names.ANNOTATION_WORK_SINCE: STAMP}
+    assert (
+        pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP, peers) == ()
+    )
+    moved = {"n1": ("http://10.0.0.3:8000",), "n2": ()}
+    again = pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP, moved)
+    assert [(w.node, w.patch["spec"]["artifactPeers"]) for w in again] == [("n1", ["http://10.0.0.3:8000"])]
+
+
 def test_a_deleted_service_is_released_once_no_spec_holds_it() -> None:
     gone = isvc(finalizers=["other.io/keep", names.FINALIZER], deletionTimestamp=STAMP)
     holding = edge_nodes()
