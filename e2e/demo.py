@@ -278,12 +278,12 @@ def main() -> int:
     localcluster.kubectl(state, "create", "namespace", DEMO, check=False)
     docs = [
         release.resolve_artifacts(release.example(n), models, str(models_dir))
-        for n in ("image-classifier", "multi-model")
+        for n in ("image-classifier", "multi-model", "llm-assistant")
     ]
     docs.append(release.canary_example(models, str(models_dir), "1", WAVE_S))
     say("applying the examples, artifacts pointed at the example models (camera-classifier at version 1)")
     apply(state, docs, "examples")
-    names_ = ("image-classifier", "retail-analytics", "camera-classifier")
+    names_ = ("image-classifier", "retail-analytics", "camera-classifier", "edge-assistant")
     watch(kube, "agents start and load their models", lambda: all(ready(service(kube, n)) for n in names_))
 
     traffic = Traffic(Path(state.dir) / "agents" / "agents.json")
@@ -299,6 +299,18 @@ def main() -> int:
     say(
         f"one inference on {node}'s agent: model {answer['model_name']} version {answer['model_version']}, "
         f"{answer['outputs'][0]['name']} = {[round(v, 3) for v in answer['outputs'][0]['data']]}"
+    )
+    llm_url = sorted(service(kube, "edge-assistant")["status"]["endpoints"])[0]  # an agent serving it
+    chat = {"model": "tiny-lm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12}
+    request = urllib.request.Request(
+        f"{llm_url}/v1/chat/completions", json.dumps(chat).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        reply = json.loads(r.read())
+    say(
+        "one chat completion (OpenAI API) from edge-assistant's tiny-lm: "
+        f"{reply['choices'][0]['message']['content']!r} ({reply['usage']['completion_tokens']} tokens; "
+        "random weights, so bytes without meaning)"
     )
     time.sleep(3)  # a few rounds of traffic before the rollout, so the fleet view shows latency
 

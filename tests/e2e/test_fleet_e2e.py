@@ -551,11 +551,11 @@ def test_1_helm_install_brings_up_the_operator(fleet_: Fleet) -> None:
 def test_2_examples_are_placed_and_served_through_the_v2_api(fleet_: Fleet) -> None:
     f = fleet_
     models = release.example_models(f.examples)
-    docs = [
-        release.resolve_artifacts(release.example(n), models, f.examples_at)
-        for n in ("image-classifier", "multi-model")
-    ]
+    served_as_written = ("image-classifier", "multi-model", "llm-assistant")
+    docs = [release.resolve_artifacts(release.example(n), models, f.examples_at) for n in served_as_written]
     docs.append(canary(models, f.examples_at, "1"))  # the previous release of camera-classifier
+    # Every example a user may apply is applied here and must serve (a broken one fails this step).
+    assert {*served_as_written, "canary-rollout"} == {p.stem for p in release.EXAMPLES.glob("*.yaml")}
     f.kubectl("create", "namespace", APPS)
     applying = time.monotonic()
     apply(f, docs, "examples")
@@ -569,7 +569,7 @@ def test_2_examples_are_placed_and_served_through_the_v2_api(fleet_: Fleet) -> N
         got = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
         want = reference(f.examples, "classifier", "1", sine_input(SINE_SHAPE))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    names = ("image-classifier", "retail-analytics", "camera-classifier")
+    names = ("image-classifier", "retail-analytics", "camera-classifier", "edge-assistant")
 
     def all_ready() -> bool:
         return all(condition(f.service(n), "Ready").get("status") == "True" for n in names)
@@ -604,6 +604,25 @@ def test_2_examples_are_placed_and_served_through_the_v2_api(fleet_: Fleet) -> N
     with urllib.request.urlopen(f"{f.reach(orins[0])}/v2/models/classifier", timeout=10) as r:
         meta = json.loads(r.read())
     assert meta["name"] == "classifier" and "1" in meta["versions"]
+
+    # The LLM example answers a chat request (OpenAI API) on each of its agents, greedily the same
+    # tokens as the v2 generate extension on the same prompt.
+    llm_nodes = f.versions_of("edge-assistant")
+    assert len(llm_nodes) == 2, llm_nodes  # replicas: 2
+    chat = {"model": "tiny-lm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
+            "temperature": 0}  # fmt: skip
+    for node in llm_nodes:
+        base = f.reach(node) or ""
+        code, answer = post(base + "/v1/chat/completions", json.dumps(chat).encode(), timeout_s=60)
+        assert code == 200 and answer["object"] == "chat.completion", (code, answer)
+        assert answer["usage"]["completion_tokens"] >= 1, answer
+        prompt = "<|user|>\nhello\n<|assistant|>\n"  # the default chat template (tiny-lm has none)
+        params = {"max_tokens": 8, "temperature": 0}
+        code, v2 = post(
+            base + "/v2/models/tiny-lm/generate",
+            json.dumps({"text_input": prompt, "parameters": params}).encode(),
+        )
+        assert code == 200 and v2["text_output"] == answer["choices"][0]["message"]["content"], (v2, answer)
 
 
 @pytest.mark.cluster
