@@ -239,6 +239,21 @@ def _edge_node_args(group: argparse._ArgumentGroup) -> None:
         help="where the last assignment is kept for offline restarts (default <model-repository>/.edgefleet)",
     )
     group.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="the node cache: verified artifacts by sha256, kept across restarts and shared by "
+        "the node's agents (default <model-repository>/.edgefleet/cache; on the repository's "
+        "filesystem, versions are hard links to it)",
+    )
+    group.add_argument(
+        "--cache-budget",
+        default="10Gi",
+        metavar="BYTES",
+        help="size budget of the node cache, e.g. 20Gi (default 10Gi; least recently used "
+        "artifacts that no assigned version uses go first)",
+    )
+    group.add_argument(
         "--endpoint",
         metavar="URL",
         help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)",
@@ -253,6 +268,7 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
         return [], None
     from node_agent.link.mode import EdgeNodeMode
     from node_agent.link.settings import LinkSettings
+    from node_agent.runtime.model_yaml import parse_quantity
 
     namespace = args.namespace or os.environ.get("EDGEFLEET_NAMESPACE")
     sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -266,6 +282,8 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
         namespace=namespace or "default",
         state_dir=args.state_dir or args.model_repository / ".edgefleet",
         endpoint=endpoint,
+        cache_dir=args.cache_dir or args.model_repository / ".edgefleet" / "cache",
+        cache_budget_bytes=parse_quantity(args.cache_budget),
     )
     mode = EdgeNodeMode(link, args.kubeconfig)
     return [mode], mode.configs

@@ -59,6 +59,7 @@ from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.link.assignment import Assignment, InvalidAssignment, desired_versions, parse_edge_node
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
 from node_agent.link.lease import LeaseRenewer
+from node_agent.link.node_cache import NodeCache
 from node_agent.link.node_status import ModelRecord, StatusInputs, build_status
 from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
 from node_agent.link.settings import LinkSettings, rfc3339
@@ -181,6 +182,10 @@ class OperatorLink:
             failed=self._connection.failed,
         )
         self._store = AssignmentStore(settings, self.stats, self._connection)
+        self.cache: NodeCache | None = None
+        if settings.cache_dir is not None:
+            budget = settings.cache_budget_bytes
+            self.cache = NodeCache(settings.cache_dir, budget, in_use=self._assigned_digests)
         self._gpu = GpuProbe(device, self._device_budget, scheduler, gpu, thermal)
         self._reporter = StatusWriter(
             settings,
@@ -206,6 +211,8 @@ class OperatorLink:
         loop = self._loop = asyncio.get_running_loop()
         self._connection.open(loop)
         self._persisted = await self._connection.run(self._store.read)
+        if self.cache is not None:
+            await self._connection.run(self.cache.open)
         self._tasks = [
             asyncio.create_task(self._connection.run(self._watch.run, loop), name="link-watch"),
             asyncio.create_task(self._reconcile_task(), name="link-reconcile"),
@@ -247,6 +254,12 @@ class OperatorLink:
     def connected(self) -> bool:
         """Whether the API server answered the last call."""
         return self._connection.connected
+
+    def _assigned_digests(self) -> set[str]:
+        """The digests the node cache must keep: the assignment's (read from the link's threads:
+        `assignment` is replaced whole, never changed in place)."""
+        assignment = self.assignment
+        return set() if assignment is None else {m.artifact.digest for m in assignment.models}
 
     def _on_reconnect(self) -> None:
         self._lease.kick()
@@ -428,7 +441,7 @@ class OperatorLink:
         tracked = self._tracked[entry.id]
         tracked.busy = "preparing"
         try:
-            config = await self._connection.run(materialize, self.repository, entry)
+            config = await self._connection.run(materialize, self.repository, entry, self.cache)
         except (AgentError, OSError, ValueError) as e:
             self._fail(tracked, entry.artifact.digest, e)
             return False
