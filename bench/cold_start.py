@@ -151,7 +151,12 @@ def cold_start(node: OfflineNode, timeout_s: float = 90.0) -> ColdStart:
             lines: queue.Queue[str] = queue.Queue()
             stdout = proc.stdout
             assert stdout is not None
-            threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+
+            def read() -> None:
+                for text in stdout:
+                    lines.put(text)
+
+            threading.Thread(target=read, daemon=True).start()
             line = lines.get(timeout=timeout_s)
             listening_s = time.monotonic() - t0
             port = int(line.rsplit(":", 1)[1].strip())
