@@ -212,7 +212,11 @@ class OperatorLink:
         self._connection.open(loop)
         self._persisted = await self._connection.run(self._store.read)
         if self.cache is not None:
-            await self._connection.run(self.cache.open)
+            try:
+                await self._connection.run(self.cache.open)
+            except OSError as e:  # a read-only or foreign disk: serve without a cache
+                log.warning("node cache %s unusable (%s); running without it", self.cache.root, e)
+                self.cache = None
         self._tasks = [
             asyncio.create_task(self._connection.run(self._watch.run, loop), name="link-watch"),
             asyncio.create_task(self._reconcile_task(), name="link-reconcile"),
