@@ -28,6 +28,13 @@ RELEASE = "edgefleet"
 NOWHERE_LABEL = ("edgefleet.io/e2e", "operator-runs-as-a-local-process")
 """A node label no node carries: the chart's operator Pod stays Pending with this in its reason."""
 LOCAL_VALUES: dict[str, Any] = {"operator": {"nodeSelector": {NOWHERE_LABEL[0]: NOWHERE_LABEL[1]}}}
+SHARED_NAMESPACE_VALUES: dict[str, Any] = {
+    "agent": {"namespace": "", "nodeCache": {"hostPath": ""}},
+    "namespace": {"create": False},
+}
+"""Agents in the release namespace (Pod Security "restricted", created before the install): their node
+disk an emptyDir, as restricted requires (the chart's default gives them a privileged namespace of
+their own for a hostPath node disk; kwok nodes have no disk anyway)."""
 FAST_HEALTH_VALUES: dict[str, Any] = {
     "fleet": {"notReadyGraceSeconds": 2, "flapDampingSeconds": 30},
     "operator": {"reconcileDebounceSeconds": 0.2, "resyncIntervalSeconds": 1},

@@ -489,8 +489,8 @@ def test_1_helm_install_brings_up_the_operator(fleet_: Fleet) -> None:
     f.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     values = release.merge(
         release.FAST_HEALTH_VALUES,
+        release.SHARED_NAMESPACE_VALUES,
         {
-            "agent": {"namespace": ""},
             "fleet": {"selector": {names.LABEL_FLEET: "true", FLEET_LABEL: RUN}},
         },
         release.LOCAL_VALUES if f.local is not None else {},
