@@ -164,7 +164,7 @@ def test_deployment_is_two_rolling_restricted_replicas(helm: Helm) -> None:
     assert (env["EDGEFLEET_LEASE_DURATION_S"], env["EDGEFLEET_LEASE_RENEW_S"]) == ("15", "5")
     # The variables operator/settings.py reads, with the values' meaning.
     assert set(env["EDGEFLEET_FLEET_SELECTOR"].split(",")) == {"edgefleet.io/fleet=true", "site=berlin"}
-    assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-system"
+    assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-agents"  # their own: privileged (hostPath)
     assert env["EDGEFLEET_AGENT_IMAGE"] == "ghcr.io/edgefleet/agent:0.1.0"
     assert env["EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C"] == "72"
     assert json.loads(env["EDGEFLEET_AGENT_TOLERATIONS"])[0]["key"] == "node-role.kubernetes.io/edge"
@@ -448,7 +448,12 @@ def test_helm_install_and_uninstall(
         # The operator's own agent Pod spec (its node disk a hostPath), in the chart's agent namespace;
         # the operator's namespace ("restricted") refuses it.
         pod = manifests.agent_pod(edge_nodes[node_a], AgentPodSettings(namespace=agent_ns))
-        elsewhere = {**pod, "metadata": {**pod["metadata"], "namespace": ns, "ownerReferences": []}}
+        spec = {k: v for k, v in pod["spec"].items() if k != "serviceAccountName"}  # none there
+        elsewhere = {
+            **pod,
+            "metadata": {**pod["metadata"], "namespace": ns, "ownerReferences": []},
+            "spec": spec,
+        }
         refused = kubectl(
             st, "-n", ns, "create", "--dry-run=server", "-f", "-", input_=json.dumps(elsewhere), check=False
         )
