@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -194,7 +195,7 @@ class NodeCache:
         """`source`'s bytes under `target`, through a temp name in the target's folder: a hard
         link where the filesystem allows, else a copy verified against `digest`."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mktemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"  # link/"xb" refuse an existing one
         try:
             try:
                 os.link(source, tmp)
