@@ -31,7 +31,9 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_REQUEST": "1Gi",
         "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70",
         "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5", "EDGEFLEET_AGENT_WORKERS": "2",
-        "EDGEFLEET_AGENT_URGENT_WORKERS": "0",
+        "EDGEFLEET_AGENT_URGENT_WORKERS": "0", "EDGEFLEET_AGENT_HOST_PATH": "/data/edgefleet",
+        "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
+        "EDGEFLEET_AGENTS_EXTERNAL": "true",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops",
     }  # fmt: skip
@@ -50,6 +52,9 @@ def test_every_chart_variable_is_read() -> None:
     assert (a.cpu_request, a.memory_request, a.memory_limit) == ("500m", "1Gi", "6Gi")
     assert (a.thermal_soft_limit_c, a.thermal_soft_margin_c) == (70.0, 5.0)
     assert (a.workers, a.urgent_workers) == (2, 0)
+    assert (a.host_path, a.cache_budget, a.unreachable_toleration_s, a.external) == (
+        "/data/edgefleet", "40Gi", 7200, True
+    )  # fmt: skip
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
