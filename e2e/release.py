@@ -108,10 +108,10 @@ def operator_env(deployment: Mapping[str, Any]) -> dict[str, str]:
     ]
     env: dict[str, str] = {}
     for var in container.get("env") or []:
-        if "value" not in var:
+        if "valueFrom" in var:
             raise ValueError(f"operator env {var['name']} is not a literal value; cannot run it locally")
         if var["name"] not in LOCAL_ONLY_ENV:
-            env[var["name"]] = str(var["value"])
+            env[var["name"]] = str(var.get("value", ""))  # the API server drops an empty value
     return env
 
 

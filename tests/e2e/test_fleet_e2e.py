@@ -844,6 +844,8 @@ def test_operator_env_is_the_deployments_minus_pod_network_ports() -> None:
     }
     deployment = {"spec": {"template": {"spec": {"containers": [container]}}}}
     assert release.operator_env(deployment) == {"EDGEFLEET_RESYNC_S": "1"}
+    container["env"].append({"name": "EDGEFLEET_AGENT_HOST_PATH"})  # value "": the API server leaves it out
+    assert release.operator_env(deployment)["EDGEFLEET_AGENT_HOST_PATH"] == ""
     container["env"].append({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})
     with pytest.raises(ValueError, match="X is not a literal value"):
         release.operator_env(deployment)
