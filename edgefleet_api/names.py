@@ -22,9 +22,6 @@ LABEL_FLEET = f"{GROUP}/fleet"
 """Node label that puts a Node into the fleet (value "true"); the fleet selector's default."""
 LABEL_NODE = f"{GROUP}/node"
 """On EdgeNodes and agent Pods: the name of the Node they belong to."""
-LABEL_AGENT_MANAGED_BY = f"{GROUP}/agent-managed-by"
-"""Node label: who runs the node's agent. Absent or 'operator': the operator (an agent Pod); anything
-else ('systemd', 'static-pod'): something else, and the operator creates no agent Pod there."""
 LABEL_DEVICE_CLASS = f"{GROUP}/device-class"
 """Node label: jetson-orin, jetson-nano, edge-server, ... (placement and the fleet view use it)."""
 LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
@@ -34,6 +31,9 @@ ANNOTATION_ROLLOUT_ACTION = f"{GROUP}/rollout-action"
 
 ANNOTATION_WORK_SINCE = f"{GROUP}/work-since"
 """On an EdgeNode: when the operator first gave it work (bounds how long its agent may take to start)."""
+LABEL_AGENT_MANAGED_BY = f"{GROUP}/agent-managed-by"
+"""Node label: who runs the node's agent. Absent or 'operator': the operator (an agent Pod); anything
+else ('systemd', 'static-pod'): something else, and the operator creates no agent Pod there."""
 FINALIZER = f"{GROUP}/cleanup"
 
 AGENT_APP = "edgefleet-agent"
