@@ -796,6 +796,7 @@ def test_agent_command_runs_the_pods_args_with_local_ports_folders_and_credentia
     assert argv[:4] == ["/bin/agent", "serve", "--edge-node", "orin-1"]
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags == {
+        "--cache-budget": "10Gi",  # the Pod's own, kept (the node cache sits in the model repository)
         "--host": "127.0.0.1",
         "--port": "4242",
         "--model-repository": str(tmp_path / "models"),
