@@ -63,7 +63,7 @@ def materialize(
     if cache is not None:
         try:
             text = (target_dir / CONFIG_FILE).read_text(encoding="utf-8")
-            cache.put(repository.artifact_path(config), entry.artifact.digest, text)
+            cache.put(repository.artifact_path(config), entry.artifact.digest, text, _config_digest_of(entry))
         except (OSError, ValueError) as e:  # the version is in place all the same
             log.warning("%s: not kept in the node cache: %s", entry.id, e)
     return config
@@ -74,10 +74,16 @@ def _inside(path: Path, folder: Path) -> bool:
     return resolved == folder or resolved.is_relative_to(folder)
 
 
+def _config_digest_of(entry: ModelAssignment) -> str | None:
+    """The spec's digest of the artifact's model.yaml, where the contract has one (`configDigest`)."""
+    value = getattr(entry.artifact, "config_digest", None)
+    return value if isinstance(value, str) else None
+
+
 def _from_cache(cache: NodeCache, entry: ModelAssignment, target_dir: Path) -> ModelConfig | None:
     """The entry's version placed from the node cache, or None when the cache lacks the blob or
-    its model.yaml (or the blob failed its check)."""
-    meta = cache.meta_path(entry.artifact.digest)
+    its model.yaml for the entry's config digest (or the blob failed its check)."""
+    meta = cache.meta_path(entry.artifact.digest, _config_digest_of(entry))
     if not (meta.is_file() and cache.has(entry.artifact.digest)):
         return None
     try:

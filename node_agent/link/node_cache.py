@@ -117,20 +117,26 @@ class NodeCache:
     def blob_path(self, digest: str) -> Path:
         return self.blobs_dir / hex_of(digest)
 
-    def meta_path(self, digest: str) -> Path:
-        return self.meta_dir / f"{hex_of(digest)}.yaml"
+    def meta_path(self, digest: str, config_digest: str | None = None) -> Path:
+        """The model.yaml kept with blob `digest`; with `config_digest` (the spec's digest of the
+        model.yaml a download was verified against), one per config digest: a version is placed
+        from the cache only with a model.yaml derived from the one its spec names."""
+        suffix = f".{hex_of(config_digest)}" if config_digest else ""
+        return self.meta_dir / f"{hex_of(digest)}{suffix}.yaml"
 
     def has(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
-    def config_text(self, digest: str) -> str | None:
-        """The model.yaml last stored with the blob, or None."""
+    def config_text(self, digest: str, config_digest: str | None = None) -> str | None:
+        """The model.yaml last stored with the blob (for `config_digest`), or None."""
         try:
-            return self.meta_path(digest).read_text(encoding="utf-8")
+            return self.meta_path(digest, config_digest).read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
 
-    def put(self, source: Path, digest: str, config_text: str | None = None) -> None:
+    def put(
+        self, source: Path, digest: str, config_text: str | None = None, config_digest: str | None = None
+    ) -> None:
         """Store the file `source`, whose bytes the caller has verified to be `digest`, and the
         model.yaml it serves with. A hard link where `source` is on the cache's filesystem (no
         bytes copied); else a copy hashed as it is written, refused (`ValueError`) if it does
@@ -141,7 +147,7 @@ class NodeCache:
             self._store(source, target, digest)
         self._touch(target)
         if config_text is not None:
-            _replace_atomic(self.meta_path(digest), config_text.encode("utf-8"))
+            _replace_atomic(self.meta_path(digest, config_digest), config_text.encode("utf-8"))
         self.collect()
 
     def place(self, digest: str, target: Path) -> bool:
@@ -183,7 +189,8 @@ class NodeCache:
 
     def _drop(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
-        self.meta_path(digest).unlink(missing_ok=True)
+        for meta in self.meta_dir.glob(f"{hex_of(digest)}*.yaml"):
+            meta.unlink(missing_ok=True)
 
     def _touch(self, blob: Path) -> None:
         now = self._clock()

@@ -171,3 +171,20 @@ def test_a_second_repository_is_filled_from_the_cache_with_the_source_gone(
     assert sha256_file(second.artifact_path(placed)) == d1
     assert os.path.samefile(second.artifact_path(placed), cache.blob_path(d1))
     assert parse_model_config(second.version_dir(placed.id) / "model.yaml").digest == d1
+
+
+def test_a_model_yaml_is_kept_per_config_digest_and_goes_with_its_blob(tmp_path: Path) -> None:
+    """A blob served with model.yaml files of different spec digests (`configDigest`) keeps each
+    under its own: a version is never placed with a model.yaml derived from another spec's."""
+    cache = NodeCache(tmp_path / "cache", budget_bytes=0)
+    source, digest = write_blob(tmp_path / "v1", "model.pt", b"w" * 64)
+    cache.put(source, digest, "signature: a\n", config_digest=d(5))
+    cache.put(source, digest, "signature: b\n", config_digest=d(6))
+    assert cache.config_text(digest) is None  # none stored without a config digest
+    assert (cache.config_text(digest, d(5)), cache.config_text(digest, d(6))) == (
+        "signature: a\n",
+        "signature: b\n",
+    )
+    source.unlink()  # the version folder lets go: the blob is evictable, and over a budget of 0
+    assert cache.collect() == [digest]
+    assert not cache.has(digest) and not list(cache.meta_dir.iterdir()), "its model.yaml files go with it"
