@@ -15,6 +15,8 @@ docs.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet_api.model_spec import Artifact
 from node_agent.examples import make_examples
 from node_agent.link.node_cache import NodeCache
 from node_agent.link.persistence import encode_persisted
@@ -88,7 +91,10 @@ def offline_node(workdir: Path) -> OfflineNode:
     node = workdir / "node"
     cache = NodeCache(node / "cache")
     cache.open()
-    cache.put(folder / config.artifact, config.digest, (folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    config_digest = "sha256:" + hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest()
+    keyed = config_digest if "config_digest" in {f.name for f in dataclasses.fields(Artifact)} else None
+    text = (folder / CONFIG_FILE).read_text(encoding="utf-8")
+    cache.put(folder / config.artifact, config.digest, text, keyed)  # as an agent of this contract did
     dead = closed_port()
     (node / "kubeconfig").write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "cloud",
@@ -101,7 +107,7 @@ def offline_node(workdir: Path) -> OfflineNode:
         "nodeName": EDGE_NODE,
         "models": [{"service": "default/mlp", "model": "mlp", "version": "1", "format": config.format,
                     "artifact": {"uri": f"https://127.0.0.1:{dead}/models/mlp/1/{config.artifact}",
-                                 "digest": config.digest}}],
+                                 "digest": config.digest, "configDigest": config_digest}}],
     }  # fmt: skip
     state = node / "state"
     state.mkdir(parents=True)
