@@ -86,7 +86,7 @@ def install(state: localcluster.ClusterState, kube: Any) -> None:
     localcluster.kubectl(
         state, "label", "namespace", SYSTEM, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
     )
-    values = release.merge(release.FAST_HEALTH_VALUES, release.LOCAL_VALUES)
+    values = release.merge(release.FAST_HEALTH_VALUES, release.LOCAL_VALUES, release.SHARED_NAMESPACE_VALUES)
     try:
         release.install(helm, SYSTEM, values, Path(state.dir) / "values.yaml")
     except subprocess.CalledProcessError as e:

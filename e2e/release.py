@@ -28,6 +28,13 @@ RELEASE = "edgefleet"
 NOWHERE_LABEL = ("edgefleet.io/e2e", "operator-runs-as-a-local-process")
 """A node label no node carries: the chart's operator Pod stays Pending with this in its reason."""
 LOCAL_VALUES: dict[str, Any] = {"operator": {"nodeSelector": {NOWHERE_LABEL[0]: NOWHERE_LABEL[1]}}}
+SHARED_NAMESPACE_VALUES: dict[str, Any] = {
+    "agent": {"namespace": "", "nodeCache": {"hostPath": ""}},
+    "namespace": {"create": False},
+}
+"""Agents in the release namespace (Pod Security "restricted", created before the install): their node
+disk an emptyDir, as restricted requires (the chart's default gives them a privileged namespace of
+their own for a hostPath node disk; kwok nodes have no disk anyway)."""
 FAST_HEALTH_VALUES: dict[str, Any] = {
     "fleet": {"notReadyGraceSeconds": 2, "flapDampingSeconds": 30},
     "operator": {"reconcileDebounceSeconds": 0.2, "resyncIntervalSeconds": 1},
@@ -101,10 +108,10 @@ def operator_env(deployment: Mapping[str, Any]) -> dict[str, str]:
     ]
     env: dict[str, str] = {}
     for var in container.get("env") or []:
-        if "value" not in var:
+        if "valueFrom" in var:
             raise ValueError(f"operator env {var['name']} is not a literal value; cannot run it locally")
         if var["name"] not in LOCAL_ONLY_ENV:
-            env[var["name"]] = str(var["value"])
+            env[var["name"]] = str(var.get("value", ""))  # the API server drops an empty value
     return env
 
 

@@ -263,6 +263,21 @@ def _edge_node_args(group: argparse._ArgumentGroup) -> None:
         help="no download retry starts after this long (default 900)",
     )
     group.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="the node cache: verified artifacts by sha256, kept across restarts and shared by "
+        "the node's agents (default <model-repository>/.edgefleet/cache; on the repository's "
+        "filesystem, versions are hard links to it)",
+    )
+    group.add_argument(
+        "--cache-budget",
+        default="10Gi",
+        metavar="BYTES",
+        help="size budget of the node cache, e.g. 20Gi (default 10Gi; least recently used "
+        "artifacts that no assigned version uses go first)",
+    )
+    group.add_argument(
         "--endpoint",
         metavar="URL",
         help="this agent's URL for EdgeNode.status (default http://$EDGEFLEET_POD_IP:<port>)",
@@ -305,6 +320,8 @@ def _edge_node_mode(args: argparse.Namespace) -> tuple[list[AgentExtension], Con
         state_dir=args.state_dir or args.model_repository / ".edgefleet",
         endpoint=endpoint,
         **download,
+        cache_dir=args.cache_dir or args.model_repository / ".edgefleet" / "cache",
+        cache_budget_bytes=parse_quantity(args.cache_budget),
     )
     token = args.auth_token_file.read_text(encoding="utf-8").strip() if args.auth_token_file else ""
     delivery = Delivery(
@@ -386,6 +403,67 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_args(parser: argparse.ArgumentParser) -> None:
+    from node_agent.link.install import InstallSettings
+
+    d = InstallSettings("-")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--systemd", type=Path, metavar="DIR", help="write a systemd unit into DIR (/etc/systemd/system)"
+    )
+    where.add_argument(
+        "--static-pod",
+        type=Path,
+        metavar="DIR",
+        help="write a static Pod manifest into DIR (/etc/kubernetes/manifests)",
+    )
+    parser.add_argument("--edge-node", required=True, metavar="NAME", help="the EdgeNode (the Node's name)")
+    parser.add_argument("--kubeconfig", default=d.kubeconfig, metavar="FILE", help=f"default {d.kubeconfig}")
+    parser.add_argument(
+        "--namespace", default=d.namespace, metavar="NS", help=f"the Lease's (default {d.namespace})"
+    )
+    parser.add_argument("--port", type=int, default=d.port, help=f"HTTP port (default {d.port})")
+    parser.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
+    parser.add_argument(
+        "--cache-budget", default=d.cache_budget, metavar="BYTES", help=f"default {d.cache_budget}"
+    )
+    parser.add_argument(
+        "--endpoint", metavar="URL", help="this agent's URL for EdgeNode.status (http://NODE-IP:PORT)"
+    )
+    parser.add_argument(
+        "--disk-root", default=d.disk_root, metavar="DIR", help=f"node disk root (default {d.disk_root})"
+    )
+    parser.add_argument(
+        "--executable", default=d.executable, metavar="FILE", help=f"systemd: default {d.executable}"
+    )
+    parser.add_argument("--image", default=d.image, help=f"static Pod: the agent image (default {d.image})")
+
+
+def _install(args: argparse.Namespace) -> int:
+    from node_agent.link.artifacts import write_atomic
+    from node_agent.link.install import STATIC_POD, SYSTEMD_UNIT, InstallSettings, static_pod, systemd_unit
+
+    try:
+        settings = InstallSettings(
+            args.edge_node, kubeconfig=args.kubeconfig, namespace=args.namespace, port=args.port,
+            device=args.device, cache_budget=args.cache_budget, endpoint=args.endpoint,
+            disk_root=args.disk_root, executable=args.executable, image=args.image,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"edgefleet-agent install: {e}", file=sys.stderr)
+        return 2
+    if args.systemd is not None:
+        path, text, how = args.systemd / SYSTEMD_UNIT, systemd_unit(settings), "systemd"
+        then = f"systemctl daemon-reload && systemctl enable --now {SYSTEMD_UNIT}"
+    else:
+        path, text, how = args.static_pod / STATIC_POD, static_pod(settings), "static-pod"
+        then = "the kubelet starts it from its staticPodPath"
+    write_atomic(path, text)
+    print(f"wrote {path}; {then}")
+    print(f"then: kubectl label node {args.edge_node} edgefleet.io/agent-managed-by={how}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "make-examples": (
         "write a model repository of small example models (fixed seeds, stable digests)",
@@ -396,6 +474,12 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
         "serve a model repository over HTTP (KServe v2 / Triton protocol), with no cluster",
         _serve_args,
         _serve,
+    ),
+    "install": (
+        "run the agent from the node itself (a systemd unit or a static Pod), so a node that reboots "
+        "with no cloud serves its last assignment from its node cache",
+        _install_args,
+        _install,
     ),
 }
 """Subcommand name -> (one-line help, add its arguments, run it)."""

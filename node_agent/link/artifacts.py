@@ -24,8 +24,9 @@ from urllib.parse import urljoin, urlsplit
 from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
-from node_agent.link.assignment import effective_config, parse_artifact_uri
+from node_agent.link.assignment import ArtifactLocation, effective_config, parse_artifact_uri
 from node_agent.link.download import Delivery
+from node_agent.link.node_cache import NodeCache
 from node_agent.link.oci import Pull, Registry, parse_oci
 from node_agent.runtime.backends import default_artifact
 from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
@@ -38,10 +39,18 @@ _CHUNK_BYTES = 1 << 20
 
 
 def materialize(
-    repository: ModelRepository, entry: ModelAssignment, delivery: Delivery | None = None
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    delivery: Delivery | None = None,
+    cache: NodeCache | None = None,
 ) -> ModelConfig:
     """Make the entry's artifact present in `repository` as `<model>/<version>`, verified
     against the spec's digest, and return its effective config. Blocking (copies, hashes).
+
+    With a node `cache`: a blob the cache holds (verified as it is handed out) is placed into
+    the version folder from there (a hard link on the same filesystem, else a copy) with the
+    model.yaml stored beside it, and the source is not opened; after a copy or download the
+    verified artifact and its model.yaml go into the cache.
 
     repo:// inside the version's own folder is used in place (model.yaml is left alone);
     anything else (file://, https://, or repo:// naming another folder) is copied or
@@ -52,6 +61,67 @@ def materialize(
     """
     where = parse_artifact_uri(entry.artifact.uri)
     target_dir = repository.version_dir(entry.id)
+    in_place = where.scheme == "repo" and _inside(repository.root / where.path, target_dir)
+    if cache is not None and not in_place:
+        cached = _from_cache(cache, entry, target_dir)
+        if cached is not None:
+            repository.artifact_path(cached)
+            return cached
+    config = _materialize(repository, entry, where, target_dir, delivery)
+    if cache is not None:
+        try:
+            text = (target_dir / CONFIG_FILE).read_text(encoding="utf-8")
+            cache.put(repository.artifact_path(config), entry.artifact.digest, text, _config_digest_of(entry))
+        except (OSError, ValueError) as e:  # the version is in place all the same
+            log.warning("%s: not kept in the node cache: %s", entry.id, e)
+    return config
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    resolved = path.resolve()
+    return resolved == folder or resolved.is_relative_to(folder)
+
+
+def _config_digest_of(entry: ModelAssignment) -> str | None:
+    """The spec's digest of the artifact's model.yaml (`configDigest`), if it gives one."""
+    return entry.artifact.config_digest
+
+
+def _from_cache(cache: NodeCache, entry: ModelAssignment, target_dir: Path) -> ModelConfig | None:
+    """The entry's version placed from the node cache, or None when the cache lacks the blob or
+    its model.yaml for the entry's config digest (or the blob failed its check). A fetched
+    artifact (https, oci) without a configDigest is never placed from the cache: its model.yaml
+    would be one no digest covers."""
+    if (
+        parse_artifact_uri(entry.artifact.uri).scheme in ("https", "http", "oci")
+        and not entry.artifact.config_digest
+    ):
+        return None
+    meta = cache.meta_path(entry.artifact.digest, _config_digest_of(entry))
+    if not (meta.is_file() and cache.has(entry.artifact.digest)):
+        return None
+    try:
+        base = parse_model_config(meta)
+    except InvalidModel as e:
+        log.warning("%s: the node cache's model.yaml is unusable (%s); fetching again", entry.id, e)
+        return None
+    name = PurePosixPath(base.artifact).name
+    if not cache.place(entry.artifact.digest, target_dir / name):
+        return None
+    config = effective_config(dataclasses.replace(base, artifact=name), entry)
+    write_model_config(target_dir, config)
+    log.info("%s: placed %s from the node cache", entry.id, entry.artifact.digest)
+    return config
+
+
+def _materialize(
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    where: ArtifactLocation,
+    target_dir: Path,
+    delivery: Delivery | None,
+) -> ModelConfig:
+    """`materialize` from the artifact's source (the cache left aside)."""
     if where.scheme in ("https", "http"):
         return _download(repository, entry, where.path, target_dir, delivery or DEFAULT_DELIVERY)
     if where.scheme == "oci":

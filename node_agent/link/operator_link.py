@@ -61,6 +61,7 @@ from node_agent.link.assignment import Assignment, InvalidAssignment, desired_ve
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
 from node_agent.link.download import Delivery
 from node_agent.link.lease import LeaseRenewer
+from node_agent.link.node_cache import NodeCache
 from node_agent.link.node_status import ModelRecord, StatusInputs, build_status
 from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
 from node_agent.link.settings import LinkSettings, rfc3339
@@ -186,6 +187,10 @@ class OperatorLink:
             failed=self._connection.failed,
         )
         self._store = AssignmentStore(settings, self.stats, self._connection)
+        self.cache: NodeCache | None = None
+        if settings.cache_dir is not None:
+            budget = settings.cache_budget_bytes
+            self.cache = NodeCache(settings.cache_dir, budget, in_use=self._assigned_digests)
         self._gpu = GpuProbe(device, self._device_budget, scheduler, gpu, thermal)
         self._reporter = StatusWriter(
             settings,
@@ -211,6 +216,12 @@ class OperatorLink:
         loop = self._loop = asyncio.get_running_loop()
         self._connection.open(loop)
         self._persisted = await self._connection.run(self._store.read)
+        if self.cache is not None:
+            try:
+                await self._connection.run(self.cache.open)
+            except OSError as e:  # a read-only or foreign disk: serve without a cache
+                log.warning("node cache %s unusable (%s); running without it", self.cache.root, e)
+                self.cache = None
         self._tasks = [
             asyncio.create_task(self._connection.run(self._watch.run, loop), name="link-watch"),
             asyncio.create_task(self._reconcile_task(), name="link-reconcile"),
@@ -252,6 +263,12 @@ class OperatorLink:
     def connected(self) -> bool:
         """Whether the API server answered the last call."""
         return self._connection.connected
+
+    def _assigned_digests(self) -> set[str]:
+        """The digests the node cache must keep: the assignment's (read from the link's threads:
+        `assignment` is replaced whole, never changed in place)."""
+        assignment = self.assignment
+        return set() if assignment is None else {m.artifact.digest for m in assignment.models}
 
     def _on_reconnect(self) -> None:
         self._lease.kick()
@@ -434,7 +451,9 @@ class OperatorLink:
         tracked = self._tracked[entry.id]
         tracked.busy = "preparing"
         try:
-            config = await self._connection.run(materialize, self.repository, entry, self.delivery)
+            config = await self._connection.run(
+                materialize, self.repository, entry, self.delivery, self.cache
+            )
         except (AgentError, OSError, ValueError) as e:
             self._fail(tracked, entry.artifact.digest, e)
             return False

@@ -82,6 +82,11 @@ class LinkSettings:
     download_peer_wait_s: float = 300.0
     """How long a node waits for a site peer to hold an artifact before the origin
     (`download.Delivery.is_seeder` picks the one node of a site that does not wait)."""
+    cache_dir: Path | None = None
+    """The node cache (`node_cache.NodeCache`): verified artifacts by digest, on the node's disk
+    (a hostPath), so a restarted or replaced agent serves without fetching again; None: none."""
+    cache_budget_bytes: int = 10 * 2**30
+    """The node cache's size budget (least recently used blobs not in use go first)."""
 
     def __post_init__(self) -> None:
         if not self.edge_node or not self.namespace:
@@ -96,6 +101,8 @@ class LinkSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.lease_duration_s <= self.lease_renew_s:
             raise ValueError("lease_duration_s must exceed lease_renew_s")
+        if self.cache_budget_bytes < 0:
+            raise ValueError(f"cache_budget_bytes must be >= 0, got {self.cache_budget_bytes}")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
         if self.download_backoff_max_s < self.download_backoff_initial_s:

@@ -47,8 +47,9 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
     """The node-agent Pod for one EdgeNode, pinned to its node, owned by the EdgeNode.
 
     Pinned with required node affinity on metadata.name (as the DaemonSet controller does) so the
-    scheduler still checks the GPU resource; restricted Pod Security settings; liveness does not
-    depend on model readiness.
+    scheduler still checks the GPU resource; restricted Pod Security settings but for the hostPath
+    of its node disk (`_node_disk`), which needs the namespace at `privileged`; tolerates an
+    unreachable node (`agent_tolerations`); liveness does not depend on model readiness.
     """
     node = edge_node_obj["spec"]["nodeName"]
     name = names.agent_name(node)
@@ -83,7 +84,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                     }
                 }
             },
-            "tolerations": [dict(t) for t in settings.tolerations],
+            "tolerations": agent_tolerations(settings),
             **({"runtimeClassName": settings.runtime_class} if settings.runtime_class else {}),
             "securityContext": {
                 "runAsNonRoot": True,
@@ -103,7 +104,9 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         "--port",
                         str(settings.port),
                         "--model-repository",
-                        "/var/lib/edgefleet/models",
+                        f"{AGENT_DISK}/models",
+                        "--cache-budget",
+                        settings.cache_budget,
                     ],
                     "env": [
                         {"name": "EDGEFLEET_NODE_NAME", "value": node},
@@ -133,13 +136,64 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         "capabilities": {"drop": ["ALL"]},
                     },
                     "volumeMounts": [
-                        {"name": "models", "mountPath": "/var/lib/edgefleet"},
+                        {"name": "models", "mountPath": AGENT_DISK},
                         {"name": "tmp", "mountPath": "/tmp"},
                     ],
                 }
             ],
-            "volumes": [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+            **_node_disk(name, settings),
         },
+    }
+
+
+AGENT_DISK = "/var/lib/edgefleet"
+"""Where the agent container sees its disk: the model repository (`models/`), and in it the node
+cache (`models/.edgefleet/cache`) and the persisted assignment (`models/.edgefleet`): one
+filesystem, so the repository's versions are hard links to the cache's blobs."""
+NODE_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
+def agent_tolerations(settings: AgentPodSettings) -> list[dict[str, Any]]:
+    """The chart's tolerations, then NoExecute ones for an unreachable or not-ready node (unless the
+    chart names those keys itself): bounded by `unreachable_toleration_s`, else for as long as it
+    takes, so a node cut off from the cloud keeps its agent Pod (and what it serves) instead of
+    losing it to the default 300 s eviction when it reconnects."""
+    out = [dict(t) for t in settings.tolerations]
+    given = {t.get("key") for t in out}
+    for key in NODE_TAINTS:
+        if key in given:
+            continue
+        toleration: dict[str, Any] = {"key": key, "operator": "Exists", "effect": "NoExecute"}
+        if settings.unreachable_toleration_s is not None:
+            toleration["tolerationSeconds"] = settings.unreachable_toleration_s
+        out.append(toleration)
+    return out
+
+
+def _node_disk(agent: str, settings: AgentPodSettings) -> dict[str, Any]:
+    """The agent's disk: `<host_path>/<agent>` on the node (made the agent user's by an init
+    container that runs as root and may only chown), or an emptyDir when `host_path` is empty."""
+    tmp = {"name": "tmp", "emptyDir": {}}
+    if not settings.host_path:
+        return {"volumes": [{"name": "models", "emptyDir": {}}, tmp]}
+    path = f"{settings.host_path.rstrip('/')}/{agent}"
+    return {
+        "initContainers": [
+            {
+                "name": "node-disk",
+                "image": settings.image,
+                "command": ["chown", "65532:65532", AGENT_DISK],
+                "securityContext": {
+                    "runAsUser": 0,
+                    "runAsNonRoot": False,
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                },
+                "volumeMounts": [{"name": "models", "mountPath": AGENT_DISK}],
+            }
+        ],
+        "volumes": [{"name": "models", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}, tmp],
     }
 
 

@@ -17,7 +17,7 @@ writes nothing twice: names are deterministic and a create that finds its object
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,19 +304,35 @@ def nodes_with_work(by_node: Mapping[str, Sequence[PlacedModel]]) -> int:
     return sum(1 for placed in by_node.values() if placed)
 
 
+def external_agents(nodes: Iterable[Obj], agent: AgentPodSettings) -> frozenset[str]:
+    """The nodes whose agent runs outside the operator (a systemd unit or a static Pod): every node
+    when the chart says agents are external, else those labelled `edgefleet.io/agent-managed-by`
+    with anything but 'operator'."""
+    out = set()
+    for node in nodes:
+        labels = node["metadata"].get("labels") or {}
+        if agent.external or labels.get(names.LABEL_AGENT_MANAGED_BY, "operator") != "operator":
+            out.add(node["metadata"]["name"])
+    return frozenset(out)
+
+
 def pod_writes(
     by_node: Mapping[str, Sequence[PlacedModel]],
     pods: Mapping[str, Obj],
     edge_nodes: Mapping[str, Obj],
     agent: AgentPodSettings,
+    external: Collection[str] = frozenset(),
 ) -> tuple[PodWrite, ...]:
-    """An agent Pod on every node with work, none on nodes without; failed Pods are replaced (deleted
-    here, created by the next pass)."""
+    """An agent Pod on every node with work, none on nodes without, nor on `external` nodes (their
+    agent runs outside: a Pod there would be a second agent for the same GPU and EdgeNode); failed
+    Pods are replaced (deleted here, created by the next pass)."""
     out = []
     for node, placed in sorted(by_node.items()):
         name = names.agent_name(node)
         pod = pods.get(name)
         phase = (pod or {}).get("status", {}).get("phase")
+        if node in external:
+            placed = ()
         if pod and (not placed or phase in ("Failed", "Succeeded")):
             out.append(PodWrite(node, agent.namespace, name, None))
         elif placed and not pod:

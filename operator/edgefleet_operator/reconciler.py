@@ -239,7 +239,8 @@ class FleetReconciler:
             report.defer(pass_plan.nodes_with_work(by_node))
             return
         self.reader.read_pods(read)
-        writes = pass_plan.pod_writes(by_node, read.pods, read.edge_nodes, self.settings.agent)
+        external = pass_plan.external_agents(read.nodes, self.settings.agent)
+        writes = pass_plan.pod_writes(by_node, read.pods, read.edge_nodes, self.settings.agent, external)
         self.writer.sync_pods(writes, report)
 
     def _write_services(

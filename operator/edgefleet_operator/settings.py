@@ -56,6 +56,21 @@ class AgentPodSettings:
     """Stream pool workers per agent (None: the agent's default, 1 on CPU and 2 on a GPU)."""
     urgent_workers: int | None = None
     """Workers that run only critical and high-priority batches (None: the agent's default, 1)."""
+    host_path: str = "/var/lib/edgefleet"
+    """The node's disk for its agents: each agent Pod mounts `<host_path>/<agent name>` (a hostPath)
+    for its model repository, node cache and persisted assignment, so they outlive the Pod. Needs the
+    agents' namespace at Pod Security `privileged` (baseline and restricted forbid hostPath). Empty:
+    an emptyDir, as before (the cache and the assignment go with the Pod)."""
+    cache_budget: str = "10Gi"
+    """The agents' node cache budget (`--cache-budget`)."""
+    unreachable_toleration_s: int | None = None
+    """How long agent Pods stay bound to a node that is unreachable or not ready (NoExecute
+    tolerations of node.kubernetes.io/unreachable and not-ready). None: for as long as it takes (an
+    edge node cut off for hours keeps its Pod, and its cache, instead of Kubernetes' default 300 s)."""
+    external: bool = False
+    """Agents run outside the operator on every node (systemd units or static Pods,
+    `edgefleet-agent install`): it creates no agent Pods. A node labelled
+    `edgefleet.io/agent-managed-by=<anything but operator>` is such a node on its own."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,16 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         thermal_soft_margin_c=_number(e, "AGENT_THERMAL_SOFT_MARGIN_C", None),
         workers=_number(e, "AGENT_WORKERS", None, int),
         urgent_workers=_number(e, "AGENT_URGENT_WORKERS", None, int),
+        host_path=e.get("EDGEFLEET_AGENT_HOST_PATH", d.host_path).strip(),
+        cache_budget=e.get("EDGEFLEET_AGENT_CACHE_BUDGET") or d.cache_budget,
+        unreachable_toleration_s=_number(e, "AGENT_UNREACHABLE_TOLERATION_S", None, int),
+        external=e.get("EDGEFLEET_AGENTS_EXTERNAL", "").strip().lower() in ("1", "true", "yes"),
     )
+    if agent.unreachable_toleration_s is not None and agent.unreachable_toleration_s < 0:
+        bound = agent.unreachable_toleration_s
+        raise ValueError(f"EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S must be >= 0, got {bound}")
+    if agent.host_path and not agent.host_path.startswith("/"):
+        raise ValueError(f"EDGEFLEET_AGENT_HOST_PATH must be an absolute path, got {agent.host_path!r}")
     if agent.workers is not None and agent.workers < 1:
         raise ValueError(f"EDGEFLEET_AGENT_WORKERS must be >= 1, got {agent.workers}")
     if agent.urgent_workers is not None and agent.urgent_workers < 0:

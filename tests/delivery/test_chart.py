@@ -123,6 +123,8 @@ def test_lint_with_every_option_on(helm: Helm) -> None:
         ("agent.gpuResource=not a resource", "gpuResource"),
         ("operator.image.pullPolicy=Sometimes", "pullPolicy"),
         ("namespace.podSecurity=lax", "podSecurity"),
+        ("agent.nodeCache.hostPath=var/lib", "hostPath"),
+        ("agent.unreachableTolerationSeconds=-1", "unreachableTolerationSeconds"),
     ],
 )
 def test_schema_rejects_bad_values(helm: Helm, setting: str, complaint: str) -> None:
@@ -163,7 +165,7 @@ def test_deployment_is_two_rolling_restricted_replicas(helm: Helm) -> None:
     assert (env["EDGEFLEET_LEASE_DURATION_S"], env["EDGEFLEET_LEASE_RENEW_S"]) == ("15", "5")
     # The variables operator/settings.py reads, with the values' meaning.
     assert set(env["EDGEFLEET_FLEET_SELECTOR"].split(",")) == {"edgefleet.io/fleet=true", "site=berlin"}
-    assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-system"
+    assert env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-agents"  # their own: privileged (hostPath)
     assert env["EDGEFLEET_AGENT_IMAGE"] == "ghcr.io/edgefleet/agent:0.1.0"
     assert env["EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C"] == "72"
     assert json.loads(env["EDGEFLEET_AGENT_TOLERATIONS"])[0]["key"] == "node-role.kubernetes.io/edge"
@@ -259,11 +261,40 @@ def test_optional_monitoring_objects(helm: Helm) -> None:
     assert "{{ $labels.node }}" in alerts["EdgefleetSLABreach"]["annotations"]["summary"]
 
 
-def test_namespace_carries_pod_security_restricted(helm: Helm) -> None:
-    assert not by_kind(helm.template(), "Namespace"), "Helm's --create-namespace owns it by default"
-    ns = one(helm.template("--set", "namespace.create=true"), "Namespace")
-    assert ns["metadata"]["name"] == "edgefleet-system"
-    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+def test_the_agents_namespace_is_their_own_and_privileged_for_their_node_disk(helm: Helm) -> None:
+    """The agents' node disk is a hostPath, which Pod Security "baseline" and "restricted" forbid: their
+    namespace (not the operator's, the release namespace) is "privileged"; with the node disk off
+    (an emptyDir) and create false, the chart renders no Namespace, as before."""
+    docs = helm.template()
+    ns = one(docs, "Namespace")
+    assert ns["metadata"]["name"] == "edgefleet-agents"
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    env = {
+        e["name"]: e.get("value")
+        for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert (
+        env["EDGEFLEET_AGENT_NAMESPACE"] == "edgefleet-agents"
+        and env["EDGEFLEET_LEASE_NAMESPACE"] == "edgefleet-system"
+    )
+    assert (
+        env["EDGEFLEET_AGENT_HOST_PATH"] == "/var/lib/edgefleet"
+        and env["EDGEFLEET_AGENTS_EXTERNAL"] == "false"
+    )
+    assert "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S" not in env  # unbounded by default
+    docs = helm.template(
+        "--set", "agent.unreachableTolerationSeconds=600,agent.external=true,agent.nodeCache.budget=50Gi"
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert (
+        env["EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S"] == "600"
+        and env["EDGEFLEET_AGENTS_EXTERNAL"] == "true"
+    )
+    assert env["EDGEFLEET_AGENT_CACHE_BUDGET"] == "50Gi"
+    assert not by_kind(helm.template("--set", "namespace.create=false"), "Namespace")
 
 
 def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
@@ -283,7 +314,7 @@ def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
         ("edgefleet.io", "edgenodes/status"): {"get", "patch"},
     }
     agent_ns = one(docs, "Role", "-agent")
-    assert agent_ns["metadata"]["namespace"] == "edgefleet-system"
+    assert agent_ns["metadata"]["namespace"] == "edgefleet-agents"
     assert grants(agent_ns) == {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
     operator_cluster = grants(one(docs, "ClusterRole", "-operator"))
     assert operator_cluster[("", "pods")] == {"list", "watch"}, "pod writes only in the agent namespace"
@@ -408,7 +439,7 @@ def test_helm_install_and_uninstall(
         f"validatingadmissionpolicybinding/{full}-agent-own-node",
     )
     labels = json.loads(kubectl(st, "get", "namespace", agent_ns, "-o", "json").stdout)["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # the agents' hostPath node disk
     kubectl(st, "-n", ns, "get", f"role/{op}-leases", f"rolebinding/{op}-leases", f"poddisruptionbudget/{op}")
     # The operator Pod passes Pod Security "restricted" (the ReplicaSet could create it).
     eventually(
@@ -440,8 +471,19 @@ def test_helm_install_and_uninstall(
                 edge_nodes[node] = custom.get_cluster_custom_object(
                     names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node
                 )
-        # The operator's own agent Pod spec, in the chart's restricted namespace.
+        # The operator's own agent Pod spec (its node disk a hostPath), in the chart's agent namespace;
+        # the operator's namespace ("restricted") refuses it.
         pod = manifests.agent_pod(edge_nodes[node_a], AgentPodSettings(namespace=agent_ns))
+        spec = {k: v for k, v in pod["spec"].items() if k != "serviceAccountName"}  # none there
+        elsewhere = {
+            **pod,
+            "metadata": {**pod["metadata"], "namespace": ns, "ownerReferences": []},
+            "spec": spec,
+        }
+        refused = kubectl(
+            st, "-n", ns, "create", "--dry-run=server", "-f", "-", input_=json.dumps(elsewhere), check=False
+        )
+        assert refused.returncode != 0 and "hostPath" in refused.stderr, refused.stderr
         core.create_namespaced_pod(agent_ns, pod)
         pod_name = pod["metadata"]["name"]
         eventually(

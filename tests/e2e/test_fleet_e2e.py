@@ -489,8 +489,8 @@ def test_1_helm_install_brings_up_the_operator(fleet_: Fleet) -> None:
     f.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     values = release.merge(
         release.FAST_HEALTH_VALUES,
+        release.SHARED_NAMESPACE_VALUES,
         {
-            "agent": {"namespace": ""},
             "fleet": {"selector": {names.LABEL_FLEET: "true", FLEET_LABEL: RUN}},
         },
         release.LOCAL_VALUES if f.local is not None else {},
@@ -815,6 +815,7 @@ def test_agent_command_runs_the_pods_args_with_local_ports_folders_and_credentia
     assert argv[:4] == ["/bin/agent", "serve", "--edge-node", "orin-1"]
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags == {
+        "--cache-budget": "10Gi",  # the Pod's own, kept (the node cache sits in the model repository)
         "--host": "127.0.0.1",
         "--port": "4242",
         "--model-repository": str(tmp_path / "models"),
@@ -863,6 +864,8 @@ def test_operator_env_is_the_deployments_minus_pod_network_ports() -> None:
     }
     deployment = {"spec": {"template": {"spec": {"containers": [container]}}}}
     assert release.operator_env(deployment) == {"EDGEFLEET_RESYNC_S": "1"}
+    container["env"].append({"name": "EDGEFLEET_AGENT_HOST_PATH"})  # value "": the API server leaves it out
+    assert release.operator_env(deployment)["EDGEFLEET_AGENT_HOST_PATH"] == ""
     container["env"].append({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})
     with pytest.raises(ValueError, match="X is not a literal value"):
         release.operator_env(deployment)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -261,6 +262,27 @@ def test_agent_pods_follow_the_work() -> None:
     assert [(w.node, w.create is not None) for w in writes] == [("n1", True), ("n2", False), ("n3", False)]
     assert writes[0].create is not None and writes[0].create["metadata"]["name"] == names.agent_name("n1")
     assert pass_plan.nodes_with_work(placed) == 2
+
+
+def test_no_agent_pod_on_a_node_whose_agent_runs_outside_the_operator() -> None:
+    """A node labelled edgefleet.io/agent-managed-by=systemd (or static-pod) gets no agent Pod, and one
+    the operator made before the label is deleted (two agents would serve one EdgeNode); with the
+    chart's agents.external every node is such a node."""
+    placed = {"n1": (PlacedModel("s", "m", "1", 1),), "n2": (PlacedModel("s", "m", "1", 1),)}
+    nodes = [
+        {"metadata": {"name": "n1", "labels": {names.LABEL_AGENT_MANAGED_BY: "systemd"}}},
+        {"metadata": {"name": "n2", "labels": {names.LABEL_AGENT_MANAGED_BY: "operator"}}},
+        {"metadata": {"name": "n3"}},
+    ]
+    agent = AgentPodSettings()
+    external = pass_plan.external_agents(nodes, agent)
+    assert external == {"n1"}
+    pods = {names.agent_name("n1"): {"status": {"phase": "Running"}}}
+    writes = pass_plan.pod_writes(placed, pods, edge_nodes(), agent, external)
+    assert [(w.node, w.create is not None) for w in writes] == [("n1", False), ("n2", True)]
+    everywhere = pass_plan.external_agents(nodes, dataclasses.replace(agent, external=True))
+    assert everywhere == {"n1", "n2", "n3"}
+    assert pass_plan.pod_writes(placed, {}, edge_nodes(), agent, everywhere) == ()
 
 
 # --- bookkeeping -----------------------------------------------------------------------------------

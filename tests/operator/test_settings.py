@@ -31,7 +31,9 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_CPU_REQUEST": "500m", "EDGEFLEET_AGENT_MEMORY_REQUEST": "1Gi",
         "EDGEFLEET_AGENT_MEMORY_LIMIT": "6Gi", "EDGEFLEET_AGENT_THERMAL_SOFT_LIMIT_C": "70",
         "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5", "EDGEFLEET_AGENT_WORKERS": "2",
-        "EDGEFLEET_AGENT_URGENT_WORKERS": "0",
+        "EDGEFLEET_AGENT_URGENT_WORKERS": "0", "EDGEFLEET_AGENT_HOST_PATH": "/data/edgefleet",
+        "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
+        "EDGEFLEET_AGENTS_EXTERNAL": "true",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops",
     }  # fmt: skip
@@ -50,6 +52,9 @@ def test_every_chart_variable_is_read() -> None:
     assert (a.cpu_request, a.memory_request, a.memory_limit) == ("500m", "1Gi", "6Gi")
     assert (a.thermal_soft_limit_c, a.thermal_soft_margin_c) == (70.0, 5.0)
     assert (a.workers, a.urgent_workers) == (2, 0)
+    assert (a.host_path, a.cache_budget, a.unreachable_toleration_s, a.external) == (
+        "/data/edgefleet", "40Gi", 7200, True
+    )  # fmt: skip
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
@@ -110,7 +115,12 @@ def test_chart_agent_settings_reach_the_agent_pod_and_the_agent_reads_them(
     spec = pod["spec"]
     container = spec["containers"][0]
     assert spec["runtimeClassName"] == "nvidia"
-    assert spec["tolerations"] == [{"key": "edge", "operator": "Exists"}]
+    # the chart's tolerations, then an unreachable or not-ready node keeps its agent for good
+    assert spec["tolerations"] == [
+        {"key": "edge", "operator": "Exists"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    ]
     assert container["resources"]["limits"] == {"memory": "6Gi", "nvidia.com/gpu.shared": "1"}
     assert container["resources"]["requests"]["cpu"] == "500m"
     pod_env = {e["name"]: e.get("value") for e in container["env"]}
@@ -146,3 +156,46 @@ def test_the_agent_names_a_malformed_setting_from_its_pod_environment(
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit, match=message):
         build_parser()
+
+
+def test_agent_pods_keep_their_node_disk_and_tolerate_an_unreachable_node_as_the_chart_says() -> None:
+    """The node disk (model repository, node cache, persisted assignment) is a hostPath per agent,
+    made the agent user's by a root init container that may only chown; the tolerations of an
+    unreachable or not-ready node are bounded only when the chart says; an empty host path (or an
+    unknown unit) falls back to the emptyDir, and a relative one is refused."""
+    from edgefleet_operator.manifests import agent_pod
+    from node_agent.cli import build_parser
+
+    en = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeNode", "metadata": {"name": "n1", "uid": "u1"},
+          "spec": {"nodeName": "n1"}}  # fmt: skip
+    spec = agent_pod(en, from_env({}).agent)["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["models"]["hostPath"] == {
+        "path": "/var/lib/edgefleet/edgefleet-agent-n1",
+        "type": "DirectoryOrCreate",
+    }
+    (init,) = spec["initContainers"]
+    assert init["command"] == ["chown", "65532:65532", "/var/lib/edgefleet"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["volumeMounts"] == [{"name": "models", "mountPath": "/var/lib/edgefleet"}]
+    container = spec["containers"][0]
+    assert {"name": "models", "mountPath": "/var/lib/edgefleet"} in container["volumeMounts"]
+    args = build_parser().parse_args(container["args"])
+    assert args.model_repository == Path("/var/lib/edgefleet/models") and args.cache_budget == "10Gi"
+    unbounded = [t for t in spec["tolerations"] if t["key"].startswith("node.kubernetes.io/")]
+    assert len(unbounded) == 2 and all("tolerationSeconds" not in t for t in unbounded)
+
+    env = {"EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "3600", "EDGEFLEET_AGENT_HOST_PATH": "/data/ef",
+           "EDGEFLEET_AGENT_CACHE_BUDGET": "50Gi"}  # fmt: skip
+    spec = agent_pod(en, from_env(env).agent)["spec"]
+    bounded = [t for t in spec["tolerations"] if t["key"].startswith("node.kubernetes.io/")]
+    assert [t["tolerationSeconds"] for t in bounded] == [3600, 3600]
+    assert spec["volumes"][0]["hostPath"]["path"] == "/data/ef/edgefleet-agent-n1"
+    assert "50Gi" in spec["containers"][0]["args"]
+
+    spec = agent_pod(en, from_env({"EDGEFLEET_AGENT_HOST_PATH": ""}).agent)["spec"]
+    assert spec["volumes"][0] == {"name": "models", "emptyDir": {}} and "initContainers" not in spec
+    with pytest.raises(ValueError, match="absolute"):
+        from_env({"EDGEFLEET_AGENT_HOST_PATH": "var/lib"})
+    with pytest.raises(ValueError, match="TOLERATION"):
+        from_env({"EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "-1"})
