@@ -154,7 +154,8 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 
 
 class AgentExtension(Protocol):
-    """Something started with the agent (after its core) and stopped before it."""
+    """Something started with the agent (after its core) and stopped before it; `stop` is called
+    also when `start` was cut short (a signal, a failure), so it stops whatever part started."""
 
     async def start(self, agent: Agent) -> None: ...
 
@@ -243,8 +244,10 @@ class Agent:
         assert self.serving is not None and self.scheduler is not None and self.repository is not None
         try:
             for extension in self.extensions:
-                await extension.start(self)
+                # Listed before it starts: a start cut short (a signal while an edge node's link
+                # waits to converge) is stopped too, threads and all.
                 self._started_extensions.append(extension)
+                await extension.start(self)
             for ref in self.settings.preload:
                 name, version = parse_model_ref(ref)
                 config = self.repository.config(name, version)

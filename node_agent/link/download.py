@@ -258,7 +258,22 @@ class Delivery:
             if self.settings.bandwidth_bytes_per_s
             else None
         )
-        self._clock, self._sleep, self._rng = clock, sleep, rng or random.Random()
+        self._clock, self._rng = clock, rng or random.Random()
+        self._given_sleep = sleep
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """End every download at its next wait or chunk (an agent stopping must not wait out a
+        backoff): each raises `InvalidModel`, its part kept to resume."""
+        self._stopping.set()
+
+    def _sleep(self, delay_s: float) -> None:
+        if self._given_sleep is time.sleep:
+            self._stopping.wait(delay_s)
+        else:
+            self._given_sleep(delay_s)
+        if self._stopping.is_set():
+            raise InvalidModel("the agent is stopping; the download resumes at its next start")
 
     def is_seeder(self) -> bool:
         """Whether this node fetches from the origin at once rather than wait for a peer to

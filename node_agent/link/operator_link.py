@@ -237,6 +237,7 @@ class OperatorLink:
         """Stop every task and the watch thread. Models stay loaded (the caller owns the
         scheduler); the Lease is left to expire."""
         self._watch.stop()
+        self.delivery.stop()  # a download waiting out a backoff ends now (its part is kept)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

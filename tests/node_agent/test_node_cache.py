@@ -159,14 +159,14 @@ def test_a_second_repository_is_filled_from_the_cache_with_the_source_gone(
     uri = f"file://{origin}/classifier/1/model.pt"
     cache = NodeCache(tmp_path / "cache")
     first = ModelRepository(tmp_path / "agent-a" / "models")
-    config = materialize(first, entry("classifier", "1", d1, uri), cache)
+    config = materialize(first, entry("classifier", "1", d1, uri), cache=cache)
     assert cache.has(d1) and os.path.samefile(cache.blob_path(d1), first.artifact_path(config))
 
     shutil.rmtree(origin)  # the origin is gone (a node cut off from it)
     with pytest.raises(InvalidModel):
         materialize(ModelRepository(tmp_path / "no-cache" / "models"), entry("classifier", "1", d1, uri))
     second = ModelRepository(tmp_path / "agent-b" / "models")
-    placed = materialize(second, entry("classifier", "1", d1, uri), cache)
+    placed = materialize(second, entry("classifier", "1", d1, uri), cache=cache)
     assert placed.digest == d1 and placed.inputs == config.inputs
     assert sha256_file(second.artifact_path(placed)) == d1
     assert os.path.samefile(second.artifact_path(placed), cache.blob_path(d1))
