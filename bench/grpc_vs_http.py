@@ -13,7 +13,9 @@ alike). A protocol holds a rate when its p99 latency (from the scheduled arrival
 `P99_TARGET_S`, nothing failed, and it completed 95% of the offered rate; reported: the highest
 rate each held, and the ratios.
 Client and agent share the machine's cores (loopback): on a small box the client's own cost
-per request is part of what limits each protocol.
+per request is part of what limits each protocol. The agent's CPU per request (its process's
+user + system time over every run, divided by the requests answered) is reported beside: other
+processes' load moves latencies, hardly that.
 
     python -m bench.grpc_vs_http            # full run (~2-3 min)
     BENCH_QUICK=1 python -m bench.grpc_vs_http
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +86,11 @@ class ServedAgent:
         http_part, grpc_part = line.split(" and grpc://")
         self.http_port = int(http_part.rsplit(":", 1)[1])
         self.grpc_port = int(grpc_part.rsplit(":", 1)[1])
+
+    def cpu_s(self) -> float:
+        """CPU seconds the agent process has used (user + system; Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -168,7 +176,20 @@ def point(rate: float, runs: list[ReplayResult]) -> Point:
     return Point(rate, held, percentile(lat, 50), p99, done, dict(errors))
 
 
-async def measure(seconds: float, rounds: int, rates: list[float]) -> dict[str, list[Point]]:
+@dataclass
+class Cost:
+    """The agent's CPU spent on one protocol's requests, over all its runs."""
+
+    cpu_s: float = 0.0
+    requests: int = 0
+
+    def per_request_ms(self) -> float:
+        return 1e3 * self.cpu_s / self.requests if self.requests else math.nan
+
+
+async def measure(
+    seconds: float, rounds: int, rates: list[float]
+) -> tuple[dict[str, list[Point]], dict[str, Cost]]:
     agent = ServedAgent(example_repo())
     try:
         connector = aiohttp.TCPConnector(limit=256)
@@ -183,19 +204,26 @@ async def measure(seconds: float, rounds: int, rates: list[float]) -> dict[str, 
             for p in PROTOCOLS:
                 await asyncio.gather(*[calls[p](i) for i in range(64)])
             points: dict[str, list[Point]] = {p: [] for p in PROTOCOLS}
+            costs = {p: Cost() for p in PROTOCOLS}
             for step, rate in enumerate(rates):
-                live = [p for p in PROTOCOLS if all(pt.held for pt in points[p][-1:])]
+                # a protocol stays on the ladder until it misses two rates in a row (one miss
+                # may be the shared machine's noise)
+                live = [p for p in PROTOCOLS if any(pt.held for pt in points[p][-2:]) or len(points[p]) < 2]
                 if not live:
                     break
                 runs: dict[str, list[ReplayResult]] = {p: [] for p in live}
                 for r in range(rounds):  # interleaved, in a rotating order
                     k = (step + r) % len(live)
                     for p in live[k:] + live[:k]:
-                        runs[p].append(await offer(calls[p], rate, seconds, seed=step * rounds + r))
+                        cpu0 = agent.cpu_s()
+                        run = await offer(calls[p], rate, seconds, seed=step * rounds + r)
+                        costs[p].cpu_s += agent.cpu_s() - cpu0
+                        costs[p].requests += len(run.ok())
+                        runs[p].append(run)
                         await asyncio.sleep(0.2)  # the queue drains between runs
                 for p in live:
                     points[p].append(point(rate, runs[p]))
-            return points
+            return points, costs
     finally:
         agent.stop()
 
@@ -205,24 +233,41 @@ def best(points: list[Point]) -> Point | None:
     return max(held, key=lambda p: p.rate) if held else None
 
 
+def per_rate_table(points: dict[str, list[Point]]) -> str:
+    rates = sorted({pt.rate for pts in points.values() for pt in pts})
+    rows = []
+    for rate in rates:
+        row: list[object] = [f"{rate:.0f}"]
+        for p in PROTOCOLS:
+            pt = next((x for x in points[p] if x.rate == rate), None)
+            row.append("-" if pt is None else f"{pt.p99_s * 1e3:.0f}{'*' if pt.held else ''}")
+        rows.append(row)
+    return table(["req/s offered", *PROTOCOLS], rows)
+
+
 async def main() -> None:
     q = quick()
     seconds, rounds, start, factor, steps = (1.0, 1, 50.0, 2.0, 3) if q else (3.0, 3, 40.0, 1.25, 20)
     rates = [round(start * factor**k) for k in range(steps)]
     t0 = time.monotonic()
-    points = await measure(seconds, rounds, rates)
+    points, costs = await measure(seconds, rounds, rates)
+    grpc_cpu = costs["gRPC"].per_request_ms()
     rows = []
     held = {p: best(points[p]) for p in PROTOCOLS}
-    grpc_rate = held["gRPC"].rate if held["gRPC"] else 0.0
+    grpc_best = held["gRPC"]
+    grpc_rate = grpc_best.rate if grpc_best else 0.0
     for p in PROTOCOLS:
         b = held[p]
-        first_miss = next((pt for pt in points[p] if not pt.held), None)
+        first_miss = next((pt for pt in points[p] if not pt.held and (not b or pt.rate > b.rate)), None)
+        cpu = costs[p].per_request_ms()
         rows.append([
             p,
+            f"{cpu:.2f}",
+            f"{cpu / grpc_cpu:.2f}",
             f"**{b.rate:.0f}**" if b else "none",
             f"{b.p50_s * 1e3:.1f}" if b else "-",
             f"{b.p99_s * 1e3:.1f}" if b else "-",
-            f"{grpc_rate / b.rate:.2f}" if b else "-",
+            f"{grpc_rate / b.rate:.2f}" if b and grpc_rate else "-",
             (f"{first_miss.rate:.0f}/s: p99 {first_miss.p99_s * 1e3:.0f} ms, errors {first_miss.errors or 0}"
              if first_miss else "none (ladder ended)"),
         ])  # fmt: skip
@@ -235,14 +280,18 @@ async def main() -> None:
         + table(
             [
                 "protocol",
+                "agent CPU per request, ms",
+                "CPU / gRPC's",
                 "req/s held at p99",
                 "p50 there, ms",
                 "p99 there, ms",
                 "gRPC / this",
-                "first rate missed",
+                "next rate missed",
             ],
             rows,
         )
+        + "\n\np99 (ms) per offered rate, side by side (* held):\n\n"
+        + per_rate_table(points)
         + "\n"
     )
     print(body)
