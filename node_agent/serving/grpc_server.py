@@ -17,8 +17,9 @@ Protections, as HTTP's: messages larger than `max_request_bytes` are refused by 
 to the same `BodyBudget` as HTTP bodies (past it: UNAVAILABLE with a retry hint); with a token,
 every RPC but ServerLive and ServerReady needs `authorization: Bearer <token>` metadata
 (UNAUTHENTICATED); load/unload only from `repository_control_from` (PERMISSION_DENIED).
-At most `max_concurrent_rpcs` RPCs run at once (the excess gets RESOURCE_EXHAUSTED at once); a
-connection idle for HTTP's `idle_timeout_s` is closed.
+At most `max_concurrent_rpcs` RPCs run at once (the excess gets RESOURCE_EXHAUSTED at once).
+Idle connections are not closed by the agent: gRPC's `max_connection_idle_ms` sends GOAWAY, and
+RPCs racing it failed with UNAVAILABLE in bench.grpc_vs_http (a request without an answer).
 A client that cancels (or goes away) has its handler cancelled by grpc.aio, so its queued rows
 are dropped, never run.
 
@@ -139,9 +140,6 @@ class GrpcApi:
                 ("grpc.max_receive_message_length", self.http.max_request_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not shared
-                # a connection with no RPC for HTTP's keep-alive idle timeout is closed (GOAWAY:
-                # clients reconnect on their next call), so idle clients hold nothing for long
-                ("grpc.max_connection_idle_ms", round(self.http.connections.idle_timeout_s * 1000)),
             ],
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )

@@ -15,8 +15,9 @@ included, so `tritonclient.http` works with its defaults):
 | POST | /v2/repository/models/{m}/load, .../unload | repository control |
 | GET | /metrics | Prometheus text, when the agent was given a registry |
 
-Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. Errors become responses
-in `serving.responses` (`ERROR_STATUS` is the one place the agent's errors become status codes);
+Handlers are thin: decode (`v2_codec`) -> `api.infer` on the `ServingApi` -> encode, the path the
+gRPC API (`serving.grpc_server`) shares. Errors become responses in `serving.responses`
+(`error_status.ERROR_STATUS` is the one place the agent's errors become status codes);
 every error body is `{"error": "..."}`, one line, never a stack trace (unexpected exceptions
 are logged and answered 500).
 
