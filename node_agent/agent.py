@@ -4,9 +4,10 @@
 down in reverse, draining first:
 
     start: repository -> scheduler -> stream pool -> controls, SLA and thermal monitors
-           -> engine -> HTTP (live, not ready) -> extensions -> preloads -> ready
-    stop:  not ready -> drain delay -> extensions -> HTTP (stops listening, waits for the
-           requests in progress, bounded) -> generators -> monitors -> engine -> scheduler -> stream pool
+           -> engine -> HTTP and gRPC (live, not ready) -> extensions -> preloads -> ready
+    stop:  not ready -> drain delay -> extensions -> HTTP and gRPC (stop listening, wait for
+           the requests in progress, bounded, at once) -> generators -> monitors -> engine
+           -> scheduler -> stream pool
 
 Load control (`node_agent.control.mitigation`): one `Controls` takes the limits of both monitors.
 The SLA monitor wraps every model version's batching policy (it measures each batch and
@@ -56,6 +57,7 @@ from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 from node_agent.serving.connections import GuardedSite
+from node_agent.serving.grpc_server import GrpcApi, GrpcSettings
 from node_agent.serving.http import HttpSettings, MetricsHook, V2Api
 from node_agent.serving.service import HealthSettings, Serving
 from node_agent.types import ModelConfig
@@ -96,6 +98,8 @@ class AgentSettings:
     unload_wait_s: float = 10.0
     """How long a repository unload waits for in-flight batches to release the model."""
     http: HttpSettings = field(default_factory=HttpSettings)
+    grpc: GrpcSettings | None = None
+    """The v2 gRPC API beside HTTP (same engine, limits and token); None: HTTP only."""
     health: HealthSettings = field(default_factory=HealthSettings)
     """When the agent reports not ready and not live (`serving.service`)."""
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -214,6 +218,8 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self.http_api: V2Api | None = None
         """The HTTP routes, once started."""
+        self.grpc_api: GrpcApi | None = None
+        """The gRPC service, once started (None without `settings.grpc`)."""
         self._started_extensions: list[AgentExtension] = []
         self._stopped = False
 
@@ -223,6 +229,11 @@ class Agent:
         assert self._runner is not None, "the agent is not started"
         address = self._runner.addresses[0]
         return int(address[1])
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The TCP port the gRPC API listens on; None without one."""
+        return None if self.grpc_api is None else self.grpc_api.port
 
     async def start(self) -> None:
         """Start every part; returns once the agent is ready (preloads done). On failure,
@@ -390,6 +401,10 @@ class Agent:
         )
         await self._runner.setup()
         await GuardedSite(self._runner, h.host, h.port, api.guard).start()
+        if self.settings.grpc is not None:  # same budget of request bytes in flight as HTTP
+            grpc_api = GrpcApi(self.serving, self.settings.grpc, h, api.bodies)
+            await grpc_api.start()
+            self.grpc_api = grpc_api
 
     def serve_artifacts(self, lookup: Callable[[str], Path | None]) -> None:
         """Serve to peers the artifacts `lookup` ('sha256:<hex>' -> verified file) finds
@@ -412,8 +427,12 @@ class Agent:
                 await extension.stop()
             except Exception:
                 log.exception("stopping extension %r", extension)
+        drains = []  # both protocols drain at once, within the one budget
         if self._runner is not None:
-            await self._runner.cleanup()
+            drains.append(self._runner.cleanup())
+        if self.grpc_api is not None:
+            drains.append(self.grpc_api.stop(self.settings.drain_timeout_s))
+        await asyncio.gather(*drains)
         if self.serving is not None:
             await self.serving.stop_generators()  # after HTTP drained; the rest get ShuttingDown
         for monitor in (self.thermal, self.sla):

@@ -59,6 +59,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free)")
     parser.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the v2 gRPC API on PORT (Triton's is 8001; 0: any free); default: off",
+    )
+    parser.add_argument(
         "--auth-token-file",
         type=Path,
         metavar="FILE",
@@ -340,6 +346,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node_agent.control.thermal import ThermalSettings
     from node_agent.runtime.model_yaml import parse_quantity
     from node_agent.serving.connections import ConnectionLimits
+    from node_agent.serving.grpc_server import GrpcSettings
     from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
     from node_agent.serving.service import HealthSettings
 
@@ -375,6 +382,9 @@ def _serve(args: argparse.Namespace) -> int:
             drain_delay_s=args.drain_delay,
             drain_timeout_s=args.drain_timeout,
             http=http,
+            grpc=None
+            if args.grpc_port is None
+            else GrpcSettings(host=args.host, port=args.grpc_port, max_concurrent_rpcs=args.max_connections),
             health=HealthSettings(
                 worker_stuck_s=args.worker_stuck_after, worker_dead_s=args.worker_dead_after
             ),
@@ -392,7 +402,9 @@ def _serve(args: argparse.Namespace) -> int:
     def listening(agent: Agent) -> None:
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
         print(
-            f"edgefleet-agent: serving {settings.model_repository} on http://{host}:{agent.port}", flush=True
+            f"edgefleet-agent: serving {settings.model_repository} on http://{host}:{agent.port}"
+            + ("" if agent.grpc_port is None else f" and grpc://{host}:{agent.grpc_port}"),
+            flush=True,
         )
 
     try:

@@ -17,8 +17,9 @@ included, so `tritonclient.http` works with its defaults):
 | GET | /metrics | Prometheus text, when the agent was given a registry |
 | GET | /edgefleet/v1/artifacts/sha256/{hex} | a verified artifact, for peers (`serving.artifact_route`) |
 
-Handlers are thin: decode (`v2_codec`) -> the `ServingApi` -> encode. Errors become responses
-in `serving.responses` (`ERROR_STATUS` is the one place the agent's errors become status codes);
+Handlers are thin: decode (`v2_codec`) -> `api.infer` on the `ServingApi` -> encode, the path the
+gRPC API (`serving.grpc_server`) shares. Errors become responses in `serving.responses`
+(`error_status.ERROR_STATUS` is the one place the agent's errors become status codes);
 every error body is `{"error": "..."}`, one line, never a stack trace (unexpected exceptions
 are logged and answered 500).
 
@@ -40,98 +41,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 from aiohttp import hdrs, web
 
-from edgefleet_api.types import Priority
 from node_agent import __version__
 from node_agent.errors import AgentError, InvalidInput
-from node_agent.runtime.model_names import NAME_MAX_LEN, NAME_RE
-from node_agent.serving import v2_codec
+from node_agent.serving import api, v2_codec
+from node_agent.serving.api import EXTENSIONS as EXTENSIONS
+from node_agent.serving.api import LOOPBACK_NETWORKS as LOOPBACK_NETWORKS
+from node_agent.serving.api import IndexEntry as IndexEntry
+from node_agent.serving.api import ServingApi as ServingApi
+from node_agent.serving.api import control_networks as control_networks
+from node_agent.serving.api import peer_allowed as peer_allowed
 from node_agent.serving.artifact_route import ArtifactRoute
 from node_agent.serving.bodies import BodyBudget, check_length, read_body
 from node_agent.serving.connections import ConnectionGuard, ConnectionLimits
 from node_agent.serving.generate import add_generate_routes
 from node_agent.serving.openai_api import add_openai_routes
 from node_agent.serving.responses import HttpError, error_response, json_object, json_response
-from node_agent.types import ModelConfig
-
-if TYPE_CHECKING:
-    from node_agent.generation.async_generator import AsyncGenerator
 
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 """Paths served without a token: probes must work for the kubelet, and Prometheus scrapes."""
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
 _SMALL_BODY_BYTES = 64 * 1024
 """Limit for the bodies of repository requests (a few parameters)."""
-
-
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    """One model version in the repository index (Triton's fields)."""
-
-    name: str
-    version: str
-    state: str
-    """READY (servable; loaded on demand if not in memory) or UNAVAILABLE."""
-    reason: str = ""
-
-
-class ServingApi(Protocol):
-    """What the HTTP layer serves (implemented by `service.Serving`)."""
-
-    def not_ready_reason(self) -> str | None:
-        """None when the agent can serve inference; else why not (starting, draining, workers
-        stuck, repository unreadable, nothing servable)."""
-        ...
-
-    def not_live_reason(self) -> str | None:
-        """None while the process makes progress; else why it should be restarted."""
-        ...
-
-    def config(self, name: str, version: str | None) -> ModelConfig:
-        """The config serving (name, version); ModelNotFound if unknown, ModelNotReady if
-        unloaded or being unloaded."""
-        ...
-
-    def versions(self, name: str) -> list[str]: ...
-
-    def model_not_ready_reason(self, name: str, version: str | None) -> str | None: ...
-
-    async def infer(
-        self,
-        name: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        priority: Priority,
-        timeout_s: float | None,
-    ) -> Mapping[str, np.ndarray]: ...
-
-    def index(self) -> list[IndexEntry]: ...
-
-    async def load(self, name: str) -> None: ...
-
-    async def unload(self, name: str) -> None: ...
-
-    async def generator(self, name: str, version: str | None) -> AsyncGenerator:
-        """The running generator of a `task: generate` model (`generate.GeneratorProvider`)."""
-        ...
-
-    async def generating_models(self) -> list[str]:
-        """The servable models that generate text (`openai_api.ModelsProvider`)."""
-        ...
 
 
 MetricsHook = Callable[[], tuple[bytes, str]]
@@ -188,31 +128,6 @@ class HttpSettings:
         if self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s!r}")
         control_networks(self.repository_control_from)
-
-
-def control_networks(cidrs: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Parse CIDRs (ValueError naming a bad one)."""
-    out = []
-    for cidr in cidrs:
-        try:
-            out.append(ipaddress.ip_network(cidr, strict=False))
-        except ValueError as e:
-            raise ValueError(f"repository control network {cidr!r}: {e}") from None
-    return tuple(out)
-
-
-def peer_allowed(peer: str | None, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    """Whether a peer address lies in one of `networks` (IPv4-mapped IPv6 counts as IPv4).
-    Anything that is not an IP address (None, a Unix socket path) is refused."""
-    if not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == net.version and address in net for net in networks)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -357,11 +272,10 @@ class V2Api:
     def _check_auth(self, request: web.Request) -> None:
         if self._token is None or request.path in OPEN_PATHS:
             return
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if not api.bearer_token_matches(request.headers.get(hdrs.AUTHORIZATION), self._token):
             raise HttpError(
                 401,
-                "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                api.BEARER_HINT,
                 {"WWW-Authenticate": 'Bearer realm="edgefleet-agent"'},
             )
 
@@ -403,7 +317,7 @@ class V2Api:
         return json_response({"ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return json_response({"name": "edgefleet-agent", "version": __version__, "extensions": EXTENSIONS})
+        return json_response({"name": api.SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = _model_path(request)
@@ -438,11 +352,8 @@ class V2Api:
             decoded = v2_codec.decode_request(
                 body, v2_codec.parse_header_length(request.headers.get(HEADER_LENGTH))
             )
-            v2_codec.check_request(decoded, config)
-            priority = v2_codec.priority_from(decoded.parameters.get("priority"), config.priority)
-            timeout_s = v2_codec.timeout_s_from(decoded.parameters.get("timeout"))
             with self._gone.watching(request.transport):  # client gone: its work is dropped
-                outputs = await self.api.infer(name, config.version, decoded.inputs, priority, timeout_s)
+                outputs = await api.infer(self.api, config, decoded)
             encoded = v2_codec.encode_response(config, decoded, outputs)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type="application/json")
@@ -475,11 +386,7 @@ class V2Api:
         params = (await self._small_json(request)).get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be a JSON object")
-        if params:
-            raise InvalidInput(
-                f"load parameters are not supported ({', '.join(sorted(params))[:200]}): write the "
-                "model (model.yaml and artifact) into the repository, then load it by name"
-            )
+        api.check_no_load_parameters(list(params))
         await self.api.load(name)
         return json_response({"name": name, "state": "READY"})
 
@@ -493,21 +400,10 @@ class V2Api:
         """The model name of a load/unload, after the peer and name checks."""
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = peername[0] if isinstance(peername, tuple) and peername else None
-        if not peer_allowed(peer, self._control):
-            raise HttpError(
-                403,
-                f"repository control is not allowed from {peer or 'this peer'}; the agent allows "
-                f"it from {', '.join(self.settings.repository_control_from)} "
-                "(see --allow-repository-control-from)",
-            )
-        name = request.match_info["model"]
-        if len(name) > NAME_MAX_LEN or not NAME_RE.match(name):
-            raise HttpError(
-                400,
-                f"invalid model name {name[:80]!r}: expected lowercase letters, digits and '-', "
-                f"starting and ending with a letter or digit, at most {NAME_MAX_LEN} characters",
-            )
-        return name
+        refusal = api.control_refusal(peer, self._control, self.settings.repository_control_from)
+        if refusal is not None:
+            raise HttpError(403, refusal)
+        return api.check_control_name(request.match_info["model"])
 
 
 def _model_path(request: web.Request) -> tuple[str, str | None]:

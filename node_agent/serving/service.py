@@ -1,4 +1,4 @@
-"""What the HTTP layer serves (`http.ServingApi`): `Serving`, the engine behind the agent's
+"""What the HTTP layer serves (`api.ServingApi`): `Serving`, the engine behind the agent's
 readiness, the repository extension's load/unload, and the generators of `task: generate` models.
 
 Models load on demand (the scheduler), so every valid model in the repository is servable;
@@ -31,7 +31,7 @@ from node_agent.errors import Conflict, InvalidInput, InvalidModel, ModelNotFoun
 from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome
-from node_agent.serving.http import IndexEntry
+from node_agent.serving.api import IndexEntry
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class HealthSettings:
 
 
 class Serving:
-    """The HTTP layer's view of the agent (`http.ServingApi`); loop thread only.
+    """The HTTP layer's view of the agent (`api.ServingApi`); loop thread only.
 
     Invariants: a model name in `_unloaded` gets ModelNotReady (503, Retry-After) from
     `config`/`infer` and is reported UNAVAILABLE; load/unload run one at a time. With

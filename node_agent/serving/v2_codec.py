@@ -1,6 +1,8 @@
 """KServe v2 (Open Inference Protocol) tensors over HTTP: decode requests, encode responses.
 
-Pure: bytes and dicts in, numpy arrays and bytes out; no I/O, no web framework. Every
+Pure: bytes and dicts in, numpy arrays and bytes out; no I/O, no web framework. The tensor
+helpers (`tensor_from_bytes`, `tensor_bytes`, `selected_outputs`, the checks) serve gRPC's
+codec too (`serving.grpc_codec`), so a tensor means the same on both protocols. Every
 decoding error is an `InvalidInput` whose message names the tensor and what was wrong.
 
 JSON: `{"id", "parameters", "inputs": [{"name", "datatype", "shape", "data"}], "outputs":
@@ -271,13 +273,8 @@ def _decode_input(
     name = raw.get("name")
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
         raise InvalidInput(f"inputs[{index}]: 'name' must be a non-empty string, got {name!r:.80}")
-    datatype = raw.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise InvalidInput(
-            f"input {name!r}: unknown datatype {datatype!r:.40}; expected one of "
-            f"{', '.join(sorted(DATATYPES))}"
-        )
-    shape = _shape(name, raw.get("shape"))
+    datatype = check_datatype(name, raw.get("datatype"))
+    shape = check_shape(name, raw.get("shape"))
     count = math.prod(shape)
     params = _parameters(raw.get("parameters"), f"input {name!r}")
     size = params.get("binary_data_size")
@@ -296,15 +293,21 @@ def _decode_input(
             "bytes of binary data remain in the body"
             + ("" if len(binary) else " (is the Inference-Header-Content-Length header missing?)")
         )
-    chunk = binary[offset : offset + size]
-    if datatype == "BYTES":
-        array = _bytes_from_binary(name, shape, count, chunk)
-    else:
-        array = _fixed_from_binary(name, datatype, shape, count, chunk)
-    return name, datatype, array, size
+    return name, datatype, tensor_from_bytes(name, datatype, shape, binary[offset : offset + size]), size
 
 
-def _shape(name: str, value: object) -> tuple[int, ...]:
+def check_datatype(name: str, datatype: object) -> str:
+    """`datatype` if it is a v2 datatype; InvalidInput naming input `name` otherwise."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise InvalidInput(
+            f"input {name!r}: unknown datatype {datatype!r:.40}; expected one of "
+            f"{', '.join(sorted(DATATYPES))}"
+        )
+    return datatype
+
+
+def check_shape(name: str, value: object) -> tuple[int, ...]:
+    """A shape given as a list of at most `MAX_DIMS` integers >= 0; InvalidInput otherwise."""
     if not isinstance(value, list) or len(value) > MAX_DIMS:
         raise InvalidInput(
             f"input {name!r}: 'shape' must be a list of at most {MAX_DIMS} integers, got {value!r:.80}"
@@ -315,6 +318,15 @@ def _shape(name: str, value: object) -> tuple[int, ...]:
                 f"input {name!r}: shape {value!r:.80} has a dimension that is not an integer >= 0"
             )
     return tuple(value)
+
+
+def tensor_from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryview) -> np.ndarray:
+    """Input `name` from its binary form (fixed-size datatypes little-endian and row-major,
+    BYTES as 4-byte-length-prefixed elements); its size must match the shape exactly."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_from_binary(name, shape, count, data)
+    return _fixed_from_binary(name, datatype, shape, count, data)
 
 
 def _fixed_from_binary(
@@ -354,10 +366,11 @@ def _bytes_from_binary(name: str, shape: tuple[int, ...], count: int, chunk: mem
             f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, the binary data "
             f"holds {'more' if len(items) > count else len(items)}"
         )
-    return _object_array(items, shape)
+    return object_array(items, shape)
 
 
-def _object_array(items: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+def object_array(items: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """A BYTES tensor: an object array of `items` (row-major) in `shape`."""
     array = np.empty(len(items), dtype=object)
     array[:] = items
     return array.reshape(shape)
@@ -372,7 +385,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, dat
             raise InvalidInput(
                 f"input {name!r}: shape {list(shape)} needs {count} values, 'data' has {len(items)}"
             )
-        return _object_array(items, shape)
+        return object_array(items, shape)
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -486,22 +499,13 @@ def encode_response(
 
     Outputs come in the request's order, or the model's when the request names none.
     """
-    specs = {s.name: s for s in config.outputs}
-    if request.outputs is None:
-        wanted = [RequestedOutput(s.name) for s in config.outputs]
-    else:
-        wanted = list(request.outputs)
     tensors: list[dict[str, Any]] = []
     buffers: list[memoryview] = []
-    for want in wanted:
-        spec = specs[want.name]
-        array = outputs.get(want.name)
-        if array is None:
-            raise InferenceFailed(f"{config.id}: the model returned no output {want.name!r}")
-        binary = request.binary_output if want.binary is None else want.binary
+    for spec, array, want_binary in selected_outputs(config, request, outputs):
+        binary = request.binary_output if want_binary is None else want_binary
         tensor: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(array.shape)}
         if binary:
-            data = _binary_of(spec, array)
+            data = tensor_bytes(spec, array)
             tensor["parameters"] = {"binary_data_size": len(data)}
             buffers.append(data)
         else:
@@ -517,7 +521,27 @@ def encode_response(
     return EncodedResponse(b"".join([header, *buffers]), len(header))
 
 
-def _binary_of(spec: TensorSpec, array: np.ndarray) -> memoryview:
+def selected_outputs(
+    config: ModelConfig, request: InferRequest, outputs: Mapping[str, np.ndarray]
+) -> list[tuple[TensorSpec, np.ndarray, bool | None]]:
+    """(spec, array, binary as requested) of each output to return: in the request's order, or
+    the model's when the request names none. InferenceFailed if the model did not return one."""
+    specs = {s.name: s for s in config.outputs}
+    if request.outputs is None:
+        wanted = [RequestedOutput(s.name) for s in config.outputs]
+    else:
+        wanted = list(request.outputs)
+    selected = []
+    for want in wanted:
+        array = outputs.get(want.name)
+        if array is None:
+            raise InferenceFailed(f"{config.id}: the model returned no output {want.name!r}")
+        selected.append((specs[want.name], array, want.binary))
+    return selected
+
+
+def tensor_bytes(spec: TensorSpec, array: np.ndarray) -> memoryview:
+    """An output's binary form (the inverse of `tensor_from_bytes`)."""
     if spec.datatype == "BYTES":
         parts: list[bytes] = []
         for item in array.ravel():
