@@ -46,6 +46,14 @@ def backoff_delay(failures: int, base_s: float, cap_s: float, rand: float) -> fl
     return rand * ceiling
 
 
+def unreachable(e: BaseException) -> bool:
+    """Whether a failed call means the API server was out of reach (no answer, a timeout, or an
+    answer saying it cannot serve now: 408, 429, 5xx), not that it refused this call (other 4xx)."""
+    if isinstance(e, ApiException):
+        return e.status is None or e.status in (408, 429) or e.status >= 500
+    return isinstance(e, (HTTPError, OSError))
+
+
 class FleetLoop:
     """Asks the reconciler for passes while this replica holds the fleet shard; a failed pass is
     logged and retried after an exponential backoff with jitter (reset by a pass that succeeds).
@@ -104,6 +112,7 @@ class FleetLoop:
             self._wake.clear()
             if not self.owns():  # standby: no pass, no read, no write
                 self._fresh = True
+                self.reconciler.lost_sight()
                 continue
             await self._pass()
             async with self._done:
@@ -119,8 +128,11 @@ class FleetLoop:
         except HoldLost as e:
             log.warning("pass stopped before its next write: %s", e)
             self._fresh = True
+            self.reconciler.lost_sight()
             return
         except Exception as e:
+            if unreachable(e):
+                self.reconciler.lost_sight()
             self.failures += 1
             delay = backoff_delay(
                 self.failures, self.settings.api_backoff_base_s, self.settings.api_backoff_cap_s, self.rand()

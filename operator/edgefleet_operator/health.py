@@ -42,28 +42,45 @@ class NodeSignals:
 
 @dataclass
 class HealthTracker:
-    """Remembers, per node, when it last lost its work, for flap damping.
+    """Remembers, per node, when it last lost its work, for flap damping; and when the operator could
+    not observe the fleet, so that its blindness is not taken for the agents' silence.
 
-    The only state kept between reconciles; after an operator restart it is empty, which
-    errs towards treating recovered nodes as healthy (their Ready transition time still
-    damps NotReady flaps).
-    """
+    After an operator restart it is empty, which errs towards treating recovered nodes as healthy
+    (their Ready transition time still damps NotReady flaps).
+
+    Lease silence, the rule: an agent is judged on the silence the operator observed, from its last
+    renewal to now, less (1) every unobserved span that ends after that renewal, each lengthened by
+    `agent_backoff_max_s` (agents come back from an outage at their own jittered backoff, after the
+    operator's first pass), and (2) the last long gap between two passes. So after an unobserved span
+    an agent not heard from since keeps what it had accrued before the span and accrues nothing
+    until `agent_backoff_max_s` after observation resumed; then the full grace counts as usual. An
+    agent already silent before the span stays silent; a dead one is judged at most the backoff
+    allowance later. An unobserved span is one in which the operator could not read the API server
+    (`lost_sight`: a pass failed to reach it, or this replica held no shard) from its last judgement
+    to its next one; a replica's first judgement counts the agent grace before it as one (it may
+    start, or take over, right after an outage)."""
 
     settings: FleetSettings
     agent_start_allowance_s: float = 120.0
     """How long a node with work may go without a Lease before its agent counts as silent
     (pulling an image on an edge link is slow)."""
     lost_work_at: dict[str, float] = field(default_factory=dict)
-    unobserved: tuple[float, float] | None = None
-    """The last span between two passes (judgements at two `now_s`) longer than half the agent
-    grace: the operator could not read the API server then (passes run every resync, failed
-    ones retried within seconds). A Lease's silence within it is not counted against its agent:
-    an API server outage stops every renewal, and agents come back at their own jittered
-    backoff, after the operator's first pass; counting it would take the work off every node
-    at once. An agent that really died is judged one such span later at most. A replica's first
-    judgement counts the agent grace before it as unobserved too (it may start, or take over,
-    right after an outage)."""
+    unobserved: list[tuple[float, float]] = field(default_factory=list)
+    """Spans (start, end) the operator could not observe, oldest first, disjoint; those that can no
+    longer change any verdict are dropped (`_prune`)."""
+    gap: tuple[float, float] | None = None
+    """The last span between two judgements longer than half the agent grace, with no failure
+    reported in it: a pass stalled (a call retried after a timeout) or the replica was starved.
+    Only the last one is discounted, without the backoff allowance, so that passes slower than
+    that still judge a dead agent, one pass late."""
     last_pass_s: float | None = None
+    blind: bool = False
+    """Set by `lost_sight` since the last judgement."""
+
+    def lost_sight(self) -> None:
+        """The operator could not observe the fleet (a pass failed to reach the API server, or this
+        replica held no shard): the span from its last judgement to its next one is unobserved."""
+        self.blind = True
 
     def judge(self, s: NodeSignals, now_s: float) -> Health:
         self._observe(now_s)
@@ -91,27 +108,65 @@ class HealthTracker:
                 return Health.HEALTHY
             waited = now_s - s.work_since_s
             return Health.AGENT_SILENT if waited >= self.agent_start_allowance_s else Health.HEALTHY
-        silent_s = now_s - s.lease_renew_s - self._unobserved_within(s.lease_renew_s, now_s)
+        silent_s = self.observed_silence(s.lease_renew_s, now_s)
         if silent_s >= cfg.agent_grace_s:
             return Health.AGENT_SILENT
         if silent_s >= cfg.agent_grace_s / 2:
             return Health.SUSPECT
         return Health.HEALTHY
 
+    def observed_silence(self, renew_s: float, now_s: float) -> float:
+        """Seconds of an agent's silence since its renewal at `renew_s` that the operator observed
+        (the rule in the class docstring)."""
+        return self._observed(renew_s, now_s, self.unobserved)
+
+    def _observed(self, from_s: float, now_s: float, spans: list[tuple[float, float]]) -> float:
+        allowance = self.settings.agent_backoff_max_s
+        cover = [(a, b + allowance) for a, b in spans if b > from_s]
+        if self.gap is not None and self.gap[1] > from_s:
+            cover.append(self.gap)
+        covered, reach = 0.0, from_s
+        for a, b in sorted(cover):  # the length of their union within [from_s, now_s]
+            a, b = max(a, reach), min(b, now_s)
+            if b > a:
+                covered += b - a
+                reach = b
+        return max(0.0, now_s - from_s - covered)
+
     def _observe(self, now_s: float) -> None:
         last = self.last_pass_s
         if last is None:  # a fresh replica (start, failover) saw nothing before: an API server
             # outage may have just ended, with the agents still in their backoff
-            self.unobserved = (now_s - self.settings.agent_grace_s, now_s)
+            self._unobservable(now_s - self.settings.agent_grace_s, now_s)
+        elif self.blind and now_s > last:
+            self._unobservable(last, now_s)
         elif now_s - last > self.settings.agent_grace_s / 2:
-            self.unobserved = (last, now_s)
+            self.gap = (last, now_s)
+        if last is None or now_s > last:
+            self.blind = False
         self.last_pass_s = now_s if last is None else max(last, now_s)
+        self._prune(now_s)
 
-    def _unobserved_within(self, start_s: float, end_s: float) -> float:
-        if self.unobserved is None:
-            return 0.0
-        a, b = self.unobserved
-        return max(0.0, min(end_s, b) - max(start_s, a))
+    def _unobservable(self, start_s: float, end_s: float) -> None:
+        if self.unobserved and self.unobserved[-1][1] >= start_s:
+            a, b = self.unobserved[-1]
+            self.unobserved[-1] = (min(a, start_s), max(b, end_s))
+        else:
+            self.unobserved.append((start_s, end_s))
+
+    def _prune(self, now_s: float) -> None:
+        """Drop the spans that change no verdict: those after whose end (plus the allowance) the
+        observed time until now is a full grace already. Any agent silent since before such a span
+        is silent with or without it."""
+        allowance = self.settings.agent_backoff_max_s
+        for i in range(len(self.unobserved) - 1, -1, -1):
+            end = self.unobserved[i][1] + allowance
+            if (
+                end < now_s
+                and self._observed(end, now_s, self.unobserved[i + 1 :]) >= self.settings.agent_grace_s
+            ):
+                del self.unobserved[: i + 1]
+                return
 
     def forget(self, names: set[str]) -> None:
         """Drop memory of nodes that left the fleet."""

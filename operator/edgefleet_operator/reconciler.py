@@ -95,6 +95,11 @@ class FleetReconciler:
         self.planner = Planner()
         self._carried = {}
 
+    def lost_sight(self) -> None:
+        """The fleet could not be observed since the last pass's read (a pass failed to reach the API
+        server, or this replica held no shard): agents' Lease silence meanwhile is not theirs."""
+        self.tracker.lost_sight()
+
     def reconcile_once(self) -> PassReport:
         t0 = time.monotonic()
         report = PassReport()

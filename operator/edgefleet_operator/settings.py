@@ -21,6 +21,11 @@ class FleetSettings:
     agent_grace_s: float = 30.0
     """An agent silent (no Lease renewal) this long while its Node is Ready is AgentSilent: its work
     moves. 30 s is three missed 10 s heartbeats, long enough to ride out an API server blip."""
+    agent_backoff_max_s: float = 30.0
+    """The longest an agent waits between retries while its API server is out of reach (the agent's
+    EDGEFLEET_LINK_BACKOFF_MAX_S, 30 s by default). After a span the operator could not observe, an
+    agent may renew its Lease this long after the API server is back: its silence counts only after
+    that (`health.HealthTracker`)."""
     not_ready_grace_s: float = 30.0
     """A NotReady Node keeps its work this long before it moves (edge links flap)."""
     flap_damping_s: float = 120.0
@@ -170,6 +175,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         if "EDGEFLEET_FLEET_SELECTOR" in e
         else FleetSettings().node_selector,
         agent_grace_s=_number(e, "AGENT_GRACE_S", FleetSettings.agent_grace_s),
+        agent_backoff_max_s=_number(e, "AGENT_BACKOFF_MAX_S", FleetSettings.agent_backoff_max_s),
         not_ready_grace_s=_number(e, "NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s),
         flap_damping_s=_number(e, "FLAP_DAMPING_S", FleetSettings.flap_damping_s),
         memory_reserve_fraction=_number(e, "MEMORY_RESERVE_FRACTION", FleetSettings.memory_reserve_fraction),
@@ -203,7 +209,11 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         raise ValueError(f"EDGEFLEET_AGENT_WORKERS must be >= 1, got {agent.workers}")
     if agent.urgent_workers is not None and agent.urgent_workers < 0:
         raise ValueError(f"EDGEFLEET_AGENT_URGENT_WORKERS must be >= 0, got {agent.urgent_workers}")
-    for name, value in (("agent grace", fleet.agent_grace_s), ("not-ready grace", fleet.not_ready_grace_s)):
+    for name, value in (
+        ("agent grace", fleet.agent_grace_s),
+        ("agent backoff max", fleet.agent_backoff_max_s),
+        ("not-ready grace", fleet.not_ready_grace_s),
+    ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0 seconds, got {value}")
     if not 0 <= fleet.memory_reserve_fraction < 1:

@@ -18,6 +18,12 @@ def test_defaults_without_environment() -> None:
     assert s.fleet == FleetSettings() and s.agent == AgentPodSettings()
 
 
+def test_the_agents_backoff_cap_is_read() -> None:
+    """Not a chart value (yet): the agents' link backoff cap, which the agent Pods keep at its default."""
+    assert from_env({}).fleet.agent_backoff_max_s == 30.0
+    assert from_env({"EDGEFLEET_AGENT_BACKOFF_MAX_S": "16"}).fleet.agent_backoff_max_s == 16.0
+
+
 def test_every_chart_variable_is_read() -> None:
     tolerations = [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
     env = {
@@ -85,6 +91,7 @@ def test_empty_values_keep_defaults() -> None:
         ({"EDGEFLEET_AGENT_TOLERATIONS": "[{"}, "EDGEFLEET_AGENT_TOLERATIONS is not JSON"),
         ({"EDGEFLEET_AGENT_TOLERATIONS": '{"key": "x"}'}, "must be a JSON list of toleration objects"),
         ({"EDGEFLEET_NOT_READY_GRACE_S": "-1"}, "not-ready grace must be >= 0"),
+        ({"EDGEFLEET_AGENT_BACKOFF_MAX_S": "-1"}, "agent backoff max must be >= 0"),
         ({"EDGEFLEET_AGENT_WORKERS": "0"}, "EDGEFLEET_AGENT_WORKERS must be >= 1"),
         ({"EDGEFLEET_AGENT_URGENT_WORKERS": "two"}, "EDGEFLEET_AGENT_URGENT_WORKERS must be an integer"),
         ({"EDGEFLEET_LEASE_RENEW_S": "15"}, "renew interval"),
