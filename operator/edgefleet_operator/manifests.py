@@ -107,6 +107,11 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         f"{AGENT_DISK}/models",
                         "--cache-budget",
                         settings.cache_budget,
+                        *(
+                            ["--download-bandwidth", settings.download_bandwidth]
+                            if settings.download_bandwidth
+                            else []
+                        ),
                     ],
                     "env": [
                         {"name": "EDGEFLEET_NODE_NAME", "value": node},
@@ -195,6 +200,11 @@ def _node_disk(agent: str, settings: AgentPodSettings) -> dict[str, Any]:
         ],
         "volumes": [{"name": "models", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}, tmp],
     }
+
+
+def _download_args(settings: AgentPodSettings) -> list[str]:
+    bandwidth = settings.download_bandwidth
+    return ["--download-bandwidth", bandwidth] if bandwidth else []
 
 
 def tuning_env(settings: AgentPodSettings) -> list[dict[str, str]]:

@@ -68,6 +68,9 @@ class AgentPodSettings:
     an emptyDir, as before (the cache and the assignment go with the Pod)."""
     cache_budget: str = "10Gi"
     """The agents' node cache budget (`--cache-budget`)."""
+    download_bandwidth: str = ""
+    """Each agent's limit on artifact bytes per second from origins, e.g. 5Mi (`--download-bandwidth`;
+    site peers are not paced). Empty: no limit."""
     unreachable_toleration_s: int | None = None
     """How long agent Pods stay bound to a node that is unreachable or not ready (NoExecute
     tolerations of node.kubernetes.io/unreachable and not-ready). None: for as long as it takes (an
@@ -197,6 +200,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         urgent_workers=_number(e, "AGENT_URGENT_WORKERS", None, int),
         host_path=e.get("EDGEFLEET_AGENT_HOST_PATH", d.host_path).strip(),
         cache_budget=e.get("EDGEFLEET_AGENT_CACHE_BUDGET") or d.cache_budget,
+        download_bandwidth=e.get("EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH", "").strip(),
         unreachable_toleration_s=_number(e, "AGENT_UNREACHABLE_TOLERATION_S", None, int),
         external=e.get("EDGEFLEET_AGENTS_EXTERNAL", "").strip().lower() in ("1", "true", "yes"),
     )

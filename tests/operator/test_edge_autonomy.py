@@ -60,3 +60,11 @@ def test_the_agent_pod_tolerates_what_a_flapping_or_cut_off_node_is_tainted_with
     }
     mine = agent_pod(en, AgentPodSettings(tolerations=(own,)))["spec"]["tolerations"]
     assert [t for t in mine if t["key"] == "node.kubernetes.io/unreachable"] == [own]
+
+
+def test_the_charts_download_bandwidth_reaches_the_agent_and_none_by_default() -> None:
+    en = {"apiVersion": "edgefleet.io/v1alpha1", "kind": "EdgeNode",
+          "metadata": {"name": "n1", "uid": "u1"}, "spec": {"nodeName": "n1"}}  # fmt: skip
+    args = agent_pod(en, AgentPodSettings(download_bandwidth="5Mi"))["spec"]["containers"][0]["args"]
+    assert args[args.index("--download-bandwidth") + 1] == "5Mi"
+    assert "--download-bandwidth" not in agent_pod(en, AgentPodSettings())["spec"]["containers"][0]["args"]

@@ -39,7 +39,8 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_THERMAL_SOFT_MARGIN_C": "5", "EDGEFLEET_AGENT_WORKERS": "2",
         "EDGEFLEET_AGENT_URGENT_WORKERS": "0", "EDGEFLEET_AGENT_HOST_PATH": "/data/edgefleet",
         "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
-        "EDGEFLEET_AGENTS_EXTERNAL": "true",
+        "EDGEFLEET_AGENTS_EXTERNAL": "true", "EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH": "5Mi",
+        "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops",
     }  # fmt: skip
@@ -48,6 +49,7 @@ def test_every_chart_variable_is_read() -> None:
     assert (o.lease_duration_s, o.renew_interval_s, o.margin_s, s.lease_namespace) == (20, 4, 2.5, "ops")
     assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
     assert (s.fleet.agent_grace_s, s.fleet.not_ready_grace_s, s.fleet.flap_damping_s) == (12, 40, 7.5)
+    assert s.fleet.agent_backoff_max_s == 16
     assert s.fleet.memory_reserve_fraction == 0.2
     assert (s.reconcile_debounce_s, s.resync_interval_s, s.metrics_port) == (0.25, 30, 9090)
     a = s.agent
@@ -61,6 +63,7 @@ def test_every_chart_variable_is_read() -> None:
     assert (a.host_path, a.cache_budget, a.unreachable_toleration_s, a.external) == (
         "/data/edgefleet", "40Gi", 7200, True
     )  # fmt: skip
+    assert a.download_bandwidth == "5Mi"
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
