@@ -238,6 +238,10 @@ def test_optional_monitoring_objects(helm: Helm) -> None:
     assert not by_kind(helm.template(), "PodMonitor") and not by_kind(helm.template(), "PrometheusRule")
     docs = helm.template("--set", "podMonitor.enabled=true,prometheusRule.enabled=true,prometheusRule.for=2m")
     pods = one(docs, "PodMonitor")["spec"]
+    env = {
+        e["name"]: e.get("value")
+        for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     pod = manifests.agent_pod(
         {
             "apiVersion": "edgefleet.io/v1alpha1",
@@ -245,7 +249,7 @@ def test_optional_monitoring_objects(helm: Helm) -> None:
             "metadata": {"name": "n1", "uid": "u"},
             "spec": {"nodeName": "n1"},
         },
-        AgentPodSettings(),
+        AgentPodSettings(namespace=env["EDGEFLEET_AGENT_NAMESPACE"]),
     )
     assert pods["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pods["namespaceSelector"]["matchNames"] == [pod["metadata"]["namespace"]]
