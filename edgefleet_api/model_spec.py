@@ -18,7 +18,7 @@ from edgefleet_api.types import ModelId, Priority
 from edgefleet_api.wire import Obj, mapping, required
 
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-FORMATS = ("torchscript", "tensorrt", "onnx", "tinylm-npz")
+FORMATS = ("torchscript", "tensorrt", "onnx", "tinylm-npz", "huggingface")
 TASKS = ("predict", "generate")
 PRIORITY_NAMES = tuple(p.name.lower() for p in Priority)
 

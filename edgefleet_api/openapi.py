@@ -20,7 +20,7 @@ URI_PATTERN = r"^(file|https?|s3|gs|oci|pvc|repo)://\S+$"
 MAX_WAVES = 10
 
 PRIORITIES = ["critical", "high", "normal", "low"]
-FORMATS = ["torchscript", "tensorrt", "onnx", "tinylm-npz"]
+FORMATS = ["torchscript", "tensorrt", "onnx", "tinylm-npz", "huggingface"]
 # KServe Open Inference Protocol (v2) tensor datatypes.
 DATATYPES = [
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
