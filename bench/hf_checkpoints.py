@@ -81,6 +81,7 @@ def write_checkpoint(
 
     vocab = write_tokenizer(directory)
     torch.manual_seed(seed)
+    vocab = overrides.pop("vocab_size", vocab)  # a larger (padded) vocabulary, as real models have
     model = AutoModelForCausalLM.from_config(hf_config(family, vocab, **overrides))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -34,6 +34,8 @@ from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, Pag
 
 __all__ = ["ARCHITECTURES", "Int8Linear", "LlamaForPaged", "LlamaShape", "rope_inv_freq"]
 
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+"""torch >= 2.4 has a fused RMSNorm."""
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
 """config.json `model_type`s this module computes."""
 
@@ -324,6 +326,8 @@ class LlamaForPaged(nn.Module):
         return rows.to(self.dtype) * scale[ids].to(self.dtype)[..., None]
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
+            return F.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
         return weight * h.to(x.dtype)
@@ -340,12 +344,10 @@ class LlamaForPaged(nn.Module):
         """q [..., H, D], k and v [..., Hkv, D] of `x` [..., d], RoPE applied."""
         s = self.shape
         qkv = layer.qkv(self._rms(x, layer.norm1))
-        q, k, v = qkv.split(
-            [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1
-        )
+        qk, v = qkv.split([(s.n_heads + s.n_kv_heads) * s.head_dim, s.n_kv_heads * s.head_dim], -1)
         lead = x.shape[:-1]
-        q = self._rope(q.reshape(*lead, s.n_heads, s.head_dim), cos, sin)
-        k = self._rope(k.reshape(*lead, s.n_kv_heads, s.head_dim), cos, sin)
+        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), cos, sin)
+        q, k = qk.split([s.n_heads, s.n_kv_heads], dim=-2)
         return q, k, v.reshape(*lead, s.n_kv_heads, s.head_dim)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:

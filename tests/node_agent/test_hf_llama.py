@@ -11,6 +11,7 @@ alone, with prefix sharing, and with preemption in the middle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from agent_runner import RunningAgent
 
 from bench.hf_checkpoints import CHAT_TEMPLATE, write_checkpoint
 from node_agent.agent import AgentSettings
-from node_agent.errors import DigestMismatch, InvalidModel
+from node_agent.errors import DigestMismatch, InsufficientMemory, InvalidModel
 from node_agent.generation.async_generator import AsyncGenerator
 from node_agent.generation.engine import EngineConfig, GenerationEngine, engine_for_backend
 from node_agent.generation.hf_checkpoint import (
@@ -39,6 +40,7 @@ from node_agent.generation.paged_attention import PagedBatch, PagedKVPool
 from node_agent.generation.sampling_params import SamplingParams
 from node_agent.runtime.backends import backend_for
 from node_agent.runtime.model_yaml import parse_model_config
+from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.serving.http import HttpSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -298,3 +300,31 @@ def test_the_agent_serves_it_through_the_v2_generate_extension(
     assert body["token_ids"] == expected
     assert body["text_output"] == tok.decode(expected)
     assert body["prompt_tokens"] == len(prompt)
+
+
+def test_the_scheduler_budget_counts_int8_weights(checkpoint: Checkpoint, tmp_path: Path) -> None:
+    """A budget between the int8 and the float32 model's measured bytes: the int8 version
+    loads and is counted at its measured size; the float32 one is refused."""
+    kv = {"kv_cache_bytes": "64Ki"}
+    dirs = {
+        q: model_version(checkpoint, tmp_path, f"m{q}", quantization=q, parameters=kv)
+        for q in ("none", "int8")
+    }
+    configs = {q: parse_model_config(d / "model.yaml") for q, d in dirs.items()}
+    sizes = {q: backend_for(HF_FORMAT).load(configs[q], dirs[q], "cpu").memory_bytes for q in dirs}
+    assert sizes["int8"] < 0.35 * sizes["none"] + 64 * 1024
+
+    async def run() -> tuple[int | None, int]:
+        loads = {configs[q].id: dirs[q] for q in dirs}
+        sched = ModelScheduler((sizes["int8"] + sizes["none"]) // 2,
+                               lambda c: backend_for(c.format).load(c, loads[c.id], "cpu"))  # fmt: skip
+        with pytest.raises(InsufficientMemory):
+            await sched.acquire(dataclasses.replace(configs["none"], memory_estimate_bytes=0))
+        lease = await sched.acquire(configs["int8"])
+        try:
+            return sched.measured_bytes(configs["int8"].id), sched.used_bytes
+        finally:
+            lease.release()
+
+    measured, used = asyncio.run(run())
+    assert measured == used == sizes["int8"]
