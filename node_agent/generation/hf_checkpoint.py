@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from edgefleet_api.types import Priority
 from node_agent.errors import DigestMismatch, InvalidModel
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_MAX_CONTEXT",
     "HF_FORMAT",
     "HFCheckpointBackend",
+    "SafetensorsCheckpoint",
     "load_hf_model",
     "load_safetensors",
     "verify_checksums",
@@ -112,9 +114,42 @@ def verify_checksums(manifest: Path) -> None:
             raise DigestMismatch(f"checkpoint file {rel!r} does not match {CHECKSUMS_FILE}")
 
 
-def load_safetensors(directory: Path | str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: the shards model.safetensors.index.json names, else
-    model.safetensors, else every *.safetensors file (never pickle)."""
+class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a checkpoint's .safetensors files by name, each read from disk when
+    asked for (memory-mapped files; nothing is held but what the caller keeps)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, Any] = {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (OSError, SafetensorError) as e:
+                raise InvalidModel(f"{path.name}: cannot read: {e}") from None
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                self._where[name] = handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            tensor: torch.Tensor = self._where[name].get_tensor(name)
+        except SafetensorError as e:
+            raise InvalidModel(f"weights: cannot read {name}: {e}") from None
+        return tensor
+
+    def numel(self, name: str) -> int:
+        """Elements of a tensor, from the file's header (nothing read)."""
+        return math.prod(self._where[name].get_slice(name).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_safetensors(directory: Path | str) -> SafetensorsCheckpoint:
+    """Every tensor of the checkpoint, read on demand: the shards
+    model.safetensors.index.json names, else model.safetensors, else every *.safetensors
+    file (never pickle)."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -129,16 +164,13 @@ def load_safetensors(directory: Path | str) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise InvalidModel("the checkpoint has no .safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
+    paths = []
     for name in files:
         path = (directory / name).resolve()
         if not path.is_relative_to(directory.resolve()):
             raise InvalidModel(f"weights file {name!r} is outside the checkpoint")
-        try:
-            tensors.update(load_file(str(path)))
-        except (OSError, SafetensorError) as e:
-            raise InvalidModel(f"{name}: cannot read: {e}") from None
-    return tensors
+        paths.append(path)
+    return SafetensorsCheckpoint(paths)
 
 
 def _hf_config(directory: Path) -> dict[str, Any]:
@@ -178,9 +210,9 @@ def load_hf_model(
     eos = tuple(dict.fromkeys(shape.eos_token_ids + tokenizer.eos_token_ids))
     if eos != shape.eos_token_ids:
         shape = dataclasses.replace(shape, eos_token_ids=eos)
-    model = LlamaForPaged.from_hf_state(shape, load_safetensors(directory), dtype)
-    if quantization == "int8":
-        model.quantize_int8()
+    model = LlamaForPaged.from_hf_state(
+        shape, load_safetensors(directory), dtype, int8=quantization == "int8"
+    )
     return model.to(device), tokenizer
 
 
@@ -234,7 +266,8 @@ def write_hf_model(
     shape = LlamaShape.from_hf(_hf_config(version_dir), DEFAULT_MAX_CONTEXT)
     params = {"quantization": quantization, **(parameters or {})}
     manifest = write_checksums(version_dir)
-    n_weights = sum(t.numel() for t in load_safetensors(version_dir).values())
+    weights = load_safetensors(version_dir)
+    n_weights = sum(weights.numel(name) for name in weights)
     weight_bytes = n_weights * (1 if quantization == "int8" else 4)
     raw_kv = params.get(KV_CACHE_PARAMETER)
     kv_bytes = parse_quantity(raw_kv) if raw_kv else (

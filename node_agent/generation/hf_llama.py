@@ -204,6 +204,14 @@ class _Layer(nn.Module):
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
 
+    def quantize_int8(self) -> None:
+        """Its weight matrices to `Int8Linear` (those already int8 stay)."""
+        with torch.no_grad():
+            for name in ("qkv", "o", "gate_up", "down"):
+                lin = getattr(self, name)
+                if isinstance(lin, Linear):
+                    setattr(self, name, Int8Linear.from_linear(lin))
+
 
 class LlamaForPaged(nn.Module):
     """A Llama-family decoder over the paged KV pool; see the module docstring."""
@@ -244,10 +252,17 @@ class LlamaForPaged(nn.Module):
 
     @classmethod
     def from_hf_state(
-        cls, shape: LlamaShape, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
+        cls,
+        shape: LlamaShape,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        *,
+        int8: bool = False,
     ) -> LlamaForPaged:
         """The model from Hugging Face tensor names; `InvalidModel` naming a missing or
-        misshapen tensor."""
+        misshapen tensor. Each tensor is read once (`tensors` may read lazily from disk);
+        with `int8` each layer is quantized as soon as it is built, so loading holds the
+        full-precision copy of one layer at a time, not of the model."""
 
         def t(name: str, shape_: tuple[int, ...] | None = None) -> torch.Tensor:
             x = tensors.get(name)
@@ -283,18 +298,24 @@ class LlamaForPaged(nn.Module):
                 Linear(t(m + "down_proj.weight", (d, f)), opt(m + "down_proj.bias", s.mlp_bias)),
                 t(p + "input_layernorm.weight", (d,)), t(p + "post_attention_layernorm.weight", (d,)),
             ))  # fmt: skip
+            if int8:
+                layers[-1].quantize_int8()
         embed = t("model.embed_tokens.weight", (s.vocab_size, d))
         head = None if s.tie_word_embeddings or "lm_head.weight" not in tensors else t("lm_head.weight")
-        return cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
+        model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
+        if int8:
+            model.quantize_int8()
+        return model
 
     def quantize_int8(self) -> None:
         """Replace every weight matrix (and the embedding) by int8 with per-output-channel
         scales, in place. A tied LM head shares the int8 embedding and its row scales."""
         with torch.no_grad():
+            if self.quantization == "int8":
+                return
             tied = cast(Linear, self.lm_head).weight is self.embed
             for layer in self._layers():
-                for name in ("qkv", "o", "gate_up", "down"):
-                    setattr(layer, name, Int8Linear.from_linear(getattr(layer, name)))
+                layer.quantize_int8()
             q, scale = Int8Linear.quantize(self.embed.data)
             head = cast(Linear, self.lm_head)
             self.lm_head = Int8Linear(q, scale, None) if tied else Int8Linear.from_linear(head)

@@ -328,3 +328,44 @@ def test_the_scheduler_budget_counts_int8_weights(checkpoint: Checkpoint, tmp_pa
 
     measured, used = asyncio.run(run())
     assert measured == used == sizes["int8"]
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "default"}],
+    ids=["plain", "linear", "default"],
+)
+def test_rope_variants_and_biases_equal_transformers(rope: dict[str, Any] | None) -> None:
+    """Llama with plain or linearly scaled RoPE, q/k/v/o and MLP biases (attention_bias,
+    mlp_bias), and one KV head (multi-query attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.hf_checkpoints import hf_config
+    from node_agent.generation.hf_llama import LlamaShape
+
+    cfg = hf_config("llama", 97, rope_scaling=rope, attention_bias=True, mlp_bias=True, num_key_value_heads=1)
+    torch.manual_seed(1)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    model = LlamaForPaged.from_hf_state(LlamaShape.from_hf(cfg.to_dict()), hf.state_dict())
+    ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_unsupported_configs_are_refused() -> None:
+    from node_agent.generation.hf_llama import LlamaShape
+
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
+    assert LlamaShape.from_hf(base).n_kv_heads == 2
+    for bad, match in (
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+        ({"num_key_value_heads": 3}, "inconsistent"),
+        ({"model_type": "gpt2"}, "model_type"),
+    ):
+        with pytest.raises(InvalidModel, match=match):
+            LlamaShape.from_hf({**base, **bad})
