@@ -27,9 +27,11 @@ equal work on both sides and are compared token for token.
   as the time of the same `generate` call with `max_new_tokens=1`.
 - KV: blocks held vs tokens held during the 16-request run (utilization), against what a
   cache preallocated per sequence to the context (transformers' static cache) would take.
-- int8: weight bytes vs float32, and quality on the fixed prompt set: logit error against
-  the float32 model along its own greedy continuations, top-1 agreement, greedy tokens
-  equal, and the perplexity of the float32 model's continuations under each.
+- int8 and int4: weight bytes vs float32, and quality on the fixed prompt set: logit error
+  against the float32 model along its own greedy continuations, top-1 agreement, greedy
+  outputs equal (and tokens before the first difference), and the perplexity of the float32
+  model's continuations under each. Random weights give flat next-token distributions
+  (perplexity ~150 of 8192), so top-1 flips on near ties far more than a trained model's.
 
 Time is the thread's CPU time (`time.thread_time`; with one torch thread the model computes on
 this thread), best of `ROUNDS` rounds in which the two sides alternate: the machines these
@@ -244,6 +246,7 @@ def main() -> None:
         hf.generation_config.eos_token_id = None  # equal work: every request makes its tokens
         fp, tok = load_hf_model(directory)
         q8, _ = load_hf_model(directory, quantization="int8")
+        q4, _ = load_hf_model(directory, quantization="int4")
     n_params = sum(p.numel() for p in hf.parameters())
     rows, run16, runq = speed(hf, fp, q8, tok)
     print(f"Llama checkpoint, {n_params / 1e6:.1f} M parameters; {machine()}; CPU time, one torch thread,"
@@ -264,18 +267,21 @@ def main() -> None:
         ["weights", "bytes", "vs float32"],
         [["transformers float32", hf_bytes, 1.0],
          ["ours float32", fp.weight_bytes(), fp.weight_bytes() / hf_bytes],
-         ["ours int8 (per-channel scales)", q8.weight_bytes(), q8.weight_bytes() / hf_bytes]],
+         ["ours int8 (per-channel scales)", q8.weight_bytes(), q8.weight_bytes() / hf_bytes],
+         ["ours int4 (group-64 scales; embedding int8)", q4.weight_bytes(), q4.weight_bytes() / hf_bytes]],
     ))  # fmt: skip
     cont = run16.tokens
+    rows = []
+    for name, model, run in (("int8", q8, runq), ("int4", q4, run_ours(q4, batch))):
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                      for a, b in zip(run.tokens, cont, strict=True)]  # fmt: skip
+        rows.append([name, *quality(fp, model, batch, cont), equal(run.tokens, cont),
+                     f"{sum(first_diff) / len(first_diff):.1f} of {OUTPUT_TOKENS}"])  # fmt: skip
     print("\n" + table(
-        ["int8 vs float32 (fp32 greedy continuations)", "max abs logit err", "mean rel err", "top-1 agree",
-         "ppl fp32", "ppl int8"],
-        [["fixed prompt set", *quality(fp, q8, batch, cont)]],
+        ["vs float32, along its greedy continuations", "max abs logit err", "mean rel err", "top-1 agree",
+         "ppl float32", "ppl quantized", "greedy outputs equal", "tokens before a difference"],
+        rows,
     ))  # fmt: skip
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-                  for a, b in zip(runq.tokens, cont, strict=True)]  # fmt: skip
-    print(f"int8 greedy outputs identical to float32: {equal(runq.tokens, cont)}; tokens equal before the "
-          f"first difference: mean {sum(first_diff) / len(first_diff):.1f} of {OUTPUT_TOKENS}")  # fmt: skip
 
 
 if __name__ == "__main__":

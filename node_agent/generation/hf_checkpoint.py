@@ -9,7 +9,8 @@ tokenizer_config.json, optionally generation_config.json and chat_template.jinja
   otherwise), so the whole directory is pinned by one digest. `write_checksums` writes it;
   `sha256sum -c SHA256SUMS` checks it by hand.
 - model.yaml (`write_hf_model` writes one): `task: generate`, and `parameters`:
-  `quantization` (`none`, default, or `int8`: weight-only, per-output-channel scales),
+  `quantization` (`none`, default; `int8`: weight-only, per-output-channel scales; `int4`:
+  weight-only, a scale per 64 inputs of a channel, see `hf_llama`),
   `dtype` (`float32`, default, `bfloat16` or `float16`: the compute dtype; the KV pool is
   float32), `max_context` (tokens served, default min(the model's, 4096)),
   `kv_cache_bytes` and `kv_block_size` as for TinyLM (default KV: `DEFAULT_HF_KV_CONTEXTS`
@@ -77,7 +78,6 @@ DEFAULT_HF_KV_CONTEXTS = 4
 """Without `kv_cache_bytes`, the KV pool holds this many full served contexts (paged, a
 session holds only its tokens, so 4 x 4096 tokens hold dozens of chat sessions)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("none", "int8")
 
 
 def write_checksums(directory: Path | str) -> Path:
@@ -203,16 +203,12 @@ def load_hf_model(
     checksums: the backend does that first). EOS ids: config.json's (generation_config.json's
     when present) and the tokenizer's eos_token."""
     directory = Path(directory)
-    if quantization not in QUANTIZATIONS:
-        raise InvalidModel(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     tokenizer = HFTokenizer.from_dir(directory)
     shape = LlamaShape.from_hf(_hf_config(directory), max_context)
     eos = tuple(dict.fromkeys(shape.eos_token_ids + tokenizer.eos_token_ids))
     if eos != shape.eos_token_ids:
         shape = dataclasses.replace(shape, eos_token_ids=eos)
-    model = LlamaForPaged.from_hf_state(
-        shape, load_safetensors(directory), dtype, int8=quantization == "int8"
-    )
+    model = LlamaForPaged.from_hf_state(shape, load_safetensors(directory), dtype, quantization=quantization)
     return model.to(device), tokenizer
 
 
@@ -268,7 +264,7 @@ def write_hf_model(
     manifest = write_checksums(version_dir)
     weights = load_safetensors(version_dir)
     n_weights = sum(weights.numel(name) for name in weights)
-    weight_bytes = n_weights * (1 if quantization == "int8" else 4)
+    weight_bytes = int(n_weights * {"int8": 1, "int4": 0.6}.get(quantization, 4))
     raw_kv = params.get(KV_CACHE_PARAMETER)
     kv_bytes = parse_quantity(raw_kv) if raw_kv else (
         DEFAULT_HF_KV_CONTEXTS * shape.max_seq_len

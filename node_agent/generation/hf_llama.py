@@ -13,9 +13,12 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
 - `LlamaForPaged.from_hf_state(shape, tensors)`: the model from Hugging Face tensor names
   (`model.layers.{i}.self_attn.q_proj.weight`, ...). q/k/v are fused into one matmul and
   gate/up into another (the same products, in one call each).
-- `quantize_int8()`: weight-only int8, one symmetric scale per output channel (per row of
+- `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
-  activations, norms and the KV cache stay in the compute dtype.
+  activations, norms and the KV cache stay in the compute dtype. `quantize("int4")`: the
+  layers' and an untied head's matrices in int4, two to a byte, one scale per group of
+  `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
+  Both dequantize a matrix as it is used (CPU: no int4/int8 matmul kernels are assumed).
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ from torch import nn
 from node_agent.errors import InvalidModel
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
-__all__ = ["ARCHITECTURES", "Int8Linear", "LlamaForPaged", "LlamaShape", "rope_inv_freq"]
+__all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
+           "rope_inv_freq"]  # fmt: skip
 
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
+QUANTIZATIONS = ("none", "int8", "int4")
+INT4_GROUP = 64
+"""Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
+weights costs 1/16 of a byte each."""
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
 """config.json `model_type`s this module computes."""
 
@@ -196,6 +204,43 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Linear(nn.Module):
+    """Weight-only int4 with group scales: W[o, g*G:(g+1)*G] ~= (q - 8) * scale[o, g], q in
+    [1, 15] packed two to a byte (even input in the low nibble), G = `group` inputs."""
+
+    def __init__(
+        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int
+    ) -> None:
+        super().__init__()
+        assert packed.dtype == torch.uint8 and scale.shape == (packed.shape[0], packed.shape[1] * 2 // group)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    @classmethod
+    def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
+        """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
+        w = lin.weight.data.float()
+        out, inp = w.shape
+        if inp % group or inp % 2:
+            return Int8Linear.from_linear(lin)
+        g = w.view(out, inp // group, group)
+        scale = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [out, groups]
+        q = (torch.round(g / scale[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(out, inp)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        packed, scale = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
+        out = packed.shape[0]
+        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(out, -1, self.group).to(dtype) - 8
+        return (q * scale.to(dtype)[..., None]).view(out, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), self.bias)
+
+
 class _Layer(nn.Module):
     def __init__(self, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
                  norm1: torch.Tensor, norm2: torch.Tensor) -> None:  # fmt: skip
@@ -204,13 +249,14 @@ class _Layer(nn.Module):
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
 
-    def quantize_int8(self) -> None:
-        """Its weight matrices to `Int8Linear` (those already int8 stay)."""
+    def quantize(self, mode: str) -> None:
+        """Its full-precision weight matrices to `mode` ('int8' or 'int4')."""
+        make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
         with torch.no_grad():
             for name in ("qkv", "o", "gate_up", "down"):
                 lin = getattr(self, name)
                 if isinstance(lin, Linear):
-                    setattr(self, name, Int8Linear.from_linear(lin))
+                    setattr(self, name, make(lin))
 
 
 class LlamaForPaged(nn.Module):
@@ -257,12 +303,14 @@ class LlamaForPaged(nn.Module):
         tensors: Mapping[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         *,
-        int8: bool = False,
+        quantization: str = "none",
     ) -> LlamaForPaged:
         """The model from Hugging Face tensor names; `InvalidModel` naming a missing or
         misshapen tensor. Each tensor is read once (`tensors` may read lazily from disk);
-        with `int8` each layer is quantized as soon as it is built, so loading holds the
+        quantized, each layer is quantized as soon as it is built, so loading holds the
         full-precision copy of one layer at a time, not of the model."""
+        if quantization not in QUANTIZATIONS:
+            raise InvalidModel(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
 
         def t(name: str, shape_: tuple[int, ...] | None = None) -> torch.Tensor:
             x = tensors.get(name)
@@ -298,31 +346,35 @@ class LlamaForPaged(nn.Module):
                 Linear(t(m + "down_proj.weight", (d, f)), opt(m + "down_proj.bias", s.mlp_bias)),
                 t(p + "input_layernorm.weight", (d,)), t(p + "post_attention_layernorm.weight", (d,)),
             ))  # fmt: skip
-            if int8:
-                layers[-1].quantize_int8()
+            if quantization != "none":
+                layers[-1].quantize(quantization)
         embed = t("model.embed_tokens.weight", (s.vocab_size, d))
         head = None if s.tie_word_embeddings or "lm_head.weight" not in tensors else t("lm_head.weight")
         model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
-        if int8:
-            model.quantize_int8()
+        if quantization != "none":
+            model.quantize(quantization)
         return model
 
-    def quantize_int8(self) -> None:
-        """Replace every weight matrix (and the embedding) by int8 with per-output-channel
-        scales, in place. A tied LM head shares the int8 embedding and its row scales."""
+    def quantize(self, mode: str) -> None:
+        """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
+        group scales) and the embedding by int8 with per-row scales, in place. A tied LM head
+        shares the int8 embedding and its row scales. Once only."""
+        if mode not in QUANTIZATIONS[1:]:
+            raise ValueError(f"quantization {mode!r}: expected int8 or int4")
+        if self.quantization != "none":
+            raise ValueError(f"the model is already {self.quantization}")
         with torch.no_grad():
-            if self.quantization == "int8":
-                return
             tied = cast(Linear, self.lm_head).weight is self.embed
             for layer in self._layers():
-                layer.quantize_int8()
+                layer.quantize(mode)
             q, scale = Int8Linear.quantize(self.embed.data)
             head = cast(Linear, self.lm_head)
-            self.lm_head = Int8Linear(q, scale, None) if tied else Int8Linear.from_linear(head)
+            make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+            self.lm_head = Int8Linear(q, scale, None) if tied else make(head)
             del self.embed
             self.register_buffer("embed", q)
             self.register_buffer("embed_scale", scale)
-        self.quantization = "int8"
+        self.quantization = mode
 
     def weight_bytes(self) -> int:
         """Bytes of every parameter and buffer (shared storage counted once)."""

@@ -189,6 +189,24 @@ def test_int8_weights_take_a_quarter_and_stay_close(checkpoint: Checkpoint, ours
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
 
 
+def test_int4_group_weights_are_smaller_still_and_close(checkpoint: Checkpoint, ours: Ours) -> None:
+    directory, _ = checkpoint
+    model, tok = ours
+    q8, _ = load_hf_model(directory, quantization="int8")
+    q4, _ = load_hf_model(directory, quantization="int4")
+    assert q4.quantization == "int4"
+    assert q4.weight_bytes() < 0.8 * q8.weight_bytes()
+    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    with torch.no_grad():
+        ref, got8, got4 = model(ids), q8(ids), q4(ids)
+    err8, err4 = (got8 - ref).abs().mean().item(), (got4 - ref).abs().mean().item()
+    assert err8 < err4 < 0.35 * ref.abs().mean().item()  # 15 levels: ~11% error per weight
+    # random weights give flat logits (top-1 flips on near ties): compare the logit vectors
+    assert torch.nn.functional.cosine_similarity(got4, ref, dim=-1).min().item() > 0.9
+    with pytest.raises(InvalidModel, match="quantization"):
+        load_hf_model(directory, quantization="int3")
+
+
 def test_tokenizer_and_chat_template_equal_transformers(checkpoint: Checkpoint, ours: Ours) -> None:
     from transformers import AutoTokenizer
 
