@@ -16,6 +16,11 @@ tokenizer_config.json, optionally generation_config.json and chat_template.jinja
   `kv_cache_bytes` and `kv_block_size` as for TinyLM (default KV: `DEFAULT_HF_KV_CONTEXTS`
   full contexts).
 
+To serve a downloaded checkpoint: `python -m node_agent.generation.hf_checkpoint
+models/qwen/1 qwen --quantization int8` writes SHA256SUMS and model.yaml into the folder
+(the agent's repository layout `<root>/<name>/<version>/`); an InferenceService names
+`format: huggingface` and the digest it prints (the digest of SHA256SUMS).
+
 `HFCheckpointBackend.memory_bytes` is what the weights hold as loaded (int8 weights and
 their scales after quantization) plus the KV pool: the scheduler's budget and the node's
 reported model memory read it. Only `LlamaForPaged`'s architectures load (`hf_llama`).
@@ -286,3 +291,29 @@ def write_hf_model(
     )
     write_model_config(version_dir, config)
     return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m node_agent.generation.hf_checkpoint DIR NAME [VERSION] [--quantization int8]`:
+    make a downloaded checkpoint folder (e.g. `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct
+    --local-dir models/qwen/1`) a model version of the agent's repository; prints its digest."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m node_agent.generation.hf_checkpoint")
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("version", nargs="?", default="1")
+    parser.add_argument("--quantization", choices=("none", "int8", "int4"), default="none")
+    parser.add_argument(
+        "--max-context", type=int, default=None, help="tokens served (parameters.max_context)"
+    )
+    args = parser.parse_args(argv)
+    params = {} if args.max_context is None else {"max_context": str(args.max_context)}
+    config = write_hf_model(args.directory, args.name, args.version, quantization=args.quantization,
+                            parameters=params)  # fmt: skip
+    print(f"{args.directory / 'model.yaml'}: {config.id}, artifact {CHECKSUMS_FILE}, digest {config.digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -387,3 +387,18 @@ def test_unsupported_configs_are_refused() -> None:
     ):
         with pytest.raises(InvalidModel, match=match):
             LlamaShape.from_hf({**base, **bad})
+
+
+def test_the_command_line_makes_a_folder_a_version(checkpoint: Checkpoint, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from node_agent.generation.hf_checkpoint import main
+
+    vdir = tmp_path / "qwen" / "2"
+    shutil.copytree(checkpoint[0], vdir)
+    assert main([str(vdir), "qwen", "2", "--quantization", "int8", "--max-context", "128"]) == 0
+    config = parse_model_config(vdir / "model.yaml")
+    assert config.digest in capsys.readouterr().out
+    assert (config.format, config.parameters["quantization"], config.parameters["max_context"]) == (
+        HF_FORMAT, "int8", "128")  # fmt: skip
+    backend = backend_for(HF_FORMAT).load(config, vdir, "cpu")
+    assert backend.model is not None and backend.model.config.max_seq_len == 128
