@@ -140,6 +140,9 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             raise InvalidModel(f"weights: cannot read {name}: {e}") from None
         return tensor
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._where  # without reading the tensor
+
     def numel(self, name: str) -> int:
         """Elements of a tensor, from the file's header (nothing read)."""
         return math.prod(self._where[name].get_slice(name).get_shape())
