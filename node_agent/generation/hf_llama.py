@@ -41,6 +41,8 @@ __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaF
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
 QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZE_ROWS = 1024
+"""Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
 INT4_GROUP = 64
 """Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
 weights costs 1/16 of a byte each."""
@@ -187,10 +189,16 @@ class Int8Linear(nn.Module):
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 rows, float32 scale per row) of a [out, in] weight."""
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        """(int8 rows, float32 scale per row) of a [out, in] weight, `QUANTIZE_ROWS` rows at
+        a time (the float temporaries of a large embedding stay small)."""
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            rows = slice(start, start + QUANTIZE_ROWS)
+            w = weight[rows].float()
+            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            q[rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+            scale[rows] = s
         return q, scale
 
     @classmethod
@@ -221,14 +229,19 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
         """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
-        w = lin.weight.data.float()
-        out, inp = w.shape
+        weight = lin.weight.data
+        out, inp = weight.shape
         if inp % group or inp % 2:
             return Int8Linear.from_linear(lin)
-        g = w.view(out, inp // group, group)
-        scale = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [out, groups]
-        q = (torch.round(g / scale[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(out, inp)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
+        scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
+        for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries
+            rows = slice(start, start + QUANTIZE_ROWS)
+            g = weight[rows].float().view(-1, inp // group, group)
+            s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [rows, groups]
+            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1, inp)
+            packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+            scale[rows] = s
         return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -318,7 +331,8 @@ class LlamaForPaged(nn.Module):
                 raise InvalidModel(f"weights: tensor {name!r} is missing")
             if shape_ is not None and tuple(x.shape) != shape_:
                 raise InvalidModel(f"weights: {name} has shape {tuple(x.shape)}, expected {shape_}")
-            return x.to(dtype)
+            # quantized, the model keeps only its vectors as read: copies, so no view holds the file
+            return x.to(dtype, copy=quantization != "none" and x.dim() == 1)
 
         def opt(name: str, present: bool) -> torch.Tensor | None:
             return t(name) if present else None
