@@ -27,7 +27,7 @@ equal work on both sides and are compared token for token.
   as the time of the same `generate` call with `max_new_tokens=1`.
 - KV: blocks held vs tokens held during the 16-request run (utilization), against what a
   cache preallocated per sequence to the context (transformers' static cache) would take.
-- int8 and int4: weight bytes vs float32, and quality on the fixed prompt set: logit error
+- bfloat16, int8 and int4: weight bytes vs float32, and quality on the fixed prompt set: logit error
   against the float32 model along its own greedy continuations, top-1 agreement, greedy
   outputs equal (and tokens before the first difference), and the perplexity of the float32
   model's continuations under each. Random weights give flat next-token distributions
@@ -247,6 +247,7 @@ def main() -> None:
         fp, tok = load_hf_model(directory)
         q8, _ = load_hf_model(directory, quantization="int8")
         q4, _ = load_hf_model(directory, quantization="int4")
+        bf, _ = load_hf_model(directory, dtype=torch.bfloat16)
     n_params = sum(p.numel() for p in hf.parameters())
     rows, run16, runq = speed(hf, fp, q8, tok)
     print(f"Llama checkpoint, {n_params / 1e6:.1f} M parameters; {machine()}; CPU time, one torch thread,"
@@ -267,12 +268,14 @@ def main() -> None:
         ["weights", "bytes", "vs float32"],
         [["transformers float32", hf_bytes, 1.0],
          ["ours float32", fp.weight_bytes(), fp.weight_bytes() / hf_bytes],
+         ["ours bfloat16", bf.weight_bytes(), bf.weight_bytes() / hf_bytes],
          ["ours int8 (per-channel scales)", q8.weight_bytes(), q8.weight_bytes() / hf_bytes],
          ["ours int4 (group-64 scales; embedding int8)", q4.weight_bytes(), q4.weight_bytes() / hf_bytes]],
     ))  # fmt: skip
     cont = run16.tokens
     rows = []
-    for name, model, run in (("int8", q8, runq), ("int4", q4, run_ours(q4, batch))):
+    for name, model, run in (("bfloat16", bf, run_ours(bf, batch)), ("int8", q8, runq),
+                             ("int4", q4, run_ours(q4, batch))):  # fmt: skip
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
                       for a, b in zip(run.tokens, cont, strict=True)]  # fmt: skip
         rows.append([name, *quality(fp, model, batch, cont), equal(run.tokens, cont),

@@ -402,3 +402,18 @@ def test_the_command_line_makes_a_folder_a_version(checkpoint: Checkpoint, tmp_p
         HF_FORMAT, "int8", "128")  # fmt: skip
     backend = backend_for(HF_FORMAT).load(config, vdir, "cpu")
     assert backend.model is not None and backend.model.config.max_seq_len == 128
+
+
+def test_bfloat16_weights_take_half_and_generate(checkpoint: Checkpoint, ours: Ours) -> None:
+    directory, _ = checkpoint
+    model, tok = ours
+    bf, _ = load_hf_model(directory, dtype=torch.bfloat16)
+    assert bf.weight_bytes() < 0.55 * model.weight_bytes()
+    ids = tok.encode(PROMPTS[1])
+    with torch.no_grad():
+        ref, got = model(torch.tensor([ids])), bf(torch.tensor([ids]))
+    assert got.dtype == torch.float32  # logits are float32 whatever the compute dtype
+    assert (got - ref).abs().mean().item() < 0.03 * ref.abs().mean().item()
+    engine = GenerationEngine(bf, EngineConfig(64, block_size=4))
+    paged = run_engine(engine, [ids], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    assert paged == [int(got[0, -1].argmax())]
