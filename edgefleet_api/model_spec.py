@@ -19,7 +19,7 @@ from edgefleet_api.wire import Obj, mapping, required
 
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 OCI_DIGEST_REFERENCE = re.compile(r"@sha256:[a-f0-9]{64}$")
-FORMATS = ("torchscript", "tensorrt", "tinylm-npz")
+FORMATS = ("torchscript", "tensorrt", "tinylm-npz", "huggingface")
 """The formats an agent backend serves (`node_agent.runtime.backends`); the CRD admits only these."""
 URI_SCHEMES = ("repo", "file", "http", "https", "oci")
 """The artifact URI schemes an agent fetches from (`node_agent.link.assignment`)."""

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from node_agent.errors import InferenceFailed, InvalidInput, Overloaded, ShuttingDown
 from node_agent.generation.engine import EngineConfig, GenerationEngine, GenerationStats, StepOutput
-from node_agent.generation.transformer import ByteTokenizer, kv_block_size_for, load_tiny_lm
+from node_agent.generation.transformer import kv_block_size_for, load_tiny_lm
 
 if TYPE_CHECKING:
     from edgefleet_api.types import ModelId
     from node_agent.errors import AgentError
+    from node_agent.generation.paged_lm import TextTokenizer
     from node_agent.generation.sampling_params import SamplingParams
     from node_agent.types import ModelConfig
 
@@ -73,7 +74,7 @@ class TokenStream:
     def __init__(self, owner: AsyncGenerator, request: _Request) -> None:
         self.request = request
         self._owner = owner
-        self._decoder = ByteTokenizer.incremental_decoder()
+        self._decoder = owner.tokenizer.incremental_decoder()
         self._finished = False
 
     def __aiter__(self) -> TokenStream:
@@ -108,8 +109,9 @@ class AsyncGenerator:
         self.engine = engine
         self.model_id = model_id
         """The model version served, when known (responses name it)."""
-        self.tokenizer = ByteTokenizer()
-        """Text prompts are encoded with it; token id prompts are used as given."""
+        self.tokenizer: TextTokenizer = engine.tokenizer
+        """The engine's model's tokenizer: text prompts are encoded with it, tokens decoded
+        with it; token id prompts are used as given."""
         self.max_waiting = max_waiting
         self._inbox: list[_Request] = []
         self._aborts: list[_Request] = []

@@ -46,12 +46,14 @@ from node_agent.generation.kv_cache import (
     block_size_for_context,
     kv_bytes_per_token,
 )
+from node_agent.generation.paged_attention import PagedBatch, PagedKVPool
 from node_agent.generation.sampling import sample_tokens
-from node_agent.generation.transformer import EOS, PagedBatch, PagedKVPool
+from node_agent.generation.transformer import ByteTokenizer
 
 if TYPE_CHECKING:
+    from node_agent.generation.paged_lm import PagedLM, TextTokenizer
     from node_agent.generation.sampling_params import SamplingParams
-    from node_agent.generation.transformer import TinyLM, TinyLMBackend
+    from node_agent.generation.transformer import TinyLMBackend
 
 __all__ = [
     "TPOT_BUCKETS_S",
@@ -164,14 +166,14 @@ class EngineConfig:
 
     @classmethod
     def from_budget(
-        cls, model: TinyLM, kv_budget_bytes: int, block_size: int | None = None, **kw: Any
+        cls, model: PagedLM, kv_budget_bytes: int, block_size: int | None = None, **kw: Any
     ) -> EngineConfig:
         """A config whose K/V pool (float32) fills `kv_budget_bytes`, in blocks of
         `block_size` tokens (default: `block_size_for_context` of the model's context)."""
         c = model.config
         if block_size is None:
             block_size = block_size_for_context(c.max_seq_len)
-        per_token = kv_bytes_per_token(c.n_layers, c.n_heads, c.head_dim, 4)
+        per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, 4)
         return cls(kv_budget_bytes // (per_token * block_size), block_size, **kw)
 
 
@@ -219,13 +221,23 @@ class _Scheduled:
 
 
 class GenerationEngine:
-    """Continuous batching over a `TinyLM` and a paged KV cache; see the module docstring.
-    Not thread-safe: one thread calls `add`, `abort` and `step`."""
+    """Continuous batching over a `PagedLM` and a paged KV cache; see the module docstring.
+    `tokenizer` (default: bytes, the TinyLM's) is carried for the text API; the engine
+    itself works on token ids. Not thread-safe: one thread calls `add`, `abort` and `step`."""
 
-    def __init__(self, model: TinyLM, config: EngineConfig, *, clock: Callable[[], float] = time.monotonic,
-                 device: str | torch.device = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PagedLM,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        device: str | torch.device = "cpu",
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
         self.model = model
         self.config = config
+        self.tokenizer: TextTokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self._eos = frozenset(model.eos_token_ids)
         self.clock = clock
         self.kv = KVCacheManager(KVCacheConfig(config.num_blocks, config.block_size,
                                                config.enable_prefix_caching))  # fmt: skip
@@ -424,10 +436,9 @@ class GenerationEngine:
             outputs.append(StepOutput(seq.seq_id, token, reason))
         return outputs
 
-    @staticmethod
-    def _finish_reason(seq: _Seq, token: int) -> FinishReason | None:
+    def _finish_reason(self, seq: _Seq, token: int) -> FinishReason | None:
         p = seq.params
-        if (token == EOS and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
             return FinishReason.STOP
         if len(seq.output) >= p.max_tokens:
             return FinishReason.LENGTH
@@ -476,10 +487,11 @@ class GenerationEngine:
 def engine_for_backend(
     backend: TinyLMBackend, *, block_size: int | None = None, **engine_settings: Any
 ) -> GenerationEngine:
-    """An engine over a loaded `task: generate` TinyLM backend (sharing its weights, on its
-    device) whose KV pool fills the backend's `kv_cache_bytes`, which its `memory_bytes`
-    already counts, in blocks of the backend's `kv_block_size` unless `block_size` is given.
-    `InvalidInput` for a model that does not generate."""
+    """An engine over a loaded `task: generate` backend (a TinyLM or a Hugging Face
+    checkpoint; sharing its weights, on its device, with its tokenizer) whose KV pool fills
+    the backend's `kv_cache_bytes`, which its `memory_bytes` already counts, in blocks of
+    the backend's `kv_block_size` unless `block_size` is given. `InvalidInput` for a model
+    that does not generate."""
     config = backend.config
     if config.task != "generate":
         raise InvalidInput(f"model {config.id} has task {config.task!r}; it does not generate text")
@@ -488,4 +500,4 @@ def engine_for_backend(
         raise InvalidModel(f"{config.id} is unloaded")
     block_size = backend.kv_block_size if block_size is None else block_size
     engine_config = EngineConfig.from_budget(model, backend.kv_cache_bytes, block_size, **engine_settings)
-    return GenerationEngine(model, engine_config, device=model.lm_head.weight.device)
+    return GenerationEngine(model, engine_config, device=model.device, tokenizer=backend.tokenizer)

@@ -4,11 +4,8 @@
   `forward(tokens)` is the plain causal model (the reference); `forward_paged(batch, pool)`
   runs a flat batch of prefill and decode tokens of many sequences, writes each new token's
   K/V into the paged pool at its slot, then attends by gathering every context token's K/V
-  back through the sequence's block table. Both give the same logits (tests check it).
-- `PagedKVPool`: K and V tensors shaped [layers, num_blocks, block_size, heads, head_dim];
-  the `KVCacheManager` decides which block ids a sequence owns, the pool holds the values.
-  A step builds its slot indices once from the block tables (a few tensor operations, so
-  small blocks cost no more than large ones) and gathers each layer's context in one pass.
+  back through the sequence's block table (`paged_attention`). Both give the same logits
+  (tests check it).
 - `ByteTokenizer`: UTF-8 bytes are tokens 0-255, then BOS, EOS, PAD.
 - Weights are stored without pickle: one `.npz` (written with fixed zip timestamps, so the
   same seed gives the same bytes) holding every parameter plus the JSON config;
@@ -23,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import itertools
 import json
 import math
 import zipfile
@@ -39,6 +35,7 @@ from torch import nn
 from edgefleet_api.types import Priority
 from node_agent.errors import InvalidInput, InvalidModel
 from node_agent.generation.kv_cache import block_size_for_context, kv_bytes_per_token
+from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 from node_agent.runtime.backends.base import Backend
 from node_agent.runtime.model_yaml import parse_quantity, write_model_config
 from node_agent.runtime.repository import sha256_file
@@ -46,6 +43,8 @@ from node_agent.types import KV_BLOCK_SIZE_PARAMETER, ModelConfig, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from node_agent.generation.paged_lm import LMShape, PagedLM, TextTokenizer
 
 __all__ = [
     "BOS",
@@ -109,6 +108,11 @@ class TinyLMConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def n_kv_heads(self) -> int:
+        """Multi-head attention: one K/V head per query head."""
+        return self.n_heads
+
 
 class ByteTokenizer:
     """Bytes of the UTF-8 text are tokens 0-255; BOS/EOS/PAD follow. Lossless for text."""
@@ -144,80 +148,6 @@ class IncrementalDecoder:
         return self._dec.decode(b"", final=True)
 
 
-class PagedKVPool:
-    """Paged K/V storage, one tensor per layer (as vLLM keeps it): `k[layer]` and `v[layer]`
-    shaped [num_blocks, block_size, heads, head_dim]. A token's slot is
-    `block * block_size + offset` (as `KVCacheManager.slot_mapping`); `k_slots[layer]` is the
-    same storage as [slots, heads, head_dim], contiguous, so a step reads a layer's context
-    with one `index_select` of whole rows."""
-
-    def __init__(
-        self,
-        config: TinyLMConfig,
-        num_blocks: int,
-        block_size: int,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (config.n_layers, num_blocks, block_size, config.n_heads, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        # Flat views [layers, slots, heads, head_dim] share storage with k and v.
-        self.k_slots = self.k.view(shape[0], num_blocks * block_size, *shape[3:])
-        self.v_slots = self.v.view(shape[0], num_blocks * block_size, *shape[3:])
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Copy every layer's K and V of block `src` into block `dst`, for each (src, dst)."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.k.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.k.device)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-
-
-@dataclass(slots=True)
-class PagedBatch:
-    """One forward pass over several sequences, their new tokens concatenated.
-
-    Sequence i owns flat rows [query_start[i], query_start[i] + query_len[i]); those are
-    its tokens at positions context_len[i] - query_len[i] .. context_len[i] - 1, and its
-    K/V for positions [0, context_len[i]) lives at `block_tables[i]` (earlier positions
-    were written by earlier passes or are shared prefix blocks).
-    """
-
-    input_ids: list[int]
-    query_start: list[int]
-    query_len: list[int]
-    context_len: list[int]
-    block_tables: list[Sequence[int]]
-
-    @classmethod
-    def build(cls, seqs: Sequence[tuple[Sequence[int], int, Sequence[int]]]) -> PagedBatch:
-        """From (new token ids, context length after them, block table) per sequence."""
-        ids: list[int] = []
-        starts, lens, ctx, tables = [], [], [], []
-        for tokens, context_len, table in seqs:
-            if not 1 <= len(tokens) <= context_len:
-                raise ValueError(f"{len(tokens)} new tokens for a context of {context_len}")
-            starts.append(len(ids))
-            lens.append(len(tokens))
-            ctx.append(context_len)
-            tables.append(table)
-            ids.extend(tokens)
-        return cls(ids, starts, lens, ctx, tables)
-
-    def last_rows(self) -> list[int]:
-        """The flat row of each sequence's last token (whose logits predict the next)."""
-        return [s + n - 1 for s, n in zip(self.query_start, self.query_len, strict=True)]
-
-
 class _Block(nn.Module):
     def __init__(self, c: TinyLMConfig) -> None:
         super().__init__()
@@ -232,72 +162,10 @@ class _Block(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
-class _Plan:
-    """Index tensors for one `PagedBatch`, built once and used by every layer.
-
-    Built with a handful of tensor operations whatever the block size: the block tables
-    are packed once into a padded [S, blocks] tensor (one Python pass over block ids, not
-    over tokens), and every slot is `table[seq, pos // block_size] * block_size +
-    pos % block_size`. Decode rows (one new token) share one padded gather and one
-    attention call; a prefill whose whole context is new attends to its own K/V
-    (causal), and one that continues cached blocks gathers its context.
-    """
-
-    def __init__(self, batch: PagedBatch, block_size: int, device: torch.device) -> None:
-        bs = block_size
-        ctx_list, qlen_list = batch.context_len, batch.query_len
-        nblk = [-(-c // bs) for c in ctx_list]
-        for c, n, blocks in zip(ctx_list, nblk, batch.block_tables, strict=True):
-            if n > len(blocks):
-                raise ValueError(f"context of {c} tokens needs more than {len(blocks)} blocks")
-        flat = list(itertools.chain.from_iterable(
-            t if len(t) == n else t[:n] for t, n in zip(batch.block_tables, nblk, strict=True)
-        ))  # fmt: skip
-        num_seqs, width = len(nblk), max(nblk)
-        nblk_t = torch.tensor(nblk)
-        table = torch.zeros(num_seqs, width, dtype=torch.long)
-        table[torch.arange(width)[None, :] < nblk_t[:, None]] = torch.tensor(flat, dtype=torch.long)
-        self.table = table.to(device)
-        self.block_size = bs
-        ctx = torch.tensor(ctx_list, device=device)
-        qlen = torch.tensor(qlen_list, device=device)
-        # The new tokens: row r belongs to sequence seq[r], at position positions[r].
-        seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlen)
-        starts = torch.tensor(batch.query_start, device=device)
-        rows = torch.arange(len(batch.input_ids), device=device)
-        self.positions = (ctx - qlen)[seq] + rows - starts[seq]
-        self.slots = self._slots(seq, self.positions)
-        decode = [i for i, n in enumerate(qlen_list) if n == 1]
-        self.decode_index: torch.Tensor | None = None
-        if decode:
-            d = torch.tensor(decode, device=device)
-            dctx = ctx[d]
-            w = max(ctx_list[i] for i in decode)
-            pos = torch.arange(w, device=device)
-            self.decode_shape = (len(decode), w)
-            self.decode_index = starts[d]
-            self.decode_all = len(decode) == len(batch.input_ids)
-            self.decode_slots = self._slots(d[:, None], pos[None, :]).reshape(-1)  # [S * W]
-            self.decode_mask = (pos[None, :] < dctx[:, None])[:, None, None, :]  # [S, 1, 1, W]
-        self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
-        for i, (start, n, c) in enumerate(zip(batch.query_start, qlen_list, ctx_list, strict=True)):
-            if n == 1:
-                continue
-            if n == c:  # nothing cached: causal attention over its own new K/V
-                self.prefills.append((start, n, None, None))
-                continue
-            pos = torch.arange(c, device=device)
-            mask = pos[None, :] <= pos[c - n :, None]  # [n, ctx]
-            self.prefills.append((start, n, self._slots(torch.tensor(i, device=device), pos), mask))
-
-    def _slots(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Slot of position `pos` of sequence `seq` (broadcast)."""
-        bs = self.block_size
-        return self.table[seq, torch.div(pos, bs, rounding_mode="floor")] * bs + pos % bs
-
-
 class TinyLM(nn.Module):
-    """Decoder-only transformer; see the module docstring."""
+    """Decoder-only transformer; see the module docstring. A `paged_lm.PagedLM`."""
+
+    eos_token_ids: tuple[int, ...] = (EOS,)
 
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__()
@@ -325,6 +193,10 @@ class TinyLM(nn.Module):
                     std = 0.1 if "emb" in name else 0.2 if "lm_head" in name else 0.05
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
 
     def _layers(self) -> list[_Block]:
         return [cast(_Block, b) for b in self.blocks]
@@ -359,55 +231,21 @@ class TinyLM(nn.Module):
         dev = pool.k.device
         if max(batch.context_len) > self.config.max_seq_len:
             raise ValueError(f"a position passes the context of {self.config.max_seq_len}")
-        plan = _Plan(batch, pool.block_size, dev)
+        plan = AttentionPlan(batch, pool.block_size, dev)
         ids = torch.tensor(batch.input_ids, device=dev)
         x = self.tok_emb(ids) + self.pos_emb(plan.positions)  # [N, d]
+        scale = 1.0 / math.sqrt(self.config.head_dim)
         for layer, blk in enumerate(self._layers()):
             q, k, v = (self._heads(y) for y in blk.qkv(blk.ln1(x)).chunk(3, dim=-1))  # [N,H,D]
             k_pool, v_pool = pool.k_slots[layer], pool.v_slots[layer]  # [slots, H, D]
             k_pool.index_copy_(0, plan.slots, k.to(k_pool.dtype))
             v_pool.index_copy_(0, plan.slots, v.to(v_pool.dtype))
-            out = self._attend(plan, q, k_pool, v_pool)
+            out = paged_attention(plan, q, k_pool, v_pool, scale)
             x = x + blk.proj(out.reshape(out.shape[0], -1))
             x = x + blk.mlp(x)
         if not all_logits:
             x = x[torch.tensor(batch.last_rows(), device=dev)]
         return self._logits(x)
-
-    def _attend(
-        self, plan: _Plan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention output [N, H, D] of every row of `q` over its context in the pool."""
-        scale = 1.0 / math.sqrt(self.config.head_dim)
-        dtype = q.dtype
-        if plan.decode_index is not None:
-            s, w = plan.decode_shape
-            kc = k_pool.index_select(0, plan.decode_slots).view(s, w, *q.shape[1:]).to(dtype)
-            vc = v_pool.index_select(0, plan.decode_slots).view(s, w, *q.shape[1:]).to(dtype)
-            qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
-            a = F.scaled_dot_product_attention(
-                qd.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),
-                attn_mask=plan.decode_mask, scale=scale,
-            ).squeeze(2)  # [S, H, D]  # fmt: skip
-            if plan.decode_all:
-                return a
-            out = torch.empty_like(q)
-            out.index_copy_(0, plan.decode_index, a)
-        else:
-            out = torch.empty_like(q)
-        for start, n, ctx_slots, mask in plan.prefills:
-            rows = slice(start, start + n)
-            if ctx_slots is None:  # its whole context is new: read back what was just written
-                slots = plan.slots[rows]
-                kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
-            else:
-                kc, vc = k_pool.index_select(0, ctx_slots), v_pool.index_select(0, ctx_slots)
-            a = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1), kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1),
-                attn_mask=mask, is_causal=mask is None, scale=scale,
-            )  # [H, n, D]  # fmt: skip
-            out[rows] = a.transpose(0, 1)
-        return out
 
 
 # -- weights on disk (no pickle) --------------------------------------------------------------
@@ -486,7 +324,7 @@ def write_tiny_lm(root: Path | str, name: str = "tiny-lm", version: str = "1") -
     return config
 
 
-def kv_block_size_for(config: ModelConfig, lm: TinyLMConfig) -> int:
+def kv_block_size_for(config: ModelConfig, lm: LMShape) -> int:
     """Tokens per KV block of a model: `parameters.kv_block_size` if set, else the default
     for its context (`block_size_for_context`). `InvalidModel` for a value that is not an
     integer in [1, context]."""
@@ -505,19 +343,24 @@ def kv_block_size_for(config: ModelConfig, lm: TinyLMConfig) -> int:
     return block_size
 
 
-def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int | None = None) -> int:
+def kv_cache_bytes_for(
+    config: ModelConfig,
+    lm: LMShape,
+    block_size: int | None = None,
+    default_contexts: int = DEFAULT_KV_CONTEXTS,
+) -> int:
     """Bytes of the KV pool a model's generation engine allocates: whole blocks of
     `block_size` tokens (default `kv_block_size_for`) within `parameters.kv_cache_bytes`
-    (default `DEFAULT_KV_CONTEXTS` full contexts); 0 for a model that does not generate.
+    (default `default_contexts` full contexts); 0 for a model that does not generate.
     `InvalidModel` for a value that is not a byte quantity or holds less than one block."""
     if config.task != "generate":
         return 0
     if block_size is None:
         block_size = kv_block_size_for(config, lm)
-    block_bytes = kv_bytes_per_token(lm.n_layers, lm.n_heads, lm.head_dim, KV_DTYPE_BYTES) * block_size
+    block_bytes = kv_bytes_per_token(lm.n_layers, lm.n_kv_heads, lm.head_dim, KV_DTYPE_BYTES) * block_size
     raw = config.parameters.get(KV_CACHE_PARAMETER)
     if raw is None:
-        budget = DEFAULT_KV_CONTEXTS * -(-lm.max_seq_len // block_size) * block_bytes
+        budget = default_contexts * -(-lm.max_seq_len // block_size) * block_bytes
     else:
         try:
             budget = parse_quantity(raw)
@@ -532,20 +375,23 @@ def kv_cache_bytes_for(config: ModelConfig, lm: TinyLMConfig, block_size: int | 
 
 
 class TinyLMBackend(Backend):
-    """A TinyLM as a predict backend: input_ids INT64 [B, T] -> logits FP32 [B, T, vocab].
-    For a `task: generate` model, `memory_bytes` = weights + `kv_cache_bytes` (the pool of
-    `kv_block_size`-token blocks an engine built by `engine.engine_for_backend` allocates)."""
+    """A paged decoder (a TinyLM, or a subclass's model) as a predict backend: input_ids
+    INT64 [B, T] -> logits FP32 [B, T, vocab]. For a `task: generate` model, `memory_bytes`
+    = weights + `kv_cache_bytes` (the pool of `kv_block_size`-token blocks an engine built
+    by `engine.engine_for_backend` allocates); `tokenizer` encodes its text prompts."""
 
     def __init__(
         self,
         config: ModelConfig,
-        model: TinyLM,
+        model: PagedLM,
         memory_bytes: int,
         kv_cache_bytes: int = 0,
         kv_block_size: int | None = None,
+        tokenizer: TextTokenizer | None = None,
     ) -> None:
         self.config = config
-        self.model: TinyLM | None = model
+        self.model: PagedLM | None = model
+        self.tokenizer: TextTokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.kv_cache_bytes = kv_cache_bytes
         self.kv_block_size = kv_block_size or block_size_for_context(model.config.max_seq_len)
         self._memory_bytes = memory_bytes + kv_cache_bytes
@@ -566,7 +412,7 @@ class TinyLMBackend(Backend):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.model.config.vocab_size):
             raise InvalidInput(f"token ids must be in [0, {self.model.config.vocab_size})")
         with torch.inference_mode():
-            return {"logits": self.model(ids.to(self.model.tok_emb.weight.device))}
+            return {"logits": self.model(ids.to(self.model.device)).float()}
 
     @property
     def memory_bytes(self) -> int:

@@ -53,7 +53,7 @@ def loaded(repo: ModelRepository) -> Iterator[dict[str, TorchScriptBackend]]:
 
 def test_backend_for_formats() -> None:
     assert backend_for("torchscript") is TorchScriptBackend
-    assert set(FORMATS) == {"torchscript", "tensorrt", "tinylm-npz"}
+    assert set(FORMATS) == {"torchscript", "tensorrt", "tinylm-npz", "huggingface"}
     with pytest.raises(ValueError, match="no backend for format 'onnx'"):
         backend_for("onnx")
 

@@ -17,6 +17,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "torchscript": ("node_agent.runtime.backends.torchscript", "TorchScriptBackend", "model.pt"),
     "tensorrt": ("node_agent.runtime.backends.tensorrt", "TensorRTBackend", "model.plan"),
     "tinylm-npz": ("node_agent.generation.transformer", "TinyLMBackend", "model.npz"),
+    "huggingface": ("node_agent.generation.hf_checkpoint", "HFCheckpointBackend", "SHA256SUMS"),
 }
 FORMATS: tuple[str, ...] = tuple(_BACKENDS)
 """Formats the agent can load (the CRD also names 'onnx', which no backend serves yet)."""

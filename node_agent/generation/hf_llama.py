@@ -1,0 +1,488 @@
+"""The Llama architecture family (Llama, Qwen2, Mistral) as a `paged_lm.PagedLM`.
+
+Hugging Face decoder checkpoints run in our engine: our paged KV pool, our block tables,
+prefix sharing and preemption, not a second serving engine. The math is transformers'
+`LlamaForCausalLM` (and `Qwen2ForCausalLM`, `MistralForCausalLM`, which differ only in
+config): token embedding; per layer a pre-RMSNorm grouped-query attention with rotary
+positions (RoPE, `rope_theta`, optionally `linear` or `llama3` frequency scaling) and a
+pre-RMSNorm SwiGLU MLP, each added to the residual; a final RMSNorm and the LM head (tied to
+the embedding or not). Tests check logits equal transformers' within 1e-4 (float32).
+
+- `LlamaShape.from_hf(config.json)`: the shape, validated (`InvalidModel` for what this
+  module does not compute: another `hidden_act`, `dynamic`/`yarn` RoPE, partial rotary).
+- `LlamaForPaged.from_hf_state(shape, tensors)`: the model from Hugging Face tensor names
+  (`model.layers.{i}.self_attn.q_proj.weight`, ...). q/k/v are fused into one matmul and
+  gate/up into another (the same products, in one call each).
+- `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
+  the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
+  activations, norms and the KV cache stay in the compute dtype. `quantize("int4")`: the
+  layers' and an untied head's matrices in int4, two to a byte, one scale per group of
+  `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
+  Both dequantize a matrix as it is used (CPU: no int4/int8 matmul kernels are assumed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node_agent.errors import InvalidModel
+from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
+
+__all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
+           "rope_inv_freq"]  # fmt: skip
+
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+"""torch >= 2.4 has a fused RMSNorm."""
+QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZE_ROWS = 1024
+"""Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
+INT4_GROUP = 64
+"""Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
+weights costs 1/16 of a byte each."""
+ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
+"""config.json `model_type`s this module computes."""
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaShape:
+    """A Llama-family checkpoint's shape (an `LMShape`), read from its config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    """Context served: max_position_embeddings, capped by a sliding window (positions past
+    it would attend differently) and by the caller's limit."""
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...]
+    """The RoPE parameters other than theta (sorted items), empty for plain RoPE."""
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], max_context: int | None = None) -> LlamaShape:
+        """From a config.json mapping; `max_context` caps the context served."""
+        model_type = str(cfg.get("model_type", ""))
+        if model_type not in ARCHITECTURES:
+            raise InvalidModel(f"config.json model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise InvalidModel(f"config.json hidden_act {act!r}: only silu (SwiGLU) is computed")
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            theta, scaling = _rope_settings(cfg)
+            context = int(cfg.get("max_position_embeddings", 2048))
+            window = cfg.get("sliding_window")
+            if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
+                context = min(context, int(window))
+            if max_context is not None:
+                context = min(context, max_context)
+            shape = cls(
+                model_type=model_type, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]), n_layers=int(cfg["num_hidden_layers"]),
+                n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, max_seq_len=context,
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                rope_scaling=scaling,
+                qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                eos_token_ids=_ids(cfg.get("eos_token_id")),
+                bos_token_id=cfg.get("bos_token_id"),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidModel(f"config.json: {type(e).__name__}: {e}") from None
+        if heads % kv_heads or min(shape.vocab_size, hidden, shape.n_layers, head_dim, context) < 1:
+            raise InvalidModel(f"config.json: inconsistent shape {shape}")
+        return shape
+
+
+def _ids(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(int(v) for v in value)
+    return (int(cast(int, value)),)
+
+
+def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
+    """(theta, other RoPE parameters) from `rope_parameters` (transformers 5) or
+    `rope_theta` + `rope_scaling` (earlier)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if not params and cfg.get("rope_scaling"):
+        params = dict(cfg["rope_scaling"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        params = {}
+    elif kind not in ("linear", "llama3"):
+        raise InvalidModel(f"config.json: RoPE type {kind!r} is not computed (default, linear, llama3)")
+    else:
+        params["rope_type"] = kind
+        params.pop("type", None)
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise InvalidModel("config.json: partial_rotary_factor other than 1 is not computed")
+    return theta, tuple(sorted(params.items()))
+
+
+def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
+    """The rotary inverse frequencies [head_dim / 2], as transformers computes them."""
+    dim = shape.head_dim
+    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    p = dict(shape.rope_scaling)
+    if p.get("rope_type") == "linear":
+        return inv / float(p["factor"])
+    if p.get("rope_type") == "llama3":
+        factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old = float(p["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), weights in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        shared = isinstance(weight, nn.Parameter)  # a tied LM head: the embedding itself
+        self.weight = weight if shared else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: W ~= q * scale[:, None], q int8 in [-127, 127], one float32 scale
+    per output channel (max |w| / 127 of its row). y = (x q^T) * scale (+ b)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        assert qweight.dtype == torch.int8 and scale.shape == qweight.shape[:1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 rows, float32 scale per row) of a [out, in] weight, `QUANTIZE_ROWS` rows at
+        a time (the float temporaries of a large embedding stay small)."""
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            rows = slice(start, start + QUANTIZE_ROWS)
+            w = weight[rows].float()
+            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            q[rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+            scale[rows] = s
+        return q, scale
+
+    @classmethod
+    def from_linear(cls, lin: Linear) -> Int8Linear:
+        q, scale = cls.quantize(lin.weight.data)
+        return cls(q, scale, None if lin.bias is None else lin.bias.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qweight, scale = cast(torch.Tensor, self.qweight), cast(torch.Tensor, self.scale)
+        y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 with group scales: W[o, g*G:(g+1)*G] ~= (q - 8) * scale[o, g], q in
+    [1, 15] packed two to a byte (even input in the low nibble), G = `group` inputs."""
+
+    def __init__(
+        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int
+    ) -> None:
+        super().__init__()
+        assert packed.dtype == torch.uint8 and scale.shape == (packed.shape[0], packed.shape[1] * 2 // group)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    @classmethod
+    def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
+        """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
+        weight = lin.weight.data
+        out, inp = weight.shape
+        if inp % group or inp % 2:
+            return Int8Linear.from_linear(lin)
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
+        scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
+        for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries
+            rows = slice(start, start + QUANTIZE_ROWS)
+            g = weight[rows].float().view(-1, inp // group, group)
+            s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [rows, groups]
+            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1, inp)
+            packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+            scale[rows] = s
+        return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        packed, scale = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
+        out = packed.shape[0]
+        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(out, -1, self.group).to(dtype) - 8
+        return (q * scale.to(dtype)[..., None]).view(out, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), self.bias)
+
+
+class _Layer(nn.Module):
+    def __init__(self, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
+                 norm1: torch.Tensor, norm2: torch.Tensor) -> None:  # fmt: skip
+        super().__init__()
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.norm1 = nn.Parameter(norm1, requires_grad=False)
+        self.norm2 = nn.Parameter(norm2, requires_grad=False)
+
+    def quantize(self, mode: str) -> None:
+        """Its full-precision weight matrices to `mode` ('int8' or 'int4')."""
+        make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+        with torch.no_grad():
+            for name in ("qkv", "o", "gate_up", "down"):
+                lin = getattr(self, name)
+                if isinstance(lin, Linear):
+                    setattr(self, name, make(lin))
+
+
+class LlamaForPaged(nn.Module):
+    """A Llama-family decoder over the paged KV pool; see the module docstring."""
+
+    def __init__(self, shape: LlamaShape, embed: torch.Tensor, layers: list[_Layer],
+                 norm: torch.Tensor, lm_head: torch.Tensor | None) -> None:  # fmt: skip
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.register_buffer("embed_scale", None)  # per-row scales of an int8 embedding
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.Parameter(norm, requires_grad=False)
+        self.lm_head: nn.Module = Linear(self.embed if lm_head is None else lm_head, None)
+        inv = rope_inv_freq(shape)
+        freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(embed.dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(embed.dtype), persistent=False)
+        self.quantization = "none"
+
+    @property
+    def config(self) -> LlamaShape:
+        return self.shape
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.shape.eos_token_ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    # -- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_state(
+        cls,
+        shape: LlamaShape,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        *,
+        quantization: str = "none",
+    ) -> LlamaForPaged:
+        """The model from Hugging Face tensor names; `InvalidModel` naming a missing or
+        misshapen tensor. Each tensor is read once (`tensors` may read lazily from disk);
+        quantized, each layer is quantized as soon as it is built, so loading holds the
+        full-precision copy of one layer at a time, not of the model."""
+        if quantization not in QUANTIZATIONS:
+            raise InvalidModel(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+
+        def t(name: str, shape_: tuple[int, ...] | None = None) -> torch.Tensor:
+            x = tensors.get(name)
+            if x is None:
+                raise InvalidModel(f"weights: tensor {name!r} is missing")
+            if shape_ is not None and tuple(x.shape) != shape_:
+                raise InvalidModel(f"weights: {name} has shape {tuple(x.shape)}, expected {shape_}")
+            # quantized, the model keeps only its vectors as read: copies, so no view holds the file
+            return x.to(dtype, copy=quantization != "none" and x.dim() == 1)
+
+        def opt(name: str, present: bool) -> torch.Tensor | None:
+            return t(name) if present else None
+
+        s, d, hd = shape, shape.hidden_size, shape.head_dim
+        qo, kvo = s.n_heads * hd, s.n_kv_heads * hd
+        layers = []
+        for i in range(s.n_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            qkv_w = torch.cat([t(a + "q_proj.weight", (qo, d)), t(a + "k_proj.weight", (kvo, d)),
+                               t(a + "v_proj.weight", (kvo, d))])  # fmt: skip
+            qkv_b = None
+            if s.qkv_bias:
+                qkv_b = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
+            f = s.intermediate_size
+            gate_up = torch.cat([t(m + "gate_proj.weight", (f, d)), t(m + "up_proj.weight", (f, d))])
+            gate_up_b = None
+            if s.mlp_bias:
+                gate_up_b = torch.cat([t(m + "gate_proj.bias"), t(m + "up_proj.bias")])
+            o = Linear(t(a + "o_proj.weight", (d, qo)), opt(a + "o_proj.bias", s.o_bias))
+            layers.append(_Layer(
+                Linear(qkv_w, qkv_b), o,
+                Linear(gate_up, gate_up_b),
+                Linear(t(m + "down_proj.weight", (d, f)), opt(m + "down_proj.bias", s.mlp_bias)),
+                t(p + "input_layernorm.weight", (d,)), t(p + "post_attention_layernorm.weight", (d,)),
+            ))  # fmt: skip
+            if quantization != "none":
+                layers[-1].quantize(quantization)
+        embed = t("model.embed_tokens.weight", (s.vocab_size, d))
+        head = None if s.tie_word_embeddings or "lm_head.weight" not in tensors else t("lm_head.weight")
+        model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
+        if quantization != "none":
+            model.quantize(quantization)
+        return model
+
+    def quantize(self, mode: str) -> None:
+        """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
+        group scales) and the embedding by int8 with per-row scales, in place. A tied LM head
+        shares the int8 embedding and its row scales. Once only."""
+        if mode not in QUANTIZATIONS[1:]:
+            raise ValueError(f"quantization {mode!r}: expected int8 or int4")
+        if self.quantization != "none":
+            raise ValueError(f"the model is already {self.quantization}")
+        with torch.no_grad():
+            tied = cast(Linear, self.lm_head).weight is self.embed
+            for layer in self._layers():
+                layer.quantize(mode)
+            q, scale = Int8Linear.quantize(self.embed.data)
+            head = cast(Linear, self.lm_head)
+            make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+            self.lm_head = Int8Linear(q, scale, None) if tied else make(head)
+            del self.embed
+            self.register_buffer("embed", q)
+            self.register_buffer("embed_scale", scale)
+        self.quantization = mode
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter and buffer (shared storage counted once)."""
+        seen: dict[int, int] = {}
+        for x in [*self.parameters(), *self.buffers()]:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    # -- compute --------------------------------------------------------------------------
+
+    def _layers(self) -> list[_Layer]:
+        return [cast(_Layer, m) for m in self.layers]
+
+    def _rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cast(torch.Tensor, self.cos), cast(torch.Tensor, self.sin)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.embed[ids]
+        scale = cast("torch.Tensor | None", self.embed_scale)
+        if scale is None:
+            return rows
+        return rows.to(self.dtype) * scale[ids].to(self.dtype)[..., None]
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
+            return F.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv(
+        self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [..., H, D], k and v [..., Hkv, D] of `x` [..., d], RoPE applied."""
+        s = self.shape
+        qkv = layer.qkv(self._rms(x, layer.norm1))
+        qk, v = qkv.split([(s.n_heads + s.n_kv_heads) * s.head_dim, s.n_kv_heads * s.head_dim], -1)
+        lead = x.shape[:-1]
+        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), cos, sin)
+        q, k = qk.split([s.n_heads, s.n_kv_heads], dim=-2)
+        return q, k, v.reshape(*lead, s.n_kv_heads, s.head_dim)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.gate_up(self._rms(x, layer.norm2)).chunk(2, dim=-1)
+        return cast(torch.Tensor, layer.down(F.silu(gate) * up))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.lm_head(self._rms(x, self.norm))).float()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unpaged reference: tokens [B, T] -> float32 logits [B, T, vocab]."""
+        s = self.shape
+        b, t = tokens.shape
+        if t > s.max_seq_len:
+            raise ValueError(f"{t} tokens exceed the context of {s.max_seq_len}")
+        x = self._embed(tokens)
+        cos, sin = self._rotary()
+        cos, sin = cos[:t, None, :], sin[:t, None, :]  # [T, 1, D]
+        rep = s.n_heads // s.n_kv_heads
+        for layer in self._layers():
+            q, k, v = (y.transpose(1, 2) for y in self._qkv(layer, x, cos, sin))  # [B, h, T, D]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.head_dim**-0.5)
+            x = x + layer.o(a.transpose(1, 2).reshape(b, t, -1))
+            x = x + self._mlp(layer, x)
+        return self._logits(x)
+
+    def forward_paged(
+        self, batch: PagedBatch, pool: PagedKVPool, *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run `batch` against `pool`: float32 logits of each sequence's last token [S, vocab]
+        (or of every row [N, vocab] with `all_logits`). Each layer writes the new tokens'
+        K/V into their slots, then every query reads its context through its block table."""
+        s, dev = self.shape, pool.k.device
+        if max(batch.context_len) > s.max_seq_len:
+            raise ValueError(f"a position passes the context of {s.max_seq_len}")
+        plan = AttentionPlan(batch, pool.block_size, dev)
+        x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
+        cos, sin = (c[plan.positions][:, None, :] for c in self._rotary())  # [N, 1, D]
+        scale = s.head_dim**-0.5
+        for i, layer in enumerate(self._layers()):
+            q, k, v = self._qkv(layer, x, cos, sin)  # [N, H, D], [N, Hkv, D]
+            k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
+            k_pool.index_copy_(0, plan.slots, k.to(k_pool.dtype))
+            v_pool.index_copy_(0, plan.slots, v.to(v_pool.dtype))
+            a = paged_attention(plan, q, k_pool, v_pool, scale)
+            x = x + layer.o(a.reshape(a.shape[0], -1))
+            x = x + self._mlp(layer, x)
+        if not all_logits:
+            x = x[torch.tensor(batch.last_rows(), device=dev)]
+        return self._logits(x)
