@@ -49,6 +49,7 @@ from node_agent.generation.kv_cache import (
 from node_agent.generation.paged_attention import PagedBatch, PagedKVPool
 from node_agent.generation.sampling import sample_tokens
 from node_agent.generation.transformer import ByteTokenizer
+from node_agent.types import MAX_SEQUENCES_PARAMETER, MAX_TOKENS_PARAMETER
 
 if TYPE_CHECKING:
     from node_agent.generation.paged_lm import PagedLM, TextTokenizer
@@ -151,6 +152,9 @@ class EngineConfig:
     kv_reservation: str = "paged"
     """'paged' (blocks as tokens arrive) or 'max_length' (each admitted sequence reserves
     the model's whole context, as a preallocating cache does: a baseline)."""
+    max_new_tokens: int | None = None
+    """The model's cap on a request's max_tokens (the service's generation.maxTokens); None: only
+    the context and the KV pool bound it."""
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:
@@ -275,6 +279,9 @@ class GenerationEngine:
             raise InvalidInput("the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidInput(f"prompt token ids must be in [0, {vocab})")
+        cap = self.config.max_new_tokens
+        if cap is not None and params.max_tokens > cap:
+            raise InvalidInput(f"max_tokens {params.max_tokens} is above this model's limit of {cap}")
         total = len(prompt) + params.max_tokens
         if total > ctx:
             raise ContextTooLong(f"{len(prompt)} prompt + {params.max_tokens} max_tokens = {total} tokens; "
@@ -499,5 +506,17 @@ def engine_for_backend(
     if model is None:
         raise InvalidModel(f"{config.id} is unloaded")
     block_size = backend.kv_block_size if block_size is None else block_size
+    for key, parameter in (
+        ("max_num_seqs", MAX_SEQUENCES_PARAMETER),
+        ("max_new_tokens", MAX_TOKENS_PARAMETER),
+    ):
+        raw = config.parameters.get(parameter)  # the service's generation settings, through the link
+        if raw is not None and key not in engine_settings:
+            try:
+                engine_settings[key] = int(raw)
+            except ValueError:
+                raise InvalidModel(
+                    f"{config.id}: parameters.{parameter} must be an integer, got {raw!r}"
+                ) from None
     engine_config = EngineConfig.from_budget(model, backend.kv_cache_bytes, block_size, **engine_settings)
     return GenerationEngine(model, engine_config, device=model.device, tokenizer=backend.tokenizer)

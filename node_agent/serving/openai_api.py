@@ -5,7 +5,10 @@
 | --- | --- | --- |
 | GET | /v1/models | the models that generate |
 | POST | /v1/completions | `prompt` -> `choices[0].text` |
-| POST | /v1/chat/completions | `messages` -> `choices[0].message`, rendered by the model's chat template |
+| POST | /v1/chat/completions | `messages` -> `choices[0].message`, by the model's chat template |
+
+A Hugging Face checkpoint's chat template renders the messages (as transformers'
+`apply_chat_template`); a model without one gets `default_chat_prompt`.
 
 Both POSTs take `model` ("name", or "name:version"), `max_tokens` (chat: also
 `max_completion_tokens`), `temperature`, `top_p`, `seed`, `stop` (a string or up to 4), `stream`
@@ -217,7 +220,7 @@ class _Handlers:
             doc = json_object(await read_body(request, MAX_BODY_BYTES, timeout_s=self.body_timeout_s))
             req = parse_request(doc, chat)
             gen = await self.generators(req.model, req.version)
-            prompt = _render(gen, req.messages) if chat else req.prompt
+            prompt: str | list[int] | None = _render(gen, req.messages) if chat else req.prompt
             assert prompt is not None
             prompt_tokens = len(gen.encode(prompt))
             events = gen.stream(prompt, req.params)  # refusals raise here, before any byte is sent
@@ -276,12 +279,14 @@ class _Handlers:
         return response
 
 
-def _render(gen: AsyncGenerator, messages: Sequence[ChatMessage]) -> str:
-    """The model's own chat template where it has one (`render_chat`), else the default."""
-    render = getattr(gen, "render_chat", None)
-    if render is None:
+def _render(gen: AsyncGenerator, messages: Sequence[ChatMessage]) -> str | list[int]:
+    """The chat as the model's own template writes it (token ids, its special tokens included,
+    as transformers' `apply_chat_template`) where its tokenizer has one, else the default prompt."""
+    tokenizer = getattr(gen, "tokenizer", None)
+    if getattr(tokenizer, "chat_template", None) is None:
         return default_chat_prompt(messages)
-    return str(render([{"role": m.role, "content": m.content} for m in messages]))
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    return list(tokenizer.apply_chat_template(chat, add_generation_prompt=True))  # type: ignore[union-attr]
 
 
 def _finish(reason: object) -> str:

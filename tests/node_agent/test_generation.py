@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgefleet_api.edge_node import ModelAssignment
+from edgefleet_api.model_spec import Artifact, GenerationSettings
 from node_agent.errors import InferenceFailed, InvalidInput, InvalidModel, ShuttingDown
 from node_agent.generation.async_generator import AsyncGenerator, load_generator
 from node_agent.generation.engine import (
@@ -33,6 +35,8 @@ from node_agent.generation.transformer import (
     load_tiny_lm,
     write_tiny_lm,
 )
+from node_agent.link.assignment import effective_config
+from node_agent.types import MAX_TOKENS_PARAMETER
 
 CFG = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=128)
 PROMPTS = ["hello there", "the quick brown fox jumps", "hello there, general", "zzz"]
@@ -377,6 +381,26 @@ def test_engine_for_backend_fills_the_backends_kv_budget(tmp_path: Path) -> None
     backend.unload()
     with pytest.raises(InvalidModel, match="unloaded"):
         engine_for_backend(backend)
+
+
+def test_a_services_generation_settings_reach_the_engine(tmp_path: Path) -> None:
+    """EdgeNode spec models[].generation -> the link's effective config (parameters) -> the engine:
+    kvBlockTokens the block size, maxSequences the decode batch, maxTokens the cap on a request."""
+    config = write_tiny_lm(tmp_path)
+    entry = ModelAssignment(
+        "shop/llm", "tiny-lm", "1", Artifact("repo://tiny-lm/1/model.npz", config.digest),
+        format="tinylm-npz", task="generate", generation=GenerationSettings(max_tokens=8, max_sequences=3,
+                                                                           kv_block_tokens=16),
+    )  # fmt: skip
+    effective = effective_config(config, entry)
+    eng = engine_for_backend(TinyLMBackend.load(effective, tmp_path / "tiny-lm" / "1", "cpu"))
+    assert (eng.config.block_size, eng.config.max_num_seqs, eng.config.max_new_tokens) == (16, 3, 8)
+    eng.check_request([1, 2, 3], SamplingParams(max_tokens=8))
+    with pytest.raises(InvalidInput, match="above this model's limit of 8"):
+        eng.check_request([1, 2, 3], SamplingParams(max_tokens=9))
+    bad = dataclasses.replace(effective, parameters={**effective.parameters, MAX_TOKENS_PARAMETER: "lots"})
+    with pytest.raises(InvalidModel, match="max_tokens must be an integer"):
+        engine_for_backend(TinyLMBackend.load(bad, tmp_path / "tiny-lm" / "1", "cpu"))
 
 
 def test_load_generator_serves_the_written_example(tmp_path: Path) -> None:

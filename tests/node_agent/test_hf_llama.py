@@ -320,6 +320,37 @@ def test_the_agent_serves_it_through_the_v2_generate_extension(
     assert body["prompt_tokens"] == len(prompt)
 
 
+def test_the_openai_client_chats_with_it_through_its_own_chat_template(
+    checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """The official openai client against an agent serving the checkpoint: the messages are
+    rendered by the checkpoint's chat template (transformers' `apply_chat_template` ids), and the
+    answer is the engine's greedy tokens for them."""
+    import openai
+
+    root = tmp_path / "models"
+    vdir = model_version(checkpoint, root, "chat", parameters={"kv_cache_bytes": "512Ki"})
+    tok = HFTokenizer.from_dir(vdir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    model, _ = load_hf_model(vdir)
+    expected = run_engine(
+        GenerationEngine(model, EngineConfig(64, block_size=4)), [ids], SamplingParams(**GREEDY)
+    )[0]
+    agent = RunningAgent(
+        AgentSettings(root, workers=1, thermal_source="off", http=HttpSettings(host="127.0.0.1", port=0))
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{agent.port}/v1", api_key="-", max_retries=0)
+        done = client.chat.completions.create(model="chat", messages=messages, **GREEDY)  # type: ignore[arg-type]
+        client.close()
+    finally:
+        agent.close()
+    assert done.usage is not None and done.usage.prompt_tokens == len(ids)
+    assert done.usage.completion_tokens == len(expected)
+    assert done.choices[0].message.content == tok.decode(expected)
+
+
 def test_the_scheduler_budget_counts_int8_weights(checkpoint: Checkpoint, tmp_path: Path) -> None:
     """A budget between the int8 and the float32 model's measured bytes: the int8 version
     loads and is counted at its measured size; the float32 one is refused."""
