@@ -32,7 +32,7 @@ from aiohttp import web
 
 from bench.common import quick
 from bench.origin import Origin
-from bench.report import table
+from bench.report import recorded, table
 from edgefleet_operator.peers import SITE_LABEL, PeerCandidate, artifact_peers
 from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.serving.artifact_route import ArtifactRoute
@@ -218,4 +218,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded(
+        "delivery",
+        "Model delivery over a weak link: resume after a cut, peer fetch within a site (issue 18)",
+        "Loopback only: a local origin (bench/origin.py) with Range, ETag, cuts and a rate limit; real\n"
+        "agents' downloaders (node_agent/link/download.py). Goals: a download cut at 50% re-fetches\n"
+        "<= 1% of the model; a rollout to N nodes in S sites costs each site's uplink <= 1.1 model copies.",
+    ):
+        main()

@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 from bench.common import ReplayResult, example_repo, images, percentile, poisson_trace, quick, replay
-from bench.report import table
+from bench.report import recorded, table
 from node_agent.serving.proto import grpc_service_pb2 as pb
 
 P99_TARGET_S = float(os.environ.get("BENCH_P99_MS", "100")) / 1e3
@@ -306,4 +306,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with recorded("grpc_vs_http", "gRPC v2 against HTTP binary and HTTP JSON (issue 20)"):
+        asyncio.run(main())

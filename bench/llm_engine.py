@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from bench.hf_checkpoints import CORPUS, write_checkpoint
-from bench.report import machine, table
+from bench.report import machine, recorded, table
 from node_agent.generation.engine import EngineConfig, GenerationEngine
 from node_agent.generation.hf_checkpoint import load_hf_model
 from node_agent.generation.hf_llama import LlamaForPaged
@@ -288,4 +288,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded(
+        "llm_engine",
+        "Hugging Face Llama checkpoint: our paged engine against transformers' generate (issue 19)",
+        "Goal: at least 2x transformers' tokens/s at 16 concurrent requests, equal tokens.",
+    ):
+        main()

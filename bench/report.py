@@ -6,10 +6,14 @@ Each benchmark owns a section between markers, so benchmarks run separately
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 import platform
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -49,3 +53,20 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def recorded(name: str, title: str, intro: str = "") -> Iterator[None]:
+    """Print as usual inside the block, and write what was printed (`intro` first) as the section
+    `name` of docs/benchmarks.md once the block ends, unless BENCH_QUICK=1 (a smoke run)."""
+    buffer = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            buffer.write(text)
+            return sys.__stdout__.write(text) if sys.__stdout__ else len(text)
+
+    with contextlib.redirect_stdout(Tee()):
+        yield
+    if os.environ.get("BENCH_QUICK") != "1":
+        write_section(name, title, f"{intro.strip()}\n\n{buffer.getvalue()}" if intro else buffer.getvalue())
