@@ -19,7 +19,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from node_agent.link.settings import Backoff, LinkSettings
+from edgefleet_api.backoff import Backoff
+from node_agent.link.settings import LinkSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
