@@ -39,6 +39,8 @@ class LinkStats:
     api_errors: int = 0
     reconcile_passes: int = 0
     persisted_writes: int = 0
+    prefetched: int = 0
+    """Versions fetched ahead into the node cache (spec.prefetch)."""
     last_error: str = ""
     offline_since_s: float | None = None
     errors_by_call: dict[str, int] = field(default_factory=dict)
