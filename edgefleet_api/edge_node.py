@@ -147,6 +147,10 @@ class EdgeNodeSpec:
     artifact_peers: tuple[str, ...] = ()
     """Base URLs of agents of this node's site that may hold its artifacts: its agent fetches
     from them (by digest) before the origin (`peers.choose_peers` in the operator)."""
+    prefetch: tuple[ModelAssignment, ...] = ()
+    """Model versions to fetch into the node cache, not load: a rollout's next wave (its agent
+    verifies them ahead, so the wave's analysis is not delayed by downloads). Malformed entries
+    are left out."""
 
     @classmethod
     def from_obj(cls, obj: Obj, name: str = "") -> EdgeNodeSpec:
@@ -175,6 +179,7 @@ class EdgeNodeSpec:
             drain=bool(obj.get("drain", False)),
             invalid=tuple(invalid),
             artifact_peers=tuple(str(p) for p in obj.get("artifactPeers") or ()),
+            prefetch=tuple(_readable(obj.get("prefetch"))),
         )
 
     def to_obj(self) -> dict[str, Any]:
@@ -188,7 +193,20 @@ class EdgeNodeSpec:
             out["memoryBudgetBytes"] = self.memory_budget_bytes
         if self.artifact_peers:
             out["artifactPeers"] = list(self.artifact_peers)
+        if self.prefetch:
+            out["prefetch"] = [m.to_obj() for m in self.prefetch]
         return out
+
+
+def _readable(raw: object) -> list[ModelAssignment]:
+    """The entries of a list that `ModelAssignment.from_obj` can read (a hint: others are dropped)."""
+    out = []
+    for item in raw if isinstance(raw, list) else ():
+        try:
+            out.append(ModelAssignment.from_obj(item))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 # --- status -----------------------------------------------------------------------------------

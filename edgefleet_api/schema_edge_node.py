@@ -64,6 +64,12 @@ def edge_node_spec() -> Schema:
                 **list_map("service", "model", "version"),
             ),
             "drain": boolean("Stop taking new requests and unload everything.", default=False),
+            "prefetch": array(
+                "Model versions to fetch and verify into the node cache without loading them (a "
+                "rollout's next wave), so they are on the node when assigned.",
+                assignment,
+                maxItems=64,
+            ),
             "artifactPeers": array(
                 "Base URLs of agents in this node's site to fetch artifacts from (by digest) before "
                 "the origin; chosen by the operator among agents that report an endpoint.",

@@ -19,7 +19,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from node_agent.link.settings import Backoff, LinkSettings
+from edgefleet_api.backoff import Backoff
+from node_agent.link.settings import LinkSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +39,8 @@ class LinkStats:
     api_errors: int = 0
     reconcile_passes: int = 0
     persisted_writes: int = 0
+    prefetched: int = 0
+    """Versions fetched ahead into the node cache (spec.prefetch)."""
     last_error: str = ""
     offline_since_s: float | None = None
     errors_by_call: dict[str, int] = field(default_factory=dict)

@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefleet_api.backoff import Backoff
 from edgefleet_api.edge_node import seed_rank
 from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
-from node_agent.link.settings import Backoff, LinkSettings
+from node_agent.link.settings import LinkSettings
 
 log = logging.getLogger(__name__)
 

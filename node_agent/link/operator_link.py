@@ -64,6 +64,7 @@ from node_agent.link.lease import LeaseRenewer
 from node_agent.link.node_cache import NodeCache
 from node_agent.link.node_status import ModelRecord, StatusInputs, build_status
 from node_agent.link.plan import ModelView, RuntimeView, plan, servable_weights
+from node_agent.link.prefetch import Prefetcher
 from node_agent.link.settings import LinkSettings, rfc3339
 from node_agent.link.status_writer import GpuProbe, StatusWriter
 from node_agent.link.watch import AssignmentStore, EdgeNodeWatch
@@ -191,6 +192,13 @@ class OperatorLink:
         if settings.cache_dir is not None:
             budget = settings.cache_budget_bytes
             self.cache = NodeCache(settings.cache_dir, budget, in_use=self._assigned_digests)
+        self._prefetcher: Prefetcher | None = None
+        if self.cache is not None:
+            scratch = settings.state_dir / "prefetch"
+            run, retry_s = self._connection.run, settings.retry_failed_s
+            self._prefetcher = Prefetcher(
+                self.cache, run, self.delivery, scratch, lambda: self.assignment, clock, retry_s, self.stats
+            )
         self._gpu = GpuProbe(device, self._device_budget, scheduler, gpu, thermal)
         self._reporter = StatusWriter(
             settings,
@@ -269,7 +277,9 @@ class OperatorLink:
         """The digests the node cache must keep: the assignment's (read from the link's threads:
         `assignment` is replaced whole, never changed in place)."""
         assignment = self.assignment
-        return set() if assignment is None else {m.artifact.digest for m in assignment.models}
+        if assignment is None:
+            return set()
+        return {m.artifact.digest for m in (*assignment.models, *assignment.spec.prefetch)}
 
     def _on_reconnect(self) -> None:
         self._lease.kick()
@@ -374,6 +384,8 @@ class OperatorLink:
                 break
         self.observed_generation = assignment.generation
         self._reporter.kick()
+        if self._prefetcher is not None:
+            self._prefetcher.start(assignment, self._spawn)
         if self.assignment is assignment and not refused:
             after = plan(assignment, self._view(), self._clock(), self.settings.retry_failed_s)
             if after.idle:  # else the next periodic pass carries on (never a busy loop)

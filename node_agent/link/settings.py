@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,31 +130,6 @@ class LinkSettings:
     @property
     def state_file(self) -> Path:
         return Path(self.state_dir) / f"assignment-{self.edge_node}.json"
-
-
-class Backoff:
-    """Bounded exponential backoff: initial, x2 per failure, at most `max_s`; each delay is
-    drawn from [d/2, d] so a fleet that lost its API server together does not retry in step."""
-
-    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        if not 0 < initial_s <= max_s:
-            raise ValueError("need 0 < initial_s <= max_s")
-        self.initial_s, self.max_s = initial_s, max_s
-        self._rng = rng or random.Random()
-        self._failures = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt after one more failure."""
-        delay = min(self.max_s, self.initial_s * 2.0 ** min(self._failures, 60))
-        self._failures += 1
-        return delay * (0.5 + 0.5 * self._rng.random())
-
-    def reset(self) -> None:
-        self._failures = 0
-
-    @property
-    def failures(self) -> int:
-        return self._failures
 
 
 def api_client(kubeconfig: Path | str | None = None, context: str | None = None) -> ApiClient:

@@ -19,6 +19,11 @@ Recovery, with the bounds of the default settings:
   server restarted and its cache starts later) relists at once.
 - A full relist every `resync_s` (300 s), whatever the watch says.
 
+Why not the client's `kubernetes.watch.Watch`: it can be stopped only between two events (a
+stalled connection cannot be cut from another thread; `restart` must), it resumes from the last
+event it parsed, which the loop may not have applied yet, and it retries a 410 itself where this
+relists. Its line splitter (`iter_resp_lines`) is used as is.
+
 `AssignmentStore` keeps the last live spec at `<state_dir>/assignment-<edge node>.json`
 (atomic replace, writes in arrival order) for a start with the API server out of reach.
 """
@@ -34,11 +39,12 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
+from edgefleet_api.backoff import Backoff
 from node_agent.link.artifacts import write_atomic
 from node_agent.link.assignment import InvalidAssignment
 from node_agent.link.connection import ApiConnection, LinkStats
 from node_agent.link.persistence import decode_persisted, encode_persisted
-from node_agent.link.settings import Backoff, LinkSettings, rfc3339
+from node_agent.link.settings import LinkSettings, rfc3339
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi

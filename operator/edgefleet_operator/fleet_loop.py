@@ -22,6 +22,7 @@ from collections.abc import Callable
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from edgefleet_api import backoff
 from edgefleet_operator.fleet_types import Health
 from edgefleet_operator.ownership import FLEET_SHARD, HoldLost
 from edgefleet_operator.pass_report import PassReport
@@ -37,13 +38,10 @@ as it arrives (each pass leaves the earlier ones' bookkeeping to later), not aft
 
 def backoff_delay(failures: int, base_s: float, cap_s: float, rand: float) -> float:
     """Seconds to wait after `failures` failures in a row (>= 1): exponential with full jitter, a
-    `rand` share (in [0, 1)) of min(cap, base * 2^(failures-1)). Full jitter spreads the retries of
-    many operators (and of one operator's passes) over the whole window, so an API server coming
-    back is not met by a synchronised burst."""
-    if failures < 1:
-        raise ValueError(f"failures must be >= 1, got {failures}")
-    ceiling = min(cap_s, base_s * 2 ** min(failures - 1, 62))
-    return rand * ceiling
+    `rand` share (in [0, 1)) of min(cap, base * 2^(failures-1)) (`edgefleet_api.backoff.delay`).
+    Full jitter spreads the retries of many operators (and of one operator's passes) over the
+    whole window, so an API server coming back is not met by a synchronised burst."""
+    return backoff.delay(failures, base_s, cap_s, 1.0 - rand, jitter=1.0)
 
 
 def unreachable(e: BaseException) -> bool:

@@ -48,6 +48,8 @@ class RolloutTargets(Protocol):
 
     def placed(self, node: str) -> list[tuple[ModelSpec, int]]: ...
 
+    def prefetched(self, node: str) -> tuple[ModelSpec, ...]: ...
+
 
 def node_ready(node: Obj) -> tuple[bool, float]:
     """(Ready condition is True, its last transition time)."""
@@ -242,3 +244,22 @@ def edge_node_models(
             budget = budgets.get((service, model.name, model.version), budgets.get((service, model.name), 0))
             out.append(edge_entry(service, model, specs[service], budget, weight))
     return tuple(sorted(out, key=lambda e: e.key))
+
+
+def edge_node_prefetch(
+    node: str,
+    placed: Iterable[PlacedModel],
+    targets: Mapping[str, RolloutTargets],
+    specs: Mapping[str, InferenceServiceSpec],
+    models: Sequence[ModelAssignment],
+) -> tuple[ModelAssignment, ...]:
+    """EdgeNode.spec.prefetch for one node: the versions its services' rollouts take it to next
+    (`Decision.prefetched`) that its `models` do not hold already, sorted by key."""
+    held = {m.key for m in models}
+    out = {}
+    for service in sorted({p.service for p in placed} & set(targets)):
+        for model in targets[service].prefetched(node):
+            entry = edge_entry(service, model, specs[service], 0, 0)
+            if entry.key not in held:
+                out[entry.key] = entry
+    return tuple(out[k] for k in sorted(out))

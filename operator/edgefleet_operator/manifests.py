@@ -107,11 +107,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         f"{AGENT_DISK}/models",
                         "--cache-budget",
                         settings.cache_budget,
-                        *(
-                            ["--download-bandwidth", settings.download_bandwidth]
-                            if settings.download_bandwidth
-                            else []
-                        ),
+                        *_optional_args(settings),
                     ],
                     "env": [
                         {"name": "EDGEFLEET_NODE_NAME", "value": node},
@@ -125,7 +121,7 @@ def agent_pod(edge_node_obj: Obj, settings: AgentPodSettings) -> dict[str, Any]:
                         },
                         *tuning_env(settings),
                     ],
-                    "ports": [{"name": "http", "containerPort": settings.port}],
+                    "ports": _ports(settings),
                     "resources": {
                         "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
                         "limits": {"memory": settings.memory_limit, settings.gpu_resource: "1"},
@@ -202,9 +198,15 @@ def _node_disk(agent: str, settings: AgentPodSettings) -> dict[str, Any]:
     }
 
 
-def _download_args(settings: AgentPodSettings) -> list[str]:
+def _ports(settings: AgentPodSettings) -> list[dict[str, Any]]:
+    grpc = [{"name": "grpc", "containerPort": settings.grpc_port}] if settings.grpc_port else []
+    return [{"name": "http", "containerPort": settings.port}, *grpc]
+
+
+def _optional_args(settings: AgentPodSettings) -> list[str]:
     bandwidth = settings.download_bandwidth
-    return ["--download-bandwidth", bandwidth] if bandwidth else []
+    grpc = ["--grpc-port", str(settings.grpc_port)] if settings.grpc_port else []
+    return (["--download-bandwidth", bandwidth] if bandwidth else []) + grpc
 
 
 def tuning_env(settings: AgentPodSettings) -> list[dict[str, str]]:

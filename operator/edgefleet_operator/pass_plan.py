@@ -233,13 +233,21 @@ def edge_node_spec_writes(
     for node, placed in sorted(by_node.items()):
         en = read.edge_node(node)
         models = fleet_state.edge_node_models(node, placed, rollouts, specs, en.spec.models)
+        prefetch = fleet_state.edge_node_prefetch(node, placed, rollouts, specs, models)
         node_peers = en.spec.artifact_peers if peers is None else peers.get(node, ())
-        unchanged = en.spec.models == models and not en.spec.invalid and en.spec.artifact_peers == node_peers
+        unchanged = (
+            en.spec.models == models
+            and not en.spec.invalid
+            and en.spec.artifact_peers == node_peers
+            and en.spec.prefetch == prefetch
+        )
         if unchanged and en.spec.memory_budget_bytes == capacity[node]:
             continue
         patch: dict[str, Any] = {
             "spec": {"models": [m.to_obj() for m in models], "memoryBudgetBytes": capacity[node]}
         }
+        if prefetch or en.spec.prefetch:
+            patch["spec"]["prefetch"] = [m.to_obj() for m in prefetch]
         if peers is not None:
             patch["spec"]["artifactPeers"] = list(node_peers)
         if models and names.ANNOTATION_WORK_SINCE not in en.annotations:

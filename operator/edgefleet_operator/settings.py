@@ -68,6 +68,8 @@ class AgentPodSettings:
     an emptyDir, as before (the cache and the assignment go with the Pod)."""
     cache_budget: str = "10Gi"
     """The agents' node cache budget (`--cache-budget`)."""
+    grpc_port: int = 0
+    """The agents' KServe v2 gRPC port (`--grpc-port`, a containerPort named grpc); 0: HTTP only."""
     download_bandwidth: str = ""
     """Each agent's limit on artifact bytes per second from origins, e.g. 5Mi (`--download-bandwidth`;
     site peers are not paced). Empty: no limit."""
@@ -201,6 +203,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         host_path=e.get("EDGEFLEET_AGENT_HOST_PATH", d.host_path).strip(),
         cache_budget=e.get("EDGEFLEET_AGENT_CACHE_BUDGET") or d.cache_budget,
         download_bandwidth=e.get("EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH", "").strip(),
+        grpc_port=_number(e, "AGENT_GRPC_PORT", 0, int),
         unreachable_toleration_s=_number(e, "AGENT_UNREACHABLE_TOLERATION_S", None, int),
         external=e.get("EDGEFLEET_AGENTS_EXTERNAL", "").strip().lower() in ("1", "true", "yes"),
     )

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.link.settings import Backoff, LinkSettings
+from edgefleet_api.backoff import Backoff
+from node_agent.link.settings import LinkSettings
 
 # --- backoff --------------------------------------------------------------------------------
 

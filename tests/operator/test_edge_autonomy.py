@@ -68,3 +68,6 @@ def test_the_charts_download_bandwidth_reaches_the_agent_and_none_by_default() -
     args = agent_pod(en, AgentPodSettings(download_bandwidth="5Mi"))["spec"]["containers"][0]["args"]
     assert args[args.index("--download-bandwidth") + 1] == "5Mi"
     assert "--download-bandwidth" not in agent_pod(en, AgentPodSettings())["spec"]["containers"][0]["args"]
+    grpc = agent_pod(en, AgentPodSettings(grpc_port=8001))["spec"]["containers"][0]
+    assert grpc["args"][grpc["args"].index("--grpc-port") + 1] == "8001"
+    assert {"name": "grpc", "containerPort": 8001} in grpc["ports"]

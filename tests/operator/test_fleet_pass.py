@@ -172,9 +172,16 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     rollout_patch = first(w, "PATCH", "inferenceservices/status")
     assert set(w[rollout_patch].body["status"]) == {"rollout"}
     assert rollout_patch < first(w, "PATCH", "edgenodes"), [(c.method, c.kind) for c in w]
-    canaries = [c.path.rsplit("/", 1)[1] for c in w if c.kind == "edgenodes"]
-    assert len(canaries) == 1, "one canary node's spec changes"
-    assert world.service()["status"]["rollout"]["canaryNodes"] == canaries
+    specs = {c.path.rsplit("/", 1)[1]: c.body["spec"] for c in w if c.kind == "edgenodes"}
+    canaries = world.service()["status"]["rollout"]["canaryNodes"]
+    assert len(canaries) == 1 and {m["version"] for m in specs[canaries[0]]["models"]} == {"2"}
+    # The other node is told to fetch version 2 ahead (the last wave: promotion takes it next);
+    # it keeps serving version 1.
+    (other,) = set(specs) - set(canaries)
+    assert {m["version"] for m in specs[other]["models"]} == {"1"}
+    assert [(p["model"], p["version"], p["trafficWeight"]) for p in specs[other]["prefetch"]] == [
+        ("classifier", "2", 0)
+    ]
     # The step's events go with its status; the service's status after every spec.
     assert [c.body["reason"] for c in w if c.kind == "events"] == ["RolloutStarted"]
     assert last(w, "PATCH", "edgenodes") < last(w, "PATCH", "inferenceservices/status")

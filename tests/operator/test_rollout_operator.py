@@ -640,3 +640,31 @@ def test_a_regression_on_one_site_is_rolled_back_at_that_sites_wave(
         on_canary = [site_of[n] for n in s["canaryNodes"]]
         assert all(on_canary.count(site) <= 2 for site in (first, second)), s
     wait(lambda: on(group, key, "1") == sorted(group.names), "every node back on v1", group, operator)
+
+
+def test_the_nodes_a_rollout_takes_next_are_told_to_fetch_the_canary_ahead(
+    kube: Any, namespace: str, group: Group, operator: Operator
+) -> None:
+    group.nodes(4)
+    key = deploy_v1(kube, namespace, "ahead", group, operator)
+    patch_spec(kube, namespace, "ahead", "2", canary(HALVES, LONG))
+    r = wait(lambda: analysing(kube, namespace, "ahead", 2), "wave 1 analysing", group, operator)
+    custom = custom_api(kube)
+
+    def prefetch(node: str) -> list[tuple[str, str]]:
+        en = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, node)
+        return [(p["service"], p["version"]) for p in en["spec"].get("prefetch") or []]
+
+    others = sorted(set(group.names) - set(r["canaryNodes"]))
+    # The last wave takes every other node: each fetches version 2 ahead while it serves version 1.
+    wait(
+        lambda: all(prefetch(n) == [(key, "2")] for n in others),
+        "the next nodes told to prefetch",
+        group,
+        operator,
+    )
+    assert all(prefetch(n) == [] for n in r["canaryNodes"])  # they hold it already
+    assert on(group, key, "1") == others
+    annotate(kube, namespace, "ahead", "promote")
+    wait(lambda: on(group, key, "2") == sorted(group.names), "v2 everywhere", group, operator)
+    wait(lambda: all(prefetch(n) == [] for n in group.names), "nothing left to fetch ahead", group, operator)

@@ -211,3 +211,32 @@ def test_a_node_wave_that_must_hold_nodes_back_says_so() -> None:
     r.set_spec(isvc_spec(model("2"), waves=[{"count": 11}, {"percent": 100}]))
     d = r.tick(1)
     assert len(canary_nodes(d)) == 9 and "StableKeptPerSite" in reasons(d)
+
+
+def test_the_nodes_a_rollout_takes_next_fetch_the_canary_ahead() -> None:
+    """Decision.prefetch: during a wave, the next wave's new nodes (and the current wave's paced
+    ones); in the last wave every other node (promotion moves them); none once finished."""
+    r = Runner(isvc_spec(model("1"), waves=LADDER), NODES, SITES)
+    r.tick()
+    r.tick()
+    r.set_spec(isvc_spec(model("2"), waves=LADDER))
+    d = r.tick(1)
+    first = canary_nodes(d)
+    assert len(first) == 1
+    ahead = set(d.prefetch)
+    site = SITES.get(first[0])
+    if site is not None:  # wave 2 takes the first node's site, less one node kept on stable
+        assert ahead == {n for n, s in SITES.items() if s == site} - set(first) - {
+            max((n for n, s in SITES.items() if s == site), key=canary_order(SERVICE, NODES).index)
+        }
+    assert not ahead & set(first)
+    assert all(rev.label == "2" for rev in d.prefetch.values())
+    assert {m.version for n in ahead for m in d.prefetched(n)} == {"2"}
+    for _ in range(10):  # to the last wave
+        d = r.tick(61)
+        if d.status["currentWave"] == 3:
+            break
+    assert set(d.prefetch) == set(NODES) - set(canary_nodes(d))
+    while phase(d) != "Promoted":
+        d = r.tick(61)
+    assert d.prefetch == {}

@@ -40,6 +40,7 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_URGENT_WORKERS": "0", "EDGEFLEET_AGENT_HOST_PATH": "/data/edgefleet",
         "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
         "EDGEFLEET_AGENTS_EXTERNAL": "true", "EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH": "5Mi",
+        "EDGEFLEET_AGENT_GRPC_PORT": "8001",
         "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops",
@@ -63,7 +64,7 @@ def test_every_chart_variable_is_read() -> None:
     assert (a.host_path, a.cache_budget, a.unreachable_toleration_s, a.external) == (
         "/data/edgefleet", "40Gi", 7200, True
     )  # fmt: skip
-    assert a.download_bandwidth == "5Mi"
+    assert (a.download_bandwidth, a.grpc_port) == ("5Mi", 8001)
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)

@@ -66,6 +66,15 @@ class Decision:
     """(reason, message) for the service's Degraded condition, while a failed rollout is stopped."""
     models: Mapping[Revision, tuple[ModelSpec, ...]]
     """The model spec entries of each revision in `targets` (the stable one may be gone from spec)."""
+    prefetch: Mapping[str, Revision] = field(default_factory=dict)
+    """node -> the canary revision its agent should fetch ahead (not load): the nodes the rollout
+    takes next (the current wave's still paced ones, the next wave's; after the last wave, every
+    node, which promotion moves)."""
+
+    def prefetched(self, node: str) -> tuple[ModelSpec, ...]:
+        """The model spec entries `node` should fetch ahead."""
+        revision = self.prefetch.get(node)
+        return self.models[revision] if revision is not None else ()
 
     def placed(self, node: str) -> list[tuple[ModelSpec, int]]:
         """(model spec entry, traffic weight) per model version the node must hold; a model that two
@@ -153,7 +162,7 @@ def step(
     degraded = None
     if state.phase is Phase.ROLLED_BACK and state.rollback_reason and spec.revision == canary:
         degraded = ("RolloutFailed", state.rollback_reason)
-    return Decision(state, targets, tuple(ctx.events), degraded, models)
+    return Decision(state, targets, tuple(ctx.events), degraded, models, _prefetch(state, ctx))
 
 
 # --- phases of a step ---------------------------------------------------------------------------
@@ -587,6 +596,24 @@ def _describe(state: RolloutStatus, ctx: _Ctx) -> RolloutStatus:
     elif state.phase is not Phase.IDLE and state.stable is not None:
         message = f"{state.stable.label} on every node"
     return dataclasses.replace(state, step=texts[state.phase], message=message)
+
+
+def _prefetch(state: RolloutStatus, ctx: _Ctx) -> dict[str, Revision]:
+    """The nodes to pre-stage the canary on (`Decision.prefetch`): while a canary rollout
+    progresses, the current wave's nodes not started yet (pace) and the next wave's; in the last
+    wave, every node that is not a canary."""
+    canary = state.canary
+    if state.phase is not Phase.PROGRESSING or state.stable is None or canary is None:
+        return {}
+    spec, current = ctx.spec, set(state.canary_nodes)
+    wave = min(state.wave, len(spec.waves) - 1)
+    if wave + 1 >= len(spec.waves):
+        return dict.fromkeys(sorted(set(ctx.nodes) - current), canary)
+    upcoming: set[str] = set()
+    for w in spec.waves[wave : wave + 2]:
+        plan = plan_wave(w, ctx.service, ctx.nodes, ctx.sites, state.canary_nodes, spec.keep_stable_per_site)
+        upcoming |= set(plan.canaries) - current
+    return dict.fromkeys(sorted(upcoming), canary)
 
 
 def _targets(state: RolloutStatus, ctx: _Ctx) -> dict[str, tuple[NodeTarget, ...]]:
