@@ -452,7 +452,7 @@ def _install_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from node_agent.link.artifacts import write_atomic
+    from node_agent.link.durable import write_atomic
     from node_agent.link.install import STATIC_POD, SYSTEMD_UNIT, InstallSettings, static_pod, systemd_unit
 
     try:

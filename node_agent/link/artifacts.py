@@ -26,6 +26,7 @@ from node_agent import __version__
 from node_agent.errors import DigestMismatch, InvalidModel
 from node_agent.link.assignment import ArtifactLocation, effective_config, parse_artifact_uri
 from node_agent.link.download import Delivery
+from node_agent.link.durable import fsync_dir, write_atomic
 from node_agent.link.node_cache import NodeCache
 from node_agent.link.oci import Pull, Registry, parse_oci
 from node_agent.runtime.backends import default_artifact
@@ -314,31 +315,5 @@ def _store_verified(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     log.info("stored %s -> %s", source, target)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` (temp file, fsync, rename, fsync of the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a power cut after it keeps the new name)."""
-    with suppress(OSError):  # not every filesystem lets a folder be fsynced
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -23,12 +23,13 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from node_agent.link.durable import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class NodeCache:
             self._store(source, target, digest)
         self._touch(target)
         if config_text is not None:
-            _replace_atomic(self.meta_path(digest, config_digest), config_text.encode("utf-8"))
+            write_atomic(self.meta_path(digest, config_digest), config_text)
         self.collect()
 
     def place(self, digest: str, target: Path) -> bool:
@@ -212,7 +213,7 @@ class NodeCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 def _copy_verified(source: Path, tmp: Path, digest: str) -> None:
@@ -242,27 +243,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _replace_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

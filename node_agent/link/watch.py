@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet_api import names
 from edgefleet_api.backoff import Backoff
-from node_agent.link.artifacts import write_atomic
 from node_agent.link.assignment import InvalidAssignment
 from node_agent.link.connection import ApiConnection, LinkStats
+from node_agent.link.durable import write_atomic
 from node_agent.link.persistence import decode_persisted, encode_persisted
 from node_agent.link.settings import LinkSettings, rfc3339
 

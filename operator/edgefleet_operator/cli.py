@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from edgefleet_api import crdgen, names
@@ -80,17 +81,23 @@ def read_fleet(api_client: Any = None) -> str:
     return fleet_view.render(edge_nodes, labels, services)
 
 
-def cmd_fleet(args: argparse.Namespace) -> int:
-    """Print the fleet view once, or every --watch seconds until interrupted."""
+def repeat(watch_s: float, render: Callable[[], str]) -> int:
+    """Print `render()` once (`watch_s` 0), or every `watch_s` seconds on a cleared screen until
+    interrupted."""
     import time
 
     while True:
-        text = read_fleet()
-        if not args.watch:
+        text = render()
+        if not watch_s:
             print(text)
             return 0
         print("\033[2J\033[H" + time.strftime("%H:%M:%S") + "\n" + text, flush=True)
-        time.sleep(args.watch)
+        time.sleep(watch_s)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Print the fleet view once, or every --watch seconds until interrupted."""
+    return repeat(args.watch, read_fleet)
 
 
 def cmd_version(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -99,26 +98,15 @@ def get_service(api: Any, namespace: str, name: str) -> dict[str, Any]:
     )
 
 
-def _repeat(args: argparse.Namespace, render: Callable[[], str]) -> int:
-    """Print `render()` once, or every --watch seconds until interrupted."""
-    while True:
-        text = render()
-        if not args.watch:
-            print(text)
-            return 0
-        print("\033[2J\033[H" + time.strftime("%H:%M:%S") + "\n" + text, flush=True)
-        time.sleep(args.watch)
-
-
 def cmd_get(args: argparse.Namespace) -> int:
     api = api_client(args)
-    return _repeat(args, lambda: _call("the fleet", lambda: cli.read_fleet(api)))
+    return cli.repeat(args.watch, lambda: _call("the fleet", lambda: cli.read_fleet(api)))
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     api, ns = api_client(args), namespace_of(args)
     if args.verb == "status":
-        return _repeat(args, lambda: fleet_view.rollout_text(get_service(api, ns, args.service)))
+        return cli.repeat(args.watch, lambda: fleet_view.rollout_text(get_service(api, ns, args.service)))
     if args.verb == "history":
         print(fleet_view.history_table(get_service(api, ns, args.service)))
         return 0

@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import queue
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +17,9 @@ from torch import nn
 from node_agent.link.persistence import encode_persisted
 from node_agent.runtime.model_yaml import parse_model_config, write_model_config
 from node_agent.runtime.repository import sha256_file
+from tests.faults import agent_process
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def big_model(examples: Path, into: Path) -> tuple[str, str]:
@@ -85,42 +69,8 @@ def offline_args(workdir: Path, origin: str, digest: str, config: str, peers: li
     ]  # fmt: skip
 
 
-class AgentProcess:
-    """`edgefleet-agent serve` as a child process on 127.0.0.1 (a free port)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 (closed in `stop`)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'operator'}"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--thermal-source", "off", *args],
-            stdout=subprocess.PIPE, stderr=self._log_file, env=env, text=True,
-        )  # fmt: skip
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.stop()
-            raise AssertionError(f"the agent did not start listening; log:\n{self.tail()}") from None
-        assert "serving" in line, line
-        self.port = int(line.rsplit(":", 1)[1].strip())
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except OSError:
-            return 0, b""
+class AgentProcess(agent_process.AgentProcess):
+    """The shared agent process, with the infer call of this module's model."""
 
     def infer(self, body: bytes) -> tuple[int, Any]:
         request = urllib.request.Request(
@@ -131,16 +81,3 @@ class AgentProcess:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, e.read()
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        until(lambda: self.get("/v2/health/ready")[0] == 200, timeout_s, f"ready; log:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log_file.close()

@@ -15,16 +15,11 @@ import gzip
 import http.client
 import http.server
 import json
-import os
-import queue
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,6 +37,7 @@ from node_agent.runtime.model_yaml import parse_model_config, write_model_config
 from node_agent.runtime.repository import sha256_file
 from node_agent.serving.http import HttpSettings
 from node_agent.serving.service import HealthSettings
+from tests.faults.agent_process import AgentProcess, until
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,57 +101,6 @@ def repo(examples: Path, outside: Path, tmp_path_factory: pytest.TempPathFactory
     return root
 
 
-class AgentProcess:
-    """`edgefleet-agent serve` as a child process on 127.0.0.1 (a free port); its log in `log`."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 (closed in `stop`/`kill`)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'operator'}"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--thermal-source", "off", *args],
-            stdout=subprocess.PIPE, stderr=self._log_file, env=env, text=True,
-        )  # fmt: skip
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-
-        def read() -> None:
-            for line in stdout:
-                lines.put(line)
-
-        threading.Thread(target=read, daemon=True).start()
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.kill()
-            raise AssertionError(f"the agent did not start listening; log:\n{self.tail()}") from None
-        assert "serving" in line, line
-        self.port = int(line.rsplit(":", 1)[1].strip())
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        until(lambda: get(self.port, "/v2/health/ready")[0] == 200, timeout_s, f"ready; log:\n{self.tail()}")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log_file.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log_file.close()
-
-
 def call(
     port: int,
     method: str,
@@ -181,13 +126,6 @@ def call(
 
 def get(port: int, path: str) -> tuple[int, dict[str, str], Any]:
     return call(port, "GET", path)
-
-
-def until(check: Callable[[], bool], timeout_s: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def metric(port: int, prefix: str) -> float:

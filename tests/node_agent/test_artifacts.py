@@ -172,7 +172,7 @@ def test_materialize_refuses_wrong_digests_unknown_schemes_and_missing_signature
 
 
 def test_persisted_file_is_plain_json(tmp_path: Path) -> None:
-    from node_agent.link.artifacts import write_atomic
+    from node_agent.link.durable import write_atomic
 
     path = tmp_path / "state" / "a.json"
     write_atomic(path, json.dumps({"a": 1}))
