@@ -54,9 +54,12 @@ def detached(state: localcluster.ClusterState, name: str, argv: list[str], env: 
     if pid and localcluster.pid_alive(pid):
         return pid
     log = open(Path(state.dir) / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    # The children run from the state folder: the repository goes on their path for `e2e` (the
+    # package's editable install maps only edgefleet_api, edgefleet_operator and node_agent).
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": path, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -333,6 +336,7 @@ The fleet is up, with real agents (one process per agent Pod). Poke at it:
   helm list -n {SYSTEM}
   curl -s -X POST {url} -H 'content-type: application/json' -d @{body}
   .venv/bin/edgefleet-operator fleet --watch 2     # the live fleet view
+  PATH=$PWD/.venv/bin:$PATH kubectl edgefleet rollout history camera-classifier -n {DEMO}  # the plugin
   kubectl annotate node {names[0]} kwok.x-k8s.io/node-  # {names[0]} goes NotReady: its work moves
 State and logs under {state.dir}: logs/operator.log, logs/agents.log, agents/*/agent.log
 Tear it down: make cluster-down""")
