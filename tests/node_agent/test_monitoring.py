@@ -170,6 +170,7 @@ def promtool() -> Path:
     return path
 
 
+@pytest.mark.cluster  # promtool is built with the control plane's binaries (`make binaries`)
 def test_promtool_checks_the_rules(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": rule_groups()}))
