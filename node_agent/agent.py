@@ -402,7 +402,10 @@ class Agent:
         await self._runner.setup()
         await GuardedSite(self._runner, h.host, h.port, api.guard).start()
         if self.settings.grpc is not None:  # same budget of request bytes in flight as HTTP
-            grpc_api = GrpcApi(self.serving, self.settings.grpc, h, api.bodies)
+            from node_agent.metrics.agent import GrpcMetrics
+
+            grpc_metrics = GrpcMetrics(self.registry)
+            grpc_api = GrpcApi(self.serving, self.settings.grpc, h, api.bodies, grpc_metrics)
             await grpc_api.start()
             self.grpc_api = grpc_api
 

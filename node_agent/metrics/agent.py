@@ -252,9 +252,19 @@ METRICS: dict[str, MetricSpec] = {
             "HTTP request handling time.",
             ("method", "route"),
         ),
+        # gRPC API (observed per RPC through GrpcMetrics)
+        MetricSpec(
+            "edgefleet_grpc_requests_total", "counter", "gRPC calls served, by status code.", ("rpc", "code")
+        ),
+        MetricSpec(
+            "edgefleet_grpc_request_duration_seconds", "histogram", "gRPC call handling time.", ("rpc",)
+        ),
     )
 }
 """Every metric the agent exports, by name."""
+OBSERVED_PREFIXES = ("edgefleet_http_", "edgefleet_grpc_")
+"""Metrics the API layers observe per request themselves (`ApiMetrics`, `GrpcMetrics`), not the
+collector."""
 
 
 # --- what the collector reads ------------------------------------------------------------
@@ -374,7 +384,7 @@ class AgentCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Empty families of every collected metric (lets the registry check names)."""
-        return [family(spec) for spec in METRICS.values() if not spec.name.startswith("edgefleet_http_")]
+        return [family(spec) for spec in METRICS.values() if not spec.name.startswith(OBSERVED_PREFIXES)]
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Family] = {}
@@ -586,3 +596,20 @@ class ApiMetrics:
     def observe(self, method: str, route: str, code: int, duration_s: float) -> None:
         self.requests.labels(method, route, str(code)).inc()
         self.duration.labels(method, route).observe(duration_s)
+
+
+class GrpcMetrics:
+    """The per-call metrics of the gRPC API: `observe(rpc, code, s)`, `rpc` one of the service's
+    method names (bounded), `code` a gRPC status code name (OK, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, registry: CollectorRegistry, buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        spec = METRICS["edgefleet_grpc_requests_total"]
+        self.requests = Counter(spec.name, spec.help, spec.labels, registry=registry)
+        spec = METRICS["edgefleet_grpc_request_duration_seconds"]
+        self.duration = Histogram(
+            spec.name, spec.help, spec.labels, registry=registry, buckets=(*buckets_s, math.inf)
+        )
+
+    def observe(self, rpc: str, code: str, duration_s: float) -> None:
+        self.requests.labels(rpc, code).inc()
+        self.duration.labels(rpc).observe(duration_s)

@@ -30,9 +30,10 @@ Stopping: `stop(grace_s)` refuses new RPCs and lets those in progress finish wit
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -102,6 +103,12 @@ class _Refused(Exception):
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
+class CallObserver(Protocol):
+    """Told about every RPC once answered (`node_agent.metrics.agent.GrpcMetrics`)."""
+
+    def observe(self, rpc: str, code: str, duration_s: float) -> None: ...
+
+
 def peer_address(peer: str) -> str | None:
     """The IP address in a gRPC peer string ('ipv4:1.2.3.4:5', 'ipv6:[::1]:5'); None otherwise."""
     kind, _, rest = peer.partition(":")
@@ -121,8 +128,10 @@ class GrpcApi:
         settings: GrpcSettings,
         http: HttpSettings,
         bodies: BodyBudget | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self.api = serving
+        self.observer = observer
         self.settings = settings
         self.http = http
         self.bodies = bodies if bodies is not None else BodyBudget(http.max_inflight_request_bytes)
@@ -188,6 +197,7 @@ class GrpcApi:
         open_method = name in OPEN_METHODS
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Message:
+            started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 if not open_method:
                     self._check_auth(context)
@@ -195,12 +205,20 @@ class GrpcApi:
             except (AgentError, _Refused) as e:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("gRPC %s -> %s: %s", name, type(e).__name__, e)
+                code = grpc_code(e)
                 await _abort(context, e)
             except Exception:
+                if isinstance(context.code(), grpc.StatusCode):  # aborted on purpose
+                    code = context.code()
+                    raise
                 log.exception("unhandled error serving gRPC %s", name)
+                code = grpc.StatusCode.INTERNAL
                 await context.abort(
                     grpc.StatusCode.INTERNAL, "internal error (details are in the agent's log)"
                 )
+            finally:
+                if self.observer is not None:
+                    self.observer.observe(name, code.name, time.perf_counter() - started)
 
         return guarded
 
@@ -283,16 +301,18 @@ class GrpcApi:
         return api.check_control_name(name)
 
 
+def grpc_code(exc: AgentError | _Refused) -> grpc.StatusCode:
+    """The gRPC status code of `exc`: its HTTP-equivalent status through `GRPC_CODES`."""
+    status = exc.status if isinstance(exc, _Refused) else status_for(exc)
+    return GRPC_CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.UNKNOWN)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: AgentError | _Refused) -> NoReturn:
     """End the RPC with the code of `exc` and, for errors worth retrying, the retry hint."""
     trailers: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, _Refused):
-        status = exc.status
-    else:
-        status = status_for(exc)
+    if not isinstance(exc, _Refused):
         retry_s = retry_after_s(exc)
         if retry_s is not None:
             trailers = (("retry-after", str(retry_s)), ("grpc-retry-pushback-ms", str(retry_s * 1000)))
-    code = GRPC_CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.UNKNOWN)
-    await context.abort(code, public_message(exc), trailing_metadata=trailers)
+    await context.abort(grpc_code(exc), public_message(exc), trailing_metadata=trailers)
     raise AssertionError("context.abort returned")  # it raises, to end the RPC

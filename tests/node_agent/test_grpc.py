@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from agent_runner import RunningAgent
+from prometheus_client.parser import text_string_to_metric_families
 from test_http_api import long_window
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
@@ -443,3 +445,25 @@ def test_sigterm_lets_rpcs_in_progress_finish(repo: Path, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def test_every_call_is_counted_by_rpc_and_status_code(
+    served: RunningAgent, stub: tpb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """edgefleet_grpc_requests_total{rpc, code} and the duration histogram, on /metrics."""
+
+    def count(rpc: str, code: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "edgefleet_grpc_requests_total" and s.labels == {"rpc": rpc, "code": code}:
+                    return s.value
+        return 0.0
+
+    ok, missing = count("ModelInfer", "OK"), count("ModelInfer", "NOT_FOUND")
+    stub.ModelInfer(raw_request(images(1, 0)))
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(raw_request(images(1, 0), model="no-such-model"))
+    assert count("ModelInfer", "OK") == ok + 1
+    assert count("ModelInfer", "NOT_FOUND") == missing + 1
