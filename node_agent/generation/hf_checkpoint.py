@@ -19,7 +19,11 @@ tokenizer_config.json, optionally generation_config.json and chat_template.jinja
 To serve a downloaded checkpoint: `python -m node_agent.generation.hf_checkpoint
 models/qwen/1 qwen --quantization int8` writes SHA256SUMS and model.yaml into the folder
 (the agent's repository layout `<root>/<name>/<version>/`); an InferenceService names
-`format: huggingface` and the digest it prints (the digest of SHA256SUMS).
+`format: huggingface` and the digest it prints (the digest of SHA256SUMS). The folder may also
+stay where it is and be fetched: put it on an https origin (or a file:// path on the node) and
+give the artifact `uri` of its SHA256SUMS, `digest` (SHA256SUMS') and `configDigest` (model.yaml's):
+the agent fetches the manifest, then every file it lists from beside it, each verified by its
+line (`node_agent.link.artifacts`).
 
 `HFCheckpointBackend.memory_bytes` is what the weights hold as loaded (int8 weights and
 their scales after quantization) plus the KV pool: the scheduler's budget and the node's
@@ -40,7 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from edgefleet_api.types import Priority
-from node_agent.errors import DigestMismatch, InvalidModel
+from node_agent.errors import InvalidModel
 from node_agent.generation.hf_llama import LlamaForPaged, LlamaShape
 from node_agent.generation.hf_tokenizer import HFTokenizer
 from node_agent.generation.kv_cache import kv_bytes_per_token
@@ -51,6 +55,7 @@ from node_agent.generation.transformer import (
     kv_block_size_for,
     kv_cache_bytes_for,
 )
+from node_agent.runtime.checksums import CHECKSUMS_FILE, verify_checksums, write_checksums
 from node_agent.runtime.model_yaml import parse_quantity, write_model_config
 from node_agent.runtime.repository import sha256_file
 from node_agent.types import ModelConfig, TensorSpec
@@ -73,8 +78,6 @@ log = logging.getLogger(__name__)
 
 HF_FORMAT = "huggingface"
 """model.yaml `format` of a Hugging Face checkpoint directory."""
-CHECKSUMS_FILE = "SHA256SUMS"
-"""The artifact of a `huggingface` version: checksums of every checkpoint file."""
 DEFAULT_MAX_CONTEXT = 4096
 """Context served unless `parameters.max_context` says otherwise (capped by the model's):
 real checkpoints declare 32k-128k positions, whose KV an edge box cannot hold for many
@@ -83,40 +86,6 @@ DEFAULT_HF_KV_CONTEXTS = 4
 """Without `kv_cache_bytes`, the KV pool holds this many full served contexts (paged, a
 session holds only its tokens, so 4 x 4096 tokens hold dozens of chat sessions)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def write_checksums(directory: Path | str) -> Path:
-    """Write `SHA256SUMS` for every regular file under `directory` (except model.yaml and
-    itself), sorted by path; returns its path."""
-    directory = Path(directory)
-    lines = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel in (CHECKSUMS_FILE, "model.yaml") or rel.startswith(".") or "/." in rel:
-            continue
-        lines.append(f"{sha256_file(path).removeprefix('sha256:')}  {rel}\n")
-    target = directory / CHECKSUMS_FILE
-    target.write_text("".join(lines), encoding="utf-8")
-    return target
-
-
-def verify_checksums(manifest: Path) -> None:
-    """Check every file `manifest` lists; `DigestMismatch` for a changed or missing file,
-    `InvalidModel` for a malformed manifest or a path that leaves its directory."""
-    root = manifest.parent.resolve()
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64 or not rel:
-            raise InvalidModel(f"{CHECKSUMS_FILE} line {n}: expected '<sha256 hex>  <path>'")
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            raise InvalidModel(f"{CHECKSUMS_FILE} line {n}: {rel!r} is outside the checkpoint")
-        if not path.is_file():
-            raise DigestMismatch(f"checkpoint file {rel!r} is missing")
-        if sha256_file(path) != "sha256:" + digest:
-            raise DigestMismatch(f"checkpoint file {rel!r} does not match {CHECKSUMS_FILE}")
 
 
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from edgefleet_api.edge_node import ModelAssignment
 from node_agent import __version__
@@ -30,6 +30,7 @@ from node_agent.link.durable import fsync_dir, write_atomic
 from node_agent.link.node_cache import NodeCache
 from node_agent.link.oci import Pull, Registry, parse_oci
 from node_agent.runtime.backends import default_artifact
+from node_agent.runtime.checksums import CHECKSUMS_FILE, parse_checksums
 from node_agent.runtime.model_yaml import CONFIG_FILE, parse_model_config, write_model_config
 from node_agent.runtime.repository import ModelRepository, sha256_file
 from node_agent.types import ModelConfig
@@ -66,9 +67,13 @@ def materialize(
     if cache is not None and not in_place:
         cached = _from_cache(cache, entry, target_dir)
         if cached is not None:
-            repository.artifact_path(cached)
+            manifest = repository.artifact_path(cached)
+            if cached.format in MANIFEST_FORMATS:
+                _complete_listed_files(repository, entry, manifest, where, delivery)
             return cached
     config = _materialize(repository, entry, where, target_dir, delivery)
+    if config.format in MANIFEST_FORMATS:
+        _complete_listed_files(repository, entry, repository.artifact_path(config), where, delivery)
     if cache is not None:
         try:
             text = (target_dir / CONFIG_FILE).read_text(encoding="utf-8")
@@ -113,6 +118,42 @@ def _from_cache(cache: NodeCache, entry: ModelAssignment, target_dir: Path) -> M
     write_model_config(target_dir, config)
     log.info("%s: placed %s from the node cache", entry.id, entry.artifact.digest)
     return config
+
+
+MANIFEST_FORMATS = ("huggingface",)
+"""Formats whose artifact is a `SHA256SUMS` manifest of the files beside it (a checkpoint folder)."""
+
+
+def _complete_listed_files(
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    manifest: Path,
+    where: ArtifactLocation,
+    delivery: Delivery | None,
+) -> None:
+    """Every file the verified `manifest` lists, beside it, each verified by its own line:
+    kept when already there; else fetched from beside the artifact's URL (https, through
+    `delivery`: resumed, paced, peers first) or copied from beside its path (file, repo). A file
+    that does not verify never takes its name."""
+    folder = manifest.parent
+    for digest, rel in parse_checksums(manifest.read_text(encoding="utf-8")):
+        target = folder / rel
+        if target.is_file() and sha256_file(target) == digest:
+            continue
+        label = f"{entry.id} {rel}"
+        if where.scheme in ("https", "http"):
+            url = urljoin(where.path, quote(rel))
+            (delivery or DEFAULT_DELIVERY).fetch(url, target, digest, label=label)
+        elif where.scheme in ("file", "repo"):
+            root = repository.root if where.scheme == "repo" else Path("/")
+            source = (root / where.path.lstrip("/")).resolve().parent / rel
+            part = dataclasses.replace(entry, artifact=dataclasses.replace(entry.artifact, digest=digest))
+            _copy_verified(source, target, part)
+        else:
+            raise InvalidModel(
+                f"{entry.id}: the files a {CHECKSUMS_FILE} manifest lists cannot be fetched over "
+                f"{where.scheme}:// (use https://, file:// or a repo:// folder)"
+            )
 
 
 def _materialize(
