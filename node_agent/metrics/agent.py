@@ -586,12 +586,7 @@ class ApiMetrics:
     the label set stays bounded."""
 
     def __init__(self, registry: CollectorRegistry, buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
-        spec = METRICS["edgefleet_http_requests_total"]
-        self.requests = Counter(spec.name, spec.help, spec.labels, registry=registry)
-        spec = METRICS["edgefleet_http_request_duration_seconds"]
-        self.duration = Histogram(
-            spec.name, spec.help, spec.labels, registry=registry, buckets=(*buckets_s, math.inf)
-        )
+        self.requests, self.duration = _per_request("edgefleet_http", registry, buckets_s)
 
     def observe(self, method: str, route: str, code: int, duration_s: float) -> None:
         self.requests.labels(method, route, str(code)).inc()
@@ -603,13 +598,20 @@ class GrpcMetrics:
     method names (bounded), `code` a gRPC status code name (OK, INVALID_ARGUMENT, ...)."""
 
     def __init__(self, registry: CollectorRegistry, buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
-        spec = METRICS["edgefleet_grpc_requests_total"]
-        self.requests = Counter(spec.name, spec.help, spec.labels, registry=registry)
-        spec = METRICS["edgefleet_grpc_request_duration_seconds"]
-        self.duration = Histogram(
-            spec.name, spec.help, spec.labels, registry=registry, buckets=(*buckets_s, math.inf)
-        )
+        self.requests, self.duration = _per_request("edgefleet_grpc", registry, buckets_s)
 
     def observe(self, rpc: str, code: str, duration_s: float) -> None:
         self.requests.labels(rpc, code).inc()
         self.duration.labels(rpc).observe(duration_s)
+
+
+def _per_request(
+    prefix: str, registry: CollectorRegistry, buckets_s: tuple[float, ...]
+) -> tuple[Counter, Histogram]:
+    """`<prefix>_requests_total` and `<prefix>_request_duration_seconds`, as `METRICS` declares
+    them, on `registry`."""
+    spec = METRICS[f"{prefix}_requests_total"]
+    requests = Counter(spec.name, spec.help, spec.labels, registry=registry)
+    spec = METRICS[f"{prefix}_request_duration_seconds"]
+    duration = Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=(*buckets_s, math.inf))
+    return requests, duration

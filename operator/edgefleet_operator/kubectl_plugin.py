@@ -50,9 +50,8 @@ def namespace_of(args: argparse.Namespace) -> str:
     from kubernetes import config
 
     try:
-        _, current = config.list_kube_config_contexts(config_file=args.kubeconfig)
+        contexts, current = config.list_kube_config_contexts(config_file=args.kubeconfig)
         if args.context:
-            contexts, _ = config.list_kube_config_contexts(config_file=args.kubeconfig)
             current = next((c for c in contexts if c["name"] == args.context), current)
         return str((current or {}).get("context", {}).get("namespace") or "default")
     except Exception:

@@ -3,9 +3,11 @@ polling helper they share."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from node_agent.link.persistence import encode_persisted
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,3 +91,24 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log_file.close()
+
+
+def offline_edge_node(workdir: Path, state: Path, spec: dict[str, object]) -> list[str]:
+    """`serve` arguments for EdgeNode `edge-1` whose API server is a closed port, with `spec`
+    persisted as its last assignment in `state`: the agent serves it offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{dead_port}",
+                                                  "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "dead", "user": {"token": "none"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
+    }))  # fmt: skip
+    state.mkdir(parents=True, exist_ok=True)
+    obj = {"metadata": {"name": "edge-1", "generation": 1}, "spec": spec}
+    (state / "assignment-edge-1.json").write_text(encode_persisted(obj, "2026-01-01T00:00:00Z"))
+    return ["--edge-node", "edge-1", "--kubeconfig", str(kubeconfig), "--state-dir", str(state)]

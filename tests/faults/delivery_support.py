@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from node_agent.link.persistence import encode_persisted
 from node_agent.runtime.model_yaml import parse_model_config, write_model_config
 from node_agent.runtime.repository import sha256_file
 from tests.faults import agent_process
@@ -40,33 +38,22 @@ def big_model(examples: Path, into: Path) -> tuple[str, str]:
 def offline_args(workdir: Path, origin: str, digest: str, config: str, peers: list[str]) -> list[str]:
     """`serve` arguments for EdgeNode mode with a dead API server (a closed port), so the agent
     serves its persisted assignment: big:1 from `origin`, with `peers` as spec.artifactPeers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    workdir.mkdir(parents=True, exist_ok=True)
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
-        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{dead_port}",
-                                                  "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "dead", "user": {"token": "none"}}],
-        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
-    }))  # fmt: skip
     artifact = {"uri": f"{origin}/big/1/model.pt", "digest": digest, "configDigest": config}
     spec = {
         "nodeName": "edge-1",
         "artifactPeers": peers,
         "models": [{"service": "default/big", "model": "big", "version": "1", "artifact": artifact}],
     }
-    state = workdir / "state"
-    state.mkdir()
-    obj = {"metadata": {"name": "edge-1", "generation": 1}, "spec": spec}
-    (state / "assignment-edge-1.json").write_text(encode_persisted(obj, "2026-01-01T00:00:00Z"))
+    args = agent_process.offline_edge_node(workdir, workdir / "state", spec)
     return [
-        "--model-repository", str(workdir / "models"), "--workers", "1",
-        "--edge-node", "edge-1", "--kubeconfig", str(kubeconfig), "--state-dir", str(state),
-        "--download-backoff-max", "0.2",
-    ]  # fmt: skip
+        "--model-repository",
+        str(workdir / "models"),
+        "--workers",
+        "1",
+        *args,
+        "--download-backoff-max",
+        "0.2",
+    ]
 
 
 class AgentProcess(agent_process.AgentProcess):

@@ -32,12 +32,11 @@ from torch import nn
 from edgefleet_api.types import Priority
 from node_agent.agent import Agent, AgentSettings
 from node_agent.examples import make_examples
-from node_agent.link.persistence import encode_persisted
 from node_agent.runtime.model_yaml import parse_model_config, write_model_config
 from node_agent.runtime.repository import sha256_file
 from node_agent.serving.http import HttpSettings
 from node_agent.serving.service import HealthSettings
-from tests.faults.agent_process import AgentProcess, until
+from tests.faults.agent_process import AgentProcess, offline_edge_node, until
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -375,27 +374,13 @@ def _big_model(examples: Path, into: Path) -> str:
 def _offline_edge_node(state: Path, models_uri: str, digest: str, workdir: Path, config: str) -> list[str]:
     """Arguments for EdgeNode mode with the API server out of reach (a closed port), so the
     agent serves its persisted assignment: model big:1 from `models_uri`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
-        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{dead_port}",
-                                                  "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "dead", "user": {"token": "none"}}],
-        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
-    }))  # fmt: skip
     spec = {
         "nodeName": "edge-1",
         "models": [{"service": "default/big", "model": "big", "version": "1",
                     "artifact": {"uri": f"{models_uri}/big/1/model.pt", "digest": digest,
                                  "configDigest": config}}],
     }  # fmt: skip
-    state.mkdir(parents=True, exist_ok=True)
-    obj = {"metadata": {"name": "edge-1", "generation": 1}, "spec": spec}
-    (state / "assignment-edge-1.json").write_text(encode_persisted(obj, "2026-01-01T00:00:00Z"))
-    return ["--edge-node", "edge-1", "--kubeconfig", str(kubeconfig), "--state-dir", str(state)]
+    return offline_edge_node(workdir, state, spec)
 
 
 def test_an_agent_killed_mid_download_never_loads_a_partial_file(examples: Path, tmp_path: Path) -> None:
