@@ -501,11 +501,9 @@ def _grow_canaries(state: RolloutStatus, wave: WaveSpec, ctx: _Ctx) -> tuple[Rol
         wave, ctx.service, ctx.nodes, ctx.sites, state.canary_nodes, spec.keep_stable_per_site,
         spec.max_nodes_per_minute, state.node_starts, ctx.now,
     )  # fmt: skip
-    if plan.canaries == state.canary_nodes and plan.node_starts == state.node_starts:
-        return state, plan
     if plan.canaries == state.canary_nodes:
         return dataclasses.replace(state, node_starts=plan.node_starts), plan
-    added = len(plan.canaries) - len([n for n in state.canary_nodes if n in plan.canaries])
+    added = set(plan.canaries) - set(state.canary_nodes)
     if added and plan.held_back and plan.next_start_s is None:  # once, as the wave's growth completes
         ctx.event(
             "StableKeptPerSite",
