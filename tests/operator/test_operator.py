@@ -356,7 +356,13 @@ def test_canary_rollout_through_the_operator(
         eventually(
             lambda: versions_on(group, nodes, key) == {"1"}, step=group.agents.step, what="v1 everywhere"
         )
-        degraded = condition(get_status(kube, namespace, "roll"), "Degraded")
+
+        # The conditions follow status.rollout on the service's bookkeeping, which a busy pass defers.
+        def rolled_back_degraded() -> dict[str, Any] | None:
+            d = condition(get_status(kube, namespace, "roll"), "Degraded")
+            return d if d.get("reason") == "RolloutFailed" else None
+
+        degraded = eventually(rolled_back_degraded, step=group.agents.step, what="Degraded: RolloutFailed")
         assert degraded["status"] == "True" and "error" in degraded["message"].lower(), degraded
         eventually(
             lambda: any(r == "RolledBack" or "Rollback" in r for r, _ in events(kube, namespace, "roll")),
