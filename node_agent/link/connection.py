@@ -116,9 +116,8 @@ class ApiConnection:
         """Account a failed call. True when the API server answered and refused it (4xx other
         than 408/429: RBAC, validation): the link is up, the call is wrong, and it is logged;
         anything else (no answer, timeouts, 5xx) means offline."""
-        from kubernetes.client.exceptions import ApiException
-
-        status = exc.status if isinstance(exc, ApiException) else None
+        status = getattr(exc, "status", None)  # the client's ApiException, or a list_watch.WatchError
+        status = status if isinstance(status, int) else None
         if status is None or not 400 <= status < 500 or status in (408, 429):
             self.offline(call, exc)
             return False

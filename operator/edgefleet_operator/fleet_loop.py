@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from edgefleet_api import backoff
+from edgefleet_operator.fleet_cache import FleetCache, NotSynced
 from edgefleet_operator.fleet_types import Health
 from edgefleet_operator.ownership import FLEET_SHARD, HoldLost
 from edgefleet_operator.pass_report import PassReport
@@ -31,6 +32,8 @@ from edgefleet_operator.settings import OperatorSettings
 from edgefleet_operator.shard_leases import ShardLeases
 
 log = logging.getLogger(__name__)
+NOT_SYNCED_RETRY_S = 0.2
+"""How soon a pass that found the fleet not yet listed is tried again."""
 URGENT_DEBOUNCE_S = 0.1
 """The debounce before a pass for urgent work: a burst of new services is then placed pass after pass
 as it arrives (each pass leaves the earlier ones' bookkeeping to later), not after a full debounce."""
@@ -65,8 +68,12 @@ class FleetLoop:
         settings: OperatorSettings,
         leases: ShardLeases | None = None,
         rand: Callable[[], float] = random.random,
+        cache: FleetCache | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.cache = cache
+        """The watch-fed fleet the reconciler reads (None: it lists per pass). Its watches are cut and
+        resumed when a call finds the API server out of reach: they may be as dead as that call's."""
         self.settings = settings
         self.leases = leases
         self.rand = rand
@@ -123,6 +130,11 @@ class FleetLoop:
             self._fresh = False
         try:
             self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
+        except NotSynced as e:  # the first lists are under way: no pass decides from a partial fleet
+            log.info("pass waits for the fleet's first lists (%s)", e)
+            self._wake.set()
+            await asyncio.sleep(NOT_SYNCED_RETRY_S)
+            return
         except HoldLost as e:
             log.warning("pass stopped before its next write: %s", e)
             self._fresh = True
@@ -131,6 +143,7 @@ class FleetLoop:
         except Exception as e:
             if unreachable(e):
                 self.reconciler.lost_sight()
+                self._restart_watches()
             self.failures += 1
             delay = backoff_delay(
                 self.failures, self.settings.api_backoff_base_s, self.settings.api_backoff_cap_s, self.rand()
@@ -159,6 +172,10 @@ class FleetLoop:
             silent,
         )
 
+    def _restart_watches(self) -> None:
+        if self.cache is not None:
+            self.cache.restart()
+
     async def run_leases(self) -> None:
         """Every renew interval: one round of `ShardLeases` (list, renew, acquire or release); a pass
         at once after an acquire. A failed round is retried sooner (backoff, at most a renew interval),
@@ -172,6 +189,8 @@ class FleetLoop:
                 failures += 1
                 delay = min(renew_s, backoff_delay(failures, 0.5, renew_s, self.rand()))
                 log.warning("lease round failed (%s); retrying in %.1f s", e, delay)
+                if unreachable(e):
+                    self._restart_watches()
             else:
                 failures, delay = 0, renew_s
                 for shard in result.lost:

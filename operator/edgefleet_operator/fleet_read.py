@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edgefleet_api import names
 from edgefleet_api.edge_node import EdgeNode, EdgeNodeSpec, EdgeNodeStatus
@@ -177,9 +177,26 @@ def items(response: Any) -> list[Obj]:
     return found
 
 
+class FleetSource(Protocol):
+    """Where a pass reads the fleet: `FleetReader` lists it (a pass run on its own: tests, tools),
+    `fleet_cache.FleetCache` keeps it from watches (the operator). `offer` takes each object a write
+    of the pass returned."""
+
+    views: TypedViews
+
+    def read(self) -> FleetRead: ...
+
+    def read_pods(self, read: FleetRead) -> None: ...
+
+    def read_bookkeeping(self, read: FleetRead) -> None: ...
+
+    def offer(self, obj: Obj) -> None: ...
+
+
 class FleetReader:
-    """The pass's list calls. The API objects are the kubernetes client's, typed Any: they take and
-    return plain dicts (the API's JSON) where their stubs name models."""
+    """The pass's list calls: every pass lists what it reads (see `FleetSource`). The API objects
+    are the kubernetes client's, typed Any: they take and return plain dicts (the API's JSON) where
+    their stubs name models."""
 
     def __init__(self, core: Any, custom: Any, coordination: Any, discovery: Any, settings: OperatorSettings):
         self.core, self.custom, self.coordination, self.discovery = core, custom, coordination, discovery
@@ -210,6 +227,9 @@ class FleetReader:
         )["items"]
         self.views.keep_only(edge_nodes, services)
         return FleetRead(nodes, edge_nodes, leases, services, views=self.views)
+
+    def offer(self, obj: Obj) -> None:
+        """Nothing to keep: the next pass lists again."""
 
     def read_pods(self, read: FleetRead) -> None:
         agents = f"app.kubernetes.io/name={names.AGENT_APP}"

@@ -16,7 +16,7 @@ memoryBudgetBytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from edgefleet_api import names, wire
@@ -263,3 +263,48 @@ def edge_node_prefetch(
             if entry.key not in held:
                 out[entry.key] = entry
     return tuple(out[k] for k in sorted(out))
+
+
+class NodeMemo:
+    """`node_signals` and `node_state` per node, kept while the objects they derive from stand (by
+    resourceVersion; and the health, for the state): a pass over 10,000 nodes derives again only
+    those whose Node, EdgeNode or Lease changed. `typed(name, obj)` types an EdgeNode."""
+
+    def __init__(self, typed: Callable[[str, dict[str, Any]], EdgeNode]) -> None:
+        self.typed = typed
+        self._signals: dict[str, tuple[tuple[Any, ...], NodeSignals]] = {}
+        self._states: dict[str, tuple[tuple[Any, ...], NodeState]] = {}
+
+    def signals(self, node: Obj, edge_node: dict[str, Any] | None, lease: Obj | None) -> NodeSignals:
+        name = node["metadata"]["name"]
+        key = (_version(node), _version(edge_node), _version(lease))
+        kept = self._signals.get(name)
+        if kept is not None and kept[0] == key and key[0] is not None:
+            return kept[1]
+        typed = self.typed(name, edge_node) if edge_node is not None else None
+        signals = node_signals(node, typed, lease)
+        self._signals[name] = (key, signals)
+        return signals
+
+    def state(
+        self, node: Obj, edge_node: dict[str, Any] | None, health: Health, reserve_fraction: float
+    ) -> NodeState:
+        name = node["metadata"]["name"]
+        key = (_version(node), _version(edge_node), health, reserve_fraction)
+        kept = self._states.get(name)
+        if kept is not None and kept[0] == key and key[0] is not None:
+            return kept[1]
+        typed = self.typed(name, edge_node) if edge_node is not None else None
+        state = node_state(node, typed, health, reserve_fraction)
+        self._states[name] = (key, state)
+        return state
+
+    def keep_only(self, nodes: Collection[str]) -> None:
+        """Forget the nodes not in `nodes` (when the fleet shrank)."""
+        if len(self._signals) > len(nodes) or len(self._states) > len(nodes):
+            self._signals = {n: v for n, v in self._signals.items() if n in nodes}
+            self._states = {n: v for n, v in self._states.items() if n in nodes}
+
+
+def _version(obj: Obj | None) -> str | None:
+    return None if obj is None else obj["metadata"].get("resourceVersion")

@@ -62,6 +62,7 @@ class FleetWriter:
         urgent: threading.Event,
         gate: Callable[[], None] = lambda: None,
         identity: str = "",
+        offer: Callable[[Obj], None] = lambda obj: None,
     ) -> None:
         self.core, self.custom, self.discovery = core, custom, discovery
         self.urgent = urgent
@@ -69,7 +70,15 @@ class FleetWriter:
         """Raises `ownership.HoldLost` when this replica may no longer write: called before each."""
         self.identity = identity
         """This replica's identity, written with each EdgeNode spec (`WRITTEN_BY`); "" for none."""
+        self.offer = offer
+        """Takes each EdgeNode and InferenceService a write returned (`FleetSource.offer`)."""
         self.threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+
+    def _kept(self, obj: Obj) -> Obj:
+        """`obj`, an object a write (or a read after a conflict) returned, offered to the pass's
+        source (`offer`)."""
+        self.offer(obj)
+        return obj
 
     def _each(self, fn: Callable[[Any], None], items: Iterable[Any]) -> None:
         """fn(item) for every item on the write threads; re-raises the first error once all are done."""
@@ -93,8 +102,10 @@ class FleetWriter:
             patch["metadata"]["resourceVersion"] = version
         self.gate()
         try:
-            self.custom.patch_namespaced_custom_object(
-                names.GROUP, names.VERSION, ro.namespace, names.INFERENCE_SERVICE_PLURAL, ro.name, patch
+            self._kept(
+                self.custom.patch_namespaced_custom_object(
+                    names.GROUP, names.VERSION, ro.namespace, names.INFERENCE_SERVICE_PLURAL, ro.name, patch
+                )
             )
         except ApiException as e:
             if e.status != 409:
@@ -113,15 +124,19 @@ class FleetWriter:
             name = body["metadata"]["name"]
             self.gate()
             try:
-                created[name] = self.custom.create_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body
+                created[name] = self._kept(
+                    self.custom.create_cluster_custom_object(
+                        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body
+                    )
                 )
                 report.wrote("edgenode.create")
             except ApiException as e:
                 if e.status != 409:
                     raise
-                created[name] = self.custom.get_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
+                created[name] = self._kept(
+                    self.custom.get_cluster_custom_object(
+                        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
+                    )
                 )
         for name in sync.delete:
             self.gate()
@@ -156,13 +171,15 @@ class FleetWriter:
                 current = None
                 if ro.status_patch is not None:
                     self.gate()
-                    current = self.custom.patch_namespaced_custom_object_status(
-                        names.GROUP,
-                        names.VERSION,
-                        ro.namespace,
-                        names.INFERENCE_SERVICE_PLURAL,
-                        ro.name,
-                        ro.status_patch,
+                    current = self._kept(
+                        self.custom.patch_namespaced_custom_object_status(
+                            names.GROUP,
+                            names.VERSION,
+                            ro.namespace,
+                            names.INFERENCE_SERVICE_PLURAL,
+                            ro.name,
+                            ro.status_patch,
+                        )
                     )
                     report.wrote("inferenceservice.rollout")
                 if ro.clear_action:
@@ -200,8 +217,10 @@ class FleetWriter:
                     if e.status != 409:
                         raise
                 try:
-                    now = self.custom.get_cluster_custom_object(
-                        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node
+                    now = self._kept(
+                        self.custom.get_cluster_custom_object(
+                            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node
+                        )
                     )
                 except ApiException as e:
                     if e.status != 404:
@@ -226,8 +245,10 @@ class FleetWriter:
         if meta:
             patch["metadata"] = meta
         self.gate()
-        out: Obj = self.custom.patch_cluster_custom_object(
-            names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, patch
+        out: Obj = self._kept(
+            self.custom.patch_cluster_custom_object(
+                names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, patch
+            )
         )
         return out
 
@@ -293,13 +314,15 @@ class FleetWriter:
         finalizer = plan.finalizer
         if plan.status_patch is not None:
             self.gate()
-            updated = self.custom.patch_namespaced_custom_object_status(
-                names.GROUP,
-                names.VERSION,
-                plan.namespace,
-                names.INFERENCE_SERVICE_PLURAL,
-                plan.name,
-                plan.status_patch,
+            updated = self._kept(
+                self.custom.patch_namespaced_custom_object_status(
+                    names.GROUP,
+                    names.VERSION,
+                    plan.namespace,
+                    names.INFERENCE_SERVICE_PLURAL,
+                    plan.name,
+                    plan.status_patch,
+                )
             )
             report.wrote("inferenceservice.status")
             if finalizer is not None:  # conditional on the object as the status write left it
@@ -360,8 +383,10 @@ class FleetWriter:
         patch = {"metadata": {"finalizers": list(w.finalizers), "resourceVersion": w.resource_version}}
         self.gate()
         try:
-            self.custom.patch_namespaced_custom_object(
-                names.GROUP, names.VERSION, w.namespace, names.INFERENCE_SERVICE_PLURAL, w.name, patch
+            self._kept(
+                self.custom.patch_namespaced_custom_object(
+                    names.GROUP, names.VERSION, w.namespace, names.INFERENCE_SERVICE_PLURAL, w.name, patch
+                )
             )
         except ApiException as e:
             if e.status not in (404, 409):

@@ -1,13 +1,11 @@
-"""kopf handlers: thin. They only ask the fleet loop for a pass; decisions live in
-placement, writes in the reconciler (`fleet_loop` runs its passes).
+"""kopf handlers: thin. The operator's startup and cleanup, and its probes. kopf watches nothing here:
+the fleet is kept in memory by our own informers (`fleet_cache`), whose events ask the fleet loop for
+passes; decisions live in placement, writes in the reconciler (`fleet_loop` runs its passes).
 
 Run with `edgefleet-operator run`. kopf runs *standalone* (no kopf peering) in every replica, and
-our own Leases (`ownership`, `shard_leases`) decide who writes: kopf's peering would freeze the
-handlers of every replica but one, while the fleet loop's resync (which is what writes) is not
-kopf's to freeze, so it never was the gate; and with sharding by site every replica must keep its
-watches and handlers live, since each owns part of the fleet. Handlers only request passes, which a
-replica that holds nothing does not run, so a live handler in a standby replica costs a watch event
-and writes nothing.
+our own Leases (`ownership`, `shard_leases`) decide who writes. Every replica keeps its informers
+live (a standby takes over with a warm cache); events only request passes, which a replica that holds
+nothing does not run.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import kopf
 from edgefleet_api import names
 from edgefleet_operator import settings as settings_mod
 from edgefleet_operator import watching
+from edgefleet_operator.fleet_cache import FleetCache
 from edgefleet_operator.fleet_loop import FleetLoop
 from edgefleet_operator.health import replica_liveness
 from edgefleet_operator.metrics import OperatorMetrics
@@ -54,9 +53,8 @@ def kube_client() -> Any:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # kopf keeps its own bookkeeping in annotations: our status schema is strict. Its handlers here only
-    # watch (no change-detecting handlers), so it writes nothing to our objects; the fleet pass keeps
-    # the services' finalizer (names.FINALIZER) itself.
+    # kopf keeps its own bookkeeping in annotations (our status schema is strict); with no resource
+    # handlers it writes nothing to our objects; the fleet pass keeps the services' finalizer itself.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
     # No call waits forever on a stalled connection; bounds in edgefleet_operator.watching.
@@ -73,7 +71,9 @@ def _start_fleet(memo: kopf.Memo) -> None:
 
         start_http_server(SETTINGS.metrics_port, registry=metrics.registry)
     identity = IDENTITY or f"{socket.gethostname()}/{os.getpid()}"
-    reconciler = FleetReconciler(kube_client(), SETTINGS, metrics, identity=identity)
+    api_client = kube_client()
+    cache = FleetCache(api_client, SETTINGS, watching.WatchingSettings.from_env())
+    reconciler = FleetReconciler(api_client, SETTINGS, metrics, identity=identity, source=cache)
     leases = None
     if not OWN_EVERYTHING:
         from kubernetes import client
@@ -85,8 +85,15 @@ def _start_fleet(memo: kopf.Memo) -> None:
             [FLEET_SHARD],
             SETTINGS.ownership,
         )
-    loop = FleetLoop(reconciler, SETTINGS, leases)
+    loop = FleetLoop(reconciler, SETTINGS, leases, cache=cache)
     memo["fleet"] = loop
+    running = asyncio.get_running_loop()
+
+    def request(urgent: bool) -> None:  # from the informers' threads
+        running.call_soon_threadsafe(loop.request, urgent)
+
+    cache.request = request
+    cache.start()
     memo["fleet_task"] = asyncio.create_task(loop.run(), name="edgefleet-fleet-loop")
     if leases is not None:
         memo["lease_task"] = asyncio.create_task(loop.run_leases(), name="edgefleet-leases")
@@ -100,50 +107,14 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if task:
             task.cancel()
     fleet: FleetLoop | None = memo.get("fleet")
+    if fleet is not None and fleet.cache is not None:
+        fleet.cache.stop()
     if fleet is not None and fleet.leases is not None:
         # Hand over at once (the others take over at their next round, not after a lease duration).
         try:
             await asyncio.to_thread(fleet.leases.release_all)
         except Exception as e:  # the API server gone: the Leases expire by themselves
             log.warning("leases not released (%s); they expire by themselves", e)
-
-
-def _request(memo: kopf.Memo, urgent: bool = False) -> None:
-    fleet = memo.get("fleet")
-    if fleet is not None:
-        fleet.request(urgent)
-
-
-def serving_change(event_type: str | None, body: Any) -> bool:
-    """Whether an InferenceService event asks for work on the serving path: the service is new,
-    its spec changed since the status was written (generation ahead of observedGeneration), or it
-    is being deleted. Our own status writes are none of these."""
-    meta, status = body.get("metadata") or {}, body.get("status") or {}
-    return (
-        event_type == "ADDED"
-        or bool(meta.get("deletionTimestamp"))
-        or meta.get("generation") != status.get("observedGeneration")
-    )
-
-
-@kopf.on.event("", "v1", "nodes", labels=dict(SETTINGS.fleet.node_selector))
-def node_event(memo: kopf.Memo, **_: Any) -> None:
-    _request(memo)
-
-
-@kopf.on.event(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)
-def edge_node_event(memo: kopf.Memo, **_: Any) -> None:
-    _request(memo)
-
-
-@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/name": names.AGENT_APP})
-def agent_pod_event(memo: kopf.Memo, **_: Any) -> None:
-    _request(memo)
-
-
-@kopf.on.event(names.GROUP, names.VERSION, names.INFERENCE_SERVICE_PLURAL)
-def service_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
-    _request(memo, urgent=serving_change(type, body))
 
 
 @kopf.on.probe(id="fleet_pass_age_seconds")

@@ -382,7 +382,7 @@ def endpoints_patch(current: Obj, body: Obj) -> Sequence[Obj] | None:
 class Bookkeeping:
     """One service's bookkeeping, written in this order: events, status, finalizer, Service,
     EndpointSlice. The finalizer goes after the status: its watch event then carries the current
-    observedGeneration, which `handlers.serving_change` does not count as urgent work."""
+    observedGeneration, which `fleet_cache.serving_change` does not count as urgent work."""
 
     service: str
     namespace: str

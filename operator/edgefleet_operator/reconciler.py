@@ -42,7 +42,7 @@ from edgefleet_api import names, wire
 from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import fleet_state, pass_plan, peers
-from edgefleet_operator.fleet_read import FleetRead, FleetReader, Obj, ServiceRead
+from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
 from edgefleet_operator.fleet_types import Health, NodeState, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker
@@ -65,6 +65,7 @@ class FleetReconciler:
         metrics: OperatorMetrics,
         clock: Callable[[], float] = time.time,
         identity: str = "",
+        source: FleetSource | None = None,
     ) -> None:
         self.settings = settings
         self.gate: Callable[[], None] = _always
@@ -76,13 +77,20 @@ class FleetReconciler:
         core: Any = client.CoreV1Api(api_client)
         custom: Any = client.CustomObjectsApi(api_client)
         discovery: Any = client.DiscoveryV1Api(api_client)
-        self.reader = FleetReader(core, custom, client.CoordinationV1Api(api_client), discovery, settings)
+        self.reader: FleetSource = source or FleetReader(
+            core, custom, client.CoordinationV1Api(api_client), discovery, settings
+        )
+        """Where passes read the fleet: lists per pass by default, the watch-fed cache in the operator."""
         self.urgent = threading.Event()
         """Set (from any thread) when work on the serving path is waiting: the running pass stops
         starting Pod writes and services' bookkeeping. Cleared as a pass begins (its read then sees
         that work)."""
-        self.writer = FleetWriter(core, custom, discovery, self.urgent, lambda: self.gate(), identity)
+        self.writer = FleetWriter(
+            core, custom, discovery, self.urgent, lambda: self.gate(), identity, self.reader.offer
+        )
         self.tracker = HealthTracker(settings.fleet)
+        self.node_memo = fleet_state.NodeMemo(self.reader.views.edge_node)
+        """Each node's health signals and state, derived again only when its objects change."""
         # Keeps the last pass's plan: a change in some nodes re-plans only what it reaches.
         self.planner = Planner()
         self._carried: dict[str, list[PlacementEvent]] = {}
@@ -152,15 +160,15 @@ class FleetReconciler:
         spec the contract or placement cannot read is logged and skipped), the nodes' states and the
         placement."""
         states = []
+        memo, reserve = self.node_memo, self.settings.fleet.memory_reserve_fraction
         for node in read.nodes:
             name = node["metadata"]["name"]
-            en = read.edge_node(name) if name in read.edge_nodes else None
-            signals = fleet_state.node_signals(node, en, read.leases.get(names.agent_name(name)))
+            en = read.edge_nodes.get(name)
+            signals = memo.signals(node, en, read.leases.get(names.agent_name(name)))
             health = self.tracker.judge(signals, now)
             report.health[name] = health.value
-            states.append(
-                fleet_state.node_state(node, en, health, self.settings.fleet.memory_reserve_fraction)
-            )
+            states.append(memo.state(node, en, health, reserve))
+        memo.keep_only(report.health)
         self.tracker.forget(set(self.tracker.lost_work_at) - {n["metadata"]["name"] for n in read.nodes})
         measured = fleet_state.measured_bytes(read.edge_node(n) for n in read.edge_nodes)
         live, demands = [], []
