@@ -34,6 +34,10 @@ ANNOTATION_ROLLOUT_ACTION = f"{GROUP}/rollout-action"
 
 ANNOTATION_WORK_SINCE = f"{GROUP}/work-since"
 """On an EdgeNode: when the operator first gave it work (bounds how long its agent may take to start)."""
+ANNOTATION_HEALTH = f"{GROUP}/health"
+"""EdgeNode annotation: the node's health as the replica that holds its site's shard judged it (from
+its Node and its agent's Lease), for the replica that places (operator site shards; absent with
+none). Written on change only."""
 LABEL_AGENT_MANAGED_BY = f"{GROUP}/agent-managed-by"
 """Node label: who runs the node's agent. Absent or 'operator': the operator (an agent Pod); anything
 else ('systemd', 'static-pod'): something else, and the operator creates no agent Pod there."""

@@ -17,7 +17,8 @@ that starts before the write's event arrives decides from what was written (a ro
 taken twice from a stale status).
 
 Until every kind has been listed once, `read` raises `NotSynced`: a pass then would see EdgeNodes
-without their Nodes and delete them.
+without their Nodes and delete them. While a watch fails, the cache is `blind`: the fleet loop tells
+node health that the span was not observed (an API server down is not a fleet of silent agents).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class FleetCache:
         self.changes = 0
         """Changes seen that asked for a pass (all kinds but `QUIET_KINDS`)."""
         self._lock = threading.Lock()
+        self._failures_seen = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -180,6 +182,15 @@ class FleetCache:
             if not informer.synced.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
+
+    def blind(self) -> bool:
+        """Whether some watch failed since the last call, or is not connected now: the cache may have
+        missed what happened meanwhile (Lease renewals above all), so the span since the last pass
+        was not observed (`FleetReconciler.lost_sight`). A pass reads no API: without this an API
+        server that went away would look like a fleet whose agents all fell silent."""
+        failures = sum(i.failures for i in self.informers.values())
+        seen, self._failures_seen = self._failures_seen, failures
+        return failures != seen or not all(i.connected for i in self.informers.values())
 
     def lists(self) -> int:
         """Lists made by all informers (first lists, and relists after 410 Gone)."""

@@ -1,5 +1,5 @@
 """Runs fleet passes in a worker thread: on request (debounced) and every resync interval, and only
-while this replica holds the fleet's shard (`ownership`).
+while this replica holds a shard (`ownership`): the fleet's, a site shard's, or both.
 
 The kubernetes client is synchronous, so a pass runs in a thread, one at a time; the kopf handlers
 only ask for one (`FleetLoop.request`), which is cheap: a burst of requests within the debounce
@@ -25,7 +25,7 @@ from urllib3.exceptions import HTTPError
 from edgefleet_api import backoff
 from edgefleet_operator.fleet_cache import FleetCache, NotSynced
 from edgefleet_operator.fleet_types import Health
-from edgefleet_operator.ownership import FLEET_SHARD, HoldLost
+from edgefleet_operator.ownership import FLEET_SHARD, HoldLost, site_shards
 from edgefleet_operator.pass_report import PassReport
 from edgefleet_operator.reconciler import FleetReconciler
 from edgefleet_operator.settings import OperatorSettings
@@ -86,18 +86,21 @@ class FleetLoop:
         self.failures = 0
         """Failed passes in a row (the backoff's exponent)."""
         self._fresh = True
+        self._every = [FLEET_SHARD, *site_shards(settings.ownership.site_shards)]
         reconciler.gate = self._gate
+        reconciler.held = lambda: frozenset(self.held())
 
     def owns(self) -> bool:
-        """Whether this replica may run a pass now: it holds the fleet shard, by its own clock."""
-        return self.leases is None or self.leases.holds(FLEET_SHARD)
+        """Whether this replica may run a pass now: it holds a shard, by its own clock."""
+        return bool(self.held())
 
     def held(self) -> list[str]:
-        return [FLEET_SHARD] if self.leases is None else self.leases.held()
+        """The shards this replica may write for now (all of them without Leases)."""
+        return list(self._every) if self.leases is None else self.leases.held()
 
-    def _gate(self) -> None:
-        if not self.owns():
-            raise HoldLost(f"shard {FLEET_SHARD} no longer held")
+    def _gate(self, shard: str) -> None:
+        if self.leases is not None and not self.leases.holds(shard):
+            raise HoldLost(f"shard {shard} no longer held")
 
     def request(self, urgent: bool = False) -> None:
         """Ask for a pass; `urgent`: work on the serving path (a service created, its spec changed, or
@@ -128,6 +131,8 @@ class FleetLoop:
         if self._fresh:  # a new hold: what this replica kept from an earlier one may be stale
             self.reconciler.forget()
             self._fresh = False
+        if self.cache is not None and self.cache.blind():  # a watch failed since the last pass
+            self.reconciler.lost_sight()
         try:
             self.last_report = await asyncio.to_thread(self.reconciler.reconcile_once)
         except NotSynced as e:  # the first lists are under way: no pass decides from a partial fleet

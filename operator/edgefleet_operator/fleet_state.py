@@ -265,6 +265,16 @@ def edge_node_prefetch(
     return tuple(out[k] for k in sorted(out))
 
 
+def published_health(edge_node: Mapping[str, Any] | None) -> Health | None:
+    """The health the holder of the node's site shard published on its EdgeNode (None: none yet, or
+    a value this version does not know)."""
+    raw = ((edge_node or {}).get("metadata", {}).get("annotations") or {}).get(names.ANNOTATION_HEALTH)
+    try:
+        return Health(raw) if raw else None
+    except ValueError:
+        return None
+
+
 class NodeMemo:
     """`node_signals` and `node_state` per node, kept while the objects they derive from stand (by
     resourceVersion; and the health, for the state): a pass over 10,000 nodes derives again only

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +38,7 @@ from kubernetes.client.exceptions import ApiException
 from edgefleet_api import names
 from edgefleet_operator import pass_plan
 from edgefleet_operator.fleet_types import PlacementEvent
+from edgefleet_operator.ownership import FLEET_SHARD
 from edgefleet_operator.pass_report import PassReport
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ Obj = dict[str, Any]
 WRITTEN_BY = f"{names.GROUP}/spec-written-by"
 """EdgeNode annotation naming the operator replica that last wrote its spec (set with the spec, in
 the same patch: no write of its own)."""
+HEALTH_WRITTEN_BY = f"{names.GROUP}/health-written-by"
+"""EdgeNode annotation naming the operator replica that last published its health (with it)."""
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
 our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
@@ -60,19 +63,25 @@ class FleetWriter:
         custom: Any,
         discovery: Any,
         urgent: threading.Event,
-        gate: Callable[[], None] = lambda: None,
+        gate: Callable[[str], None] = lambda shard: None,
         identity: str = "",
         offer: Callable[[Obj], None] = lambda obj: None,
     ) -> None:
         self.core, self.custom, self.discovery = core, custom, discovery
         self.urgent = urgent
-        self.gate = gate
-        """Raises `ownership.HoldLost` when this replica may no longer write: called before each."""
+        self._gate = gate
+        """Raises `ownership.HoldLost` when this replica may no longer write for the shard: called
+        before each write (`gate`)."""
         self.identity = identity
         """This replica's identity, written with each EdgeNode spec (`WRITTEN_BY`); "" for none."""
         self.offer = offer
         """Takes each EdgeNode and InferenceService a write returned (`FleetSource.offer`)."""
         self.threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+
+    def gate(self, shard: str = FLEET_SHARD) -> None:
+        """Raises `ownership.HoldLost` unless this replica may still write for `shard` (the fleet's,
+        unless a node's per-node work is written)."""
+        self._gate(shard)
 
     def _kept(self, obj: Obj) -> Obj:
         """`obj`, an object a write (or a read after a conflict) returned, offered to the pass's
@@ -258,9 +267,38 @@ class FleetWriter:
 
     # --- then agent Pods ------------------------------------------------------------------------
 
-    def sync_pods(self, writes: Sequence[pass_plan.PodWrite], report: PassReport) -> None:
+    def write_health(self, writes: Sequence[pass_plan.HealthWrite], report: PassReport) -> None:
+        """Publishes each node's judged health on its EdgeNode (a merge patch of the one annotation, no
+        precondition: the holder of the node's site shard is its only writer). A gone EdgeNode is
+        skipped."""
+
+        def write(w: pass_plan.HealthWrite) -> None:
+            self.gate(w.shard)
+            annotations = {names.ANNOTATION_HEALTH: w.health}
+            if self.identity:
+                annotations[HEALTH_WRITTEN_BY] = self.identity
+            patch = {"metadata": {"annotations": annotations}}
+            try:
+                self._kept(
+                    self.custom.patch_cluster_custom_object(
+                        names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, w.node, patch
+                    )
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                return
+            report.wrote("edgenode.health")
+
+        self._each(write, writes)
+
+    def sync_pods(
+        self, writes: Sequence[pass_plan.PodWrite], report: PassReport, shard_of: Mapping[str, str]
+    ) -> None:
+        """Creates and deletes agent Pods, each gated by its node's shard (`shard_of`: node -> shard)."""
+
         def write(w: pass_plan.PodWrite) -> None:
-            self.gate()
+            self.gate(shard_of.get(w.node, FLEET_SHARD))
             if self.urgent.is_set():
                 report.defer()
                 return

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -26,7 +27,7 @@ from edgefleet_operator.fleet_cache import FleetCache
 from edgefleet_operator.fleet_loop import FleetLoop
 from edgefleet_operator.health import replica_liveness
 from edgefleet_operator.metrics import OperatorMetrics
-from edgefleet_operator.ownership import FLEET_SHARD
+from edgefleet_operator.ownership import FLEET_SHARD, site_shards
 from edgefleet_operator.reconciler import FleetReconciler
 from edgefleet_operator.shard_leases import ShardLeases
 
@@ -38,9 +39,10 @@ OWN_EVERYTHING = False
 """No Leases: this replica owns every shard (`edgefleet-operator run --standalone`)."""
 
 
-def kube_client() -> Any:
+def kube_client(on_error: Callable[[], None] | None = None, connections: int = 0) -> Any:
     """An ApiClient from the in-cluster config, else the kubeconfig (KUBECONFIG); no call of it
-    waits forever (`watching.bounded`)."""
+    waits forever, and `on_error` hears of every failed attempt (`watching.bounded`); at least
+    `connections` kept open at once."""
     from kubernetes import client, config
 
     try:
@@ -48,7 +50,8 @@ def kube_client() -> Any:
         api = client.ApiClient()
     except config.ConfigException:
         api = config.new_client_from_config()
-    return watching.bounded(api, watching.WatchingSettings.from_env())
+    api.configuration.connection_pool_maxsize = max(api.configuration.connection_pool_maxsize, connections)
+    return watching.bounded(api, watching.WatchingSettings.from_env(), on_error)
 
 
 @kopf.on.startup()
@@ -71,18 +74,21 @@ def _start_fleet(memo: kopf.Memo) -> None:
 
         start_http_server(SETTINGS.metrics_port, registry=metrics.registry)
     identity = IDENTITY or f"{socket.gethostname()}/{os.getpid()}"
-    api_client = kube_client()
-    cache = FleetCache(api_client, SETTINGS, watching.WatchingSettings.from_env())
-    reconciler = FleetReconciler(api_client, SETTINGS, metrics, identity=identity, source=cache)
+    # The informers' watches on a client of their own; a failed attempt of any other call (a pass's
+    # write, a Lease round) cuts them, since their connections may have died with it.
+    cache = FleetCache(kube_client(connections=16), SETTINGS, watching.WatchingSettings.from_env())
+    reconciler = FleetReconciler(
+        kube_client(cache.restart), SETTINGS, metrics, identity=identity, source=cache
+    )
     leases = None
     if not OWN_EVERYTHING:
         from kubernetes import client
 
         leases = ShardLeases(
-            client.CoordinationV1Api(kube_client()),
+            client.CoordinationV1Api(kube_client(cache.restart)),
             SETTINGS.lease_namespace,
             identity,
-            [FLEET_SHARD],
+            [FLEET_SHARD, *site_shards(SETTINGS.ownership.site_shards)],
             SETTINGS.ownership,
         )
     loop = FleetLoop(reconciler, SETTINGS, leases, cache=cache)

@@ -209,8 +209,17 @@ class Informer:
         self.store = Store(kind, strip, on_change)
         self.synced = threading.Event()
         self.failures = 0
+        """Failed lists and watches so far (a watch that went silent counts)."""
+        self.connected = False
+        """A watch request was answered after the last failure: the store is live."""
         self.list_watch = ListWatch(
-            kind, call, timings, listed=self._listed, event=self._event, failed=self._failed
+            kind,
+            call,
+            timings,
+            listed=self._listed,
+            event=self._event,
+            answered=self._answered,
+            failed=self._failed,
         )
         self._thread: threading.Thread | None = None
 
@@ -245,6 +254,10 @@ class Informer:
         else:
             self.store.put(obj, kind)
 
+    def _answered(self) -> None:
+        self.connected = True
+
     def _failed(self, exc: BaseException) -> None:
+        self.connected = False
         self.failures += 1
         log.warning("watch of %s failed (%s); retrying", self.kind, exc)

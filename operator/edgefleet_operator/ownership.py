@@ -2,11 +2,12 @@
 
 One mechanism serves leader election and sharding. Every operator replica renews its own *member*
 Lease; the live members are those whose member Lease this replica has seen renewed within its
-duration. Every shard (today the one shard `FLEET_SHARD`, which is the whole fleet; with sites, one
-per site) has a *shard* Lease. The desired owner of a shard is the rendezvous (highest random
-weight) hash of the shard over the live members: replicas that see the same members pick the same
-owner, and a member joining or leaving moves only the shards it wins or held (1/N of them). One
-shard and N replicas is leader election.
+duration. Every shard has a *shard* Lease: `FLEET_SHARD`, the fleet's decisions, and, when the
+operator spreads sites (`site_shards`), N site shards, each the per-node work of the sites that hash
+to it (`site_shard`: sites, not nodes, so a site's nodes stay together). The desired owner of a
+shard is the rendezvous (highest random weight) hash of the shard over the live members: replicas
+that see the same members pick the same owner, and a member joining or leaving moves only the
+shards it wins or held (1/N of them). One shard and N replicas is leader election.
 
 A replica (`shard_step`) acquires a shard Lease only when it is the desired owner and the Lease is
 free or expired; renews it while it holds it and is still the desired owner; releases it when it is
@@ -32,7 +33,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 FLEET_SHARD = "fleet"
-"""The one shard of today's operator: the whole fleet (one replica owns everything)."""
+"""The fleet's decisions: placement, rollouts, EdgeNodes and their specs, services' status and
+bookkeeping. With no site shards, also every node's per-node work (one replica owns everything)."""
+SITE_SHARD_PREFIX = "sites-"
+
+
+def site_shards(count: int) -> tuple[str, ...]:
+    """The site shards when sites are spread over `count` of them (none for 0)."""
+    return tuple(f"{SITE_SHARD_PREFIX}{i}" for i in range(count))
+
+
+def site_shard(site: str, count: int) -> str:
+    """The shard that does the per-node work (health from the agent's Lease, the agent Pod) of the
+    nodes of `site` ("" for nodes without a site): one of `site_shards(count)` by a stable hash of
+    the site, so a site's nodes are all one replica's; the fleet shard when `count` is 0."""
+    if count <= 0:
+        return FLEET_SHARD
+    digest = hashlib.sha256(site.encode()).digest()
+    return f"{SITE_SHARD_PREFIX}{int.from_bytes(digest[:8], 'big') % count}"
 
 
 class HoldLost(Exception):

@@ -27,7 +27,7 @@ from edgefleet_api.inference_service import InferenceServiceSpec, service_key
 from edgefleet_api.patch import merge_patch
 from edgefleet_operator import fleet_state, manifests, rollout, service_status
 from edgefleet_operator.fleet_read import FleetRead, ServiceRead
-from edgefleet_operator.fleet_types import PlacedModel, PlacementEvent, ServicePlacement
+from edgefleet_operator.fleet_types import Health, PlacedModel, PlacementEvent, ServicePlacement
 from edgefleet_operator.settings import AgentPodSettings
 
 Obj = Mapping[str, Any]
@@ -294,6 +294,29 @@ def finalizer_releases(deleting: Iterable[Obj], read: FleetRead) -> tuple[Finali
         finalizers = isvc["metadata"].get("finalizers") or []
         if names.FINALIZER in finalizers and service_key(isvc) not in held:
             out.append(finalizer_write(isvc, (f for f in finalizers if f != names.FINALIZER)))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthWrite:
+    """A node's judged health published on its EdgeNode (`names.ANNOTATION_HEALTH`), by the holder of
+    its site's shard."""
+
+    node: str
+    health: str
+    shard: str
+
+
+def health_writes(
+    judged: Mapping[str, Health], edge_nodes: Mapping[str, Obj], shard_of: Mapping[str, str]
+) -> tuple[HealthWrite, ...]:
+    """The judged nodes whose EdgeNode does not carry their health yet (nodes without an EdgeNode
+    are skipped: the pass that creates it comes first)."""
+    out = []
+    for node, health in sorted(judged.items()):
+        en = edge_nodes.get(node)
+        if en is not None and fleet_state.published_health(en) is not health:
+            out.append(HealthWrite(node, health.value, shard_of[node]))
     return tuple(out)
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -43,11 +43,11 @@ from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import fleet_state, pass_plan, peers
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
-from edgefleet_operator.fleet_types import Health, NodeState, PlacementEvent, PlacementResult
+from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker
 from edgefleet_operator.metrics import OperatorMetrics
-from edgefleet_operator.ownership import HoldLost
+from edgefleet_operator.ownership import FLEET_SHARD, HoldLost, site_shard, site_shards
 from edgefleet_operator.pass_report import PassReport
 from edgefleet_operator.placement import Planner
 from edgefleet_operator.settings import OperatorSettings
@@ -68,9 +68,12 @@ class FleetReconciler:
         source: FleetSource | None = None,
     ) -> None:
         self.settings = settings
-        self.gate: Callable[[], None] = _always
-        """Raises `ownership.HoldLost` when this replica may no longer write (`fleet_loop` sets it);
-        by default it always may (a single instance, or a test's reconciler)."""
+        self.gate: Callable[[str], None] = _always
+        """Raises `ownership.HoldLost` when this replica may no longer write for a shard (`fleet_loop`
+        sets it); by default it always may (a single instance, or a test's reconciler)."""
+        every = frozenset({FLEET_SHARD, *site_shards(settings.ownership.site_shards)})
+        self.held: Callable[[], frozenset[str]] = lambda: every
+        """The shards this replica holds now (`fleet_loop` sets it); by default all of them."""
         self.metrics = metrics
         self.clock = clock
         # Typed as Any: the client takes plain dicts (the API's JSON) where its stubs name models.
@@ -86,7 +89,7 @@ class FleetReconciler:
         starting Pod writes and services' bookkeeping. Cleared as a pass begins (its read then sees
         that work)."""
         self.writer = FleetWriter(
-            core, custom, discovery, self.urgent, lambda: self.gate(), identity, self.reader.offer
+            core, custom, discovery, self.urgent, lambda shard: self.gate(shard), identity, self.reader.offer
         )
         self.tracker = HealthTracker(settings.fleet)
         self.node_memo = fleet_state.NodeMemo(self.reader.views.edge_node)
@@ -113,26 +116,39 @@ class FleetReconciler:
         report = PassReport()
         self.urgent.clear()  # this pass's read sees what was urgent until now
         try:
-            self.gate()
+            held = self.held()
+            fleet = FLEET_SHARD in held
+            if fleet:
+                self.gate(FLEET_SHARD)
             read = self.reader.read()
             now = self.clock()
-            self.gate()
-            self._sync_edge_nodes(read, report)
-            deleting = [s for s in read.services if s["metadata"].get("deletionTimestamp")]
-            live, states, result = self._place(read, now, report)
-            self.gate()
-            rollouts = self._rollouts(live, result, read, now, report)
-            self.gate()
-            # Positional arguments: a test wraps this phase to set `urgent` right after it.
-            self._write_edge_node_specs(live, result, rollouts, states, read, now, report)
-            self.gate()
-            self._release_finalizers(deleting, read, report)
-            self.gate()
-            self._sync_pods(result, read, report)
-            self.gate()
-            self._write_services(live, result, rollouts, read, now, report)
+            shard_of = self._shards_of(read)
+            # The nodes whose per-node work (health, agent Pod) this replica writes.
+            mine = {n for n, shard in shard_of.items() if shard in held}
+            if fleet:
+                self.gate(FLEET_SHARD)
+                self._sync_edge_nodes(read, report)
+            states = self._node_states(read, now, mine, report)
+            self._publish_health(read, report, mine, shard_of)
+            live: list[ServiceRead] = []
+            result: PlacementResult | None = None
+            if fleet:
+                deleting = [s for s in read.services if s["metadata"].get("deletionTimestamp")]
+                live, result = self._place(read, states, report)
+                self.gate(FLEET_SHARD)
+                rollouts = self._rollouts(live, result, read, now, report)
+                self.gate(FLEET_SHARD)
+                # Positional arguments: a test wraps this phase to set `urgent` right after it.
+                self._write_edge_node_specs(live, result, rollouts, states, read, now, report)
+                self.gate(FLEET_SHARD)
+                self._release_finalizers(deleting, read, report)
+            self._sync_pods(result, read, report, mine, shard_of)
+            if fleet:
+                assert result is not None
+                self.gate(FLEET_SHARD)
+                self._write_services(live, result, rollouts, read, now, report)
+                report.unplaced = sum(1 for p in result.services.values() if not p.complete)
             report.nodes, report.services = len(read.nodes), len(live)
-            report.unplaced = sum(1 for p in result.services.values() if not p.complete)
             report.seconds = time.monotonic() - t0
             self.metrics.observe_pass(report, report.seconds, ok=True)
             return report
@@ -142,6 +158,19 @@ class FleetReconciler:
         except Exception:
             self.metrics.observe_pass(report, time.monotonic() - t0, ok=False)
             raise
+
+    def _shards_of(self, read: FleetRead) -> dict[str, str]:
+        """Each fleet node -> the shard of its per-node work (its site's; the fleet's without site
+        shards)."""
+        o = self.settings.ownership
+        if o.site_shards == 0:
+            return dict.fromkeys((n["metadata"]["name"] for n in read.nodes), FLEET_SHARD)
+        return {
+            n["metadata"]["name"]: site_shard(
+                (n["metadata"].get("labels") or {}).get(o.site_label, ""), o.site_shards
+            )
+            for n in read.nodes
+        }
 
     # --- the phases, in order ------------------------------------------------------------------
 
@@ -153,23 +182,43 @@ class FleetReconciler:
         for name in (*sync.delete, *sync.ignore):
             del read.edge_nodes[name]
 
-    def _place(
-        self, read: FleetRead, now: float, report: PassReport
-    ) -> tuple[list[ServiceRead], list[NodeState], PlacementResult]:
-        """Judges every node's health and places the live services; returns the services placed (a
-        spec the contract or placement cannot read is logged and skipped), the nodes' states and the
-        placement."""
+    def _node_states(
+        self, read: FleetRead, now: float, mine: Collection[str], report: PassReport
+    ) -> list[NodeState]:
+        """Every node's state for placement. The health of the nodes in `mine` is judged here (their
+        Node and their agent's Lease); the others' is what the holder of their site's shard published
+        (`fleet_state.published_health`; Suspect until it has: they keep their work, get none new)."""
         states = []
         memo, reserve = self.node_memo, self.settings.fleet.memory_reserve_fraction
         for node in read.nodes:
             name = node["metadata"]["name"]
             en = read.edge_nodes.get(name)
-            signals = memo.signals(node, en, read.leases.get(names.agent_name(name)))
-            health = self.tracker.judge(signals, now)
+            if name in mine:
+                signals = memo.signals(node, en, read.leases.get(names.agent_name(name)))
+                health = self.tracker.judge(signals, now)
+            else:
+                health = fleet_state.published_health(en) or Health.SUSPECT
             report.health[name] = health.value
             states.append(memo.state(node, en, health, reserve))
         memo.keep_only(report.health)
-        self.tracker.forget(set(self.tracker.lost_work_at) - {n["metadata"]["name"] for n in read.nodes})
+        self.tracker.forget(set(self.tracker.lost_work_at) - set(report.health))
+        return states
+
+    def _publish_health(
+        self, read: FleetRead, report: PassReport, mine: Collection[str], shard_of: Mapping[str, str]
+    ) -> None:
+        """With site shards, the health of the nodes this replica judged goes on their EdgeNodes (on
+        change), for whichever replica places."""
+        if self.settings.ownership.site_shards == 0:
+            return
+        judged = {n: Health(report.health[n]) for n in mine}
+        self.writer.write_health(pass_plan.health_writes(judged, read.edge_nodes, shard_of), report)
+
+    def _place(
+        self, read: FleetRead, states: list[NodeState], report: PassReport
+    ) -> tuple[list[ServiceRead], PlacementResult]:
+        """Places the live services; returns the services placed (a spec the contract or placement
+        cannot read is logged and skipped) and the placement."""
         measured = fleet_state.measured_bytes(read.edge_node(n) for n in read.edge_nodes)
         live, demands = [], []
         for obj in read.services:
@@ -193,7 +242,7 @@ class FleetReconciler:
         )
         result = self.planner.plan(demands, states, previous)
         report.result, report.incremental_plan = result, self.planner.incremental
-        return live, states, result
+        return live, result
 
     def _rollouts(
         self,
@@ -245,16 +294,30 @@ class FleetReconciler:
         the specs without it): `kubectl delete` returns once its models are unplaced everywhere."""
         self.writer.write_finalizers(pass_plan.finalizer_releases(deleting, read), report)
 
-    def _sync_pods(self, result: PlacementResult, read: FleetRead, report: PassReport) -> None:
-        """An agent Pod on every node with work, none on nodes without; failed Pods are replaced."""
-        by_node = result.assignment.by_node
+    def _sync_pods(
+        self,
+        result: PlacementResult | None,
+        read: FleetRead,
+        report: PassReport,
+        mine: Collection[str],
+        shard_of: Mapping[str, str],
+    ) -> None:
+        """An agent Pod on every node of `mine` with work, none on those without; failed Pods are
+        replaced. Work is this pass's placement when it placed, else the EdgeNode specs."""
+        by_node: Mapping[str, tuple[PlacedModel, ...]]
+        if result is not None:
+            by_node = {n: p for n, p in result.assignment.by_node.items() if n in mine}
+        else:
+            by_node = fleet_state.previous_assignment(
+                read.edge_node(n) for n in read.edge_nodes if n in mine
+            ).by_node
         if self.urgent.is_set():  # not even the read: the next pass starts at once
             report.defer(pass_plan.nodes_with_work(by_node))
             return
         self.reader.read_pods(read)
         external = pass_plan.external_agents(read.nodes, self.settings.agent)
         writes = pass_plan.pod_writes(by_node, read.pods, read.edge_nodes, self.settings.agent, external)
-        self.writer.sync_pods(writes, report)
+        self.writer.sync_pods(writes, report, shard_of)
 
     def _write_services(
         self,
@@ -299,7 +362,7 @@ class FleetReconciler:
         self._carried |= self.writer.write_bookkeeping(plans, report)
 
 
-def _always() -> None:
+def _always(shard: str) -> None:
     """The gate of a reconciler that always may write."""
 
 

@@ -100,8 +100,16 @@ class OwnershipSettings:
     namespace: str = ""
     """Namespace of the operator's Leases: the operator's own (the chart sets it from the Pod);
     empty: the agent namespace."""
+    site_shards: int = 0
+    """Site shards besides the fleet's (`ownership.site_shard`): each node's per-node work (its
+    health from its Lease, its agent Pod) belongs to the shard its site hashes to, so N replicas
+    each carry about 1/N of it. 0: the fleet shard's holder does everything (one writer)."""
+    site_label: str = "edgefleet.io/site"
+    """The Node label naming a node's site (nodes without it form one site of their own)."""
 
     def __post_init__(self) -> None:
+        if self.site_shards < 0:
+            raise ValueError(f"site shards must be >= 0, got {self.site_shards}")
         if self.lease_duration_s < 1:
             raise ValueError(f"lease duration must be >= 1 s, got {self.lease_duration_s}")
         if not 0 < self.renew_interval_s < self.lease_duration_s - self.margin_s:
@@ -122,8 +130,8 @@ class OperatorSettings:
     """Events within this window are folded into one fleet reconcile (a burst of 200 applies costs
     a handful of placements, not 200)."""
     resync_interval_s: float = 10.0
-    """Full reconcile even without events: catches missed watch events and ages node health (Lease
-    renewals are not watched: at 1,000 agents they would be 100 events a second)."""
+    """A pass even without events: it ages node health (Lease renewals update the cache but ask for
+    no pass: at 10,000 agents they would be hundreds a second). It reads the in-memory fleet."""
     metrics_port: int = 8080
     api_backoff_base_s: float = 1.0
     """After a failed pass (the API server said no, or went away) the next waits up to this long,
@@ -232,6 +240,8 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         renew_interval_s=_number(e, "LEASE_RENEW_S", o.renew_interval_s),
         margin_s=_number(e, "LEASE_MARGIN_S", o.margin_s),
         namespace=e.get("EDGEFLEET_LEASE_NAMESPACE", "").strip(),
+        site_shards=int(_number(e, "SITE_SHARDS", o.site_shards)),
+        site_label=e.get("EDGEFLEET_SITE_LABEL", "").strip() or o.site_label,
     )
     backoff = (
         _number(e, "API_BACKOFF_BASE_S", OperatorSettings.api_backoff_base_s),

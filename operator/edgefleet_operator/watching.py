@@ -13,21 +13,23 @@ EDGEFLEET_API_READ_TIMEOUT_S):
   read timeout between bytes (`api_read_timeout_s`, 30 s), and is retried once at most: a
   pass stalled on a dead connection fails within 60 s, and the fleet loop retries it on a
   new connection.
-- the fleet loop relists everything each `resync_interval_s` (settings.py, 10 s), so an event
-  a stalled or expired watch missed is applied within one resync after the calls work again:
-  resync + two read timeouts + one pass, 70 s and a pass with the defaults (the fault test,
-  with a 3 s read timeout and a 1 s resync: 8 s).
+- the operator's informers (`fleet_cache`) watch with the same server timeout and inactivity
+  bound; a call (a pass's write, a Lease round) that finds the API server out of reach cuts
+  every watch, which resumes on a new connection from its last resourceVersion: an event a
+  stalled watch missed is applied within a read timeout and a pass after the calls work
+  again (the fault test, with a 3 s read timeout and 1 s Lease rounds: under 15 s).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import rest
+from urllib3.util.retry import Retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +101,35 @@ class BoundedRestClient(rest.RESTClientObject):
         return super().request(method, url, *args, **kwargs)
 
 
-def bounded(api_client: Any, watching: WatchingSettings) -> Any:
+class NoticedRetry(Retry):
+    """urllib3's Retry that calls `on_error` for every failed attempt it retries or gives up on (a
+    connect or read error, a timeout): a call that succeeded on its retry still tells that the link
+    failed once, and connections opened before it (watches) may be dead too."""
+
+    on_error: Callable[[], None] | None = None
+
+    def new(self, **kw: Any) -> NoticedRetry:
+        retry = super().new(**kw)
+        retry.on_error = self.on_error
+        return retry
+
+    def increment(self, *args: Any, **kwargs: Any) -> NoticedRetry:
+        if kwargs.get("error") is not None and self.on_error is not None:
+            self.on_error()
+        return super().increment(*args, **kwargs)
+
+
+def bounded(api_client: Any, watching: WatchingSettings, on_error: Callable[[], None] | None = None) -> Any:
     """`api_client` (a kubernetes ApiClient) with every call bounded by the connect and read
     timeouts of `watching` and retried once at most (urllib3 retries a timed-out read of a GET:
-    a stalled call costs at most two read timeouts); returns it."""
+    a stalled call costs at most two read timeouts); `on_error` is told of every failed attempt
+    (`NoticedRetry`); returns it."""
     old = api_client.rest_client
     timeout = (watching.api_connect_timeout_s, watching.api_read_timeout_s)
-    api_client.configuration.retries = 1  # for a kept-alive connection the server closed; not 3
+    # One retry: for a kept-alive connection the server closed; not 3.
+    retry = NoticedRetry(total=1)
+    retry.on_error = on_error
+    api_client.configuration.retries = retry
     api_client.rest_client = BoundedRestClient(api_client.configuration, timeout)
     old.close()
     return api_client

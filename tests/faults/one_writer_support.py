@@ -175,11 +175,11 @@ class Recorder:
             last[s.name] = spec
         return out
 
-    def holder_at(self, revision: int) -> str:
+    def holder_at(self, revision: int, lease: str = SHARD_LEASE) -> str:
         """The shard Lease's holder as of the last Lease write before `revision` ("" if none yet)."""
         holder = ""
         for s in self.events("leases"):
-            if s.name != SHARD_LEASE or s.revision > revision:
+            if s.name != lease or s.revision > revision:
                 continue
             holder = (s.obj.get("spec") or {}).get("holderIdentity") or ""
         return holder

@@ -446,9 +446,9 @@ def test_a_pass_that_loses_its_hold_stops_writing(world: World) -> None:
 
     held = {"yes": True}
 
-    def gate() -> None:
+    def gate(shard: str) -> None:
         if not held["yes"]:
-            raise HoldLost("shard fleet no longer held")
+            raise HoldLost(f"shard {shard} no longer held")
 
     def lose_at_the_first_spec(call: Call) -> None:
         if call.method == "PATCH" and call.kind == "edgenodes":

@@ -65,6 +65,9 @@ class Standby:
     def holds(self, shard: str) -> bool:
         return False
 
+    def held(self) -> list[str]:
+        return []
+
 
 def test_a_replica_in_standby_is_reported_unobserved() -> None:
     reconciler = FakeReconciler(None)

@@ -152,3 +152,26 @@ def test_a_deletion_does_not_remove_a_newer_recreation() -> None:
     assert (store.get("a") or {})["metadata"]["labels"] == {"v": "2"}
     store.delete(node("a", 2, 16))
     assert store.get("a") is None
+
+
+def test_a_failed_watch_makes_the_cache_blind_until_a_pass_has_seen_it() -> None:
+    from kubernetes import client
+
+    from edgefleet_operator.fleet_cache import FleetCache
+    from edgefleet_operator.settings import OperatorSettings
+    from edgefleet_operator.watching import WatchingSettings
+
+    cache = FleetCache(
+        client.ApiClient(client.Configuration(host="http://nowhere")), OperatorSettings(), WatchingSettings()
+    )
+    leases = cache.informers["Lease"]
+    assert cache.blind()  # nothing connected yet
+    for informer in cache.informers.values():
+        informer._answered()
+    assert not cache.blind()
+    leases._failed(TimeoutError("read timed out"))
+    leases._answered()  # back already: the span between was still not observed
+    assert cache.blind()
+    assert not cache.blind()
+    leases._failed(ConnectionRefusedError(111, "refused"))
+    assert cache.blind() and cache.blind()  # still down
