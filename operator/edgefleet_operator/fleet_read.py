@@ -115,9 +115,18 @@ class FleetRead:
     """The EndpointSlices this operator manages, by (namespace, name)."""
     views: TypedViews = field(default_factory=TypedViews, repr=False)
 
+    _typed: dict[str, tuple[Obj, EdgeNode]] = field(default_factory=dict, repr=False)
+
     def edge_node(self, name: str) -> EdgeNode:
-        """EdgeNode `name` typed (see `TypedViews.edge_node`)."""
-        return self.views.edge_node(name, self.edge_nodes[name])
+        """EdgeNode `name` typed (see `TypedViews.edge_node`); a phase asking again for the same
+        object gets it from this pass's own memo."""
+        obj = self.edge_nodes[name]
+        kept = self._typed.get(name)
+        if kept is not None and kept[0] is obj:
+            return kept[1]
+        typed = self.views.edge_node(name, obj)
+        self._typed[name] = (obj, typed)
+        return typed
 
     def set_at(self, name: str) -> Mapping[EntryKey, int]:
         """EdgeNode `name`'s spec entries -> the spec generation that set each (see `report_ledger`)."""

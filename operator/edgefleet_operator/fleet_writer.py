@@ -201,7 +201,8 @@ class FleetWriter:
                 self.post_event(event, report)
             stand.append(ro)  # list.append is atomic: the threads share this list
 
-        self._each(write, writes)
+        stand.extend(ro for ro in writes if ro.writes_nothing)  # no thread for a step with no write
+        self._each(write, [ro for ro in writes if not ro.writes_nothing])
         return stand
 
     def write_edge_node_specs(
@@ -341,7 +342,7 @@ class FleetWriter:
                 log.warning("could not update %s: %s %s", plan.service, e.status, e.reason)
                 report.wrote("service.error")
 
-        self._each(write, plans)
+        self._each(write, [plan for plan in plans if not plan.writes_nothing])
         return carried
 
     def write_service(self, plan: pass_plan.Bookkeeping, report: PassReport) -> None:

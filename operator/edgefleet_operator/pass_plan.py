@@ -124,6 +124,17 @@ class RolloutWrite:
     """The service's resourceVersion as read (the annotation removal's condition when no status
     write precedes it)."""
 
+    @property
+    def writes_nothing(self) -> bool:
+        """A step that stands and sends nothing (most services, most passes)."""
+        return (
+            self.decision is not None
+            and self.action_warning is None
+            and self.status_patch is None
+            and not self.clear_action
+            and not self.events
+        )
+
 
 def rollout_write(
     service: ServiceRead,
@@ -421,6 +432,16 @@ class Bookkeeping:
     create_service: Obj | None
     """The Service to create, when the pass's list lacked it."""
     endpoint_slice: SliceWrite | None
+
+    @property
+    def writes_nothing(self) -> bool:
+        return (
+            not self.events
+            and self.status_patch is None
+            and self.finalizer is None
+            and self.create_service is None
+            and self.endpoint_slice is None
+        )
 
 
 def bookkeeping(
