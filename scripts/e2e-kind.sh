@@ -203,4 +203,5 @@ EDGEFLEET_E2E_EXAMPLES="$WORK/examples" \
 EDGEFLEET_E2E_EXAMPLES_AT=/opt/edgefleet/examples \
 EDGEFLEET_E2E_NODE_DOWN="docker stop {node}" \
 EDGEFLEET_E2E_TIMINGS="$WORK/timings.json" \
-  "$repo/.venv/bin/python" -m pytest tests/e2e/test_fleet_e2e.py -v -p no:cacheprovider ${PYTEST_ARGS:-}
+  "$repo/.venv/bin/python" -m pytest ${EDGEFLEET_E2E_TESTS:-tests/e2e/test_fleet_e2e.py tests/e2e/kind_node_reboot.py} \
+  -v -p no:cacheprovider ${PYTEST_ARGS:-}
