@@ -30,6 +30,7 @@ file named on its command line whatever its name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -39,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,7 @@ class Reboot:
     managed: str = ""
     """The worker with the operator's agent Pod."""
     static_ip: str = ""
+    managed_ip: str = ""
     installed: bool = False
     manifest_written: bool = False
     api_stopped: bool = False
@@ -173,7 +176,8 @@ class Reboot:
     before: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     """Node -> its EdgeNode spec's (service, model, version), before the outage."""
     managed_pod_uid: str = ""
-    restored_at: float = 0.0
+    rebooted_at: float = 0.0
+    """Wall-clock time just before the workers were restarted."""
 
     def kubectl(self, *args: str, check: bool = True, input_: str | None = None) -> str:
         kubectl = os.environ.get("EDGEFLEET_E2E_KUBECTL", "kubectl")
@@ -239,6 +243,13 @@ class Reboot:
 def node_ip(r: Reboot, node: str) -> str:
     node_obj = r.get("node", node)
     return next(a["address"] for a in node_obj["status"]["addresses"] if a["type"] == "InternalIP")
+
+
+def blob_path(r: Reboot) -> str:
+    """classifier:1's blob in the static agent's node cache, on its node."""
+    _, digest = release.example_models(r.examples)[("classifier", "1")]
+    disk = f"/var/lib/edgefleet/{names.agent_name(r.static)}/models"
+    return f"{disk}/.edgefleet/cache/blobs/sha256/{digest.removeprefix('sha256:')}"
 
 
 def container_running(node: str) -> bool:
@@ -329,6 +340,7 @@ def test_1_static_pod_agent_serves_on_its_node(reboot: Reboot) -> None:
     assert len(workers) >= 2, f"two fleet workers up are needed, found {workers}"
     r.static, r.managed = workers[0], workers[1]
     r.static_ip = node_ip(r, r.static)
+    r.managed_ip = node_ip(r, r.managed)
     for node in (r.static, r.managed):
         r.kubectl("label", "node", node, f"{FLEET_LABEL}={RUN}", "--overwrite")
         r.labelled.append(node)
@@ -439,15 +451,14 @@ def test_1_static_pod_agent_serves_on_its_node(reboot: Reboot) -> None:
 
     # The node disk holds the persisted assignment and the model, the version a hard link of the blob.
     disk = f"/var/lib/edgefleet/{names.agent_name(r.static)}/models"
-    _, digest = models[("classifier", "1")]
-    blob = f"{disk}/.edgefleet/cache/blobs/sha256/{digest.removeprefix('sha256:')}"
+    blob = blob_path(r)
     inodes = on_node(r.static, f"stat -c %i {disk}/classifier/1/model.pt {blob}").split()
     assert len(inodes) == 2 and inodes[0] == inodes[1], f"version and cache blob: inodes {inodes}"
     persisted = json.loads(on_node(r.static, f"cat {disk}/.edgefleet/assignment-{r.static}.json"))
     assert SERVICE in json.dumps(persisted), persisted
 
 
-def test_2_rebooted_node_serves_with_the_api_server_down(reboot: Reboot) -> None:
+def test_2_rebooted_nodes_static_agent_serves_with_the_api_server_down(reboot: Reboot) -> None:
     r = reboot
     assert r.static, "step 1 ran"
     assert not refuses(r.control_plane_ip, 6443)
@@ -455,10 +466,15 @@ def test_2_rebooted_node_serves_with_the_api_server_down(reboot: Reboot) -> None
     r.api_stopped = True
     r.wait(lambda: refuses(r.control_plane_ip, 6443), "the kubelet to stop the API server", timeout_s=120)
 
-    restarted = time.monotonic()
-    run("docker", "restart", r.static, timeout_s=180)
-    ip = run("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", r.static)
-    assert ip.strip() == r.static_ip, f"{r.static} came back at {ip.strip()}, was {r.static_ip}"
+    # Both workers reboot: the static one, and the one whose agent is the operator's Pod.
+    blob = blob_path(r)
+    used_before = int(on_node(r.static, f"stat -c %Y {blob}"))
+    restarted, restarted_wall = time.monotonic(), time.time()
+    r.rebooted_at = restarted_wall
+    run("docker", "restart", r.static, r.managed, timeout_s=180)
+    for node, was in ((r.static, r.static_ip), (r.managed, r.managed_ip)):
+        ip = run("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", node)
+        assert ip.strip() == was, f"{node} came back at {ip.strip()}, was {was}"
 
     base = f"http://{r.static_ip}:{PORT}"
     r.wait(lambda: answers(base), f"the static agent on the rebooted {r.static} to serve")
@@ -466,12 +482,28 @@ def test_2_rebooted_node_serves_with_the_api_server_down(reboot: Reboot) -> None
     record_timing("reboot: node restart to the static agent serving (API server down)", serving_s)
     got = infer(base, IMAGE)
     np.testing.assert_allclose(got, reference(r.examples, IMAGE), rtol=1e-4, atol=1e-5)
-    assert refuses(r.control_plane_ip, 6443), "the API server stayed down throughout"
 
     log = r.agent_log()
     assert f"serving the persisted assignment of EdgeNode {r.static}" in log, log[-3000:]
-    _, digest = release.example_models(r.examples)[("classifier", "1")]
-    assert f"placed {digest} from the node cache" in log, log[-3000:]
+    # Placing a version from the node cache touches its blob (the cache's last use): the model was
+    # placed from the cache after the boot, no byte of it fetched.
+    used_after = int(on_node(r.static, f"stat -c %Y {blob}"))
+    assert used_before < used_after >= int(restarted_wall), (used_before, restarted_wall, used_after)
+    disk = f"/var/lib/edgefleet/{names.agent_name(r.static)}/models"
+    inodes = on_node(r.static, f"stat -c %i {disk}/classifier/1/model.pt {blob}").split()
+    assert len(inodes) == 2 and inodes[0] == inodes[1], f"version and cache blob: inodes {inodes}"
+
+    # The other worker's kubelet is up as long (its health endpoint answers), and has started no agent:
+    # a kubelet learns its Pods from the API server, and keeps no copy of them across a reboot. The
+    # static Pod is what serves through a cold start with no cloud.
+    r.wait(
+        lambda: on_node(r.managed, "curl -sf http://127.0.0.1:10248/healthz", check=False) == "ok",
+        f"{r.managed}'s kubelet to be up",
+    )
+    assert not on_node(r.managed, "crictl ps --name '^agent$' -q").split(), (
+        f"{r.managed}'s kubelet started the operator's agent Pod with no API server"
+    )
+    assert refuses(r.control_plane_ip, 6443), "the API server stayed down throughout"
 
 
 def test_3_api_server_back_fleet_converges_with_no_model_moved(reboot: Reboot) -> None:
@@ -480,28 +512,44 @@ def test_3_api_server_back_fleet_converges_with_no_model_moved(reboot: Reboot) -
     on_node(r.control_plane, f"mv {APISERVER_AWAY} {APISERVER_MANIFEST}")
     r.wait(lambda: r.kubectl("get", "--raw", "/readyz", check=False) == "ok", "the API server back")
     r.api_stopped = False
-    r.restored_at = time.time()
+    restored_at = time.time()
     back = time.monotonic()
 
-    def lease_renewed() -> bool:
-        lease = r.get("-n", AGENTS, "lease", names.agent_name(r.static))
-        renew = lease["spec"].get("renewTime")
-        if not renew:
-            return False
-        from datetime import datetime
+    def stamp(text: str | None) -> float:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() if text else 0.0
 
-        return datetime.fromisoformat(renew.replace("Z", "+00:00")).timestamp() > r.restored_at - 1
+    def reporting(node: str) -> bool:
+        """The node's agent renewed its Lease and wrote its EdgeNode status since the API server came
+        back, with its model ready."""
+        lease = r.get("-n", AGENTS, "lease", names.agent_name(node))
+        status = r.get("edgenode", node).get("status") or {}
+        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return (
+            stamp(lease["spec"].get("renewTime")) > restored_at
+            and stamp(status.get("heartbeatTime")) > restored_at
+            and ready.get("status") == "True"
+        )
 
-    r.wait(lease_renewed, f"the static agent on {r.static} to renew its Lease")
-    r.wait(
-        lambda: (
-            "kubernetes.io/config.mirror"
-            in (r.agent_pods().get(r.static) or {}).get("metadata", {}).get("annotations", {})
-        ),
-        "the kubelet to recreate the static agent's mirror Pod",
-    )
+    def agent_started_at(node: str) -> float:
+        """When the node's agent container started, as its kubelet reports it (0: not running)."""
+        pod = r.agent_pods().get(node) or {}
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        running = next((c["state"].get("running") or {} for c in statuses if c["name"] == "agent"), {})
+        return stamp(running.get("startedAt"))
+
+    for node in (r.static, r.managed):
+        r.wait(functools.partial(reporting, node), f"{node}'s agent to report again")
+    r.wait(lambda: agent_started_at(r.static), "the kubelet to report the static agent's mirror Pod")
+    # The static agent started after the reboot, before the API server was back; the operator's agent
+    # only after (its kubelet needed the API server to learn of its Pod).
+    # (startedAt has whole seconds.)
+    assert int(r.rebooted_at) <= agent_started_at(r.static) < restored_at, (r.rebooted_at, restored_at)
+    r.wait(lambda: agent_started_at(r.managed), f"{r.managed}'s agent Pod running")
+    assert agent_started_at(r.managed) >= int(restored_at), (agent_started_at(r.managed), restored_at)
     r.wait(r.service_ready, f"{SERVICE} Ready on both nodes again")
-    record_timing("reboot: API server back to the service Ready", time.monotonic() - back)
+    record_timing(
+        "reboot: API server back to both agents reporting, the service Ready", time.monotonic() - back
+    )
 
     # The operator judges a NotReady node after notReadyGraceSeconds (30 s) and an agent silent past
     # its grace plus backoff allowance (30 + 30 s): watch the specs through that, and some.
@@ -513,7 +561,7 @@ def test_3_api_server_back_fleet_converges_with_no_model_moved(reboot: Reboot) -
         time.sleep(2)
     pods = r.agent_pods()
     assert pods[r.managed]["metadata"]["uid"] == r.managed_pod_uid, (
-        "the operator's agent Pod was not replaced"
+        "the operator's agent Pod is the same Pod, restarted by its kubelet, not replaced"
     )
     assert "kubernetes.io/config.mirror" in pods[r.static]["metadata"].get("annotations", {})
     assert r.service_ready()
