@@ -430,6 +430,10 @@ def test_1_static_pod_agent_serves_on_its_node(reboot: Reboot) -> None:
     np.testing.assert_allclose(infer(base, IMAGE), reference(r.examples, IMAGE), rtol=1e-4, atol=1e-5)
     r.wait(r.service_ready, f"{SERVICE} Ready on both nodes")
 
+    on_static = [p for p in r.get("-n", AGENTS, "pods")["items"] if p["spec"].get("nodeName") == r.static]
+    assert len(on_static) == 1, (
+        f"one agent on {r.static}, the static one: {[p['metadata']['name'] for p in on_static]}"
+    )
     pods = r.agent_pods()
     static_pod = pods.get(r.static)
     assert static_pod is not None, f"a mirror Pod of the static agent on {r.static}: {sorted(pods)}"
