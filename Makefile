@@ -70,7 +70,8 @@ images:
 
 # The end-to-end suite on a kind cluster of real Pods (docker, kind and its node image are set up by
 # the script, all built here): creates the cluster, builds and loads the images, runs
-# tests/e2e/test_fleet_e2e.py (which installs the chart), deletes the cluster. See scripts/e2e-kind.sh.
+# tests/e2e/test_fleet_e2e.py (which installs the chart) and tests/e2e/kind_node_reboot.py (a node
+# reboot with the API server down), deletes the cluster. See scripts/e2e-kind.sh.
 .PHONY: e2e-kind
 e2e-kind: venv
 	PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/e2e-kind.sh

@@ -11,7 +11,10 @@
 #      set (an advertised extended resource: kind has no GPUs; the CPU agent image needs none);
 #   4. runs the suite against the cluster: it installs the chart with helm (these images), applies
 #      the examples, infers through port-forwards to the agent Pods, rolls canaries forward and back,
-#      stops a worker's container (NotReady) and uninstalls;
+#      stops a worker's container (NotReady) and uninstalls; then tests/e2e/kind_node_reboot.py: a
+#      worker whose agent is a static Pod (`edgefleet-agent install --static-pod`) and one with the
+#      operator's agent Pod reboot (`docker restart`) while the API server is stopped; the static
+#      agent serves from its node cache, and the fleet converges with no model moved once it is back;
 #   5. deletes the cluster (KEEP_CLUSTER=1 keeps it; its kubeconfig is printed).
 #
 # With Docker and registry access (a user's machine) it uses kind's own node image and default CNI.
@@ -25,7 +28,8 @@
 # scripts/k8s-build.sh builds (`make binaries`; kind with --kind-node). Settings:
 # EDGEFLEET_KIND_CLUSTER (cluster name, default edgefleet-e2e), EDGEFLEET_KIND_IMAGE (node image;
 # default: kind's own, or the offline build without registry access), EDGEFLEET_KIND_OFFLINE (1 or
-# 0: force either way), PYTEST_ARGS (extra pytest arguments).
+# 0: force either way), EDGEFLEET_E2E_TESTS (the test files or ids to run; default both suites),
+# PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -203,4 +207,5 @@ EDGEFLEET_E2E_EXAMPLES="$WORK/examples" \
 EDGEFLEET_E2E_EXAMPLES_AT=/opt/edgefleet/examples \
 EDGEFLEET_E2E_NODE_DOWN="docker stop {node}" \
 EDGEFLEET_E2E_TIMINGS="$WORK/timings.json" \
-  "$repo/.venv/bin/python" -m pytest tests/e2e/test_fleet_e2e.py -v -p no:cacheprovider ${PYTEST_ARGS:-}
+  "$repo/.venv/bin/python" -m pytest ${EDGEFLEET_E2E_TESTS:-tests/e2e/test_fleet_e2e.py tests/e2e/kind_node_reboot.py} \
+  -v -p no:cacheprovider ${PYTEST_ARGS:-}
