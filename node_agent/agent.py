@@ -339,6 +339,7 @@ class Agent:
             unload_wait_s=s.unload_wait_s,
             assigned=self.overlay,
             health=s.health,
+            histograms=lambda m: sla.stats(m).histograms() if m in sla.models() else None,
         )
         self._register_metrics()
         sla.start()
