@@ -341,6 +341,7 @@ class Agent:
             health=s.health,
             histograms=lambda m: sla.stats(m).histograms() if m in sla.models() else None,
         )
+        self.scheduler.add_reclaimer(self.serving.release_idle_generator)
         self._register_metrics()
         sla.start()
         if self.thermal is not None:

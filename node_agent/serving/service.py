@@ -417,6 +417,18 @@ class Serving:
         for model_id in [m for m in self._generators if name is None or m.name == name]:
             await self._stop_generator(model_id, *self._generators.pop(model_id))
 
+    async def release_idle_generator(self, model_id: ModelId) -> None:
+        """Stop `model_id`'s generator if no request of it waits or runs, releasing its lease
+        (a `ModelScheduler` reclaimer). A generator holds its model for as long as it runs, so
+        without this a version taken out of service (the stable one after a rollout) would
+        never leave memory. Requests in progress are never cut: with any, the generator stays
+        and the next unload asks again; the version is out of the configs by then, so no new
+        request reaches it."""
+        running = self._generators.get(model_id)
+        if running is not None and running[0].idle:
+            del self._generators[model_id]
+            await self._stop_generator(model_id, *running)
+
     async def _stop_generator(self, model_id: ModelId, generator: AsyncGenerator, lease: Lease) -> None:
         try:
             await generator.stop()
