@@ -14,12 +14,13 @@ reading until one finishes); a request that fails is answered with its `error_me
 same one-line message ModelInfer's status would carry) and the stream goes on. The stream
 itself ends with a status only when it cannot go on: no valid token (UNAUTHENTICATED, checked
 once, from the stream's metadata), a message over `max_request_bytes` (RESOURCE_EXHAUSTED, from
-gRPC itself, which cannot skip a message), the client cancelling, or the server stopping.
-Errors: the agent's
-errors become HTTP statuses in `error_status` (one table), and those become gRPC codes in
-`GRPC_CODES`; details are one line, never a stack trace. A retry hint (Overloaded, queue full,
-model not ready, shutting down) travels in the trailing metadata as `retry-after` (seconds, as
-HTTP's header) and `grpc-retry-pushback-ms` (gRPC's own retry pushback).
+gRPC itself, which cannot skip a message: answers already sent stay delivered, requests still
+running get none), the client cancelling, or the server stopping.
+
+Errors: the agent's errors become HTTP statuses in `error_status` (one table), and those become
+gRPC codes in `GRPC_CODES`; details are one line, never a stack trace. A retry hint (Overloaded,
+queue full, model not ready, shutting down) travels in the trailing metadata as `retry-after`
+(seconds, as HTTP's header) and `grpc-retry-pushback-ms` (gRPC's own retry pushback).
 
 Protections, as HTTP's: messages larger than `max_request_bytes` are refused by gRPC itself
 (RESOURCE_EXHAUSTED) before a handler runs; request bytes held by RPCs in progress are charged
