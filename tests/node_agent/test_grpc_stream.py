@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from agent_runner import RunningAgent
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
@@ -217,12 +218,27 @@ HOSTILE: list[tuple[Any, str]] = [
 ]
 
 
+def streams_counted(running: RunningAgent, code: str) -> float:
+    """edgefleet_grpc_requests_total{rpc="ModelStreamInfer", code} on the agent's /metrics."""
+    with urllib.request.urlopen(f"http://{running.url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "edgefleet_grpc_requests_total" and s.labels == {
+                "rpc": "ModelStreamInfer",
+                "code": code,
+            }:
+                return float(s.value)
+    return 0.0
+
+
 def test_a_stream_answers_every_request_and_survives_bad_ones(
-    stub: tpb_grpc.GRPCInferenceServiceStub,
+    served: RunningAgent, stub: tpb_grpc.GRPCInferenceServiceStub
 ) -> None:
     """Good and hostile requests interleaved on one stream: one answer each, matched by id;
     errors as `error_message` (one line, no stack trace); outputs ModelInfer's; the
-    stream ends OK when the client is done."""
+    stream ends OK when the client is done, and is counted once."""
+    counted = streams_counted(served, "OK")
     goods = {f"good-{i}": images(1 + i % 3, seed=10 + i) for i in range(8)}
     requests = []
     for i, (rid, x) in enumerate(goods.items()):
@@ -247,6 +263,7 @@ def test_a_stream_answers_every_request_and_survives_bad_ones(
         message = answers[request.id].error_message
         assert text in message, message
         assert "Traceback" not in message and "\n" not in message
+    assert streams_counted(served, "OK") == counted + 1
 
 
 def test_tritonclient_streams_with_its_defaults(client: tgrpc.InferenceServerClient) -> None:
