@@ -106,14 +106,73 @@ class Stream:
     """An error event, a refusal's body, or the connection's failure."""
 
 
+def read_stream(
+    port: int, prompt: str, max_tokens: int, version: str | None = None, first: threading.Event | None = None
+) -> Stream:
+    """One greedy `generate_stream` request (of `version`, or the node's traffic split's choice)
+    read to its end; `first` is set once its first token arrived."""
+    path = f"/v2/models/{MODEL}" + (f"/versions/{version}" if version else "") + "/generate_stream"
+    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = json.dumps({"text_input": prompt, "parameters": params}).encode()
+    s = Stream(time.monotonic())
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            s.status = r.status
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    s.error = str(event["error"])
+                    break
+                s.tokens.append(int(event["token_id"]))
+                s.finish_reason = event.get("finish_reason", s.finish_reason)
+                if first is not None:
+                    first.set()
+    except urllib.error.HTTPError as e:
+        s.status, s.error = e.code, e.read().decode(errors="replace")[:300]
+    except OSError as e:
+        s.error = f"{type(e).__name__}: {e}"
+    s.ended = time.monotonic()
+    return s
+
+
+class PinnedStreams:
+    """`count` streams of one version, opened at once, each in its own thread."""
+
+    def __init__(self, port: int, prompt: str, max_tokens: int, version: str, count: int) -> None:
+        self.first = [threading.Event() for _ in range(count)]
+        self.streams: list[Stream] = []
+        self._threads = [
+            threading.Thread(
+                target=lambda e=e: self.streams.append(read_stream(port, prompt, max_tokens, version, e)),
+                daemon=True,
+            )
+            for e in self.first
+        ]
+        for t in self._threads:
+            t.start()
+
+    def wait_first_tokens(self, timeout_s: float = 60) -> None:
+        for e in self.first:
+            assert e.wait(timeout_s), "a pinned stream got no first token"
+
+    def join(self, timeout_s: float = 60) -> list[Stream]:
+        for t in self._threads:
+            t.join(timeout_s)
+        return list(self.streams)
+
+
 class StreamClients:
     """`clients` threads, each sending greedy `generate_stream` requests for the model (no
     version: the node's traffic split picks) one after another, `max_tokens` tokens each."""
 
     def __init__(self, port: int, prompt: str, max_tokens: int, clients: int = 3) -> None:
-        self.url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/generate_stream"
-        params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        self.body = json.dumps({"text_input": prompt, "parameters": params}).encode()
+        self.port, self.prompt, self.max_tokens = port, prompt, max_tokens
         self.streams: list[Stream] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -121,26 +180,7 @@ class StreamClients:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            s = Stream(time.monotonic())
-            request = urllib.request.Request(self.url, self.body, {"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as r:
-                    s.status = r.status
-                    for raw in r:
-                        line = raw.decode().strip()
-                        if not line.startswith("data:"):
-                            continue
-                        event = json.loads(line[5:])
-                        if "error" in event:
-                            s.error = str(event["error"])
-                            break
-                        s.tokens.append(int(event["token_id"]))
-                        s.finish_reason = event.get("finish_reason", s.finish_reason)
-            except urllib.error.HTTPError as e:
-                s.status, s.error = e.code, e.read().decode(errors="replace")[:300]
-            except OSError as e:
-                s.error = f"{type(e).__name__}: {e}"
-            s.ended = time.monotonic()
+            s = read_stream(self.port, self.prompt, self.max_tokens)
             with self._lock:
                 self.streams.append(s)
 

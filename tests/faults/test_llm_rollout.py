@@ -8,7 +8,8 @@ traffic), then is promoted by the rollout-action annotation, while clients keep 
 streams (`generate_stream`) open the whole time. Invariants:
 - no stream is cut: every stream started gets all its tokens and its finish_reason, no error event,
   and its tokens are one version's own greedy tokens, never a mix;
-- streams were in flight on tiny-lm:1 when it left the node, and they ended whole;
+- streams of tiny-lm:1 in flight at the promotion (two named by version, opened just before it)
+  end whole on it, and only then does tiny-lm:1 leave the node;
 - the promoted version serves: after promotion only tiny-lm:2 is on the node (tiny-lm:1 unloaded,
   its generator gone) and answers every new request.
 """
@@ -28,6 +29,7 @@ from edgefleet_api import names
 
 from .llm_rollout_support import (
     MODEL,
+    PinnedStreams,
     StreamClients,
     generate,
     llm_service,
@@ -40,7 +42,10 @@ pytestmark = pytest.mark.cluster
 
 PROMPT = "The edge node said:"
 TOKENS = 96
-"""Tokens per stream: long enough that streams straddle every step of the rollout."""
+"""Tokens per stream of the clients that run throughout."""
+PINNED_TOKENS = 240
+"""Tokens per stream of tiny-lm:1 opened just before the promotion (the service caps at 256): still
+running when it lands."""
 LONG = {"intervalSeconds": 3600, "minSamples": 10, "failureLimit": 1}
 """A window no test waits out: only the promote annotation ends the wave."""
 
@@ -124,6 +129,7 @@ def test_an_llm_canary_is_promoted_without_cutting_a_stream(
             canary = generate(port, PROMPT, TOKENS, version="2")
             assert canary["model_version"] == "2"
             reference["2"] = canary["token_ids"]
+            pinned_reference = generate(port, PROMPT, PINNED_TOKENS, version="1")["token_ids"]
             assert reference["1"] != reference["2"], "the versions must be told apart by their tokens"
 
             def answered_by(version: str) -> int:
@@ -131,7 +137,10 @@ def test_an_llm_canary_is_promoted_without_cutting_a_stream(
 
             eventually(lambda: answered_by("1") and answered_by("2"), "streams answered by both versions")
 
-            # Promote: tiny-lm:2 takes all the traffic, tiny-lm:1 leaves the node.
+            # Promote: tiny-lm:2 takes all the traffic, tiny-lm:1 leaves the node, while streams of
+            # tiny-lm:1 (named by version, so surely on it) are running.
+            pinned = PinnedStreams(port, PROMPT, PINNED_TOKENS, "1", count=2)
+            pinned.wait_first_tokens()
             annotation = {"metadata": {"annotations": {names.ANNOTATION_ROLLOUT_ACTION: "promote"}}}
             group.custom.patch_namespaced_custom_object(
                 names.GROUP, names.VERSION, group.namespace, names.INFERENCE_SERVICE_PLURAL, "llm", annotation
@@ -143,6 +152,7 @@ def test_an_llm_canary_is_promoted_without_cutting_a_stream(
                 context=seen,
             )
             gone_at = time.monotonic()
+            pinned_streams = pinned.join()
             phase = eventually(
                 lambda: (
                     (group.service("llm").get("status", {}).get("rollout") or {}).get("phase") == "Promoted"
@@ -171,13 +181,20 @@ def test_an_llm_canary_is_promoted_without_cutting_a_stream(
     assert cut == [], f"{len(cut)} of {len(streams)} streams cut or refused, e.g. {cut[:3]}"
     mixed = [s for s in streams if s.tokens not in (reference["1"], reference["2"])]
     assert mixed == [], f"{len(mixed)} streams are no version's own tokens, e.g. {mixed[:2]}"
+    assert len(pinned_streams) == 2
+    for s in pinned_streams:  # in flight at the promotion, whole after it
+        assert s.status == 200 and not s.error and s.finish_reason == "length", s
+        assert s.tokens == pinned_reference and s.started < promoted_at < s.ended
+    assert any(s.ended > promoted_at + 0.2 for s in pinned_streams), (
+        "tiny-lm:1 streams ended at the promotion"
+    )
     v1_across = [s for s in streams if s.tokens == reference["1"] and s.started < promoted_at < s.ended]
-    assert v1_across, "no tiny-lm:1 stream was in flight at the promotion; the test proves less"
     late = [s for s in streams if s.started > gone_at]
     assert late and all(s.tokens == reference["2"] for s in late), "tiny-lm:1 answered after it left"
     by = {v: sum(s.tokens == reference[v] for s in streams) for v in ("1", "2")}
     print(
         f"\n{len(streams)} streams of {TOKENS} tokens, all whole; by version {by}; "
-        f"{len(v1_across)} tiny-lm:1 streams in flight at the promotion; "
+        f"{len(v1_across)} of the clients' and 2 pinned tiny-lm:1 streams in flight at the promotion "
+        f"(pinned ones ended {max(s.ended for s in pinned_streams) - promoted_at:.2f} s after it); "
         f"tiny-lm:1 gone {gone_at - promoted_at:.2f} s after it; {time.monotonic() - t0:.1f} s"
     )
