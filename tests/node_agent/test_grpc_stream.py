@@ -323,3 +323,23 @@ def test_a_stream_needs_the_token_and_a_message_over_the_limit_ends_it_cleanly(
 
         again = list(stream(iter([raw_request(small, id="after")]), metadata=auth, timeout=60))
         assert [a.infer_response.id for a in again] == ["after"] and not again[0].error_message
+
+
+HOSTILE_NAMES = ["../classifier", "classifier/../../etc", "x" * 100_000, "\x00", "Classifier", " "]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["dotdot", "path", "huge", "nul", "upper", "space"])
+def test_hostile_names_get_not_found_from_config_and_statistics(
+    stub: tpb_grpc.GRPCInferenceServiceStub, name: str
+) -> None:
+    for call, request in (
+        (stub.ModelConfig, tpb.ModelConfigRequest(name=name)),
+        (stub.ModelStatistics, tpb.ModelStatisticsRequest(name=name)),
+        (stub.ModelStatistics, tpb.ModelStatisticsRequest(name="classifier", version=name)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=30)
+        error: Any = info.value
+        assert error.code() == Code.NOT_FOUND, (error.code(), error.details()[:200])
+        assert "Traceback" not in error.details() and "\n" not in error.details()
+        assert len(error.details()) <= 2000  # public_message caps every message
