@@ -339,7 +339,9 @@ class Agent:
             unload_wait_s=s.unload_wait_s,
             assigned=self.overlay,
             health=s.health,
+            histograms=lambda m: sla.stats(m).histograms() if m in sla.models() else None,
         )
+        self.scheduler.add_reclaimer(self.serving.release_idle_generator)
         self._register_metrics()
         sla.start()
         if self.thermal is not None:

@@ -138,6 +138,12 @@ class AsyncGenerator:
         """True from `start()` until `stop()` or a failure of the engine ends the loop."""
         return self._task is not None and not self._task.done() and not self._stopping
 
+    @property
+    def idle(self) -> bool:
+        """No request waiting or in progress (those finished may still be read by their streams:
+        their events are queued, so stopping an idle generator cuts nothing)."""
+        return not self._live and not any(not r.done for r in self._inbox)
+
     def stats(self) -> GenerationStats:
         """The engine's counters as of the last step (safe to call from the loop)."""
         return self._stats

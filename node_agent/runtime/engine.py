@@ -279,6 +279,11 @@ class Engine:
         """The batcher serving (model, version), created if needed (stats, tests)."""
         return self._entry(model, version).batcher
 
+    def made_batcher(self, model: str, version: str) -> Batcher | None:
+        """The batcher serving (model, version) if one was made; never makes one (statistics)."""
+        entry = self._entries.get((model, version))
+        return None if entry is None else entry.batcher
+
     def busy(self, model: str) -> bool:
         """Whether any version of `model` has requests queued or batches running."""
         return any(

@@ -42,7 +42,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -236,6 +236,7 @@ class ModelScheduler:
         self._changed = asyncio.Event()
         """Set (and replaced) whenever memory may have been freed."""
         self._memory_waiters = 0
+        self._reclaimers: list[Callable[[ModelId], Awaitable[None]]] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -306,8 +307,19 @@ class ModelScheduler:
         if self._memory_waiters:
             self._notify()
 
+    def add_reclaimer(self, reclaim: Callable[[ModelId], Awaitable[None]]) -> None:
+        """`reclaim(model_id)` is awaited by `unload` before it refuses a leased model: a holder
+        that keeps a lease while it has no work (a text generator holds its model while it runs)
+        releases it then, and keeps it while it has work (nothing in progress is cut)."""
+        self._reclaimers.append(reclaim)
+
     async def unload(self, model_id: ModelId) -> UnloadOutcome:
-        """Unload a model now, pinned or not; refuses while leased or loading."""
+        """Unload a model now, pinned or not; refuses while leased (after asking the reclaimers)
+        or loading."""
+        leased = self._slots.get(model_id)
+        if leased is not None and leased.in_flight and model_id not in self._loading:
+            for reclaim in self._reclaimers:  # they await: read the state again below
+                await reclaim(model_id)
         if model_id in self._loading:
             return UnloadOutcome.LOADING
         slot = self._slots.get(model_id)

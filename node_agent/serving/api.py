@@ -20,13 +20,14 @@ from edgefleet_api.types import Priority
 from node_agent.errors import InvalidInput
 from node_agent.runtime.model_names import NAME_MAX_LEN, NAME_RE
 from node_agent.serving import v2_codec
+from node_agent.serving.statistics import ModelStatistics
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
     from node_agent.generation.async_generator import AsyncGenerator
 
 SERVER_NAME = "edgefleet-agent"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters", "statistics")
 LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +75,11 @@ class ServingApi(Protocol):
     ) -> Mapping[str, np.ndarray]: ...
 
     def index(self) -> list[IndexEntry]: ...
+
+    def statistics(self, name: str, version: str | None) -> list[ModelStatistics]:
+        """Triton's statistics extension: every servable version (`name` ""), every version of
+        `name` (`version` None), or one (`statistics.model_statistics`)."""
+        ...
 
     async def load(self, name: str) -> None: ...
 

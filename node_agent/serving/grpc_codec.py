@@ -18,14 +18,16 @@ shape's element count).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from node_agent.errors import InvalidInput
 from node_agent.serving import v2_codec
 from node_agent.serving.proto import grpc_service_pb2 as pb
+from node_agent.serving.statistics import Duration, ModelStatistics
 from node_agent.types import ModelConfig
 
 CONTENTS_FIELD: dict[str, str] = {
@@ -156,4 +158,37 @@ def model_metadata(doc: Mapping[str, Any]) -> pb.ModelMetadataResponse:
             getattr(response, key).add(
                 name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
             )
+    return response
+
+
+def model_config(doc: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    """`v2_codec.triton_model_config`'s document (what HTTP's .../config answers) as Triton's
+    message. Triton's versions are integers: a version that is not (e.g. '2-canary') leaves
+    `version_policy` out of the message (HTTP's JSON still names it)."""
+    doc = dict(doc)
+    versions = doc.get("version_policy", {}).get("specific", {}).get("versions", [])
+    if not all(isinstance(v, str) and v.isdigit() for v in versions):
+        doc.pop("version_policy", None)
+    return pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig()))
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(stats: Sequence[ModelStatistics]) -> pb.ModelStatisticsResponse:
+    response = pb.ModelStatisticsResponse()
+    for s in stats:
+        entry = response.model_stats.add(
+            name=s.name,
+            version=s.version,
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        i = entry.inference_stats
+        i.success.CopyFrom(_duration(s.success))
+        i.fail.CopyFrom(_duration(s.fail))
+        i.queue.CopyFrom(_duration(s.queue))
+        i.compute_infer.CopyFrom(_duration(s.compute_infer))
     return response

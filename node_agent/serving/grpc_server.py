@@ -3,14 +3,24 @@
 Beside the HTTP API (`serving.http`), on the same `ServingApi` (engine, scheduler, batcher) and
 the same `HttpSettings` limits, token and repository-control networks, so the two protocols
 refuse the same requests the same way. Served: ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, RepositoryModelLoad and
-RepositoryModelUnload (`proto/grpc_service.proto`); anything else answers UNIMPLEMENTED.
+ServerMetadata, ModelMetadata, ModelConfig, ModelStatistics, ModelInfer, ModelStreamInfer,
+RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload (`proto/grpc_service.proto`);
+anything else answers UNIMPLEMENTED.
 
-One path for inference: decode (`grpc_codec`) -> `api.infer` -> encode. Errors: the agent's
-errors become HTTP statuses in `error_status` (one table), and those become gRPC codes in
-`GRPC_CODES`; details are one line, never a stack trace. A retry hint (Overloaded, queue full,
-model not ready, shutting down) travels in the trailing metadata as `retry-after` (seconds, as
-HTTP's header) and `grpc-retry-pushback-ms` (gRPC's own retry pushback).
+One path for inference: decode (`grpc_codec`) -> `api.infer` -> encode, for ModelInfer and for
+each request on a ModelStreamInfer stream. A stream answers every request it reads, in the
+order they finish (match them by `id`), at most `max_stream_in_flight` at once (then it stops
+reading until one finishes); a request that fails is answered with its `error_message` (the
+same one-line message ModelInfer's status would carry) and the stream goes on. The stream
+itself ends with a status only when it cannot go on: no valid token (UNAUTHENTICATED, checked
+once, from the stream's metadata), a message over `max_request_bytes` (RESOURCE_EXHAUSTED, from
+gRPC itself, which cannot skip a message: answers already sent stay delivered, requests still
+running get none), the client cancelling, or the server stopping.
+
+Errors: the agent's errors become HTTP statuses in `error_status` (one table), and those become
+gRPC codes in `GRPC_CODES`; details are one line, never a stack trace. A retry hint (Overloaded,
+queue full, model not ready, shutting down) travels in the trailing metadata as `retry-after`
+(seconds, as HTTP's header) and `grpc-retry-pushback-ms` (gRPC's own retry pushback).
 
 Protections, as HTTP's: messages larger than `max_request_bytes` are refused by gRPC itself
 (RESOURCE_EXHAUSTED) before a handler runs; request bytes held by RPCs in progress are charged
@@ -29,9 +39,10 @@ Stopping: `stop(grace_s)` refuses new RPCs and lets those in progress finish wit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
@@ -84,12 +95,17 @@ class GrpcSettings:
     max_concurrent_rpcs: int = 1024
     """RPCs handled at once; the excess is refused with RESOURCE_EXHAUSTED at once. The HTTP
     API's connection cap (one request in progress per HTTP/1.1 connection)."""
+    max_stream_in_flight: int = 64
+    """Requests of one ModelStreamInfer stream in progress at once (enough to fill batches of
+    the example models; a client sending faster is slowed by gRPC's flow control)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"grpc port must be an integer in [0, 65535], got {self.port!r}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs!r}")
+        if self.max_stream_in_flight < 1:
+            raise ValueError(f"max_stream_in_flight must be >= 1, got {self.max_stream_in_flight!r}")
 
 
 class _Refused(Exception):
@@ -176,6 +192,8 @@ class GrpcApi:
             "ModelReady": (self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
             "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
             "RepositoryModelLoad": (self.load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
@@ -183,7 +201,7 @@ class GrpcApi:
                 self.unload, pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse
             ),
         }  # fmt: skip
-        return {
+        handlers = {
             name: grpc.unary_unary_rpc_method_handler(
                 self._guarded(name, handler),
                 request_deserializer=request.FromString,
@@ -191,6 +209,12 @@ class GrpcApi:
             )
             for name, (handler, request, response) in methods.items()
         }
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.model_stream_infer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        )
+        return handlers
 
     def _guarded(self, name: str, handler: Handler) -> Handler:
         """`handler` behind the token check, with errors turned into status codes."""
@@ -256,6 +280,15 @@ class GrpcApi:
         config = self.api.config(request.name, request.version or None)
         return grpc_codec.model_metadata(v2_codec.model_metadata(config, self.api.versions(request.name)))
 
+    async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        config = self.api.config(request.name, request.version or None)
+        return grpc_codec.model_config(v2_codec.triton_model_config(config))
+
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        return grpc_codec.model_statistics(self.api.statistics(request.name, request.version or None))
+
     # -- inference --------------------------------------------------------------------------
 
     async def model_infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -265,6 +298,74 @@ class GrpcApi:
             decoded = grpc_codec.decode_infer(request)
             outputs = await api.infer(self.api, config, decoded)
             return grpc_codec.encode_infer(config, decoded, outputs)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Every request read is answered once on the stream (see the module docstring)."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                answers.put_nowait(await self._stream_answer(request))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader: asyncio.Task[None] | None = None
+        try:
+            self._check_auth(context)
+            reader = asyncio.create_task(read())
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # a failed read (a message over the limit) ends the stream with its status
+        except _Refused as e:
+            code = grpc_code(e)
+            await _abort(context, e)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            for task in (reader, *running):
+                if task is not None:
+                    task.cancel()
+            if self.observer is not None:
+                self.observer.observe("ModelStreamInfer", code.name, time.perf_counter() - started)
+
+    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One stream request's answer: its response, or its error as `error_message`."""
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, None))
+        except AgentError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gRPC ModelStreamInfer %r -> %s: %s", request.id, type(e).__name__, e)
+            message = public_message(e)
+        except Exception:
+            log.exception("unhandled error serving a gRPC ModelStreamInfer request")
+            message = "internal error (details are in the agent's log)"
+        return pb.ModelStreamInferResponse(
+            error_message=message,
+            infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            ),
+        )
 
     # -- model repository -------------------------------------------------------------------
 

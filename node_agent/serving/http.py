@@ -9,6 +9,7 @@ included, so `tritonclient.http` works with its defaults):
 | GET | /v2 | server metadata |
 | GET | /v2/models/{m}[/versions/{v}] | model metadata |
 | GET | /v2/models/{m}[/versions/{v}]/ready, .../config | readiness; Triton's model config |
+| GET | /v2/models/stats, /v2/models/{m}[/versions/{v}]/stats | Triton's statistics (`serving.statistics`) |
 | POST | /v2/models/{m}[/versions/{v}]/infer | inference |
 | POST | /v2/models/{m}[/versions/{v}]/generate, .../generate_stream | text generation (`serving.generate`) |
 | GET, POST | /v1/models, /v1/completions, /v1/chat/completions | OpenAI-compatible (`serving.openai_api`) |
@@ -64,6 +65,7 @@ from node_agent.serving.connections import ConnectionGuard, ConnectionLimits
 from node_agent.serving.generate import add_generate_routes
 from node_agent.serving.openai_api import add_openai_routes
 from node_agent.serving.responses import HttpError, error_response, json_object, json_response
+from node_agent.serving.statistics import statistics_json
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +211,12 @@ class V2Api:
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/models/stats", self.model_statistics)  # before {model}: Triton's route
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(base, self.model_metadata)
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
+            r.add_get(base + "/stats", self.model_statistics)
             r.add_post(base + "/infer", self.infer, expect_handler=self._expect)
         r.add_post("/v2/repository/index", self.repository_index)
         r.add_post("/v2/repository/models/{model}/load", self.load)
@@ -327,6 +331,10 @@ class V2Api:
     async def model_config(self, request: web.Request) -> web.Response:
         name, version = _model_path(request)
         return json_response(v2_codec.triton_model_config(self.api.config(name, version)))
+
+    async def model_statistics(self, request: web.Request) -> web.Response:
+        name, version = request.match_info.get("model", ""), request.match_info.get("version")
+        return json_response(statistics_json(self.api.statistics(name, version)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model_path(request)

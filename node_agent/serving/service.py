@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +32,7 @@ from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler, UnloadOutcome
 from node_agent.serving.api import IndexEntry
+from node_agent.serving.statistics import ModelStatistics, Summed, model_statistics
 from node_agent.types import ModelConfig
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from node_agent.runtime.scheduler import Lease
 
 log = logging.getLogger(__name__)
+
+HistogramSource = Callable[[ModelId], Mapping[str, Summed] | None]
+"""A model version's lifetime histograms, None when untracked (`SlaMonitor.stats(m).histograms`)."""
 
 
 class AssignedModels(Protocol):
@@ -102,8 +106,13 @@ class Serving:
         unload_wait_s: float = 10.0,
         assigned: AssignedModels | None = None,
         health: HealthSettings | None = None,
+        histograms: HistogramSource | None = None,
     ) -> None:
         self.repository = repository
+        self.histograms = histograms
+        """Where `statistics` reads durations and batch sizes (none: zeros)."""
+        self._last_inference: dict[ModelId, float] = {}
+        """Model version -> wall-clock time (s) of its last request answered with outputs."""
         self.health = health or HealthSettings()
         self.assigned = assigned
         self.scheduler = scheduler
@@ -219,7 +228,26 @@ class Serving:
         timeout_s: float | None,
     ) -> Mapping[str, np.ndarray]:
         self._check_loaded(name)
-        return await self.engine.infer(name, version, inputs, priority, timeout_s)
+        outputs = await self.engine.infer(name, version, inputs, priority, timeout_s)
+        self._last_inference[ModelId(name, version)] = time.time()
+        return outputs
+
+    def statistics(self, name: str, version: str | None) -> list[ModelStatistics]:
+        """Triton's statistics of every servable version (`name` ""), of every version of
+        `name` (`version` None), or of one; ModelNotFound for a name or version not served."""
+        if not name:
+            ids = [ModelId(e.name, e.version) for e in self.index() if e.state == "READY"]
+        else:
+            versions = self.versions(name)
+            if version is not None and version not in versions:
+                raise ModelNotFound(f"no model {name}:{version}")
+            ids = [ModelId(name, v) for v in ([version] if version is not None else versions)]
+        out = []
+        for m in ids:
+            histograms = self.histograms(m) if self.histograms is not None else None
+            counters = self.engine.made_batcher(m.name, m.version)
+            out.append(model_statistics(m.name, m.version, histograms, counters, self._last_inference.get(m)))
+        return out
 
     def _check_loaded(self, name: str) -> None:
         state = self._unloaded.get(name)
@@ -388,6 +416,18 @@ class Serving:
         await asyncio.gather(*starts, return_exceptions=True)
         for model_id in [m for m in self._generators if name is None or m.name == name]:
             await self._stop_generator(model_id, *self._generators.pop(model_id))
+
+    async def release_idle_generator(self, model_id: ModelId) -> None:
+        """Stop `model_id`'s generator if no request of it waits or runs, releasing its lease
+        (a `ModelScheduler` reclaimer). A generator holds its model for as long as it runs, so
+        without this a version taken out of service (the stable one after a rollout) would
+        never leave memory. Requests in progress are never cut: with any, the generator stays
+        and the next unload asks again; the version is out of the configs by then, so no new
+        request reaches it."""
+        running = self._generators.get(model_id)
+        if running is not None and running[0].idle:
+            del self._generators[model_id]
+            await self._stop_generator(model_id, *running)
 
     async def _stop_generator(self, model_id: ModelId, generator: AsyncGenerator, lease: Lease) -> None:
         try:

@@ -41,7 +41,7 @@ from edgefleet_operator.informer import (
     strip_metadata,
     strip_node,
     strip_pod,
-    strip_to_metadata,
+    strip_service,
 )
 from edgefleet_operator.settings import OperatorSettings
 from edgefleet_operator.watching import WatchingSettings
@@ -139,7 +139,7 @@ class FleetCache:
                     core.list_service_for_all_namespaces,
                     label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}",
                 ),
-                strip_to_metadata,
+                strip_service,
             ),
             (
                 SLICES,
@@ -215,7 +215,9 @@ class FleetCache:
         read.pods = {o["metadata"]["name"]: o for o in self._snapshot(PODS).values()}
 
     def read_bookkeeping(self, read: FleetRead) -> None:
-        read.kube_services = {ns_name(o) for o in self._snapshot(KUBE_SERVICES).values()}
+        services = self._snapshot(KUBE_SERVICES).values()
+        read.kube_services = {ns_name(o) for o in services}
+        read.service_ports = {ns_name(o): (o.get("spec") or {}).get("ports") or [] for o in services}
         read.slices = {ns_name(o): o for o in self._snapshot(SLICES).values()}
 
     def offer(self, obj: Obj) -> None:

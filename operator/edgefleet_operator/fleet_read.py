@@ -113,6 +113,8 @@ class FleetRead:
     """(namespace, name) of the Services this operator manages."""
     slices: dict[tuple[str, str], Obj] = field(default_factory=dict)
     """The EndpointSlices this operator manages, by (namespace, name)."""
+    service_ports: dict[tuple[str, str], list[Obj]] = field(default_factory=dict)
+    """Their `spec.ports`, by (namespace, name) (one not in it: ports not compared)."""
     views: TypedViews = field(default_factory=TypedViews, repr=False)
 
     _typed: dict[str, tuple[Obj, EdgeNode]] = field(default_factory=dict, repr=False)
@@ -250,14 +252,13 @@ class FleetReader:
     def read_bookkeeping(self, read: FleetRead) -> None:
         # One list each instead of a create or get per service per pass: at 200 services those were
         # 400 requests a pass, most of them answered 409 or unchanged.
-        read.kube_services = {
-            ns_name(s)
-            for s in items(
-                self.core.list_service_for_all_namespaces(
-                    label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}", _preload_content=False
-                )
+        listed = items(
+            self.core.list_service_for_all_namespaces(
+                label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}", _preload_content=False
             )
-        }
+        )
+        read.kube_services = {ns_name(s) for s in listed}
+        read.service_ports = {ns_name(s): s.get("spec", {}).get("ports") or [] for s in listed}
         read.slices = {
             ns_name(s): s
             for s in items(

@@ -36,7 +36,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from edgefleet_api import names
-from edgefleet_operator import pass_plan
+from edgefleet_operator import manifests, pass_plan
 from edgefleet_operator.fleet_types import PlacementEvent
 from edgefleet_operator.ownership import FLEET_SHARD
 from edgefleet_operator.pass_report import PassReport
@@ -378,11 +378,17 @@ class FleetWriter:
             except ApiException as e:
                 if e.status != 409:  # created since this pass listed them
                     raise
+        if plan.service_ports is not None:  # a list body is a JSON patch: the ports replaced, not merged
+            self.gate()
+            name = manifests.service_name(plan.name)
+            replace = [{"op": "replace", "path": "/spec/ports", "value": list(plan.service_ports)}]
+            self.core.patch_namespaced_service(name, plan.namespace, replace)
+            report.wrote("service.patch")
         if plan.endpoint_slice is not None:
             self.write_endpoint_slice(plan.endpoint_slice, report)
 
     def write_endpoint_slice(self, w: pass_plan.SliceWrite, report: PassReport) -> None:
-        endpoints = w.endpoints
+        endpoints, ports = w.endpoints, w.ports
         self.gate()
         if w.create:
             try:
@@ -398,9 +404,11 @@ class FleetWriter:
                 ).data
             )
             endpoints = pass_plan.endpoints_patch(current, w.body)
-        if endpoints is not None:
+            ports = pass_plan.ports_patch(current.get("ports") or [], w.body["ports"])
+        patch = {k: v for k, v in (("endpoints", endpoints), ("ports", ports)) if v is not None}
+        if patch:  # both lists are atomic: a merge patch replaces them
             self.gate()
-            self.discovery.patch_namespaced_endpoint_slice(w.name, w.namespace, {"endpoints": endpoints})
+            self.discovery.patch_namespaced_endpoint_slice(w.name, w.namespace, patch)
             report.wrote("endpointslice.patch")
 
     # --- writes more than one phase makes -------------------------------------------------------

@@ -84,9 +84,10 @@ def strip_pod(obj: Obj) -> Obj:
     }
 
 
-def strip_to_metadata(obj: Obj) -> Obj:
-    """Only the metadata (a pass only asks whether the object exists)."""
-    return {"metadata": strip_metadata(obj)["metadata"]}
+def strip_service(obj: Obj) -> Obj:
+    """A Service as a pass reads it: metadata and its ports (the agents' gRPC port may come or go)."""
+    ports = (obj.get("spec") or {}).get("ports") or []
+    return {"metadata": strip_metadata(obj)["metadata"], "spec": {"ports": ports}}
 
 
 class Store:

@@ -235,7 +235,32 @@ def service_url(isvc: Obj) -> str:
     return f"http://{service_name(meta['name'])}.{meta['namespace']}.svc"
 
 
-def service(isvc: Obj) -> dict[str, Any]:
+def service_ports(grpc_port: int = 0) -> list[dict[str, Any]]:
+    """The Service's ports: `http` (80) and, when the agents serve gRPC, `grpc` (the agents' gRPC
+    port, appProtocol grpc, so meshes and gateways speak HTTP/2 to it)."""
+    http = {"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"}
+    if not grpc_port:
+        return [http]
+    grpc = {
+        "name": "grpc",
+        "port": grpc_port,
+        "targetPort": grpc_port,
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    }
+    return [http, grpc]
+
+
+def slice_ports(port: int, grpc_port: int = 0) -> list[dict[str, Any]]:
+    """The EndpointSlice's ports, named as the Service's (a selector-less Service's port reaches
+    the slice's port of the same name)."""
+    http = {"name": "http", "port": port, "protocol": "TCP"}
+    if not grpc_port:
+        return [http]
+    return [http, {"name": "grpc", "port": grpc_port, "protocol": "TCP", "appProtocol": "grpc"}]
+
+
+def service(isvc: Obj, grpc_port: int = 0) -> dict[str, Any]:
     """A selector-less Service (agents live in the operator's namespace, so the operator keeps its
     EndpointSlice); PreferClose keeps traffic on the caller's node or zone where it can."""
     meta = isvc["metadata"]
@@ -252,13 +277,15 @@ def service(isvc: Obj) -> dict[str, Any]:
             "ownerReferences": [owner_ref(isvc)],
         },
         "spec": {
-            "ports": [{"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"}],
+            "ports": service_ports(grpc_port),
             "trafficDistribution": "PreferClose",
         },
     }
 
 
-def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int) -> dict[str, Any]:
+def endpoint_slice(
+    isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int, grpc_port: int = 0
+) -> dict[str, Any]:
     """EndpointSlice of the service's Service: (node, pod IP, ready) per agent serving it."""
     meta = isvc["metadata"]
     svc = service_name(meta["name"])
@@ -275,7 +302,7 @@ def endpoint_slice(isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int
             "ownerReferences": [owner_ref(isvc)],
         },
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "ports": slice_ports(port, grpc_port),
         "endpoints": [
             {"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}
             for node, ip, ready in sorted(agents)

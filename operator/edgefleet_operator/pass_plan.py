@@ -391,6 +391,8 @@ class SliceWrite:
     create: bool
     endpoints: Sequence[Obj] | None = None
     """The endpoints to patch in; None: the listed slice has them."""
+    ports: Sequence[Obj] | None = None
+    """The ports to patch in (the agents' gRPC port came or went); None: the listed slice has them."""
 
     @property
     def namespace(self) -> str:
@@ -399,6 +401,19 @@ class SliceWrite:
     @property
     def name(self) -> str:
         return str(self.body["metadata"]["name"])
+
+
+def _port_keys(ports: Sequence[Obj]) -> list[tuple[Any, ...]]:
+    return [
+        (p.get("name"), p.get("port"), p.get("protocol", "TCP"), p.get("appProtocol"), p.get("targetPort"))
+        for p in ports
+    ]
+
+
+def ports_patch(current: Sequence[Obj], want: Sequence[Obj]) -> Sequence[Obj] | None:
+    """`want` when the listed object's ports differ from it (name, port, protocol, appProtocol,
+    targetPort), else None."""
+    return None if _port_keys(current) == _port_keys(want) else want
 
 
 def endpoints_patch(current: Obj, body: Obj) -> Sequence[Obj] | None:
@@ -432,6 +447,8 @@ class Bookkeeping:
     create_service: Obj | None
     """The Service to create, when the pass's list lacked it."""
     endpoint_slice: SliceWrite | None
+    service_ports: Sequence[Obj] | None = None
+    """The listed Service's ports to replace (the agents' gRPC port came or went); None: as listed."""
 
     @property
     def writes_nothing(self) -> bool:
@@ -452,10 +469,12 @@ def bookkeeping(
     read: FleetRead,
     port: int,
     now: str,
+    grpc_port: int = 0,
 ) -> Bookkeeping:
     """The service's writes after its placement and rollout step `ro` (which has a decision), from
     the EdgeNodes as this pass wrote their specs, and the agent Pods, Services and EndpointSlices it
-    read; `port`: the agents'; `now`: RFC 3339, for its events and the conditions that change."""
+    read; `port`, `grpc_port`: the agents' (0: no gRPC); `now`: RFC 3339, for its events and the
+    conditions that change."""
     assert ro.decision is not None, "a held rollout has no bookkeeping"
     decision, meta, isvc = ro.decision, service.meta, service.obj
     holding = placement.nodes if placement else ()
@@ -487,13 +506,19 @@ def bookkeeping(
         ip = (read.pods.get(names.agent_name(n)) or {}).get("status", {}).get("podIP")
         if ip:
             agents.append((n, ip, n in ready_on))
-    body = manifests.endpoint_slice(isvc, agents, port)
+    body = manifests.endpoint_slice(isvc, agents, port, grpc_port)
     listed = read.slices.get((body["metadata"]["namespace"], body["metadata"]["name"]))
     slice_write = None
     if listed is None:
         slice_write = SliceWrite(body, create=True)
-    elif (endpoints := endpoints_patch(listed, body)) is not None:
-        slice_write = SliceWrite(body, create=False, endpoints=endpoints)
+    else:
+        endpoints = endpoints_patch(listed, body)
+        ports = ports_patch(listed.get("ports") or [], body["ports"])
+        if endpoints is not None or ports is not None:
+            slice_write = SliceWrite(body, create=False, endpoints=endpoints, ports=ports)
+    svc_key = (meta["namespace"], manifests.service_name(meta["name"]))
+    svc_ports = manifests.service_ports(grpc_port)
+    listed_ports = read.service_ports.get(svc_key)
     return Bookkeeping(
         ro.service,
         meta["namespace"],
@@ -502,8 +527,7 @@ def bookkeeping(
         events,
         None if unchanged else {"status": merge_patch(old, new)},
         None if names.FINALIZER in finalizers else finalizer_write(isvc, [*finalizers, names.FINALIZER]),
-        None
-        if (meta["namespace"], manifests.service_name(meta["name"])) in read.kube_services
-        else manifests.service(isvc),
+        None if svc_key in read.kube_services else manifests.service(isvc, grpc_port),
         slice_write,
+        None if listed_ports is None else ports_patch(listed_ports, svc_ports),
     )

@@ -357,6 +357,7 @@ class FleetReconciler:
                     read,
                     self.settings.agent.port,
                     stamp,
+                    self.settings.agent.grpc_port,
                 )
             )
         self._carried |= self.writer.write_bookkeeping(plans, report)

@@ -322,7 +322,7 @@ def test_rbac_has_no_wildcards_and_least_privilege(helm: Helm) -> None:
     assert grants(agent_ns) == {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
     operator_cluster = grants(one(docs, "ClusterRole", "-operator"))
     assert ("", "pods") not in operator_cluster, "agent Pods are read and written in the agent namespace only"
-    assert operator_cluster[("", "services")] == {"list", "watch", "create"}
+    assert operator_cluster[("", "services")] == {"list", "watch", "create", "patch"}
     assert operator_cluster[("", "nodes")] == {"get", "list", "watch"}
     assert operator_cluster[("edgefleet.io", "inferenceservices")] == {"get", "list", "watch", "patch"}
     assert "delete" not in operator_cluster[("edgefleet.io", "inferenceservices")]

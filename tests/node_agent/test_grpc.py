@@ -257,7 +257,7 @@ def test_malformed_requests_get_their_code_and_message(
 
 def test_unimplemented_methods_say_so(stub: tpb_grpc.GRPCInferenceServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelStatistics(tpb.ModelStatisticsRequest(name="classifier"))
+        stub.SystemSharedMemoryStatus(tpb.SystemSharedMemoryStatusRequest())
     assert info.value.code() == Code.UNIMPLEMENTED  # type: ignore[attr-defined]
 
 
