@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 
@@ -143,7 +144,10 @@ def free_port() -> int:
 
 
 class Process:
-    """A server process in its own session (so stop() ends its children too), output to a log."""
+    """A server process in its own session (so stop() ends its children too), output to a log.
+    Every one started is in `Process.started` until stopped (`stop_all` on the way out)."""
+
+    started: ClassVar[list[Process]] = []
 
     def __init__(
         self, name: str, cmd: Sequence[str], log: Path, cwd: Path = ROOT, env: Mapping[str, str] | None = None
@@ -158,6 +162,7 @@ class Process:
             start_new_session=True,
             env=None if env is None else dict(env),
         )
+        Process.started.append(self)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -167,10 +172,15 @@ class Process:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM to its process group, 30 s to exit, then SIGKILL to what is left of the group."""
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -179,6 +189,24 @@ class Process:
                 self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
             os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ValueError):
+            Process.started.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for process in cls.started:  # all at once, then wait for each
+            process.terminate()
+        for process in list(cls.started):
+            process.stop()
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does (asyncio cancels its tasks, `finally` blocks run)."""
+
+    def handler(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 Check = Callable[[bytes, Mapping[str, str]], None]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from bench.harness import (
     Target,
     ensure_venv,
     fmt_ms,
+    interrupt_on_sigterm,
     run_point,
     wait_ready,
 )
@@ -67,6 +67,7 @@ class ModelResult:
     targets: list[Target]
     best: dict[str, Point | None] = field(default_factory=dict)
     fixed: float = 0.0
+    fixed_seconds: float = FIXED_SECONDS
     at_fixed: dict[str, Point] = field(default_factory=dict)
     log: dict[str, list[Point]] = field(default_factory=dict)
 
@@ -88,6 +89,8 @@ def verdict(model: str, best: dict[str, Point | None], names: list[str]) -> str:
         return f"- `{model}`: no peer measured, no verdict."
     o_name, o_rate = max(ours.items(), key=lambda kv: kv[1])
     p_name, p_rate = max(peers.items(), key=lambda kv: kv[1])
+    if o_rate == 0 and p_rate == 0:
+        return f"- `{model}`: no server met the p99 at any rate tried: no verdict."
     if p_rate == 0:
         return f"- `{model}`: no peer met the p99 at any rate tried; ours {o_rate:.0f} req/s: **met**."
     ratio = o_rate / p_rate
@@ -117,6 +120,7 @@ def fixed_rate(best: dict[str, Point | None]) -> float:
 def tables(r: ModelResult) -> list[str]:
     rows_rate: list[list[object]] = []
     rows_fixed: list[list[object]] = []
+    ours_p99 = min((p.p99 for n, p in r.at_fixed.items() if n.startswith(OURS_LABEL)), default=0.0)
     for t in r.targets:
         b = r.best.get(t.name)
         rows_rate.append(
@@ -136,6 +140,7 @@ def tables(r: ModelResult) -> list[str]:
                     f"{p.result.throughput():.1f}",
                     fmt_ms(p.result.p(50)),
                     f"**{fmt_ms(p.p99)}**",
+                    f"{p.p99 / ours_p99:.2f}x" if ours_p99 else "-",
                     f"{p.error_ratio:.1%}",
                 ]
             )
@@ -143,19 +148,28 @@ def tables(r: ModelResult) -> list[str]:
         f"{server_of(t)}: " + ", ".join(f"{p.rate:.1f}/s {fmt_ms(p.p99)}" for p in r.log.get(t.name, []))
         for t in r.targets
     )
+    spec = r.spec
+    head = (
+        f"### `{spec.name}/{spec.version}` (max batch {spec.max_batch}, window {spec.window_s * 1e3:.0f} ms)"
+    )
+    fixed = [
+        f"p99 at a fixed rate of {r.fixed:.1f} req/s, {r.fixed_seconds:.0f} s each "
+        "(p99 / our best format's p99):",
+        "",
+        table(["server", "completed/s", "p50", "p99", "p99 / ours", "errors"], rows_fixed),
+        "",
+    ]
+    if not r.best:  # a quick run: no sweep
+        return [head, "", *fixed]
     return [
-        f"### `{r.spec.name}/{r.spec.version}` "
-        f"(max batch {r.spec.max_batch}, window {r.spec.window_s * 1e3:.0f} ms)",
+        head,
         "",
         f"Requests/s at a fixed p99 of {fmt_ms(P99_TARGET_S)} "
-        "(highest Poisson rate meeting it with <= 1% errors):",
+        "(the highest Poisson rate meeting it, <= 1% errors):",
         "",
         table(["server", "rate meeting the p99 (req/s)", "completed/s", "p50", "p99 there"], rows_rate),
         "",
-        f"p99 at a fixed rate of {r.fixed:.1f} req/s, {FIXED_SECONDS:.0f} s each:",
-        "",
-        table(["server", "completed/s", "p50", "p99", "errors"], rows_fixed),
-        "",
+        *fixed,
         f"Every point measured (rate, p99): {every}.",
         "",
     ]
@@ -171,7 +185,7 @@ async def measure(model: ModelResult, session: aiohttp.ClientSession, q: bool) -
         model.at_fixed = await sweep.paired(targets, 8.0, seed=1)
         for t in targets:
             sweep.show(t, model.at_fixed[t.name])
-        model.fixed = 8.0
+        model.fixed, model.fixed_seconds = 8.0, 1.0
         return
     sweep = Sweep(session, targets, SECONDS, P99_TARGET_S)
     print(f"sweep: p99 target {fmt_ms(P99_TARGET_S)}, {SECONDS:.0f} s per target and rate", flush=True)
@@ -278,7 +292,7 @@ def intro(measured: list[Peer], notes: list[str]) -> str:
 def main() -> None:
     q = quick()
     notes: list[str] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    interrupt_on_sigterm()  # stop the servers on the way out
     only = {k for k in os.environ.get("BENCH_PEERS", "").split(",") if k}
     peers: list[tuple[Peer, Path]] = [(OURS, Path(sys.executable))]
     for peer in PEERS:
@@ -289,15 +303,19 @@ def main() -> None:
             peers.append((peer, python))
     specs = model_specs(example_repo(), MODELS)
     with tempfile.TemporaryDirectory(prefix="edgefleet-peers-") as tmp:
-        results = asyncio.run(run(peers, specs, Path(tmp), notes, q))
+        try:
+            results = asyncio.run(run(peers, specs, Path(tmp), notes, q))
+        finally:
+            Process.stop_all()
     measured = [p for p, _ in peers[1:] if not any(p.label in n and "not measured" in n for n in notes)]
     with recorded("peers", "Side by side with serving peers (issue 21)", intro(measured, notes)):
         for r in results:
             print("\n".join(tables(r)))
-        print("Verdicts (goal: ours >= 2x every peer's requests/s at the same p99):")
-        print("")
-        for r in results:
-            print(verdict(f"{r.spec.name}/{r.spec.version}", r.best, [t.name for t in r.targets]))
+        if not q:
+            print("Verdicts (goal: ours >= 2x every peer's requests/s at the same p99):")
+            print("")
+            for r in results:
+                print(verdict(f"{r.spec.name}/{r.spec.version}", r.best, [t.name for t in r.targets]))
         print(f"\nMachine load during the run (1/5/15-min load average at the end): {load_average()}.")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +45,7 @@ from bench.harness import (
     Target,
     ensure_venv,
     fmt_ms,
+    interrupt_on_sigterm,
     run_point,
     wait_ready,
 )
@@ -147,7 +147,7 @@ def main() -> None:
                 0, "**MLServer could not be installed, so only our agent was measured.** " + " ".join(log)
             )
     spec = model_specs(example_repo(), [("classifier", "1")])[0]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    interrupt_on_sigterm()  # stop the servers on the way out
     with tempfile.TemporaryDirectory(prefix="edgefleet-vs-mlserver-") as tmp:
         starts = [(OURS, Path(sys.executable), "edgefleet agent")]
         if python is not None:
@@ -167,8 +167,7 @@ def main() -> None:
                 print(f"--- {process.name} (tail)\n{process.tail()}")
             raise
         finally:
-            for process in processes:
-                process.stop()
+            Process.stop_all()
     if q:
         p = at_fixed[servers[0].name]
         print(f"quick: {servers[0].name} at {fixed:.0f} req/s for 1 s: {len(p.result.ok())}/{p.sent} ok, "

@@ -11,6 +11,7 @@ Settings: 1 uvicorn worker, gRPC off, latency logging off, torch on every core.
 
 import json
 import sys
+import uuid
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class TorchScriptModel(Model):
         binary = payload.use_binary_outputs
         out = InferOutput(self.cfg["output_name"], list(y.shape), "FP32")
         out.set_data_from_numpy(y, binary_data=binary)
-        return InferResponse(payload.id, self.name, [out], use_binary_outputs=binary)
+        return InferResponse(payload.id or str(uuid.uuid4()), self.name, [out], use_binary_outputs=binary)
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     for spec in specs:
         model = TorchScriptModel(spec)
         model.load()
-        x = torch.zeros(spec["shape"])
+        x = torch.zeros((1, *spec["shape"]))
         with torch.inference_mode():
             model.module(x)
         models.append(model)

@@ -60,7 +60,7 @@ def spec_file(specs: list[ModelSpec], workdir: Path) -> Path:
                 {
                     "name": s.name,
                     "path": s.path,
-                    "shape": [1, *s.input_shape],
+                    "shape": list(s.input_shape),
                     "max_batch": s.max_batch,
                     "window_s": s.window_s,
                     "output_name": s.output_name,
@@ -271,7 +271,7 @@ def start_torchserve(python: Path, specs: list[ModelSpec], workdir: Path) -> tup
     for s in specs:
         extra = workdir / s.name
         extra.mkdir()
-        (extra / "spec.json").write_text(json.dumps({"shape": [1, *s.input_shape], "threads": THREADS}))
+        (extra / "spec.json").write_text(json.dumps({"shape": list(s.input_shape), "threads": THREADS}))
         subprocess.run(
             [
                 str(python.parent / "torch-model-archiver"),
