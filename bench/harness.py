@@ -400,3 +400,46 @@ class Sweep:
                     else:
                         hi[t.name] = points[t.name]
         return lo
+
+
+def fixed_rate(best: Mapping[str, Point | None], floor: float) -> float:
+    """70% of the lowest sustainable rate among the targets that met the p99 somewhere, at least
+    `floor` (a target meeting it nowhere is measured there too)."""
+    rates = [p.rate for p in best.values() if p is not None]
+    return max(floor, 0.7 * min(rates)) if rates else floor
+
+
+@dataclass
+class Comparison:
+    """What `compare` measured: per target name, the point at the highest rate meeting the p99
+    (None: none did), the point at the fixed rate, and every point of the sweep."""
+
+    best: dict[str, Point | None]
+    fixed: float
+    fixed_seconds: float
+    at_fixed: dict[str, Point]
+    log: dict[str, list[Point]]
+
+
+async def compare(session: aiohttp.ClientSession, targets: list[Target], target_s: float, *, start: float,
+                  seconds: float, fixed_seconds: float, floor: float, quick: bool) -> Comparison:  # fmt: skip
+    """Warm every target up, sweep them for requests/s at the p99 `target_s`, then measure p99
+    at `fixed_rate` (a quick run: only 1 s at 8/s each, no sweep)."""
+    for t in targets:  # TorchScript's profiling executor specialises per batch shape: batches of many sizes
+        await run_point(session, t, 10.0 if quick else 40.0, 0.5 if quick else 2.0, seed=7, target_s=target_s)
+    sweep = Sweep(session, targets, seconds, target_s)
+    if quick:
+        at_fixed = await sweep.paired(targets, 8.0, seed=1)
+        for t in targets:
+            sweep.show(t, at_fixed[t.name])
+        return Comparison({}, 8.0, 1.0, at_fixed, {})
+    print(f"sweep: p99 target {fmt_ms(target_s)}, {seconds:.0f} s per target and rate", flush=True)
+    best = await sweep.sustainable_rates(start=start)
+    fixed = fixed_rate(best, floor)
+    print(f"fixed rate {fixed:.1f}/s", flush=True)
+    await asyncio.sleep(2.0)  # an overload just measured is over
+    sweep.seconds = fixed_seconds
+    at_fixed = await sweep.paired(targets, fixed, seed=42)
+    for t in targets:
+        sweep.show(t, at_fixed[t.name])
+    return Comparison(best, fixed, fixed_seconds, at_fixed, sweep.log)

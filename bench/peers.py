@@ -26,7 +26,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -36,14 +36,14 @@ from bench.common import example_repo, quick
 from bench.harness import (
     MAX_IN_FLIGHT,
     REQUEST_TIMEOUT_S,
+    Comparison,
     Point,
     Process,
-    Sweep,
     Target,
+    compare,
     ensure_venv,
     fmt_ms,
     interrupt_on_sigterm,
-    run_point,
     wait_ready,
 )
 from bench.peer_servers.formats import ModelSpec, model_specs
@@ -65,11 +65,7 @@ OURS_LABEL = OURS.label
 class ModelResult:
     spec: ModelSpec
     targets: list[Target]
-    best: dict[str, Point | None] = field(default_factory=dict)
-    fixed: float = 0.0
-    fixed_seconds: float = FIXED_SECONDS
-    at_fixed: dict[str, Point] = field(default_factory=dict)
-    log: dict[str, list[Point]] = field(default_factory=dict)
+    measured: Comparison
 
 
 def server_of(target: Target) -> str:
@@ -110,19 +106,12 @@ def server_of_name(name: str) -> str:
     return name.rsplit(" [", 1)[0]
 
 
-def fixed_rate(best: dict[str, Point | None]) -> float:
-    """70% of the lowest sustainable rate among those that met the p99 somewhere, at least
-    FIXED_FLOOR (a server meeting it nowhere is measured there too)."""
-    rates = [p.rate for p in best.values() if p is not None]
-    return max(FIXED_FLOOR, 0.7 * min(rates)) if rates else FIXED_FLOOR
-
-
 def tables(r: ModelResult) -> list[str]:
     rows_rate: list[list[object]] = []
     rows_fixed: list[list[object]] = []
-    ours_p99 = min((p.p99 for n, p in r.at_fixed.items() if n.startswith(OURS_LABEL)), default=0.0)
+    ours_p99 = min((p.p99 for n, p in r.measured.at_fixed.items() if n.startswith(OURS_LABEL)), default=0.0)
     for t in r.targets:
-        b = r.best.get(t.name)
+        b = r.measured.best.get(t.name)
         rows_rate.append(
             [
                 server_of(t),
@@ -132,7 +121,7 @@ def tables(r: ModelResult) -> list[str]:
                 fmt_ms(b.p99) if b else "-",
             ]
         )
-        p = r.at_fixed.get(t.name)
+        p = r.measured.at_fixed.get(t.name)
         if p is not None:
             rows_fixed.append(
                 [
@@ -145,7 +134,8 @@ def tables(r: ModelResult) -> list[str]:
                 ]
             )
     every = "; ".join(
-        f"{server_of(t)}: " + ", ".join(f"{p.rate:.1f}/s {fmt_ms(p.p99)}" for p in r.log.get(t.name, []))
+        f"{server_of(t)}: "
+        + ", ".join(f"{p.rate:.1f}/s {fmt_ms(p.p99)}" for p in r.measured.log.get(t.name, []))
         for t in r.targets
     )
     spec = r.spec
@@ -153,13 +143,13 @@ def tables(r: ModelResult) -> list[str]:
         f"### `{spec.name}/{spec.version}` (max batch {spec.max_batch}, window {spec.window_s * 1e3:.0f} ms)"
     )
     fixed = [
-        f"p99 at a fixed rate of {r.fixed:.1f} req/s, {r.fixed_seconds:.0f} s each "
+        f"p99 at a fixed rate of {r.measured.fixed:.1f} req/s, {r.measured.fixed_seconds:.0f} s each "
         "(p99 / our best format's p99):",
         "",
         table(["server", "completed/s", "p50", "p99", "p99 / ours", "errors"], rows_fixed),
         "",
     ]
-    if not r.best:  # a quick run: no sweep
+    if not r.measured.best:  # a quick run: no sweep
         return [head, "", *fixed]
     return [
         head,
@@ -173,31 +163,6 @@ def tables(r: ModelResult) -> list[str]:
         f"Every point measured (rate, p99): {every}.",
         "",
     ]
-
-
-async def measure(model: ModelResult, session: aiohttp.ClientSession, q: bool) -> None:
-    targets = model.targets
-    print(f"== {model.spec.name}/{model.spec.version}: warm-up", flush=True)
-    for t in targets:  # TorchScript's profiling executor specialises per batch shape: batches of many sizes
-        await run_point(session, t, 10.0 if q else 40.0, 0.5 if q else 2.0, seed=7, target_s=P99_TARGET_S)
-    if q:
-        sweep = Sweep(session, targets, 1.0, P99_TARGET_S)
-        model.at_fixed = await sweep.paired(targets, 8.0, seed=1)
-        for t in targets:
-            sweep.show(t, model.at_fixed[t.name])
-        model.fixed, model.fixed_seconds = 8.0, 1.0
-        return
-    sweep = Sweep(session, targets, SECONDS, P99_TARGET_S)
-    print(f"sweep: p99 target {fmt_ms(P99_TARGET_S)}, {SECONDS:.0f} s per target and rate", flush=True)
-    model.best = await sweep.sustainable_rates(start=START_RATE)
-    model.fixed = fixed_rate(model.best)
-    print(f"fixed rate {model.fixed:.1f}/s", flush=True)
-    await asyncio.sleep(2.0)  # an overload just measured is over
-    sweep.seconds = FIXED_SECONDS
-    model.at_fixed = await sweep.paired(targets, model.fixed, seed=42)
-    for t in targets:
-        sweep.show(t, model.at_fixed[t.name])
-    model.log = sweep.log
 
 
 def install(peer: Peer, notes: list[str]) -> Path | None:
@@ -260,9 +225,11 @@ async def run(
         try:
             results = []
             for spec in specs:
-                model = ModelResult(spec, [t for t in targets if t.name.endswith(f"[{spec.name}]")])
-                await measure(model, session, q)
-                results.append(model)
+                mine = [t for t in targets if t.name.endswith(f"[{spec.name}]")]
+                print(f"== {spec.name}/{spec.version}", flush=True)
+                measured = await compare(session, mine, P99_TARGET_S, start=START_RATE, seconds=SECONDS,
+                                         fixed_seconds=FIXED_SECONDS, floor=FIXED_FLOOR, quick=q)  # fmt: skip
+                results.append(ModelResult(spec, mine, measured))
             return results
         finally:
             for p in processes:
@@ -315,7 +282,9 @@ def main() -> None:
             print("Verdicts (goal: ours >= 2x every peer's requests/s at the same p99):")
             print("")
             for r in results:
-                print(verdict(f"{r.spec.name}/{r.spec.version}", r.best, [t.name for t in r.targets]))
+                print(
+                    verdict(f"{r.spec.name}/{r.spec.version}", r.measured.best, [t.name for t in r.targets])
+                )
         print(f"\nMachine load during the run (1/5/15-min load average at the end): {load_average()}.")
 
 

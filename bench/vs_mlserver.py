@@ -39,14 +39,14 @@ from bench.common import example_repo, quick
 from bench.harness import (
     MAX_IN_FLIGHT,
     REQUEST_TIMEOUT_S,
+    Comparison,
     Point,
     Process,
-    Sweep,
     Target,
+    compare,
     ensure_venv,
     fmt_ms,
     interrupt_on_sigterm,
-    run_point,
     wait_ready,
 )
 from bench.peer_servers.formats import model_specs
@@ -60,31 +60,15 @@ MAX_BATCH, BATCH_WINDOW_S = 16, 0.005
 """Both servers' batching policy (classifier/1's model.yaml: max_batch_size, max_queue_delay_s)."""
 
 
-async def measure(
-    servers: list[Target], q: bool
-) -> tuple[dict[str, Point | None], float, dict[str, Point], dict[str, list[Point]]]:
+async def measure(servers: list[Target], q: bool) -> Comparison:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for s in servers:
             await wait_ready(session, s)
-            # warm-up: TorchScript's profiling executor specialises per batch shape, so run
-            # enough load for batches of many sizes
-            await run_point(session, s, 10.0 if q else 30.0, 0.5 if q else 2.0, seed=7, target_s=TARGET_P99_S)
-        if q:
-            point = await run_point(session, servers[0], 8.0, 1.0, seed=1, target_s=TARGET_P99_S)
-            return {servers[0].name: point}, 8.0, {servers[0].name: point}, {}
-        sweep = Sweep(session, servers, 3.0, TARGET_P99_S)
-        print(f"sweep: p99 target {fmt_ms(TARGET_P99_S)}, 3 s per server and rate", flush=True)
-        best = await sweep.sustainable_rates(start=8.0)
-        fixed = max(1.0, 0.7 * min(p.rate if p else 1.0 for p in best.values()))
-        print(f"fixed rate {fixed:.1f}/s", flush=True)
-        await asyncio.sleep(2.0)  # an overload just measured is over
-        sweep.seconds = 6.0
-        at_fixed = await sweep.paired(servers, fixed, seed=42)
-        for s in servers:
-            sweep.show(s, at_fixed[s.name])
-    return best, fixed, at_fixed, sweep.log
+        return await compare(
+            session, servers, TARGET_P99_S, start=8.0, seconds=3.0, fixed_seconds=6.0, floor=1.0, quick=q
+        )
 
 
 def report(servers: list[Target], best: dict[str, Point | None], fixed: float, at_fixed: dict[str, Point],
@@ -161,7 +145,7 @@ def main() -> None:
                 process, targets = peer.start(exe, [spec], workdir)
                 processes.append(process)
                 servers.append(dataclasses.replace(targets[0], name=label))  # v2 JSON
-            best, fixed, at_fixed, log_ = asyncio.run(measure(servers, q))
+            measured = asyncio.run(measure(servers, q))
         except BaseException:
             for process in processes:
                 print(f"--- {process.name} (tail)\n{process.tail()}")
@@ -169,11 +153,13 @@ def main() -> None:
         finally:
             Process.stop_all()
     if q:
-        p = at_fixed[servers[0].name]
-        print(f"quick: {servers[0].name} at {fixed:.0f} req/s for 1 s: {len(p.result.ok())}/{p.sent} ok, "
-              f"p50 {fmt_ms(p.result.p(50))}, p99 {fmt_ms(p.p99)} (MLServer is not run quick)")  # fmt: skip
+        p, name = measured.at_fixed[servers[0].name], servers[0].name
+        print(
+            f"quick: {name} at {measured.fixed:.0f} req/s for 1 s: {len(p.result.ok())}/{p.sent} ok, "
+            f"p50 {fmt_ms(p.result.p(50))}, p99 {fmt_ms(p.p99)} (MLServer is not run quick)"
+        )
         return
-    body = report(servers, best, fixed, at_fixed, log_, notes)
+    body = report(servers, measured.best, measured.fixed, measured.at_fixed, measured.log, notes)
     print(body)
     write_section("vs_mlserver", "Agent vs MLServer (same model, same load)", body)
 

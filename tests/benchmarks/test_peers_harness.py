@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.common import Outcome, ReplayResult
-from bench.harness import Point, Process, Sweep, Target, next_rate
+from bench.harness import Point, Process, Sweep, Target, fixed_rate, next_rate
 from bench.peer_servers.formats import (
     ModelSpec,
     check_native_json,
@@ -23,7 +23,7 @@ from bench.peer_servers.formats import (
     v2_binary_body,
     v2_json_bodies,
 )
-from bench.peers import fixed_rate, verdict
+from bench.peers import verdict
 
 TARGET = 0.2
 
@@ -119,9 +119,9 @@ def test_verdict_compares_our_best_format_with_the_strongest_peer() -> None:
 
 
 def test_fixed_rate_is_seventy_percent_of_the_lowest_sustainable_rate() -> None:
-    assert fixed_rate({"a": point(100, 0.1), "b": point(50, 0.1), "c": None}) == pytest.approx(35)
-    assert fixed_rate({"a": point(4, 0.1)}) == 5.0  # the floor
-    assert fixed_rate({"a": None}) == 5.0
+    assert fixed_rate({"a": point(100, 0.1), "b": point(50, 0.1), "c": None}, 5.0) == pytest.approx(35)
+    assert fixed_rate({"a": point(4, 0.1)}, 5.0) == 5.0  # the floor
+    assert fixed_rate({"a": None}, 1.0) == 1.0
 
 
 SPEC = ModelSpec("classifier", "1", str(Path("model.pt")), "image", (3, 4, 4), "logits", 10, 16, 0.005)
