@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,8 @@ class Point:
     result: ReplayResult
     sent: int
     target_s: float
+    why: Counter[str] = field(default_factory=Counter)
+    """The failed requests' errors, by message."""
 
     @property
     def p99(self) -> float:
@@ -285,7 +288,7 @@ class Point:
         result = ReplayResult(
             self.result.outcomes + other.result.outcomes, self.result.duration_s + other.result.duration_s
         )
-        return Point(self.rate, result, self.sent + other.sent, self.target_s)
+        return Point(self.rate, result, self.sent + other.sent, self.target_s, self.why + other.why)
 
 
 async def run_point(
@@ -294,16 +297,21 @@ async def run_point(
     """Open-loop Poisson arrivals at `rate` for `seconds` (at most rate x seconds requests)."""
     arrivals = poisson_trace(rate, seconds, seed)
     gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+    why: Counter[str] = Counter()
 
     async def call(i: int) -> None:
-        if gate.locked():
-            raise RuntimeError("too many requests in flight")  # counts as an error, bounded
-        async with gate:
-            await send(session, target, i)
+        try:
+            if gate.locked():
+                raise RuntimeError("too many requests in flight")  # counts as an error, bounded
+            async with gate:
+                await send(session, target, i)
+        except Exception as e:
+            why[f"{type(e).__name__}: {e}"[:80]] += 1
+            raise
 
     result = await replay(arrivals, call)
     await asyncio.sleep(0.3)  # let the server's queues drain before the next point
-    return Point(rate, result, len(arrivals), target_s)
+    return Point(rate, result, len(arrivals), target_s, why)
 
 
 def fmt_ms(s: float) -> str:
@@ -372,7 +380,8 @@ class Sweep:
     def show(self, t: Target, p: Point, again: bool = False) -> None:
         print(
             f"  {t.name}: {p.rate:.1f}/s{' (again)' if again else ''} -> p50 {fmt_ms(p.result.p(50))}, "
-            f"p99 {fmt_ms(p.p99)}, errors {p.error_ratio:.1%}",
+            f"p99 {fmt_ms(p.p99)}, errors {p.error_ratio:.1%}"
+            + (f" (most: {p.why.most_common(1)[0][0]})" if p.why else ""),
             flush=True,
         )
 

@@ -34,6 +34,8 @@ class TorchScriptDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def infer(self, rows: list) -> list:
+        if torch.get_num_threads() != self.cfg["threads"]:  # set per thread; Ray may call from another
+            torch.set_num_threads(self.cfg["threads"])
         with torch.inference_mode():
             y = self.module(torch.from_numpy(np.stack(rows))).numpy()
         return [r.tolist() for r in y]
