@@ -260,6 +260,7 @@ def main() -> None:
     q = quick()
     notes: list[str] = []
     interrupt_on_sigterm()  # stop the servers on the way out
+    load_at_start = load_average()
     only = {k for k in os.environ.get("BENCH_PEERS", "").split(",") if k}
     peers: list[tuple[Peer, Path]] = [(OURS, Path(sys.executable))]
     for peer in PEERS:
@@ -285,7 +286,8 @@ def main() -> None:
                 print(
                     verdict(f"{r.spec.name}/{r.spec.version}", r.measured.best, [t.name for t in r.targets])
                 )
-        print(f"\nMachine load during the run (1/5/15-min load average at the end): {load_average()}.")
+        print(f"\nThe machine's load (1/5/15-min load average; {os.cpu_count()} CPUs, shared with other jobs): "
+              f"{load_at_start} at the start, {load_average()} at the end.")  # fmt: skip
 
 
 def load_average() -> str:

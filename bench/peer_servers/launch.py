@@ -188,6 +188,11 @@ def start_kserve(python: Path, specs: list[ModelSpec], workdir: Path) -> tuple[P
 # --- Ray Serve ---------------------------------------------------------------------------
 
 
+def routed(name: str) -> Callable[[int, bytes], bool]:
+    """Ray Serve's /-/routes lists the application at /<name> (it is deployed)."""
+    return lambda status, body: status == 200 and f'"/{name}"'.encode() in body
+
+
 def start_ray(python: Path, specs: list[ModelSpec], workdir: Path) -> tuple[Process, list[Target]]:
     port = free_port()
     env = {
@@ -214,7 +219,7 @@ def start_ray(python: Path, specs: list[ModelSpec], workdir: Path) -> tuple[Proc
             JSON_HEADERS,
             check_native_json(s.output_size),
             f"{base}/-/routes",
-            ready=lambda status, body, n=s.name: status == 200 and f'"/{n}"'.encode() in body,
+            ready=routed(s.name),
         )
         for s in specs
     ]
