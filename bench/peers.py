@@ -286,7 +286,8 @@ def main() -> None:
                 print(
                     verdict(f"{r.spec.name}/{r.spec.version}", r.measured.best, [t.name for t in r.targets])
                 )
-        print(f"\nThe machine's load (1/5/15-min load average; {os.cpu_count()} CPUs, shared with other jobs): "
+        cpus = os.cpu_count()
+        print(f"\nThe machine's load (1/5/15-min load average; {cpus} CPUs, shared with other jobs): "
               f"{load_at_start} at the start, {load_average()} at the end.")  # fmt: skip
 
 
