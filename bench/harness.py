@@ -39,6 +39,8 @@ from bench.common import ReplayResult, poisson_trace, replay
 
 REQUEST_TIMEOUT_S = 10.0
 MAX_IN_FLIGHT = 256
+MIN_REQUESTS = 6
+"""Expected requests per trial at least (a trial at a low rate runs longer)."""
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -357,6 +359,7 @@ class Sweep:
             self.log.setdefault(t.name, [])
 
     async def _trial(self, t: Target, rate: float, seconds: float, seed: int) -> Point:
+        seconds = max(seconds, MIN_REQUESTS / rate)  # a low rate still gets a p99 of something
         return await (self.trial or run_point)(self.session, t, rate, seconds, seed, self.target_s)
 
     async def paired(self, targets: list[Target], rate: float, seed: int) -> dict[str, Point]:

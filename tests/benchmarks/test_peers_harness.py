@@ -147,3 +147,16 @@ def test_request_bodies_carry_one_row_and_the_checks_reject_a_wrong_answer() -> 
     check_native_json(4)(json.dumps({"outputs": [[1, 2, 3, 4]]}).encode(), {})
     with pytest.raises(ValueError):
         check_native_json(4)(json.dumps({"outputs": [1, 2, 3]}).encode(), {})
+
+
+def test_a_trial_at_a_low_rate_runs_long_enough_for_a_few_requests() -> None:
+    seconds: list[float] = []
+
+    async def trial(_session: Any, t: Target, rate: float, s: float, seed: int, target_s: float) -> Point:
+        seconds.append(s)
+        return point(rate, 0.05)
+
+    sweep = Sweep(None, [fake_target("a")], 2.0, TARGET, trial=trial)  # type: ignore[arg-type]
+    asyncio.run(sweep.paired(sweep.targets, 1.0, seed=0))
+    asyncio.run(sweep.paired(sweep.targets, 100.0, seed=0))
+    assert seconds == [6.0, 6.0, 1.0, 1.0]  # halves: >= 6 requests each at 1/s; as asked at 100/s
