@@ -251,6 +251,9 @@ def intro(measured: list[Peer], notes: list[str]) -> str:
             "documented best for CPU):",
             "",
             settings,
+            "",
+            "The last line says how loaded the machine was: at a load average above its CPU count the figures",
+            "measure the servers under contention with other jobs, not at their best, and vary run to run.",
             *(["", *notes] if notes else []),
         ]
     )
