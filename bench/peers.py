@@ -252,8 +252,9 @@ def intro(measured: list[Peer], notes: list[str]) -> str:
             "",
             settings,
             "",
-            "The last line says how loaded the machine was: at a load average above its CPU count the figures",
-            "measure the servers under contention with other jobs, not at their best, and vary run to run.",
+            "The last line says how loaded the machine was: at a load average above its CPU count the",
+            "figures measure the servers under contention with other jobs, not at their best, and vary",
+            "run to run.",
             *(["", *notes] if notes else []),
         ]
     )
