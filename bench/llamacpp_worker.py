@@ -2,13 +2,14 @@
 project imports. Reads one JSON command per line on stdin, answers one JSON line on stdout.
 
     {"op": "load", "path": GGUF, "threads": 1, "n_seq": 16, "n_ctx_seq": 512}
-    {"op": "serial", "prompts": [[ids...]...], "max_tokens": 64}
+    {"op": "serial", "prompts": [[ids...]...], "max_tokens": 64, "queued": true}
     {"op": "batched", "prompts": [[ids...]...], "max_tokens": 64}
     {"op": "quit"}
 
 `serial`: llama-cpp-python's `Llama.generate` (greedy: temp 0), one request after another,
-as its OpenAI server serves concurrent requests (one model, one lock): a request's time to
-first token includes its wait behind the ones before it. `batched`: the same model through
+as its OpenAI server serves concurrent requests (one model, one lock): with `queued`, a
+request's time to first token includes its wait behind the ones before it (else it is
+timed from its own start: one client sending one request after another). `batched`: the same model through
 llama.cpp's own batch API (`llama_batch` with one sequence id per stream, all streams in one
 `llama_decode` per step, prompts prefilled together): what llama.cpp's C++ server does with
 parallel slots. Both start from an empty KV cache and run every request to `max_tokens`
@@ -47,18 +48,19 @@ class Worker:
         self.capacity = n_seq * n_ctx_seq
         self.batch = L.llama_batch_init(self.capacity, 0, n_seq)
 
-    def serial(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    def serial(self, prompts: list[list[int]], max_tokens: int, queued: bool) -> dict[str, Any]:
         outs: list[list[int]] = []
         ttft: list[float] = []
         ttft_cpu: list[float] = []
         t0, c0 = time.perf_counter(), time.process_time()
         for p in prompts:
+            s0, sc0 = (t0, c0) if queued else (time.perf_counter(), time.process_time())
             self.llm.reset()  # an empty cache, as the batched side and ours start from
             out: list[int] = []
             for tok in self.llm.generate(p, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
                 if not out:
-                    ttft.append(time.perf_counter() - t0)
-                    ttft_cpu.append(time.process_time() - c0)
+                    ttft.append(time.perf_counter() - s0)
+                    ttft_cpu.append(time.process_time() - sc0)
                 out.append(int(tok))
                 if len(out) == max_tokens:
                     break
@@ -123,9 +125,12 @@ def main() -> None:
         if op == "load":
             worker = Worker(cmd["path"], cmd["threads"], cmd["n_seq"], cmd["n_ctx_seq"])
             reply: dict[str, Any] = {"version": L.__version__, "n_vocab": worker.n_vocab}
-        elif op in ("serial", "batched"):
+        elif op == "serial":
             assert worker is not None, "load first"
-            reply = getattr(worker, op)(cmd["prompts"], cmd["max_tokens"])
+            reply = worker.serial(cmd["prompts"], cmd["max_tokens"], cmd["queued"])
+        elif op == "batched":
+            assert worker is not None, "load first"
+            reply = worker.batched(cmd["prompts"], cmd["max_tokens"])
         else:
             reply = {"error": f"unknown op {op!r}"}
         sys.stdout.write(json.dumps(reply) + "\n")

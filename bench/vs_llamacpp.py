@@ -27,10 +27,12 @@ token ids on both sides, so the tokenizers only have to load.
   serving layer around it (the OpenAI API) is not timed.
 - One thread each side (torch threads; llama.cpp n_threads), on a 2-core machine shared
   with other work: CPU seconds of the computing process are the primary measure (wall
-  also listed); best of `ROUNDS` rounds in which the sides alternate.
+  also listed); the sides alternate case by case, best of `ROUNDS` rounds (1: on a
+  2-core machine a round takes minutes; raise it where time allows).
 - 1 stream: `SINGLES` requests one at a time. 16 streams: 16 requests at once. Every
-  request makes exactly `OUTPUT_TOKENS` tokens (EOS ignored). Time to first token: wall,
-  from the start of the run (at 16 streams, a serial server's queueing is in it).
+  request makes exactly `OUTPUT_TOKENS` tokens (EOS ignored). Time to first token: from the
+  request's start at 1 stream, from the run's start at 16 (a serial server's queueing is
+  in it); CPU and wall.
 - Tokens: our greedy outputs compared with llama.cpp's (float32 on both sides, but sums
   in a different order: on random weights, whose next-token distributions are nearly flat,
   a near tie may flip, and the rest of that sequence differs).
@@ -80,7 +82,7 @@ MODEL = (
 STREAMS = 4 if QUICK else 16
 SINGLES = 2 if QUICK else 4
 OUTPUT_TOKENS = 8 if QUICK else 64
-ROUNDS = 1 if QUICK else 2
+ROUNDS = 1
 N_CTX_SEQ = 512
 BLOCK = 16
 THREADS = 1
@@ -105,13 +107,17 @@ def ensure_llamacpp() -> tuple[Path, Path]:
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", str(VENV)], check=True, timeout=300)
     sdist_dir = VENV / "sdist"
+    have = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                          capture_output=True, text=True, cwd=VENV)  # fmt: skip
+    built = have.returncode == 0 and have.stdout.strip() == LLAMA_CPP_PYTHON
     subprocess.run([str(python), "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                     "-d", str(sdist_dir), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
                    check=True, timeout=1200)  # fmt: skip
     (sdist,) = sdist_dir.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")
     env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(sdist)], check=True, env=env,
-                   timeout=3600)  # fmt: skip
+    if not built:  # (else built before from the same pin: only the converter was missing)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(sdist)], check=True, env=env,
+                       timeout=3600)  # fmt: skip
     unpack_converter(sdist, src)
     marker.write_text(recipe + "\n")
     return python, src
@@ -205,6 +211,7 @@ def run_ours(model: LlamaForPaged, batch: list[list[int]], serial: bool) -> dict
     t0, c0 = time.perf_counter(), time.thread_time()
     groups = [[i] for i in range(len(batch))] if serial else [list(range(len(batch)))]
     for group in groups:
+        s0, sc0 = (time.perf_counter(), time.thread_time()) if serial else (t0, c0)
         engine = GenerationEngine(model, EngineConfig(len(batch) * N_CTX_SEQ // BLOCK, block_size=BLOCK,
                                                       max_num_seqs=64))  # fmt: skip
         seq_of = {engine.add(batch[i], SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0,
@@ -214,8 +221,8 @@ def run_ours(model: LlamaForPaged, batch: list[list[int]], serial: bool) -> dict
                 if o.token_id is not None:
                     out = outs[seq_of[o.seq_id]]
                     if not out:
-                        ttft.append(time.perf_counter() - t0)
-                        ttft_cpu.append(time.thread_time() - c0)
+                        ttft.append(time.perf_counter() - s0)
+                        ttft_cpu.append(time.thread_time() - sc0)
                     out.append(o.token_id)
     return {
         "tokens": outs,
@@ -239,10 +246,10 @@ def measure(model: LlamaForPaged, peer: LlamaCpp, batch: list[list[int]]) -> dic
     singles = batch[:SINGLES]
     cases: dict[str, Callable[[], dict[str, Any]]] = {
         "ours 1": lambda: run_ours(model, singles, serial=True),
-        "llama 1": lambda: peer.ask(op="serial", prompts=singles, max_tokens=OUTPUT_TOKENS),
+        "llama 1": lambda: peer.ask(op="serial", prompts=singles, max_tokens=OUTPUT_TOKENS, queued=False),
         "ours N": lambda: run_ours(model, batch, serial=False),
         "batch N": lambda: peer.ask(op="batched", prompts=batch, max_tokens=OUTPUT_TOKENS),
-        "llama N": lambda: peer.ask(op="serial", prompts=batch, max_tokens=OUTPUT_TOKENS),
+        "llama N": lambda: peer.ask(op="serial", prompts=batch, max_tokens=OUTPUT_TOKENS, queued=True),
     }
     best: dict[str, dict[str, Any]] = {}
     for _ in range(ROUNDS):
@@ -304,7 +311,7 @@ def main() -> None:
         f"Llama checkpoint, {n_params / 1e6:.1f} M parameters; {machine()}; llama-cpp-python "
         f"{LLAMA_CPP_PYTHON} (CMAKE_ARGS {CMAKE_ARGS}); one thread each side; {OUTPUT_TOKENS} tokens "
         f"per request, greedy; prompts {min(map(len, batch))}-{max(map(len, batch))} tokens; best of "
-        f"{ROUNDS} alternating rounds. Weights: GGUF f32 {sizes['f32'] / 1e6:.0f} MB, q8_0 "
+        f"{ROUNDS} round(s), the sides alternating. Weights: GGUF f32 {sizes['f32'] / 1e6:.0f} MB, q8_0 "
         f"{sizes['q8_0'] / 1e6:.0f} MB; ours float32 {fp.weight_bytes() / 1e6:.0f} MB, int8 "
         f"{ours['q8_0'].weight_bytes() / 1e6:.0f} MB.\n"
     )
