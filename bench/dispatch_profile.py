@@ -2,16 +2,16 @@
 stages timed in place (issue 21: "profile before changing anything; say what each
 microsecond was").
 
-Each stage's function is wrapped to add its time to a total, during an ordinary
-`bench.dispatch.serve` run, the wrapper's own cost (measured around an empty function)
-taken off: the loop's stages by `time.perf_counter` (a reading costs 0.05 us; the thread's
-CPU clock costs ~0.5 us, as much as a stage, and would inflate what it measures; these
-calls are short and rarely preempted), the worker's tickets by the thread's CPU time (a
-ticket runs many batches, and waits for the GIL, which is no cost of its own). What no
-stage holds is the rest: the client coroutines, `Engine.infer`'s own lines, asyncio
-(futures resolved, tasks woken, handles run, the selector) and the pool's hand-off: the
-process's CPU time per request in an unwrapped run of the same configuration, less the
-stages.
+Each stage's function is wrapped to add its thread's CPU time (`time.thread_time`) to a
+total, during an ordinary `bench.dispatch.serve` run, the wrapper's own cost inside the
+interval (measured around an empty function: a clock read is a system call, ~0.3-1 us)
+taken off. CPU time, not wall: on a shared machine a short call is often preempted, and
+wall time there measures the neighbours. What no stage holds is the rest: the client
+coroutines, `Engine.infer`'s own lines, asyncio (futures resolved, tasks woken, handles
+run, the selector) and the pool's hand-off: the process's CPU time per request in an
+unwrapped run of the same configuration, less the stages. The wrappers' reads slow the
+wrapped run down, and the clock's grain is coarse next to a 1 us call: the split is an
+estimate, good to a few tenths of a microsecond per stage.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from node_agent.runtime.batcher import Batcher
 from node_agent.runtime.engine import InputValidator
 
 STAGES: tuple[tuple[str, type, str, Callable[[], float]], ...] = (
-    ("input validation (InputValidator.validate)", InputValidator, "validate", time.perf_counter),
+    ("input validation (InputValidator.validate)", InputValidator, "validate", time.thread_time),
     ("queueing: admission, request, piece, urgency queue, tickets (Batcher.submit)", Batcher, "submit",
-     time.perf_counter),
+     time.thread_time),
     ("completion on the loop: policy fed, outputs split, futures set (Batcher._drain)", Batcher, "_drain",
-     time.perf_counter),
+     time.thread_time),
     ("worker: take (form the batch, concatenate), model call, post to the loop (Ticket.run)", Ticket, "run",
      time.thread_time),
 )  # fmt: skip
@@ -99,7 +99,7 @@ if __name__ == "__main__":
     from bench.report import table
 
     async def main() -> None:
-        for batch, conc, n, inline in ((1, 64, 16_000, True), (32, 256, 64_000, False)):
+        for batch, conc, n, inline in ((1, 64, 16_000, False), (32, 256, 64_000, False)):
             rows = await profile(batch, conc, n, inline)
             print(f"\nmax batch {batch}, {conc} clients, inline {'on' if inline else 'off'}")
             print(table(["stage", "CPU us/request", "share"], rows))
