@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import time
 from pathlib import Path
@@ -291,6 +292,11 @@ async def main() -> None:
             )
             + "\n"
         )
+    body += (
+        "\nLoad average (1, 5, 15 min) at the end of the run: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + f" ({os.cpu_count()} cores).\n"
+    )
     print(body)
     if not q:
         write_section("dispatch", "Dispatch overhead (no-op model)", body)

@@ -144,6 +144,11 @@ async def main() -> None:
         )
         + "\n"
     )
+    body += (
+        "\nLoad average (1, 5, 15 min) at the end of the run: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + f" ({os.cpu_count()} cores).\n"
+    )
     print(body)
     if not q:
         write_section("served_throughput", "Served throughput vs bare model", body)
