@@ -365,6 +365,8 @@ def main() -> None:
     print(table(["load", "engine", "tokens/s (CPU)", "tokens/s (wall)", "TTFT ms (CPU)", "TTFT ms (wall)",
                  "greedy tokens equal ours (mean tokens before a difference)"], rows))  # fmt: skip
     print("\nGoals (CPU time):\n" + "\n".join(lines))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nLoad average (1, 5, 15 min) after the measured runs: {load} ({os.cpu_count()} cores).")
     for n, prof in profiles:
         print(f"\nWhere our decode step's CPU time goes, float32, {n} stream{'s' if n > 1 else ''} "
               "(cProfile on the thread's CPU clock; own time of the top functions):\n")  # fmt: skip
