@@ -12,7 +12,8 @@ import time
 
 ALL = [
     "dispatch", "served_throughput", "adaptive_batching", "overload", "eviction", "kv_cache",
-    "generation", "placement", "vs_mlserver", "peers", "fleet_e2e", "rollout_fleet", "canary_judge",
+    "generation", "placement", "vs_mlserver", "peers", "vs_llamacpp", "fleet_e2e", "rollout_fleet",
+    "canary_judge",
 ]  # fmt: skip
 
 

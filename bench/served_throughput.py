@@ -8,7 +8,8 @@ The example CNN `classifier/1` (TorchScript, CPU) runs
 Both at the same batch size and the same torch thread count, measured alternately in
 short rounds (on a shared machine the load of other processes changes by the second;
 alternating lets it hit both alike); reported: the ratio of total rows/s and the median
-of per-round ratios, per thread setting. Goal (issue "Node agent runtime"): >= 0.95.
+of per-round ratios, per thread setting. Goal (issue 21, raised from the "Node agent
+runtime" issue's 0.95): >= 0.98.
 
     python -m bench.served_throughput       # full run (~1.5 min)
     BENCH_QUICK=1 python -m bench.served_throughput
@@ -23,12 +24,14 @@ import time
 
 from bench.common import bare_rows_per_s, example_repo, images, quick
 from bench.report import table, write_section
+from node_agent.errors import TooManyRequests
 from node_agent.runtime.engine import Engine
 from node_agent.runtime.repository import ModelRepository
 from node_agent.runtime.scheduler import ModelScheduler
 from node_agent.runtime.stream_pool import PoolSettings, StreamPool
 
 BATCH = 16
+GOAL = 0.98
 CLIENTS = 64
 
 
@@ -40,7 +43,11 @@ async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, floa
 
     async def client(i: int) -> None:
         while time.perf_counter() < stop_at:
-            out = await engine.infer("classifier", "1", {"image": xs[i]})
+            try:
+                out = await engine.infer("classifier", "1", {"image": xs[i]})
+            except TooManyRequests as e:  # (a machine so loaded that admission sheds): retried
+                await asyncio.sleep(e.retry_after_s)
+                continue
             assert out["logits"].shape == (1, 10)
             done[0] += 1
 
@@ -105,8 +112,8 @@ async def main() -> None:
         cost_us = 1e6 / r["served"] - 1e6 / r["bare"]  # type: ignore[operator]
         rows.append([
             r["threads"], f"{r['batch']:.1f}", f"{r['bare']:.0f}", f"{r['served']:.0f}",
-            f"{cost_us:.1f}", f"**{r['ratio']:.3f}**", f"{r['median']:.3f}", f"{r['cpu']:.3f}", ">= 0.95",
-            "yes" if r["ratio"] >= 0.95 else "no",  # type: ignore[operator]
+            f"{cost_us:.1f}", f"**{r['ratio']:.3f}**", f"{r['median']:.3f}", f"{r['cpu']:.3f}", f">= {GOAL}",
+            "yes" if r["ratio"] >= GOAL else "no",  # type: ignore[operator]
             ", ".join(f"{x:.2f}" for x in ratios),
         ])  # fmt: skip
     body = (
@@ -136,6 +143,11 @@ async def main() -> None:
             rows,
         )
         + "\n"
+    )
+    body += (
+        "\nLoad average (1, 5, 15 min) at the end of the run: "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + f" ({os.cpu_count()} cores).\n"
     )
     print(body)
     if not q:

@@ -225,23 +225,26 @@ class Batcher:
             self.expired += 1
             raise DeadlineExceeded(f"{self.name}: deadline already passed at submission")
         decision = self.policy.decision()
-        self._admission.check(rows, priority, deadline_s, now, decision.batch_size, self._out > 0)
+        queue = q.pieces
+        admission = self._admission
+        # (`BatchAdmission.check`'s own fast path, inlined: a call is a tenth of this method)
+        if deadline_s is not None or queue.cost + rows > admission.fast_rows or rows > admission.max_batch:
+            admission.check(rows, priority, deadline_s, now, decision.batch_size, self._out > 0)
         future: asyncio.Future[Arrays] = self.loop.create_future()
         limit = self._max_batch
         npieces = 1 if rows <= limit else -(-rows // limit)
         request = Request(future, priority, deadline_s, now, npieces)
         group = tuple(tuple(t.shape[1:]) for t in inputs.values()) if self._dynamic else None
-        pieces: list[Piece] = []
-        costs: list[float] = []
         if npieces == 1:
             piece = Piece(request, 0, inputs, rows, group)
         else:
+            pieces: list[Piece] = []
+            costs: list[float] = []
             for k in range(npieces):
                 lo, hi = k * limit, min(rows, (k + 1) * limit)
                 pieces.append(Piece(request, k, {n: t[lo:hi] for n, t in inputs.items()},
                                      hi - lo, group))  # fmt: skip
                 costs.append(float(hi - lo))
-        queue = q.pieces
         with q.lock:
             was_empty = queue.cost == 0
             queue.bound = max(decision.queue_limit_rows, rows)
