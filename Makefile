@@ -17,7 +17,7 @@ help:
 	@echo "make cluster-down  stop it and remove its state"
 	@echo "make lint          ruff, mypy (strict for the contract and pure modules), import contracts"
 	@echo "make bench         run the benchmarks, results in docs/benchmarks.md"
-	@echo "make lock          regenerate the images' hashed dependency locks (docker/locks/) from pyproject.toml"
+	@echo "make lock          regenerate the images' hashed dependency locks (docker/locks/) from pyproject.toml (gpu.txt with a Python 3.12: PY312=...)"
 	@echo "make crds          regenerate crds/ and the chart's CRDs from edgefleet_api/crdgen.py"
 	@echo "make images        build the operator and CPU agent images here (docker; no registry needed)"
 	@echo "make e2e-kind      the end-to-end suite on a kind cluster of real Pods, with those images"

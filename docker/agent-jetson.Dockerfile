@@ -26,16 +26,25 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev build-essential \
     && rm -rf /var/lib/apt/lists/*
+# torch first, pinned by version from TORCH_INDEX; then the agent lock (scripts/lock.sh), the one
+# the CPU image uses: it was resolved with Python 3.11, this image's Python, and its markers come
+# out the same on aarch64 as on x86_64; its hashes cover every file of each pinned version, the
+# aarch64 wheels included. --require-hashes --no-deps: nothing unhashed comes in.
+# The one exception: TENSORRT_WHEEL, TensorRT's Python bindings, a local wheel built from JetPack
+# for this Python (no index holds one), installed --no-deps by path: the builder vouches for it.
+# nvidia-ml-py is a dependency but NVML is absent on Jetson: the agent reads thermals from sysfs.
+COPY docker/locks/agent.txt /src/agent.lock
 RUN python3.11 -m venv /opt/edgefleet \
-    && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+    && /opt/edgefleet/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && /opt/edgefleet/bin/pip install --require-hashes --no-deps -r /src/agent.lock \
+    && if [ -n "${TENSORRT_WHEEL}" ]; then /opt/edgefleet/bin/pip install --no-deps "${TENSORRT_WHEEL}"; fi
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY edgefleet_api ./edgefleet_api
 COPY operator ./operator
 COPY node_agent ./node_agent
-# nvidia-ml-py is a dependency but NVML is absent on Jetson: the agent reads thermals from sysfs.
-RUN /opt/edgefleet/bin/pip install ".[agent]" \
-    && if [ -n "${TENSORRT_WHEEL}" ]; then /opt/edgefleet/bin/pip install "${TENSORRT_WHEEL}"; fi \
+# The project last, --no-deps (a code change does not reinstall the dependencies).
+RUN /opt/edgefleet/bin/pip install --no-deps . \
     && /opt/edgefleet/bin/python -m compileall -q -x "/torch/testing/_internal/" /opt/edgefleet
 # (torch's test internals hold Python 3.12-only syntax and are never imported: left uncompiled)
 

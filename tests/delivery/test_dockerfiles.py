@@ -124,3 +124,82 @@ def test_parse_joins_continuations_and_resolves_args() -> None:
     assert args == {"B": "img:1.2"}
     assert [(s.base, s.name) for s in stages] == [("img:1.2", "b"), ("img:1.2", None)]
     assert stages[0].instructions == [("RUN", "a      b")]
+
+
+PIP_INSTALL = re.compile(r"\bpip install\b(.*)")
+PROJECT_INSTALL = re.compile(
+    r"(-q )?--no-deps (--no-index --disable-pip-version-check /wheels/\*\.whl|(--no-build-isolation )?\.)"
+)
+"""Our own code, without its dependencies: a built wheel or the source tree."""
+EXCEPTIONS = {
+    "torch": re.compile(r'--index-url "\$\{TORCH_INDEX\}" "torch==\$\{TORCH_VERSION\}"$'),
+    "tensorrt": re.compile(
+        r'--extra-index-url "\$\{TENSORRT_INDEX\}" "tensorrt-cu12==\$\{TENSORRT_VERSION\}"$'
+    ),
+    "jetpack-wheel": re.compile(r'--no-deps "\$\{TENSORRT_WHEEL\}"; fi$'),
+}
+"""The installs outside the locks, each pinned by version from its own index (torch's wheels differ
+by index; TensorRT's PyPI packages are stubs that fetch from NVIDIA's index) or a local JetPack
+wheel by path. See scripts/lock.sh."""
+
+
+def pip_installs(text: str) -> list[tuple[str, str]]:
+    """(kind, arguments) of every `pip install` in every RUN, one per `&&`-joined command, where kind
+    is "lock" (a hashed lock, --no-deps), "project" (ours, --no-deps), an EXCEPTIONS key, or
+    "unhashed" (anything else: an install that could bring in what no hash vouches for)."""
+    _, stages = parse(text)
+    copied = {  # destination -> source of the build context's single-file COPYs
+        parts[1]: parts[0]
+        for stage in stages
+        for kw, rest in stage.instructions
+        if kw == "COPY" and len(parts := rest.split()) == 2 and not rest.startswith("--")
+    }
+    found: list[tuple[str, str]] = []
+    for stage in stages:
+        for kw, rest in stage.instructions:
+            if kw != "RUN":
+                continue
+            for command in re.split(r"&&|;\s*then\b", rest):
+                m = PIP_INSTALL.search(command)
+                if not m:
+                    continue
+                args = " ".join(m.group(1).split())
+                lock = re.fullmatch(
+                    r"(?:--require-hashes --no-deps (?:--no-build-isolation )?)-r (\S+)", args
+                )
+                if lock and copied.get(lock.group(1), "").startswith("docker/locks/"):
+                    source = REPO / copied[lock.group(1)]
+                    assert source.exists(), f"{source} is copied but missing"
+                    found.append(("lock", copied[lock.group(1)]))
+                elif PROJECT_INSTALL.fullmatch(args):
+                    found.append(("project", args))
+                else:
+                    kind = next((k for k, pattern in EXCEPTIONS.items() if pattern.search(args)), "unhashed")
+                    found.append((kind, args))
+    return found
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_image_installs_its_dependencies_from_a_hashed_lock(path: Path) -> None:
+    installs = pip_installs(path.read_text())
+    assert not [args for kind, args in installs if kind == "unhashed"], "an install outside the locks"
+    locks = [src for kind, src in installs if kind == "lock"]
+    assert locks, "no install from a hashed lock (docker/locks/, --require-hashes --no-deps)"
+    assert [kind for kind, _ in installs].count("project") == 1, "the project, once, --no-deps"
+    for src in locks:
+        pins = [line for line in (REPO / src).read_text().splitlines() if "==" in line]
+        assert pins and all(line.endswith("\\") for line in pins), f"{src}: a pin without hashes"
+
+
+def test_the_lock_check_catches_an_unhashed_install() -> None:
+    good = (REPO / "docker" / "agent-gpu.Dockerfile").read_text()
+    assert {kind for kind, _ in pip_installs(good)} == {"torch", "tensorrt", "lock", "project"}
+    for bad in (
+        good.replace("--require-hashes --no-deps --no-build-isolation -r /src/gpu.lock", '".[gpu]"'),
+        good.replace("--require-hashes --no-deps -r /src/gpu-build.lock", "--no-deps -r /src/gpu-build.lock"),
+        good.replace("--no-deps --no-build-isolation .", "."),
+        good.replace("COPY docker/locks/gpu.txt /src/gpu.lock", "COPY requirements.txt /src/gpu.lock"),
+        good.replace('"tensorrt-cu12==${TENSORRT_VERSION}"', "tensorrt-cu12"),
+    ):
+        assert bad != good
+        assert "unhashed" in {kind for kind, _ in pip_installs(bad)}, bad

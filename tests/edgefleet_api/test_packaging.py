@@ -28,9 +28,20 @@ generator (node_agent/serving/proto/generate.py: grpcio-tools, a dev dependency)
 
 
 def requirements(extras: tuple[str, ...]) -> list[Requirement]:
+    """The base dependencies and those of `extras`, an extra's own `edgefleet[...]` expanded."""
     reqs = [Requirement(r) for r in PROJECT["dependencies"]]
-    for extra in extras:
-        reqs += [Requirement(r) for r in PROJECT["optional-dependencies"][extra]]
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for raw in PROJECT["optional-dependencies"][extra]:
+            req = Requirement(raw)
+            if req.name == PROJECT["name"]:
+                todo += sorted(req.extras)
+            elif req not in reqs:
+                reqs.append(req)
     return reqs
 
 
@@ -118,12 +129,19 @@ def locked(which: str) -> dict[str, tuple[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("which", ["operator", "agent"])
+NOT_LOCKED = {"torch", "tensorrt"}
+"""Pinned by version in the Dockerfiles from their own index: torch from TORCH_INDEX (its wheels
+differ by index), TensorRT from NVIDIA's (PyPI holds stubs that fetch from there at install time)."""
+
+
+@pytest.mark.parametrize(
+    "which", ["operator", "agent", "gpu"], ids=lambda which: f"{which}.txt"
+)  # not "gpu": conftest skips that keyword without CUDA
 def test_the_image_locks_pin_every_dependency_with_hashes(which: str) -> None:
     pins = locked(which)
     assert pins and all(hashes > 0 for _, hashes in pins.values()), "a pin without a hash"
     for req in requirements((which,)):
-        if req.name == "torch":  # from the image's TORCH_INDEX, pinned by version in the Dockerfile
+        if req.name in NOT_LOCKED:
             assert canonical(req.name) not in pins
             continue
         name = canonical(req.name)
@@ -131,3 +149,18 @@ def test_the_image_locks_pin_every_dependency_with_hashes(which: str) -> None:
         assert req.specifier.contains(pins[name][0], prereleases=True), (
             f"{which}.txt: {name}=={pins[name][0]} vs {req}"
         )
+
+
+def test_the_gpu_lock_holds_pycudas_build_tools_and_resolves_for_the_images_python() -> None:
+    """pycuda is an sdist built --no-build-isolation: its build tools come hashed from gpu-build.txt,
+    the same pins as gpu.txt's; gpu.txt is resolved with Python 3.12 (Ubuntu 24.04's, the GPU
+    image's), agent.txt with 3.11 (the CPU and Jetson images')."""
+    gpu, build = locked("gpu"), locked("gpu-build")
+    assert set(build) == {"setuptools", "wheel", "numpy"}
+    assert all(gpu[name] == pin for name, pin in build.items())
+    assert "pycuda" in gpu
+    head = {
+        which: (REPO / "docker" / "locks" / f"{which}.txt").read_text().splitlines()[0]
+        for which in ("gpu", "agent")
+    }
+    assert "(Python 3.12)" in head["gpu"] and "(Python 3.11)" in head["agent"], head
