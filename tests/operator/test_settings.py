@@ -43,11 +43,12 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_GRPC_PORT": "8001",
         "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
-        "EDGEFLEET_LEASE_NAMESPACE": "ops",
+        "EDGEFLEET_LEASE_NAMESPACE": "ops", "EDGEFLEET_SITE_SHARDS": "8",
     }  # fmt: skip
     s = from_env(env)
     o = s.ownership
     assert (o.lease_duration_s, o.renew_interval_s, o.margin_s, s.lease_namespace) == (20, 4, 2.5, "ops")
+    assert o.site_shards == 8
     assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
     assert (s.fleet.agent_grace_s, s.fleet.not_ready_grace_s, s.fleet.flap_damping_s) == (12, 40, 7.5)
     assert s.fleet.agent_backoff_max_s == 16
