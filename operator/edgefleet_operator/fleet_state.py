@@ -68,12 +68,15 @@ def node_signals(node: Obj, edge_node: EdgeNode | None, lease: Obj | None) -> No
     work_since = (
         wire.parse_time(edge_node.annotations.get(names.ANNOTATION_WORK_SINCE)) if edge_node else None
     )
-    renew = None
-    if lease:
-        spec = lease.get("spec", {})
-        renew = wire.parse_time(spec.get("renewTime") or spec.get("acquireTime"))
+    renew = lease_renewed_s(lease)
     has_work = edge_node is not None and bool(edge_node.spec.models)
     return NodeSignals(node["metadata"]["name"], ready, since, renew, has_work, work_since)
+
+
+def lease_renewed_s(lease: Obj | None) -> float | None:
+    """When an agent Lease was last renewed (epoch seconds); None without one."""
+    spec = (lease or {}).get("spec") or {}
+    return wire.parse_time(spec.get("renewTime") or spec.get("acquireTime"))
 
 
 def our_measured_bytes(status: EdgeNodeStatus) -> int:

@@ -164,6 +164,7 @@ def rollout_write(
                 read.edge_node(n).status,
                 node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, ""),
                 read.set_at(n),
+                fleet_state.lease_renewed_s(read.leases.get(names.agent_name(n))),
             )
             for n in nodes
         }

@@ -897,6 +897,19 @@ def test_observe_ignores_a_report_older_than_the_spec_that_set_the_version() -> 
     assert observe(SERVICE, EdgeNodeStatus()).heartbeat_s == float("-inf")  # no heartbeat: never fresh
 
 
+def test_an_unchanged_status_counts_as_current_as_of_the_agents_last_lease_renewal() -> None:
+    from edgefleet_api import wire
+
+    status = EdgeNodeStatus.from_obj({"observedGeneration": 1, "heartbeatTime": "2027-01-15T08:00:00Z"})
+    written = wire.parse_time("2027-01-15T08:00:00Z")
+    assert written is not None
+    window = written + 600  # a wave's window starting 10 minutes after the last status write
+    assert not observe(SERVICE, status).fresh(window)
+    assert observe(SERVICE, status, alive_s=window + 5).fresh(window)  # renewed since: still current
+    assert not observe(SERVICE, status, alive_s=window - 5).fresh(window)
+    assert observe(SERVICE, EdgeNodeStatus(), alive_s=window + 5).heartbeat_s == float("-inf")  # no report
+
+
 def test_a_wave_is_judged_only_on_reports_written_within_its_window() -> None:
     r = promoted_runner()
     d = r.tick(1)

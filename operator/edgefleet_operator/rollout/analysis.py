@@ -57,11 +57,14 @@ def observe(
     status: EdgeNodeStatus,
     node_class: str = "",
     set_at: Mapping[tuple[str, ModelRef], int] | None = None,
+    alive_s: float | None = None,
 ) -> NodeObservation:
     """NodeObservation of `service` (namespace/name) from an EdgeNode's status. `set_at`: spec
     entry (service, model ref) -> the spec generation that set it (see `report_ledger`); a model
     whose entry was set at a generation newer than the status's observedGeneration is left out
-    (the report is older than the node's orders for it)."""
+    (the report is older than the node's orders for it). `alive_s`: when the agent last renewed its
+    Lease: an agent writes its status only when something in it changed, so a status older than a
+    renewal still describes the node then (the report counts as written at the later of the two)."""
     loaded, failed, windows, counters = set(), set(), {}, {}
     for m in status.models:
         if m.service != service or not m.digest:
@@ -80,6 +83,8 @@ def observe(
     temperature = status.gpu.temperature_c if status.gpu is not None else None
     written = wire.parse_time(status.heartbeat_time)
     heartbeat = written if written is not None else float("-inf")
+    if alive_s is not None and written is not None:
+        heartbeat = max(heartbeat, alive_s)
     return NodeObservation(
         frozenset(loaded), windows, temperature, node_class, heartbeat, counters, frozenset(failed)
     )
