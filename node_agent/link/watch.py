@@ -8,8 +8,9 @@ ADDED/MODIFIED/DELETED, `answered()` when a watch request is accepted, `failed("
 Recovery, with the bounds of the default settings:
 - A watch ends after `watch_timeout_s` (server side, `timeoutSeconds`) and is resumed from
   the last resourceVersion it saw (events and bookmarks).
-- A watch that stalls (the socket stays open, nothing arrives) ends at the client's read
-  timeout, `watch_timeout_s + request_timeout_s` (70 s); when the rest of the link fails
+- A watch that stalls (the socket stays open, nothing arrives, not even the API server's
+  bookmark of every minute) ends at the client's read timeout, min(`watch_timeout_s`,
+  `BOOKMARK_S`) + `request_timeout_s` (70 s); when the rest of the link fails
   first (the Lease's or the status's call times out), `restart` cuts it at once.
 - A failed watch or list is retried after `Backoff` (jittered, 0.5 s doubling to
   `backoff_max_s`, 30 s): a fleet that lost its API server together comes back spread out.
@@ -44,7 +45,7 @@ from node_agent.link.assignment import InvalidAssignment
 from node_agent.link.connection import ApiConnection, LinkStats
 from node_agent.link.durable import write_atomic
 from node_agent.link.persistence import decode_persisted, encode_persisted
-from node_agent.link.settings import LinkSettings, rfc3339
+from node_agent.link.settings import BOOKMARK_S, LinkSettings, rfc3339
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -175,7 +176,7 @@ class EdgeNodeWatch:
             timeout_seconds=int(s.watch_timeout_s),
             watch=True,
             _preload_content=False,
-            _request_timeout=(s.request_timeout_s, s.watch_timeout_s + s.request_timeout_s),
+            _request_timeout=(s.request_timeout_s, min(s.watch_timeout_s, BOOKMARK_S) + s.request_timeout_s),
         )
         self._watch_response = response
         try:

@@ -281,6 +281,32 @@ def test_pacer_writes_state_changes_soon_measurements_later_and_heartbeats_rarel
         StatusPacer(min_interval_s=5.0, metrics_interval_s=1.0)
 
 
+def test_pacer_writes_only_on_change_by_default_with_hystereses() -> None:
+    """Issue 22: no heartbeat-only writes (liveness is the Lease); small moves of memory or
+    temperature are not worth a write, larger ones are, at the measurement pace."""
+    pacer = StatusPacer()
+    written = status_for("Ready")
+    assert pacer.due(0.0, None, written)
+    pacer.wrote(0.0)
+    for t in (30.0, 300.0, 86_400.0):
+        assert not pacer.due(t, written, status_for("Ready", now=LATER))  # unchanged: never again
+    assert not pacer.due(60.0, written, status_for("Ready", temp=51.9))  # under 2 C
+    assert pacer.due(60.0, written, status_for("Ready", temp=52.0))
+    assert not pacer.due(5.0, written, status_for("Ready", temp=58.0))  # at the measurement pace
+    assert pacer.due(60.0, written, status_for("Ready", p95=4.5))  # the SLA window rolled
+    assert pacer.due(3.0, written, status_for("Loading"))  # a change of state: soon
+    gpu = written.gpu
+    assert gpu is not None and gpu.memory_total_bytes is not None and gpu.memory_used_bytes is not None
+    small = dataclasses.replace(gpu, memory_used_bytes=gpu.memory_used_bytes + gpu.memory_total_bytes // 25)
+    large = dataclasses.replace(
+        gpu, memory_used_bytes=gpu.memory_used_bytes + gpu.memory_total_bytes // 20 + 1
+    )
+    assert not pacer.due(60.0, written, dataclasses.replace(written, gpu=small))  # 4% of the GPU
+    assert pacer.due(60.0, written, dataclasses.replace(written, gpu=large))  # 5%
+    with pytest.raises(ValueError):
+        StatusPacer(2.0, 10.0, 5.0)  # a refresh more often than measurements
+
+
 def test_pacer_bounds_the_write_rate_of_a_churning_status() -> None:
     pacer = StatusPacer(2.0, 10.0, 30.0)
     written: EdgeNodeStatus | None = None
