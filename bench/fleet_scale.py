@@ -140,10 +140,49 @@ class CountingProxy:
         return path
 
 
-def apiserver_requests(kube: Any, server: str) -> float:
-    """The API server's `apiserver_request_total`, every label together."""
+def apiserver_requests(kube: Any, server: str) -> dict[tuple[str, str, str], float]:
+    """The API server's `apiserver_request_total` by (verb, resource, subresource)."""
     text = kube.rest_client.pool_manager.request("GET", f"{server}/metrics", timeout=30).data.decode()
-    return sum(float(v) for v in re.findall(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.M))
+    out: dict[tuple[str, str, str], float] = {}
+    for labels, value in re.findall(r"^apiserver_request_total\{([^}]*)\} (\S+)$", text, re.M):
+        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = (d.get("verb", ""), d.get("resource", ""), d.get("subresource", ""))
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+OPERATOR_WRITES = frozenset({"inferenceservices", "services", "endpointslices", "events"})
+
+
+def operator_like(by: dict[tuple[str, str, str], float]) -> float:
+    """The requests of the kinds the operator makes (and the simulated agents, which the caller
+    subtracts, counted on their side): every LIST and WATCH; GETs but of Nodes and Leases (kwok's);
+    writes to services and their bookkeeping, EdgeNode specs, agent Pods (created, deleted: kwok
+    writes their status) and Leases by PATCH or POST (kwok's node Leases are PUT). What the rest of
+    the control plane makes of these (its informers' re-watches) is measured before the operator
+    starts and subtracted too."""
+    total = 0.0
+    for (verb, resource, sub), v in by.items():
+        if (
+            verb in ("LIST", "WATCH")
+            or (verb == "GET" and resource not in ("leases", "nodes"))
+            or (
+                verb in ("POST", "PATCH", "PUT", "DELETE")
+                and (
+                    resource in OPERATOR_WRITES
+                    or (resource == "edgenodes" and not sub)
+                    or (resource == "pods" and not sub and verb in ("POST", "DELETE"))
+                    or (resource == "leases" and verb in ("PATCH", "POST"))
+                )
+            )
+        ):
+            total += v
+    return total
+
+
+def agents_like(traffic: dict[str, dict[str, float]]) -> float:
+    """The simulated agents' requests `operator_like` counts too (all but their status writes)."""
+    return sum(v["requests"] for k, v in traffic.items() if k != "status")
 
 
 def histogram_quantiles(
@@ -199,8 +238,9 @@ class Meter:
             for k, v in self.sim.items()
         }
         agent_requests = sum(v["requests"] for v in agents.values())
-        all_requests = self.requests - start.requests
-        others = self.run.others_per_s * s
+        all_requests = sum(self.requests.values()) - sum(start.requests.values())
+        operator = operator_like(self.requests) - operator_like(start.requests)
+        operator -= agents_like(agents) + self.run.others_per_s * s
         passes = self.passes[0] - start.passes[0]
         op_cpu = self.cpu["operator"] - start.cpu["operator"]
         return {
@@ -213,7 +253,7 @@ class Meter:
                 "down_bytes_per_s": sum(v["down"] for v in agents.values()) / n / s,
             },
             "operator_per_node": {
-                "requests_per_s": max(0.0, all_requests - agent_requests - others) / n / s,
+                "requests_per_s": max(0.0, operator) / n / s,
                 "up_bytes_per_s": (self.proxy[0] - start.proxy[0]) / n / s,
                 "down_bytes_per_s": (self.proxy[1] - start.proxy[1]) / n / s,
             },
@@ -340,9 +380,10 @@ class Run:
         m0 = time.monotonic(), apiserver_requests(self.kube, self.state.server), self.sim.stats()["traffic"]
         time.sleep(WINDOW_S / 2)
         m1 = time.monotonic(), apiserver_requests(self.kube, self.state.server), self.sim.stats()["traffic"]
-        agent = sum(v["requests"] for v in m1[2].values()) - sum(v["requests"] for v in m0[2].values())
-        self.others_per_s = max(0.0, (m1[1] - m0[1] - agent) / (m1[0] - m0[0]))
-        log(f"control plane without the operator: {self.others_per_s:.1f} requests/s besides the agents'")
+        agents = {k: {"requests": v["requests"] - m0[2][k]["requests"]} for k, v in m1[2].items()}
+        others = operator_like(m1[1]) - operator_like(m0[1]) - agents_like(agents)
+        self.others_per_s = max(0.0, others / (m1[0] - m0[0]))
+        log(f"control plane without the operator: {self.others_per_s:.2f} requests/s of the operator's kinds")
         kubeconfig = self.proxy.kubeconfig(self.state.kubeconfig, self.dir / "operator.kubeconfig")
         self.op = OperatorProcess(
             self.state, self.dir / "operator.log", **PRODUCTION, KUBECONFIG=str(kubeconfig)
@@ -501,6 +542,7 @@ class Run:
 
         if self.sim is not None:
             self.sim.stop()
+            self.sim = None
         with contextlib.suppress(ApiException):
             self.core.delete_namespace(self.ns)
         try:

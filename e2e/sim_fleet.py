@@ -2,8 +2,8 @@
 costing the API server what a real agent's link (`node_agent.link`) does, with its settings
 (`LinkSettings`, and so the same `EDGEFLEET_LINK_*` variables):
 
-- its Lease renewed every `lease_renew_s` less a jitter (a merge patch of renewTime; created on
-  404), started at a random phase so the fleet does not renew in step;
+- its Lease renewed every `lease_renew_s` less a jitter (a merge patch of renewTime, its answer
+  in protobuf; created on 404), started at a random phase so the fleet does not renew in step;
 - a list and watch of its own EdgeNode (field selector on its name), with bookmarks, resumed
   from the last resourceVersion every `watch_timeout_s`, relisted on 410 Gone and every
   `resync_s`; a failed call retried after the link's jittered exponential `Backoff`;
@@ -47,6 +47,7 @@ from e2e.sim_agent import SimNode, micro_time, status_for
 from edgefleet_api import names
 from edgefleet_api.backoff import Backoff
 from edgefleet_api.patch import merge_patch
+from node_agent.link.lease import PROTOBUF
 from node_agent.link.settings import BOOKMARK_S, LinkSettings
 
 USER_AGENT = "edgefleet-sim-agent"
@@ -115,12 +116,13 @@ class SimFleet:
         path: str,
         body: Any = None,
         content_type: str = "application/merge-patch+json",
+        accept: str = "application/json",
     ) -> tuple[int, Any]:
         """One request; (status, decoded JSON or None). Counts it under `kind`."""
         import aiohttp
 
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        headers = {"Content-Type": content_type} if data is not None else {}
+        headers = {"Accept": accept} | ({"Content-Type": content_type} if data is not None else {})
         t = self.s.request_timeout_s
         async with self.calls:
             try:
@@ -166,7 +168,7 @@ class SimFleet:
             if full:
                 spec |= {"holderIdentity": name, "leaseDurationSeconds": self.s.lease_duration_s}
             try:
-                status, _ = await self.call(session, "lease", "PATCH", path, {"spec": spec})
+                status, _ = await self.call(session, "lease", "PATCH", path, {"spec": spec}, accept=PROTOBUF)
                 if status == 404:
                     labels = {"app.kubernetes.io/name": names.AGENT_APP, names.LABEL_NODE: a.node.name}
                     body = {

@@ -2,7 +2,9 @@
 `edgefleet-agent-<node>` in `namespace`, renewed every `lease_renew_s` less a jitter of up to
 `lease_jitter` of it (created when missing), held for `lease_duration_s`. A renewal is one merge
 patch of `renewTime` alone (about 60 bytes of body); holder and duration are written when the
-Lease is created, and again once per life of the agent (they may have changed with its settings)."""
+Lease is created, and again once per life of the agent (they may have changed with its settings).
+The answer is asked for in protobuf and not decoded (a renewal's bytes are an idle agent's main
+cost to the API server)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from node_agent.link.settings import LinkSettings, rfc3339
 
 if TYPE_CHECKING:
     from kubernetes.client import CoordinationV1Api
+
+
+PROTOBUF = "application/vnd.kubernetes.protobuf"
+"""Built-in kinds (a Lease) answer in protobuf when asked: 390 bytes where JSON takes 740."""
 
 
 class LeaseRenewer:
@@ -84,7 +90,8 @@ class LeaseRenewer:
                 {"spec": spec if self._full else {"renewTime": now}},
                 _content_type="application/merge-patch+json",
                 _request_timeout=timeout,
-                _preload_content=False,  # the answer (the whole Lease) is not read
+                _preload_content=False,  # the answer (the whole Lease) is not decoded: it is asked for
+                _headers={"Accept": PROTOBUF},  # in protobuf, half the bytes of its JSON
             )
             answer.read()
             answer.release_conn()
