@@ -61,8 +61,8 @@ class AgentPodSettings:
     lease_renew_s: float | None = None
     """How often agents renew their Lease (EDGEFLEET_LINK_LEASE_RENEW_S in their Pods); None: the
     agents' default (15 s). Scale it with the fleet (the agents' steady cost to the API server is
-    about one small PATCH per node per interval: docs/fleet-scale.md) and keep `agent_grace_s` at
-    least `GRACE_RENEWALS` times it."""
+    about one small PATCH per node per interval: docs/benchmarks.md, "Fleet scale") and keep
+    `agent_grace_s` at least `GRACE_RENEWALS` times it."""
     workers: int | None = None
     """Stream pool workers per agent (None: the agent's default, 1 on CPU and 2 on a GPU)."""
     urgent_workers: int | None = None
