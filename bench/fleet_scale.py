@@ -32,6 +32,8 @@ import contextlib
 import json
 import os
 import re
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -56,7 +58,7 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = Path(__file__).resolve().parent / "fleet_scale_runs.json"
 INTERVAL_S = 10
 """The canaries' analysis interval: one SLA window roll of the agents (status_metrics_interval_s)."""
-WINDOW_S = 10 if QUICK else 60
+WINDOW_S = 10 if QUICK else 30
 """Length of each steady-state measurement."""
 POLL_S = 1.0
 PRODUCTION = {
@@ -65,11 +67,13 @@ PRODUCTION = {
     "EDGEFLEET_FLAP_DAMPING_S": "120",
     "EDGEFLEET_RESYNC_S": "10",
     "EDGEFLEET_DEBOUNCE_S": "0.5",
-    "EDGEFLEET_LEASE_DURATION_S": "15",
-    "EDGEFLEET_LEASE_RENEW_S": "5",
-    "EDGEFLEET_LEASE_MARGIN_S": "3",
+    "EDGEFLEET_LEASE_DURATION_S": "120",
+    "EDGEFLEET_LEASE_RENEW_S": "20",
+    "EDGEFLEET_LEASE_MARGIN_S": "10",
 }
-"""The chart's defaults (e2e.operator_proc's are shortened for tests)."""
+"""The chart's defaults (e2e.operator_proc's are shortened for tests), but for the operator's shard
+Lease: a pass that lists a fleet of 1,000 nodes on this machine outlasts the chart's 15 s Lease
+(the pass keeps the loop from renewing it), and a pass that finds its shard lost writes nothing."""
 BAD = {"errorRate": 0.5, "p99LatencyMs": 90.0, "met": False}
 COMPONENTS = ("etcd", "kube-apiserver", "kwok", "kube-controller-manager", "kube-scheduler")
 
@@ -546,9 +550,21 @@ class Run:
         with contextlib.suppress(ApiException):
             self.core.delete_namespace(self.ns)
         try:
-            self.wait(lambda: services_gone(self.custom, self.ns), 600, "the services' deletion")
+            self.wait(lambda: services_gone(self.custom, self.ns), 180, "the services' deletion")
         except (TimeoutError, RuntimeError) as e:
-            log(f"cleanup: {e}")
+            log(f"cleanup: {str(e)[:200]}; removing the finalizers")
+            for isvc in self.custom.list_namespaced_custom_object(
+                names.GROUP, names.VERSION, self.ns, names.INFERENCE_SERVICE_PLURAL
+            )["items"]:
+                with contextlib.suppress(ApiException):
+                    self.custom.patch_namespaced_custom_object(
+                        names.GROUP,
+                        names.VERSION,
+                        self.ns,
+                        names.INFERENCE_SERVICE_PLURAL,
+                        isvc["metadata"]["name"],
+                        {"metadata": {"finalizers": None}},
+                    )
         if self.op is not None:
             self.op.stop()
         list(self.pool.map(lambda n: fleet.delete_nodes(self.core, [n]), self.nodes))
@@ -564,7 +580,7 @@ def run_size(n: int, services: int, outage_s: float) -> dict[str, Any]:
     try:
         r.bring_up()
         r.results["idle"] = r.steady(serving=False)
-        r.results["passes"] = r.one_node_passes(3 if QUICK else 20)
+        r.results["passes"] = r.one_node_passes(3 if QUICK else 10)
         r.results["serving"] = r.steady(serving=True)
         r.results["canaries"] = r.canaries()
         r.results["placement"] = r.placement()
@@ -688,6 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--services", type=int, default=20 if QUICK else 1000)
     p.add_argument("--outage-s", type=float, default=10 if QUICK else 60)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run cleans up (finally)
     runs: dict[str, dict[str, Any]] = {}
     if RUNS.exists() and not QUICK:
         runs = json.loads(RUNS.read_text())
