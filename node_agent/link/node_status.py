@@ -287,13 +287,16 @@ class StatusPacer:
     served requests: its window rolled), the GPU memory in use moved by `memory_hysteresis_fraction`
     of the total or more, the temperature by `temperature_hysteresis_c` or more (crossing the soft
     limit or throttling is a condition: a change of state). Counters are measurements: requests
-    counted on every call never make it write more often. An unchanged status is never written
-    again (`max_interval_s` 0, the default): liveness is the Lease, and at 10,000 idle nodes a
-    heartbeat-only write every 30 s would be 333 writes/s of nothing. A positive `max_interval_s`
-    brings back such a refresh of heartbeatTime. At 1,000 nodes the defaults bound status writes to
-    at most 500/s during churn, 100/s while every node serves, 0 while nothing changes. Statuses are
-    compared as written (each number rounded as the wire has it:
-    `EdgeNodeStatus.from_obj(status.to_obj())`).
+    counted on every call never make it write more often. For `settle_s` after a change of state
+    was written, the status is written again every `metrics_interval_s` even when unchanged: the
+    operator judges a change (a canary wave) only on reports written within its window, which
+    starts once the node reports the change, and an idle node would otherwise never write one.
+    Past that, an unchanged status is never written again (`max_interval_s` 0, the default):
+    liveness is the Lease, and at 10,000 idle nodes a heartbeat-only write every 30 s would be 333
+    writes/s of nothing. A positive `max_interval_s` brings back such a refresh of heartbeatTime.
+    At 1,000 nodes the defaults bound status writes to at most 500/s during churn, 100/s while
+    every node serves or settles, 0 while nothing changes. Statuses are compared as written (each
+    number rounded as the wire has it: `EdgeNodeStatus.from_obj(status.to_obj())`).
     """
 
     min_interval_s: float = 2.0
@@ -303,30 +306,43 @@ class StatusPacer:
     """Half the operator's default memory reserve (10%): drift under it never makes a placement
     wrong by more than half the slack it keeps."""
     temperature_hysteresis_c: float = 2.0
+    settle_s: float = 600.0
+    """Ten minutes: a canary wave starts once its nodes report the version loaded and lasts its
+    analysis interval (a minute or a few)."""
     last_write_s: float | None = None
+    last_change_s: float | None = None
+    """When the last change of state was written."""
+    _changing: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_interval_s <= self.metrics_interval_s:
             raise ValueError("need 0 <= min_interval_s <= metrics_interval_s")
         if self.max_interval_s and self.max_interval_s < self.metrics_interval_s:
             raise ValueError("max_interval_s must be 0 (no heartbeat-only writes) or >= metrics_interval_s")
-        if self.memory_hysteresis_fraction < 0 or self.temperature_hysteresis_c < 0:
-            raise ValueError("hystereses must be >= 0")
+        if self.memory_hysteresis_fraction < 0 or self.temperature_hysteresis_c < 0 or self.settle_s < 0:
+            raise ValueError("hystereses and settle_s must be >= 0")
 
     def due(self, now_s: float, written: EdgeNodeStatus | None, status: EdgeNodeStatus) -> bool:
         """Whether `status` should be written now, given the status the API server holds."""
         if written is None or self.last_write_s is None:
+            self._changing = True
             return True
         since = now_s - self.last_write_s
         if self.max_interval_s and since >= self.max_interval_s:
             return True
         if _structure(written) != _structure(status):
-            return since >= self.min_interval_s
-        if _sla(written) != _sla(status) or _gpu_moved(
-            written, status, self.memory_hysteresis_fraction, self.temperature_hysteresis_c
+            self._changing = since >= self.min_interval_s
+            return self._changing
+        settling = self.last_change_s is not None and now_s - self.last_change_s < self.settle_s
+        if (
+            settling
+            or _sla(written) != _sla(status)
+            or _gpu_moved(written, status, self.memory_hysteresis_fraction, self.temperature_hysteresis_c)
         ):
             return since >= self.metrics_interval_s
         return False
 
     def wrote(self, now_s: float) -> None:
         self.last_write_s = now_s
+        if self._changing:
+            self.last_change_s, self._changing = now_s, False

@@ -73,6 +73,10 @@ class LinkSettings:
     """How often the status is built and the pacer asked whether to write it."""
     status_min_interval_s: float = 2.0
     status_metrics_interval_s: float = 10.0
+    status_settle_s: float = 600.0
+    """After a change of state is written, the status is written again every
+    `status_metrics_interval_s` for this long, changed or not (the operator judges a canary wave
+    on reports written within its window; `StatusPacer`)."""
     status_max_interval_s: float = 0.0
     """0: the status is written only on change (`StatusPacer`); liveness is the Lease. Positive:
     an unchanged status is written again this often (a heartbeatTime refresh)."""
@@ -133,7 +137,12 @@ class LinkSettings:
             raise ValueError("download_backoff_max_s must be >= download_backoff_initial_s")
         if self.download_bandwidth_bytes_per_s < 0 or self.download_peer_wait_s < 0:
             raise ValueError("download_bandwidth_bytes_per_s and download_peer_wait_s must be >= 0")
-        StatusPacer(self.status_min_interval_s, self.status_metrics_interval_s, self.status_max_interval_s)
+        StatusPacer(
+            self.status_min_interval_s,
+            self.status_metrics_interval_s,
+            self.status_max_interval_s,
+            settle_s=self.status_settle_s,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **fields: object) -> LinkSettings:

@@ -62,7 +62,10 @@ class StatusWriter:
         self._clock = clock
         self._build, self._active, self._on_absent = build, active, on_absent
         self._pacer = StatusPacer(
-            settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
+            settings.status_min_interval_s,
+            settings.status_metrics_interval_s,
+            settings.status_max_interval_s,
+            settle_s=settings.status_settle_s,
         )
         self._kick = asyncio.Event()
         self.sequence = 0

@@ -266,7 +266,7 @@ def status_for(state: str = "Ready", temp: float = 50.0, p95: float = 4.0, now: 
 
 
 def test_pacer_writes_state_changes_soon_measurements_later_and_heartbeats_rarely() -> None:
-    pacer = StatusPacer(min_interval_s=2.0, metrics_interval_s=10.0, max_interval_s=30.0)
+    pacer = StatusPacer(min_interval_s=2.0, metrics_interval_s=10.0, max_interval_s=30.0, settle_s=0.0)
     written = status_for("Loading")
     assert pacer.due(0.0, None, written)  # nothing written yet
     pacer.wrote(0.0)
@@ -288,8 +288,15 @@ def test_pacer_writes_only_on_change_by_default_with_hystereses() -> None:
     written = status_for("Ready")
     assert pacer.due(0.0, None, written)
     pacer.wrote(0.0)
-    for t in (30.0, 300.0, 86_400.0):
+    # settling: for 10 minutes after a change, rewritten at the measurement pace, changed or not
+    assert not pacer.due(5.0, written, status_for("Ready", now=LATER))
+    assert pacer.due(10.0, written, status_for("Ready", now=LATER))
+    pacer.wrote(590.0)
+    assert not pacer.due(600.0, written, status_for("Ready", now=LATER))  # settled
+    for t in (630.0, 3000.0, 86_400.0):
         assert not pacer.due(t, written, status_for("Ready", now=LATER))  # unchanged: never again
+    pacer = StatusPacer(settle_s=0.0)  # the hystereses, apart from settling
+    pacer.wrote(0.0)
     assert not pacer.due(60.0, written, status_for("Ready", temp=51.9))  # under 2 C
     assert pacer.due(60.0, written, status_for("Ready", temp=52.0))
     assert not pacer.due(5.0, written, status_for("Ready", temp=58.0))  # at the measurement pace
