@@ -30,12 +30,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -60,7 +60,7 @@ INTERVAL_S = 10
 """The canaries' analysis interval: one SLA window roll of the agents (status_metrics_interval_s)."""
 WINDOW_S = 10 if QUICK else 30
 """Length of each steady-state measurement."""
-POLL_S = 1.0
+POLL_S = 2.0
 PRODUCTION = {
     "EDGEFLEET_AGENT_GRACE_S": "45",
     "EDGEFLEET_NOT_READY_GRACE_S": "30",
@@ -103,38 +103,34 @@ def rss_bytes(pid: int) -> int:
 
 class CountingProxy:
     """A TCP pass-through to `target` on 127.0.0.1 (TLS passes as is) counting the bytes each way,
-    on its own loop thread. A connection the target refuses is closed at once."""
+    in a child process of its own (in this one it would share the interpreter lock with the
+    driver's polls, and slow the operator's calls down). A connection the target refuses is
+    closed at once."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.up = self.down = 0
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="counting-proxy", daemon=True).start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        ctx = multiprocessing.get_context("fork")
+        self._up, self._down = ctx.Value("q", 0, lock=False), ctx.Value("q", 0, lock=False)
+        port = ctx.Value("i", 0)
+        self.proc = ctx.Process(target=_proxy, args=(target, port, self._up, self._down), daemon=True)
+        self.proc.start()
+        deadline = time.monotonic() + 30
+        while not port.value and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not port.value:
+            raise RuntimeError("the counting proxy did not start")
+        self.port = int(port.value)
 
-    async def _start(self) -> int:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(server.sockets[0].getsockname()[1])
+    @property
+    def up(self) -> int:
+        return int(self._up.value)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
+    @property
+    def down(self) -> int:
+        return int(self._down.value)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, upward: bool) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await r.read(65536):
-                    if upward:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-                    w.write(data)
-                    await w.drain()
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(5)
 
     def kubeconfig(self, source: Path, path: Path) -> Path:
         config = yaml.safe_load(source.read_text())
@@ -142,6 +138,34 @@ class CountingProxy:
         path.write_text(yaml.safe_dump(config))
         path.chmod(0o600)
         return path
+
+
+def _proxy(target: tuple[str, int], port: Any, up: Any, down: Any) -> None:
+    """The proxy's process: serve until terminated."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, counter: Any) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await r.read(65536):
+                    counter.value += len(data)
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_w, up), pipe(up_r, writer, down))
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port.value = int(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def apiserver_requests(kube: Any, server: str) -> dict[tuple[str, str, str], float]:
@@ -567,6 +591,7 @@ class Run:
                     )
         if self.op is not None:
             self.op.stop()
+        self.proxy.stop()
         list(self.pool.map(lambda n: fleet.delete_nodes(self.core, [n]), self.nodes))
         with contextlib.suppress(ApiException):
             client.CoordinationV1Api(self.kube).delete_collection_namespaced_lease(
