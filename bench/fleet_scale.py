@@ -602,19 +602,33 @@ class Run:
 
 def run_size(n: int, services: int, outage_s: float) -> dict[str, Any]:
     r = Run(n, services, outage_s)
+    r.results |= {"machine": machine(), "outage_s": outage_s}
+    phases: list[tuple[str, Callable[[], Any]]] = [
+        ("idle", lambda: r.steady(serving=False)),
+        ("passes", lambda: r.one_node_passes(3 if QUICK else 10)),
+        ("serving", lambda: r.steady(serving=True)),
+        ("canaries", r.canaries),
+        ("placement", r.placement),
+        ("restart", r.restart),
+    ]
     try:
         r.bring_up()
-        r.results["idle"] = r.steady(serving=False)
-        r.results["passes"] = r.one_node_passes(3 if QUICK else 10)
-        r.results["serving"] = r.steady(serving=True)
-        r.results["canaries"] = r.canaries()
-        r.results["placement"] = r.placement()
-        r.results["restart"] = r.restart()
+        for name, phase in phases:
+            r.results[name] = phase()
+            r.results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            save(n, r.results)  # a run cut short keeps what it measured
     finally:
         r.cleanup()
-    r.results["machine"] = machine()
-    r.results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return r.results
+
+
+def save(n: int, result: dict[str, Any]) -> None:
+    """Keep `result` as the row of N in RUNS (not in a quick run)."""
+    if QUICK:
+        return
+    runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+    runs[str(n)] = result
+    RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True))
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -699,7 +713,10 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         row("run", lambda r: r["when"]),
     ]
     out = table(["nodes"] + [f"{int(k):,}" for k in sizes], rows)
-    big = cols[-1]
+    measured = [r for r in cols if "idle" in r]
+    if not measured:
+        return out
+    big = measured[-1]
     kinds = big["idle"]["agents"]
     secs, n = big["idle"]["seconds"], big["nodes"]
     breakdown = [
@@ -731,15 +748,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run cleans up (finally)
     runs: dict[str, dict[str, Any]] = {}
-    if RUNS.exists() and not QUICK:
-        runs = json.loads(RUNS.read_text())
     for n in (int(x) for x in str(args.nodes).split(",")):
         log(f"N = {n}")
-        result = run_size(n, min(args.services, n), args.outage_s)
-        result["outage_s"] = args.outage_s
-        runs[str(n)] = result
-        if not QUICK:
-            RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True))
+        runs[str(n)] = run_size(n, min(args.services, n), args.outage_s)
+    if RUNS.exists() and not QUICK:
+        runs = json.loads(RUNS.read_text())
     intro = (
         f"`python -m bench.fleet_scale --nodes N` on one machine: {machine()}, 24 GiB, every "
         "process of the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
