@@ -56,9 +56,11 @@ from edgefleet_api import names, wire
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = Path(__file__).resolve().parent / "fleet_scale_runs.json"
+AGENT_RUNS = Path(__file__).resolve().parent / "fleet_scale_agents.json"
 INTERVAL_S = 10
 """The canaries' analysis interval: one SLA window roll of the agents (status_metrics_interval_s)."""
 WINDOW_S = 10 if QUICK else 30
+AGENTS_WINDOW_S = 20 if QUICK else 60
 """Length of each steady-state measurement."""
 POLL_S = 2.0
 PRODUCTION = {
@@ -622,6 +624,95 @@ def run_size(n: int, services: int, outage_s: float) -> dict[str, Any]:
     return r.results
 
 
+def agents_only(n: int) -> dict[str, Any]:
+    """The agents' steady cost alone at N: EdgeNodes written as the operator would (one model each),
+    no operator; each agent has written its status once; then a window of `AGENTS_WINDOW_S`."""
+    r = Run(n, 0, 0.0)
+    edge_nodes: list[str] = []
+    try:
+        ensure_agent_namespace(r.kube)
+        t0 = time.time()
+        chunks = [(i, min(100, n - 100 * i)) for i in range(-(-n // 100))]
+        made = r.pool.map(
+            lambda c: fleet.create_nodes(
+                r.core, c[1], device_class="edge-server", prefix=f"s{r.group}-{c[0]:03d}",
+                labels={"bench-group": r.group},
+            ),
+            chunks,
+        )  # fmt: skip
+        r.nodes = sorted(x for chunk in made for x in chunk)
+        model = spec("1", r.group)["models"][0]
+        entry = {
+            "service": "bench/svc", "model": model["name"], "version": model["version"],
+            "artifact": model["artifact"], "format": "torchscript", "memoryBudgetBytes": 128 << 20,
+        }  # fmt: skip
+
+        def create(node: str) -> None:
+            body = {
+                "apiVersion": names.API_VERSION, "kind": "EdgeNode", "metadata": {"name": node},
+                "spec": {"nodeName": node, "models": [entry]},
+            }  # fmt: skip
+            r.custom.create_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body)
+            edge_nodes.append(node)
+
+        list(r.pool.map(create, r.nodes))
+        log(f"{n} nodes and EdgeNodes in {time.time() - t0:.0f} s; starting the simulated agents")
+        r.sim = SimFleetProcess(r.state.kubeconfig, r.nodes, r.dir / "sim", AGENT_NAMESPACE)
+        sim = r.sim
+
+        def up() -> bool:
+            st = sim.stats()
+            return bool(
+                st.get("leased", 0) >= n
+                and st.get("watching", 0) >= n
+                and st["traffic"]["status"]["requests"] >= n
+            )
+
+        t_up = r.wait(up, 1800, "every agent leased, watching, reported")
+        log(f"every agent up {t_up - t0:.0f} s after the first node; measuring {AGENTS_WINDOW_S} s")
+        time.sleep(20)
+        c0, s0, t_a = r.cpu(), sim.stats(), time.monotonic()
+        time.sleep(AGENTS_WINDOW_S)
+        c1, s1, t_b = r.cpu(), sim.stats(), time.monotonic()
+        secs = t_b - t_a
+        agents = {
+            k: {f: v[f] - s0["traffic"][k][f] for f in ("requests", "up", "down", "errors")}
+            for k, v in s1["traffic"].items()
+        }
+        out: dict[str, Any] = {
+            "nodes": n,
+            "seconds": secs,
+            "agents": agents,
+            "agent_per_node": {
+                "requests_per_s": sum(v["requests"] for v in agents.values()) / n / secs,
+                "up_bytes_per_s": sum(v["up"] for v in agents.values()) / n / secs,
+                "down_bytes_per_s": sum(v["down"] for v in agents.values()) / n / secs,
+            },
+            "cpu_cores": {k: (c1[k] - c0.get(k, 0.0)) / secs for k in c1},
+            "apiserver_rss_bytes": rss_bytes(r.state.pids["kube-apiserver"]),
+            "etcd_rss_bytes": rss_bytes(r.state.pids["etcd"]),
+            "simulator_rss_bytes": rss_bytes(sim.pid),
+            "up_s": t_up - t0,
+            "machine": machine(),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        log(f"agents at {n}: {json.dumps(out['agent_per_node'])} per node; CPU {_busiest(out['cpu_cores'])}")
+        return out
+    finally:
+        if r.sim is not None:
+            r.sim.stop()
+            r.sim = None
+
+        def delete(name: str) -> None:
+            with contextlib.suppress(Exception):
+                r.custom.delete_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
+                )
+
+        list(r.pool.map(delete, edge_nodes))
+        r.cleanup()
+
+
 def save(n: int, result: dict[str, Any]) -> None:
     """Keep `result` as the row of N in RUNS (not in a quick run)."""
     if QUICK:
@@ -745,9 +836,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nodes", default="30" if QUICK else "1000", help="N, or several: 1000,2000")
     p.add_argument("--services", type=int, default=20 if QUICK else 1000)
     p.add_argument("--outage-s", type=float, default=10 if QUICK else 60)
+    p.add_argument("--agents-only", action="store_true", help="only the agents' steady cost (no operator)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run cleans up (finally)
     runs: dict[str, dict[str, Any]] = {}
+    if args.agents_only:
+        for n in (int(x) for x in str(args.nodes).split(",")):
+            result = agents_only(n)
+            if not QUICK:
+                agents = json.loads(AGENT_RUNS.read_text()) if AGENT_RUNS.exists() else {}
+                agents[str(n)] = result
+                AGENT_RUNS.write_text(json.dumps(agents, indent=1, sort_keys=True))
+        return
     for n in (int(x) for x in str(args.nodes).split(",")):
         log(f"N = {n}")
         runs[str(n)] = run_size(n, min(args.services, n), args.outage_s)
