@@ -635,23 +635,32 @@ def agents_only(n: int) -> dict[str, Any]:
         chunks = [(i, min(100, n - 100 * i)) for i in range(-(-n // 100))]
         made = r.pool.map(
             lambda c: fleet.create_nodes(
-                r.core, c[1], device_class="edge-server", prefix=f"s{r.group}-{c[0]:03d}",
+                r.core,
+                c[1],
+                device_class="edge-server",
+                prefix=f"s{r.group}-{c[0]:03d}",
                 labels={"bench-group": r.group},
             ),
             chunks,
-        )  # fmt: skip
+        )
         r.nodes = sorted(x for chunk in made for x in chunk)
         model = spec("1", r.group)["models"][0]
         entry = {
-            "service": "bench/svc", "model": model["name"], "version": model["version"],
-            "artifact": model["artifact"], "format": "torchscript", "memoryBudgetBytes": 128 << 20,
-        }  # fmt: skip
+            "service": "bench/svc",
+            "model": model["name"],
+            "version": model["version"],
+            "artifact": model["artifact"],
+            "format": "torchscript",
+            "memoryBudgetBytes": 128 << 20,
+        }
 
         def create(node: str) -> None:
             body = {
-                "apiVersion": names.API_VERSION, "kind": "EdgeNode", "metadata": {"name": node},
+                "apiVersion": names.API_VERSION,
+                "kind": "EdgeNode",
+                "metadata": {"name": node},
                 "spec": {"nodeName": node, "models": [entry]},
-            }  # fmt: skip
+            }
             r.custom.create_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, body)
             edge_nodes.append(node)
 
@@ -831,6 +840,54 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def render_agents(runs: dict[str, dict[str, Any]]) -> str:
+    """The agents-only runs: each idle agent's cost, measured and with its 300 s calls amortized."""
+    rows: list[list[object]] = []
+    for key in sorted(runs, key=int):
+        r = runs[key]
+        n, secs = r["nodes"], r["seconds"]
+        lease = r["agents"]["lease"]
+        up_each, down_each = (
+            lease["up"] / max(lease["requests"], 1),
+            lease["down"] / max(lease["requests"], 1),
+        )
+        rate = lease["requests"] / n / secs
+        periodic_up = (
+            267 + 217
+        ) / 300  # a re-watch and a relist every 300 s (bytes up each, measured at 30 nodes)
+        rows.append(
+            [
+                f"{n:,}",
+                f"{rate:.4f}",
+                f"{up_each:.0f} / {down_each:.0f}",
+                f"{r['agent_per_node']['up_bytes_per_s'] * 8:.0f}",
+                f"{(r['agent_per_node']['up_bytes_per_s'] + periodic_up) * 8:.0f}",
+                f"{sum(r['agent_per_node'][k] for k in ('up_bytes_per_s', 'down_bytes_per_s')) * 8:.0f}",
+                _busiest(r["cpu_cores"]),
+                " / ".join(
+                    str(r[k] >> 20) for k in ("apiserver_rss_bytes", "etcd_rss_bytes", "simulator_rss_bytes")
+                ),
+            ]
+        )
+    return (
+        "\n\nThe agents alone (`--agents-only`: EdgeNodes written as the operator would, no operator), "
+        "idle, a 60 s window:\n\n"
+        + table(
+            [
+                "nodes",
+                "Lease renewals/s per node",
+                "bytes up / down each",
+                "bit/s up, measured",
+                "bit/s up, with re-watch and relist",
+                "bit/s up + down",
+                "CPU cores: busiest",
+                "RSS MiB: apiserver / etcd / simulator",
+            ],
+            rows,
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Fleet scale (issue 22)")
     p.add_argument("--nodes", default="30" if QUICK else "1000", help="N, or several: 1000,2000")
@@ -870,6 +927,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     with recorded("fleet_scale", "Fleet scale (issue 22)", intro):
         print(render(runs))
+        if AGENT_RUNS.exists():
+            print(render_agents(json.loads(AGENT_RUNS.read_text())))
 
 
 if __name__ == "__main__":
