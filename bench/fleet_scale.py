@@ -27,12 +27,9 @@ section "Fleet scale (issue 22)" of docs/benchmarks.md shows every N recorded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -43,10 +40,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench.fleet_e2e import metric, one_round, services_gone
-from bench.report import machine, recorded, table
+from bench.fleet_meter import (
+    CountingProxy,
+    agents_like,
+    apiserver_requests,
+    cpu_s,
+    histogram_quantiles,
+    operator_like,
+    pass_histogram,
+    rss_bytes,
+)
+from bench.fleet_scale_tables import busiest, render, render_agents
+from bench.report import machine, recorded
 from bench.rollout_fleet import pass_stats, spec, writes_by_kind
 from e2e import cluster as localcluster
 from e2e import fleet
@@ -82,167 +88,6 @@ COMPONENTS = ("etcd", "kube-apiserver", "kwok", "kube-controller-manager", "kube
 
 def log(msg: str) -> None:
     print(f"[fleet_scale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# --- measuring ------------------------------------------------------------------------------------
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process `pid` so far; 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class CountingProxy:
-    """A TCP pass-through to `target` on 127.0.0.1 (TLS passes as is) counting the bytes each way,
-    in a child process of its own (in this one it would share the interpreter lock with the
-    driver's polls, and slow the operator's calls down). A connection the target refuses is
-    closed at once."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self._up, self._down = ctx.Value("q", 0, lock=False), ctx.Value("q", 0, lock=False)
-        port = ctx.Value("i", 0)
-        self.proc = ctx.Process(target=_proxy, args=(target, port, self._up, self._down), daemon=True)
-        self.proc.start()
-        deadline = time.monotonic() + 30
-        while not port.value and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not port.value:
-            raise RuntimeError("the counting proxy did not start")
-        self.port = int(port.value)
-
-    @property
-    def up(self) -> int:
-        return int(self._up.value)
-
-    @property
-    def down(self) -> int:
-        return int(self._down.value)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.join(5)
-
-    def kubeconfig(self, source: Path, path: Path) -> Path:
-        config = yaml.safe_load(source.read_text())
-        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
-        path.write_text(yaml.safe_dump(config))
-        path.chmod(0o600)
-        return path
-
-
-def _proxy(target: tuple[str, int], port: Any, up: Any, down: Any) -> None:
-    """The proxy's process: serve until terminated."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection(*target)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, counter: Any) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await r.read(65536):
-                    counter.value += len(data)
-                    w.write(data)
-                    await w.drain()
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w, up), pipe(up_r, writer, down))
-
-    async def main() -> None:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port.value = int(server.sockets[0].getsockname()[1])
-        await server.serve_forever()
-
-    asyncio.run(main())
-
-
-def apiserver_requests(kube: Any, server: str) -> dict[tuple[str, str, str], float]:
-    """The API server's `apiserver_request_total` by (verb, resource, subresource)."""
-    text = kube.rest_client.pool_manager.request("GET", f"{server}/metrics", timeout=30).data.decode()
-    out: dict[tuple[str, str, str], float] = {}
-    for labels, value in re.findall(r"^apiserver_request_total\{([^}]*)\} (\S+)$", text, re.M):
-        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        key = (d.get("verb", ""), d.get("resource", ""), d.get("subresource", ""))
-        out[key] = out.get(key, 0.0) + float(value)
-    return out
-
-
-OPERATOR_WRITES = frozenset({"inferenceservices", "services", "endpointslices", "events"})
-
-
-def operator_like(by: dict[tuple[str, str, str], float]) -> float:
-    """The requests of the kinds the operator makes (and the simulated agents, which the caller
-    subtracts, counted on their side): every LIST and WATCH; GETs but of Nodes and Leases (kwok's);
-    writes to services and their bookkeeping, EdgeNode specs, agent Pods (created, deleted: kwok
-    writes their status) and Leases by PATCH or POST (kwok's node Leases are PUT). What the rest of
-    the control plane makes of these (its informers' re-watches) is measured before the operator
-    starts and subtracted too."""
-    total = 0.0
-    for (verb, resource, sub), v in by.items():
-        if (
-            verb in ("LIST", "WATCH")
-            or (verb == "GET" and resource not in ("leases", "nodes"))
-            or (
-                verb in ("POST", "PATCH", "PUT", "DELETE")
-                and (
-                    resource in OPERATOR_WRITES
-                    or (resource == "edgenodes" and not sub)
-                    or (resource == "pods" and not sub and verb in ("POST", "DELETE"))
-                    or (resource == "leases" and verb in ("PATCH", "POST"))
-                )
-            )
-        ):
-            total += v
-    return total
-
-
-def agents_like(traffic: dict[str, dict[str, float]]) -> float:
-    """The simulated agents' requests `operator_like` counts too (all but their status writes)."""
-    return sum(v["requests"] for k, v in traffic.items() if k != "status")
-
-
-def histogram_quantiles(
-    before: dict[float, float], after: dict[float, float], qs: tuple[float, ...]
-) -> list[float]:
-    """Quantiles of the observations between two snapshots of a cumulative histogram (le -> count),
-    linear within a bucket."""
-    les = sorted(after)
-    counts = [after[le] - before.get(le, 0.0) for le in les]
-    total = counts[-1] if counts else 0.0
-    out = []
-    for q in qs:
-        target, prev_le, prev_c = q * total, 0.0, 0.0
-        value = float("nan")
-        for le, c in zip(les, counts, strict=True):
-            if c >= target and total:
-                hi = le if le != float("inf") else prev_le
-                value = prev_le + (hi - prev_le) * ((target - prev_c) / (c - prev_c) if c > prev_c else 1.0)
-                break
-            prev_le, prev_c = le, c
-        out.append(value)
-    return out
-
-
-def pass_histogram(port: int) -> dict[float, float]:
-    name = "edgefleet_operator_reconcile_duration_seconds_bucket"
-    out = {}
-    for le in ("0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "+Inf"):
-        out[float(le)] = metric(port, rf'{name}\{{le="{re.escape(le)}"\}}')
-    return out
 
 
 class Meter:
@@ -705,7 +550,7 @@ def agents_only(n: int) -> dict[str, Any]:
             "machine": machine(),
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
-        log(f"agents at {n}: {json.dumps(out['agent_per_node'])} per node; CPU {_busiest(out['cpu_cores'])}")
+        log(f"agents at {n}: {json.dumps(out['agent_per_node'])} per node; CPU {busiest(out['cpu_cores'])}")
         return out
     finally:
         if r.sim is not None:
@@ -729,163 +574,6 @@ def save(n: int, result: dict[str, Any]) -> None:
     runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
     runs[str(n)] = result
     RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True))
-
-
-# --- report -----------------------------------------------------------------------------------------
-
-
-def _per_node(d: dict[str, Any], who: str) -> str:
-    p = d[f"{who}_per_node"]
-    bits = (p["up_bytes_per_s"] + p["down_bytes_per_s"]) * 8
-    return (
-        f"{p['requests_per_s']:.3f} req/s; "
-        f"{p['up_bytes_per_s']:.1f} B/s up, {p['down_bytes_per_s']:.1f} B/s down"
-        f" ({p['up_bytes_per_s'] * 8 / 1000:.3f} / {bits / 1000:.2f} kbit/s)"
-    )
-
-
-def _busiest(cores: dict[str, float]) -> str:
-    top = sorted(cores.items(), key=lambda kv: -kv[1])[:3]
-    return ", ".join(f"{k} {v:.2f}" for k, v in top)
-
-
-def render(runs: dict[str, dict[str, Any]]) -> str:
-    sizes = sorted(runs, key=int)
-    cols = [runs[k] for k in sizes]
-
-    def row(what: str, f: Callable[[dict[str, Any]], object]) -> list[object]:
-        cells: list[object] = [what]
-        for r in cols:
-            try:
-                cells.append(f(r))
-            except (KeyError, TypeError, IndexError):
-                cells.append("-")
-        return cells
-
-    def s(x: float) -> str:
-        return f"{x:.1f}"
-
-    rows = [
-        row("operator start -> v1 reported by every agent, s", lambda r: s(r["deploy_s"])),
-        row(
-            "operator pass, one Node changing every pass: p50 / p99, s",
-            lambda r: "{:.2f} / {:.2f}".format(*r["passes"]["pass_p50_p99_s"]),
-        ),
-        row("operator CPU per pass, s", lambda r: f"{r['passes']['cpu_s_per_pass']:.2f}"),
-        row("operator RSS (idle fleet), MiB", lambda r: f"{r['idle']['operator_rss_bytes'] / 2**20:.0f}"),
-        row("v2 (passes 4 waves): spec change -> Promoted, s", lambda r: s(r["canaries"]["promoted_s"])),
-        row(
-            "v3 (fails at wave 1): failed check -> every EdgeNode spec on stable, s",
-            lambda r: s(r["canaries"]["failed_to_specs_s"]),
-        ),
-        row(
-            "v3: failed check -> every agent reports stable, s",
-            lambda r: s(r["canaries"]["failed_to_reported_s"]),
-        ),
-        row(
-            "S new services: create -> all placed, s (S)",
-            lambda r: f"{r['placement']['services_s']:.1f} ({min(1000, r['nodes'])})",
-        ),
-        row("S Pods: create -> all bound by kube-scheduler, s", lambda r: s(r["placement"]["pods_s"])),
-        row("operator / kube-scheduler time", lambda r: f"{r['placement']['ratio']:.2f}x"),
-        row("operator API writes per placement", lambda r: f"{r['placement']['writes_per_placement']:.1f}"),
-        row("idle, per node, agents", lambda r: _per_node(r["idle"], "agent")),
-        row("idle, per node, operator", lambda r: _per_node(r["idle"], "operator")),
-        row("serving, per node, agents", lambda r: _per_node(r["serving"], "agent")),
-        row("serving, per node, operator", lambda r: _per_node(r["serving"], "operator")),
-        row(
-            "API server requests/s, idle (all clients)",
-            lambda r: f"{r['idle']['apiserver_requests_per_s']:.0f}",
-        ),
-        row("CPU cores, idle: busiest", lambda r: _busiest(r["idle"]["cpu_cores"])),
-        row("CPU cores, one node changing: busiest", lambda r: _busiest(r["passes"]["cpu_cores"])),
-        row("CPU cores, serving: busiest", lambda r: _busiest(r["serving"]["cpu_cores"])),
-        row(
-            "API server restart: ready -> converged, s (outage)",
-            lambda r: f"{r['restart']['converged_s']:.0f} ({r.get('outage_s', '?')} s)",
-        ),
-        row(
-            "restart: models moved (EdgeNode specs changed) / agent Pods rebuilt",
-            lambda r: (
-                f"{r['restart']['specs_changed']} / {r['restart']['pods_rebuilt']} of {r['restart']['pods']}"
-            ),
-        ),
-        row("run", lambda r: r["when"]),
-    ]
-    out = table(["nodes"] + [f"{int(k):,}" for k in sizes], rows)
-    measured = [r for r in cols if "idle" in r]
-    if not measured:
-        return out
-    big = measured[-1]
-    kinds = big["idle"]["agents"]
-    secs, n = big["idle"]["seconds"], big["nodes"]
-    breakdown = [
-        [
-            k,
-            f"{v['requests'] / n / secs:.4f}",
-            f"{v['up'] / max(v['requests'], 1):.0f}",
-            f"{v['down'] / max(v['requests'], 1):.0f}",
-            f"{v['up'] / n / secs * 8:.1f}",
-            f"{v['down'] / n / secs * 8:.1f}",
-        ]
-        for k, v in kinds.items()
-    ]
-    return (
-        out + f"\n\nWhere an idle agent's bytes go at {n:,} nodes ({secs:.0f} s window; "
-        "HTTP bytes, TLS framing not counted):\n\n"
-        + table(
-            ["call", "requests/s per node", "bytes up each", "bytes down each", "bit/s up", "bit/s down"],
-            breakdown,
-        )
-    )
-
-
-def render_agents(runs: dict[str, dict[str, Any]]) -> str:
-    """The agents-only runs: each idle agent's cost, measured and with its 300 s calls amortized."""
-    rows: list[list[object]] = []
-    for key in sorted(runs, key=int):
-        r = runs[key]
-        n, secs = r["nodes"], r["seconds"]
-        lease = r["agents"]["lease"]
-        up_each, down_each = (
-            lease["up"] / max(lease["requests"], 1),
-            lease["down"] / max(lease["requests"], 1),
-        )
-        rate = lease["requests"] / n / secs
-        periodic_up = (
-            267 + 217
-        ) / 300  # a re-watch and a relist every 300 s (bytes up each, measured at 30 nodes)
-        rows.append(
-            [
-                f"{n:,}",
-                f"{rate:.4f}",
-                f"{up_each:.0f} / {down_each:.0f}",
-                f"{r['agent_per_node']['up_bytes_per_s'] * 8:.0f}",
-                f"{(r['agent_per_node']['up_bytes_per_s'] + periodic_up) * 8:.0f}",
-                f"{sum(r['agent_per_node'][k] for k in ('up_bytes_per_s', 'down_bytes_per_s')) * 8:.0f}",
-                _busiest(r["cpu_cores"]),
-                " / ".join(
-                    str(r[k] >> 20) for k in ("apiserver_rss_bytes", "etcd_rss_bytes", "simulator_rss_bytes")
-                ),
-            ]
-        )
-    return (
-        "\n\nThe agents alone (`--agents-only`: EdgeNodes written as the operator would, no operator), "
-        "idle, a 60 s window:\n\n"
-        + table(
-            [
-                "nodes",
-                "Lease renewals/s per node",
-                "bytes up / down each",
-                "bit/s up, measured",
-                "bit/s up, with re-watch and relist",
-                "bit/s up + down",
-                "CPU cores: busiest",
-                "RSS MiB: apiserver / etcd / simulator",
-            ],
-            rows,
-        )
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
