@@ -30,12 +30,12 @@ N = 20 if QUICK else 200
 DIGEST = "sha256:" + "ef" * 32
 
 
-def wait(check: Any, timeout_s: float, what: str) -> float:
+def wait(check: Any, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
     t0 = time.monotonic()
     while not check():
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"{what} not done after {timeout_s}s")
-        time.sleep(0.05)
+        time.sleep(poll_s)
     return time.monotonic()
 
 
@@ -103,10 +103,19 @@ class Round:
 
 
 def one_round(
-    core: Any, custom: Any, op: OperatorProcess, pool: ThreadPoolExecutor, group: str, k: int
+    core: Any,
+    custom: Any,
+    op: OperatorProcess,
+    pool: ThreadPoolExecutor,
+    group: str,
+    k: int,
+    count: int = N,
+    poll_s: float = 0.05,
 ) -> Round:
-    """Apply N services and time them to all placed; then create N Pods and time them to all bound;
-    then delete both namespaces (the operator releases the services' finalizers)."""
+    """Apply `count` services and time them to all placed; then create `count` Pods and time them
+    to all bound (each polled every `poll_s`: a fleet of thousands wants a slower poll, each is a
+    list of every EdgeNode); then delete both namespaces (the operator releases the services'
+    finalizers). bench.fleet_scale runs it at fleet scale."""
     ns_ops, ns_pods = f"bench-ops-{group}-{k}", f"bench-pods-{group}-{k}"
     for ns in (ns_ops, ns_pods):
         core.create_namespace({"metadata": {"name": ns}})
@@ -133,27 +142,27 @@ def one_round(
                     names.VERSION,
                     ns_ops,
                     names.INFERENCE_SERVICE_PLURAL,
-                    service(f"s{i:03d}", group),
+                    service(f"s{i:04d}", group),
                 ),
-                range(N),
+                range(count),
             )
         )
         t_applied = time.monotonic()
-        t_placed = wait(lambda: placed() >= N, 300, "all services placed")
+        t_placed = wait(lambda: placed() >= count, 600, "all services placed", poll_s)
         # The operator goes on to create Pods, Services, statuses: count them all, once two more
         # passes have completed after the last placement.
         ok = r'edgefleet_operator_reconciles_total\{result="ok"\}'
         passes = metric(op.metrics_port, ok)
-        wait(lambda: metric(op.metrics_port, ok) >= passes + 2, 120, "two more passes")
-        per_placement = (writes(op.metrics_port) - writes_before) / N
+        wait(lambda: metric(op.metrics_port, ok) >= passes + 2, 300, "two more passes", poll_s)
+        per_placement = (writes(op.metrics_port) - writes_before) / count
 
         def bound() -> int:
             return sum(1 for p in core.list_namespaced_pod(ns_pods).items if p.spec.node_name)
 
         t1 = time.monotonic()
-        list(pool.map(lambda i: core.create_namespaced_pod(ns_pods, pod(f"p{i:03d}", group)), range(N)))
+        list(pool.map(lambda i: core.create_namespaced_pod(ns_pods, pod(f"p{i:04d}", group)), range(count)))
         t_created = time.monotonic()
-        t_bound = wait(lambda: bound() >= N, 300, "all pods bound")
+        t_bound = wait(lambda: bound() >= count, 600, "all pods bound", poll_s)
         r = Round(t_applied - t0, t_placed - t0, per_placement, t_created - t1, t_bound - t1)
         print(
             f"[bench] round {k + 1}: operator {r.ops_s:.2f} s, kube-scheduler {r.sched_s:.2f} s", flush=True

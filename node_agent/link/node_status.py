@@ -6,8 +6,8 @@ The SLA path ends here: the SLA monitor's window for each model version (an `Sla
 seconds) becomes its status entry's `sla`; any window that missed the SLA sets SLAViolated.
 The counters path: each model version's cumulative counts (`ModelCounters`) become its
 entry's `counters`; they are measurements, so a change of counts alone is written at the
-pacer's measurement pace (`metrics_interval_s`), never once per request, and the heartbeat
-write carries the latest.
+pacer's measurement pace (`metrics_interval_s`), never once per request, and any write carries
+the latest.
 The memory path: each record's measured bytes, and the budget in use, set MemoryPressure.
 """
 
@@ -241,16 +241,31 @@ def _structure(status: EdgeNodeStatus) -> EdgeNodeStatus:
     )
 
 
-def _measurements(status: EdgeNodeStatus) -> tuple[object, ...]:
-    gpu = status.gpu or GpuStatus()
-    gpu_metrics = (
-        gpu.memory_used_bytes,
-        gpu.memory_free_bytes,
-        gpu.temperature_c,
-        gpu.power_w,
-        gpu.utilization,
+def _sla(status: EdgeNodeStatus) -> tuple[object, ...]:
+    """Each model's SLA window and counters: they change while the model serves (its window rolls)."""
+    return tuple((m.sla, m.counters) for m in status.models)
+
+
+def _gpu_moved(
+    written: EdgeNodeStatus, status: EdgeNodeStatus, memory_fraction: float, degrees_c: float
+) -> bool:
+    """The GPU's memory in use moved by `memory_fraction` of its total or more, or its temperature by
+    `degrees_c` or more (or either appeared or vanished), since `written`. Power and utilization
+    are not compared: the operator does not act on them (they ride along with other writes)."""
+    a, b = written.gpu or GpuStatus(), status.gpu or GpuStatus()
+    if (a.memory_used_bytes is None) != (b.memory_used_bytes is None):
+        return True
+    if a.memory_used_bytes is not None and b.memory_used_bytes is not None:
+        total = b.memory_total_bytes or a.memory_total_bytes or 0
+        if abs(a.memory_used_bytes - b.memory_used_bytes) >= max(memory_fraction * total, 1):
+            return True
+    if (a.temperature_c is None) != (b.temperature_c is None):
+        return True
+    return (
+        a.temperature_c is not None
+        and b.temperature_c is not None
+        and abs(a.temperature_c - b.temperature_c) >= degrees_c
     )
-    return (gpu_metrics, tuple((m.sla, m.counters) for m in status.models))
 
 
 def next_report_sequence(last: int, seen: int, now_s: float) -> int:
@@ -263,39 +278,71 @@ def next_report_sequence(last: int, seen: int, now_s: float) -> int:
 
 @dataclass
 class StatusPacer:
-    """When to write EdgeNode.status. Pure (times are passed in; monotonic seconds).
+    """When to write EdgeNode.status: only on a change the operator acts on. Pure (times are
+    passed in; monotonic seconds).
 
     A change of state (models, conditions, generation: anything but measurements) is written
-    at most every `min_interval_s`; a change of measurements only (memory in use,
-    temperature, SLA numbers) at most every `metrics_interval_s`; an unchanged status every
-    `max_interval_s` (it refreshes heartbeatTime; liveness itself is the Lease). Counters are
-    measurements: requests counted on every call never make it write more often. At 1,000
-    nodes the defaults bound status writes to at most 500/s during churn and 100/s (usually
-    33/s) in steady state. Statuses are compared as written (each number rounded as the wire
-    has it: `EdgeNodeStatus.from_obj(status.to_obj())`).
+    at most every `min_interval_s`; a change of what is measured, at most every
+    `metrics_interval_s`, and only where it matters: a model's SLA window or counters moved (it
+    served requests: its window rolled), the GPU memory in use moved by `memory_hysteresis_fraction`
+    of the total or more, the temperature by `temperature_hysteresis_c` or more (crossing the soft
+    limit or throttling is a condition: a change of state). Counters are measurements: requests
+    counted on every call never make it write more often. For `settle_s` after a change of state
+    was written, the status is written again every `metrics_interval_s` even when unchanged: the
+    operator judges a change (a canary wave) only on reports written within its window, which
+    starts once the node reports the change, and an idle node would otherwise never write one.
+    Past that, an unchanged status is never written again (`max_interval_s` 0, the default):
+    liveness is the Lease, and at 10,000 idle nodes a heartbeat-only write every 30 s would be 333
+    writes/s of nothing. A positive `max_interval_s` brings back such a refresh of heartbeatTime.
+    At 1,000 nodes the defaults bound status writes to at most 500/s during churn, 100/s while
+    every node serves or settles, 0 while nothing changes. Statuses are compared as written (each
+    number rounded as the wire has it: `EdgeNodeStatus.from_obj(status.to_obj())`).
     """
 
     min_interval_s: float = 2.0
     metrics_interval_s: float = 10.0
-    max_interval_s: float = 30.0
+    max_interval_s: float = 0.0
+    memory_hysteresis_fraction: float = 0.05
+    """Half the operator's default memory reserve (10%): drift under it never makes a placement
+    wrong by more than half the slack it keeps."""
+    temperature_hysteresis_c: float = 2.0
+    settle_s: float = 600.0
+    """Ten minutes: a canary wave starts once its nodes report the version loaded and lasts its
+    analysis interval (a minute or a few)."""
     last_write_s: float | None = None
+    last_change_s: float | None = None
+    """When the last change of state was written."""
+    _changing: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_interval_s <= self.metrics_interval_s <= self.max_interval_s:
-            raise ValueError("need 0 <= min_interval_s <= metrics_interval_s <= max_interval_s")
+        if not 0 <= self.min_interval_s <= self.metrics_interval_s:
+            raise ValueError("need 0 <= min_interval_s <= metrics_interval_s")
+        if self.max_interval_s and self.max_interval_s < self.metrics_interval_s:
+            raise ValueError("max_interval_s must be 0 (no heartbeat-only writes) or >= metrics_interval_s")
+        if self.memory_hysteresis_fraction < 0 or self.temperature_hysteresis_c < 0 or self.settle_s < 0:
+            raise ValueError("hystereses and settle_s must be >= 0")
 
     def due(self, now_s: float, written: EdgeNodeStatus | None, status: EdgeNodeStatus) -> bool:
         """Whether `status` should be written now, given the status the API server holds."""
         if written is None or self.last_write_s is None:
+            self._changing = True
             return True
         since = now_s - self.last_write_s
-        if since >= self.max_interval_s:
+        if self.max_interval_s and since >= self.max_interval_s:
             return True
         if _structure(written) != _structure(status):
-            return since >= self.min_interval_s
-        if _measurements(written) != _measurements(status):
+            self._changing = since >= self.min_interval_s
+            return self._changing
+        settling = self.last_change_s is not None and now_s - self.last_change_s < self.settle_s
+        if (
+            settling
+            or _sla(written) != _sla(status)
+            or _gpu_moved(written, status, self.memory_hysteresis_fraction, self.temperature_hysteresis_c)
+        ):
             return since >= self.metrics_interval_s
         return False
 
     def wrote(self, now_s: float) -> None:
         self.last_write_s = now_s
+        if self._changing:
+            self.last_change_s, self._changing = now_s, False

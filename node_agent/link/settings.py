@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from node_agent.link.node_status import StatusPacer
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+
+
+BOOKMARK_S = 60.0
+"""How often the API server sends a bookmark on an idle watch that allows them (its watch cache's
+bookmark frequency, one minute; measured on the local control plane: 59.7 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,27 +40,46 @@ class LinkSettings:
     agent_version: str = __version__
     holder_identity: str | None = None
     """Lease holder; default: the Lease's name."""
-    watch_timeout_s: int = 60
+    watch_timeout_s: int = 300
     """Server-side length of one watch request (`timeoutSeconds`); it is then resumed from its
-    resourceVersion. The client gives up on a watch that sends nothing for `watch_timeout_s +
-    request_timeout_s` (its read timeout), so a watch stalled on its own (an edge link's NAT
-    or middlebox dropped the flow and the socket stays open) is restarted within 70 s; one
-    stalled with the rest of the link is cut as soon as another call fails (see
-    `EdgeNodeWatch.restart`). 60 s costs one cheap request a minute per agent."""
+    resourceVersion. 300 s costs one cheap request per 5 minutes per agent (at 60 s the re-watches
+    were a sixth of an idle agent's upstream bytes). The API server sends a bookmark on an idle
+    watch every `BOOKMARK_S` (60 s), so the client gives up on a watch that sends nothing for
+    min(`watch_timeout_s`, `BOOKMARK_S`) + `request_timeout_s` (its read timeout): a watch stalled
+    on its own (an edge link's NAT or middlebox dropped the flow and the socket stays open) is
+    restarted within 70 s; one stalled with the rest of the link is cut as soon as another call
+    fails (see `EdgeNodeWatch.restart`)."""
     resync_s: float = 300.0
-    """A full relist this often, whatever the watch says (guards against a missed event)."""
+    """A full relist this often, whatever the watch says (guards against a missed event): one
+    read of the agent's own EdgeNode."""
     request_timeout_s: float = 10.0
     """Client-side limit on every call other than the watch; an API server behind a dead
     link is noticed within it."""
-    lease_renew_s: float = 10.0
-    lease_duration_s: int = 30
-    """3 renewals: one lost renewal never makes the operator think the agent is gone
-    (its agent grace is 30 s by default)."""
+    lease_renew_s: float = 15.0
+    """The Lease is renewed every `lease_renew_s`, less up to `lease_jitter` of it (drawn per
+    renewal), so renewals never come later than this and a fleet that started together spreads
+    out. It is an idle agent's main cost to the API server (one merge patch of renewTime: about
+    330 bytes up and 1.2 kB down, the whole Lease, per renewal); at 15 s an idle agent sends
+    under KubeEdge's 0.25 kbit/s per node (bench.fleet_scale). Scale it with the fleet (the
+    chart's `fleet.agentLeaseRenewSeconds`); the operator's agent grace must be at least 3
+    renewals (`agent_grace_s`, 45 s by default; it checks)."""
+    lease_jitter: float = 0.2
+    """Share of `lease_renew_s` each wait is shortened by, at most (uniform draw; 0: none)."""
+    lease_duration_s: int = 0
+    """The Lease's leaseDurationSeconds (informational: the operator judges silence by its own
+    `agent_grace_s`); 0: 3 renewals (45 s at the default interval), so one lost renewal never
+    makes a reader think the agent is gone."""
     status_tick_s: float = 1.0
     """How often the status is built and the pacer asked whether to write it."""
     status_min_interval_s: float = 2.0
     status_metrics_interval_s: float = 10.0
-    status_max_interval_s: float = 30.0
+    status_settle_s: float = 600.0
+    """After a change of state is written, the status is written again every
+    `status_metrics_interval_s` for this long, changed or not (the operator judges a canary wave
+    on reports written within its window; `StatusPacer`)."""
+    status_max_interval_s: float = 0.0
+    """0: the status is written only on change (`StatusPacer`); liveness is the Lease. Positive:
+    an unchanged status is written again this often (a heartbeatTime refresh)."""
     reconcile_interval_s: float = 2.0
     """A reconcile pass at least this often, to retry what the last one could not do."""
     retry_failed_s: float = 30.0
@@ -91,15 +116,19 @@ class LinkSettings:
         if not self.edge_node or not self.namespace:
             raise ValueError("edge_node and namespace must be non-empty")
         positive = (
-            "watch_timeout_s", "resync_s", "request_timeout_s", "lease_renew_s", "lease_duration_s",
+            "watch_timeout_s", "resync_s", "request_timeout_s", "lease_renew_s",
             "status_tick_s", "reconcile_interval_s", "backoff_initial_s", "backoff_max_s",
             "download_attempts", "download_backoff_initial_s", "download_backoff_max_s", "download_total_s",
         )  # fmt: skip
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lease_duration_s == 0:
+            object.__setattr__(self, "lease_duration_s", math.ceil(3 * self.lease_renew_s))
         if self.lease_duration_s <= self.lease_renew_s:
             raise ValueError("lease_duration_s must exceed lease_renew_s")
+        if not 0 <= self.lease_jitter < 1:
+            raise ValueError(f"lease_jitter must be in [0, 1), got {self.lease_jitter}")
         if self.cache_budget_bytes < 0:
             raise ValueError(f"cache_budget_bytes must be >= 0, got {self.cache_budget_bytes}")
         if self.backoff_max_s < self.backoff_initial_s:
@@ -108,7 +137,12 @@ class LinkSettings:
             raise ValueError("download_backoff_max_s must be >= download_backoff_initial_s")
         if self.download_bandwidth_bytes_per_s < 0 or self.download_peer_wait_s < 0:
             raise ValueError("download_bandwidth_bytes_per_s and download_peer_wait_s must be >= 0")
-        StatusPacer(self.status_min_interval_s, self.status_metrics_interval_s, self.status_max_interval_s)
+        StatusPacer(
+            self.status_min_interval_s,
+            self.status_metrics_interval_s,
+            self.status_max_interval_s,
+            settle_s=self.status_settle_s,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **fields: object) -> LinkSettings:

@@ -1,7 +1,7 @@
 """EdgeNode.status, out: every `status_tick_s` the link's full status is built, `StatusPacer`
-decides whether it is worth a write, and a write is a JSON merge patch against what the API
-server holds (`server_status`), so an unchanged status sends nothing but, at most every
-`max_interval_s`, a new heartbeatTime. Every write carries a new reportSequence
+decides whether it is worth a write (only a change the operator acts on: no heartbeat-only
+writes, liveness is the Lease), and a write is a JSON merge patch against what the API server
+holds (`server_status`), so an unchanged status sends nothing. Every write carries a new reportSequence
 (`node_status.next_report_sequence`), so a reader can tell a replayed report from a fresh one.
 A write is conditional on the resourceVersion the patch was computed against: a status written
 meanwhile by someone else (a replay) answers 409, the EdgeNode is read again and the whole
@@ -62,7 +62,10 @@ class StatusWriter:
         self._clock = clock
         self._build, self._active, self._on_absent = build, active, on_absent
         self._pacer = StatusPacer(
-            settings.status_min_interval_s, settings.status_metrics_interval_s, settings.status_max_interval_s
+            settings.status_min_interval_s,
+            settings.status_metrics_interval_s,
+            settings.status_max_interval_s,
+            settle_s=settings.status_settle_s,
         )
         self._kick = asyncio.Event()
         self.sequence = 0

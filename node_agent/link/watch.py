@@ -6,8 +6,9 @@ watches it from the list's resourceVersion. What it sees is handed to the loop's
 ADDED/MODIFIED/DELETED, `answered()` when a watch request is accepted, `failed("watch", exc)`.
 
 Recovery (`edgefleet_api.list_watch`), with the bounds of the default settings: a watch ends
-after `watch_timeout_s` and resumes from the last resourceVersion delivered; a stalled one ends
-at the read timeout, `watch_timeout_s + request_timeout_s` (70 s), or at once when the rest of
+after `watch_timeout_s` and resumes from the last resourceVersion delivered; a stalled one (not
+even the API server's bookmark of every minute arrives) ends at the read timeout,
+min(`watch_timeout_s`, `BOOKMARK_S`) + `request_timeout_s` (70 s), or at once when the rest of
 the link fails first (the Lease's or the status's call times out: `restart`); failures back off
 (0.5 s doubling to `backoff_max_s`, 30 s, jittered); 410 Gone relists at once, and so does
 every `resync_s` (300 s).
@@ -31,7 +32,7 @@ from node_agent.link.assignment import InvalidAssignment
 from node_agent.link.connection import ApiConnection, LinkStats
 from node_agent.link.durable import write_atomic
 from node_agent.link.persistence import decode_persisted, encode_persisted
-from node_agent.link.settings import LinkSettings, rfc3339
+from node_agent.link.settings import BOOKMARK_S, LinkSettings, rfc3339
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -68,7 +69,9 @@ class EdgeNodeWatch:
         timings = ListWatchTimings(
             request_timeout_s=settings.request_timeout_s,
             watch_timeout_s=settings.watch_timeout_s,
-            watch_read_timeout_s=settings.watch_timeout_s + settings.request_timeout_s,
+            # A quiet watch still gets the API server's bookmark every minute: a stall is told
+            # from it within a minute and the request timeout, however long the watch may run.
+            watch_read_timeout_s=min(settings.watch_timeout_s, BOOKMARK_S) + settings.request_timeout_s,
             resync_s=settings.resync_s,
             backoff_initial_s=settings.backoff_initial_s,
             backoff_max_s=settings.backoff_max_s,

@@ -210,13 +210,15 @@ def _optional_args(settings: AgentPodSettings) -> list[str]:
 
 
 def tuning_env(settings: AgentPodSettings) -> list[dict[str, str]]:
-    """The agent's thermal limits and pool workers from the chart (`agent.thermal`,
-    `agent.workers`, `agent.urgentWorkers`), when set."""
+    """The agent's thermal limits, pool workers and Lease renewal interval from the chart
+    (`agent.thermal`, `agent.workers`, `agent.urgentWorkers`, `fleet.agentLeaseRenewSeconds`), when
+    set."""
     values = (
         ("EDGEFLEET_THERMAL_SOFT_LIMIT_C", settings.thermal_soft_limit_c),
         ("EDGEFLEET_THERMAL_SOFT_MARGIN_C", settings.thermal_soft_margin_c),
         ("EDGEFLEET_WORKERS", settings.workers),
         ("EDGEFLEET_URGENT_WORKERS", settings.urgent_workers),
+        ("EDGEFLEET_LINK_LEASE_RENEW_S", settings.lease_renew_s),
     )
     return [{"name": name, "value": f"{value:g}"} for name, value in values if value is not None]
 

@@ -18,9 +18,10 @@ class FleetSettings:
 
     node_selector: dict[str, str] = field(default_factory=lambda: {names.LABEL_FLEET: "true"})
     """Labels a Node must carry to join the fleet."""
-    agent_grace_s: float = 30.0
+    agent_grace_s: float = 45.0
     """An agent silent (no Lease renewal) this long while its Node is Ready is AgentSilent: its work
-    moves. 30 s is three missed 10 s heartbeats, long enough to ride out an API server blip."""
+    moves. 45 s is three missed renewals at the agents' default 15 s (`AgentPodSettings.lease_renew_s`,
+    which must be at most a third of it), long enough to ride out an API server blip."""
     agent_backoff_max_s: float = 30.0
     """The longest an agent waits between retries while its API server is out of reach (the agent's
     EDGEFLEET_LINK_BACKOFF_MAX_S, 30 s by default). After a span the operator could not observe, an
@@ -57,6 +58,11 @@ class AgentPodSettings:
     """Where agents start lowering concurrency (None: below the hardware slowdown by the margin)."""
     thermal_soft_margin_c: float | None = None
     """Degrees below the hardware slowdown temperature (None: the agent's default, 8)."""
+    lease_renew_s: float | None = None
+    """How often agents renew their Lease (EDGEFLEET_LINK_LEASE_RENEW_S in their Pods); None: the
+    agents' default (15 s). Scale it with the fleet (the agents' steady cost to the API server is
+    about one small PATCH per node per interval: docs/benchmarks.md, "Fleet scale") and keep
+    `agent_grace_s` at least `GRACE_RENEWALS` times it."""
     workers: int | None = None
     """Stream pool workers per agent (None: the agent's default, 1 on CPU and 2 on a GPU)."""
     urgent_workers: int | None = None
@@ -179,6 +185,11 @@ def _tolerations(raw: str) -> tuple[dict[str, str], ...]:
     return tuple(value)
 
 
+GRACE_RENEWALS = 3
+"""The agent grace must span at least this many Lease renewals: one lost or late renewal (a jitter,
+a slow API server) never makes an agent silent."""
+
+
 def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
     """Settings from EDGEFLEET_* variables (the chart's operator Deployment sets them); unset
     or empty ones keep their defaults; a malformed one is a ValueError naming it."""
@@ -206,6 +217,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         runtime_class=e.get("EDGEFLEET_AGENT_RUNTIME_CLASS") or None,
         thermal_soft_limit_c=_number(e, "AGENT_THERMAL_SOFT_LIMIT_C", None),
         thermal_soft_margin_c=_number(e, "AGENT_THERMAL_SOFT_MARGIN_C", None),
+        lease_renew_s=_number(e, "AGENT_LEASE_RENEW_S", None),
         workers=_number(e, "AGENT_WORKERS", None, int),
         urgent_workers=_number(e, "AGENT_URGENT_WORKERS", None, int),
         host_path=e.get("EDGEFLEET_AGENT_HOST_PATH", d.host_path).strip(),
@@ -220,6 +232,12 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         raise ValueError(f"EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S must be >= 0, got {bound}")
     if agent.host_path and not agent.host_path.startswith("/"):
         raise ValueError(f"EDGEFLEET_AGENT_HOST_PATH must be an absolute path, got {agent.host_path!r}")
+    renew = agent.lease_renew_s
+    if renew is not None and not 0 < renew * GRACE_RENEWALS <= fleet.agent_grace_s:
+        raise ValueError(
+            f"EDGEFLEET_AGENT_LEASE_RENEW_S must be > 0 and at most the agent grace / {GRACE_RENEWALS} "
+            f"({fleet.agent_grace_s} s / {GRACE_RENEWALS}), got {renew}"
+        )
     if agent.workers is not None and agent.workers < 1:
         raise ValueError(f"EDGEFLEET_AGENT_WORKERS must be >= 1, got {agent.workers}")
     if agent.urgent_workers is not None and agent.urgent_workers < 0:

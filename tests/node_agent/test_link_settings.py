@@ -42,7 +42,7 @@ def test_settings_from_the_environment_fill_only_what_is_not_given(tmp_path: Pat
     assert s.watch_timeout_s == 30 and isinstance(s.watch_timeout_s, int)
     assert s.request_timeout_s == 2.5
     assert s.backoff_max_s == 4.0  # given: the environment does not override it
-    assert s.lease_renew_s == 10.0  # the default
+    assert s.lease_renew_s == 15.0  # the default (issue 22: was 10)
     with pytest.raises(ValueError, match="EDGEFLEET_LINK_WATCH_TIMEOUT_S"):
         LinkSettings.from_env(
             {"EDGEFLEET_LINK_WATCH_TIMEOUT_S": "1.5"}, edge_node="n", namespace="ns", state_dir=tmp_path
@@ -51,3 +51,18 @@ def test_settings_from_the_environment_fill_only_what_is_not_given(tmp_path: Pat
         LinkSettings.from_env(
             {"EDGEFLEET_LINK_REQUEST_TIMEOUT_S": "0"}, edge_node="n", namespace="ns", state_dir=tmp_path
         )
+
+
+def test_lease_renewals_are_jittered_never_late_and_the_duration_follows_them(tmp_path: Path) -> None:
+    """Issue 22: renewals spread over [(1 - jitter) x interval, interval]; the Lease's duration
+    defaults to 3 renewals."""
+    from node_agent.link.lease import LeaseRenewer
+
+    s = LinkSettings("n1", "ns", tmp_path, lease_renew_s=40.0)
+    assert (s.lease_duration_s, s.lease_jitter) == (120, 0.2)
+    assert LinkSettings("n1", "ns", tmp_path).lease_duration_s == 45
+    renewer = LeaseRenewer(s, None, None, None, lambda: "n1")  # type: ignore[arg-type]
+    waits = [renewer.next_wait_s() for _ in range(2000)]
+    assert 32.0 <= min(waits) < 33.0 and 39.0 < max(waits) <= 40.0
+    with pytest.raises(ValueError, match="lease_jitter"):
+        LinkSettings("n1", "ns", tmp_path, lease_jitter=1.0)

@@ -266,7 +266,7 @@ def status_for(state: str = "Ready", temp: float = 50.0, p95: float = 4.0, now: 
 
 
 def test_pacer_writes_state_changes_soon_measurements_later_and_heartbeats_rarely() -> None:
-    pacer = StatusPacer(min_interval_s=2.0, metrics_interval_s=10.0, max_interval_s=30.0)
+    pacer = StatusPacer(min_interval_s=2.0, metrics_interval_s=10.0, max_interval_s=30.0, settle_s=0.0)
     written = status_for("Loading")
     assert pacer.due(0.0, None, written)  # nothing written yet
     pacer.wrote(0.0)
@@ -279,6 +279,39 @@ def test_pacer_writes_state_changes_soon_measurements_later_and_heartbeats_rarel
     assert pacer.due(30.0, written, status_for("Loading", now=LATER))
     with pytest.raises(ValueError):
         StatusPacer(min_interval_s=5.0, metrics_interval_s=1.0)
+
+
+def test_pacer_writes_only_on_change_by_default_with_hystereses() -> None:
+    """Issue 22: no heartbeat-only writes (liveness is the Lease); small moves of memory or
+    temperature are not worth a write, larger ones are, at the measurement pace."""
+    pacer = StatusPacer()
+    written = status_for("Ready")
+    assert pacer.due(0.0, None, written)
+    pacer.wrote(0.0)
+    # settling: for 10 minutes after a change, rewritten at the measurement pace, changed or not
+    assert not pacer.due(5.0, written, status_for("Ready", now=LATER))
+    assert pacer.due(10.0, written, status_for("Ready", now=LATER))
+    pacer.wrote(590.0)
+    assert not pacer.due(600.0, written, status_for("Ready", now=LATER))  # settled
+    for t in (630.0, 3000.0, 86_400.0):
+        assert not pacer.due(t, written, status_for("Ready", now=LATER))  # unchanged: never again
+    pacer = StatusPacer(settle_s=0.0)  # the hystereses, apart from settling
+    pacer.wrote(0.0)
+    assert not pacer.due(60.0, written, status_for("Ready", temp=51.9))  # under 2 C
+    assert pacer.due(60.0, written, status_for("Ready", temp=52.0))
+    assert not pacer.due(5.0, written, status_for("Ready", temp=58.0))  # at the measurement pace
+    assert pacer.due(60.0, written, status_for("Ready", p95=4.5))  # the SLA window rolled
+    assert pacer.due(3.0, written, status_for("Loading"))  # a change of state: soon
+    gpu = written.gpu
+    assert gpu is not None and gpu.memory_total_bytes is not None and gpu.memory_used_bytes is not None
+    small = dataclasses.replace(gpu, memory_used_bytes=gpu.memory_used_bytes + gpu.memory_total_bytes // 25)
+    large = dataclasses.replace(
+        gpu, memory_used_bytes=gpu.memory_used_bytes + gpu.memory_total_bytes // 20 + 1
+    )
+    assert not pacer.due(60.0, written, dataclasses.replace(written, gpu=small))  # 4% of the GPU
+    assert pacer.due(60.0, written, dataclasses.replace(written, gpu=large))  # 5%
+    with pytest.raises(ValueError):
+        StatusPacer(2.0, 10.0, 5.0)  # a refresh more often than measurements
 
 
 def test_pacer_bounds_the_write_rate_of_a_churning_status() -> None:

@@ -14,14 +14,14 @@ def signals(ready: bool, since: float, has_work: bool, renew: float | None = Non
 
 
 def test_a_new_node_that_was_not_ready_yet_gets_work_as_soon_as_it_is_ready() -> None:
-    tracker = HealthTracker(FleetSettings())
+    tracker = HealthTracker(FleetSettings(agent_grace_s=30.0))
     # kubelet has not posted Ready yet: no condition reads as "not ready since the epoch"
     assert tracker.judge(signals(False, 0.0, has_work=False), NOW) is Health.NOT_READY
     assert tracker.judge(signals(True, NOW + 1, has_work=False), NOW + 2) is Health.HEALTHY
 
 
 def test_a_node_that_lost_its_work_is_damped_from_when_it_was_last_seen_down() -> None:
-    settings = FleetSettings()
+    settings = FleetSettings(agent_grace_s=30.0)
     tracker = HealthTracker(settings)
     down = NOW - settings.not_ready_grace_s
     assert tracker.judge(signals(False, down, has_work=True), NOW) is Health.NOT_READY
@@ -56,7 +56,7 @@ def test_a_long_gap_between_passes_is_not_the_agents_silence() -> None:
     hid): every Lease is 60 s old at the next read; none is silent for that. Only the last such
     gap is discounted, with no backoff allowance: an agent that stays silent after is judged from
     there, and one that was silent before keeps what it had accrued."""
-    settings = FleetSettings()  # agent grace 30 s
+    settings = FleetSettings(agent_grace_s=30.0)  # agent grace 30 s
     tracker = HealthTracker(settings)
     tracker.judge(healthy_agent(NOW - 100), NOW - 100)  # not the replica's first judgement
     assert tracker.judge(healthy_agent(NOW - 1), NOW) is Health.HEALTHY
@@ -75,14 +75,14 @@ def test_a_long_gap_between_passes_is_not_the_agents_silence() -> None:
 def test_passes_slower_than_half_the_grace_still_judge_a_dead_agent() -> None:
     """Every gap between passes is long (20 s, no failure): only the last is discounted, so a dead
     agent's silence accrues one pass late."""
-    settings = FleetSettings()  # agent grace 30 s
+    settings = FleetSettings(agent_grace_s=30.0)  # agent grace 30 s
     tracker = running(settings)
     verdicts = [tracker.judge(healthy_agent(NOW), NOW + t) for t in range(20, 81, 20)]
     assert verdicts == [Health.HEALTHY, Health.SUSPECT, Health.AGENT_SILENT, Health.AGENT_SILENT]
 
 
 def test_passes_at_the_resync_pace_leave_lease_silence_counted() -> None:
-    settings = FleetSettings()  # agent grace 30 s; passes every 10 s
+    settings = FleetSettings(agent_grace_s=30.0)  # agent grace 30 s; passes every 10 s
     tracker = HealthTracker(settings)
     tracker.judge(healthy_agent(NOW - 10), NOW - 10)
     for t in range(0, 31, 10):
@@ -121,7 +121,7 @@ def test_a_span_the_operator_could_not_read_gives_every_agent_the_backoff_allowa
 
 
 def test_an_agent_silent_before_the_span_stays_silent_after_it() -> None:
-    settings = FleetSettings()  # agent grace 30 s
+    settings = FleetSettings(agent_grace_s=30.0)  # agent grace 30 s
     tracker = running(settings)
     assert tracker.judge(healthy_agent(NOW - 31), NOW) is Health.AGENT_SILENT
     tracker.lost_sight()
@@ -163,7 +163,7 @@ def test_a_replica_that_starts_right_after_an_outage_does_not_judge_every_agent_
     server outage: Lease silence within the agent grace before its start is not counted, nor any
     within the backoff allowance after; an agent silent longer than the grace before the start, or
     still silent a grace after the allowance, is judged as usual."""
-    settings = FleetSettings()  # agent grace 30 s, backoff allowance 30 s
+    settings = FleetSettings(agent_grace_s=30.0)  # agent grace 30 s, backoff allowance 30 s
     tracker = HealthTracker(settings)
     assert tracker.judge(healthy_agent(NOW - 40), NOW) is Health.HEALTHY
     assert tracker.judge(healthy_agent(NOW - 40), NOW + 30) is Health.HEALTHY
@@ -174,7 +174,7 @@ def test_a_replica_that_starts_right_after_an_outage_does_not_judge_every_agent_
 
 
 def test_not_ready_within_the_grace_period_is_suspect_and_keeps_its_work() -> None:
-    settings = FleetSettings()
+    settings = FleetSettings(agent_grace_s=30.0)
     tracker = HealthTracker(settings)
     assert tracker.judge(signals(False, NOW - 1, has_work=True), NOW) is Health.SUSPECT
     assert not tracker.lost_work_at

@@ -40,7 +40,7 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_URGENT_WORKERS": "0", "EDGEFLEET_AGENT_HOST_PATH": "/data/edgefleet",
         "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
         "EDGEFLEET_AGENTS_EXTERNAL": "true", "EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH": "5Mi",
-        "EDGEFLEET_AGENT_GRPC_PORT": "8001",
+        "EDGEFLEET_AGENT_GRPC_PORT": "8001", "EDGEFLEET_AGENT_LEASE_RENEW_S": "4",
         "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops", "EDGEFLEET_SITE_SHARDS": "8",
@@ -65,10 +65,22 @@ def test_every_chart_variable_is_read() -> None:
     assert (a.host_path, a.cache_budget, a.unreachable_toleration_s, a.external) == (
         "/data/edgefleet", "40Gi", 7200, True
     )  # fmt: skip
-    assert (a.download_bandwidth, a.grpc_port) == ("5Mi", 8001)
+    assert (a.download_bandwidth, a.grpc_port, a.lease_renew_s) == ("5Mi", 8001, 4)
     # and these are exactly the variables the chart's operator Deployment sets
     template = (ROOT / "helm/edgefleet/templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (EDGEFLEET_[A-Z_0-9]+)", template)) == set(env)
+
+
+def test_the_agent_grace_spans_three_lease_renewals() -> None:
+    """Issue 22: agents renew at an interval the chart scales with the fleet; the grace must hold
+    three of them (one lost renewal never moves work)."""
+    assert from_env({}).fleet.agent_grace_s == 45 and from_env({}).agent.lease_renew_s is None
+    s = from_env({"EDGEFLEET_AGENT_LEASE_RENEW_S": "40", "EDGEFLEET_AGENT_GRACE_S": "120"})
+    assert s.agent.lease_renew_s == 40
+    with pytest.raises(ValueError, match="LEASE_RENEW_S"):
+        from_env({"EDGEFLEET_AGENT_LEASE_RENEW_S": "40"})  # the default grace, 45 s, spans one
+    with pytest.raises(ValueError, match="LEASE_RENEW_S"):
+        from_env({"EDGEFLEET_AGENT_LEASE_RENEW_S": "0"})
 
 
 def test_leases_live_in_the_agent_namespace_unless_told_and_backoff_defaults() -> None:
