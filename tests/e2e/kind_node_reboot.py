@@ -476,9 +476,13 @@ def test_2_rebooted_nodes_static_agent_serves_with_the_api_server_down(reboot: R
     restarted, restarted_wall = time.monotonic(), time.time()
     r.rebooted_at = restarted_wall
     run("docker", "restart", r.static, r.managed, timeout_s=180)
-    for node, was in ((r.static, r.static_ip), (r.managed, r.managed_ip)):
+    # A rebooted node may come back at another address (docker's IPAM, like a DHCP lease, need not
+    # give the same one): the agent serves on whatever the node has; the test follows the node.
+    for attr, node in (("static_ip", r.static), ("managed_ip", r.managed)):
         ip = run("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", node)
-        assert ip.strip() == was, f"{node} came back at {ip.strip()}, was {was}"
+        if ip.strip() != getattr(r, attr):
+            print(f"\n{node} came back at {ip.strip()}, was {getattr(r, attr)}")
+        setattr(r, attr, ip.strip())
 
     base = f"http://{r.static_ip}:{PORT}"
     r.wait(lambda: answers(base), f"the static agent on the rebooted {r.static} to serve")
