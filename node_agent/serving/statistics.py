@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from node_agent.control.sla_monitor import OutcomeCounters
+
 NS_PER_S = 1_000_000_000
 
 
@@ -29,22 +31,6 @@ class Summed(Protocol):
 
     count: int
     sum: float
-
-
-class FailureCounters(Protocol):
-    """A batcher's counters of requests ended without outputs (monotone)."""
-
-    @property
-    def failed(self) -> int: ...
-
-    @property
-    def expired(self) -> int: ...
-
-    @property
-    def refused(self) -> int: ...
-
-    @property
-    def displaced(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +67,7 @@ def model_statistics(
     name: str,
     version: str,
     histograms: Mapping[str, Summed] | None,
-    counters: FailureCounters | None,
+    counters: OutcomeCounters | None,
     last_inference_s: float | None,
 ) -> ModelStatistics:
     """The statistics of one version from its SLA histograms ('latency', 'queue', 'compute',
