@@ -24,7 +24,6 @@ node health that the span was not observed (an API server down is not a fleet of
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -151,9 +150,6 @@ class FleetCache:
             ),
         ]
         self.informers = {kind: Informer(kind, call, t, strip, self._changed) for kind, call, strip in calls}
-        self.changes = 0
-        """Changes seen that asked for a pass (all kinds but `QUIET_KINDS`)."""
-        self._lock = threading.Lock()
         self._failures_seen = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -236,6 +232,4 @@ class FleetCache:
     def _changed(self, kind: str, event: str, obj: Obj) -> None:
         if kind in QUIET_KINDS:
             return
-        with self._lock:
-            self.changes += 1
         self.request(kind == SERVICES and serving_change(event, obj))

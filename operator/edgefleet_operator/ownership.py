@@ -28,6 +28,7 @@ every write (`HoldLost`), so a pass that loses its hold stops writing.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ def site_shards(count: int) -> tuple[str, ...]:
     return tuple(f"{SITE_SHARD_PREFIX}{i}" for i in range(count))
 
 
+@functools.cache
 def site_shard(site: str, count: int) -> str:
     """The shard that does the per-node work (health from the agent's Lease, the agent Pod) of the
     nodes of `site` ("" for nodes without a site): one of `site_shards(count)` by a stable hash of
