@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fleet_helpers import Group, apply, eventually, get_status, service
 
+from e2e.operator_proc import ensure_agent_namespace
 from edgefleet_api import names
 from edgefleet_operator import settings as settings_mod
 from edgefleet_operator.fleet_cache import FleetCache, NotSynced
@@ -47,6 +48,7 @@ class Counted:
 
 @pytest.fixture
 def group(kube: Any) -> Iterator[Group]:
+    ensure_agent_namespace(kube)  # the agents' Leases live there (run alone, no other test made it)
     g = Group(kube)
     yield g
     g.cleanup()
