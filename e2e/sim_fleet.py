@@ -19,8 +19,8 @@ for a watch, every line read). TLS framing is not counted.
     python -m e2e.sim_fleet --kubeconfig K --nodes a-000,a-001 --stats S --control C
 
 The driver steers it through the JSON file `--control` (read every second: {"traffic": bool,
-"bad": {version: sla override}, "silent": [node, ...]}) and reads `--stats` (rewritten every
-second). `SimFleetProcess` runs it as a child process.
+"bad": {version: sla override}, "silent": [node, ...], "reconnect_per_s": rate}) and reads
+`--stats` (rewritten every second). `SimFleetProcess` runs it as a child process.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class SimFleet:
         """Calls other than watches in flight at once (the agents' own connections are many; the
         simulator's process is one, and must not queue thousands of TLS handshakes at once)."""
         self.rng = random.Random()
+        self.next_admission = 0.0
+        """The monotonic time the next agent retrying its Lease gets through (`admitted`)."""
         self.started = time.time()
 
     # --- HTTP --------------------------------------------------------------------------------
@@ -184,11 +186,23 @@ class SimFleet:
                     raise RuntimeError(f"lease: HTTP {status}")
             except Exception:
                 await asyncio.sleep(backoff.next())
+                await self.admitted()
                 continue
             backoff.reset()
             full = False
             a.renewed_at = time.time()
             await asyncio.sleep(self.s.lease_renew_s * (1.0 - self.s.lease_jitter * self.rng.random()))
+
+    async def admitted(self) -> None:
+        """With control `reconnect_per_s`: agents retrying after an error get through at that rate
+        (no burst, no debt), as an API server's admission limits (max in flight, priority and
+        fairness) let a large fleet's reconnect storm in; 0 or unset: at once."""
+        while (rate := float(self.control.get("reconnect_per_s") or 0)) > 0:
+            now = time.monotonic()
+            if now >= self.next_admission:
+                self.next_admission = now + 1.0 / rate
+                return
+            await asyncio.sleep(self.next_admission - now + self.rng.uniform(0, 1.0 / rate))
 
     async def watch_loop(self, session: Any, a: Agent) -> None:
         import aiohttp

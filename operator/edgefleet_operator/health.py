@@ -17,6 +17,7 @@ that holds no shard) is healthy and ready; it reports what it holds, and nothing
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from edgefleet_operator.fleet_types import Health
@@ -40,6 +41,23 @@ class NodeSignals:
     """When the node got its first work; bounds how long an agent may take to start."""
 
 
+@dataclass(slots=True)
+class Recovery:
+    """The fleet's agents coming back after a span the operator could not observe."""
+
+    since_s: float
+    """When observation last resumed: an agent that renewed since is back."""
+    expected_after_s: float
+    """Agents heard from since this (a grace before the first span) are expected back; older ones
+    were silent already."""
+    rising_s: float
+    """When the count of agents back last grew (or the recovery began)."""
+    began_s: float
+    """When the recovery began (its wait is capped from there)."""
+    back: int = 0
+    expected: int = 0
+
+
 @dataclass
 class HealthTracker:
     """Remembers, per node, when it last lost its work, for flap damping; and when the operator could
@@ -58,7 +76,17 @@ class HealthTracker:
     allowance later. An unobserved span is one in which the operator could not read the API server
     (`lost_sight`: a pass failed to reach it, or this replica held no shard) from its last judgement
     to its next one; a replica's first judgement counts the agent grace before it as one (it may
-    start, or take over, right after an outage)."""
+    start, or take over, right after an outage).
+
+    Recovery, the rule for reconnect storms: after an unobserved span, the operator waits while the
+    agents are still coming back (`begin_pass`). A restarted API server may take minutes to let
+    thousands of agents back in, longer than any fixed allowance; until it has, their silence is the
+    API server's, not theirs. The span is extended to now while, of the agents heard from within a
+    grace before it, some have not renewed since observation resumed and one came back within the
+    last `agent_backoff_max_s + agent_grace_s` (the storm is still draining), for at most
+    `reconnect_wait_max_s`. When every expected agent is back, or none came back for that long, or
+    the wait is spent, the recovery ends and the rule above runs from there: the allowance, then the
+    grace. A dead agent is thus judged at most the storm's length (bounded) later than without it."""
 
     settings: FleetSettings
     agent_start_allowance_s: float = 120.0
@@ -76,11 +104,43 @@ class HealthTracker:
     last_pass_s: float | None = None
     blind: bool = False
     """Set by `lost_sight` since the last judgement."""
+    recovery: Recovery | None = None
+    """The fleet coming back after the last unobserved span, while it is (`begin_pass`)."""
 
     def lost_sight(self) -> None:
         """The operator could not observe the fleet (a pass failed to reach the API server, or this
         replica held no shard): the span from its last judgement to its next one is unobserved."""
         self.blind = True
+
+    def begin_pass(self, now_s: float, renewals: Iterable[float | None]) -> Recovery | None:
+        """Called once per pass before its `judge` calls, with the Lease renewal times of the nodes
+        it judges: notes an unobserved span that has just ended and, while the agents are still
+        coming back from it, extends it to now (the recovery rule). Returns the recovery in force,
+        None when there is none."""
+        closed = self._observe(now_s)
+        grace = self.settings.agent_grace_s
+        r = self.recovery
+        if closed is not None and r is not None:  # blind again while the fleet was coming back: one
+            # outage seen in pieces (passes run from the cache while its watches fail)
+            r.since_s, r.back, r.rising_s = closed[1], 0, now_s
+        elif closed is not None:
+            r = self.recovery = Recovery(closed[1], closed[0] - grace, now_s, began_s=now_s)
+        if r is None:
+            return None
+        expected = back = 0
+        for t in renewals:
+            if t is not None and t >= r.expected_after_s:
+                expected += 1
+                back += t >= r.since_s
+        if back > r.back:
+            r.back, r.rising_s = back, now_s
+        r.expected = expected
+        stalled = now_s - r.rising_s >= self.settings.agent_backoff_max_s + grace
+        if back >= expected or stalled or now_s - r.began_s >= self.settings.reconnect_wait_max_s:
+            self.recovery = None
+            return None
+        self._unobservable(r.since_s, now_s)
+        return r
 
     def judge(self, s: NodeSignals, now_s: float) -> Health:
         self._observe(now_s)
@@ -133,19 +193,23 @@ class HealthTracker:
                 reach = b
         return max(0.0, now_s - from_s - covered)
 
-    def _observe(self, now_s: float) -> None:
-        last = self.last_pass_s
+    def _observe(self, now_s: float) -> tuple[float, float] | None:
+        """Notes the span since the last judgement; returns it when it was unobserved."""
+        last, closed = self.last_pass_s, None
         if last is None:  # a fresh replica (start, failover) saw nothing before: an API server
             # outage may have just ended, with the agents still in their backoff
-            self._unobservable(now_s - self.settings.agent_grace_s, now_s)
+            closed = (now_s - self.settings.agent_grace_s, now_s)
         elif self.blind and now_s > last:
-            self._unobservable(last, now_s)
+            closed = (last, now_s)
         elif now_s - last > self.settings.agent_grace_s / 2:
             self.gap = (last, now_s)
+        if closed is not None:
+            self._unobservable(*closed)
         if last is None or now_s > last:
             self.blind = False
         self.last_pass_s = now_s if last is None else max(last, now_s)
         self._prune(now_s)
+        return closed
 
     def _unobservable(self, start_s: float, end_s: float) -> None:
         if self.unobserved and self.unobserved[-1][1] >= start_s:

@@ -45,7 +45,7 @@ from edgefleet_operator import fleet_state, pass_plan, peers
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
 from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
-from edgefleet_operator.health import HealthTracker
+from edgefleet_operator.health import HealthTracker, Recovery
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.ownership import FLEET_SHARD, HoldLost, site_shard, site_shards
 from edgefleet_operator.pass_report import PassReport
@@ -92,6 +92,8 @@ class FleetReconciler:
             core, custom, discovery, self.urgent, lambda shard: self.gate(shard), identity, self.reader.offer
         )
         self.tracker = HealthTracker(settings.fleet)
+        self._recovering: Recovery | None = None
+        self._recovery_tenth = 0
         self.node_memo = fleet_state.NodeMemo(self.reader.views.edge_node)
         """Each node's health signals and state, derived again only when its objects change."""
         # Keeps the last pass's plan: a change in some nodes re-plans only what it reaches.
@@ -190,12 +192,17 @@ class FleetReconciler:
         (`fleet_state.published_health`; Suspect until it has: they keep their work, get none new)."""
         states = []
         memo, reserve = self.node_memo, self.settings.fleet.memory_reserve_fraction
+        signals = {
+            name: memo.signals(node, read.edge_nodes.get(name), read.leases.get(names.agent_name(name)))
+            for node in read.nodes
+            if (name := node["metadata"]["name"]) in mine
+        }
+        self._recovery(self.tracker.begin_pass(now, (s.lease_renew_s for s in signals.values())))
         for node in read.nodes:
             name = node["metadata"]["name"]
             en = read.edge_nodes.get(name)
             if name in mine:
-                signals = memo.signals(node, en, read.leases.get(names.agent_name(name)))
-                health = self.tracker.judge(signals, now)
+                health = self.tracker.judge(signals[name], now)
             else:
                 health = fleet_state.published_health(en) or Health.SUSPECT
             report.health[name] = health.value
@@ -203,6 +210,22 @@ class FleetReconciler:
         memo.keep_only(report.health)
         self.tracker.forget(set(self.tracker.lost_work_at) - set(report.health))
         return states
+
+    def _recovery(self, recovery: Recovery | None) -> None:
+        """Logs a reconnect storm's start, progress (on each tenth of the agents) and end."""
+        was, self._recovering = self._recovering, recovery
+        if recovery is not None:
+            tenth = 10 * recovery.back // max(recovery.expected, 1)
+            if was is None or tenth != self._recovery_tenth:
+                log.info(
+                    "agents coming back after an unobserved span: %d of %d renewed; no silence is "
+                    "judged until they are",
+                    recovery.back,
+                    recovery.expected,
+                )
+            self._recovery_tenth = tenth
+        elif was is not None:
+            log.info("agents' reconnect over: %d of %d back; silence is judged again", was.back, was.expected)
 
     def _publish_health(
         self, read: FleetRead, report: PassReport, mine: Collection[str], shard_of: Mapping[str, str]

@@ -27,6 +27,10 @@ class FleetSettings:
     EDGEFLEET_LINK_BACKOFF_MAX_S, 30 s by default). After a span the operator could not observe, an
     agent may renew its Lease this long after the API server is back: its silence counts only after
     that (`health.HealthTracker`)."""
+    reconnect_wait_max_s: float = 900.0
+    """After a span the operator could not observe, it waits while the agents are still coming back
+    (a reconnect storm: thousands of agents at once through a just-restarted API server) before any
+    agent's silence counts again; at most this long (`health.HealthTracker`, the recovery rule)."""
     not_ready_grace_s: float = 30.0
     """A NotReady Node keeps its work this long before it moves (edge links flap)."""
     flap_damping_s: float = 120.0
@@ -200,6 +204,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         else FleetSettings().node_selector,
         agent_grace_s=_number(e, "AGENT_GRACE_S", FleetSettings.agent_grace_s),
         agent_backoff_max_s=_number(e, "AGENT_BACKOFF_MAX_S", FleetSettings.agent_backoff_max_s),
+        reconnect_wait_max_s=_number(e, "RECONNECT_WAIT_MAX_S", FleetSettings.reconnect_wait_max_s),
         not_ready_grace_s=_number(e, "NOT_READY_GRACE_S", FleetSettings.not_ready_grace_s),
         flap_damping_s=_number(e, "FLAP_DAMPING_S", FleetSettings.flap_damping_s),
         memory_reserve_fraction=_number(e, "MEMORY_RESERVE_FRACTION", FleetSettings.memory_reserve_fraction),
@@ -245,6 +250,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
     for name, value in (
         ("agent grace", fleet.agent_grace_s),
         ("agent backoff max", fleet.agent_backoff_max_s),
+        ("reconnect wait max", fleet.reconnect_wait_max_s),
         ("not-ready grace", fleet.not_ready_grace_s),
     ):
         if value < 0:

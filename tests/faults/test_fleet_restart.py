@@ -40,6 +40,7 @@ server returns, and the agents come back over their backoff (cap 4 s here)."""
 SETUP_BOUND_S = 420.0
 """The operator's first placement of 200 nodes (a few passes; long on a loaded 2-core machine)."""
 CONVERGED_BOUND_S = 45.0
+STORM_PER_S = 5.0
 """From the API server ready to the fleet converged (measured: see the printed figure)."""
 AGENT_ENV = {
     "EDGEFLEET_LINK_LEASE_RENEW_S": "2",
@@ -189,10 +190,30 @@ def ready_nodes(core: Any, count: int, prefix: str, group: str) -> list[str]:
 
 
 def test_the_api_server_restarted_under_200_agents_moves_nothing(storm_fleet: Fleet) -> None:
-    f = storm_fleet
+    restart_and_converge(storm_fleet, CONVERGED_BOUND_S)
+
+
+def test_a_reconnect_storm_longer_than_the_allowance_and_grace_moves_nothing(storm_fleet: Fleet) -> None:
+    """The agents get back in at 5 per second (`reconnect_per_s`: as an API server's admission
+    limits let a large fleet's storm in): the last renews 40 s after the API server is ready, far
+    past the backoff allowance + grace (4 + 10 s) after which the operator used to judge them
+    silent. The operator waits while agents are still coming back (`HealthTracker.begin_pass`)."""
+    storm_s = NODES / STORM_PER_S
+    try:
+        restart_and_converge(storm_fleet, storm_s + CONVERGED_BOUND_S, reconnect_per_s=STORM_PER_S)
+    finally:
+        storm_fleet.sim.control(reconnect_per_s=0)
+
+
+def restart_and_converge(f: Fleet, bound_s: float, reconnect_per_s: float = 0.0) -> None:
+    """Stops the API server for OUTAGE_S, starts it again, and checks the invariants (module
+    docstring) until the fleet has converged; with `reconnect_per_s`, agents retrying their Lease
+    get through at that rate (set before the outage: the simulator reads it each second)."""
     port = f.operator.metrics_port
     specs, pods = f.specs(), f.pods()
     assert len(specs) == NODES and len(pods) == NODES, (len(specs), len(pods))
+    if reconnect_per_s:
+        f.sim.control(reconnect_per_s=reconnect_per_s)
     cluster.stop_apiserver(f.state, timeout_s=2.0)
     time.sleep(OUTAGE_S)  # the outage lasts
     ready_s = restart_apiserver(f.state)
@@ -211,14 +232,17 @@ def test_the_api_server_restarted_under_200_agents_moves_nothing(storm_fleet: Fl
             and passes(port) >= passes_then + 2
         )
 
-    eventually(converged, CONVERGED_BOUND_S, "the fleet converged after the restart", context=f.context)
+    eventually(converged, bound_s, "the fleet converged after the restart", context=f.context)
     converged_s = time.time() - t_ready
+    if reconnect_per_s:  # the storm was as long as it was meant to be
+        assert converged_s > 0.5 * NODES / reconnect_per_s, converged_s
     print(
-        f"{NODES} agents, API server stopped {OUTAGE_S:.0f} s, ready {ready_s:.1f} s after its start; "
+        f"{NODES} agents, API server stopped {OUTAGE_S:.0f} s, ready {ready_s:.1f} s after its start, "
+        f"agents let back in at {reconnect_per_s or 'any'} per s; "
         f"converged {converged_s:.1f} s after ready ({len(judged)} health readings)"
     )
-    assert f.specs() == specs, "a model moved"
-    assert f.pods() == pods, "an agent Pod was rebuilt"
     unhealthy = [h for h in judged if any(v for k, v in h.items() if k != "Healthy")]
-    assert not unhealthy, f"nodes judged unhealthy after the restart: {unhealthy[:3]}"
+    assert not unhealthy, f"nodes judged unhealthy after the restart: {unhealthy[:3]}\n{f.context()}"
+    assert f.specs() == specs, "a model moved"
+    assert f.pods() == pods, f"an agent Pod was rebuilt\n{f.context()}"
     assert f.serving(), "every agent reports its model Ready"
