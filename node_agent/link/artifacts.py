@@ -132,14 +132,27 @@ def _complete_listed_files(
     delivery: Delivery | None,
 ) -> None:
     """Every file the verified `manifest` lists, beside it, each verified by its own line:
-    kept when already there; else fetched from beside the artifact's URL (https, through
-    `delivery`: resumed, paced, peers first) or copied from beside its path (file, repo). A file
-    that does not verify never takes its name."""
+    kept when already there (no source is contacted when all are); else fetched from beside the
+    artifact's URL (https, through `delivery`: resumed, paced, peers first), pulled as the
+    registry manifest's layer titled with its path (oci: the same delivery, each blob by its
+    digest and no longer than its layer says), or copied from beside its path (file, repo).
+    A file that does not verify never takes its name."""
     folder = manifest.parent
-    for digest, rel in parse_checksums(manifest.read_text(encoding="utf-8")):
+    listed = parse_checksums(manifest.read_text(encoding="utf-8"))
+    missing = [(digest, rel) for digest, rel in listed if not _holds(folder / rel, digest)]
+    if not missing:
+        return
+    if where.scheme == "oci":
+        registry = Registry(parse_oci(where.path), DEFAULT_DELIVERY.settings.read_timeout_s)
+        blobs = registry.listed_blobs(listed, str(entry.id))  # all checked before any byte moves
+        for digest, rel in missing:
+            blob = blobs[rel]
+            (delivery or DEFAULT_DELIVERY).fetch(
+                blob.url, folder / rel, digest, f"{entry.id} {rel}", registry.headers, blob.size_bytes
+            )
+        return
+    for digest, rel in missing:
         target = folder / rel
-        if target.is_file() and sha256_file(target) == digest:
-            continue
         label = f"{entry.id} {rel}"
         if where.scheme in ("https", "http"):
             url = urljoin(where.path, quote(rel))
@@ -152,8 +165,12 @@ def _complete_listed_files(
         else:
             raise InvalidModel(
                 f"{entry.id}: the files a {CHECKSUMS_FILE} manifest lists cannot be fetched over "
-                f"{where.scheme}:// (use https://, file:// or a repo:// folder)"
+                f"{where.scheme}:// (use https://, oci://, file:// or a repo:// folder)"
             )
+
+
+def _holds(path: Path, digest: str) -> bool:
+    return path.is_file() and sha256_file(path) == digest
 
 
 def _materialize(
@@ -219,7 +236,8 @@ def _download(
     config_digest = None if config_file.is_file() else _config_digest(entry)  # refused before any byte
     target = target_dir / name
     if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
-        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id), headers=headers)
+        size = pull.size_bytes if pull else None
+        delivery.fetch(url, target, entry.artifact.digest, str(entry.id), headers, size)
     if config_digest is not None:
         config_url = pull.config_url if pull else urljoin(url, CONFIG_FILE)
         write_atomic(config_file, _fetch_config(config_url, entry, config_digest, headers))
