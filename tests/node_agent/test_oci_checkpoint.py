@@ -7,6 +7,7 @@ laid out as the backend reads it. Hostile manifests are refused whole, before an
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pushed(version: Path) -> Files:
     """What `cd <version> && oras push <ref> SHA256SUMS model.yaml $(cut -c67- SHA256SUMS)`
-    pushes: (title, bytes) per layer."""
-    listed = [rel for _, rel in parse_checksums((version / CHECKSUMS_FILE).read_text())]
+    (docs/huggingface_checkpoints.md) pushes: (title, bytes) per layer."""
+    cut = subprocess.run(["cut", "-c67-", CHECKSUMS_FILE], cwd=version, capture_output=True, check=True)
+    listed = cut.stdout.decode().split()
+    assert listed == [rel for _, rel in parse_checksums((version / CHECKSUMS_FILE).read_text())]
     return [(name, (version / name).read_bytes()) for name in (CHECKSUMS_FILE, "model.yaml", *listed)]
 
 
