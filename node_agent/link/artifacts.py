@@ -173,6 +173,23 @@ def _holds(path: Path, digest: str) -> bool:
     return path.is_file() and sha256_file(path) == digest
 
 
+def prepared_file(artifact: Path, artifact_digest: str, fmt: str, digest: str) -> Path | None:
+    """The file with bytes `digest` of a prepared version (its `artifact`, verified against
+    `artifact_digest`), for peers: the artifact itself, or for a checkpoint folder
+    (`MANIFEST_FORMATS`) a file its `SHA256SUMS` lists with that digest (each verified by its
+    line when the version was prepared); None when the version holds none."""
+    if digest == artifact_digest:
+        return artifact if artifact.is_file() else None
+    if fmt not in MANIFEST_FORMATS:
+        return None
+    try:
+        listed = parse_checksums(artifact.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, InvalidModel):
+        return None
+    path = next((artifact.parent / rel for d, rel in listed if d == digest), None)
+    return path if path is not None and path.is_file() else None
+
+
 def _materialize(
     repository: ModelRepository,
     entry: ModelAssignment,
