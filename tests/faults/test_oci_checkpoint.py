@@ -58,7 +58,7 @@ def args(workdir: Path, uri: str, checkpoint: Path, peers: list[str]) -> list[st
     }
     entry = {"service": "default/chat", "model": "chat", "version": "1", "artifact": artifact,
              "format": "huggingface", "task": "generate"}  # fmt: skip
-    spec = {"nodeName": "edge-1", "artifactPeers": peers, "models": [entry]}
+    spec: dict[str, object] = {"nodeName": "edge-1", "artifactPeers": peers, "models": [entry]}
     return [
         "--model-repository", str(workdir / "models"), "--workers", "1",
         *offline_edge_node(workdir, workdir / "state", spec), "--download-backoff-max", "0.2",
