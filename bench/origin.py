@@ -93,6 +93,8 @@ class Origin:
         self.token: str | None = None
         """When set, every path but `token` needs `Authorization: Bearer <token>` (401 with a
         Bearer challenge whose realm is `<base>/token`, which hands it out)."""
+        self.token_expires_in: int | None = None
+        """The token's lifetime the `token` answer states (`expires_in`, seconds), if set."""
         self.log = OriginLog()
         self.bucket = TokenBucket(rate_bytes_per_s, 64 * 1024) if rate_bytes_per_s else None
         origin = self
@@ -124,7 +126,8 @@ class Origin:
         range_ = h.headers.get("Range")
         if self.token is not None:  # a registry's anonymous token flow
             if path == "token":
-                self.files["token"] = json.dumps({"token": self.token}).encode()
+                lifetime = {} if self.token_expires_in is None else {"expires_in": self.token_expires_in}
+                self.files["token"] = json.dumps({"token": self.token, **lifetime}).encode()
             elif h.headers.get("Authorization") != f"Bearer {self.token}":
                 self._record(path, range_, 401)
                 h.send_response(401)

@@ -148,7 +148,12 @@ def _complete_listed_files(
         for digest, rel in missing:
             blob = blobs[rel]
             (delivery or DEFAULT_DELIVERY).fetch(
-                blob.url, folder / rel, digest, f"{entry.id} {rel}", registry.headers, blob.size_bytes
+                blob.url,
+                folder / rel,
+                digest,
+                f"{entry.id} {rel}",
+                registry.fresh_headers(str(entry.id)),
+                blob.size_bytes,
             )
         return
     for digest, rel in missing:

@@ -24,7 +24,8 @@ blob is never read past the size its layer declares (`download.Delivery.fetch`'s
 Registries are spoken to over https, except `localhost` and `127.0.0.1` (plain http, as
 container tools do for a local registry). Anonymous pulls that need a token (the Docker
 registry token flow: 401 with `WWW-Authenticate: Bearer realm=...,service=...,scope=...`) get
-one from the realm; no credentials are sent.
+one from the realm; no credentials are sent. The token is renewed before each blob once its
+`expires_in` is nearly over, so pulling a checkpoint's many files outlasts it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -136,9 +138,15 @@ class Blob:
 class Registry:
     """One registry repository, for one pull (its token, if it needs one, is kept here)."""
 
-    def __init__(self, ref: OciReference, timeout_s: float) -> None:
-        self.ref, self.timeout_s = ref, timeout_s
+    def __init__(
+        self, ref: OciReference, timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ref, self.timeout_s, self._clock = ref, timeout_s, clock
         self.headers: dict[str, str] = {"User-Agent": f"edgefleet-agent/{__version__}"}
+        self._challenge = ""
+        """The Bearer challenge the registry answered with ("" until it asks for a token)."""
+        self._token_until_s = 0.0
+        """When the token is to be renewed (the clock's seconds)."""
         self._manifest: Manifest | None = None
 
     def manifest(self, label: str) -> Manifest:
@@ -165,7 +173,10 @@ class Registry:
         assert artifact is not None
         title = artifact.title or default_name
         if not _FILE_NAME.match(title) or title == "model.yaml":
-            raise InvalidModel(f"{label}: the artifact layer's title {title!r} is not a plain file name")
+            raise InvalidModel(
+                f"{label}: the artifact layer's title {title!r} is not a plain file name (run `oras push` "
+                "inside the model's folder: it titles each layer with the path it is given)"
+            )
         return Pull(
             self.ref.blob_url(artifact_digest),
             self.ref.blob_url(config_digest),
@@ -209,7 +220,7 @@ class Registry:
             challenge = e.headers.get("WWW-Authenticate", "") if e.code == 401 else ""
             e.close()
             if challenge.lower().startswith("bearer ") and not retried:
-                self.headers["Authorization"] = "Bearer " + self._token(challenge, label)
+                self._authorize(challenge, label)
                 return self._get(url, extra, label, retried=True)
             raise InvalidModel(f"{label}: fetching {url} failed: HTTP {e.code} {e.reason}") from None
         except OSError as e:
@@ -218,8 +229,23 @@ class Registry:
             raise InvalidModel(f"{label}: {url} is larger than {_MAX_MANIFEST_BYTES} bytes; not a manifest")
         return data
 
-    def _token(self, challenge: str, label: str) -> str:
-        """An anonymous pull token from the challenge's realm (the Docker registry token flow)."""
+    def fresh_headers(self, label: str) -> dict[str, str]:
+        """The headers for the next blob request, the pull token renewed once it is due (its
+        `expires_in`, less a margin): a pull of many large files outlasts one token."""
+        if self._challenge and self._clock() >= self._token_until_s:
+            self._authorize(self._challenge, label)
+        return dict(self.headers)
+
+    def _authorize(self, challenge: str, label: str) -> None:
+        token, expires_in_s = self._token(challenge, label)
+        self.headers["Authorization"] = "Bearer " + token
+        self._challenge = challenge
+        self._token_until_s = self._clock() + max(expires_in_s * 0.8, expires_in_s - 30)
+
+    def _token(self, challenge: str, label: str) -> tuple[str, float]:
+        """An anonymous pull token from the challenge's realm (the Docker registry token flow)
+        and its lifetime in seconds (`expires_in`; 60 when the registry does not say, as the
+        token spec has it)."""
         params = urllib.request.parse_keqv_list(urllib.request.parse_http_list(challenge[len("bearer ") :]))
         realm = params.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
@@ -229,7 +255,7 @@ class Registry:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 doc: Any = json.loads(response.read(1 << 20))
-            return str(doc.get("token") or doc["access_token"])
+            return str(doc.get("token") or doc["access_token"]), float(doc.get("expires_in") or 60)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidModel(f"{label}: no pull token from {realm}: {e}") from None
 

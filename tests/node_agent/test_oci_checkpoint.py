@@ -23,7 +23,7 @@ from node_agent.generation.hf_checkpoint import HFCheckpointBackend, write_hf_mo
 from node_agent.link.artifacts import materialize
 from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.link.node_cache import NodeCache
-from node_agent.link.oci import MAX_LAYERS, check_title
+from node_agent.link.oci import MAX_LAYERS, Registry, check_title, parse_oci
 from node_agent.runtime.checksums import CHECKSUMS_FILE, parse_checksums, verify_checksums
 from node_agent.runtime.repository import ModelRepository, sha256_file
 
@@ -257,3 +257,21 @@ def test_titles_inside_the_folder_pass(title: str) -> None:
 def test_titles_outside_the_folder_or_odd_are_refused(title: str) -> None:
     with pytest.raises(InvalidModel, match="not a relative path"):
         check_title(title, "m")
+
+
+def test_the_pull_token_is_renewed_when_it_is_due(
+    checkpoint: Path, registry: Callable[..., tuple[Origin, str]]
+) -> None:
+    origin, uri = registry(pushed(checkpoint))
+    origin.token_expires_in = 300
+    now = [0.0]
+    pull = Registry(parse_oci(uri), 5.0, clock=lambda: now[0])
+    pull.manifest("chat")
+    tokens = lambda: sum(1 for p, _, _ in origin.log.requests if p == "token")  # noqa: E731
+    assert tokens() == 1 and pull.fresh_headers("chat")["Authorization"] == "Bearer t0ken"
+    origin.token = "t1"  # the registry's next token
+    now[0] = 260.0  # not yet due: renewed 30 s before the 300 s are over
+    assert pull.fresh_headers("chat")["Authorization"] == "Bearer t0ken" and tokens() == 1
+    now[0] = 275.0
+    assert pull.fresh_headers("chat")["Authorization"] == "Bearer t1" and tokens() == 2
+    assert pull.fresh_headers("chat")["Authorization"] == "Bearer t1" and tokens() == 2  # not due again
