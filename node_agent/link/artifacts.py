@@ -52,7 +52,8 @@ def materialize(
     With a node `cache`: a blob the cache holds (verified as it is handed out) is placed into
     the version folder from there (a hard link on the same filesystem, else a copy) with the
     model.yaml stored beside it, and the source is not opened; after a copy or download the
-    verified artifact and its model.yaml go into the cache.
+    verified artifact and its model.yaml go into the cache. A checkpoint folder's files
+    (`MANIFEST_FORMATS`) are placed from the cache and kept in it likewise, each by its digest.
 
     repo:// inside the version's own folder is used in place (model.yaml is left alone);
     anything else (file://, https://, or repo:// naming another folder) is copied or
@@ -69,11 +70,11 @@ def materialize(
         if cached is not None:
             manifest = repository.artifact_path(cached)
             if cached.format in MANIFEST_FORMATS:
-                _complete_listed_files(repository, entry, manifest, where, delivery)
+                _complete_listed_files(repository, entry, manifest, where, delivery, cache)
             return cached
     config = _materialize(repository, entry, where, target_dir, delivery)
     if config.format in MANIFEST_FORMATS:
-        _complete_listed_files(repository, entry, repository.artifact_path(config), where, delivery)
+        _complete_listed_files(repository, entry, repository.artifact_path(config), where, delivery, cache)
     if cache is not None:
         try:
             text = (target_dir / CONFIG_FILE).read_text(encoding="utf-8")
@@ -130,38 +131,55 @@ def _complete_listed_files(
     manifest: Path,
     where: ArtifactLocation,
     delivery: Delivery | None,
+    cache: NodeCache | None = None,
 ) -> None:
     """Every file the verified `manifest` lists, beside it, each verified by its own line:
-    kept when already there (no source is contacted when all are); else fetched from beside the
-    artifact's URL (https, through `delivery`: resumed, paced, peers first), pulled as the
-    registry manifest's layer titled with its path (oci: the same delivery, each blob by its
-    digest and no longer than its layer says), or copied from beside its path (file, repo).
-    A file that does not verify never takes its name."""
+    kept when already there, else placed from the node `cache`, else fetched from its source
+    (`_fetch_listed`); no source is contacted when none is missing. With a `cache`, every
+    listed file then goes into it too (a hard link), as the artifact does. A file that does
+    not verify never takes its name."""
     folder = manifest.parent
     listed = parse_checksums(manifest.read_text(encoding="utf-8"))
     missing = [(digest, rel) for digest, rel in listed if not _holds(folder / rel, digest)]
-    if not missing:
-        return
+    if cache is not None:
+        missing = [(digest, rel) for digest, rel in missing if not cache.place(digest, folder / rel)]
+    if missing:
+        _fetch_listed(repository, entry, folder, listed, missing, where, delivery or DEFAULT_DELIVERY)
+    if cache is not None:
+        try:
+            for digest, rel in listed:
+                cache.put(folder / rel, digest)
+        except (OSError, ValueError) as e:  # the version is in place all the same
+            log.warning("%s: its files not kept in the node cache: %s", entry.id, e)
+
+
+def _fetch_listed(
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    folder: Path,
+    listed: list[tuple[str, str]],
+    missing: list[tuple[str, str]],
+    where: ArtifactLocation,
+    delivery: Delivery,
+) -> None:
+    """The `missing` files of a checkpoint folder from beside the artifact's URL (https,
+    through `delivery`: resumed, paced, peers first), as the registry manifest's layer titled
+    with its path (oci: the same delivery, each blob by its digest and no longer than its layer
+    says; the whole listing checked against the manifest first), or copied from beside its path
+    (file, repo)."""
     if where.scheme == "oci":
         registry = Registry(parse_oci(where.path), DEFAULT_DELIVERY.settings.read_timeout_s)
         blobs = registry.listed_blobs(listed, str(entry.id))  # all checked before any byte moves
         for digest, rel in missing:
             blob = blobs[rel]
-            (delivery or DEFAULT_DELIVERY).fetch(
-                blob.url,
-                folder / rel,
-                digest,
-                f"{entry.id} {rel}",
-                registry.fresh_headers(str(entry.id)),
-                blob.size_bytes,
-            )
+            headers = registry.fresh_headers(str(entry.id))
+            delivery.fetch(blob.url, folder / rel, digest, f"{entry.id} {rel}", headers, blob.size_bytes)
         return
     for digest, rel in missing:
         target = folder / rel
         label = f"{entry.id} {rel}"
         if where.scheme in ("https", "http"):
-            url = urljoin(where.path, quote(rel))
-            (delivery or DEFAULT_DELIVERY).fetch(url, target, digest, label=label)
+            delivery.fetch(urljoin(where.path, quote(rel)), target, digest, label=label)
         elif where.scheme in ("file", "repo"):
             root = repository.root if where.scheme == "repo" else Path("/")
             source = (root / where.path.lstrip("/")).resolve().parent / rel
