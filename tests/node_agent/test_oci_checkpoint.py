@@ -24,6 +24,7 @@ from node_agent.link.artifacts import materialize
 from node_agent.link.download import Delivery, DeliverySettings, RetryPolicy
 from node_agent.link.node_cache import NodeCache
 from node_agent.link.oci import MAX_LAYERS, Registry, check_title, parse_oci
+from node_agent.link.prefetch import in_cache, prefetch_one
 from node_agent.runtime.checksums import CHECKSUMS_FILE, parse_checksums, verify_checksums
 from node_agent.runtime.repository import ModelRepository, sha256_file
 
@@ -141,6 +142,20 @@ def test_the_node_cache_holds_the_checkpoint_as_it_holds_other_artifacts(
     assert (version / shard).stat().st_ino == cache.blob_path(
         sha256_digest((version / shard).read_bytes())
     ).stat().st_ino
+
+
+def test_a_prefetched_checkpoint_is_placed_without_the_registry(
+    checkpoint: Path, registry: Callable[..., tuple[Origin, str]], tmp_path: Path
+) -> None:
+    origin, uri = registry(pushed(checkpoint))
+    cache = NodeCache(tmp_path / "cache")
+    prefetch_one(entry(checkpoint, uri), tmp_path / "scratch", QUICK, cache)  # spec.prefetch, no load
+    assert in_cache(cache, entry(checkpoint, uri))
+    assert not (tmp_path / "scratch" / "chat" / "1").exists()
+    origin.close()  # the wave reaches the node: its checkpoint comes from the cache alone
+    repo = ModelRepository(tmp_path / "models")
+    config = materialize(repo, entry(checkpoint, uri), QUICK, cache)
+    verify_checksums(repo.artifact_path(config))
 
 
 def add_layer(title: str, data: bytes = b"x") -> Callable[[Files], Files]:
