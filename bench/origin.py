@@ -2,6 +2,10 @@
 Range (206 + Content-Range), a strong ETag and If-Range, and the faults a test controls: a
 shared rate limit (the uplink), cuts after a given number of body bytes, Range ignored,
 corrupt bytes. Counts what it sent. No traffic leaves 127.0.0.1.
+
+With `token` set and the paths of `registry_paths` it is an OCI registry (the distribution
+API's pull side: `/v2/<repository>/manifests/<digest>`, `/v2/<repository>/blobs/<digest>`,
+anonymous Bearer tokens) holding what `oras push` stores (`oras_manifest`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +24,47 @@ from urllib.parse import urlsplit
 from node_agent.link.download import TokenBucket
 
 _RANGE = re.compile(r"^bytes=(\d+)-$")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+ORAS_FILE_LAYER = "application/vnd.oci.image.layer.v1.tar"
+"""The media type `oras push` gives a file layer when none is named (`file:type` names one)."""
+TITLE = "org.opencontainers.image.title"
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oras_manifest(
+    files: Sequence[tuple[str, bytes]], artifact_type: str = "application/vnd.edgefleet.model"
+) -> dict[str, Any]:
+    """The image manifest `oras push --artifact-type <type> <ref> <path>...` (ORAS 1.1+) writes
+    for `files` ((path as given, bytes), in order): the empty config, and one layer per file,
+    annotated with its path as its title."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": OCI_EMPTY, "digest": sha256_digest(b"{}"), "size": 2, "data": "e30="},
+        "layers": [
+            {"mediaType": ORAS_FILE_LAYER, "digest": sha256_digest(data), "size": len(data),
+             "annotations": {TITLE: title}}
+            for title, data in files
+        ],
+        "annotations": {"org.opencontainers.image.created": "2026-12-07T00:00:00Z"},
+    }  # fmt: skip
+
+
+def registry_paths(
+    repository: str, manifest: Mapping[str, Any], blobs: Iterable[bytes]
+) -> tuple[dict[str, bytes], str]:
+    """The origin paths a registry serves `manifest` and `blobs` (and the empty config) at, for
+    pulls by digest, and the manifest's digest (what `oras push` prints as `Digest:`)."""
+    body = json.dumps(manifest).encode()
+    base = f"v2/{repository}"
+    paths = {f"{base}/blobs/{sha256_digest(data)}": data for data in (b"{}", *blobs)}
+    paths[f"{base}/manifests/{sha256_digest(body)}"] = body
+    return paths, sha256_digest(body)
 
 
 @dataclass(slots=True)
@@ -48,6 +93,8 @@ class Origin:
         self.token: str | None = None
         """When set, every path but `token` needs `Authorization: Bearer <token>` (401 with a
         Bearer challenge whose realm is `<base>/token`, which hands it out)."""
+        self.token_expires_in: int | None = None
+        """The token's lifetime the `token` answer states (`expires_in`, seconds), if set."""
         self.log = OriginLog()
         self.bucket = TokenBucket(rate_bytes_per_s, 64 * 1024) if rate_bytes_per_s else None
         origin = self
@@ -79,7 +126,8 @@ class Origin:
         range_ = h.headers.get("Range")
         if self.token is not None:  # a registry's anonymous token flow
             if path == "token":
-                self.files["token"] = json.dumps({"token": self.token}).encode()
+                lifetime = {} if self.token_expires_in is None else {"expires_in": self.token_expires_in}
+                self.files["token"] = json.dumps({"token": self.token, **lifetime}).encode()
             elif h.headers.get("Authorization") != f"Bearer {self.token}":
                 self._record(path, range_, 401)
                 h.send_response(401)

@@ -23,7 +23,8 @@ models/qwen/1 qwen --quantization int8` writes SHA256SUMS and model.yaml into th
 stay where it is and be fetched: put it on an https origin (or a file:// path on the node) and
 give the artifact `uri` of its SHA256SUMS, `digest` (SHA256SUMS') and `configDigest` (model.yaml's):
 the agent fetches the manifest, then every file it lists from beside it, each verified by its
-line (`node_agent.link.artifacts`).
+line (`node_agent.link.artifacts`); or push its files to an OCI registry (`oci://`, one layer
+per file: `node_agent.link.oci`). docs/huggingface_checkpoints.md says how, for each.
 
 `HFCheckpointBackend.memory_bytes` is what the weights hold as loaded (int8 weights and
 their scales after quantization) plus the KV pool: the scheduler's budget and the node's

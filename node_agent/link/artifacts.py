@@ -52,7 +52,8 @@ def materialize(
     With a node `cache`: a blob the cache holds (verified as it is handed out) is placed into
     the version folder from there (a hard link on the same filesystem, else a copy) with the
     model.yaml stored beside it, and the source is not opened; after a copy or download the
-    verified artifact and its model.yaml go into the cache.
+    verified artifact and its model.yaml go into the cache. A checkpoint folder's files
+    (`MANIFEST_FORMATS`) are placed from the cache and kept in it likewise, each by its digest.
 
     repo:// inside the version's own folder is used in place (model.yaml is left alone);
     anything else (file://, https://, or repo:// naming another folder) is copied or
@@ -69,11 +70,11 @@ def materialize(
         if cached is not None:
             manifest = repository.artifact_path(cached)
             if cached.format in MANIFEST_FORMATS:
-                _complete_listed_files(repository, entry, manifest, where, delivery)
+                _complete_listed_files(repository, entry, manifest, where, delivery, cache)
             return cached
     config = _materialize(repository, entry, where, target_dir, delivery)
     if config.format in MANIFEST_FORMATS:
-        _complete_listed_files(repository, entry, repository.artifact_path(config), where, delivery)
+        _complete_listed_files(repository, entry, repository.artifact_path(config), where, delivery, cache)
     if cache is not None:
         try:
             text = (target_dir / CONFIG_FILE).read_text(encoding="utf-8")
@@ -130,20 +131,55 @@ def _complete_listed_files(
     manifest: Path,
     where: ArtifactLocation,
     delivery: Delivery | None,
+    cache: NodeCache | None = None,
 ) -> None:
     """Every file the verified `manifest` lists, beside it, each verified by its own line:
-    kept when already there; else fetched from beside the artifact's URL (https, through
-    `delivery`: resumed, paced, peers first) or copied from beside its path (file, repo). A file
-    that does not verify never takes its name."""
+    kept when already there, else placed from the node `cache`, else fetched from its source
+    (`_fetch_listed`); no source is contacted when none is missing. With a `cache`, every
+    listed file then goes into it too (a hard link), as the artifact does. A file that does
+    not verify never takes its name."""
     folder = manifest.parent
-    for digest, rel in parse_checksums(manifest.read_text(encoding="utf-8")):
+    listed = parse_checksums(manifest.read_text(encoding="utf-8"))
+    missing = [(digest, rel) for digest, rel in listed if not _holds(folder / rel, digest)]
+    if cache is not None:
+        missing = [(digest, rel) for digest, rel in missing if not cache.place(digest, folder / rel)]
+    if missing:
+        _fetch_listed(repository, entry, folder, listed, missing, where, delivery or DEFAULT_DELIVERY)
+    if cache is not None:
+        try:
+            for digest, rel in listed:
+                cache.put(folder / rel, digest)
+        except (OSError, ValueError) as e:  # the version is in place all the same
+            log.warning("%s: its files not kept in the node cache: %s", entry.id, e)
+
+
+def _fetch_listed(
+    repository: ModelRepository,
+    entry: ModelAssignment,
+    folder: Path,
+    listed: list[tuple[str, str]],
+    missing: list[tuple[str, str]],
+    where: ArtifactLocation,
+    delivery: Delivery,
+) -> None:
+    """The `missing` files of a checkpoint folder from beside the artifact's URL (https,
+    through `delivery`: resumed, paced, peers first), as the registry manifest's layer titled
+    with its path (oci: the same delivery, each blob by its digest and no longer than its layer
+    says; the whole listing checked against the manifest first), or copied from beside its path
+    (file, repo)."""
+    if where.scheme == "oci":
+        registry = Registry(parse_oci(where.path), DEFAULT_DELIVERY.settings.read_timeout_s)
+        blobs = registry.listed_blobs(listed, str(entry.id))  # all checked before any byte moves
+        for digest, rel in missing:
+            blob = blobs[rel]
+            headers = registry.fresh_headers(str(entry.id))
+            delivery.fetch(blob.url, folder / rel, digest, f"{entry.id} {rel}", headers, blob.size_bytes)
+        return
+    for digest, rel in missing:
         target = folder / rel
-        if target.is_file() and sha256_file(target) == digest:
-            continue
         label = f"{entry.id} {rel}"
         if where.scheme in ("https", "http"):
-            url = urljoin(where.path, quote(rel))
-            (delivery or DEFAULT_DELIVERY).fetch(url, target, digest, label=label)
+            delivery.fetch(urljoin(where.path, quote(rel)), target, digest, label=label)
         elif where.scheme in ("file", "repo"):
             root = repository.root if where.scheme == "repo" else Path("/")
             source = (root / where.path.lstrip("/")).resolve().parent / rel
@@ -152,8 +188,29 @@ def _complete_listed_files(
         else:
             raise InvalidModel(
                 f"{entry.id}: the files a {CHECKSUMS_FILE} manifest lists cannot be fetched over "
-                f"{where.scheme}:// (use https://, file:// or a repo:// folder)"
+                f"{where.scheme}:// (use https://, oci://, file:// or a repo:// folder)"
             )
+
+
+def _holds(path: Path, digest: str) -> bool:
+    return path.is_file() and sha256_file(path) == digest
+
+
+def prepared_file(artifact: Path, artifact_digest: str, fmt: str, digest: str) -> Path | None:
+    """The file with bytes `digest` of a prepared version (its `artifact`, verified against
+    `artifact_digest`), for peers: the artifact itself, or for a checkpoint folder
+    (`MANIFEST_FORMATS`) a file its `SHA256SUMS` lists with that digest (each verified by its
+    line when the version was prepared); None when the version holds none."""
+    if digest == artifact_digest:
+        return artifact if artifact.is_file() else None
+    if fmt not in MANIFEST_FORMATS:
+        return None
+    try:
+        listed = parse_checksums(artifact.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, InvalidModel):
+        return None
+    path = next((artifact.parent / rel for d, rel in listed if d == digest), None)
+    return path if path is not None and path.is_file() else None
 
 
 def _materialize(
@@ -219,7 +276,8 @@ def _download(
     config_digest = None if config_file.is_file() else _config_digest(entry)  # refused before any byte
     target = target_dir / name
     if not (target.is_file() and sha256_file(target) == entry.artifact.digest):
-        delivery.fetch(url, target, entry.artifact.digest, label=str(entry.id), headers=headers)
+        size = pull.size_bytes if pull else None
+        delivery.fetch(url, target, entry.artifact.digest, str(entry.id), headers, size)
     if config_digest is not None:
         config_url = pull.config_url if pull else urljoin(url, CONFIG_FILE)
         write_atomic(config_file, _fetch_config(config_url, entry, config_digest, headers))

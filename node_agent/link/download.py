@@ -19,6 +19,9 @@ Invariants:
   from the origin from its first byte;
 - the origin is retried `RetryPolicy.attempts` times at most and within `total_s`, with
   exponential backoff and jitter; 4xx answers other than 408/429 are not retried;
+- a fetch that knows the artifact's size (`size_bytes`, from a registry manifest) reads no
+  source past it: a source that sends more fails (the origin permanently) with the part
+  holding no more than that many bytes;
 - every byte read from the origin passes the node's `TokenBucket` (one per agent, shared by
   its downloads), so the node stays under its bandwidth limit on the uplink; bytes from site
   peers (the LAN) are not paced.
@@ -201,8 +204,10 @@ class SourceFailed(Exception):
 class _Part:
     """`<target>.part`: its bytes and their running sha256 always agree."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limit_bytes: int | None = None) -> None:
         self.path = path
+        self.limit_bytes = limit_bytes
+        """The most bytes it may hold (None: no limit)."""
         self.hasher = hashlib.sha256()
         self.size = 0
         self.validator: tuple[str, str] | None = None
@@ -286,15 +291,25 @@ class Delivery:
         return min((*self.peers, self.self_url), key=seed_rank) == self.self_url
 
     def fetch(
-        self, url: str, target: Path, digest: str, label: str = "", headers: Mapping[str, str] | None = None
+        self,
+        url: str,
+        target: Path,
+        digest: str,
+        label: str = "",
+        headers: Mapping[str, str] | None = None,
+        size_bytes: int | None = None,
     ) -> FetchReport:
         """`target` holds the bytes with sha256 `digest` on return (fetched from a peer or
-        `url`, with `headers`, e.g. a registry's token). Raises `DigestMismatch` (the origin's
-        bytes are not the digest's), `InvalidModel` (no source could deliver them), OSError."""
+        `url`, with `headers`, e.g. a registry's token). `size_bytes`: the length the bytes
+        must have (a registry manifest declares it); no source is read past it. Raises
+        `DigestMismatch` (the origin's bytes are not the digest's), `InvalidModel` (no source
+        could deliver them, or the origin sent more than `size_bytes`), OSError."""
         label = label or target.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = _Part(part_path(target))
+        part = _Part(part_path(target), size_bytes)
         report = FetchReport()
+        if size_bytes is not None and part.size > size_bytes:
+            report.discarded_bytes += part.reset()
         if part.size and part.digest() == digest:
             self._finish(part, target)
             return report
@@ -437,6 +452,8 @@ class Delivery:
                         reading_s += self._clock() - started_s
                         if not chunk:
                             break
+                        if part.limit_bytes is not None and part.size + len(chunk) > part.limit_bytes:
+                            raise SourceFailed(f"sent more than the {part.limit_bytes} bytes expected", True)
                         out.write(chunk)
                         part.hasher.update(chunk)
                         part.size += len(chunk)

@@ -55,7 +55,7 @@ from edgefleet_api.edge_node import (
 from edgefleet_api.sla import SlaWindow
 from edgefleet_api.types import ModelId
 from node_agent.errors import AgentError, InsufficientMemory
-from node_agent.link.artifacts import materialize
+from node_agent.link.artifacts import materialize, prepared_file
 from node_agent.link.assigned_configs import AssignedConfigs
 from node_agent.link.assignment import Assignment, InvalidAssignment, desired_versions, parse_edge_node
 from node_agent.link.connection import ApiConnection, LinkStats, wait_event
@@ -498,16 +498,19 @@ class OperatorLink:
 
     def verified_artifact(self, digest: str) -> Path | None:
         """The file of a version this agent prepared (its bytes verified against `digest`,
-        'sha256:<hex>'), for peers to fetch; None when it holds none. Thread-safe enough for
-        the HTTP handler: it reads a snapshot of what the link tracks."""
+        'sha256:<hex>': its artifact, or a file of a checkpoint folder, `prepared_file`), for
+        peers to fetch; None when it holds none. Thread-safe enough for the HTTP handler: it
+        reads a snapshot of what the link tracks."""
         for tracked in list(self._tracked.values()):
-            if tracked.prepared_digest == digest and tracked.config is not None and not tracked.busy:
-                try:
-                    path = self.repository.artifact_path(tracked.config)
-                except AgentError:
-                    continue
-                if path.is_file():
-                    return path
+            config, prepared = tracked.config, tracked.prepared_digest
+            if config is None or prepared is None or tracked.busy:
+                continue
+            try:
+                path = prepared_file(self.repository.artifact_path(config), prepared, config.format, digest)
+            except AgentError:
+                continue
+            if path is not None:
+                return path
         return None
 
     def _fail(self, tracked: _Tracked, digest: str | None, exc: BaseException) -> None:
