@@ -62,8 +62,10 @@ def artifact() -> Schema:
                 "Artifact location: repo:// (a path inside the agent's model repository), file:// "
                 "(a path on the node), https:// (http://) (a download, with the model.yaml beside "
                 "it) or oci://<registry>/<repository>@sha256:<manifest digest> (an ORAS-style "
-                "artifact whose layers are the model and its model.yaml). Downloads and registries "
-                "need configDigest. Agents fetch from no other scheme.",
+                "artifact whose layers are the model and its model.yaml, or a Hugging Face "
+                "checkpoint's files with its SHA256SUMS and model.yaml, each layer titled by its "
+                "path). Downloads and registries need configDigest. Agents fetch from no other "
+                "scheme.",
                 pattern=URI_PATTERN,
                 maxLength=2048,
             ),
