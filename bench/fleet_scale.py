@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -447,22 +447,30 @@ class Run:
         self.pool.shutdown()
 
 
-def run_size(n: int, services: int, outage_s: float) -> dict[str, Any]:
+PHASES = ("idle", "passes", "serving", "canaries", "placement", "restart")
+
+
+def run_size(n: int, services: int, outage_s: float, only: Collection[str] = PHASES) -> dict[str, Any]:
+    """Brings up N nodes and runs the phases in `only` (all by default); a run of some phases
+    keeps the other phases' results recorded for N."""
     r = Run(n, services, outage_s)
     r.results |= {"machine": machine(), "outage_s": outage_s}
-    phases: list[tuple[str, Callable[[], Any]]] = [
-        ("idle", lambda: r.steady(serving=False)),
-        ("passes", lambda: r.one_node_passes(3 if QUICK else 10)),
-        ("serving", lambda: r.steady(serving=True)),
-        ("canaries", r.canaries),
-        ("placement", r.placement),
-        ("restart", r.restart),
-    ]
+    phases: dict[str, Callable[[], Any]] = {
+        "idle": lambda: r.steady(serving=False),
+        "passes": lambda: r.one_node_passes(3 if QUICK else 10),
+        "serving": lambda: r.steady(serving=True),
+        "canaries": r.canaries,
+        "placement": r.placement,
+        "restart": r.restart,
+    }
     try:
         r.bring_up()
-        for name, phase in phases:
-            r.results[name] = phase()
-            r.results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        for name in PHASES:
+            if name not in only:
+                continue
+            r.results[name] = phases[name]()
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            r.results["when" if len(only) == len(PHASES) else f"{name}_when"] = when
             save(n, r.results)  # a run cut short keeps what it measured
     finally:
         r.cleanup()
@@ -568,11 +576,11 @@ def agents_only(n: int) -> dict[str, Any]:
 
 
 def save(n: int, result: dict[str, Any]) -> None:
-    """Keep `result` as the row of N in RUNS (not in a quick run)."""
+    """Keep `result` in the row of N in RUNS, over what it had (not in a quick run)."""
     if QUICK:
         return
     runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
-    runs[str(n)] = result
+    runs[str(n)] = {**runs.get(str(n), {}), **result}
     RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True))
 
 
@@ -582,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--services", type=int, default=20 if QUICK else 1000)
     p.add_argument("--outage-s", type=float, default=10 if QUICK else 60)
     p.add_argument("--agents-only", action="store_true", help="only the agents' steady cost (no operator)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"some of {','.join(PHASES)}")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run cleans up (finally)
     runs: dict[str, dict[str, Any]] = {}
@@ -593,9 +602,12 @@ def main(argv: list[str] | None = None) -> None:
                 agents[str(n)] = result
                 AGENT_RUNS.write_text(json.dumps(agents, indent=1, sort_keys=True))
         return
+    only = [x for x in args.phases.split(",") if x]
+    if unknown := set(only) - set(PHASES):
+        p.error(f"--phases: unknown {sorted(unknown)}; phases are {','.join(PHASES)}")
     for n in (int(x) for x in str(args.nodes).split(",")):
         log(f"N = {n}")
-        runs[str(n)] = run_size(n, min(args.services, n), args.outage_s)
+        runs[str(n)] = run_size(n, min(args.services, n), args.outage_s, only)
     if RUNS.exists() and not QUICK:
         runs = json.loads(RUNS.read_text())
     intro = (

@@ -84,7 +84,7 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
                 f"{r['restart']['specs_changed']} / {r['restart']['pods_rebuilt']} of {r['restart']['pods']}"
             ),
         ),
-        row("run", lambda r: r["when"]),
+        row("run", run_times),
     ]
     out = table(["nodes"] + [f"{int(k):,}" for k in sizes], rows)
     measured = [r for r in cols if "idle" in r]
@@ -160,3 +160,9 @@ def render_agents(runs: dict[str, dict[str, Any]]) -> str:
             rows,
         )
     )
+
+
+def run_times(r: dict[str, Any]) -> str:
+    """When N was run, and the phases rerun since (`--phases`) with their times."""
+    reruns = [f"{k.removesuffix('_when')} rerun {v}" for k, v in sorted(r.items()) if k.endswith("_when")]
+    return r["when"] + (f" ({'; '.join(reruns)})" if reruns else "")
