@@ -366,9 +366,14 @@ class Run:
         agents = f"app.kubernetes.io/name={names.AGENT_APP}"
 
         def pods() -> dict[str, str]:
+            """Every agent Pod of the fleet's nodes, bound or still pending (by its node label)."""
             items = self.core.list_namespaced_pod(AGENT_NAMESPACE, label_selector=agents).items
             ours = set(self.nodes)
-            return {p.metadata.name: p.metadata.uid for p in items if p.spec.node_name in ours}
+            return {
+                p.metadata.name: p.metadata.uid
+                for p in items
+                if (p.metadata.labels or {}).get(names.LABEL_NODE) in ours
+            }
 
         def specs() -> dict[str, Any]:
             return {e["metadata"]["name"]: e["spec"].get("models") for e in self.edge_nodes()}
@@ -588,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Fleet scale (issue 22)")
     p.add_argument("--nodes", default="30" if QUICK else "1000", help="N, or several: 1000,2000")
     p.add_argument("--services", type=int, default=20 if QUICK else 1000)
-    p.add_argument("--outage-s", type=float, default=10 if QUICK else 60)
+    p.add_argument("--outage-s", type=float, default=10 if QUICK else 120)
     p.add_argument("--agents-only", action="store_true", help="only the agents' steady cost (no operator)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"some of {','.join(PHASES)}")
     args = p.parse_args(argv)

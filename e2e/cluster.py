@@ -34,7 +34,9 @@ from e2e.pki import Pki, write_pki
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = "10.0.0.0/16"
+"""65,534 cluster IPs: bench.fleet_scale makes a Service for each of 2,000 services (a /24 ran out at
+254, and the API server refused the rest with 500s)."""
 NODE_MONITOR_GRACE_S = 20
 """Controller-manager marks a silent Node NotReady after this (default 40 s; shorter for tests)."""
 

@@ -28,14 +28,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from edgefleet_api import names
+from edgefleet_api import backoff, names
 from edgefleet_operator import manifests, pass_plan
 from edgefleet_operator.fleet_types import PlacementEvent
 from edgefleet_operator.ownership import FLEET_SHARD
@@ -48,6 +50,8 @@ WRITTEN_BY = f"{names.GROUP}/spec-written-by"
 the same patch: no write of its own)."""
 HEALTH_WRITTEN_BY = f"{names.GROUP}/health-written-by"
 """EdgeNode annotation naming the operator replica that last published its health (with it)."""
+BOOKKEEPING_BACKOFF_CAP_S = 60.0
+"""The longest a service whose bookkeeping keeps failing waits between tries."""
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
 our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
@@ -77,6 +81,11 @@ class FleetWriter:
         self.offer = offer
         """Takes each EdgeNode and InferenceService a write returned (`FleetSource.offer`)."""
         self.threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="edgefleet-write")
+        self.held_back: dict[str, tuple[int, float]] = {}
+        """Services whose bookkeeping the API server refused: failures in a row, and the monotonic
+        time before which it is not tried again (`write_bookkeeping`)."""
+        self._held_lock = threading.Lock()
+        self._rng = random.Random()
 
     def gate(self, shard: str = FLEET_SHARD) -> None:
         """Raises `ownership.HoldLost` unless this replica may still write for `shard` (the fleet's,
@@ -328,22 +337,56 @@ class FleetWriter:
         """Each service's bookkeeping; returns the placement events of the services it deferred (for
         the next pass to post)."""
         carried: dict[str, list[PlacementEvent]] = {}
+        now = time.monotonic()
 
         def write(plan: pass_plan.Bookkeeping) -> None:
             self.gate()
-            if self.urgent.is_set():
-                report.defer()
+            held = self.held_back.get(plan.service, (0, now))[1] > now
+            if held or self.urgent.is_set():
+                if not held:
+                    report.defer()
                 if plan.placement_events:
                     carried[plan.service] = list(plan.placement_events)  # one key per service
                 return
             try:
                 self.write_service(plan, report)
             except ApiException as e:
-                log.warning("could not update %s: %s %s", plan.service, e.status, e.reason)
                 report.wrote("service.error")
+                self._hold_back(plan.service, e)
+                return
+            if plan.service in self.held_back:
+                with self._held_lock:
+                    self.held_back.pop(plan.service, None)
 
         self._each(write, [plan for plan in plans if not plan.writes_nothing])
+        with self._held_lock:  # forget the services gone
+            for service in self.held_back.keys() - {plan.service for plan in plans}:
+                del self.held_back[service]
         return carried
+
+    def _hold_back(self, service: str, e: ApiException) -> None:
+        """A service whose bookkeeping failed is tried again by the next pass, then, if it fails
+        again, after a backoff (1 s doubling to BOOKKEEPING_BACKOFF_CAP_S, reset by a success), not
+        on every pass: an API server that keeps refusing one write (a Service with no cluster IP
+        left, a quota) costs one request per backoff, not one per pass, and one log line per
+        doubling."""
+        with self._held_lock:
+            failures = self.held_back.get(service, (0, 0.0))[0] + 1
+            wait = (
+                backoff.delay(failures - 1, 1.0, BOOKKEEPING_BACKOFF_CAP_S, self._rng.random(), jitter=0.5)
+                if failures > 1
+                else 0.0
+            )
+            self.held_back[service] = (failures, time.monotonic() + wait)
+        if failures & (failures - 1) == 0:  # 1, 2, 4, 8...: one line per doubling
+            log.warning(
+                "could not update %s: %s %s (%d times in a row; next try in %.0f s)",
+                service,
+                e.status,
+                e.reason,
+                failures,
+                wait,
+            )
 
     def write_service(self, plan: pass_plan.Bookkeeping, report: PassReport) -> None:
         """One service's bookkeeping, in the plan's order: events, status, finalizer, Service,

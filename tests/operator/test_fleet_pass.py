@@ -315,6 +315,27 @@ def test_api_errors_are_tolerated_where_the_next_pass_mends_them(world: World) -
     assert world.rec.reconcile_once().writes == {"inferenceservice.finalizer": 1}
 
 
+def test_bookkeeping_the_api_server_keeps_refusing_backs_off(world: World) -> None:
+    """A Service the API server refuses on every try (a 500: no cluster IP left) is tried on the
+    next pass, then after a doubling backoff, not on every pass; the first success ends it."""
+    create = ("POST", f"/api/v1/namespaces/{NS}/services")
+    world.api.fail[create] = 500
+    tries = 0
+    for _ in range(6):  # passes back to back: well within the backoff after the second failure
+        world.api.calls.clear()
+        world.rec.reconcile_once()
+        tries += sum(1 for c in world.api.calls if (c.method, c.kind) == ("POST", "services"))
+    assert tries == 2, "the first failure is retried at once, the second waits"
+    failures, until = world.rec.writer.held_back[f"{NS}/cam"]
+    assert failures == 2 and until > 0
+    del world.api.fail[create]
+    world.rec.writer.held_back[f"{NS}/cam"] = (failures, 0.0)  # its backoff over
+    world.api.calls.clear()
+    world.rec.reconcile_once()
+    assert [c.kind for c in world.api.writes() if c.method == "POST"].count("services") == 1
+    assert f"{NS}/cam" not in world.rec.writer.held_back
+
+
 def test_a_failed_pod_is_replaced_and_idle_agents_removed(world: World) -> None:
     world.rec.reconcile_once()
     pods = {c.body["metadata"]["name"] for c in world.api.writes() if c.kind == "pods"}
