@@ -41,6 +41,11 @@ class NodeSignals:
     """When the node got its first work; bounds how long an agent may take to start."""
 
 
+NODE_MONITOR_GRACE_MAX_S = 60.0
+"""The node lifecycle controller's grace before it marks a silent Node NotReady (40 s by default, 50 s
+since Kubernetes 1.32), with slack: how long after an outage its NotReady marks are the outage's."""
+
+
 @dataclass(slots=True)
 class Recovery:
     """The fleet's agents coming back after a span the operator could not observe."""
@@ -105,6 +110,9 @@ class HealthTracker:
     blind: bool = False
     """Set by `lost_sight` since the last judgement."""
     recovery: Recovery | None = None
+    last_outage: tuple[float, float] | None = None
+    """The last unobserved span (start, end), kept whole after `_prune` drops it: the outage rule for
+    NotReady nodes (`_outage_not_ready`)."""
     """The fleet coming back after the last unobserved span, while it is (`begin_pass`)."""
 
     def lost_sight(self) -> None:
@@ -162,7 +170,9 @@ class HealthTracker:
         cfg = self.settings
         if not s.ready:
             down_s = now_s - s.ready_transition_s
-            return Health.NOT_READY if down_s >= cfg.not_ready_grace_s else Health.SUSPECT
+            if down_s < cfg.not_ready_grace_s or self._outage_not_ready(s, now_s):
+                return Health.SUSPECT
+            return Health.NOT_READY
         if s.lease_renew_s is None:
             if not s.has_work or s.work_since_s is None:
                 return Health.HEALTHY
@@ -174,6 +184,26 @@ class HealthTracker:
         if silent_s >= cfg.agent_grace_s / 2:
             return Health.SUSPECT
         return Health.HEALTHY
+
+    def _outage_not_ready(self, s: NodeSignals, now_s: float) -> bool:
+        """Whether a NotReady node is the last outage's doing, not its own (the outage rule): its
+        Ready condition changed after the last outage (an unobserved span, and the agents' recovery
+        from it) began and at most the backoff allowance + NODE_MONITOR_GRACE_MAX_S after it ended
+        (the node lifecycle controller marks every Node whose kubelet has not posted since the API
+        server came back, and a large fleet's kubelets re-post over minutes), while its agent renewed
+        its Lease after that change and is not silent: the node is up and reaches the API server.
+        It keeps its work (Suspect) until its kubelet posts again or its agent falls silent. A
+        replica's start is no outage here: it does not stop kubelets posting."""
+        outage = self.last_outage
+        renew = s.lease_renew_s
+        window = self.settings.agent_backoff_max_s + NODE_MONITOR_GRACE_MAX_S
+        return (
+            outage is not None
+            and outage[0] <= s.ready_transition_s <= outage[1] + window
+            and renew is not None
+            and renew > s.ready_transition_s
+            and self.observed_silence(renew, now_s) < self.settings.agent_grace_s / 2
+        )
 
     def observed_silence(self, renew_s: float, now_s: float) -> float:
         """Seconds of an agent's silence since its renewal at `renew_s` that the operator observed
@@ -201,6 +231,8 @@ class HealthTracker:
             closed = (now_s - self.settings.agent_grace_s, now_s)
         elif self.blind and now_s > last:
             closed = (last, now_s)
+            if self.last_outage is None or self.last_outage[1] < last:  # a new outage (not a start)
+                self.last_outage = closed
         elif now_s - last > self.settings.agent_grace_s / 2:
             self.gap = (last, now_s)
         if closed is not None:
@@ -212,6 +244,8 @@ class HealthTracker:
         return closed
 
     def _unobservable(self, start_s: float, end_s: float) -> None:
+        if self.last_outage is not None and self.last_outage[1] >= start_s:  # the outage goes on
+            self.last_outage = (self.last_outage[0], max(self.last_outage[1], end_s))
         if self.unobserved and self.unobserved[-1][1] >= start_s:
             a, b = self.unobserved[-1]
             self.unobserved[-1] = (min(a, start_s), max(b, end_s))

@@ -131,3 +131,48 @@ def test_when_only_the_operator_was_blind_the_wait_ends_on_the_next_renewals() -
     verdicts = {p: tracker.judge(dead, p) for p in range(int(stall_end) + 5, verdict_at + 1, 5)}
     assert verdicts[verdict_at - 5] is Health.SUSPECT
     assert verdicts[verdict_at] is Health.AGENT_SILENT
+
+
+def not_ready_after(tracker: HealthTracker, transition: float, renew: float, t: float) -> Health:
+    return tracker.judge(NodeSignals("n", False, transition, renew, True), t)
+
+
+def test_nodes_marked_not_ready_in_an_outages_wake_keep_their_work_while_their_agents_renew() -> None:
+    """The outage rule: after the API server came back, the node lifecycle controller marks Nodes
+    NotReady whose kubelets have not posted again yet; a node whose agent renews after that mark is
+    up: Suspect (keeps its work), past the NotReady grace. Its agent silent, or the mark long after
+    the outage, or no outage at all: NotReady as ever."""
+    settings = SETTINGS
+    tracker = HealthTracker(settings)
+    tracker.begin_pass(NOW, [NOW - 1])
+    for t in range(5, 60, 5):  # a fleet observed for a while: no outage yet
+        tracker.begin_pass(NOW + t, [NOW + t - 1])
+    marked = NOW + 60  # NotReady without any outage: moves after the grace, agent or not
+    late = marked + settings.not_ready_grace_s + 1
+    assert not_ready_after(tracker, marked, late - 1, late) is Health.NOT_READY
+
+    tracker = HealthTracker(settings)
+    tracker.begin_pass(NOW, [NOW - 1])
+    tracker.begin_pass(NOW + 15, [NOW + 14])
+    tracker.lost_sight()  # the API server down 120 s
+    back = NOW + 140
+    tracker.begin_pass(back, [back - 1])  # every agent back at once: no recovery left
+    tracker.begin_pass(back + 5, [back + 4])
+    marked = back + 20  # the controller-manager's mark, its grace after it came back
+    for t in range(int(marked), int(marked) + 120, 5):
+        tracker.begin_pass(t, [t - 1])
+        assert not_ready_after(tracker, marked, t - 1, t) is Health.SUSPECT, t - marked
+    # its agent falls silent: the node is judged NotReady again (it is down)
+    t = marked + 120
+    assert not_ready_after(tracker, marked, t - 25, t) is Health.NOT_READY
+    # a mark well after the outage (past the backoff allowance + the controller's grace): its own
+    mark_late = back + 5 + settings.agent_backoff_max_s + 61
+    t = mark_late + settings.not_ready_grace_s + 5
+    assert not_ready_after(tracker, mark_late, t - 1, t) is Health.NOT_READY
+
+
+def test_a_replicas_start_is_no_outage_for_not_ready_nodes() -> None:
+    tracker = HealthTracker(SETTINGS)
+    tracker.begin_pass(NOW, [NOW - 1])
+    t = NOW + 10 + SETTINGS.not_ready_grace_s
+    assert not_ready_after(tracker, NOW + 5, t - 1, t) is Health.NOT_READY
