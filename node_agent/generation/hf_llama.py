@@ -15,10 +15,11 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
   gate/up into another (the same products, in one call each).
 - `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
-  activations, norms and the KV cache stay in the compute dtype. `quantize("int4")`: the
-  layers' and an untied head's matrices in int4, two to a byte, one scale per group of
+  the residual stream, norms, attention and the KV cache stay in the compute dtype (on a CPU
+  with native bfloat16, the int8 products take bfloat16 inputs: `linear`). `quantize("int4")`:
+  the layers' and an untied head's matrices in int4, two to a byte, one scale per group of
   `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
-  Both dequantize a matrix as it is used (CPU: no int4/int8 matmul kernels are assumed).
+  The matrices and their kernels are `linear`'s.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.errors import InvalidModel
+from node_agent.generation.linear import Int4Linear, Int8Linear, Linear
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
@@ -41,11 +43,6 @@ __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaF
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
 QUANTIZATIONS = ("none", "int8", "int4")
-QUANTIZE_ROWS = 1024
-"""Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
-INT4_GROUP = 64
-"""Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
-weights costs 1/16 of a byte each."""
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
 """config.json `model_type`s this module computes."""
 
@@ -161,97 +158,6 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
         medium = ~(wavelen < old / high) * ~(wavelen > old / low)
         return torch.where(medium, smoothed, scaled)
     return inv
-
-
-class Linear(nn.Module):
-    """y = x W^T (+ b), weights in the compute dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        shared = isinstance(weight, nn.Parameter)  # a tied LM head: the embedding itself
-        self.weight = weight if shared else nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8: W ~= q * scale[:, None], q int8 in [-127, 127], one float32 scale
-    per output channel (max |w| / 127 of its row). y = (x q^T) * scale (+ b)."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        assert qweight.dtype == torch.int8 and scale.shape == qweight.shape[:1]
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @staticmethod
-    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 rows, float32 scale per row) of a [out, in] weight, `QUANTIZE_ROWS` rows at
-        a time (the float temporaries of a large embedding stay small)."""
-        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
-            rows = slice(start, start + QUANTIZE_ROWS)
-            w = weight[rows].float()
-            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            q[rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-            scale[rows] = s
-        return q, scale
-
-    @classmethod
-    def from_linear(cls, lin: Linear) -> Int8Linear:
-        q, scale = cls.quantize(lin.weight.data)
-        return cls(q, scale, None if lin.bias is None else lin.bias.data)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qweight, scale = cast(torch.Tensor, self.qweight), cast(torch.Tensor, self.scale)
-        y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-class Int4Linear(nn.Module):
-    """Weight-only int4 with group scales: W[o, g*G:(g+1)*G] ~= (q - 8) * scale[o, g], q in
-    [1, 15] packed two to a byte (even input in the low nibble), G = `group` inputs."""
-
-    def __init__(
-        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int
-    ) -> None:
-        super().__init__()
-        assert packed.dtype == torch.uint8 and scale.shape == (packed.shape[0], packed.shape[1] * 2 // group)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.group = group
-
-    @classmethod
-    def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
-        """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
-        weight = lin.weight.data
-        out, inp = weight.shape
-        if inp % group or inp % 2:
-            return Int8Linear.from_linear(lin)
-        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
-        scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
-        for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries
-            rows = slice(start, start + QUANTIZE_ROWS)
-            g = weight[rows].float().view(-1, inp // group, group)
-            s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [rows, groups]
-            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1, inp)
-            packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
-            scale[rows] = s
-        return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
-
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        packed, scale = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
-        out = packed.shape[0]
-        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(out, -1, self.group).to(dtype) - 8
-        return (q * scale.to(dtype)[..., None]).view(out, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(x.dtype), self.bias)
 
 
 class _Layer(nn.Module):
