@@ -17,7 +17,9 @@ kernel is fastest depends on the shape, so each call picks:
   oneDNN beyond (a prefill, where the conversion is repaid by the rows). Elsewhere (no
   bfloat16, or not a CPU) the matrix is converted to the input's dtype for each call.
   The weight stays int8 in memory either way.
-- int4 weights (`Int4Linear`, group scales): the matrix is converted for each call.
+- int4 weights (`Int4Linear`, group scales): on those CPUs, in torch's own int4 layout,
+  multiplied by `torch._weight_int4pack_mm_for_cpu` (bfloat16 inputs, float32 sums) at any
+  number of rows; elsewhere the matrix is converted for each call.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def _bf16_native() -> bool:
 
 _ONEDNN = _onednn_linear()
 _BF16 = _ONEDNN is not None and _bf16_native()
+_INT4 = _BF16 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,17 +146,28 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Weight-only int4 with group scales: W[o, g*G:(g+1)*G] ~= (q - 8) * scale[o, g], q in
-    [1, 15] packed two to a byte (even input in the low nibble), G = `group` inputs."""
+    [1, 15], G = `group` inputs, two weights to a byte either way:
+
+    - on CPUs with native bfloat16 (and out % 16 == 0): `packed` in the layout of
+      `torch._convert_weight_to_int4pack_for_cpu` and `scale` as its [groups, out, 2]
+      bfloat16 (scale, zero = 0) table, multiplied by `torch._weight_int4pack_mm_for_cpu`
+      on bfloat16 inputs (float32 sums), the matrix never expanded;
+    - elsewhere: `packed` [out, in / 2] (even input in the low nibble) and float32 `scale`
+      [out, groups], the matrix expanded to the input's dtype for each call."""
 
     def __init__(
-        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int
-    ) -> None:
+        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int,
+        *, torch_layout: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
-        assert packed.dtype == torch.uint8 and scale.shape == (packed.shape[0], packed.shape[1] * 2 // group)
+        groups = packed.shape[1] * 2 // group
+        expected = (groups, packed.shape[0], 2) if torch_layout else (packed.shape[0], groups)
+        assert packed.dtype == torch.uint8 and scale.shape == expected
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group = group
+        self.torch_layout = torch_layout
 
     @classmethod
     def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
@@ -162,22 +176,39 @@ class Int4Linear(nn.Module):
         out, inp = weight.shape
         if inp % group or inp % 2:
             return Int8Linear.from_linear(lin)
+        fast = _INT4 and weight.device.type == "cpu" and out % 16 == 0
         packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
         scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
         for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries
             rows = slice(start, start + QUANTIZE_ROWS)
             g = weight[rows].float().view(-1, inp // group, group)
             s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [rows, groups]
-            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1, inp)
-            packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).view(-1, inp)
+            if fast:  # packed in 1024-row slices: the same bytes as packing all at once
+                packed[rows] = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            else:
+                q = q.to(torch.uint8)
+                packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
             scale[rows] = s
-        return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
+        bias = None if lin.bias is None else lin.bias.data
+        if fast:
+            table = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1).to(torch.bfloat16)
+            return cls(packed, table.contiguous(), bias, group, torch_layout=True)
+        return cls(packed, scale, bias, group)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The expanded [out, in] matrix (the portable layout only)."""
+        assert not self.torch_layout, "torch's int4 layout is multiplied, never expanded"
         packed, scale = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
         out = packed.shape[0]
         q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(out, -1, self.group).to(dtype) - 8
         return (q * scale.to(dtype)[..., None]).view(out, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight(x.dtype), self.bias)
+        if not self.torch_layout:
+            return matmul(x, self.weight(x.dtype), self.bias)
+        packed, table = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
+        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(xb, packed, self.group, table).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
