@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["INT4_GROUP", "QUANTIZE_ROWS", "Int4Linear", "Int8Linear", "Linear", "matmul"]
+__all__ = ["BF16_KERNELS", "INT4_GROUP", "INT4_KERNELS", "QUANTIZE_ROWS", "Int4Linear", "Int8Linear",
+           "Linear", "matmul"]  # fmt: skip
 
 QUANTIZE_ROWS = 1024
 """Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
@@ -64,8 +65,10 @@ def _bf16_native() -> bool:
 
 
 _ONEDNN = _onednn_linear()
-_BF16 = _ONEDNN is not None and _bf16_native()
-_INT4 = _BF16 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+BF16_KERNELS = _ONEDNN is not None and _bf16_native()
+"""Whether int8 products take bfloat16 inputs through torch's int8 and oneDNN kernels here."""
+INT4_KERNELS = BF16_KERNELS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+"""Whether int4 matrices are kept in torch's CPU int4 layout and multiplied by its kernel."""
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,7 +130,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, scale = cast(torch.Tensor, self.qweight), cast(torch.Tensor, self.scale)
-        if _BF16 and x.device.type == "cpu":
+        if BF16_KERNELS and x.device.type == "cpu":
             y = self._bf16(x.reshape(-1, x.shape[-1]), qweight, scale).view(*x.shape[:-1], -1)
         else:
             y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
@@ -170,13 +173,16 @@ class Int4Linear(nn.Module):
         self.torch_layout = torch_layout
 
     @classmethod
-    def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
-        """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
+    def from_linear(
+        cls, lin: Linear, group: int = INT4_GROUP, *, portable: bool = False
+    ) -> Int4Linear | Int8Linear:
+        """The int4 form of `lin` (torch's layout where `INT4_KERNELS` allows, unless
+        `portable`); int8 when its inputs do not split into groups of `group`."""
         weight = lin.weight.data
         out, inp = weight.shape
         if inp % group or inp % 2:
             return Int8Linear.from_linear(lin)
-        fast = _INT4 and weight.device.type == "cpu" and out % 16 == 0
+        fast = INT4_KERNELS and not portable and weight.device.type == "cpu" and out % 16 == 0
         packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
         scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
         for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries

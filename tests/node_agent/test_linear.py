@@ -11,14 +11,11 @@ stands for, whichever kernel the shape picks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from node_agent.generation import linear
-from node_agent.generation.linear import INT8_FUSED_MAX_ROWS, Int4Linear, Int8Linear, Linear
+from node_agent.generation.linear import INT4_KERNELS, INT8_FUSED_MAX_ROWS, Int4Linear, Int8Linear, Linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BF16_REL = 0.01
@@ -32,17 +29,6 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(7)
-
-
-@pytest.fixture
-def portable_int4() -> Iterator[None]:
-    """Int4Linear quantizes to the portable layout (as on a CPU without bfloat16)."""
-    saved = linear._INT4
-    linear._INT4 = False
-    try:
-        yield
-    finally:
-        linear._INT4 = saved
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
@@ -90,15 +76,14 @@ def int4_reference(layer: Int4Linear, x: torch.Tensor, w: torch.Tensor, group: i
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int4_products_equal_the_group_quantized_matrix_in_either_layout(
-    gen: torch.Generator, rows: int, portable_int4: None
+    gen: torch.Generator, rows: int
 ) -> None:
     w = torch.randn(128, 256, generator=gen)
     x = torch.randn(rows, 256, generator=gen)
-    portable = Int4Linear.from_linear(Linear(w, None))
-    linear._INT4 = linear._BF16 and hasattr(torch, "_weight_int4pack_mm_for_cpu")  # the machine's own
-    native = Int4Linear.from_linear(Linear(w, None))
+    portable = Int4Linear.from_linear(Linear(w, None), portable=True)
+    native = Int4Linear.from_linear(Linear(w, None))  # torch's layout where this machine has its kernel
     assert isinstance(portable, Int4Linear) and isinstance(native, Int4Linear)
-    assert not portable.torch_layout and native.torch_layout == linear._INT4
+    assert not portable.torch_layout and native.torch_layout == INT4_KERNELS
     for layer in (portable, native):
         with torch.inference_mode():
             got = layer(x)
