@@ -314,11 +314,12 @@ class LlamaForPaged(nn.Module):
         return cast(torch.Tensor, self.cos), cast(torch.Tensor, self.sin)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.embed[ids]
+        flat = ids.reshape(-1)
+        rows = self.embed.index_select(0, flat).view(*ids.shape, -1)
         scale = cast("torch.Tensor | None", self.embed_scale)
         if scale is None:
             return rows
-        return rows.to(self.dtype) * scale[ids].to(self.dtype)[..., None]
+        return rows.to(self.dtype) * scale.index_select(0, flat).view(*ids.shape, 1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
@@ -384,7 +385,7 @@ class LlamaForPaged(nn.Module):
             raise ValueError(f"a position passes the context of {s.max_seq_len}")
         plan = AttentionPlan(batch, pool.block_size, dev)
         x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
-        cos, sin = (c[plan.positions].unsqueeze(1) for c in self._rotary())  # [N, 1, D]
+        cos, sin = (c.index_select(0, plan.positions).unsqueeze(1) for c in self._rotary())  # [N, 1, D]
         n, heads, kv_heads, d = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
         qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
@@ -400,6 +401,6 @@ class LlamaForPaged(nn.Module):
             x = x + layer.o.forward(a.reshape(n, -1))
             gate, up = layer.gate_up.forward(self._rms(x, layer.norm2)).chunk(2, dim=-1)
             x = x + layer.down.forward(F.silu(gate).mul_(up))
-        if not all_logits:
-            x = x[torch.tensor(batch.last_rows(), device=dev)]
+        if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
+            x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))
         return self._logits(x)

@@ -158,11 +158,15 @@ class AttentionPlan:
             dwidth = max(nblk[i] for i in decode)
             dtable = self.table if self.decode_all else self.table[torch.tensor(decode, device=device)]
             self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
-            self.decode_shape = (len(decode), dwidth * bs)
             self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
-            dctx = torch.tensor([ctx_list[i] for i in decode], device=device)
-            pos_t = torch.arange(dwidth * bs, device=device)
-            self.decode_mask = (pos_t[None, :] < dctx[:, None])[:, None, None, :]  # [S, 1, 1, W]
+            self.decode_mask: torch.Tensor | None = None
+            if len(decode) == 1:  # one sequence: its context cut from its blocks, no mask
+                self.decode_shape = (1, ctx_list[decode[0]])
+            else:  # [S, 1, 1, W]: each row's context within the longest one's whole blocks
+                self.decode_shape = (len(decode), dwidth * bs)
+                dctx = torch.tensor([ctx_list[i] for i in decode], device=device)
+                pos_t = torch.arange(dwidth * bs, device=device)
+                self.decode_mask = (pos_t[None, :] < dctx[:, None])[:, None, None, :]
         self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
         for i, (start, n, c) in enumerate(zip(batch.query_start, qlen_list, ctx_list, strict=True)):
             if n == 1:
@@ -191,10 +195,11 @@ def paged_attention(
     rep = heads // kv_heads
     assert rep * kv_heads == heads, f"{heads} query heads over {kv_heads} kv heads"
     if plan.decode_index is not None:
-        s, w = plan.decode_shape  # w: the longest context's whole blocks; the mask cuts each
+        s, w = plan.decode_shape  # w: the longest context's whole blocks (the mask cuts each)
         bs = plan.block_size
-        kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, w, kv_heads, d)
-        vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, w, kv_heads, d)
+        kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+        vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+        kc, vc = kc[:, :w], vc[:, :w]
         if kc.dtype != dtype:
             kc, vc = kc.to(dtype), vc.to(dtype)
         qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
