@@ -395,9 +395,11 @@ class LlamaForPaged(nn.Module):
             qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), cos, sin)  # [N, H + Hkv, D]
             k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
             k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
-            k_pool.index_copy_(0, plan.slots, k if same_dtype else k.to(k_pool.dtype))
-            v_pool.index_copy_(0, plan.slots, v if same_dtype else v.to(v_pool.dtype))
-            a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale)
+            if not same_dtype:
+                k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
+            k_pool.index_copy_(0, plan.slots, k)
+            v_pool.index_copy_(0, plan.slots, v)
+            a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
             x = x + layer.o.forward(a.reshape(n, -1))
             gate, up = layer.gate_up.forward(self._rms(x, layer.norm2)).chunk(2, dim=-1)
             x = x + layer.down.forward(F.silu(gate).mul_(up))

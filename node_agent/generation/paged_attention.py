@@ -185,11 +185,18 @@ class AttentionPlan:
 
 
 def paged_attention(
-    plan: AttentionPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention output [N, H, D] of every row of `q` [N, H, D] over its context in the
     pool (`k_pool`/`v_pool` [slots, kv_heads, D] of one layer, already holding this step's
-    new K/V). Query heads are grouped over the kv heads without copying K/V for decode rows."""
+    new K/V). Query heads are grouped over the kv heads without copying K/V (SDPA's
+    grouped-query mode for prefill rows). `new_kv`: this step's K and V [N, kv_heads, D] as
+    written to the pool, which a prefill with nothing cached then reads instead of the pool."""
     dtype = q.dtype
     heads, kv_heads, d = q.shape[1], k_pool.shape[1], q.shape[2]
     rep = heads // kv_heads
@@ -216,13 +223,15 @@ def paged_attention(
         out = torch.empty_like(q)
     for start, n, ctx_slots, mask in plan.prefills:
         rows = slice(start, start + n)
-        slots = plan.slots[rows] if ctx_slots is None else ctx_slots  # None: all new, read back
-        kc = k_pool.index_select(0, slots).to(dtype).transpose(0, 1)  # [kv_heads, ctx, D]
-        vc = v_pool.index_select(0, slots).to(dtype).transpose(0, 1)
-        if rep > 1:
-            kc, vc = kc.repeat_interleave(rep, dim=0), vc.repeat_interleave(rep, dim=0)
+        if ctx_slots is None and new_kv is not None:  # all new: the K/V just written
+            kc, vc = new_kv[0][rows], new_kv[1][rows]
+        else:  # None: all new, read back
+            slots = plan.slots[rows] if ctx_slots is None else ctx_slots
+            kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
+        kc, vc = kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1)  # [kv_heads, ctx, D]
         a = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale
-        )  # [H, n, D]
+            q[rows].transpose(0, 1), kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=rep > 1,
+        )  # [H, n, D]  # fmt: skip
         out[rows] = a.transpose(0, 1)
     return out
