@@ -9,7 +9,7 @@ kernel is fastest depends on the shape, so each call picks:
   `F.linear` (MKL), whose smaller fixed cost (~1 us against ~10 us) wins on tiny products.
   Both compute in the weights' dtype with float32 sums (oneDNN's float32 is IEEE float32
   unless `torch.backends.mkldnn` is told otherwise): measured on 1 core of an AVX-512 CPU,
-  oneDNN is 1.3-1.5x MKL at 1-16 rows with weights from memory and 2x at 64 rows or more.
+  oneDNN is 1.2-1.5x MKL at 1-16 rows with weights from memory and 2x at 64 rows or more.
 - int8 weights (`Int8Linear`, per-output-channel scales): on CPUs where oneDNN computes
   bfloat16 natively, the matmul input is rounded to bfloat16 and multiplied with the int8
   matrix directly (`torch._weight_int8pack_mm`, float32 sums) up to `INT8_FUSED_MAX_ROWS`
@@ -38,9 +38,11 @@ QUANTIZE_ROWS = 1024
 INT4_GROUP = 64
 """Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
 weights costs 1/16 of a byte each."""
-ONEDNN_MIN_MACS = 1 << 19
+ONEDNN_MIN_MACS = 1 << 18
 """Multiply-adds (rows x outputs x inputs) from which oneDNN beats MKL on one core: its ~10 us
-fixed cost against a faster kernel (a 512 x 512 matrix at one row: MKL; at 2 rows: oneDNN)."""
+fixed cost against a faster kernel. Measured with the weights coming from memory, as in a
+decode step: a 512 x 512 matrix at one row took 54 us with oneDNN, 64 us with MKL; a 256 x 256
+one at 2 rows is below (MKL: 4 us against 14 us, its weights in cache)."""
 INT8_FUSED_MAX_ROWS = 16
 """Rows up to which `torch._weight_int8pack_mm` beats converting the int8 matrix to bfloat16
 and calling oneDNN (measured: about equal at 16 rows; 4x faster at 1 row, 2x slower at 64)."""
