@@ -24,8 +24,9 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -160,6 +161,10 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return inv
 
 
+def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
+    return functools.partial(Int4Linear.from_linear, portable=not for_cpu)
+
+
 class _Layer(nn.Module):
     def __init__(self, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
                  norm1: torch.Tensor, norm2: torch.Tensor) -> None:  # fmt: skip
@@ -168,9 +173,10 @@ class _Layer(nn.Module):
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
 
-    def quantize(self, mode: str) -> None:
-        """Its full-precision weight matrices to `mode` ('int8' or 'int4')."""
-        make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+    def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
+        """Its full-precision weight matrices to `mode` ('int8' or 'int4'); `for_cpu`: int4 in
+        torch's CPU layout where this CPU has its kernel (`linear.INT4_KERNELS`)."""
+        make = Int8Linear.from_linear if mode == "int8" else _int4(for_cpu)
         with torch.no_grad():
             for name in ("qkv", "o", "gate_up", "down"):
                 lin = getattr(self, name)
@@ -225,11 +231,13 @@ class LlamaForPaged(nn.Module):
         dtype: torch.dtype = torch.float32,
         *,
         quantization: str = "none",
+        for_cpu: bool = True,
     ) -> LlamaForPaged:
         """The model from Hugging Face tensor names; `InvalidModel` naming a missing or
         misshapen tensor. Each tensor is read once (`tensors` may read lazily from disk);
         quantized, each layer is quantized as soon as it is built, so loading holds the
-        full-precision copy of one layer at a time, not of the model."""
+        full-precision copy of one layer at a time, not of the model. `for_cpu`: False when
+        the model will run on another device (int4 then keeps the portable layout)."""
         if quantization not in QUANTIZATIONS:
             raise InvalidModel(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
 
@@ -269,18 +277,19 @@ class LlamaForPaged(nn.Module):
                 t(p + "input_layernorm.weight", (d,)), t(p + "post_attention_layernorm.weight", (d,)),
             ))  # fmt: skip
             if quantization != "none":
-                layers[-1].quantize(quantization)
+                layers[-1].quantize(quantization, for_cpu=for_cpu)
         embed = t("model.embed_tokens.weight", (s.vocab_size, d))
         head = None if s.tie_word_embeddings or "lm_head.weight" not in tensors else t("lm_head.weight")
         model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
         if quantization != "none":
-            model.quantize(quantization)
+            model.quantize(quantization, for_cpu=for_cpu)
         return model
 
-    def quantize(self, mode: str) -> None:
+    def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
         group scales) and the embedding by int8 with per-row scales, in place. A tied LM head
-        shares the int8 embedding and its row scales. Once only."""
+        shares the int8 embedding and its row scales. Once only. `for_cpu`: as in
+        `from_hf_state` (int4 matrices in torch's CPU layout run on the CPU only)."""
         if mode not in QUANTIZATIONS[1:]:
             raise ValueError(f"quantization {mode!r}: expected int8 or int4")
         if self.quantization != "none":
@@ -288,10 +297,10 @@ class LlamaForPaged(nn.Module):
         with torch.no_grad():
             tied = cast(Linear, self.lm_head).weight is self.embed
             for layer in self._layers():
-                layer.quantize(mode)
+                layer.quantize(mode, for_cpu=for_cpu)
             q, scale = Int8Linear.quantize(self.embed.data)
             head = cast(Linear, self.lm_head)
-            make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+            make = Int8Linear.from_linear if mode == "int8" else _int4(for_cpu)
             self.lm_head = Int8Linear(q, scale, None) if tied else make(head)
             del self.embed
             self.register_buffer("embed", q)
