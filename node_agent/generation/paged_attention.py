@@ -225,7 +225,7 @@ def paged_attention(
         rows = slice(start, start + n)
         if ctx_slots is None and new_kv is not None:  # all new: the K/V just written
             kc, vc = new_kv[0][rows], new_kv[1][rows]
-        else:  # None: all new, read back
+        else:  # its cached context and new rows; or all new, read back (no `new_kv` given)
             slots = plan.slots[rows] if ctx_slots is None else ctx_slots
             kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
         kc, vc = kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1)  # [kv_heads, ctx, D]
