@@ -186,7 +186,8 @@ def load_hf_model(
     eos = tuple(dict.fromkeys(shape.eos_token_ids + tokenizer.eos_token_ids))
     if eos != shape.eos_token_ids:
         shape = dataclasses.replace(shape, eos_token_ids=eos)
-    model = LlamaForPaged.from_hf_state(shape, load_safetensors(directory), dtype, quantization=quantization)
+    model = LlamaForPaged.from_hf_state(shape, load_safetensors(directory), dtype, quantization=quantization,
+                                        for_cpu=torch.device(device).type == "cpu")  # fmt: skip
     return model.to(device), tokenizer
 
 

@@ -15,16 +15,18 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
   gate/up into another (the same products, in one call each).
 - `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
-  activations, norms and the KV cache stay in the compute dtype. `quantize("int4")`: the
-  layers' and an untied head's matrices in int4, two to a byte, one scale per group of
+  the residual stream, norms, attention and the KV cache stay in the compute dtype (on a CPU
+  with native bfloat16, the int8 products take bfloat16 inputs: `linear`). `quantize("int4")`:
+  the layers' and an untied head's matrices in int4, two to a byte, one scale per group of
   `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
-  Both dequantize a matrix as it is used (CPU: no int4/int8 matmul kernels are assumed).
+  The matrices and their kernels are `linear`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.errors import InvalidModel
+from node_agent.generation.linear import Int4Linear, Int8Linear, Linear
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
@@ -41,11 +44,6 @@ __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaF
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
 QUANTIZATIONS = ("none", "int8", "int4")
-QUANTIZE_ROWS = 1024
-"""Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
-INT4_GROUP = 64
-"""Inputs per int4 scale: 64 (as GPTQ/AWQ's 128 or llama.cpp's 32, between): a scale per 64
-weights costs 1/16 of a byte each."""
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
 """config.json `model_type`s this module computes."""
 
@@ -163,95 +161,8 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return inv
 
 
-class Linear(nn.Module):
-    """y = x W^T (+ b), weights in the compute dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        shared = isinstance(weight, nn.Parameter)  # a tied LM head: the embedding itself
-        self.weight = weight if shared else nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8: W ~= q * scale[:, None], q int8 in [-127, 127], one float32 scale
-    per output channel (max |w| / 127 of its row). y = (x q^T) * scale (+ b)."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        assert qweight.dtype == torch.int8 and scale.shape == qweight.shape[:1]
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @staticmethod
-    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 rows, float32 scale per row) of a [out, in] weight, `QUANTIZE_ROWS` rows at
-        a time (the float temporaries of a large embedding stay small)."""
-        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
-            rows = slice(start, start + QUANTIZE_ROWS)
-            w = weight[rows].float()
-            s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-            q[rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-            scale[rows] = s
-        return q, scale
-
-    @classmethod
-    def from_linear(cls, lin: Linear) -> Int8Linear:
-        q, scale = cls.quantize(lin.weight.data)
-        return cls(q, scale, None if lin.bias is None else lin.bias.data)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qweight, scale = cast(torch.Tensor, self.qweight), cast(torch.Tensor, self.scale)
-        y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-class Int4Linear(nn.Module):
-    """Weight-only int4 with group scales: W[o, g*G:(g+1)*G] ~= (q - 8) * scale[o, g], q in
-    [1, 15] packed two to a byte (even input in the low nibble), G = `group` inputs."""
-
-    def __init__(
-        self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int
-    ) -> None:
-        super().__init__()
-        assert packed.dtype == torch.uint8 and scale.shape == (packed.shape[0], packed.shape[1] * 2 // group)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.group = group
-
-    @classmethod
-    def from_linear(cls, lin: Linear, group: int = INT4_GROUP) -> Int4Linear | Int8Linear:
-        """The int4 form of `lin`; int8 when its inputs do not split into groups of `group`."""
-        weight = lin.weight.data
-        out, inp = weight.shape
-        if inp % group or inp % 2:
-            return Int8Linear.from_linear(lin)
-        packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
-        scale = torch.empty(out, inp // group, dtype=torch.float32, device=weight.device)
-        for start in range(0, out, QUANTIZE_ROWS):  # in slices: small float temporaries
-            rows = slice(start, start + QUANTIZE_ROWS)
-            g = weight[rows].float().view(-1, inp // group, group)
-            s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)  # [rows, groups]
-            q = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1, inp)
-            packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
-            scale[rows] = s
-        return cls(packed, scale, None if lin.bias is None else lin.bias.data, group)
-
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        packed, scale = cast(torch.Tensor, self.packed), cast(torch.Tensor, self.scale)
-        out = packed.shape[0]
-        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(out, -1, self.group).to(dtype) - 8
-        return (q * scale.to(dtype)[..., None]).view(out, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(x.dtype), self.bias)
+def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
+    return functools.partial(Int4Linear.from_linear, portable=not for_cpu)
 
 
 class _Layer(nn.Module):
@@ -262,9 +173,10 @@ class _Layer(nn.Module):
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
 
-    def quantize(self, mode: str) -> None:
-        """Its full-precision weight matrices to `mode` ('int8' or 'int4')."""
-        make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+    def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
+        """Its full-precision weight matrices to `mode` ('int8' or 'int4'); `for_cpu`: int4 in
+        torch's CPU layout where this CPU has its kernel (`linear.INT4_KERNELS`)."""
+        make = Int8Linear.from_linear if mode == "int8" else _int4(for_cpu)
         with torch.no_grad():
             for name in ("qkv", "o", "gate_up", "down"):
                 lin = getattr(self, name)
@@ -287,8 +199,10 @@ class LlamaForPaged(nn.Module):
         inv = rope_inv_freq(shape)
         freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()  # signed: rotate_half(x) * sin == swap_halves(x) * this
         self.register_buffer("cos", emb.cos().to(embed.dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(embed.dtype), persistent=False)
+        self.register_buffer("sin", sin.to(embed.dtype), persistent=False)
         self.quantization = "none"
 
     @property
@@ -317,11 +231,13 @@ class LlamaForPaged(nn.Module):
         dtype: torch.dtype = torch.float32,
         *,
         quantization: str = "none",
+        for_cpu: bool = True,
     ) -> LlamaForPaged:
         """The model from Hugging Face tensor names; `InvalidModel` naming a missing or
         misshapen tensor. Each tensor is read once (`tensors` may read lazily from disk);
         quantized, each layer is quantized as soon as it is built, so loading holds the
-        full-precision copy of one layer at a time, not of the model."""
+        full-precision copy of one layer at a time, not of the model. `for_cpu`: False when
+        the model will run on another device (int4 then keeps the portable layout)."""
         if quantization not in QUANTIZATIONS:
             raise InvalidModel(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
 
@@ -361,18 +277,19 @@ class LlamaForPaged(nn.Module):
                 t(p + "input_layernorm.weight", (d,)), t(p + "post_attention_layernorm.weight", (d,)),
             ))  # fmt: skip
             if quantization != "none":
-                layers[-1].quantize(quantization)
+                layers[-1].quantize(quantization, for_cpu=for_cpu)
         embed = t("model.embed_tokens.weight", (s.vocab_size, d))
         head = None if s.tie_word_embeddings or "lm_head.weight" not in tensors else t("lm_head.weight")
         model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
         if quantization != "none":
-            model.quantize(quantization)
+            model.quantize(quantization, for_cpu=for_cpu)
         return model
 
-    def quantize(self, mode: str) -> None:
+    def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
         group scales) and the embedding by int8 with per-row scales, in place. A tied LM head
-        shares the int8 embedding and its row scales. Once only."""
+        shares the int8 embedding and its row scales. Once only. `for_cpu`: as in
+        `from_hf_state` (int4 matrices in torch's CPU layout run on the CPU only)."""
         if mode not in QUANTIZATIONS[1:]:
             raise ValueError(f"quantization {mode!r}: expected int8 or int4")
         if self.quantization != "none":
@@ -380,10 +297,10 @@ class LlamaForPaged(nn.Module):
         with torch.no_grad():
             tied = cast(Linear, self.lm_head).weight is self.embed
             for layer in self._layers():
-                layer.quantize(mode)
+                layer.quantize(mode, for_cpu=for_cpu)
             q, scale = Int8Linear.quantize(self.embed.data)
             head = cast(Linear, self.lm_head)
-            make = Int8Linear.from_linear if mode == "int8" else Int4Linear.from_linear
+            make = Int8Linear.from_linear if mode == "int8" else _int4(for_cpu)
             self.lm_head = Int8Linear(q, scale, None) if tied else make(head)
             del self.embed
             self.register_buffer("embed", q)
@@ -406,11 +323,12 @@ class LlamaForPaged(nn.Module):
         return cast(torch.Tensor, self.cos), cast(torch.Tensor, self.sin)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.embed[ids]
+        flat = ids.reshape(-1)
+        rows = self.embed.index_select(0, flat).view(*ids.shape, -1)
         scale = cast("torch.Tensor | None", self.embed_scale)
         if scale is None:
             return rows
-        return rows.to(self.dtype) * scale[ids].to(self.dtype)[..., None]
+        return rows.to(self.dtype) * scale.index_select(0, flat).view(*ids.shape, 1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
@@ -421,9 +339,12 @@ class LlamaForPaged(nn.Module):
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """x * cos + rotate_half(x) * sin (transformers' formula), with rotate_half(x) =
+        cat(-x2, x1) written as the halves swapped times the signed `sin` table: three
+        kernels instead of five."""
+        d = x.shape[-1]
+        swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+        return torch.addcmul(x * cos, swapped, sin)
 
     def _qkv(
         self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -473,16 +394,24 @@ class LlamaForPaged(nn.Module):
             raise ValueError(f"a position passes the context of {s.max_seq_len}")
         plan = AttentionPlan(batch, pool.block_size, dev)
         x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
-        cos, sin = (c[plan.positions][:, None, :] for c in self._rotary())  # [N, 1, D]
-        scale = s.head_dim**-0.5
+        cos, sin = (c.index_select(0, plan.positions).unsqueeze(1) for c in self._rotary())  # [N, 1, D]
+        n, heads, kv_heads, d = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
+        qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
+        # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
+        # matrices are called through `forward` (no module hooks are used).
         for i, layer in enumerate(self._layers()):
-            q, k, v = self._qkv(layer, x, cos, sin)  # [N, H, D], [N, Hkv, D]
+            qkv = layer.qkv.forward(self._rms(x, layer.norm1))
+            qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), cos, sin)  # [N, H + Hkv, D]
+            k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
             k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
-            k_pool.index_copy_(0, plan.slots, k.to(k_pool.dtype))
-            v_pool.index_copy_(0, plan.slots, v.to(v_pool.dtype))
-            a = paged_attention(plan, q, k_pool, v_pool, scale)
-            x = x + layer.o(a.reshape(a.shape[0], -1))
-            x = x + self._mlp(layer, x)
-        if not all_logits:
-            x = x[torch.tensor(batch.last_rows(), device=dev)]
+            if not same_dtype:
+                k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
+            k_pool.index_copy_(0, plan.slots, k)
+            v_pool.index_copy_(0, plan.slots, v)
+            a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
+            x = x + layer.o.forward(a.reshape(n, -1))
+            gate, up = layer.gate_up.forward(self._rms(x, layer.norm2)).chunk(2, dim=-1)
+            x = x + layer.down.forward(F.silu(gate).mul_(up))
+        if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
+            x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))
         return self._logits(x)

@@ -117,47 +117,56 @@ class AttentionPlan:
     Built with a handful of tensor operations whatever the block size: the block tables
     are packed once into a padded [S, blocks] tensor (one Python pass over block ids, not
     over tokens), and every slot is `table[seq, pos // block_size] * block_size +
-    pos % block_size`. Decode rows (one new token) share one padded gather and one
-    attention call; a prefill whose whole context is new attends to its own K/V
-    (causal), and one that continues cached blocks gathers its context.
+    pos % block_size` (for a batch of decode rows only, the common step, positions and
+    slots are a few Python integers per sequence). Decode rows (one new token) share one
+    gather of their whole blocks and one attention call; a prefill whose whole context is
+    new attends to its own K/V (causal), and one that continues cached blocks gathers its
+    context.
     """
 
     def __init__(self, batch: PagedBatch, block_size: int, device: torch.device) -> None:
         bs = block_size
         ctx_list, qlen_list = batch.context_len, batch.query_len
         nblk = [-(-c // bs) for c in ctx_list]
+        width = max(nblk)
+        rows: list[list[int]] = []
         for c, n, blocks in zip(ctx_list, nblk, batch.block_tables, strict=True):
             if n > len(blocks):
                 raise ValueError(f"context of {c} tokens needs more than {len(blocks)} blocks")
-        flat = list(itertools.chain.from_iterable(
-            t if len(t) == n else t[:n] for t, n in zip(batch.block_tables, nblk, strict=True)
-        ))  # fmt: skip
-        num_seqs, width = len(nblk), max(nblk)
-        nblk_t = torch.tensor(nblk)
-        table = torch.zeros(num_seqs, width, dtype=torch.long)
-        table[torch.arange(width)[None, :] < nblk_t[:, None]] = torch.tensor(flat, dtype=torch.long)
-        self.table = table.to(device)
+            rows.append([*itertools.islice(blocks, n), *itertools.repeat(0, width - n)])
+        self.table = torch.tensor(rows, dtype=torch.long, device=device)  # [S, blocks], 0-padded
         self.block_size = bs
-        ctx = torch.tensor(ctx_list, device=device)
-        qlen = torch.tensor(qlen_list, device=device)
-        # The new tokens: row r belongs to sequence seq[r], at position positions[r].
-        seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlen)
-        starts = torch.tensor(batch.query_start, device=device)
-        rows = torch.arange(len(batch.input_ids), device=device)
-        self.positions = (ctx - qlen)[seq] + rows - starts[seq]
-        self.slots = self._slots(seq, self.positions)
+        num_seqs = len(nblk)
         decode = [i for i, n in enumerate(qlen_list) if n == 1]
+        # The new tokens: row r belongs to sequence seq[r], at position positions[r].
+        if len(decode) == num_seqs:
+            pos = [c - 1 for c in ctx_list]
+            self.positions = torch.tensor(pos, device=device)
+            self.slots = torch.tensor([r[p // bs] * bs + p % bs for r, p in zip(rows, pos, strict=True)],
+                                      device=device)  # fmt: skip
+        else:
+            ctx = torch.tensor(ctx_list, device=device)
+            qlen = torch.tensor(qlen_list, device=device)
+            seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlen)
+            starts = torch.tensor(batch.query_start, device=device)
+            flat_rows = torch.arange(len(batch.input_ids), device=device)
+            self.positions = (ctx - qlen)[seq] + flat_rows - starts[seq]
+            self.slots = self._slots(seq, self.positions)
         self.decode_index: torch.Tensor | None = None
         if decode:
-            d = torch.tensor(decode, device=device)
-            dctx = ctx[d]
-            w = max(ctx_list[i] for i in decode)
-            pos = torch.arange(w, device=device)
-            self.decode_shape = (len(decode), w)
-            self.decode_index = starts[d]
             self.decode_all = len(decode) == len(batch.input_ids)
-            self.decode_slots = self._slots(d[:, None], pos[None, :]).reshape(-1)  # [S * W]
-            self.decode_mask = (pos[None, :] < dctx[:, None])[:, None, None, :]  # [S, 1, 1, W]
+            dwidth = max(nblk[i] for i in decode)
+            dtable = self.table if self.decode_all else self.table[torch.tensor(decode, device=device)]
+            self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
+            self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
+            self.decode_mask: torch.Tensor | None = None
+            if len(decode) == 1:  # one sequence: its context cut from its blocks, no mask
+                self.decode_shape = (1, ctx_list[decode[0]])
+            else:  # [S, 1, 1, W]: each row's context within the longest one's whole blocks
+                self.decode_shape = (len(decode), dwidth * bs)
+                dctx = torch.tensor([ctx_list[i] for i in decode], device=device)
+                pos_t = torch.arange(dwidth * bs, device=device)
+                self.decode_mask = (pos_t[None, :] < dctx[:, None])[:, None, None, :]
         self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
         for i, (start, n, c) in enumerate(zip(batch.query_start, qlen_list, ctx_list, strict=True)):
             if n == 1:
@@ -165,9 +174,9 @@ class AttentionPlan:
             if n == c:  # nothing cached: causal attention over its own new K/V
                 self.prefills.append((start, n, None, None))
                 continue
-            pos = torch.arange(c, device=device)
-            mask = pos[None, :] <= pos[c - n :, None]  # [n, ctx]
-            self.prefills.append((start, n, self._slots(torch.tensor(i, device=device), pos), mask))
+            pos_t = torch.arange(c, device=device)
+            mask = pos_t[None, :] <= pos_t[c - n :, None]  # [n, ctx]
+            self.prefills.append((start, n, self._slots(torch.tensor(i, device=device), pos_t), mask))
 
     def _slots(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Slot of position `pos` of sequence `seq` (broadcast)."""
@@ -176,19 +185,30 @@ class AttentionPlan:
 
 
 def paged_attention(
-    plan: AttentionPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention output [N, H, D] of every row of `q` [N, H, D] over its context in the
     pool (`k_pool`/`v_pool` [slots, kv_heads, D] of one layer, already holding this step's
-    new K/V). Query heads are grouped over the kv heads without copying K/V for decode rows."""
+    new K/V). Query heads are grouped over the kv heads without copying K/V (SDPA's
+    grouped-query mode for prefill rows). `new_kv`: this step's K and V [N, kv_heads, D] as
+    written to the pool, which a prefill with nothing cached then reads instead of the pool."""
     dtype = q.dtype
     heads, kv_heads, d = q.shape[1], k_pool.shape[1], q.shape[2]
     rep = heads // kv_heads
     assert rep * kv_heads == heads, f"{heads} query heads over {kv_heads} kv heads"
     if plan.decode_index is not None:
-        s, w = plan.decode_shape
-        kc = k_pool.index_select(0, plan.decode_slots).view(s, w, kv_heads, d).to(dtype)
-        vc = v_pool.index_select(0, plan.decode_slots).view(s, w, kv_heads, d).to(dtype)
+        s, w = plan.decode_shape  # w: the longest context's whole blocks (the mask cuts each)
+        bs = plan.block_size
+        kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+        vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+        kc, vc = kc[:, :w], vc[:, :w]
+        if kc.dtype != dtype:
+            kc, vc = kc.to(dtype), vc.to(dtype)
         qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
         # [S, kv_heads, rep, D]: the rep query heads of a group are its "query rows"
         a = F.scaled_dot_product_attention(
@@ -203,13 +223,15 @@ def paged_attention(
         out = torch.empty_like(q)
     for start, n, ctx_slots, mask in plan.prefills:
         rows = slice(start, start + n)
-        slots = plan.slots[rows] if ctx_slots is None else ctx_slots  # None: all new, read back
-        kc = k_pool.index_select(0, slots).to(dtype).transpose(0, 1)  # [kv_heads, ctx, D]
-        vc = v_pool.index_select(0, slots).to(dtype).transpose(0, 1)
-        if rep > 1:
-            kc, vc = kc.repeat_interleave(rep, dim=0), vc.repeat_interleave(rep, dim=0)
+        if ctx_slots is None and new_kv is not None:  # all new: the K/V just written
+            kc, vc = new_kv[0][rows], new_kv[1][rows]
+        else:  # its cached context and new rows; or all new, read back (no `new_kv` given)
+            slots = plan.slots[rows] if ctx_slots is None else ctx_slots
+            kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
+        kc, vc = kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1)  # [kv_heads, ctx, D]
         a = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale
-        )  # [H, n, D]
+            q[rows].transpose(0, 1), kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=rep > 1,
+        )  # [H, n, D]  # fmt: skip
         out[rows] = a.transpose(0, 1)
     return out

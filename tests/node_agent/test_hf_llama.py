@@ -207,6 +207,33 @@ def test_int4_group_weights_are_smaller_still_and_close(checkpoint: Checkpoint, 
         load_hf_model(directory, quantization="int3")
 
 
+def test_int4_for_another_device_keeps_the_portable_layout(checkpoint: Checkpoint, ours: Ours) -> None:
+    """int4 matrices in torch's CPU layout run on the CPU only: a model bound for another
+    device is quantized to the portable layout, and both layouts compute the same model."""
+    from node_agent.generation.hf_checkpoint import load_safetensors
+    from node_agent.generation.hf_llama import LlamaShape
+    from node_agent.generation.linear import INT4_KERNELS, Int4Linear
+
+    directory, _ = checkpoint
+    model, tok = ours
+    shape = LlamaShape.from_hf(json.loads((directory / "config.json").read_text()))
+    layouts = {}
+    for for_cpu in (True, False):
+        q = LlamaForPaged.from_hf_state(shape, load_safetensors(directory), quantization="int4",
+                                        for_cpu=for_cpu)  # fmt: skip
+        mats = [m for m in q.modules() if isinstance(m, Int4Linear)]
+        assert mats, "no int4 matrix"
+        layouts[for_cpu] = {m.torch_layout for m in mats}, q
+    assert layouts[False][0] == {False}
+    assert (True in layouts[True][0]) == INT4_KERNELS  # torch's layout wherever its kernel exists
+    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    with torch.no_grad():
+        ref, cpu, portable = model(ids), layouts[True][1](ids), layouts[False][1](ids)
+    # the same int4 matrices; the CPU kernel rounds its inputs to bfloat16 (<1% of a logit)
+    assert (cpu - portable).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert layouts[True][1].weight_bytes() == layouts[False][1].weight_bytes()
+
+
 def test_tokenizer_and_chat_template_equal_transformers(checkpoint: Checkpoint, ours: Ours) -> None:
     from transformers import AutoTokenizer
 
