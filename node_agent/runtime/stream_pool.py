@@ -286,6 +286,11 @@ class StreamPool:
         return Refusal(f"stream pool queue full ({self.settings.max_queued_jobs} jobs)", retry)
 
     @property
+    def inline_max_s(self) -> float:
+        """The longest a job may be predicted to take and run inline (`run_inline`)."""
+        return self.settings.inline_max_s
+
+    @property
     def runs_inline(self) -> bool:
         """Whether `run_inline` may ever run a job (CPU, a bound above 0)."""
         return self.settings.inline_max_s > 0 and not self._streams
