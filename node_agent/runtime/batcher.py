@@ -533,15 +533,28 @@ class Batcher:
             with self._queue.lock:
                 self.policy.observe(end, rows, batch.service_s, latencies)
             self._admission.measure(end, rows, batch.service_s)
-            for piece, part in zip(live, split_outputs(outputs, live, rows), strict=True):
-                request = piece.request
-                if request.parts is None:  # a whole request (inlined `Piece.deliver`: the hot path)
-                    future = request.future
-                    if not future.done():
-                        future.set_result(part)
+            if rows == len(live) > 1 and len(outputs) == 1:  # one row each, one output: the usual
+                # (`split_outputs`'s row views, each delivered as it is made)
+                ((name, out),) = outputs.items()
+                for piece, row in zip(live, out[:, None], strict=True):
+                    request = piece.request
+                    if request.parts is None:  # a whole request (inlined `Piece.deliver`)
+                        future = request.future
+                        if not future.done():
+                            future.set_result({name: row})
+                            completed += 1
+                    elif piece.deliver({name: row}):
                         completed += 1
-                elif piece.deliver(part):
-                    completed += 1
+            else:
+                for piece, part in zip(live, split_outputs(outputs, live, rows), strict=True):
+                    request = piece.request
+                    if request.parts is None:  # a whole request (inlined `Piece.deliver`)
+                        future = request.future
+                        if not future.done():
+                            future.set_result(part)
+                            completed += 1
+                    elif piece.deliver(part):
+                        completed += 1
             if nlive == len(pieces):  # (none doomed)
                 self.completed += completed
                 self.rows_run += rows
