@@ -162,7 +162,9 @@ class Batcher:
         self.pool = pool
         self.settings = settings or BatcherSettings()
         self.policy = policy
-        self._observe_arrival = policy.observe_arrival
+        # (what a policy says it ignores is not made for it per request; by default, all)
+        self._observe_arrival = policy.observe_arrival if getattr(policy, "uses_arrivals", True) else None
+        self._latencies: bool = getattr(policy, "uses_latencies", True)
         self.loop = loop or asyncio.get_running_loop()
         self._acquire = acquire
         self._acquire_urgent = acquire_urgent or acquire
@@ -264,7 +266,8 @@ class Batcher:
                 offer = queue.offer(pieces, costs, priority, deadline_s, now)
             queued = queue.cost
             if offer is ADMITTED or offer.admitted:
-                self._observe_arrival(now, rows)
+                if self._observe_arrival is not None:
+                    self._observe_arrival(now, rows)
                 if was_empty or q.window_close_s is None:
                     q.open_window_locked(now, decision, q.pending * decision.batch_size)
         if offer is not ADMITTED:  # (something expired, was displaced, or the offer failed)
@@ -529,7 +532,7 @@ class Batcher:
             live = pieces if nlive == len(pieces) else pieces[:nlive]
             end = batch.end_s
             rows = batch.rows
-            latencies = [end - p.request.arrival_s for p in live]
+            latencies = [end - p.request.arrival_s for p in live] if self._latencies else ()
             with self._queue.lock:
                 self.policy.observe(end, rows, batch.service_s, latencies)
             self._admission.measure(end, rows, batch.service_s)

@@ -319,6 +319,12 @@ class StaticPolicy(_ServiceMixin):
         self.workers = workers
         self._slo_s = slo_s
 
+    uses_latencies = False
+    """`observe` ignores its `latencies_s`: a batcher need not list them (a policy without
+    this attribute is given them)."""
+    uses_arrivals = False
+    """`observe_arrival` does nothing: a batcher need not call it, per request."""
+
     def decision(self) -> BatchingDecision:
         return self._decision
 

@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
@@ -1084,6 +1084,51 @@ def test_an_inline_ticket_runs_full_batches_back_to_back_within_its_bound() -> N
     inline = [b for b, on_loop in zip(module.batches, module.on_loop, strict=True) if on_loop]
     assert all(len(b) == 4 for b in inline), [len(b) for b in inline]  # full ones only
     assert inline_jobs < len(inline) <= INLINE_MAX_BATCHES * inline_jobs  # several per job
+
+
+class Recording:
+    """A StaticPolicy seen through a wrapper that does not say what it ignores (as the SLA
+    monitor's and the mitigations' wrappers): it records what the batcher feeds it."""
+
+    def __init__(self, inner: StaticPolicy) -> None:
+        self.inner = inner
+        self.latencies: list[float] = []
+        self.arrivals = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("uses_"):  # (says nothing of what it ignores)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Any) -> None:
+        self.latencies += latencies_s
+        self.inner.observe(now_s, rows, service_s, latencies_s)
+
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        self.arrivals += 1
+
+
+def test_a_policy_that_does_not_say_it_ignores_them_gets_every_arrival_and_latency() -> None:
+    """StaticPolicy says it ignores arrivals and latencies (`uses_arrivals`, `uses_latencies`:
+    the batcher skips them per request); any other policy is fed both, for every request."""
+    module = Tagged()
+    assert StaticPolicy.uses_latencies is False and StaticPolicy.uses_arrivals is False
+
+    async def main() -> Recording:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        policy = Recording(StaticPolicy(4, 0.0, 1000))
+        batcher = Batcher("rec", pool, static_acquire(ModuleBackend(module)),
+                          cast(BatchingPolicy, policy), BatcherSettings(max_batch_size=4))  # fmt: skip
+        try:
+            await asyncio.gather(*[batcher.submit({"x": rows_for(float(i + 1))}, 1) for i in range(20)])
+            return policy
+        finally:
+            await batcher.stop()
+            pool.stop()
+
+    policy = run(main())
+    assert policy.arrivals == 20
+    assert len(policy.latencies) == 20 and all(0 <= lat < 10 for lat in policy.latencies)
 
 
 # --- batches formed on the loop while the worker runs -------------------------
