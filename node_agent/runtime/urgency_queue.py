@@ -275,6 +275,8 @@ class UrgencyQueue(Generic[T]):
         removed = 0.0
         class_cost = self._class_cost
         for cls, lst in enumerate(lists, lo):
+            if not lst:
+                continue
             before = total + removed
             i, n = 0, len(lst)
             while i < n:
