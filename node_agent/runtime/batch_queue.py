@@ -191,6 +191,8 @@ class BatchQueue:
                     return None
             elif not self.due_locked(start, size):
                 return None
+            elif ticket.inline and self.queued_rows() - self.pending * size < size:
+                return None  # (inline, only a full batch: see `Batcher._run_inline`)
             else:  # the next batch's window opens as this one leaves (as on the loop)
                 self.open_window_locked(start, decision, (self.pending + 1) * size)
             staged = None if urgent else self.staged

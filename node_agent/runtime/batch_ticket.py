@@ -111,10 +111,11 @@ class Ticket:
     last one with the job's end, `on_done`). Another ticket of the same model waiting at the
     pool (the pipeline) does not stop it: it serves the same queue in the same order.
 
-    A ticket run inline (on the loop) runs one batch. Taking a batch is late binding: the
-    most urgent pieces queued when the batch starts."""
+    A ticket run inline (on the loop) runs at most `max_batches` batches, each a full one
+    after the first (`inline`). Taking a batch is late binding: the most urgent pieces
+    queued when the batch starts."""
 
-    __slots__ = ("continues", "current", "host", "lease", "started", "urgent")
+    __slots__ = ("current", "host", "inline", "lease", "max_batches", "started", "urgent")
 
     def __init__(self, host: TicketHost, urgent: bool = False) -> None:
         self.host = host
@@ -122,8 +123,11 @@ class Ticket:
         """Takes urgent pieces only (see the batcher's module docstring)."""
         self.started = False
         """A worker (or the loop, inline) began it: its first `take` has run."""
-        self.continues = True
-        """May run more than one batch (False: inline, one batch)."""
+        self.inline = False
+        """Runs on the loop's thread (`StreamPool.run_inline`): it posts its batches without a
+        wake-up, and takes a batch after the first only if a full one waits."""
+        self.max_batches: int | None = None
+        """The most batches this run may take (None: no bound but `run`'s rules)."""
         self.lease: Lease | None = None
         self.current: Batch | None = None
         """The batch taken and not yet posted (its members' outcome if the job raises)."""
@@ -138,18 +142,23 @@ class Ticket:
         batch = host.take(self, True)
         assert self.lease is not None
         renewable = getattr(self.lease, "may_continue", None)
+        left = self.max_batches
         while True:
             if batch is not None and batch.pieces:
                 self._run_batch(batch, stream)
-            if not self.continues or renewable is None or host.closed:
+            if renewable is None or host.closed:
                 return batch
+            if left is not None:
+                left -= 1
+                if left <= 0:
+                    return batch
             if not renewable() or host.should_yield():
                 return batch
             nxt = host.take(self, False)  # (now `current`: the batch a raise would fail)
             if nxt is None:  # the last: posted with the job's end, so its callers hear of
                 return batch  # their results no earlier than the lease is released
             if batch is not None:  # after the next batch's inputs are assembled (see `take`)
-                host.post(self, batch, None, ends=False)
+                host.post(self, batch, None, ends=False, on_loop=self.inline)
             batch = nxt
 
     def _run_batch(self, batch: Batch, stream: Any) -> None:

@@ -34,7 +34,11 @@ Life of a request:
    no job of another model waits at the pool (`StreamPool.should_yield`), the same
    ticket takes and runs the next batch at once: under load a worker goes from batch to
    batch without a thread hand-off or a lease per batch (the hand-off cost 90-230 us of
-   CPU per batch on a 2-core machine).
+   CPU per batch on a 2-core machine). A ticket run inline on the loop (`StreamPool.
+   run_inline`, tiny models) does the same with full batches only, up to
+   `INLINE_MAX_BATCHES` and the pool's inline bound in predicted time: one lease, one pool
+   job and one drain for several batches (a no-op model at batch 1: 30 -> 15 us of CPU per
+   request).
 5. On the loop, each posted batch feeds the policy (rows, service time, latencies) and
    its outputs are sliced into each member's own rows and its futures resolved (chunked
    requests re-joined); when a ticket ends its lease is released, queued work a shrunk
@@ -103,6 +107,7 @@ from node_agent.runtime.batch_ticket import Acquire, Lease, Ticket
 from node_agent.runtime.batcher_settings import BatcherSettings
 from node_agent.runtime.batches import SKIPPED, Batch, Piece, Request, dead, split_outputs
 from node_agent.runtime.stream_pool import URGENT, StreamPool
+from node_agent.runtime.urgency_queue import ADMITTED
 
 if TYPE_CHECKING:
     from node_agent.runtime.batching_policy import BatchingPolicy
@@ -112,6 +117,9 @@ log = logging.getLogger(__name__)
 
 SHED_HYSTERESIS = 1.5
 """Queued rows may exceed a shrunk bound by this factor before the excess is shed."""
+INLINE_MAX_BATCHES = 16
+"""The most batches one ticket runs inline, on the loop, before the loop gets back to its
+other work (the pool's `inline_max_s` bounds their predicted time in all)."""
 
 
 @types.coroutine
@@ -154,6 +162,9 @@ class Batcher:
         self.pool = pool
         self.settings = settings or BatcherSettings()
         self.policy = policy
+        # (what a policy says it ignores is not made for it per request; by default, all)
+        self._observe_arrival = policy.observe_arrival if getattr(policy, "uses_arrivals", True) else None
+        self._latencies: bool = getattr(policy, "uses_latencies", True)
         self.loop = loop or asyncio.get_running_loop()
         self._acquire = acquire
         self._acquire_urgent = acquire_urgent or acquire
@@ -245,33 +256,42 @@ class Batcher:
                 pieces.append(Piece(request, k, {n: t[lo:hi] for n, t in inputs.items()},
                                      hi - lo, group))  # fmt: skip
                 costs.append(float(hi - lo))
+        bound = decision.queue_limit_rows
         with q.lock:
             was_empty = queue.cost == 0
-            queue.bound = max(decision.queue_limit_rows, rows)
+            queue.bound = bound if bound >= rows else rows
             if npieces == 1:
                 offer = queue.offer_one(piece, rows, priority, deadline_s, now)
             else:
                 offer = queue.offer(pieces, costs, priority, deadline_s, now)
             queued = queue.cost
-            if offer.admitted:
-                self.policy.observe_arrival(now, rows)
+            if offer is ADMITTED or offer.admitted:
+                if self._observe_arrival is not None:
+                    self._observe_arrival(now, rows)
                 if was_empty or q.window_close_s is None:
                     q.open_window_locked(now, decision, q.pending * decision.batch_size)
-        if offer.expired:
-            self._fail_pieces(offer.expired, DeadlineExceeded, "deadline passed while queued")
-        if offer.displaced:
-            self._displace(offer.displaced)
-        if not offer.admitted:
-            self.refused += 1
-            raise TooManyRequests(
-                f"{self.name}: queue full ({queued:.0f} rows queued, bound {queue.bound:.0f})",
-                retry_after_s=self._admission.drain_s(queued + rows - queue.bound),
-            )
+        if offer is not ADMITTED:  # (something expired, was displaced, or the offer failed)
+            if offer.expired:
+                self._fail_pieces(offer.expired, DeadlineExceeded, "deadline passed while queued")
+            if offer.displaced:
+                self._displace(offer.displaced)
+            if not offer.admitted:
+                self.refused += 1
+                raise TooManyRequests(
+                    f"{self.name}: queue full ({queued:.0f} rows queued, bound {queue.bound:.0f})",
+                    retry_after_s=self._admission.drain_s(queued + rows - queue.bound),
+                )
         self.submitted += 1
         if deadline_s is not None and (self._expiry_at_s is None or deadline_s < self._expiry_at_s):
             self._arm_expiry(deadline_s)
-        # (with the pipeline full, a finishing ticket's drain dispatches regular work)
-        if priority <= URGENT or self._out - self._urgent_out < self._depth:
+        # (with the pipeline full, a finishing ticket's drain dispatches regular work; so does
+        # it while tickets yet to start claim every queued row: `_dispatch` would find no
+        # batch due and no window to arm. Unlocked reads: workers only lower both counts, and
+        # a ticket that lowered them drains, which dispatches)
+        if priority <= URGENT or (
+            self._out - self._urgent_out < self._depth
+            and (q.staged is not None or queue.cost > q.pending * decision.batch_size)
+        ):
             self._dispatch()
         return future
 
@@ -424,17 +444,24 @@ class Batcher:
         hand-off to a worker and back (see stream_pool). Only a full one: a worker takes its
         rows when it starts, and the rows that arrive meanwhile fill it; inline, a part batch
         would run as it is, and at high load every batch would stay as small as the queue at
-        the moment it is issued. True when it ran."""
+        the moment it is issued. It goes on to further full batches, as a worker's ticket
+        does, while their predicted time in all stays within the pool's inline bound and
+        for `INLINE_MAX_BATCHES` at most (no request arrives meanwhile: the loop is busy), so
+        a tiny model's batches share one lease, one pool job and one drain. True when it ran."""
         size = self.policy.decision().batch_size
         q = self._queue
         with q.lock:
             full = q.queued_rows() >= q.pending * size
         if not full:
             return False
-        ticket.continues = False  # one batch: the loop must get back to its intake
-        if self.pool.run_inline(ticket.run, ticket.on_done_inline, self.policy.predict_service_s(size)):
+        predicted = self.policy.predict_service_s(size)
+        ticket.inline = True
+        if predicted > 0:
+            ticket.max_batches = max(1, min(INLINE_MAX_BATCHES, int(self.pool.inline_max_s / predicted)))
+        if self.pool.run_inline(ticket.run, ticket.on_done_inline, predicted):
             return True
-        ticket.continues = True
+        ticket.inline = False
+        ticket.max_batches = None
         return False
 
     def _abandon(self, ticket: Ticket) -> None:
@@ -501,21 +528,41 @@ class Batcher:
         completed = 0
         outputs = batch.outputs
         if outputs is not None:  # the batch ran in one call: every live member has rows
-            live = pieces[: batch.live]
+            nlive = batch.live
+            live = pieces if nlive == len(pieces) else pieces[:nlive]
             end = batch.end_s
-            latencies = [end - p.request.arrival_s for p in live]
+            rows = batch.rows
+            latencies = [end - p.request.arrival_s for p in live] if self._latencies else ()
             with self._queue.lock:
-                self.policy.observe(end, batch.rows, batch.service_s, latencies)
-            self._admission.measure(end, batch.rows, batch.service_s)
-            for piece, part in zip(live, split_outputs(outputs, live, batch.rows), strict=True):
-                request = piece.request
-                if request.parts is None:  # a whole request (inlined `Piece.deliver`: the hot path)
-                    if not request.future.done():
-                        request.future.set_result(part)
+                self.policy.observe(end, rows, batch.service_s, latencies)
+            self._admission.measure(end, rows, batch.service_s)
+            if rows == len(live) > 1 and len(outputs) == 1:  # one row each, one output: the usual
+                # (`split_outputs`'s row views, each delivered as it is made)
+                ((name, out),) = outputs.items()
+                for piece, row in zip(live, out[:, None], strict=True):
+                    request = piece.request
+                    if request.parts is None:  # a whole request (inlined `Piece.deliver`)
+                        future = request.future
+                        if not future.done():
+                            future.set_result({name: row})
+                            completed += 1
+                    elif piece.deliver({name: row}):
                         completed += 1
-                elif piece.deliver(part):
-                    completed += 1
-            pieces, outcomes = pieces[batch.live :], outcomes[batch.live :]  # the doomed
+            else:
+                for piece, part in zip(live, split_outputs(outputs, live, rows), strict=True):
+                    request = piece.request
+                    if request.parts is None:  # a whole request (inlined `Piece.deliver`)
+                        future = request.future
+                        if not future.done():
+                            future.set_result(part)
+                            completed += 1
+                    elif piece.deliver(part):
+                        completed += 1
+            if nlive == len(pieces):  # (none doomed)
+                self.completed += completed
+                self.rows_run += rows
+                return rows > 0
+            pieces, outcomes = pieces[nlive:], outcomes[nlive:]  # the doomed
         for piece, outcome in zip(pieces, outcomes, strict=True):
             if type(outcome) is dict:  # (a member run alone after its batch raised)
                 if piece.deliver(outcome):

@@ -125,13 +125,17 @@ class ServiceModel:
 
     def observe(self, now_s: float, rows: int, service_s: float) -> None:
         assert rows >= 1 and service_s >= 0, (rows, service_s)
+        # (attributes read and written once each: this runs for every batch, on the loop)
+        last = self._last_s
         decay = 1.0
-        if self._last_s is not None and now_s > self._last_s:
-            decay = 0.5 ** ((now_s - self._last_s) / self.halflife_s)
-        if self._last_s is None or now_s > self._last_s:
+        if last is None:
             self._last_s = now_s
-        if self.known:
-            predicted = self.predict(rows)
+        elif now_s > last:
+            decay = 0.5 ** ((now_s - last) / self.halflife_s)
+            self._last_s = now_s
+        s0 = self._s0
+        if s0 > 0:  # (`known`)
+            predicted = self.fixed_s + self.per_row_s * rows
             r, shock = self.SURPRISE_RATIO, self.SHOCK_RATIO
             off = service_s > r * predicted or service_s * r < predicted
             self._surprises = self._surprises + 1 if off else 0
@@ -139,33 +143,35 @@ class ServiceModel:
             if self._surprises >= 2 or shocked:
                 decay *= self.FORGET
                 self._surprises = 0
-        if decay != 1.0:
-            self._s0 *= decay
-            self._sx *= decay
-            self._sy *= decay
-            self._sxx *= decay
-            self._sxy *= decay
         self._recent_rows.append(rows)
-        w = max(service_s, 1e-6)
+        w = service_s if service_s > 1e-6 else 1e-6
         b = float(rows)
-        self._s0 += w
-        self._sx += w * b
-        self._sy += w * service_s
-        self._sxx += w * b * b
-        self._sxy += w * b * service_s
-        self._fit()
+        wb = w * b
+        if decay != 1.0:
+            self._s0 = s0 = s0 * decay + w
+            self._sx = sx = self._sx * decay + wb
+            self._sy = sy = self._sy * decay + w * service_s
+            self._sxx = sxx = self._sxx * decay + wb * b
+            self._sxy = sxy = self._sxy * decay + wb * service_s
+        else:
+            self._s0 = s0 = s0 + w
+            self._sx = sx = self._sx + wb
+            self._sy = sy = self._sy + w * service_s
+            self._sxx = sxx = self._sxx + wb * b
+            self._sxy = sxy = self._sxy + wb * service_s
+        self._fit_sums(s0, sx, sy, sxx, sxy)
 
-    def _fit(self) -> None:
-        mean_b = self._sx / self._s0
-        mean_t = self._sy / self._s0
-        var_b = self._sxx / self._s0 - mean_b * mean_b
+    def _fit_sums(self, s0: float, sx: float, sy: float, sxx: float, sxy: float) -> None:
+        mean_b = sx / s0
+        mean_t = sy / s0
+        var_b = sxx / s0 - mean_b * mean_b
         if var_b >= 0.25:
-            slope = (self._sxy / self._s0 - mean_b * mean_t) / var_b
+            slope = (sxy / s0 - mean_b * mean_t) / var_b
             fixed = mean_t - slope * mean_b
             if slope < 0:
                 slope, fixed = 0.0, mean_t
             elif fixed < 0:
-                slope, fixed = self._sy / self._sx, 0.0
+                slope, fixed = sy / sx, 0.0
         else:
             fixed = self.PRIOR_FIXED_SHARE * mean_t
             slope = (1.0 - self.PRIOR_FIXED_SHARE) * mean_t / mean_b
@@ -312,6 +318,12 @@ class StaticPolicy(_ServiceMixin):
         self.service = ServiceModel(halflife_s)
         self.workers = workers
         self._slo_s = slo_s
+
+    uses_latencies = False
+    """`observe` ignores its `latencies_s`: a batcher need not list them (a policy without
+    this attribute is given them)."""
+    uses_arrivals = False
+    """`observe_arrival` does nothing: a batcher need not call it, per request."""
 
     def decision(self) -> BatchingDecision:
         return self._decision

@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -123,27 +123,32 @@ class InputValidator:
     def validate(self, inputs: Mapping[str, Any]) -> tuple[Arrays, int]:
         if type(inputs) is not dict and not isinstance(inputs, Mapping):  # (an ABC check: slow)
             raise InvalidInput(f"{self._model}: inputs must be a mapping of name -> tensor")
-        if len(inputs) != len(self._names) or inputs.keys() != self._names:
+        if len(inputs) != len(self._names):
             self._names_error(inputs)
         arrays: Arrays = {}
         rows = -1
-        for name, dtype, fixed, spec in self._checks:
-            value = inputs[name]
-            if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
-                value = self._to_numpy(spec, value)
-            if value.dtype is not dtype and value.dtype != dtype:
-                self._dtype_error(spec, value, dtype)
-            got = value.shape
-            if fixed is None or got[1:] != fixed or 0 in got:
-                self._check_shape(spec, got)
-            if rows < 0:
-                rows = got[0]
-            elif got[0] != rows:
-                raise InvalidInput(
-                    f"{self._model}: input {name!r} has {got[0]} rows, but "
-                    f"{self._specs[0].name!r} has {rows}; every input needs the same batch size"
-                )
-            arrays[name] = value
+        try:
+            for name, dtype, fixed, spec in self._checks:
+                value = inputs[name]  # (KeyError: as many names as specs, but other ones)
+                if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
+                    value = self._to_numpy(spec, value)
+                if value.dtype is not dtype and value.dtype != dtype:
+                    self._dtype_error(spec, value, dtype)
+                got = value.shape
+                if fixed is None or got[1:] != fixed or 0 in got:
+                    self._check_shape(spec, got)
+                if rows < 0:
+                    rows = got[0]
+                elif got[0] != rows:
+                    raise InvalidInput(
+                        f"{self._model}: input {name!r} has {got[0]} rows, but "
+                        f"{self._specs[0].name!r} has {rows}; every input needs the same batch size"
+                    )
+                arrays[name] = value
+        except (KeyError, InvalidInput):
+            if inputs.keys() != self._names:  # (wrong names are what is reported)
+                self._names_error(inputs)
+            raise
         return arrays, rows
 
     def _dtype_error(self, spec: TensorSpec, value: np.ndarray, dtype: np.dtype[Any] | None) -> None:
@@ -168,7 +173,7 @@ class InputValidator:
         if 0 in got:
             raise InvalidInput(f"{self._model}: input {spec.name!r} has an empty dimension: {list(got)}")
 
-    def _names_error(self, inputs: Mapping[str, Any]) -> None:
+    def _names_error(self, inputs: Mapping[str, Any]) -> NoReturn:
         given = set(inputs)
         missing = sorted(self._names - given)
         extra = sorted(str(n) for n in given - self._names)
@@ -204,6 +209,11 @@ class _Entry:
     config: ModelConfig
     validator: InputValidator
     batcher: Batcher
+    model_id: ModelId
+    """`config.id`, made once (the property builds a new one at each read)."""
+    validate: Callable[[Mapping[str, Any]], tuple[Arrays, int]]
+    submit: Callable[..., asyncio.Future[Arrays]]
+    """`validator.validate` and `batcher.submit`, bound once (`infer` calls them per request)."""
 
 
 class Engine:
@@ -267,9 +277,9 @@ class Engine:
         if entry is None:
             entry = self._entry(model, version)
         if self._admission is not None:
-            self._admission(entry.config.id, priority)
-        arrays, rows = entry.validator.validate(inputs)
-        return await entry.batcher.submit(arrays, rows, priority, deadline_s)
+            self._admission(entry.model_id, priority)
+        arrays, rows = entry.validate(inputs)
+        return await entry.submit(arrays, rows, priority, deadline_s)
 
     def config(self, model: str, version: str | None = None) -> ModelConfig:
         """The config `infer` would use for (model, version)."""
@@ -345,7 +355,8 @@ class Engine:
         batcher = Batcher(
             str(config.id), pool, acquire, policy, batcher_settings, acquire_urgent=acquire_urgent
         )
-        entry = _Entry(config, InputValidator(config), batcher)
+        validator = InputValidator(config)
+        entry = _Entry(config, validator, batcher, config.id, validator.validate, batcher.submit)
         self._entries[(config.name, config.version)] = entry
         log.debug("engine: batcher for %s (max batch %d)", config.id, config.max_batch_size)
         return entry

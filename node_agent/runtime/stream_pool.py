@@ -38,7 +38,8 @@ urgent requests (see batcher), which is what puts them on the lane.
 
 Inline jobs (`run_inline`): on CPU, a job predicted to take less than a hand-off to a worker
 and back runs on the calling thread instead, when no job is queued, so nothing more urgent is
-overtaken. The hand-off (two thread wake-ups, GIL switches, the completion's trip back through
+overtaken (a job that runs in steps, a batcher's ticket, keeps their predicted time in all
+within the bound). The hand-off (two thread wake-ups, GIL switches, the completion's trip back through
 the loop) measured 90-230 us of CPU per batch on this 2-core machine (bench/dispatch: worker
 path vs inline). It is off by default (`inline_max_s=0`): an inline batch also stops the
 loop from taking requests while it runs, which for models near the bound serialises intake
@@ -284,6 +285,11 @@ class StreamPool:
         if offer.admitted:
             return None
         return Refusal(f"stream pool queue full ({self.settings.max_queued_jobs} jobs)", retry)
+
+    @property
+    def inline_max_s(self) -> float:
+        """The longest a job may be predicted to take and run inline (`run_inline`)."""
+        return self.settings.inline_max_s
 
     @property
     def runs_inline(self) -> bool:

@@ -41,7 +41,8 @@ class Offer(Generic[T]):
     expired: tuple[T, ...] = ()
 
 
-_ADMITTED: Offer[Any] = Offer(True)
+ADMITTED: Offer[Any] = Offer(True)
+"""The offer of an arrival admitted with nothing displaced or expired (always this object)."""
 _REFUSED: Offer[Any] = Offer(False)
 
 
@@ -96,7 +97,7 @@ class UrgencyQueue(Generic[T]):
         need = float(costs[0]) if n == 1 else float(sum(costs))
         if self.cost + need <= self.bound:  # the common case: room for it as things are
             self._insert(items, costs, priority, deadline_s)
-            return _ADMITTED
+            return ADMITTED
         if need > self.bound:
             return _REFUSED
         displaced: tuple[T, ...] = ()
@@ -109,7 +110,7 @@ class UrgencyQueue(Generic[T]):
         self._insert(items, costs, priority, deadline_s)
         if expired or displaced:
             return Offer(True, displaced, expired)
-        return _ADMITTED
+        return ADMITTED
 
     def offer_one(
         self, item: T, cost: float, priority: Priority, deadline_s: float | None, now_s: float
@@ -117,8 +118,18 @@ class UrgencyQueue(Generic[T]):
         """`offer` of a single item (the common case, without building sequences)."""
         if self.cost + cost > self.bound:
             return self.offer((item,), (cost,), priority, deadline_s, now_s)
-        self._insert_one(item, cost, priority, deadline_s)
-        return _ADMITTED
+        # (`_insert_one`, inlined: this runs for every request)
+        deadline = _INF if deadline_s is None else deadline_s
+        lst = self._classes[priority]
+        self._seq = seq = self._seq + 1
+        entry = (deadline, seq, float(cost), item)
+        if not lst or lst[-1][0] <= deadline:  # (seq only grows: it sorts last)
+            lst.append(entry)
+        else:
+            bisect.insort(lst, entry)
+        self.cost += cost
+        self._class_cost[priority] += cost
+        return ADMITTED
 
     def _insert(
         self, items: Sequence[T], costs: Sequence[float], priority: Priority, deadline_s: float | None
@@ -264,6 +275,8 @@ class UrgencyQueue(Generic[T]):
         removed = 0.0
         class_cost = self._class_cost
         for cls, lst in enumerate(lists, lo):
+            if not lst:
+                continue
             before = total + removed
             i, n = 0, len(lst)
             while i < n:

@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ from node_agent.errors import (
     TooManyRequests,
 )
 from node_agent.runtime.batch_ticket import static_acquire
-from node_agent.runtime.batcher import Batcher
+from node_agent.runtime.batcher import INLINE_MAX_BATCHES, Batcher
 from node_agent.runtime.batcher_settings import BatcherSettings
 from node_agent.runtime.batching_policy import (
     AdaptivePolicy,
@@ -1033,6 +1033,102 @@ def test_tiny_model_batches_run_inline_and_every_caller_gets_its_own_rows() -> N
         np.testing.assert_allclose(y[:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
     assert sorted(module.seen) == sorted(float(t) for x in xs for t in x[:, 0])
     assert 0 < inline < completed
+
+
+class ThreadTagged(Tagged):
+    """Tagged, recording also whether each batch ran on the event loop's thread (inline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_loop: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.on_loop.append(threading.current_thread() is threading.main_thread())
+        return super().forward(x)
+
+
+def test_an_inline_ticket_runs_full_batches_back_to_back_within_its_bound() -> None:
+    """A ticket run inline goes on from batch to batch while full ones wait (one lease, one
+    pool job, one drain for several), at most `INLINE_MAX_BATCHES` of them; every batch run
+    inline is full, and every caller of a closed loop gets exactly its own rows, once."""
+    module = ThreadTagged()
+
+    async def main() -> tuple[dict[float, np.ndarray], dict[float, np.ndarray], int]:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, inline_max_s=1.0,
+                                       urgent_workers=0)).start()  # fmt: skip
+        batcher = Batcher("tiny", pool, static_acquire(ModuleBackend(module)),
+                          StaticPolicy(4, 0.0, 1000), BatcherSettings(max_batch_size=4))  # fmt: skip
+        sent: dict[float, np.ndarray] = {}
+        got: dict[float, np.ndarray] = {}
+
+        async def client(c: int) -> None:
+            for k in range(12):
+                tag = float(c * 100 + k + 1)
+                sent[tag] = x = rows_for(tag)
+                got[tag] = (await batcher.submit({"x": x}, 1))["y"]
+
+        try:
+            await asyncio.gather(*[client(c) for c in range(32)])
+            return sent, got, pool.inline
+        finally:
+            await batcher.stop()
+            pool.stop()
+
+    sent, got, inline_jobs = run(main())
+    assert got.keys() == sent.keys()
+    for tag, x in sent.items():
+        assert np.array_equal(got[tag][:, 0], x[:, 0])
+        np.testing.assert_allclose(got[tag][:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
+    assert sorted(module.seen) == sorted(sent)  # each row ran once
+    inline = [b for b, on_loop in zip(module.batches, module.on_loop, strict=True) if on_loop]
+    assert all(len(b) == 4 for b in inline), [len(b) for b in inline]  # full ones only
+    assert inline_jobs < len(inline) <= INLINE_MAX_BATCHES * inline_jobs  # several per job
+
+
+class Recording:
+    """A StaticPolicy seen through a wrapper that does not say what it ignores (as the SLA
+    monitor's and the mitigations' wrappers): it records what the batcher feeds it."""
+
+    def __init__(self, inner: StaticPolicy) -> None:
+        self.inner = inner
+        self.latencies: list[float] = []
+        self.arrivals = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("uses_"):  # (says nothing of what it ignores)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def observe(self, now_s: float, rows: int, service_s: float, latencies_s: Any) -> None:
+        self.latencies += latencies_s
+        self.inner.observe(now_s, rows, service_s, latencies_s)
+
+    def observe_arrival(self, now_s: float, rows: int) -> None:
+        self.arrivals += 1
+
+
+def test_a_policy_that_does_not_say_it_ignores_them_gets_every_arrival_and_latency() -> None:
+    """StaticPolicy says it ignores arrivals and latencies (`uses_arrivals`, `uses_latencies`:
+    the batcher skips them per request); any other policy is fed both, for every request."""
+    module = Tagged()
+    assert StaticPolicy.uses_latencies is False and StaticPolicy.uses_arrivals is False
+
+    async def main() -> Recording:
+        pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1)).start()
+        policy = Recording(StaticPolicy(4, 0.0, 1000))
+        batcher = Batcher("rec", pool, static_acquire(ModuleBackend(module)),
+                          cast(BatchingPolicy, policy), BatcherSettings(max_batch_size=4))  # fmt: skip
+        try:
+            await asyncio.gather(*[batcher.submit({"x": rows_for(float(i + 1))}, 1) for i in range(20)])
+            return policy
+        finally:
+            await batcher.stop()
+            pool.stop()
+
+    policy = run(main())
+    assert policy.arrivals == 20
+    assert len(policy.latencies) == 20 and all(0 <= lat < 10 for lat in policy.latencies)
 
 
 # --- batches formed on the loop while the worker runs -------------------------
