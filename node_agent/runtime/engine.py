@@ -135,7 +135,7 @@ class InputValidator:
                 if value.dtype is not dtype and value.dtype != dtype:
                     self._dtype_error(spec, value, dtype)
                 got = value.shape
-                if fixed is None or got[1:] != fixed or 0 in got:
+                if fixed is None or not got or got[1:] != fixed or 0 in got:
                     self._check_shape(spec, got)
                 if rows < 0:
                     rows = got[0]

@@ -320,3 +320,18 @@ def test_adaptive_policy_from_the_model_sla(example_repo: Path) -> None:
         assert decision.delay_s + 2 * policy.predict_service_s(decision.batch_size) <= 0.2
 
     run(main, example_repo)
+
+
+def test_a_zero_dimensional_input_is_refused_as_invalid_not_a_crash() -> None:
+    """A per-row scalar input (spec shape []) given as a 0-d array has no batch dimension: an
+    InvalidInput naming the shape, not an IndexError."""
+    from node_agent.runtime.engine import InputValidator
+
+    config = ModelConfig(
+        "scalar", "1", "torchscript", (TensorSpec("x", "FP32", ()),), (), "m.pt", "sha256:" + "0" * 64
+    )
+    validator = InputValidator(config)
+    _, rows = validator.validate({"x": np.zeros((3,), np.float32)})
+    assert rows == 3
+    with pytest.raises(InvalidInput, match="batch dimension first"):
+        validator.validate({"x": np.array(1.0, np.float32)})
