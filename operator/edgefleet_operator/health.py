@@ -110,10 +110,10 @@ class HealthTracker:
     blind: bool = False
     """Set by `lost_sight` since the last judgement."""
     recovery: Recovery | None = None
-    last_outage: tuple[float, float] | None = None
-    """The last unobserved span (start, end), kept whole after `_prune` drops it: the outage rule for
-    NotReady nodes (`_outage_not_ready`)."""
     """The fleet coming back after the last unobserved span, while it is (`begin_pass`)."""
+    last_outage: tuple[float, float] | None = None
+    """The last outage: an unobserved span and the recovery after it (start, end), kept whole after
+    `_prune` drops it; a replica's start is none. For the outage rule (`_outage_not_ready`)."""
 
     def lost_sight(self) -> None:
         """The operator could not observe the fleet (a pass failed to reach the API server, or this
