@@ -41,7 +41,7 @@ def test_every_chart_variable_is_read() -> None:
         "EDGEFLEET_AGENT_CACHE_BUDGET": "40Gi", "EDGEFLEET_AGENT_UNREACHABLE_TOLERATION_S": "7200",
         "EDGEFLEET_AGENTS_EXTERNAL": "true", "EDGEFLEET_AGENT_DOWNLOAD_BANDWIDTH": "5Mi",
         "EDGEFLEET_AGENT_GRPC_PORT": "8001", "EDGEFLEET_AGENT_LEASE_RENEW_S": "4",
-        "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16",
+        "EDGEFLEET_AGENT_BACKOFF_MAX_S": "16", "EDGEFLEET_RECONNECT_WAIT_MAX_S": "600",
         "EDGEFLEET_LEASE_DURATION_S": "20", "EDGEFLEET_LEASE_RENEW_S": "4", "EDGEFLEET_LEASE_MARGIN_S": "2.5",
         "EDGEFLEET_LEASE_NAMESPACE": "ops", "EDGEFLEET_SITE_SHARDS": "8",
     }  # fmt: skip
@@ -51,7 +51,7 @@ def test_every_chart_variable_is_read() -> None:
     assert o.site_shards == 8
     assert s.fleet.node_selector == {"edgefleet.io/fleet": "a", "tier": "true"}
     assert (s.fleet.agent_grace_s, s.fleet.not_ready_grace_s, s.fleet.flap_damping_s) == (12, 40, 7.5)
-    assert s.fleet.agent_backoff_max_s == 16
+    assert s.fleet.agent_backoff_max_s == 16 and s.fleet.reconnect_wait_max_s == 600
     assert s.fleet.memory_reserve_fraction == 0.2
     assert (s.reconcile_debounce_s, s.resync_interval_s, s.metrics_port) == (0.25, 30, 9090)
     a = s.agent
