@@ -596,6 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--outage-s", type=float, default=10 if QUICK else 120)
     p.add_argument("--agents-only", action="store_true", help="only the agents' steady cost (no operator)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"some of {','.join(PHASES)}")
+    p.add_argument("--render", action="store_true", help="only rewrite the section from the recorded runs")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run cleans up (finally)
     runs: dict[str, dict[str, Any]] = {}
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     only = [x for x in args.phases.split(",") if x]
     if unknown := set(only) - set(PHASES):
         p.error(f"--phases: unknown {sorted(unknown)}; phases are {','.join(PHASES)}")
-    for n in (int(x) for x in str(args.nodes).split(",")):
+    for n in () if args.render else (int(x) for x in str(args.nodes).split(",")):
         log(f"N = {n}")
         runs[str(n)] = run_size(n, min(args.services, n), args.outage_s, only)
     if RUNS.exists() and not QUICK:

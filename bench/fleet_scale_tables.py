@@ -164,5 +164,8 @@ def render_agents(runs: dict[str, dict[str, Any]]) -> str:
 
 def run_times(r: dict[str, Any]) -> str:
     """When N was run, and the phases rerun since (`--phases`) with their times."""
-    reruns = [f"{k.removesuffix('_when')} rerun {v}" for k, v in sorted(r.items()) if k.endswith("_when")]
+    phases = sorted((v, k.removesuffix("_when")) for k, v in r.items() if k.endswith("_when"))
+    if "when" not in r:  # only some phases were run at N
+        return "; ".join(f"{phase} {when}" for when, phase in phases)
+    reruns = [f"{phase} rerun {when}" for when, phase in phases]
     return r["when"] + (f" ({'; '.join(reruns)})" if reruns else "")
