@@ -229,11 +229,8 @@ class Run:
 
     # --- phases ---------------------------------------------------------------------------
 
-    def bring_up(self) -> None:
-        ensure_agent_namespace(self.kube)
-        self.core.create_namespace({"metadata": {"name": self.ns}})
-        t0 = time.time()
-        log(f"creating {self.n} kwok nodes")
+    def create_nodes(self) -> None:
+        """N kwok edge-server Nodes of this run's group, made 100 at a time on the pool."""
         chunks = [(i, min(100, self.n - 100 * i)) for i in range(-(-self.n // 100))]
         made = self.pool.map(
             lambda c: fleet.create_nodes(
@@ -246,6 +243,13 @@ class Run:
             chunks,
         )
         self.nodes = sorted(n for chunk in made for n in chunk)
+
+    def bring_up(self) -> None:
+        ensure_agent_namespace(self.kube)
+        self.core.create_namespace({"metadata": {"name": self.ns}})
+        t0 = time.time()
+        log(f"creating {self.n} kwok nodes")
+        self.create_nodes()
         log(f"{self.n} nodes in {time.time() - t0:.0f} s; starting the simulated agents")
         self.sim = SimFleetProcess(self.state.kubeconfig, self.nodes, self.dir / "sim", AGENT_NAMESPACE)
         self.wait(
@@ -490,18 +494,7 @@ def agents_only(n: int) -> dict[str, Any]:
     try:
         ensure_agent_namespace(r.kube)
         t0 = time.time()
-        chunks = [(i, min(100, n - 100 * i)) for i in range(-(-n // 100))]
-        made = r.pool.map(
-            lambda c: fleet.create_nodes(
-                r.core,
-                c[1],
-                device_class="edge-server",
-                prefix=f"s{r.group}-{c[0]:03d}",
-                labels={"bench-group": r.group},
-            ),
-            chunks,
-        )
-        r.nodes = sorted(x for chunk in made for x in chunk)
+        r.create_nodes()
         model = spec("1", r.group)["models"][0]
         entry = {
             "service": "bench/svc",

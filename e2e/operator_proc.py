@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from e2e.children import stop_child
 from e2e.cluster import ClusterState, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,13 +77,7 @@ class OperatorProcess:
         self.log.close()
 
     def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc)
         self.log.close()
 
     def tail(self, n: int = 4000) -> str:

@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from e2e.children import stop_child
 from e2e.sim_agent import SimNode, micro_time, status_for
 from edgefleet_api import names
 from edgefleet_api.backoff import Backoff
@@ -394,13 +395,7 @@ class SimFleetProcess:
             return {}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_child(self.proc)
         self.log.close()
 
 

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from e2e.children import stop_child
 from node_agent.link.persistence import encode_persisted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,13 +84,7 @@ class AgentProcess:
         self._log_file.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_child(self.proc, grace_s=30, kill_wait_s=10)
         self._log_file.close()
 
 
