@@ -26,7 +26,7 @@ from node_agent.errors import (
     ShuttingDown,
     TooManyRequests,
 )
-from node_agent.runtime.batch_ticket import static_acquire
+from node_agent.runtime.batch_ticket import StaticLease, static_acquire
 from node_agent.runtime.batcher import INLINE_MAX_BATCHES, Batcher
 from node_agent.runtime.batcher_settings import BatcherSettings
 from node_agent.runtime.batching_policy import (
@@ -1036,40 +1036,76 @@ def test_tiny_model_batches_run_inline_and_every_caller_gets_its_own_rows() -> N
 
 
 class ThreadTagged(Tagged):
-    """Tagged, recording also whether each batch ran on the event loop's thread (inline)."""
+    """Tagged, recording also whether each batch ran on the event loop's thread (inline).
+    A batch on a worker thread first waits for `gate` (set: no wait) and says so (`entered`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.on_loop: list[bool] = []
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on_loop = threading.current_thread() is threading.main_thread()
+        if not on_loop:
+            self.entered.set()
+            assert self.gate.wait(20)
         with self.lock:
-            self.on_loop.append(threading.current_thread() is threading.main_thread())
+            self.on_loop.append(on_loop)
         return super().forward(x)
+
+
+class StopsOnce(StaticLease):
+    """A static lease whose `may_continue` says no once after `stop_next` is set (as the
+    scheduler's does when something waits for what the lease holds)."""
+
+    __slots__ = ("stop_next",)
+
+    def __init__(self, backend: ModuleBackend) -> None:
+        super().__init__(backend)
+        self.stop_next = threading.Event()
+
+    def may_continue(self) -> bool:
+        if self.stop_next.is_set():
+            self.stop_next.clear()
+            return False
+        return True
 
 
 def test_an_inline_ticket_runs_full_batches_back_to_back_within_its_bound() -> None:
     """A ticket run inline goes on from batch to batch while full ones wait (one lease, one
     pool job, one drain for several), at most `INLINE_MAX_BATCHES` of them; every batch run
-    inline is full, and every caller of a closed loop gets exactly its own rows, once."""
+    inline is full, and every caller gets exactly its own rows, once.
+
+    Set up without timing: a worker's ticket holds the only worker (its model call waits on
+    a gate) while 80 rows queue behind it (pipeline depth 1); its lease then ends it after
+    that batch, and its drain finds 20 full batches waiting and the pool idle."""
     module = ThreadTagged()
+    queued = 20 * 4
 
     async def main() -> tuple[dict[float, np.ndarray], dict[float, np.ndarray], int]:
         pool = StreamPool(PoolSettings(num_workers=1, torch_threads=1, inline_max_s=1.0,
                                        urgent_workers=0)).start()  # fmt: skip
-        batcher = Batcher("tiny", pool, static_acquire(ModuleBackend(module)),
-                          StaticPolicy(4, 0.0, 1000), BatcherSettings(max_batch_size=4))  # fmt: skip
-        sent: dict[float, np.ndarray] = {}
-        got: dict[float, np.ndarray] = {}
+        lease = StopsOnce(ModuleBackend(module))
 
-        async def client(c: int) -> None:
-            for k in range(12):
-                tag = float(c * 100 + k + 1)
-                sent[tag] = x = rows_for(tag)
-                got[tag] = (await batcher.submit({"x": x}, 1))["y"]
+        async def acquire() -> StopsOnce:
+            return lease
 
+        batcher = Batcher("tiny", pool, acquire, StaticPolicy(4, 0.0, 1000),
+                          BatcherSettings(max_batch_size=4, pipeline_depth=1))  # fmt: skip
         try:
-            await asyncio.gather(*[client(c) for c in range(32)])
+            await batcher.submit({"x": rows_for(0.5)}, 1)  # measured: a service time to go by
+            module.gate.clear()
+            module.entered.clear()
+            lease.stop_next.set()
+            sent = {float(tag): rows_for(tag) for tag in range(1, queued + 2)}
+            futures = {1.0: batcher.submit({"x": sent[1.0]}, 1)}
+            assert module.entered.wait(20)  # its ticket runs it on the worker, at the gate
+            for tag, x in sent.items():
+                if tag != 1.0:
+                    futures[tag] = batcher.submit({"x": x}, 1)
+            module.gate.set()
+            got = {tag: (await future)["y"] for tag, future in futures.items()}
             return sent, got, pool.inline
         finally:
             await batcher.stop()
@@ -1080,10 +1116,11 @@ def test_an_inline_ticket_runs_full_batches_back_to_back_within_its_bound() -> N
     for tag, x in sent.items():
         assert np.array_equal(got[tag][:, 0], x[:, 0])
         np.testing.assert_allclose(got[tag][:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
-    assert sorted(module.seen) == sorted(sent)  # each row ran once
+    assert sorted(module.seen) == sorted([0.5, *sent])  # each row ran once
     inline = [b for b, on_loop in zip(module.batches, module.on_loop, strict=True) if on_loop]
     assert all(len(b) == 4 for b in inline), [len(b) for b in inline]  # full ones only
-    assert inline_jobs < len(inline) <= INLINE_MAX_BATCHES * inline_jobs  # several per job
+    assert len(inline) == queued // 4  # every queued row ran inline,
+    assert inline_jobs == -(-len(inline) // INLINE_MAX_BATCHES)  # several per job, within the bound
 
 
 class Recording:
