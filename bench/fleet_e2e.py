@@ -15,7 +15,7 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,13 @@ def services_gone(custom: Any, namespace: str) -> bool:
     return not custom.list_namespaced_custom_object(
         names.GROUP, names.VERSION, namespace, names.INFERENCE_SERVICE_PLURAL
     )["items"]
+
+
+def writes_by_kind(port: int) -> dict[str, float]:
+    """The operator's API writes so far, by what it wrote."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = re.findall(r'^edgefleet_operator_api_writes_total\{what="([^"]+)"\} (\S+)$', text, re.M)
+    return {k: float(v) for k, v in found}
 
 
 def writes(port: int) -> float:
@@ -96,6 +103,8 @@ class Round:
     writes_per_placement: float
     sched_create_s: float
     sched_s: float
+    writes_by_kind: dict[str, float] = field(default_factory=dict)
+    """The operator's writes per placement, by what it wrote."""
 
     @property
     def ratio(self) -> float:
@@ -121,7 +130,7 @@ def one_round(
         core.create_namespace({"metadata": {"name": ns}})
     try:
         time.sleep(2)  # let earlier passes settle
-        writes_before = writes(op.metrics_port)
+        writes_before, kinds_before = writes(op.metrics_port), writes_by_kind(op.metrics_port)
 
         def placed() -> int:
             items = custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL)[
@@ -155,6 +164,11 @@ def one_round(
         passes = metric(op.metrics_port, ok)
         wait(lambda: metric(op.metrics_port, ok) >= passes + 2, 300, "two more passes", poll_s)
         per_placement = (writes(op.metrics_port) - writes_before) / count
+        kinds = {
+            kind: round((n - kinds_before.get(kind, 0.0)) / count, 2)
+            for kind, n in sorted(writes_by_kind(op.metrics_port).items())
+            if n > kinds_before.get(kind, 0.0)
+        }
 
         def bound() -> int:
             return sum(1 for p in core.list_namespaced_pod(ns_pods).items if p.spec.node_name)
@@ -163,9 +177,11 @@ def one_round(
         list(pool.map(lambda i: core.create_namespaced_pod(ns_pods, pod(f"p{i:04d}", group)), range(count)))
         t_created = time.monotonic()
         t_bound = wait(lambda: bound() >= count, 600, "all pods bound", poll_s)
-        r = Round(t_applied - t0, t_placed - t0, per_placement, t_created - t1, t_bound - t1)
+        r = Round(t_applied - t0, t_placed - t0, per_placement, t_created - t1, t_bound - t1, kinds)
         print(
-            f"[bench] round {k + 1}: operator {r.ops_s:.2f} s, kube-scheduler {r.sched_s:.2f} s", flush=True
+            f"[bench] round {k + 1}: operator {r.ops_s:.2f} s, kube-scheduler {r.sched_s:.2f} s, "
+            f"writes per placement {per_placement:.2f}: {kinds}",
+            flush=True,
         )
         return r
     finally:

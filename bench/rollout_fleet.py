@@ -23,17 +23,15 @@ import cProfile
 import io
 import os
 import pstats
-import re
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.fleet_e2e import metric, services_gone
+from bench.fleet_e2e import metric, services_gone, writes_by_kind
 from bench.report import table, write_section
 from e2e import cluster as localcluster
 from e2e import fleet
@@ -105,13 +103,6 @@ class Heartbeat:
             except Exception as e:  # a benchmark reports it; the agents keep beating
                 self.error = e
             self.stop.wait(max(0.0, ROUND_S - (time.monotonic() - t0)))
-
-
-def writes_by_kind(port: int) -> dict[str, float]:
-    """The operator's API writes so far, by what it wrote."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^edgefleet_operator_api_writes_total\{what="([^"]+)"\} (\S+)$', text, re.M)
-    return {k: float(v) for k, v in found}
 
 
 def pass_stats(port: int) -> tuple[float, float]:

@@ -17,12 +17,13 @@ memoryBudgetBytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edgefleet_api import names, wire
 from edgefleet_api.edge_node import EdgeNode, EdgeNodeStatus, ModelAssignment, ModelState
 from edgefleet_api.inference_service import InferenceServiceSpec, Taint
-from edgefleet_api.model_spec import ModelSpec
+from edgefleet_api.model_spec import Artifact, Batching, GenerationSettings, ModelSpec
 from edgefleet_api.rollout_status import ACTIVE, RolloutStatus
 from edgefleet_operator.fleet_types import (
     Assignment,
@@ -133,26 +134,74 @@ def sla_scores(status: EdgeNodeStatus) -> dict[tuple[str, str], float]:
     return out
 
 
-def measured_bytes(edge_nodes: Iterable[EdgeNode]) -> dict[tuple[str, str, str], tuple[int, ...]]:
-    """(service, model, version) -> the memory each node measured for it (Ready versions)."""
-    out: dict[tuple[str, str, str], list[int]] = {}
+LoadKey = tuple[str, str | None, str, str, int | None, GenerationSettings | None]
+"""What a model version's device memory depends on besides the node (`load_key`)."""
+
+
+def load_key(
+    artifact: Artifact, fmt: str, task: str, batching: Batching | None, generation: GenerationSettings | None
+) -> LoadKey:
+    """The same artifact (weights and model.yaml, by digest) loaded the same way (format, task,
+    largest batch, generation settings) takes the same memory, whichever service holds it."""
+    return (
+        artifact.digest,
+        artifact.config_digest,
+        fmt,
+        task,
+        batching.max_batch_size if batching is not None else None,
+        generation,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """The memory nodes measured for the model versions they hold Ready: by (service, model,
+    version), and by `load_key` for a version not measured itself yet: a new service of an
+    artifact the fleet already runs is placed at its measured size at once, not at its declared
+    estimate and then again at its measurement (one EdgeNode write per placement, not two)."""
+
+    by_version: Mapping[tuple[str, str, str], tuple[int, ...]] = field(default_factory=dict)
+    by_load: Mapping[LoadKey, tuple[int, ...]] = field(default_factory=dict)
+
+    def of(self, service: str, model: ModelSpec, batching: Batching | None) -> tuple[int, ...]:
+        """The measurements for `model` of `service` (() for none): its own, or its load's."""
+        own = self.by_version.get((service, model.name, model.version))
+        if own:
+            return own
+        key = load_key(model.artifact, model.format, model.task, batching, model.generation)
+        return self.by_load.get(key, ())
+
+
+def measured_bytes(edge_nodes: Iterable[EdgeNode]) -> Measured:
+    """What each node measured for the Ready versions it holds (`Measured`)."""
+    by_version: dict[tuple[str, str, str], list[int]] = {}
+    by_load: dict[LoadKey, list[int]] = {}
     for en in edge_nodes:
+        entries = None
         for m in en.status.models:
-            if m.memory_bytes and m.state is ModelState.READY:
-                out.setdefault((m.service, m.model, m.version), []).append(m.memory_bytes)
-    return {k: tuple(v) for k, v in out.items()}
+            if not (m.memory_bytes and m.state is ModelState.READY):
+                continue
+            key = (m.service, m.model, m.version)
+            by_version.setdefault(key, []).append(m.memory_bytes)
+            if entries is None:
+                entries = {e.key: e for e in en.spec.models}
+            entry = entries.get(key)
+            if entry is not None:
+                like = load_key(entry.artifact, entry.format, entry.task, entry.batching, entry.generation)
+                by_load.setdefault(like, []).append(m.memory_bytes)
+    return Measured({k: tuple(v) for k, v in by_version.items()}, {k: tuple(v) for k, v in by_load.items()})
 
 
 def service_demand(
     key: str,
     spec: InferenceServiceSpec,
     rollout: RolloutStatus | None,
-    measured: Mapping[tuple[str, str, str], tuple[int, ...]],
+    measured: Measured,
 ) -> ServiceDemand:
     """The service `key` (namespace/name) as placement sees it. ValueError for a spec placement
     cannot use."""
     models = tuple(
-        ModelDemand(m.name, m.version, m.memory_estimate_bytes, measured.get((key, m.name, m.version), ()))
+        ModelDemand(m.name, m.version, m.memory_estimate_bytes, measured.of(key, m, spec.batching))
         for m in (*spec.models, *rollout_extra_models(spec, rollout))
     )
     placement = spec.placement

@@ -114,10 +114,16 @@ class RolloutWrite:
     held: str = ""
     action_warning: EventWrite | None = None
     status_patch: Obj | None = None
-    """The merge patch of status.rollout; None when it is unchanged, or for a first deployment (its
-    status.rollout goes out with the service's status, after the specs)."""
+    """The merge patch of status.rollout; None when it is unchanged, or when it goes out with the
+    service's status, after the specs (`folded`)."""
     clear_action: bool = False
     events: tuple[EventWrite, ...] = ()
+    folded: tuple[EventWrite, ...] | None = None
+    """Set when the step's status.rollout goes out in the service's one status write (`bookkeeping`)
+    rather than before the specs, with these events (the step's, posted with the write that records
+    them): a first deployment, and a step that changes no node's entries of the service and applies
+    no user action. Nothing on a node depends on it then, so a pass that defers the bookkeeping
+    loses nothing: the next one recomputes the same step from the same status.rollout."""
     action: str | None = None
     """The rollout-action annotation's value as read: it is removed only if it still holds this."""
     resource_version: str | None = None
@@ -180,10 +186,15 @@ def rollout_write(
             key, meta["namespace"], meta["name"], None, f"{type(e).__name__}: {e}", action_warning=warning
         )
     written = decision.status.to_obj()
-    first_deployment = previous is None and decision.status.stable is None
-    patch = None
-    if written != previous and not first_deployment:
-        patch = {"status": {"rollout": merge_patch(previous or {}, written)}}
+    events = tuple(event(isvc, e.reason, e.message, e.warning, stamp) for e in decision.events)
+    patch, folded = None, None
+    if previous is None and decision.status.stable is None:
+        folded = events  # a first deployment
+    elif written != previous:
+        if annotation is None and _nodes_hold_as_decided(key, decision, read):
+            folded = events
+        else:
+            patch = {"status": {"rollout": merge_patch(previous or {}, written)}}
     return RolloutWrite(
         key,
         meta["namespace"],
@@ -192,10 +203,30 @@ def rollout_write(
         action_warning=warning,
         status_patch=patch,
         clear_action=annotation is not None,
-        events=tuple(event(isvc, e.reason, e.message, e.warning, stamp) for e in decision.events),
+        events=() if folded is not None else events,
+        folded=folded,
         action=annotation,
         resource_version=meta.get("resourceVersion"),
     )
+
+
+def _nodes_hold_as_decided(service: str, decision: rollout.Decision, read: FleetRead) -> bool:
+    """Whether every node of the step's holds the service's model versions, at the weights, that
+    the step gives it (read from its EdgeNode spec as the pass read it)."""
+    for node, targets in decision.targets.items():
+        if node not in read.edge_nodes:
+            return False
+        held = {
+            (m.model, m.version, m.artifact.digest): m.traffic_weight
+            for m in read.edge_node(node).spec.models
+            if m.service == service
+        }
+        wanted = (
+            {(m.name, m.version, m.artifact.digest): w for m, w in decision.placed(node)} if targets else {}
+        )
+        if held != wanted:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,14 +520,14 @@ def bookkeeping(
     status = service_status.service_status(service, placement, statuses, now, view)
     new = status.to_obj()
     old = dict(service.status_obj)
-    if ro.status_patch is not None:
-        old["rollout"] = new["rollout"]  # written by the rollout step already
+    if ro.folded is None:
+        old["rollout"] = new["rollout"]  # written by the rollout step already, or unchanged
     events = tuple(
         event(isvc, e.reason, e.message, e.reason in WARNING_PLACEMENTS, now)
         for e in placement_events
         # said already (the status's message); repeating it every pass is noise
         if not (e.reason == "FailedPlacement" and e.message == old.get("message", ""))
-    )
+    ) + (ro.folded or ())
     unchanged = all(old.get(k) == v for k, v in new.items() if k != "conditions") and conditions_equal(
         conditions_from_obj(old.get("conditions")), status.conditions
     )

@@ -371,17 +371,52 @@ def test_a_service_whose_rollout_holds_holds_alone() -> None:
         if m["service"] == f"{NS}/odd"
     ]
 
+    world.agents_report()
+    world.rec.reconcile_once()  # cam's first deployment is confirmed: stable
+    cam = world.service("cam")
+    cam["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
+    cam["metadata"]["generation"] = 2
+    let_the_new_revision_settle(world)
     del world.service("odd")["status"]  # mended
     world.api.fail[("PATCH", f"{SERVICES}/cam/status")] = 500  # and now cam's rollout cannot be written
-    world.agents_report()  # cam's first deployment is confirmed: its status.rollout would be written
     world.api.calls.clear()
-    report = world.rec.reconcile_once()
+    report = world.rec.reconcile_once()  # (cam's canary would start: its status.rollout goes first)
     assert report.writes["rollout.error"] == 1 and "service.error" not in report.writes, report
     assert report.writes["inferenceservice.status"] == 1 and world.service("odd")["status"]["readyNodes"] == 0
+    assert {m["version"] for n in ("n1", "n2") for m in world.api.get(f"{EDGE_NODES}/{n}")["spec"]["models"]
+            if m["service"] == f"{NS}/cam"} == {"1"}  # fmt: skip
     posted = [
         (c.body["involvedObject"]["name"], c.body["reason"]) for c in world.api.writes() if c.kind == "events"
     ]
     assert posted == [("odd", "Placed")], "placed (on specs) once its rollout goes on, and said once"
+
+
+def test_a_step_that_changes_no_node_goes_out_with_the_status_in_one_write(world: World) -> None:
+    """A first deployment confirmed by its nodes changes no EdgeNode: its status.rollout and the
+    service's status are one write, its Deployed event goes with it, and a pass that defers the
+    bookkeeping posts nothing: the next pass takes the same step and says it once."""
+    world.rec.reconcile_once()
+    world.agents_report()
+    world.rec.urgent.set()
+
+    def keep_urgent(call: Call) -> None:
+        if call.method == "GET":
+            world.rec.urgent.set()  # urgent work arrives mid-pass: the bookkeeping waits
+
+    world.api.before = keep_urgent
+    world.api.calls.clear()
+    deferred = world.rec.reconcile_once()
+    assert deferred.deferred and world.api.writes() == [], deferred.writes
+    assert "stableVersion" not in world.service()["status"]["rollout"]
+    world.api.before = None
+    world.api.calls.clear()
+    report = world.rec.reconcile_once()
+    w = world.api.writes()
+    assert [(c.method, c.kind) for c in w] == [("POST", "events"), ("PATCH", "inferenceservices/status")]
+    assert [c.body["reason"] for c in w if c.kind == "events"] == ["Deployed"]
+    assert report.writes == {"event.create": 1, "inferenceservice.status": 1}, report.writes
+    status = world.service()["status"]
+    assert status["rollout"]["stableVersion"] == "1" and status["readyNodes"] == 2, status
 
 
 # --- one writer: conditional writes and the ownership gate --------------------------------------

@@ -130,7 +130,7 @@ def test_demand_uses_measurements_over_estimates_and_budgets_for_a_rollouts_stab
             "placement": {"replicas": 3, "tolerations": [{"key": "edge", "operator": "Exists"}]},
         }
     )
-    measured = {(SERVICE, "classifier", "2"): (600 << 20, 700 << 20)}
+    measured = fleet_state.Measured({(SERVICE, "classifier", "2"): (600 << 20, 700 << 20)})
     demand = fleet_state.service_demand(SERVICE, spec, None, measured)
     assert demand.memory_bytes == 700 << 20 and demand.replicas == 3 and demand.priority is Priority.HIGH
     assert demand.tolerations[0].key == "edge"
@@ -143,6 +143,39 @@ def test_demand_uses_measurements_over_estimates_and_budgets_for_a_rollouts_stab
     assert [(m.version, m.memory_bytes) for m in during.models] == [("2", 700 << 20), ("1", GIB)]
     done = fleet_state.service_demand(SERVICE, spec, RolloutStatus(stable_models=spec.models), measured)
     assert [m.version for m in done.models] == ["2"]
+
+
+def test_a_new_service_of_an_artifact_the_fleet_runs_is_sized_by_its_measurement() -> None:
+    """Measurements count for every service loading the same artifact the same way (one EdgeNode
+    write per placement, not one at the estimate and one at the measurement), never across a
+    different artifact, model.yaml, largest batch or generation settings; a version's own
+    measurements come first."""
+    batching = {"maxBatchSize": 8}
+    running = {"service": "other/cam", "model": "det", "version": "7", "memoryBudgetBytes": GIB}
+    en = edge_node(
+        status={"models": [{"service": "other/cam", "model": "det", "version": "7", "state": "Ready",
+                            "memoryBytes": 300 << 20}]},
+        spec={"nodeName": "n1", "models": [{**model_obj("2"), **running, "batching": batching}]},
+    )  # fmt: skip
+    measured = fleet_state.measured_bytes([en])
+    assert measured.by_version == {("other/cam", "det", "7"): (300 << 20,)}
+
+    def demand(**changes: Any) -> int:
+        obj = {"models": [model_obj("2", memoryEstimate="1Gi")], "batching": batching, **changes}
+        return fleet_state.service_demand(
+            SERVICE, InferenceServiceSpec.from_obj(obj), None, measured
+        ).memory_bytes
+
+    assert demand() == 300 << 20  # same artifact, same batch: the fleet's measurement
+    assert demand(batching={"maxBatchSize": 8, "maxQueueDelayMs": 1}) == 300 << 20  # (delay: no memory)
+    assert demand(batching={"maxBatchSize": 32}) == GIB  # a larger batch: the estimate
+    assert demand(models=[model_obj("3", memoryEstimate="1Gi")]) == GIB  # another artifact
+    other_config = model_obj("2", memoryEstimate="1Gi")
+    other_config["artifact"] = {**other_config["artifact"], "configDigest": digest("c")}
+    assert demand(models=[other_config]) == GIB  # another model.yaml
+    own = fleet_state.Measured({(SERVICE, "classifier", "2"): (200 << 20,)}, measured.by_load)
+    spec = InferenceServiceSpec.from_obj({"models": [model_obj("2")], "batching": batching})
+    assert fleet_state.service_demand(SERVICE, spec, None, own).memory_bytes == 200 << 20
 
 
 class Targets:
