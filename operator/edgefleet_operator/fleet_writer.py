@@ -57,6 +57,11 @@ WRITE_THREADS = 8
 our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
 
 
+def namespace_terminating(e: ApiException) -> bool:
+    """Whether the API server refused a write because its namespace is being deleted."""
+    return e.status == 403 and "being terminated" in str(e.body or "")
+
+
 class FleetWriter:
     """The pass's writes. The API objects are the kubernetes client's, typed Any: they take and return
     plain dicts (the API's JSON) where their stubs name models."""
@@ -379,7 +384,10 @@ class FleetWriter:
             )
             self.held_back[service] = (failures, time.monotonic() + wait)
         if failures & (failures - 1) == 0:  # 1, 2, 4, 8...: one line per doubling
-            log.warning(
+            # (a namespace being deleted refuses its objects' creation: expected, not a warning)
+            level = logging.DEBUG if namespace_terminating(e) else logging.WARNING
+            log.log(
+                level,
                 "could not update %s: %s %s (%d times in a row; next try in %.0f s)",
                 service,
                 e.status,

@@ -5,7 +5,8 @@ clock value, and returns frozen write plans; `fleet_writer` applies them in the 
 
 1. `EdgeNodeSync`: an EdgeNode for every fleet Node; ours of Nodes that left are deleted.
 2. `RolloutWrite` per service: its status.rollout BEFORE any EdgeNode spec built from it (a crash in
-   between leaves no node on a revision status does not record), except a first deployment's.
+   between leaves no node on a revision status does not record), except a first deployment's and a
+   step that changes no node's entries: those go out with the service's status (`RolloutWrite.folded`).
 3. `EdgeNodeSpecWrite` per node whose spec changes.
 4. `FinalizerWrite` per deleted service no EdgeNode spec holds any more.
 5. `PodWrite` per node: an agent Pod where there is work, none where there is none.

@@ -81,7 +81,8 @@ class FakeApiServer:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str | None, str, str], dict[str, Any]] = {}
         self.calls: list[Call] = []
-        self.fail: dict[tuple[str, str], int] = {}
+        self.fail: dict[tuple[str, str], int | tuple[int, str]] = {}
+        """(method, path) -> the status (or status and message) every such call gets."""
         """(method, path) -> the error status that request answers."""
         self.before: Callable[[Call], None] | None = None
         self._lock = threading.RLock()
@@ -126,8 +127,11 @@ class FakeApiServer:
         with self._lock:
             self.calls.append(call)
             if (method, parsed.path) in self.fail:
-                status = self.fail[(method, parsed.path)]
-                return rest.RESTResponse(_Response(status, {"kind": "Status", "code": status}))
+                failure = self.fail[(method, parsed.path)]
+                status, message = failure if isinstance(failure, tuple) else (failure, "")
+                return rest.RESTResponse(
+                    _Response(status, {"kind": "Status", "code": status, "message": message})
+                )
             query = dict(urllib.parse.parse_qsl(parsed.query))
             status, data = self._handle(method, parsed.path, query, body)
         return rest.RESTResponse(_Response(status, data))

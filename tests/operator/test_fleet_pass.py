@@ -4,6 +4,7 @@ the operator process, kill and restart) stays in test_operator*.py."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -334,6 +335,27 @@ def test_bookkeeping_the_api_server_keeps_refusing_backs_off(world: World) -> No
     world.rec.reconcile_once()
     assert [c.kind for c in world.api.writes() if c.method == "POST"].count("services") == 1
     assert f"{NS}/cam" not in world.rec.writer.held_back
+
+
+def test_bookkeeping_refused_in_a_namespace_being_deleted_is_not_a_warning(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting a namespace of a thousand services refuses their Services' re-creation while they
+    go: expected, so it backs off as any refusal does but logs no warning per service."""
+    terminating = (
+        f'services "cam" is forbidden: unable to create new content in namespace {NS} because it is '
+        "being terminated"
+    )
+    world.api.fail[("POST", f"/api/v1/namespaces/{NS}/services")] = (403, terminating)
+    with caplog.at_level(logging.DEBUG, logger="edgefleet_operator.fleet_writer"):
+        report = world.rec.reconcile_once()
+    assert report.writes["service.error"] == 1 and world.rec.writer.held_back[f"{NS}/cam"][0] == 1
+    said = [r for r in caplog.records if "could not update" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG], said
+    world.api.fail[("POST", f"/api/v1/namespaces/{NS}/services")] = 500  # any other refusal warns
+    caplog.clear()
+    world.rec.reconcile_once()
+    assert [r.levelno for r in caplog.records if "could not update" in r.getMessage()] == [logging.WARNING]
 
 
 def test_a_failed_pod_is_replaced_and_idle_agents_removed(world: World) -> None:
