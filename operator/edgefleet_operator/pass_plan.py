@@ -149,8 +149,10 @@ def rollout_write(
     read: FleetRead,
     node_labels: Mapping[str, Mapping[str, str]],
     now: float,
+    memo: rollout.ObservationMemo | None = None,
 ) -> RolloutWrite:
-    """The service's rollout step over the `nodes` placement chose for it, at `now` (epoch seconds).
+    """The service's rollout step over the `nodes` placement chose for it, at `now` (epoch seconds);
+    `memo` keeps the nodes' observations from pass to pass (None: each made afresh).
 
     A first deployment (no status.rollout yet, no stable version) writes no status.rollout here: its
     targets follow from the spec alone, and its revision replaces any earlier try, so the pass after
@@ -164,10 +166,12 @@ def rollout_write(
     except ValueError as e:
         action, warning = None, event(isvc, "InvalidRolloutAction", str(e), True, stamp)
     previous = service.status_obj.get("rollout")
+    memo = memo or rollout.ObservationMemo()
     try:
         observations = {
-            n: rollout.observe(
+            n: memo.observe(
                 key,
+                n,
                 read.edge_node(n).status,
                 node_labels.get(n, {}).get(names.LABEL_DEVICE_CLASS, ""),
                 read.set_at(n),

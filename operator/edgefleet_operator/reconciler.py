@@ -41,7 +41,7 @@ from kubernetes import client
 from edgefleet_api import names, wire
 from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
-from edgefleet_operator import fleet_state, pass_plan, peers
+from edgefleet_operator import fleet_state, pass_plan, peers, rollout
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
 from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
@@ -98,6 +98,8 @@ class FleetReconciler:
         """Each node's health signals and state, derived again only when its objects change."""
         # Keeps the last pass's plan: a change in some nodes re-plans only what it reaches.
         self.planner = Planner()
+        self.observations = rollout.ObservationMemo()
+        """The nodes' rollout observations, kept from pass to pass (`rollout.ObservationMemo`)."""
         self._carried: dict[str, list[PlacementEvent]] = {}
         """Placement events of services whose bookkeeping a pass deferred, for the next pass."""
 
@@ -106,6 +108,7 @@ class FleetReconciler:
         hold is (re)gained another replica may have written meanwhile. Node health memory stays: it
         errs towards damping, as after a restart."""
         self.planner = Planner()
+        self.observations = rollout.ObservationMemo()
         self._carried = {}
 
     def lost_sight(self) -> None:
@@ -283,7 +286,8 @@ class FleetReconciler:
         for service in services:
             placed = result.services.get(service.key)
             nodes = placed.nodes if placed else ()
-            writes.append(pass_plan.rollout_write(service, nodes, read, node_labels, now))
+            writes.append(pass_plan.rollout_write(service, nodes, read, node_labels, now, self.observations))
+        self.observations.end_pass()
         stood = {ro.service: ro for ro in self.writer.write_rollouts(writes, report)}
         for ro in stood.values():
             for e in ro.decision.events if ro.decision is not None else ():

@@ -910,6 +910,41 @@ def test_an_unchanged_status_counts_as_current_as_of_the_agents_last_lease_renew
     assert observe(SERVICE, EdgeNodeStatus(), alive_s=window + 5).heartbeat_s == float("-inf")  # no report
 
 
+def test_the_observation_memo_answers_as_observe_and_observes_again_only_on_change() -> None:
+    """Kept from pass to pass per (service, node): the same object while the status object, node
+    class, entries' generations and Lease renewal hold; observed afresh when any of them changes;
+    forgotten after a pass that did not ask for it. Every answer equals `observe`'s."""
+    status = EdgeNodeStatus.from_obj(
+        {"observedGeneration": 4, "heartbeatTime": "2027-01-15T08:00:00Z", "models": [
+            {"service": SERVICE, "model": "classifier", "version": "2", "digest": digest("2"),
+             "state": "Ready"}]}
+    )  # fmt: skip
+    ref = ModelRef("classifier", "2", digest("2"))
+    memo = rollout.ObservationMemo()
+    calls = [
+        ("n1", status, "jetson", {(SERVICE, ref): 4}, 10.0),
+        ("n1", status, "jetson", {(SERVICE, ref): 4}, 10.0),  # unchanged: kept
+        ("n1", status, "jetson", {(SERVICE, ref): 4}, 11.0),  # the Lease renewed
+        ("n1", status, "jetson", {(SERVICE, ref): 5}, 11.0),  # told to run it at generation 5
+        ("n1", dataclasses.replace(status), "jetson", {(SERVICE, ref): 5}, 11.0),  # a new report
+        ("n1", status, "x86", {(SERVICE, ref): 5}, 11.0),
+        ("n2", status, "x86", {(SERVICE, ref): 5}, 11.0),
+    ]
+    got = []
+    for node, st_, cls, set_at, alive in calls:
+        o = memo.observe(SERVICE, node, st_, cls, set_at, alive)
+        assert o == observe(SERVICE, st_, cls, set_at, alive)
+        got.append(o)
+    assert got[1] is got[0] and got[2] is not got[1] and got[3].loaded == frozenset()
+    assert got[4] is not got[3] and got[5].node_class == "x86"
+    memo.end_pass()
+    kept = memo.observe(SERVICE, "n2", status, "x86", {(SERVICE, ref): 5}, 11.0)
+    assert kept is got[6]  # the next pass reuses it
+    memo.end_pass()
+    memo.end_pass()  # a pass that did not ask for n1 or n2
+    assert memo.observe(SERVICE, "n2", status, "x86", {(SERVICE, ref): 5}, 11.0) is not kept
+
+
 def test_a_wave_is_judged_only_on_reports_written_within_its_window() -> None:
     r = promoted_runner()
     d = r.tick(1)

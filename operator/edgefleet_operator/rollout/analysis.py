@@ -90,6 +90,48 @@ def observe(
     )
 
 
+class ObservationMemo:
+    """`observe` remembered per (service, node) from pass to pass: a node is observed again only
+    when its status object (a pass's typed view, kept while the EdgeNode's resourceVersion holds),
+    its class, its entries' generations or its agent's Lease renewal changed. At 1,000 nodes a
+    pass observed every node of every service; now it observes the few whose agents wrote or
+    renewed since. `end_pass` forgets what the pass did not ask for (gone services and nodes)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._used: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+    def observe(
+        self,
+        service: str,
+        node: str,
+        status: EdgeNodeStatus,
+        node_class: str = "",
+        set_at: Mapping[tuple[str, ModelRef], int] | None = None,
+        alive_s: float | None = None,
+    ) -> NodeObservation:
+        """`observe(service, status, node_class, set_at, alive_s)` for `node`, as it would return."""
+        key = (service, node)
+        kept = self._used.get(key) or self._kept.get(key)
+        if (
+            kept is not None
+            and kept[0] is status
+            and kept[1] == node_class
+            and kept[2] == alive_s
+            and kept[3] == set_at
+        ):
+            self._used[key] = kept
+            result: NodeObservation = kept[4]
+            return result
+        got = observe(service, status, node_class, set_at, alive_s)
+        self._used[key] = (status, node_class, alive_s, None if set_at is None else dict(set_at), got)
+        return got
+
+    def end_pass(self) -> None:
+        """What this pass observed is what the next one may reuse."""
+        self._kept, self._used = self._used, {}
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     """One check's value against its limit; `passed` is None when it could not run (no baseline)."""
