@@ -193,7 +193,7 @@ def test_sla_records_and_heat_change_rankings_only_for_new_work() -> None:
 )
 def test_changes_it_does_not_handle_plan_from_scratch(change: str) -> None:
     nodes = [node("a", labels={"zone": "x"}), node("b"), node("c", health=Health.NOT_READY)]
-    services = [svc("ns/s", replicas=2), svc("ns/t", 9)]
+    services = [svc("ns/s", replicas=2), svc("ns/t", 9, spread=Spread("zone", 1))]
     planner = placement.Planner()
     first = replan(planner, services, nodes)
     previous: Assignment | None = first.assignment
@@ -214,6 +214,27 @@ def test_changes_it_does_not_handle_plan_from_scratch(change: str) -> None:
     replan(planner, services, nodes, previous, incremental=False)
     # and from that fresh state, an unchanged re-plan is incremental
     replan(planner, services, nodes, planner.plan(services, nodes, previous).assignment, incremental=True)
+
+
+def test_labels_no_service_reads_re_plan_incrementally() -> None:
+    """A node's label that no service selects or spreads by (a bookkeeping label a tool sets)
+    changes no placement: no plan from scratch at 10,000 nodes for it. One that a selector or a
+    spread reads does."""
+    nodes = [node("a", labels={"zone": "x", "k": "v"}), node("b", labels={"zone": "y"}), node("c")]
+    services = [svc("ns/s", selector={"k": "v"}), svc("ns/t", replicas=3, spread=Spread("zone", 1))]
+    planner = placement.Planner()
+    last = replan(planner, services, nodes)
+    for labels in (
+        {"zone": "x", "k": "v", "tick": "1"},
+        {"zone": "x", "k": "v", "tick": "2"},
+        {"zone": "x", "k": "v"},
+    ):
+        nodes = changed(nodes, "a", labels=labels)
+        last = replan(planner, services, nodes, last.assignment, incremental=True)
+    for labels in ({"zone": "x"}, {"zone": "y"}):  # the selector's key, then the spread's
+        nodes = changed(nodes, "a", labels=labels)
+        last = replan(planner, services, nodes, last.assignment, incremental=False)
+    assert on(last, "ns/s") == ()
 
 
 def test_equal_copies_of_the_input_re_plan_incrementally() -> None:
@@ -259,7 +280,7 @@ def test_settings_are_the_planner_s() -> None:
 @st.composite
 def drifted(draw: st.DrawFn, nodes: list[NodeState]) -> list[NodeState]:
     """The fleet a moment later, changed only in what a Planner re-plans incrementally: health,
-    heat, capacity, SLA records (a few nodes, or none)."""
+    heat, capacity, SLA records, labels no service reads (a few nodes, or none)."""
     out = []
     for n in nodes:
         change = draw(st.integers(0, 9))
@@ -276,6 +297,8 @@ def drifted(draw: st.DrawFn, nodes: list[NodeState]) -> list[NodeState]:
             n = dataclasses.replace(n, memory_total_bytes=draw(st.integers(0, 12)) * G)
         elif change == 5:
             n = dataclasses.replace(n, sla_scores=draw(st.sampled_from(SLA)))
+        elif change == 6:  # a label no service reads
+            n = dataclasses.replace(n, labels={**n.labels, "tick": str(draw(st.integers(0, 2)))})
         out.append(n)
     return out
 

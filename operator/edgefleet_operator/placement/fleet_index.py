@@ -378,7 +378,8 @@ class Fleet:
 
     def restate(self, node: NodeState) -> bool:
         """Replace a node's state by one that differs from it only in what `_index_state` reads
-        (health, thermal state, capacity, SLA records). The node must hold nothing: `remove`
+        (health, thermal state, capacity, SLA records) and in labels no service's constraints
+        read (its cached sets stay valid). The node must hold nothing: `remove`
         its residents first, `add` back those that stay. Returns whether its NotReady or
         AgentSilent status changed; then call `refresh_eligible` before reading eligible sets."""
         name = node.name
@@ -403,6 +404,12 @@ class Fleet:
             per_node = self.sla.get(service)
             if per_node is not None:
                 per_node.pop(name, None)
+        old_labels = self.nodes[name].labels
+        if old_labels != node.labels:  # (in labels no service selects or spreads by: see `Planner`)
+            for item in old_labels.items() - node.labels.items():
+                self.label_index[item].discard(name)
+            for item in node.labels.items() - old_labels.items():
+                self.label_index[item].add(name)
         self.nodes[name] = node
         self._index_state(node)
         if name in self.placeable:
