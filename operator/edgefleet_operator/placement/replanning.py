@@ -210,7 +210,7 @@ def _delta(
 
 def _labels_read(demands: Iterable[ServiceDemand]) -> set[str]:
     """The label keys placement reads for `demands`: their node selectors' and spread keys."""
-    keys = set()
+    keys: set[str] = set()
     for d in demands:
         keys.update(d.node_selector)
         if d.spread is not None:
