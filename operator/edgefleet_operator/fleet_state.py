@@ -217,19 +217,19 @@ def service_demand(
     )
 
 
+def placed_models(en: EdgeNode) -> tuple[PlacedModel, ...]:
+    """What an EdgeNode's spec holds now, sorted."""
+    return tuple(
+        sorted(
+            PlacedModel(m.service, m.model, m.version, m.memory_budget_bytes or 0, m.traffic_weight)
+            for m in en.spec.models
+        )
+    )
+
+
 def previous_assignment(edge_nodes: Iterable[EdgeNode]) -> Assignment:
     """What the EdgeNode specs hold now (the last placement written)."""
-    return Assignment(
-        {
-            en.name: tuple(
-                sorted(
-                    PlacedModel(m.service, m.model, m.version, m.memory_budget_bytes or 0, m.traffic_weight)
-                    for m in en.spec.models
-                )
-            )
-            for en in edge_nodes
-        }
-    )
+    return Assignment({en.name: placed_models(en) for en in edge_nodes})
 
 
 def edge_entry(
@@ -328,14 +328,15 @@ def published_health(edge_node: Mapping[str, Any] | None) -> Health | None:
 
 
 class NodeMemo:
-    """`node_signals` and `node_state` per node, kept while the objects they derive from stand (by
-    resourceVersion; and the health, for the state): a pass over 10,000 nodes derives again only
-    those whose Node, EdgeNode or Lease changed. `typed(name, obj)` types an EdgeNode."""
+    """`node_signals`, `node_state` and `placed_models` per node, kept while the objects they derive
+    from stand (by resourceVersion; and the health, for the state): a pass over 10,000 nodes
+    derives again only those whose Node, EdgeNode or Lease changed. `typed(name, obj)` types an EdgeNode."""
 
     def __init__(self, typed: Callable[[str, dict[str, Any]], EdgeNode]) -> None:
         self.typed = typed
         self._signals: dict[str, tuple[tuple[Any, ...], NodeSignals]] = {}
         self._states: dict[str, tuple[tuple[Any, ...], NodeState]] = {}
+        self._placed: dict[str, tuple[str | None, tuple[PlacedModel, ...]]] = {}
 
     def signals(self, node: Obj, edge_node: dict[str, Any] | None, lease: Obj | None) -> NodeSignals:
         name = node["metadata"]["name"]
@@ -361,11 +362,22 @@ class NodeMemo:
         self._states[name] = (key, state)
         return state
 
+    def placed(self, name: str, edge_node: dict[str, Any]) -> tuple[PlacedModel, ...]:
+        """`placed_models` of EdgeNode `name`, kept while its resourceVersion stands."""
+        key = _version(edge_node)
+        kept = self._placed.get(name)
+        if kept is not None and kept[0] == key and key is not None:
+            return kept[1]
+        placed = placed_models(self.typed(name, edge_node))
+        self._placed[name] = (key, placed)
+        return placed
+
     def keep_only(self, nodes: Collection[str]) -> None:
         """Forget the nodes not in `nodes` (when the fleet shrank)."""
-        if len(self._signals) > len(nodes) or len(self._states) > len(nodes):
+        if max(len(self._signals), len(self._states), len(self._placed)) > len(nodes):
             self._signals = {n: v for n, v in self._signals.items() if n in nodes}
             self._states = {n: v for n, v in self._states.items() if n in nodes}
+            self._placed = {n: v for n, v in self._placed.items() if n in nodes}
 
 
 def _version(obj: Obj | None) -> str | None:

@@ -43,7 +43,14 @@ from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import fleet_state, pass_plan, peers, rollout
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
-from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementEvent, PlacementResult
+from edgefleet_operator.fleet_types import (
+    Assignment,
+    Health,
+    NodeState,
+    PlacedModel,
+    PlacementEvent,
+    PlacementResult,
+)
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker, Recovery
 from edgefleet_operator.metrics import OperatorMetrics
@@ -263,8 +270,9 @@ class FleetReconciler:
                 log.warning("skipping %s: %s", service_key(obj), e)
                 continue
             live.append(service)
-        previous = fleet_state.previous_assignment(
-            read.edge_node(n) for n in read.edge_nodes if n in report.health
+        memo = self.node_memo
+        previous = Assignment(
+            {n: memo.placed(n, en) for n, en in read.edge_nodes.items() if n in report.health}
         )
         result = self.planner.plan(demands, states, previous)
         report.result, report.incremental_plan = result, self.planner.incremental

@@ -244,3 +244,27 @@ def test_previous_assignment_reads_the_specs() -> None:
     previous = fleet_state.previous_assignment([edge_node(spec=spec)])
     assert previous.by_node == {"n1": (PlacedModel(SERVICE, "classifier", "1", 5, 40),)}
     assert EdgeNodeSpec.from_obj(spec).models[0].memory_budget_bytes == 5
+
+
+def test_the_node_memo_keeps_a_nodes_placed_models_while_its_resource_version_stands() -> None:
+    parsed: list[str] = []
+
+    def typed(name: str, obj: dict[str, Any]) -> EdgeNode:
+        parsed.append(obj["metadata"]["resourceVersion"])
+        return EdgeNode.from_obj(obj)
+
+    def obj(version: str, budget: int) -> dict[str, Any]:
+        entry = {**model_obj("1"), "service": SERVICE, "model": "classifier", "memoryBudgetBytes": budget}
+        return {
+            "metadata": {"name": "n1", "resourceVersion": version},
+            "spec": {"nodeName": "n1", "models": [entry]},
+        }
+
+    memo = fleet_state.NodeMemo(typed)
+    first = memo.placed("n1", obj("7", 5))
+    assert first == (PlacedModel(SERVICE, "classifier", "1", 5, 100),)
+    assert memo.placed("n1", obj("7", 5)) is first and parsed == ["7"]  # the same version: kept
+    assert memo.placed("n1", obj("8", 6))[0].memory_budget_bytes == 6 and parsed == ["7", "8"]
+    memo.keep_only([])
+    memo.placed("n1", obj("8", 6))
+    assert parsed == ["7", "8", "8"]  # forgotten once the node left
