@@ -12,7 +12,8 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
   module does not compute: another `hidden_act`, `dynamic`/`yarn` RoPE, partial rotary).
 - `LlamaForPaged.from_hf_state(shape, tensors)`: the model from Hugging Face tensor names
   (`model.layers.{i}.self_attn.q_proj.weight`, ...). q/k/v are fused into one matmul and
-  gate/up into another (the same products, in one call each).
+  gate/up into another (the same products, in one call each); unquantized on a CPU, the
+  matrices are kept in oneDNN's packed layout (`pack`).
 - `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
   the residual stream, norms, attention and the KV cache stay in the compute dtype (on a CPU
@@ -283,7 +284,16 @@ class LlamaForPaged(nn.Module):
         model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
         if quantization != "none":
             model.quantize(quantization, for_cpu=for_cpu)
+        elif for_cpu:
+            model.pack()
         return model
+
+    def pack(self) -> None:
+        """Its float matrices (not a tied LM head: that is the embedding) in oneDNN's layout,
+        where this CPU has oneDNN (`Linear.pack`): the same values and bytes, faster products."""
+        for m in self.modules():
+            if isinstance(m, Linear) and m.weight is not self.embed:
+                m.pack()
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
@@ -311,7 +321,10 @@ class LlamaForPaged(nn.Module):
         """Bytes of every parameter and buffer (shared storage counted once)."""
         seen: dict[int, int] = {}
         for x in [*self.parameters(), *self.buffers()]:
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            if x.is_mkldnn:  # a packed matrix (opaque storage): its own, as many bytes as plain
+                seen[id(x)] = x.numel() * x.element_size()
+            else:
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return sum(seen.values())
 
     # -- compute --------------------------------------------------------------------------
