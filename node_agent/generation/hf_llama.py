@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.errors import InvalidModel
-from node_agent.generation.linear import Int4Linear, Int8Linear, Linear
+from node_agent.generation.linear import BF16_KERNELS, Int4Linear, Int8Linear, Linear
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
@@ -110,7 +110,11 @@ class LlamaShape:
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidModel(f"config.json: {type(e).__name__}: {e}") from None
-        if heads % kv_heads or min(shape.vocab_size, hidden, shape.n_layers, head_dim, context) < 1:
+        if (
+            heads % kv_heads
+            or head_dim % 2
+            or min(shape.vocab_size, hidden, shape.n_layers, head_dim, context) < 1
+        ):
             raise InvalidModel(f"config.json: inconsistent shape {shape}")
         return shape
 
@@ -162,6 +166,16 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return inv
 
 
+def _interleave_rotary(heads: int, head_dim: int) -> torch.Tensor:
+    """The order of a q or k projection's rows with each head's rotary halves interleaved:
+    row 2j of a head is its row j, row 2j + 1 its row j + head_dim / 2, so RoPE turns
+    adjacent pairs (`LlamaForPaged._rope`). q and k are permuted alike: q.k is unchanged, and
+    the KV pool holds K in this order."""
+    half = head_dim // 2
+    pairs = torch.stack((torch.arange(half), torch.arange(half) + half), dim=-1).reshape(-1)
+    return (torch.arange(heads)[:, None] * head_dim + pairs).reshape(-1)
+
+
 def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
     return functools.partial(Int4Linear.from_linear, portable=not for_cpu)
 
@@ -197,13 +211,9 @@ class LlamaForPaged(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.Parameter(norm, requires_grad=False)
         self.lm_head: nn.Module = Linear(self.embed if lm_head is None else lm_head, None)
-        inv = rope_inv_freq(shape)
-        freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        sin = emb.sin()
-        sin[:, : sin.shape[1] // 2].neg_()  # signed: rotate_half(x) * sin == swap_halves(x) * this
-        self.register_buffer("cos", emb.cos().to(embed.dtype), persistent=False)
-        self.register_buffer("sin", sin.to(embed.dtype), persistent=False)
+        freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), rope_inv_freq(shape))
+        # e^(i * position * frequency) [positions, head_dim / 2]: cos and sin as transformers' tables
+        self.register_buffer("rotary", torch.complex(freqs.cos(), freqs.sin()), persistent=False)
         self.quantization = "none"
 
     @property
@@ -260,11 +270,13 @@ class LlamaForPaged(nn.Module):
         for i in range(s.n_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            qkv_w = torch.cat([t(a + "q_proj.weight", (qo, d)), t(a + "k_proj.weight", (kvo, d)),
-                               t(a + "v_proj.weight", (kvo, d))])  # fmt: skip
+            q_rows, k_rows = _interleave_rotary(s.n_heads, hd), _interleave_rotary(s.n_kv_heads, hd)
+            wq, wk = t(a + "q_proj.weight", (qo, d))[q_rows], t(a + "k_proj.weight", (kvo, d))[k_rows]
+            qkv_w = torch.cat([wq, wk, t(a + "v_proj.weight", (kvo, d))])
             qkv_b = None
             if s.qkv_bias:
-                qkv_b = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
+                qkv_b = torch.cat([t(a + "q_proj.bias")[q_rows], t(a + "k_proj.bias")[k_rows],
+                                   t(a + "v_proj.bias")])  # fmt: skip
             f = s.intermediate_size
             gate_up = torch.cat([t(m + "gate_proj.weight", (f, d)), t(m + "up_proj.weight", (f, d))])
             gate_up_b = None
@@ -332,8 +344,8 @@ class LlamaForPaged(nn.Module):
     def _layers(self) -> list[_Layer]:
         return [cast(_Layer, m) for m in self.layers]
 
-    def _rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return cast(torch.Tensor, self.cos), cast(torch.Tensor, self.sin)
+    def _rotary(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.rotary)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -351,29 +363,39 @@ class LlamaForPaged(nn.Module):
         return weight * h.to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin (transformers' formula), with rotate_half(x) =
-        cat(-x2, x1) written as the halves swapped times the signed `sin` table: three
-        kernels instead of five."""
-        d = x.shape[-1]
-        swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-        return torch.addcmul(x * cos, swapped, sin)
+    def _rope(x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        """transformers' x * cos + rotate_half(x) * sin, on heads whose rotary halves are
+        interleaved (`_interleave_rotary`): each pair (x_i, x_{i + D/2}) is adjacent, one
+        complex number, turned by one complex multiply with e^(i theta) (`rotary` rows
+        [..., 1, D/2]): one kernel instead of five, in float32 whatever x's dtype."""
+        turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rotary
+        return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
     def _qkv(
-        self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: _Layer, x: torch.Tensor, rotary: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [..., H, D], k and v [..., Hkv, D] of `x` [..., d], RoPE applied."""
         s = self.shape
         qkv = layer.qkv(self._rms(x, layer.norm1))
         qk, v = qkv.split([(s.n_heads + s.n_kv_heads) * s.head_dim, s.n_kv_heads * s.head_dim], -1)
         lead = x.shape[:-1]
-        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), cos, sin)
+        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), rotary)
         q, k = qk.split([s.n_heads, s.n_kv_heads], dim=-2)
         return q, k, v.reshape(*lead, s.n_kv_heads, s.head_dim)
 
+    def _mm_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the matrices take their inputs in: bfloat16 where the quantized kernels
+        round to it anyway (`linear.BF16_KERNELS`), so that the MLP runs between its products
+        without converting back and forth and the outputs of `o` and `down` join the
+        residual stream as they are (an add that widens them: the same sums); else x's."""
+        if self.quantization != "none" and BF16_KERNELS and x.device.type == "cpu":
+            return torch.bfloat16
+        return x.dtype
+
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(self._rms(x, layer.norm2)).chunk(2, dim=-1)
-        return cast(torch.Tensor, layer.down(F.silu(gate) * up))
+        h = self._rms(x, layer.norm2).to(self._mm_dtype(x))
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return cast(torch.Tensor, layer.down(F.silu(gate).mul_(up)))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.lm_head(self._rms(x, self.norm))).float()
@@ -385,14 +407,13 @@ class LlamaForPaged(nn.Module):
         if t > s.max_seq_len:
             raise ValueError(f"{t} tokens exceed the context of {s.max_seq_len}")
         x = self._embed(tokens)
-        cos, sin = self._rotary()
-        cos, sin = cos[:t, None, :], sin[:t, None, :]  # [T, 1, D]
-        rep = s.n_heads // s.n_kv_heads
+        rotary = self._rotary()[:t, None, :]  # [T, 1, D/2]
+        rep, mm = s.n_heads // s.n_kv_heads, self._mm_dtype(x)
         for layer in self._layers():
-            q, k, v = (y.transpose(1, 2) for y in self._qkv(layer, x, cos, sin))  # [B, h, T, D]
+            q, k, v = (y.transpose(1, 2) for y in self._qkv(layer, x, rotary))  # [B, h, T, D]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.head_dim**-0.5)
-            x = x + layer.o(a.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.o(a.transpose(1, 2).reshape(b, t, -1).to(mm))
             x = x + self._mlp(layer, x)
         return self._logits(x)
 
@@ -407,14 +428,15 @@ class LlamaForPaged(nn.Module):
             raise ValueError(f"a position passes the context of {s.max_seq_len}")
         plan = AttentionPlan(batch, pool.block_size, dev)
         x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
-        cos, sin = (c.index_select(0, plan.positions).unsqueeze(1) for c in self._rotary())  # [N, 1, D]
+        rotary = self._rotary().index_select(0, plan.positions).unsqueeze(1)  # [N, 1, D/2]
         n, heads, kv_heads, d = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
         qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
+        mm = self._mm_dtype(x)
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
         # matrices are called through `forward` (no module hooks are used).
         for i, layer in enumerate(self._layers()):
             qkv = layer.qkv.forward(self._rms(x, layer.norm1))
-            qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), cos, sin)  # [N, H + Hkv, D]
+            qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), rotary)  # [N, H + Hkv, D]
             k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
             k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
             if not same_dtype:
@@ -422,8 +444,8 @@ class LlamaForPaged(nn.Module):
             k_pool.index_copy_(0, plan.slots, k)
             v_pool.index_copy_(0, plan.slots, v)
             a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
-            x = x + layer.o.forward(a.reshape(n, -1))
-            gate, up = layer.gate_up.forward(self._rms(x, layer.norm2)).chunk(2, dim=-1)
+            x = x + layer.o.forward(a.reshape(n, -1).to(mm))
+            gate, up = layer.gate_up.forward(self._rms(x, layer.norm2).to(mm)).chunk(2, dim=-1)
             x = x + layer.down.forward(F.silu(gate).mul_(up))
         if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
             x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))

@@ -122,8 +122,7 @@ class Linear(nn.Module):
             and (w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2)
         ):
             packed = torch.ops.mkldnn._reorder_linear_weight(w.data, PACK_ROWS)
-            del self.weight
-            self.register_buffer("weight", packed)
+            self.weight = nn.Parameter(packed, requires_grad=False)
             self.packed = True
         return self.packed
 
@@ -148,6 +147,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # the fused kernel's scales, converted once (counted with the weights: 2 bytes a row)
+        self.register_buffer(
+            "scale_bf16", scale.to(torch.bfloat16) if BF16_KERNELS else None, persistent=False
+        )
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,13 +179,12 @@ class Int8Linear(nn.Module):
             y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-    @staticmethod
-    def _bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x [rows, in] through bfloat16 products with float32 sums; output in x's dtype."""
+    def _bf16(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] through bfloat16 products with float32 sums; output in x's dtype
+        (bfloat16 inputs are taken as they are and give bfloat16: no conversions)."""
         xb = x.to(torch.bfloat16).contiguous()
         if x.shape[0] <= INT8_FUSED_MAX_ROWS:
-            y = torch._weight_int8pack_mm(xb, qweight, scale.to(torch.bfloat16))
-            return y.to(x.dtype)
+            return torch._weight_int8pack_mm(xb, qweight, cast(torch.Tensor, self.scale_bf16)).to(x.dtype)
         y = cast(torch.Tensor, _ONEDNN(xb, qweight.to(torch.bfloat16), None, "none", [], ""))
         return y.to(x.dtype) * scale.to(x.dtype)
 

@@ -7,7 +7,9 @@
   so small blocks cost no more than large ones) and used by every layer.
 - `paged_attention`: every query row attends over its context gathered from the pool,
   with grouped-query attention (kv_heads dividing heads; query head h reads K/V head
-  h // (heads // kv_heads), as Hugging Face's `repeat_kv` does).
+  h // (heads // kv_heads), as Hugging Face's `repeat_kv` does). A lone decode row whose
+  blocks are consecutive (one sequence on a pool: the block manager hands out the lowest
+  free ids) reads its context in place, a view of the pool, not a copy.
 
 A model writes each layer's new K/V at `plan.slots` before it calls `paged_attention`
 (a step writes every new K/V before any attention reads it; the KV manager relies on it).
@@ -160,8 +162,12 @@ class AttentionPlan:
             self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
             self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
             self.decode_mask: torch.Tensor | None = None
+            self.decode_span: tuple[int, int] | None = None
             if len(decode) == 1:  # one sequence: its context cut from its blocks, no mask
-                self.decode_shape = (1, ctx_list[decode[0]])
+                c, blocks = ctx_list[decode[0]], rows[decode[0]][:dwidth]
+                self.decode_shape = (1, c)
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                    self.decode_span = (blocks[0] * bs, blocks[0] * bs + c)  # consecutive: a view, no copy
             else:  # [S, 1, 1, W]: each row's context within the longest one's whole blocks
                 self.decode_shape = (len(decode), dwidth * bs)
                 dctx = torch.tensor([ctx_list[i] for i in decode], device=device)
@@ -204,9 +210,13 @@ def paged_attention(
     if plan.decode_index is not None:
         s, w = plan.decode_shape  # w: the longest context's whole blocks (the mask cuts each)
         bs = plan.block_size
-        kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
-        vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
-        kc, vc = kc[:, :w], vc[:, :w]
+        if plan.decode_span is not None:  # one sequence in consecutive blocks: read in place
+            span = slice(*plan.decode_span)
+            kc, vc = k_pool[None, span], v_pool[None, span]
+        else:
+            kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+            vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+            kc, vc = kc[:, :w], vc[:, :w]
         if kc.dtype != dtype:
             kc, vc = kc.to(dtype), vc.to(dtype)
         qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
