@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.errors import InvalidModel
-from node_agent.generation.linear import BF16_KERNELS, Int4Linear, Int8Linear, Linear
+from node_agent.generation.linear import BF16_KERNELS, Int4Linear, Int8Linear, Linear, RowsKernel
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
            "rope_inv_freq"]  # fmt: skip
 
-_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+_FUSED_RMS_NORM = hasattr(torch, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
 QUANTIZATIONS = ("none", "int8", "int4")
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
@@ -180,6 +180,18 @@ def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
     return functools.partial(Int4Linear.from_linear, portable=not for_cpu)
 
 
+@dataclass(frozen=True, slots=True)
+class _StepLayer:
+    """One layer as the paged step runs it: norm weights and bound matrix kernels."""
+
+    norm1: torch.Tensor
+    qkv: RowsKernel
+    o: RowsKernel
+    norm2: torch.Tensor
+    gate_up: RowsKernel
+    down: RowsKernel
+
+
 class _Layer(nn.Module):
     def __init__(self, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
                  norm1: torch.Tensor, norm2: torch.Tensor) -> None:  # fmt: skip
@@ -187,6 +199,13 @@ class _Layer(nn.Module):
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
+
+    def step_layer(self) -> _StepLayer:
+        def kernel(m: nn.Module) -> RowsKernel:
+            return cast("Linear | Int8Linear | Int4Linear", m).rows_kernel()
+
+        return _StepLayer(self.norm1, kernel(self.qkv), kernel(self.o), self.norm2, kernel(self.gate_up),
+                          kernel(self.down))  # fmt: skip
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Its full-precision weight matrices to `mode` ('int8' or 'int4'); `for_cpu`: int4 in
@@ -215,6 +234,18 @@ class LlamaForPaged(nn.Module):
         # e^(i * position * frequency) [positions, head_dim / 2]: cos and sin as transformers' tables
         self.register_buffer("rotary", torch.complex(freqs.cos(), freqs.sin()), persistent=False)
         self.quantization = "none"
+        self._step_layers: list[_StepLayer] | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LlamaForPaged:  # .to(), .cpu(), ...
+        self._step_layers = None  # the kernels hold the tensors they were made with
+        return cast(LlamaForPaged, super()._apply(fn, recurse))
+
+    def _kernels(self) -> list[_StepLayer]:
+        """Each layer's norms and matrix kernels (`linear.RowsKernel`), made once and again
+        after the model changes (`pack`, `quantize`, a move)."""
+        if self._step_layers is None:
+            self._step_layers = [m.step_layer() for m in self._layers()]
+        return self._step_layers
 
     @property
     def config(self) -> LlamaShape:
@@ -306,6 +337,7 @@ class LlamaForPaged(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear) and m.weight is not self.embed:
                 m.pack()
+        self._step_layers = None
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
@@ -328,6 +360,7 @@ class LlamaForPaged(nn.Module):
             self.register_buffer("embed", q)
             self.register_buffer("embed_scale", scale)
         self.quantization = mode
+        self._step_layers = None
 
     def weight_bytes(self) -> int:
         """Bytes of every parameter and buffer (shared storage counted once)."""
@@ -356,8 +389,8 @@ class LlamaForPaged(nn.Module):
         return rows.to(self.dtype) * scale.index_select(0, flat).view(*ids.shape, 1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
-            return F.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
+        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one call, the same formula
+            return torch.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
         return weight * h.to(x.dtype)
@@ -433,20 +466,20 @@ class LlamaForPaged(nn.Module):
         qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
         mm = self._mm_dtype(x)
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
-        # matrices are called through `forward` (no module hooks are used).
-        for i, layer in enumerate(self._layers()):
-            qkv = layer.qkv.forward(self._rms(x, layer.norm1))
+        # matrices are called through their bound kernels (no module hooks are used).
+        for i, layer in enumerate(self._kernels()):
+            qkv = layer.qkv(self._rms(x, layer.norm1))
             qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), rotary)  # [N, H + Hkv, D]
             k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
-            k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
+            k_pool, v_pool = pool.k_layers[i], pool.v_layers[i]
             if not same_dtype:
                 k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
             k_pool.index_copy_(0, plan.slots, k)
             v_pool.index_copy_(0, plan.slots, v)
             a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
-            x = x + layer.o.forward(a.reshape(n, -1).to(mm))
-            gate, up = layer.gate_up.forward(self._rms(x, layer.norm2).to(mm)).chunk(2, dim=-1)
-            x = x + layer.down.forward(F.silu(gate).mul_(up))
+            x = x + layer.o(a.reshape(n, -1).to(mm))
+            gate, up = layer.gate_up(self._rms(x, layer.norm2).to(mm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate).mul_(up))
         if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
             x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))
         return self._logits(x)

@@ -27,6 +27,7 @@ kernel is fastest depends on the shape, so each call picks:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BF16_KERNELS", "INT4_GROUP", "INT4_KERNELS", "ONEDNN_AVAILABLE", "PACK_ROWS", "QUANTIZE_ROWS",
-           "Int4Linear", "Int8Linear", "Linear", "matmul"]  # fmt: skip
+           "Int4Linear", "Int8Linear", "Linear", "RowsKernel", "matmul"]  # fmt: skip
 
 QUANTIZE_ROWS = 1024
 """Output channels quantized at a time: bounds the float temporaries (a few MiB)."""
@@ -79,6 +80,12 @@ BF16_KERNELS = _ONEDNN is not None and _bf16_native()
 """Whether int8 products take bfloat16 inputs through torch's int8 and oneDNN kernels here."""
 INT4_KERNELS = BF16_KERNELS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 """Whether int4 matrices are kept in torch's CPU int4 layout and multiplied by its kernel."""
+
+
+RowsKernel = Callable[[torch.Tensor], torch.Tensor]
+"""A matrix's product as a plain function of x [rows, in], its tensors bound once: what a
+model's per-step loop calls, without a module's attribute lookups and dispatch on every
+call. Valid until the module is changed or moved (the model makes them anew then)."""
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,6 +142,13 @@ class Linear(nn.Module):
             return cast(torch.Tensor, _ONEDNN(x, self.weight, self.bias, "none", [], ""))
         return matmul(x, self.weight, self.bias)
 
+    def rows_kernel(self) -> RowsKernel:
+        """`forward` for [rows, in] inputs with the module's tensors bound (see `RowsKernel`)."""
+        if not self.packed:
+            return self.forward
+        weight, bias, onednn = self.weight, self.bias, _ONEDNN
+        return lambda x: cast(torch.Tensor, onednn(x, weight, bias, "none", [], ""))
+
 
 class Int8Linear(nn.Module):
     """Weight-only int8: W ~= q * scale[:, None], q int8 in [-127, 127], one float32 scale
@@ -178,6 +192,22 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def rows_kernel(self) -> RowsKernel:
+        """`forward` for [rows, in] inputs with the module's tensors bound (see `RowsKernel`)."""
+        qweight, scale = cast(torch.Tensor, self.qweight), cast(torch.Tensor, self.scale_bf16)
+        bias, forward = self.bias, self.forward
+        if not (BF16_KERNELS and qweight.device.type == "cpu"):
+            return forward
+        fused, bf16, max_rows = torch._weight_int8pack_mm, torch.bfloat16, INT8_FUSED_MAX_ROWS
+
+        def kernel(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > max_rows:
+                return cast(torch.Tensor, forward(x))
+            y = fused(x.to(bf16).contiguous(), qweight, scale).to(x.dtype)
+            return y if bias is None else y + bias
+
+        return kernel
 
     def _bf16(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [rows, in] through bfloat16 products with float32 sums; output in x's dtype
@@ -243,6 +273,10 @@ class Int4Linear(nn.Module):
             table = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1).to(torch.bfloat16)
             return cls(packed, table.contiguous(), bias, group, torch_layout=True)
         return cls(packed, scale, bias, group)
+
+    def rows_kernel(self) -> RowsKernel:
+        """`forward` (see `RowsKernel`)."""
+        return self.forward
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The expanded [out, in] matrix (the portable layout only)."""
