@@ -182,14 +182,34 @@ def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
 
 @dataclass(frozen=True, slots=True)
 class _StepLayer:
-    """One layer as the paged step runs it: norm weights and bound matrix kernels."""
+    """One layer as the paged step runs it: bound norm and matrix kernels."""
 
-    norm1: torch.Tensor
+    norm1: RowsKernel
     qkv: RowsKernel
     o: RowsKernel
-    norm2: torch.Tensor
+    norm2: RowsKernel
     gate_up: RowsKernel
     down: RowsKernel
+
+
+FEW_ROWS = 16
+"""Rows up to which `rms_kernel` normalizes as a LayerNorm (a decode step's rows)."""
+
+
+def rms_kernel(weight: torch.Tensor, eps: float, general: RowsKernel) -> RowsKernel:
+    """RMSNorm with `weight` of float32 x [rows, d], for up to `FEW_ROWS` rows as the
+    LayerNorm of [x, -x] (mean 0, variance mean(x^2): x / sqrt(mean(x^2) + eps), the same
+    formula) cut to its first d columns: one fused kernel and a concatenation, where torch's
+    CPU RMSNorm runs about eight small kernels; `general` for the rest."""
+    twice, d = torch.cat((weight, weight)), weight.shape[0]
+    layer_norm, cat = F.layer_norm, torch.cat
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > FEW_ROWS or x.dtype != torch.float32:
+            return general(x)
+        return layer_norm(cat((x, x.neg()), -1), twice.shape, twice, None, eps)[:, :d]
+
+    return kernel
 
 
 class _Layer(nn.Module):
@@ -200,12 +220,14 @@ class _Layer(nn.Module):
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
 
-    def step_layer(self) -> _StepLayer:
+    def step_layer(self, norm: Callable[[torch.Tensor], RowsKernel]) -> _StepLayer:
+        """Its kernels; `norm` makes the kernel of a norm weight."""
+
         def kernel(m: nn.Module) -> RowsKernel:
             return cast("Linear | Int8Linear | Int4Linear", m).rows_kernel()
 
-        return _StepLayer(self.norm1, kernel(self.qkv), kernel(self.o), self.norm2, kernel(self.gate_up),
-                          kernel(self.down))  # fmt: skip
+        return _StepLayer(norm(self.norm1), kernel(self.qkv), kernel(self.o), norm(self.norm2),
+                          kernel(self.gate_up), kernel(self.down))  # fmt: skip
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Its full-precision weight matrices to `mode` ('int8' or 'int4'); `for_cpu`: int4 in
@@ -235,17 +257,26 @@ class LlamaForPaged(nn.Module):
         self.register_buffer("rotary", torch.complex(freqs.cos(), freqs.sin()), persistent=False)
         self.quantization = "none"
         self._step_layers: list[_StepLayer] | None = None
+        self._step_norm: tuple[RowsKernel, RowsKernel] | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> LlamaForPaged:  # .to(), .cpu(), ...
         self._step_layers = None  # the kernels hold the tensors they were made with
         return cast(LlamaForPaged, super()._apply(fn, recurse))
 
-    def _kernels(self) -> list[_StepLayer]:
-        """Each layer's norms and matrix kernels (`linear.RowsKernel`), made once and again
-        after the model changes (`pack`, `quantize`, a move)."""
-        if self._step_layers is None:
-            self._step_layers = [m.step_layer() for m in self._layers()]
-        return self._step_layers
+    def _kernels(self) -> tuple[list[_StepLayer], tuple[RowsKernel, RowsKernel]]:
+        """Each layer's norm and matrix kernels (`linear.RowsKernel`), the final norm's and
+        the LM head's, made once and again after the model changes (`pack`, `quantize`, a
+        move)."""
+        if self._step_layers is None or self._step_norm is None:
+            eps = self.shape.rms_norm_eps
+
+            def norm(weight: torch.Tensor) -> RowsKernel:
+                return rms_kernel(weight.data, eps, functools.partial(self._rms, weight=weight))
+
+            self._step_layers = [m.step_layer(norm) for m in self._layers()]
+            head = cast("Linear | Int8Linear | Int4Linear", self.lm_head).rows_kernel()
+            self._step_norm = norm(self.norm), head
+        return self._step_layers, self._step_norm
 
     @property
     def config(self) -> LlamaShape:
@@ -467,8 +498,9 @@ class LlamaForPaged(nn.Module):
         mm = self._mm_dtype(x)
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
         # matrices are called through their bound kernels (no module hooks are used).
-        for i, layer in enumerate(self._kernels()):
-            qkv = layer.qkv(self._rms(x, layer.norm1))
+        layers, (final_norm, head) = self._kernels()
+        for i, layer in enumerate(layers):
+            qkv = layer.qkv(layer.norm1(x))
             qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), rotary)  # [N, H + Hkv, D]
             k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
             k_pool, v_pool = pool.k_layers[i], pool.v_layers[i]
@@ -478,8 +510,8 @@ class LlamaForPaged(nn.Module):
             v_pool.index_copy_(0, plan.slots, v)
             a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
             x = x + layer.o(a.reshape(n, -1).to(mm))
-            gate, up = layer.gate_up(self._rms(x, layer.norm2).to(mm)).chunk(2, dim=-1)
+            gate, up = layer.gate_up(layer.norm2(x).to(mm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate).mul_(up))
         if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
             x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))
-        return self._logits(x)
+        return head(final_norm(x)).float()
