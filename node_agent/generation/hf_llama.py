@@ -432,7 +432,10 @@ class LlamaForPaged(nn.Module):
         interleaved (`_interleave_rotary`): each pair (x_i, x_{i + D/2}) is adjacent, one
         complex number, turned by one complex multiply with e^(i theta) (`rotary` rows
         [..., 1, D/2]): one kernel instead of five, in float32 whatever x's dtype."""
-        turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rotary
+        pairs = x.view(*x.shape[:-1], -1, 2)
+        if x.dtype is torch.float32:
+            return torch.view_as_real(torch.view_as_complex(pairs) * rotary).view(x.shape)
+        turned = torch.view_as_complex(pairs.float()) * rotary
         return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
     def _qkv(
@@ -494,21 +497,22 @@ class LlamaForPaged(nn.Module):
         x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
         rotary = self._rotary().index_select(0, plan.positions).unsqueeze(1)  # [N, 1, D/2]
         n, heads, kv_heads, d = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
-        qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
+        widths, head_split = [(heads + kv_heads) * d, kv_heads * d], [heads, kv_heads]
+        scale, same_dtype = d**-0.5, pool.k.dtype == x.dtype
         mm = self._mm_dtype(x)
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
         # matrices are called through their bound kernels (no module hooks are used).
         layers, (final_norm, head) = self._kernels()
         for i, layer in enumerate(layers):
-            qkv = layer.qkv(layer.norm1(x))
-            qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), rotary)  # [N, H + Hkv, D]
-            k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
+            qk, v = layer.qkv(layer.norm1(x)).split_with_sizes(widths, 1)
+            q, k = self._rope(qk.view(n, heads + kv_heads, d), rotary).split_with_sizes(head_split, 1)
+            v = v.view(n, kv_heads, d)
             k_pool, v_pool = pool.k_layers[i], pool.v_layers[i]
             if not same_dtype:
                 k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
             k_pool.index_copy_(0, plan.slots, k)
             v_pool.index_copy_(0, plan.slots, v)
-            a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
+            a = paged_attention(plan, q, k_pool, v_pool, scale, (k, v))
             x = x + layer.o(a.reshape(n, -1).to(mm))
             gate, up = layer.gate_up(layer.norm2(x).to(mm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate).mul_(up))

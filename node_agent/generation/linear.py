@@ -204,7 +204,11 @@ class Int8Linear(nn.Module):
         def kernel(x: torch.Tensor) -> torch.Tensor:
             if x.shape[0] > max_rows:
                 return cast(torch.Tensor, forward(x))
-            y = fused(x.to(bf16).contiguous(), qweight, scale).to(x.dtype)
+            dtype = x.dtype
+            if dtype is not bf16:  # (no-op calls cost too, at 33 products a step)
+                y = fused(x.to(bf16), qweight, scale).to(dtype)
+            else:
+                y = fused(x if x.is_contiguous() else x.contiguous(), qweight, scale)
             return y if bias is None else y + bias
 
         return kernel
