@@ -202,7 +202,7 @@ def rms_kernel(weight: torch.Tensor, eps: float, general: RowsKernel) -> RowsKer
     formula) cut to its first d columns: one fused kernel and a concatenation, where torch's
     CPU RMSNorm runs about eight small kernels; `general` for the rest."""
     twice, d = torch.cat((weight, weight)), weight.shape[0]
-    layer_norm, cat = F.layer_norm, torch.cat
+    layer_norm, cat = torch.layer_norm, torch.cat
 
     def kernel(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > FEW_ROWS or x.dtype != torch.float32:
