@@ -12,12 +12,17 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
   module does not compute: another `hidden_act`, `dynamic`/`yarn` RoPE, partial rotary).
 - `LlamaForPaged.from_hf_state(shape, tensors)`: the model from Hugging Face tensor names
   (`model.layers.{i}.self_attn.q_proj.weight`, ...). q/k/v are fused into one matmul and
-  gate/up into another (the same products, in one call each); unquantized on a CPU, the
-  matrices are kept in oneDNN's packed layout (`pack`).
+  gate/up into another (the same products, in one call each); q and k rows with each
+  head's rotary halves interleaved (RoPE is then one complex multiply; q.k is unchanged);
+  unquantized on a CPU, the matrices are kept in oneDNN's packed layout (`pack`).
+- `forward_paged`: the engine's step, through kernels bound once per model (`_kernels`):
+  the matrices' `rows_kernel`s and, for a decode step's few rows, RMSNorm as one LayerNorm
+  (`rms_kernel`), so a layer costs few calls beyond its products.
 - `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
   the residual stream, norms, attention and the KV cache stay in the compute dtype (on a CPU
-  with native bfloat16, the int8 products take bfloat16 inputs: `linear`). `quantize("int4")`:
+  with native bfloat16, the int8 products take bfloat16 inputs: `linear`; the MLP between
+  its products and the o/down outputs stay in bfloat16 there). `quantize("int4")`:
   the layers' and an untied head's matrices in int4, two to a byte, one scale per group of
   `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
   The matrices and their kernels are `linear`'s.
