@@ -12,11 +12,17 @@ the embedding or not). Tests check logits equal transformers' within 1e-4 (float
   module does not compute: another `hidden_act`, `dynamic`/`yarn` RoPE, partial rotary).
 - `LlamaForPaged.from_hf_state(shape, tensors)`: the model from Hugging Face tensor names
   (`model.layers.{i}.self_attn.q_proj.weight`, ...). q/k/v are fused into one matmul and
-  gate/up into another (the same products, in one call each).
+  gate/up into another (the same products, in one call each); q and k rows with each
+  head's rotary halves interleaved (RoPE is then one complex multiply; q.k is unchanged);
+  unquantized on a CPU, the matrices are kept in oneDNN's packed layout (`pack`).
+- `forward_paged`: the engine's step, through kernels bound once per model (`_kernels`):
+  the matrices' `rows_kernel`s and, for a decode step's few rows, RMSNorm as one LayerNorm
+  (`rms_kernel`), so a layer costs few calls beyond its products.
 - `quantize("int8")`: weight-only int8, one symmetric scale per output channel (per row of
   the embedding, which a tied LM head shares): weights take a quarter of float32's bytes;
   the residual stream, norms, attention and the KV cache stay in the compute dtype (on a CPU
-  with native bfloat16, the int8 products take bfloat16 inputs: `linear`). `quantize("int4")`:
+  with native bfloat16, the int8 products take bfloat16 inputs: `linear`; the MLP between
+  its products and the o/down outputs stay in bfloat16 there). `quantize("int4")`:
   the layers' and an untied head's matrices in int4, two to a byte, one scale per group of
   `INT4_GROUP` inputs of an output channel (about 0.56 bytes a weight); the embedding int8.
   The matrices and their kernels are `linear`'s.
@@ -35,13 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.errors import InvalidModel
-from node_agent.generation.linear import Int4Linear, Int8Linear, Linear
+from node_agent.generation.linear import BF16_KERNELS, Int4Linear, Int8Linear, Linear, RowsKernel
 from node_agent.generation.paged_attention import AttentionPlan, PagedBatch, PagedKVPool, paged_attention
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "Int4Linear", "Int8Linear", "LlamaForPaged", "LlamaShape",
            "rope_inv_freq"]  # fmt: skip
 
-_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+_FUSED_RMS_NORM = hasattr(torch, "rms_norm")
 """torch >= 2.4 has a fused RMSNorm."""
 QUANTIZATIONS = ("none", "int8", "int4")
 ARCHITECTURES: frozenset[str] = frozenset({"llama", "qwen2", "mistral"})
@@ -109,7 +115,11 @@ class LlamaShape:
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidModel(f"config.json: {type(e).__name__}: {e}") from None
-        if heads % kv_heads or min(shape.vocab_size, hidden, shape.n_layers, head_dim, context) < 1:
+        if (
+            heads % kv_heads
+            or head_dim % 2
+            or min(shape.vocab_size, hidden, shape.n_layers, head_dim, context) < 1
+        ):
             raise InvalidModel(f"config.json: inconsistent shape {shape}")
         return shape
 
@@ -161,8 +171,50 @@ def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
     return inv
 
 
+def _interleave_rotary(heads: int, head_dim: int) -> torch.Tensor:
+    """The order of a q or k projection's rows with each head's rotary halves interleaved:
+    row 2j of a head is its row j, row 2j + 1 its row j + head_dim / 2, so RoPE turns
+    adjacent pairs (`LlamaForPaged._rope`). q and k are permuted alike: q.k is unchanged, and
+    the KV pool holds K in this order."""
+    half = head_dim // 2
+    pairs = torch.stack((torch.arange(half), torch.arange(half) + half), dim=-1).reshape(-1)
+    return (torch.arange(heads)[:, None] * head_dim + pairs).reshape(-1)
+
+
 def _int4(for_cpu: bool) -> Callable[[Linear], Int4Linear | Int8Linear]:
     return functools.partial(Int4Linear.from_linear, portable=not for_cpu)
+
+
+@dataclass(frozen=True, slots=True)
+class _StepLayer:
+    """One layer as the paged step runs it: bound norm and matrix kernels."""
+
+    norm1: RowsKernel
+    qkv: RowsKernel
+    o: RowsKernel
+    norm2: RowsKernel
+    gate_up: RowsKernel
+    down: RowsKernel
+
+
+FEW_ROWS = 16
+"""Rows up to which `rms_kernel` normalizes as a LayerNorm (a decode step's rows)."""
+
+
+def rms_kernel(weight: torch.Tensor, eps: float, general: RowsKernel) -> RowsKernel:
+    """RMSNorm with `weight` of float32 x [rows, d], for up to `FEW_ROWS` rows as the
+    LayerNorm of [x, -x] (mean 0, variance mean(x^2): x / sqrt(mean(x^2) + eps), the same
+    formula) cut to its first d columns: one fused kernel and a concatenation, where torch's
+    CPU RMSNorm runs about eight small kernels; `general` for the rest."""
+    twice, d = torch.cat((weight, weight)), weight.shape[0]
+    layer_norm, cat = torch.layer_norm, torch.cat
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > FEW_ROWS or x.dtype != torch.float32:
+            return general(x)
+        return layer_norm(cat((x, x.neg()), -1), twice.shape, twice, None, eps)[:, :d]
+
+    return kernel
 
 
 class _Layer(nn.Module):
@@ -172,6 +224,15 @@ class _Layer(nn.Module):
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
         self.norm1 = nn.Parameter(norm1, requires_grad=False)
         self.norm2 = nn.Parameter(norm2, requires_grad=False)
+
+    def step_layer(self, norm: Callable[[torch.Tensor], RowsKernel]) -> _StepLayer:
+        """Its kernels; `norm` makes the kernel of a norm weight."""
+
+        def kernel(m: nn.Module) -> RowsKernel:
+            return cast("Linear | Int8Linear | Int4Linear", m).rows_kernel()
+
+        return _StepLayer(norm(self.norm1), kernel(self.qkv), kernel(self.o), norm(self.norm2),
+                          kernel(self.gate_up), kernel(self.down))  # fmt: skip
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Its full-precision weight matrices to `mode` ('int8' or 'int4'); `for_cpu`: int4 in
@@ -196,14 +257,31 @@ class LlamaForPaged(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.Parameter(norm, requires_grad=False)
         self.lm_head: nn.Module = Linear(self.embed if lm_head is None else lm_head, None)
-        inv = rope_inv_freq(shape)
-        freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        sin = emb.sin()
-        sin[:, : sin.shape[1] // 2].neg_()  # signed: rotate_half(x) * sin == swap_halves(x) * this
-        self.register_buffer("cos", emb.cos().to(embed.dtype), persistent=False)
-        self.register_buffer("sin", sin.to(embed.dtype), persistent=False)
+        freqs = torch.outer(torch.arange(shape.max_seq_len, dtype=torch.float32), rope_inv_freq(shape))
+        # e^(i * position * frequency) [positions, head_dim / 2]: cos and sin as transformers' tables
+        self.register_buffer("rotary", torch.complex(freqs.cos(), freqs.sin()), persistent=False)
         self.quantization = "none"
+        self._step_layers: list[_StepLayer] | None = None
+        self._step_norm: tuple[RowsKernel, RowsKernel] | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LlamaForPaged:  # .to(), .cpu(), ...
+        self._step_layers = None  # the kernels hold the tensors they were made with
+        return cast(LlamaForPaged, super()._apply(fn, recurse))
+
+    def _kernels(self) -> tuple[list[_StepLayer], tuple[RowsKernel, RowsKernel]]:
+        """Each layer's norm and matrix kernels (`linear.RowsKernel`), the final norm's and
+        the LM head's, made once and again after the model changes (`pack`, `quantize`, a
+        move)."""
+        if self._step_layers is None or self._step_norm is None:
+            eps = self.shape.rms_norm_eps
+
+            def norm(weight: torch.Tensor) -> RowsKernel:
+                return rms_kernel(weight.data, eps, functools.partial(self._rms, weight=weight))
+
+            self._step_layers = [m.step_layer(norm) for m in self._layers()]
+            head = cast("Linear | Int8Linear | Int4Linear", self.lm_head).rows_kernel()
+            self._step_norm = norm(self.norm), head
+        return self._step_layers, self._step_norm
 
     @property
     def config(self) -> LlamaShape:
@@ -259,11 +337,13 @@ class LlamaForPaged(nn.Module):
         for i in range(s.n_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            qkv_w = torch.cat([t(a + "q_proj.weight", (qo, d)), t(a + "k_proj.weight", (kvo, d)),
-                               t(a + "v_proj.weight", (kvo, d))])  # fmt: skip
+            q_rows, k_rows = _interleave_rotary(s.n_heads, hd), _interleave_rotary(s.n_kv_heads, hd)
+            wq, wk = t(a + "q_proj.weight", (qo, d))[q_rows], t(a + "k_proj.weight", (kvo, d))[k_rows]
+            qkv_w = torch.cat([wq, wk, t(a + "v_proj.weight", (kvo, d))])
             qkv_b = None
             if s.qkv_bias:
-                qkv_b = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
+                qkv_b = torch.cat([t(a + "q_proj.bias")[q_rows], t(a + "k_proj.bias")[k_rows],
+                                   t(a + "v_proj.bias")])  # fmt: skip
             f = s.intermediate_size
             gate_up = torch.cat([t(m + "gate_proj.weight", (f, d)), t(m + "up_proj.weight", (f, d))])
             gate_up_b = None
@@ -283,7 +363,17 @@ class LlamaForPaged(nn.Module):
         model = cls(s, embed, layers, t("model.norm.weight", (d,)), head).eval()
         if quantization != "none":
             model.quantize(quantization, for_cpu=for_cpu)
+        elif for_cpu:
+            model.pack()
         return model
+
+    def pack(self) -> None:
+        """Its float matrices (not a tied LM head: that is the embedding) in oneDNN's layout,
+        where this CPU has oneDNN (`Linear.pack`): the same values and bytes, faster products."""
+        for m in self.modules():
+            if isinstance(m, Linear) and m.weight is not self.embed:
+                m.pack()
+        self._step_layers = None
 
     def quantize(self, mode: str, *, for_cpu: bool = True) -> None:
         """Replace every weight matrix by `mode` ('int8': per-output-channel scales; 'int4':
@@ -306,12 +396,16 @@ class LlamaForPaged(nn.Module):
             self.register_buffer("embed", q)
             self.register_buffer("embed_scale", scale)
         self.quantization = mode
+        self._step_layers = None
 
     def weight_bytes(self) -> int:
         """Bytes of every parameter and buffer (shared storage counted once)."""
         seen: dict[int, int] = {}
         for x in [*self.parameters(), *self.buffers()]:
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            if x.is_mkldnn:  # a packed matrix (opaque storage): its own, as many bytes as plain
+                seen[id(x)] = x.numel() * x.element_size()
+            else:
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return sum(seen.values())
 
     # -- compute --------------------------------------------------------------------------
@@ -319,8 +413,8 @@ class LlamaForPaged(nn.Module):
     def _layers(self) -> list[_Layer]:
         return [cast(_Layer, m) for m in self.layers]
 
-    def _rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return cast(torch.Tensor, self.cos), cast(torch.Tensor, self.sin)
+    def _rotary(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.rotary)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -331,36 +425,49 @@ class LlamaForPaged(nn.Module):
         return rows.to(self.dtype) * scale.index_select(0, flat).view(*ids.shape, 1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one kernel, the same formula
-            return F.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
+        if x.dtype == torch.float32 and _FUSED_RMS_NORM:  # one call, the same formula
+            return torch.rms_norm(x, weight.shape, weight, self.shape.rms_norm_eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.rms_norm_eps)
         return weight * h.to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin (transformers' formula), with rotate_half(x) =
-        cat(-x2, x1) written as the halves swapped times the signed `sin` table: three
-        kernels instead of five."""
-        d = x.shape[-1]
-        swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-        return torch.addcmul(x * cos, swapped, sin)
+    def _rope(x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        """transformers' x * cos + rotate_half(x) * sin, on heads whose rotary halves are
+        interleaved (`_interleave_rotary`): each pair (x_i, x_{i + D/2}) is adjacent, one
+        complex number, turned by one complex multiply with e^(i theta) (`rotary` rows
+        [..., 1, D/2]): one kernel instead of five, in float32 whatever x's dtype."""
+        pairs = x.view(*x.shape[:-1], -1, 2)
+        if x.dtype is torch.float32:
+            return torch.view_as_real(torch.view_as_complex(pairs) * rotary).view(x.shape)
+        turned = torch.view_as_complex(pairs.float()) * rotary
+        return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
     def _qkv(
-        self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: _Layer, x: torch.Tensor, rotary: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [..., H, D], k and v [..., Hkv, D] of `x` [..., d], RoPE applied."""
         s = self.shape
         qkv = layer.qkv(self._rms(x, layer.norm1))
         qk, v = qkv.split([(s.n_heads + s.n_kv_heads) * s.head_dim, s.n_kv_heads * s.head_dim], -1)
         lead = x.shape[:-1]
-        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), cos, sin)
+        qk = self._rope(qk.reshape(*lead, s.n_heads + s.n_kv_heads, s.head_dim), rotary)
         q, k = qk.split([s.n_heads, s.n_kv_heads], dim=-2)
         return q, k, v.reshape(*lead, s.n_kv_heads, s.head_dim)
 
+    def _mm_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the matrices take their inputs in: bfloat16 where the quantized kernels
+        round to it anyway (`linear.BF16_KERNELS`), so that the MLP runs between its products
+        without converting back and forth and the outputs of `o` and `down` join the
+        residual stream as they are (an add that widens them: the same sums); else x's."""
+        if self.quantization != "none" and BF16_KERNELS and x.device.type == "cpu":
+            return torch.bfloat16
+        return x.dtype
+
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(self._rms(x, layer.norm2)).chunk(2, dim=-1)
-        return cast(torch.Tensor, layer.down(F.silu(gate) * up))
+        h = self._rms(x, layer.norm2).to(self._mm_dtype(x))
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return cast(torch.Tensor, layer.down(F.silu(gate).mul_(up)))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.lm_head(self._rms(x, self.norm))).float()
@@ -372,14 +479,13 @@ class LlamaForPaged(nn.Module):
         if t > s.max_seq_len:
             raise ValueError(f"{t} tokens exceed the context of {s.max_seq_len}")
         x = self._embed(tokens)
-        cos, sin = self._rotary()
-        cos, sin = cos[:t, None, :], sin[:t, None, :]  # [T, 1, D]
-        rep = s.n_heads // s.n_kv_heads
+        rotary = self._rotary()[:t, None, :]  # [T, 1, D/2]
+        rep, mm = s.n_heads // s.n_kv_heads, self._mm_dtype(x)
         for layer in self._layers():
-            q, k, v = (y.transpose(1, 2) for y in self._qkv(layer, x, cos, sin))  # [B, h, T, D]
+            q, k, v = (y.transpose(1, 2) for y in self._qkv(layer, x, rotary))  # [B, h, T, D]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s.head_dim**-0.5)
-            x = x + layer.o(a.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.o(a.transpose(1, 2).reshape(b, t, -1).to(mm))
             x = x + self._mlp(layer, x)
         return self._logits(x)
 
@@ -394,24 +500,27 @@ class LlamaForPaged(nn.Module):
             raise ValueError(f"a position passes the context of {s.max_seq_len}")
         plan = AttentionPlan(batch, pool.block_size, dev)
         x = self._embed(torch.tensor(batch.input_ids, device=dev))  # [N, d]
-        cos, sin = (c.index_select(0, plan.positions).unsqueeze(1) for c in self._rotary())  # [N, 1, D]
+        rotary = self._rotary().index_select(0, plan.positions).unsqueeze(1)  # [N, 1, D/2]
         n, heads, kv_heads, d = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
-        qk_width, scale, same_dtype = (heads + kv_heads) * d, d**-0.5, pool.k.dtype == x.dtype
+        widths, head_split = [(heads + kv_heads) * d, kv_heads * d], [heads, kv_heads]
+        scale, same_dtype = d**-0.5, pool.k.dtype == x.dtype
+        mm = self._mm_dtype(x)
         # One pass over the layers, the per-step tensors (plan, RoPE rows) built above; the
-        # matrices are called through `forward` (no module hooks are used).
-        for i, layer in enumerate(self._layers()):
-            qkv = layer.qkv.forward(self._rms(x, layer.norm1))
-            qk = self._rope(qkv[:, :qk_width].view(n, heads + kv_heads, d), cos, sin)  # [N, H + Hkv, D]
-            k, v = qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, d)
-            k_pool, v_pool = pool.k_slots[i], pool.v_slots[i]
+        # matrices are called through their bound kernels (no module hooks are used).
+        layers, (final_norm, head) = self._kernels()
+        for i, layer in enumerate(layers):
+            qk, v = layer.qkv(layer.norm1(x)).split_with_sizes(widths, 1)
+            q, k = self._rope(qk.view(n, heads + kv_heads, d), rotary).split_with_sizes(head_split, 1)
+            v = v.view(n, kv_heads, d)
+            k_pool, v_pool = pool.k_layers[i], pool.v_layers[i]
             if not same_dtype:
                 k, v = k.to(k_pool.dtype), v.to(v_pool.dtype)
             k_pool.index_copy_(0, plan.slots, k)
             v_pool.index_copy_(0, plan.slots, v)
-            a = paged_attention(plan, qk[:, :heads], k_pool, v_pool, scale, (k, v))
-            x = x + layer.o.forward(a.reshape(n, -1))
-            gate, up = layer.gate_up.forward(self._rms(x, layer.norm2)).chunk(2, dim=-1)
-            x = x + layer.down.forward(F.silu(gate).mul_(up))
+            a = paged_attention(plan, q, k_pool, v_pool, scale, (k, v))
+            x = x + layer.o(a.reshape(n, -1).to(mm))
+            gate, up = layer.gate_up(layer.norm2(x).to(mm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate).mul_(up))
         if not all_logits and n > len(batch.query_start):  # else every row is its sequence's last
             x = x.index_select(0, torch.tensor(batch.last_rows(), device=dev))
-        return self._logits(x)
+        return head(final_norm(x)).float()

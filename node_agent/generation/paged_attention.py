@@ -7,7 +7,9 @@
   so small blocks cost no more than large ones) and used by every layer.
 - `paged_attention`: every query row attends over its context gathered from the pool,
   with grouped-query attention (kv_heads dividing heads; query head h reads K/V head
-  h // (heads // kv_heads), as Hugging Face's `repeat_kv` does).
+  h // (heads // kv_heads), as Hugging Face's `repeat_kv` does). A lone decode row whose
+  blocks are consecutive (one sequence on a pool: the block manager hands out the lowest
+  free ids) reads its context in place, a view of the pool, not a copy.
 
 A model writes each layer's new K/V at `plan.slots` before it calls `paged_attention`
 (a step writes every new K/V before any attention reads it; the KV manager relies on it).
@@ -60,6 +62,9 @@ class PagedKVPool:
         # Flat views [layers, slots, heads, head_dim] share storage with k and v.
         self.k_slots = self.k.view(shape[0], num_blocks * block_size, *shape[3:])
         self.v_slots = self.v.view(shape[0], num_blocks * block_size, *shape[3:])
+        # each layer's view, made once (a step indexes them per layer)
+        self.k_layers: list[torch.Tensor] = list(self.k_slots.unbind(0))
+        self.v_layers: list[torch.Tensor] = list(self.v_slots.unbind(0))
 
     @property
     def nbytes(self) -> int:
@@ -134,10 +139,19 @@ class AttentionPlan:
             if n > len(blocks):
                 raise ValueError(f"context of {c} tokens needs more than {len(blocks)} blocks")
             rows.append([*itertools.islice(blocks, n), *itertools.repeat(0, width - n)])
-        self.table = torch.tensor(rows, dtype=torch.long, device=device)  # [S, blocks], 0-padded
         self.block_size = bs
         num_seqs = len(nblk)
         decode = [i for i, n in enumerate(qlen_list) if n == 1]
+        self.decode_span: tuple[int, int] | None = None
+        if len(decode) == 1:  # one decode row in consecutive blocks: its context is a view
+            c, blocks = ctx_list[decode[0]], rows[decode[0]][: nblk[decode[0]]]
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                self.decode_span = (blocks[0] * bs, blocks[0] * bs + c)
+        # [S, blocks], 0-padded (not needed by a lone decode row read as a view)
+        lone = self.decode_span is not None and num_seqs == 1
+        self.table = (
+            torch.empty(0, dtype=torch.long) if lone else torch.tensor(rows, dtype=torch.long, device=device)
+        )
         # The new tokens: row r belongs to sequence seq[r], at position positions[r].
         if len(decode) == num_seqs:
             pos = [c - 1 for c in ctx_list]
@@ -152,14 +166,19 @@ class AttentionPlan:
             flat_rows = torch.arange(len(batch.input_ids), device=device)
             self.positions = (ctx - qlen)[seq] + flat_rows - starts[seq]
             self.slots = self._slots(seq, self.positions)
+        self.has_decode = bool(decode)
+        self.decode_all = len(decode) == len(batch.input_ids)
         self.decode_index: torch.Tensor | None = None
+        """The flat rows of the decode rows, unless every row is one."""
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
+        self.decode_mask: torch.Tensor | None = None
         if decode:
-            self.decode_all = len(decode) == len(batch.input_ids)
             dwidth = max(nblk[i] for i in decode)
-            dtable = self.table if self.decode_all else self.table[torch.tensor(decode, device=device)]
-            self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
-            self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
-            self.decode_mask: torch.Tensor | None = None
+            if not self.decode_all:
+                self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
+            if self.decode_span is None:
+                dtable = self.table if self.decode_all else self.table[torch.tensor(decode, device=device)]
+                self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
             if len(decode) == 1:  # one sequence: its context cut from its blocks, no mask
                 self.decode_shape = (1, ctx_list[decode[0]])
             else:  # [S, 1, 1, W]: each row's context within the longest one's whole blocks
@@ -177,6 +196,18 @@ class AttentionPlan:
             pos_t = torch.arange(c, device=device)
             mask = pos_t[None, :] <= pos_t[c - n :, None]  # [n, ctx]
             self.prefills.append((start, n, self._slots(torch.tensor(i, device=device), pos_t), mask))
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`decode_mask` as SDPA adds it (0 or -inf, in `dtype`), made once for every layer."""
+        mask = self.decode_mask
+        if mask is None:
+            return None
+        bias = self._masks.get(dtype)
+        if bias is None:
+            bias = self._masks[dtype] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+        return bias
 
     def _slots(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Slot of position `pos` of sequence `seq` (broadcast)."""
@@ -201,21 +232,25 @@ def paged_attention(
     heads, kv_heads, d = q.shape[1], k_pool.shape[1], q.shape[2]
     rep = heads // kv_heads
     assert rep * kv_heads == heads, f"{heads} query heads over {kv_heads} kv heads"
-    if plan.decode_index is not None:
+    if plan.has_decode:
         s, w = plan.decode_shape  # w: the longest context's whole blocks (the mask cuts each)
         bs = plan.block_size
-        kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
-        vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
-        kc, vc = kc[:, :w], vc[:, :w]
+        if plan.decode_span is not None:  # one sequence in consecutive blocks: read in place
+            span = slice(*plan.decode_span)
+            kc, vc = k_pool[None, span], v_pool[None, span]
+        else:
+            kc = k_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+            vc = v_pool.view(-1, bs, kv_heads, d).index_select(0, plan.decode_blocks).view(s, -1, kv_heads, d)
+            kc, vc = kc[:, :w], vc[:, :w]
         if kc.dtype != dtype:
             kc, vc = kc.to(dtype), vc.to(dtype)
-        qd = q if plan.decode_all else q.index_select(0, plan.decode_index)
+        qd = q if plan.decode_index is None else q.index_select(0, plan.decode_index)
         # [S, kv_heads, rep, D]: the rep query heads of a group are its "query rows"
         a = F.scaled_dot_product_attention(
             qd.view(s, kv_heads, rep, d), kc.transpose(1, 2), vc.transpose(1, 2),
-            attn_mask=plan.decode_mask, scale=scale,
+            attn_mask=plan.decode_bias(dtype), scale=scale,
         ).reshape(s, heads, d)  # fmt: skip
-        if plan.decode_all:
+        if plan.decode_index is None:
             return a
         out = torch.empty_like(q)
         out.index_copy_(0, plan.decode_index, a)

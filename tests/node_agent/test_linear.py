@@ -3,6 +3,8 @@ stands for, whichever kernel the shape picks.
 
 - float: oneDNN above `ONEDNN_MIN_MACS`, MKL below, both float32 products (within 1e-4 x
   sqrt(n) of the float64 product of n-term sums of unit-size terms, what float32 gives);
+- packed float matrices (oneDNN's layout) give the products of the plain ones and quantize
+  to the same int8;
 - int8: the fused int8 kernel (<= `INT8_FUSED_MAX_ROWS` rows) and the bfloat16 product
   beyond agree with x @ (q * scale)^T within bfloat16's rounding of the inputs (~0.4%);
 - int4: the torch layout (where bfloat16 is native) and the portable layout both equal the
@@ -15,7 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node_agent.generation.linear import INT4_KERNELS, INT8_FUSED_MAX_ROWS, Int4Linear, Int8Linear, Linear
+from node_agent.generation.linear import (
+    INT4_KERNELS,
+    INT8_FUSED_MAX_ROWS,
+    ONEDNN_AVAILABLE,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BF16_REL = 0.01
@@ -46,6 +55,25 @@ def test_float_products_equal_f_linear_on_both_sides_of_the_threshold(
     assert (got.double() - want).abs().max().item() < 1e-4 * inp**0.5
     assert torch.equal(got_3d[0], got)
     assert torch.allclose(got, F.linear(x, w, b), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_matrix_gives_the_same_products_and_quantizes_the_same(
+    gen: torch.Generator, dtype: torch.dtype
+) -> None:
+    w, b = torch.randn(1024, 512, generator=gen, dtype=dtype), torch.randn(1024, generator=gen, dtype=dtype)
+    plain, packed = Linear(w, b), Linear(w.clone(), b)
+    assert packed.pack() == ONEDNN_AVAILABLE
+    assert torch.equal(packed.dense_weight(), w)
+    for rows in (1, 3, 16, 70):
+        x = torch.randn(rows, 512, generator=gen, dtype=dtype)
+        with torch.inference_mode():
+            got, want, got_3d = packed(x), plain(x), packed(x.view(1, rows, 512))
+        tol = 1e-4 * 512**0.5 if dtype == torch.float32 else BF16_REL * want.abs().max().item()
+        assert got.dtype == dtype and (got.double() - want.double()).abs().max().item() < tol
+        assert torch.equal(got_3d[0], got)
+    q_plain, q_packed = Int8Linear.from_linear(plain), Int8Linear.from_linear(packed)
+    assert torch.equal(q_plain.qweight, q_packed.qweight) and torch.equal(q_plain.scale, q_packed.scale)
 
 
 @pytest.mark.parametrize("rows", [1, INT8_FUSED_MAX_ROWS, INT8_FUSED_MAX_ROWS + 1, 100])
