@@ -140,10 +140,12 @@ class FleetWriter:
     # --- decisions first: EdgeNodes, rollout steps, EdgeNode specs -----------------------------
 
     def sync_edge_nodes(self, sync: pass_plan.EdgeNodeSync, report: PassReport) -> dict[str, Obj]:
-        """Creates and deletes EdgeNodes, one at a time; returns the created ones (or the server's, when
-        one was created since the pass listed them)."""
+        """Creates and deletes EdgeNodes, on the write threads (a fleet of 10,000 new Nodes is 10,000
+        creates); returns the created ones (or the server's, when one was created since the pass
+        listed them)."""
         created = {}
-        for body in sync.create:
+
+        def create(body: Obj) -> None:
             name = body["metadata"]["name"]
             self.gate()
             try:
@@ -161,7 +163,8 @@ class FleetWriter:
                         names.GROUP, names.VERSION, names.EDGE_NODE_PLURAL, name
                     )
                 )
-        for name in sync.delete:
+
+        def delete(name: str) -> None:
             self.gate()
             try:
                 self.custom.delete_cluster_custom_object(
@@ -171,6 +174,9 @@ class FleetWriter:
             except ApiException as e:
                 if e.status != 404:
                     raise
+
+        self._each(create, sync.create)
+        self._each(delete, sync.delete)
         return created
 
     def write_rollouts(
