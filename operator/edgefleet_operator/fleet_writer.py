@@ -404,7 +404,7 @@ class FleetWriter:
 
     def write_service(self, plan: pass_plan.Bookkeeping, report: PassReport) -> None:
         """One service's bookkeeping, in the plan's order: events, status, finalizer, Service,
-        EndpointSlice."""
+        EndpointSlices (written, then those no longer needed deleted)."""
         for event in plan.events:
             self.post_event(event, report)
         finalizer = plan.finalizer
@@ -441,8 +441,16 @@ class FleetWriter:
             replace = [{"op": "replace", "path": "/spec/ports", "value": list(plan.service_ports)}]
             self.core.patch_namespaced_service(name, plan.namespace, replace)
             report.wrote("service.patch")
-        if plan.endpoint_slice is not None:
-            self.write_endpoint_slice(plan.endpoint_slice, report)
+        for w in plan.endpoint_slices:
+            self.write_endpoint_slice(w, report)
+        for name in plan.slice_deletes:
+            self.gate()
+            try:
+                self.discovery.delete_namespaced_endpoint_slice(name, plan.namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+            report.wrote("endpointslice.delete")
 
     def write_endpoint_slice(self, w: pass_plan.SliceWrite, report: PassReport) -> None:
         endpoints, ports = w.endpoints, w.ports

@@ -286,16 +286,21 @@ def service(isvc: Obj, grpc_port: int = 0) -> dict[str, Any]:
 
 
 def endpoint_slice(
-    isvc: Obj, agents: Iterable[tuple[str, str, bool]], port: int, grpc_port: int = 0
+    isvc: Obj,
+    agents: Iterable[tuple[str, str, bool]],
+    port: int,
+    grpc_port: int = 0,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """EndpointSlice of the service's Service: (node, pod IP, ready) per agent serving it."""
+    """An EndpointSlice of the service's Service (named `name`, the Service's by default): (node,
+    pod IP, ready) per agent serving it."""
     meta = isvc["metadata"]
     svc = service_name(meta["name"])
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": svc,
+            "name": name or svc,
             "namespace": meta["namespace"],
             "labels": {
                 "kubernetes.io/service-name": svc,

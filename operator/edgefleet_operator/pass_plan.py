@@ -464,6 +464,65 @@ def endpoints_patch(current: Obj, body: Obj) -> Sequence[Obj] | None:
     return want
 
 
+MAX_ENDPOINTS_PER_SLICE = 100
+"""Endpoints per EndpointSlice, the endpointslice controller's default (the API refuses more than
+1,000 in one): a service on 10,000 nodes has 100 slices, and one agent's readiness changing
+rewrites one of them."""
+
+
+def slice_name(service_name: str, index: int) -> str:
+    """The name of a Service's `index`th EndpointSlice: the Service's, then `<name>.1`, `<name>.2`...
+    (a Service's name has no dot, so no other Service's slice can take one of these)."""
+    return service_name if index == 0 else f"{service_name}.{index}"
+
+
+def slice_writes(
+    isvc: Obj,
+    agents: Sequence[tuple[str, str, bool]],
+    listed: Mapping[tuple[str, str], Obj],
+    port: int,
+    grpc_port: int = 0,
+    limit: int = MAX_ENDPOINTS_PER_SLICE,
+) -> tuple[tuple[SliceWrite, ...], tuple[str, ...]]:
+    """The service's EndpointSlices for `agents` (node, pod IP, ready), at most `limit` endpoints
+    each, against the `listed` ones (by namespace and name): the writes, and the names of the slices
+    to delete (the last first, so that those left are always numbered from 0 without a gap). An
+    agent stays in the slice that lists it; new ones fill the first slices with room; the agents of
+    slices past the number needed move to the others."""
+    meta = isvc["metadata"]
+    ns, base = meta["namespace"], manifests.service_name(meta["name"])
+    existing: list[Obj] = []
+    while (found := listed.get((ns, slice_name(base, len(existing))))) is not None:
+        existing.append(found)
+    count = max(1, -(-len(agents) // limit))
+    by_node = {a[0]: a for a in agents}
+    groups: list[list[tuple[str, str, bool]]] = [[] for _ in range(count)]
+    placed: set[str] = set()
+    for group, current in zip(groups, existing, strict=False):
+        for e in current.get("endpoints") or []:
+            node = e.get("nodeName")
+            if node in by_node and node not in placed and len(group) < limit:
+                group.append(by_node[node])
+                placed.add(node)
+    k = 0
+    for node in sorted(by_node.keys() - placed):
+        while len(groups[k]) >= limit:
+            k += 1
+        groups[k].append(by_node[node])
+    writes = []
+    for index, group in enumerate(groups):
+        body = manifests.endpoint_slice(isvc, group, port, grpc_port, slice_name(base, index))
+        if index >= len(existing):
+            writes.append(SliceWrite(body, create=True))
+            continue
+        endpoints = endpoints_patch(existing[index], body)
+        ports = ports_patch(existing[index].get("ports") or [], body["ports"])
+        if endpoints is not None or ports is not None:
+            writes.append(SliceWrite(body, create=False, endpoints=endpoints, ports=ports))
+    deletes = tuple(slice_name(base, index) for index in range(len(existing) - 1, count - 1, -1))
+    return tuple(writes), deletes
+
+
 @dataclass(frozen=True, slots=True)
 class Bookkeeping:
     """One service's bookkeeping, written in this order: events, status, finalizer, Service,
@@ -483,9 +542,12 @@ class Bookkeeping:
     """Our finalizer added; its resourceVersion is the one read, or the status write's if one went."""
     create_service: Obj | None
     """The Service to create, when the pass's list lacked it."""
-    endpoint_slice: SliceWrite | None
+    endpoint_slices: tuple[SliceWrite, ...]
+    """The EndpointSlices to create or patch (`slice_writes`)."""
     service_ports: Sequence[Obj] | None = None
     """The listed Service's ports to replace (the agents' gRPC port came or went); None: as listed."""
+    slice_deletes: tuple[str, ...] = ()
+    """EndpointSlices of the service no longer needed, by name, the last first."""
 
     @property
     def writes_nothing(self) -> bool:
@@ -494,7 +556,8 @@ class Bookkeeping:
             and self.status_patch is None
             and self.finalizer is None
             and self.create_service is None
-            and self.endpoint_slice is None
+            and not self.endpoint_slices
+            and not self.slice_deletes
         )
 
 
@@ -543,16 +606,7 @@ def bookkeeping(
         ip = (read.pods.get(names.agent_name(n)) or {}).get("status", {}).get("podIP")
         if ip:
             agents.append((n, ip, n in ready_on))
-    body = manifests.endpoint_slice(isvc, agents, port, grpc_port)
-    listed = read.slices.get((body["metadata"]["namespace"], body["metadata"]["name"]))
-    slice_write = None
-    if listed is None:
-        slice_write = SliceWrite(body, create=True)
-    else:
-        endpoints = endpoints_patch(listed, body)
-        ports = ports_patch(listed.get("ports") or [], body["ports"])
-        if endpoints is not None or ports is not None:
-            slice_write = SliceWrite(body, create=False, endpoints=endpoints, ports=ports)
+    slices, slice_deletes = slice_writes(isvc, agents, read.slices, port, grpc_port)
     svc_key = (meta["namespace"], manifests.service_name(meta["name"]))
     svc_ports = manifests.service_ports(grpc_port)
     listed_ports = read.service_ports.get(svc_key)
@@ -565,6 +619,7 @@ def bookkeeping(
         None if unchanged else {"status": merge_patch(old, new)},
         None if names.FINALIZER in finalizers else finalizer_write(isvc, [*finalizers, names.FINALIZER]),
         None if svc_key in read.kube_services else manifests.service(isvc, grpc_port),
-        slice_write,
+        slices,
         None if listed_ports is None else ports_patch(listed_ports, svc_ports),
+        slice_deletes,
     )

@@ -311,8 +311,8 @@ def test_a_new_service_gets_events_status_finalizer_service_and_slice() -> None:
     assert status["endpoints"] == ["http://n1:8000", "http://n2:8000"]
     assert plan.finalizer is not None and plan.finalizer.finalizers == (names.FINALIZER,)
     assert plan.create_service is not None and plan.create_service["metadata"]["name"] == "cam-v2"
-    assert plan.endpoint_slice is not None and plan.endpoint_slice.create
-    assert [e["addresses"] for e in plan.endpoint_slice.body["endpoints"]] == [["10.0.0.0"], ["10.0.0.1"]]
+    assert len(plan.endpoint_slices) == 1 and plan.endpoint_slices[0].create
+    assert [e["addresses"] for e in plan.endpoint_slices[0].body["endpoints"]] == [["10.0.0.0"], ["10.0.0.1"]]
 
 
 def test_written_bookkeeping_plans_nothing_but_what_changed() -> None:
@@ -320,14 +320,14 @@ def test_written_bookkeeping_plans_nothing_but_what_changed() -> None:
     ro = rollout_write(service, NODES, edge_nodes(("1", D1)), LABELS, NOW)
     placement = ServicePlacement(NODES, 2)
     plan = bookkeeping(service, placement, ro, [], read(edge_nodes(("1", D1))), 8000, STAMP)
-    assert plan.status_patch is not None and plan.endpoint_slice is not None
+    assert plan.status_patch is not None and len(plan.endpoint_slices) == 1
     # As the writer leaves it: the status (its rollout written by the rollout step already), the
     # finalizer, the Service and the slice.
     assert ro.decision is not None and ro.status_patch is not None
     written = isvc(
         status=plan.status_patch["status"] | {"rollout": status_of(ro)}, finalizers=[names.FINALIZER]
     )
-    slices = {("shop", "cam-v2"): plan.endpoint_slice.body}
+    slices = {("shop", "cam-v2"): plan.endpoint_slices[0].body}
     again = bookkeeping(
         written, placement, ro, [], read(edge_nodes(("1", D1)), {("shop", "cam-v2")}, slices), 8000, STAMP
     )
@@ -336,21 +336,23 @@ def test_written_bookkeeping_plans_nothing_but_what_changed() -> None:
         again.status_patch,
         again.finalizer,
         again.create_service,
-        again.endpoint_slice,
+        again.endpoint_slices,
+        again.slice_deletes,
     ) == (
         (),
         None,
         None,
         None,
-        None,
+        (),
+        (),
     )
     # An agent's Pod lost its IP: the slice's endpoints are patched, nothing else.
     fewer = read(edge_nodes(("1", D1)), {("shop", "cam-v2")}, slices)
     del fewer.pods[names.agent_name("n2")]
     patched = bookkeeping(written, placement, ro, [], fewer, 8000, STAMP)
-    assert patched.status_patch is None and patched.endpoint_slice is not None
-    assert not patched.endpoint_slice.create
-    assert [e["nodeName"] for e in patched.endpoint_slice.endpoints or []] == ["n1"]
+    assert patched.status_patch is None and len(patched.endpoint_slices) == 1
+    assert not patched.endpoint_slices[0].create
+    assert [e["nodeName"] for e in patched.endpoint_slices[0].endpoints or []] == ["n1"]
 
 
 def test_a_failed_placement_is_said_once() -> None:
@@ -374,3 +376,48 @@ def test_slice_endpoints_are_compared_by_address_node_and_readiness() -> None:
     assert pass_plan.endpoints_patch(same, want) is None
     assert pass_plan.endpoints_patch(unready, want) == want["endpoints"]
     assert pass_plan.endpoints_patch({}, want) == want["endpoints"]
+
+
+def test_a_service_on_more_nodes_than_a_slice_holds_gets_several_slices_changed_one_at_a_time() -> None:
+    """The API refuses an EndpointSlice of more than 1,000 endpoints: a service's agents go into
+    slices of at most `limit`, each agent in exactly one; an unchanged fleet writes nothing, one
+    agent's readiness rewrites its own slice only, a new agent fills the slice with room, and a
+    shrinking service deletes its last slices (the last first) and moves their agents."""
+    obj = isvc()
+    limit = 4
+
+    def agents(n: int, not_ready: frozenset[int] = frozenset()) -> list[tuple[str, str, bool]]:
+        return [(f"n{i:02d}", f"10.0.0.{i}", i not in not_ready) for i in range(n)]
+
+    def listed_after(writes: tuple[pass_plan.SliceWrite, ...], before: dict[Any, Any]) -> dict[Any, Any]:
+        out = dict(before)
+        for w in writes:
+            out[(w.namespace, w.name)] = w.body
+        return out
+
+    def check(listed: dict[Any, Any], want: list[tuple[str, str, bool]]) -> None:
+        got = [
+            (e["nodeName"], e["addresses"][0], e["conditions"]["ready"])
+            for s in listed.values()
+            for e in s["endpoints"]
+        ]
+        assert sorted(got) == sorted(want) and all(len(s["endpoints"]) <= limit for s in listed.values())
+
+    writes, deletes = pass_plan.slice_writes(obj, agents(10), {}, 8000, limit=limit)
+    assert [w.name for w in writes] == ["cam-v2", "cam-v2.1", "cam-v2.2"] and deletes == ()
+    assert all(w.create for w in writes)
+    listed = listed_after(writes, {})
+    check(listed, agents(10))
+    assert pass_plan.slice_writes(obj, agents(10), listed, 8000, limit=limit) == ((), ())
+    flipped, _ = pass_plan.slice_writes(obj, agents(10, frozenset({5})), listed, 8000, limit=limit)
+    assert [(w.name, w.create) for w in flipped] == [("cam-v2.1", False)]  # n05's slice only
+    grown, _ = pass_plan.slice_writes(obj, agents(11), listed, 8000, limit=limit)
+    assert [w.name for w in grown] == ["cam-v2.2"]  # the one with room
+    listed = listed_after(grown, listed)
+    check(listed, agents(11))
+    fewer = [a for a in agents(11) if a[0] not in {"n00", "n01", "n02", "n03", "n04", "n05"}]
+    shrunk, deletes = pass_plan.slice_writes(obj, fewer, listed, 8000, limit=limit)
+    assert deletes == ("cam-v2.2",)  # 5 agents need 2 slices: the third goes, its agents move
+    listed = {k: v for k, v in listed_after(shrunk, listed).items() if k[1] not in deletes}
+    check(listed, fewer)
+    assert sorted(k[1] for k in listed) == ["cam-v2", "cam-v2.1"]

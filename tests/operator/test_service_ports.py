@@ -20,6 +20,7 @@ from e2e.operator_proc import OperatorProcess, ensure_agent_namespace
 from edgefleet_api import names
 from edgefleet_operator import manifests
 from edgefleet_operator.fleet_types import ServicePlacement
+from edgefleet_operator.pass_plan import slice_writes
 
 GRPC = 8001
 NOW = 1_790_000_000.0
@@ -42,41 +43,41 @@ def plan(grpc_port: int, services: dict[tuple[str, str], list[Any]] | None = Non
 
 def test_a_new_service_and_slice_carry_the_grpc_port_only_when_agents_serve_it() -> None:
     with_grpc = plan(GRPC)
-    assert with_grpc.create_service is not None and with_grpc.endpoint_slice is not None
+    assert with_grpc.create_service is not None and len(with_grpc.endpoint_slices) == 1
     assert port_names(with_grpc.create_service["spec"]["ports"]) == [
         ("http", 80, None),
         ("grpc", GRPC, "grpc"),
     ]
     assert with_grpc.create_service["spec"]["ports"][1]["targetPort"] == GRPC
-    assert port_names(with_grpc.endpoint_slice.body["ports"]) == [
+    assert port_names(with_grpc.endpoint_slices[0].body["ports"]) == [
         ("http", 8000, None),
         ("grpc", GRPC, "grpc"),
     ]
     http_only = plan(0)
-    assert http_only.create_service is not None and http_only.endpoint_slice is not None
+    assert http_only.create_service is not None and len(http_only.endpoint_slices) == 1
     assert port_names(http_only.create_service["spec"]["ports"]) == [("http", 80, None)]
-    assert port_names(http_only.endpoint_slice.body["ports"]) == [("http", 8000, None)]
+    assert port_names(http_only.endpoint_slices[0].body["ports"]) == [("http", 8000, None)]
 
 
 def test_listed_ports_from_another_setting_are_replaced_and_equal_ones_left() -> None:
     key = ("shop", "cam-v2")
     for listed_grpc, wanted_grpc in ((0, GRPC), (GRPC, 0), (9001, GRPC)):
         first = plan(listed_grpc)
-        assert first.endpoint_slice is not None
+        assert len(first.endpoint_slices) == 1
         listed_service = {key: manifests.service_ports(listed_grpc)}
-        again = plan(wanted_grpc, listed_service, {key: first.endpoint_slice.body})
+        again = plan(wanted_grpc, listed_service, {key: first.endpoint_slices[0].body})
         assert again.create_service is None
         assert again.service_ports == manifests.service_ports(wanted_grpc)
-        assert again.endpoint_slice is not None and not again.endpoint_slice.create
-        assert again.endpoint_slice.ports == manifests.slice_ports(8000, wanted_grpc)
-        assert again.endpoint_slice.endpoints is None  # the same agents: only the ports change
+        assert len(again.endpoint_slices) == 1 and not again.endpoint_slices[0].create
+        assert again.endpoint_slices[0].ports == manifests.slice_ports(8000, wanted_grpc)
+        assert again.endpoint_slices[0].endpoints is None  # the same agents: only the ports change
     same = plan(GRPC)
-    assert same.endpoint_slice is not None
-    unchanged = plan(GRPC, {key: manifests.service_ports(GRPC)}, {key: same.endpoint_slice.body})
-    assert unchanged.service_ports is None and unchanged.endpoint_slice is None
+    assert len(same.endpoint_slices) == 1
+    unchanged = plan(GRPC, {key: manifests.service_ports(GRPC)}, {key: same.endpoint_slices[0].body})
+    assert unchanged.service_ports is None and not unchanged.endpoint_slices
     # as the API server lists them (protocol and targetPort filled in): equal, nothing written
     served = [dict(p, protocol="TCP") for p in manifests.service_ports(GRPC)]
-    assert plan(GRPC, {key: served}, {key: same.endpoint_slice.body}).service_ports is None
+    assert plan(GRPC, {key: served}, {key: same.endpoint_slices[0].body}).service_ports is None
 
 
 # --- the operator against the local kube-apiserver -------------------------------------------------
@@ -162,3 +163,27 @@ def test_the_operator_writes_and_repairs_the_grpc_port(
             operator=operator,
             seen=lambda name=name: repr(ports_of(name)),
         )
+
+
+@pytest.mark.cluster
+def test_the_api_server_takes_every_slice_of_a_service_on_thousands_of_nodes(
+    kube: Any, namespace: str
+) -> None:
+    """One slice of 2,500 agents is refused (the API's limit is 1,000 endpoints): the operator's
+    slices of at most 100, named after the Service and then with a dot and a number, are each
+    accepted (a server-side dry run: validation without the objects)."""
+    from kubernetes import client
+
+    discovery = client.DiscoveryV1Api(kube)
+    obj = isvc()
+    obj["metadata"]["namespace"] = namespace
+    agents = [(f"n{i:04d}", f"10.1.{i // 250}.{i % 250}", True) for i in range(2500)]
+    with pytest.raises(client.ApiException) as refused:
+        discovery.create_namespaced_endpoint_slice(
+            namespace, manifests.endpoint_slice(obj, agents, 8000), dry_run="All"
+        )
+    assert refused.value.status == 422
+    writes, deletes = slice_writes(obj, agents, {}, 8000)
+    assert len(writes) == 25 and deletes == () and writes[1].name == "cam-v2.1"
+    for w in writes:
+        discovery.create_namespaced_endpoint_slice(namespace, w.body, dry_run="All")
