@@ -485,8 +485,9 @@ def slice_writes(
     limit: int = MAX_ENDPOINTS_PER_SLICE,
 ) -> tuple[tuple[SliceWrite, ...], tuple[str, ...]]:
     """The service's EndpointSlices for `agents` (node, pod IP, ready), at most `limit` endpoints
-    each, against the `listed` ones (by namespace and name): the writes, and the names of the slices
-    to delete (the last first, so that those left are always numbered from 0 without a gap). An
+    each, against the `listed` ones (by namespace and name): the writes, creates first, and the names
+    of the slices to delete (the last first, so that those left are always numbered from 0 without a
+    gap), so an agent moving between slices is listed in its new one before it leaves the old. An
     agent stays in the slice that lists it; new ones fill the first slices with room; the agents of
     slices past the number needed move to the others."""
     meta = isvc["metadata"]
@@ -520,7 +521,8 @@ def slice_writes(
         if endpoints is not None or ports is not None:
             writes.append(SliceWrite(body, create=False, endpoints=endpoints, ports=ports))
     deletes = tuple(slice_name(base, index) for index in range(len(existing) - 1, count - 1, -1))
-    return tuple(writes), deletes
+    # make before break: the new slices first (the agents they take leave an old one only after)
+    return tuple(sorted(writes, key=lambda w: not w.create)), deletes
 
 
 @dataclass(frozen=True, slots=True)

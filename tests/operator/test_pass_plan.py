@@ -13,7 +13,7 @@ from typing import Any
 
 from edgefleet_api import names
 from edgefleet_api.patch import merge_patch
-from edgefleet_operator import pass_plan, rollout
+from edgefleet_operator import manifests, pass_plan, rollout
 from edgefleet_operator.fleet_read import FleetRead, read_service
 from edgefleet_operator.fleet_types import PlacedModel, PlacementEvent, ServicePlacement
 from edgefleet_operator.settings import AgentPodSettings
@@ -421,3 +421,8 @@ def test_a_service_on_more_nodes_than_a_slice_holds_gets_several_slices_changed_
     listed = {k: v for k, v in listed_after(shrunk, listed).items() if k[1] not in deletes}
     check(listed, fewer)
     assert sorted(k[1] for k in listed) == ["cam-v2", "cam-v2.1"]
+    # one slice from before slices were split, over the limit: the new slice is written before the
+    # old one gives up its agents (no agent missing from every slice in between)
+    old = manifests.endpoint_slice(obj, agents(6), 8000)
+    split, _ = pass_plan.slice_writes(obj, agents(6), {("shop", "cam-v2"): old}, 8000, limit=limit)
+    assert [(w.name, w.create) for w in split] == [("cam-v2.1", True), ("cam-v2", False)]
