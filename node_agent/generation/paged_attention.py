@@ -167,17 +167,17 @@ class AttentionPlan:
             self.positions = (ctx - qlen)[seq] + flat_rows - starts[seq]
             self.slots = self._slots(seq, self.positions)
         self.has_decode = bool(decode)
-        self.decode_all = len(decode) == len(batch.input_ids)
+        decode_all = len(decode) == len(batch.input_ids)
         self.decode_index: torch.Tensor | None = None
         """The flat rows of the decode rows, unless every row is one."""
         self._masks: dict[torch.dtype, torch.Tensor] = {}
         self.decode_mask: torch.Tensor | None = None
         if decode:
             dwidth = max(nblk[i] for i in decode)
-            if not self.decode_all:
+            if not decode_all:
                 self.decode_index = torch.tensor([batch.query_start[i] for i in decode], device=device)
             if self.decode_span is None:
-                dtable = self.table if self.decode_all else self.table[torch.tensor(decode, device=device)]
+                dtable = self.table if decode_all else self.table[torch.tensor(decode, device=device)]
                 self.decode_blocks = dtable[:, :dwidth].reshape(-1)  # [S * blocks]: whole blocks
             if len(decode) == 1:  # one sequence: its context cut from its blocks, no mask
                 self.decode_shape = (1, ctx_list[decode[0]])

@@ -372,6 +372,10 @@ class NodeMemo:
         self._placed[name] = (key, placed)
         return placed
 
+    def assignment(self, edge_nodes: Mapping[str, dict[str, Any]], nodes: Collection[str]) -> Assignment:
+        """`previous_assignment` of the EdgeNodes of `nodes`, each node's entries kept (`placed`)."""
+        return Assignment({n: self.placed(n, en) for n, en in edge_nodes.items() if n in nodes})
+
     def keep_only(self, nodes: Collection[str]) -> None:
         """Forget the nodes not in `nodes` (when the fleet shrank)."""
         if max(len(self._signals), len(self._states), len(self._placed)) > len(nodes):

@@ -43,14 +43,7 @@ from edgefleet_api.inference_service import service_key
 from edgefleet_api.rollout_status import RolloutStatus
 from edgefleet_operator import fleet_state, pass_plan, peers, rollout
 from edgefleet_operator.fleet_read import FleetRead, FleetReader, FleetSource, Obj, ServiceRead
-from edgefleet_operator.fleet_types import (
-    Assignment,
-    Health,
-    NodeState,
-    PlacedModel,
-    PlacementEvent,
-    PlacementResult,
-)
+from edgefleet_operator.fleet_types import Health, NodeState, PlacedModel, PlacementEvent, PlacementResult
 from edgefleet_operator.fleet_writer import FleetWriter
 from edgefleet_operator.health import HealthTracker, Recovery
 from edgefleet_operator.metrics import OperatorMetrics
@@ -270,10 +263,7 @@ class FleetReconciler:
                 log.warning("skipping %s: %s", service_key(obj), e)
                 continue
             live.append(service)
-        memo = self.node_memo
-        previous = Assignment(
-            {n: memo.placed(n, en) for n, en in read.edge_nodes.items() if n in report.health}
-        )
+        previous = self.node_memo.assignment(read.edge_nodes, report.health)
         result = self.planner.plan(demands, states, previous)
         report.result, report.incremental_plan = result, self.planner.incremental
         return live, result
@@ -343,9 +333,7 @@ class FleetReconciler:
         if result is not None:
             by_node = {n: p for n, p in result.assignment.by_node.items() if n in mine}
         else:
-            by_node = fleet_state.previous_assignment(
-                read.edge_node(n) for n in read.edge_nodes if n in mine
-            ).by_node
+            by_node = self.node_memo.assignment(read.edge_nodes, mine).by_node
         if self.urgent.is_set():  # not even the read: the next pass starts at once
             report.defer(pass_plan.nodes_with_work(by_node))
             return
