@@ -346,6 +346,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node_agent.control.thermal import ThermalSettings
     from node_agent.runtime.model_yaml import parse_quantity
     from node_agent.serving.connections import ConnectionLimits
+    from node_agent.serving.event_loop import new_event_loop
     from node_agent.serving.grpc_server import GrpcSettings
     from node_agent.serving.http import LOOPBACK_NETWORKS, HttpSettings
     from node_agent.serving.service import HealthSettings
@@ -408,7 +409,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(serve(Agent(settings, extensions=extensions, overlay=overlay), on_listening=listening))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve(Agent(settings, extensions=extensions, overlay=overlay), on_listening=listening))
     except ValueError as e:
         print(f"edgefleet-agent serve: {e}", file=sys.stderr)
         return 1

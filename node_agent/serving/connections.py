@@ -21,6 +21,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
@@ -115,7 +116,8 @@ class _Guarded(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # (uvloop's transports implement asyncio.Transport without subclassing it)
+        transport = cast(asyncio.Transport, transport)
         self.transport, self.peer = transport, _peer(transport)
         if not self.guard.admit(self.peer):
             transport.write(REFUSAL)

@@ -198,10 +198,7 @@ class V2Api:
         """Request body bytes held now by requests in progress (bounded)."""
         self.guard = ConnectionGuard(settings.connections)
         """Listen through it (`connections.GuardedSite`) for the connection limits to apply."""
-        middlewares = [self._connection, self._errors, self._auth]
-        if observer is not None:
-            middlewares.insert(1, self._observe)
-        self.app = web.Application(middlewares=middlewares, client_max_size=_SMALL_BODY_BYTES)
+        self.app = web.Application(middlewares=[self._around], client_max_size=_SMALL_BODY_BYTES)
         self.artifacts = ArtifactRoute()
         """Peer fetch (`serving.artifact_route`): serves nothing until given a lookup."""
         self._routes()
@@ -232,46 +229,38 @@ class V2Api:
     # -- middleware -------------------------------------------------------------------------
 
     @web.middleware
-    async def _connection(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """The connection's header timer stops while a request is served, and restarts (keep-alive)
-        once it is answered."""
+    async def _around(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """What every request passes through, in one middleware (each level of aiohttp's chain
+        costs a coroutine and a partial per request): the connection's header timer stops while
+        the request is served and restarts (keep-alive) once it is answered; the bearer token is
+        checked; every error becomes a JSON answer; the request is observed (route, status,
+        seconds)."""
         transport = request.transport
         self.guard.request_started(transport)
+        start = time.monotonic()
         try:
-            return await handler(request)
+            try:
+                self._check_auth(request)
+                response = await handler(request)
+            except (AgentError, HttpError) as e:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s -> %s: %s", request.method, request.path, type(e).__name__, e)
+                response = error_response(e)
+            except web.HTTPException as e:  # routing (404, 405) and aiohttp's own refusals
+                if e.status < 400:
+                    raise
+                response = json_response({"error": _routing_message(request, e)}, e.status, _allow_header(e))
+            except Exception:
+                log.exception("unhandled error serving %s %s", request.method, request.path)
+                response = json_response({"error": "internal error (details are in the agent's log)"}, 500)
+            observer = self._observer
+            if observer is not None:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                observer.observe(request.method, route, response.status, time.monotonic() - start)
+            return response
         finally:
             self.guard.request_finished(transport)
-
-    @web.middleware
-    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.monotonic()
-        response = await handler(request)  # `_errors` turns every error into a response
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        assert self._observer is not None
-        self._observer.observe(request.method, route, response.status, time.monotonic() - start)
-        return response
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except (AgentError, HttpError) as e:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s %s -> %s: %s", request.method, request.path, type(e).__name__, e)
-            return error_response(e)
-        except web.HTTPException as e:  # routing (404, 405) and aiohttp's own refusals
-            if e.status < 400:
-                raise
-            return json_response({"error": _routing_message(request, e)}, e.status, _allow_header(e))
-        except Exception:
-            log.exception("unhandled error serving %s %s", request.method, request.path)
-            return json_response({"error": "internal error (details are in the agent's log)"}, 500)
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self._check_auth(request)
-        return await handler(request)
 
     def _check_auth(self, request: web.Request) -> None:
         if self._token is None or request.path in OPEN_PATHS:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from node_agent.agent import Agent, AgentSettings, ConfigOverlay
+from node_agent.serving.event_loop import new_event_loop
 
 T = TypeVar("T")
 
@@ -21,7 +22,7 @@ class RunningAgent:
     """A real agent listening on 127.0.0.1 (ephemeral port), on its own loop thread."""
 
     def __init__(self, settings: AgentSettings, overlay: ConfigOverlay | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # the agent's own (uvloop where installed)
         self.thread = threading.Thread(target=self.loop.run_forever, name="agent-loop", daemon=True)
         self.thread.start()
         self.agent = Agent(settings, overlay=overlay)
