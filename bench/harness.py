@@ -9,7 +9,11 @@ Shared by bench.vs_mlserver and bench.peers, so every server is measured by the 
   once up front), and a check of every answer;
 - the load is open-loop Poisson arrivals from this process (asyncio + aiohttp, loopback only),
   latency from the scheduled arrival, so a server that falls behind is charged for it; every
-  trial is bounded in requests (rate x seconds, at most MAX_IN_FLIGHT at once) and time;
+  trial is bounded in requests (rate x seconds, at most `in_flight_bound` at once: what a
+  server meeting the p99 target could hold at that rate) and time, over at most
+  MAX_CONNECTIONS connections (a request waiting for one is in flight, its wait in its latency);
+- while one server is measured the others are paused (SIGSTOP to their process groups), so
+  an idle peer's background work (a polling loop, a cluster's heartbeats) taxes no other;
 - `Sweep` measures the targets at the same rates, alternating them in A B .. B A halves (drift in
   the shared machine's background load hits all alike): the highest rate meeting a p99 target
   (x1.5 steps, then bisection), and p99 at a fixed rate.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata as md
+import math
 import os
 import shutil
 import signal
@@ -38,8 +43,11 @@ import aiohttp
 from bench.common import ReplayResult, poisson_trace, replay
 
 REQUEST_TIMEOUT_S = 10.0
-MAX_IN_FLIGHT = 256
+MAX_CONNECTIONS = 256
+"""Connections per server (the load generator's pool): what a proxy in front would hold."""
 MIN_REQUESTS = 6
+RESUME_SETTLE_S = 0.3
+"""After a paused server resumes, before its trial starts."""
 """Expected requests per trial at least (a trial at a low rate runs longer)."""
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +186,14 @@ class Process:
     def terminate(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)  # (a paused group takes no SIGTERM)
                 os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def pause(self, paused: bool) -> None:
+        """Stop (SIGSTOP) or continue (SIGCONT) its whole process group."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
     def stop(self) -> None:
         """SIGTERM to its process group, 30 s to exit, then SIGKILL to what is left of the group."""
@@ -293,12 +308,20 @@ class Point:
         return Point(self.rate, result, self.sent + other.sent, self.target_s, self.why + other.why)
 
 
+def in_flight_bound(rate: float, target_s: float) -> int:
+    """Requests a trial lets be in flight at once before it counts one more as an error: what a
+    server answering within the p99 target holds at `rate` (Little's law, rate x target), at
+    least MAX_CONNECTIONS. (A fixed bound below rate x target would fail a server for a burst
+    the p99 target allows.)"""
+    return max(MAX_CONNECTIONS, math.ceil(rate * target_s))
+
+
 async def run_point(
     session: aiohttp.ClientSession, target: Target, rate: float, seconds: float, seed: int, target_s: float
 ) -> Point:
     """Open-loop Poisson arrivals at `rate` for `seconds` (at most rate x seconds requests)."""
     arrivals = poisson_trace(rate, seconds, seed)
-    gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+    gate = asyncio.Semaphore(in_flight_bound(rate, target_s))
     why: Counter[str] = Counter()
 
     async def call(i: int) -> None:
@@ -353,6 +376,9 @@ class Sweep:
     log: dict[str, list[Point]] = field(default_factory=dict)
     trial: Callable[..., Awaitable[Point]] | None = None
     """What measures one point (run_point's signature; None: run_point)."""
+    running: Process | None = None
+    """The one server not paused (None: none paused)."""
+    settle_s: float = RESUME_SETTLE_S
 
     def __post_init__(self) -> None:
         for t in self.targets:
@@ -360,7 +386,22 @@ class Sweep:
 
     async def _trial(self, t: Target, rate: float, seconds: float, seed: int) -> Point:
         seconds = max(seconds, MIN_REQUESTS / rate)  # a low rate still gets a p99 of something
+        if self.alone(t):  # its timers that fell due while paused fire (idle connections close)
+            await asyncio.sleep(self.settle_s)
         return await (self.trial or run_point)(self.session, t, rate, seconds, seed, self.target_s)
+
+    def alone(self, t: Target | None) -> bool:
+        """`t`'s server running and every other target's paused (None: all running). True if
+        `t`'s server was paused until now."""
+        for p in {id(x.process): x.process for x in self.targets}.values():
+            if t is None or p is not t.process:
+                p.pause(t is not None)
+        if t is None:
+            self.running = None
+            return False
+        resumed, self.running = self.running is not t.process, t.process
+        t.process.pause(False)
+        return resumed
 
     async def paired(self, targets: list[Target], rate: float, seed: int) -> dict[str, Point]:
         halves: dict[str, list[Point]] = {t.name: [] for t in targets}
@@ -388,7 +429,7 @@ class Sweep:
             flush=True,
         )
 
-    async def sustainable_rates(self, start: float, max_steps: int = 16) -> dict[str, Point | None]:
+    async def sustainable_rates(self, start: float, max_steps: int = 24) -> dict[str, Point | None]:
         """Per target, the point at the highest rate meeting the p99 (None: no rate tried did),
         searched by `next_rate`; targets due at the same rate are measured together (`paired`)."""
         lo: dict[str, Point | None] = {t.name: None for t in self.targets}
@@ -440,18 +481,21 @@ async def compare(session: aiohttp.ClientSession, targets: list[Target], target_
     for t in targets:  # TorchScript's profiling executor specialises per batch shape: batches of many sizes
         await run_point(session, t, 10.0 if quick else 40.0, 0.5 if quick else 2.0, seed=7, target_s=target_s)
     sweep = Sweep(session, targets, seconds, target_s)
-    if quick:
-        at_fixed = await sweep.paired(targets, 8.0, seed=1)
+    try:
+        if quick:
+            at_fixed = await sweep.paired(targets, 8.0, seed=1)
+            for t in targets:
+                sweep.show(t, at_fixed[t.name])
+            return Comparison({}, 8.0, 1.0, at_fixed, {})
+        print(f"sweep: p99 target {fmt_ms(target_s)}, {seconds:.0f} s per target and rate", flush=True)
+        best = await sweep.sustainable_rates(start=start)
+        fixed = fixed_rate(best, floor)
+        print(f"fixed rate {fixed:.1f}/s", flush=True)
+        await asyncio.sleep(2.0)  # an overload just measured is over
+        sweep.seconds = fixed_seconds
+        at_fixed = await sweep.paired(targets, fixed, seed=42)
         for t in targets:
             sweep.show(t, at_fixed[t.name])
-        return Comparison({}, 8.0, 1.0, at_fixed, {})
-    print(f"sweep: p99 target {fmt_ms(target_s)}, {seconds:.0f} s per target and rate", flush=True)
-    best = await sweep.sustainable_rates(start=start)
-    fixed = fixed_rate(best, floor)
-    print(f"fixed rate {fixed:.1f}/s", flush=True)
-    await asyncio.sleep(2.0)  # an overload just measured is over
-    sweep.seconds = fixed_seconds
-    at_fixed = await sweep.paired(targets, fixed, seed=42)
-    for t in targets:
-        sweep.show(t, at_fixed[t.name])
-    return Comparison(best, fixed, fixed_seconds, at_fixed, sweep.log)
+        return Comparison(best, fixed, fixed_seconds, at_fixed, sweep.log)
+    finally:
+        sweep.alone(None)

@@ -34,7 +34,7 @@ import numpy as np
 
 from bench.common import example_repo, quick
 from bench.harness import (
-    MAX_IN_FLIGHT,
+    MAX_CONNECTIONS,
     REQUEST_TIMEOUT_S,
     Comparison,
     Point,
@@ -219,7 +219,7 @@ async def run(
     peers: list[tuple[Peer, Path]], specs: list[ModelSpec], tmp: Path, notes: list[str], q: bool
 ) -> list[ModelResult]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
+    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         processes, targets = await start_all(peers, specs, tmp, notes, session)
         try:

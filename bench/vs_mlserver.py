@@ -37,7 +37,7 @@ import numpy as np
 
 from bench.common import example_repo, quick
 from bench.harness import (
-    MAX_IN_FLIGHT,
+    MAX_CONNECTIONS,
     REQUEST_TIMEOUT_S,
     Comparison,
     Point,
@@ -62,7 +62,7 @@ MAX_BATCH, BATCH_WINDOW_S = 16, 0.005
 
 async def measure(servers: list[Target], q: bool) -> Comparison:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
+    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for s in servers:
             await wait_ready(session, s)

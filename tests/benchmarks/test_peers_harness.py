@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.common import Outcome, ReplayResult
-from bench.harness import Point, Process, Sweep, Target, fixed_rate, next_rate
+from bench.harness import Point, Process, Sweep, Target, fixed_rate, in_flight_bound, next_rate
 from bench.peer_servers.formats import (
     ModelSpec,
     check_native_json,
@@ -53,8 +53,46 @@ def test_next_rate_grows_then_halves_then_bisects_then_stops() -> None:
     assert next_rate(16, point(24, 0.1), point(25, 1.0), 0, 2) is None  # within 5%
 
 
-def fake_target(name: str) -> Target:
-    return Target(name, Process.__new__(Process), "http://127.0.0.1:1/", [b""], {}, lambda *_: None, "")
+class FakeProcess(Process):
+    """A server process that is only paused and continued."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+
+
+def fake_target(name: str, process: Process | None = None) -> Target:
+    return Target(name, process or FakeProcess(), "http://127.0.0.1:1/", [b""], {}, lambda *_: None, "")
+
+
+def test_each_trial_runs_with_every_other_server_paused() -> None:
+    """Two formats of one server and a second server: in each trial only the measured target's
+    server runs; `alone(None)` continues them all."""
+    ours, peer = FakeProcess(), FakeProcess()
+    targets = [fake_target("ours json", ours), fake_target("ours binary", ours), fake_target("peer", peer)]
+    running: list[tuple[str, bool, bool]] = []
+
+    async def trial(
+        _session: Any, t: Target, rate: float, seconds: float, seed: int, target_s: float
+    ) -> Point:
+        running.append((t.name, not ours.paused, not peer.paused))
+        return point(rate, 0.05)
+
+    sweep = Sweep(None, targets, 2.0, TARGET, trial=trial, settle_s=0.0)  # type: ignore[arg-type]
+    asyncio.run(sweep.paired(targets, 10.0, seed=0))
+    assert running == [
+        ("ours json", True, False), ("ours binary", True, False), ("peer", False, True),
+        ("peer", False, True), ("ours binary", True, False), ("ours json", True, False),
+    ]  # fmt: skip
+    sweep.alone(None)
+    assert not ours.paused and not peer.paused
+
+
+def test_the_in_flight_bound_is_what_a_server_meeting_the_target_holds() -> None:
+    assert in_flight_bound(100, 0.2) == 256  # at least the connections
+    assert in_flight_bound(7000, 0.2) == 1400  # rate x target (Little's law)
 
 
 def test_sweep_finds_each_servers_capacity_and_logs_every_point() -> None:
@@ -70,7 +108,7 @@ def test_sweep_finds_each_servers_capacity_and_logs_every_point() -> None:
         return point(rate, 0.05 if rate <= capacity[t.name] else 5.0)
 
     targets = [fake_target("fast"), fake_target("slow")]
-    sweep = Sweep(None, targets, 2.0, TARGET, trial=trial)  # type: ignore[arg-type]
+    sweep = Sweep(None, targets, 2.0, TARGET, trial=trial, settle_s=0.0)  # type: ignore[arg-type]
     best = asyncio.run(sweep.sustainable_rates(start=16))
     fast, slow = best["fast"], best["slow"]
     assert fast is not None and slow is not None
@@ -93,7 +131,7 @@ def test_a_near_miss_is_measured_again_and_counts_only_if_repeated() -> None:
         hiccup = rate == 16 and len(seen) <= 2  # both halves of the first point miss, narrowly
         return point(rate, 0.3 if hiccup else (0.05 if rate < 50 else 5.0))
 
-    sweep = Sweep(None, [fake_target("a")], 2.0, TARGET, trial=trial)  # type: ignore[arg-type]
+    sweep = Sweep(None, [fake_target("a")], 2.0, TARGET, trial=trial, settle_s=0.0)  # type: ignore[arg-type]
     best = asyncio.run(sweep.sustainable_rates(start=16))
     assert best["a"] is not None and best["a"].rate >= 36
     assert [p.meets for p in sweep.log["a"][:2]] == [False, True]  # the miss, then the retry at 16/s
@@ -156,7 +194,7 @@ def test_a_trial_at_a_low_rate_runs_long_enough_for_a_few_requests() -> None:
         seconds.append(s)
         return point(rate, 0.05)
 
-    sweep = Sweep(None, [fake_target("a")], 2.0, TARGET, trial=trial)  # type: ignore[arg-type]
+    sweep = Sweep(None, [fake_target("a")], 2.0, TARGET, trial=trial, settle_s=0.0)  # type: ignore[arg-type]
     asyncio.run(sweep.paired(sweep.targets, 1.0, seed=0))
     asyncio.run(sweep.paired(sweep.targets, 100.0, seed=0))
     assert seconds == [6.0, 6.0, 1.0, 1.0]  # halves: >= 6 requests each at 1/s; as asked at 100/s
