@@ -1,13 +1,14 @@
 """Side by side with serving peers (issue 21): our agent against KServe's model server, Ray Serve,
 LitServe, TorchServe and MLServer, same models, same machine, same load, one run.
 
-Every server runs at once, each peer from its own virtualenv under the user's cache dir
-(~/.cache/edgefleet/bench-<peer>-venv), pip-installed at a pinned version and sharing the
-project's torch (bench.harness); how each is configured is in bench.peer_servers.launch (and in
-the results). Two models from the example repository, each on its own: `classifier/1` (a small
-CNN, 3x64x64 FP32 -> 10 logits; max batch 16, 5 ms window) and `mlp/1` (32 -> 4; max batch 64,
-5 ms window); one row per request, in each server's v2 format (ours in v2 JSON and v2 binary) or
-its native JSON where it has no v2 endpoint. Per model, the same open-loop Poisson load generator
+Every server is started at once (and paused while another is measured), each peer from its own
+virtualenv under the user's cache dir (~/.cache/edgefleet/bench-<peer>-venv), pip-installed at a
+pinned version and sharing the project's torch (bench.harness); how each is configured is in
+bench.peer_servers.launch (and in the results). Two models from the example repository, each on
+its own: `classifier/1` (a small CNN, 3x64x64 FP32 -> 10 logits; max batch 16, 5 ms window) and
+`mlp/1` (32 -> 4; max batch 64, 5 ms window); one row per request, in each server's v2 format
+(ours in v2 JSON and v2 binary) or its native JSON where it has no v2 endpoint. Per model, the
+same open-loop Poisson load generator
 measures every target in turn at each rate (A B .. B A halves):
 1. requests/s at a fixed p99 (P99_TARGET_S): the highest rate meeting it with <= 1% errors;
 2. p99 at a fixed rate: 70% of the lowest peer's sustainable rate (at least FIXED_FLOOR).
@@ -240,15 +241,18 @@ def intro(measured: list[Peer], notes: list[str]) -> str:
     settings = "\n".join(f"- **{p.label}**: {p.settings}." for p in [OURS, *measured])
     return "\n".join(
         [
-            "Every server runs at once on this machine, each peer from its own virtualenv (pinned from PyPI,",
-            "the project's torch shared), all on loopback with the same TorchScript files and, where they",
-            "batch, each model's own batching policy; torch uses every core in each. One row per request,",
-            "open-loop Poisson arrivals from one asyncio/aiohttp load generator (the same process for all),",
-            "latency from the scheduled arrival. At each rate the targets take turns (A B .. B A halves, so",
-            "the shared machine's background load hits all alike); a near miss (p99 < 3x the target) is",
-            f"measured once more and counts only if repeated. Rates start at {START_RATE:.0f}/s, x1.5 steps,",
-            f"then two bisection steps; {SECONDS:.0f} s per target and rate. Settings (each at its",
-            "documented best for CPU):",
+            "Every server is started at once on this machine, each peer from its own virtualenv (pinned from",
+            "PyPI, the project's torch shared), all on loopback with the same TorchScript files and, where",
+            "they batch, each model's own batching policy; torch uses every core in each. While one server",
+            "is measured the others are paused (SIGSTOP to their process groups), so an idle peer's",
+            "background work (LitServe's polling loop, Ray's cluster) takes nothing from it. One row per",
+            "request, open-loop Poisson arrivals from one asyncio/aiohttp load generator (the same process",
+            "for all, at most 256 connections per server), latency from the scheduled arrival; a request",
+            "beyond rate x the p99 target in flight counts as an error. At each rate the targets take",
+            "turns (A B .. B A halves, so the shared machine's background load hits all alike); a near miss",
+            "(p99 < 3x the target) is measured once more and counts only if repeated. Rates start at",
+            f"{START_RATE:.0f}/s, x1.5 steps, then two bisection steps; {SECONDS:.0f} s per target and rate.",
+            "Settings (each at its documented best for CPU):",
             "",
             settings,
             "",
