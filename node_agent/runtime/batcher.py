@@ -189,7 +189,10 @@ class Batcher:
         )
         self._out = 0  # tickets issued and not completed, urgent ones included (loop thread)
         self._urgent_out = 0  # urgent tickets issued and not completed (loop thread)
-        self._window_timer: asyncio.TimerHandle | None = None
+        self._window_timer: asyncio.Handle | None = None
+        self._window_close_s = 0.0
+        """When the armed window timer fires (uvloop hands back a plain Handle, with no `when`, for
+        a time within its millisecond resolution)."""
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._expiry_at_s: float | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -660,10 +663,10 @@ class Batcher:
     def _arm_window(self, close_s: float) -> None:
         timer = self._window_timer
         if timer is not None:
-            if timer.when() == close_s:
+            if self._window_close_s == close_s:
                 return
             timer.cancel()
-        self._window_timer = self.loop.call_at(close_s, self._on_window)
+        self._window_timer, self._window_close_s = self.loop.call_at(close_s, self._on_window), close_s
 
     def _on_window(self) -> None:
         self._window_timer = None

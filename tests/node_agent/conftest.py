@@ -3,13 +3,35 @@
 `example_repo` is a model repository written once per session by
 `node_agent.examples.make_examples` (real, small TorchScript models, fixed seeds).
 Tests must treat it as read-only; copy it (`shutil.copytree`) before tampering.
+
+Every event loop these tests make (`asyncio.run`, `asyncio.new_event_loop`) is the agent's own:
+uvloop where installed (`node_agent.serving.event_loop`), so the agent is tested on the loop it
+serves on.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def agent_event_loop() -> Iterator[None]:
+    """asyncio's loops in these tests are the agent's (uvloop where installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        yield
+        return
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 @pytest.fixture(scope="session")

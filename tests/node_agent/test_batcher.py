@@ -1341,3 +1341,29 @@ def test_a_loose_slo_serves_a_sequential_client_at_once_and_a_burst_still_batche
     assert max(latencies) < 1.0, latencies
     assert [float(o[0, 0]) for o in outs] == list(range(100, 164))
     assert max(len(b) for b in module.batches) > 1, module.batches  # the burst still batches
+
+
+def test_sub_millisecond_windows_rearm_on_the_agents_event_loop() -> None:
+    """uvloop (the agent's loop) keeps timers in milliseconds: a window that closes within one is
+    armed as a plain Handle (no `when`). Windows opened and moved by requests arriving a fraction
+    of a millisecond apart all close, and every caller gets its own rows (once, an AttributeError
+    on re-arming failed the request that moved the window)."""
+    module = Tagged()
+
+    async def main() -> None:
+        batcher, pool = make(module, batch=8, delay_s=0.0004)
+        rng = np.random.default_rng(5)
+
+        async def one(tag: int) -> None:
+            await asyncio.sleep(float(rng.uniform(0, 0.003)))
+            x = rows_for(tag)
+            y = (await batcher.submit({"x": x}, 1))["y"]
+            assert y[0, 0] == tag  # its own row
+            np.testing.assert_allclose(y[:, 1:], expected(module, x), rtol=1e-5, atol=1e-6)
+
+        await asyncio.gather(*[one(t) for t in range(1, 301)])
+        assert sorted(module.seen) == list(range(1, 301))  # each row ran once
+        await batcher.stop()
+        pool.stop()
+
+    run(main())

@@ -5,6 +5,7 @@ status), never a duration."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
@@ -22,6 +23,7 @@ from agent_runner import RunningAgent
 
 from node_agent.agent import AgentSettings
 from node_agent.serving.connections import ConnectionLimits
+from node_agent.serving.event_loop import new_event_loop
 from node_agent.serving.http import HttpSettings
 
 MIB = 1 << 20
@@ -200,3 +202,19 @@ def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_agent_serves_on_uvloop_where_it_is_installed() -> None:
+    """The agent's loop (and so these tests' loops: conftest) is uvloop's; the connection guard
+    takes its transports, which implement asyncio.Transport without subclassing it."""
+    uvloop = pytest.importorskip("uvloop")
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+
+    async def policy_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    assert isinstance(asyncio.run(policy_loop()), uvloop.Loop)
