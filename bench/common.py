@@ -13,10 +13,10 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from node_agent.runtime.backends.base import Backend
     from node_agent.runtime.repository import ModelRepository
     from node_agent.types import ModelConfig
+
+
+T = TypeVar("T")
+
+
+def run_on_agent_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on the event loop the agent serves on (`node_agent.serving.event_loop`:
+    uvloop where installed): the engine's hand-offs measured as the agent runs them."""
+    from node_agent.serving.event_loop import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 def quick() -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import percentile, quick
+from bench.common import percentile, quick, run_on_agent_loop
 from bench.report import table, write_section
 from node_agent.errors import TooManyRequests
 from node_agent.runtime.backends.base import Backend
@@ -252,7 +252,7 @@ async def main() -> None:
         "No-op model (returns its input) served through `Engine.infer` (validation, adaptive\n"
         "batcher, scheduler lease per ticket, the batch run inline on the loop's thread or on\n"
         "a stream-pool worker, which goes on from batch to batch while batches are due, with\n"
-        "the hand-back to the loop); closed loop of concurrent\n"
+        "the hand-back to the loop), on the agent's event loop (uvloop); closed loop of concurrent\n"
         "clients, 1 worker, 1 torch thread. Overhead = wall time per request - the no-op\n"
         "model's own time per request. Inline: jobs predicted under 50 us may run on the\n"
         "loop's thread (on) or never (off: every batch is handed to the worker). Best of the\n"
@@ -303,4 +303,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_on_agent_loop(main())

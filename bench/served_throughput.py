@@ -18,11 +18,13 @@ runtime" issue's 0.95): >= 0.98.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import statistics
 import time
+from typing import Any
 
-from bench.common import bare_rows_per_s, example_repo, images, quick
+from bench.common import bare_rows_per_s, example_repo, images, quick, run_on_agent_loop
 from bench.report import table, write_section
 from node_agent.errors import TooManyRequests
 from node_agent.runtime.engine import Engine
@@ -58,6 +60,72 @@ async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, floa
     elapsed = time.perf_counter() - t0
     mean_batch = (batcher.rows_run - r0) / max(1, batcher.batches - b0)
     return done[0] / elapsed, mean_batch
+
+
+class TimedRun:
+    """Wraps a backend's `run`: each call's start, end and thread CPU time (for the breakdown
+    of a batch's time; the wrapper itself costs about a microsecond per batch)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.run = backend, backend.run
+        self.calls: list[tuple[float, float, float]] = []
+        backend.run = self
+
+    def __call__(self, inputs: Any, stream: Any = None) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = self.run(inputs, stream)
+        self.calls.append((t0, time.perf_counter(), time.thread_time() - c0))
+        return out
+
+    def restore(self) -> None:
+        self.backend.run = self.run
+
+    def take(self) -> list[tuple[float, float, float]]:
+        calls, self.calls = self.calls[5:], []  # (the first few: warming up)
+        return calls
+
+
+async def breakdown(threads: int, rounds: int, seconds: float) -> list[list[object]]:
+    """Per batch, bare and served alternately: the model call's wall and CPU time, and (served)
+    the worker's time between one model call and the next. Medians over every batch."""
+    repo = ModelRepository(example_repo())
+    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=threads)).start()
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
+    engine = Engine(repo, scheduler, pool)
+    await engine.infer("classifier", "1", {"image": images(1, 0)})
+    lease = await scheduler.acquire(repo.config("classifier", "1"))
+    timed = TimedRun(lease.backend)
+    batch = {"image": images(BATCH, seed=1)}
+    bare: list[tuple[float, float, float]] = []
+    served: list[tuple[float, float, float]] = []
+    gaps: list[float] = []
+    try:
+        for _ in range(rounds):
+            await asyncio.to_thread(bare_rows_per_s, lease.backend, batch, seconds, threads)
+            bare += timed.take()
+            await served_rows_per_s(engine, seconds)
+            calls = timed.take()
+            served += calls
+            gaps += [b[0] - a[1] for a, b in itertools.pairwise(calls)]
+    finally:
+        timed.restore()
+        lease.release()
+        await engine.stop()
+        await scheduler.close()
+        pool.stop()
+
+    def us(xs: list[float]) -> str:
+        return f"{statistics.median(xs) * 1e6:.0f}"
+
+    b_walls, s_walls = [b - a for a, b, _ in bare], [b - a for a, b, _ in served]
+    b_wall, s_wall, gap = statistics.median(b_walls), statistics.median(s_walls), statistics.median(gaps)
+    return [
+        ["model call, wall", us(b_walls), us(s_walls)],
+        ["model call, the worker's CPU", us([c for *_, c in bare]), us([c for *_, c in served])],
+        ["worker between model calls (wall)", "0", us(gaps)],
+        ["batch, wall (call + between)", us([b_wall]), us([s_wall + gap])],
+        ["bare / served time per batch", "", f"{b_wall / (s_wall + gap):.3f}"],
+    ]
 
 
 async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object]:
@@ -121,7 +189,8 @@ async def main() -> None:
         "the backend runs it (frozen and optimized for the CPU at load). Bare: the loaded\n"
         "backend's `run` in a loop on a ready batch (on a worker thread, like the pool).\n"
         f"Served: `Engine.infer` with 1-image requests from {CLIENTS} closed-loop clients, one\n"
-        f"pool worker. Bare and served alternate in {rounds} rounds of {seconds} s each.\n"
+        f"pool worker, on the agent's event loop (uvloop). Bare and served alternate in {rounds}\n"
+        f"rounds of {seconds} s each.\n"
         "Engine cost per row = 1/served - 1/bare rows/s. CPU ratio: rows per CPU-second served\n"
         "(the whole process: worker and event loop) / rows per CPU-second bare (its thread),\n"
         "medians over the rounds: the engine's cost per row, which other processes on a shared\n"
@@ -144,6 +213,16 @@ async def main() -> None:
         )
         + "\n"
     )
+    split = await breakdown(1, 3 if q else 10, 0.6)
+    body += (
+        f"\nWhere a batch's time goes, 1 torch thread (`breakdown`: the backend's `run` timed in place,\n"
+        f"bare and served alternating; medians over every batch of {BATCH} rows, us). The served\n"
+        "model call runs on fresh inputs, staged by the loop on the other core, while the loop\n"
+        "serves the batch's callers; between calls the worker posts the batch before and takes the\n"
+        "next (Python, under the GIL the loop also wants).\n\n"
+        + table(["us per batch", "bare", "served"], split)
+        + "\n"
+    )
     body += (
         "\nLoad average (1, 5, 15 min) at the end of the run: "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -155,4 +234,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_on_agent_loop(main())
