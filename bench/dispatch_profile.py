@@ -16,7 +16,6 @@ estimate, good to a few tenths of a microsecond per stage.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -96,6 +95,7 @@ async def profile(max_batch: int, concurrency: int, requests: int, inline: bool)
 
 
 if __name__ == "__main__":
+    from bench.common import run_on_agent_loop
     from bench.report import table
 
     async def main() -> None:
@@ -104,4 +104,4 @@ if __name__ == "__main__":
             print(f"\nmax batch {batch}, {conc} clients, inline {'on' if inline else 'off'}")
             print(table(["stage", "CPU us/request", "share"], rows))
 
-    asyncio.run(main())
+    run_on_agent_loop(main())
