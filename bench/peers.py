@@ -181,9 +181,10 @@ async def start_all(
     notes: list[str],
     session: aiohttp.ClientSession,
 ) -> tuple[list[Process], list[Target]]:
-    """Launch every server, then wait for each target; a server that fails is stopped and noted."""
+    """Launch every server, then wait for each target; a server that fails to start twice is
+    stopped and noted."""
     processes: list[Process] = []
-    launched: list[tuple[Peer, list[Target]]] = []
+    launched: list[tuple[Peer, Path, list[Target]]] = []
     for peer, python in peers:
         workdir = tmp / peer.key
         workdir.mkdir()
@@ -193,26 +194,40 @@ async def start_all(
             notes.append(f"- **{peer.label}: not measured**, launching it failed: {type(e).__name__}: {e}")
             continue
         processes.append(process)
-        launched.append((peer, targets))
+        launched.append((peer, python, targets))
 
-    async def wait(peer: Peer, targets: list[Target]) -> list[Target]:
-        try:
-            for t in targets:
-                print(f"waiting for {t.name} ...", flush=True)
-                await wait_ready(session, t)
-        except RuntimeError as e:
-            process = targets[0].process
-            notes.append(
-                f"- **{peer.label}: not measured**, it did not start: {e}. Its log ends: "
-                f"`{' / '.join(process.tail(6).splitlines())[-600:]}`"
-            )
-            print(f"{peer.label} failed to start:\n{process.tail(40)}", flush=True)
-            process.stop()
-            return []
-        print(f"{peer.label} ready", flush=True)
-        return targets
+    async def wait(peer: Peer, python: Path, targets: list[Target]) -> list[Target]:
+        """Its targets once ready. A server that does not start is launched once more, afresh (a
+        port it was given can be taken by another server's process before it binds it)."""
+        for attempt in (1, 2):
+            try:
+                for t in targets:
+                    print(f"waiting for {t.name} ...", flush=True)
+                    await wait_ready(session, t)
+                print(f"{peer.label} ready", flush=True)
+                return targets
+            except RuntimeError as e:
+                process = targets[0].process
+                print(f"{peer.label} failed to start:\n{process.tail(40)}", flush=True)
+                process.stop()
+                processes.remove(process)
+                if attempt == 2:
+                    notes.append(
+                        f"- **{peer.label}: not measured**, it did not start (twice): {e}. Its log ends: "
+                        f"`{' / '.join(process.tail(6).splitlines())[-600:]}`"
+                    )
+                    break
+                workdir = tmp / f"{peer.key}-again"
+                workdir.mkdir()
+                try:
+                    process, targets = peer.start(python, specs, workdir)
+                except Exception as e2:
+                    notes.append(f"- **{peer.label}: not measured**, relaunching it failed: {e2}")
+                    break
+                processes.append(process)
+        return []
 
-    ready = [t for ts in await asyncio.gather(*(wait(p, ts) for p, ts in launched)) for t in ts]
+    ready = [t for ts in await asyncio.gather(*(wait(p, py, ts) for p, py, ts in launched)) for t in ts]
     return processes, ready
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench import peers
 from bench.common import Outcome, ReplayResult
 from bench.harness import Point, Process, Sweep, Target, fixed_rate, in_flight_bound, next_rate
 from bench.peer_servers.formats import (
@@ -23,6 +24,7 @@ from bench.peer_servers.formats import (
     v2_binary_body,
     v2_json_bodies,
 )
+from bench.peer_servers.launch import Peer
 from bench.peers import verdict
 
 TARGET = 0.2
@@ -198,3 +200,45 @@ def test_a_trial_at_a_low_rate_runs_long_enough_for_a_few_requests() -> None:
     asyncio.run(sweep.paired(sweep.targets, 1.0, seed=0))
     asyncio.run(sweep.paired(sweep.targets, 100.0, seed=0))
     assert seconds == [6.0, 6.0, 1.0, 1.0]  # halves: >= 6 requests each at 1/s; as asked at 100/s
+
+
+class StoppableProcess(FakeProcess):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def tail(self, lines: int = 30) -> str:
+        return "its log"
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_server_that_does_not_start_is_launched_once_more(
+    failures: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer whose first launch never gets ready (a port taken before it bound it) is stopped and
+    launched afresh; only a second failure leaves it out, noted."""
+    launches: list[StoppableProcess] = []
+
+    def start(_python: Path, _specs: list[ModelSpec], workdir: Path) -> tuple[Process, list[Target]]:
+        assert workdir.is_dir()
+        process = StoppableProcess()
+        launches.append(process)
+        return process, [fake_target("peer [m]", process)]
+
+    async def wait_ready(_session: Any, t: Target, timeout_s: float = 420) -> None:
+        if len(launches) <= failures:
+            raise RuntimeError("not ready")
+
+    monkeypatch.setattr(peers, "wait_ready", wait_ready)
+    peer = Peer("peer", "Peer 1.0", (), "", "", start)
+    notes: list[str] = []
+    processes, ready = asyncio.run(peers.start_all([(peer, Path("python"))], [], tmp_path, notes, None))  # type: ignore[arg-type]
+    assert len(launches) == 2 and launches[0].stopped
+    if failures == 1:
+        assert processes == [launches[1]] and [t.process for t in ready] == [launches[1]] and not notes
+    else:
+        assert launches[1].stopped and processes == [] and ready == []
+        assert len(notes) == 1 and "did not start (twice)" in notes[0]
