@@ -46,9 +46,9 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
 """Connections per server (the load generator's pool): what a proxy in front would hold."""
 MIN_REQUESTS = 6
+"""Expected requests per trial at least (a trial at a low rate runs longer)."""
 RESUME_SETTLE_S = 0.3
 """After a paused server resumes, before its trial starts."""
-"""Expected requests per trial at least (a trial at a low rate runs longer)."""
 ROOT = Path(__file__).resolve().parent.parent
 
 

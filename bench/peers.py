@@ -8,8 +8,8 @@ bench.peer_servers.launch (and in the results). Two models from the example repo
 its own: `classifier/1` (a small CNN, 3x64x64 FP32 -> 10 logits; max batch 16, 5 ms window) and
 `mlp/1` (32 -> 4; max batch 64, 5 ms window); one row per request, in each server's v2 format
 (ours in v2 JSON and v2 binary) or its native JSON where it has no v2 endpoint. Per model, the
-same open-loop Poisson load generator
-measures every target in turn at each rate (A B .. B A halves):
+same open-loop Poisson load generator measures every target in turn at each rate (A B .. B A
+halves):
 1. requests/s at a fixed p99 (P99_TARGET_S): the highest rate meeting it with <= 1% errors;
 2. p99 at a fixed rate: 70% of the lowest peer's sustainable rate (at least FIXED_FLOOR).
 Goal: ours at least 2x every peer's requests/s at the same p99. A peer that cannot be installed
@@ -261,10 +261,11 @@ def intro(measured: list[Peer], notes: list[str]) -> str:
             "they batch, each model's own batching policy; torch uses every core in each. While one server",
             "is measured the others are paused (SIGSTOP to their process groups), so an idle peer's",
             "background work (LitServe's polling loop, Ray's cluster) takes nothing from it. One row per",
-            "request, open-loop Poisson arrivals from one asyncio/aiohttp load generator (the same process",
-            "for all, at most 256 connections per server), latency from the scheduled arrival; a request",
-            "beyond rate x the p99 target in flight counts as an error. At each rate the targets take",
-            "turns (A B .. B A halves, so the shared machine's background load hits all alike); a near miss",
+            "request, open-loop Poisson arrivals from one asyncio/aiohttp load generator (the same",
+            f"process for all, at most {MAX_CONNECTIONS} connections per server), latency from the",
+            "scheduled arrival; a request beyond rate x the p99 target in flight counts as an error. At",
+            "each rate the targets take turns (A B .. B A halves, so the shared machine's background load",
+            "hits all alike); a near miss",
             "(p99 < 3x the target) is measured once more and counts only if repeated. Rates start at",
             f"{START_RATE:.0f}/s, x1.5 steps, then two bisection steps; {SECONDS:.0f} s per target and rate.",
             "Settings (each at its documented best for CPU):",

@@ -18,10 +18,12 @@ runtime" issue's 0.95): >= 0.98.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import statistics
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bench.common import bare_rows_per_s, example_repo, images, quick, run_on_agent_loop
@@ -62,6 +64,27 @@ async def served_rows_per_s(engine: Engine, seconds: float) -> tuple[float, floa
     return done[0] / elapsed, mean_batch
 
 
+@contextlib.asynccontextmanager
+async def classifier_engine(threads: int) -> AsyncIterator[tuple[Engine, Any]]:
+    """An engine over the example repository with one pool worker on `threads` torch threads,
+    `classifier/1` loaded and warm; yields it and the model's backend (held by a lease)."""
+    repo = ModelRepository(example_repo())
+    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=threads)).start()
+    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
+    engine = Engine(repo, scheduler, pool)
+    try:
+        await engine.infer("classifier", "1", {"image": images(1, 0)})  # load and warm up
+        lease = await scheduler.acquire(repo.config("classifier", "1"))
+        try:
+            yield engine, lease.backend
+        finally:
+            lease.release()
+    finally:
+        await engine.stop()
+        await scheduler.close()
+        pool.stop()
+
+
 class TimedRun:
     """Wraps a backend's `run`: each call's start, end and thread CPU time (for the breakdown
     of a batch's time; the wrapper itself costs about a microsecond per batch)."""
@@ -88,31 +111,22 @@ class TimedRun:
 async def breakdown(threads: int, rounds: int, seconds: float) -> list[list[object]]:
     """Per batch, bare and served alternately: the model call's wall and CPU time, and (served)
     the worker's time between one model call and the next. Medians over every batch."""
-    repo = ModelRepository(example_repo())
-    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=threads)).start()
-    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
-    engine = Engine(repo, scheduler, pool)
-    await engine.infer("classifier", "1", {"image": images(1, 0)})
-    lease = await scheduler.acquire(repo.config("classifier", "1"))
-    timed = TimedRun(lease.backend)
     batch = {"image": images(BATCH, seed=1)}
     bare: list[tuple[float, float, float]] = []
     served: list[tuple[float, float, float]] = []
     gaps: list[float] = []
-    try:
-        for _ in range(rounds):
-            await asyncio.to_thread(bare_rows_per_s, lease.backend, batch, seconds, threads)
-            bare += timed.take()
-            await served_rows_per_s(engine, seconds)
-            calls = timed.take()
-            served += calls
-            gaps += [b[0] - a[1] for a, b in itertools.pairwise(calls)]
-    finally:
-        timed.restore()
-        lease.release()
-        await engine.stop()
-        await scheduler.close()
-        pool.stop()
+    async with classifier_engine(threads) as (engine, backend):
+        timed = TimedRun(backend)
+        try:
+            for _ in range(rounds):
+                await asyncio.to_thread(bare_rows_per_s, backend, batch, seconds, threads)
+                bare += timed.take()
+                await served_rows_per_s(engine, seconds)
+                calls = timed.take()
+                served += calls
+                gaps += [b[0] - a[1] for a, b in itertools.pairwise(calls)]
+        finally:
+            timed.restore()
 
     def us(xs: list[float]) -> str:
         return f"{statistics.median(xs) * 1e6:.0f}"
@@ -129,31 +143,21 @@ async def breakdown(threads: int, rounds: int, seconds: float) -> list[list[obje
 
 
 async def measure(threads: int, rounds: int, seconds: float) -> dict[str, object]:
-    repo = ModelRepository(example_repo())
-    pool = StreamPool(PoolSettings(num_workers=1, torch_threads=threads)).start()
-    scheduler = ModelScheduler(2 << 30, lambda cfg: repo.load(cfg, "cpu"))
-    engine = Engine(repo, scheduler, pool)
-    await engine.infer("classifier", "1", {"image": images(1, 0)})  # load and warm up
-    lease = await scheduler.acquire(repo.config("classifier", "1"))
-    backend = lease.backend
     batch = {"image": images(BATCH, seed=1)}
-    await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
     bare, served, batches, bare_cpu, served_cpu = [], [], [], [], []
-    for _ in range(rounds):  # alternating rounds
-        # the bare loop sets the pool's torch thread count on its own thread
-        rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, batch, seconds, threads)
-        bare.append(rows_s)
-        bare_cpu.append(rows_cpu_s)
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        rows_s, mean_batch = await served_rows_per_s(engine, seconds)
-        # the whole process's CPU: the worker and the event loop (every request's Python)
-        served_cpu.append(rows_s * (time.perf_counter() - wall0) / (time.process_time() - cpu0))
-        served.append(rows_s)
-        batches.append(mean_batch)
-    lease.release()
-    await engine.stop()
-    await scheduler.close()
-    pool.stop()
+    async with classifier_engine(threads) as (engine, backend):
+        await served_rows_per_s(engine, min(1.0, seconds))  # warm the served path too
+        for _ in range(rounds):  # alternating rounds
+            # the bare loop sets the pool's torch thread count on its own thread
+            rows_s, rows_cpu_s = await asyncio.to_thread(bare_rows_per_s, backend, batch, seconds, threads)
+            bare.append(rows_s)
+            bare_cpu.append(rows_cpu_s)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            rows_s, mean_batch = await served_rows_per_s(engine, seconds)
+            # the whole process's CPU: the worker and the event loop (every request's Python)
+            served_cpu.append(rows_s * (time.perf_counter() - wall0) / (time.process_time() - cpu0))
+            served.append(rows_s)
+            batches.append(mean_batch)
     ratios = [s / b for s, b in zip(served, bare, strict=True)]
     return {
         "threads": threads,

@@ -17,17 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.serving.event_loop import new_event_loop
+
+
+class _AgentLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return new_event_loop()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def agent_event_loop() -> Iterator[None]:
-    """asyncio's loops in these tests are the agent's (uvloop where installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        yield
-        return
+    """asyncio's loops in these tests are the agent's (`new_event_loop`: uvloop where installed)."""
     previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop_policy(_AgentLoopPolicy())
     try:
         yield
     finally:
