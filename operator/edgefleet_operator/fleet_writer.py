@@ -54,7 +54,11 @@ BOOKKEEPING_BACKOFF_CAP_S = 60.0
 """The longest a service whose bookkeeping keeps failing waits between tries."""
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
-our CPU; 8 keeps the API server's default client QPS budget in reach without flooding it."""
+our CPU. More take a larger share of an API server that thousands of agents keep busy, and slow
+their Lease renewals with it: at 2,000 serving nodes on 2 cores, 24 in flight doubled the rate of
+EdgeNode spec writes, and the agents' renewals then reached the operator so late that it judged
+some silent and moved their work (bench.fleet_scale). The client keeps as many connections open
+(`handlers.kube_client`)."""
 
 
 def namespace_terminating(e: ApiException) -> bool:
@@ -229,9 +233,12 @@ class FleetWriter:
         self, writes: Sequence[pass_plan.EdgeNodeSpecWrite], report: PassReport
     ) -> dict[str, Obj]:
         """Patches the EdgeNodes, each conditional on the resourceVersion the pass read; returns them
-        as patched. One gone since the pass read it (with its Node) is skipped, and so is one whose
-        spec changed since (counted as `edgenode.conflict`): the next pass re-reads and re-plans. One
-        whose status alone changed since (its agent reported) is patched again on the new version."""
+        as patched. The writes that change what a node serves go first, all of them, then the rest
+        (prefetch, peers, budget): on an API server loaded by its agents a rollback's canary nodes
+        are back on stable in the time of their own writes, not of the next wave's prefetch too.
+        One gone since the pass read it (with its Node) is skipped, and so is one whose spec changed
+        since (counted as `edgenode.conflict`): the next pass re-reads and re-plans. One whose
+        status alone changed since (its agent reported) is patched again on the new version."""
         patched = {}
 
         def write(w: pass_plan.EdgeNodeSpecWrite) -> None:
@@ -262,7 +269,8 @@ class FleetWriter:
             log.info("EdgeNode %s changed since this pass read it; the next pass re-plans it", w.node)
             report.wrote("edgenode.conflict")
 
-        self._each(write, writes)
+        self._each(write, [w for w in writes if w.serving])
+        self._each(write, [w for w in writes if not w.serving])
         return patched
 
     def _patch_edge_node(self, w: pass_plan.EdgeNodeSpecWrite, version: str | None) -> Obj:

@@ -25,6 +25,7 @@ from edgefleet_operator import settings as settings_mod
 from edgefleet_operator import watching
 from edgefleet_operator.fleet_cache import FleetCache
 from edgefleet_operator.fleet_loop import FleetLoop
+from edgefleet_operator.fleet_writer import WRITE_THREADS
 from edgefleet_operator.health import replica_liveness
 from edgefleet_operator.metrics import OperatorMetrics
 from edgefleet_operator.ownership import FLEET_SHARD, site_shards
@@ -78,7 +79,7 @@ def _start_fleet(memo: kopf.Memo) -> None:
     # write, a Lease round) cuts them, since their connections may have died with it.
     cache = FleetCache(kube_client(connections=16), SETTINGS, watching.WatchingSettings.from_env())
     reconciler = FleetReconciler(
-        kube_client(cache.restart), SETTINGS, metrics, identity=identity, source=cache
+        kube_client(cache.restart, WRITE_THREADS), SETTINGS, metrics, identity=identity, source=cache
     )
     leases = None
     if not OWN_EVERYTHING:

@@ -246,6 +246,11 @@ class EdgeNodeSpecWrite:
     basis: Obj | None = None
     """What the patch was planned from: the spec and work-since annotation as read
     (`spec_basis`)."""
+    serving: bool = True
+    """Whether it changes what the node serves (its models, their versions or weights). False: only
+    what it prefetches, its artifact peers or its memory budget; those are written after every
+    serving change of the pass (`fleet_writer`), so a rollback's canaries are back on stable
+    before the next wave's prefetch is taken back."""
 
 
 def spec_basis(obj: Obj) -> Obj:
@@ -303,7 +308,10 @@ def edge_node_spec_writes(
         elif not models and names.ANNOTATION_WORK_SINCE in en.annotations:
             patch["metadata"] = {"annotations": {names.ANNOTATION_WORK_SINCE: None}}
         raw = read.edge_nodes[node]
-        out.append(EdgeNodeSpecWrite(node, patch, raw["metadata"].get("resourceVersion"), spec_basis(raw)))
+        serving = en.spec.models != models or bool(en.spec.invalid)
+        out.append(
+            EdgeNodeSpecWrite(node, patch, raw["metadata"].get("resourceVersion"), spec_basis(raw), serving)
+        )
     return tuple(out)
 
 

@@ -5,6 +5,7 @@ the operator process, kill and restart) stays in test_operator*.py."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -186,6 +187,34 @@ def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world:
     # The step's events go with its status; the service's status after every spec.
     assert [c.body["reason"] for c in w if c.kind == "events"] == ["RolloutStarted"]
     assert last(w, "PATCH", "edgenodes") < last(w, "PATCH", "inferenceservices/status")
+
+
+def test_a_wave_s_serving_changes_are_all_written_before_any_prefetch(world: World) -> None:
+    """On an API server slow with its agents' writes, a wave's (or a rollback's) canaries are not
+    kept waiting behind the next wave's prefetch: every write that changes what a node serves is
+    answered before a write that changes only what a node fetches ahead is sent."""
+    world.rec.reconcile_once()
+    world.agents_report()
+    world.rec.reconcile_once()
+    svc = world.service()
+    svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
+    svc["metadata"]["generation"] = 2
+    let_the_new_revision_settle(world)
+
+    def slow_serving_write(call: Call) -> None:
+        models = ((call.body or {}).get("spec") or {}).get("models") or []
+        if call.kind == "edgenodes" and any(m["version"] == "2" for m in models):
+            time.sleep(0.2)  # the canary's write, answered late
+
+    world.api.before = slow_serving_write
+    world.api.calls.clear()
+    world.rec.reconcile_once()
+    order = [
+        "serving" if any(m["version"] == "2" for m in c.body["spec"]["models"]) else "prefetch"
+        for c in world.api.writes()
+        if c.kind == "edgenodes"
+    ]
+    assert order == ["serving", "prefetch"], order
 
 
 def test_a_rollout_action_is_cleared_and_an_unknown_one_warned_about(world: World) -> None:

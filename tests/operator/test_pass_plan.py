@@ -198,6 +198,8 @@ def test_edge_node_specs_are_patched_where_they_differ_and_mark_when_work_starts
     specs = {"shop/cam": read_service(service).spec}
     writes = pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP)
     assert [w.node for w in writes] == ["n1", "n2", "n3"]
+    # n1 and n2 get models to serve; n3, which serves none already, only its bookkeeping
+    assert [w.serving for w in writes] == [True, True, False]
     n1 = writes[0].patch
     assert n1["metadata"] == {"annotations": {names.ANNOTATION_WORK_SINCE: STAMP}}
     assert [(m["service"], m["version"], m["memoryBudgetBytes"]) for m in n1["spec"]["models"]] == [
@@ -235,6 +237,7 @@ def test_artifact_peers_are_written_where_they_change_and_only_then() -> None:
     moved = {"n1": ("http://10.0.0.3:8000",), "n2": ()}
     again = pass_plan.edge_node_spec_writes(placed, rollouts, specs, fleet(nodes), capacity, STAMP, moved)
     assert [(w.node, w.patch["spec"]["artifactPeers"]) for w in again] == [("n1", ["http://10.0.0.3:8000"])]
+    assert not again[0].serving  # the node serves what it did: written after the serving changes
 
 
 def test_a_deleted_service_is_released_once_no_spec_holds_it() -> None:
