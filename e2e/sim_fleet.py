@@ -166,7 +166,7 @@ class SimFleet:
             if a.node.name in self.control["silent"]:
                 await asyncio.sleep(1.0)
                 continue
-            now = micro_time()
+            started, now = time.monotonic(), micro_time()
             spec: dict[str, Any] = {"renewTime": now}
             if full:
                 spec |= {"holderIdentity": name, "leaseDurationSeconds": self.s.lease_duration_s}
@@ -192,7 +192,9 @@ class SimFleet:
             backoff.reset()
             full = False
             a.renewed_at = time.time()
-            await asyncio.sleep(self.s.lease_renew_s * (1.0 - self.s.lease_jitter * self.rng.random()))
+            # the period counts from the renewal's start, as the real agent's (`LeaseRenewer.next_wait_s`)
+            period = self.s.lease_renew_s * (1.0 - self.s.lease_jitter * self.rng.random())
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
 
     async def admitted(self) -> None:
         """With control `reconnect_per_s`: agents retrying after an error get through at that rate

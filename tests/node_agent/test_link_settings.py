@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -66,3 +69,41 @@ def test_lease_renewals_are_jittered_never_late_and_the_duration_follows_them(tm
     assert 32.0 <= min(waits) < 33.0 and 39.0 < max(waits) <= 40.0
     with pytest.raises(ValueError, match="lease_jitter"):
         LinkSettings("n1", "ns", tmp_path, lease_jitter=1.0)
+
+
+def test_a_slow_api_server_does_not_stretch_the_renewal_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each renewal is written with the time it starts: the next one starts `lease_renew_s` after
+    that start, however long the API server took to answer, so renewTimes stay at most the
+    interval apart (the operator judges silence from them)."""
+    from node_agent.link import lease
+    from node_agent.link.lease import LeaseRenewer
+
+    clock = [1000.0]
+    waits: list[float] = []
+
+    class SlowConnection:
+        def may_call(self) -> bool:
+            return True
+
+        async def run(self, fn: Any, *args: Any) -> None:
+            clock[0] += 4.0  # answered 4 s after the renewal was sent
+
+        def online(self) -> None:
+            pass
+
+    async def wait_event(event: asyncio.Event, timeout_s: float) -> None:
+        waits.append(timeout_s)
+        clock[0] += timeout_s
+        if len(waits) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(lease, "wait_event", wait_event)
+    s = LinkSettings("n1", "ns", tmp_path, lease_renew_s=15.0, lease_jitter=0.0)
+    stats = SimpleNamespace(lease_renewals=0)
+    renewer = LeaseRenewer(s, None, SlowConnection(), stats, lambda: "n1", lambda: clock[0])  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(renewer.run())
+    assert waits == [11.0, 11.0, 11.0]  # a renewal starts every 15 s: 4 s answering, 11 s waiting
+    assert renewer.next_wait_s(busy_s=20.0) == 0.0  # answered later than the period: at once
