@@ -55,8 +55,7 @@ class LeaseRenewer:
         none was made). A renewal written at its start lands when the API server answers; an API
         server slow to answer does not stretch the period, so renewals start at most
         `lease_renew_s` apart while each is answered within it (the operator's grace counts on
-        that). Without this, at 2,000 serving nodes on a saturated API server, renewTimes came
-        15 s + the answer's time apart and most of the fleet turned Suspect at once."""
+        that); before, they came the period + the answer's time apart."""
         s = self.settings
         return max(0.0, s.lease_renew_s * (1.0 - s.lease_jitter * self._rng.random()) - busy_s)
 
