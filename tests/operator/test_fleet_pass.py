@@ -159,15 +159,22 @@ def test_a_pass_over_an_unchanged_fleet_writes_nothing(world: World) -> None:
     assert report.writes == {} and world.api.writes() == []
 
 
-def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world: World) -> None:
+def a_canary_of_version_2(world: World) -> None:
+    """Version 1 placed and confirmed stable, then the service's spec changed to version 2, rolled
+    out in one wave of one node, and settled: the next pass starts its canary."""
     world.rec.reconcile_once()
     world.agents_report()
     world.rec.reconcile_once()
-    assert world.service()["status"]["rollout"]["stableVersion"] == "1"
     svc = world.service()
     svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
     svc["metadata"]["generation"] = 2
+    world.api.changed(svc)
     let_the_new_revision_settle(world)
+
+
+def test_an_advancing_rollout_writes_its_status_before_any_edge_node_spec(world: World) -> None:
+    a_canary_of_version_2(world)
+    assert world.service()["status"]["rollout"]["stableVersion"] == "1"
     world.api.calls.clear()
     world.rec.reconcile_once()
     w = world.api.writes()
@@ -193,13 +200,7 @@ def test_a_wave_s_serving_changes_are_all_written_before_any_prefetch(world: Wor
     """On an API server slow with its agents' writes, a wave's (or a rollback's) canaries are not
     kept waiting behind the next wave's prefetch: every write that changes what a node serves is
     answered before a write that changes only what a node fetches ahead is sent."""
-    world.rec.reconcile_once()
-    world.agents_report()
-    world.rec.reconcile_once()
-    svc = world.service()
-    svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
-    svc["metadata"]["generation"] = 2
-    let_the_new_revision_settle(world)
+    a_canary_of_version_2(world)
 
     def slow_serving_write(call: Call) -> None:
         models = ((call.body or {}).get("spec") or {}).get("models") or []
@@ -474,14 +475,7 @@ def test_a_step_that_changes_no_node_goes_out_with_the_status_in_one_write(world
 
 
 def test_a_rollout_action_set_again_during_the_pass_is_kept_for_the_next(world: World) -> None:
-    world.rec.reconcile_once()
-    world.agents_report()
-    world.rec.reconcile_once()
-    svc = world.service()
-    svc["spec"] = isvc("cam", "2", D2, rollout={"strategy": "Canary", "waves": [{"count": 1}]})["spec"]
-    svc["metadata"]["generation"] = 2
-    world.api.changed(svc)
-    let_the_new_revision_settle(world)
+    a_canary_of_version_2(world)
     world.rec.reconcile_once()
     assert world.service()["status"]["rollout"]["phase"] == "Progressing"
     world.service()["metadata"]["annotations"] = {names.ANNOTATION_ROLLOUT_ACTION: "pause"}
