@@ -55,7 +55,7 @@ BOOKKEEPING_BACKOFF_CAP_S = 60.0
 WRITE_THREADS = 8
 """Writes of one pass in flight at once: a burst of placements is bound by API round trips, not by
 our CPU. More take a larger share of an API server that thousands of agents keep busy, and slow
-their Lease renewals with it: at 2,000 serving nodes on 2 cores, 24 in flight doubled the rate of
+their Lease renewals with it: at 2,000 serving nodes on 2 cores, 24 in flight tripled the rate of
 EdgeNode spec writes, and the agents' renewals then reached the operator so late that it judged
 some silent and moved their work (bench.fleet_scale). The client keeps as many connections open
 (`handlers.kube_client`)."""
