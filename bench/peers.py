@@ -184,17 +184,23 @@ async def start_all(
     """Launch every server, then wait for each target; a server that fails to start twice is
     stopped and noted."""
     processes: list[Process] = []
-    launched: list[tuple[Peer, Path, list[Target]]] = []
-    for peer, python in peers:
-        workdir = tmp / peer.key
+
+    def launch(peer: Peer, python: Path, workdir: Path, what: str) -> list[Target]:
+        """The peer's targets, launched in `workdir`; none (noted) when it cannot be launched."""
         workdir.mkdir()
         try:
             process, targets = peer.start(python, specs, workdir)
         except Exception as e:  # a peer that cannot even be launched: the rest still run
-            notes.append(f"- **{peer.label}: not measured**, launching it failed: {type(e).__name__}: {e}")
-            continue
+            notes.append(f"- **{peer.label}: not measured**, {what} it failed: {type(e).__name__}: {e}")
+            return []
         processes.append(process)
-        launched.append((peer, python, targets))
+        return targets
+
+    launched = [
+        (peer, python, ts)
+        for peer, python in peers
+        if (ts := launch(peer, python, tmp / peer.key, "launching"))
+    ]
 
     async def wait(peer: Peer, python: Path, targets: list[Target]) -> list[Target]:
         """Its targets once ready. A server that does not start is launched once more, afresh (a
@@ -217,14 +223,9 @@ async def start_all(
                         f"`{' / '.join(process.tail(6).splitlines())[-600:]}`"
                     )
                     break
-                workdir = tmp / f"{peer.key}-again"
-                workdir.mkdir()
-                try:
-                    process, targets = peer.start(python, specs, workdir)
-                except Exception as e2:
-                    notes.append(f"- **{peer.label}: not measured**, relaunching it failed: {e2}")
+                targets = launch(peer, python, tmp / f"{peer.key}-again", "relaunching")
+                if not targets:
                     break
-                processes.append(process)
         return []
 
     ready = [t for ts in await asyncio.gather(*(wait(p, py, ts) for p, py, ts in launched)) for t in ts]

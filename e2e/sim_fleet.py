@@ -48,7 +48,7 @@ from e2e.sim_agent import SimNode, micro_time, status_for
 from edgefleet_api import names
 from edgefleet_api.backoff import Backoff
 from edgefleet_api.patch import merge_patch
-from node_agent.link.lease import PROTOBUF
+from node_agent.link.lease import PROTOBUF, renewal_wait_s
 from node_agent.link.settings import BOOKMARK_S, LinkSettings
 
 USER_AGENT = "edgefleet-sim-agent"
@@ -192,9 +192,7 @@ class SimFleet:
             backoff.reset()
             full = False
             a.renewed_at = time.time()
-            # the period counts from the renewal's start, as the real agent's (`LeaseRenewer.next_wait_s`)
-            period = self.s.lease_renew_s * (1.0 - self.s.lease_jitter * self.rng.random())
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+            await asyncio.sleep(renewal_wait_s(self.s, self.rng.random(), time.monotonic() - started))
 
     async def admitted(self) -> None:
         """With control `reconnect_per_s`: agents retrying after an error get through at that rate

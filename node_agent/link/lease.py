@@ -26,6 +26,17 @@ PROTOBUF = "application/vnd.kubernetes.protobuf"
 """Built-in kinds (a Lease) answer in protobuf when asked: 390 bytes where JSON takes 740."""
 
 
+def renewal_wait_s(settings: LinkSettings, draw: float, busy_s: float = 0.0) -> float:
+    """Seconds from now to the next renewal: `lease_renew_s` less `draw` (uniform in [0, 1)) times
+    `lease_jitter` of it, counted from the start of the renewal that took `busy_s` (0 when none was
+    made). A renewal written at its start lands when the API server answers; an API server slow to
+    answer does not stretch the period, so renewals start at most `lease_renew_s` apart while each
+    is answered within it (the operator's grace counts on that); before, they came the period + the
+    answer's time apart. The simulated agents (`e2e.sim_fleet`) wait the same."""
+    period = settings.lease_renew_s * (1.0 - settings.lease_jitter * draw)
+    return max(0.0, period - busy_s)
+
+
 class LeaseRenewer:
     """Renews the Lease of the node `node_name()` names, while the connection may call."""
 
@@ -50,14 +61,8 @@ class LeaseRenewer:
         """The next renewal writes holder and duration too (the first of this life)."""
 
     def next_wait_s(self, busy_s: float = 0.0) -> float:
-        """Seconds from now to the next renewal: `lease_renew_s` less a uniform draw of up to
-        `lease_jitter` of it, counted from the start of the renewal that took `busy_s` (0 when
-        none was made). A renewal written at its start lands when the API server answers; an API
-        server slow to answer does not stretch the period, so renewals start at most
-        `lease_renew_s` apart while each is answered within it (the operator's grace counts on
-        that); before, they came the period + the answer's time apart."""
-        s = self.settings
-        return max(0.0, s.lease_renew_s * (1.0 - s.lease_jitter * self._rng.random()) - busy_s)
+        """Seconds from now to the next renewal (`renewal_wait_s`, with a fresh draw)."""
+        return renewal_wait_s(self.settings, self._rng.random(), busy_s)
 
     def kick(self) -> None:
         """Renew now, not at the next period."""
